@@ -1,0 +1,43 @@
+/* cli.h — helpers shared by the fedpeft tool's commands. */
+#ifndef FP_CLI_H
+#define FP_CLI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fp_error.h"
+
+/* Exit codes of every command. */
+enum { FP_EXIT_OK = 0, FP_EXIT_FAIL = 1, FP_EXIT_USAGE = 2 };
+
+typedef int (*fp_cmd_fn)(int argc, char **argv);
+
+int fp_cmd_merge(int argc, char **argv);
+int fp_cmd_adapter(int argc, char **argv);
+int fp_cmd_bench(int argc, char **argv);
+
+/* "fedpeft <cmd>: error: <msg>" on stderr; returns FP_EXIT_FAIL. */
+int fp_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Same with FP_EXIT_USAGE and a hint to run --help. */
+int fp_cli_usage_error(const char *cmd, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Strict number parsing: the whole string, in range. 0 or -EINVAL. */
+int fp_parse_int(const char *s, long long lo, long long hi, long long *out);
+int fp_parse_double(const char *s, double *out);
+/* Comma-separated doubles; *out malloc'd. */
+int fp_parse_doubles(const char *s, double **out, int *n);
+/* Comma-separated ints in [lo, hi]; *out malloc'd. */
+int fp_parse_ints(const char *s, long long lo, long long hi, int **out, int *n);
+
+/* Monotonic seconds. */
+double fp_now(void);
+
+/* This process's peak resident memory in bytes since exec (VmHWM), or 0 if unknown. Unlike
+ * getrusage's ru_maxrss it does not inherit the high-water mark of a vfork parent. */
+long fp_peak_rss_bytes(void);
+
+/* Sets the BLAS thread count (0 = all cores). */
+void fp_set_threads(int n);
+
+#endif

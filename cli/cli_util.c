@@ -1,0 +1,156 @@
+#include "cli.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+int fp_cli_fail(const char *cmd, const char *fmt, ...)
+{
+    fprintf(stderr, "fedpeft %s: error: ", cmd);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    return FP_EXIT_FAIL;
+}
+
+int fp_cli_usage_error(const char *cmd, const char *fmt, ...)
+{
+    fprintf(stderr, "fedpeft %s: ", cmd);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\nTry 'fedpeft %s --help'.\n", cmd);
+    return FP_EXIT_USAGE;
+}
+
+int fp_parse_int(const char *s, long long lo, long long hi, long long *out)
+{
+    if (!s || !*s)
+        return -EINVAL;
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || v < lo || v > hi)
+        return -EINVAL;
+    *out = v;
+    return 0;
+}
+
+int fp_parse_double(const char *s, double *out)
+{
+    if (!s || !*s)
+        return -EINVAL;
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || !isfinite(v))
+        return -EINVAL;
+    *out = v;
+    return 0;
+}
+
+static int count_items(const char *s)
+{
+    int n = 1;
+    for (; *s; s++)
+        n += *s == ',';
+    return n;
+}
+
+int fp_parse_doubles(const char *s, double **out, int *n)
+{
+    *out = NULL;
+    *n = 0;
+    int cap = count_items(s);
+    double *v = malloc((size_t)cap * sizeof *v);
+    char *copy = strdup(s);
+    if (!v || !copy) {
+        free(v);
+        free(copy);
+        return -ENOMEM;
+    }
+    int k = 0, rc = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        if (fp_parse_double(tok, &v[k]) != 0) {
+            rc = -EINVAL;
+            break;
+        }
+        k++;
+    }
+    free(copy);
+    if (rc || k != cap) {
+        free(v);
+        return -EINVAL;
+    }
+    *out = v;
+    *n = k;
+    return 0;
+}
+
+int fp_parse_ints(const char *s, long long lo, long long hi, int **out, int *n)
+{
+    double *d;
+    int k;
+    *out = NULL;
+    *n = 0;
+    int rc = fp_parse_doubles(s, &d, &k);
+    if (rc)
+        return rc;
+    int *v = malloc((size_t)k * sizeof *v);
+    if (!v) {
+        free(d);
+        return -ENOMEM;
+    }
+    for (int i = 0; i < k; i++) {
+        if (d[i] != floor(d[i]) || d[i] < (double)lo || d[i] > (double)hi) {
+            free(v);
+            free(d);
+            return -EINVAL;
+        }
+        v[i] = (int)d[i];
+    }
+    free(d);
+    *out = v;
+    *n = k;
+    return 0;
+}
+
+double fp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void fp_set_threads(int n)
+{
+    if (n <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c > 0 ? (int)c : 1;
+    }
+    openblas_set_num_threads(n);
+}
+
+long fp_peak_rss_bytes(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f)
+        return 0;
+    char line[256];
+    long kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %ld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb * 1024;
+}

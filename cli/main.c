@@ -1,0 +1,49 @@
+/* fedpeft — the tool: merging, adapters, benchmarks (and, as the project grows, the CA,
+ * training, evaluation, export, status and simulation). */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+
+static const struct {
+    const char *name;
+    fp_cmd_fn fn;
+    const char *summary;
+} commands[] = {
+    {"merge", fp_cmd_merge, "merge LoRA adapters from several sites into one"},
+    {"adapter", fp_cmd_adapter, "inspect or generate HF PEFT adapters"},
+    {"bench", fp_cmd_bench, "measure speed against the machine's own ceilings"},
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "Usage: fedpeft COMMAND [OPTIONS]\n\n"
+               "Federated LoRA fine-tuning: the tool.\n\nCommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\nRun 'fedpeft COMMAND --help' for a command's options.\n"
+               "  --version  print the version\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return FP_EXIT_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "--help") || !strcmp(cmd, "-h") || !strcmp(cmd, "help")) {
+        usage(stdout);
+        return FP_EXIT_OK;
+    }
+    if (!strcmp(cmd, "--version") || !strcmp(cmd, "version")) {
+        printf("fedpeft %s\n", FP_VERSION);
+        return FP_EXIT_OK;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (!strcmp(cmd, commands[i].name))
+            return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "fedpeft: unknown command '%s'\n\n", cmd);
+    usage(stderr);
+    return FP_EXIT_USAGE;
+}

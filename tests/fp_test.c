@@ -1,0 +1,132 @@
+#include "fp_test.h"
+
+#include <dirent.h>
+#include <lapacke.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_fs.h"
+
+char *fpt_mkdtemp(void)
+{
+    const char *base = getenv("TMPDIR");
+    char *p = fp_path_join(base && *base ? base : "/tmp", "fedpeft-test-XXXXXX");
+    assert_non_null(p);
+    assert_non_null(mkdtemp(p));
+    return p;
+}
+
+void fpt_rmtree(const char *path)
+{
+    fp_fs_remove_tree(path, NULL);
+}
+
+int fpt_count_prefix(const char *dir, const char *prefix)
+{
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    int n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL)
+        n += strncmp(de->d_name, prefix, strlen(prefix)) == 0;
+    closedir(d);
+    return n;
+}
+
+char *fpt_write(const char *dir, const char *name, const void *buf, size_t len)
+{
+    char *p = fp_path_join(dir, name);
+    assert_non_null(p);
+    FILE *f = fopen(p, "wb");
+    assert_non_null(f);
+    if (len)
+        assert_int_equal(fwrite(buf, 1, len, f), len);
+    assert_int_equal(fclose(f), 0);
+    return p;
+}
+
+char *fpt_write_st(const char *dir, const char *name, const char *header, size_t data_len,
+                   uint64_t hlen_override)
+{
+    size_t hl = strlen(header);
+    size_t total = 8 + hl + data_len;
+    unsigned char *buf = malloc(total);
+    assert_non_null(buf);
+    uint64_t n = hlen_override ? hlen_override : hl;
+    memcpy(buf, &n, 8);
+    memcpy(buf + 8, header, hl);
+    for (size_t i = 0; i < data_len; i++)
+        buf[8 + hl + i] = (unsigned char)(i & 0xff);
+    char *p = fpt_write(dir, name, buf, total);
+    free(buf);
+    return p;
+}
+
+void fpt_assert_contains(const fp_err_t *err, const char *needle, const char *file, int line)
+{
+    if (!strstr(err->msg, needle)) {
+        print_error("%s:%d: error message \"%s\" does not contain \"%s\"\n", file, line,
+                    err->msg, needle);
+        _fail(file, line);
+    }
+}
+
+void fpt_dense_add(double *dw, const float *B, const float *A, int d_out, int d_in, int r,
+                   double c)
+{
+    for (int i = 0; i < d_out; i++)
+        for (int k = 0; k < r; k++) {
+            double b = c * B[(size_t)i * (size_t)r + (size_t)k];
+            const float *a = A + (size_t)k * (size_t)d_in;
+            double *row = dw + (size_t)i * (size_t)d_in;
+            for (int j = 0; j < d_in; j++)
+                row[j] += b * a[j];
+        }
+}
+
+double fpt_diff_norm(const double *x, const double *y, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++)
+        s += (x[i] - y[i]) * (x[i] - y[i]);
+    return sqrt(s);
+}
+
+double fpt_norm(const double *x, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++)
+        s += x[i] * x[i];
+    return sqrt(s);
+}
+
+void fpt_singular_values(const double *m, int d_out, int d_in, double *s)
+{
+    size_t n = (size_t)d_out * (size_t)d_in;
+    int k = d_out < d_in ? d_out : d_in;
+    double *copy = malloc(n * sizeof *copy);
+    double *superb = malloc((size_t)k * sizeof *superb);
+    assert_non_null(copy);
+    assert_non_null(superb);
+    memcpy(copy, m, n * sizeof *copy);
+    lapack_int info = LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'N', 'N', d_out, d_in, copy, d_in, s,
+                                     NULL, 1, NULL, 1, superb);
+    assert_int_equal(info, 0);
+    free(copy);
+    free(superb);
+}
+
+fp_adapter_t *fpt_random_adapter(const fp_module_desc_t *descs, int n, uint64_t seed,
+                                 uint64_t a_seed)
+{
+    fp_adapter_t *ad = NULL;
+    fp_err_t err = {0};
+    int rc = fp_adapter_new(&ad, descs, n, &err);
+    if (rc)
+        print_error("fp_adapter_new: %s\n", err.msg);
+    assert_int_equal(rc, 0);
+    fp_adapter_randomize(ad, seed, a_seed, 0.5);
+    return ad;
+}

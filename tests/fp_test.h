@@ -1,0 +1,48 @@
+/* fp_test.h — helpers shared by the unit tests (cmocka). */
+#ifndef FP_TEST_H
+#define FP_TEST_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "fp_adapter.h"
+#include "fp_error.h"
+
+/* A fresh directory under $TMPDIR (or /tmp), removed by fpt_rmtree. Returns malloc'd path. */
+char *fpt_mkdtemp(void);
+void fpt_rmtree(const char *path);
+
+/* Number of entries of dir whose name starts with prefix. */
+int fpt_count_prefix(const char *dir, const char *prefix);
+
+/* Writes len bytes to dir/name; returns the malloc'd path. */
+char *fpt_write(const char *dir, const char *name, const void *buf, size_t len);
+
+/* A safetensors file from a raw header text and `data_len` bytes of data (value i & 0xff).
+ * hlen_override, when non-zero, replaces the u64 header length written. */
+char *fpt_write_st(const char *dir, const char *name, const char *header, size_t data_len,
+                   uint64_t hlen_override);
+
+/* Asserts that err's message contains needle (case-sensitive), printing it if not. */
+#define assert_err_contains(err, needle) fpt_assert_contains((err), (needle), __FILE__, __LINE__)
+void fpt_assert_contains(const fp_err_t *err, const char *needle, const char *file, int line);
+
+/* Dense float64 ΔW (d_out × d_in row-major) += c · B · A for one module's factors. */
+void fpt_dense_add(double *dw, const float *B, const float *A, int d_out, int d_in, int r,
+                   double c);
+
+/* ‖x − y‖_F and ‖y‖_F over n doubles. */
+double fpt_diff_norm(const double *x, const double *y, size_t n);
+double fpt_norm(const double *x, size_t n);
+
+/* Singular values (descending) of a dense d_out × d_in matrix (row-major, copied). */
+void fpt_singular_values(const double *m, int d_out, int d_in, double *s);
+
+/* A random adapter with one module per desc. */
+fp_adapter_t *fpt_random_adapter(const fp_module_desc_t *descs, int n, uint64_t seed,
+                                 uint64_t a_seed);
+
+#endif
