@@ -1,0 +1,65 @@
+#!/bin/sh
+# deploy/setup.sh — make a Debian 12 machine ready to build fedpeft, and build it.
+#
+#   deploy/setup.sh deps [--test]        install missing Debian packages (as root or via sudo)
+#   deploy/setup.sh build DIR [cmake options...]
+#                                        configure (Ninja) and build into DIR
+#
+# Only Debian 12 packages are used; nothing is downloaded at build or run time.
+set -eu
+
+BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler
+libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev"
+TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev"
+
+say() { printf '%s\n' "fedpeft setup: $*" >&2; }
+
+missing_packages() {
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" ||
+            printf '%s ' "$p"
+    done
+}
+
+install_deps() {
+    pkgs=$BUILD_PKGS
+    [ "${1:-}" = "--test" ] && pkgs="$pkgs $TEST_PKGS"
+    # shellcheck disable=SC2086
+    missing=$(missing_packages $pkgs)
+    [ -z "$missing" ] && return 0
+    if [ "$(id -u)" -eq 0 ]; then
+        run_apt=""
+    elif command -v sudo >/dev/null 2>&1; then
+        run_apt="sudo"
+    else
+        say "missing Debian packages: $missing"
+        say "run as root, or install them: apt-get install $missing"
+        exit 1
+    fi
+    say "installing $missing"
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086
+    if ! $run_apt apt-get install -y --no-install-recommends $missing >/dev/null; then
+        say "refreshing the package lists and retrying"
+        $run_apt apt-get update -q >/dev/null
+        # shellcheck disable=SC2086
+        $run_apt apt-get install -y --no-install-recommends $missing >/dev/null
+    fi
+}
+
+build() {
+    dir=$1
+    shift
+    top=$(cd "$(dirname "$0")/.." && pwd)
+    say "building in $dir"
+    cmake -S "$top" -B "$dir" -G Ninja "$@" >"$dir.cmake.log" 2>&1 ||
+        { cat "$dir.cmake.log" >&2; exit 1; }
+    rm -f "$dir.cmake.log"
+    ninja -C "$dir" >/dev/null || ninja -C "$dir"
+}
+
+case "${1:-}" in
+deps) shift; install_deps "$@" ;;
+build) shift; build "$@" ;;
+*) echo "usage: $0 deps [--test] | build DIR [cmake options...]" >&2; exit 2 ;;
+esac

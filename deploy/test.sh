@@ -1,0 +1,28 @@
+#!/bin/sh
+# deploy/test.sh — set up this machine and run the whole test suite, as CI does:
+#   1. clang, -Werror, AddressSanitizer + UndefinedBehaviorSanitizer, libFuzzer targets:
+#      every test, including a timed fuzzing run of each target;
+#   2. gcc, -Werror, release: every test except the fuzzing runs.
+set -eu
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+./deploy/setup.sh deps --test
+jobs=$(nproc)
+status=0
+
+./deploy/setup.sh build build-ci -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DFP_WERROR=ON -DFP_ASAN=ON -DFP_UBSAN=ON -DFP_FUZZ=ON -DFP_FUZZ_SECONDS="${FP_FUZZ_SECONDS:-60}"
+echo "== clang, ASan + UBSan, fuzzing =="
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir build-ci --output-on-failure -j "$jobs" || status=1
+
+./deploy/setup.sh build build-gcc -DCMAKE_C_COMPILER=gcc -DCMAKE_BUILD_TYPE=Release -DFP_WERROR=ON
+echo "== gcc, release =="
+ctest --test-dir build-gcc --output-on-failure -j "$jobs" || status=1
+
+if [ "$status" -eq 0 ]; then
+    echo "fedpeft: all tests passed"
+else
+    echo "fedpeft: TESTS FAILED" >&2
+fi
+exit "$status"
