@@ -155,33 +155,6 @@ static int copy_strings(fp_adapter_t *dst, const fp_adapter_t *src)
     return 0;
 }
 
-int fp_adapter_clone(const fp_adapter_t *src, fp_adapter_t **out, fp_err_t *err)
-{
-    *out = NULL;
-    fp_module_desc_t *descs = malloc((size_t)(src->n ? src->n : 1) * sizeof *descs);
-    if (!descs)
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    for (int i = 0; i < src->n; i++)
-        descs[i] = fp_module_desc(&src->mods[i]);
-    fp_adapter_t *ad;
-    int rc = fp_adapter_new(&ad, descs, src->n, err);
-    free(descs);
-    if (rc)
-        return rc;
-    for (int i = 0; i < src->n; i++) {
-        const fp_lora_module_t *s = &src->mods[i];
-        fp_lora_module_t *d = &ad->mods[i];
-        memcpy(d->A, s->A, (size_t)s->rank * (size_t)s->d_in * sizeof(float));
-        memcpy(d->B, s->B, (size_t)s->d_out * (size_t)s->rank * sizeof(float));
-    }
-    if (copy_strings(ad, src) != 0) {
-        fp_adapter_free(ad);
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    }
-    *out = ad;
-    return 0;
-}
-
 int fp_adapter_find(const fp_adapter_t *ad, const char *name)
 {
     int lo = 0, hi = ad->n;
@@ -295,7 +268,8 @@ int fp_adapter_check_compatible(const fp_adapter_t *ref, const fp_adapter_t *ad,
     return 0;
 }
 
-/* Module i of src at ranks[i]: first components kept (or zero-padded), re-scaled. */
+/* Module i of src at ranks[i] (ranks NULL: the same ranks, a plain copy): first components
+ * kept, or zero-padded, and re-scaled to the new rank's scale. */
 static int resize(const fp_adapter_t *src, const int *ranks, fp_adapter_t **out, fp_err_t *err)
 {
     *out = NULL;
@@ -304,7 +278,8 @@ static int resize(const fp_adapter_t *src, const int *ranks, fp_adapter_t **out,
         return fp_err_set(err, -ENOMEM, "out of memory");
     for (int i = 0; i < src->n; i++) {
         descs[i] = fp_module_desc(&src->mods[i]);
-        descs[i].rank = ranks[i];
+        if (ranks)
+            descs[i].rank = ranks[i];
     }
     fp_adapter_t *ad;
     int rc = fp_adapter_new(&ad, descs, src->n, err);
@@ -316,9 +291,13 @@ static int resize(const fp_adapter_t *src, const int *ranks, fp_adapter_t **out,
         fp_lora_module_t *d = &ad->mods[i];
         int rank = d->rank;
         int keep = s->rank < rank ? s->rank : rank;
+        memcpy(d->A, s->A, (size_t)keep * (size_t)s->d_in * sizeof(float));
+        if (rank == s->rank) {
+            memcpy(d->B, s->B, (size_t)s->d_out * (size_t)rank * sizeof(float));
+            continue;
+        }
         /* B_new = B_old[:, :keep] · s_old / s_new; zeros beyond keep (from calloc). */
         double ratio = fp_module_scale(s) / fp_module_scale(d);
-        memcpy(d->A, s->A, (size_t)keep * (size_t)s->d_in * sizeof(float));
         for (int row = 0; row < s->d_out; row++)
             for (int c = 0; c < keep; c++)
                 d->B[(size_t)row * (size_t)rank + (size_t)c] =
@@ -330,6 +309,11 @@ static int resize(const fp_adapter_t *src, const int *ranks, fp_adapter_t **out,
     }
     *out = ad;
     return 0;
+}
+
+int fp_adapter_clone(const fp_adapter_t *src, fp_adapter_t **out, fp_err_t *err)
+{
+    return resize(src, NULL, out, err);
 }
 
 int fp_adapter_at_rank(const fp_adapter_t *src, int rank, fp_adapter_t **out, fp_err_t *err)

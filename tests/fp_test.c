@@ -18,6 +18,24 @@ char *fpt_mkdtemp(void)
     return p;
 }
 
+char *fpt_dir;
+
+int fpt_setup_dir(void **state)
+{
+    (void)state;
+    fpt_dir = fpt_mkdtemp();
+    return 0;
+}
+
+int fpt_teardown_dir(void **state)
+{
+    (void)state;
+    fpt_rmtree(fpt_dir);
+    free(fpt_dir);
+    fpt_dir = NULL;
+    return 0;
+}
+
 void fpt_rmtree(const char *path)
 {
     fp_fs_remove_tree(path, NULL);

@@ -11,6 +11,12 @@
 #include "fp_adapter.h"
 #include "fp_error.h"
 
+/* The group fixture of tests that need a scratch directory: fpt_dir is created by
+ * fpt_setup_dir and removed with its contents by fpt_teardown_dir. */
+extern char *fpt_dir;
+int fpt_setup_dir(void **state);
+int fpt_teardown_dir(void **state);
+
 /* A fresh directory under $TMPDIR (or /tmp), removed by fpt_rmtree. Returns malloc'd path. */
 char *fpt_mkdtemp(void);
 void fpt_rmtree(const char *path);

@@ -17,24 +17,13 @@
 
 extern char **environ;
 
-static char *dir;
 static char *out_text, *err_text;
-
-static int setup(void **state)
-{
-    (void)state;
-    dir = fpt_mkdtemp();
-    return 0;
-}
 
 static int teardown(void **state)
 {
-    (void)state;
-    fpt_rmtree(dir);
-    free(dir);
     free(out_text);
     free(err_text);
-    return 0;
+    return fpt_teardown_dir(state);
 }
 
 /* Runs fedpeft with the NULL-terminated args; captures stdout and stderr. */
@@ -46,7 +35,7 @@ static int runv(const char *const *args)
     for (; *args && n < 63; args++)
         argv[n++] = *args;
     argv[n] = NULL;
-    char *op = fp_path_join(dir, "stdout"), *ep = fp_path_join(dir, "stderr");
+    char *op = fp_path_join(fpt_dir, "stdout"), *ep = fp_path_join(fpt_dir, "stderr");
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_addopen(&fa, 1, op, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -88,7 +77,7 @@ static int run(const char *first, ...)
 
 static char *path(const char *name)
 {
-    return fp_path_join(dir, name);
+    return fp_path_join(fpt_dir, name);
 }
 
 #define assert_contains(text, needle)                                                          \
@@ -251,7 +240,7 @@ static void expect_refusal(int code, const char *needle, const char *out, const 
     if (out) {
         assert_false(fp_fs_exists(out));
         const char *base = strrchr(out, '/') + 1;
-        assert_int_equal(fpt_count_prefix(dir, base), 0);
+        assert_int_equal(fpt_count_prefix(fpt_dir, base), 0);
     }
 }
 
@@ -349,5 +338,5 @@ int main(void)
         cmocka_unit_test(test_refusals_write_nothing),
         cmocka_unit_test(test_bench_smoke),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, fpt_setup_dir, teardown);
 }

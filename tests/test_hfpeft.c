@@ -13,22 +13,7 @@
 #include "fp_json.h"
 #include "fp_safetensors.h"
 
-static char *dir;
 
-static int setup(void **state)
-{
-    (void)state;
-    dir = fpt_mkdtemp();
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    fpt_rmtree(dir);
-    free(dir);
-    return 0;
-}
 
 static const fp_module_desc_t mixed[] = {
     {"model.layers.0.self_attn.q_proj", 24, 16, 8, 16, 0},
@@ -39,7 +24,7 @@ static const fp_module_desc_t mixed[] = {
 
 static char *subdir(const char *name)
 {
-    char *p = fp_path_join(dir, name);
+    char *p = fp_path_join(fpt_dir, name);
     assert_non_null(p);
     return p;
 }
@@ -125,7 +110,7 @@ static void test_round_trip_with_rank_and_alpha_patterns(void **state)
     assert_same_adapter(other, back);
     fp_adapter_free(back);
     fp_adapter_free(other);
-    assert_int_equal(fpt_count_prefix(dir, "rt.tmp"), 0);
+    assert_int_equal(fpt_count_prefix(fpt_dir, "rt.tmp"), 0);
     fp_adapter_free(ad);
     free(out);
 }
@@ -244,7 +229,7 @@ static void test_reject_missing_pieces(void **state)
     assert_err_contains(&err, "adapter_model.bin");
     free(bin);
     free(d);
-    char *f = fpt_write(dir, "plainfile", "x", 1);
+    char *f = fpt_write(fpt_dir, "plainfile", "x", 1);
     assert_int_equal(fp_hfpeft_load(f, 0, &ad, &err), -ENOTDIR);
     free(f);
 }
@@ -371,11 +356,11 @@ static void test_save_refusals(void **state)
     assert_int_equal(fp_hfpeft_save(ad, out, &err), -EINVAL);
     assert_err_contains(&err, "rsLoRA");
     assert_false(fp_fs_exists(out));
-    assert_int_equal(fpt_count_prefix(dir, "mixedrs"), 0);
+    assert_int_equal(fpt_count_prefix(fpt_dir, "mixedrs"), 0);
     fp_adapter_free(ad);
     free(out);
     ad = fpt_random_adapter(mixed, 1, 1, 0);
-    char *f = fpt_write(dir, "afile", "x", 1);
+    char *f = fpt_write(fpt_dir, "afile", "x", 1);
     assert_int_equal(fp_hfpeft_save(ad, f, &err), -ENOTDIR);
     free(f);
     fp_adapter_free(ad);
@@ -393,5 +378,5 @@ int main(void)
         cmocka_unit_test(test_validate_against_spec),
         cmocka_unit_test(test_save_refusals),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }

@@ -11,22 +11,7 @@
 #include "fp_fs.h"
 #include "fp_safetensors.h"
 
-static char *dir;
 
-static int setup(void **state)
-{
-    (void)state;
-    dir = fpt_mkdtemp();
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    fpt_rmtree(dir);
-    free(dir);
-    return 0;
-}
 
 /* ---- conversions ---- */
 
@@ -84,7 +69,7 @@ static void test_write_read_every_float_dtype(void **state)
         {.name = "f64", .dtype = FP_DT_F64, .ndim = 2, .shape = {4, 3}, .f32 = v},
     };
     const char *meta[] = {"fedpeft.round", "7", NULL};
-    char *p = fp_path_join(dir, "all.safetensors");
+    char *p = fp_path_join(fpt_dir, "all.safetensors");
     fp_err_t err = {0};
     assert_int_equal(fp_st_write(p, e, 4, meta, &err), 0);
 
@@ -133,7 +118,7 @@ static void test_empty_scalar_and_zero_size_tensors(void **state)
         {.name = "scalar", .dtype = FP_DT_F32, .ndim = 0, .f32 = &one},
         {.name = "empty", .dtype = FP_DT_F32, .ndim = 2, .shape = {0, 7}, .f32 = &one},
     };
-    char *p = fp_path_join(dir, "small.safetensors");
+    char *p = fp_path_join(fpt_dir, "small.safetensors");
     fp_err_t err = {0};
     assert_int_equal(fp_st_write(p, e, 2, NULL, &err), 0);
     fp_st_file_t *st;
@@ -156,7 +141,7 @@ static void test_writer_leaves_nothing_on_failure(void **state)
         {.name = "a", .dtype = FP_DT_F32, .ndim = 1, .shape = {2}, .f32 = v},
         {.name = "a", .dtype = FP_DT_F32, .ndim = 1, .shape = {2}, .f32 = v},
     };
-    char *p = fp_path_join(dir, "dup.safetensors");
+    char *p = fp_path_join(fpt_dir, "dup.safetensors");
     fp_err_t err = {0};
     assert_int_equal(fp_st_write(p, e, 2, NULL, &err), -EINVAL);
     assert_err_contains(&err, "duplicate");
@@ -165,7 +150,7 @@ static void test_writer_leaves_nothing_on_failure(void **state)
     fp_st_entry_t nodata = {.name = "b", .dtype = FP_DT_F32, .ndim = 1, .shape = {2}};
     assert_int_equal(fp_st_write(p, &nodata, 1, NULL, &err), -EINVAL);
     assert_false(fp_fs_exists(p));
-    assert_int_equal(fpt_count_prefix(dir, "dup.safetensors"), 0);
+    assert_int_equal(fpt_count_prefix(fpt_dir, "dup.safetensors"), 0);
     free(p);
 }
 
@@ -181,7 +166,7 @@ static void test_unaligned_f32_is_copied_not_viewed(void **state)
         {.name = "byte", .dtype = FP_DT_U8, .ndim = 1, .shape = {1}, .raw = raw},
         {.name = "x", .dtype = FP_DT_F32, .ndim = 1, .shape = {2}, .raw = raw + 1},
     };
-    char *p = fp_path_join(dir, "odd.safetensors");
+    char *p = fp_path_join(fpt_dir, "odd.safetensors");
     fp_err_t err = {0};
     assert_int_equal(fp_st_write(p, e, 2, NULL, &err), 0);
     fp_st_file_t *st;
@@ -202,7 +187,7 @@ static void test_unaligned_f32_is_copied_not_viewed(void **state)
 static void expect_reject(const char *name, const char *header, size_t data_len,
                           uint64_t hlen_override, int code, const char *needle)
 {
-    char *p = fpt_write_st(dir, name, header, data_len, hlen_override);
+    char *p = fpt_write_st(fpt_dir, name, header, data_len, hlen_override);
     fp_st_file_t *st = NULL;
     fp_err_t err = {0};
     int rc = fp_st_open(&st, p, &err);
@@ -218,7 +203,7 @@ static void expect_reject(const char *name, const char *header, size_t data_len,
 static void test_reject_truncated_file(void **state)
 {
     (void)state;
-    char *p = fpt_write(dir, "tiny.safetensors", "\x10\x00\x00", 3);
+    char *p = fpt_write(fpt_dir, "tiny.safetensors", "\x10\x00\x00", 3);
     fp_st_file_t *st;
     fp_err_t err = {0};
     assert_int_equal(fp_st_open(&st, p, &err), -EBADMSG);
@@ -325,7 +310,7 @@ static void test_reject_bad_metadata(void **state)
 static void test_accepts_space_padded_header_and_metadata(void **state)
 {
     (void)state;
-    char *p = fpt_write_st(dir, "ok.safetensors",
+    char *p = fpt_write_st(fpt_dir, "ok.safetensors",
                            "{\"__metadata__\":{\"format\":\"pt\"},"
                            "\"a\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,6]}}    ",
                            6, 0);
@@ -343,11 +328,11 @@ static void test_open_missing_and_directory(void **state)
     (void)state;
     fp_st_file_t *st;
     fp_err_t err = {0};
-    char *p = fp_path_join(dir, "nope.safetensors");
+    char *p = fp_path_join(fpt_dir, "nope.safetensors");
     assert_int_equal(fp_st_open(&st, p, &err), -ENOENT);
     assert_err_contains(&err, "nope.safetensors");
     free(p);
-    assert_int_equal(fp_st_open(&st, dir, &err), -EINVAL);
+    assert_int_equal(fp_st_open(&st, fpt_dir, &err), -EINVAL);
     assert_err_contains(&err, "not a regular file");
 }
 
@@ -374,5 +359,5 @@ int main(void)
         cmocka_unit_test(test_accepts_space_padded_header_and_metadata),
         cmocka_unit_test(test_open_missing_and_directory),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }
