@@ -15,6 +15,7 @@ typedef int (*fp_cmd_fn)(int argc, char **argv);
 int fp_cmd_merge(int argc, char **argv);
 int fp_cmd_adapter(int argc, char **argv);
 int fp_cmd_bench(int argc, char **argv);
+int fp_cmd_tokenize(int argc, char **argv);
 
 /* "fedpeft <cmd>: error: <msg>" on stderr; returns FP_EXIT_FAIL. */
 int fp_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -12,6 +12,7 @@ static const struct {
 } commands[] = {
     {"merge", fp_cmd_merge, "merge LoRA adapters from several sites into one"},
     {"adapter", fp_cmd_adapter, "inspect or generate HF PEFT adapters"},
+    {"tokenize", fp_cmd_tokenize, "token ids of a text (tokenizer.json or bytes)"},
     {"bench", fp_cmd_bench, "measure speed against the machine's own ceilings"},
 };
 

@@ -9,7 +9,8 @@
 set -eu
 
 BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler
-libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev"
+libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev
+libpcre2-dev libutf8proc-dev"
 TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev"
 
 say() { printf '%s\n' "fedpeft setup: $*" >&2; }
@@ -23,7 +24,12 @@ missing_packages() {
 
 install_deps() {
     pkgs=$BUILD_PKGS
-    [ "${1:-}" = "--test" ] && pkgs="$pkgs $TEST_PKGS"
+    if [ "${1:-}" = "--test" ]; then
+        pkgs="$pkgs $TEST_PKGS"
+        # Node.js runs the reference tokenizers (npm test oracles); any node will do
+        command -v node >/dev/null 2>&1 || pkgs="$pkgs nodejs"
+        command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
+    fi
     # shellcheck disable=SC2086
     missing=$(missing_packages $pkgs)
     [ -z "$missing" ] && return 0

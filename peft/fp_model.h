@@ -1,0 +1,112 @@
+/* fp_model.h — Llama-family decoder weights and their Hugging Face directory format.
+ *
+ * Shapes (HF orientation, row-major; D = dim, H = heads, KV = kv heads, hd = head_dim,
+ * F = ff, V = vocab):
+ *   embed       V × D                 model.embed_tokens.weight
+ *   attn_norm   D                     model.layers.N.input_layernorm.weight
+ *   wq          H·hd × D   (bq H·hd)  model.layers.N.self_attn.q_proj.weight (.bias)
+ *   wk, wv      KV·hd × D  (bk, bv)   ...k_proj, v_proj
+ *   wo          D × H·hd   (bo D)     ...o_proj
+ *   mlp_norm    D                     model.layers.N.post_attention_layernorm.weight
+ *   w_gate,w_up F × D                 model.layers.N.mlp.gate_proj / up_proj
+ *   w_down      D × F                 model.layers.N.mlp.down_proj
+ *   norm        D                     model.norm.weight
+ *   lm_head     V × D                 lm_head.weight (absent, = embed, when tied)
+ * A linear layer computes y = x·Wᵀ (+ b) for x: N × in.
+ */
+#ifndef FP_MODEL_H
+#define FP_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fp_dtype.h"
+#include "fp_error.h"
+
+typedef struct fp_model_config {
+    int dim;          /* hidden_size D */
+    int n_layers;     /* num_hidden_layers L */
+    int n_heads;      /* num_attention_heads H */
+    int n_kv_heads;   /* num_key_value_heads KV (H % KV == 0) */
+    int head_dim;     /* hd, default D / H */
+    int ff;           /* intermediate_size F */
+    int vocab;        /* vocab_size V */
+    int max_seq;      /* max_position_embeddings */
+    double rms_eps;   /* rms_norm_eps */
+    double rope_theta;
+    int tied;         /* tie_word_embeddings */
+    int attn_bias;    /* attention_bias: q, k, v and o projections carry biases */
+    int bos_id, eos_id; /* -1 when absent */
+} fp_model_config_t;
+
+/* The seven LoRA-able linear layers of a decoder layer. */
+typedef enum fp_target {
+    FP_T_Q, FP_T_K, FP_T_V, FP_T_O, FP_T_GATE, FP_T_UP, FP_T_DOWN, FP_T_COUNT
+} fp_target_t;
+
+extern const char *const fp_target_names[FP_T_COUNT]; /* "q_proj", ... "down_proj" */
+
+/* Parses "q_proj,v_proj" (or "all") into a bit mask of (1 << fp_target_t). */
+int fp_targets_parse(const char *list, unsigned *mask, fp_err_t *err);
+
+typedef struct fp_layer_w {
+    float *attn_norm;
+    float *w[FP_T_COUNT];   /* q, k, v, o, gate, up, down: shapes as above */
+    float *b[FP_T_COUNT];   /* biases of q, k, v, o when attn_bias; NULL otherwise */
+    float *mlp_norm;
+} fp_layer_w_t;
+
+typedef struct fp_model {
+    fp_model_config_t cfg;
+    float *embed;
+    fp_layer_w_t *layers;   /* n_layers */
+    float *norm;
+    float *lm_head;         /* == embed when tied */
+    float *mem;             /* the one allocation holding every weight */
+    size_t n_params;        /* floats in mem */
+} fp_model_t;
+
+/* One weight tensor of a model, as named in HF checkpoints. */
+typedef struct fp_model_tensor {
+    char name[96];
+    float *data;
+    int ndim;
+    int64_t shape[2];
+    int decay;              /* 1 for matrices (weight decay applies), 0 for norms and biases */
+} fp_model_tensor_t;
+
+/* d_out and d_in of target t. */
+void fp_target_shape(const fp_model_config_t *c, fp_target_t t, int *d_out, int *d_in);
+
+/* Checks a configuration (positive sizes, H % KV == 0, even head_dim, ...). */
+int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err);
+
+/* Reads config.json of an HF model directory (or file). Unsupported features (rope_scaling,
+ * mlp_bias, an activation other than silu, a non-Llama model_type) are -ENOTSUP. */
+int fp_model_config_load(const char *path, fp_model_config_t *c, fp_err_t *err);
+
+/* Allocates a model with zeroed weights (norms zero too: call fp_model_init). */
+int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err);
+void fp_model_free(fp_model_t *m);
+
+/* HF LlamaForCausalLM initialisation: linear and embedding weights ~ N(0, 0.02²), norms 1,
+ * biases 0. Deterministic for a seed. */
+void fp_model_init(fp_model_t *m, uint64_t seed);
+
+/* Every tensor of the model in checkpoint order (lm_head omitted when tied). *out malloc'd. */
+int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_err_t *err);
+
+/* Loads an HF model directory: config.json, then model.safetensors or the shards listed in
+ * model.safetensors.index.json; F32, BF16, F16 or F64 weights, held as float32. A missing or
+ * mis-shaped tensor is an error naming it. */
+int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err);
+
+/* Writes config.json and model.safetensors (dtype F32 or BF16) into dir (created). */
+int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err_t *err);
+
+/* Multiply-adds of one forward pass over one sequence of T tokens (matrices and attention);
+ * a training step with frozen weights costs about 2×, full training about 3×. */
+double fp_model_forward_flops(const fp_model_config_t *c, int T, int lora_rank,
+                              unsigned targets);
+
+#endif
