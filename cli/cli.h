@@ -16,6 +16,11 @@ int fp_cmd_merge(int argc, char **argv);
 int fp_cmd_adapter(int argc, char **argv);
 int fp_cmd_bench(int argc, char **argv);
 int fp_cmd_tokenize(int argc, char **argv);
+int fp_cmd_init_model(int argc, char **argv);
+int fp_cmd_pretrain(int argc, char **argv);
+int fp_cmd_train(int argc, char **argv);
+int fp_cmd_eval(int argc, char **argv);
+int fp_bench_train(int argc, char **argv);
 
 /* "fedpeft <cmd>: error: <msg>" on stderr; returns FP_EXIT_FAIL. */
 int fp_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -38,7 +43,7 @@ double fp_now(void);
  * getrusage's ru_maxrss it does not inherit the high-water mark of a vfork parent. */
 long fp_peak_rss_bytes(void);
 
-/* Sets the BLAS thread count (0 = all cores). */
+/* Sets the BLAS and element-wise thread counts (0 = all cores). */
 void fp_set_threads(int n);
 
 #endif

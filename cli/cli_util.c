@@ -1,4 +1,5 @@
 #include "cli.h"
+#include "fp_par.h"
 
 #include <cblas.h>
 #include <errno.h>
@@ -139,6 +140,7 @@ void fp_set_threads(int n)
         n = c > 0 ? (int)c : 1;
     }
     openblas_set_num_threads(n);
+    fp_par_set_threads(n);
 }
 
 long fp_peak_rss_bytes(void)

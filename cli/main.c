@@ -10,6 +10,10 @@ static const struct {
     fp_cmd_fn fn;
     const char *summary;
 } commands[] = {
+    {"init-model", fp_cmd_init_model, "write a randomly initialised Llama-family model"},
+    {"pretrain", fp_cmd_pretrain, "train every weight of a model on local data"},
+    {"train", fp_cmd_train, "fine-tune a LoRA adapter on local data (base frozen)"},
+    {"eval", fp_cmd_eval, "loss and perplexity of a model (and adapter) on data"},
     {"merge", fp_cmd_merge, "merge LoRA adapters from several sites into one"},
     {"adapter", fp_cmd_adapter, "inspect or generate HF PEFT adapters"},
     {"tokenize", fp_cmd_tokenize, "token ids of a text (tokenizer.json or bytes)"},

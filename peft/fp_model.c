@@ -232,15 +232,19 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
         fp_layer_w_t *L = &m->layers[l];
         L->attn_norm = p;
         p += D;
+        /* matrices back to back in target order, so that q|k|v and gate|up are each one
+         * contiguous (Σ d_out) × D matrix the trainer multiplies in one product */
         for (int t = 0; t < FP_T_COUNT; t++) {
             int o, i;
             fp_target_shape(c, (fp_target_t)t, &o, &i);
             L->w[t] = p;
             p += (size_t)o * (size_t)i;
-            if (c->attn_bias && t <= FP_T_O) {
-                L->b[t] = p;
-                p += (size_t)o;
-            }
+        }
+        for (int t = 0; c->attn_bias && t <= FP_T_O; t++) {
+            int o, i;
+            fp_target_shape(c, (fp_target_t)t, &o, &i);
+            L->b[t] = p;
+            p += (size_t)o;
         }
         L->mlp_norm = p;
         p += D;

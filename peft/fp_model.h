@@ -51,7 +51,9 @@ int fp_targets_parse(const char *list, unsigned *mask, fp_err_t *err);
 
 typedef struct fp_layer_w {
     float *attn_norm;
-    float *w[FP_T_COUNT];   /* q, k, v, o, gate, up, down: shapes as above */
+    float *w[FP_T_COUNT];   /* q, k, v, o, gate, up, down: shapes as above; consecutive in
+                               memory, so w[Q] starts the (H·hd + 2·KV·hd) × D matrix q|k|v
+                               and w[GATE] the 2F × D matrix gate|up */
     float *b[FP_T_COUNT];   /* biases of q, k, v, o when attn_bias; NULL otherwise */
     float *mlp_norm;
 } fp_layer_w_t;

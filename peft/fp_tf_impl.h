@@ -10,6 +10,8 @@
 
 #include <cblas.h>
 #include <math.h>
+
+#include "fp_par.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,7 +30,12 @@ typedef struct TF(lg) {
 } TF(lg_t);
 
 typedef struct TF(acts) {
-    REAL *h1, *rstd1, *q, *k, *v, *P, *att, *h2, *rstd2, *g, *u, *a;
+    REAL *h1, *rstd1;
+    REAL *q, *k, *v;   /* head-major after RoPE: B × H × T × hd, B × KV × T × hd (×2) */
+    REAL *P;           /* B × H × T × T */
+    REAL *att, *h2, *rstd2;
+    REAL *gu;          /* N × 2F: gate | up projections */
+    REAL *a;           /* N × F: silu(gate) ∘ up */
     REAL *lu[FP_T_COUNT]; /* x·Aᵀ of each LoRA target: N × r */
 } TF(acts_t);
 
@@ -45,13 +52,16 @@ typedef struct TF(net) {
     REAL **R;       /* L + 1 residual streams (aliases in eval mode) */
     REAL **M;       /* L mid-layer residuals */
     TF(acts_t) *A;  /* L (aliases in eval mode) */
-    REAL *hf, *rstd_f, *logits, *tmp;
+    REAL *hf, *rstd_f, *logits, *tmp, *rowloss;
+    REAL *qkv;          /* token-major q|k|v projections: N × (Q + 2K) */
+    REAL *oh;           /* head-major attention output: N × Q */
     REAL *cosb, *sinb; /* T × hd/2 */
     const int *labels;
     const int *tokens; /* of the last forward from tokens, for the embedding gradient */
     long count;
-    /* backward scratch */
-    REAL *dR, *dM, *dh, *dq, *dk, *dv, *datt, *dg, *du, *da, *dS, *dP, *dl;
+    /* backward scratch (dqkv, dgu token-major; dqh, dkh, dvh, doh head-major) */
+    REAL *dR, *dM, *dh, *dqkv, *datt, *dgu, *da, *dP, *dl;
+    REAL *dqh, *dkh, *dvh, *doh;
     REAL *dx0;         /* input gradient (FP_TF_INPUT_GRAD) */
     REAL *mem;
     size_t bytes;
@@ -65,205 +75,409 @@ static void TF(mm_wt)(int N, int out, int in, const REAL *x, const REAL *W, REAL
     GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, N, out, in, 1, x, in, W, in, beta, y, out);
 }
 
-/* y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, keeping lu = x·Aᵀ */
-static void TF(linear)(TF(net_t) *n, const TF(lw_t) *lw, TF(acts_t) *ac, fp_target_t t,
+/* A run of k consecutive targets from t0 (q|k|v, gate|up, or one alone): their weights are
+ * consecutive rows of one (Σ d_out) × d_in matrix. Width = Σ d_out. */
+static int TF(run_width)(const fp_model_config_t *c, fp_target_t t0, int k, int *in)
+{
+    int w = 0, o;
+    for (int t = (int)t0; t < (int)t0 + k; t++) {
+        fp_target_shape(c, (fp_target_t)t, &o, in);
+        w += o;
+    }
+    return w;
+}
+
+/* y (N × width) = x·[W_t0; …]ᵀ + biases + Σ_t s_t·(x·A_tᵀ)·B_tᵀ into each target's columns;
+ * keeps lu_t = x·A_tᵀ. One product for the whole run. */
+static void TF(linear)(TF(net_t) *n, const TF(lw_t) *lw, TF(acts_t) *ac, fp_target_t t0, int k,
                        const REAL *x, REAL *y)
 {
-    int out, in;
-    fp_target_shape(&n->c, t, &out, &in);
-    TF(mm_wt)(n->N, out, in, x, lw->w[t], y, 0);
-    if (lw->b[t]) {
-        for (int i = 0; i < n->N; i++) {
-            REAL *row = y + (size_t)i * (size_t)out;
-            for (int j = 0; j < out; j++)
-                row[j] += lw->b[t][j];
+    int in, width = TF(run_width)(&n->c, t0, k, &in);
+    TF(mm_wt)(n->N, width, in, x, lw->w[t0], y, 0);
+    int off = 0;
+    for (int t = (int)t0; t < (int)t0 + k; t++) {
+        int out;
+        fp_target_shape(&n->c, (fp_target_t)t, &out, &in);
+        if (lw->b[t]) {
+            for (int i = 0; i < n->N; i++) {
+                REAL *row = y + (size_t)i * (size_t)width + off;
+                for (int j = 0; j < out; j++)
+                    row[j] += lw->b[t][j];
+            }
         }
-    }
-    if (lw->la[t]) {
-        int r = lw->lr[t];
-        REAL *lu = ac->lu[t];
-        TF(mm_wt)(n->N, r, in, x, lw->la[t], lu, 0);
-        GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, n->N, out, r, lw->ls[t], lu, r, lw->lb[t],
-             r, 1, y, out);
+        if (lw->la[t]) {
+            int r = lw->lr[t];
+            REAL *lu = ac->lu[t];
+            TF(mm_wt)(n->N, r, in, x, lw->la[t], lu, 0);
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, n->N, out, r, lw->ls[t], lu, r,
+                 lw->lb[t], r, 1, y + off, width);
+        }
+        off += out;
     }
 }
 
-/* Backward of TF(linear): dx (= or +=, by beta) dy·W (+ LoRA path); factor and weight
- * gradients added where wanted. */
+/* Backward of TF(linear) for dy (N × width): dx (= or +=, by beta) dy·[W_t0; …] (+ the LoRA
+ * paths); factor and weight gradients added where wanted. */
 static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(acts_t) *ac,
-                           fp_target_t t, const REAL *x, const REAL *dy, REAL *dx, REAL beta)
+                           fp_target_t t0, int k, const REAL *x, const REAL *dy, REAL *dx,
+                           REAL beta)
 {
-    int out, in, N = n->N;
-    fp_target_shape(&n->c, t, &out, &in);
+    int in, N = n->N, width = TF(run_width)(&n->c, t0, k, &in);
     if (dx)
-        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, out, 1, dy, out, lw->w[t], in,
+        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, width, 1, dy, width, lw->w[t0], in,
              beta, dx, in);
-    if (lg && lg->w[t])
-        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, N, 1, dy, out, x, in, 1,
-             lg->w[t], in);
-    if (lg && lg->b[t] && lw->b[t]) {
-        for (int i = 0; i < N; i++) {
-            const REAL *row = dy + (size_t)i * (size_t)out;
-            for (int j = 0; j < out; j++)
-                lg->b[t][j] += row[j];
+    if (lg && lg->w[t0])
+        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, width, in, N, 1, dy, width, x, in, 1,
+             lg->w[t0], in);
+    int off = 0;
+    for (int t = (int)t0; t < (int)t0 + k; t++) {
+        int out;
+        fp_target_shape(&n->c, (fp_target_t)t, &out, &in);
+        const REAL *dyt = dy + off;
+        if (lg && lg->b[t] && lw->b[t]) {
+            for (int i = 0; i < N; i++) {
+                const REAL *row = dyt + (size_t)i * (size_t)width;
+                for (int j = 0; j < out; j++)
+                    lg->b[t][j] += row[j];
+            }
         }
+        if (lw->la[t]) {
+            int r = lw->lr[t];
+            REAL s = lw->ls[t];
+            const REAL *lu = ac->lu[t];
+            if (lg && lg->lb[t]) /* dB += s · dyᵀ · lu */
+                GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, out, r, N, s, dyt, width, lu, r, 1,
+                     lg->lb[t], r);
+            if ((lg && lg->la[t]) || dx) { /* dl = s · dy · B  (N × r) */
+                GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, r, out, s, dyt, width,
+                     lw->lb[t], r, 0, n->dl, r);
+                if (lg && lg->la[t]) /* dA += dlᵀ · x */
+                    GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, r, in, N, 1, n->dl, r, x, in, 1,
+                         lg->la[t], in);
+                if (dx) /* dx += dl · A */
+                    GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, r, 1, n->dl, r,
+                         lw->la[t], in, 1, dx, in);
+            }
+        }
+        off += out;
     }
-    if (lw->la[t]) {
-        int r = lw->lr[t];
-        REAL s = lw->ls[t];
-        const REAL *lu = ac->lu[t];
-        if (lg && lg->lb[t]) /* dB += s · dyᵀ · lu */
-            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, out, r, N, s, dy, out, lu, r, 1,
-                 lg->lb[t], r);
-        int need_du = (lg && lg->la[t]) || dx;
-        if (need_du) { /* dl = s · dy · B  (N × r) */
-            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, r, out, s, dy, out, lw->lb[t], r,
-                 0, n->dl, r);
-            if (lg && lg->la[t]) /* dA += dlᵀ · x */
-                GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, r, in, N, 1, n->dl, r, x, in, 1,
-                     lg->la[t], in);
-            if (dx) /* dx += dl · A */
-                GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, r, 1, n->dl, r,
-                     lw->la[t], in, 1, dx, in);
-        }
+}
+
+typedef struct TF(norm_ctx) {
+    const TF(net_t) *n;
+    const REAL *x, *w, *dy, *rstd_in;
+    REAL *y, *rstd, *dx, *dw;
+    int accumulate;
+} TF(norm_ctx_t);
+
+static void TF(rmsnorm_rows)(void *vc, size_t r0, size_t r1)
+{
+    TF(norm_ctx_t) *c = vc;
+    int D = c->n->c.dim;
+    for (size_t i = r0; i < r1; i++) {
+        const REAL *xr = c->x + i * (size_t)D;
+        REAL *yr = c->y + i * (size_t)D;
+        REAL ss = 0;
+        for (int j = 0; j < D; j++)
+            ss += xr[j] * xr[j];
+        REAL r = 1 / SQRT(ss / (REAL)D + (REAL)c->n->c.rms_eps);
+        c->rstd[i] = r;
+        for (int j = 0; j < D; j++)
+            yr[j] = xr[j] * r * c->w[j];
     }
 }
 
 /* y = x / sqrt(mean(x²) + eps) ∘ w, row by row; rstd kept for the backward */
 static void TF(rmsnorm)(const TF(net_t) *n, const REAL *x, const REAL *w, REAL *y, REAL *rstd)
 {
-    int D = n->c.dim;
-    for (int i = 0; i < n->N; i++) {
-        const REAL *xr = x + (size_t)i * (size_t)D;
-        REAL *yr = y + (size_t)i * (size_t)D;
-        REAL ss = 0;
+    TF(norm_ctx_t) c = {.n = n, .x = x, .w = w, .y = y, .rstd = rstd};
+    fp_par_for((size_t)n->N, 16, TF(rmsnorm_rows), &c);
+}
+
+static void TF(rmsnorm_bwd_rows)(void *vc, size_t r0, size_t r1)
+{
+    TF(norm_ctx_t) *c = vc;
+    int D = c->n->c.dim;
+    for (size_t i = r0; i < r1; i++) {
+        const REAL *xr = c->x + i * (size_t)D;
+        const REAL *dyr = c->dy + i * (size_t)D;
+        REAL *dxr = c->dx + i * (size_t)D;
+        REAL r = c->rstd_in[i];
+        REAL dot = 0;
         for (int j = 0; j < D; j++)
-            ss += xr[j] * xr[j];
-        REAL r = 1 / SQRT(ss / (REAL)D + (REAL)n->c.rms_eps);
-        rstd[i] = r;
-        for (int j = 0; j < D; j++)
-            yr[j] = xr[j] * r * w[j];
+            dot += dyr[j] * c->w[j] * xr[j];
+        REAL k = dot * r * r * r / (REAL)D;
+        for (int j = 0; j < D; j++) {
+            REAL g = dyr[j] * c->w[j] * r - k * xr[j];
+            dxr[j] = c->accumulate ? dxr[j] + g : g;
+        }
+        if (c->dw)
+            for (int j = 0; j < D; j++)
+                c->dw[j] += dyr[j] * xr[j] * r;
     }
 }
 
-/* dx (+)= backward of rmsnorm for dy; dw += Σ dy∘x̂ when dw. */
+/* dx (+)= backward of rmsnorm for dy; dw += Σ dy∘x̂ when dw (then on one thread, so that the
+ * sum over rows keeps one order). */
 static void TF(rmsnorm_bwd)(const TF(net_t) *n, const REAL *x, const REAL *w, const REAL *rstd,
                             const REAL *dy, REAL *dx, REAL *dw, int accumulate)
 {
-    int D = n->c.dim;
-    for (int i = 0; i < n->N; i++) {
-        const REAL *xr = x + (size_t)i * (size_t)D;
-        const REAL *dyr = dy + (size_t)i * (size_t)D;
-        REAL *dxr = dx + (size_t)i * (size_t)D;
-        REAL r = rstd[i];
-        REAL dot = 0;
-        for (int j = 0; j < D; j++)
-            dot += dyr[j] * w[j] * xr[j];
-        REAL c = dot * r * r * r / (REAL)D;
-        for (int j = 0; j < D; j++) {
-            REAL g = dyr[j] * w[j] * r - c * xr[j];
-            dxr[j] = accumulate ? dxr[j] + g : g;
-        }
-        if (dw)
-            for (int j = 0; j < D; j++)
-                dw[j] += dyr[j] * xr[j] * r;
-    }
+    TF(norm_ctx_t) c = {.n = n, .x = x, .w = w, .dy = dy, .rstd_in = rstd, .dx = dx, .dw = dw,
+                        .accumulate = accumulate};
+    if (dw)
+        TF(rmsnorm_bwd_rows)(&c, 0, (size_t)n->N);
+    else
+        fp_par_for((size_t)n->N, 16, TF(rmsnorm_bwd_rows), &c);
 }
 
-/* HF rotate_half RoPE on rows of `heads` heads: x_j' = x_j·cos − x_{j+h/2}·sin (first half),
- * x_j' = x_j·cos + x_{j−h/2}·sin (second half). inverse = 1 applies the transpose (backward). */
-static void TF(rope)(const TF(net_t) *n, REAL *x, int heads, int inverse)
+/* Between token-major rows (N × heads·hd) and head-major blocks (B × heads × T × hd), applying
+ * HF's rotate_half RoPE on the way: rope 1 rotates (forward), −1 applies the transpose
+ * (backward), 0 copies. x_j' = x_j·cos − x_{j+hd/2}·sin (first half), x_j' = x_j·cos +
+ * x_{j−hd/2}·sin (second half). */
+typedef struct TF(heads_ctx) {
+    const TF(net_t) *n;
+    const REAL *src;
+    REAL *dst;
+    int heads, rope, to_heads;
+    int ld; /* row stride of the token-major side */
+} TF(heads_ctx_t);
+
+static void TF(heads_units)(void *vc, size_t u0, size_t u1)
 {
-    int hd = n->c.head_dim, half = hd / 2, width = heads * hd;
-    REAL sgn = inverse ? -1 : 1;
-    for (int i = 0; i < n->N; i++) {
-        int pos = i % n->T;
-        const REAL *cs = n->cosb + (size_t)pos * (size_t)half;
-        const REAL *sn = n->sinb + (size_t)pos * (size_t)half;
-        for (int h = 0; h < heads; h++) {
-            REAL *v = x + (size_t)i * (size_t)width + (size_t)h * (size_t)hd;
+    TF(heads_ctx_t) *c = vc;
+    const TF(net_t) *n = c->n;
+    int T = n->T, hd = n->c.head_dim, half = hd / 2, width = c->ld;
+    REAL sgn = c->rope < 0 ? -1 : 1;
+    for (size_t u = u0; u < u1; u++) {
+        size_t b = u / (size_t)c->heads, h = u % (size_t)c->heads;
+        for (int t = 0; t < T; t++) {
+            size_t tok = (b * (size_t)T + (size_t)t) * (size_t)width + h * (size_t)hd;
+            size_t hm = (u * (size_t)T + (size_t)t) * (size_t)hd;
+            const REAL *x = c->src + (c->to_heads ? tok : hm);
+            REAL *y = c->dst + (c->to_heads ? hm : tok);
+            if (!c->rope) {
+                memcpy(y, x, (size_t)hd * sizeof(REAL));
+                continue;
+            }
+            const REAL *cs = n->cosb + (size_t)t * (size_t)half;
+            const REAL *sn = n->sinb + (size_t)t * (size_t)half;
             for (int j = 0; j < half; j++) {
-                REAL a = v[j], b = v[j + half], s = sgn * sn[j];
-                v[j] = a * cs[j] - b * s;
-                v[j + half] = b * cs[j] + a * s;
+                REAL a = x[j], bb = x[j + half], s = sgn * sn[j];
+                y[j] = a * cs[j] - bb * s;
+                y[j + half] = bb * cs[j] + a * s;
             }
         }
     }
 }
 
-/* Causal grouped-query attention: att = softmax(q·kᵀ/√hd + mask)·v, P kept. */
+static void TF(heads)(const TF(net_t) *n, const REAL *src, REAL *dst, int heads, int rope,
+                      int to_heads, int ld)
+{
+    TF(heads_ctx_t) c = {n, src, dst, heads, rope, to_heads, ld};
+    fp_par_for((size_t)n->B * (size_t)heads, 1, TF(heads_units), &c);
+}
+
+typedef struct TF(rows_ctx) {
+    const TF(net_t) *n;
+    REAL *P;        /* softmax in place; backward: dS in place of dP */
+    const REAL *Pp; /* backward: probabilities */
+} TF(rows_ctx_t);
+
+/* Causal softmax of score rows; row r of the B·H·T rows is query position r mod T. */
+static void TF(softmax_rows)(void *vc, size_t r0, size_t r1)
+{
+    TF(rows_ctx_t) *c = vc;
+    int T = c->n->T;
+    for (size_t r = r0; r < r1; r++) {
+        REAL *row = c->P + r * (size_t)T;
+        int i = (int)(r % (size_t)T);
+        REAL mx = row[0];
+        for (int j = 1; j <= i; j++)
+            mx = row[j] > mx ? row[j] : mx;
+        REAL sum = 0;
+        for (int j = 0; j <= i; j++) {
+            row[j] = EXP(row[j] - mx);
+            sum += row[j];
+        }
+        REAL inv = 1 / sum;
+        for (int j = 0; j <= i; j++)
+            row[j] *= inv;
+        for (int j = i + 1; j < T; j++)
+            row[j] = 0;
+    }
+}
+
+/* dS = P ∘ (dP − rowsum(P ∘ dP)), in place of dP */
+static void TF(dsoftmax_rows)(void *vc, size_t r0, size_t r1)
+{
+    TF(rows_ctx_t) *c = vc;
+    int T = c->n->T;
+    for (size_t r = r0; r < r1; r++) {
+        const REAL *pr = c->Pp + r * (size_t)T;
+        REAL *d = c->P + r * (size_t)T;
+        int i = (int)(r % (size_t)T);
+        REAL dot = 0;
+        for (int j = 0; j <= i; j++)
+            dot += pr[j] * d[j];
+        for (int j = 0; j <= i; j++)
+            d[j] = pr[j] * (d[j] - dot);
+        for (int j = i + 1; j < T; j++)
+            d[j] = 0;
+    }
+}
+
+/* Causal grouped-query attention from token-major q|k|v: keeps head-major q, k, v (after
+ * RoPE) and P; att = softmax(q·kᵀ/√hd + mask)·v, token-major. The heads sharing a key/value
+ * head are one matrix product: Q_g (group·T × hd) · K_gᵀ. */
 static void TF(attention)(TF(net_t) *n, TF(acts_t) *ac)
 {
-    int T = n->T, H = n->c.n_heads, hd = n->c.head_dim, Q = n->Q, K = n->K;
-    int group = H / n->c.n_kv_heads;
+    int T = n->T, H = n->c.n_heads, KV = n->c.n_kv_heads, hd = n->c.head_dim;
+    int grp = H / KV;
     REAL scale = 1 / SQRT((REAL)hd);
-    for (int b = 0; b < n->B; b++) {
-        for (int h = 0; h < H; h++) {
-            int kvh = h / group;
-            const REAL *q = ac->q + (size_t)b * T * Q + (size_t)h * hd;
-            const REAL *k = ac->k + (size_t)b * T * K + (size_t)kvh * hd;
-            const REAL *v = ac->v + (size_t)b * T * K + (size_t)kvh * hd;
-            REAL *P = ac->P + ((size_t)b * H + h) * (size_t)T * T;
-            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, scale, q, Q, k, K, 0, P, T);
-            for (int i = 0; i < T; i++) {
-                REAL *row = P + (size_t)i * T;
-                REAL mx = row[0];
-                for (int j = 1; j <= i; j++)
-                    mx = row[j] > mx ? row[j] : mx;
-                REAL sum = 0;
-                for (int j = 0; j <= i; j++) {
-                    row[j] = EXP(row[j] - mx);
-                    sum += row[j];
-                }
-                REAL inv = 1 / sum;
-                for (int j = 0; j <= i; j++)
-                    row[j] *= inv;
-                for (int j = i + 1; j < T; j++)
-                    row[j] = 0;
-            }
-            REAL *o = ac->att + (size_t)b * T * Q + (size_t)h * hd;
-            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, 1, P, T, v, K, 0, o, Q);
+    int QKV = n->Q + 2 * n->K;
+    TF(heads)(n, n->qkv, ac->q, H, 1, 1, QKV);
+    TF(heads)(n, n->qkv + n->Q, ac->k, KV, 1, 1, QKV);
+    TF(heads)(n, n->qkv + n->Q + n->K, ac->v, KV, 0, 1, QKV);
+    size_t TT = (size_t)T * T, Thd = (size_t)T * hd;
+    for (int b = 0; b < n->B; b++)
+        for (int g = 0; g < KV; g++) {
+            size_t qh = (size_t)b * H + (size_t)g * grp, kh = (size_t)b * KV + g;
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, grp * T, T, hd, scale, ac->q + qh * Thd,
+                 hd, ac->k + kh * Thd, hd, 0, ac->P + qh * TT, T);
+        }
+    TF(rows_ctx_t) rc = {n, ac->P, NULL};
+    fp_par_for((size_t)n->B * H * T, 64, TF(softmax_rows), &rc);
+    for (int b = 0; b < n->B; b++)
+        for (int g = 0; g < KV; g++) {
+            size_t qh = (size_t)b * H + (size_t)g * grp, kh = (size_t)b * KV + g;
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, grp * T, hd, T, 1, ac->P + qh * TT,
+                 T, ac->v + kh * Thd, hd, 0, n->oh + qh * Thd, hd);
+        }
+    TF(heads)(n, n->oh, ac->att, H, 0, 0, n->Q);
+}
+
+/* From token-major datt: token-major dq|dk|dv (with the RoPE transpose applied). */
+static void TF(attention_bwd)(TF(net_t) *n, TF(acts_t) *ac)
+{
+    int T = n->T, H = n->c.n_heads, KV = n->c.n_kv_heads, hd = n->c.head_dim;
+    int grp = H / KV;
+    REAL scale = 1 / SQRT((REAL)hd);
+    size_t TT = (size_t)T * T, Thd = (size_t)T * hd;
+    TF(heads)(n, n->datt, n->doh, H, 0, 1, n->Q);
+    for (int b = 0; b < n->B; b++)
+        for (int g = 0; g < KV; g++) {
+            size_t qh = (size_t)b * H + (size_t)g * grp, kh = (size_t)b * KV + g;
+            /* dP = dO·vᵀ;  dv = Pᵀ·dO (summing the group's heads) */
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, grp * T, T, hd, 1, n->doh + qh * Thd,
+                 hd, ac->v + kh * Thd, hd, 0, n->dP + qh * TT, T);
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, grp * T, 1, ac->P + qh * TT, T,
+                 n->doh + qh * Thd, hd, 0, n->dvh + kh * Thd, hd);
+        }
+    TF(rows_ctx_t) rc = {n, n->dP, ac->P};
+    fp_par_for((size_t)n->B * H * T, 64, TF(dsoftmax_rows), &rc);
+    for (int b = 0; b < n->B; b++)
+        for (int g = 0; g < KV; g++) {
+            size_t qh = (size_t)b * H + (size_t)g * grp, kh = (size_t)b * KV + g;
+            /* dq = scale·dS·k;  dk = scale·dSᵀ·q (summing the group's heads) */
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, grp * T, hd, T, scale,
+                 n->dP + qh * TT, T, ac->k + kh * Thd, hd, 0, n->dqh + qh * Thd, hd);
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, grp * T, scale, n->dP + qh * TT,
+                 T, ac->q + qh * Thd, hd, 0, n->dkh + kh * Thd, hd);
+        }
+    int QKV = n->Q + 2 * n->K;
+    TF(heads)(n, n->dqh, n->dqkv, H, -1, 0, QKV);
+    TF(heads)(n, n->dkh, n->dqkv + n->Q, KV, -1, 0, QKV);
+    TF(heads)(n, n->dvh, n->dqkv + n->Q + n->K, KV, 0, 0, QKV);
+}
+
+/* ---- element-wise helpers ---- */
+
+typedef struct TF(ew_ctx) {
+    const REAL *a, *b, *c;
+    REAL *x, *y;
+} TF(ew_ctx_t);
+
+static void TF(add_range)(void *vc, size_t i0, size_t i1)
+{
+    TF(ew_ctx_t) *c = vc;
+    for (size_t i = i0; i < i1; i++)
+        c->x[i] = c->a[i] + c->b[i];
+}
+
+/* x = a + b over n elements */
+static void TF(add)(REAL *x, const REAL *a, const REAL *b, size_t n)
+{
+    TF(ew_ctx_t) c = {.a = a, .b = b, .x = x};
+    fp_par_for(n, 4096, TF(add_range), &c);
+}
+
+typedef struct TF(glu_ctx) {
+    int F;
+    const REAL *gu; /* N × 2F: gate | up */
+    const REAL *da; /* backward: N × F */
+    REAL *a;        /* forward: N × F */
+    REAL *dgu;      /* backward: N × 2F */
+} TF(glu_ctx_t);
+
+/* a = silu(gate) ∘ up, row by row */
+static void TF(swiglu_rows)(void *vc, size_t r0, size_t r1)
+{
+    TF(glu_ctx_t) *c = vc;
+    size_t F = (size_t)c->F;
+    for (size_t r = r0; r < r1; r++) {
+        const REAL *g = c->gu + r * 2 * F, *u = g + F;
+        REAL *a = c->a + r * F;
+        for (size_t j = 0; j < F; j++)
+            a[j] = g[j] / (1 + EXP(-g[j])) * u[j];
+    }
+}
+
+static void TF(swiglu_bwd_rows)(void *vc, size_t r0, size_t r1)
+{
+    TF(glu_ctx_t) *c = vc;
+    size_t F = (size_t)c->F;
+    for (size_t r = r0; r < r1; r++) {
+        const REAL *g = c->gu + r * 2 * F, *u = g + F, *da = c->da + r * F;
+        REAL *dg = c->dgu + r * 2 * F, *du = dg + F;
+        for (size_t j = 0; j < F; j++) {
+            REAL sg = 1 / (1 + EXP(-g[j]));
+            du[j] = da[j] * g[j] * sg;
+            dg[j] = da[j] * u[j] * sg * (1 + g[j] * (1 - sg));
         }
     }
 }
 
-/* From datt: dq (=), dk and dv (zeroed here, then accumulated over the heads of a group). */
-static void TF(attention_bwd)(TF(net_t) *n, TF(acts_t) *ac)
+typedef struct TF(ce_ctx) {
+    TF(net_t) *n;
+    const int *labels;
+    int keep_probs;
+} TF(ce_ctx_t);
+
+/* Per-row token loss (into rowloss); with keep_probs, logits become probabilities. */
+static void TF(ce_rows)(void *vc, size_t r0, size_t r1)
 {
-    int T = n->T, H = n->c.n_heads, hd = n->c.head_dim, Q = n->Q, K = n->K;
-    int group = H / n->c.n_kv_heads;
-    REAL scale = 1 / SQRT((REAL)hd);
-    memset(n->dk, 0, (size_t)n->N * (size_t)K * sizeof(REAL));
-    memset(n->dv, 0, (size_t)n->N * (size_t)K * sizeof(REAL));
-    for (int b = 0; b < n->B; b++) {
-        for (int h = 0; h < H; h++) {
-            int kvh = h / group;
-            size_t qo = (size_t)b * T * Q + (size_t)h * hd, ko = (size_t)b * T * K + (size_t)kvh * hd;
-            const REAL *P = ac->P + ((size_t)b * H + h) * (size_t)T * T;
-            const REAL *dO = n->datt + qo;
-            /* dP = dO·vᵀ;  dv += Pᵀ·dO */
-            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hd, 1, dO, Q, ac->v + ko, K, 0,
-                 n->dP, T);
-            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, 1, P, T, dO, Q, 1, n->dv + ko,
-                 K);
-            /* dS = P ∘ (dP − rowsum(P ∘ dP)) */
-            for (int i = 0; i < T; i++) {
-                const REAL *pr = P + (size_t)i * T;
-                const REAL *dpr = n->dP + (size_t)i * T;
-                REAL *dsr = n->dS + (size_t)i * T;
-                REAL dot = 0;
-                for (int j = 0; j <= i; j++)
-                    dot += pr[j] * dpr[j];
-                for (int j = 0; j <= i; j++)
-                    dsr[j] = pr[j] * (dpr[j] - dot);
-                for (int j = i + 1; j < T; j++)
-                    dsr[j] = 0;
-            }
-            /* dq = scale·dS·k;  dk += scale·dSᵀ·q */
-            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hd, T, scale, n->dS, T, ac->k + ko,
-                 K, 0, n->dq + qo, Q);
-            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, T, scale, n->dS, T, ac->q + qo,
-                 Q, 1, n->dk + ko, K);
+    TF(ce_ctx_t) *c = vc;
+    int V = c->n->c.vocab;
+    for (size_t i = r0; i < r1; i++) {
+        REAL *row = c->n->logits + i * (size_t)V;
+        int y = c->labels ? c->labels[i] : -1;
+        int valid = y >= 0 && y < V;
+        REAL ly = valid ? row[y] : 0;
+        REAL mx = row[0];
+        for (int j = 1; j < V; j++)
+            mx = row[j] > mx ? row[j] : mx;
+        double sum = 0;
+        for (int j = 0; j < V; j++) {
+            REAL e = EXP(row[j] - mx);
+            sum += (double)e;
+            if (c->keep_probs)
+                row[j] = e;
+        }
+        c->n->rowloss[i] = valid ? (REAL)(log(sum) + (double)mx - (double)ly) : 0;
+        if (c->keep_probs) {
+            REAL inv = (REAL)(1.0 / sum);
+            for (int j = 0; j < V; j++)
+                row[j] *= inv;
         }
     }
 }
@@ -281,50 +495,30 @@ static void TF(forward_from_embeds)(TF(net_t) *n, const int *labels, double *los
         TF(acts_t) *ac = &n->A[l];
         REAL *xin = n->R[l], *xmid = n->M[l], *xout = n->R[l + 1];
         TF(rmsnorm)(n, xin, lw->attn_norm, ac->h1, ac->rstd1);
-        TF(linear)(n, lw, ac, FP_T_Q, ac->h1, ac->q);
-        TF(linear)(n, lw, ac, FP_T_K, ac->h1, ac->k);
-        TF(linear)(n, lw, ac, FP_T_V, ac->h1, ac->v);
-        TF(rope)(n, ac->q, c->n_heads, 0);
-        TF(rope)(n, ac->k, c->n_kv_heads, 0);
+        TF(linear)(n, lw, ac, FP_T_Q, 3, ac->h1, n->qkv);
         TF(attention)(n, ac);
-        TF(linear)(n, lw, ac, FP_T_O, ac->att, n->tmp);
-        for (size_t i = 0; i < (size_t)N * D; i++)
-            xmid[i] = xin[i] + n->tmp[i];
+        TF(linear)(n, lw, ac, FP_T_O, 1, ac->att, n->tmp);
+        TF(add)(xmid, xin, n->tmp, (size_t)N * D);
         TF(rmsnorm)(n, xmid, lw->mlp_norm, ac->h2, ac->rstd2);
-        TF(linear)(n, lw, ac, FP_T_GATE, ac->h2, ac->g);
-        TF(linear)(n, lw, ac, FP_T_UP, ac->h2, ac->u);
-        for (size_t i = 0; i < (size_t)N * F; i++) {
-            REAL g = ac->g[i];
-            ac->a[i] = g / (1 + EXP(-g)) * ac->u[i];
-        }
-        TF(linear)(n, lw, ac, FP_T_DOWN, ac->a, n->tmp);
-        for (size_t i = 0; i < (size_t)N * D; i++)
-            xout[i] = xmid[i] + n->tmp[i];
+        TF(linear)(n, lw, ac, FP_T_GATE, 2, ac->h2, ac->gu);
+        TF(glu_ctx_t) sw = {.F = F, .gu = ac->gu, .a = ac->a};
+        fp_par_for((size_t)N, 16, TF(swiglu_rows), &sw);
+        TF(linear)(n, lw, ac, FP_T_DOWN, 1, ac->a, n->tmp);
+        TF(add)(xout, xmid, n->tmp, (size_t)N * D);
     }
     TF(rmsnorm)(n, n->R[c->n_layers], n->norm, n->hf, n->rstd_f);
     int V = c->vocab;
     TF(mm_wt)(N, V, D, n->hf, n->lm_head, n->logits, 0);
     /* cross-entropy; when training, logits become softmax probabilities for the backward */
-    int keep_probs = (n->flags & (FP_TF_LORA | FP_TF_FULL)) != 0;
+    TF(ce_ctx_t) ce = {n, labels, (n->flags & (FP_TF_LORA | FP_TF_FULL)) != 0};
+    fp_par_for((size_t)N, 8, TF(ce_rows), &ce);
     double total = 0;
     long cnt = 0;
     for (int i = 0; i < N; i++) {
-        REAL *row = n->logits + (size_t)i * V;
         int y = labels ? labels[i] : -1;
-        REAL mx = row[0];
-        for (int j = 1; j < V; j++)
-            mx = row[j] > mx ? row[j] : mx;
-        double sum = 0;
-        for (int j = 0; j < V; j++)
-            sum += (double)EXP(row[j] - mx);
         if (y >= 0 && y < V) {
-            total += log(sum) + (double)mx - (double)row[y];
+            total += (double)n->rowloss[i];
             cnt++;
-        }
-        if (keep_probs) {
-            REAL inv = (REAL)(1.0 / sum);
-            for (int j = 0; j < V; j++)
-                row[j] = EXP(row[j] - mx) * inv;
         }
     }
     n->labels = labels;
@@ -364,29 +558,20 @@ static void TF(backward)(TF(net_t) *n, double loss_scale)
         TF(lg_t) *lg = n->G ? &n->G[l] : NULL;
         TF(acts_t) *ac = &n->A[l];
         /* MLP: R[l+1] = M[l] + down(silu(gate(h2)) ∘ up(h2)) */
-        TF(linear_bwd)(n, lw, lg, ac, FP_T_DOWN, ac->a, n->dR, n->da, 0);
-        for (size_t i = 0; i < (size_t)N * F; i++) {
-            REAL g = ac->g[i], sg = 1 / (1 + EXP(-g));
-            REAL silu = g * sg;
-            n->du[i] = n->da[i] * silu;
-            n->dg[i] = n->da[i] * ac->u[i] * sg * (1 + g * (1 - sg));
-        }
-        TF(linear_bwd)(n, lw, lg, ac, FP_T_GATE, ac->h2, n->dg, n->dh, 0);
-        TF(linear_bwd)(n, lw, lg, ac, FP_T_UP, ac->h2, n->du, n->dh, 1);
+        TF(linear_bwd)(n, lw, lg, ac, FP_T_DOWN, 1, ac->a, n->dR, n->da, 0);
+        TF(glu_ctx_t) sw = {.F = F, .gu = ac->gu, .da = n->da, .dgu = n->dgu};
+        fp_par_for((size_t)N, 16, TF(swiglu_bwd_rows), &sw);
+        TF(linear_bwd)(n, lw, lg, ac, FP_T_GATE, 2, ac->h2, n->dgu, n->dh, 0);
         memcpy(n->dM, n->dR, (size_t)N * D * sizeof(REAL));
         TF(rmsnorm_bwd)(n, n->M[l], lw->mlp_norm, ac->rstd2, n->dh, n->dM,
                         lg ? lg->mlp_norm : NULL, 1);
         /* attention: M[l] = R[l] + o(att) */
-        TF(linear_bwd)(n, lw, lg, ac, FP_T_O, ac->att, n->dM, n->datt, 0);
+        TF(linear_bwd)(n, lw, lg, ac, FP_T_O, 1, ac->att, n->dM, n->datt, 0);
         TF(attention_bwd)(n, ac);
-        TF(rope)(n, n->dq, c->n_heads, 1);
-        TF(rope)(n, n->dk, c->n_kv_heads, 1);
         /* below layer 0 only the input gradient remains: skip it when nobody wants it */
         int want_dx = l > 0 || need_dx0;
         REAL *dh = want_dx ? n->dh : NULL;
-        TF(linear_bwd)(n, lw, lg, ac, FP_T_Q, ac->h1, n->dq, dh, 0);
-        TF(linear_bwd)(n, lw, lg, ac, FP_T_K, ac->h1, n->dk, dh, 1);
-        TF(linear_bwd)(n, lw, lg, ac, FP_T_V, ac->h1, n->dv, dh, 1);
+        TF(linear_bwd)(n, lw, lg, ac, FP_T_Q, 3, ac->h1, n->dqkv, dh, 0);
         if (want_dx) {
             memcpy(n->dR, n->dM, (size_t)N * D * sizeof(REAL));
             TF(rmsnorm_bwd)(n, n->R[l], lw->attn_norm, ac->rstd1, n->dh, n->dR,
@@ -447,10 +632,11 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
         for (int t = 0; t < FP_T_COUNT; t++)
             lu_total += N * (size_t)(train ? ranks[l * FP_T_COUNT + t] : rt[t]);
     size_t streams = train ? (size_t)(2 * Lc + 1) : 1;
-    size_t total = per_act * (size_t)nacts + lu_total + streams * N * D + N * D * 2 + N + N * V +
-                   (size_t)T * (size_t)(c->head_dim / 2) * 2;
+    size_t PP = (size_t)B * c->n_heads * TT;
+    size_t total = per_act * (size_t)nacts + lu_total + streams * N * D + N * D * 2 + N * 2 +
+                   N * V + (size_t)T * (size_t)(c->head_dim / 2) * 2 + N * Q * 2 + N * K * 2;
     if (train)
-        total += N * D * 3 + N * Q * 2 + N * K * 2 + N * F * 3 + TT * 2 + N * (size_t)rmax;
+        total += N * D * 3 + N * Q * 4 + N * K * 4 + N * F * 3 + PP + N * (size_t)rmax;
     if (flags & FP_TF_INPUT_GRAD)
         total += N * D;
     n->bytes = total * sizeof(REAL);
@@ -473,8 +659,7 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
         TAKE(a->att, N * Q);
         TAKE(a->h2, N * D);
         TAKE(a->rstd2, N);
-        TAKE(a->g, N * F);
-        TAKE(a->u, N * F);
+        TAKE(a->gu, 2 * N * F);
         TAKE(a->a, N * F);
         for (int t = 0; t < FP_T_COUNT; t++)
             TAKE(a->lu[t], N * (size_t)(train ? ranks[l * FP_T_COUNT + t] : rt[t]));
@@ -494,6 +679,9 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
     TAKE(n->hf, N * D);
     TAKE(n->tmp, N * D);
     TAKE(n->rstd_f, N);
+    TAKE(n->rowloss, N);
+    TAKE(n->qkv, N * (Q + 2 * K));
+    TAKE(n->oh, N * Q);
     TAKE(n->logits, N * V);
     int half = c->head_dim / 2;
     TAKE(n->cosb, (size_t)T * (size_t)half);
@@ -502,15 +690,15 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
         TAKE(n->dR, N * D);
         TAKE(n->dM, N * D);
         TAKE(n->dh, N * D);
-        TAKE(n->dq, N * Q);
+        TAKE(n->dqkv, N * (Q + 2 * K));
         TAKE(n->datt, N * Q);
-        TAKE(n->dk, N * K);
-        TAKE(n->dv, N * K);
-        TAKE(n->dg, N * F);
-        TAKE(n->du, N * F);
+        TAKE(n->dqh, N * Q);
+        TAKE(n->doh, N * Q);
+        TAKE(n->dkh, N * K);
+        TAKE(n->dvh, N * K);
+        TAKE(n->dgu, 2 * N * F);
         TAKE(n->da, N * F);
-        TAKE(n->dS, TT);
-        TAKE(n->dP, TT);
+        TAKE(n->dP, PP);
         TAKE(n->dl, N * (size_t)rmax);
     }
     if (flags & FP_TF_INPUT_GRAD)

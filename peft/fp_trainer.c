@@ -1,0 +1,232 @@
+#include "fp_trainer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "fp_rng.h"
+#include "fp_transformer.h"
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int fp_lora_init(const fp_model_t *m, unsigned targets, int rank, double alpha, int rslora,
+                 uint64_t seed, fp_adapter_t **out, fp_err_t *err)
+{
+    *out = NULL;
+    if (rank <= 0 || !(alpha != 0) || !targets)
+        return fp_err_set(err, -EINVAL, "LoRA needs a positive rank, a non-zero alpha and at "
+                          "least one target");
+    int L = m->cfg.n_layers, n = 0;
+    fp_module_desc_t *d = calloc((size_t)L * FP_T_COUNT, sizeof *d);
+    char (*names)[96] = calloc((size_t)L * FP_T_COUNT, sizeof *names);
+    if (!d || !names) {
+        free(d);
+        free(names);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    for (int l = 0; l < L; l++)
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            if (!(targets & (1u << t)))
+                continue;
+            fp_lora_module_name(names[n], sizeof names[n], l, (fp_target_t)t);
+            int o, i;
+            fp_target_shape(&m->cfg, (fp_target_t)t, &o, &i);
+            d[n] = (fp_module_desc_t){names[n], o, i, rank, alpha, rslora};
+            n++;
+        }
+    int rc = fp_adapter_new(out, d, n, err);
+    if (rc == 0)
+        fp_adapter_randomize(*out, seed, 0, 0.0); /* B ~ N(0, 0) = 0 */
+    free(d);
+    free(names);
+    return rc;
+}
+
+/* Parameter groups: one for an adapter, or one per weight tensor of a model. */
+static int make_groups(fp_model_t *m, fp_model_t *gm, fp_adapter_t *lora, fp_adapter_t *glora,
+                       fp_pgroup_t **out, int *n, fp_err_t *err)
+{
+    if (lora) {
+        fp_pgroup_t *g = calloc(1, sizeof *g);
+        if (!g)
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        /* every factor lives in the adapter's one allocation, in the same order */
+        g->p = lora->data;
+        g->g = glora->data;
+        g->n = (size_t)fp_adapter_params(lora);
+        g->decay = 1;
+        *out = g;
+        *n = 1;
+        return 0;
+    }
+    fp_model_tensor_t *t;
+    int nt;
+    int rc = fp_model_tensors(m, &t, &nt, err);
+    if (rc)
+        return rc;
+    fp_pgroup_t *g = calloc((size_t)nt, sizeof *g);
+    if (!g) {
+        free(t);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    for (int i = 0; i < nt; i++) {
+        g[i].p = t[i].data;
+        g[i].g = gm->mem + (t[i].data - m->mem);
+        g[i].n = (size_t)t[i].shape[0] * (size_t)(t[i].ndim == 2 ? t[i].shape[1] : 1);
+        g[i].decay = t[i].decay;
+    }
+    free(t);
+    *out = g;
+    *n = nt;
+    return 0;
+}
+
+int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
+             const fp_train_cfg_t *cfg, fp_train_cb cb, void *ctx, fp_train_result_t *res,
+             fp_err_t *err)
+{
+    memset(res, 0, sizeof *res);
+    if (cfg->batch <= 0 || cfg->seq <= 0 || cfg->steps <= 0 || cfg->accum <= 0)
+        return fp_err_set(err, -EINVAL, "batch, sequence length, steps and accumulation must "
+                          "be positive");
+    if (lora && !lora->data)
+        return fp_err_set(err, -EINVAL, "the adapter to train must own its factors");
+    int B = cfg->batch, T = cfg->seq, rc;
+    fp_tf_t *tf = NULL;
+    fp_adapter_t *glora = NULL;
+    fp_model_t *gm = NULL;
+    fp_pgroup_t *groups = NULL;
+    fp_adamw_t *opt = NULL;
+    int ngroups = 0;
+    int *tokens = malloc((size_t)B * T * sizeof *tokens);
+    int *labels = malloc((size_t)B * T * sizeof *labels);
+    double *recent = calloc((size_t)cfg->steps, sizeof *recent);
+    if (!tokens || !labels || !recent) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = fp_tf_new(&tf, m, lora, B, T, lora ? FP_TF_LORA : FP_TF_FULL, err)) != 0)
+        goto out;
+    if (lora)
+        rc = fp_adapter_clone(lora, &glora, err);
+    else
+        rc = fp_model_new(&gm, &m->cfg, err);
+    if (rc)
+        goto out;
+    if ((rc = make_groups(m, gm, lora, glora, &groups, &ngroups, err)) != 0)
+        goto out;
+    fp_optim_cfg_t oc = cfg->opt;
+    oc.total = cfg->steps;
+    if ((rc = fp_adamw_new(&opt, groups, ngroups, &oc, err)) != 0)
+        goto out;
+    fp_rng_t rng;
+    fp_rng_seed(&rng, cfg->seed);
+    double t0 = now();
+    long tokens_done = 0;
+    for (int step = 0; step < cfg->steps; step++) {
+        fp_zero_grads(groups, ngroups);
+        double loss = 0;
+        for (int a = 0; a < cfg->accum; a++) {
+            fp_dataset_sample(data, &rng, B, T, tokens, labels);
+            double sum;
+            long count;
+            fp_tf_forward(tf, tokens, labels, &sum, &count);
+            if (count > 0) {
+                loss += sum / (double)count / cfg->accum;
+                fp_tf_backward(tf, 1.0 / ((double)count * cfg->accum), glora, gm);
+            }
+            tokens_done += (long)B * T;
+        }
+        double norm;
+        double lr = fp_adamw_step(opt, &norm);
+        if (!isfinite(loss) || !isfinite(norm)) {
+            rc = fp_err_set(err, -EDOM, "training diverged at step %d (loss %g, gradient norm "
+                            "%g): lower the learning rate", step + 1, loss, norm);
+            goto out;
+        }
+        recent[step] = loss;
+        res->steps = step + 1;
+        double el = now() - t0;
+        int last = step + 1 == cfg->steps;
+        if (cb && (last || (cfg->log_every > 0 && (step + 1) % cfg->log_every == 0))) {
+            fp_train_stats_t st = {step + 1, cfg->steps, loss, lr, norm,
+                                   el > 0 ? (double)tokens_done / el : 0, el};
+            if (cb(ctx, &st) && !last) {
+                res->stopped = 1;
+                break;
+            }
+        }
+    }
+    res->seconds = now() - t0;
+    res->tokens = tokens_done;
+    res->tokens_per_s = res->seconds > 0 ? (double)tokens_done / res->seconds : 0;
+    int k = res->steps < 10 ? res->steps : 10;
+    for (int i = res->steps - k; i < res->steps; i++)
+        res->final_loss += recent[i] / k;
+out:
+    fp_adamw_free(opt);
+    free(groups);
+    fp_adapter_free(glora);
+    fp_model_free(gm);
+    fp_tf_free(tf);
+    free(tokens);
+    free(labels);
+    free(recent);
+    return rc;
+}
+
+int fp_evaluate(const fp_model_t *m, const fp_adapter_t *lora, const fp_dataset_t *d, int batch,
+                int seq, double *loss, long *tokens, fp_err_t *err)
+{
+    *loss = 0;
+    *tokens = 0;
+    size_t nw = fp_dataset_eval_windows(d, seq);
+    if (nw == 0)
+        return fp_err_set(err, -EINVAL, "no tokens to evaluate on");
+    int B = (size_t)batch < nw ? batch : (int)nw;
+    fp_tf_t *tf;
+    int rc = fp_tf_new(&tf, m, lora, B, seq, FP_TF_EVAL, err);
+    if (rc)
+        return rc;
+    int *tok = malloc((size_t)B * seq * sizeof *tok);
+    int *lab = malloc((size_t)B * seq * sizeof *lab);
+    if (!tok || !lab) {
+        free(tok);
+        free(lab);
+        fp_tf_free(tf);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    double total = 0;
+    long count = 0;
+    for (size_t w = 0; w < nw; w += (size_t)B) {
+        for (int b = 0; b < B; b++) {
+            int *tt = tok + (size_t)b * seq, *ll = lab + (size_t)b * seq;
+            if (w + (size_t)b < nw) {
+                fp_dataset_eval_window(d, w + (size_t)b, seq, tt, ll);
+            } else {
+                memcpy(tt, tok, (size_t)seq * sizeof *tt);
+                for (int t = 0; t < seq; t++)
+                    ll[t] = -1;
+            }
+        }
+        double s;
+        long c;
+        fp_tf_forward(tf, tok, lab, &s, &c);
+        total += s;
+        count += c;
+    }
+    free(tok);
+    free(lab);
+    fp_tf_free(tf);
+    if (count == 0)
+        return fp_err_set(err, -EINVAL, "no target tokens to evaluate on");
+    *loss = total / (double)count;
+    *tokens = count;
+    return 0;
+}

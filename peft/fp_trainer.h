@@ -1,0 +1,61 @@
+/* fp_trainer.h — LoRA fine-tuning (base frozen), full training (pretraining) and evaluation.
+ *
+ * A step draws accum micro-batches of B random windows of T tokens from the data (seeded),
+ * averages their mean token losses, and applies one AdamW update. The same seed, data and
+ * thread count give the same result. */
+#ifndef FP_TRAINER_H
+#define FP_TRAINER_H
+
+#include <stdint.h>
+
+#include "fp_adapter.h"
+#include "fp_data.h"
+#include "fp_error.h"
+#include "fp_model.h"
+#include "fp_optim.h"
+
+typedef struct fp_train_cfg {
+    int batch;          /* B sequences per micro-batch */
+    int seq;            /* T tokens per sequence */
+    int steps;          /* optimizer steps */
+    int accum;          /* micro-batches per step */
+    uint64_t seed;      /* data sampling */
+    fp_optim_cfg_t opt; /* opt.total is set to steps */
+    int log_every;      /* call the progress callback every N steps (and at the last) */
+} fp_train_cfg_t;
+
+typedef struct fp_train_stats {
+    int step, steps;       /* 1-based step just done, and the total */
+    double loss;           /* mean token loss of this step */
+    double lr, grad_norm;  /* learning rate used, gradient norm before clipping */
+    double tokens_per_s;   /* tokens processed per second so far */
+    double elapsed;        /* seconds */
+} fp_train_stats_t;
+
+/* Progress callback; returning non-zero stops training after this step (a safe point). */
+typedef int (*fp_train_cb)(void *ctx, const fp_train_stats_t *s);
+
+typedef struct fp_train_result {
+    int steps;           /* steps done (fewer than asked when stopped) */
+    double final_loss;   /* mean of the last min(10, steps) step losses */
+    double tokens_per_s; /* B·T·accum·steps / seconds */
+    double seconds;
+    long tokens;
+    int stopped;         /* the callback asked to stop */
+} fp_train_result_t;
+
+/* A fresh adapter as PEFT initialises one: every target of every layer, A ~ U(±1/√d_in)
+ * (Kaiming-uniform with a = √5), B = 0 — so the model starts unchanged. */
+int fp_lora_init(const fp_model_t *m, unsigned targets, int rank, double alpha, int rslora,
+                 uint64_t seed, fp_adapter_t **out, fp_err_t *err);
+
+/* Trains lora (in place; model frozen), or, with lora NULL, every weight of m (in place). */
+int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
+             const fp_train_cfg_t *cfg, fp_train_cb cb, void *ctx, fp_train_result_t *res,
+             fp_err_t *err);
+
+/* Mean token loss over every target of d (windows of T, batches of B). */
+int fp_evaluate(const fp_model_t *m, const fp_adapter_t *lora, const fp_dataset_t *d, int batch,
+                int seq, double *loss, long *tokens, fp_err_t *err);
+
+#endif
