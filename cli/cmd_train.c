@@ -206,6 +206,8 @@ typedef struct progress {
 static int print_progress(void *ctx, const fp_train_stats_t *s)
 {
     progress_t *p = ctx;
+    if (!s->log)
+        return interrupted;
     fprintf(stderr, "fedpeft %s: step %d/%d  loss %.4f  lr %.2e  |g| %.3g  %.0f tok/s  %.1f s\n",
             p->cmd, s->step, s->steps, s->loss, s->lr, s->grad_norm, s->tokens_per_s,
             s->elapsed);

@@ -231,7 +231,8 @@ int fp_dataset_load(const char *const *files, int nfiles, const fp_tokenizer_t *
                             b.d->tok[i], vocab);
     }
     if (rc == 0 && b.d->n == 0)
-        rc = fp_err_set(err, -EINVAL, "no tokens in the data files");
+        rc = fp_err_set(err, -EINVAL, "%s%s: no tokens in the data (empty, or only blank lines)",
+                        nfiles > 0 ? files[0] : "", nfiles > 1 ? " and the other files" : "");
     free(b.ids);
     if (rc) {
         fp_dataset_free(b.d);

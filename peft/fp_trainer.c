@@ -154,9 +154,10 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
         res->steps = step + 1;
         double el = now() - t0;
         int last = step + 1 == cfg->steps;
-        if (cb && (last || (cfg->log_every > 0 && (step + 1) % cfg->log_every == 0))) {
+        if (cb) {
             fp_train_stats_t st = {step + 1, cfg->steps, loss, lr, norm,
-                                   el > 0 ? (double)tokens_done / el : 0, el};
+                                   el > 0 ? (double)tokens_done / el : 0, el,
+                                   last || (cfg->log_every > 0 && (step + 1) % cfg->log_every == 0)};
             if (cb(ctx, &st) && !last) {
                 res->stopped = 1;
                 break;

@@ -21,7 +21,7 @@ typedef struct fp_train_cfg {
     int accum;          /* micro-batches per step */
     uint64_t seed;      /* data sampling */
     fp_optim_cfg_t opt; /* opt.total is set to steps */
-    int log_every;      /* call the progress callback every N steps (and at the last) */
+    int log_every;      /* mark every N-th step (and the last) for reporting; 0: the last only */
 } fp_train_cfg_t;
 
 typedef struct fp_train_stats {
@@ -30,9 +30,10 @@ typedef struct fp_train_stats {
     double lr, grad_norm;  /* learning rate used, gradient norm before clipping */
     double tokens_per_s;   /* tokens processed per second so far */
     double elapsed;        /* seconds */
+    int log;               /* 1 on the steps to report (every log_every, and the last) */
 } fp_train_stats_t;
 
-/* Progress callback; returning non-zero stops training after this step (a safe point). */
+/* Called after every step; returning non-zero stops training there (a safe point). */
 typedef int (*fp_train_cb)(void *ctx, const fp_train_stats_t *s);
 
 typedef struct fp_train_result {

@@ -1,6 +1,9 @@
 #include "fp_test.h"
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <lapacke.h>
 #include <math.h>
 #include <stdio.h>
@@ -8,6 +11,8 @@
 #include <string.h>
 
 #include "fp_fs.h"
+
+extern char **environ;
 
 char *fpt_mkdtemp(void)
 {
@@ -80,6 +85,46 @@ char *fpt_write_st(const char *dir, const char *name, const char *header, size_t
     char *p = fpt_write(dir, name, buf, total);
     free(buf);
     return p;
+}
+
+int fpt_runv(const char *bin, const char *const *args, char **out, char **err)
+{
+    const char *argv[128];
+    int n = 0;
+    argv[n++] = bin;
+    for (; *args && n < 127; args++)
+        argv[n++] = *args;
+    argv[n] = NULL;
+    char *dir = fpt_mkdtemp();
+    char *op = fp_path_join(dir, "stdout"), *ep = fp_path_join(dir, "stderr");
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, op, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 2, ep, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid;
+    assert_int_equal(posix_spawn(&pid, bin, &fa, NULL, (char **)argv, environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    free(*out);
+    free(*err);
+    *out = *err = NULL;
+    assert_int_equal(fp_fs_read_file(op, 1 << 24, out, NULL, NULL), 0);
+    assert_int_equal(fp_fs_read_file(ep, 1 << 24, err, NULL, NULL), 0);
+    free(op);
+    free(ep);
+    fpt_rmtree(dir);
+    free(dir);
+    return WEXITSTATUS(status);
+}
+
+void fpt_assert_text(const char *text, const char *needle, const char *file, int line)
+{
+    if (!strstr(text, needle)) {
+        print_error("%s:%d: expected \"%s\" in:\n%s\n", file, line, needle, text);
+        _fail(file, line);
+    }
 }
 
 void fpt_assert_contains(const fp_err_t *err, const char *needle, const char *file, int line)

@@ -32,6 +32,15 @@ char *fpt_write(const char *dir, const char *name, const void *buf, size_t len);
 char *fpt_write_st(const char *dir, const char *name, const char *header, size_t data_len,
                    uint64_t hlen_override);
 
+/* Runs the program bin with args (NULL-terminated; argv[0] is bin), captures its standard
+ * output and error into *out and *err (malloc'd, replacing what they held), and returns its
+ * exit status. */
+int fpt_runv(const char *bin, const char *const *args, char **out, char **err);
+
+/* Asserts that text contains needle, printing text if not. */
+#define assert_contains(text, needle) fpt_assert_text((text), (needle), __FILE__, __LINE__)
+void fpt_assert_text(const char *text, const char *needle, const char *file, int line);
+
 /* Asserts that err's message contains needle (case-sensitive), printing it if not. */
 #define assert_err_contains(err, needle) fpt_assert_contains((err), (needle), __FILE__, __LINE__)
 void fpt_assert_contains(const fp_err_t *err, const char *needle, const char *file, int line);

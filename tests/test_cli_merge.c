@@ -2,20 +2,15 @@
  * strategy, and every way a merge must refuse — exit non-zero, say why, write nothing. */
 #include "fp_test.h"
 
-#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
-
-extern char **environ;
 
 static char *out_text, *err_text;
 
@@ -26,33 +21,9 @@ static int teardown(void **state)
     return fpt_teardown_dir(state);
 }
 
-/* Runs fedpeft with the NULL-terminated args; captures stdout and stderr. */
 static int runv(const char *const *args)
 {
-    const char *argv[64];
-    int n = 0;
-    argv[n++] = FEDPEFT_BIN;
-    for (; *args && n < 63; args++)
-        argv[n++] = *args;
-    argv[n] = NULL;
-    char *op = fp_path_join(fpt_dir, "stdout"), *ep = fp_path_join(fpt_dir, "stderr");
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, op, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, ep, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    pid_t pid;
-    assert_int_equal(posix_spawn(&pid, FEDPEFT_BIN, &fa, NULL, (char **)argv, environ), 0);
-    posix_spawn_file_actions_destroy(&fa);
-    int status;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    assert_true(WIFEXITED(status));
-    free(out_text);
-    free(err_text);
-    assert_int_equal(fp_fs_read_file(op, 1 << 20, &out_text, NULL, NULL), 0);
-    assert_int_equal(fp_fs_read_file(ep, 1 << 20, &err_text, NULL, NULL), 0);
-    free(op);
-    free(ep);
-    return WEXITSTATUS(status);
+    return fpt_runv(FEDPEFT_BIN, args, &out_text, &err_text);
 }
 
 /* Collects a NULL-terminated variadic list into args[] (at most 63). */
@@ -79,14 +50,6 @@ static char *path(const char *name)
 {
     return fp_path_join(fpt_dir, name);
 }
-
-#define assert_contains(text, needle)                                                          \
-    do {                                                                                       \
-        if (!strstr((text), (needle))) {                                                       \
-            print_error("expected \"%s\" in:\n%s\n", (needle), (text));                       \
-            fail();                                                                            \
-        }                                                                                      \
-    } while (0)
 
 static void make_site(const char *name, const char *rank, const char *seed, const char *aseed)
 {

@@ -1,0 +1,225 @@
+/* The trainer as a user runs it: init-model → pretrain → train → eval, the --json lines, and
+ * every refusal with its exit status. */
+#include "fp_test.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_fs.h"
+#include "fp_hfpeft.h"
+
+#define dir fpt_dir
+
+static char *out_text, *err_text;
+
+static int run(const char *first, ...) __attribute__((sentinel));
+static int run(const char *first, ...)
+{
+    const char *args[64];
+    int n = 0;
+    va_list ap;
+    va_start(ap, first);
+    for (const char *a = first; a && n < 63; a = va_arg(ap, const char *))
+        args[n++] = a;
+    va_end(ap);
+    args[n] = NULL;
+    return fpt_runv(FEDPEFT_BIN, args, &out_text, &err_text);
+}
+
+static char *path(const char *name)
+{
+    return fp_path_join(dir, name);
+}
+
+/* The last line of stdout as JSON. */
+static json_t *last_json(void)
+{
+    char *nl = strrchr(out_text, '\n');
+    while (nl && nl > out_text && nl[1] == '\0') {
+        *nl = '\0';
+        nl = strrchr(out_text, '\n');
+    }
+    const char *line = nl ? nl + 1 : out_text;
+    json_error_t je;
+    json_t *j = json_loads(line, 0, &je);
+    if (!j)
+        print_error("not JSON: %s\n", line);
+    assert_non_null(j);
+    return j;
+}
+
+static double num(json_t *j, const char *k)
+{
+    json_t *v = json_object_get(j, k);
+    if (!json_is_number(v))
+        print_error("no number \"%s\"\n", k);
+    assert_true(json_is_number(v));
+    return json_number_value(v);
+}
+
+static void write_data(void)
+{
+    char text[20000] = "";
+    for (int i = 0; i < 60; i++) {
+        char e[256];
+        snprintf(e, sizeof e, "Entry %d: the quick brown fox jumps over the lazy dog %d times.\n%%\n",
+                 i, i * 7 % 13);
+        strcat(text, e);
+    }
+    free(fpt_write(dir, "general.txt", text, strlen(text)));
+    char jl[20000] = "";
+    for (int i = 0; i < 40; i++) {
+        char e[256];
+        snprintf(e, sizeof e, "{\"prompt\": \"Q%d: colour of the sky?\", \"completion\": \" blue, "
+                 "mostly %d\"}\n", i, i % 5);
+        strcat(jl, e);
+    }
+    free(fpt_write(dir, "site.jsonl", jl, strlen(jl)));
+    free(fpt_write(dir, "broken.jsonl", "{\"text\": \"fine\"}\n{\"txt\": 3}\n", 29));
+}
+
+static void test_the_whole_flow(void **state)
+{
+    (void)state;
+    write_data();
+    char *m = path("model"), *p = path("pretrained"), *a = path("adapter"), *a2 = path("a2");
+    char *gen = path("general.txt"), *site = path("site.jsonl");
+    int rc = run("init-model", "--dim", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                 "--ff", "64", "--seq", "64", "--seed", "3", "--out", m, NULL);
+    if (rc)
+        print_error("%s", err_text);
+    assert_int_equal(rc, 0);
+    assert_contains(out_text, "vocab 257");
+    rc = run("pretrain", "--model", m, "--data", gen, "--steps", "30", "--batch", "4", "--seq",
+             "32", "--lr", "1e-2", "--threads", "2", "--json", "--out", p, NULL);
+    if (rc)
+        print_error("%s", err_text);
+    assert_int_equal(rc, 0);
+    json_t *j = last_json();
+    assert_int_equal((int)num(j, "steps"), 30);
+    assert_true(num(j, "eval_loss_after") < num(j, "eval_loss_before") - 0.5);
+    json_decref(j);
+    char *tok = fp_path_join(p, "tokenizer.json");
+    assert_true(fp_fs_exists(tok));
+    free(tok);
+    /* LoRA on the frozen pretrained model */
+    rc = run("train", "--model", p, "--data", site, "--rank", "4", "--alpha", "8", "--targets",
+             "all", "--steps", "25", "--batch", "4", "--seq", "32", "--lr", "3e-3", "--threads",
+             "1", "--json", "--out", a, NULL);
+    if (rc)
+        print_error("%s", err_text);
+    assert_int_equal(rc, 0);
+    assert_contains(err_text, "step 25/25");
+    j = last_json();
+    assert_true(num(j, "tokens_per_s") > 0);
+    assert_true(isfinite(num(j, "final_loss")));
+    assert_int_equal((int)num(j, "steps"), 25);
+    assert_true(num(j, "eval_loss_after") < num(j, "eval_loss_before"));
+    double held_after = num(j, "eval_loss_after");
+    json_decref(j);
+    fp_adapter_t *ad;
+    fp_err_t err = {0};
+    assert_int_equal(fp_hfpeft_load(a, 0, &ad, &err), 0);
+    assert_int_equal(ad->n, 2 * 7);
+    assert_int_equal(ad->mods[0].rank, 4);
+    fp_adapter_free(ad);
+    /* eval on the same held-out documents gives the same loss */
+    rc = run("eval", "--model", p, "--adapter", a, "--data", site, "--split", "heldout",
+             "--seq", "32", "--batch", "4", "--json", NULL);
+    assert_int_equal(rc, 0);
+    j = last_json();
+    assert_true(fabs(num(j, "loss") - held_after) < 1e-5);
+    assert_true(fabs(num(j, "perplexity") - exp(num(j, "loss"))) < 1e-6 * num(j, "perplexity"));
+    assert_true(num(j, "tokens") > 0);
+    json_decref(j);
+    rc = run("eval", "--model", p, "--data", gen, NULL);
+    assert_int_equal(rc, 0);
+    assert_contains(out_text, "perplexity");
+    /* continue training the adapter */
+    rc = run("train", "--model", p, "--adapter", a, "--data", site, "--steps", "3", "--batch",
+             "2", "--seq", "32", "--out", a2, NULL);
+    if (rc)
+        print_error("%s", err_text);
+    assert_int_equal(rc, 0);
+    free(m);
+    free(p);
+    free(a);
+    free(a2);
+    free(gen);
+    free(site);
+}
+
+static void test_refusals(void **state)
+{
+    (void)state;
+    char *m = path("model"), *p = path("pretrained"), *a = path("adapter"), *o = path("never");
+    char *site = path("site.jsonl"), *broken = path("broken.jsonl"), *none = path("none");
+    /* bad data is named by file and line */
+    int rc = run("train", "--model", p, "--data", broken, "--steps", "2", "--out", o, NULL);
+    assert_int_equal(rc, 1);
+    assert_contains(err_text, "broken.jsonl:2:");
+    assert_false(fp_fs_exists(o));
+    rc = run("train", "--model", none, "--data", site, "--steps", "2", "--out", o, NULL);
+    assert_int_equal(rc, 1);
+    assert_contains(err_text, "no such model directory");
+    rc = run("train", "--model", p, "--data", site, "--steps", "2", "--seq", "65", "--out", o,
+             NULL);
+    assert_int_equal(rc, 1);
+    assert_contains(err_text, "beyond the model's 64 positions");
+    /* an adapter made for another model */
+    char *other = path("other"), *oa = path("other-adapter");
+    assert_int_equal(run("init-model", "--dim", "48", "--layers", "2", "--heads", "4", "--ff",
+                         "64", "--seq", "64", "--out", other, NULL), 0);
+    assert_int_equal(run("train", "--model", other, "--data", site, "--steps", "1", "--batch",
+                         "2", "--seq", "16", "--out", oa, NULL), 0);
+    rc = run("eval", "--model", p, "--adapter", oa, "--data", site, NULL);
+    assert_int_equal(rc, 1);
+    assert_contains(err_text, "adapts a 48×48 weight but the model's is 32×32");
+    /* usage errors */
+    assert_int_equal(run("train", "--model", p, "--data", site, "--out", o, NULL), 2);
+    assert_contains(err_text, "--steps is required");
+    assert_int_equal(run("train", "--model", p, "--adapter", a, "--rank", "8", "--data", site,
+                         "--steps", "1", "--out", o, NULL), 2);
+    assert_int_equal(run("train", "--model", p, "--data", site, "--steps", "1", "--targets",
+                         "q_proj,lm_head", "--out", o, NULL), 2);
+    assert_contains(err_text, "unknown target module 'lm_head'");
+    assert_int_equal(run("pretrain", "--model", p, "--data", site, "--steps", "1", "--rank", "4",
+                         "--out", o, NULL), 2);
+    assert_int_equal(run("init-model", "--dim", "32", "--out", o, NULL), 2);
+    assert_false(fp_fs_exists(o));
+    /* --help everywhere */
+    static const char *cmds[] = {"init-model", "pretrain", "train", "eval", "tokenize"};
+    for (size_t i = 0; i < 5; i++) {
+        assert_int_equal(run(cmds[i], "--help", NULL), 0);
+        assert_contains(out_text, "Usage: fedpeft");
+    }
+    free(m);
+    free(p);
+    free(a);
+    free(o);
+    free(site);
+    free(broken);
+    free(none);
+    free(other);
+    free(oa);
+}
+
+static int teardown(void **state)
+{
+    free(out_text);
+    free(err_text);
+    return fpt_teardown_dir(state);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_the_whole_flow),
+        cmocka_unit_test(test_refusals),
+    };
+    return cmocka_run_group_tests(tests, fpt_setup_dir, teardown);
+}
