@@ -381,9 +381,8 @@ static int run_training(int argc, char **argv, int pretrain)
             goto out;
         }
         /* the tokenizer travels with the model */
-        char *src = o.tokenizer && strcmp(o.tokenizer, "bytes") ? strdup(o.tokenizer)
-                                                                : fp_path_join(o.model,
-                                                                               "tokenizer.json");
+        const char *from = o.tokenizer && strcmp(o.tokenizer, "bytes") ? o.tokenizer : o.model;
+        char *src = fp_fs_is_dir(from) ? fp_path_join(from, "tokenizer.json") : strdup(from);
         char *buf = NULL;
         size_t len = 0;
         int trc = o.tokenizer && !strcmp(o.tokenizer, "bytes")

@@ -1,53 +1,66 @@
 #!/bin/sh
-# deploy/demo.sh — set up this machine, build fedpeft and run its main job on built-in
-# defaults: six sites with heterogeneous LoRA ranks (4, 4, 8, 8, 16, 16), merged with every
-# strategy that accepts mixed ranks, each measured against the exact weighted update ΔW*;
-# then three equal-rank sites with fedavg and FFA-LoRA. Results go to out/demo/.
+# deploy/demo.sh — set up this machine, build fedpeft, and run its main job on built-in
+# defaults: a federated round on one machine, without the network.
+#
+# Three sites hold different private data (Debian's fortunes: computers, science, medicine)
+# and ranks 4, 8 and 16. Each fine-tunes a LoRA adapter of the demo base model (models/demo)
+# on its own data with the built-in trainer; the adapters are merged with each strategy that
+# takes mixed ranks; base, site and merged adapters are evaluated on held-out fortunes of all
+# three sites, which no site trained on. Results go to out/demo/.
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 ./deploy/setup.sh deps
 ./deploy/setup.sh build build -DCMAKE_BUILD_TYPE=Release
 fp=build/cli/fedpeft
+model=models/demo
 out=out/demo
+fortunes=/usr/share/games/fortunes
 rm -rf "$out"
-mkdir -p "$out"
+mkdir -p "$out/data"
+
+# Every 10th fortune of each site is held out; the rest is that site's training data.
+for cat in computers science medicine; do
+    awk -v train="$out/data/$cat.train" -v held="$out/data/$cat.heldout" \
+        'BEGIN { RS = "%\n" } { print $0 "%" > ((NR % 10 == 0) ? held : train) }' \
+        "$fortunes/$cat"
+done
+cat "$out"/data/*.heldout > "$out/data/pooled.heldout"
+
+echo "== three sites fine-tune LoRA adapters on their own data (base frozen) =="
+set -- computers 4 science 8 medicine 16
+sites="" weights=""
+while [ $# -gt 0 ]; do
+    cat=$1 rank=$2
+    shift 2
+    docs=$(grep -c '^%$' "$out/data/$cat.train")
+    printf '%-10s rank %-2s %5s fortunes: ' "$cat" "$rank" "$docs"
+    $fp train --model "$model" --data "$out/data/$cat.train" --rank "$rank" --alpha 16 \
+        --targets all --steps 80 --batch 8 --seq 256 --lr 2e-3 --eval-frac 0 --seed 1 \
+        --log-every 0 --out "$out/site-$cat" 2>/dev/null | head -1
+    sites="$sites $out/site-$cat"
+    weights="$weights${weights:+,}$docs"
+done
 
 echo
-echo "== six sites, ranks 4 4 8 8 16 16, sample counts 120 340 90 500 260 180 =="
-i=0
-for r in 4 4 8 8 16 16; do
-    i=$((i + 1))
-    $fp adapter random --out "$out/site-$i" --layers 4 --dim 512 --kv-dim 128 \
-        --targets q_proj,k_proj,v_proj,o_proj --rank "$r" --alpha 16 --seed "$i" >/dev/null
-done
-sites="$out/site-1 $out/site-2 $out/site-3 $out/site-4 $out/site-5 $out/site-6"
-w=120,340,90,500,260,180
+echo "== the site adapters merged, each strategy (weights: training fortunes per site) =="
 for s in zeropad flexlora flora florist; do
     # shellcheck disable=SC2086
-    $fp merge --strategy "$s" --weights "$w" --report-error --out "$out/merged-$s" $sites
+    $fp merge --strategy "$s" --weights "$weights" --report-error --out "$out/merged-$s" $sites
 done
-# shellcheck disable=SC2086
-$fp merge --strategy flexlora --rank 8 --weights "$w" --report-error --per-site \
-    --out "$out/merged-flexlora-r8" $sites
 
 echo
-echo "== three sites at rank 8, sharing A (FFA-LoRA) or not =="
-for i in 1 2 3; do
-    $fp adapter random --out "$out/eq-$i" --layers 4 --dim 512 --kv-dim 128 \
-        --targets q_proj,k_proj,v_proj,o_proj --rank 8 --alpha 16 --seed "$((10 + i))" >/dev/null
-    $fp adapter random --out "$out/ffa-$i" --layers 4 --dim 512 --kv-dim 128 \
-        --targets q_proj,k_proj,v_proj,o_proj --rank 8 --alpha 16 --seed "$((20 + i))" \
-        --shared-a-seed 7 >/dev/null
+echo "== held-out fortunes of all three sites (no site trained on them) =="
+evaluate() {
+    $fp eval --model "$model" "$@" --data "$out/data/pooled.heldout" --seq 256 --json |
+        sed 's/.*"loss":\([0-9.]*\).*"perplexity":\([0-9.]*\).*/\1 \2/'
+}
+printf '%-26s %8s %11s\n' "model" "loss" "perplexity"
+set -- $(evaluate)
+printf '%-26s %8.4f %11.2f\n' "base (no adapter)" "$1" "$2"
+for a in $sites "$out"/merged-*; do
+    set -- $(evaluate --adapter "$a")
+    printf '%-26s %8.4f %11.2f\n' "$(basename "$a")" "$1" "$2"
 done
-$fp merge --strategy fedavg --weights 1,2,3 --report-error --out "$out/merged-fedavg" \
-    "$out/eq-1" "$out/eq-2" "$out/eq-3"
-$fp merge --strategy ffa --weights 1,2,3 --report-error --out "$out/merged-ffa" \
-    "$out/ffa-1" "$out/ffa-2" "$out/ffa-3"
-
 echo
-echo "Exact strategies (flora, ffa) reproduce the weighted update to float32 rounding;"
-echo "flexlora and florist give the best approximation of their rank; fedavg and zeropad"
-echo "lose the cross terms. Merged adapters are Hugging Face PEFT directories in $out/."
-echo "Inspect one:  $fp adapter info $out/merged-flexlora"
-echo "Measure:      $fp bench merge"
+echo "Adapters are Hugging Face PEFT directories under $out/. Next: $fp bench train"

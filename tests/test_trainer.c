@@ -189,6 +189,39 @@ static void test_learning_full_then_lora(void **state)
     fp_model_free(m);
 }
 
+/* accum micro-batches of B/accum sequences draw the same windows as one batch of B, and every
+ * window here has the same number of targets: the same update, to rounding. */
+static void test_accumulation_equals_a_bigger_batch(void **state)
+{
+    (void)state;
+    fp_model_t *m = tiny();
+    fp_dataset_t *d = pattern(7, 32, 64, 9);
+    memset(d->tgt, 1, d->n); /* every window then holds the same number of targets */
+    fp_err_t err = {0};
+    fp_adapter_t *big, *acc;
+    assert_int_equal(fp_lora_init(m, (1u << FP_T_COUNT) - 1, 4, 8, 0, 1, &big, &err), 0);
+    assert_int_equal(fp_lora_init(m, (1u << FP_T_COUNT) - 1, 4, 8, 0, 1, &acc, &err), 0);
+    fp_train_cfg_t tc = {.batch = 8, .seq = 16, .steps = 3, .accum = 1, .seed = 2,
+                         .opt = fp_optim_defaults()};
+    fp_train_result_t r1, r2;
+    assert_int_equal(fp_train(m, big, d, &tc, NULL, NULL, &r1, &err), 0);
+    tc.batch = 4;
+    tc.accum = 2;
+    assert_int_equal(fp_train(m, acc, d, &tc, NULL, NULL, &r2, &err), 0);
+    assert_true(fabs(r1.final_loss - r2.final_loss) < 1e-5);
+    size_t n = fp_adapter_params(big);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)big->data[i] - acc->data[i]) * ((double)big->data[i] - acc->data[i]);
+        den += (double)big->data[i] * big->data[i];
+    }
+    assert_true(sqrt(num) <= 1e-4 * sqrt(den));
+    fp_adapter_free(big);
+    fp_adapter_free(acc);
+    fp_dataset_free(d);
+    fp_model_free(m);
+}
+
 int main(void)
 {
     fp_par_set_threads(2);
@@ -196,6 +229,7 @@ int main(void)
         cmocka_unit_test(test_adamw_matches_reference),
         cmocka_unit_test(test_schedule),
         cmocka_unit_test(test_learning_full_then_lora),
+        cmocka_unit_test(test_accumulation_equals_a_bigger_batch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
