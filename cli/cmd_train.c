@@ -199,7 +199,6 @@ static int load_all(const char *cmd, const run_opts_t *o, loaded_t *l)
 }
 
 typedef struct progress {
-    int json;
     const char *cmd;
 } progress_t;
 
@@ -360,7 +359,7 @@ static int run_training(int argc, char **argv, int pretrain)
     fp_train_cfg_t tc = {o.batch, o.seq, o.steps, o.accum, o.seed, o.opt, o.log_every};
     if (tc.log_every < 0)
         tc.log_every = o.steps >= 20 ? o.steps / 20 : 1;
-    progress_t pr = {o.json, cmd};
+    progress_t pr = {cmd};
     fp_train_result_t res;
     catch_signals();
     if (fp_train(l.model, ad, l.train, &tc, print_progress, &pr, &res, &err)) {

@@ -575,22 +575,3 @@ out:
     json_decref(j);
     return rc;
 }
-
-double fp_model_forward_flops(const fp_model_config_t *c, int T, int lora_rank,
-                              unsigned targets)
-{
-    double f = 0;
-    for (int t = 0; t < FP_T_COUNT; t++) {
-        int o, i;
-        fp_target_shape(c, (fp_target_t)t, &o, &i);
-        f += 2.0 * o * i;
-        if (targets & (1u << t))
-            f += 2.0 * lora_rank * ((double)o + i);
-    }
-    f *= c->n_layers;
-    f += 2.0 * c->vocab * c->dim; /* lm_head */
-    f *= T;
-    /* attention: QKᵀ and PV over the causal half, per layer and head */
-    f += (double)c->n_layers * c->n_heads * 2.0 * 2.0 * c->head_dim * (double)T * (T + 1) / 2.0;
-    return f;
-}

@@ -106,9 +106,4 @@ int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err);
 /* Writes config.json and model.safetensors (dtype F32 or BF16) into dir (created). */
 int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err_t *err);
 
-/* Multiply-adds of one forward pass over one sequence of T tokens (matrices and attention);
- * a training step with frozen weights costs about 2×, full training about 3×. */
-double fp_model_forward_flops(const fp_model_config_t *c, int T, int lora_rank,
-                              unsigned targets);
-
 #endif
