@@ -1,0 +1,263 @@
+#include "fp_msg.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_frame.h"
+
+int fp_msg_frame(fp_env_t *env, unsigned char **out, size_t *len, fp_err_t *err)
+{
+    *out = NULL;
+    *len = 0;
+    env->version = FP_PROTOCOL_VERSION;
+    size_t n = fedpeft__envelope__get_packed_size(env);
+    if (n > UINT32_MAX)
+        return fp_err_set(err, -EFBIG, "message of %zu bytes cannot be framed", n);
+    unsigned char *b = malloc(FP_FRAME_HEADER + n);
+    if (!b)
+        return fp_err_set(err, -ENOMEM, "out of memory for a %zu-byte message", n);
+    fp_frame_header(b, n);
+    fedpeft__envelope__pack(env, b + FP_FRAME_HEADER);
+    *out = b;
+    *len = FP_FRAME_HEADER + n;
+    return 0;
+}
+
+fp_env_t *fp_msg_decode(const unsigned char *p, size_t n, fp_err_t *err)
+{
+    fp_env_t *e = fedpeft__envelope__unpack(NULL, n, p);
+    if (!e)
+        fp_err_set(err, -EBADMSG, "malformed message (%zu bytes do not decode as an envelope)",
+                   n);
+    return e;
+}
+
+void fp_msg_free(fp_env_t *e)
+{
+    if (e)
+        fedpeft__envelope__free_unpacked(e, NULL);
+}
+
+const char *fp_msg_name(const fp_env_t *e)
+{
+    switch (e->body_case) {
+    case FEDPEFT__ENVELOPE__BODY_HELLO: return "Hello";
+    case FEDPEFT__ENVELOPE__BODY_WELCOME: return "Welcome";
+    case FEDPEFT__ENVELOPE__BODY_TASK: return "Task";
+    case FEDPEFT__ENVELOPE__BODY_CHUNK: return "TensorChunk";
+    case FEDPEFT__ENVELOPE__BODY_UPDATE: return "Update";
+    case FEDPEFT__ENVELOPE__BODY_COMMIT: return "Commit";
+    case FEDPEFT__ENVELOPE__BODY_ACK: return "Ack";
+    case FEDPEFT__ENVELOPE__BODY_HEARTBEAT: return "Heartbeat";
+    case FEDPEFT__ENVELOPE__BODY_ERROR: return "Error";
+    case FEDPEFT__ENVELOPE__BODY_BYE: return "Bye";
+    case FEDPEFT__ENVELOPE__BODY_RESUME: return "Resume";
+    default: return "unknown";
+    }
+}
+
+int fp_msg_error_frame(Fedpeft__Error__Code code, const char *reason, unsigned char **out,
+                       size_t *len, fp_err_t *err)
+{
+    Fedpeft__Envelope env = FEDPEFT__ENVELOPE__INIT;
+    Fedpeft__Error e = FEDPEFT__ERROR__INIT;
+    e.code = code;
+    char buf[FP_MAX_NAME];
+    snprintf(buf, sizeof buf, "%s", reason ? reason : "");
+    e.reason = buf;
+    env.body_case = FEDPEFT__ENVELOPE__BODY_ERROR;
+    env.error = &e;
+    return fp_msg_frame(&env, out, len, err);
+}
+
+static Fedpeft__Error__Code bad(char *reason, size_t n, Fedpeft__Error__Code code,
+                                const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static Fedpeft__Error__Code bad(char *reason, size_t n, Fedpeft__Error__Code code,
+                                const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(reason, n, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+static int str_ok(const char *s)
+{
+    return !s || strlen(s) <= FP_MAX_NAME;
+}
+
+static Fedpeft__Error__Code check_tensors(Fedpeft__TensorInfo **t, size_t n, uint64_t total,
+                                          char *reason, size_t rn)
+{
+    if (n > FP_MAX_TENSORS)
+        return bad(reason, rn, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s lists too many tensors",
+                   "message");
+    uint64_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        const Fedpeft__TensorInfo *x = t[i];
+        if (!str_ok(x->name) || !x->name || !x->name[0])
+            return bad(reason, rn, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "tensor without a valid name");
+        if (x->n_shape != 2 || x->shape[0] == 0 || x->shape[1] == 0 ||
+            x->shape[0] > (1u << 24) || x->shape[1] > (1u << 24))
+            return bad(reason, rn, FEDPEFT__ERROR__CODE__BAD_MESSAGE,
+                       "tensor '%s': a LoRA factor is a matrix of at most 2^24 × 2^24", x->name);
+        if (!x->dtype || strcmp(x->dtype, "F32") != 0)
+            return bad(reason, rn, FEDPEFT__ERROR__CODE__BAD_MESSAGE,
+                       "tensor '%s': dtype must be F32", x->name);
+        if (x->nbytes != x->shape[0] * x->shape[1] * 4 || x->offset != off)
+            return bad(reason, rn, FEDPEFT__ERROR__CODE__BAD_MESSAGE,
+                       "tensor '%s': offsets and sizes must tile the stream", x->name);
+        off += x->nbytes;
+    }
+    if (off != total)
+        return bad(reason, rn, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                   "tensors do not cover the stream exactly");
+    return 0;
+}
+
+Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
+{
+    if (e->version != FP_PROTOCOL_VERSION) {
+        snprintf(reason, n, "protocol version %u is not supported (this peer speaks %u)",
+                 e->version, FP_PROTOCOL_VERSION);
+        return FEDPEFT__ERROR__CODE__UNSUPPORTED_VERSION;
+    }
+    switch (e->body_case) {
+    case FEDPEFT__ENVELOPE__BODY_HELLO: {
+        const Fedpeft__Hello *h = e->hello;
+        if (!h->site_name || !h->site_name[0] || !str_ok(h->site_name))
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Hello needs a site name of at most 256 bytes");
+        if (h->base_model_sha256.len != 32)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Hello needs the 32-byte SHA-256 of the base model");
+        if (h->rank_budget == 0 || h->rank_budget > 65536 || h->n_capabilities > 64)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Hello: rank budget must be in 1..65536");
+        for (size_t i = 0; i < h->n_capabilities; i++)
+            if (!str_ok(h->capabilities[i]))
+                return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                           "Hello: capability name too long");
+        return 0;
+    }
+    case FEDPEFT__ENVELOPE__BODY_WELCOME:
+        if (!str_ok(e->welcome->federation) || !str_ok(e->welcome->site_id) ||
+            !str_ok(e->welcome->strategy))
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s", "Welcome: bad field");
+        return 0;
+    case FEDPEFT__ENVELOPE__BODY_TASK: {
+        const Fedpeft__Task *t = e->task;
+        if (t->rank == 0 || t->rank > 65536 || !isfinite(t->alpha) || t->alpha == 0 ||
+            t->n_target_modules > 7)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Task: bad rank, alpha or targets");
+        if (t->hyper && (!isfinite(t->hyper->lr) || t->hyper->lr < 0 || t->hyper->steps > 10000000 ||
+                         t->hyper->batch > 65536 || t->hyper->seq_len > (1u << 20)))
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Task: hyper-parameters out of range");
+        for (size_t i = 0; i < t->n_target_modules; i++)
+            if (!str_ok(t->target_modules[i]))
+                return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                           "Task: target name too long");
+        return check_tensors(t->tensors, t->n_tensors, t->stream_bytes, reason, n);
+    }
+    case FEDPEFT__ENVELOPE__BODY_CHUNK:
+        if (e->chunk->data.len == 0 || e->chunk->data.len > FP_MAX_CHUNK)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "TensorChunk: data must hold 1 byte to 1 MiB");
+        return 0;
+    case FEDPEFT__ENVELOPE__BODY_UPDATE: {
+        const Fedpeft__Update *u = e->update;
+        if (u->rank == 0 || u->rank > 65536)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s", "Update: bad rank");
+        if (u->metrics && (!isfinite(u->metrics->train_loss) ||
+                           !isfinite(u->metrics->eval_loss_before) ||
+                           !isfinite(u->metrics->eval_loss_after)))
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Update: metrics must be finite");
+        return check_tensors(u->tensors, u->n_tensors, u->stream_bytes, reason, n);
+    }
+    case FEDPEFT__ENVELOPE__BODY_COMMIT:
+        if (e->commit->sha256.len != 32)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Commit needs a 32-byte SHA-256");
+        return 0;
+    case FEDPEFT__ENVELOPE__BODY_ERROR:
+    case FEDPEFT__ENVELOPE__BODY_BYE:
+        return 0;
+    case FEDPEFT__ENVELOPE__BODY_ACK:
+    case FEDPEFT__ENVELOPE__BODY_HEARTBEAT:
+    case FEDPEFT__ENVELOPE__BODY_RESUME:
+        return 0;
+    default:
+        return bad(reason, n, FEDPEFT__ERROR__CODE__UNKNOWN_TYPE, "%s",
+                   "unknown message type (a newer peer?)");
+    }
+}
+
+static const char *state_name(fp_pstate_t st)
+{
+    switch (st) {
+    case FP_PS_GREETING: return "before the greeting";
+    case FP_PS_READY: return "between transfers";
+    case FP_PS_STREAMING: return "during a transfer";
+    default: return "after the end";
+    }
+}
+
+Fedpeft__Error__Code fp_msg_order(fp_role_t me, fp_pstate_t st, const fp_env_t *e,
+                                  fp_pstate_t *next, char *reason, size_t n)
+{
+    int b = e->body_case;
+    *next = st;
+    if (b == FEDPEFT__ENVELOPE__BODY_BYE || b == FEDPEFT__ENVELOPE__BODY_ERROR) {
+        *next = FP_PS_DONE;
+        return st == FP_PS_DONE ? FEDPEFT__ERROR__CODE__OUT_OF_ORDER : 0;
+    }
+    int ok = 0;
+    switch (st) {
+    case FP_PS_GREETING:
+        ok = b == (me == FP_ROLE_SERVER ? FEDPEFT__ENVELOPE__BODY_HELLO
+                                        : FEDPEFT__ENVELOPE__BODY_WELCOME);
+        *next = FP_PS_READY;
+        break;
+    case FP_PS_READY:
+        ok = b == FEDPEFT__ENVELOPE__BODY_HEARTBEAT;
+        if (me == FP_ROLE_SERVER && (b == FEDPEFT__ENVELOPE__BODY_UPDATE ||
+                                     b == FEDPEFT__ENVELOPE__BODY_RESUME)) {
+            ok = 1;
+            *next = FP_PS_STREAMING;
+        }
+        if (me == FP_ROLE_CLIENT) {
+            if (b == FEDPEFT__ENVELOPE__BODY_TASK) {
+                ok = 1;
+                *next = FP_PS_STREAMING;
+            }
+            ok |= b == FEDPEFT__ENVELOPE__BODY_ACK;
+        }
+        break;
+    case FP_PS_STREAMING:
+        ok = b == FEDPEFT__ENVELOPE__BODY_CHUNK || b == FEDPEFT__ENVELOPE__BODY_HEARTBEAT;
+        if (b == FEDPEFT__ENVELOPE__BODY_COMMIT) {
+            ok = 1;
+            *next = FP_PS_READY;
+        }
+        /* the server acknowledges durable prefixes while the client keeps sending */
+        ok |= me == FP_ROLE_CLIENT && b == FEDPEFT__ENVELOPE__BODY_ACK;
+        break;
+    default:
+        break;
+    }
+    if (!ok) {
+        *next = st;
+        snprintf(reason, n, "%s may not come %s", fp_msg_name(e), state_name(st));
+        return FEDPEFT__ERROR__CODE__OUT_OF_ORDER;
+    }
+    return 0;
+}

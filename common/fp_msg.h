@@ -1,0 +1,54 @@
+/* fp_msg.h — protocol envelopes (proto/fedpeft.proto) to and from frames.
+ *
+ * Decoding tolerates unknown fields (a newer peer's additions); an envelope whose body is not
+ * one this version knows decodes with body_case NOT_SET, which the receiver answers with
+ * Error UNKNOWN_TYPE. Sizes inside messages are bounded by fp_msg_check before use. */
+#ifndef FP_MSG_H
+#define FP_MSG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fedpeft.pb-c.h"
+#include "fp_error.h"
+
+#define FP_PROTOCOL_VERSION 1
+#define FP_MAX_NAME 256          /* site names, module names, reasons */
+#define FP_MAX_TENSORS 65536     /* tensors listed in one Task or Update */
+#define FP_MAX_CHUNK (1u << 20)  /* bytes of data in one TensorChunk */
+
+typedef Fedpeft__Envelope fp_env_t;
+
+/* A frame ([u32 length][envelope]) of env in a malloc'd buffer. version is set here. */
+int fp_msg_frame(fp_env_t *env, unsigned char **out, size_t *len, fp_err_t *err);
+
+/* Decodes one frame payload; NULL (with err) for malformed protobuf. */
+fp_env_t *fp_msg_decode(const unsigned char *p, size_t n, fp_err_t *err);
+void fp_msg_free(fp_env_t *e);
+
+/* "Hello", "TensorChunk", ... or "unknown" */
+const char *fp_msg_name(const fp_env_t *e);
+
+/* An Error frame with code and reason. */
+int fp_msg_error_frame(Fedpeft__Error__Code code, const char *reason, unsigned char **out,
+                       size_t *len, fp_err_t *err);
+
+/* Bounds every length and count inside e (names, hashes, shapes, tensor lists, chunk sizes,
+ * hyper-parameters) and the protocol version. 0, or an Error code with reason filled. */
+Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n);
+
+/* Which messages may arrive in which state of a session, for each side. */
+typedef enum fp_role { FP_ROLE_SERVER, FP_ROLE_CLIENT } fp_role_t;
+typedef enum fp_pstate {
+    FP_PS_GREETING,  /* server: waiting for Hello; client: waiting for Welcome */
+    FP_PS_READY,     /* between streams */
+    FP_PS_STREAMING, /* receiving a tensor stream (server: an Update; client: a Task) */
+    FP_PS_DONE       /* Bye or Error received: nothing more */
+} fp_pstate_t;
+
+/* For a message e (already fp_msg_check'ed) received by `me` in state st: 0 and *next, or
+ * Error OUT_OF_ORDER with a reason naming the message and the state. */
+Fedpeft__Error__Code fp_msg_order(fp_role_t me, fp_pstate_t st, const fp_env_t *e,
+                                  fp_pstate_t *next, char *reason, size_t n);
+
+#endif

@@ -1,0 +1,188 @@
+#include "fp_stream.h"
+
+#include <fcntl.h>
+#include <inttypes.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fp_fs.h"
+
+void fp_sha256(const void *data, size_t n, uint8_t out[32])
+{
+    unsigned int len = 32;
+    EVP_Digest(data, n, out, &len, EVP_sha256(), NULL);
+}
+
+static void reset(fp_stream_rx_t *rx)
+{
+    if (rx->fd >= 0)
+        close(rx->fd);
+    EVP_MD_CTX_free(rx->sha);
+    free(rx->part);
+    free(rx->acked);
+    memset(rx, 0, sizeof *rx);
+    rx->fd = -1;
+}
+
+void fp_stream_rx_close(fp_stream_rx_t *rx)
+{
+    reset(rx);
+}
+
+void fp_stream_rx_discard(fp_stream_rx_t *rx)
+{
+    if (rx->part)
+        unlink(rx->part);
+    if (rx->acked)
+        unlink(rx->acked);
+    reset(rx);
+}
+
+/* Reads the recorded durable offset (0 when absent or unreadable). */
+static uint64_t read_acked(const char *path, uint64_t id, uint64_t total)
+{
+    char *buf = NULL;
+    size_t len;
+    uint64_t v = 0, rid = 0, rtotal = 0;
+    if (fp_fs_read_file(path, 128, &buf, &len, NULL) == 0 &&
+        sscanf(buf, "%" SCNu64 " %" SCNu64 " %" SCNu64, &rid, &rtotal, &v) == 3 &&
+        (rid != id || rtotal != total || v > total))
+        v = 0; /* another stream's record: start over */
+    free(buf);
+    return v;
+}
+
+int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t total,
+                      fp_err_t *err)
+{
+    memset(rx, 0, sizeof *rx);
+    rx->fd = -1;
+    rx->id = id;
+    rx->total = total;
+    char name[64];
+    snprintf(name, sizeof name, "%" PRIu64 ".part", id);
+    rx->part = fp_path_join(dir, name);
+    snprintf(name, sizeof name, "%" PRIu64 ".acked", id);
+    rx->acked = fp_path_join(dir, name);
+    rx->sha = EVP_MD_CTX_new();
+    if (!rx->part || !rx->acked || !rx->sha || !EVP_DigestInit_ex(rx->sha, EVP_sha256(), NULL)) {
+        reset(rx);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    uint64_t resume = read_acked(rx->acked, id, total);
+    rx->fd = open(rx->part, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (rx->fd < 0) {
+        int e = errno;
+        reset(rx);
+        return fp_err_set(err, -e, "%s/%s: %s", dir, name, strerror(e));
+    }
+    struct stat st;
+    if (fstat(rx->fd, &st) != 0 || (uint64_t)st.st_size < resume)
+        resume = 0; /* the record promises more than the file holds: distrust both */
+    /* bytes beyond the acknowledged prefix may be torn: cut them off */
+    if (ftruncate(rx->fd, (off_t)resume) != 0) {
+        int e = errno;
+        reset(rx);
+        return fp_err_set(err, -e, "%s: truncate: %s", dir, strerror(e));
+    }
+    /* re-hash the prefix kept */
+    unsigned char *buf = malloc(1 << 20);
+    uint64_t done = 0;
+    while (buf && done < resume) {
+        size_t want = resume - done < (1u << 20) ? (size_t)(resume - done) : (1u << 20);
+        ssize_t r = pread(rx->fd, buf, want, (off_t)done);
+        if (r <= 0)
+            break;
+        EVP_DigestUpdate(rx->sha, buf, (size_t)r);
+        done += (uint64_t)r;
+    }
+    free(buf);
+    if (done != resume) {
+        reset(rx);
+        return fp_err_set(err, -EIO, "%s: cannot re-read the spooled prefix", dir);
+    }
+    if (lseek(rx->fd, (off_t)resume, SEEK_SET) < 0) {
+        int e = errno;
+        reset(rx);
+        return fp_err_set(err, -e, "%s: seek: %s", dir, strerror(e));
+    }
+    rx->received = rx->durable = resume;
+    return 0;
+}
+
+int fp_stream_rx_write(fp_stream_rx_t *rx, uint64_t offset, const void *data, size_t n,
+                       fp_err_t *err)
+{
+    if (rx->fd < 0)
+        return fp_err_set(err, -EINVAL, "stream %" PRIu64 " is not open", rx->id);
+    if (offset != rx->received)
+        return fp_err_set(err, -EPROTO, "stream %" PRIu64 ": chunk at offset %" PRIu64
+                          ", expected %" PRIu64, rx->id, offset, rx->received);
+    if (n > rx->total - rx->received)
+        return fp_err_set(err, -EPROTO, "stream %" PRIu64 ": chunk runs past the announced %"
+                          PRIu64 " bytes", rx->id, rx->total);
+    const unsigned char *p = data;
+    size_t left = n;
+    while (left > 0) {
+        ssize_t w = write(rx->fd, p, left);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return fp_err_set(err, -errno, "%s: write: %s", rx->part, strerror(errno));
+        p += w;
+        left -= (size_t)w;
+    }
+    EVP_DigestUpdate(rx->sha, data, n);
+    rx->received += n;
+    return 0;
+}
+
+int fp_stream_rx_sync(fp_stream_rx_t *rx, fp_err_t *err)
+{
+    if (rx->durable == rx->received)
+        return 0;
+    if (fdatasync(rx->fd) != 0)
+        return fp_err_set(err, -errno, "%s: fsync: %s", rx->part, strerror(errno));
+    char rec[96];
+    int n = snprintf(rec, sizeof rec, "%" PRIu64 " %" PRIu64 " %" PRIu64 "\n", rx->id, rx->total,
+                     rx->received);
+    int rc = fp_fs_write_file(rx->acked, rec, (size_t)n, 0600, err);
+    if (rc == 0)
+        rx->durable = rx->received;
+    return rc;
+}
+
+int fp_stream_rx_finish(fp_stream_rx_t *rx, const uint8_t sha256[32], const char *final_path,
+                        fp_err_t *err)
+{
+    if (rx->received != rx->total) {
+        int rc = fp_err_set(err, -EPROTO, "stream %" PRIu64 ": committed after %" PRIu64 " of %"
+                            PRIu64 " bytes", rx->id, rx->received, rx->total);
+        fp_stream_rx_discard(rx);
+        return rc;
+    }
+    uint8_t got[32];
+    unsigned int len = 32;
+    EVP_DigestFinal_ex(rx->sha, got, &len);
+    if (memcmp(got, sha256, 32) != 0) {
+        int rc = fp_err_set(err, -EBADMSG, "stream %" PRIu64 ": SHA-256 does not match the data",
+                            rx->id);
+        fp_stream_rx_discard(rx);
+        return rc;
+    }
+    if (fdatasync(rx->fd) != 0)
+        return fp_err_set(err, -errno, "%s: fsync: %s", rx->part, strerror(errno));
+    if (rename(rx->part, final_path) != 0)
+        return fp_err_set(err, -errno, "%s: rename: %s", final_path, strerror(errno));
+    char *slash = strrchr(final_path, '/');
+    char *dir = slash ? strndup(final_path, (size_t)(slash - final_path)) : strdup(".");
+    int rc = dir ? fp_fs_sync_dir(dir, err) : -ENOMEM;
+    free(dir);
+    unlink(rx->acked);
+    reset(rx);
+    return rc;
+}

@@ -1,0 +1,72 @@
+/* fp_srv_sess.h — the coordinator's side of one site's session, above the transport.
+ *
+ * Frames come in (fp_srv_sess_frame); replies go out through ops.send. Every envelope is
+ * bounded (fp_msg_check) and must come in order (fp_msg_order): Hello first; then Heartbeats,
+ * Updates and Resumes; during an upload only TensorChunks, Heartbeats and the Commit. Any
+ * violation is answered with an Error naming it and ends the session (the transport closes
+ * that connection only). Uploads are spooled to disk (fp_stream_rx): an Ack is sent each time
+ * ack_every more bytes are durable, and after the Commit once the stream is verified and in
+ * place — nothing is acknowledged before it is durable. A Resume after a broken connection
+ * continues from the last durable offset. */
+#ifndef FP_SRV_SESS_H
+#define FP_SRV_SESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fp_msg.h"
+#include "fp_stream.h"
+
+#define FP_REASON_MAX 256
+
+typedef struct fp_srv_sess_ops {
+    /* A Hello: fill w and return 0 to welcome the site, or return an Error code and a reason
+     * to refuse it. */
+    int (*hello)(void *ctx, const Fedpeft__Hello *h, Fedpeft__Welcome *w, char *reason,
+                 size_t n);
+    /* An Update announcing an upload: return 0 with the path the stream goes to once
+     * verified, or an Error code (LATE, DUPLICATE, INVALID_UPDATE, ...) with a reason. */
+    int (*update)(void *ctx, const Fedpeft__Update *u, char *final_path, size_t path_n,
+                  char *reason, size_t n);
+    /* A Resume of stream id: return 0 with its total size and final path, or an Error code. */
+    int (*resume)(void *ctx, uint64_t id, uint64_t *total, char *final_path, size_t path_n,
+                  char *reason, size_t n);
+    /* The stream is verified and at its path: record it (durably) and return 0 to
+     * acknowledge it, or an Error code. */
+    int (*committed)(void *ctx, uint64_t id, const char *path, char *reason, size_t n);
+    /* Optional: a Heartbeat arrived. */
+    void (*heartbeat)(void *ctx, const Fedpeft__Heartbeat *h);
+    /* Queues bytes for the peer; 0 or a negative errno. */
+    int (*send)(void *ctx, const unsigned char *frame, size_t len);
+} fp_srv_sess_ops_t;
+
+typedef struct fp_srv_sess {
+    fp_srv_sess_ops_t ops;
+    void *ctx;
+    const char *spool_dir;   /* where partial uploads live */
+    uint64_t ack_every;      /* bytes between durable Acks during an upload */
+    fp_pstate_t state;
+    fp_stream_rx_t rx;       /* the upload in progress */
+    char final_path[4096];
+    uint64_t last_ack;
+    int over;                /* an Error or Bye went out or came in: close after flushing */
+    Fedpeft__Error__Code code; /* why it is over, when we ended it (0 otherwise) */
+    char reason[FP_REASON_MAX];
+    uint64_t frames, refused;
+} fp_srv_sess_t;
+
+void fp_srv_sess_init(fp_srv_sess_t *s, const fp_srv_sess_ops_t *ops, void *ctx,
+                      const char *spool_dir, uint64_t ack_every);
+
+/* Feeds one frame payload. Returns 0 while the session goes on, 1 once it is over (the
+ * caller flushes what was sent and closes), or a negative errno when a reply could not be
+ * queued. */
+int fp_srv_sess_frame(fp_srv_sess_t *s, const unsigned char *p, size_t n);
+
+/* Ends the session from outside (timeout, shutdown): sends Error code/reason (if not over). */
+void fp_srv_sess_end(fp_srv_sess_t *s, Fedpeft__Error__Code code, const char *reason);
+
+/* Releases the session; a partial upload stays spooled for a resume. */
+void fp_srv_sess_free(fp_srv_sess_t *s);
+
+#endif
