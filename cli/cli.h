@@ -20,6 +20,7 @@ int fp_cmd_init_model(int argc, char **argv);
 int fp_cmd_pretrain(int argc, char **argv);
 int fp_cmd_train(int argc, char **argv);
 int fp_cmd_eval(int argc, char **argv);
+int fp_cmd_ca(int argc, char **argv);
 int fp_bench_train(int argc, char **argv);
 
 /* "fedpeft <cmd>: error: <msg>" on stderr; returns FP_EXIT_FAIL. */

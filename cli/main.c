@@ -12,6 +12,7 @@ static const struct {
     fp_cmd_fn fn;
     const char *summary;
 } commands[] = {
+    {"ca", fp_cmd_ca, "the federation's certificate authority: init, issue, revoke, list"},
     {"init-model", fp_cmd_init_model, "write a randomly initialised Llama-family model"},
     {"pretrain", fp_cmd_pretrain, "train every weight of a model on local data"},
     {"train", fp_cmd_train, "fine-tune a LoRA adapter on local data (base frozen)"},
