@@ -99,6 +99,7 @@ int fpt_runv(const char *bin, const char *const *args, char **out, char **err)
     char *op = fp_path_join(dir, "stdout"), *ep = fp_path_join(dir, "stderr");
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_addopen(&fa, 1, op, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_addopen(&fa, 2, ep, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     pid_t pid;

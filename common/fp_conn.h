@@ -1,0 +1,84 @@
+/* fp_conn.h — a framed, mutually authenticated TLS connection over libuv, for both ends.
+ *
+ * The loop only moves bytes: ciphertext in → TLS engine → frames → on_frame; fp_conn_send
+ * → TLS engine → uv_write. A connection that does not finish its handshake in handshake_ms,
+ * receives nothing for idle_ms, or leaves a frame unfinished for message_ms is closed. A
+ * bad frame closes that connection only. on_close is called exactly once, after which the
+ * connection is freed; if a call fails, no callback fires for it. */
+#ifndef FP_CONN_H
+#define FP_CONN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "fp_error.h"
+#include "fp_tls.h"
+
+typedef struct fp_conn_cfg {
+    size_t max_frame;      /* largest frame payload (0: FP_FRAME_DEFAULT_MAX) */
+    uint64_t handshake_ms; /* 0: 10 s */
+    uint64_t idle_ms;      /* 0: 120 s */
+    uint64_t message_ms;   /* 0: 60 s */
+    size_t high_water;     /* queued bytes above which a sender should wait for on_drain
+                              (0: 8 MiB) */
+} fp_conn_cfg_t;
+
+typedef struct fp_conn fp_conn_t;
+
+typedef struct fp_conn_ops {
+    /* The handshake is done; fp_conn_peer_* are valid. */
+    void (*on_open)(fp_conn_t *c);
+    /* One frame's payload (valid during the call). */
+    void (*on_frame)(fp_conn_t *c, const unsigned char *p, size_t n);
+    /* Optional: the send queue fell back below half of high_water. */
+    void (*on_drain)(fp_conn_t *c);
+    /* The connection is closed (why: a short reason) and freed after this returns. */
+    void (*on_close)(fp_conn_t *c, const char *why);
+} fp_conn_ops_t;
+
+typedef struct fp_listener fp_listener_t;
+
+typedef struct fp_listener_stats {
+    uint64_t accepted;      /* TCP connections */
+    uint64_t established;   /* completed handshakes */
+    uint64_t refused;       /* failed handshakes (bad or missing certificates, old TLS, ...) */
+    uint64_t timeouts;      /* handshake, idle and message timeouts */
+    uint64_t bad_frames;    /* oversized or broken framing */
+    uint64_t bytes_in, bytes_out;
+} fp_listener_stats_t;
+
+/* Listens on addr:port (port 0: an ephemeral one). New connections use tls (borrowed) and
+ * ops; user is available through fp_listener_user(fp_conn_listener(c)). */
+int fp_listen(fp_listener_t **out, uv_loop_t *loop, const char *addr, int port,
+              fp_tls_ctx_t *tls, const fp_conn_cfg_t *cfg, const fp_conn_ops_t *ops, void *user,
+              fp_err_t *err);
+int fp_listener_port(const fp_listener_t *l);
+void *fp_listener_user(const fp_listener_t *l);
+const fp_listener_stats_t *fp_listener_stats(const fp_listener_t *l);
+/* Stops accepting; established connections go on. The listener is freed when its handle
+ * closes (on a later loop iteration). */
+void fp_listener_close(fp_listener_t *l);
+
+/* Connects to host:port (a numeric address or a name) and starts the handshake. On success
+ * the connection's callbacks will fire (on_close even if connecting fails later). */
+int fp_connect(fp_conn_t **out, uv_loop_t *loop, const char *host, int port, fp_tls_ctx_t *tls,
+               const fp_conn_cfg_t *cfg, const fp_conn_ops_t *ops, void *data, fp_err_t *err);
+
+/* Queues a whole frame (header included) for the peer. -EPIPE once closing. */
+int fp_conn_send(fp_conn_t *c, const unsigned char *frame, size_t len);
+
+/* Bytes queued for the peer and not yet written. */
+size_t fp_conn_queued(const fp_conn_t *c);
+
+/* Closes after what was queued is written (a TLS close_notify goes last). */
+void fp_conn_close(fp_conn_t *c, const char *why);
+
+void fp_conn_set_data(fp_conn_t *c, void *data);
+void *fp_conn_data(const fp_conn_t *c);
+fp_listener_t *fp_conn_listener(const fp_conn_t *c); /* NULL for client connections */
+const char *fp_conn_peer_cn(const fp_conn_t *c);
+const char *fp_conn_peer_fingerprint(const fp_conn_t *c);
+const void *fp_conn_peer_cert(const fp_conn_t *c);
+
+#endif

@@ -1,0 +1,335 @@
+#include "fp_tls.h"
+
+#include <arpa/inet.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct fp_tls_ctx {
+    fp_tls_cfg_t cfg; /* with copied strings */
+    SSL_CTX *ssl;     /* the current context; connections hold their own reference */
+};
+
+struct fp_tls {
+    SSL *ssl;
+    BIO *rbio, *wbio; /* network → SSL, SSL → network */
+    int established;
+};
+
+static int ssl_fail(fp_err_t *err, int code, const char *what)
+{
+    char buf[256] = "";
+    unsigned long e = ERR_peek_last_error();
+    if (e)
+        ERR_error_string_n(e, buf, sizeof buf);
+    ERR_clear_error();
+    return fp_err_set(err, code, "%s%s%s", what, buf[0] ? ": " : "", buf);
+}
+
+static int load_crl(X509_STORE *store, const char *path, fp_err_t *err)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return fp_err_set(err, -errno, "%s: %s", path, strerror(errno));
+    X509_CRL *crl = PEM_read_X509_CRL(f, NULL, NULL, NULL);
+    fclose(f);
+    if (!crl)
+        return ssl_fail(err, -EBADMSG, path);
+    int ok = X509_STORE_add_crl(store, crl);
+    X509_CRL_free(crl);
+    if (!ok)
+        return ssl_fail(err, -EIO, path);
+    X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
+    return 0;
+}
+
+/* A fresh SSL_CTX from the files of cfg. */
+static SSL_CTX *build(const fp_tls_cfg_t *cfg, fp_err_t *err)
+{
+    ERR_clear_error();
+    SSL_CTX *c = SSL_CTX_new(cfg->server ? TLS_server_method() : TLS_client_method());
+    if (!c) {
+        ssl_fail(err, -ENOMEM, "cannot create a TLS context");
+        return NULL;
+    }
+    /* TLS 1.3 only: every suite is AEAD */
+    SSL_CTX_set_min_proto_version(c, TLS1_3_VERSION);
+    SSL_CTX_set_ciphersuites(c, "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:"
+                                "TLS_AES_128_GCM_SHA256");
+    SSL_CTX_set_options(c, SSL_OP_NO_TICKET | SSL_OP_NO_RENEGOTIATION);
+    SSL_CTX_set_session_cache_mode(c, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_mode(c, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                            SSL_MODE_RELEASE_BUFFERS);
+    if (SSL_CTX_use_certificate_chain_file(c, cfg->cert) != 1) {
+        ssl_fail(err, -EBADMSG, cfg->cert);
+        goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(c, cfg->key, SSL_FILETYPE_PEM) != 1) {
+        ssl_fail(err, -EBADMSG, cfg->key);
+        goto fail;
+    }
+    if (SSL_CTX_check_private_key(c) != 1) {
+        ssl_fail(err, -EINVAL, "certificate and key do not match");
+        goto fail;
+    }
+    if (SSL_CTX_load_verify_locations(c, cfg->ca, NULL) != 1) {
+        ssl_fail(err, -EBADMSG, cfg->ca);
+        goto fail;
+    }
+    X509_STORE *store = SSL_CTX_get_cert_store(c);
+    /* the peer's certificate must be for the peer's role */
+    X509_STORE_set_purpose(store, cfg->server ? X509_PURPOSE_SSL_CLIENT : X509_PURPOSE_SSL_SERVER);
+    if (cfg->crl && load_crl(store, cfg->crl, err) != 0)
+        goto fail;
+    if (cfg->server) {
+        SSL_CTX_set_verify(c, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+        /* tell clients which CA we accept */
+        STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cfg->ca);
+        if (names)
+            SSL_CTX_set_client_CA_list(c, names);
+    } else {
+        SSL_CTX_set_verify(c, SSL_VERIFY_PEER, NULL);
+    }
+    SSL_CTX_set_verify_depth(c, 2);
+    return c;
+fail:
+    SSL_CTX_free(c);
+    return NULL;
+}
+
+static void free_cfg(fp_tls_cfg_t *c)
+{
+    free((char *)c->cert);
+    free((char *)c->key);
+    free((char *)c->ca);
+    free((char *)c->crl);
+    free((char *)c->server_name);
+}
+
+void fp_tls_ctx_free(fp_tls_ctx_t *c)
+{
+    if (!c)
+        return;
+    SSL_CTX_free(c->ssl);
+    free_cfg(&c->cfg);
+    free(c);
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s ? strdup(s) : NULL;
+}
+
+int fp_tls_ctx_new(fp_tls_ctx_t **out, const fp_tls_cfg_t *cfg, fp_err_t *err)
+{
+    *out = NULL;
+    if (!cfg->cert || !cfg->key || !cfg->ca)
+        return fp_err_set(err, -EINVAL, "TLS needs a certificate, a key and the CA certificate");
+    if (cfg->server && !cfg->crl)
+        return fp_err_set(err, -EINVAL, "the coordinator needs the CA's CRL to refuse revoked "
+                          "sites");
+    if (!cfg->server && !cfg->server_name)
+        return fp_err_set(err, -EINVAL, "a site needs the coordinator's name or address to "
+                          "check its certificate against");
+    fp_tls_ctx_t *c = calloc(1, sizeof *c);
+    if (!c)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    c->cfg.server = cfg->server;
+    c->cfg.cert = dup_or_null(cfg->cert);
+    c->cfg.key = dup_or_null(cfg->key);
+    c->cfg.ca = dup_or_null(cfg->ca);
+    c->cfg.crl = dup_or_null(cfg->crl);
+    c->cfg.server_name = dup_or_null(cfg->server_name);
+    if (!(c->ssl = build(&c->cfg, err))) {
+        int rc = err && err->code ? err->code : -EIO;
+        fp_tls_ctx_free(c);
+        return rc;
+    }
+    *out = c;
+    return 0;
+}
+
+int fp_tls_ctx_reload(fp_tls_ctx_t *c, fp_err_t *err)
+{
+    SSL_CTX *n = build(&c->cfg, err);
+    if (!n)
+        return err && err->code ? err->code : -EIO;
+    SSL_CTX_free(c->ssl); /* connections made with it keep their own reference */
+    c->ssl = n;
+    return 0;
+}
+
+int fp_tls_ctx_revoked(fp_tls_ctx_t *c, const void *peer)
+{
+    X509 *x = (X509 *)peer;
+    if (!x)
+        return 0;
+    X509_STORE *store = SSL_CTX_get_cert_store(c->ssl);
+    X509_STORE_CTX *v = X509_STORE_CTX_new();
+    int revoked = 0;
+    if (v && X509_STORE_CTX_init(v, store, x, NULL) == 1) {
+        X509_STORE_CTX_set_purpose(v, c->cfg.server ? X509_PURPOSE_SSL_CLIENT
+                                                    : X509_PURPOSE_SSL_SERVER);
+        if (X509_verify_cert(v) != 1 &&
+            X509_STORE_CTX_get_error(v) == X509_V_ERR_CERT_REVOKED)
+            revoked = 1;
+    }
+    X509_STORE_CTX_free(v);
+    ERR_clear_error();
+    return revoked;
+}
+
+void fp_tls_free(fp_tls_t *t)
+{
+    if (!t)
+        return;
+    SSL_free(t->ssl); /* frees both BIOs */
+    free(t);
+}
+
+int fp_tls_new(fp_tls_t **out, fp_tls_ctx_t *c, fp_err_t *err)
+{
+    *out = NULL;
+    ERR_clear_error();
+    fp_tls_t *t = calloc(1, sizeof *t);
+    if (!t)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    t->ssl = SSL_new(c->ssl);
+    t->rbio = BIO_new(BIO_s_mem());
+    t->wbio = BIO_new(BIO_s_mem());
+    if (!t->ssl || !t->rbio || !t->wbio) {
+        BIO_free(t->rbio);
+        BIO_free(t->wbio);
+        SSL_free(t->ssl);
+        free(t);
+        return ssl_fail(err, -ENOMEM, "cannot create a TLS session");
+    }
+    BIO_set_mem_eof_return(t->rbio, -1); /* "no data yet", not EOF */
+    SSL_set_bio(t->ssl, t->rbio, t->wbio);
+    if (c->cfg.server) {
+        SSL_set_accept_state(t->ssl);
+    } else {
+        SSL_set_connect_state(t->ssl);
+        const char *name = c->cfg.server_name;
+        unsigned char ip[16];
+        int is_ip = inet_pton(AF_INET, name, ip) == 1 || inet_pton(AF_INET6, name, ip) == 1;
+        X509_VERIFY_PARAM *param = SSL_get0_param(t->ssl);
+        int ok = is_ip ? X509_VERIFY_PARAM_set1_ip_asc(param, name)
+                       : (SSL_set_tlsext_host_name(t->ssl, name) && SSL_set1_host(t->ssl, name));
+        if (!ok) {
+            fp_tls_free(t);
+            return ssl_fail(err, -EINVAL, "bad coordinator name");
+        }
+    }
+    *out = t;
+    return 0;
+}
+
+int fp_tls_feed(fp_tls_t *t, const void *data, size_t n, fp_err_t *err)
+{
+    while (n > 0) {
+        int w = BIO_write(t->rbio, data, n > INT32_MAX ? INT32_MAX : (int)n);
+        if (w <= 0)
+            return ssl_fail(err, -ENOMEM, "cannot buffer TLS input");
+        data = (const char *)data + w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Why a handshake failed, in words: the verification result first, then OpenSSL's reason. */
+static int handshake_error(fp_tls_t *t, fp_err_t *err)
+{
+    long v = SSL_get_verify_result(t->ssl);
+    if (v != X509_V_OK) {
+        ERR_clear_error();
+        return fp_err_set(err, -EACCES, "peer certificate refused: %s",
+                          X509_verify_cert_error_string(v));
+    }
+    return ssl_fail(err, -EPROTO, "TLS handshake failed");
+}
+
+int fp_tls_handshake(fp_tls_t *t, fp_err_t *err)
+{
+    if (t->established)
+        return 1;
+    ERR_clear_error();
+    int r = SSL_do_handshake(t->ssl);
+    if (r == 1) {
+        t->established = 1;
+        return 1;
+    }
+    int e = SSL_get_error(t->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+        return 0;
+    return handshake_error(t, err);
+}
+
+ssize_t fp_tls_read(fp_tls_t *t, void *buf, size_t n, fp_err_t *err)
+{
+    ERR_clear_error();
+    int r = SSL_read(t->ssl, buf, n > INT32_MAX ? INT32_MAX : (int)n);
+    if (r > 0)
+        return r;
+    int e = SSL_get_error(t->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+        return 0;
+    if (e == SSL_ERROR_ZERO_RETURN)
+        return -EPIPE;
+    return ssl_fail(err, -EPROTO, "TLS read failed");
+}
+
+int fp_tls_write(fp_tls_t *t, const void *data, size_t n, fp_err_t *err)
+{
+    while (n > 0) {
+        ERR_clear_error();
+        int w = SSL_write(t->ssl, data, n > (1u << 30) ? (1 << 30) : (int)n);
+        if (w <= 0)
+            return ssl_fail(err, -EPROTO, "TLS write failed");
+        data = (const char *)data + w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+size_t fp_tls_pending(const fp_tls_t *t)
+{
+    return (size_t)BIO_ctrl_pending(t->wbio);
+}
+
+size_t fp_tls_drain(fp_tls_t *t, void *buf, size_t n)
+{
+    int r = BIO_read(t->wbio, buf, n > INT32_MAX ? INT32_MAX : (int)n);
+    return r > 0 ? (size_t)r : 0;
+}
+
+void fp_tls_close(fp_tls_t *t)
+{
+    ERR_clear_error();
+    SSL_shutdown(t->ssl);
+    ERR_clear_error();
+}
+
+const void *fp_tls_peer_cert(const fp_tls_t *t)
+{
+    return SSL_get0_peer_certificate(t->ssl);
+}
+
+int fp_tls_peer(const fp_tls_t *t, char *cn, size_t cn_n, char fingerprint[65])
+{
+    X509 *x = SSL_get0_peer_certificate(t->ssl);
+    if (!x)
+        return -ENOENT;
+    if (X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, (int)cn_n) < 0)
+        cn[0] = '\0';
+    unsigned char md[32];
+    unsigned int len = 32;
+    X509_digest(x, EVP_sha256(), md, &len);
+    for (int i = 0; i < 32; i++)
+        snprintf(fingerprint + 2 * i, 3, "%02x", md[i]);
+    return 0;
+}
