@@ -1,0 +1,31 @@
+/* fp_srv_link.h — joins each accepted connection to a coordinator session (fp_srv_sess).
+ *
+ * Listen with fp_srv_link_ops() and an fp_srv_link_t as the listener's user: every connection
+ * that completes its handshake gets an fp_srv_peer_t, passed as ctx to the session callbacks
+ * (they reach the application through peer->app and the site's identity through
+ * fp_conn_peer_cn(peer->conn)). When a session is over, its connection closes after what was
+ * sent (an Error, the last Ack) is flushed. */
+#ifndef FP_SRV_LINK_H
+#define FP_SRV_LINK_H
+
+#include "fp_conn.h"
+#include "fp_srv_sess.h"
+
+typedef struct fp_srv_link {
+    fp_srv_sess_ops_t ops; /* send is filled in by the link */
+    void *app;
+    const char *spool_dir;
+    uint64_t ack_every;
+    uint64_t sessions, over; /* counters */
+} fp_srv_link_t;
+
+typedef struct fp_srv_peer {
+    fp_conn_t *conn;
+    fp_srv_link_t *link;
+    void *app;
+    fp_srv_sess_t sess;
+} fp_srv_peer_t;
+
+const fp_conn_ops_t *fp_srv_link_ops(void);
+
+#endif
