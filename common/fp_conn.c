@@ -17,6 +17,11 @@ struct fp_listener {
     void *user;
     int port;
     fp_listener_stats_t stats;
+    fp_conn_t *conns;        /* accepted connections not yet freed */
+    uv_signal_t sig;         /* optional reload signal */
+    int watching, handles, closed;
+    fp_reload_cb on_reload;
+    void *reload_ctx;
 };
 
 struct fp_conn {
@@ -31,6 +36,7 @@ struct fp_conn {
     const fp_conn_ops_t *ops;
     fp_conn_cfg_t cfg;
     fp_listener_t *listener;
+    fp_conn_t *next, *prev;  /* in listener->conns */
     void *data;
     int port;
     int open, closing, handles, connected;
@@ -75,6 +81,14 @@ static void fill_cfg(fp_conn_cfg_t *dst, const fp_conn_cfg_t *src)
 
 /* ---- closing ---- */
 
+/* The listener lives until its handles are closed and its last connection is freed, so a
+ * connection may always reach its listener's user data and counters. */
+static void listener_maybe_free(fp_listener_t *l)
+{
+    if (l->closed && l->handles == 0 && !l->conns)
+        free(l);
+}
+
 static void handle_closed(uv_handle_t *h)
 {
     fp_conn_t *c = h->data;
@@ -84,9 +98,20 @@ static void handle_closed(uv_handle_t *h)
         c->close_reported = 1;
         c->ops->on_close(c, c->why[0] ? c->why : "closed");
     }
+    fp_listener_t *l = c->listener;
+    if (l) {
+        if (c->prev)
+            c->prev->next = c->next;
+        else
+            l->conns = c->next;
+        if (c->next)
+            c->next->prev = c->prev;
+    }
     fp_tls_free(c->tls);
     fp_frame_dec_free(&c->dec);
     free(c);
+    if (l)
+        listener_maybe_free(l);
 }
 
 static void close_handles(fp_conn_t *c)
@@ -336,6 +361,10 @@ static void on_connection(uv_stream_t *server, int status)
     c->cfg = l->cfg;
     c->listener = l;
     c->tls_ctx = l->tls;
+    c->next = l->conns;
+    if (l->conns)
+        l->conns->prev = c;
+    l->conns = c;
     uv_tcp_init(l->loop, &c->tcp);
     fp_err_t err = {0};
     int rc = start(c, l->loop, &err);
@@ -351,6 +380,13 @@ static void on_connection(uv_stream_t *server, int status)
     c->connected = 1;
     uv_tcp_nodelay(&c->tcp, 1);
     uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+}
+
+static void listener_handle_closed(uv_handle_t *h)
+{
+    fp_listener_t *l = h->data;
+    l->handles--;
+    listener_maybe_free(l);
 }
 
 int fp_listen(fp_listener_t **out, uv_loop_t *loop, const char *addr, int port,
@@ -372,11 +408,13 @@ int fp_listen(fp_listener_t **out, uv_loop_t *loop, const char *addr, int port,
     fill_cfg(&l->cfg, cfg);
     uv_tcp_init(loop, &l->tcp);
     l->tcp.data = l;
+    l->handles = 1;
     int rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&sa, 0);
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&l->tcp, 1024, on_connection);
     if (rc != 0) {
-        uv_close((uv_handle_t *)&l->tcp, (uv_close_cb)free);
+        l->closed = 1;
+        uv_close((uv_handle_t *)&l->tcp, listener_handle_closed);
         return fp_err_set(err, rc, "cannot listen on %s:%d: %s", addr, port, uv_strerror(rc));
     }
     struct sockaddr_storage bound;
@@ -403,9 +441,64 @@ const fp_listener_stats_t *fp_listener_stats(const fp_listener_t *l)
     return &l->stats;
 }
 
+int fp_listener_reload(fp_listener_t *l, unsigned *dropped, fp_err_t *err)
+{
+    if (dropped)
+        *dropped = 0;
+    int rc = fp_tls_ctx_reload(l->tls, err);
+    if (rc != 0)
+        return rc;
+    l->stats.reloads++;
+    /* sessions of sites the new CRL revokes end now; every other session goes on */
+    for (fp_conn_t *c = l->conns; c; c = c->next) {
+        if (!c->open || c->closing || !fp_tls_ctx_revoked(l->tls, fp_tls_peer_cert(c->tls)))
+            continue;
+        l->stats.revoked_dropped++;
+        if (dropped)
+            (*dropped)++;
+        fp_conn_close(c, "certificate revoked (CRL reloaded)");
+    }
+    return 0;
+}
+
+static void reload_signal(uv_signal_t *s, int signum)
+{
+    (void)signum;
+    fp_listener_t *l = s->data;
+    fp_err_t err = {0};
+    unsigned dropped = 0;
+    int rc = fp_listener_reload(l, &dropped, &err);
+    if (l->on_reload)
+        l->on_reload(l->reload_ctx, rc, rc ? fp_err_msg(&err) : NULL, dropped);
+}
+
+int fp_listener_watch_reload(fp_listener_t *l, int signum, fp_reload_cb cb, void *ctx,
+                             fp_err_t *err)
+{
+    if (l->watching || l->closed)
+        return fp_err_set(err, -EINVAL, "the listener already watches a signal or is closed");
+    int rc = uv_signal_init(l->loop, &l->sig);
+    if (rc == 0) {
+        l->sig.data = l;
+        l->handles++;
+        l->watching = 1;
+        rc = uv_signal_start(&l->sig, reload_signal, signum);
+    }
+    if (rc != 0)
+        return fp_err_set(err, rc, "cannot watch signal %d: %s", signum, uv_strerror(rc));
+    l->on_reload = cb;
+    l->reload_ctx = ctx;
+    return 0;
+}
+
 void fp_listener_close(fp_listener_t *l)
 {
-    uv_close((uv_handle_t *)&l->tcp, (uv_close_cb)free);
+    if (l->closed)
+        return;
+    l->closed = 1;
+    if (l->watching)
+        uv_close((uv_handle_t *)&l->sig, listener_handle_closed);
+    uv_close((uv_handle_t *)&l->tcp, listener_handle_closed);
 }
 
 /* ---- client side ---- */

@@ -4,7 +4,10 @@
  * → TLS engine → uv_write. A connection that does not finish its handshake in handshake_ms,
  * receives nothing for idle_ms, or leaves a frame unfinished for message_ms is closed. A
  * bad frame closes that connection only. on_close is called exactly once, after which the
- * connection is freed; if a call fails, no callback fires for it. */
+ * connection is freed; if a call fails, no callback fires for it.
+ *
+ * libuv writes with write(2): a program using this must ignore SIGPIPE (the daemons and
+ * fedpeft do), so that a peer that vanishes mid-write is an error on its connection only. */
 #ifndef FP_CONN_H
 #define FP_CONN_H
 
@@ -45,8 +48,14 @@ typedef struct fp_listener_stats {
     uint64_t refused;       /* failed handshakes (bad or missing certificates, old TLS, ...) */
     uint64_t timeouts;      /* handshake, idle and message timeouts */
     uint64_t bad_frames;    /* oversized or broken framing */
+    uint64_t reloads;       /* successful certificate/CRL reloads */
+    uint64_t revoked_dropped; /* sessions ended because a reloaded CRL revoked their site */
     uint64_t bytes_in, bytes_out;
 } fp_listener_stats_t;
+
+/* After a reload: rc 0 or the error (msg says why; the old certificates stay in force), and
+ * how many sessions were ended because the new CRL revokes their site. */
+typedef void (*fp_reload_cb)(void *ctx, int rc, const char *msg, unsigned dropped);
 
 /* Listens on addr:port (port 0: an ephemeral one). New connections use tls (borrowed) and
  * ops; user is available through fp_listener_user(fp_conn_listener(c)). */
@@ -56,8 +65,18 @@ int fp_listen(fp_listener_t **out, uv_loop_t *loop, const char *addr, int port,
 int fp_listener_port(const fp_listener_t *l);
 void *fp_listener_user(const fp_listener_t *l);
 const fp_listener_stats_t *fp_listener_stats(const fp_listener_t *l);
-/* Stops accepting; established connections go on. The listener is freed when its handle
- * closes (on a later loop iteration). */
+/* Re-reads certificate, key, CA and CRL from their files. New handshakes use them at once;
+ * established sessions go on untouched, except those whose site the new CRL revokes, which
+ * are closed (counted in *dropped). On failure nothing changes. */
+int fp_listener_reload(fp_listener_t *l, unsigned *dropped, fp_err_t *err);
+
+/* Reloads on signum (SIGHUP for the daemons) from the loop; cb (optional) reports each
+ * reload. The watch ends with fp_listener_close. */
+int fp_listener_watch_reload(fp_listener_t *l, int signum, fp_reload_cb cb, void *ctx,
+                             fp_err_t *err);
+
+/* Stops accepting; established connections go on, and the listener (its user data and
+ * counters) stays valid until the last of them is freed. */
 void fp_listener_close(fp_listener_t *l);
 
 /* Connects to host:port (a numeric address or a name) and starts the handshake. On success

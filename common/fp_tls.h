@@ -31,7 +31,7 @@ int fp_tls_ctx_new(fp_tls_ctx_t **out, const fp_tls_cfg_t *cfg, fp_err_t *err);
  * established ones go on. On failure nothing changes. */
 int fp_tls_ctx_reload(fp_tls_ctx_t *c, fp_err_t *err);
 
-/* 1 if the certificate with this SHA-256 fingerprint (hex) is revoked by the current CRL. */
+/* 1 if the certificate (an X509 *, e.g. fp_tls_peer_cert) is revoked by the current CRL. */
 int fp_tls_ctx_revoked(fp_tls_ctx_t *c, const void *peer_x509);
 
 void fp_tls_ctx_free(fp_tls_ctx_t *c);

@@ -7,6 +7,7 @@
 
 #include <arpa/inet.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,14 +103,14 @@ static void srv_close(fp_conn_t *c, const char *why)
 
 static const fp_conn_ops_t srv_ops = {srv_open, srv_frame, NULL, srv_close};
 
-static void server_start(server_t *s, uint64_t timeout_ms)
+static void server_start_pki(server_t *s, const char *base, uint64_t timeout_ms)
 {
     memset(s, 0, sizeof *s);
     pthread_mutex_init(&s->mu, NULL);
     uv_loop_init(&s->loop);
-    char *crt = kit(pki, "servers/localhost", "server.crt");
-    char *key = kit(pki, "servers/localhost", "server.key");
-    char *ca = fp_path_join(pki, "ca.crt"), *crl = fp_path_join(pki, "ca.crl");
+    char *crt = kit(base, "servers/localhost", "server.crt");
+    char *key = kit(base, "servers/localhost", "server.key");
+    char *ca = fp_path_join(base, "ca.crt"), *crl = fp_path_join(base, "ca.crl");
     fp_tls_cfg_t cfg = {.server = 1, .cert = crt, .key = key, .ca = ca, .crl = crl};
     fp_err_t err = {0};
     int rc = fp_tls_ctx_new(&s->tls, &cfg, &err);
@@ -126,6 +127,11 @@ static void server_start(server_t *s, uint64_t timeout_ms)
     free(crl);
 }
 
+static void server_start(server_t *s, uint64_t timeout_ms)
+{
+    server_start_pki(s, pki, timeout_ms);
+}
+
 static void walk_close(uv_handle_t *h, void *arg)
 {
     (void)arg;
@@ -135,7 +141,8 @@ static void walk_close(uv_handle_t *h, void *arg)
 
 static void server_stop(server_t *s)
 {
-    fp_listener_close(s->l);
+    if (s->l)
+        fp_listener_close(s->l);
     uv_run(&s->loop, UV_RUN_NOWAIT);
     uv_walk(&s->loop, walk_close, NULL);
     uv_run(&s->loop, UV_RUN_DEFAULT);
@@ -348,8 +355,9 @@ static int raw_connect(int port)
 }
 
 typedef struct session {
+    fp_conn_t *c;
     int opened, echoes, closed;
-    char why[256];
+    char why[256], server_fp[65];
     unsigned char pending[2048];
     size_t npending;
 } session_t;
@@ -358,6 +366,7 @@ static void ses_open(fp_conn_t *c)
 {
     session_t *x = fp_conn_data(c);
     x->opened = 1;
+    snprintf(x->server_fp, sizeof x->server_fp, "%s", fp_conn_peer_fingerprint(c));
     if (x->npending)
         fp_conn_send(c, x->pending, x->npending);
 }
@@ -375,17 +384,18 @@ static void ses_close(fp_conn_t *c, const char *why)
 {
     session_t *x = fp_conn_data(c);
     x->closed = 1;
+    x->c = NULL;
     snprintf(x->why, sizeof x->why, "%s", why);
 }
 
 static const fp_conn_ops_t ses_ops = {ses_open, ses_frame, NULL, ses_close};
 
-static fp_tls_ctx_t *site_tls(const char *site)
+static fp_tls_ctx_t *site_tls(const char *base, const char *site)
 {
     char sub[64];
     snprintf(sub, sizeof sub, "sites/%s", site);
-    char *crt = kit(pki, sub, "site.crt"), *key = kit(pki, sub, "site.key");
-    char *ca = fp_path_join(pki, "ca.crt");
+    char *crt = kit(base, sub, "site.crt"), *key = kit(base, sub, "site.key");
+    char *ca = fp_path_join(base, "ca.crt");
     fp_tls_cfg_t cfg = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
     fp_tls_ctx_t *tls;
     fp_err_t err = {0};
@@ -403,7 +413,7 @@ static void test_hostile_peers_close_alone(void **state)
     server_start(&s, 300);
     const fp_listener_stats_t *st = fp_listener_stats(s.l);
     int port = fp_listener_port(s.l);
-    fp_tls_ctx_t *tls = site_tls("good");
+    fp_tls_ctx_t *tls = site_tls(pki, "good");
     fp_err_t err = {0};
     /* a healthy session, alive through everything below */
     session_t healthy = {0};
@@ -462,12 +472,165 @@ static void test_hostile_peers_close_alone(void **state)
     server_stop(&s);
 }
 
+/* ---- SIGHUP: certificates and CRL reloaded, healthy sessions untouched ---- */
+
+/* Opens a session and waits until it is established or closed. */
+static void ses_connect(server_t *s, session_t *x, fp_tls_ctx_t *tls)
+{
+    memset(x, 0, sizeof *x);
+    fp_err_t err = {0};
+    assert_int_equal(fp_connect(&x->c, &s->loop, "127.0.0.1", fp_listener_port(s->l), tls, NULL,
+                                &ses_ops, x, &err), 0);
+    while (!x->opened && !x->closed)
+        uv_run(&s->loop, UV_RUN_ONCE);
+}
+
+/* One ping through the session; 1 if it came back. */
+static int ses_ping(server_t *s, session_t *x)
+{
+    static const unsigned char frame[] = {0, 0, 0, 4, 'p', 'i', 'n', 'g'};
+    if (!x->c || fp_conn_send(x->c, frame, sizeof frame) != 0)
+        return 0;
+    int before = x->echoes;
+    while (x->echoes == before && !x->closed)
+        uv_run(&s->loop, UV_RUN_ONCE);
+    return x->echoes > before;
+}
+
+typedef struct reloads {
+    int n, rc;
+    unsigned dropped;
+} reloads_t;
+
+static void on_reload(void *ctx, int rc, const char *msg, unsigned dropped)
+{
+    reloads_t *r = ctx;
+    (void)msg;
+    r->n++;
+    r->rc = rc;
+    r->dropped = dropped;
+}
+
+static void copy_file(const char *from, const char *to)
+{
+    char *data;
+    size_t n;
+    fp_err_t err = {0};
+    assert_int_equal(fp_fs_read_file(from, 1 << 20, &data, &n, &err), 0);
+    assert_int_equal(fp_fs_write_file(to, data, n, 0600, &err), 0);
+    free(data);
+}
+
+static void test_sighup_reload_keeps_healthy_sessions(void **state)
+{
+    (void)state;
+    char *rp = fp_path_join(dir, "pki-reload");
+    fp_err_t err = {0};
+    assert_int_equal(fp_ca_init(rp, "Reload Net", 30, FP_KEY_EC_P256, &err), 0);
+    fp_ca_issue_opts_t o = {.server = 1, .name = "localhost", .sans = "127.0.0.1",
+                            .valid_for_s = 86400};
+    assert_int_equal(fp_ca_issue(rp, &o, &err), 0);
+    fp_ca_issue_opts_t o2 = {.server = 1, .name = "rotated", .sans = "127.0.0.1",
+                             .valid_for_s = 86400};
+    assert_int_equal(fp_ca_issue(rp, &o2, &err), 0);
+    static const char *names[] = {"stay", "leave"};
+    for (int i = 0; i < 2; i++) {
+        fp_ca_issue_opts_t so = {.name = names[i], .valid_for_s = 86400};
+        assert_int_equal(fp_ca_issue(rp, &so, &err), 0);
+    }
+    server_t s;
+    server_start_pki(&s, rp, 5000);
+    reloads_t r = {0};
+    assert_int_equal(fp_listener_watch_reload(s.l, SIGHUP, on_reload, &r, &err), 0);
+    fp_tls_ctx_t *stay = site_tls(rp, "stay"), *leave = site_tls(rp, "leave");
+    session_t a, b;
+    ses_connect(&s, &a, stay);
+    ses_connect(&s, &b, leave);
+    assert_true(ses_ping(&s, &a));
+    assert_true(ses_ping(&s, &b));
+    char *old_crt = kit(rp, "servers/localhost", "server.crt");
+    char *new_crt = kit(rp, "servers/rotated", "server.crt");
+    char old_fp[65], new_fp[65];
+    assert_int_equal(fp_cert_fingerprint(old_crt, old_fp, &err), 0);
+    assert_int_equal(fp_cert_fingerprint(new_crt, new_fp, &err), 0);
+    assert_string_equal(a.server_fp, old_fp);
+
+    /* the operator revokes one site and rotates the server's certificate, then sends SIGHUP */
+    int n;
+    assert_int_equal(fp_ca_revoke(rp, "leave", &n, &err), 0);
+    char *new_key = kit(rp, "servers/rotated", "server.key");
+    char *old_key = kit(rp, "servers/localhost", "server.key");
+    copy_file(new_crt, old_crt);
+    copy_file(new_key, old_key);
+    assert_int_equal(raise(SIGHUP), 0);
+    while (r.n == 0)
+        uv_run(&s.loop, UV_RUN_ONCE);
+    assert_int_equal(r.rc, 0);
+    assert_int_equal(r.dropped, 1);
+    while (!b.closed)
+        uv_run(&s.loop, UV_RUN_ONCE);
+    for (int i = 0; i < 20; i++)
+        uv_run(&s.loop, UV_RUN_NOWAIT);
+    assert_contains(s.last_close, "revoked");
+
+    /* the healthy session carries on, on its old handshake */
+    assert_false(a.closed);
+    assert_true(ses_ping(&s, &a));
+    assert_true(ses_ping(&s, &a));
+    /* new handshakes see the new CRL and the new certificate */
+    session_t c, d;
+    ses_connect(&s, &c, leave);
+    while (!c.closed)
+        uv_run(&s.loop, UV_RUN_ONCE);
+    assert_false(ses_ping(&s, &c));
+    ses_connect(&s, &d, stay);
+    assert_true(d.opened);
+    assert_string_equal(d.server_fp, new_fp);
+    assert_true(ses_ping(&s, &d));
+    const fp_listener_stats_t *st = fp_listener_stats(s.l);
+    assert_int_equal(st->reloads, 1);
+    assert_int_equal(st->revoked_dropped, 1);
+
+    /* a reload that fails (a broken key file) changes nothing */
+    assert_int_equal(fp_fs_write_file(old_key, "not a key\n", 10, 0600, &err), 0);
+    assert_int_equal(raise(SIGHUP), 0);
+    while (r.n == 1)
+        uv_run(&s.loop, UV_RUN_ONCE);
+    assert_true(r.rc < 0);
+    assert_true(ses_ping(&s, &a));
+    session_t e;
+    ses_connect(&s, &e, stay);
+    assert_true(e.opened);
+    assert_string_equal(e.server_fp, new_fp);
+    assert_int_equal(st->reloads, 1);
+
+    /* closing the listener stops accepting; established sessions go on */
+    fp_listener_close(s.l);
+    s.l = NULL;
+    assert_true(ses_ping(&s, &a));
+    fp_conn_close(a.c, "bye");
+    fp_conn_close(d.c, "bye");
+    fp_conn_close(e.c, "bye");
+    while (!a.closed || !d.closed || !e.closed)
+        uv_run(&s.loop, UV_RUN_ONCE);
+    server_stop(&s);
+    fp_tls_ctx_free(stay);
+    fp_tls_ctx_free(leave);
+    free(old_crt);
+    free(new_crt);
+    free(old_key);
+    free(new_key);
+    free(rp);
+}
+
 int main(void)
 {
+    signal(SIGPIPE, SIG_IGN); /* as the daemons do: a vanished peer is an error, not a death */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_handshake_matrix_own_client),
         cmocka_unit_test(test_handshake_matrix_openssl),
         cmocka_unit_test(test_hostile_peers_close_alone),
+        cmocka_unit_test(test_sighup_reload_keeps_healthy_sessions),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     free(out_text);
