@@ -310,6 +310,7 @@ static int bench_svd(int d, int sites, int r, double *t_fact, double *t_dense, d
 static const char bench_help[] =
     "Usage: fedpeft bench merge [--quick] [--threads N]\n"
     "       fedpeft bench train [--help]\n"
+    "       fedpeft bench transport [--help]\n"
     "\n"
     "Measures merging against this machine's own ceilings, in one run, and prints a table:\n"
     "fedavg bandwidth beside single-core streaming-read bandwidth, peak memory of a\n"
@@ -404,6 +405,9 @@ int fp_cmd_bench(int argc, char **argv)
         return bench_merge(argc - 1, argv + 1);
     if (!strcmp(argv[1], "train"))
         return fp_bench_train(argc - 1, argv + 1);
-    return fp_cli_usage_error("bench", "unknown benchmark '%s' (available: merge, train)",
+    if (!strcmp(argv[1], "transport"))
+        return fp_bench_transport(argc - 1, argv + 1);
+    return fp_cli_usage_error("bench", "unknown benchmark '%s' (available: merge, train, "
+                              "transport)",
                               argv[1]);
 }

@@ -22,6 +22,7 @@ int fp_cmd_train(int argc, char **argv);
 int fp_cmd_eval(int argc, char **argv);
 int fp_cmd_ca(int argc, char **argv);
 int fp_bench_train(int argc, char **argv);
+int fp_bench_transport(int argc, char **argv);
 
 /* "fedpeft <cmd>: error: <msg>" on stderr; returns FP_EXIT_FAIL. */
 int fp_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -195,7 +195,10 @@ int fp_upload_start(fp_upload_t **out, uv_loop_t *loop, const char *host, int po
     u->spec = *spec;
     u->done = done;
     u->ctx = ctx;
-    fp_sha256(spec->data, spec->total, u->sha);
+    if (spec->sha256)
+        memcpy(u->sha, spec->sha256, 32);
+    else
+        fp_sha256(spec->data, spec->total, u->sha);
     int rc = fp_connect(&u->conn, loop, host, port, tls, cfg, &upload_ops, u, err);
     if (rc) {
         free(u);

@@ -26,6 +26,7 @@ typedef struct fp_upload_spec {
     int resume;                   /* 1: resume stream id instead of announcing it */
     const unsigned char *data;    /* the stream's bytes (borrowed) */
     size_t total;
+    const uint8_t *sha256;        /* the stream's SHA-256 if known, else NULL: computed here */
     const Fedpeft__Update *update; /* announcement: tensors, rank, metrics (borrowed) */
     size_t chunk;                 /* bytes per chunk (0: 1 MiB) */
 } fp_upload_spec_t;

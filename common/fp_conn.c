@@ -39,7 +39,7 @@ struct fp_conn {
     fp_conn_t *next, *prev;  /* in listener->conns */
     void *data;
     int port;
-    int open, closing, handles, connected;
+    int open, closing, handles, connected, paused;
     int close_reported;
     size_t queued;
     uint64_t started_ms, last_rx_ms, frame_start_ms;
@@ -309,6 +309,11 @@ static void timer_cb(uv_timer_t *t)
     if (c->closing)
         return;
     uint64_t now = uv_now(t->loop);
+    if (c->paused) { /* waiting on us, not on the peer */
+        c->last_rx_ms = now;
+        if (c->frame_start_ms)
+            c->frame_start_ms = now;
+    }
     const char *why = NULL;
     if (!c->open && now - c->started_ms > c->cfg.handshake_ms)
         why = "handshake timeout";
@@ -587,6 +592,22 @@ int fp_connect(fp_conn_t **out, uv_loop_t *loop, const char *host, int port, fp_
     }
     *out = c;
     return 0;
+}
+
+void fp_conn_pause(fp_conn_t *c, int pause)
+{
+    if (c->closing || !c->connected || !!pause == c->paused)
+        return;
+    c->paused = !!pause;
+    if (c->paused)
+        uv_read_stop((uv_stream_t *)&c->tcp);
+    else if (uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb) != 0)
+        fp_conn_close(c, "cannot read from the connection");
+}
+
+uv_loop_t *fp_conn_loop(const fp_conn_t *c)
+{
+    return c->tcp.loop;
 }
 
 void fp_conn_set_data(fp_conn_t *c, void *data)

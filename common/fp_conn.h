@@ -93,6 +93,11 @@ size_t fp_conn_queued(const fp_conn_t *c);
 /* Closes after what was queued is written (a TLS close_notify goes last). */
 void fp_conn_close(fp_conn_t *c, const char *why);
 
+/* Stops (pause = 1) or restarts reading from the peer — backpressure when what arrived cannot
+ * be handled yet. A paused connection is not timed out for idleness. */
+void fp_conn_pause(fp_conn_t *c, int pause);
+uv_loop_t *fp_conn_loop(const fp_conn_t *c);
+
 void fp_conn_set_data(fp_conn_t *c, void *data);
 void *fp_conn_data(const fp_conn_t *c);
 fp_listener_t *fp_conn_listener(const fp_conn_t *c); /* NULL for client connections */

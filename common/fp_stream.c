@@ -24,6 +24,7 @@ static void reset(fp_stream_rx_t *rx)
     EVP_MD_CTX_free(rx->sha);
     free(rx->part);
     free(rx->acked);
+    free(rx->stage);
     memset(rx, 0, sizeof *rx);
     rx->fd = -1;
 }
@@ -40,6 +41,56 @@ void fp_stream_rx_discard(fp_stream_rx_t *rx)
     if (rx->acked)
         unlink(rx->acked);
     reset(rx);
+}
+
+static int write_all(int fd, const unsigned char *p, size_t n, uint64_t off)
+{
+    while (n > 0) {
+        ssize_t w = pwrite(fd, p, n, (off_t)off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        p += w;
+        n -= (size_t)w;
+        off += (uint64_t)w;
+    }
+    return 0;
+}
+
+/* Leaves direct mode for plain writes (a file system that refuses O_DIRECT late). The staged
+ * bytes are written as they are. */
+static int leave_direct(fp_stream_rx_t *rx)
+{
+    int fl = fcntl(rx->fd, F_GETFL);
+    if (fl < 0 || fcntl(rx->fd, F_SETFL, fl & ~O_DIRECT) != 0)
+        return -errno;
+    rx->direct = 0;
+    int rc = write_all(rx->fd, rx->stage, (size_t)(rx->received - rx->flushed), rx->flushed);
+    free(rx->stage);
+    rx->stage = NULL;
+    return rc;
+}
+
+/* Direct mode: writes the staged bytes, the last block zero-padded. With keep_tail the
+ * partial last block stays staged (it is written again, longer, next time). */
+static int flush_stage(fp_stream_rx_t *rx, int keep_tail)
+{
+    size_t len = (size_t)(rx->received - rx->flushed);
+    size_t padded = (len + FP_STREAM_ALIGN - 1) & ~(size_t)(FP_STREAM_ALIGN - 1);
+    if (padded == 0)
+        return 0;
+    memset(rx->stage + len, 0, padded - len);
+    int rc = write_all(rx->fd, rx->stage, padded, rx->flushed);
+    if (rc == -EINVAL)
+        return leave_direct(rx);
+    if (rc != 0)
+        return rc;
+    size_t whole = keep_tail ? len & ~(size_t)(FP_STREAM_ALIGN - 1) : len;
+    if (whole < len)
+        memmove(rx->stage, rx->stage + whole, len - whole);
+    rx->flushed += whole;
+    return 0;
 }
 
 /* Reads the recorded durable offset (0 when absent or unreadable). */
@@ -74,7 +125,12 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
         return fp_err_set(err, -ENOMEM, "out of memory");
     }
     uint64_t resume = read_acked(rx->acked, id, total);
-    rx->fd = open(rx->part, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    const char *env = getenv("FEDPEFT_SPOOL_DIRECT");
+    int want_direct = !(env && !strcmp(env, "0"));
+    rx->fd = want_direct ? open(rx->part, O_RDWR | O_CREAT | O_CLOEXEC | O_DIRECT, 0600) : -1;
+    rx->direct = rx->fd >= 0;
+    if (rx->fd < 0 && (!want_direct || errno == EINVAL))
+        rx->fd = open(rx->part, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (rx->fd < 0) {
         int e = errno;
         reset(rx);
@@ -89,28 +145,40 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
         reset(rx);
         return fp_err_set(err, -e, "%s: truncate: %s", dir, strerror(e));
     }
-    /* re-hash the prefix kept */
+    /* re-hash the prefix kept (through the page cache: a one-off read) */
+    int rfd = open(rx->part, O_RDONLY | O_CLOEXEC);
     unsigned char *buf = malloc(1 << 20);
     uint64_t done = 0;
-    while (buf && done < resume) {
+    while (rfd >= 0 && buf && done < resume) {
         size_t want = resume - done < (1u << 20) ? (size_t)(resume - done) : (1u << 20);
-        ssize_t r = pread(rx->fd, buf, want, (off_t)done);
+        ssize_t r = pread(rfd, buf, want, (off_t)done);
         if (r <= 0)
             break;
         EVP_DigestUpdate(rx->sha, buf, (size_t)r);
         done += (uint64_t)r;
     }
-    free(buf);
     if (done != resume) {
+        free(buf);
+        if (rfd >= 0)
+            close(rfd);
         reset(rx);
         return fp_err_set(err, -EIO, "%s: cannot re-read the spooled prefix", dir);
     }
-    if (lseek(rx->fd, (off_t)resume, SEEK_SET) < 0) {
-        int e = errno;
-        reset(rx);
-        return fp_err_set(err, -e, "%s: seek: %s", dir, strerror(e));
-    }
     rx->received = rx->durable = resume;
+    if (rx->direct) {
+        /* the partial last block goes back into the stage, to be rewritten longer */
+        rx->flushed = resume & ~(uint64_t)(FP_STREAM_ALIGN - 1);
+        if (posix_memalign((void **)&rx->stage, FP_STREAM_ALIGN, FP_STREAM_STAGE) != 0 ||
+            pread(rfd, rx->stage, (size_t)(resume - rx->flushed), (off_t)rx->flushed) !=
+                (ssize_t)(resume - rx->flushed)) {
+            free(buf);
+            close(rfd);
+            reset(rx);
+            return fp_err_set(err, -EIO, "%s: cannot stage the spooled tail", dir);
+        }
+    }
+    free(buf);
+    close(rfd);
     return 0;
 }
 
@@ -128,16 +196,25 @@ int fp_stream_rx_write(fp_stream_rx_t *rx, uint64_t offset, const void *data, si
     const unsigned char *p = data;
     size_t left = n;
     while (left > 0) {
-        ssize_t w = write(rx->fd, p, left);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0)
-            return fp_err_set(err, -errno, "%s: write: %s", rx->part, strerror(errno));
-        p += w;
-        left -= (size_t)w;
+        size_t piece = left < (64u << 10) ? left : (64u << 10); /* hashed while cache-hot */
+        int rc = 0;
+        if (rx->direct) {
+            size_t room = FP_STREAM_STAGE - (size_t)(rx->received - rx->flushed);
+            piece = piece < room ? piece : room;
+            memcpy(rx->stage + (rx->received - rx->flushed), p, piece);
+        } else {
+            rc = write_all(rx->fd, p, piece, rx->received);
+        }
+        if (rc != 0)
+            return fp_err_set(err, rc, "%s: write: %s", rx->part, strerror(-rc));
+        EVP_DigestUpdate(rx->sha, p, piece);
+        rx->received += piece;
+        p += piece;
+        left -= piece;
+        if (rx->direct && rx->received - rx->flushed == FP_STREAM_STAGE &&
+            (rc = flush_stage(rx, 0)) != 0)
+            return fp_err_set(err, rc, "%s: write: %s", rx->part, strerror(-rc));
     }
-    EVP_DigestUpdate(rx->sha, data, n);
-    rx->received += n;
     return 0;
 }
 
@@ -145,6 +222,9 @@ int fp_stream_rx_sync(fp_stream_rx_t *rx, fp_err_t *err)
 {
     if (rx->durable == rx->received)
         return 0;
+    int frc = rx->direct ? flush_stage(rx, 1) : 0;
+    if (frc != 0)
+        return fp_err_set(err, frc, "%s: write: %s", rx->part, strerror(-frc));
     if (fdatasync(rx->fd) != 0)
         return fp_err_set(err, -errno, "%s: fsync: %s", rx->part, strerror(errno));
     char rec[96];
@@ -174,6 +254,11 @@ int fp_stream_rx_finish(fp_stream_rx_t *rx, const uint8_t sha256[32], const char
         fp_stream_rx_discard(rx);
         return rc;
     }
+    int frc = rx->direct ? flush_stage(rx, 0) : 0;
+    if (frc == 0 && ftruncate(rx->fd, (off_t)rx->total) != 0) /* drop the padding */
+        frc = -errno;
+    if (frc != 0)
+        return fp_err_set(err, frc, "%s: write: %s", rx->part, strerror(-frc));
     if (fdatasync(rx->fd) != 0)
         return fp_err_set(err, -errno, "%s: fsync: %s", rx->part, strerror(errno));
     if (rename(rx->part, final_path) != 0)

@@ -6,7 +6,15 @@
  * so far durable and records its length in DIR/<id>.acked — the offset an Ack promises. After
  * a broken connection, or a crash, fp_stream_rx_open on the same id resumes from that offset:
  * the file is cut back to it and its prefix re-hashed. fp_stream_rx_finish checks the length
- * and hash and renames the file into place atomically. */
+ * and hash and renames the file into place atomically.
+ *
+ * Where the file system allows, the spool is written with O_DIRECT from an aligned staging
+ * buffer: a coordinator receiving many adapters neither copies them through the page cache nor
+ * evicts what else is cached, and making a prefix durable costs one device flush. Between a
+ * sync and the next, the file may hold a zero-padded last block beyond `received`; the
+ * .acked record, not the file size, says what is valid. Where O_DIRECT is refused, or with
+ * FEDPEFT_SPOOL_DIRECT=0 in the environment, plain buffered writes are used. None of these functions touches shared state: a stream may be driven from
+ * any one thread at a time. */
 #ifndef FP_STREAM_H
 #define FP_STREAM_H
 
@@ -21,9 +29,15 @@ typedef struct fp_stream_rx {
     uint64_t received;  /* bytes written, in order */
     uint64_t durable;   /* bytes fsynced and recorded: what may be acknowledged */
     int fd;
+    int direct;         /* 1: O_DIRECT through stage */
     char *part, *acked; /* DIR/<id>.part, DIR/<id>.acked */
     void *sha;          /* EVP_MD_CTX over bytes [0, received) */
+    unsigned char *stage; /* direct mode: bytes [flushed, received), FP_STREAM_STAGE aligned */
+    uint64_t flushed;   /* direct mode: a multiple of FP_STREAM_ALIGN written in place */
 } fp_stream_rx_t;
+
+#define FP_STREAM_ALIGN 4096u
+#define FP_STREAM_STAGE (4u << 20)
 
 /* Opens (or resumes) stream id of total bytes in dir. rx->received tells where the sender
  * must continue. */

@@ -8,6 +8,62 @@ static int peer_send(void *ctx, const unsigned char *frame, size_t len)
     return p->conn ? fp_conn_send(p->conn, frame, len) : -EPIPE;
 }
 
+static void peer_free(fp_srv_peer_t *p)
+{
+    fp_srv_sess_free(&p->sess);
+    free(p);
+}
+
+static void kick(fp_srv_peer_t *p);
+
+/* The session says it is over (rc != 0): the connection closes after what was queued. */
+static void settle(fp_srv_peer_t *p, int rc)
+{
+    if (rc != 0 && p->conn) {
+        p->link->over++;
+        fp_conn_close(p->conn, p->sess.reason[0] ? p->sess.reason : "session over");
+        return;
+    }
+    kick(p);
+}
+
+static void job_work(uv_work_t *w)
+{
+    fp_srv_peer_t *p = w->data;
+    fp_srv_sess_job_run(&p->sess);
+}
+
+static void job_after(uv_work_t *w, int status)
+{
+    (void)status; /* never cancelled: the work always ran */
+    fp_srv_peer_t *p = w->data;
+    p->busy = 0;
+    int rc = fp_srv_sess_job_end(&p->sess);
+    if (!p->conn) { /* the connection went while the disk was busy */
+        peer_free(p);
+        return;
+    }
+    settle(p, rc);
+}
+
+/* Starts the session's next job off the loop, and reads only while the session keeps up. */
+static void kick(fp_srv_peer_t *p)
+{
+    if (!p->busy && fp_srv_sess_job_ready(&p->sess)) {
+        fp_srv_sess_job_begin(&p->sess);
+        p->work.data = p;
+        if (uv_queue_work(p->loop, &p->work, job_work, job_after) == 0) {
+            p->busy = 1;
+        } else { /* no thread pool: do it here rather than lose it */
+            fp_srv_sess_job_run(&p->sess);
+            settle(p, fp_srv_sess_job_end(&p->sess));
+            return;
+        }
+    }
+    if (p->conn)
+        fp_conn_pause(p->conn, fp_srv_sess_wants_pause(&p->sess));
+}
+
 static void link_open(fp_conn_t *c)
 {
     fp_srv_link_t *l = fp_listener_user(fp_conn_listener(c));
@@ -17,6 +73,7 @@ static void link_open(fp_conn_t *c)
         return;
     }
     p->conn = c;
+    p->loop = fp_conn_loop(c);
     p->link = l;
     p->app = l->app;
     fp_srv_sess_ops_t ops = l->ops;
@@ -29,13 +86,8 @@ static void link_open(fp_conn_t *c)
 static void link_frame(fp_conn_t *c, const unsigned char *f, size_t n)
 {
     fp_srv_peer_t *p = fp_conn_data(c);
-    if (!p)
-        return;
-    int rc = fp_srv_sess_frame(&p->sess, f, n);
-    if (rc != 0) {
-        p->link->over++;
-        fp_conn_close(c, p->sess.reason[0] ? p->sess.reason : "session over");
-    }
+    if (p)
+        settle(p, fp_srv_sess_frame(&p->sess, f, n));
 }
 
 static void link_close(fp_conn_t *c, const char *why)
@@ -44,8 +96,9 @@ static void link_close(fp_conn_t *c, const char *why)
     fp_srv_peer_t *p = fp_conn_data(c);
     if (!p)
         return;
-    fp_srv_sess_free(&p->sess);
-    free(p);
+    p->conn = NULL;
+    if (!p->busy) /* otherwise freed when its job comes back */
+        peer_free(p);
 }
 
 static const fp_conn_ops_t link_ops = {link_open, link_frame, NULL, link_close};

@@ -4,7 +4,8 @@
  * that completes its handshake gets an fp_srv_peer_t, passed as ctx to the session callbacks
  * (they reach the application through peer->app and the site's identity through
  * fp_conn_peer_cn(peer->conn)). When a session is over, its connection closes after what was
- * sent (an Error, the last Ack) is flushed. */
+ * sent (an Error, the last Ack) is flushed. Each session's disk work runs on libuv's thread
+ * pool, one job at a time, and the connection stops being read while the session is behind. */
 #ifndef FP_SRV_LINK_H
 #define FP_SRV_LINK_H
 
@@ -20,10 +21,14 @@ typedef struct fp_srv_link {
 } fp_srv_link_t;
 
 typedef struct fp_srv_peer {
-    fp_conn_t *conn;
+    fp_conn_t *conn;         /* NULL once the connection has closed (committed may be
+                                called after that: record the stream all the same) */
+    uv_loop_t *loop;
     fp_srv_link_t *link;
     void *app;
     fp_srv_sess_t sess;
+    uv_work_t work;
+    int busy;                /* a job is on the thread pool */
 } fp_srv_peer_t;
 
 const fp_conn_ops_t *fp_srv_link_ops(void);

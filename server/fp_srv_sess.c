@@ -5,6 +5,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+struct fp_sess_item {
+    fp_sess_item_t *next;
+    fp_env_t *env;           /* a queued chunk: the decoded envelope, data inside it */
+    size_t n;                /* a waiting frame: its payload below */
+    unsigned char data[];
+};
+
+enum { STAGE_OPEN = 1, STAGE_WRITE, STAGE_SYNC, STAGE_FINISH };
+
+static void job_reset(fp_sess_job_t *j)
+{
+    memset(j, 0, sizeof *j);
+    j->tail = &j->chunks;
+}
+
+static void items_free(fp_sess_item_t *it)
+{
+    while (it) {
+        fp_sess_item_t *next = it->next;
+        fp_msg_free(it->env);
+        free(it);
+        it = next;
+    }
+}
+
 void fp_srv_sess_init(fp_srv_sess_t *s, const fp_srv_sess_ops_t *ops, void *ctx,
                       const char *spool_dir, uint64_t ack_every)
 {
@@ -13,13 +38,24 @@ void fp_srv_sess_init(fp_srv_sess_t *s, const fp_srv_sess_ops_t *ops, void *ctx,
     s->ctx = ctx;
     s->spool_dir = spool_dir;
     s->ack_every = ack_every ? ack_every : (16u << 20);
+    s->max_backlog = 32u << 20;
     s->state = FP_PS_GREETING;
     s->rx.fd = -1;
+    job_reset(&s->next);
+    job_reset(&s->run);
+    s->waiting_tail = &s->waiting;
 }
 
 void fp_srv_sess_free(fp_srv_sess_t *s)
 {
-    fp_stream_rx_close(&s->rx);
+    items_free(s->next.chunks);
+    items_free(s->run.chunks);
+    items_free(s->waiting);
+    job_reset(&s->next);
+    job_reset(&s->run);
+    s->waiting = NULL;
+    s->waiting_tail = &s->waiting;
+    fp_stream_rx_close(&s->rx); /* a partial upload stays for a resume */
 }
 
 static int send_env(fp_srv_sess_t *s, Fedpeft__Envelope *env)
@@ -34,7 +70,8 @@ static int send_env(fp_srv_sess_t *s, Fedpeft__Envelope *env)
     return rc;
 }
 
-/* Ends the session with an Error to the peer. Returns 1 (over) or a send failure. */
+/* Ends the session with an Error to the peer. Returns 1 (over) or a send failure. A partial
+ * upload stays spooled for a resume (closed by fp_srv_sess_free, once no job holds it). */
 static int refuse(fp_srv_sess_t *s, Fedpeft__Error__Code code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -55,7 +92,6 @@ static int refuse(fp_srv_sess_t *s, Fedpeft__Error__Code code, const char *fmt, 
         rc = s->ops.send(s->ctx, f, n);
         free(f);
     }
-    fp_stream_rx_close(&s->rx); /* a partial upload stays for a resume */
     return rc < 0 ? rc : 1;
 }
 
@@ -85,14 +121,15 @@ static int on_hello(fp_srv_sess_t *s, const Fedpeft__Hello *h)
     return send_env(s, &env);
 }
 
+/* Queues opening the spool; the first Ack (where to start) goes out when it is open. */
 static int start_stream(fp_srv_sess_t *s, uint64_t id, uint64_t total)
 {
-    fp_err_t err = {0};
-    if (fp_stream_rx_open(&s->rx, s->spool_dir, id, total, &err) != 0)
-        return refuse(s, FEDPEFT__ERROR__CODE__INTERNAL, "cannot spool the upload: %s",
-                      fp_err_msg(&err));
-    /* tell the sender where to start: 0, or the durable prefix of an earlier attempt */
-    return send_ack(s, id, s->rx.received, 0);
+    s->next.open = 1;
+    s->next.id = s->stream_id = id;
+    s->next.total = s->total = total;
+    s->opening = 1;
+    s->since_sync = 0;
+    return 0;
 }
 
 static int on_update(fp_srv_sess_t *s, const Fedpeft__Update *u)
@@ -116,50 +153,74 @@ static int on_resume(fp_srv_sess_t *s, const Fedpeft__Resume *r)
     return start_stream(s, r->stream_id, total);
 }
 
-static int on_chunk(fp_srv_sess_t *s, const Fedpeft__TensorChunk *c)
+/* Checks a chunk against the stream and queues it (taking the envelope). */
+static int on_chunk(fp_srv_sess_t *s, fp_env_t **ep)
 {
-    fp_err_t err = {0};
-    if (c->stream_id != s->rx.id)
+    const Fedpeft__TensorChunk *c = (*ep)->chunk;
+    if (c->stream_id != s->stream_id)
         return refuse(s, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "chunk for stream %llu during "
                       "stream %llu", (unsigned long long)c->stream_id,
-                      (unsigned long long)s->rx.id);
-    if (fp_stream_rx_write(&s->rx, c->offset, c->data.data, c->data.len, &err) != 0)
-        return refuse(s, err.code == -EPROTO ? FEDPEFT__ERROR__CODE__BAD_MESSAGE
-                                             : FEDPEFT__ERROR__CODE__INTERNAL,
-                      "%s", fp_err_msg(&err));
-    if (s->rx.received - s->last_ack >= s->ack_every) {
-        if (fp_stream_rx_sync(&s->rx, &err) != 0)
-            return refuse(s, FEDPEFT__ERROR__CODE__INTERNAL, "%s", fp_err_msg(&err));
-        return send_ack(s, s->rx.id, s->rx.durable, 0);
+                      (unsigned long long)s->stream_id);
+    if (c->offset != s->expected)
+        return refuse(s, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "stream %llu: chunk at offset %llu, "
+                      "expected %llu", (unsigned long long)s->stream_id,
+                      (unsigned long long)c->offset, (unsigned long long)s->expected);
+    if (c->data.len > s->total - s->expected)
+        return refuse(s, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "stream %llu: chunk runs past the "
+                      "announced %llu bytes", (unsigned long long)s->stream_id,
+                      (unsigned long long)s->total);
+    fp_sess_item_t *it = calloc(1, sizeof *it);
+    if (!it)
+        return refuse(s, FEDPEFT__ERROR__CODE__INTERNAL, "out of memory");
+    it->env = *ep;
+    *ep = NULL;
+    *s->next.tail = it;
+    s->next.tail = &it->next;
+    s->next.bytes += c->data.len;
+    s->expected += c->data.len;
+    s->since_sync += c->data.len;
+    if (s->since_sync >= s->ack_every) {
+        s->next.sync = 1;
+        s->since_sync = 0;
     }
     return 0;
 }
 
 static int on_commit(fp_srv_sess_t *s, const Fedpeft__Commit *c)
 {
-    fp_err_t err = {0};
-    uint64_t id = s->rx.id, total = s->rx.total;
-    if (c->stream_id != id || c->total_bytes != total)
+    if (c->stream_id != s->stream_id || c->total_bytes != s->total)
         return refuse(s, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "Commit for stream %llu of %llu "
                       "bytes does not match stream %llu of %llu",
                       (unsigned long long)c->stream_id, (unsigned long long)c->total_bytes,
-                      (unsigned long long)id, (unsigned long long)total);
-    if (fp_stream_rx_finish(&s->rx, c->sha256.data, s->final_path, &err) != 0)
-        return refuse(s, err.code == -EBADMSG || err.code == -EPROTO
-                             ? FEDPEFT__ERROR__CODE__INVALID_UPDATE
-                             : FEDPEFT__ERROR__CODE__INTERNAL,
-                      "%s", fp_err_msg(&err));
-    char reason[FP_REASON_MAX] = "";
-    int code = s->ops.committed(s->ctx, id, s->final_path, reason, sizeof reason);
-    if (code)
-        return refuse(s, code, "%s", reason);
-    return send_ack(s, id, total, 1);
+                      (unsigned long long)s->stream_id, (unsigned long long)s->total);
+    /* the length and the hash are checked against what is on disk, in the job */
+    s->next.finish = 1;
+    memcpy(s->next.sha256, c->sha256.data, 32);
+    s->committing = 1;
+    return 0;
 }
 
-int fp_srv_sess_frame(fp_srv_sess_t *s, const unsigned char *p, size_t n)
+/* Holds a frame until the job it depends on has ended. */
+static int hold(fp_srv_sess_t *s, const unsigned char *p, size_t n)
 {
-    if (s->over)
-        return 1;
+    if (s->waiting_bytes + n > s->max_backlog)
+        return refuse(s, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "too much sent while the "
+                      "coordinator was still answering the last request");
+    fp_sess_item_t *it = malloc(sizeof *it + n);
+    if (!it)
+        return refuse(s, FEDPEFT__ERROR__CODE__INTERNAL, "out of memory");
+    it->next = NULL;
+    it->env = NULL;
+    it->n = n;
+    memcpy(it->data, p, n);
+    *s->waiting_tail = it;
+    s->waiting_tail = &it->next;
+    s->waiting_bytes += n;
+    return 0;
+}
+
+static int dispatch(fp_srv_sess_t *s, const unsigned char *p, size_t n)
+{
     s->frames++;
     fp_err_t err = {0};
     fp_env_t *e = fp_msg_decode(p, n, &err);
@@ -175,13 +236,12 @@ int fp_srv_sess_frame(fp_srv_sess_t *s, const unsigned char *p, size_t n)
         rc = refuse(s, code, "%s", reason);
         goto out;
     }
-    fp_pstate_t before = s->state;
     s->state = next;
     switch (e->body_case) {
     case FEDPEFT__ENVELOPE__BODY_HELLO: rc = on_hello(s, e->hello); break;
     case FEDPEFT__ENVELOPE__BODY_UPDATE: rc = on_update(s, e->update); break;
     case FEDPEFT__ENVELOPE__BODY_RESUME: rc = on_resume(s, e->resume); break;
-    case FEDPEFT__ENVELOPE__BODY_CHUNK: rc = on_chunk(s, e->chunk); break;
+    case FEDPEFT__ENVELOPE__BODY_CHUNK: rc = on_chunk(s, &e); break;
     case FEDPEFT__ENVELOPE__BODY_COMMIT: rc = on_commit(s, e->commit); break;
     case FEDPEFT__ENVELOPE__BODY_HEARTBEAT:
         if (s->ops.heartbeat)
@@ -189,9 +249,7 @@ int fp_srv_sess_frame(fp_srv_sess_t *s, const unsigned char *p, size_t n)
         break;
     case FEDPEFT__ENVELOPE__BODY_BYE:
     case FEDPEFT__ENVELOPE__BODY_ERROR:
-        s->over = 1;
-        if (before == FP_PS_STREAMING)
-            fp_stream_rx_close(&s->rx); /* keep the spool: the site may resume */
+        s->over = 1; /* a partial upload stays spooled: the site may resume */
         rc = 1;
         break;
     default:
@@ -202,6 +260,134 @@ out:
     if (rc == 0 && s->over)
         rc = 1;
     return rc;
+}
+
+int fp_srv_sess_frame(fp_srv_sess_t *s, const unsigned char *p, size_t n)
+{
+    if (s->over)
+        return 1;
+    /* after an Update, a Resume or a Commit, nothing is read until the disk has answered */
+    if (s->opening || s->committing || s->waiting)
+        return hold(s, p, n);
+    return dispatch(s, p, n);
+}
+
+/* ---- jobs ---- */
+
+int fp_srv_sess_job_ready(const fp_srv_sess_t *s)
+{
+    const fp_sess_job_t *j = &s->next;
+    return !s->busy && !s->over && (j->open || j->chunks || j->sync || j->finish);
+}
+
+void fp_srv_sess_job_begin(fp_srv_sess_t *s)
+{
+    s->run = s->next;
+    s->run.tail = NULL;
+    job_reset(&s->next);
+    s->busy = 1;
+}
+
+void fp_srv_sess_job_run(fp_srv_sess_t *s)
+{
+    fp_sess_job_t *j = &s->run;
+    int rc = 0;
+    if (j->open) {
+        fp_stream_rx_close(&s->rx);
+        rc = fp_stream_rx_open(&s->rx, s->spool_dir, j->id, j->total, &j->err);
+        j->rc = rc ? STAGE_OPEN : 0;
+    }
+    for (fp_sess_item_t *it = j->chunks; it && rc == 0; it = it->next) {
+        const Fedpeft__TensorChunk *c = it->env->chunk;
+        rc = fp_stream_rx_write(&s->rx, c->offset, c->data.data, c->data.len, &j->err);
+        j->rc = rc ? STAGE_WRITE : 0;
+    }
+    if (j->sync && rc == 0) {
+        rc = fp_stream_rx_sync(&s->rx, &j->err);
+        j->rc = rc ? STAGE_SYNC : 0;
+    }
+    if (j->finish && rc == 0) {
+        rc = fp_stream_rx_finish(&s->rx, j->sha256, s->final_path, &j->err);
+        j->rc = rc ? STAGE_FINISH : 0;
+    }
+}
+
+static int job_failed(fp_srv_sess_t *s, const fp_sess_job_t *j)
+{
+    int e = j->err.code;
+    const char *msg = fp_err_msg(&j->err);
+    switch (j->rc) {
+    case STAGE_OPEN:
+        return refuse(s, FEDPEFT__ERROR__CODE__INTERNAL, "cannot spool the upload: %s", msg);
+    case STAGE_FINISH:
+        return refuse(s, e == -EBADMSG || e == -EPROTO ? FEDPEFT__ERROR__CODE__INVALID_UPDATE
+                                                       : FEDPEFT__ERROR__CODE__INTERNAL,
+                      "%s", msg);
+    default:
+        return refuse(s, e == -EPROTO ? FEDPEFT__ERROR__CODE__BAD_MESSAGE
+                                      : FEDPEFT__ERROR__CODE__INTERNAL,
+                      "%s", msg);
+    }
+}
+
+int fp_srv_sess_job_end(fp_srv_sess_t *s)
+{
+    fp_sess_job_t j = s->run;
+    job_reset(&s->run);
+    s->busy = 0;
+    items_free(j.chunks);
+    j.chunks = NULL;
+    if (s->over)
+        return 1;
+    if (j.rc)
+        return job_failed(s, &j);
+    int rc = 0;
+    if (j.open) {
+        s->opening = 0;
+        s->expected = s->rx.received;
+        /* tell the sender where to start: 0, or the durable prefix of an earlier attempt */
+        rc = send_ack(s, j.id, s->rx.received, 0);
+    }
+    if (rc == 0 && j.sync && s->rx.durable > s->last_ack)
+        rc = send_ack(s, s->rx.id, s->rx.durable, 0);
+    if (rc == 0 && j.finish) {
+        s->committing = 0;
+        char reason[FP_REASON_MAX] = "";
+        int code = s->ops.committed(s->ctx, s->stream_id, s->final_path, reason, sizeof reason);
+        if (code)
+            return refuse(s, code, "%s", reason);
+        rc = send_ack(s, s->stream_id, s->total, 1);
+    }
+    /* frames that waited for this outcome, in order, until one waits again */
+    while (rc == 0 && s->waiting && !s->opening && !s->committing && !s->over) {
+        fp_sess_item_t *it = s->waiting;
+        s->waiting = it->next;
+        if (!s->waiting)
+            s->waiting_tail = &s->waiting;
+        s->waiting_bytes -= it->n;
+        rc = dispatch(s, it->data, it->n);
+        free(it);
+    }
+    if (rc == 0 && s->over)
+        rc = 1;
+    return rc;
+}
+
+int fp_srv_sess_drive(fp_srv_sess_t *s)
+{
+    while (fp_srv_sess_job_ready(s)) {
+        fp_srv_sess_job_begin(s);
+        fp_srv_sess_job_run(s);
+        int rc = fp_srv_sess_job_end(s);
+        if (rc)
+            return rc;
+    }
+    return s->over ? 1 : 0;
+}
+
+int fp_srv_sess_wants_pause(const fp_srv_sess_t *s)
+{
+    return s->next.bytes >= s->max_backlog || s->waiting != NULL;
 }
 
 void fp_srv_sess_end(fp_srv_sess_t *s, Fedpeft__Error__Code code, const char *reason)

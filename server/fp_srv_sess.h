@@ -7,13 +7,27 @@
  * that connection only). Uploads are spooled to disk (fp_stream_rx): an Ack is sent each time
  * ack_every more bytes are durable, and after the Commit once the stream is verified and in
  * place — nothing is acknowledged before it is durable. A Resume after a broken connection
- * continues from the last durable offset. */
+ * continues from the last durable offset.
+ *
+ * The disk work (opening or resuming a spool, writing and hashing chunks, syncing, verifying
+ * and renaming) never runs inside fp_srv_sess_frame: it collects into a job that the driver
+ * runs off the event loop —
+ *
+ *     on the loop:   if (fp_srv_sess_job_ready(s)) { fp_srv_sess_job_begin(s); queue it; }
+ *     on a worker:   fp_srv_sess_job_run(s);
+ *     on the loop:   rc = fp_srv_sess_job_end(s);   (Acks, the committed callback, Errors)
+ *
+ * — or inline with fp_srv_sess_drive. Chunks keep arriving while a job runs; frames that need
+ * the job's outcome first (after an Update, a Resume or a Commit) wait in the session, and
+ * fp_srv_sess_wants_pause tells the driver to stop reading until it catches up. Only one job
+ * runs at a time per session; a job touches nothing but its session's stream. */
 #ifndef FP_SRV_SESS_H
 #define FP_SRV_SESS_H
 
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fp_error.h"
 #include "fp_msg.h"
 #include "fp_stream.h"
 
@@ -40,15 +54,42 @@ typedef struct fp_srv_sess_ops {
     int (*send)(void *ctx, const unsigned char *frame, size_t len);
 } fp_srv_sess_ops_t;
 
+typedef struct fp_sess_item fp_sess_item_t; /* a queued chunk or a waiting frame */
+
+/* Disk work for one job, in this order: open the stream, write chunks, sync, finish. */
+typedef struct fp_sess_job {
+    int open;                /* open (or resume) stream id of total bytes */
+    uint64_t id, total;
+    fp_sess_item_t *chunks, **tail;
+    size_t bytes;            /* of chunks */
+    int sync;                /* make what was written durable */
+    int finish;              /* verify sha256 and move into final_path */
+    uint8_t sha256[32];
+    int rc;                  /* outcome (job_run) */
+    fp_err_t err;
+} fp_sess_job_t;
+
 typedef struct fp_srv_sess {
     fp_srv_sess_ops_t ops;
     void *ctx;
     const char *spool_dir;   /* where partial uploads live */
     uint64_t ack_every;      /* bytes between durable Acks during an upload */
+    size_t max_backlog;      /* queued chunk bytes above which the driver should pause */
     fp_pstate_t state;
-    fp_stream_rx_t rx;       /* the upload in progress */
+    fp_stream_rx_t rx;       /* the upload in progress (owned by the running job, if any) */
     char final_path[4096];
     uint64_t last_ack;
+    /* the loop's view of the upload */
+    uint64_t stream_id, total, expected; /* next offset a chunk must have */
+    uint64_t since_sync;     /* bytes queued since the last sync was asked for */
+    int opening;             /* an open job is queued or running: no chunks yet */
+    int committing;          /* a finish job is queued or running */
+    /* jobs */
+    fp_sess_job_t next;      /* being collected on the loop */
+    fp_sess_job_t run;       /* handed to the driver */
+    int busy;                /* run is out (begin .. end) */
+    fp_sess_item_t *waiting, **waiting_tail; /* frames held until a job's outcome is known */
+    size_t waiting_bytes;
     int over;                /* an Error or Bye went out or came in: close after flushing */
     Fedpeft__Error__Code code; /* why it is over, when we ended it (0 otherwise) */
     char reason[FP_REASON_MAX];
@@ -63,10 +104,27 @@ void fp_srv_sess_init(fp_srv_sess_t *s, const fp_srv_sess_ops_t *ops, void *ctx,
  * queued. */
 int fp_srv_sess_frame(fp_srv_sess_t *s, const unsigned char *p, size_t n);
 
+/* 1 when no job is out and one is waiting to start. */
+int fp_srv_sess_job_ready(const fp_srv_sess_t *s);
+/* Hands the collected work to the job (the loop's thread). */
+void fp_srv_sess_job_begin(fp_srv_sess_t *s);
+/* Does the job's disk work. Any thread; one at a time per session. */
+void fp_srv_sess_job_run(fp_srv_sess_t *s);
+/* Back on the loop's thread: sends Acks, calls committed, replays frames that waited for
+ * the job. Returns like fp_srv_sess_frame. */
+int fp_srv_sess_job_end(fp_srv_sess_t *s);
+/* Runs jobs inline until none is ready (tests, tools). Returns like fp_srv_sess_frame. */
+int fp_srv_sess_drive(fp_srv_sess_t *s);
+
+/* 1 when the driver should stop reading this connection until a job ends: too many chunk
+ * bytes queued, or frames waiting for a job's outcome. */
+int fp_srv_sess_wants_pause(const fp_srv_sess_t *s);
+
 /* Ends the session from outside (timeout, shutdown): sends Error code/reason (if not over). */
 void fp_srv_sess_end(fp_srv_sess_t *s, Fedpeft__Error__Code code, const char *reason);
 
-/* Releases the session; a partial upload stays spooled for a resume. */
+/* Releases the session; a partial upload stays spooled for a resume. Never while a job is
+ * out (between job_begin and job_end). */
 void fp_srv_sess_free(fp_srv_sess_t *s);
 
 #endif

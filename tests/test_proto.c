@@ -95,6 +95,8 @@ static int hello_cb(void *ctx, const Fedpeft__Hello *h, Fedpeft__Welcome *w, cha
     return 0;
 }
 
+static const char *final_dir; /* where verified uploads go (NULL: dir), beside the spool */
+
 static int update_cb(void *ctx, const Fedpeft__Update *u, char *path, size_t pn, char *reason,
                      size_t n)
 {
@@ -102,7 +104,7 @@ static int update_cb(void *ctx, const Fedpeft__Update *u, char *path, size_t pn,
     (void)u;
     (void)reason;
     (void)n;
-    snprintf(path, pn, "%s/update-%llu.bin", dir, (unsigned long long)u->task_id);
+    snprintf(path, pn, "%s/update-%llu.bin", final_dir ? final_dir : dir, (unsigned long long)u->task_id);
     return 0;
 }
 
@@ -113,7 +115,7 @@ static int resume_cb(void *ctx, uint64_t id, uint64_t *total, char *path, size_t
     (void)reason;
     (void)n;
     *total = p->resume_total;
-    snprintf(path, pn, "%s/update-%llu.bin", dir, (unsigned long long)id);
+    snprintf(path, pn, "%s/update-%llu.bin", final_dir ? final_dir : dir, (unsigned long long)id);
     return 0;
 }
 
@@ -148,12 +150,16 @@ static int sent_cb(void *ctx, const unsigned char *frame, size_t len)
 static const fp_srv_sess_ops_t ops = {hello_cb, update_cb, resume_cb, committed_cb, NULL,
                                       sent_cb};
 
+static int disk_inline = 1; /* 0: frames only, jobs left for the test to run */
+
 static int feed(fp_srv_sess_t *s, Fedpeft__Envelope *e)
 {
     unsigned char *f;
     size_t n;
     assert_int_equal(fp_msg_frame(e, &f, &n, NULL), 0);
     int rc = fp_srv_sess_frame(s, f + 4, n - 4);
+    if (rc == 0 && disk_inline) /* the disk work, inline */
+        rc = fp_srv_sess_drive(s);
     free(f);
     return rc;
 }
@@ -295,12 +301,12 @@ static void test_session_upload_and_refusals(void **state)
     fp_srv_sess_free(&s);
 }
 
-static void test_resume_from_the_durable_prefix(void **state)
+static void resume_in(const char *spool, int buffered)
 {
-    (void)state;
+    final_dir = spool;
     fp_srv_sess_t s;
     peer_t p = {0};
-    fp_srv_sess_init(&s, &ops, &p, dir, 3000);
+    fp_srv_sess_init(&s, &ops, &p, spool, 3000);
     assert_int_equal(say_hello(&s, "site-b"), 0);
     assert_int_equal(announce(&s, 11, sizeof blob), 0);
     for (size_t off = 0; off < 7000; off += 1000)
@@ -310,7 +316,7 @@ static void test_resume_from_the_durable_prefix(void **state)
     /* a new connection resumes: the session says where to continue */
     memset(&p, 0, sizeof p);
     p.resume_total = sizeof blob;
-    fp_srv_sess_init(&s, &ops, &p, dir, 3000);
+    fp_srv_sess_init(&s, &ops, &p, spool, 3000);
     assert_int_equal(say_hello(&s, "site-b"), 0);
     Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
     Fedpeft__Resume r = FEDPEFT__RESUME__INIT;
@@ -319,6 +325,8 @@ static void test_resume_from_the_durable_prefix(void **state)
     e.resume = &r;
     assert_int_equal(feed(&s, &e), 0);
     assert_int_equal(p.last_ack, 6000);
+    if (buffered)
+        assert_false(s.rx.direct);
     for (size_t off = 6000; off < sizeof blob; off += 1000)
         assert_int_equal(chunk(&s, 11, off, blob + off, 1000), 0);
     assert_int_equal(commit(&s, 11, blob, sizeof blob, 0), 0);
@@ -331,12 +339,94 @@ static void test_resume_from_the_durable_prefix(void **state)
     fp_srv_sess_free(&s);
 }
 
+/* On a disk file system the spool is written with O_DIRECT; the resumed tail (6000 bytes:
+ * one whole block and a part) goes back into the staging buffer. */
+static void test_resume_from_the_durable_prefix(void **state)
+{
+    (void)state;
+    resume_in(dir, 0);
+}
+
+/* The same through the page cache (FEDPEFT_SPOOL_DIRECT=0, as where O_DIRECT is refused). */
+static void test_resume_buffered(void **state)
+{
+    (void)state;
+    setenv("FEDPEFT_SPOOL_DIRECT", "0", 1);
+    resume_in(dir, 1);
+    unsetenv("FEDPEFT_SPOOL_DIRECT");
+}
+
+/* tmpfs: before Linux 6.6 it refuses O_DIRECT and the spool falls back to buffered writes;
+ * either way, the same behaviour. */
+static void test_resume_on_tmpfs(void **state)
+{
+    (void)state;
+    char spool[] = "/dev/shm/fedpeft-test-XXXXXX";
+    if (!fp_fs_is_dir("/dev/shm") || !mkdtemp(spool))
+        skip();
+    resume_in(spool, 0);
+    final_dir = NULL;
+    fp_fs_remove_tree(spool, NULL);
+}
+
+/* A site that does not wait: Update, every chunk and the Commit arrive before the disk has
+ * done anything. They wait in the session, in order, and the jobs catch up. */
+static void test_pipelined_frames_wait_for_the_disk(void **state)
+{
+    (void)state;
+    fp_srv_sess_t s;
+    peer_t p = {0};
+    fp_srv_sess_init(&s, &ops, &p, dir, 3000);
+    disk_inline = 0;
+    assert_int_equal(say_hello(&s, "site-c"), 0);
+    assert_false(fp_srv_sess_job_ready(&s));
+    assert_int_equal(announce(&s, 21, sizeof blob), 0);
+    for (size_t off = 0; off < sizeof blob; off += 1000)
+        assert_int_equal(chunk(&s, 21, off, blob + off, 1000), 0);
+    assert_int_equal(commit(&s, 21, blob, sizeof blob, 0), 0);
+    assert_int_equal(p.acks, 0);         /* nothing acknowledged: nothing is on disk */
+    assert_true(fp_srv_sess_wants_pause(&s)); /* frames wait: stop reading */
+    /* the first job opens the spool: Ack 0 says where to start; the chunks that waited are
+     * queued for the next job */
+    assert_true(fp_srv_sess_job_ready(&s));
+    fp_srv_sess_job_begin(&s);
+    assert_false(fp_srv_sess_job_ready(&s)); /* one job at a time */
+    fp_srv_sess_job_run(&s);
+    assert_int_equal(fp_srv_sess_job_end(&s), 0);
+    assert_int_equal(p.acks, 1);
+    assert_int_equal(p.last_ack, 0);
+    assert_false(p.complete);
+    assert_true(fp_srv_sess_job_ready(&s));
+    /* the rest: chunks, durable Acks, then the Commit once verified */
+    assert_int_equal(fp_srv_sess_drive(&s), 0);
+    assert_true(p.complete);
+    assert_int_equal(p.last_ack, sizeof blob);
+    assert_false(fp_srv_sess_wants_pause(&s));
+    char *data;
+    size_t len;
+    assert_int_equal(fp_fs_read_file(p.committed, 1 << 20, &data, &len, NULL), 0);
+    assert_int_equal(len, sizeof blob);
+    assert_memory_equal(data, blob, sizeof blob);
+    free(data);
+    /* a wrong offset is refused as it arrives, before any disk work */
+    assert_int_equal(announce(&s, 22, 2000), 0);
+    assert_int_equal(fp_srv_sess_drive(&s), 0);
+    assert_int_equal(chunk(&s, 22, 500, blob, 1000), 1);
+    assert_int_equal(p.last_error, FEDPEFT__ERROR__CODE__BAD_MESSAGE);
+    assert_contains(s.reason, "offset 500, expected 0");
+    disk_inline = 1;
+    fp_srv_sess_free(&s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_frames_split_every_way),
         cmocka_unit_test(test_session_upload_and_refusals),
         cmocka_unit_test(test_resume_from_the_durable_prefix),
+        cmocka_unit_test(test_resume_buffered),
+        cmocka_unit_test(test_resume_on_tmpfs),
+        cmocka_unit_test(test_pipelined_frames_wait_for_the_disk),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }

@@ -84,7 +84,10 @@ typedef struct run {
 static int on_frame(void *ctx, const unsigned char *p, size_t n)
 {
     run_t *r = ctx;
-    return fp_srv_sess_frame(&r->sess, p, n) != 0; /* stop once the session is over */
+    int rc = fp_srv_sess_frame(&r->sess, p, n);
+    if (rc == 0) /* the disk work a driver would run off the loop */
+        rc = fp_srv_sess_drive(&r->sess);
+    return rc != 0; /* stop once the session is over */
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
