@@ -213,6 +213,11 @@ uint64_t fp_upload_started_at(const fp_upload_t *u)
     return u->start;
 }
 
+uint64_t fp_upload_acked(const fp_upload_t *u)
+{
+    return u->acked;
+}
+
 uint64_t fp_upload_sent(const fp_upload_t *u)
 {
     return u->sent;

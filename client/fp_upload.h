@@ -45,6 +45,9 @@ uint64_t fp_upload_sent(const fp_upload_t *u);
 /* The offset the coordinator's first Ack named: its durable prefix when this session began. */
 uint64_t fp_upload_started_at(const fp_upload_t *u);
 
+/* The durable prefix the coordinator has acknowledged so far. */
+uint64_t fp_upload_acked(const fp_upload_t *u);
+
 /* Cuts the connection now, as a network failure would (done fires with ok = 0). */
 void fp_upload_cut(fp_upload_t *u);
 
