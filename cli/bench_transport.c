@@ -23,6 +23,7 @@
 #include "cli.h"
 #include "fp_ca.h"
 #include "fp_fs.h"
+#include "fp_rng.h"
 #include "fp_srv_link.h"
 #include "fp_stream.h"
 #include "fp_upload.h"
@@ -78,13 +79,6 @@ static double sha256_gbs(const unsigned char *data, size_t n, uint8_t h[32])
     double t0 = fp_now();
     fp_sha256(data, n, h);
     return (double)n / (fp_now() - t0) / 1e9;
-}
-
-/* out = base + rel; 0, or -ENAMETOOLONG. */
-static int path_in(char out[4096], const char *base, const char *rel)
-{
-    int n = snprintf(out, 4096, "%s/%s", base, rel);
-    return n < 0 || n >= 4096 ? -ENAMETOOLONG : 0;
 }
 
 /* ---- the coordinator (child process) ---- */
@@ -145,45 +139,48 @@ static int c_committed(void *ctx, uint64_t id, const char *path, char *reason, s
     return 0;
 }
 
-/* Serves one upload; writes the port, then 1 byte (1: stored) to fd. */
+/* Serves one upload; writes the port (-1: could not start), then 1 byte (1: stored) to fd.
+ * Returns the child's exit status. */
 static int coordinator(const char *dir, const char *pki, uint64_t ack_every, int fd)
 {
     signal(SIGPIPE, SIG_IGN);
-    char crt[4096], key[4096], ca[4096], crl[4096], spool[4096];
+    char *crt = fp_path_join(pki, "servers/127.0.0.1/server.crt");
+    char *key = fp_path_join(pki, "servers/127.0.0.1/server.key");
+    char *ca = fp_path_join(pki, "ca.crt"), *crl = fp_path_join(pki, "ca.crl");
+    char *spool = fp_path_join(dir, "spool");
     fp_err_t err = {0};
-    if (path_in(crt, pki, "servers/127.0.0.1/server.crt") ||
-        path_in(key, pki, "servers/127.0.0.1/server.key") || path_in(ca, pki, "ca.crt") ||
-        path_in(crl, pki, "ca.crl") || path_in(spool, dir, "spool"))
-        return 1;
-    fp_tls_cfg_t cfg = {.server = 1, .cert = crt, .key = key, .ca = ca, .crl = crl};
     fp_tls_ctx_t *tls = NULL;
     uv_loop_t loop;
     uv_loop_init(&loop);
     coord_t c = {.loop = &loop, .dir = dir};
     fp_srv_link_t link = {.ops = {c_hello, c_update, c_resume, c_committed, NULL, NULL},
                           .app = &c, .spool_dir = spool, .ack_every = ack_every};
-    int rc = fp_fs_mkdirs(spool, 0700, &err);
+    fp_tls_cfg_t cfg = {.server = 1, .cert = crt, .key = key, .ca = ca, .crl = crl};
+    int32_t port = -1;
+    int rc = crt && key && ca && crl && spool ? 0 : fp_err_set(&err, -ENOMEM, "out of memory");
+    if (rc == 0)
+        rc = fp_fs_mkdirs(spool, 0700, &err);
     if (rc == 0)
         rc = fp_tls_ctx_new(&tls, &cfg, &err);
     if (rc == 0)
         rc = fp_listen(&c.l, &loop, "127.0.0.1", 0, tls, NULL, fp_srv_link_ops(), &link, &err);
-    if (rc != 0) {
+    if (rc != 0)
         fprintf(stderr, "fedpeft bench: coordinator: %s\n", fp_err_msg(&err));
-        int32_t none = -1;
-        if (write(fd, &none, sizeof none) < 0)
-            rc = -errno;
-        fp_tls_ctx_free(tls);
-        return 1;
+    else
+        port = fp_listener_port(c.l);
+    if (write(fd, &port, sizeof port) == sizeof port && rc == 0) {
+        uv_run(&loop, UV_RUN_DEFAULT);
+        unsigned char ok = (unsigned char)c.committed;
+        if (write(fd, &ok, 1) != 1)
+            c.committed = 0;
     }
-    int32_t port = fp_listener_port(c.l);
-    if (write(fd, &port, sizeof port) != sizeof port)
-        return 1;
-    uv_run(&loop, UV_RUN_DEFAULT);
-    unsigned char ok = (unsigned char)c.committed;
-    if (write(fd, &ok, 1) != 1)
-        return 1;
     uv_loop_close(&loop);
     fp_tls_ctx_free(tls);
+    free(crt);
+    free(key);
+    free(ca);
+    free(crl);
+    free(spool);
     return c.committed ? 0 : 1;
 }
 
@@ -254,10 +251,12 @@ int fp_bench_transport(int argc, char **argv)
     fp_tls_ctx_t *tls = NULL;
     pid_t child = -1;
     int pfd[2] = {-1, -1};
-    char pki[4096], ccrt[4096], ckey[4096], cca[4096];
-    if (path_in(pki, dir, "pki") || path_in(ccrt, pki, "sites/site-a/site.crt") ||
-        path_in(ckey, pki, "sites/site-a/site.key") || path_in(cca, pki, "ca.crt")) {
-        fp_cli_fail("bench", "the path %s is too long", dir);
+    char *pki = fp_path_join(dir, "pki");
+    char *ccrt = pki ? fp_path_join(pki, "sites/site-a/site.crt") : NULL;
+    char *ckey = pki ? fp_path_join(pki, "sites/site-a/site.key") : NULL;
+    char *cca = pki ? fp_path_join(pki, "ca.crt") : NULL;
+    if (!ccrt || !ckey || !cca) {
+        fp_cli_fail("bench", "out of memory");
         goto out;
     }
 
@@ -281,11 +280,10 @@ int fp_bench_transport(int argc, char **argv)
         fp_cli_fail("bench", "out of memory for a %lld MiB stream", mib);
         goto out;
     }
-    uint64_t x = 88172645463325252ull; /* xorshift: incompressible, cheap */
+    fp_rng_t rng; /* incompressible bytes */
+    fp_rng_seed(&rng, 88172645463325252ull);
     for (size_t i = 0; i + 8 <= total; i += 8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        uint64_t x = fp_rng_u64(&rng);
         memcpy(data + i, &x, 8);
     }
     fprintf(stderr, "  single-core SHA-256 ...\n");
@@ -402,6 +400,10 @@ out:
         close(pfd[1]);
     fp_tls_ctx_free(tls);
     free(data);
+    free(pki);
+    free(ccrt);
+    free(ckey);
+    free(cca);
     if (!dir_opt)
         fp_fs_remove_tree(dir, NULL);
     return rc;

@@ -11,6 +11,7 @@
 
 #include "fp_ca.h"
 #include "fp_fs.h"
+#include "fp_rng.h"
 #include "fp_srv_link.h"
 #include "fp_stream.h"
 #include "fp_upload.h"
@@ -101,11 +102,10 @@ static void test_256mib_and_resume(void **state)
     (void)state;
     blob = malloc(TOTAL);
     assert_non_null(blob);
-    uint64_t x = 88172645463325252ull;
-    for (size_t i = 0; i < TOTAL; i += 8) { /* xorshift: incompressible, cheap */
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+    fp_rng_t rng; /* incompressible bytes */
+    fp_rng_seed(&rng, 88172645463325252ull);
+    for (size_t i = 0; i < TOTAL; i += 8) {
+        uint64_t x = fp_rng_u64(&rng);
         memcpy(blob + i, &x, 8);
     }
     fp_sha256(blob, TOTAL, blob_sha);
