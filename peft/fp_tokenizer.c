@@ -369,7 +369,8 @@ static int load_nz(json_t *j, nz_t *z, const char *path, fp_err_t *err)
         if (!json_is_string(p))
             return fp_err_set(err, -EBADMSG, "%s: Prepend normalizer without \"prepend\"", path);
         z->type = NZ_PREPEND;
-        z->a = strdup(json_string_value(p));
+        if (!(z->a = strdup(json_string_value(p))))
+            return fp_err_set(err, -ENOMEM, "out of memory");
         z->alen = strlen(z->a);
         return 0;
     }
@@ -383,6 +384,8 @@ static int load_nz(json_t *j, nz_t *z, const char *path, fp_err_t *err)
         z->a = strdup(pat);
         z->alen = strlen(pat);
         z->b = strdup(json_string_value(content));
+        if (!z->a || !z->b)
+            return fp_err_set(err, -ENOMEM, "out of memory");
         z->blen = strlen(z->b);
         if (is_re && !(z->re = compile_re(pat, strlen(pat), 0, err, path)))
             return -EBADMSG;
@@ -551,7 +554,7 @@ static int load_dc(fp_tokenizer_t *t, json_t *j, const char *path)
         d->a = strdup(pat);
         d->alen = strlen(pat);
         d->b = strdup(json_string_value(c));
-        d->blen = strlen(d->b);
+        d->blen = d->b ? strlen(d->b) : 0;
     } else if (!strcmp(type, "Strip")) {
         const char *c = " ";
         long long s = 0, e = 0;
@@ -574,7 +577,11 @@ static int load_dc(fp_tokenizer_t *t, json_t *j, const char *path)
     } else {
         return -1;
     }
-    t->ndec++;
+    t->ndec++; /* counted even when a copy failed: freed with the others */
+    if ((d->type == DC_REPLACE || d->type == DC_STRIP || d->type == DC_METASPACE) && !d->a)
+        return -1;
+    if (d->type == DC_REPLACE && !d->b)
+        return -1;
     return 0;
 }
 
