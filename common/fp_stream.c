@@ -271,3 +271,32 @@ int fp_stream_rx_finish(fp_stream_rx_t *rx, const uint8_t sha256[32], const char
     reset(rx);
     return rc;
 }
+
+void fp_sha256_hex(const uint8_t sha[32], char out[65])
+{
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < 32; i++) {
+        out[2 * i] = digits[sha[i] >> 4];
+        out[2 * i + 1] = digits[sha[i] & 15];
+    }
+    out[64] = '\0';
+}
+
+static int hexval(int ch)
+{
+    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 :
+           ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
+}
+
+int fp_sha256_parse(const char *hex, uint8_t out[32])
+{
+    if (!hex || strlen(hex) != 64)
+        return -EINVAL;
+    for (int i = 0; i < 32; i++) {
+        int a = hexval(hex[2 * i]), b = hexval(hex[2 * i + 1]);
+        if (a < 0 || b < 0)
+            return -EINVAL;
+        out[i] = (uint8_t)(a << 4 | b);
+    }
+    return 0;
+}

@@ -65,5 +65,9 @@ void fp_stream_rx_discard(fp_stream_rx_t *rx);
 
 /* SHA-256 of a buffer (helper for senders and tests). */
 void fp_sha256(const void *data, size_t n, uint8_t out[32]);
+/* 64 lowercase hex digits and a NUL. */
+void fp_sha256_hex(const uint8_t sha[32], char out[65]);
+/* Parses 64 hex digits; -EINVAL otherwise. */
+int fp_sha256_parse(const char *hex, uint8_t out[32]);
 
 #endif

@@ -203,13 +203,13 @@ static int ends_with(const char *s, size_t sl, const char *suf)
     return sl >= n && !memcmp(s + sl - n, suf, n);
 }
 
-int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err)
+/* The factors in st_path with the configuration cfg (cfg->r < 0: any rank). */
+static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
+                        fp_adapter_t **out, fp_err_t *err)
 {
-    *out = NULL;
     int rc = 0;
-    char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
-    char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
-    peft_config_t cfg = {0};
+    peft_config_t cfg = *cfg_in;
+    const char *cfg_path = cfg.path;
     fp_st_file_t *st = NULL;
     key_ref_t *keys = NULL;
     char *paths = NULL;
@@ -217,38 +217,6 @@ int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err
     unsigned char *owned = NULL;
     const fp_st_tensor_t **ta = NULL, **tb = NULL;
     fp_adapter_t *ad = NULL;
-    if (!cfg_path || !st_path) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
-    }
-    if (!fp_fs_is_dir(dir)) {
-        rc = fp_err_set(err, fp_fs_exists(dir) ? -ENOTDIR : -ENOENT,
-                        "%s: %s", dir, fp_fs_exists(dir) ? "not a directory" :
-                        "no such adapter directory");
-        goto out;
-    }
-    if (!fp_fs_exists(cfg_path)) {
-        rc = fp_err_set(err, -ENOENT, "%s: no " FP_PEFT_CONFIG " (not a Hugging Face PEFT "
-                        "adapter directory)", dir);
-        goto out;
-    }
-    if (!fp_fs_exists(st_path)) {
-        char *bin = fp_path_join(dir, "adapter_model.bin");
-        int has_bin = bin && fp_fs_exists(bin);
-        free(bin);
-        rc = fp_err_set(err, -ENOENT, has_bin ?
-                        "%s: only adapter_model.bin (PyTorch pickle) found; fedpeft reads "
-                        FP_PEFT_WEIGHTS " (save with safe_serialization=True)" :
-                        "%s: no " FP_PEFT_WEIGHTS, dir);
-        goto out;
-    }
-    cfg.path = cfg_path;
-    if (!(cfg.root = fp_json_load_file(cfg_path, CONFIG_MAX_BYTES, err))) {
-        rc = err ? err->code : -EBADMSG;
-        goto out;
-    }
-    if ((rc = config_parse(&cfg, err)) != 0)
-        goto out;
     if ((rc = fp_st_open(&st, st_path, err)) != 0)
         goto out;
 
@@ -336,7 +304,7 @@ int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err
         d->rank = (int)a->shape[0];
         d->d_in = (int)a->shape[1];
         d->d_out = (int)b->shape[0];
-        double v = (double)cfg.r;
+        double v = cfg.r < 0 ? d->rank : (double)cfg.r;
         if ((rc = pattern_lookup(cfg.rank_pattern, k->path, &v, err, cfg_path,
                                  "rank_pattern")) < 0)
             goto out;
@@ -392,10 +360,10 @@ int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err
         }
     }
     const char *s;
-    if (fp_json_opt_string(cfg.root, "base_model_name_or_path", &s, cfg_path, NULL) == 1 &&
-        !(ad->base_model = strdup(s)))
+    if (cfg.root && fp_json_opt_string(cfg.root, "base_model_name_or_path", &s, cfg_path,
+                                       NULL) == 1 && !(ad->base_model = strdup(s)))
         rc = fp_err_set(err, -ENOMEM, "out of memory");
-    if (fp_json_opt_string(cfg.root, "task_type", &s, cfg_path, NULL) == 1 &&
+    if (cfg.root && fp_json_opt_string(cfg.root, "task_type", &s, cfg_path, NULL) == 1 &&
         !(ad->task_type = strdup(s)))
         rc = fp_err_set(err, -ENOMEM, "out of memory");
     if (rc)
@@ -412,16 +380,75 @@ int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err
 out:
     fp_adapter_free(ad);
     fp_st_close(st);
-    json_decref(cfg.root);
     free(ta);
     free(tb);
     free(owned);
     free(descs);
     free(paths);
     free(keys);
+    return rc;
+}
+
+
+int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err)
+{
+    *out = NULL;
+    int rc = 0;
+    char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
+    char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
+    peft_config_t cfg = {0};
+    if (!cfg_path || !st_path) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (!fp_fs_is_dir(dir)) {
+        rc = fp_err_set(err, fp_fs_exists(dir) ? -ENOTDIR : -ENOENT,
+                        "%s: %s", dir, fp_fs_exists(dir) ? "not a directory" :
+                        "no such adapter directory");
+        goto out;
+    }
+    if (!fp_fs_exists(cfg_path)) {
+        rc = fp_err_set(err, -ENOENT, "%s: no " FP_PEFT_CONFIG " (not a Hugging Face PEFT "
+                        "adapter directory)", dir);
+        goto out;
+    }
+    if (!fp_fs_exists(st_path)) {
+        char *bin = fp_path_join(dir, "adapter_model.bin");
+        int has_bin = bin && fp_fs_exists(bin);
+        free(bin);
+        rc = fp_err_set(err, -ENOENT, has_bin ?
+                        "%s: only adapter_model.bin (PyTorch pickle) found; fedpeft reads "
+                        FP_PEFT_WEIGHTS " (save with safe_serialization=True)" :
+                        "%s: no " FP_PEFT_WEIGHTS, dir);
+        goto out;
+    }
+    cfg.path = cfg_path;
+    if (!(cfg.root = fp_json_load_file(cfg_path, CONFIG_MAX_BYTES, err))) {
+        rc = err ? err->code : -EBADMSG;
+        goto out;
+    }
+    if ((rc = config_parse(&cfg, err)) != 0)
+        goto out;
+    rc = load_weights(st_path, &cfg, flags, out, err);
+out:
+    json_decref(cfg.root);
     free(cfg_path);
     free(st_path);
     return rc;
+}
+
+int fp_hfpeft_load_factors(const char *path, double alpha, int rslora, int flags,
+                           fp_adapter_t **out, fp_err_t *err)
+{
+    *out = NULL;
+    if (!isfinite(alpha) || alpha == 0)
+        return fp_err_set(err, -EINVAL, "%s: alpha must be finite and non-zero", path);
+    peft_config_t cfg = {0};
+    cfg.path = path;
+    cfg.r = -1; /* each module's rank is its tensors' */
+    cfg.alpha = alpha;
+    cfg.rslora = rslora;
+    return load_weights(path, &cfg, flags, out, err);
 }
 
 /* ---- saving ---- */
@@ -514,7 +541,7 @@ out:
     return j;
 }
 
-static int write_files(const fp_adapter_t *ad, const char *dir, json_t *cfg, fp_err_t *err)
+int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, fp_err_t *err)
 {
     int rc = 0;
     size_t ne = 2 * (size_t)ad->n;
@@ -524,9 +551,7 @@ static int write_files(const fp_adapter_t *ad, const char *dir, json_t *cfg, fp_
     for (int i = 0; i < ad->n; i++)
         keylen += 2 * (strlen(ad->mods[i].name) + 40);
     keybuf = malloc(keylen ? keylen : 1);
-    char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
-    char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
-    if (!e || !keybuf || !st_path || !cfg_path) {
+    if (!e || !keybuf) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
     }
@@ -546,14 +571,24 @@ static int write_files(const fp_adapter_t *ad, const char *dir, json_t *cfg, fp_
             x->f32 = f ? m->B : m->A;
         }
     }
-    if ((rc = fp_st_write(st_path, e, ne, NULL, err)) != 0)
-        goto out;
-    rc = fp_json_write_file(cfg_path, cfg, err);
+    rc = fp_st_write(st_path, e, ne, NULL, err);
 out:
-    free(cfg_path);
-    free(st_path);
     free(keybuf);
     free(e);
+    return rc;
+}
+
+static int write_files(const fp_adapter_t *ad, const char *dir, json_t *cfg, fp_err_t *err)
+{
+    int rc;
+    char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
+    char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
+    if (!st_path || !cfg_path)
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    else if ((rc = fp_hfpeft_write_factors(ad, st_path, err)) == 0)
+        rc = fp_json_write_file(cfg_path, cfg, err);
+    free(cfg_path);
+    free(st_path);
     return rc;
 }
 

@@ -38,6 +38,14 @@ int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err
  * file is replaced atomically. Fails if modules disagree on rsLoRA (PEFT has one flag). */
 int fp_hfpeft_save(const fp_adapter_t *ad, const char *dir, fp_err_t *err);
 
+/* The factors alone: a safetensors file with the keys above and no adapter_config.json (what
+ * travels between coordinator and sites, and what the coordinator stores). Each module's rank
+ * is its tensors'; alpha and rslora, the federation's, apply to every module. */
+int fp_hfpeft_load_factors(const char *path, double alpha, int rslora, int flags,
+                           fp_adapter_t **out, fp_err_t *err);
+/* Writes ad's factors (F32) to path durably, as fp_hfpeft_load_factors reads them. */
+int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *path, fp_err_t *err);
+
 /* "base_model.model.<module>.lora_<A|B>.weight" into buf; -ENAMETOOLONG if it does not fit. */
 int fp_hfpeft_key(char *buf, size_t n, const char *module, char which);
 

@@ -45,6 +45,11 @@ typedef struct fp_train_result {
     int stopped;         /* the callback asked to stop */
 } fp_train_result_t;
 
+/* The modules a LoRA of rank r on `targets` has for a model of config c, in layer and target
+ * order, each with its shape. *out is one allocation holding the names too (free it). */
+int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double alpha,
+                  int rslora, fp_module_desc_t **out, int *n, fp_err_t *err);
+
 /* A fresh adapter as PEFT initialises one: every target of every layer, A ~ U(±1/√d_in)
  * (Kaiming-uniform with a = √5), B = 0 — so the model starts unchanged. */
 int fp_lora_init(const fp_model_t *m, unsigned targets, int rank, double alpha, int rslora,

@@ -10,6 +10,8 @@ static int peer_send(void *ctx, const unsigned char *frame, size_t len)
 
 static void peer_free(fp_srv_peer_t *p)
 {
+    if (p->link->peer_free)
+        p->link->peer_free(p);
     fp_srv_sess_free(&p->sess);
     free(p);
 }
@@ -81,6 +83,8 @@ static void link_open(fp_conn_t *c)
     fp_srv_sess_init(&p->sess, &ops, p, l->spool_dir, l->ack_every);
     fp_conn_set_data(c, p);
     l->sessions++;
+    if (l->peer_open)
+        l->peer_open(p);
 }
 
 static void link_frame(fp_conn_t *c, const unsigned char *f, size_t n)
@@ -90,18 +94,26 @@ static void link_frame(fp_conn_t *c, const unsigned char *f, size_t n)
         settle(p, fp_srv_sess_frame(&p->sess, f, n));
 }
 
+static void link_drain(fp_conn_t *c)
+{
+    fp_srv_peer_t *p = fp_conn_data(c);
+    if (p && p->link->peer_drain)
+        p->link->peer_drain(p);
+}
+
 static void link_close(fp_conn_t *c, const char *why)
 {
-    (void)why;
     fp_srv_peer_t *p = fp_conn_data(c);
     if (!p)
         return;
     p->conn = NULL;
+    if (p->link->peer_close)
+        p->link->peer_close(p, why);
     if (!p->busy) /* otherwise freed when its job comes back */
         peer_free(p);
 }
 
-static const fp_conn_ops_t link_ops = {link_open, link_frame, NULL, link_close};
+static const fp_conn_ops_t link_ops = {link_open, link_frame, link_drain, link_close};
 
 const fp_conn_ops_t *fp_srv_link_ops(void)
 {

@@ -12,12 +12,21 @@
 #include "fp_conn.h"
 #include "fp_srv_sess.h"
 
+struct fp_srv_peer;
+
 typedef struct fp_srv_link {
     fp_srv_sess_ops_t ops; /* send is filled in by the link */
     void *app;
     const char *spool_dir;
     uint64_t ack_every;
     uint64_t sessions, over; /* counters */
+    /* Optional application hooks, on the loop: a session began (after the handshake); its
+     * connection closed (the session may still finish a job); the peer is about to be freed;
+     * the connection's send queue drained. */
+    void (*peer_open)(struct fp_srv_peer *p);
+    void (*peer_close)(struct fp_srv_peer *p, const char *why);
+    void (*peer_free)(struct fp_srv_peer *p);
+    void (*peer_drain)(struct fp_srv_peer *p);
 } fp_srv_link_t;
 
 typedef struct fp_srv_peer {
@@ -29,6 +38,7 @@ typedef struct fp_srv_peer {
     fp_srv_sess_t sess;
     uv_work_t work;
     int busy;                /* a job is on the thread pool */
+    void *user;              /* the application's, per session */
 } fp_srv_peer_t;
 
 const fp_conn_ops_t *fp_srv_link_ops(void);

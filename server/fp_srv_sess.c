@@ -118,7 +118,10 @@ static int on_hello(fp_srv_sess_t *s, const Fedpeft__Hello *h)
         return refuse(s, code, "%s", reason);
     env.body_case = FEDPEFT__ENVELOPE__BODY_WELCOME;
     env.welcome = &w;
-    return send_env(s, &env);
+    int rc = send_env(s, &env);
+    if (rc == 0 && s->ops.welcomed)
+        s->ops.welcomed(s->ctx);
+    return rc;
 }
 
 /* Queues opening the spool; the first Ack (where to start) goes out when it is open. */
@@ -309,6 +312,9 @@ void fp_srv_sess_job_run(fp_srv_sess_t *s)
     if (j->finish && rc == 0) {
         rc = fp_stream_rx_finish(&s->rx, j->sha256, s->final_path, &j->err);
         j->rc = rc ? STAGE_FINISH : 0;
+        if (rc == 0 && s->ops.verify)
+            j->vcode = s->ops.verify(s->ctx, s->stream_id, s->final_path, j->sha256, j->vreason,
+                                     sizeof j->vreason);
     }
 }
 
@@ -352,6 +358,8 @@ int fp_srv_sess_job_end(fp_srv_sess_t *s)
         rc = send_ack(s, s->rx.id, s->rx.durable, 0);
     if (rc == 0 && j.finish) {
         s->committing = 0;
+        if (j.vcode)
+            return refuse(s, j.vcode, "%s", j.vreason);
         char reason[FP_REASON_MAX] = "";
         int code = s->ops.committed(s->ctx, s->stream_id, s->final_path, reason, sizeof reason);
         if (code)

@@ -52,6 +52,13 @@ typedef struct fp_srv_sess_ops {
     void (*heartbeat)(void *ctx, const Fedpeft__Heartbeat *h);
     /* Queues bytes for the peer; 0 or a negative errno. */
     int (*send)(void *ctx, const unsigned char *frame, size_t len);
+    /* Optional, called on the job's thread (off the event loop) once the stream is verified
+     * and at its path, before committed: check and record what arrived (the application's
+     * heavy work). 0, or an Error code and a reason, which refuses the upload. */
+    int (*verify)(void *ctx, uint64_t id, const char *path, const uint8_t sha256[32],
+                  char *reason, size_t n);
+    /* Optional: the Welcome has been queued (what the application sends now follows it). */
+    void (*welcomed)(void *ctx);
 } fp_srv_sess_ops_t;
 
 typedef struct fp_sess_item fp_sess_item_t; /* a queued chunk or a waiting frame */
@@ -66,6 +73,8 @@ typedef struct fp_sess_job {
     int finish;              /* verify sha256 and move into final_path */
     uint8_t sha256[32];
     int rc;                  /* outcome (job_run) */
+    int vcode;               /* verify's Error code (0: accepted) */
+    char vreason[FP_REASON_MAX];
     fp_err_t err;
 } fp_sess_job_t;
 

@@ -1,0 +1,79 @@
+/* fp_site.h — a site's session with the coordinator over one mTLS connection.
+ *
+ * Hello → Welcome; then, for each round the site is sampled into: a Task and its tensor
+ * stream (verified against the Commit's SHA-256) are handed to ops.task; the application
+ * trains (off the loop) and calls fp_site_upload (or fp_site_resume after a broken
+ * connection); Acks report the durable prefix; the final Ack calls ops.stored. An Error from
+ * the coordinator, or a broken connection, ends the session (ops.closed); the application
+ * reconnects with a new one. */
+#ifndef FP_SITE_H
+#define FP_SITE_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "fp_adapter_stream.h"
+#include "fp_conn.h"
+#include "fp_msg.h"
+
+typedef struct fp_site fp_site_t;
+
+typedef struct fp_site_hello {
+    const char *name;          /* must equal the certificate's CN */
+    uint8_t model_sha256[32];
+    uint32_t rank_budget;
+    uint64_t samples;
+} fp_site_hello_t;
+
+typedef struct fp_site_task {
+    uint64_t round, task_id;
+    int rank;
+    double alpha;
+    int rslora;
+    int restart;               /* 1: fold the stream (the global update) in, train afresh */
+    double lr, weight_decay;
+    int steps, batch, seq_len;
+    uint64_t seed;
+    int64_t deadline_unix_ms;
+    const unsigned char *data; /* the stream (valid during the call) */
+    uint64_t len;
+    const fp_stream_tensor_t *t;
+    int n;
+} fp_site_task_t;
+
+typedef struct fp_site_ops {
+    void (*welcome)(void *ctx, fp_site_t *s, uint64_t round);
+    void (*task)(void *ctx, fp_site_t *s, const fp_site_task_t *t);
+    void (*stored)(void *ctx, fp_site_t *s, uint64_t task_id);
+    /* The session ended: code is the coordinator's Error code (0: none), why says why. */
+    void (*closed)(void *ctx, fp_site_t *s, int code, const char *why);
+} fp_site_ops_t;
+
+int fp_site_connect(fp_site_t **out, uv_loop_t *loop, const char *host, int port,
+                    fp_tls_ctx_t *tls, const fp_conn_cfg_t *cfg, const fp_site_hello_t *hello,
+                    const fp_site_ops_t *ops, void *ctx, fp_err_t *err);
+
+typedef struct fp_site_update {
+    uint64_t task_id;
+    uint64_t samples;
+    int rank;
+    double train_loss, eval_before, eval_after, seconds;
+    const unsigned char *data; /* the stream (borrowed until stored or closed) */
+    uint64_t len;
+    const fp_stream_tensor_t *t;
+    int n;
+} fp_site_update_t;
+
+/* Announces and sends an update (resume: continue a stream the coordinator holds part of). */
+int fp_site_upload(fp_site_t *s, const fp_site_update_t *u, int resume);
+
+/* Bytes of the current upload the coordinator has acknowledged as durable. */
+uint64_t fp_site_acked(const fp_site_t *s);
+
+/* Closes the session (ops.closed follows); cut = 1 drops it as a network failure would. */
+void fp_site_close(fp_site_t *s, int cut);
+
+/* Frees a session after ops.closed. */
+void fp_site_free(fp_site_t *s);
+
+#endif

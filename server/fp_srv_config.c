@@ -1,0 +1,202 @@
+#include "fp_srv_config.h"
+
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_fs.h"
+#include "fp_merge.h"
+#include "fp_model.h"
+#include "fp_stream.h"
+
+#define O(f) offsetof(fp_srv_config_t, f)
+#define BIG 1e18
+
+const fp_setting_t fp_srv_settings[] = {
+    {"server", "listen", FP_SET_STR, O(listen), "127.0.0.1:7443", 0, 0, 0,
+     "address and port for sites (host:port; port 0 picks a free one)"},
+    {"server", "cert", FP_SET_STR, O(cert), "", 0, 0, 0,
+     "coordinator certificate (PEM), from `fedpeft ca issue --server`"},
+    {"server", "key", FP_SET_STR, O(key), "", 0, 0, 0, "its private key (PEM)"},
+    {"server", "ca", FP_SET_STR, O(ca), "", 0, 0, 0, "the federation CA certificate"},
+    {"server", "crl", FP_SET_STR, O(crl), "", 0, 0, 0,
+     "the federation CRL (mandatory; SIGHUP re-reads it)"},
+    {"server", "state_dir", FP_SET_STR, O(state_dir), "/var/lib/fedpeft-server", 0, 0, 0,
+     "database, adapters and spool (one file system)"},
+    {"server", "metrics", FP_SET_STR, O(metrics), "127.0.0.1:9464", 0, 0, 0,
+     "Prometheus endpoint host:port (GET /metrics); empty: off"},
+    {"server", "exit_when_done", FP_SET_BOOL, O(exit_when_done), "false", 0, 0, 1,
+     "exit once the last of `rounds` has closed (simulations, tests)"},
+    {"server", "handshake_ms", FP_SET_INT, O(handshake_ms), "10000", 100, 600000, 0,
+     "TLS handshake time limit"},
+    {"server", "idle_ms", FP_SET_INT, O(idle_ms), "120000", 100, 86400000, 0,
+     "a session that sends nothing this long is closed (sites send heartbeats)"},
+
+    {"federation", "name", FP_SET_STR, O(name), "fedpeft", 0, 0, 0, "federation name"},
+    {"federation", "base_model_config", FP_SET_STR, O(base_model_config), "", 0, 0, 0,
+     "the base model's config.json (module shapes)"},
+    {"federation", "base_model_sha256", FP_SET_STR, O(base_model_sha256), "", 0, 0, 0,
+     "SHA-256 (hex) of the base weights every site must hold; sites with other weights are "
+     "refused at Hello"},
+    {"federation", "target_modules", FP_SET_STR, O(target_modules), "q_proj,v_proj", 0, 0, 0,
+     "adapted projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all)"},
+    {"federation", "alpha", FP_SET_DOUBLE, O(alpha), "16", 1e-6, 1e6, 0, "lora_alpha"},
+    {"federation", "rslora", FP_SET_BOOL, O(rslora), "false", 0, 0, 0,
+     "scale alpha/sqrt(r) instead of alpha/r"},
+    {"federation", "r_max", FP_SET_INT, O(r_max), "16", 1, 4096, 0,
+     "rank of the global adapter; sites train min(r_max, budget, cap)"},
+    {"federation", "rank_caps", FP_SET_STR, O(rank_caps), "", 0, 0, 1,
+     "per-site rank caps, e.g. site-a:4,site-b:8"},
+    {"federation", "strategy", FP_SET_STR, O(strategy), "flexlora", 0, 0, 0,
+     "fedavg, ffa, zeropad, flexlora (continue) or flora, florist (restart)"},
+    {"federation", "florist_energy", FP_SET_DOUBLE, O(florist_energy), "0.99", 1e-6, 1, 1,
+     "florist: fraction of the spectrum's energy kept"},
+    {"federation", "zeropad_norm_weighted", FP_SET_BOOL, O(zeropad_norm_weighted), "false", 0, 0,
+     1, "zeropad: also weight sites by the norm of their update"},
+    {"federation", "restart_rank_cap", FP_SET_INT, O(restart_rank_cap), "64", 1, 65536, 1,
+     "flora/florist: the accumulated global update is re-compressed (exact SVD) above this rank"},
+    {"federation", "rounds", FP_SET_INT, O(rounds), "0", 0, BIG, 1, "rounds to run; 0: forever"},
+    {"federation", "min_sites", FP_SET_INT, O(min_sites), "2", 1, 1000000, 1,
+     "connected sites needed to open a round"},
+    {"federation", "fraction", FP_SET_DOUBLE, O(fraction), "1", 1e-9, 1, 1,
+     "fraction of connected sites sampled into a round (at least min_sites)"},
+    {"federation", "max_sites", FP_SET_INT, O(max_sites), "0", 0, 1000000, 1,
+     "most sites in a round; 0: no cap"},
+    {"federation", "min_updates", FP_SET_INT, O(min_updates), "1", 1, 1000000, 1,
+     "updates needed to aggregate when the deadline passes"},
+    {"federation", "round_deadline_s", FP_SET_DOUBLE, O(round_deadline_s), "600", 0.1, 1e7, 1,
+     "seconds a round waits for updates"},
+    {"federation", "seed", FP_SET_INT, O(seed), "1", 0, BIG, 0,
+     "seeds site sampling, the initial adapter and task seeds"},
+
+    {"train", "lr", FP_SET_DOUBLE, O(lr), "0.001", 0, 10, 1, "local learning rate"},
+    {"train", "weight_decay", FP_SET_DOUBLE, O(weight_decay), "0", 0, 10, 1, "AdamW decay"},
+    {"train", "steps", FP_SET_INT, O(steps), "50", 1, 10000000, 1, "local steps per round"},
+    {"train", "batch", FP_SET_INT, O(batch), "8", 1, 65536, 1, "sequences per step"},
+    {"train", "seq_len", FP_SET_INT, O(seq_len), "128", 1, 1048576, 1, "tokens per sequence"},
+
+    {"validation", "norm_bound", FP_SET_DOUBLE, O(norm_bound), "0", 0, 1e12, 1,
+     "bound on the Frobenius norm of a site's contribution to a round (0: none)"},
+    {"validation", "norm_action", FP_SET_STR, O(norm_action), "refuse", 0, 0, 1,
+     "over the bound: clip (scale the contribution down) or refuse"},
+    {"validation", "max_samples", FP_SET_INT, O(max_samples), "1000000000", 1, BIG, 1,
+     "largest sample count an update may claim"},
+    FP_SET_END,
+};
+
+void fp_srv_config_free(fp_srv_config_t *c)
+{
+    fp_settings_free(fp_srv_settings, c);
+}
+
+int fp_split_hostport(const char *s, char *host, size_t n, int *port, fp_err_t *err)
+{
+    const char *colon = s ? strrchr(s, ':') : NULL;
+    if (!colon || colon == s)
+        return fp_err_set(err, -EINVAL, "'%s': expected host:port", s ? s : "");
+    const char *h = s;
+    size_t hl = (size_t)(colon - s);
+    if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']') {
+        h++;
+        hl -= 2;
+    }
+    if (hl + 1 > n)
+        return fp_err_set(err, -EINVAL, "'%s': host name too long", s);
+    char *end;
+    long p = strtol(colon + 1, &end, 10);
+    if (!colon[1] || *end || p < 0 || p > 65535)
+        return fp_err_set(err, -EINVAL, "'%s': bad port", s);
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port = (int)p;
+    return 0;
+}
+
+/* Parses "name:rank,name:rank"; with want set, the cap of that site (0 if none). */
+static int parse_caps(const char *s, const char *want, int *cap, fp_err_t *err)
+{
+    *cap = 0;
+    if (!s)
+        return 0;
+    const char *p = s;
+    while (*p) {
+        const char *comma = strchr(p, ',');
+        size_t len = comma ? (size_t)(comma - p) : strlen(p);
+        const char *colon = memchr(p, ':', len);
+        char *end;
+        long r = colon ? strtol(colon + 1, &end, 10) : 0;
+        if (!colon || colon == p || end != p + len || r < 1 || r > 65536)
+            return fp_err_set(err, -EINVAL, "federation.rank_caps: '%.*s' is not site:rank",
+                              (int)len, p);
+        if (want && strlen(want) == (size_t)(colon - p) && !strncmp(want, p, (size_t)(colon - p)))
+            *cap = (int)r;
+        p += len + (comma ? 1 : 0);
+    }
+    return 0;
+}
+
+int fp_srv_config_rank_cap(const fp_srv_config_t *c, const char *site)
+{
+    int cap = 0;
+    parse_caps(c->rank_caps, site, &cap, NULL);
+    return cap;
+}
+
+int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
+{
+    char host[256];
+    int port, rc, cap;
+    fp_strategy_t st;
+    unsigned mask;
+    if ((rc = fp_split_hostport(c->listen, host, sizeof host, &port, err)) != 0)
+        return fp_err_prefix(err, rc, "server.listen: ");
+    if (c->metrics && (rc = fp_split_hostport(c->metrics, host, sizeof host, &port, err)) != 0)
+        return fp_err_prefix(err, rc, "server.metrics: ");
+    const char *files[][2] = {{"cert", c->cert}, {"key", c->key}, {"ca", c->ca}, {"crl", c->crl},
+                              {"base_model_config", c->base_model_config}};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        const char *sec = i < 4 ? "server" : "federation";
+        if (!files[i][1])
+            return fp_err_set(err, -EINVAL, "%s.%s is required", sec, files[i][0]);
+        if (!fp_fs_exists(files[i][1]))
+            return fp_err_set(err, -ENOENT, "%s.%s: %s does not exist", sec, files[i][0],
+                              files[i][1]);
+    }
+    if (!c->state_dir)
+        return fp_err_set(err, -EINVAL, "server.state_dir is required");
+    if (!c->base_model_sha256 || strlen(c->base_model_sha256) != 64)
+        return fp_err_set(err, -EINVAL, "federation.base_model_sha256 must be 64 hex digits "
+                          "(sha256sum of the base model's weights)");
+    uint8_t sha[32];
+    if (fp_sha256_parse(c->base_model_sha256, sha) != 0)
+        return fp_err_set(err, -EINVAL, "federation.base_model_sha256: not hexadecimal");
+    if ((rc = fp_strategy_parse(c->strategy ? c->strategy : "", &st, err)) != 0)
+        return fp_err_prefix(err, rc, "federation.strategy: ");
+    if ((rc = fp_targets_parse(c->target_modules ? c->target_modules : "", &mask, err)) != 0)
+        return fp_err_prefix(err, rc, "federation.target_modules: ");
+    if ((rc = parse_caps(c->rank_caps, NULL, &cap, err)) != 0)
+        return rc;
+    if (!c->norm_action || (strcmp(c->norm_action, "clip") && strcmp(c->norm_action, "refuse")))
+        return fp_err_set(err, -EINVAL, "validation.norm_action must be clip or refuse");
+    if (c->min_updates > c->min_sites)
+        return fp_err_set(err, -EINVAL, "federation.min_updates (%lld) cannot exceed "
+                          "federation.min_sites (%lld)", c->min_updates, c->min_sites);
+    if (c->max_sites && c->max_sites < c->min_sites)
+        return fp_err_set(err, -EINVAL, "federation.max_sites (%lld) is below min_sites (%lld)",
+                          c->max_sites, c->min_sites);
+    if (c->restart_rank_cap < c->r_max)
+        return fp_err_set(err, -EINVAL, "federation.restart_rank_cap must be at least r_max");
+    fp_model_config_t mc;
+    if ((rc = fp_model_config_load(c->base_model_config, &mc, err)) != 0)
+        return fp_err_prefix(err, rc, "federation.base_model_config: ");
+    return 0;
+}
+
+int fp_srv_config_load(fp_srv_config_t *c, const char *path, char *const *overrides, int n,
+                       fp_err_t *err)
+{
+    memset(c, 0, sizeof *c);
+    int rc = fp_settings_load(fp_srv_settings, c, path, overrides, n, err);
+    return rc ? rc : fp_srv_config_check(c, err);
+}

@@ -1,0 +1,59 @@
+/* fp_srv_config.h — every setting of fedpeft-server, in one table (fp_settings). */
+#ifndef FP_SRV_CONFIG_H
+#define FP_SRV_CONFIG_H
+
+#include "fp_settings.h"
+
+typedef struct fp_srv_config {
+    /* [server] */
+    char *listen;           /* host:port */
+    char *cert, *key, *ca, *crl;
+    char *state_dir;
+    char *metrics;          /* host:port, or empty: off */
+    int exit_when_done;     /* exit 0 once the last round closed */
+    long long handshake_ms, idle_ms;
+    /* [federation] */
+    char *name;
+    char *base_model_config;  /* path of the base model's config.json */
+    char *base_model_sha256;  /* hex SHA-256 of its weights (model.safetensors) */
+    char *target_modules;     /* "q_proj,v_proj" or "all" */
+    double alpha;
+    int rslora;
+    long long r_max;
+    char *rank_caps;          /* "site-a:4,site-b:8" */
+    char *strategy;
+    double florist_energy;
+    int zeropad_norm_weighted;
+    long long restart_rank_cap; /* flora/florist: rank of the accumulated global update */
+    long long rounds;         /* 0: run forever */
+    long long min_sites;
+    double fraction;
+    long long max_sites;      /* 0: no cap */
+    long long min_updates;
+    double round_deadline_s;
+    long long seed;
+    /* [train] — local hyper-parameters sent with every task */
+    double lr, weight_decay;
+    long long steps, batch, seq_len;
+    /* [validation] */
+    double norm_bound;        /* 0: off */
+    char *norm_action;        /* clip | refuse */
+    long long max_samples;
+} fp_srv_config_t;
+
+extern const fp_setting_t fp_srv_settings[];
+
+/* Loads and checks the configuration (settings plus the cross-checks the table cannot say:
+ * strategy name, norm action, TLS files present, ...). */
+int fp_srv_config_load(fp_srv_config_t *c, const char *path, char *const *overrides, int n,
+                       fp_err_t *err);
+int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err);
+void fp_srv_config_free(fp_srv_config_t *c);
+
+/* The rank cap configured for a site name, or 0 when none. */
+int fp_srv_config_rank_cap(const fp_srv_config_t *c, const char *site);
+
+/* Splits "host:port" (IPv4, a name, or [IPv6]:port). */
+int fp_split_hostport(const char *s, char *host, size_t n, int *port, fp_err_t *err);
+
+#endif

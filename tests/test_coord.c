@@ -1,0 +1,582 @@
+/* End to end: the real fedpeft-server process over mutual TLS on 127.0.0.1, sites driven by
+ * fp_site in this process with synthetic training (no model: updates are seeded perturbations
+ * of what the task sent). Checks what the coordinator stored against references computed here:
+ * for exact strategies ΔW_after − ΔW_before = Σ p_k ΔW_k in dense float64; for the others the
+ * stored global adapter equals a merge of the stored updates done here. */
+#include <math.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "fp_ca.h"
+#include "fp_fs.h"
+#include "fp_hfpeft.h"
+#include "fp_merge.h"
+#include "fp_rng.h"
+#include "fp_site.h"
+#include "fp_stream.h"
+#include "fp_test.h"
+#include "fp_tls.h"
+
+extern char **environ;
+
+#define NSITES 3
+static const char *site_names[NSITES] = {"site-a", "site-b", "site-c"};
+static uint32_t budgets[NSITES] = {4, 8, 8};
+static const uint64_t samples[NSITES] = {100, 300, 600};
+static uint8_t model_sha[32];
+
+typedef struct env {
+    char *dir, *pki, *state, *cfg, *log;
+    pid_t pid;
+    int port;
+} env_t;
+
+static void make_pki(env_t *e)
+{
+    fp_err_t err = {0};
+    e->pki = fp_path_join(e->dir, "pki");
+    assert_int_equal(fp_ca_init(e->pki, "Test Net", 30, FP_KEY_EC_P256, &err), 0);
+    fp_ca_issue_opts_t so = {.server = 1, .name = "localhost", .sans = "127.0.0.1",
+                             .valid_for_s = 86400};
+    assert_int_equal(fp_ca_issue(e->pki, &so, &err), 0);
+    for (int i = 0; i < NSITES; i++) {
+        fp_ca_issue_opts_t si = {.name = site_names[i], .valid_for_s = 86400};
+        assert_int_equal(fp_ca_issue(e->pki, &si, &err), 0);
+    }
+}
+
+static void write_config(env_t *e, const char *strategy, int rounds, const char *extra)
+{
+    char *model = fp_path_join(e->dir, "config.json");
+    const char *mc = "{\"hidden_size\": 32, \"intermediate_size\": 48, \"num_hidden_layers\": 2,"
+                     " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 64,"
+                     " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0}";
+    assert_int_equal(fp_fs_write_file(model, mc, strlen(mc), 0644, NULL), 0);
+    char sha[65];
+    fp_sha256_hex(model_sha, sha);
+    char text[8192];
+    snprintf(text, sizeof text,
+             "[server]\nlisten = 127.0.0.1:0\ncert = %s/servers/localhost/server.crt\n"
+             "key = %s/servers/localhost/server.key\nca = %s/ca.crt\ncrl = %s/ca.crl\n"
+             "state_dir = %s\nmetrics = 127.0.0.1:0\nexit_when_done = true\n"
+             "[federation]\nname = test\nbase_model_config = %s\nbase_model_sha256 = %s\n"
+             "target_modules = q_proj,v_proj,down_proj\nalpha = 8\nr_max = 8\nstrategy = %s\n"
+             "rounds = %d\nmin_sites = %d\nmin_updates = 1\nround_deadline_s = 60\n"
+             "restart_rank_cap = 64\n%s\n",
+             e->pki, e->pki, e->pki, e->pki, e->state, model, sha, strategy, rounds, NSITES,
+             extra ? extra : "");
+    free(model);
+    free(e->cfg);
+    e->cfg = fp_path_join(e->dir, "server.ini");
+    assert_int_equal(fp_fs_write_file(e->cfg, text, strlen(text), 0644, NULL), 0);
+}
+
+static void start_server(env_t *e)
+{
+    unlink(e->log);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 2, e->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    char *argv[] = {(char *)FEDPEFT_SERVER_BIN, "--config", e->cfg, NULL};
+    assert_int_equal(posix_spawn(&e->pid, FEDPEFT_SERVER_BIN, &fa, NULL, argv, environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    e->port = 0;
+    for (int i = 0; i < 600 && !e->port; i++) { /* up to 30 s */
+        char *text = NULL;
+        size_t n;
+        if (fp_fs_read_file(e->log, 1 << 20, &text, &n, NULL) == 0) {
+            const char *p = strstr(text, "listening on port ");
+            if (p)
+                e->port = atoi(p + strlen("listening on port "));
+            free(text);
+        }
+        int st;
+        if (!e->port && waitpid(e->pid, &st, WNOHANG) == e->pid) {
+            char *t = NULL;
+            fp_fs_read_file(e->log, 1 << 20, &t, &n, NULL);
+            fail_msg("fedpeft-server exited at start: %s", t ? t : "");
+        }
+        if (!e->port)
+            usleep(50000);
+    }
+    assert_true(e->port > 0);
+}
+
+static env_t *env_new(void)
+{
+    env_t *e = calloc(1, sizeof *e);
+    e->dir = fpt_mkdtemp();
+    e->state = fp_path_join(e->dir, "state");
+    e->log = fp_path_join(e->dir, "server.log");
+    for (int i = 0; i < 32; i++)
+        model_sha[i] = (uint8_t)(i * 7 + 1);
+    make_pki(e);
+    return e;
+}
+
+static void env_free(env_t *e)
+{
+    if (getenv("FP_KEEP"))
+        fprintf(stderr, "kept %s\n", e->dir);
+    else
+        fpt_rmtree(e->dir);
+    free(e->dir);
+    free(e->pki);
+    free(e->state);
+    free(e->cfg);
+    free(e->log);
+    free(e);
+}
+
+/* ---- sites ---- */
+
+enum { B_GOOD, B_NAN, B_VANISH };
+
+typedef struct site_rt {
+    struct world *w;
+    int idx;
+    fp_site_t *s;
+    fp_tls_ctx_t *tls;
+    int behaviour;          /* for round `bad_round` */
+    int stored, refused, tasks;
+    unsigned char *buf;
+    fp_stream_tensor_t *t;
+    int reconnect;
+} site_rt_t;
+
+typedef struct world {
+    uv_loop_t loop;
+    env_t *e;
+    site_rt_t sites[NSITES];
+    uv_timer_t poll;
+    int server_done, status;
+    int kill_after_stored;  /* kill -9 the server after this many stored updates (0: never) */
+    int total_stored;
+    int killed;
+    int bad_round;
+    int64_t acked[64];
+    int n_acked;
+} world_t;
+
+static void site_connect(site_rt_t *r);
+
+static void perturb(fp_adapter_t *ad, uint64_t seed, int keep_a)
+{
+    fp_rng_t rng;
+    fp_rng_seed(&rng, seed);
+    for (int i = 0; i < ad->n; i++) {
+        fp_lora_module_t *m = &ad->mods[i];
+        if (!keep_a)
+            for (size_t j = 0; j < (size_t)m->rank * (size_t)m->d_in; j++)
+                m->A[j] += (float)(0.05 * fp_rng_normal(&rng));
+        for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
+            m->B[j] += (float)(0.05 * fp_rng_normal(&rng));
+    }
+}
+
+static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
+{
+    site_rt_t *r = ctx;
+    r->tasks++;
+    fp_err_t err = {0};
+    fp_adapter_t *ad = NULL;
+    assert_int_equal(fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora,
+                                            &ad, &err), 0);
+    if (t->restart) { /* a fresh adapter at the task's rank */
+        fp_adapter_t *fresh = NULL;
+        assert_int_equal(fp_adapter_at_rank(ad, t->rank, &fresh, &err), 0);
+        fp_adapter_free(ad);
+        ad = fresh;
+        fp_adapter_randomize(ad, t->seed, 0, 0.1);
+    } else {
+        assert_int_equal(ad->mods[0].rank, t->rank);
+        int ffa = !strcmp(getenv("FPT_STRATEGY") ? getenv("FPT_STRATEGY") : "", "ffa");
+        perturb(ad, t->seed, ffa);
+    }
+    int behaviour = (int)t->round == r->w->bad_round ? r->behaviour : B_GOOD;
+    if (behaviour == B_VANISH) {
+        fp_adapter_free(ad);
+        fp_site_close(s, 1);
+        return;
+    }
+    if (behaviour == B_NAN)
+        ad->mods[1].B[3] = NAN;
+    free(r->buf);
+    free(r->t);
+    uint64_t len;
+    int n;
+    assert_int_equal(fp_adapter_stream_layout(ad, &r->t, &n, &len, &err), 0);
+    r->buf = malloc(len);
+    fp_adapter_stream_write(ad, r->buf);
+    fp_site_update_t u = {t->task_id, samples[r->idx], t->rank, 2.0 - 0.1 * (double)t->round,
+                          2.5, 2.0, 0.1, r->buf, len, r->t, n};
+    assert_int_equal(fp_site_upload(s, &u, 0), 0);
+    fp_adapter_free(ad);
+}
+
+static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
+{
+    (void)s;
+    site_rt_t *r = ctx;
+    r->stored++;
+    world_t *w = r->w;
+    if (w->n_acked < 64)
+        w->acked[w->n_acked++] = (int64_t)id;
+    w->total_stored++;
+    if (w->kill_after_stored && w->total_stored == w->kill_after_stored && !w->killed) {
+        kill(w->e->pid, SIGKILL);
+        w->killed = 1;
+    }
+}
+
+static void reconnect_cb(uv_timer_t *t)
+{
+    site_rt_t *r = t->data;
+    uv_close((uv_handle_t *)t, (uv_close_cb)free);
+    if (!r->w->server_done)
+        site_connect(r);
+}
+
+static void on_closed(void *ctx, fp_site_t *s, int code, const char *why)
+{
+    site_rt_t *r = ctx;
+    if (getenv("FPT_DEBUG"))
+        fprintf(stderr, "%s closed: code %d: %s\n", site_names[r->idx], code, why);
+    if (code == FEDPEFT__ERROR__CODE__INVALID_UPDATE)
+        r->refused++;
+    fp_site_free(s);
+    r->s = NULL;
+    if (r->w->server_done)
+        return;
+    uv_timer_t *t = malloc(sizeof *t);
+    uv_timer_init(&r->w->loop, t);
+    t->data = r;
+    uv_timer_start(t, reconnect_cb, 100, 0);
+}
+
+static const fp_site_ops_t site_ops = {NULL, on_task, on_stored, on_closed};
+
+static void site_connect(site_rt_t *r)
+{
+    fp_site_hello_t h = {site_names[r->idx], {0}, budgets[r->idx], samples[r->idx]};
+    memcpy(h.model_sha256, model_sha, 32);
+    fp_err_t err = {0};
+    if (!r->w->e->port)
+        return;
+    assert_int_equal(fp_site_connect(&r->s, &r->w->loop, "127.0.0.1", r->w->e->port, r->tls,
+                                     NULL, &h, &site_ops, r, &err), 0);
+}
+
+static void poll_cb(uv_timer_t *t)
+{
+    world_t *w = t->data;
+    int st;
+    if (waitpid(w->e->pid, &st, WNOHANG) != w->e->pid)
+        return;
+    if (w->killed == 1) { /* restart it where it stopped */
+        w->killed = 2;
+        start_server(w->e);
+        return;
+    }
+    w->server_done = 1;
+    w->status = st;
+    uv_timer_stop(t);
+    uv_close((uv_handle_t *)t, NULL);
+    for (int i = 0; i < NSITES; i++)
+        if (w->sites[i].s)
+            fp_site_close(w->sites[i].s, 0);
+}
+
+static void run_world(world_t *w)
+{
+    uv_loop_init(&w->loop);
+    for (int i = 0; i < NSITES; i++) {
+        site_rt_t *r = &w->sites[i];
+        r->w = w;
+        r->idx = i;
+        char crt[4096], key[4096], ca[4096];
+        snprintf(crt, sizeof crt, "%s/sites/%s/site.crt", w->e->pki, site_names[i]);
+        snprintf(key, sizeof key, "%s/sites/%s/site.key", w->e->pki, site_names[i]);
+        snprintf(ca, sizeof ca, "%s/ca.crt", w->e->pki);
+        fp_tls_cfg_t c = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
+        fp_err_t err = {0};
+        assert_int_equal(fp_tls_ctx_new(&r->tls, &c, &err), 0);
+        site_connect(r);
+    }
+    uv_timer_init(&w->loop, &w->poll);
+    w->poll.data = w;
+    uv_timer_start(&w->poll, poll_cb, 20, 20);
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&w->loop);
+    for (int i = 0; i < NSITES; i++) {
+        fp_tls_ctx_free(w->sites[i].tls);
+        free(w->sites[i].buf);
+        free(w->sites[i].t);
+    }
+    if (!WIFEXITED(w->status) || WEXITSTATUS(w->status) != 0) {
+        char *t = NULL;
+        size_t n;
+        fp_fs_read_file(w->e->log, 1 << 20, &t, &n, NULL);
+        fail_msg("fedpeft-server did not exit cleanly (status %d): %s", w->status, t ? t : "");
+    }
+}
+
+/* ---- checks against the database ---- */
+
+static sqlite3 *open_db(env_t *e)
+{
+    char *p = fp_path_join(e->state, "fedpeft.db");
+    sqlite3 *db;
+    assert_int_equal(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    free(p);
+    sqlite3_stmt *s;
+    assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &s, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+    assert_string_equal((const char *)sqlite3_column_text(s, 0), "ok");
+    sqlite3_finalize(s);
+    return db;
+}
+
+static int64_t q_int(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *s;
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
+    int64_t v = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+    sqlite3_finalize(s);
+    return v;
+}
+
+static fp_adapter_t *load_global(env_t *e, sqlite3 *db, int round)
+{
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT global_adapter FROM round WHERE n = %d", round);
+    sqlite3_stmt *s;
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+    char name[128];
+    snprintf(name, sizeof name, "adapters/%s.safetensors", sqlite3_column_text(s, 0));
+    sqlite3_finalize(s);
+    char *p = fp_path_join(e->state, name);
+    fp_adapter_t *ad = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_hfpeft_load_factors(p, 8, 0, FP_LOAD_COPY, &ad, &err), 0);
+    free(p);
+    return ad;
+}
+
+/* Updates merged in round n: adapters and their sample counts. */
+static int load_updates(env_t *e, sqlite3 *db, int round, fp_adapter_t **ad, double *w)
+{
+    char sql[160];
+    snprintf(sql, sizeof sql, "SELECT id, samples FROM task WHERE round = %d AND state = "
+             "'merged' ORDER BY site", round);
+    sqlite3_stmt *s;
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
+    int n = 0;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        char name[64];
+        snprintf(name, sizeof name, "updates/%lld.safetensors",
+                 (long long)sqlite3_column_int64(s, 0));
+        char *p = fp_path_join(e->state, name);
+        fp_err_t err = {0};
+        assert_int_equal(fp_hfpeft_load_factors(p, 8, 0, FP_LOAD_COPY, &ad[n], &err), 0);
+        w[n++] = (double)sqlite3_column_int64(s, 1);
+        free(p);
+    }
+    sqlite3_finalize(s);
+    return n;
+}
+
+static void dense(const fp_adapter_t *ad, int mod, double *out, double c)
+{
+    const fp_lora_module_t *m = &ad->mods[mod];
+    fpt_dense_add(out, m->B, m->A, m->d_out, m->d_in, m->rank, c * fp_module_scale(m));
+}
+
+static void check_rounds(env_t *e, const char *strategy, int rounds)
+{
+    sqlite3 *db = open_db(e);
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'");
+    assert_int_equal(q_int(db, sql), rounds);
+    fp_strategy_t st;
+    assert_int_equal(fp_strategy_parse(strategy, &st, NULL), 0);
+    for (int r = 1; r <= rounds; r++) {
+        fp_adapter_t *before = load_global(e, db, r - 1), *after = load_global(e, db, r);
+        fp_adapter_t *up[NSITES];
+        double w[NSITES];
+        int n = load_updates(e, db, r, up, w);
+        assert_true(n >= 1);
+        if (fp_strategy_restarts(st) || st == FP_STRAT_FFA) {
+            /* exact: ΔW_after − ΔW_before (restart) or ΔW_after (ffa) = Σ p_k ΔW_k */
+            double tot = 0;
+            for (int k = 0; k < n; k++)
+                tot += w[k];
+            for (int i = 0; i < after->n; i++) {
+                const fp_lora_module_t *m = &after->mods[i];
+                size_t sz = (size_t)m->d_out * (size_t)m->d_in;
+                double *lhs = calloc(sz, sizeof *lhs), *rhs = calloc(sz, sizeof *rhs);
+                dense(after, i, lhs, 1);
+                if (fp_strategy_restarts(st))
+                    dense(before, fp_adapter_find(before, m->name), lhs, -1);
+                for (int k = 0; k < n; k++)
+                    dense(up[k], fp_adapter_find(up[k], m->name), rhs, w[k] / tot);
+                double num = 0, den = 0;
+                for (size_t j = 0; j < sz; j++) {
+                    num += (lhs[j] - rhs[j]) * (lhs[j] - rhs[j]);
+                    den += rhs[j] * rhs[j];
+                }
+                /* florist keeps 99 % of the energy; the others are exact */
+                double tol = st == FP_STRAT_FLORIST ? 0.11 : 1e-5;
+                if (!(sqrt(num) <= tol * sqrt(den)))
+                    fail_msg("%s round %d module %s: relative error %g", strategy, r, m->name,
+                             sqrt(num / den));
+                free(lhs);
+                free(rhs);
+            }
+        } else {
+            /* the stored global equals a merge of the stored updates, done here */
+            fp_merge_opts_t o = {st, 8, 0, 0};
+            fp_adapter_t *ref = NULL;
+            fp_err_t err = {0};
+            assert_int_equal(fp_merge(&o, (const fp_adapter_t *const *)up, w, n, NULL, &ref,
+                                      &err), 0);
+            for (int i = 0; i < after->n; i++) {
+                double *a = calloc(2048 * 64, sizeof *a), *b = calloc(2048 * 64, sizeof *b);
+                int k = fp_adapter_find(ref, after->mods[i].name);
+                dense(after, i, a, 1);
+                dense(ref, k, b, 1);
+                size_t sz = (size_t)after->mods[i].d_out * (size_t)after->mods[i].d_in;
+                double num = 0, den = 0;
+                for (size_t j = 0; j < sz; j++) {
+                    num += (a[j] - b[j]) * (a[j] - b[j]);
+                    den += b[j] * b[j];
+                }
+                if (!(sqrt(num) <= 1e-5 * sqrt(den) + 1e-12))
+                    fail_msg("%s round %d: global differs from the merge of its updates (%g)",
+                             strategy, r, sqrt(num / (den + 1e-300)));
+                free(a);
+                free(b);
+            }
+            fp_adapter_free(ref);
+        }
+        for (int k = 0; k < n; k++)
+            fp_adapter_free(up[k]);
+        fp_adapter_free(before);
+        fp_adapter_free(after);
+    }
+    sqlite3_close(db);
+}
+
+static void run_strategy(const char *strategy)
+{
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", strategy, 1);
+    int equal = !strcmp(strategy, "fedavg") || !strcmp(strategy, "ffa");
+    budgets[0] = equal ? 8 : 4; /* these two need every site at r_max */
+    write_config(e, strategy, 2, NULL);
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    run_world(w);
+    for (int i = 0; i < NSITES; i++)
+        assert_int_equal(w->sites[i].stored, 2);
+    check_rounds(e, strategy, 2);
+    free(w);
+    env_free(e);
+}
+
+static void test_fedavg(void **s) { (void)s; run_strategy("fedavg"); }
+static void test_ffa(void **s) { (void)s; run_strategy("ffa"); }
+static void test_zeropad(void **s) { (void)s; run_strategy("zeropad"); }
+static void test_flexlora(void **s) { (void)s; run_strategy("flexlora"); }
+static void test_flora(void **s) { (void)s; run_strategy("flora"); }
+static void test_florist(void **s) { (void)s; run_strategy("florist"); }
+
+/* In round 2 one site uploads a NaN and another vanishes after its task: both are left out,
+ * recorded, and the round closes with the third. */
+static void test_invalid_and_dropped(void **state)
+{
+    (void)state;
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "flexlora", 1);
+    write_config(e, "flexlora", 3, "round_deadline_s = 20");
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    w->bad_round = 2;
+    w->sites[0].behaviour = B_NAN;
+    w->sites[1].behaviour = B_VANISH;
+    run_world(w);
+    assert_int_equal(w->sites[0].refused, 1);
+    sqlite3 *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 2 AND state = 'merged'"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 2 AND site = 'site-a' "
+                               "AND state = 'refused' AND error LIKE '%NaN%'"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 2 AND site = 'site-b' "
+                               "AND state = 'dropped'"), 1);
+    assert_int_equal(q_int(db, "SELECT updates FROM round WHERE n = 2"), 1);
+    sqlite3_close(db);
+    check_rounds(e, "flexlora", 3);
+    free(w);
+    env_free(e);
+}
+
+/* kill -9 after the 2nd, 4th, 5th acknowledged update, restart: rounds resume and every
+ * acknowledged update is merged. */
+static void kill_after(int k)
+{
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "flora", 1);
+    write_config(e, "flora", 3, NULL);
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    w->kill_after_stored = k;
+    run_world(w);
+    assert_int_equal(w->killed, 2);
+    sqlite3 *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
+    /* every update acknowledged to a site is merged (an update made durable just before the
+     * kill may be merged without its final Ack having reached the site): 3 sites × 3 rounds */
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE state = 'merged'"), 9);
+    for (int i = 0; i < w->n_acked; i++) {
+        char sql[128];
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE id = %lld AND state = "
+                 "'merged'", (long long)w->acked[i]);
+        assert_int_equal(q_int(db, sql), 1);
+    }
+    assert_true(w->total_stored >= 8);
+    sqlite3_close(db);
+    check_rounds(e, "flora", 3);
+    free(w);
+    env_free(e);
+}
+
+static void test_kill9(void **s)
+{
+    (void)s;
+    int points[] = {1, 3, 5, 8};
+    for (size_t i = 0; i < sizeof points / sizeof points[0]; i++)
+        kill_after(points[i]);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fedavg),  cmocka_unit_test(test_ffa),
+        cmocka_unit_test(test_zeropad), cmocka_unit_test(test_flexlora),
+        cmocka_unit_test(test_flora),   cmocka_unit_test(test_florist),
+        cmocka_unit_test(test_invalid_and_dropped), cmocka_unit_test(test_kill9),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
