@@ -51,9 +51,9 @@ static void fail(fp_site_t *s, const char *why)
 static void pump(fp_site_t *s)
 {
     while (s->sending && s->next < s->up.len && fp_conn_queued(s->conn) < (4u << 20)) {
-        uint64_t n = s->up.len - s->next;
-        if (n > FP_MAX_CHUNK)
-            n = FP_MAX_CHUNK;
+        uint64_t n = s->up.len - s->next, max = s->hello.chunk ? s->hello.chunk : FP_MAX_CHUNK;
+        if (n > max)
+            n = max;
         Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
         Fedpeft__TensorChunk c = FEDPEFT__TENSOR_CHUNK__INIT;
         c.stream_id = s->up.task_id;

@@ -23,6 +23,7 @@ typedef struct fp_site_hello {
     uint8_t model_sha256[32];
     uint32_t rank_budget;
     uint64_t samples;
+    size_t chunk;              /* bytes per uploaded chunk (0: the protocol's 1 MiB) */
 } fp_site_hello_t;
 
 typedef struct fp_site_task {

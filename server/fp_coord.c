@@ -12,6 +12,7 @@
 
 #include "fp_conn.h"
 #include "fp_coord_priv.h"
+#include "fp_failpoint.h"
 #include "fp_fs.h"
 #include "fp_log.h"
 #include "fp_model.h"
@@ -108,6 +109,7 @@ struct fp_coord {
     /* counters */
     _Atomic uint64_t c_closed, c_expired, c_connected, c_accepted, c_bytes_in, c_bytes_out;
     _Atomic uint64_t c_refused[16];
+    _Atomic uint64_t c_hs_refused, c_revoked, c_reloads;
     _Atomic int64_t c_round;
     double agg_total, agg_last;
 };
@@ -168,10 +170,25 @@ static void free_round(fp_coord_t *co)
     co->ntasks = 0;
 }
 
+static void refresh_counters(fp_coord_t *co)
+{
+    if (co->lis) {
+        const fp_listener_stats_t *ls = fp_listener_stats(co->lis);
+        atomic_store(&co->c_bytes_in, ls->bytes_in);
+        atomic_store(&co->c_hs_refused, ls->refused);
+        atomic_store(&co->c_revoked, ls->revoked_dropped);
+        atomic_store(&co->c_reloads, ls->reloads);
+    }
+}
+
+static void tick_cb(uv_timer_t *t)
+{
+    refresh_counters(t->data);
+}
+
 static void status(fp_coord_t *co)
 {
-    if (co->lis)
-        atomic_store(&co->c_bytes_in, fp_listener_stats(co->lis)->bytes_in);
+    refresh_counters(co);
     int up = 0;
     for (int i = 0; i < co->ntasks; i++)
         up += co->tasks[i].state == T_UPLOADED;
@@ -468,6 +485,7 @@ static void maybe_open_round(fp_coord_t *co)
         fp_log(FP_LOG_ERR, "cannot open round %lld: %s", (long long)round, fp_err_msg(&err));
         return;
     }
+    fp_failpoint("round-opened"); /* committed, no task sent */
     co->round = round;
     atomic_store(&co->c_round, round);
     co->deadline_ms = deadline;
@@ -620,6 +638,7 @@ static void aggregated(fp_coord_t *co)
         fp_coord_stop(co);
         return;
     }
+    fp_failpoint("round-closed"); /* committed, next round not yet opened */
     snprintf(co->global_sha, sizeof co->global_sha, "%s", co->agg_sha);
     co->global_rank = co->agg_rank;
     co->agg_last = co->agg_seconds;
@@ -1240,8 +1259,9 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     if ((rc = open_federation(co, err)) != 0)
         goto fail;
     uv_timer_init(loop, &co->timer);
-    co->timer.data = co;
-    co->handles_open = 1;
+    uv_timer_init(loop, &co->tick);
+    co->timer.data = co->tick.data = co;
+    co->handles_open = 2;
     fp_tls_cfg_t tc = {1, cfg->cert, cfg->key, cfg->ca, cfg->crl, NULL};
     if ((rc = fp_tls_ctx_new(&co->tls, &tc, err)) != 0)
         goto fail;
@@ -1249,7 +1269,7 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
                                        on_heartbeat, NULL, on_verify, on_welcomed};
     co->link.app = co;
     co->link.spool_dir = f->spool_dir;
-    co->link.ack_every = 16u << 20;
+    co->link.ack_every = (uint64_t)cfg->ack_every;
     co->link.peer_open = peer_open;
     co->link.peer_close = peer_close;
     co->link.peer_free = peer_free;
@@ -1264,6 +1284,7 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
         goto fail;
     if ((rc = resume_state(co, err)) != 0)
         goto fail;
+    uv_timer_start(&co->tick, tick_cb, 1000, 1000);
     fp_store_event(co->st, co->round, NULL, "start", "listening on %s:%d", host,
                    fp_listener_port(co->lis));
     *out = co;
@@ -1275,8 +1296,9 @@ fail:
         co->lis = NULL;
     }
     if (co->handles_open) {
-        /* the timer handle must be closed on the loop; the caller runs it once more */
+        /* the timer handles must be closed on the loop; run it once more */
         uv_close((uv_handle_t *)&co->timer, NULL);
+        uv_close((uv_handle_t *)&co->tick, NULL);
         uv_run(loop, UV_RUN_NOWAIT);
     }
     fp_store_close(co->st);
@@ -1296,8 +1318,8 @@ int fp_coord_port(const fp_coord_t *co)
 static void timer_closed(uv_handle_t *h)
 {
     fp_coord_t *co = h->data;
-    co->handles_open = 0;
-    finish_stop(co);
+    if (--co->handles_open == 0)
+        finish_stop(co);
 }
 
 static void finish_stop(fp_coord_t *co)
@@ -1305,8 +1327,10 @@ static void finish_stop(fp_coord_t *co)
     if (!co->stopping || co->done_called || co->working || co->sites)
         return;
     if (co->handles_open) {
-        if (!uv_is_closing((uv_handle_t *)&co->timer))
+        if (!uv_is_closing((uv_handle_t *)&co->timer)) {
             uv_close((uv_handle_t *)&co->timer, timer_closed);
+            uv_close((uv_handle_t *)&co->tick, timer_closed);
+        }
         return;
     }
     co->done_called = 1;
@@ -1365,6 +1389,9 @@ void fp_coord_stats(fp_coord_t *co, fp_coord_stats_t *o)
         o->refused[i] = atomic_load(&co->c_refused[i]);
     o->bytes_out = atomic_load(&co->c_bytes_out);
     o->bytes_in = atomic_load(&co->c_bytes_in);
+    o->handshakes_refused = atomic_load(&co->c_hs_refused);
+    o->revoked_dropped = atomic_load(&co->c_revoked);
+    o->reloads = atomic_load(&co->c_reloads);
     o->round = atomic_load(&co->c_round);
     o->agg_seconds_total = co->agg_total;
     o->agg_seconds_last = co->agg_last;

@@ -30,6 +30,7 @@ typedef struct fp_coord_stats {
     uint64_t bytes_in, bytes_out;
     double agg_seconds_total, agg_seconds_last;
     int64_t round;             /* the open (or last) round */
+    uint64_t handshakes_refused, revoked_dropped, reloads;
 } fp_coord_stats_t;
 
 /* Opens the state directory and database (creating the federation on first start), resumes

@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fp_failpoint.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_lowrank.h"
@@ -334,6 +335,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
                         "stored", (long long)in->task);
         goto fail;
     }
+    fp_failpoint("update-recorded"); /* durable, not yet acknowledged */
     fp_adapter_free(u);
     fp_adapter_free(s);
     free(final);
@@ -347,11 +349,9 @@ fail:
         fp_store_event(f->st, fp_store_int(f->st, "SELECT max(n) FROM round", 0), NULL,
                        "refused", "task %lld: %s", (long long)in->task, reason);
     }
-    if (code != FEDPEFT__ERROR__CODE__LATE) {
-        unlink(raw_path);
-        if (final)
-            unlink(final);
-    }
+    unlink(raw_path);
+    if (final)
+        unlink(final);
     free(raw);
     free(final);
     fp_adapter_free(u);
@@ -428,12 +428,14 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65],
             cut = NULL;
         }
     }
+    fp_failpoint("aggregated"); /* merged in memory, nothing written */
     int rank = 0;
     for (int i = 0; i < global->n; i++)
         rank = global->mods[i].rank > rank ? global->mods[i].rank : rank;
     if ((rc = fp_adapter_check_finite(global, err)) != 0 ||
         (rc = fp_fed_store_adapter(f, global, out_sha, err)) != 0)
         goto out;
+    fp_failpoint("global-written"); /* the file is in place, the round not yet closed */
     *out_rank = rank;
 out:
     clock_gettime(CLOCK_MONOTONIC, &t1);

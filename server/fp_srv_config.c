@@ -32,6 +32,9 @@ const fp_setting_t fp_srv_settings[] = {
      "TLS handshake time limit"},
     {"server", "idle_ms", FP_SET_INT, O(idle_ms), "120000", 100, 86400000, 0,
      "a session that sends nothing this long is closed (sites send heartbeats)"},
+    {"server", "ack_every", FP_SET_INT, O(ack_every), "16777216", 4096, 1073741824, 0,
+     "bytes of an upload made durable and acknowledged at a time (a resumed upload restarts "
+     "from the last one)"},
 
     {"federation", "name", FP_SET_STR, O(name), "fedpeft", 0, 0, 0, "federation name"},
     {"federation", "base_model_config", FP_SET_STR, O(base_model_config), "", 0, 0, 0,

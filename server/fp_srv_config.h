@@ -12,6 +12,7 @@ typedef struct fp_srv_config {
     char *metrics;          /* host:port, or empty: off */
     int exit_when_done;     /* exit 0 once the last round closed */
     long long handshake_ms, idle_ms;
+    long long ack_every;      /* bytes of an upload between durable Acks */
     /* [federation] */
     char *name;
     char *base_model_config;  /* path of the base model's config.json */

@@ -55,6 +55,12 @@ static size_t render(fp_coord_t *co, char *b, size_t n)
     P("# HELP fedpeft_bytes_total Bytes on the wire.\n# TYPE fedpeft_bytes_total counter\n"
       "fedpeft_bytes_total{direction=\"in\"} %llu\nfedpeft_bytes_total{direction=\"out\"} %llu\n",
       (unsigned long long)s.bytes_in, (unsigned long long)s.bytes_out);
+    P("# HELP fedpeft_handshakes_refused_total TLS handshakes refused (certificates, revoked, "
+      "old TLS).\n# TYPE fedpeft_handshakes_refused_total counter\n"
+      "fedpeft_handshakes_refused_total %llu\n", (unsigned long long)s.handshakes_refused);
+    P("# HELP fedpeft_revoked_sessions_total Sessions closed because a reloaded CRL revoked "
+      "their site.\n# TYPE fedpeft_revoked_sessions_total counter\n"
+      "fedpeft_revoked_sessions_total %llu\n", (unsigned long long)s.revoked_dropped);
     P("# HELP fedpeft_aggregation_seconds Time spent aggregating.\n"
       "# TYPE fedpeft_aggregation_seconds counter\nfedpeft_aggregation_seconds_total %.6f\n"
       "fedpeft_aggregation_seconds_last %.6f\n", s.agg_seconds_total, s.agg_seconds_last);

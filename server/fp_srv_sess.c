@@ -1,5 +1,7 @@
 #include "fp_srv_sess.h"
 
+#include "fp_failpoint.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -308,6 +310,7 @@ void fp_srv_sess_job_run(fp_srv_sess_t *s)
     if (j->sync && rc == 0) {
         rc = fp_stream_rx_sync(&s->rx, &j->err);
         j->rc = rc ? STAGE_SYNC : 0;
+        fp_failpoint("spool-synced"); /* durable, not yet acknowledged */
     }
     if (j->finish && rc == 0) {
         rc = fp_stream_rx_finish(&s->rx, j->sha256, s->final_path, &j->err);
