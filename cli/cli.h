@@ -21,6 +21,8 @@ int fp_cmd_pretrain(int argc, char **argv);
 int fp_cmd_train(int argc, char **argv);
 int fp_cmd_eval(int argc, char **argv);
 int fp_cmd_ca(int argc, char **argv);
+int fp_cmd_status(int argc, char **argv);
+int fp_cmd_export(int argc, char **argv);
 int fp_bench_train(int argc, char **argv);
 int fp_bench_transport(int argc, char **argv);
 

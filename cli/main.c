@@ -20,6 +20,8 @@ static const struct {
     {"merge", fp_cmd_merge, "merge LoRA adapters from several sites into one"},
     {"adapter", fp_cmd_adapter, "inspect or generate HF PEFT adapters"},
     {"tokenize", fp_cmd_tokenize, "token ids of a text (tokenizer.json or bytes)"},
+    {"status", fp_cmd_status, "a coordinator's federation, rounds and sites (read-only)"},
+    {"export", fp_cmd_export, "a round's global adapter as HF PEFT, optionally merged"},
     {"bench", fp_cmd_bench, "measure speed against the machine's own ceilings"},
 };
 

@@ -3,6 +3,7 @@
  * transaction. */
 #include "fp_coord.h"
 
+#include <jansson.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -1144,12 +1145,18 @@ static int open_federation(fp_coord_t *co, fp_err_t *err)
         int64_t now = fp_now_ms();
         if ((rc = fp_store_begin(co->st, err)) != 0)
             return rc;
-        if ((rc = fp_store_exec(co->st, err, "INSERT INTO federation(id, name, strategy, "
-                                "base_model_sha256, targets, r_max, alpha, rslora, seed, "
-                                "created_ms) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)", "ttttidiii",
-                                c->name, c->strategy, c->base_model_sha256, c->target_modules,
-                                (int64_t)c->r_max, c->alpha, (int64_t)c->rslora, (int64_t)c->seed,
-                                now)) < 0 ||
+        /* where the base model lives, for `fedpeft export --merged-model` */
+        json_t *js = json_pack("{s:s}", "base_model_config", c->base_model_config);
+        char *settings = js ? json_dumps(js, JSON_COMPACT) : NULL;
+        json_decref(js);
+        rc = fp_store_exec(co->st, err, "INSERT INTO federation(id, name, strategy, "
+                           "base_model_sha256, targets, r_max, alpha, rslora, seed, "
+                           "created_ms, settings) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           "ttttidiiit", c->name, c->strategy, c->base_model_sha256,
+                           c->target_modules, (int64_t)c->r_max, c->alpha, (int64_t)c->rslora,
+                           (int64_t)c->seed, now, settings);
+        free(settings);
+        if (rc < 0 ||
             (rc = fp_store_exec(co->st, err, "INSERT INTO round(n, state, opened_ms, closed_ms, "
                                 "global_adapter, global_rank, note) VALUES (0, 'closed', ?, ?, "
                                 "?, ?, 'initial adapter')", "iiti", now, now, sha,

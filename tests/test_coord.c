@@ -3,6 +3,7 @@
  * of what the task sent). Checks what the coordinator stored against references computed here:
  * for exact strategies ΔW_after − ΔW_before = Σ p_k ΔW_k in dense float64; for the others the
  * stored global adapter equals a merge of the stored updates done here. */
+#include <jansson.h>
 #include <math.h>
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -21,6 +22,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_merge.h"
+#include "fp_model.h"
 #include "fp_rng.h"
 #include "fp_site.h"
 #include "fp_stream.h"
@@ -501,6 +503,8 @@ static void check_rounds(env_t *e, const char *strategy, int rounds)
     sqlite3_close(db);
 }
 
+static void check_status_export(env_t *e);
+
 static void run_strategy(const char *strategy)
 {
     env_t *e = env_new();
@@ -515,8 +519,92 @@ static void run_strategy(const char *strategy)
     for (int i = 0; i < NSITES; i++)
         assert_int_equal(w->sites[i].stored, 2);
     check_rounds(e, strategy, 2);
+    if (!strcmp(strategy, "flexlora"))
+        check_status_export(e);
     free(w);
     env_free(e);
+}
+
+/* fedpeft status and export on a finished federation: the JSON names what happened, the
+ * exported adapter is the stored global one, and the merged model is W + s·B·A. */
+static void check_status_export(env_t *e)
+{
+    char *out = NULL, *errs = NULL;
+    const char *sargs[] = {"status", "--state-dir", e->state, "--json", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_BIN, sargs, &out, &errs), 0);
+    json_error_t je;
+    json_t *doc = json_loads(out, 0, &je);
+    assert_non_null(doc);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(doc, "federation"),
+                                                          "strategy")), "flexlora");
+    assert_int_equal(json_array_size(json_object_get(doc, "rounds")), 2);
+    assert_int_equal(json_array_size(json_object_get(doc, "sites")), NSITES);
+    assert_int_equal(json_integer_value(json_object_get(json_object_get(doc, "metrics"),
+                                                        "updates_accepted")), 2 * NSITES);
+    json_decref(doc);
+    /* a base model with weights next to the federation's config.json */
+    fp_model_config_t mc;
+    fp_model_t *m = NULL;
+    char *cfgp = fp_path_join(e->dir, "config.json");
+    assert_int_equal(fp_model_config_load(cfgp, &mc, NULL), 0);
+    assert_int_equal(fp_model_new(&m, &mc, NULL), 0);
+    fp_model_init(m, 5);
+    assert_int_equal(fp_model_save(m, e->dir, FP_DT_F32, NULL), 0);
+    char *xdir = fp_path_join(e->dir, "export");
+    const char *xargs[] = {"export", "--state-dir", e->state, "--out", xdir, "--merged-model",
+                           NULL};
+    int rc = fpt_runv(FEDPEFT_BIN, xargs, &out, &errs);
+    if (rc)
+        fail_msg("export: %s", errs);
+    free(out);
+    free(errs);
+    out = errs = NULL;
+    fp_adapter_t *ad = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_hfpeft_load(xdir, FP_LOAD_COPY, &ad, &err), 0);
+    sqlite3 *db = open_db(e);
+    fp_adapter_t *g = load_global(e, db, 2);
+    sqlite3_close(db);
+    assert_int_equal(ad->n, g->n);
+    for (int i = 0; i < g->n; i++) {
+        size_t na = (size_t)g->mods[i].rank * (size_t)g->mods[i].d_in;
+        assert_memory_equal(ad->mods[i].A, g->mods[i].A, na * sizeof(float));
+        assert_true(ad->mods[i].alpha == g->mods[i].alpha);
+    }
+    char *mdir = fp_path_join(xdir, "merged-model");
+    fp_model_t *mm = NULL;
+    assert_int_equal(fp_model_load(mdir, &mm, &err), 0);
+    fp_model_tensor_t *t0, *t1;
+    int n0, n1;
+    assert_int_equal(fp_model_tensors(m, &t0, &n0, NULL), 0);
+    assert_int_equal(fp_model_tensors(mm, &t1, &n1, NULL), 0);
+    int checked = 0;
+    for (int i = 0; i < g->n; i++) {
+        const fp_lora_module_t *md = &g->mods[i];
+        char name[160];
+        snprintf(name, sizeof name, "%s.weight", md->name);
+        for (int j = 0; j < n0; j++) {
+            if (strcmp(t0[j].name, name) != 0)
+                continue;
+            size_t sz = (size_t)md->d_out * (size_t)md->d_in;
+            double *dw = calloc(sz, sizeof *dw);
+            fpt_dense_add(dw, md->B, md->A, md->d_out, md->d_in, md->rank, fp_module_scale(md));
+            for (size_t k = 0; k < sz; k++)
+                assert_true(fabs(t1[j].data[k] - (t0[j].data[k] + dw[k])) <= 1e-5);
+            free(dw);
+            checked++;
+        }
+    }
+    assert_int_equal(checked, g->n);
+    free(t0);
+    free(t1);
+    fp_model_free(m);
+    fp_model_free(mm);
+    fp_adapter_free(ad);
+    fp_adapter_free(g);
+    free(mdir);
+    free(xdir);
+    free(cfgp);
 }
 
 static void test_fedavg(void **s) { (void)s; run_strategy("fedavg"); }
@@ -644,6 +732,14 @@ static void ops_scenario(world_t *w)
         w->phase = 1;
     } else if (w->phase == 1 && w->sites[0].stored >= 3 && w->sites[1].stored >= 3 &&
                w->sites[2].closes >= 2) { /* dropped, then refused at least once */
+        /* status reads the database while the coordinator runs */
+        char *out = NULL, *errs = NULL;
+        const char *a[] = {"status", "--state-dir", w->e->state, NULL};
+        assert_int_equal(fpt_runv(FEDPEFT_BIN, a, &out, &errs), 0);
+        fpt_assert_text(out, "site-c", __FILE__, __LINE__);
+        fpt_assert_text(out, "rounds closed", __FILE__, __LINE__);
+        free(out);
+        free(errs);
         usleep(1100000); /* let a tick refresh the transport counters */
         http_get(w->e->metrics_port, "/metrics", w->metrics, sizeof w->metrics);
         assert_int_equal(kill(w->e->pid, SIGTERM), 0);

@@ -1,0 +1,415 @@
+/* fedpeft status | export — read a coordinator's state directory (read-only, safe while
+ * fedpeft-server runs: SQLite readers never block its writer in WAL mode). */
+#include <cblas.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli.h"
+#include "fp_fs.h"
+#include "fp_hfpeft.h"
+#include "fp_model.h"
+#include "fp_srv_store.h"
+
+static const char status_help[] =
+    "Usage: fedpeft status --state-dir DIR [--json] [--rounds N]\n"
+    "\n"
+    "The federation a coordinator runs: its settings, rounds (state, updates, samples,\n"
+    "losses, aggregation time), sites (last seen, tasks merged, refused, dropped) and the\n"
+    "refusals recorded. Reads the database only; safe while fedpeft-server runs.\n"
+    "\n"
+    "  -d, --state-dir DIR   the coordinator's state directory (server.state_dir)\n"
+    "      --json            one JSON document instead of tables\n"
+    "      --rounds N        rounds listed, newest last (default 20; 0: all)\n"
+    "  -h, --help            this help\n";
+
+/* Every row of a query as JSON objects keyed by column name. */
+static int rows_cb(void *ctx, sqlite3_stmt *r)
+{
+    json_t *arr = ctx, *o = json_object();
+    for (int i = 0; i < sqlite3_column_count(r); i++) {
+        const char *k = sqlite3_column_name(r, i);
+        switch (sqlite3_column_type(r, i)) {
+        case SQLITE_INTEGER: json_object_set_new(o, k, json_integer(sqlite3_column_int64(r, i))); break;
+        case SQLITE_FLOAT: {
+            double v = sqlite3_column_double(r, i);
+            json_object_set_new(o, k, isfinite(v) ? json_real(v) : json_null());
+            break;
+        }
+        case SQLITE_TEXT:
+            json_object_set_new(o, k, json_string((const char *)sqlite3_column_text(r, i)));
+            break;
+        default: json_object_set_new(o, k, json_null()); break;
+        }
+    }
+    json_array_append_new(arr, o);
+    return 0;
+}
+
+static json_t *query(fp_store_t *st, fp_err_t *err, const char *sql, const char *types, ...)
+{
+    json_t *arr = json_array();
+    /* the queries here take at most one integer */
+    va_list ap;
+    va_start(ap, types);
+    int64_t a = types && types[0] ? va_arg(ap, int64_t) : 0;
+    va_end(ap);
+    int rc = types && types[0] ? fp_store_query(st, err, rows_cb, arr, sql, types, a)
+                               : fp_store_query(st, err, rows_cb, arr, sql, NULL);
+    if (rc < 0) {
+        json_decref(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static void when(char *buf, size_t n, json_t *ms)
+{
+    if (!json_is_integer(ms)) {
+        snprintf(buf, n, "-");
+        return;
+    }
+    time_t t = (time_t)(json_integer_value(ms) / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(buf, n, "%Y-%m-%d %H:%M:%SZ", &tm);
+}
+
+static const char *str(json_t *o, const char *k)
+{
+    json_t *v = json_object_get(o, k);
+    return json_is_string(v) ? json_string_value(v) : "-";
+}
+
+static long long num(json_t *o, const char *k)
+{
+    return json_integer_value(json_object_get(o, k));
+}
+
+static void real(char *buf, size_t n, json_t *o, const char *k)
+{
+    json_t *v = json_object_get(o, k);
+    if (json_is_number(v))
+        snprintf(buf, n, "%.4f", json_number_value(v));
+    else
+        snprintf(buf, n, "-");
+}
+
+static void print_tables(json_t *doc)
+{
+    json_t *f = json_object_get(doc, "federation");
+    char t[64];
+    when(t, sizeof t, json_object_get(f, "created_ms"));
+    printf("federation  %s (created %s)\n", str(f, "name"), t);
+    printf("strategy    %s, r_max %lld, alpha %g%s, targets %s\n", str(f, "strategy"),
+           num(f, "r_max"), json_number_value(json_object_get(f, "alpha")),
+           num(f, "rslora") ? " (rsLoRA)" : "", str(f, "targets"));
+    printf("base model  sha256 %s\n\n", str(f, "base_model_sha256"));
+    json_t *rounds = json_object_get(doc, "rounds");
+    printf("%-6s %-11s %7s %8s %10s %10s %10s %8s  %s\n", "round", "state", "updates",
+           "samples", "train", "eval pre", "eval post", "merge s", "closed");
+    size_t i;
+    json_t *r;
+    json_array_foreach(rounds, i, r) {
+        char a[32], b[32], c[32], d[32];
+        real(a, sizeof a, r, "train_loss");
+        real(b, sizeof b, r, "eval_loss_before");
+        real(c, sizeof c, r, "eval_loss_after");
+        real(d, sizeof d, r, "agg_seconds");
+        when(t, sizeof t, json_object_get(r, "closed_ms"));
+        printf("%-6lld %-11s %7lld %8lld %10s %10s %10s %8s  %s\n", num(r, "n"), str(r, "state"),
+               num(r, "updates"), num(r, "samples"), a, b, c, d, t);
+    }
+    json_t *sites = json_object_get(doc, "sites");
+    printf("\n%-24s %-14s %6s %9s %7s %7s %7s  %s\n", "site", "fingerprint", "budget", "samples",
+           "merged", "refused", "dropped", "last seen");
+    json_array_foreach(sites, i, r) {
+        when(t, sizeof t, json_object_get(r, "last_seen_ms"));
+        char fp[16];
+        snprintf(fp, sizeof fp, "%.12s", str(r, "fingerprint"));
+        printf("%-24s %-14s %6lld %9lld %7lld %7lld %7lld  %s\n", str(r, "name"), fp,
+               num(r, "rank_budget"), num(r, "samples"), num(r, "merged"), num(r, "refused"),
+               num(r, "dropped"), t);
+    }
+    json_t *ref = json_object_get(doc, "refusals");
+    if (json_array_size(ref)) {
+        printf("\nrecent refusals\n");
+        json_array_foreach(ref, i, r) {
+            when(t, sizeof t, json_object_get(r, "ms"));
+            printf("  %s  round %lld  %s  %s\n", t, num(r, "round"), str(r, "site"),
+                   str(r, "detail"));
+        }
+    }
+}
+
+int fp_cmd_status(int argc, char **argv)
+{
+    static const struct option opts[] = {{"state-dir", required_argument, NULL, 'd'},
+                                         {"json", no_argument, NULL, 'j'},
+                                         {"rounds", required_argument, NULL, 'r'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
+    const char *dir = NULL;
+    int json = 0, c;
+    long long nrounds = 20;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "d:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'd': dir = optarg; break;
+        case 'j': json = 1; break;
+        case 'r':
+            if (fp_parse_int(optarg, 0, 1000000000, &nrounds) != 0)
+                return fp_cli_usage_error("status", "--rounds needs a count");
+            break;
+        case 'h': fputs(status_help, stdout); return FP_EXIT_OK;
+        default: return fp_cli_usage_error("status", "unknown option");
+        }
+    }
+    if (!dir)
+        return fp_cli_usage_error("status", "--state-dir is required");
+    if (optind < argc)
+        return fp_cli_usage_error("status", "unexpected argument '%s'", argv[optind]);
+    fp_err_t err = {0};
+    fp_store_t *st;
+    if (fp_store_open(&st, dir, 1, &err) != 0)
+        return fp_cli_fail("status", "%s", fp_err_msg(&err));
+    json_t *doc = json_object();
+    json_t *fed = query(st, &err, "SELECT name, strategy, base_model_sha256, targets, r_max, "
+                        "alpha, rslora, seed, created_ms FROM federation", NULL);
+    json_t *rounds = fed ? query(st, &err, "SELECT * FROM (SELECT n, state, opened_ms, "
+                                 "deadline_ms, closed_ms, global_adapter, global_rank, updates, "
+                                 "samples, train_loss, eval_loss_before, eval_loss_after, "
+                                 "agg_seconds, note FROM round WHERE n > 0 ORDER BY n DESC "
+                                 "LIMIT ?) ORDER BY n", "i", nrounds ? (int64_t)nrounds : -1)
+                         : NULL;
+    json_t *sites = rounds ? query(st, &err, "SELECT name, fingerprint, rank_budget, samples, "
+                                   "first_seen_ms, last_seen_ms, connections, "
+                                   "(SELECT count(*) FROM task WHERE site = name AND state = "
+                                   "'merged') AS merged, (SELECT count(*) FROM task WHERE site = "
+                                   "name AND state = 'refused') AS refused, (SELECT count(*) "
+                                   "FROM task WHERE site = name AND state = 'dropped') AS "
+                                   "dropped FROM site ORDER BY name", NULL) : NULL;
+    json_t *ref = sites ? query(st, &err, "SELECT ms, round, site, detail FROM event WHERE kind "
+                                "= 'refused' ORDER BY id DESC LIMIT 10", NULL) : NULL;
+    json_t *tot = ref ? query(st, &err, "SELECT (SELECT count(*) FROM round WHERE n > 0 AND "
+                              "state = 'closed') AS rounds_closed, (SELECT count(*) FROM round "
+                              "WHERE state = 'expired') AS rounds_expired, (SELECT count(*) FROM "
+                              "task WHERE state IN ('uploaded','merged')) AS updates_accepted, "
+                              "(SELECT count(*) FROM task WHERE state = 'refused') AS "
+                              "updates_refused, (SELECT count(*) FROM task WHERE state = "
+                              "'dropped') AS tasks_dropped, (SELECT total(agg_seconds) FROM "
+                              "round) AS aggregation_seconds, (SELECT total(stream_bytes) FROM "
+                              "task WHERE state IN ('uploaded','merged')) AS update_bytes", NULL)
+                      : NULL;
+    fp_store_close(st);
+    if (!tot) {
+        json_decref(fed);
+        json_decref(rounds);
+        json_decref(sites);
+        json_decref(ref);
+        json_decref(doc);
+        return fp_cli_fail("status", "%s", fp_err_msg(&err));
+    }
+    if (json_array_size(fed) == 0) {
+        json_decref(doc);
+        json_decref(fed);
+        json_decref(rounds);
+        json_decref(sites);
+        json_decref(ref);
+        json_decref(tot);
+        return fp_cli_fail("status", "%s: no federation yet", dir);
+    }
+    json_object_set(doc, "federation", json_array_get(fed, 0));
+    json_object_set_new(doc, "rounds", rounds);
+    json_object_set_new(doc, "sites", sites);
+    json_object_set_new(doc, "refusals", ref);
+    json_object_set(doc, "metrics", json_array_get(tot, 0));
+    json_decref(fed);
+    json_decref(tot);
+    if (json) {
+        char *s = json_dumps(doc, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        puts(s ? s : "{}");
+        free(s);
+    } else {
+        print_tables(doc);
+        json_t *m = json_object_get(doc, "metrics");
+        printf("\n%lld rounds closed, %lld expired; %lld updates accepted, %lld refused, %lld "
+               "tasks dropped; %.3f s aggregating\n", num(m, "rounds_closed"),
+               num(m, "rounds_expired"), num(m, "updates_accepted"), num(m, "updates_refused"),
+               num(m, "tasks_dropped"),
+               json_number_value(json_object_get(m, "aggregation_seconds")));
+    }
+    json_decref(doc);
+    return FP_EXIT_OK;
+}
+
+/* ---- export ---- */
+
+static const char export_help[] =
+    "Usage: fedpeft export --state-dir DIR --out DIR [--round N] [--merged-model]\n"
+    "\n"
+    "Writes a round's global adapter (default: the last closed round) as a Hugging Face PEFT\n"
+    "directory (adapter_model.safetensors + adapter_config.json). For restart strategies\n"
+    "(flora, florist) that is the accumulated global update. With --merged-model, also the\n"
+    "base model with the adapter merged into its weights (W + s·B·A), in OUT/merged-model.\n"
+    "\n"
+    "  -d, --state-dir DIR   the coordinator's state directory\n"
+    "  -o, --out DIR         output directory (created; must not hold an adapter already)\n"
+    "  -r, --round N         the round whose result to export\n"
+    "      --merged-model    also write the merged model (needs the base model's weights\n"
+    "                        next to the config.json the federation was created with)\n"
+    "      --model DIR       base model directory (overrides the recorded one)\n"
+    "  -h, --help            this help\n";
+
+typedef struct fed_row {
+    char name[256], targets[512], sha[65], model[4096];
+    double alpha;
+    int rslora, found;
+} fed_row_t;
+
+static int fed_cb(void *ctx, sqlite3_stmt *r)
+{
+    fed_row_t *f = ctx;
+    f->found = 1;
+    snprintf(f->name, sizeof f->name, "%s", sqlite3_column_text(r, 0));
+    snprintf(f->targets, sizeof f->targets, "%s", sqlite3_column_text(r, 1));
+    f->alpha = sqlite3_column_double(r, 2);
+    f->rslora = sqlite3_column_int(r, 3);
+    const unsigned char *s = sqlite3_column_text(r, 4);
+    json_t *j = s ? json_loads((const char *)s, 0, NULL) : NULL;
+    const char *m = j ? json_string_value(json_object_get(j, "base_model_config")) : NULL;
+    snprintf(f->model, sizeof f->model, "%s", m ? m : "");
+    json_decref(j);
+    return 1;
+}
+
+static int global_cb(void *ctx, sqlite3_stmt *r)
+{
+    fed_row_t *f = ctx;
+    const unsigned char *s = sqlite3_column_text(r, 0);
+    snprintf(f->sha, sizeof f->sha, "%s", s ? (const char *)s : "");
+    return 1;
+}
+
+/* W += s·B·A for every module of ad (names "<module>.weight" in the checkpoint). */
+static int merge_into(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err)
+{
+    fp_model_tensor_t *t;
+    int n, rc = fp_model_tensors(m, &t, &n, err);
+    if (rc)
+        return rc;
+    for (int i = 0; i < ad->n && rc == 0; i++) {
+        const fp_lora_module_t *mod = &ad->mods[i];
+        char name[160];
+        snprintf(name, sizeof name, "%s.weight", mod->name);
+        int k = -1;
+        for (int j = 0; j < n; j++)
+            if (!strcmp(t[j].name, name))
+                k = j;
+        if (k < 0 || t[k].ndim != 2 || t[k].shape[0] != mod->d_out || t[k].shape[1] != mod->d_in) {
+            rc = fp_err_set(err, -EINVAL, "the base model has no %d×%d weight '%s'", mod->d_out,
+                            mod->d_in, name);
+            break;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mod->d_out, mod->d_in, mod->rank,
+                    (float)fp_module_scale(mod), mod->B, mod->rank, mod->A, mod->d_in, 1.0f,
+                    t[k].data, mod->d_in);
+    }
+    free(t);
+    return rc;
+}
+
+int fp_cmd_export(int argc, char **argv)
+{
+    static const struct option opts[] = {{"state-dir", required_argument, NULL, 'd'},
+                                         {"out", required_argument, NULL, 'o'},
+                                         {"round", required_argument, NULL, 'r'},
+                                         {"merged-model", no_argument, NULL, 'm'},
+                                         {"model", required_argument, NULL, 'M'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
+    const char *dir = NULL, *out = NULL, *model = NULL;
+    long long round = -1;
+    int merged = 0, c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "d:o:r:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'd': dir = optarg; break;
+        case 'o': out = optarg; break;
+        case 'r':
+            if (fp_parse_int(optarg, 0, INT64_MAX, &round) != 0)
+                return fp_cli_usage_error("export", "--round needs a round number");
+            break;
+        case 'm': merged = 1; break;
+        case 'M': model = optarg; break;
+        case 'h': fputs(export_help, stdout); return FP_EXIT_OK;
+        default: return fp_cli_usage_error("export", "unknown option");
+        }
+    }
+    if (!dir || !out)
+        return fp_cli_usage_error("export", "--state-dir and --out are required");
+    if (optind < argc)
+        return fp_cli_usage_error("export", "unexpected argument '%s'", argv[optind]);
+    fp_err_t err = {0};
+    fp_store_t *st;
+    if (fp_store_open(&st, dir, 1, &err) != 0)
+        return fp_cli_fail("export", "%s", fp_err_msg(&err));
+    fed_row_t f = {0};
+    int rc = fp_store_query(st, &err, fed_cb, &f, "SELECT name, targets, alpha, rslora, settings "
+                            "FROM federation", NULL);
+    if (rc >= 0 && round < 0)
+        rc = fp_store_query(st, &err, global_cb, &f, "SELECT global_adapter FROM round WHERE "
+                            "state = 'closed' ORDER BY n DESC LIMIT 1", NULL);
+    else if (rc >= 0)
+        rc = fp_store_query(st, &err, global_cb, &f, "SELECT global_adapter FROM round WHERE n = "
+                            "? AND state = 'closed'", "i", (int64_t)round);
+    int64_t last = fp_store_int(st, "SELECT max(n) FROM round WHERE state = 'closed'", 0);
+    fp_store_close(st);
+    if (rc < 0)
+        return fp_cli_fail("export", "%s", fp_err_msg(&err));
+    if (!f.found)
+        return fp_cli_fail("export", "%s: no federation yet", dir);
+    if (!f.sha[0])
+        return fp_cli_fail("export", "round %lld is not a closed round (the last closed round "
+                           "is %lld)", round, (long long)last);
+    char rel[128];
+    snprintf(rel, sizeof rel, "adapters/%s.safetensors", f.sha);
+    char *path = fp_path_join(dir, rel);
+    fp_adapter_t *ad = NULL;
+    rc = fp_hfpeft_load_factors(path, f.alpha, f.rslora, FP_LOAD_COPY, &ad, &err);
+    free(path);
+    if (rc)
+        return fp_cli_fail("export", "%s", fp_err_msg(&err));
+    ad->base_model = strdup(f.model[0] ? f.model : f.name);
+    ad->task_type = strdup("CAUSAL_LM");
+    if (!(rc = fp_hfpeft_save(ad, out, &err)))
+        printf("exported the global adapter of round %lld to %s\n",
+               round < 0 ? (long long)last : round, out);
+    if (rc == 0 && merged) {
+        char mdir[4096];
+        if (model)
+            snprintf(mdir, sizeof mdir, "%s", model);
+        else {
+            snprintf(mdir, sizeof mdir, "%s", f.model);
+            char *slash = strrchr(mdir, '/');
+            if (slash)
+                *slash = '\0';
+            else
+                snprintf(mdir, sizeof mdir, ".");
+        }
+        fp_model_t *m = NULL;
+        char *mout = fp_path_join(out, "merged-model");
+        if ((rc = fp_model_load(mdir, &m, &err)) == 0 && (rc = merge_into(m, ad, &err)) == 0 &&
+            (rc = fp_model_save(m, mout, FP_DT_F32, &err)) == 0)
+            printf("wrote the merged model to %s\n", mout);
+        fp_model_free(m);
+        free(mout);
+    }
+    fp_adapter_free(ad);
+    return rc ? fp_cli_fail("export", "%s", fp_err_msg(&err)) : FP_EXIT_OK;
+}
