@@ -1025,6 +1025,7 @@ static void peer_open(fp_srv_peer_t *p)
     s->co = co;
     s->peer = p;
     p->user = s;
+    snprintf(s->name, sizeof s->name, "%s", fp_conn_peer_cn(p->conn)); /* until its Hello */
     s->next = co->sites;
     if (co->sites)
         co->sites->prev = s;

@@ -157,7 +157,7 @@ static void env_free(env_t *e)
 
 /* ---- sites ---- */
 
-enum { B_GOOD, B_NAN, B_VANISH };
+enum { B_GOOD, B_NAN, B_VANISH, B_HOLD, B_DUP };
 
 typedef struct site_rt {
     struct world *w;
@@ -166,6 +166,9 @@ typedef struct site_rt {
     fp_tls_ctx_t *tls;
     int behaviour;          /* for round `bad_round` */
     int stored, refused, tasks, closes;
+    int late, dup, last_code, bad_model;
+    fp_site_update_t held;  /* B_HOLD: the update sent after the deadline */
+    int holding;
     unsigned char *buf;
     fp_stream_tensor_t *t;
     int reconnect;
@@ -208,6 +211,11 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
 {
     site_rt_t *r = ctx;
     r->tasks++;
+    if (r->holding && (int)t->round > r->w->bad_round) {
+        r->holding = 0; /* the late update; the coordinator refuses it and hangs up */
+        assert_int_equal(fp_site_upload(s, &r->held, 0), 0);
+        return;
+    }
     fp_err_t err = {0};
     fp_adapter_t *ad = NULL;
     assert_int_equal(fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora,
@@ -240,19 +248,26 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     fp_adapter_stream_write(ad, r->buf);
     fp_site_update_t u = {t->task_id, samples[r->idx], t->rank, 2.0 - 0.1 * (double)t->round,
                           2.5, 2.0, 0.1, r->buf, len, r->t, n};
+    r->held = u;
+    if (behaviour == B_HOLD) { /* sent once the next round's task shows this one is over */
+        r->holding = 1;
+        fp_adapter_free(ad);
+        return;
+    }
     assert_int_equal(fp_site_upload(s, &u, 0), 0);
     fp_adapter_free(ad);
 }
 
 static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
 {
-    (void)s;
     site_rt_t *r = ctx;
     r->stored++;
     world_t *w = r->w;
     if (w->n_acked < 64)
         w->acked[w->n_acked++] = (int64_t)id;
     w->total_stored++;
+    if (r->behaviour == B_DUP && r->stored == 1) /* the same update again */
+        assert_int_equal(fp_site_upload(s, &r->held, 0), 0);
     if (w->after_stored)
         w->after_stored(w);
     if (w->kill_after_stored && w->total_stored == w->kill_after_stored && !w->killed) {
@@ -276,6 +291,10 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why)
         fprintf(stderr, "%s closed: code %d: %s\n", site_names[r->idx], code, why);
     if (code == FEDPEFT__ERROR__CODE__INVALID_UPDATE)
         r->refused++;
+    r->late += code == FEDPEFT__ERROR__CODE__LATE;
+    r->dup += code == FEDPEFT__ERROR__CODE__DUPLICATE;
+    if (code)
+        r->last_code = code;
     r->closes++;
     if (r->w->after_stored)
         r->w->after_stored(r->w);
@@ -295,6 +314,8 @@ static void site_connect(site_rt_t *r)
 {
     fp_site_hello_t h = {site_names[r->idx], {0}, budgets[r->idx], samples[r->idx], 65536};
     memcpy(h.model_sha256, model_sha, 32);
+    if (r->bad_model)
+        h.model_sha256[0] ^= 0xff;
     fp_err_t err = {0};
     if (!r->w->e->port)
         return;
@@ -797,6 +818,41 @@ static void test_sighup_revocation_metrics_sigterm(void **state)
     env_free(e);
 }
 
+/* A site that answers after the deadline (LATE), one that sends its update twice (DUPLICATE),
+ * one whose base model differs (MODEL_MISMATCH at Hello, never part of a round). */
+static void test_late_duplicate_mismatch(void **state)
+{
+    (void)state;
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "flexlora", 1);
+    write_config(e, "flexlora", 2, "min_sites = 2\nround_deadline_s = 2");
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    w->bad_round = 1;
+    w->sites[0].behaviour = B_HOLD;
+    w->sites[1].behaviour = B_DUP;
+    w->sites[2].bad_model = 1;
+    run_world(w);
+    assert_int_equal(w->sites[0].late, 1);
+    assert_int_equal(w->sites[1].dup, 1);
+    assert_int_equal(w->sites[2].last_code, FEDPEFT__ERROR__CODE__MODEL_MISMATCH);
+    assert_int_equal(w->sites[2].tasks, 0);
+    sqlite3 *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT updates FROM round WHERE n = 1"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 1 AND site = 'site-a' "
+                               "AND state = 'dropped'"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE site = 'site-c'"), 0);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM event WHERE kind = 'refused' AND detail "
+                               "LIKE '%already received%'"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM event WHERE kind = 'refused' AND detail "
+                               "LIKE '%round has closed%'"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 2);
+    sqlite3_close(db);
+    free(w);
+    env_free(e);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -807,6 +863,7 @@ int main(void)
         cmocka_unit_test(test_invalid_and_dropped), cmocka_unit_test(test_kill9),
         cmocka_unit_test(test_kill9_failpoints),
         cmocka_unit_test(test_sighup_revocation_metrics_sigterm),
+        cmocka_unit_test(test_late_duplicate_mismatch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
