@@ -25,6 +25,7 @@ int fp_cmd_status(int argc, char **argv);
 int fp_cmd_export(int argc, char **argv);
 int fp_bench_train(int argc, char **argv);
 int fp_bench_transport(int argc, char **argv);
+int fp_bench_coord(int argc, char **argv);
 
 /* "fedpeft <cmd>: error: <msg>" on stderr; returns FP_EXIT_FAIL. */
 int fp_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "fp_coord.h"
 #include "fp_log.h"
@@ -78,6 +79,30 @@ static void on_hup(uv_signal_t *h, int signum)
     fp_srv_config_free(&fresh);
 }
 
+/* This process's peak resident memory (VmHWM), in bytes. */
+static long peak_rss(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %ld kB", &kb) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return kb * 1024;
+}
+
+/* Every site holds a connection: allow as many descriptors as the hard limit permits. */
+static void raise_fd_limit(void)
+{
+    struct rlimit r;
+    if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
+        r.rlim_cur = r.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &r);
+    }
+}
+
 static void on_watchdog(uv_timer_t *t)
 {
     (void)t;
@@ -129,6 +154,7 @@ int main(int argc, char **argv)
         return 0;
     }
     signal(SIGPIPE, SIG_IGN);
+    raise_fd_limit();
     d.loop = uv_default_loop();
     if (fp_coord_start(&d.co, d.loop, &d.cfg, on_done, &d, &err) != 0) {
         fp_log(FP_LOG_ERR, "cannot start: %s", fp_err_msg(&err));
@@ -159,6 +185,11 @@ int main(int argc, char **argv)
     uv_loop_close(d.loop);
     fp_srv_config_free(&d.cfg);
     free(d.overrides);
-    fp_log(FP_LOG_NOTICE, "stopped");
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    /* bench coordinator reads this line */
+    fp_log(FP_LOG_NOTICE, "stopped: peak resident memory %ld bytes, CPU %.3f s", peak_rss(),
+           (double)ru.ru_utime.tv_sec + 1e-6 * (double)ru.ru_utime.tv_usec +
+               (double)ru.ru_stime.tv_sec + 1e-6 * (double)ru.ru_stime.tv_usec);
     return d.rc;
 }

@@ -1,0 +1,450 @@
+/* fedpeft bench coordinator — a real fedpeft-server process and a load generator of N
+ * concurrently connected sites (one event loop in this process, each site its own mutually
+ * authenticated TLS session and certificate, tiny adapters, no training: an update is a
+ * seeded perturbation of the task's adapter). Measures, per round, the time from the last
+ * site's acknowledged upload to the round being closed in the coordinator's database, and the
+ * coordinator's peak resident memory and CPU time. Goals (issue 5): < 2 s and < 1 GiB for
+ * 1,000 sites. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "fp_ca.h"
+#include "fp_fs.h"
+#include "fp_rng.h"
+#include "fp_site.h"
+#include "fp_srv_store.h"
+#include "fp_stream.h"
+#include "fp_tls.h"
+
+extern char **environ;
+
+static const char coord_help[] =
+    "Usage: fedpeft bench coordinator [--sites N] [--rounds R] [--strategy S] [--quick]\n"
+    "                                 [--server PATH] [--dir DIR]\n"
+    "\n"
+    "Starts fedpeft-server and N concurrently connected sites (a load generator in this\n"
+    "process: tiny adapters, no training) and runs R rounds. Prints per round the time from\n"
+    "the last acknowledged upload to the closed round, the whole round, and the coordinator's\n"
+    "peak resident memory and CPU time.\n"
+    "\n"
+    "  --sites N       concurrently connected sites (default 1000)\n"
+    "  --rounds R      rounds (default 3)\n"
+    "  --strategy S    merge strategy (default flexlora)\n"
+    "  --server PATH   the fedpeft-server binary (default: next to this fedpeft, or in PATH)\n"
+    "  --dir DIR       working directory (default: a new one in $TMPDIR or /tmp, removed)\n"
+    "  --quick         50 sites, 2 rounds (a smoke run)\n";
+
+typedef struct lsite {
+    struct bench *b;
+    int idx;
+    char name[32];
+    fp_site_t *s;
+    fp_tls_ctx_t *tls;
+    unsigned char *buf;
+    fp_stream_tensor_t *t;
+    int stored;
+} lsite_t;
+
+typedef struct bench {
+    uv_loop_t loop;
+    lsite_t *sites;
+    int n, rounds, welcomed, failed;
+    double all_welcomed;
+    int64_t *last_stored_ms;  /* per round */
+    int *stored_in_round;
+    int64_t *first_task_ms;
+    char fatal[512];
+    pid_t pid;
+    uv_timer_t poll;
+    int done, status;
+    struct rusage ru;
+} bench_t;
+
+static void ls_welcome(void *ctx, fp_site_t *s, uint64_t round)
+{
+    (void)s;
+    (void)round;
+    bench_t *b = ((lsite_t *)ctx)->b;
+    if (++b->welcomed == b->n)
+        b->all_welcomed = fp_now();
+}
+
+static void ls_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
+{
+    lsite_t *l = ctx;
+    bench_t *b = l->b;
+    if (t->round >= 1 && (int)t->round <= b->rounds && !b->first_task_ms[t->round - 1])
+        b->first_task_ms[t->round - 1] = fp_now_ms();
+    fp_err_t err = {0};
+    fp_adapter_t *ad = NULL;
+    if (fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &ad, &err)) {
+        snprintf(b->fatal, sizeof b->fatal, "%s: bad task: %s", l->name, fp_err_msg(&err));
+        return;
+    }
+    if (t->restart) {
+        fp_adapter_t *fresh = NULL;
+        fp_adapter_at_rank(ad, t->rank, &fresh, NULL);
+        fp_adapter_free(ad);
+        ad = fresh;
+        fp_adapter_randomize(ad, t->seed, 0, 0.01);
+    } else {
+        fp_rng_t rng;
+        fp_rng_seed(&rng, t->seed);
+        for (int i = 0; i < ad->n; i++) {
+            fp_lora_module_t *m = &ad->mods[i];
+            for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
+                m->B[j] += (float)(0.01 * fp_rng_normal(&rng));
+        }
+    }
+    free(l->buf);
+    free(l->t);
+    uint64_t len;
+    int n;
+    fp_adapter_stream_layout(ad, &l->t, &n, &len, NULL);
+    l->buf = malloc(len);
+    fp_adapter_stream_write(ad, l->buf);
+    fp_adapter_free(ad);
+    fp_site_update_t u = {t->task_id, 100 + (uint64_t)l->idx, t->rank, 1.0, 1.0, 1.0, 0.0,
+                          l->buf, len, l->t, n};
+    fp_site_upload(s, &u, 0);
+    l->stored = (int)t->round;
+}
+
+static void ls_stored(void *ctx, fp_site_t *s, uint64_t id)
+{
+    (void)s;
+    (void)id;
+    lsite_t *l = ctx;
+    bench_t *b = l->b;
+    int r = l->stored;
+    if (r >= 1 && r <= b->rounds) {
+        b->stored_in_round[r - 1]++;
+        b->last_stored_ms[r - 1] = fp_now_ms();
+    }
+}
+
+static void ls_closed(void *ctx, fp_site_t *s, int code, const char *why)
+{
+    lsite_t *l = ctx;
+    bench_t *b = l->b;
+    if (!b->done && code != 12 /* SHUTTING_DOWN */) {
+        b->failed++;
+        if (!b->fatal[0]) { /* a benchmark with a failing site measures nothing: stop */
+            snprintf(b->fatal, sizeof b->fatal, "%s: session ended: %s", l->name, why);
+            kill(b->pid, SIGTERM);
+        }
+    }
+    fp_site_free(s);
+    l->s = NULL;
+}
+
+static const fp_site_ops_t lsite_ops = {ls_welcome, ls_task, ls_stored, ls_closed};
+
+static void poll_cb(uv_timer_t *t)
+{
+    bench_t *b = t->data;
+    int st;
+    if (wait4(b->pid, &st, WNOHANG, &b->ru) != b->pid)
+        return;
+    b->done = 1;
+    b->status = st;
+    uv_timer_stop(t);
+    uv_close((uv_handle_t *)t, NULL);
+    for (int i = 0; i < b->n; i++)
+        if (b->sites[i].s)
+            fp_site_close(b->sites[i].s, 0);
+}
+
+static int find_server(char *out, size_t n, const char *given)
+    __attribute__((nonnull(1)));
+static int find_server(char *out, size_t n, const char *given)
+{
+    if (given) {
+        snprintf(out, n, "%s", given);
+        return access(out, X_OK) == 0 ? 0 : -ENOENT;
+    }
+    char self[2048];
+    ssize_t l = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (l > 0) {
+        self[l] = '\0';
+        char *slash = strrchr(self, '/');
+        if (slash) {
+            *slash = '\0';
+            const char *cands[] = {"fedpeft-server", "../server/fedpeft-server"};
+            for (int i = 0; i < 2; i++) {
+                snprintf(out, n, "%s/%s", self, cands[i]);
+                if (access(out, X_OK) == 0)
+                    return 0;
+            }
+        }
+    }
+    const char *path = getenv("PATH");
+    while (path && *path) {
+        const char *c = strchr(path, ':');
+        size_t len = c ? (size_t)(c - path) : strlen(path);
+        snprintf(out, n, "%.*s/fedpeft-server", (int)len, path);
+        if (access(out, X_OK) == 0)
+            return 0;
+        path += len + (c ? 1 : 0);
+    }
+    return -ENOENT;
+}
+
+static int wait_port(const char *log, pid_t pid, int *port)
+{
+    for (int i = 0; i < 1200; i++) {
+        char *text = NULL;
+        size_t n;
+        if (fp_fs_read_file(log, 1 << 22, &text, &n, NULL) == 0) {
+            const char *p = strstr(text, "listening on port ");
+            if (p)
+                *port = atoi(p + strlen("listening on port "));
+            free(text);
+            if (*port)
+                return 0;
+        }
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return -ECHILD;
+        usleep(50000);
+    }
+    return -ETIMEDOUT;
+}
+
+int fp_bench_coord(int argc, char **argv)
+{
+    long long nsites = 1000, rounds = 3;
+    const char *strategy = "flexlora", *server = NULL, *dir_opt = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(coord_help, stdout);
+            return FP_EXIT_OK;
+        } else if (!strcmp(a, "--quick")) {
+            nsites = 50;
+            rounds = 2;
+        } else if (!strcmp(a, "--sites") && v && fp_parse_int(v, 1, 20000, &nsites) == 0) {
+            i++;
+        } else if (!strcmp(a, "--rounds") && v && fp_parse_int(v, 1, 1000, &rounds) == 0) {
+            i++;
+        } else if (!strcmp(a, "--strategy") && v) {
+            strategy = v;
+            i++;
+        } else if (!strcmp(a, "--server") && v) {
+            server = v;
+            i++;
+        } else if (!strcmp(a, "--dir") && v) {
+            dir_opt = v;
+            i++;
+        } else {
+            return fp_cli_usage_error("bench", "coordinator: bad or incomplete option '%s'", a);
+        }
+    }
+    char srv[4096];
+    if (find_server(srv, sizeof srv, server) != 0)
+        return fp_cli_fail("bench", "cannot find fedpeft-server (build it, or pass --server)");
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        if (rl.rlim_cur < (rlim_t)(nsites + 64))
+            return fp_cli_fail("bench", "%lld sites need %lld file descriptors; the limit is %llu",
+                               nsites, nsites + 64, (unsigned long long)rl.rlim_cur);
+    }
+    signal(SIGPIPE, SIG_IGN);
+    char *dir = NULL;
+    if (dir_opt) {
+        dir = strdup(dir_opt);
+        fp_fs_mkdirs(dir, 0700, NULL);
+    } else {
+        const char *tmp = getenv("TMPDIR");
+        dir = fp_path_join(tmp && *tmp ? tmp : "/tmp", "fedpeft-bench-coord-XXXXXX");
+        if (dir && !mkdtemp(dir)) {
+            free(dir);
+            dir = NULL;
+        }
+    }
+    if (!dir)
+        return fp_cli_fail("bench", "cannot create a working directory");
+    int rc = FP_EXIT_FAIL, port = 0;
+    fp_err_t err = {0};
+    bench_t b = {0};
+    b.n = (int)nsites;
+    b.rounds = (int)rounds;
+    b.pid = -1;
+    char *pki = fp_path_join(dir, "pki"), *state = fp_path_join(dir, "state");
+    char *model = fp_path_join(dir, "config.json"), *cfg = fp_path_join(dir, "server.ini");
+    char *log = fp_path_join(dir, "server.log");
+    b.sites = calloc((size_t)b.n, sizeof *b.sites);
+    b.last_stored_ms = calloc((size_t)b.rounds, sizeof *b.last_stored_ms);
+    b.first_task_ms = calloc((size_t)b.rounds, sizeof *b.first_task_ms);
+    b.stored_in_round = calloc((size_t)b.rounds, sizeof *b.stored_in_round);
+    printf("fedpeft bench coordinator: %d sites, %d rounds, %s\n", b.n, b.rounds, strategy);
+    fflush(stdout);
+    double t0 = fp_now();
+    if (fp_ca_init(pki, "Bench Net", 2, FP_KEY_EC_P256, &err) != 0)
+        goto out;
+    fp_ca_issue_opts_t so = {.server = 1, .name = "localhost", .sans = "127.0.0.1",
+                             .valid_for_s = 86400};
+    if (fp_ca_issue(pki, &so, &err) != 0)
+        goto out;
+    for (int i = 0; i < b.n; i++) {
+        lsite_t *l = &b.sites[i];
+        l->b = &b;
+        l->idx = i;
+        snprintf(l->name, sizeof l->name, "site-%05d", i);
+        fp_ca_issue_opts_t si = {.name = l->name, .valid_for_s = 86400};
+        if (fp_ca_issue(pki, &si, &err) != 0)
+            goto out;
+    }
+    printf("  certificate authority and %d site kits: %.1f s\n", b.n, fp_now() - t0);
+    const char *mc = "{\"hidden_size\": 64, \"intermediate_size\": 128, \"num_hidden_layers\": 2,"
+                     " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 64,"
+                     " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0}";
+    uint8_t msha[32];
+    fp_sha256(mc, strlen(mc), msha);
+    char mhex[65];
+    fp_sha256_hex(msha, mhex);
+    char text[8192];
+    snprintf(text, sizeof text,
+             "[server]\nlisten = 127.0.0.1:0\ncert = %s/servers/localhost/server.crt\n"
+             "key = %s/servers/localhost/server.key\nca = %s/ca.crt\ncrl = %s/ca.crl\n"
+             "state_dir = %s\nmetrics =\nexit_when_done = true\n"
+             "[federation]\nname = bench\nbase_model_config = %s\nbase_model_sha256 = %s\n"
+             "target_modules = q_proj,v_proj\nr_max = 8\nstrategy = %s\nrounds = %d\n"
+             "min_sites = %d\nmin_updates = %d\nround_deadline_s = 600\n",
+             pki, pki, pki, pki, state, model, mhex, strategy, b.rounds, b.n, b.n);
+    if (fp_fs_write_file(model, mc, strlen(mc), 0644, &err) != 0 ||
+        fp_fs_write_file(cfg, text, strlen(text), 0644, &err) != 0)
+        goto out;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    char *sargv[] = {srv, "--config", cfg, NULL};
+    int sp = posix_spawn(&b.pid, srv, &fa, NULL, sargv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (sp != 0) {
+        fp_err_set(&err, -sp, "cannot start %s: %s", srv, strerror(sp));
+        b.pid = -1;
+        goto out;
+    }
+    if (wait_port(log, b.pid, &port) != 0) {
+        fp_err_set(&err, -EIO, "fedpeft-server did not start (see %s)", log);
+        goto out;
+    }
+    uv_loop_init(&b.loop);
+    char ca[4096];
+    snprintf(ca, sizeof ca, "%s/ca.crt", pki);
+    double tc = fp_now();
+    for (int i = 0; i < b.n; i++) {
+        lsite_t *l = &b.sites[i];
+        char crt[4096], key[4096];
+        snprintf(crt, sizeof crt, "%s/sites/%s/site.crt", pki, l->name);
+        snprintf(key, sizeof key, "%s/sites/%s/site.key", pki, l->name);
+        fp_tls_cfg_t c = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
+        fp_site_hello_t h = {l->name, {0}, 8, 100 + (uint64_t)i, 0};
+        memcpy(h.model_sha256, msha, 32);
+        if (fp_tls_ctx_new(&l->tls, &c, &err) != 0 ||
+            fp_site_connect(&l->s, &b.loop, "127.0.0.1", port, l->tls, NULL, &h, &lsite_ops, l,
+                            &err) != 0)
+            goto out_loop;
+    }
+    uv_timer_init(&b.loop, &b.poll);
+    b.poll.data = &b;
+    uv_timer_start(&b.poll, poll_cb, 50, 50);
+    uv_run(&b.loop, UV_RUN_DEFAULT);
+    printf("  %d sites connected and welcomed (mutual TLS handshakes): %.2f s\n", b.n,
+           b.all_welcomed - tc);
+    rc = FP_EXIT_OK;
+out_loop:
+    uv_loop_close(&b.loop);
+out:
+    if (b.pid > 0 && !b.done) {
+        kill(b.pid, SIGTERM);
+        waitpid(b.pid, NULL, 0);
+    }
+    if (rc == FP_EXIT_OK) {
+        if (b.fatal[0] || !WIFEXITED(b.status) || WEXITSTATUS(b.status) != 0) {
+            fp_cli_fail("bench", "%s", b.fatal[0] ? b.fatal : "fedpeft-server failed");
+            rc = FP_EXIT_FAIL;
+        }
+    } else {
+        fp_cli_fail("bench", "%s", fp_err_msg(&err));
+    }
+    if (rc == FP_EXIT_OK) {
+        /* when each round closed, by the coordinator's own record */
+        sqlite3 *db = NULL;
+        char *dbp = fp_path_join(state, FP_STORE_DB);
+        sqlite3_open_v2(dbp, &db, SQLITE_OPEN_READONLY, NULL);
+        free(dbp);
+        printf("\n%-7s %8s %18s %14s %10s  %s\n", "round", "updates", "last upload→closed",
+               "whole round", "merge", "goal");
+        double worst = 0;
+        for (int r = 1; r <= b.rounds; r++) {
+            sqlite3_stmt *s = NULL;
+            int64_t closed = 0, ups = 0;
+            double agg = 0;
+            if (db && sqlite3_prepare_v2(db, "SELECT closed_ms, updates, agg_seconds FROM round "
+                                         "WHERE n = ?", -1, &s, NULL) == SQLITE_OK) {
+                sqlite3_bind_int(s, 1, r);
+                if (sqlite3_step(s) == SQLITE_ROW) {
+                    closed = sqlite3_column_int64(s, 0);
+                    ups = sqlite3_column_int64(s, 1);
+                    agg = sqlite3_column_double(s, 2);
+                }
+            }
+            sqlite3_finalize(s);
+            double lat = (double)(closed - b.last_stored_ms[r - 1]) / 1e3;
+            double whole = (double)(closed - b.first_task_ms[r - 1]) / 1e3;
+            worst = lat > worst ? lat : worst;
+            printf("%-7d %8lld %16.3f s %12.3f s %8.3f s  %s\n", r, (long long)ups, lat, whole,
+                   agg, "< 2 s");
+        }
+        sqlite3_close(db);
+        char *t = NULL;
+        size_t n;
+        long peak = 0;
+        double cpu = 0;
+        if (fp_fs_read_file(log, 1 << 24, &t, &n, NULL) == 0) {
+            const char *p = strstr(t, "peak resident memory ");
+            if (p)
+                sscanf(p, "peak resident memory %ld bytes, CPU %lf", &peak, &cpu);
+            free(t);
+        }
+        double child_cpu = (double)b.ru.ru_utime.tv_sec + 1e-6 * (double)b.ru.ru_utime.tv_usec +
+                           (double)b.ru.ru_stime.tv_sec + 1e-6 * (double)b.ru.ru_stime.tv_usec;
+        printf("\ncoordinator peak resident memory  %.1f MiB   (goal < 1024 MiB)\n",
+               (double)peak / 1048576.0);
+        printf("coordinator CPU time              %.2f s for %d rounds of %d sites (%.2f ms "
+               "per update)\n", child_cpu, b.rounds, b.n, 1e3 * child_cpu / (b.rounds * b.n));
+        printf("worst last upload→closed          %.3f s    (goal < 2 s)\n", worst);
+    }
+    for (int i = 0; b.sites && i < b.n; i++) {
+        fp_tls_ctx_free(b.sites[i].tls);
+        free(b.sites[i].buf);
+        free(b.sites[i].t);
+    }
+    free(b.sites);
+    free(b.last_stored_ms);
+    free(b.first_task_ms);
+    free(b.stored_in_round);
+    if (!dir_opt)
+        fp_fs_remove_tree(dir, NULL);
+    free(dir);
+    free(pki);
+    free(state);
+    free(model);
+    free(cfg);
+    free(log);
+    return rc;
+}
