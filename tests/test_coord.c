@@ -853,6 +853,58 @@ static void test_late_duplicate_mismatch(void **state)
     env_free(e);
 }
 
+/* --check-config: a good file prints the effective settings; each kind of mistake is named
+ * with its file and line, or its override. */
+static void test_check_config(void **state)
+{
+    (void)state;
+    env_t *e = env_new();
+    write_config(e, "flexlora", 2, NULL);
+    char *out = NULL, *errs = NULL;
+    const char *ok[] = {"--check-config", "--config", e->cfg, "--set", "federation.rounds=7", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, ok, &out, &errs), 0);
+    fpt_assert_text(out, "strategy = flexlora", __FILE__, __LINE__);
+    fpt_assert_text(out, "rounds = 7", __FILE__, __LINE__);
+    const char *bounds[] = {"--check-config", "--config", e->cfg, "--set", "federation.r_max=0",
+                            NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, bounds, &out, &errs), 1);
+    fpt_assert_text(errs, "federation.r_max: 0 is outside [1, 4096]", __FILE__, __LINE__);
+    const char *strat[] = {"--check-config", "--config", e->cfg, "--set",
+                           "federation.strategy=fedprox", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, strat, &out, &errs), 1);
+    fpt_assert_text(errs, "flexlora", __FILE__, __LINE__);
+    /* an unknown key on line 3 of a file */
+    char *bad = fp_path_join(e->dir, "bad.ini");
+    const char *text = "[server]\nlisten = 127.0.0.1:1\nlisten_port = 5\n";
+    assert_int_equal(fp_fs_write_file(bad, text, strlen(text), 0644, NULL), 0);
+    const char *unk[] = {"--check-config", "--config", bad, NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, unk, &out, &errs), 1);
+    fpt_assert_text(errs, "bad.ini:3: unknown setting 'server.listen_port'", __FILE__, __LINE__);
+    const char *help[] = {"--help", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, help, &out, &errs), 0);
+    fpt_assert_text(out, "--check-config", __FILE__, __LINE__);
+    const char *settings[] = {"--settings", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, settings, &out, &errs), 0);
+    fpt_assert_text(out, "round_deadline_s", __FILE__, __LINE__);
+    /* the annotated example in deploy/ is a valid configuration, given real files */
+    char o[5][4200];
+    snprintf(o[0], sizeof o[0], "server.cert=%s/servers/localhost/server.crt", e->pki);
+    snprintf(o[1], sizeof o[1], "server.key=%s/servers/localhost/server.key", e->pki);
+    snprintf(o[2], sizeof o[2], "server.ca=%s/ca.crt", e->pki);
+    snprintf(o[3], sizeof o[3], "server.crl=%s/ca.crl", e->pki);
+    snprintf(o[4], sizeof o[4], "federation.base_model_config=%s/config.json", e->dir);
+    const char *ex[] = {"--check-config", "--config", FP_SOURCE_DIR "/deploy/config/fedpeft-server.ini",
+                        "-s", o[0], "-s", o[1], "-s", o[2], "-s", o[3], "-s", o[4], NULL};
+    int rc = fpt_runv(FEDPEFT_SERVER_BIN, ex, &out, &errs);
+    if (rc)
+        fail_msg("the example configuration: %s", errs);
+    fpt_assert_text(out, "name = hospital-network", __FILE__, __LINE__);
+    free(out);
+    free(errs);
+    free(bad);
+    env_free(e);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -864,6 +916,7 @@ int main(void)
         cmocka_unit_test(test_kill9_failpoints),
         cmocka_unit_test(test_sighup_revocation_metrics_sigterm),
         cmocka_unit_test(test_late_duplicate_mismatch),
+        cmocka_unit_test(test_check_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
