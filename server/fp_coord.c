@@ -113,6 +113,8 @@ struct fp_coord {
     _Atomic uint64_t c_hs_refused, c_revoked, c_reloads;
     _Atomic int64_t c_round;
     double agg_total, agg_last;
+    int64_t st_round, st_ms;  /* the last STATUS sent */
+    int st_state;
 };
 
 static void maybe_open_round(fp_coord_t *co);
@@ -182,9 +184,11 @@ static void refresh_counters(fp_coord_t *co)
     }
 }
 
+static void status(fp_coord_t *co);
+
 static void tick_cb(uv_timer_t *t)
 {
-    refresh_counters(t->data);
+    status(t->data); /* counters, and progress the rate limit held back */
 }
 
 static void status(fp_coord_t *co)
@@ -195,6 +199,14 @@ static void status(fp_coord_t *co)
         up += co->tasks[i].state == T_UPLOADED;
     const char *what = co->rstate == R_OPEN ? "open" : co->rstate == R_AGGREGATING ?
                        "aggregating" : co->rstate == R_PREPARING ? "preparing" : "waiting for sites";
+    /* the service manager hears of every change of round or state at once, of progress
+     * within a round at most once a second */
+    int64_t now = fp_now_ms();
+    if (co->round == co->st_round && co->rstate == co->st_state && now - co->st_ms < 1000)
+        return;
+    co->st_round = co->round;
+    co->st_state = co->rstate;
+    co->st_ms = now;
     fp_notify("STATUS=round %lld %s, %d/%d updates, %llu sites connected",
               (long long)co->round, what, up, co->ntasks,
               (unsigned long long)atomic_load(&co->c_connected));

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sqlite3.h>
@@ -91,6 +92,19 @@ static void write_config(env_t *e, const char *strategy, int rounds, const char 
     assert_int_equal(fp_fs_write_file(e->cfg, text, strlen(text), 0644, NULL), 0);
 }
 
+static pid_t live_pid; /* killed by the teardown if a test fails while it runs */
+
+static int kill_live_server(void **state)
+{
+    (void)state;
+    if (live_pid > 0 && waitpid(live_pid, NULL, WNOHANG) == 0) {
+        kill(live_pid, SIGKILL);
+        waitpid(live_pid, NULL, 0);
+    }
+    live_pid = 0;
+    return 0;
+}
+
 static void start_server(env_t *e)
 {
     unlink(e->log);
@@ -103,6 +117,7 @@ static void start_server(env_t *e)
     assert_int_equal(posix_spawn(&e->pid, FEDPEFT_SERVER_BIN, &fa, NULL, argv, environ), 0);
     unsetenv("FEDPEFT_FAILPOINT");
     e->failpoint = NULL;
+    live_pid = e->pid;
     posix_spawn_file_actions_destroy(&fa);
     e->port = 0;
     for (int i = 0; i < 600 && !e->port; i++) { /* up to 30 s */
@@ -157,7 +172,7 @@ static void env_free(env_t *e)
 
 /* ---- sites ---- */
 
-enum { B_GOOD, B_NAN, B_VANISH, B_HOLD, B_DUP };
+enum { B_GOOD, B_NAN, B_VANISH, B_HOLD, B_DUP, B_SAMPLES };
 
 typedef struct site_rt {
     struct world *w;
@@ -189,6 +204,10 @@ typedef struct world {
     void (*after_stored)(struct world *w); /* optional scenario hook */
     int phase;
     char metrics[16384];
+    int notify_fd;          /* a stand-in for systemd's socket, read as messages come */
+    uv_poll_t notify_poll;
+    char notes[65536];
+    size_t notes_len;
 } world_t;
 
 static void site_connect(site_rt_t *r);
@@ -246,7 +265,8 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     assert_int_equal(fp_adapter_stream_layout(ad, &r->t, &n, &len, &err), 0);
     r->buf = malloc(len);
     fp_adapter_stream_write(ad, r->buf);
-    fp_site_update_t u = {t->task_id, samples[r->idx], t->rank, 2.0 - 0.1 * (double)t->round,
+    fp_site_update_t u = {t->task_id, samples[r->idx] * (behaviour == B_SAMPLES ? 2 : 1),
+                          t->rank, 2.0 - 0.1 * (double)t->round,
                           2.5, 2.0, 0.1, r->buf, len, r->t, n};
     r->held = u;
     if (behaviour == B_HOLD) { /* sent once the next round's task shows this one is over */
@@ -323,6 +343,8 @@ static void site_connect(site_rt_t *r)
                                      NULL, &h, &site_ops, r, &err), 0);
 }
 
+static void notify_cb(uv_poll_t *h, int status, int events);
+
 static void poll_cb(uv_timer_t *t)
 {
     world_t *w = t->data;
@@ -338,9 +360,28 @@ static void poll_cb(uv_timer_t *t)
     w->status = st;
     uv_timer_stop(t);
     uv_close((uv_handle_t *)t, NULL);
+    if (w->notify_fd > 0) {
+        notify_cb(&w->notify_poll, 0, 0);
+        uv_close((uv_handle_t *)&w->notify_poll, NULL);
+    }
     for (int i = 0; i < NSITES; i++)
         if (w->sites[i].s)
             fp_site_close(w->sites[i].s, 0);
+}
+
+static void notify_cb(uv_poll_t *h, int status, int events)
+{
+    (void)status;
+    (void)events;
+    world_t *w = h->data;
+    char msg[1024];
+    ssize_t got;
+    while ((got = recv(w->notify_fd, msg, sizeof msg - 1, 0)) > 0) {
+        msg[got] = '\0';
+        if (w->notes_len + (size_t)got + 2 < sizeof w->notes)
+            w->notes_len += (size_t)snprintf(w->notes + w->notes_len,
+                                             sizeof w->notes - w->notes_len, "%s\n", msg);
+    }
 }
 
 static void run_world(world_t *w)
@@ -358,6 +399,11 @@ static void run_world(world_t *w)
         fp_err_t err = {0};
         assert_int_equal(fp_tls_ctx_new(&r->tls, &c, &err), 0);
         site_connect(r);
+    }
+    if (w->notify_fd > 0) {
+        uv_poll_init(&w->loop, &w->notify_poll, w->notify_fd);
+        w->notify_poll.data = w;
+        uv_poll_start(&w->notify_poll, UV_READABLE, notify_cb);
     }
     uv_timer_init(&w->loop, &w->poll);
     w->poll.data = w;
@@ -779,15 +825,32 @@ static int metric(const char *text, const char *name)
     return atoi(p + strlen(needle));
 }
 
+/* A stand-in for systemd's notification socket. */
+static int notify_socket(env_t *e)
+{
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    struct sockaddr_un sa = {0};
+    sa.sun_family = AF_UNIX;
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s/notify", e->dir);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    setenv("NOTIFY_SOCKET", sa.sun_path, 1);
+    setenv("WATCHDOG_USEC", "200000", 1);
+    return fd;
+}
+
 static void test_sighup_revocation_metrics_sigterm(void **state)
 {
     (void)state;
     env_t *e = env_new();
     setenv("FPT_STRATEGY", "zeropad", 1);
     write_config(e, "zeropad", 0, NULL);
+    int nfd = notify_socket(e);
     start_server(e);
+    unsetenv("NOTIFY_SOCKET");
+    unsetenv("WATCHDOG_USEC");
     world_t *w = calloc(1, sizeof *w);
     w->e = e;
+    w->notify_fd = nfd;
     w->after_stored = ops_scenario;
     run_world(w); /* fails unless the coordinator exits 0 after SIGTERM */
     assert_int_equal(w->phase, 2);
@@ -814,6 +877,14 @@ static void test_sighup_revocation_metrics_sigterm(void **state)
     fpt_assert_text(log, "reload: 1 setting(s) changed", __FILE__, __LINE__);
     fpt_assert_text(log, "<5>signal 15: stopping", __FILE__, __LINE__);
     free(log);
+    /* what the service manager was told */
+    const char *all = w->notes;
+    (void)0;
+    close(nfd);
+    fpt_assert_text(all, "READY=1", __FILE__, __LINE__);
+    fpt_assert_text(all, "STATUS=round 1 open", __FILE__, __LINE__);
+    fpt_assert_text(all, "WATCHDOG=1", __FILE__, __LINE__);
+    fpt_assert_text(all, "STOPPING=1", __FILE__, __LINE__);
     free(w);
     env_free(e);
 }
@@ -905,18 +976,97 @@ static void test_check_config(void **state)
     env_free(e);
 }
 
+/* ‖contribution‖_F of an update: ‖Σ s(B·A) − s(B₀·A₀)‖ over modules, dense. */
+static double contribution(const fp_adapter_t *u, const fp_adapter_t *start)
+{
+    double sum = 0;
+    for (int i = 0; i < u->n; i++) {
+        const fp_lora_module_t *m = &u->mods[i];
+        size_t sz = (size_t)m->d_out * (size_t)m->d_in;
+        double *d = calloc(sz, sizeof *d);
+        dense(u, i, d, 1);
+        if (start)
+            dense(start, fp_adapter_find(start, m->name), d, -1);
+        for (size_t j = 0; j < sz; j++)
+            sum += d[j] * d[j];
+        free(d);
+    }
+    return sqrt(sum);
+}
+
+/* norm_bound with clip: every contribution is brought down to the bound exactly (restart) or
+ * to within it (continue, by interpolation toward the start); with refuse: refused, recorded,
+ * and the round expires without updates. A sample count above the declared one is refused. */
+static void norm_case(const char *strategy, const char *action, double bound)
+{
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", strategy, 1);
+    char extra[256];
+    snprintf(extra, sizeof extra, "round_deadline_s = 2\n[validation]\nnorm_bound = %g\n"
+             "norm_action = %s", bound, action);
+    write_config(e, strategy, 1, extra);
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    w->bad_round = 1;
+    w->sites[2].behaviour = B_SAMPLES;
+    run_world(w);
+    sqlite3 *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE site = 'site-c' AND state = "
+                               "'refused' AND error LIKE '%sample count%'"), 1);
+    if (!strcmp(action, "refuse")) {
+        assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE state = 'refused' AND "
+                                   "error LIKE '%above the bound%'"), 2);
+        assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n = 1 AND state = "
+                                   "'expired'"), 1);
+    } else {
+        assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE state = 'merged' AND "
+                                   "clipped = 1 AND norm > 0"), 2);
+        fp_adapter_t *g0 = load_global(e, db, 0);
+        fp_adapter_t *up[NSITES];
+        double wts[NSITES];
+        int n = load_updates(e, db, 1, up, wts);
+        assert_int_equal(n, 2);
+        for (int k = 0; k < n; k++) {
+            fp_adapter_t *start = NULL;
+            fp_strategy_t st;
+            fp_strategy_parse(strategy, &st, NULL);
+            if (!fp_strategy_restarts(st))
+                assert_int_equal(fp_adapter_at_ranks_of(g0, up[k], &start, NULL), 0);
+            double c = contribution(up[k], start);
+            if (!(c <= bound * (1 + 1e-5) && c >= bound * 0.999))
+                fail_msg("%s clip: contribution %g, bound %g", strategy, c, bound);
+            fp_adapter_free(start);
+            fp_adapter_free(up[k]);
+        }
+        fp_adapter_free(g0);
+    }
+    sqlite3_close(db);
+    free(w);
+    env_free(e);
+}
+
+static void test_norm_bound(void **state)
+{
+    (void)state;
+    norm_case("flora", "clip", 0.01);
+    norm_case("flexlora", "clip", 0.01);
+    norm_case("zeropad", "refuse", 0.01);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_fedavg),  cmocka_unit_test(test_ffa),
-        cmocka_unit_test(test_zeropad), cmocka_unit_test(test_flexlora),
-        cmocka_unit_test(test_flora),   cmocka_unit_test(test_florist),
-        cmocka_unit_test(test_invalid_and_dropped), cmocka_unit_test(test_kill9),
-        cmocka_unit_test(test_kill9_failpoints),
-        cmocka_unit_test(test_sighup_revocation_metrics_sigterm),
-        cmocka_unit_test(test_late_duplicate_mismatch),
-        cmocka_unit_test(test_check_config),
+        cmocka_unit_test_teardown(test_fedavg, kill_live_server),  cmocka_unit_test_teardown(test_ffa, kill_live_server),
+        cmocka_unit_test_teardown(test_zeropad, kill_live_server), cmocka_unit_test_teardown(test_flexlora, kill_live_server),
+        cmocka_unit_test_teardown(test_flora, kill_live_server),   cmocka_unit_test_teardown(test_florist, kill_live_server),
+        cmocka_unit_test_teardown(test_invalid_and_dropped, kill_live_server), cmocka_unit_test_teardown(test_kill9, kill_live_server),
+        cmocka_unit_test_teardown(test_kill9_failpoints, kill_live_server),
+        cmocka_unit_test_teardown(test_sighup_revocation_metrics_sigterm, kill_live_server),
+        cmocka_unit_test_teardown(test_late_duplicate_mismatch, kill_live_server),
+        cmocka_unit_test_teardown(test_check_config, kill_live_server),
+        cmocka_unit_test_teardown(test_norm_bound, kill_live_server),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
