@@ -115,7 +115,7 @@ static void ls_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     fp_adapter_stream_write(ad, l->buf);
     fp_adapter_free(ad);
     fp_site_update_t u = {t->task_id, 100 + (uint64_t)l->idx, t->rank, 1.0, 1.0, 1.0, 0.0,
-                          l->buf, len, l->t, n};
+                          l->buf, len, l->t, n, NULL};
     fp_site_upload(s, &u, 0);
     l->stored = (int)t->round;
 }

@@ -22,7 +22,7 @@ struct fp_site {
     /* the upload being sent */
     fp_site_update_t up;
     int uploading, sending, started;
-    uint64_t next, acked;
+    uint64_t next, acked, start, sent;
     uint8_t sha[32];
     int code, closed;
     char why[320];
@@ -35,6 +35,8 @@ static int send_env(fp_site_t *s, Fedpeft__Envelope *e)
     int rc = fp_msg_frame(e, &f, &n, NULL);
     if (rc == 0) {
         rc = fp_conn_send(s->conn, f, n);
+        if (rc == 0)
+            s->sent += n;
         free(f);
     }
     return rc;
@@ -103,13 +105,9 @@ static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
     if (c->stream_id != k->task_id || c->total_bytes != s->rx_len || s->rx_got != s->rx_len ||
         memcmp(sha, c->sha256.data, 32) != 0)
         return fail(s, "the task's stream does not match its Commit");
-    fp_stream_tensor_t *t = calloc(k->n_tensors ? k->n_tensors : 1, sizeof *t);
-    if (!t)
+    fp_stream_tensor_t *t;
+    if (fp_msg_tensors_unpack(k->tensors, k->n_tensors, &t) != 0)
         return fail(s, "out of memory");
-    for (size_t i = 0; i < k->n_tensors; i++)
-        t[i] = (fp_stream_tensor_t){k->tensors[i]->name, k->tensors[i]->shape[0],
-                                    k->tensors[i]->shape[1], k->tensors[i]->offset,
-                                    k->tensors[i]->nbytes};
     fp_site_task_t st = {k->round, k->task_id, (int)k->rank, k->alpha, k->rslora,
                          k->init == FEDPEFT__TASK__INIT_MODE__RESTART, 0, 0, 0, 0, 0, 0,
                          k->deadline_unix_ms, s->rx, s->rx_len, t, (int)k->n_tensors};
@@ -199,7 +197,7 @@ static void on_frame(fp_conn_t *c, const unsigned char *p, size_t n)
                 s->ops.stored(s->ctx, s, s->up.task_id);
         } else if (!s->started) {
             s->started = 1;
-            s->next = a->acked_bytes; /* the first Ack: where the durable copy ends */
+            s->next = s->start = a->acked_bytes; /* the first Ack: where the durable copy ends */
             s->sending = 1;
             pump(s);
         }
@@ -270,7 +268,11 @@ int fp_site_upload(fp_site_t *s, const fp_site_update_t *u, int resume)
     s->started = 0;
     s->next = 0;
     s->acked = 0;
-    fp_sha256(u->data, u->len, s->sha);
+    s->start = 0;
+    if (u->sha256)
+        memcpy(s->sha, u->sha256, 32);
+    else
+        fp_sha256(u->data, u->len, s->sha);
     Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
     if (resume) {
         Fedpeft__Resume r = FEDPEFT__RESUME__INIT;
@@ -290,38 +292,32 @@ int fp_site_upload(fp_site_t *s, const fp_site_update_t *u, int resume)
     up.metrics = &m;
     up.rank = (uint32_t)u->rank;
     up.stream_bytes = u->len;
-    Fedpeft__TensorInfo *ti = calloc((size_t)u->n, sizeof *ti);
-    Fedpeft__TensorInfo **tp = calloc((size_t)u->n, sizeof *tp);
-    uint64_t (*sh)[2] = calloc((size_t)u->n, sizeof *sh);
-    int rc = -ENOMEM;
-    if (ti && tp && sh) {
-        for (int i = 0; i < u->n; i++) {
-            fedpeft__tensor_info__init(&ti[i]);
-            ti[i].name = (char *)u->t[i].name;
-            sh[i][0] = u->t[i].rows;
-            sh[i][1] = u->t[i].cols;
-            ti[i].shape = sh[i];
-            ti[i].n_shape = 2;
-            ti[i].dtype = "F32";
-            ti[i].offset = u->t[i].offset;
-            ti[i].nbytes = u->t[i].nbytes;
-            tp[i] = &ti[i];
-        }
+    Fedpeft__TensorInfo **tp;
+    int rc = fp_msg_tensors_pack(u->t, u->n, &tp);
+    if (rc == 0) {
         up.tensors = tp;
         up.n_tensors = (size_t)u->n;
         e.body_case = FEDPEFT__ENVELOPE__BODY_UPDATE;
         e.update = &up;
         rc = send_env(s, &e);
+        free(tp);
     }
-    free(ti);
-    free(tp);
-    free(sh);
     return rc;
 }
 
 uint64_t fp_site_acked(const fp_site_t *s)
 {
     return s->acked;
+}
+
+uint64_t fp_site_started_at(const fp_site_t *s)
+{
+    return s->start;
+}
+
+uint64_t fp_site_sent(const fp_site_t *s)
+{
+    return s->sent;
 }
 
 void fp_site_close(fp_site_t *s, int cut)

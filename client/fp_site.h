@@ -63,6 +63,7 @@ typedef struct fp_site_update {
     uint64_t len;
     const fp_stream_tensor_t *t;
     int n;
+    const uint8_t *sha256;     /* the stream's SHA-256 if known, else NULL: computed here */
 } fp_site_update_t;
 
 /* Announces and sends an update (resume: continue a stream the coordinator holds part of). */
@@ -70,6 +71,10 @@ int fp_site_upload(fp_site_t *s, const fp_site_update_t *u, int resume);
 
 /* Bytes of the current upload the coordinator has acknowledged as durable. */
 uint64_t fp_site_acked(const fp_site_t *s);
+/* Where the current upload began: the coordinator's durable prefix when it was announced. */
+uint64_t fp_site_started_at(const fp_site_t *s);
+/* Bytes handed to the connection in this session (every frame). */
+uint64_t fp_site_sent(const fp_site_t *s);
 
 /* Closes the session (ops.closed follows); cut = 1 drops it as a network failure would. */
 void fp_site_close(fp_site_t *s, int cut);

@@ -1,186 +1,63 @@
+/* One upload over its own session: fp_site with the upload announced as soon as the
+ * coordinator welcomes the site. */
 #include "fp_upload.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "fp_stream.h"
-
-enum { U_GREETING, U_ANNOUNCED, U_SENDING, U_COMMITTED, U_DONE };
+#include "fp_site.h"
 
 struct fp_upload {
     fp_upload_spec_t spec;
-    fp_conn_t *conn;
-    fp_pstate_t pstate;   /* protocol state of what we receive */
-    int state;
-    uint64_t next;        /* next offset to send */
-    uint64_t start;       /* where the coordinator said to begin */
-    uint64_t acked;       /* durable prefix confirmed by the coordinator */
-    uint64_t sent;
-    uint8_t sha[32];
+    fp_site_t *site;
+    fp_stream_tensor_t *t;
+    uint64_t acked, start, sent;
     int ok, finished;
-    char reason[320];
     fp_upload_done_cb done;
     void *ctx;
 };
 
-static void fail(fp_upload_t *u, const char *why)
+static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
 {
-    if (!u->reason[0])
-        snprintf(u->reason, sizeof u->reason, "%s", why);
-    fp_conn_close(u->conn, u->reason);
+    (void)round;
+    fp_upload_t *u = ctx;
+    const Fedpeft__Update *a = u->spec.update;
+    const Fedpeft__Metrics *m = a ? a->metrics : NULL;
+    fp_site_update_t up = {u->spec.id, a ? a->samples : u->spec.samples, a ? (int)a->rank : 0,
+                           m ? m->train_loss : 0, m ? m->eval_loss_before : 0,
+                           m ? m->eval_loss_after : 0, m ? m->seconds : 0, u->spec.data,
+                           u->spec.total, u->t, a ? (int)a->n_tensors : 0, u->spec.sha256};
+    if (fp_site_upload(s, &up, u->spec.resume) != 0)
+        fp_site_close(s, 0);
 }
 
-static int send_env(fp_upload_t *u, Fedpeft__Envelope *e)
+static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
 {
-    unsigned char *f;
-    size_t n;
-    int rc = fp_msg_frame(e, &f, &n, NULL);
-    if (rc == 0) {
-        rc = fp_conn_send(u->conn, f, n);
-        if (rc == 0)
-            u->sent += n;
-        free(f);
-    }
-    return rc;
+    (void)id;
+    fp_upload_t *u = ctx;
+    u->ok = 1;
+    fp_site_close(s, 0);
 }
 
-/* Sends chunks until the stream is out or the send queue is full, then the Commit. */
-static void pump(fp_upload_t *u)
+static void on_closed(void *ctx, fp_site_t *s, int code, const char *why)
 {
-    size_t chunk = u->spec.chunk ? u->spec.chunk : FP_MAX_CHUNK;
-    while (u->state == U_SENDING && u->next < u->spec.total &&
-           fp_conn_queued(u->conn) < (4u << 20)) {
-        size_t n = u->spec.total - u->next < chunk ? (size_t)(u->spec.total - u->next) : chunk;
-        Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
-        Fedpeft__TensorChunk c = FEDPEFT__TENSOR_CHUNK__INIT;
-        c.stream_id = u->spec.id;
-        c.offset = u->next;
-        c.data.data = (uint8_t *)u->spec.data + u->next;
-        c.data.len = n;
-        e.body_case = FEDPEFT__ENVELOPE__BODY_CHUNK;
-        e.chunk = &c;
-        if (send_env(u, &e) != 0)
-            return;
-        u->next += n;
-    }
-    if (u->state == U_SENDING && u->next == u->spec.total) {
-        Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
-        Fedpeft__Commit c = FEDPEFT__COMMIT__INIT;
-        c.stream_id = u->spec.id;
-        c.sha256.data = u->sha;
-        c.sha256.len = 32;
-        c.total_bytes = u->spec.total;
-        e.body_case = FEDPEFT__ENVELOPE__BODY_COMMIT;
-        e.commit = &c;
-        if (send_env(u, &e) == 0)
-            u->state = U_COMMITTED;
-    }
-}
-
-static void on_open(fp_conn_t *c)
-{
-    fp_upload_t *u = fp_conn_data(c);
-    Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
-    Fedpeft__Hello h = FEDPEFT__HELLO__INIT;
-    h.site_name = (char *)u->spec.site_name;
-    h.rank_budget = u->spec.rank_budget;
-    h.num_samples = u->spec.samples;
-    h.base_model_sha256.data = u->spec.model_sha256;
-    h.base_model_sha256.len = 32;
-    e.body_case = FEDPEFT__ENVELOPE__BODY_HELLO;
-    e.hello = &h;
-    send_env(u, &e);
-}
-
-static void on_welcome(fp_upload_t *u)
-{
-    Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
-    if (u->spec.resume) {
-        Fedpeft__Resume r = FEDPEFT__RESUME__INIT;
-        r.stream_id = u->spec.id;
-        e.body_case = FEDPEFT__ENVELOPE__BODY_RESUME;
-        e.resume = &r;
-        send_env(u, &e);
-    } else {
-        e.body_case = FEDPEFT__ENVELOPE__BODY_UPDATE;
-        e.update = (Fedpeft__Update *)u->spec.update;
-        send_env(u, &e);
-    }
-    u->state = U_ANNOUNCED;
-    /* the coordinator's first Ack moves us to STREAMING in its protocol terms */
-    u->pstate = FP_PS_STREAMING;
-}
-
-static void on_ack(fp_upload_t *u, const Fedpeft__Ack *a)
-{
-    if (a->stream_id != u->spec.id || a->acked_bytes > u->spec.total)
-        return fail(u, "the coordinator acknowledged another stream");
-    u->acked = a->acked_bytes;
-    if (a->complete) {
-        u->ok = 1;
-        u->state = U_DONE;
-        fp_conn_close(u->conn, "stored");
-        return;
-    }
-    if (u->state == U_ANNOUNCED) {
-        u->next = u->start = a->acked_bytes; /* where the durable copy ends */
-        u->state = U_SENDING;
-        pump(u);
-    }
-}
-
-static void on_frame(fp_conn_t *c, const unsigned char *p, size_t n)
-{
-    fp_upload_t *u = fp_conn_data(c);
-    fp_err_t err = {0};
-    fp_env_t *e = fp_msg_decode(p, n, &err);
-    if (!e)
-        return fail(u, fp_err_msg(&err));
-    char reason[256];
-    fp_pstate_t next;
-    int code = fp_msg_check(e, reason, sizeof reason);
-    /* a site is in READY once welcomed; Acks come during its upload */
-    fp_pstate_t st = u->state == U_GREETING ? FP_PS_GREETING : FP_PS_STREAMING;
-    if (!code)
-        code = fp_msg_order(FP_ROLE_CLIENT, st, e, &next, reason, sizeof reason);
-    if (code) {
-        fp_msg_free(e);
-        return fail(u, reason);
-    }
-    switch (e->body_case) {
-    case FEDPEFT__ENVELOPE__BODY_WELCOME: on_welcome(u); break;
-    case FEDPEFT__ENVELOPE__BODY_ACK: on_ack(u, e->ack); break;
-    case FEDPEFT__ENVELOPE__BODY_ERROR: {
-        char why[300];
-        snprintf(why, sizeof why, "coordinator refused: %.256s", e->error->reason);
-        fail(u, why);
-        break;
-    }
-    case FEDPEFT__ENVELOPE__BODY_BYE: fail(u, "coordinator said goodbye"); break;
-    default: break;
-    }
-    fp_msg_free(e);
-}
-
-static void on_drain(fp_conn_t *c)
-{
-    pump(fp_conn_data(c));
-}
-
-static void on_close(fp_conn_t *c, const char *why)
-{
-    fp_upload_t *u = fp_conn_data(c);
-    if (!u->reason[0])
-        snprintf(u->reason, sizeof u->reason, "%s", why);
-    u->conn = NULL;
+    (void)code;
+    fp_upload_t *u = ctx;
+    u->acked = u->ok ? u->spec.total : fp_site_acked(s);
+    u->start = fp_site_started_at(s);
+    u->sent = fp_site_sent(s);
+    u->site = NULL;
+    char reason[320];
+    snprintf(reason, sizeof reason, "%s", u->ok ? "stored" : why);
+    fp_site_free(s);
     if (!u->finished) {
         u->finished = 1;
-        u->done(u->ctx, u->ok, u->acked, u->ok ? "stored" : u->reason);
+        u->done(u->ctx, u->ok, u->acked, reason);
     }
 }
 
-static const fp_conn_ops_t upload_ops = {on_open, on_frame, on_drain, on_close};
+static const fp_site_ops_t upload_ops = {on_welcome, NULL, on_stored, on_closed};
 
 int fp_upload_start(fp_upload_t **out, uv_loop_t *loop, const char *host, int port,
                     fp_tls_ctx_t *tls, const fp_conn_cfg_t *cfg, const fp_upload_spec_t *spec,
@@ -195,12 +72,16 @@ int fp_upload_start(fp_upload_t **out, uv_loop_t *loop, const char *host, int po
     u->spec = *spec;
     u->done = done;
     u->ctx = ctx;
-    if (spec->sha256)
-        memcpy(u->sha, spec->sha256, 32);
-    else
-        fp_sha256(spec->data, spec->total, u->sha);
-    int rc = fp_connect(&u->conn, loop, host, port, tls, cfg, &upload_ops, u, err);
+    if (spec->update &&
+        fp_msg_tensors_unpack(spec->update->tensors, spec->update->n_tensors, &u->t) != 0) {
+        free(u);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    fp_site_hello_t h = {spec->site_name, {0}, spec->rank_budget, spec->samples, spec->chunk};
+    memcpy(h.model_sha256, spec->model_sha256, 32);
+    int rc = fp_site_connect(&u->site, loop, host, port, tls, cfg, &h, &upload_ops, u, err);
     if (rc) {
+        free(u->t);
         free(u);
         return rc;
     }
@@ -210,28 +91,28 @@ int fp_upload_start(fp_upload_t **out, uv_loop_t *loop, const char *host, int po
 
 uint64_t fp_upload_started_at(const fp_upload_t *u)
 {
-    return u->start;
+    return u->site ? fp_site_started_at(u->site) : u->start;
 }
 
 uint64_t fp_upload_acked(const fp_upload_t *u)
 {
-    return u->acked;
+    return u->site ? fp_site_acked(u->site) : u->acked;
 }
 
 uint64_t fp_upload_sent(const fp_upload_t *u)
 {
-    return u->sent;
+    return u->site ? fp_site_sent(u->site) : u->sent;
 }
 
 void fp_upload_cut(fp_upload_t *u)
 {
-    if (u->conn) {
-        snprintf(u->reason, sizeof u->reason, "connection cut");
-        fp_conn_close(u->conn, u->reason);
-    }
+    if (u->site)
+        fp_site_close(u->site, 1);
 }
 
 void fp_upload_free(fp_upload_t *u)
 {
+    if (u)
+        free(u->t);
     free(u);
 }

@@ -261,3 +261,41 @@ Fedpeft__Error__Code fp_msg_order(fp_role_t me, fp_pstate_t st, const fp_env_t *
     }
     return 0;
 }
+
+int fp_msg_tensors_pack(const fp_stream_tensor_t *t, int n, Fedpeft__TensorInfo ***out)
+{
+    /* layout: n pointers, n messages, n shapes */
+    size_t cnt = n > 0 ? (size_t)n : 0;
+    Fedpeft__TensorInfo **p = malloc(cnt * (sizeof *p + sizeof **p + 2 * sizeof(uint64_t)) + 1);
+    *out = p;
+    if (!p)
+        return -ENOMEM;
+    Fedpeft__TensorInfo *ti = (Fedpeft__TensorInfo *)(p + cnt);
+    uint64_t *shapes = (uint64_t *)(ti + cnt);
+    for (size_t i = 0; i < cnt; i++) {
+        fedpeft__tensor_info__init(&ti[i]);
+        ti[i].name = (char *)t[i].name;
+        shapes[2 * i] = t[i].rows;
+        shapes[2 * i + 1] = t[i].cols;
+        ti[i].shape = &shapes[2 * i];
+        ti[i].n_shape = 2;
+        ti[i].dtype = "F32";
+        ti[i].offset = t[i].offset;
+        ti[i].nbytes = t[i].nbytes;
+        p[i] = &ti[i];
+    }
+    return 0;
+}
+
+int fp_msg_tensors_unpack(Fedpeft__TensorInfo *const *ti, size_t n, fp_stream_tensor_t **out)
+{
+    fp_stream_tensor_t *t = malloc((n ? n : 1) * sizeof *t);
+    *out = t;
+    if (!t)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++)
+        t[i] = (fp_stream_tensor_t){ti[i]->name, ti[i]->n_shape > 0 ? ti[i]->shape[0] : 0,
+                                    ti[i]->n_shape > 1 ? ti[i]->shape[1] : 0, ti[i]->offset,
+                                    ti[i]->nbytes};
+    return 0;
+}

@@ -11,6 +11,7 @@
 
 #include "fedpeft.pb-c.h"
 #include "fp_error.h"
+#include "fp_tensor_list.h"
 
 #define FP_PROTOCOL_VERSION 1
 #define FP_MAX_NAME 256          /* site names, module names, reasons */
@@ -32,6 +33,13 @@ const char *fp_msg_name(const fp_env_t *e);
 /* An Error frame with code and reason. */
 int fp_msg_error_frame(Fedpeft__Error__Code code, const char *reason, unsigned char **out,
                        size_t *len, fp_err_t *err);
+
+/* TensorInfo messages for t[0..n), in one allocation that *out points to (free it); the
+ * names are borrowed from t. */
+int fp_msg_tensors_pack(const fp_stream_tensor_t *t, int n, Fedpeft__TensorInfo ***out);
+/* The list that TensorInfo messages describe, in one allocation (free it); the names are
+ * borrowed from the messages. */
+int fp_msg_tensors_unpack(Fedpeft__TensorInfo *const *ti, size_t n, fp_stream_tensor_t **out);
 
 /* Bounds every length and count inside e (names, hashes, shapes, tensor lists, chunk sizes,
  * hyper-parameters) and the protocol version. 0, or an Error code with reason filled. */

@@ -9,12 +9,8 @@
 
 #include "fp_adapter.h"
 #include "fp_error.h"
+#include "fp_tensor_list.h"
 
-typedef struct fp_stream_tensor {
-    const char *name;   /* base_model.model.<module>.lora_{A,B}.weight */
-    uint64_t rows, cols;
-    uint64_t offset, nbytes;
-} fp_stream_tensor_t;
 
 /* The tensor list of ad's stream and its total size. *out is one allocation holding the names
  * too (free it). */

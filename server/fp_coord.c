@@ -290,32 +290,15 @@ static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t)
     k.hyper = &h;
     k.deadline_unix_ms = co->deadline_ms;
     k.init = co->fed.restart ? FEDPEFT__TASK__INIT_MODE__RESTART : FEDPEFT__TASK__INIT_MODE__CONTINUE;
-    Fedpeft__TensorInfo *ti = calloc((size_t)b->n, sizeof *ti);
-    Fedpeft__TensorInfo **tp = calloc((size_t)b->n, sizeof *tp);
-    uint64_t (*shapes)[2] = calloc((size_t)b->n, sizeof *shapes);
+    Fedpeft__TensorInfo **tp;
     char *targets[FP_T_COUNT];
     size_t nt = 0;
     for (int i = 0; i < FP_T_COUNT; i++)
         if (co->targets & (1u << i))
             targets[nt++] = (char *)fp_target_names[i];
-    if (!ti || !tp || !shapes) {
-        free(ti);
-        free(tp);
-        free(shapes);
+    if (fp_msg_tensors_pack(b->t, b->n, &tp) != 0) {
         fp_conn_close(s->peer->conn, "out of memory");
         return;
-    }
-    for (int i = 0; i < b->n; i++) {
-        fedpeft__tensor_info__init(&ti[i]);
-        ti[i].name = (char *)b->t[i].name;
-        shapes[i][0] = b->t[i].rows;
-        shapes[i][1] = b->t[i].cols;
-        ti[i].shape = shapes[i];
-        ti[i].n_shape = 2;
-        ti[i].dtype = "F32";
-        ti[i].offset = b->t[i].offset;
-        ti[i].nbytes = b->t[i].nbytes;
-        tp[i] = &ti[i];
     }
     k.tensors = tp;
     k.n_tensors = (size_t)b->n;
@@ -325,9 +308,7 @@ static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t)
     e.body_case = FEDPEFT__ENVELOPE__BODY_TASK;
     e.task = &k;
     int rc = send_env(s, &e);
-    free(ti);
     free(tp);
-    free(shapes);
     if (rc)
         return;
     b->refs++;
@@ -921,15 +902,11 @@ static int on_update(void *ctx, const Fedpeft__Update *u, char *final_path, size
                  2 * co->fed.n_layout);
         return refuse_task(co, s, id, FEDPEFT__ERROR__CODE__INVALID_UPDATE, "refused", reason);
     }
-    fp_stream_tensor_t *t = malloc(u->n_tensors * sizeof *t);
-    if (!t) {
+    fp_stream_tensor_t *t;
+    if (fp_msg_tensors_unpack(u->tensors, u->n_tensors, &t) != 0) {
         snprintf(reason, n, "out of memory");
         return FEDPEFT__ERROR__CODE__INTERNAL;
     }
-    for (size_t i = 0; i < u->n_tensors; i++)
-        t[i] = (fp_stream_tensor_t){u->tensors[i]->name, u->tensors[i]->shape[0],
-                                    u->tensors[i]->shape[1], u->tensors[i]->offset,
-                                    u->tensors[i]->nbytes};
     char *json = fp_tensors_to_json(t, (int)u->n_tensors);
     free(t);
     fp_stream_tensor_t *owned = NULL;

@@ -267,7 +267,7 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     fp_adapter_stream_write(ad, r->buf);
     fp_site_update_t u = {t->task_id, samples[r->idx] * (behaviour == B_SAMPLES ? 2 : 1),
                           t->rank, 2.0 - 0.1 * (double)t->round,
-                          2.5, 2.0, 0.1, r->buf, len, r->t, n};
+                          2.5, 2.0, 0.1, r->buf, len, r->t, n, NULL};
     r->held = u;
     if (behaviour == B_HOLD) { /* sent once the next round's task shows this one is over */
         r->holding = 1;
