@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "fp_adapter_priv.h"
+#include "fp_adapter_stream.h"
 #include "fp_fs.h"
 #include "fp_json.h"
 #include "fp_safetensors.h"
@@ -543,38 +544,26 @@ out:
 
 int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, fp_err_t *err)
 {
-    int rc = 0;
-    size_t ne = 2 * (size_t)ad->n;
-    fp_st_entry_t *e = calloc(ne ? ne : 1, sizeof *e);
-    char *keybuf = NULL;
-    size_t keylen = 0;
-    for (int i = 0; i < ad->n; i++)
-        keylen += 2 * (strlen(ad->mods[i].name) + 40);
-    keybuf = malloc(keylen ? keylen : 1);
-    if (!e || !keybuf) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
+    /* the same names, shapes and order as the adapter's tensor stream */
+    fp_stream_tensor_t *t;
+    int n;
+    uint64_t total;
+    int rc = fp_adapter_stream_layout(ad, &t, &n, &total, err);
+    if (rc)
+        return rc;
+    fp_st_entry_t *e = calloc(n ? (size_t)n : 1, sizeof *e);
+    if (!e) {
+        free(t);
+        return fp_err_set(err, -ENOMEM, "out of memory");
     }
-    char *kp = keybuf;
-    for (int i = 0; i < ad->n; i++) {
-        const fp_lora_module_t *m = &ad->mods[i];
-        size_t room = strlen(m->name) + 40;
-        for (int f = 0; f < 2; f++) {
-            fp_st_entry_t *x = &e[2 * i + f];
-            fp_hfpeft_key(kp, room, m->name, f ? 'B' : 'A');
-            x->name = kp;
-            kp += room;
-            x->dtype = FP_DT_F32;
-            x->ndim = 2;
-            x->shape[0] = (uint64_t)(f ? m->d_out : m->rank);
-            x->shape[1] = (uint64_t)(f ? m->rank : m->d_in);
-            x->f32 = f ? m->B : m->A;
-        }
+    for (int i = 0; i < n; i++) {
+        const fp_lora_module_t *m = &ad->mods[i / 2];
+        e[i] = (fp_st_entry_t){.name = t[i].name, .dtype = FP_DT_F32, .ndim = 2,
+                               .shape = {t[i].rows, t[i].cols}, .f32 = i % 2 ? m->B : m->A};
     }
-    rc = fp_st_write(st_path, e, ne, NULL, err);
-out:
-    free(keybuf);
+    rc = fp_st_write(st_path, e, (size_t)n, NULL, err);
     free(e);
+    free(t);
     return rc;
 }
 
