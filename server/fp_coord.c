@@ -681,8 +681,8 @@ static void job_work(uv_work_t *w)
 {
     fp_coord_t *co = w->data;
     if (co->job_kind == 1)
-        co->job_rc = fp_fed_prepare(&co->fed, co->global_sha, co->job_ranks, co->job_nranks,
-                                    &co->job_blobs, &co->job_err);
+        co->job_rc = fp_fed_prepare(&co->fed, co->round, co->global_sha, co->job_ranks,
+                                    co->job_nranks, &co->job_blobs, &co->job_err);
     else
         co->job_rc = fp_fed_aggregate(&co->fed, &co->agg, co->agg_sha, &co->agg_rank,
                                       &co->agg_seconds, &co->job_err);
@@ -895,6 +895,16 @@ static int on_update(void *ctx, const Fedpeft__Update *u, char *final_path, size
         snprintf(reason, n, "sample count %llu is not within 1..%llu", (unsigned long long)u->samples,
                  (unsigned long long)(s->samples && s->samples < (uint64_t)co->cfg->max_samples ?
                                       s->samples : (uint64_t)co->cfg->max_samples));
+        return refuse_task(co, s, id, FEDPEFT__ERROR__CODE__INVALID_UPDATE, "refused", reason);
+    }
+    uint64_t expect = 0; /* bytes of the federation's adapter at the announced rank */
+    for (int i = 0; i < co->fed.n_layout; i++)
+        expect += (uint64_t)u->rank *
+                  (uint64_t)(co->fed.layout[i].d_in + co->fed.layout[i].d_out) * 4;
+    if (u->stream_bytes != expect) {
+        snprintf(reason, n, "a rank-%u update of this federation's adapter is %llu bytes, not "
+                 "%llu", u->rank, (unsigned long long)expect,
+                 (unsigned long long)u->stream_bytes);
         return refuse_task(co, s, id, FEDPEFT__ERROR__CODE__INVALID_UPDATE, "refused", reason);
     }
     if (u->n_tensors != 2 * (size_t)co->fed.n_layout) {

@@ -55,8 +55,10 @@ int fp_fed_load_adapter(const fp_fed_t *f, const char *sha_hex, fp_adapter_t **o
  * seeded, B = 0; ffa's A from the shared seed); restart strategies from a zero update. */
 int fp_fed_initial_adapter(const fp_fed_t *f, fp_adapter_t **out, fp_err_t *err);
 
-/* Streams of the global adapter `sha` at each rank of ranks[0..n) (restart: one stream). */
-int fp_fed_prepare(const fp_fed_t *f, const char *sha, const int *ranks, int n,
+/* Streams of the global adapter `sha` at each rank of ranks[0..n) (restart: one stream).
+ * Also removes what uploads of the rounds before `round` left behind (spool files, raw
+ * streams): those rounds are over, nothing can resume them. */
+int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int *ranks, int n,
                    fp_blob_t ***out, fp_err_t *err);
 
 /* Verifies one upload (raw stream at raw_path, described by t[0..n)): rebuilds the adapter,

@@ -133,10 +133,32 @@ static int make_blob(const fp_adapter_t *ad, int rank, fp_blob_t **out, fp_err_t
     return 0;
 }
 
-int fp_fed_prepare(const fp_fed_t *f, const char *sha, const int *ranks, int n,
+static int remove_leftovers(void *ctx, sqlite3_stmt *r)
+{
+    const fp_fed_t *f = ctx;
+    char name[64];
+    int64_t id = sqlite3_column_int64(r, 0);
+    static const char *const spool_ext[] = {"part", "acked"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(name, sizeof name, "%lld.%s", (long long)id, spool_ext[i]);
+        char *p = fp_path_join(f->spool_dir, name);
+        if (p)
+            unlink(p);
+        free(p);
+    }
+    char *raw = fp_fed_update_path(f, id, "raw");
+    if (raw)
+        unlink(raw);
+    free(raw);
+    return 0;
+}
+
+int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int *ranks, int n,
                    fp_blob_t ***out, fp_err_t *err)
 {
     *out = NULL;
+    fp_store_query(f->st, NULL, remove_leftovers, (void *)f, "SELECT id FROM task WHERE round "
+                   "= ? AND state IN ('refused','dropped')", "i", round - 1);
     fp_adapter_t *g = NULL;
     int rc = fp_fed_load_adapter(f, sha, &g, err);
     if (rc)

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "fp_ca.h"
+#include "fp_coord_priv.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_merge.h"
@@ -172,7 +173,7 @@ static void env_free(env_t *e)
 
 /* ---- sites ---- */
 
-enum { B_GOOD, B_NAN, B_VANISH, B_HOLD, B_DUP, B_SAMPLES };
+enum { B_GOOD, B_NAN, B_VANISH, B_HOLD, B_DUP, B_SAMPLES, B_EXTRA };
 
 typedef struct site_rt {
     struct world *w;
@@ -268,6 +269,18 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     fp_site_update_t u = {t->task_id, samples[r->idx] * (behaviour == B_SAMPLES ? 2 : 1),
                           t->rank, 2.0 - 0.1 * (double)t->round,
                           2.5, 2.0, 0.1, r->buf, len, r->t, n, NULL};
+    fp_stream_tensor_t extra[512];
+    if (behaviour == B_EXTRA && n < 511) { /* one tensor more than the federation's adapter */
+        memcpy(extra, r->t, (size_t)n * sizeof *extra);
+        extra[n] = extra[n - 1];
+        extra[n].offset = len;
+        u.t = extra;
+        u.n = n + 1;
+        u.len = len + extra[n].nbytes;
+        r->buf = realloc(r->buf, u.len);
+        memset(r->buf + len, 0, extra[n].nbytes);
+        u.data = r->buf;
+    }
     r->held = u;
     if (behaviour == B_HOLD) { /* sent once the next round's task shows this one is over */
         r->holding = 1;
@@ -997,7 +1010,7 @@ static double contribution(const fp_adapter_t *u, const fp_adapter_t *start)
 /* norm_bound with clip: every contribution is brought down to the bound exactly (restart) or
  * to within it (continue, by interpolation toward the start); with refuse: refused, recorded,
  * and the round expires without updates. A sample count above the declared one is refused. */
-static void norm_case(const char *strategy, const char *action, double bound)
+static void norm_case(const char *strategy, const char *action, double bound, int c_behaviour)
 {
     env_t *e = env_new();
     setenv("FPT_STRATEGY", strategy, 1);
@@ -1009,11 +1022,15 @@ static void norm_case(const char *strategy, const char *action, double bound)
     world_t *w = calloc(1, sizeof *w);
     w->e = e;
     w->bad_round = 1;
-    w->sites[2].behaviour = B_SAMPLES;
+    w->sites[2].behaviour = c_behaviour;
     run_world(w);
     sqlite3 *db = open_db(e);
-    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE site = 'site-c' AND state = "
-                               "'refused' AND error LIKE '%sample count%'"), 1);
+    assert_int_equal(q_int(db, c_behaviour == B_SAMPLES ?
+                                   "SELECT count(*) FROM task WHERE site = 'site-c' AND state = "
+                                   "'refused' AND error LIKE '%sample count%'" :
+                                   "SELECT count(*) FROM task WHERE site = 'site-c' AND state = "
+                                   "'refused' AND error LIKE '%update of this federation%bytes%'"),
+                     1);
     if (!strcmp(action, "refuse")) {
         assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE state = 'refused' AND "
                                    "error LIKE '%above the bound%'"), 2);
@@ -1049,9 +1066,58 @@ static void norm_case(const char *strategy, const char *action, double bound)
 static void test_norm_bound(void **state)
 {
     (void)state;
-    norm_case("flora", "clip", 0.01);
-    norm_case("flexlora", "clip", 0.01);
-    norm_case("zeropad", "refuse", 0.01);
+    norm_case("flora", "clip", 0.01, B_SAMPLES);
+    norm_case("flexlora", "clip", 0.01, B_EXTRA);
+    norm_case("zeropad", "refuse", 0.01, B_SAMPLES);
+}
+
+/* Preparing round N removes what dropped or refused uploads of round N − 1 left in the spool
+ * and updates/ (nothing can resume them), and nothing else. */
+static void test_spool_leftovers(void **state)
+{
+    (void)state;
+    char *dir = fpt_mkdtemp();
+    fp_fed_t f = {0};
+    f.state_dir = dir;
+    f.spool_dir = fp_path_join(dir, "spool");
+    f.updates_dir = fp_path_join(dir, "updates");
+    f.adapters_dir = fp_path_join(dir, "adapters");
+    fp_fs_mkdirs(f.spool_dir, 0700, NULL);
+    fp_fs_mkdirs(f.updates_dir, 0700, NULL);
+    fp_err_t err = {0};
+    assert_int_equal(fp_store_open(&f.st, dir, 0, &err), 0);
+    assert_true(fp_store_exec(f.st, &err, "INSERT INTO site(name, fingerprint) VALUES ('a', 'x'),"
+                              " ('b', 'y')", NULL) >= 0);
+    assert_true(fp_store_exec(f.st, &err, "INSERT INTO round(n, state) VALUES (1, 'closed'), "
+                              "(2, 'open')", NULL) >= 0);
+    assert_true(fp_store_exec(f.st, &err, "INSERT INTO task(id, round, site, rank, seed, state) "
+                              "VALUES (7, 1, 'a', 4, 1, 'dropped'), (8, 1, 'b', 4, 1, 'merged'),"
+                              " (9, 2, 'a', 4, 1, 'uploading')", NULL) >= 0);
+    const char *files[][2] = {{"spool", "7.part"}, {"spool", "7.acked"}, {"updates", "7.raw"},
+                              {"spool", "8.part"}, {"spool", "9.part"}, {"spool", "9.acked"}};
+    for (int i = 0; i < 6; i++) {
+        char *d = fp_path_join(dir, files[i][0]);
+        free(fpt_write(d, files[i][1], "x", 1));
+        free(d);
+    }
+    fp_blob_t **blobs = NULL;
+    /* no global adapter exists here: preparing fails after the clean-up */
+    assert_true(fp_fed_prepare(&f, 2, "00", NULL, 0, &blobs, &err) < 0);
+    int left[6] = {0, 0, 0, 1, 1, 1};
+    for (int i = 0; i < 6; i++) {
+        char rel[64];
+        snprintf(rel, sizeof rel, "%s/%s", files[i][0], files[i][1]);
+        char *p = fp_path_join(dir, rel);
+        if (fp_fs_exists(p) != left[i])
+            fail_msg("%s: %s", rel, left[i] ? "removed" : "left behind");
+        free(p);
+    }
+    fp_store_close(f.st);
+    fpt_rmtree(dir);
+    free(dir);
+    free(f.spool_dir);
+    free(f.updates_dir);
+    free(f.adapters_dir);
 }
 
 int main(void)
@@ -1067,6 +1133,7 @@ int main(void)
         cmocka_unit_test_teardown(test_late_duplicate_mismatch, kill_live_server),
         cmocka_unit_test_teardown(test_check_config, kill_live_server),
         cmocka_unit_test_teardown(test_norm_bound, kill_live_server),
+        cmocka_unit_test(test_spool_leftovers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
