@@ -61,9 +61,12 @@ static size_t render(fp_coord_t *co, char *b, size_t n)
     P("# HELP fedpeft_revoked_sessions_total Sessions closed because a reloaded CRL revoked "
       "their site.\n# TYPE fedpeft_revoked_sessions_total counter\n"
       "fedpeft_revoked_sessions_total %llu\n", (unsigned long long)s.revoked_dropped);
-    P("# HELP fedpeft_aggregation_seconds Time spent aggregating.\n"
-      "# TYPE fedpeft_aggregation_seconds counter\nfedpeft_aggregation_seconds_total %.6f\n"
-      "fedpeft_aggregation_seconds_last %.6f\n", s.agg_seconds_total, s.agg_seconds_last);
+    P("# HELP fedpeft_aggregation_seconds_total Time spent aggregating rounds.\n"
+      "# TYPE fedpeft_aggregation_seconds_total counter\nfedpeft_aggregation_seconds_total %.6f\n",
+      s.agg_seconds_total);
+    P("# HELP fedpeft_aggregation_last_seconds Time the last round's aggregation took.\n"
+      "# TYPE fedpeft_aggregation_last_seconds gauge\nfedpeft_aggregation_last_seconds %.6f\n",
+      s.agg_seconds_last);
     P("# HELP process_resident_memory_bytes Resident memory.\n"
       "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %ld\n",
       rss_bytes());

@@ -851,6 +851,41 @@ static int notify_socket(env_t *e)
     return fd;
 }
 
+/* Prometheus text format: every sample belongs to a metric declared by a TYPE line before it,
+ * and its value parses as a number. */
+static void check_exposition(const char *http)
+{
+    const char *body = strstr(http, "\r\n\r\n");
+    assert_non_null(body);
+    char *copy = strdup(body + 4), *save = NULL;
+    char types[64][96];
+    int nt = 0, nsamples = 0;
+    for (char *line = strtok_r(copy, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        if (!strncmp(line, "# TYPE ", 7)) {
+            assert_true(nt < 64);
+            sscanf(line + 7, "%95s", types[nt++]);
+            continue;
+        }
+        if (line[0] == '#')
+            continue;
+        size_t nl = strcspn(line, "{ ");
+        int declared = 0;
+        for (int i = 0; i < nt; i++)
+            declared |= strlen(types[i]) == nl && !strncmp(types[i], line, nl);
+        if (!declared)
+            fail_msg("sample without a TYPE: %s", line);
+        const char *v = strrchr(line, ' ');
+        char *end;
+        assert_non_null(v);
+        strtod(v + 1, &end);
+        if (*end)
+            fail_msg("not a number: %s", line);
+        nsamples++;
+    }
+    assert_true(nsamples >= 10);
+    free(copy);
+}
+
 static void test_sighup_revocation_metrics_sigterm(void **state)
 {
     (void)state;
@@ -869,6 +904,7 @@ static void test_sighup_revocation_metrics_sigterm(void **state)
     assert_int_equal(w->phase, 2);
     const char *m = w->metrics;
     assert_non_null(strstr(m, "HTTP/1.0 200") ? m : strstr(m, "HTTP/1.1 200"));
+    check_exposition(m);
     assert_true(metric(m, "fedpeft_rounds_total{outcome=\"closed\"} ") >= 2);
     assert_int_equal(metric(m, "fedpeft_revoked_sessions_total "), 1);
     assert_true(metric(m, "fedpeft_handshakes_refused_total ") >= 1);
