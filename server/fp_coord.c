@@ -447,9 +447,10 @@ static void maybe_open_round(fp_coord_t *co)
         names[i] = names[j];
         names[j] = t;
     }
+    /* ⌈fraction·n⌉ sampled, at least the min_updates a round needs, at most max_sites */
     int want = (int)ceil(c->fraction * n);
-    if (want < c->min_sites)
-        want = (int)c->min_sites;
+    if (want < c->min_updates)
+        want = (int)c->min_updates;
     if (c->max_sites && want > c->max_sites)
         want = (int)c->max_sites;
     if (want > n)

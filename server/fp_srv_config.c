@@ -63,7 +63,7 @@ const fp_setting_t fp_srv_settings[] = {
     {"federation", "min_sites", FP_SET_INT, O(min_sites), "2", 1, 1000000, 1,
      "connected sites needed to open a round"},
     {"federation", "fraction", FP_SET_DOUBLE, O(fraction), "1", 1e-9, 1, 1,
-     "fraction of connected sites sampled into a round (at least min_sites)"},
+     "fraction of connected sites sampled into a round (at least min_updates)"},
     {"federation", "max_sites", FP_SET_INT, O(max_sites), "0", 0, 1000000, 1,
      "most sites in a round; 0: no cap"},
     {"federation", "min_updates", FP_SET_INT, O(min_updates), "1", 1, 1000000, 1,
@@ -185,9 +185,9 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
     if (c->min_updates > c->min_sites)
         return fp_err_set(err, -EINVAL, "federation.min_updates (%lld) cannot exceed "
                           "federation.min_sites (%lld)", c->min_updates, c->min_sites);
-    if (c->max_sites && c->max_sites < c->min_sites)
-        return fp_err_set(err, -EINVAL, "federation.max_sites (%lld) is below min_sites (%lld)",
-                          c->max_sites, c->min_sites);
+    if (c->max_sites && c->max_sites < c->min_updates)
+        return fp_err_set(err, -EINVAL, "federation.max_sites (%lld) is below min_updates "
+                          "(%lld): no round could close", c->max_sites, c->min_updates);
     if (c->restart_rank_cap < c->r_max)
         return fp_err_set(err, -EINVAL, "federation.restart_rank_cap must be at least r_max");
     fp_model_config_t mc;

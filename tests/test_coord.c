@@ -1156,6 +1156,39 @@ static void test_spool_leftovers(void **state)
     free(f.adapters_dir);
 }
 
+/* fraction and max_sites: ⌈0.5·3⌉ = 2 sites a round, drawn anew each round; then at most 1. */
+static void sampling_case(const char *extra, int per_round)
+{
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "flexlora", 1);
+    write_config(e, "flexlora", 4, extra);
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    run_world(w);
+    sqlite3 *db = open_db(e);
+    char sql[160];
+    for (int r = 1; r <= 4; r++) {
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE round = %d AND state = "
+                 "'merged'", r);
+        assert_int_equal(q_int(db, sql), per_round);
+    }
+    /* the draw changes between rounds: not every round samples the same sites */
+    assert_true(q_int(db, "SELECT count(DISTINCT g) FROM (SELECT group_concat(site) AS g FROM "
+                          "(SELECT round, site FROM task ORDER BY round, site) GROUP BY round)") >= 2);
+    sqlite3_close(db);
+    check_rounds(e, "flexlora", 4);
+    free(w);
+    env_free(e);
+}
+
+static void test_sampling(void **state)
+{
+    (void)state;
+    sampling_case("fraction = 0.5", 2);
+    sampling_case("max_sites = 1", 1);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -1170,6 +1203,7 @@ int main(void)
         cmocka_unit_test_teardown(test_check_config, kill_live_server),
         cmocka_unit_test_teardown(test_norm_bound, kill_live_server),
         cmocka_unit_test(test_spool_leftovers),
+        cmocka_unit_test_teardown(test_sampling, kill_live_server),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
