@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "fp_error.h"
+#include "fp_par.h"
 
 /* Exit codes of every command. */
 enum { FP_EXIT_OK = 0, FP_EXIT_FAIL = 1, FP_EXIT_USAGE = 2 };
@@ -48,7 +49,5 @@ double fp_now(void);
  * getrusage's ru_maxrss it does not inherit the high-water mark of a vfork parent. */
 long fp_peak_rss_bytes(void);
 
-/* Sets the BLAS and element-wise thread counts (0 = all cores). */
-void fp_set_threads(int n);
 
 #endif

@@ -133,16 +133,6 @@ double fp_now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-void fp_set_threads(int n)
-{
-    if (n <= 0) {
-        long c = sysconf(_SC_NPROCESSORS_ONLN);
-        n = c > 0 ? (int)c : 1;
-    }
-    openblas_set_num_threads(n);
-    fp_par_set_threads(n);
-}
-
 long fp_peak_rss_bytes(void)
 {
     FILE *f = fopen("/proc/self/status", "r");

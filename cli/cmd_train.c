@@ -356,7 +356,7 @@ static int run_training(int argc, char **argv, int pretrain)
         fp_cli_fail(cmd, "%s", fp_err_msg(&err));
         goto out;
     }
-    fp_train_cfg_t tc = {o.batch, o.seq, o.steps, o.accum, o.seed, o.opt, o.log_every};
+    fp_train_cfg_t tc = {o.batch, o.seq, o.steps, o.accum, o.seed, o.opt, o.log_every, 0};
     if (tc.log_every < 0)
         tc.log_every = o.steps >= 20 ? o.steps / 20 : 1;
     progress_t pr = {cmd};

@@ -1,9 +1,11 @@
 #include "fp_site.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_failpoint.h"
 #include "fp_stream.h"
 
 #define MAX_TASK_BYTES ((uint64_t)4 << 30)
@@ -67,6 +69,7 @@ static void pump(fp_site_t *s)
         if (send_env(s, &e) != 0)
             return;
         s->next += n;
+        fp_failpoint("site-chunk-sent"); /* tests: a site killed mid-upload */
     }
     if (s->sending && s->next == s->up.len) {
         Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
@@ -109,7 +112,8 @@ static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
     if (fp_msg_tensors_unpack(k->tensors, k->n_tensors, &t) != 0)
         return fail(s, "out of memory");
     fp_site_task_t st = {k->round, k->task_id, (int)k->rank, k->alpha, k->rslora,
-                         k->init == FEDPEFT__TASK__INIT_MODE__RESTART, 0, 0, 0, 0, 0, 0,
+                         k->init == FEDPEFT__TASK__INIT_MODE__RESTART, k->freeze_a, 0, 0, 0, 0,
+                         0, 0,
                          k->deadline_unix_ms, s->rx, s->rx_len, t, (int)k->n_tensors};
     if (k->hyper) {
         st.lr = k->hyper->lr;
@@ -318,6 +322,34 @@ uint64_t fp_site_started_at(const fp_site_t *s)
 uint64_t fp_site_sent(const fp_site_t *s)
 {
     return s->sent;
+}
+
+int fp_site_heartbeat(fp_site_t *s, uint64_t task_id, int step, int total, double loss)
+{
+    if (!s->conn)
+        return -EPIPE;
+    Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
+    Fedpeft__Heartbeat h = FEDPEFT__HEARTBEAT__INIT;
+    h.task_id = task_id;
+    h.step = step > 0 ? (uint32_t)step : 0;
+    h.total_steps = total > 0 ? (uint32_t)total : 0;
+    h.loss = isfinite(loss) ? loss : 0;
+    e.body_case = FEDPEFT__ENVELOPE__BODY_HEARTBEAT;
+    e.heartbeat = &h;
+    return send_env(s, &e);
+}
+
+void fp_site_bye(fp_site_t *s, const char *reason)
+{
+    if (!s->conn)
+        return;
+    Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
+    Fedpeft__Bye b = FEDPEFT__BYE__INIT;
+    b.reason = (char *)reason;
+    e.body_case = FEDPEFT__ENVELOPE__BODY_BYE;
+    e.bye = &b;
+    send_env(s, &e);
+    fp_conn_close(s->conn, reason);
 }
 
 void fp_site_close(fp_site_t *s, int cut)

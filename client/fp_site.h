@@ -32,6 +32,7 @@ typedef struct fp_site_task {
     double alpha;
     int rslora;
     int restart;               /* 1: fold the stream (the global update) in, train afresh */
+    int freeze_a;              /* 1: train lora_B only (ffa) */
     double lr, weight_decay;
     int steps, batch, seq_len;
     uint64_t seed;
@@ -75,6 +76,12 @@ uint64_t fp_site_acked(const fp_site_t *s);
 uint64_t fp_site_started_at(const fp_site_t *s);
 /* Bytes handed to the connection in this session (every frame). */
 uint64_t fp_site_sent(const fp_site_t *s);
+
+/* Progress while training (keeps the session alive and tells the coordinator). */
+int fp_site_heartbeat(fp_site_t *s, uint64_t task_id, int step, int total, double loss);
+
+/* Says Bye with a reason and closes (ops.closed follows). */
+void fp_site_bye(fp_site_t *s, const char *reason);
 
 /* Closes the session (ops.closed follows); cut = 1 drops it as a network failure would. */
 void fp_site_close(fp_site_t *s, int cut);

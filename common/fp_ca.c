@@ -566,3 +566,15 @@ int fp_cert_fingerprint(const char *pem_path, char out[65], fp_err_t *err)
     X509_free(x);
     return 0;
 }
+
+int fp_cert_cn(const char *pem_path, char *out, size_t n, fp_err_t *err)
+{
+    X509 *x = read_cert(pem_path, err);
+    if (!x)
+        return err && err->code ? err->code : -EIO;
+    int len = X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, out, (int)n);
+    X509_free(x);
+    if (len <= 0)
+        return fp_err_set(err, -EINVAL, "%s: the certificate has no common name", pem_path);
+    return 0;
+}

@@ -14,6 +14,8 @@
 
 #include <stdint.h>
 
+#include <stddef.h>
+
 #include "fp_error.h"
 
 typedef enum fp_key_kind { FP_KEY_EC_P256, FP_KEY_ED25519 } fp_key_kind_t;
@@ -48,5 +50,8 @@ int fp_ca_list(const char *dir, char **json_text, fp_err_t *err);
 
 /* SHA-256 fingerprint of a PEM certificate file as 64 lowercase hex digits. */
 int fp_cert_fingerprint(const char *pem_path, char out[65], fp_err_t *err);
+
+/* The subject's common name of a PEM certificate file (a site's name). */
+int fp_cert_cn(const char *pem_path, char *out, size_t n, fp_err_t *err);
 
 #endif

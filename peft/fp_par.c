@@ -1,5 +1,6 @@
 #include "fp_par.h"
 
+#include <cblas.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -132,4 +133,14 @@ void fp_par_for(size_t n, size_t grain, void (*fn)(void *ctx, size_t begin, size
     while (pool.pending > 0)
         pthread_cond_wait(&pool.done, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
+}
+
+void fp_set_threads(int n)
+{
+    if (n <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c > 0 ? (int)c : 1;
+    }
+    openblas_set_num_threads(n);
+    fp_par_set_threads(n);
 }

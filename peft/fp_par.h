@@ -10,6 +10,8 @@
 /* Sets the number of threads (1 = run everything in the caller; 0 = all cores). Not to be
  * called while a parallel loop runs. */
 void fp_par_set_threads(int n);
+/* Sets the BLAS and element-wise thread counts together (0 = all cores). */
+void fp_set_threads(int n);
 int fp_par_threads(void);
 
 /* Calls fn(ctx, begin, end) over a partition of [0, n) into at most fp_par_threads() ranges,

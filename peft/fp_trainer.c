@@ -65,8 +65,22 @@ int fp_lora_init(const fp_model_t *m, unsigned targets, int rank, double alpha, 
 
 /* Parameter groups: one for an adapter, or one per weight tensor of a model. */
 static int make_groups(fp_model_t *m, fp_model_t *gm, fp_adapter_t *lora, fp_adapter_t *glora,
-                       fp_pgroup_t **out, int *n, fp_err_t *err)
+                       int freeze_a, fp_pgroup_t **out, int *n, fp_err_t *err)
 {
+    if (lora && freeze_a) { /* one group per lora_B: the optimizer never touches an A */
+        fp_pgroup_t *g = calloc((size_t)lora->n, sizeof *g);
+        if (!g)
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        for (int i = 0; i < lora->n; i++) {
+            g[i].p = lora->mods[i].B;
+            g[i].g = glora->mods[i].B;
+            g[i].n = (size_t)lora->mods[i].d_out * (size_t)lora->mods[i].rank;
+            g[i].decay = 1;
+        }
+        *out = g;
+        *n = lora->n;
+        return 0;
+    }
     if (lora) {
         fp_pgroup_t *g = calloc(1, sizeof *g);
         if (!g)
@@ -134,7 +148,7 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
         rc = fp_model_new(&gm, &m->cfg, err);
     if (rc)
         goto out;
-    if ((rc = make_groups(m, gm, lora, glora, &groups, &ngroups, err)) != 0)
+    if ((rc = make_groups(m, gm, lora, glora, cfg->freeze_a, &groups, &ngroups, err)) != 0)
         goto out;
     fp_optim_cfg_t oc = cfg->opt;
     oc.total = cfg->steps;

@@ -22,6 +22,7 @@ typedef struct fp_train_cfg {
     uint64_t seed;      /* data sampling */
     fp_optim_cfg_t opt; /* opt.total is set to steps */
     int log_every;      /* mark every N-th step (and the last) for reporting; 0: the last only */
+    int freeze_a;       /* LoRA: train B only, every lora_A stays as it is (FFA-LoRA) */
 } fp_train_cfg_t;
 
 typedef struct fp_train_stats {

@@ -290,6 +290,7 @@ static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t)
     k.hyper = &h;
     k.deadline_unix_ms = co->deadline_ms;
     k.init = co->fed.restart ? FEDPEFT__TASK__INIT_MODE__RESTART : FEDPEFT__TASK__INIT_MODE__CONTINUE;
+    k.freeze_a = co->fed.strategy == FP_STRAT_FFA;
     Fedpeft__TensorInfo **tp;
     char *targets[FP_T_COUNT];
     size_t nt = 0;

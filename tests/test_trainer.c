@@ -222,6 +222,40 @@ static void test_accumulation_equals_a_bigger_batch(void **state)
     fp_model_free(m);
 }
 
+/* freeze_a (FFA-LoRA): every lora_A stays bit for bit as it was, the B factors learn, and
+ * the loss goes down all the same. */
+static void test_freeze_a(void **state)
+{
+    (void)state;
+    fp_model_t *m = tiny();
+    fp_dataset_t *d = pattern(5, 64, 32, 3), *d_eval = pattern(5, 8, 32, 4);
+    fp_err_t err = {0};
+    fp_adapter_t *ad;
+    assert_int_equal(fp_lora_init(m, (1u << FP_T_COUNT) - 1, 4, 8, 0, 11, &ad, &err), 0);
+    fp_adapter_t *start;
+    assert_int_equal(fp_adapter_clone(ad, &start, &err), 0);
+    double before = eval(m, ad, d_eval);
+    fp_train_cfg_t tc = {.batch = 8, .seq = 32, .steps = 60, .accum = 1, .seed = 5,
+                         .opt = fp_optim_defaults(), .freeze_a = 1};
+    tc.opt.lr = 3e-3;
+    tc.opt.weight_decay = 0.1; /* decay must not touch A either */
+    fp_train_result_t res;
+    assert_int_equal(fp_train(m, ad, d, &tc, NULL, NULL, &res, &err), 0);
+    int changed = 0;
+    for (int i = 0; i < ad->n; i++) {
+        const fp_lora_module_t *a = &ad->mods[i], *s = &start->mods[i];
+        assert_memory_equal(a->A, s->A, (size_t)a->rank * (size_t)a->d_in * sizeof(float));
+        changed += memcmp(a->B, s->B, (size_t)a->d_out * (size_t)a->rank * sizeof(float)) != 0;
+    }
+    assert_int_equal(changed, ad->n);
+    assert_true(eval(m, ad, d_eval) < 0.9 * before);
+    fp_adapter_free(ad);
+    fp_adapter_free(start);
+    fp_dataset_free(d);
+    fp_dataset_free(d_eval);
+    fp_model_free(m);
+}
+
 int main(void)
 {
     fp_par_set_threads(2);
@@ -230,6 +264,7 @@ int main(void)
         cmocka_unit_test(test_schedule),
         cmocka_unit_test(test_learning_full_then_lora),
         cmocka_unit_test(test_accumulation_equals_a_bigger_batch),
+        cmocka_unit_test(test_freeze_a),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

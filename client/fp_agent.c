@@ -1,0 +1,844 @@
+#include "fp_agent.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fp_adapter_stream.h"
+#include "fp_ca.h"
+#include "fp_data.h"
+#include "fp_fs.h"
+#include "fp_json.h"
+#include "fp_log.h"
+#include "fp_model.h"
+#include "fp_par.h"
+#include "fp_rng.h"
+#include "fp_site.h"
+#include "fp_stream.h"
+#include "fp_tls.h"
+#include "fp_tokenizer.h"
+#include "fp_trainer.h"
+#include "fp_transformer.h"
+
+/* ---- settings ---- */
+
+#define O(f) offsetof(fp_agent_config_t, f)
+
+const fp_setting_t fp_agent_settings[] = {
+    {"client", "coordinator", FP_SET_STR, O(coordinator), "", 0, 0, 0,
+     "the coordinator's address, host:port"},
+    {"client", "server_name", FP_SET_STR, O(server_name), "", 0, 0, 0,
+     "name or IP address the coordinator's certificate must carry (default: its host)"},
+    {"client", "name", FP_SET_STR, O(name), "", 0, 0, 0,
+     "this site's name (default: the common name of its certificate)"},
+    {"client", "cert", FP_SET_STR, O(cert), "", 0, 0, 0, "the site's certificate (site kit)"},
+    {"client", "key", FP_SET_STR, O(key), "", 0, 0, 0, "its private key (mode 0600)"},
+    {"client", "ca", FP_SET_STR, O(ca), "", 0, 0, 0, "the federation CA certificate"},
+    {"client", "state_dir", FP_SET_STR, O(state_dir), "/var/lib/fedpeft-client", 0, 0, 0,
+     "local state: last acknowledged round, a trained update not yet stored"},
+    {"model", "dir", FP_SET_STR, O(model_dir), "", 0, 0, 0,
+     "the base model (config.json, model.safetensors) the federation uses"},
+    {"model", "tokenizer", FP_SET_STR, O(tokenizer), "", 0, 0, 0,
+     "tokenizer.json, 'bytes', or empty for the model directory's"},
+    {"data", "files", FP_SET_STR, O(data), "", 0, 0, 0,
+     "private training data, comma-separated (.txt or .jsonl); never leaves the site"},
+    {"data", "eval_fraction", FP_SET_DOUBLE, O(eval_fraction), "0.1", 0, 0.9, 0,
+     "documents held out to measure each round's update"},
+    {"data", "split_seed", FP_SET_INT, O(split_seed), "1", 0, 1e18, 0, "seed of that split"},
+    {"train", "rank_budget", FP_SET_INT, O(rank_budget), "16", 1, 4096, 0,
+     "the largest LoRA rank this site trains"},
+    {"train", "max_steps", FP_SET_INT, O(max_steps), "1000", 1, 10000000, 0,
+     "cap on the local steps of a task"},
+    {"train", "threads", FP_SET_INT, O(threads), "0", 0, 1024, 0, "threads (0: all cores)"},
+    {"network", "backoff_initial_s", FP_SET_DOUBLE, O(backoff_initial_s), "1", 0.01, 3600, 0,
+     "first reconnection delay"},
+    {"network", "backoff_max_s", FP_SET_DOUBLE, O(backoff_max_s), "300", 0.01, 86400, 0,
+     "longest reconnection delay (delays double up to it, with jitter)"},
+    {"network", "heartbeat_s", FP_SET_DOUBLE, O(heartbeat_s), "10", 0.05, 3600, 0,
+     "progress reports while training"},
+    {"network", "upload_chunk", FP_SET_INT, O(upload_chunk), "0", 0, 1048576, 0,
+     "bytes per uploaded chunk (0: 1 MiB)"},
+    FP_SET_END,
+};
+
+void fp_agent_config_free(fp_agent_config_t *c)
+{
+    fp_settings_free(fp_agent_settings, c);
+}
+
+int fp_agent_config_load(fp_agent_config_t *c, const char *path, char *const *overrides, int n,
+                         fp_err_t *err)
+{
+    memset(c, 0, sizeof *c);
+    int rc = fp_settings_load(fp_agent_settings, c, path, overrides, n, err);
+    if (rc)
+        return rc;
+    const char *req[][2] = {{"client.coordinator", c->coordinator}, {"client.cert", c->cert},
+                            {"client.key", c->key},        {"client.ca", c->ca},
+                            {"model.dir", c->model_dir},   {"data.files", c->data}};
+    for (size_t i = 0; i < sizeof req / sizeof req[0]; i++)
+        if (!req[i][1])
+            return fp_err_set(err, -EINVAL, "%s is required", req[i][0]);
+    if (!strchr(c->coordinator, ':'))
+        return fp_err_set(err, -EINVAL, "client.coordinator: '%s' is not host:port",
+                          c->coordinator);
+    if (c->backoff_max_s < c->backoff_initial_s)
+        return fp_err_set(err, -EINVAL, "network.backoff_max_s is below backoff_initial_s");
+    return 0;
+}
+
+/* ---- the agent ---- */
+
+enum { S_CONNECTING, S_CONNECTED, S_TRAINING, S_UPLOADING, S_WAITING, S_STOPPING };
+static const char *const state_names[] = {"connecting", "connected", "training", "uploading",
+                                          "waiting", "stopping"};
+
+typedef struct job {
+    /* in */
+    fp_site_task_t task;
+    unsigned char *stream;
+    fp_stream_tensor_t *t;
+    /* out */
+    int rc;
+    fp_err_t err;
+    int stopped;
+} job_t;
+
+struct fp_agent {
+    uv_loop_t *loop;
+    fp_agent_config_t *cfg;
+    char name[FP_MAX_NAME + 1];
+    char host[256];
+    int port;
+    uint8_t model_sha[32];
+    fp_model_t *model;
+    float *base;               /* a copy of the base weights (restart strategies fold into it) */
+    fp_tokenizer_t *tok;
+    fp_dataset_t *all, *train, *held;
+    fp_tls_ctx_t *tls;
+    fp_site_t *site;
+    int state, logged_state;
+    char last_problem[320];
+    int attempts;
+    uv_timer_t retry, beat, watchdog;
+    uv_async_t progress;
+    /* local state */
+    char *state_path, *update_bin, *update_json;
+    uint64_t last_acked_round;
+    /* training */
+    uv_work_t work;
+    job_t *job;
+    _Atomic int step, total;
+    _Atomic double loss;
+    atomic_int stop;
+    uint64_t task_round, task_id;
+    /* the update waiting to be stored */
+    int pending;
+    uint64_t pend_task, pend_round;
+    unsigned char *pend_data;
+    size_t pend_len;
+    fp_stream_tensor_t *pend_t;
+    int pend_n;
+    json_t *pend_meta;
+    void (*stop_cb)(void *ctx);
+    void *done_ctx;
+    int handles, closing;
+};
+
+static void set_state(fp_agent_t *a, int st, const char *detail)
+{
+    a->state = st;
+    if (st == S_TRAINING)
+        fp_notify("STATUS=training round %llu", (unsigned long long)a->task_round);
+    else
+        fp_notify("STATUS=%s", state_names[st]);
+    if (a->logged_state != st) { /* once per change of state, not once per retry */
+        a->logged_state = st;
+        fp_log(FP_LOG_INFO, "%s%s%s", state_names[st], detail ? ": " : "", detail ? detail : "");
+    }
+}
+
+/* ---- local state ---- */
+
+static int save_state(fp_agent_t *a, fp_err_t *err)
+{
+    json_t *j = json_pack("{s:s,s:I}", "site", a->name, "last_acked_round",
+                          (json_int_t)a->last_acked_round);
+    int rc = j ? fp_json_write_file(a->state_path, j, err) : -ENOMEM;
+    json_decref(j);
+    return rc;
+}
+
+static int load_state(fp_agent_t *a, fp_err_t *err)
+{
+    if (!fp_fs_exists(a->state_path))
+        return 0;
+    json_t *j = fp_json_load_file(a->state_path, 1 << 20, err);
+    if (!j)
+        return fp_err_prefix(err, -EBADMSG, "state file is corrupt (move it aside to start "
+                             "afresh; the coordinator keeps the federation's state): ");
+    json_t *r = json_object_get(j, "last_acked_round");
+    const char *site = json_string_value(json_object_get(j, "site"));
+    int rc = 0;
+    if (!json_is_integer(r) || json_integer_value(r) < 0 || !site)
+        rc = fp_err_set(err, -EBADMSG, "%s: state file is corrupt (no last_acked_round or "
+                        "site; move it aside to start afresh)", a->state_path);
+    else if (strcmp(site, a->name) != 0)
+        rc = fp_err_set(err, -EINVAL, "%s: this state belongs to site '%s', not '%s'",
+                        a->state_path, site, a->name);
+    else
+        a->last_acked_round = (uint64_t)json_integer_value(r);
+    json_decref(j);
+    return rc;
+}
+
+static void drop_pending(fp_agent_t *a)
+{
+    free(a->pend_data);
+    free(a->pend_t);
+    json_decref(a->pend_meta);
+    a->pend_data = NULL;
+    a->pend_t = NULL;
+    a->pend_meta = NULL;
+    a->pending = 0;
+}
+
+/* A trained update not yet stored by the coordinator: update.json (task, metrics, tensors)
+ * and update.bin (the stream). */
+static int load_pending(fp_agent_t *a, fp_err_t *err)
+{
+    if (!fp_fs_exists(a->update_json))
+        return 0;
+    json_t *j = fp_json_load_file(a->update_json, 64 << 20, err);
+    char *data = NULL;
+    size_t len = 0;
+    int rc = j ? fp_fs_read_file(a->update_bin, (size_t)1 << 40, &data, &len, err) : -EBADMSG;
+    json_int_t task = 0, round = 0;
+    json_t *tensors = NULL;
+    if (rc == 0 && json_unpack(j, "{s:I,s:I,s:o}", "task_id", &task, "round", &round,
+                               "tensors", &tensors) != 0)
+        rc = fp_err_set(err, -EBADMSG, "%s: corrupt", a->update_json);
+    char *text = rc == 0 ? json_dumps(tensors, JSON_COMPACT) : NULL;
+    fp_stream_tensor_t *t = NULL;
+    int n = 0;
+    if (rc == 0) {
+        /* names must outlive the JSON: keep the document */
+        size_t cnt = json_array_size(tensors);
+        t = calloc(cnt ? cnt : 1, sizeof *t);
+        for (size_t i = 0; t && i < cnt; i++) {
+            json_t *e = json_array_get(tensors, i);
+            json_int_t r, c, o, b;
+            const char *nm;
+            if (json_unpack(e, "[sIIII]", &nm, &r, &c, &o, &b) != 0) {
+                rc = fp_err_set(err, -EBADMSG, "%s: corrupt tensor list", a->update_json);
+                break;
+            }
+            t[i] = (fp_stream_tensor_t){nm, (uint64_t)r, (uint64_t)c, (uint64_t)o, (uint64_t)b};
+        }
+        n = (int)cnt;
+    }
+    free(text);
+    if (rc) {
+        free(t);
+        free(data);
+        json_decref(j);
+        return fp_err_prefix(err, rc, "pending update (remove %s and %s to drop it): ",
+                             a->update_json, a->update_bin);
+    }
+    a->pending = 1;
+    a->pend_task = (uint64_t)task;
+    a->pend_round = (uint64_t)round;
+    a->pend_data = (unsigned char *)data;
+    a->pend_len = len;
+    a->pend_t = t;
+    a->pend_n = n;
+    a->pend_meta = j;
+    return 0;
+}
+
+static void remove_pending(fp_agent_t *a)
+{
+    unlink(a->update_json);
+    unlink(a->update_bin);
+    drop_pending(a);
+}
+
+/* SHA-256 of the base weights, cached against the file's size and modification time. */
+static int model_hash(fp_agent_t *a, fp_err_t *err)
+{
+    char *w = fp_path_join(a->cfg->model_dir, "model.safetensors");
+    char *cache = fp_path_join(a->cfg->state_dir, "model-sha256.json");
+    struct stat st;
+    int rc = 0;
+    if (!w || !cache) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (stat(w, &st) != 0) {
+        rc = fp_err_set(err, -errno, "%s: %s", w, strerror(errno));
+        goto out;
+    }
+    long long mt = (long long)st.st_mtim.tv_sec * 1000000000ll + st.st_mtim.tv_nsec;
+    json_t *c = fp_fs_exists(cache) ? fp_json_load_file(cache, 1 << 16, NULL) : NULL;
+    json_int_t size = -1, mtime = -1;
+    const char *hex = NULL;
+    if (c && json_unpack(c, "{s:I,s:I,s:s}", "size", &size, "mtime_ns", &mtime, "sha256", &hex) == 0 &&
+        size == (json_int_t)st.st_size && mtime == mt && fp_sha256_parse(hex, a->model_sha) == 0) {
+        json_decref(c);
+        goto out;
+    }
+    json_decref(c);
+    char *data;
+    size_t len;
+    fp_log(FP_LOG_INFO, "hashing the base model's weights (%lld bytes), once", (long long)st.st_size);
+    if ((rc = fp_fs_read_file(w, (size_t)1 << 40, &data, &len, err)) != 0)
+        goto out;
+    fp_sha256(data, len, a->model_sha);
+    free(data);
+    char h[65];
+    fp_sha256_hex(a->model_sha, h);
+    json_t *j = json_pack("{s:I,s:I,s:s}", "size", (json_int_t)st.st_size, "mtime_ns",
+                          (json_int_t)mt, "sha256", h);
+    if (j)
+        fp_json_write_file(cache, j, NULL); /* only a cache: a failure costs a re-hash */
+    json_decref(j);
+out:
+    free(w);
+    free(cache);
+    return rc;
+}
+
+/* ---- the session ---- */
+
+static void connect_now(fp_agent_t *a);
+static void finish_stop(fp_agent_t *a);
+
+static void retry_cb(uv_timer_t *t)
+{
+    connect_now(t->data);
+}
+
+static void schedule_retry(fp_agent_t *a, double at_least_s)
+{
+    if (a->state == S_STOPPING)
+        return;
+    double d = a->cfg->backoff_initial_s * pow(2.0, a->attempts < 30 ? a->attempts : 30);
+    if (d > a->cfg->backoff_max_s)
+        d = a->cfg->backoff_max_s;
+    if (d < at_least_s)
+        d = at_least_s;
+    d *= 0.5 + 0.5 * (double)rand() / RAND_MAX; /* jitter: sites do not reconnect in step */
+    a->attempts++;
+    uv_timer_start(&a->retry, retry_cb, (uint64_t)(d * 1000), 0);
+}
+
+static void upload_pending(fp_agent_t *a)
+{
+    if (!a->pending || !a->site || a->state == S_UPLOADING)
+        return;
+    json_t *m = a->pend_meta;
+    fp_site_update_t u = {a->pend_task,
+                          (uint64_t)json_integer_value(json_object_get(m, "samples")),
+                          (int)json_integer_value(json_object_get(m, "rank")),
+                          json_number_value(json_object_get(m, "train_loss")),
+                          json_number_value(json_object_get(m, "eval_loss_before")),
+                          json_number_value(json_object_get(m, "eval_loss_after")),
+                          json_number_value(json_object_get(m, "seconds")),
+                          a->pend_data, a->pend_len, a->pend_t, a->pend_n, NULL};
+    /* an Update for a task the coordinator holds part of continues from its durable prefix */
+    if (fp_site_upload(a->site, &u, 0) == 0)
+        set_state(a, S_UPLOADING, NULL);
+}
+
+static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
+{
+    (void)s;
+    fp_agent_t *a = ctx;
+    a->attempts = 0;
+    a->last_problem[0] = '\0';
+    char d[64];
+    snprintf(d, sizeof d, "coordinator at round %llu", (unsigned long long)round);
+    set_state(a, a->job ? S_TRAINING : S_CONNECTED, a->job ? NULL : d);
+    upload_pending(a);
+    if (!a->pending && !a->job)
+        set_state(a, S_WAITING, NULL);
+}
+
+static void train_work(uv_work_t *w);
+static void train_after(uv_work_t *w, int status);
+
+static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
+{
+    (void)s;
+    fp_agent_t *a = ctx;
+    if (t->round <= a->last_acked_round) {
+        fp_log(FP_LOG_WARNING, "task for round %llu ignored: round %llu was already stored",
+               (unsigned long long)t->round, (unsigned long long)a->last_acked_round);
+        return;
+    }
+    if (a->pending && a->pend_task == t->task_id) { /* trained already: just send it */
+        upload_pending(a);
+        return;
+    }
+    if (a->job || a->state == S_STOPPING)
+        return; /* one task at a time; the coordinator sends it again later */
+    if (a->pending) /* an update for an older task the coordinator no longer wants */
+        remove_pending(a);
+    job_t *j = calloc(1, sizeof *j);
+    if (!j)
+        return;
+    j->task = *t;
+    j->stream = malloc(t->len ? t->len : 1);
+    size_t names = 0;
+    for (int i = 0; i < t->n; i++)
+        names += strlen(t->t[i].name) + 1;
+    /* one allocation: the list, then its names */
+    fp_stream_tensor_t *tl = malloc((size_t)(t->n ? t->n : 1) * sizeof *tl + names + 1);
+    char *nb = tl ? (char *)(tl + (t->n ? t->n : 1)) : NULL;
+    if (!j->stream || !tl) {
+        free(j->stream);
+        free(tl);
+        free(j);
+        return;
+    }
+    memcpy(j->stream, t->data, t->len);
+    for (int i = 0; i < t->n; i++) { /* the names live after the list, freed with it */
+        tl[i] = t->t[i];
+        strcpy(nb, t->t[i].name);
+        tl[i].name = nb;
+        nb += strlen(nb) + 1;
+    }
+    j->t = tl;
+    j->task.data = j->stream;
+    j->task.t = tl;
+    a->job = j;
+    a->task_round = t->round;
+    a->task_id = t->task_id;
+    atomic_store(&a->step, 0);
+    atomic_store(&a->total, 0);
+    a->work.data = a;
+    char d[64];
+    snprintf(d, sizeof d, "round %llu, rank %d, %d steps", (unsigned long long)t->round, t->rank,
+             t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps);
+    set_state(a, S_TRAINING, d);
+    if (uv_queue_work(a->loop, &a->work, train_work, train_after) != 0) {
+        train_work(&a->work);
+        train_after(&a->work, 0);
+    }
+}
+
+static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
+{
+    (void)s;
+    fp_agent_t *a = ctx;
+    if (a->pending && a->pend_task == id) {
+        if (a->pend_round > a->last_acked_round) {
+            a->last_acked_round = a->pend_round;
+            fp_err_t err = {0};
+            if (save_state(a, &err) != 0)
+                fp_log(FP_LOG_ERR, "%s", fp_err_msg(&err));
+        }
+        fp_log(FP_LOG_NOTICE, "round %llu: update stored by the coordinator",
+               (unsigned long long)a->pend_round);
+        remove_pending(a);
+    }
+    set_state(a, S_WAITING, NULL);
+}
+
+static void on_closed(void *ctx, fp_site_t *s, int code, const char *why_in)
+{
+    fp_agent_t *a = ctx;
+    char why[320]; /* why_in lives in the session, freed here */
+    snprintf(why, sizeof why, "%s", why_in);
+    fp_site_free(s);
+    a->site = NULL;
+    if (a->state == S_STOPPING) {
+        finish_stop(a);
+        return;
+    }
+    if (strcmp(a->last_problem, why) != 0) { /* once per change, not per retry */
+        fp_log(code ? FP_LOG_WARNING : FP_LOG_INFO, "session ended: %s", why);
+        snprintf(a->last_problem, sizeof a->last_problem, "%s", why);
+    }
+    if (code == FEDPEFT__ERROR__CODE__LATE || code == FEDPEFT__ERROR__CODE__DUPLICATE ||
+        code == FEDPEFT__ERROR__CODE__INVALID_UPDATE) /* that update will never be taken */
+        remove_pending(a);
+    /* refusals of this site as such (model, certificate, name) will not change by retrying
+     * soon: wait the longest delay before asking again */
+    int hopeless = code == FEDPEFT__ERROR__CODE__MODEL_MISMATCH ||
+                   code == FEDPEFT__ERROR__CODE__REFUSED;
+    if (!a->job)
+        set_state(a, S_CONNECTING, NULL);
+    schedule_retry(a, hopeless ? a->cfg->backoff_max_s : 0);
+}
+
+static const fp_site_ops_t agent_ops = {on_welcome, on_task, on_stored, on_closed};
+
+static void connect_now(fp_agent_t *a)
+{
+    if (a->site || a->state == S_STOPPING)
+        return;
+    fp_site_hello_t h = {a->name, {0}, (uint32_t)a->cfg->rank_budget,
+                         (uint64_t)a->train->ndocs, (size_t)a->cfg->upload_chunk};
+    memcpy(h.model_sha256, a->model_sha, 32);
+    fp_err_t err = {0};
+    if (fp_site_connect(&a->site, a->loop, a->host, a->port, a->tls, NULL, &h, &agent_ops, a,
+                        &err) != 0) {
+        if (strcmp(a->last_problem, fp_err_msg(&err)) != 0) {
+            fp_log(FP_LOG_WARNING, "cannot connect: %s", fp_err_msg(&err));
+            snprintf(a->last_problem, sizeof a->last_problem, "%s", fp_err_msg(&err));
+        }
+        schedule_retry(a, 0);
+    }
+}
+
+/* ---- training (off the loop) ---- */
+
+static int train_progress(void *ctx, const fp_train_stats_t *s)
+{
+    fp_agent_t *a = ctx;
+    atomic_store(&a->step, s->step);
+    atomic_store(&a->total, s->steps);
+    atomic_store(&a->loss, s->loss);
+    uv_async_send(&a->progress);
+    return atomic_load(&a->stop); /* a safe point: stop here when asked */
+}
+
+static unsigned targets_of(const fp_adapter_t *ad)
+{
+    unsigned mask = 0;
+    for (int i = 0; i < ad->n; i++)
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            size_t nl = strlen(ad->mods[i].name), tl = strlen(fp_target_names[t]);
+            if (nl > tl && !strcmp(ad->mods[i].name + nl - tl, fp_target_names[t]))
+                mask |= 1u << t;
+        }
+    return mask;
+}
+
+/* W += s·B·A for every module (restart strategies fold the global update in). */
+static int fold_into(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err)
+{
+    fp_model_tensor_t *t;
+    int n, rc = fp_model_tensors(m, &t, &n, err);
+    for (int i = 0; rc == 0 && i < ad->n; i++) {
+        const fp_lora_module_t *mod = &ad->mods[i];
+        char name[160];
+        snprintf(name, sizeof name, "%s.weight", mod->name);
+        int k = -1;
+        for (int j = 0; j < n; j++)
+            if (!strcmp(t[j].name, name))
+                k = j;
+        if (k < 0 || t[k].shape[0] != mod->d_out || t[k].shape[1] != mod->d_in) {
+            rc = fp_err_set(err, -EINVAL, "the global update's module %s does not fit this "
+                            "base model", mod->name);
+            break;
+        }
+        double s = fp_module_scale(mod);
+        for (int r = 0; r < mod->d_out; r++)
+            for (int q = 0; q < mod->rank; q++) {
+                float b = (float)(s * mod->B[(size_t)r * mod->rank + q]);
+                const float *arow = mod->A + (size_t)q * mod->d_in;
+                float *w = t[k].data + (size_t)r * mod->d_in;
+                for (int c = 0; c < mod->d_in; c++)
+                    w[c] += b * arow[c];
+            }
+    }
+    free(t);
+    return rc;
+}
+
+static void train_work(uv_work_t *w)
+{
+    fp_agent_t *a = w->data;
+    job_t *j = a->job;
+    const fp_site_task_t *t = &j->task;
+    fp_adapter_t *start = NULL, *ad = NULL;
+    fp_err_t *err = &j->err;
+    double t0 = 0;
+    int rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
+    memcpy(a->model->mem, a->base, a->model->n_params * sizeof(float)); /* pristine weights */
+    if (rc == 0 && t->restart) {
+        if ((rc = fold_into(a->model, start, err)) == 0)
+            rc = fp_lora_init(a->model, targets_of(start), t->rank, t->alpha, t->rslora, t->seed,
+                              &ad, err);
+    } else if (rc == 0) {
+        ad = start;
+        start = NULL;
+    }
+    if (rc == 0)
+        rc = fp_lora_check(a->model, ad, err);
+    int seq = t->seq_len > 0 ? t->seq_len : 128;
+    if (seq > a->model->cfg.max_seq)
+        seq = a->model->cfg.max_seq;
+    int batch = t->batch > 0 ? t->batch : 8;
+    double before = NAN, after = NAN;
+    long toks = 0;
+    if (rc == 0 && a->held->ndocs > 0)
+        rc = fp_evaluate(a->model, ad, a->held, batch, seq, &before, &toks, err);
+    fp_train_result_t res = {0};
+    if (rc == 0) {
+        fp_train_cfg_t tc = {batch, seq, t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps,
+                             1, t->seed, fp_optim_defaults(), 0, t->freeze_a};
+        if (tc.steps < 1)
+            tc.steps = 1;
+        tc.opt.lr = t->lr > 0 ? t->lr : 1e-3;
+        tc.opt.weight_decay = t->weight_decay;
+        rc = fp_train(a->model, ad, a->train, &tc, train_progress, a, &res, err);
+        j->stopped = res.stopped;
+        t0 = res.seconds;
+    }
+    if (rc == 0 && !j->stopped && a->held->ndocs > 0)
+        rc = fp_evaluate(a->model, ad, a->held, batch, seq, &after, &toks, err);
+    if (rc == 0 && !j->stopped) {
+        /* the result goes to disk before anything is sent: a restart uploads it again */
+        fp_stream_tensor_t *tl = NULL;
+        int n = 0;
+        uint64_t len = 0;
+        unsigned char *buf = NULL;
+        rc = fp_adapter_stream_layout(ad, &tl, &n, &len, err);
+        if (rc == 0 && !(buf = malloc(len ? len : 1)))
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+        if (rc == 0) {
+            fp_adapter_stream_write(ad, buf);
+            rc = fp_fs_write_file(a->update_bin, buf, len, 0600, err);
+        }
+        if (rc == 0) {
+            json_t *tj = json_array();
+            for (int i = 0; i < n; i++)
+                json_array_append_new(tj, json_pack("[sIIII]", tl[i].name, (json_int_t)tl[i].rows,
+                                                     (json_int_t)tl[i].cols, (json_int_t)tl[i].offset,
+                                                     (json_int_t)tl[i].nbytes));
+            json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:o}", "task_id",
+                                  (json_int_t)t->task_id, "round", (json_int_t)t->round,
+                                  "samples", (json_int_t)a->train->ndocs, "rank", t->rank,
+                                  "train_loss", isfinite(res.final_loss) ? res.final_loss : 0.0,
+                                  "eval_loss_before", isfinite(before) ? before : 0.0,
+                                  "eval_loss_after", isfinite(after) ? after : 0.0, "seconds",
+                                  t0, "tensors", tj);
+            rc = m ? fp_json_write_file(a->update_json, m, err) : -ENOMEM;
+            json_decref(m);
+        }
+        free(buf);
+        free(tl);
+    }
+    fp_adapter_free(start);
+    fp_adapter_free(ad);
+    j->rc = rc;
+}
+
+static void train_after(uv_work_t *w, int status)
+{
+    (void)status;
+    fp_agent_t *a = w->data;
+    job_t *j = a->job;
+    a->job = NULL;
+    uv_timer_stop(&a->beat);
+    if (j->rc) {
+        /* a local problem with this task: say so, and take the next one */
+        fp_log(FP_LOG_ERR, "round %llu: training failed: %s", (unsigned long long)j->task.round,
+               fp_err_msg(&j->err));
+    } else if (j->stopped) {
+        fp_log(FP_LOG_NOTICE, "round %llu: training stopped at step %d of %d",
+               (unsigned long long)j->task.round, atomic_load(&a->step), atomic_load(&a->total));
+    } else {
+        fp_err_t err = {0};
+        if (load_pending(a, &err) != 0)
+            fp_log(FP_LOG_ERR, "%s", fp_err_msg(&err));
+        fp_log(FP_LOG_INFO, "round %llu: trained %d steps, loss %.4f", (unsigned long long)j->task.round,
+               atomic_load(&a->total), atomic_load(&a->loss));
+    }
+    free(j->stream);
+    free(j->t);
+    free(j);
+    if (a->state == S_STOPPING) {
+        finish_stop(a);
+        return;
+    }
+    if (a->site && a->pending)
+        upload_pending(a);
+    else
+        set_state(a, a->site ? S_WAITING : S_CONNECTING, NULL);
+}
+
+static void beat_cb(uv_timer_t *t)
+{
+    fp_agent_t *a = t->data;
+    if (a->site && a->job)
+        fp_site_heartbeat(a->site, a->task_id, atomic_load(&a->step), atomic_load(&a->total),
+                          atomic_load(&a->loss));
+}
+
+static void progress_cb(uv_async_t *h)
+{
+    fp_agent_t *a = h->data;
+    if (a->job && !uv_is_active((uv_handle_t *)&a->beat)) {
+        uint64_t ms = (uint64_t)(a->cfg->heartbeat_s * 1000);
+        uv_timer_start(&a->beat, beat_cb, ms, ms);
+    }
+}
+
+static void watchdog_cb(uv_timer_t *t)
+{
+    (void)t;
+    fp_notify("WATCHDOG=1");
+}
+
+/* ---- life ---- */
+
+int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_err_t *err)
+{
+    *out = NULL;
+    fp_agent_t *a = calloc(1, sizeof *a);
+    if (!a)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    a->loop = loop;
+    a->cfg = cfg;
+    a->logged_state = -1;
+    int rc;
+    char *colon = strrchr(cfg->coordinator, ':');
+    snprintf(a->host, sizeof a->host, "%.*s", (int)(colon - cfg->coordinator), cfg->coordinator);
+    a->port = atoi(colon + 1);
+    if (cfg->name)
+        snprintf(a->name, sizeof a->name, "%s", cfg->name);
+    else if ((rc = fp_cert_cn(cfg->cert, a->name, sizeof a->name, err)) != 0)
+        goto fail;
+    if ((rc = fp_fs_mkdirs(cfg->state_dir, 0700, err)) != 0)
+        goto fail;
+    a->state_path = fp_path_join(cfg->state_dir, "state.json");
+    a->update_bin = fp_path_join(cfg->state_dir, "update.bin");
+    a->update_json = fp_path_join(cfg->state_dir, "update.json");
+    if (!a->state_path || !a->update_bin || !a->update_json) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    if ((rc = load_state(a, err)) != 0 || (rc = load_pending(a, err)) != 0)
+        goto fail;
+    fp_set_threads((int)cfg->threads);
+    if ((rc = fp_model_load(cfg->model_dir, &a->model, err)) != 0 || (rc = model_hash(a, err)) != 0)
+        goto fail;
+    if (!(a->base = malloc(a->model->n_params * sizeof(float)))) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    memcpy(a->base, a->model->mem, a->model->n_params * sizeof(float));
+    if (cfg->tokenizer && !strcmp(cfg->tokenizer, "bytes")) {
+        rc = fp_tokenizer_bytes(&a->tok, err);
+    } else {
+        char *p = cfg->tokenizer ? strdup(cfg->tokenizer)
+                                 : fp_path_join(cfg->model_dir, "tokenizer.json");
+        rc = p ? fp_tokenizer_load(p, &a->tok, err) : -ENOMEM;
+        free(p);
+    }
+    if (rc)
+        goto fail;
+    /* data files */
+    char *list = strdup(cfg->data), *save = NULL;
+    const char *files[256];
+    int nf = 0;
+    for (char *f = strtok_r(list, ",", &save); f && nf < 256; f = strtok_r(NULL, ",", &save))
+        files[nf++] = f;
+    const fp_model_config_t *mc = &a->model->cfg;
+    rc = fp_dataset_load(files, nf, a->tok, mc->bos_id, mc->eos_id, mc->vocab, &a->all, err);
+    free(list);
+    if (rc == 0)
+        rc = fp_dataset_split(a->all, cfg->eval_fraction, (uint64_t)cfg->split_seed, &a->train,
+                              &a->held, err);
+    if (rc)
+        goto fail;
+    if (a->train->ndocs == 0) {
+        rc = fp_err_set(err, -EINVAL, "data.files: no training documents");
+        goto fail;
+    }
+    fp_tls_cfg_t tc = {0, cfg->cert, cfg->key, cfg->ca, NULL,
+                       cfg->server_name ? cfg->server_name : a->host};
+    if ((rc = fp_tls_ctx_new(&a->tls, &tc, err)) != 0)
+        goto fail;
+    uv_timer_init(loop, &a->retry);
+    uv_timer_init(loop, &a->beat);
+    uv_timer_init(loop, &a->watchdog);
+    uv_async_init(loop, &a->progress, progress_cb);
+    a->retry.data = a->beat.data = a->watchdog.data = a->progress.data = a;
+    a->handles = 4;
+    srand((unsigned)getpid() ^ (unsigned)uv_hrtime());
+    char hx[65];
+    fp_sha256_hex(a->model_sha, hx);
+    fp_log(FP_LOG_NOTICE, "site %s: %zu training and %zu held-out documents, base model %.12s…, "
+           "last stored round %llu%s", a->name, a->train->ndocs, a->held->ndocs, hx,
+           (unsigned long long)a->last_acked_round, a->pending ? ", an update to upload" : "");
+    *out = a;
+    return 0;
+fail:
+    fp_agent_free(a);
+    return rc;
+}
+
+void fp_agent_start(fp_agent_t *a)
+{
+    uint64_t wd = fp_watchdog_usec();
+    if (wd)
+        uv_timer_start(&a->watchdog, watchdog_cb, 0, wd / 2000 ? wd / 2000 : 1);
+    fp_notify("READY=1");
+    set_state(a, S_CONNECTING, a->cfg->coordinator);
+    connect_now(a);
+}
+
+static void handle_closed(uv_handle_t *h)
+{
+    fp_agent_t *a = h->data;
+    if (--a->handles == 0 && a->stop_cb)
+        a->stop_cb(a->done_ctx);
+}
+
+static void finish_stop(fp_agent_t *a)
+{
+    if (a->job)
+        return; /* train_after comes back here */
+    if (a->site) {
+        fp_site_bye(a->site, "the site is shutting down");
+        return; /* on_closed comes back */
+    }
+    if (a->handles && !a->closing) {
+        a->closing = 1;
+        uv_close((uv_handle_t *)&a->retry, handle_closed);
+        uv_close((uv_handle_t *)&a->beat, handle_closed);
+        uv_close((uv_handle_t *)&a->watchdog, handle_closed);
+        uv_close((uv_handle_t *)&a->progress, handle_closed);
+    }
+}
+
+void fp_agent_stop(fp_agent_t *a, void (*on_done)(void *ctx), void *ctx)
+{
+    fp_notify("STOPPING=1");
+    fp_log(FP_LOG_NOTICE, "stopping%s", a->job ? " (training stops at the next step)" : "");
+    a->state = S_STOPPING;
+    atomic_store(&a->stop, 1); /* the trainer's callback stops at the next step */
+    uv_timer_stop(&a->retry);
+    a->stop_cb = on_done;      /* when every handle is closed */
+    a->done_ctx = ctx;
+    finish_stop(a);
+}
+
+void fp_agent_free(fp_agent_t *a)
+{
+    if (!a)
+        return;
+    drop_pending(a);
+    fp_tls_ctx_free(a->tls);
+    fp_model_free(a->model);
+    free(a->base);
+    fp_tokenizer_free(a->tok);
+    fp_dataset_free(a->all);
+    fp_dataset_free(a->train);
+    fp_dataset_free(a->held);
+    free(a->state_path);
+    free(a->update_bin);
+    free(a->update_json);
+    free(a);
+}

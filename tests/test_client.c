@@ -1,0 +1,517 @@
+/* End to end with real processes: fedpeft-server and three fedpeft-client daemons, each with
+ * its own private data, over mutual TLS on 127.0.0.1, training a tiny model for real. */
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "fp_ca.h"
+#include "fp_fs.h"
+#include "fp_model.h"
+#include "fp_stream.h"
+#include "fp_test.h"
+
+extern char **environ;
+
+#define NS 3
+static const char *names[NS] = {"site-a", "site-b", "site-c"};
+static int budgets[NS] = {4, 8, 8};
+
+typedef struct fed {
+    char *dir, *pki, *state, *model;
+    int port;
+    pid_t server, sites[NS];
+    char model_sha[65];
+} fed_t;
+
+static pid_t spawned[64]; /* killed by the teardown if a test fails midway */
+static int nspawned;
+
+static int kill_spawned(void **state)
+{
+    (void)state;
+    for (int i = 0; i < nspawned; i++)
+        if (waitpid(spawned[i], NULL, WNOHANG) == 0) {
+            kill(spawned[i], SIGKILL);
+            waitpid(spawned[i], NULL, 0);
+        }
+    nspawned = 0;
+    return 0;
+}
+
+static pid_t spawn_logged(const char *bin, char *const *argv, const char *log,
+                          const char *failpoint)
+{
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (failpoint)
+        setenv("FEDPEFT_FAILPOINT", failpoint, 1);
+    pid_t pid;
+    assert_int_equal(posix_spawn(&pid, bin, &fa, NULL, argv, environ), 0);
+    unsetenv("FEDPEFT_FAILPOINT");
+    posix_spawn_file_actions_destroy(&fa);
+    if (nspawned < 64)
+        spawned[nspawned++] = pid;
+    return pid;
+}
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    socklen_t l = sizeof sa;
+    getsockname(fd, (struct sockaddr *)&sa, &l);
+    close(fd);
+    return ntohs(sa.sin_port);
+}
+
+static char *path2(const char *a, const char *b)
+{
+    return fp_path_join(a, b);
+}
+
+/* A tiny Llama with byte-level tokens, and per site a different private corpus. */
+static fed_t *fed_new(void)
+{
+    fed_t *f = calloc(1, sizeof *f);
+    f->dir = fpt_mkdtemp();
+    f->pki = path2(f->dir, "pki");
+    f->state = path2(f->dir, "server-state");
+    f->model = path2(f->dir, "model");
+    f->port = free_port();
+    fp_err_t err = {0};
+    assert_int_equal(fp_ca_init(f->pki, "Test Net", 30, FP_KEY_EC_P256, &err), 0);
+    fp_ca_issue_opts_t so = {.server = 1, .name = "localhost", .sans = "127.0.0.1",
+                             .valid_for_s = 86400};
+    assert_int_equal(fp_ca_issue(f->pki, &so, &err), 0);
+    for (int i = 0; i < NS; i++) {
+        fp_ca_issue_opts_t si = {.name = names[i], .valid_for_s = 86400};
+        assert_int_equal(fp_ca_issue(f->pki, &si, &err), 0);
+    }
+    fp_model_config_t mc = {0};
+    mc.dim = 32;
+    mc.n_layers = 2;
+    mc.n_heads = 4;
+    mc.n_kv_heads = 2;
+    mc.head_dim = 8;
+    mc.ff = 64;
+    mc.vocab = 260;
+    mc.max_seq = 64;
+    mc.rms_eps = 1e-5;
+    mc.rope_theta = 10000;
+    mc.bos_id = -1;
+    mc.eos_id = 256;
+    fp_model_t *m = NULL;
+    assert_int_equal(fp_model_new(&m, &mc, &err), 0);
+    fp_model_init(m, 3);
+    assert_int_equal(fp_model_save(m, f->model, FP_DT_F32, &err), 0);
+    fp_model_free(m);
+    char *w = path2(f->model, "model.safetensors");
+    char *data;
+    size_t len;
+    assert_int_equal(fp_fs_read_file(w, 1 << 26, &data, &len, NULL), 0);
+    uint8_t sha[32];
+    fp_sha256(data, len, sha);
+    fp_sha256_hex(sha, f->model_sha);
+    free(data);
+    free(w);
+    static const char *topics[NS] = {"the heart and the lungs of patients ",
+                                     "cells divide and proteins fold ",
+                                     "images of bones and scans of brains "};
+    for (int i = 0; i < NS; i++) {
+        char text[16384] = "";
+        size_t u = 0;
+        for (int d = 0; d < 40; d++)
+            u += (size_t)snprintf(text + u, sizeof text - u, "%s%d %s\n\n", topics[i], d,
+                                  topics[i]);
+        char name[32];
+        snprintf(name, sizeof name, "%s.txt", names[i]);
+        free(fpt_write(f->dir, name, text, u));
+    }
+    return f;
+}
+
+static int task_steps = 30;
+
+static void write_server_config(fed_t *f, const char *strategy, int rounds, int min_sites)
+{
+    char text[8192];
+    snprintf(text, sizeof text,
+             "[server]\nlisten = 127.0.0.1:%d\ncert = %s/servers/localhost/server.crt\n"
+             "key = %s/servers/localhost/server.key\nca = %s/ca.crt\ncrl = %s/ca.crl\n"
+             "state_dir = %s\nmetrics =\nexit_when_done = true\n"
+             "[federation]\nname = test\nbase_model_config = %s/config.json\n"
+             "base_model_sha256 = %s\ntarget_modules = q_proj,v_proj\nalpha = 8\nr_max = 8\n"
+             "strategy = %s\nrounds = %d\nmin_sites = %d\nmin_updates = %d\n"
+             "round_deadline_s = 60\n[train]\nsteps = %d\nbatch = 2\nseq_len = 16\nlr = 0.01\n",
+             f->port, f->pki, f->pki, f->pki, f->pki, f->state, f->model, f->model_sha, strategy,
+             rounds, min_sites, min_sites, task_steps);
+    char *p = path2(f->dir, "server.ini");
+    assert_int_equal(fp_fs_write_file(p, text, strlen(text), 0644, NULL), 0);
+    free(p);
+}
+
+static void start_server(fed_t *f)
+{
+    char *cfg = path2(f->dir, "server.ini"), *log = path2(f->dir, "server.log");
+    char *argv[] = {(char *)FEDPEFT_SERVER_BIN, "--config", cfg, NULL};
+    f->server = spawn_logged(FEDPEFT_SERVER_BIN, argv, log, NULL);
+    free(cfg);
+    free(log);
+}
+
+static void start_site(fed_t *f, int i, const char *failpoint, const char *extra)
+{
+    char text[8192], name[64];
+    snprintf(text, sizeof text,
+             "[client]\ncoordinator = 127.0.0.1:%d\ncert = %s/sites/%s/site.crt\n"
+             "key = %s/sites/%s/site.key\nca = %s/ca.crt\nstate_dir = %s/%s-state\n"
+             "[model]\ndir = %s\ntokenizer = bytes\n[data]\nfiles = %s/%s.txt\n"
+             "eval_fraction = 0.2\n[train]\nrank_budget = %d\nthreads = 1\n"
+             "[network]\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.5\nheartbeat_s = 0.05\n%s\n",
+             f->port, f->pki, names[i], f->pki, names[i], f->pki, f->dir, names[i], f->model,
+             f->dir, names[i], budgets[i], extra ? extra : "");
+    snprintf(name, sizeof name, "%s.ini", names[i]);
+    char *cfg = fpt_write(f->dir, name, text, strlen(text));
+    snprintf(name, sizeof name, "%s.log", names[i]);
+    char *log = path2(f->dir, name);
+    char *argv[] = {(char *)FEDPEFT_CLIENT_BIN, "--config", cfg, NULL};
+    f->sites[i] = spawn_logged(FEDPEFT_CLIENT_BIN, argv, log, failpoint);
+    free(cfg);
+    free(log);
+}
+
+static char *read_log(fed_t *f, const char *name)
+{
+    char file[64];
+    snprintf(file, sizeof file, "%s.log", name);
+    char *p = path2(f->dir, file), *t = NULL;
+    size_t n;
+    if (fp_fs_read_file(p, 1 << 24, &t, &n, NULL) != 0)
+        t = strdup("");
+    free(p);
+    return t;
+}
+
+/* Waits for pid to exit (up to secs); its exit status, or -1 on a timeout. */
+static int wait_exit(pid_t pid, double secs)
+{
+    for (int i = 0; i < (int)(secs * 20); i++) {
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        usleep(50000);
+    }
+    return -1;
+}
+
+static int64_t db_int(fed_t *f, const char *sql)
+{
+    char *p = path2(f->state, "fedpeft.db");
+    sqlite3 *db;
+    int64_t v = -1;
+    if (sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
+        sqlite3_stmt *s;
+        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
+            v = sqlite3_column_int64(s, 0);
+        sqlite3_finalize(s);
+    }
+    sqlite3_close(db);
+    free(p);
+    return v;
+}
+
+/* Stops the sites (SIGTERM: each says Bye and exits 0) and checks their last stored round. */
+static void stop_sites(fed_t *f, int rounds)
+{
+    for (int i = 0; i < NS; i++) {
+        if (f->sites[i] <= 0)
+            continue;
+        kill(f->sites[i], SIGTERM);
+        int rc = wait_exit(f->sites[i], 20);
+        if (rc != 0) {
+            char *log = read_log(f, names[i]);
+            fail_msg("%s exited %d after SIGTERM:\n%s", names[i], rc, log);
+        }
+        f->sites[i] = 0;
+        if (rounds > 0) {
+            char file[96];
+            snprintf(file, sizeof file, "%s-state/state.json", names[i]);
+            char *p = path2(f->dir, file), *t = NULL;
+            size_t n;
+            assert_int_equal(fp_fs_read_file(p, 1 << 16, &t, &n, NULL), 0);
+            char want[64];
+            snprintf(want, sizeof want, "\"last_acked_round\": %d", rounds);
+            if (!strstr(t, want))
+                fail_msg("%s: state %s, expected round %d", names[i], t, rounds);
+            free(t);
+            free(p);
+        }
+    }
+}
+
+static void fed_free(fed_t *f)
+{
+    for (int i = 0; i < NS; i++)
+        if (f->sites[i] > 0) {
+            kill(f->sites[i], SIGKILL);
+            waitpid(f->sites[i], NULL, 0);
+        }
+    if (f->server > 0 && waitpid(f->server, NULL, WNOHANG) == 0) {
+        kill(f->server, SIGKILL);
+        waitpid(f->server, NULL, 0);
+    }
+    if (getenv("FP_KEEP"))
+        fprintf(stderr, "kept %s\n", f->dir);
+    else
+        fpt_rmtree(f->dir);
+    free(f->dir);
+    free(f->pki);
+    free(f->state);
+    free(f->model);
+    free(f);
+}
+
+static void expect_server_done(fed_t *f, int rounds)
+{
+    int rc = wait_exit(f->server, 120);
+    if (rc != 0) {
+        char *log = read_log(f, "server");
+        fail_msg("fedpeft-server exited %d:\n%s", rc, log);
+    }
+    f->server = 0;
+    char sql[160];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'");
+    assert_int_equal(db_int(f, sql), rounds);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE state = 'merged'");
+    assert_int_equal(db_int(f, sql), rounds * NS);
+}
+
+/* The sites start first; the coordinator is down for a while, then rounds run with real
+ * training; every site ends having stored every round, and the held-out loss its own
+ * training reports went down. */
+static void rounds_case(const char *strategy)
+{
+    budgets[0] = !strcmp(strategy, "fedavg") || !strcmp(strategy, "ffa") ? 8 : 4;
+    fed_t *f = fed_new();
+    write_server_config(f, strategy, 3, NS);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, NULL, NULL);
+    usleep(1500000); /* sites back off while nobody listens */
+    start_server(f);
+    expect_server_done(f, 3);
+    /* the sites' metrics: training lowered their own held-out loss in round 1 */
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE round = 1 AND "
+                               "eval_loss_after < eval_loss_before"), NS);
+    for (int i = 0; i < NS; i++) {
+        char *log = read_log(f, names[i]);
+        fpt_assert_text(log, "cannot connect", __FILE__, __LINE__);
+        fpt_assert_text(log, "round 3: update stored", __FILE__, __LINE__);
+        free(log);
+    }
+    stop_sites(f, 3);
+    fed_free(f);
+}
+
+static void test_flexlora(void **s) { (void)s; rounds_case("flexlora"); }
+static void test_flora(void **s) { (void)s; rounds_case("flora"); }
+static void test_zeropad(void **s) { (void)s; rounds_case("zeropad"); }
+static void test_fedavg(void **s) { (void)s; rounds_case("fedavg"); }
+static void test_ffa(void **s) { (void)s; rounds_case("ffa"); }
+static void test_florist(void **s) { (void)s; rounds_case("florist"); }
+
+/* The coordinator is killed while the sites train round 2 and started again: they
+ * reconnect and deliver; a site killed mid-upload and restarted uploads what it trained. */
+static void test_restarts(void **state)
+{
+    (void)state;
+    fed_t *f = fed_new();
+    write_server_config(f, "flexlora", 3, NS);
+    start_server(f);
+    start_site(f, 0, NULL, NULL);
+    start_site(f, 1, NULL, NULL);
+    start_site(f, 2, "site-chunk-sent:3", "upload_chunk = 1024");
+    /* site-c dies in its first upload */
+    int rc = wait_exit(f->sites[2], 60);
+    assert_int_equal(rc, 128 + SIGKILL);
+    f->sites[2] = 0;
+    char *log = read_log(f, names[2]);
+    fpt_assert_text(log, "round 1: trained", __FILE__, __LINE__);
+    free(log);
+    start_site(f, 2, NULL, "upload_chunk = 1024");
+    /* kill the coordinator while round 2 is open */
+    int open2 = 0;
+    for (int i = 0; i < 1200 && !open2; i++) {
+        open2 = db_int(f, "SELECT count(*) FROM round WHERE n = 2 AND state = 'open'") == 1;
+        if (!open2)
+            usleep(10000);
+    }
+    assert_true(open2);
+    kill(f->server, SIGKILL);
+    assert_int_equal(wait_exit(f->server, 10), 128 + SIGKILL);
+    usleep(300000);
+    start_server(f);
+    expect_server_done(f, 3);
+    log = read_log(f, names[2]);
+    fpt_assert_text(log, "an update to upload", __FILE__, __LINE__); /* found after restart */
+    free(log);
+    stop_sites(f, 3);
+    fed_free(f);
+}
+
+/* A revoked site is refused and keeps backing off without flooding: its log says so once,
+ * and it stays up until told to stop. */
+static void test_revoked(void **state)
+{
+    (void)state;
+    fed_t *f = fed_new();
+    int n = 0;
+    fp_err_t err = {0};
+    assert_int_equal(fp_ca_revoke(f->pki, "site-c", &n, &err), 0);
+    write_server_config(f, "flexlora", 2, 2);
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, NULL, NULL);
+    int rc = wait_exit(f->server, 120);
+    assert_int_equal(rc, 0);
+    f->server = 0;
+    /* a and b did both rounds, c none */
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE state = 'merged'"), 4);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE site = 'site-c'"), 0);
+    assert_int_equal(waitpid(f->sites[2], NULL, WNOHANG), 0); /* still running */
+    char *log = read_log(f, "site-c");
+    int lines = 0;
+    for (const char *p = log; (p = strstr(p, "session ended")) != NULL; p++)
+        lines++;
+    if (lines < 1 || lines > 3)
+        fail_msg("site-c logged %d session ends (once per change expected):\n%s", lines, log);
+    free(log);
+    stop_sites(f, 0);
+    fed_free(f);
+}
+
+/* Bad local input: a data file that does not exist, a corrupt state file — a clear message
+ * and exit 1 before any connection. */
+static void test_bad_input(void **state)
+{
+    (void)state;
+    fed_t *f = fed_new();
+    start_site(f, 0, NULL, "[data]\nfiles = /nonexistent/notes.txt");
+    assert_int_equal(wait_exit(f->sites[0], 30), 1);
+    f->sites[0] = 0;
+    char *log = read_log(f, names[0]);
+    fpt_assert_text(log, "/nonexistent/notes.txt", __FILE__, __LINE__);
+    free(log);
+    char *sd = path2(f->dir, "site-b-state");
+    fp_fs_mkdirs(sd, 0700, NULL);
+    free(fpt_write(sd, "state.json", "{\"site\": ", 9));
+    start_site(f, 1, NULL, NULL);
+    assert_int_equal(wait_exit(f->sites[1], 30), 1);
+    f->sites[1] = 0;
+    log = read_log(f, names[1]);
+    fpt_assert_text(log, "state file is corrupt", __FILE__, __LINE__);
+    free(log);
+    free(sd);
+    fed_free(f);
+}
+
+/* SIGTERM while training: the trainer stops at its next step, the site says Bye, exit 0. */
+static void test_sigterm_training(void **state)
+{
+    (void)state;
+    budgets[0] = 4;
+    fed_t *f = fed_new();
+    task_steps = 9999999; /* a long task */
+    write_server_config(f, "flexlora", 1, 1);
+    task_steps = 30;
+    start_server(f);
+    start_site(f, 0, NULL, "[train]\nmax_steps = 10000000");
+    char *log = NULL;
+    for (int i = 0; i < 600; i++) {
+        free(log);
+        log = read_log(f, names[0]);
+        if (strstr(log, "training: round 1"))
+            break;
+        usleep(50000);
+    }
+    fpt_assert_text(log, "training: round 1", __FILE__, __LINE__);
+    free(log);
+    usleep(300000);
+    kill(f->sites[0], SIGTERM);
+    assert_int_equal(wait_exit(f->sites[0], 10), 0);
+    f->sites[0] = 0;
+    log = read_log(f, names[0]);
+    fpt_assert_text(log, "round 1: training stopped at step", __FILE__, __LINE__);
+    free(log);
+    kill(f->server, SIGTERM);
+    assert_int_equal(wait_exit(f->server, 20), 0);
+    f->server = 0;
+    fed_free(f);
+}
+
+/* A site whose base model differs from the federation's is refused at Hello, says so once
+ * and waits the longest backoff between attempts instead of hammering the coordinator. */
+static void test_model_mismatch(void **state)
+{
+    (void)state;
+    budgets[0] = 4;
+    fed_t *f = fed_new();
+    write_server_config(f, "flexlora", 1, 2);
+    /* site-c gets other weights: same shapes, another seed */
+    fp_model_t *m = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_model_load(f->model, &m, &err), 0);
+    fp_model_init(m, 99);
+    char *other = path2(f->dir, "other-model");
+    assert_int_equal(fp_model_save(m, other, FP_DT_F32, &err), 0);
+    fp_model_free(m);
+    start_server(f);
+    start_site(f, 0, NULL, NULL);
+    start_site(f, 1, NULL, NULL);
+    char extra[4200];
+    snprintf(extra, sizeof extra, "[model]\ndir = %s\ntokenizer = bytes", other);
+    start_site(f, 2, NULL, extra);
+    assert_int_equal(wait_exit(f->server, 60), 0);
+    f->server = 0;
+    usleep(1500000); /* more than the longest backoff: it would have retried */
+    assert_int_equal(waitpid(f->sites[2], NULL, WNOHANG), 0);
+    char *log = read_log(f, names[2]);
+    fpt_assert_text(log, "base model mismatch", __FILE__, __LINE__);
+    int lines = 0;
+    for (const char *q = log; (q = strstr(q, "base model mismatch")) != NULL; q++)
+        lines++;
+    if (lines != 1)
+        fail_msg("site-c logged the mismatch %d times:\n%s", lines, log);
+    free(log);
+    free(other);
+    stop_sites(f, 0);
+    fed_free(f);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_bad_input, kill_spawned), cmocka_unit_test_teardown(test_flexlora, kill_spawned),
+        cmocka_unit_test_teardown(test_flora, kill_spawned),     cmocka_unit_test_teardown(test_zeropad, kill_spawned),
+        cmocka_unit_test_teardown(test_fedavg, kill_spawned),    cmocka_unit_test_teardown(test_ffa, kill_spawned),
+        cmocka_unit_test_teardown(test_florist, kill_spawned),   cmocka_unit_test_teardown(test_sigterm_training, kill_spawned),
+        cmocka_unit_test_teardown(test_model_mismatch, kill_spawned),
+        cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
