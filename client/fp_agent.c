@@ -124,7 +124,9 @@ struct fp_agent {
     fp_tls_ctx_t *tls;
     fp_site_t *site;
     int state, logged_state;
-    char last_problem[320];
+    int failing;               /* reconnecting has failed since the last Welcome */
+    char last_refusal[320];    /* the coordinator's last refusal (logged once per reason) */
+    int welcomed_once_since_fail; /* this session was welcomed */
     int attempts;
     uv_timer_t retry, beat, watchdog;
     uv_async_t progress;
@@ -361,7 +363,9 @@ static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
     (void)s;
     fp_agent_t *a = ctx;
     a->attempts = 0;
-    a->last_problem[0] = '\0';
+    a->failing = 0;
+    a->last_refusal[0] = '\0';
+    a->welcomed_once_since_fail = 1;
     char d[64];
     snprintf(d, sizeof d, "coordinator at round %llu", (unsigned long long)round);
     set_state(a, a->job ? S_TRAINING : S_CONNECTED, a->job ? NULL : d);
@@ -444,8 +448,14 @@ static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
             if (save_state(a, &err) != 0)
                 fp_log(FP_LOG_ERR, "%s", fp_err_msg(&err));
         }
-        fp_log(FP_LOG_NOTICE, "round %llu: update stored by the coordinator",
-               (unsigned long long)a->pend_round);
+        uint64_t from = fp_site_started_at(s);
+        if (from > 0)
+            fp_log(FP_LOG_NOTICE, "round %llu: update stored by the coordinator (resumed at "
+                   "byte %llu of %zu)", (unsigned long long)a->pend_round,
+                   (unsigned long long)from, a->pend_len);
+        else
+            fp_log(FP_LOG_NOTICE, "round %llu: update stored by the coordinator",
+                   (unsigned long long)a->pend_round);
         remove_pending(a);
     }
     set_state(a, S_WAITING, NULL);
@@ -462,10 +472,20 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why_in)
         finish_stop(a);
         return;
     }
-    if (strcmp(a->last_problem, why) != 0) { /* once per change, not per retry */
-        fp_log(code ? FP_LOG_WARNING : FP_LOG_INFO, "session ended: %s", why);
-        snprintf(a->last_problem, sizeof a->last_problem, "%s", why);
+    /* once per change of state, not once per retry: while reconnecting fails, only the
+     * first failure is logged (the rest at debug level) */
+    if (code) { /* the coordinator said why: logged whenever the reason changes */
+        if (strcmp(a->last_refusal, why) != 0)
+            fp_log(FP_LOG_WARNING, "session ended: %s", why);
+        else
+            fp_log(FP_LOG_DEBUG, "session ended: %s", why);
+        snprintf(a->last_refusal, sizeof a->last_refusal, "%s", why);
+    } else { /* the network: logged once until a session is welcomed again */
+        fp_log(a->failing ? FP_LOG_DEBUG : FP_LOG_INFO, "session ended: %s", why);
+        if (!a->welcomed_once_since_fail)
+            a->failing = 1;
     }
+    a->welcomed_once_since_fail = 0;
     if (code == FEDPEFT__ERROR__CODE__LATE || code == FEDPEFT__ERROR__CODE__DUPLICATE ||
         code == FEDPEFT__ERROR__CODE__INVALID_UPDATE) /* that update will never be taken */
         remove_pending(a);
@@ -490,10 +510,9 @@ static void connect_now(fp_agent_t *a)
     fp_err_t err = {0};
     if (fp_site_connect(&a->site, a->loop, a->host, a->port, a->tls, NULL, &h, &agent_ops, a,
                         &err) != 0) {
-        if (strcmp(a->last_problem, fp_err_msg(&err)) != 0) {
-            fp_log(FP_LOG_WARNING, "cannot connect: %s", fp_err_msg(&err));
-            snprintf(a->last_problem, sizeof a->last_problem, "%s", fp_err_msg(&err));
-        }
+        fp_log(a->failing ? FP_LOG_DEBUG : FP_LOG_WARNING, "cannot connect: %s",
+               fp_err_msg(&err));
+        a->failing = 1;
         schedule_retry(a, 0);
     }
 }

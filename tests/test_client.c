@@ -146,6 +146,7 @@ static fed_t *fed_new(void)
 }
 
 static int task_steps = 30;
+static const char *server_extra = "";
 
 static void write_server_config(fed_t *f, const char *strategy, int rounds, int min_sites)
 {
@@ -153,12 +154,13 @@ static void write_server_config(fed_t *f, const char *strategy, int rounds, int 
     snprintf(text, sizeof text,
              "[server]\nlisten = 127.0.0.1:%d\ncert = %s/servers/localhost/server.crt\n"
              "key = %s/servers/localhost/server.key\nca = %s/ca.crt\ncrl = %s/ca.crl\n"
-             "state_dir = %s\nmetrics =\nexit_when_done = true\n"
+             "state_dir = %s\nmetrics =\nexit_when_done = true\n%s\n"
              "[federation]\nname = test\nbase_model_config = %s/config.json\n"
              "base_model_sha256 = %s\ntarget_modules = q_proj,v_proj\nalpha = 8\nr_max = 8\n"
              "strategy = %s\nrounds = %d\nmin_sites = %d\nmin_updates = %d\n"
              "round_deadline_s = 60\n[train]\nsteps = %d\nbatch = 2\nseq_len = 16\nlr = 0.01\n",
-             f->port, f->pki, f->pki, f->pki, f->pki, f->state, f->model, f->model_sha, strategy,
+             f->port, f->pki, f->pki, f->pki, f->pki, f->state, server_extra, f->model,
+             f->model_sha, strategy,
              rounds, min_sites, min_sites, task_steps);
     char *p = path2(f->dir, "server.ini");
     assert_int_equal(fp_fs_write_file(p, text, strlen(text), 0644, NULL), 0);
@@ -345,7 +347,7 @@ static void test_restarts(void **state)
     start_site(f, 0, NULL, NULL);
     start_site(f, 1, NULL, NULL);
     start_site(f, 2, "site-chunk-sent:3", "upload_chunk = 1024");
-    /* site-c dies in its first upload */
+    /* site-c dies in its first upload, after its third chunk */
     int rc = wait_exit(f->sites[2], 60);
     assert_int_equal(rc, 128 + SIGKILL);
     f->sites[2] = 0;
@@ -368,6 +370,12 @@ static void test_restarts(void **state)
     expect_server_done(f, 3);
     log = read_log(f, names[2]);
     fpt_assert_text(log, "an update to upload", __FILE__, __LINE__); /* found after restart */
+    fpt_assert_text(log, "round 1: update stored by the coordinator", __FILE__, __LINE__);
+    /* what was trained before the kill was uploaded, not trained again */
+    int trained = 0;
+    for (const char *q = log; (q = strstr(q, "round 1: trained")) != NULL; q++)
+        trained++;
+    assert_int_equal(trained, 1);
     free(log);
     stop_sites(f, 3);
     fed_free(f);
@@ -502,6 +510,45 @@ static void test_model_mismatch(void **state)
     fed_free(f);
 }
 
+/* Backoff: against a coordinator address that accepts and drops every connection, a site
+ * retries with growing, jittered delays (0.1 s doubling to 0.5 s here) — a handful of
+ * attempts in 3 s, not a flood — and keeps running. */
+static void test_backoff(void **state)
+{
+    (void)state;
+    fed_t *f = fed_new();
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sa.sin_port = htons((uint16_t)f->port);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(lfd, 64), 0);
+    start_site(f, 0, NULL, NULL);
+    int accepted = 0;
+    for (int i = 0; i < 300; i++) { /* 3 s */
+        int c;
+        while ((c = accept(lfd, NULL, NULL)) >= 0) {
+            accepted++;
+            close(c);
+        }
+        usleep(10000);
+    }
+    close(lfd);
+    if (accepted < 4 || accepted > 20)
+        fail_msg("%d connection attempts in 3 s (backoff 0.1..0.5 s expected 4..20)", accepted);
+    assert_int_equal(waitpid(f->sites[0], NULL, WNOHANG), 0);
+    char *log = read_log(f, names[0]);
+    int ends = 0;
+    for (const char *q = log; (q = strstr(q, "session ended")) != NULL; q++)
+        ends++;
+    if (ends > 2)
+        fail_msg("the same failure was logged %d times:\n%s", ends, log);
+    free(log);
+    stop_sites(f, 0);
+    fed_free(f);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -511,6 +558,7 @@ int main(void)
         cmocka_unit_test_teardown(test_fedavg, kill_spawned),    cmocka_unit_test_teardown(test_ffa, kill_spawned),
         cmocka_unit_test_teardown(test_florist, kill_spawned),   cmocka_unit_test_teardown(test_sigterm_training, kill_spawned),
         cmocka_unit_test_teardown(test_model_mismatch, kill_spawned),
+        cmocka_unit_test_teardown(test_backoff, kill_spawned),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
