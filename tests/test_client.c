@@ -549,6 +549,39 @@ static void test_backoff(void **state)
     fed_free(f);
 }
 
+/* --check-config of the annotated example (given this machine's files), --help, --settings,
+ * and a missing required setting. */
+static void test_check_config(void **state)
+{
+    (void)state;
+    fed_t *f = fed_new();
+    char *out = NULL, *errs = NULL;
+    char o[4][4200];
+    snprintf(o[0], sizeof o[0], "client.cert=%s/sites/site-a/site.crt", f->pki);
+    snprintf(o[1], sizeof o[1], "client.key=%s/sites/site-a/site.key", f->pki);
+    snprintf(o[2], sizeof o[2], "client.ca=%s/ca.crt", f->pki);
+    snprintf(o[3], sizeof o[3], "model.dir=%s", f->model);
+    const char *ex[] = {"--check-config", "--config",
+                        FP_SOURCE_DIR "/deploy/config/fedpeft-client.ini", "-s", o[0], "-s",
+                        o[1], "-s", o[2], "-s", o[3], NULL};
+    int rc = fpt_runv(FEDPEFT_CLIENT_BIN, ex, &out, &errs);
+    if (rc)
+        fail_msg("the example configuration: %s", errs);
+    fpt_assert_text(out, "rank_budget = 16", __FILE__, __LINE__);
+    const char *missing[] = {"--check-config", "--set", "client.cert=x", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, missing, &out, &errs), 1);
+    fpt_assert_text(errs, "client.coordinator is required", __FILE__, __LINE__);
+    const char *help[] = {"--help", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, help, &out, &errs), 0);
+    fpt_assert_text(out, "--check-config", __FILE__, __LINE__);
+    const char *settings[] = {"--settings", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, settings, &out, &errs), 0);
+    fpt_assert_text(out, "backoff_max_s", __FILE__, __LINE__);
+    free(out);
+    free(errs);
+    fed_free(f);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -559,6 +592,7 @@ int main(void)
         cmocka_unit_test_teardown(test_florist, kill_spawned),   cmocka_unit_test_teardown(test_sigterm_training, kill_spawned),
         cmocka_unit_test_teardown(test_model_mismatch, kill_spawned),
         cmocka_unit_test_teardown(test_backoff, kill_spawned),
+        cmocka_unit_test(test_check_config),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
