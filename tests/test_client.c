@@ -371,6 +371,11 @@ static void test_restarts(void **state)
     log = read_log(f, names[2]);
     fpt_assert_text(log, "an update to upload", __FILE__, __LINE__); /* found after restart */
     fpt_assert_text(log, "round 1: update stored by the coordinator", __FILE__, __LINE__);
+    /* the model's hash was computed once, then taken from the cache */
+    int hashed = 0;
+    for (const char *q = log; (q = strstr(q, "hashing the base model")) != NULL; q++)
+        hashed++;
+    assert_int_equal(hashed, 1);
     /* what was trained before the kill was uploaded, not trained again */
     int trained = 0;
     for (const char *q = log; (q = strstr(q, "round 1: trained")) != NULL; q++)
