@@ -541,38 +541,6 @@ static unsigned targets_of(const fp_adapter_t *ad)
     return mask;
 }
 
-/* W += s·B·A for every module (restart strategies fold the global update in). */
-static int fold_into(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err)
-{
-    fp_model_tensor_t *t;
-    int n, rc = fp_model_tensors(m, &t, &n, err);
-    for (int i = 0; rc == 0 && i < ad->n; i++) {
-        const fp_lora_module_t *mod = &ad->mods[i];
-        char name[160];
-        snprintf(name, sizeof name, "%s.weight", mod->name);
-        int k = -1;
-        for (int j = 0; j < n; j++)
-            if (!strcmp(t[j].name, name))
-                k = j;
-        if (k < 0 || t[k].shape[0] != mod->d_out || t[k].shape[1] != mod->d_in) {
-            rc = fp_err_set(err, -EINVAL, "the global update's module %s does not fit this "
-                            "base model", mod->name);
-            break;
-        }
-        double s = fp_module_scale(mod);
-        for (int r = 0; r < mod->d_out; r++)
-            for (int q = 0; q < mod->rank; q++) {
-                float b = (float)(s * mod->B[(size_t)r * mod->rank + q]);
-                const float *arow = mod->A + (size_t)q * mod->d_in;
-                float *w = t[k].data + (size_t)r * mod->d_in;
-                for (int c = 0; c < mod->d_in; c++)
-                    w[c] += b * arow[c];
-            }
-    }
-    free(t);
-    return rc;
-}
-
 static void train_work(uv_work_t *w)
 {
     fp_agent_t *a = w->data;
@@ -584,7 +552,7 @@ static void train_work(uv_work_t *w)
     int rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
     memcpy(a->model->mem, a->base, a->model->n_params * sizeof(float)); /* pristine weights */
     if (rc == 0 && t->restart) {
-        if ((rc = fold_into(a->model, start, err)) == 0)
+        if ((rc = fp_lora_merge_into(a->model, start, err)) == 0)
             rc = fp_lora_init(a->model, targets_of(start), t->rank, t->alpha, t->rslora, t->seed,
                               &ad, err);
     } else if (rc == 0) {

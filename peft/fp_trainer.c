@@ -1,6 +1,8 @@
 #include "fp_trainer.h"
 
+#include <cblas.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -259,4 +261,30 @@ int fp_evaluate(const fp_model_t *m, const fp_adapter_t *lora, const fp_dataset_
     *loss = total / (double)count;
     *tokens = count;
     return 0;
+}
+
+int fp_lora_merge_into(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err)
+{
+    fp_model_tensor_t *t;
+    int n, rc = fp_model_tensors(m, &t, &n, err);
+    for (int i = 0; rc == 0 && i < ad->n; i++) {
+        const fp_lora_module_t *mod = &ad->mods[i];
+        char name[160];
+        snprintf(name, sizeof name, "%s.weight", mod->name);
+        int k = -1;
+        for (int j = 0; j < n && k < 0; j++)
+            if (!strcmp(t[j].name, name))
+                k = j;
+        if (k < 0 || t[k].ndim != 2 || t[k].shape[0] != mod->d_out || t[k].shape[1] != mod->d_in) {
+            rc = fp_err_set(err, -EINVAL, "module %s (%d×%d) does not fit this base model",
+                            mod->name, mod->d_out, mod->d_in);
+            break;
+        }
+        /* W (d_out × d_in) += s · B (d_out × r) · A (r × d_in) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mod->d_out, mod->d_in, mod->rank,
+                    (float)fp_module_scale(mod), mod->B, mod->rank, mod->A, mod->d_in, 1.0f,
+                    t[k].data, mod->d_in);
+    }
+    free(t);
+    return rc;
 }

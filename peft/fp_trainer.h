@@ -51,6 +51,11 @@ typedef struct fp_train_result {
 int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double alpha,
                   int rslora, fp_module_desc_t **out, int *n, fp_err_t *err);
 
+/* Merges an adapter into the model's weights: W += s·B·A for every module (named
+ * "<module>.weight" in the checkpoint). A module the model does not have, or of another
+ * shape, is an error and leaves the weights before it merged. */
+int fp_lora_merge_into(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err);
+
 /* A fresh adapter as PEFT initialises one: every target of every layer, A ~ U(±1/√d_in)
  * (Kaiming-uniform with a = √5), B = 0 — so the model starts unchanged. */
 int fp_lora_init(const fp_model_t *m, unsigned targets, int rank, double alpha, int rslora,
