@@ -55,6 +55,7 @@ struct site {
     int64_t tx_task;
     uint64_t tx_off;
     int tx_commit;
+    int64_t tx_next;          /* a task to send once the stream in flight is out (0: none) */
     /* the upload being received (read by verify on a worker while a job runs) */
     int64_t up_task;
     int up_rank;
@@ -230,6 +231,8 @@ static int send_env(site_t *s, Fedpeft__Envelope *e)
 
 /* ---- sending tasks ---- */
 
+static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t);
+
 static void pump_task(site_t *s)
 {
     if (!s->tx || s->closed || !s->peer->conn)
@@ -263,6 +266,11 @@ static void pump_task(site_t *s)
             s->tx_commit = 1;
             fp_blob_unref(s->tx);
             s->tx = NULL;
+            int64_t next = s->tx_next; /* a task that waited for this stream */
+            s->tx_next = 0;
+            rtask_t *t = next ? task_by_id(s->co, next) : NULL;
+            if (t && t->state == T_PENDING && !t->excluded)
+                send_task(s->co, s, t);
         }
     }
 }
@@ -270,8 +278,12 @@ static void pump_task(site_t *s)
 static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t)
 {
     fp_blob_t *b = blob_for(co, t->rank);
-    if (!b || s->tx)
+    if (!b)
         return;
+    if (s->tx) { /* one stream at a time on a connection: this one follows */
+        s->tx_next = t->id;
+        return;
+    }
     fp_srv_config_t *c = co->cfg;
     Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
     Fedpeft__Task k = FEDPEFT__TASK__INIT;
