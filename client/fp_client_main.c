@@ -83,7 +83,8 @@ int main(int argc, char **argv)
     fp_agent_config_t cfg;
     fp_err_t err = {0};
     if (fp_agent_config_load(&cfg, path, ov, nov, &err) != 0) {
-        fprintf(stderr, "fedpeft-client: configuration: %s\n", fp_err_msg(&err));
+        fprintf(stderr, "fedpeft-client: configuration: %s%s\n", fp_err_msg(&err),
+                path ? "" : " (no --config FILE given; see --help)");
         fp_agent_config_free(&cfg);
         free(ov);
         return check ? 1 : 2;

@@ -141,7 +141,8 @@ int main(int argc, char **argv)
     }
     fp_err_t err = {0};
     if (fp_srv_config_load(&d.cfg, d.config_path, d.overrides, d.n_overrides, &err) != 0) {
-        fprintf(stderr, "fedpeft-server: configuration: %s\n", fp_err_msg(&err));
+        fprintf(stderr, "fedpeft-server: configuration: %s%s\n", fp_err_msg(&err),
+                d.config_path ? "" : " (no --config FILE given; see --help)");
         fp_srv_config_free(&d.cfg);
         free(d.overrides);
         return check ? 1 : 2;

@@ -119,15 +119,14 @@ int fp_store_open(fp_store_t **out, const char *state_dir, int readonly, fp_err_
     pthread_mutexattr_destroy(&a);
     st->readonly = readonly;
     if (readonly && !fp_fs_exists(path)) {
-        rc = fp_err_set(err, -ENOENT, "%s: no database (is this a coordinator's state "
-                        "directory?)", path);
+        rc = fp_err_set(err, -ENOENT, "no database (is this a coordinator's state "
+                        "directory?)");
         goto fail;
     }
     int flags = SQLITE_OPEN_FULLMUTEX |
                 (readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
     if (sqlite3_open_v2(path, &st->db, flags, NULL) != SQLITE_OK) {
-        rc = fp_err_set(err, -EIO, "%s: %s", path,
-                        st->db ? sqlite3_errmsg(st->db) : "cannot open");
+        rc = fp_err_set(err, -EIO, "%s", st->db ? sqlite3_errmsg(st->db) : "cannot open");
         goto fail;
     }
     sqlite3_busy_timeout(st->db, 5000);
@@ -140,8 +139,8 @@ int fp_store_open(fp_store_t **out, const char *state_dir, int readonly, fp_err_
     } else {
         int v = (int)fp_store_int(st, "PRAGMA user_version", -1);
         if (v < 1 || v > N_MIGRATIONS) {
-            rc = fp_err_set(err, v < 1 ? -EBADMSG : -ENOTSUP, "%s: schema version %d (this "
-                            "fedpeft reads 1..%d)", path, v, N_MIGRATIONS);
+            rc = fp_err_set(err, v < 1 ? -EBADMSG : -ENOTSUP, "schema version %d (this "
+                            "fedpeft reads 1..%d)", v, N_MIGRATIONS);
             goto fail;
         }
     }
