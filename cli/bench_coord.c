@@ -52,16 +52,15 @@ typedef struct lsite {
     fp_tls_ctx_t *tls;
     unsigned char *buf;
     fp_stream_tensor_t *t;
-    int stored;
+    int upload_round; /* the round of the update in flight */
 } lsite_t;
 
 typedef struct bench {
     uv_loop_t loop;
     lsite_t *sites;
-    int n, rounds, welcomed, failed;
+    int n, rounds, welcomed;
     double all_welcomed;
     int64_t *last_stored_ms;  /* per round */
-    int *stored_in_round;
     int64_t *first_task_ms;
     char fatal[512];
     pid_t pid;
@@ -117,7 +116,7 @@ static void ls_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     fp_site_update_t u = {t->task_id, 100 + (uint64_t)l->idx, t->rank, 1.0, 1.0, 1.0, 0.0,
                           l->buf, len, l->t, n, NULL};
     fp_site_upload(s, &u, 0);
-    l->stored = (int)t->round;
+    l->upload_round = (int)t->round;
 }
 
 static void ls_stored(void *ctx, fp_site_t *s, uint64_t id)
@@ -126,9 +125,8 @@ static void ls_stored(void *ctx, fp_site_t *s, uint64_t id)
     (void)id;
     lsite_t *l = ctx;
     bench_t *b = l->b;
-    int r = l->stored;
+    int r = l->upload_round;
     if (r >= 1 && r <= b->rounds) {
-        b->stored_in_round[r - 1]++;
         b->last_stored_ms[r - 1] = fp_now_ms();
     }
 }
@@ -138,7 +136,6 @@ static void ls_closed(void *ctx, fp_site_t *s, int code, const char *why)
     lsite_t *l = ctx;
     bench_t *b = l->b;
     if (!b->done && code != 12 /* SHUTTING_DOWN */) {
-        b->failed++;
         if (!b->fatal[0]) { /* a benchmark with a failing site measures nothing: stop */
             snprintf(b->fatal, sizeof b->fatal, "%s: session ended: %s", l->name, why);
             kill(b->pid, SIGTERM);
@@ -288,7 +285,6 @@ int fp_bench_coord(int argc, char **argv)
     b.sites = calloc((size_t)b.n, sizeof *b.sites);
     b.last_stored_ms = calloc((size_t)b.rounds, sizeof *b.last_stored_ms);
     b.first_task_ms = calloc((size_t)b.rounds, sizeof *b.first_task_ms);
-    b.stored_in_round = calloc((size_t)b.rounds, sizeof *b.stored_in_round);
     printf("fedpeft bench coordinator: %d sites, %d rounds, %s\n", b.n, b.rounds, strategy);
     fflush(stdout);
     double t0 = fp_now();
@@ -437,7 +433,6 @@ out:
     free(b.sites);
     free(b.last_stored_ms);
     free(b.first_task_ms);
-    free(b.stored_in_round);
     if (!dir_opt)
         fp_fs_remove_tree(dir, NULL);
     free(dir);
