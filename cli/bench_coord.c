@@ -162,41 +162,6 @@ static void poll_cb(uv_timer_t *t)
             fp_site_close(b->sites[i].s, 0);
 }
 
-static int find_server(char *out, size_t n, const char *given)
-    __attribute__((nonnull(1)));
-static int find_server(char *out, size_t n, const char *given)
-{
-    if (given) {
-        snprintf(out, n, "%s", given);
-        return access(out, X_OK) == 0 ? 0 : -ENOENT;
-    }
-    char self[2048];
-    ssize_t l = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (l > 0) {
-        self[l] = '\0';
-        char *slash = strrchr(self, '/');
-        if (slash) {
-            *slash = '\0';
-            const char *cands[] = {"fedpeft-server", "../server/fedpeft-server"};
-            for (int i = 0; i < 2; i++) {
-                snprintf(out, n, "%s/%s", self, cands[i]);
-                if (access(out, X_OK) == 0)
-                    return 0;
-            }
-        }
-    }
-    const char *path = getenv("PATH");
-    while (path && *path) {
-        const char *c = strchr(path, ':');
-        size_t len = c ? (size_t)(c - path) : strlen(path);
-        snprintf(out, n, "%.*s/fedpeft-server", (int)len, path);
-        if (access(out, X_OK) == 0)
-            return 0;
-        path += len + (c ? 1 : 0);
-    }
-    return -ENOENT;
-}
-
 static int wait_port(const char *log, pid_t pid, int *port)
 {
     for (int i = 0; i < 1200; i++) {
@@ -248,7 +213,7 @@ int fp_bench_coord(int argc, char **argv)
         }
     }
     char srv[4096];
-    if (find_server(srv, sizeof srv, server) != 0)
+    if (fp_find_program(srv, sizeof srv, "fedpeft-server", "server", server) != 0)
         return fp_cli_fail("bench", "cannot find fedpeft-server (build it, or pass --server)");
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {

@@ -146,3 +146,36 @@ long fp_peak_rss_bytes(void)
     fclose(f);
     return kb * 1024;
 }
+
+int fp_find_program(char *out, size_t n, const char *name, const char *subdir, const char *given)
+{
+    if (given) {
+        snprintf(out, n, "%s", given);
+        return access(out, X_OK) == 0 ? 0 : -ENOENT;
+    }
+    char self[2048];
+    ssize_t l = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (l > 0) {
+        self[l] = '\0';
+        char *slash = strrchr(self, '/');
+        if (slash) {
+            *slash = '\0';
+            snprintf(out, n, "%s/%s", self, name); /* installed side by side */
+            if (access(out, X_OK) == 0)
+                return 0;
+            snprintf(out, n, "%s/../%s/%s", self, subdir, name); /* a build tree */
+            if (access(out, X_OK) == 0)
+                return 0;
+        }
+    }
+    const char *path = getenv("PATH");
+    while (path && *path) {
+        const char *c = strchr(path, ':');
+        size_t len = c ? (size_t)(c - path) : strlen(path);
+        snprintf(out, n, "%.*s/%s", (int)len, path, name);
+        if (len && access(out, X_OK) == 0)
+            return 0;
+        path += len + (c ? 1 : 0);
+    }
+    return -ENOENT;
+}

@@ -51,7 +51,7 @@ static int rows_cb(void *ctx, sqlite3_stmt *r)
     return 0;
 }
 
-static json_t *query(fp_store_t *st, fp_err_t *err, const char *sql, const char *types, ...)
+json_t *fp_cli_rows(fp_store_t *st, fp_err_t *err, const char *sql, const char *types, ...)
 {
     json_t *arr = json_array();
     /* the queries here take at most one integer */
@@ -179,24 +179,24 @@ int fp_cmd_status(int argc, char **argv)
     if (fp_store_open(&st, dir, 1, &err) != 0)
         return fp_cli_fail("status", "%s", fp_err_msg(&err));
     json_t *doc = json_object();
-    json_t *fed = query(st, &err, "SELECT name, strategy, base_model_sha256, targets, r_max, "
+    json_t *fed = fp_cli_rows(st, &err, "SELECT name, strategy, base_model_sha256, targets, r_max, "
                         "alpha, rslora, seed, created_ms FROM federation", NULL);
-    json_t *rounds = fed ? query(st, &err, "SELECT * FROM (SELECT n, state, opened_ms, "
+    json_t *rounds = fed ? fp_cli_rows(st, &err, "SELECT * FROM (SELECT n, state, opened_ms, "
                                  "deadline_ms, closed_ms, global_adapter, global_rank, updates, "
                                  "samples, train_loss, eval_loss_before, eval_loss_after, "
                                  "agg_seconds, note FROM round WHERE n > 0 ORDER BY n DESC "
                                  "LIMIT ?) ORDER BY n", "i", nrounds ? (int64_t)nrounds : -1)
                          : NULL;
-    json_t *sites = rounds ? query(st, &err, "SELECT name, fingerprint, rank_budget, samples, "
+    json_t *sites = rounds ? fp_cli_rows(st, &err, "SELECT name, fingerprint, rank_budget, samples, "
                                    "first_seen_ms, last_seen_ms, connections, "
                                    "(SELECT count(*) FROM task WHERE site = name AND state = "
                                    "'merged') AS merged, (SELECT count(*) FROM task WHERE site = "
                                    "name AND state = 'refused') AS refused, (SELECT count(*) "
                                    "FROM task WHERE site = name AND state = 'dropped') AS "
                                    "dropped FROM site ORDER BY name", NULL) : NULL;
-    json_t *ref = sites ? query(st, &err, "SELECT ms, round, site, detail FROM event WHERE kind "
+    json_t *ref = sites ? fp_cli_rows(st, &err, "SELECT ms, round, site, detail FROM event WHERE kind "
                                 "= 'refused' ORDER BY id DESC LIMIT 10", NULL) : NULL;
-    json_t *tot = ref ? query(st, &err, "SELECT (SELECT count(*) FROM round WHERE n > 0 AND "
+    json_t *tot = ref ? fp_cli_rows(st, &err, "SELECT (SELECT count(*) FROM round WHERE n > 0 AND "
                               "state = 'closed') AS rounds_closed, (SELECT count(*) FROM round "
                               "WHERE state = 'expired') AS rounds_expired, (SELECT count(*) FROM "
                               "task WHERE state IN ('uploaded','merged')) AS updates_accepted, "

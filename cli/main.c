@@ -1,5 +1,5 @@
-/* fedpeft — the tool: merging, adapters, benchmarks (and, as the project grows, the CA,
- * training, evaluation, export, status and simulation). */
+/* fedpeft — the tool: simulation and reports, the CA, training, evaluation, merging,
+ * adapters, status, export and benchmarks. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +12,8 @@ static const struct {
     fp_cmd_fn fn;
     const char *summary;
 } commands[] = {
+    {"sim", fp_cmd_sim, "simulate a whole federation on this machine, with a report"},
+    {"report", fp_cmd_report, "an HTML report of a running or finished federation"},
     {"ca", fp_cmd_ca, "the federation's certificate authority: init, issue, revoke, list"},
     {"init-model", fp_cmd_init_model, "write a randomly initialised Llama-family model"},
     {"pretrain", fp_cmd_pretrain, "train every weight of a model on local data"},

@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -48,14 +50,22 @@ const fp_setting_t fp_agent_settings[] = {
      "tokenizer.json, 'bytes', or empty for the model directory's"},
     {"data", "files", FP_SET_STR, O(data), "", 0, 0, 0,
      "private training data, comma-separated (.txt or .jsonl); never leaves the site"},
+    {"data", "eval_files", FP_SET_STR, O(eval_files), "", 0, 0, 0,
+     "held-out documents, comma-separated, to measure each round's update on (default: "
+     "eval_fraction of data.files)"},
     {"data", "eval_fraction", FP_SET_DOUBLE, O(eval_fraction), "0.1", 0, 0.9, 0,
-     "documents held out to measure each round's update"},
+     "documents of data.files held out to measure each round's update (without eval_files)"},
     {"data", "split_seed", FP_SET_INT, O(split_seed), "1", 0, 1e18, 0, "seed of that split"},
     {"train", "rank_budget", FP_SET_INT, O(rank_budget), "16", 1, 4096, 0,
      "the largest LoRA rank this site trains"},
     {"train", "max_steps", FP_SET_INT, O(max_steps), "1000", 1, 10000000, 0,
      "cap on the local steps of a task"},
     {"train", "threads", FP_SET_INT, O(threads), "0", 0, 1024, 0, "threads (0: all cores)"},
+    {"train", "slot_dir", FP_SET_STR, O(slot_dir), "", 0, 0, 0,
+     "sites sharing one machine take turns: training holds one of `slots` lock files in this "
+     "directory (empty: no turns)"},
+    {"train", "slots", FP_SET_INT, O(slots), "1", 1, 4096, 0,
+     "sites of slot_dir that train at once"},
     {"network", "backoff_initial_s", FP_SET_DOUBLE, O(backoff_initial_s), "1", 0.01, 3600, 0,
      "first reconnection delay"},
     {"network", "backoff_max_s", FP_SET_DOUBLE, O(backoff_max_s), "300", 0.01, 86400, 0,
@@ -376,6 +386,7 @@ static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
 
 static void train_work(uv_work_t *w);
 static void train_after(uv_work_t *w, int status);
+static void beat_cb(uv_timer_t *t);
 
 static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
 {
@@ -431,6 +442,9 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     snprintf(d, sizeof d, "round %llu, rank %d, %d steps", (unsigned long long)t->round, t->rank,
              t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps);
     set_state(a, S_TRAINING, d);
+    /* heartbeats from the start: waiting for a training slot is work in progress too */
+    uint64_t ms = (uint64_t)(a->cfg->heartbeat_s * 1000);
+    uv_timer_start(&a->beat, beat_cb, ms, ms);
     if (uv_queue_work(a->loop, &a->work, train_work, train_after) != 0) {
         train_work(&a->work);
         train_after(&a->work, 0);
@@ -541,6 +555,35 @@ static unsigned targets_of(const fp_adapter_t *ad)
     return mask;
 }
 
+/* Sites sharing a machine take turns: one of train.slots lock files in train.slot_dir is held
+ * while training (flock: a killed site frees its slot). 1 when asked to stop while waiting. */
+static int take_slot(fp_agent_t *a, int *fd, fp_err_t *err)
+{
+    *fd = -1;
+    if (!a->cfg->slot_dir)
+        return 0;
+    int rc = fp_fs_mkdirs(a->cfg->slot_dir, 0700, err);
+    if (rc)
+        return rc;
+    int n = (int)a->cfg->slots, first = (int)(getpid() % n);
+    while (!atomic_load(&a->stop)) {
+        for (int k = 0; k < n; k++) {
+            char p[4096];
+            snprintf(p, sizeof p, "%s/slot-%d", a->cfg->slot_dir, (first + k) % n);
+            int f = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+            if (f < 0)
+                return fp_err_set(err, -errno, "%s: %s", p, strerror(errno));
+            if (flock(f, LOCK_EX | LOCK_NB) == 0) {
+                *fd = f;
+                return 0;
+            }
+            close(f);
+        }
+        usleep(20000);
+    }
+    return 1;
+}
+
 static void train_work(uv_work_t *w)
 {
     fp_agent_t *a = w->data;
@@ -549,7 +592,16 @@ static void train_work(uv_work_t *w)
     fp_adapter_t *start = NULL, *ad = NULL;
     fp_err_t *err = &j->err;
     double t0 = 0;
-    int rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
+    int slot = -1, rc = take_slot(a, &slot, err);
+    if (rc == 1) {
+        j->stopped = 1;
+        return;
+    }
+    if (rc) {
+        j->rc = rc;
+        return;
+    }
+    rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
     memcpy(a->model->mem, a->base, a->model->n_params * sizeof(float)); /* pristine weights */
     if (rc == 0 && t->restart) {
         if ((rc = fp_lora_merge_into(a->model, start, err)) == 0)
@@ -617,6 +669,8 @@ static void train_work(uv_work_t *w)
     }
     fp_adapter_free(start);
     fp_adapter_free(ad);
+    if (slot >= 0)
+        close(slot); /* the turn passes */
     j->rc = rc;
 }
 
@@ -679,6 +733,27 @@ static void watchdog_cb(uv_timer_t *t)
 
 /* ---- life ---- */
 
+/* Comma-separated data files, tokenized. */
+static int load_files(fp_agent_t *a, const char *csv, fp_dataset_t **out, fp_err_t *err)
+{
+    char *list = strdup(csv), *save = NULL;
+    const char *files[256];
+    int nf = 0;
+    if (!list)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (char *f = strtok_r(list, ",", &save); f; f = strtok_r(NULL, ",", &save)) {
+        if (nf == 256) {
+            free(list);
+            return fp_err_set(err, -EINVAL, "more than 256 data files");
+        }
+        files[nf++] = f;
+    }
+    const fp_model_config_t *mc = &a->model->cfg;
+    int rc = fp_dataset_load(files, nf, a->tok, mc->bos_id, mc->eos_id, mc->vocab, out, err);
+    free(list);
+    return rc;
+}
+
 int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_err_t *err)
 {
     *out = NULL;
@@ -725,20 +800,16 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     }
     if (rc)
         goto fail;
-    /* data files */
-    char *list = strdup(cfg->data), *save = NULL;
-    const char *files[256];
-    int nf = 0;
-    for (char *f = strtok_r(list, ",", &save); f && nf < 256; f = strtok_r(NULL, ",", &save))
-        files[nf++] = f;
-    const fp_model_config_t *mc = &a->model->cfg;
-    rc = fp_dataset_load(files, nf, a->tok, mc->bos_id, mc->eos_id, mc->vocab, &a->all, err);
-    free(list);
-    if (rc == 0)
-        rc = fp_dataset_split(a->all, cfg->eval_fraction, (uint64_t)cfg->split_seed, &a->train,
-                              &a->held, err);
-    if (rc)
-        goto fail;
+    if (cfg->eval_files) { /* held-out data of its own: all of data.files trains */
+        if ((rc = load_files(a, cfg->data, &a->train, err)) != 0 ||
+            (rc = load_files(a, cfg->eval_files, &a->held, err)) != 0)
+            goto fail;
+    } else {
+        if ((rc = load_files(a, cfg->data, &a->all, err)) != 0 ||
+            (rc = fp_dataset_split(a->all, cfg->eval_fraction, (uint64_t)cfg->split_seed,
+                                   &a->train, &a->held, err)) != 0)
+            goto fail;
+    }
     if (a->train->ndocs == 0) {
         rc = fp_err_set(err, -EINVAL, "data.files: no training documents");
         goto fail;

@@ -26,10 +26,13 @@ typedef struct fp_agent_config {
     char *tokenizer;         /* tokenizer.json path, "bytes", or empty: the model's */
     /* [data] */
     char *data;              /* comma-separated files */
+    char *eval_files;        /* comma-separated held-out files (instead of eval_fraction) */
     double eval_fraction;
     long long split_seed;
     /* [train] */
     long long rank_budget, max_steps, threads;
+    char *slot_dir;          /* sites sharing a machine take turns training: one of */
+    long long slots;         /* `slots` lock files in slot_dir is held while training */
     /* [network] */
     double backoff_initial_s, backoff_max_s, heartbeat_s;
     long long upload_chunk;  /* bytes per chunk (0: the protocol's 1 MiB) */

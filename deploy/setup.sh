@@ -11,7 +11,7 @@ set -eu
 BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler
 libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev
 libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev fortunes fortunes-min"
-TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev openssl"
+TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev openssl chromium"
 
 say() { printf '%s\n' "fedpeft setup: $*" >&2; }
 

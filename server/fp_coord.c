@@ -81,6 +81,8 @@ struct fp_coord {
     /* the round */
     int rstate;
     int64_t round;            /* the open round, or the last one */
+    int64_t sent_bytes;       /* adapter bytes sent to sites this round (bytes_out at close;
+                                 a restarted coordinator counts from its restart) */
     int64_t deadline_ms;
     char global_sha[65];      /* the global adapter the open round started from */
     int global_rank;
@@ -325,6 +327,7 @@ static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t)
     if (rc)
         return;
     b->refs++;
+    co->sent_bytes += (int64_t)b->len;
     s->tx = b;
     s->tx_task = t->id;
     s->tx_off = 0;
@@ -495,6 +498,7 @@ static void maybe_open_round(fp_coord_t *co)
     }
     fp_failpoint("round-opened"); /* committed, no task sent */
     co->round = round;
+    co->sent_bytes = 0;
     atomic_store(&co->c_round, round);
     co->deadline_ms = deadline;
     if ((rc = load_tasks(co, &err)) != 0) {
@@ -629,9 +633,11 @@ static void aggregated(fp_coord_t *co)
                             "(SELECT sum(eval_loss_before * samples) / sum(samples) FROM task "
                             "WHERE round = ?5 AND state = 'uploaded'), eval_loss_after = (SELECT "
                             "sum(eval_loss_after * samples) / sum(samples) FROM task WHERE round "
-                            "= ?5 AND state = 'uploaded') WHERE n = ?5",
-                            "itidi", now, co->agg_sha, (int64_t)co->agg_rank, co->agg_seconds,
-                            co->round)) >= 0)
+                            "= ?5 AND state = 'uploaded'), bytes_in = (SELECT coalesce(sum(stream_bytes), 0) "
+                            "FROM task WHERE round = ?5 AND state = 'uploaded'), bytes_out = "
+                            "bytes_out + ?6 WHERE n = ?5",
+                            "itidii", now, co->agg_sha, (int64_t)co->agg_rank, co->agg_seconds,
+                            co->round, co->sent_bytes)) >= 0)
         rc = fp_store_exec(co->st, &err, "UPDATE task SET state = 'merged' WHERE round = ? AND "
                            "state = 'uploaded'", "i", co->round);
     if (rc < 0) {

@@ -1,0 +1,292 @@
+// report.js — draws fedpeft's report from the JSON embedded in the page (no network, no
+// libraries). Every chart is an SVG figure; when all are drawn, <body> gets
+// data-charts="N" (figures drawn) and each figure data-drawn="points" — what the headless
+// browser test reads back. An error is shown on the page and set as <body data-error>.
+"use strict";
+(function () {
+  const NS = "http://www.w3.org/2000/svg";
+  const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+                   "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
+  const doc = JSON.parse(document.getElementById("fedpeft-data").textContent);
+  const main = document.getElementById("main");
+  let drawn = 0;
+
+  function el(tag, attrs, text) {
+    const e = tag === "svg" || tag in SVG_TAGS ? document.createElementNS(NS, tag)
+                                               : document.createElement(tag);
+    for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  const SVG_TAGS = {g: 1, path: 1, line: 1, text: 1, circle: 1, rect: 1, title: 1};
+
+  function section(title, note) {
+    const s = el("section");
+    s.appendChild(el("h2", {}, title));
+    if (note) s.appendChild(el("p", {class: "note"}, note));
+    main.appendChild(s);
+    return s;
+  }
+
+  function fmt(v) {
+    if (v === null || v === undefined || !isFinite(v)) return "–";
+    const a = Math.abs(v);
+    if (a !== 0 && (a < 0.01 || a >= 1e5)) return v.toExponential(2);
+    return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : v.toFixed(3);
+  }
+
+  function niceTicks(lo, hi, n) {
+    if (!(hi > lo)) { hi = lo + 1; lo = lo - 1; }
+    const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= raw);
+    const out = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(v);
+    // labels with as many decimals as the step needs
+    const dec = Math.max(0, -Math.floor(Math.log10(step) + 1e-9) + (step / mag === 2.5 ? 1 : 0));
+    out.label = v => (Math.abs(v) < step * 1e-6 ? 0 : v).toFixed(Math.min(dec, 6));
+    return out;
+  }
+
+  // series: [{name, points: [[x, y], ...], dashed?}]; opts: {x, y, integerX, bars}
+  function chart(parent, title, series, opts) {
+    opts = opts || {};
+    const fig = el("figure", {class: "chart"});
+    fig.appendChild(el("figcaption", {}, title));
+    const W = 640, H = 300, L = 64, R = 150, T = 14, B = 44;
+    const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img"});
+    svg.appendChild(el("title", {}, title));
+    const pts = series.flatMap(s => s.points.filter(p => p[1] !== null && isFinite(p[1])));
+    if (!pts.length) {
+      fig.appendChild(el("p", {class: "note"}, "no data yet"));
+      parent.appendChild(fig);
+      fig.setAttribute("data-drawn", "0");
+      drawn++;
+      return;
+    }
+    let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
+    let y0 = Math.min(...pts.map(p => p[1])), y1 = Math.max(...pts.map(p => p[1]));
+    if (opts.zero) y0 = Math.min(0, y0);
+    if (opts.bars) { x0 -= 0.6; x1 += 0.6; }
+    else if (x1 === x0) { x0 -= 1; x1 += 1; }
+    const pad = (y1 - y0) * 0.06 || Math.abs(y1) * 0.05 || 1;
+    if (!opts.zero) y0 -= opts.bars ? 4 * pad : pad;
+    y1 += pad;
+    const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
+    const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
+    const axes = el("g", {class: "axes"});
+    const yt = niceTicks(y0, y1, 5);
+    for (const v of yt) {
+      axes.appendChild(el("line", {x1: L, x2: W - R, y1: sy(v), y2: sy(v), class: "grid"}));
+      axes.appendChild(el("text", {x: L - 6, y: sy(v) + 4, "text-anchor": "end"}, yt.label(v)));
+    }
+    const nt = niceTicks(x0, x1, 8);
+    const xt = opts.labels ? opts.labels.map((_, i) => i)
+                           : nt.filter(v => !opts.integerX || Math.abs(v % 1) < 1e-9);
+    for (const v of xt) {
+      axes.appendChild(el("line", {x1: sx(v), x2: sx(v), y1: H - B, y2: H - B + 4}));
+      axes.appendChild(el("text", {x: sx(v), y: H - B + 17, "text-anchor": "middle"},
+                          opts.labels ? opts.labels[v] : nt.label(v)));
+    }
+    axes.appendChild(el("line", {x1: L, x2: W - R, y1: H - B, y2: H - B}));
+    axes.appendChild(el("line", {x1: L, x2: L, y1: T, y2: H - B}));
+    axes.appendChild(el("text", {x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle",
+                                 class: "label"}, opts.x || ""));
+    axes.appendChild(el("text", {x: 14, y: (T + H - B) / 2, "text-anchor": "middle",
+                                 class: "label", transform: `rotate(-90 14 ${(T + H - B) / 2})`},
+                        opts.y || ""));
+    svg.appendChild(axes);
+    let count = 0;
+    const bw = opts.bars ? (W - L - R) / (x1 - x0) * 0.8 / series.length : 0;
+    series.forEach((s, i) => {
+      const color = s.color || PALETTE[i % PALETTE.length];
+      const g = el("g", {class: "series"});
+      const ok = s.points.filter(p => p[1] !== null && isFinite(p[1]));
+      if (opts.bars) {
+        for (const p of ok) {
+          const x = sx(p[0]) - 0.4 * (W - L - R) / (x1 - x0) + i * bw;
+          const base = opts.zero ? 0 : y0;
+          const r = el("rect", {x: x, y: Math.min(sy(p[1]), sy(base)), width: Math.max(bw - 1, 1),
+                                height: Math.abs(sy(base) - sy(p[1])), fill: color});
+          r.appendChild(el("title", {}, `${s.name}: ${fmt(p[1])}`));
+          g.appendChild(r);
+          count++;
+        }
+      } else {
+        const d = ok.map((p, k) => `${k ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`)
+                    .join("");
+        g.appendChild(el("path", {d: d, fill: "none", stroke: color,
+                                  "stroke-width": s.bold ? 3 : 1.8,
+                                  "stroke-dasharray": s.dashed ? "5 4" : "none"}));
+        for (const p of ok) {
+          const c = el("circle", {cx: sx(p[0]), cy: sy(p[1]), r: s.bold ? 3.5 : 2.5, fill: color});
+          c.appendChild(el("title", {}, `${s.name} @ ${p[0]}: ${fmt(p[1])}`));
+          g.appendChild(c);
+          count++;
+        }
+      }
+      svg.appendChild(g);
+      const ly = T + 6 + i * 17;
+      svg.appendChild(el("rect", {x: W - R + 12, y: ly - 5, width: 14, height: 4, fill: color}));
+      svg.appendChild(el("text", {x: W - R + 32, y: ly, class: "legend"}, s.name));
+    });
+    fig.appendChild(svg);
+    parent.appendChild(fig);
+    fig.setAttribute("data-drawn", String(count));
+    drawn++;
+  }
+
+  function table(parent, head, rows, cls) {
+    const t = el("table", {class: cls || ""});
+    const tr = el("tr");
+    head.forEach(h => tr.appendChild(el("th", {}, h)));
+    t.appendChild(el("thead")).appendChild(tr);
+    const tb = el("tbody");
+    rows.forEach(r => {
+      const row = el("tr");
+      r.forEach(c => {
+        const td = el("td", typeof c === "object" && c !== null ? c.attrs : {},
+                      typeof c === "object" && c !== null ? c.text : String(c));
+        row.appendChild(td);
+      });
+      tb.appendChild(row);
+    });
+    t.appendChild(tb);
+    parent.appendChild(t);
+  }
+
+  const runs = doc.runs || [];
+  const byRound = (run, r) => run.rounds.find(x => x.n === r);
+
+  // ---- summary
+  {
+    const s = section("Federation", doc.summary || "");
+    const rows = runs.map(run => {
+      const closed = run.rounds.filter(r => r.state === "closed");
+      const up = run.rounds.reduce((a, r) => a + (r.bytes_in || 0), 0);
+      const down = run.rounds.reduce((a, r) => a + (r.bytes_out || 0), 0);
+      const f = run.federation || {};
+      return [run.strategy, f.target_modules || f.targets || "", f.r_max, closed.length,
+              run.sites.length, fmt(up / 1e6), fmt(down / 1e6)];
+    });
+    table(s, ["strategy", "targets", "r_max", "closed rounds", "sites", "MB up", "MB down"],
+          rows);
+  }
+
+  // ---- the scoreboard
+  if (doc.table) {
+    const t = doc.table;
+    const s = section("Held-out loss (nats per token; lower is better)",
+                      "Each site's held-out documents, which no training saw; pooled: all of them " +
+                      "(token-weighted). Local-only: each site trains alone for as many steps as " +
+                      "it trained in the federation.");
+    const cols = t.sites.length;
+    const best = [];
+    for (let c = 0; c <= cols; c++) {
+      const vals = t.rows.map(r => c < cols ? r.loss[c] : r.pooled);
+      best.push(Math.min(...vals));
+    }
+    table(s, ["model"].concat(t.sites, ["pooled"]), t.rows.map(r =>
+      [{text: r.model, attrs: {title: r.note}}].concat(
+        r.loss.concat([r.pooled]).map((v, c) =>
+          ({text: fmt(v), attrs: {class: v === best[c] ? "best num" : "num"}})))), "scores");
+    chart(s, "Pooled held-out loss by model", [{name: "pooled loss",
+          points: t.rows.map((r, i) => [i, r.pooled])}],
+          {bars: true, labels: t.rows.map(r => r.model.replace("global: ", "")), y: "loss"});
+  }
+
+  // ---- curves
+  const final = name => {
+    if (!doc.table) return null;
+    const r = doc.table.rows.find(x => x.model === "global: " + name);
+    return r || null;
+  };
+  if (runs.length) {
+    const s = section("Global model by round",
+                      "Held-out loss of the global adapter as the sites received it at the start " +
+                      "of each round, on the held-out data of the sites in that round (pooled " +
+                      "by tokens in a simulation, else weighted by samples); the last point is " +
+                      "the final global adapter on all the pooled held-out data.");
+    const tokens = doc.table ? Object.fromEntries(doc.table.sites.map((n, i) =>
+                                   [n, doc.table.tokens[i]])) : null;
+    const pooledAt = (run, r) => {
+      if (!tokens) return r.eval_loss_before;
+      let num = 0, den = 0;
+      for (const t of run.tasks)
+        if (t.round === r.n && t.eval_loss_before !== null && tokens[t.site]) {
+          num += t.eval_loss_before * tokens[t.site];
+          den += tokens[t.site];
+        }
+      return den ? num / den : r.eval_loss_before;
+    };
+    const series = runs.map(run => {
+      const pts = run.rounds.filter(r => r.eval_loss_before !== null && r.n >= 1)
+                            .map(r => [r.n - 1, pooledAt(run, r)]);
+      const f = final(run.strategy);
+      if (f) pts.push([run.rounds.length ? Math.max(...run.rounds.map(r => r.n)) : 0, f.pooled]);
+      return {name: run.strategy, points: pts};
+    });
+    if (doc.table) {
+      const base = doc.table.rows[0];
+      const last = Math.max(1, ...runs.map(r => r.rounds.length));
+      series.push({name: "base model", dashed: true, color: "#444",
+                   points: [[0, base.pooled], [last, base.pooled]]});
+    }
+    chart(s, "Held-out loss of the global adapter", series,
+          {x: "rounds aggregated", y: "loss", integerX: true});
+  }
+  for (const run of runs) {
+    const s = section(`Per site: ${run.strategy}`,
+                      "Held-out loss of each site: the global adapter it received each round " +
+                      "(solid) and its own update after local training (dashed).");
+    const names = run.sites.map(x => x.name);
+    const f = final(run.strategy);
+    const series = [];
+    names.forEach((n, i) => {
+      const tasks = run.tasks.filter(t => t.site === n);
+      const pts = tasks.filter(t => t.eval_loss_before !== null).map(t => [t.round - 1, t.eval_loss_before]);
+      if (f && doc.table.sites.indexOf(n) >= 0)
+        pts.push([Math.max(...run.rounds.map(r => r.n)), f.loss[doc.table.sites.indexOf(n)]]);
+      series.push({name: n, color: PALETTE[i % PALETTE.length], points: pts});
+    });
+    chart(s, `Held-out loss per site — ${run.strategy}`, series,
+          {x: "rounds aggregated", y: "loss", integerX: true});
+    const after = names.map((n, i) => ({name: n + " local", dashed: true,
+      color: PALETTE[i % PALETTE.length],
+      points: run.tasks.filter(t => t.site === n && t.eval_loss_after !== null)
+                       .map(t => [t.round, t.eval_loss_after])}));
+    chart(s, `After local training, per site — ${run.strategy}`, after,
+          {x: "round", y: "loss", integerX: true});
+  }
+  if (runs.length) {
+    const s = section("Ranks, traffic and time");
+    const names = [...new Set(runs.flatMap(r => r.sites.map(x => x.name)))].sort();
+    chart(s, "LoRA rank trained per site", runs.map(run => ({name: run.strategy,
+      points: names.map((n, i) => {
+        const ts = run.tasks.filter(t => t.site === n);
+        return [i, ts.length ? Math.max(...ts.map(t => t.rank)) : null];
+      })})), {bars: true, zero: true, labels: names, y: "rank"});
+    chart(s, "Bytes per round", runs.flatMap((run, i) => [
+      {name: run.strategy + " up", color: PALETTE[i % PALETTE.length],
+       points: run.rounds.map(r => [r.n, (r.bytes_in || 0) / 1e6])},
+      {name: run.strategy + " down", dashed: true, color: PALETTE[i % PALETTE.length],
+       points: run.rounds.map(r => [r.n, (r.bytes_out || 0) / 1e6])}]),
+      {x: "round", y: "MB", integerX: true, zero: true});
+    chart(s, "Round duration", runs.flatMap((run, i) => [
+      {name: run.strategy, color: PALETTE[i % PALETTE.length],
+       points: run.rounds.filter(r => r.closed_ms && r.opened_ms)
+                         .map(r => [r.n, (r.closed_ms - r.opened_ms) / 1e3])},
+      {name: run.strategy + " merge", dashed: true, color: PALETTE[i % PALETTE.length],
+       points: run.rounds.filter(r => r.agg_seconds !== null).map(r => [r.n, r.agg_seconds])}]),
+      {x: "round", y: "seconds", integerX: true, zero: true});
+  }
+  if (doc.sites) {
+    const s = section("Sites");
+    table(s, ["site", "rank", "training documents", "held-out documents", "data"],
+          doc.sites.map(x => [x.name, x.rank, x.train_docs, x.held_docs, x.categories]));
+  } else if (runs.length) {
+    const s = section("Sites");
+    table(s, ["site", "rank budget", "samples", "connections"],
+          runs[0].sites.map(x => [x.name, x.rank_budget, x.samples, x.connections]));
+  }
+  document.body.setAttribute("data-charts", String(drawn));
+})();

@@ -1,0 +1,280 @@
+/* sim_data.c — the simulation's sites: categories of documents partitioned into sites, each
+ * site's held-out documents set aside; and the throw-away certificate authority. */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_ca.h"
+#include "fp_fs.h"
+#include "fp_rng.h"
+#include "sim.h"
+
+/* held-out documents per site: a tenth, at most this many (evaluation time stays small) */
+#define HELD_FRACTION 0.1
+#define HELD_MAX 60
+
+typedef struct doc {
+    const char *text;
+    size_t len;
+    int cat;
+} doc_t;
+
+typedef struct corpus {
+    char **texts;   /* per category: the file's text (documents point into it) */
+    doc_t *docs;
+    size_t n, cap;
+} corpus_t;
+
+static int add_doc(corpus_t *c, const char *t, size_t len, int cat)
+{
+    while (len && (t[len - 1] == '\n' || t[len - 1] == ' ' || t[len - 1] == '\t'))
+        len--;
+    while (len && (*t == '\n')) {
+        t++;
+        len--;
+    }
+    if (!len)
+        return 0;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? 2 * c->cap : 1024;
+        doc_t *d = realloc(c->docs, cap * sizeof *d);
+        if (!d)
+            return -ENOMEM;
+        c->docs = d;
+        c->cap = cap;
+    }
+    c->docs[c->n++] = (doc_t){t, len, cat};
+    return 0;
+}
+
+/* Documents are separated by lines holding only "%" (fortune files) when the file has such
+ * lines, else by blank lines — the rule fedpeft's data loader applies. */
+static int split_docs(corpus_t *c, const char *text, size_t len, int cat)
+{
+    int percent = strncmp(text, "%\n", 2) == 0 || strstr(text, "\n%\n") != NULL;
+    const char *start = text, *p = text, *end = text + len;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *le = nl ? nl : end;
+        int sep = percent ? (le - p == 1 && *p == '%') : (le == p);
+        if (sep) {
+            if (add_doc(c, start, (size_t)(p - start), cat))
+                return -ENOMEM;
+            start = nl ? nl + 1 : end;
+        }
+        p = nl ? nl + 1 : end;
+    }
+    return add_doc(c, start, (size_t)(end - start), cat);
+}
+
+static const char *base_name(const char *p)
+{
+    const char *s = strrchr(p, '/');
+    return s ? s + 1 : p;
+}
+
+/* Gamma(a, 1) (Marsaglia–Tsang; a < 1 by boosting). */
+static double gamma_draw(fp_rng_t *r, double a)
+{
+    if (a < 1) {
+        double u = fp_rng_uniform(r);
+        return gamma_draw(r, a + 1) * pow(u > 0 ? u : 1e-300, 1.0 / a);
+    }
+    double d = a - 1.0 / 3, c = 1 / sqrt(9 * d);
+    for (;;) {
+        double x = fp_rng_normal(r), v = 1 + c * x;
+        if (v <= 0)
+            continue;
+        v = v * v * v;
+        double u = fp_rng_uniform(r);
+        if (u < 1 - 0.0331 * x * x * x * x || log(u) < 0.5 * x * x + d * (1 - v + log(v)))
+            return d * v;
+    }
+}
+
+static void shuffle(size_t *v, size_t n, fp_rng_t *r)
+{
+    for (size_t i = n; i > 1; i--) {
+        size_t j = (size_t)fp_rng_below(r, i), t = v[i - 1];
+        v[i - 1] = v[j];
+        v[j] = t;
+    }
+}
+
+static int write_docs(const char *path, const corpus_t *c, const size_t *idx, size_t n,
+                      fp_err_t *err)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += c->docs[idx[i]].len + 3;
+    char *buf = malloc(total + 1), *p = buf;
+    if (!buf)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        const doc_t *d = &c->docs[idx[i]];
+        memcpy(p, d->text, d->len);
+        p += d->len;
+        memcpy(p, "\n%\n", 3);
+        p += 3;
+    }
+    int rc = fp_fs_write_file(path, buf, (size_t)(p - buf), 0644, err);
+    free(buf);
+    return rc;
+}
+
+int sim_make_data(sim_t *sim, fp_err_t *err)
+{
+    corpus_t c = {0};
+    int rc = 0, N = sim->nsites, C = sim->ndata;
+    size_t *owner = NULL, *order = NULL, *count = NULL;
+    c.texts = calloc((size_t)C, sizeof *c.texts);
+    if (!c.texts)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int k = 0; k < C; k++) {
+        size_t len;
+        if ((rc = fp_fs_read_file(sim->data[k], (size_t)1 << 30, &c.texts[k], &len, err)) != 0)
+            goto out;
+        size_t before = c.n;
+        if (split_docs(&c, c.texts[k], len, k)) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        if (c.n == before) {
+            rc = fp_err_set(err, -EINVAL, "%s: no documents", sim->data[k]);
+            goto out;
+        }
+    }
+    if (sim->partition == SIM_BY_CATEGORY && C < N) {
+        rc = fp_err_set(err, -EINVAL, "by-category needs at least as many categories as sites "
+                        "(%d categories, %d sites); pass more --data, fewer --sites, or "
+                        "--partition dirichlet:ALPHA", C, N);
+        goto out;
+    }
+    owner = malloc(c.n * sizeof *owner);
+    order = malloc(c.n * sizeof *order);
+    count = calloc((size_t)N * (size_t)C, sizeof *count);
+    double *p = malloc((size_t)N * sizeof *p);
+    if (!owner || !order || !count || !p) {
+        free(p);
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    fp_rng_t rng;
+    fp_rng_seed(&rng, sim->seed * 0x9E3779B97F4A7C15ull + 17);
+    for (size_t i = 0; i < c.n; i++)
+        order[i] = i;
+    shuffle(order, c.n, &rng);
+    if (sim->partition == SIM_BY_CATEGORY) {
+        /* contiguous runs of categories: site i holds categories [i·C/N, (i+1)·C/N) */
+        for (size_t i = 0; i < c.n; i++) {
+            int k = c.docs[i].cat, s = 0;
+            while ((long)(s + 1) * C / N <= k)
+                s++;
+            owner[i] = (size_t)s;
+        }
+    } else if (sim->partition == SIM_IID) {
+        for (size_t i = 0; i < c.n; i++)
+            owner[order[i]] = i % (size_t)N;
+    } else { /* each category's documents spread over sites by proportions ~ Dir(α) */
+        for (int k = 0; k < C; k++) {
+            double sum = 0;
+            for (int s = 0; s < N; s++)
+                sum += p[s] = gamma_draw(&rng, sim->dir_alpha);
+            for (int s = 0; s < N; s++)
+                p[s] = sum > 0 ? p[s] / sum : 1.0 / N;
+            for (size_t i = 0; i < c.n; i++) {
+                if (c.docs[order[i]].cat != k)
+                    continue;
+                double u = fp_rng_uniform(&rng), acc = 0;
+                int s = 0;
+                while (s < N - 1 && (acc += p[s]) <= u)
+                    s++;
+                owner[order[i]] = (size_t)s;
+            }
+        }
+    }
+    free(p);
+    for (size_t i = 0; i < c.n; i++)
+        count[owner[i] * (size_t)C + (size_t)c.docs[i].cat]++;
+    /* each site: its documents in shuffled order, the first ones held out */
+    size_t *mine = malloc(c.n * sizeof *mine);
+    if (!mine) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int s = 0; s < N && rc == 0; s++) {
+        sim_site_t *st = &sim->sites[s];
+        size_t n = 0;
+        for (size_t i = 0; i < c.n; i++)
+            if (owner[order[i]] == (size_t)s)
+                mine[n++] = order[i];
+        if (n < 4) {
+            rc = fp_err_set(err, -EINVAL, "site %s would hold %zu documents (fewer than 4): "
+                            "use fewer sites, more data, or a larger Dirichlet alpha",
+                            st->name, n);
+            break;
+        }
+        size_t held = (size_t)lround(HELD_FRACTION * (double)n);
+        held = held < 1 ? 1 : held > HELD_MAX ? HELD_MAX : held;
+        st->nheld = held;
+        st->ntrain = n - held;
+        /* categories, largest share first */
+        st->cats[0] = '\0';
+        size_t used = 0;
+        for (int round = 0; round < C; round++) {
+            int best = -1;
+            for (int k = 0; k < C; k++)
+                if (count[(size_t)s * C + k] &&
+                    (best < 0 || count[(size_t)s * C + k] > count[(size_t)s * C + best]))
+                    best = k;
+            if (best < 0)
+                break;
+            int w = snprintf(st->cats + used, sizeof st->cats - used, "%s%s %.0f%%",
+                             used ? ", " : "", base_name(sim->data[best]),
+                             100.0 * (double)count[(size_t)s * C + best] / (double)n);
+            if (w < 0 || (size_t)w >= sizeof st->cats - used)
+                break;
+            used += (size_t)w;
+            count[(size_t)s * C + best] = 0;
+        }
+        char dir[4096];
+        sim_path(dir, "%s/data/%s", sim->out, st->name);
+        st->train = fp_path_join(dir, "train.txt");
+        st->held = fp_path_join(dir, "heldout.txt");
+        if (!st->train || !st->held)
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+        if (rc == 0)
+            rc = fp_fs_mkdirs(dir, 0755, err);
+        if (rc == 0)
+            rc = write_docs(st->held, &c, mine, held, err);
+        if (rc == 0)
+            rc = write_docs(st->train, &c, mine + held, n - held, err);
+    }
+    free(mine);
+out:
+    for (int k = 0; k < C; k++)
+        free(c.texts[k]);
+    free(c.texts);
+    free(c.docs);
+    free(owner);
+    free(order);
+    free(count);
+    return rc;
+}
+
+int sim_make_pki(sim_t *sim, fp_err_t *err)
+{
+    fp_fs_remove_tree(sim->pki, NULL);
+    int rc = fp_ca_init(sim->pki, "fedpeft simulation (throw-away)", 2, FP_KEY_EC_P256, err);
+    fp_ca_issue_opts_t so = {.server = 1, .name = "localhost", .sans = "127.0.0.1",
+                             .valid_for_s = 7 * 86400};
+    if (rc == 0)
+        rc = fp_ca_issue(sim->pki, &so, err);
+    for (int i = 0; rc == 0 && i < sim->nsites; i++) {
+        fp_ca_issue_opts_t si = {.name = sim->sites[i].name, .valid_for_s = 7 * 86400};
+        rc = fp_ca_issue(sim->pki, &si, err);
+    }
+    return rc;
+}

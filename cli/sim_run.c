@@ -1,0 +1,411 @@
+/* sim_run.c — one simulated federation: the real fedpeft-server and a fedpeft-client per
+ * site, as separate processes over loopback mutual TLS, watched through the coordinator's
+ * database; and the site processes' local-only twins. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "fp_fs.h"
+#include "fp_srv_store.h"
+#include "sim.h"
+
+int sim_spawn(const char *const *argv, const char *log, int *pid, fp_err_t *err)
+{
+    pid_t parent = getpid();
+    int fd = -1;
+    if (log && (fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644)) < 0)
+        return fp_err_set(err, -errno, "%s: %s", log, strerror(errno));
+    pid_t p = fork();
+    if (p < 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        return fp_err_set(err, -e, "fork: %s", strerror(e));
+    }
+    if (p == 0) {
+        /* the simulation's processes end with it, however it ends */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent)
+            _exit(127);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execv(argv[0], (char *const *)argv);
+        dprintf(2, "cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    if (fd >= 0)
+        close(fd);
+    *pid = (int)p;
+    return 0;
+}
+
+int sim_path(char *buf, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, SIM_PATH_MAX, fmt, ap);
+    va_end(ap);
+    return n < 0 || n >= SIM_PATH_MAX ? -ENAMETOOLONG : 0;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Ends a child: SIGTERM, then SIGKILL after grace_ms. */
+static void end_child(int pid, int grace_ms)
+{
+    if (pid <= 0)
+        return;
+    kill(pid, SIGTERM);
+    for (int t = 0; t < grace_ms; t += 20) {
+        if (waitpid(pid, NULL, WNOHANG) == pid)
+            return;
+        sleep_ms(20);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+}
+
+static int wait_port(const char *log, int pid, int *port)
+{
+    for (int i = 0; i < 1200; i++) {
+        char *text = NULL;
+        size_t n;
+        if (fp_fs_read_file(log, 1 << 22, &text, &n, NULL) == 0) {
+            const char *p = strstr(text, "listening on port ");
+            if (p)
+                *port = atoi(p + strlen("listening on port "));
+            free(text);
+            if (*port)
+                return 0;
+        }
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return -ECHILD;
+        sleep_ms(50);
+    }
+    return -ETIMEDOUT;
+}
+
+/* The last lines of a log, for an error message. */
+static void log_tail(const char *log, char *buf, size_t n)
+{
+    char *t = NULL;
+    size_t len = 0;
+    buf[0] = '\0';
+    if (fp_fs_read_file(log, 1 << 24, &t, &len, NULL) != 0)
+        return;
+    const char *p = t + len;
+    for (int lines = 0; p > t && lines < 4; p--)
+        if (p[-1] == '\n' && p != t + len)
+            lines++;
+    snprintf(buf, n, "%s", p);
+    free(t);
+}
+
+typedef struct round_row {
+    int64_t n, updates, bytes_in, bytes_out, opened, closed;
+    double eval_before, eval_after;
+    char state[16];
+    int seen;
+} round_row_t;
+
+static int round_cb(void *ctx, sqlite3_stmt *r)
+{
+    round_row_t *o = ctx;
+    o->n = sqlite3_column_int64(r, 0);
+    snprintf(o->state, sizeof o->state, "%s", (const char *)sqlite3_column_text(r, 1));
+    o->updates = sqlite3_column_int64(r, 2);
+    o->bytes_in = sqlite3_column_int64(r, 3);
+    o->bytes_out = sqlite3_column_int64(r, 4);
+    o->opened = sqlite3_column_int64(r, 5);
+    o->closed = sqlite3_column_int64(r, 6);
+    o->eval_before = sqlite3_column_type(r, 7) == SQLITE_NULL ? -1 : sqlite3_column_double(r, 7);
+    o->eval_after = sqlite3_column_type(r, 8) == SQLITE_NULL ? -1 : sqlite3_column_double(r, 8);
+    o->seen = 1;
+    return 0;
+}
+
+static void progress_line(const sim_t *sim, const round_row_t *r)
+{
+    char loss[96] = "";
+    if (r->eval_before >= 0 && r->eval_after >= 0)
+        snprintf(loss, sizeof loss, "  held-out loss %.4f → %.4f after local training",
+                 r->eval_before, r->eval_after);
+    printf("  round %3lld/%d  %s  %lld/%d sites  up %6.2f MB  down %6.2f MB  %5.1f s%s\n",
+           (long long)r->n, sim->rounds, strcmp(r->state, "closed") ? r->state : "closed",
+           (long long)r->updates, sim->nsites, (double)r->bytes_in / 1e6,
+           (double)r->bytes_out / 1e6, (double)(r->closed - r->opened) / 1e3, loss);
+    fflush(stdout);
+}
+
+static int write_configs(const sim_t *sim, const char *strategy, const char *dir, fp_err_t *err)
+{
+    int rmax = 0, rmin = 1 << 30;
+    for (int i = 0; i < sim->nsites; i++) {
+        rmax = sim->ranks[i] > rmax ? sim->ranks[i] : rmax;
+        rmin = sim->ranks[i] < rmin ? sim->ranks[i] : rmin;
+    }
+    /* fedavg and ffa average factors of one shape: every site trains the smallest rank */
+    int equal = !strcmp(strategy, "fedavg") || !strcmp(strategy, "ffa");
+    char *text = NULL;
+    const char *p = sim->pki;
+    int n = asprintf(&text,
+                     "; written by fedpeft sim\n[server]\nlisten = 127.0.0.1:0\n"
+                     "cert = %s/servers/localhost/server.crt\nkey = %s/servers/localhost/server.key\n"
+                     "ca = %s/ca.crt\ncrl = %s/ca.crl\nstate_dir = %s/state\nmetrics =\n"
+                     "exit_when_done = true\nidle_ms = 600000\n"
+                     "[federation]\nname = simulation\nbase_model_config = %s/config.json\n"
+                     "base_model_sha256 = %s\ntarget_modules = %s\nalpha = %g\nr_max = %d\n"
+                     "strategy = %s\nrounds = %d\nmin_sites = %d\nmin_updates = %d\n"
+                     "fraction = 1\nround_deadline_s = 3600\nseed = %llu\n"
+                     "[train]\nlr = %g\nsteps = %d\nbatch = %d\nseq_len = %d\n",
+                     p, p, p, p, dir, sim->model, sim->model_sha, sim->targets, sim->alpha,
+                     equal ? rmin : rmax, strategy, sim->rounds, sim->nsites, sim->nsites,
+                     (unsigned long long)sim->seed, sim->lr, sim->steps, sim->batch, sim->seq);
+    if (n < 0)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    char path[4096];
+    sim_path(path, "%s/server.ini", dir);
+    int rc = fp_fs_write_file(path, text, strlen(text), 0644, err);
+    free(text);
+    for (int i = 0; rc == 0 && i < sim->nsites; i++) {
+        const sim_site_t *s = &sim->sites[i];
+        n = asprintf(&text,
+                     "; written by fedpeft sim\n[client]\ncoordinator = 127.0.0.1:@PORT@\n"
+                     "server_name = 127.0.0.1\ncert = %s/sites/%s/site.crt\n"
+                     "key = %s/sites/%s/site.key\nca = %s/ca.crt\nstate_dir = %s/sites/%s\n"
+                     "[model]\ndir = %s\n[data]\nfiles = %s\neval_files = %s\n"
+                     "[train]\nrank_budget = %d\nthreads = 1\nslot_dir = %s\nslots = %d\n"
+                     "[network]\nbackoff_initial_s = 0.1\nbackoff_max_s = 2\nheartbeat_s = 5\n",
+                     p, s->name, p, s->name, p, dir, s->name, sim->model, s->train, s->held,
+                     sim->ranks[i], sim->slot_dir, sim->slots);
+        if (n < 0)
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        sim_path(path, "%s/sites/%s.ini", dir, s->name);
+        rc = fp_fs_write_file(path, text, strlen(text), 0644, err);
+        free(text);
+    }
+    return rc;
+}
+
+/* The site configurations name the coordinator's port, known once it listens. */
+static int set_port(const sim_t *sim, const char *dir, int port, fp_err_t *err)
+{
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < sim->nsites; i++) {
+        char path[4096], *t = NULL, *o = NULL;
+        size_t n;
+        sim_path(path, "%s/sites/%s.ini", dir, sim->sites[i].name);
+        if ((rc = fp_fs_read_file(path, 1 << 20, &t, &n, err)) != 0)
+            break;
+        char *at = strstr(t, "@PORT@");
+        if (at) {
+            *at = '\0';
+            if (asprintf(&o, "%s%d%s", t, port, at + 6) < 0)
+                o = NULL;
+            rc = o ? fp_fs_write_file(path, o, strlen(o), 0644, err)
+                   : fp_err_set(err, -ENOMEM, "out of memory");
+        }
+        free(t);
+        free(o);
+    }
+    return rc;
+}
+
+int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
+{
+    char dir[4096], sub[4096], log[4096];
+    sim_path(dir, "%s/%s", sim->out, strategy);
+    fp_fs_remove_tree(dir, NULL);
+    int rc = 0, port = 0, spid = -1, *cpid = calloc((size_t)sim->nsites, sizeof *cpid);
+    fp_store_t *st = NULL;
+    if (!cpid)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    const char *subs[] = {"state", "logs", "sites"};
+    for (int i = 0; i < 3 && rc == 0; i++) {
+        sim_path(sub, "%s/%s", dir, subs[i]);
+        rc = fp_fs_mkdirs(sub, 0700, err);
+    }
+    if (rc || (rc = write_configs(sim, strategy, dir, err)) != 0)
+        goto out;
+    sim_path(log, "%s/logs/server.log", dir);
+    sim_path(sub, "%s/server.ini", dir);
+    const char *sargv[] = {sim->server_bin, "--config", sub, NULL};
+    if ((rc = sim_spawn(sargv, log, &spid, err)) != 0)
+        goto out;
+    if (wait_port(log, spid, &port) != 0) {
+        char tail[1024];
+        log_tail(log, tail, sizeof tail);
+        rc = fp_err_set(err, -EIO, "fedpeft-server did not start (%s):\n%s", log, tail);
+        goto out;
+    }
+    if ((rc = set_port(sim, dir, port, err)) != 0)
+        goto out;
+    for (int i = 0; i < sim->nsites; i++) {
+        char cfg[4096], clog[4096];
+        sim_path(cfg, "%s/sites/%s.ini", dir, sim->sites[i].name);
+        sim_path(clog, "%s/logs/%s.log", dir, sim->sites[i].name);
+        const char *cargv[] = {sim->client_bin, "--config", cfg, NULL};
+        if ((rc = sim_spawn(cargv, clog, &cpid[i], err)) != 0)
+            goto out;
+    }
+    sim_path(sub, "%s/state", dir);
+    if ((rc = fp_store_open(&st, sub, 1, err)) != 0)
+        goto out;
+    int64_t printed = 0;
+    int status = 0;
+    for (;;) {
+        /* rounds closed since the last look: one line each */
+        for (;;) {
+            round_row_t r = {0};
+            fp_store_query(st, NULL, round_cb, &r, "SELECT n, state, updates, bytes_in, "
+                           "bytes_out, opened_ms, closed_ms, eval_loss_before, eval_loss_after "
+                           "FROM round WHERE n = ? AND state IN ('closed','expired')", "i",
+                           printed + 1);
+            if (!r.seen)
+                break;
+            progress_line(sim, &r);
+            printed = r.n;
+        }
+        if (spid > 0 && waitpid(spid, &status, WNOHANG) == spid) {
+            spid = -1;
+            if (printed < sim->rounds)
+                continue; /* the last rounds' lines first */
+            break;
+        }
+        if (spid < 0)
+            break;
+        for (int i = 0; i < sim->nsites; i++) {
+            int cs;
+            if (cpid[i] > 0 && waitpid(cpid[i], &cs, WNOHANG) == cpid[i]) {
+                cpid[i] = -1;
+                char tail[1024], clog[4096];
+                sim_path(clog, "%s/logs/%s.log", dir, sim->sites[i].name);
+                log_tail(clog, tail, sizeof tail);
+                rc = fp_err_set(err, -EIO, "site %s stopped (%s):\n%s", sim->sites[i].name,
+                                clog, tail);
+                goto out;
+            }
+        }
+        sleep_ms(100);
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || printed < sim->rounds) {
+        char tail[1024];
+        log_tail(log, tail, sizeof tail);
+        rc = fp_err_set(err, -EIO, "fedpeft-server ended after %lld of %d rounds (%s):\n%s",
+                        (long long)printed, sim->rounds, log, tail);
+        goto out;
+    }
+out:
+    fp_store_close(st);
+    for (int i = 0; i < sim->nsites; i++)
+        end_child(cpid[i], 10000);
+    end_child(spid, 10000);
+    free(cpid);
+    if (rc == 0) { /* the final global adapter, as Hugging Face PEFT */
+        char state[4096], outd[4096];
+        sim_path(state, "%s/state", dir);
+        sim_path(outd, "%s/global-adapter", dir);
+        char *eargv[] = {"export", "--state-dir", state, "--out", outd, NULL};
+        fflush(stdout);
+        int saved = dup(1), null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+        if (saved >= 0 && null >= 0)
+            dup2(null, 1); /* its own line would interrupt the progress */
+        int erc = fp_cmd_export(5, eargv);
+        fflush(stdout);
+        if (saved >= 0) {
+            dup2(saved, 1);
+            close(saved);
+        }
+        if (null >= 0)
+            close(null);
+        if (erc != 0)
+            rc = fp_err_set(err, -EIO, "exporting the global adapter of %s failed", strategy);
+    }
+    return rc;
+}
+
+int sim_train_local(sim_t *sim, fp_err_t *err)
+{
+    int N = sim->nsites, rc = 0, next = 0, running = 0, done = 0;
+    int *pid = calloc((size_t)N, sizeof *pid);
+    if (!pid)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    char logs[4096];
+    sim_path(logs, "%s/local/logs", sim->out);
+    fp_fs_remove_tree(logs, NULL);
+    if ((rc = fp_fs_mkdirs(logs, 0755, err)) != 0)
+        goto out;
+    double t0 = fp_now();
+    int tty = isatty(1);
+    while (done < N) {
+        while (rc == 0 && next < N && running < sim->slots) {
+            const sim_site_t *s = &sim->sites[next];
+            char out[4096], log[4096], rank[16], steps[16], batch[16], seq[16], lr[32],
+                seed[32], alpha[32];
+            sim_path(out, "%s/local/%s", sim->out, s->name);
+            sim_path(log, "%s/%s.log", logs, s->name);
+            snprintf(rank, sizeof rank, "%d", sim->ranks[next]);
+            snprintf(steps, sizeof steps, "%d", sim->rounds * sim->steps);
+            snprintf(batch, sizeof batch, "%d", sim->batch);
+            snprintf(seq, sizeof seq, "%d", sim->seq);
+            snprintf(lr, sizeof lr, "%g", sim->lr);
+            snprintf(alpha, sizeof alpha, "%g", sim->alpha);
+            snprintf(seed, sizeof seed, "%llu", (unsigned long long)sim->seed);
+            const char *argv[] = {sim->self_bin, "train", "--model", sim->model, "--data",
+                                  s->train, "--rank", rank, "--alpha", alpha, "--targets",
+                                  sim->targets, "--steps", steps, "--batch", batch, "--seq",
+                                  seq, "--lr", lr, "--eval-frac", "0", "--seed", seed,
+                                  "--threads", "1", "--log-every", "0", "--out", out, NULL};
+            fp_fs_remove_tree(out, NULL);
+            if ((rc = sim_spawn(argv, log, &pid[next], err)) != 0)
+                break;
+            next++;
+            running++;
+        }
+        if (running == 0)
+            break;
+        int st;
+        pid_t p = waitpid(-1, &st, 0);
+        if (p < 0)
+            break;
+        for (int i = 0; i < N; i++) {
+            if (pid[i] != p)
+                continue;
+            pid[i] = -1;
+            running--;
+            done++;
+            if ((!WIFEXITED(st) || WEXITSTATUS(st) != 0) && rc == 0) {
+                char log[4096], tail[1024];
+                sim_path(log, "%s/%s.log", logs, sim->sites[i].name);
+                log_tail(log, tail, sizeof tail);
+                rc = fp_err_set(err, -EIO, "local-only training of %s failed (%s):\n%s",
+                                sim->sites[i].name, log, tail);
+            }
+            if (tty || done == N) /* one line that counts up, or just the last */
+                printf("\r  local-only training: %d/%d sites, %.0f s", done, N, fp_now() - t0);
+            fflush(stdout);
+        }
+    }
+    printf("\n");
+out:
+    for (int i = 0; i < N; i++)
+        end_child(pid[i], 2000);
+    free(pid);
+    return rc;
+}

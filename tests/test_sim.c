@@ -1,0 +1,492 @@
+/* test_sim.c — `fedpeft sim` and `fedpeft report`, run as a user runs them.
+ *
+ * The partitions are checked document by document. A small simulation runs the real
+ * fedpeft-server and fedpeft-client processes; its database, metrics, global adapter and
+ * scoreboard are checked against what they must hold (one table entry recomputed by
+ * `fedpeft eval`), the global adapter must beat the base model on the pooled held-out data,
+ * and the report is opened in headless Chromium, which must draw every chart. */
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fp_fs.h"
+#include "fp_hfpeft.h"
+#include "fp_test.h"
+#include "sim.h"
+
+#define FORTUNES "/usr/share/games/fortunes"
+
+static char *path2(const char *a, const char *b)
+{
+    char *p = fp_path_join(a, b);
+    assert_non_null(p);
+    return p;
+}
+
+__attribute__((noinline)) static char *slurp(const char *path)
+{
+    char *t = NULL;
+    size_t n;
+    fp_err_t err = {0};
+    if (fp_fs_read_file(path, 1 << 28, &t, &n, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    return t;
+}
+
+/* ---- partitions ---- */
+
+typedef struct docs {
+    char **d;
+    int n;
+} docs_t;
+
+static void read_docs(const char *path, docs_t *out)
+{
+    char *t = slurp(path), *save = NULL;
+    for (char *p = strtok_r(t, "%", &save); p; p = strtok_r(NULL, "%", &save)) {
+        while (*p == '\n')
+            p++;
+        size_t l = strlen(p);
+        while (l && p[l - 1] == '\n')
+            p[--l] = '\0';
+        if (!l)
+            continue;
+        out->d = realloc(out->d, (size_t)(out->n + 1) * sizeof *out->d);
+        out->d[out->n++] = strdup(p);
+    }
+    free(t);
+}
+
+static void free_docs(docs_t *d)
+{
+    for (int i = 0; i < d->n; i++)
+        free(d->d[i]);
+    free(d->d);
+    d->d = NULL;
+    d->n = 0;
+}
+
+/* 4 categories of distinct documents: "cat-<c> doc <i>\n<text>" */
+static void make_cats(const char *dir, char **paths, int ndocs)
+{
+    for (int c = 0; c < 4; c++) {
+        char name[32], *buf = malloc((size_t)ndocs * 96 + 1);
+        size_t len = 0;
+        for (int i = 0; i < ndocs; i++)
+            len += (size_t)sprintf(buf + len, "cat-%c doc %d\nsome text of category %c\n%%\n",
+                                   'a' + c, i, 'a' + c);
+        snprintf(name, sizeof name, "cat-%c", 'a' + c);
+        paths[c] = fpt_write(dir, name, buf, len);
+        free(buf);
+    }
+}
+
+static int run_partition(const char *out, char **cats, int nsites, int kind, double alpha,
+                         uint64_t seed, docs_t *per_site, fp_err_t *err)
+{
+    sim_t sim = {0};
+    sim.nsites = nsites;
+    sim.partition = kind;
+    sim.dir_alpha = alpha;
+    sim.data = cats;
+    sim.ndata = 4;
+    sim.out = out;
+    sim.seed = seed;
+    sim.sites = calloc((size_t)nsites, sizeof *sim.sites);
+    for (int i = 0; i < nsites; i++)
+        snprintf(sim.sites[i].name, sizeof sim.sites[i].name, "site-%d", i + 1);
+    int rc = sim_make_data(&sim, err);
+    for (int i = 0; rc == 0 && i < nsites; i++) {
+        read_docs(sim.sites[i].held, &per_site[i]);
+        size_t held = (size_t)per_site[i].n;
+        assert_int_equal(held, sim.sites[i].nheld);
+        read_docs(sim.sites[i].train, &per_site[i]);
+        assert_int_equal((size_t)per_site[i].n - held, sim.sites[i].ntrain);
+        /* a tenth held out, at least one, at most 60 */
+        size_t n = (size_t)per_site[i].n, want = (size_t)lround(0.1 * (double)n);
+        want = want < 1 ? 1 : want > 60 ? 60 : want;
+        assert_int_equal(held, want);
+    }
+    for (int i = 0; i < nsites; i++) {
+        free(sim.sites[i].train);
+        free(sim.sites[i].held);
+    }
+    free(sim.sites);
+    return rc;
+}
+
+/* every document of every category exactly once over all sites */
+static void assert_exact_cover(docs_t *site, int nsites, int ndocs)
+{
+    int total = 0;
+    char *seen = calloc(4 * (size_t)ndocs, 1);
+    for (int s = 0; s < nsites; s++) {
+        for (int i = 0; i < site[s].n; i++) {
+            char c;
+            int k;
+            assert_int_equal(sscanf(site[s].d[i], "cat-%c doc %d", &c, &k), 2);
+            int idx = (c - 'a') * ndocs + k;
+            assert_true(idx >= 0 && idx < 4 * ndocs);
+            assert_int_equal(seen[idx], 0);
+            seen[idx] = 1;
+            total++;
+        }
+    }
+    assert_int_equal(total, 4 * ndocs);
+    free(seen);
+}
+
+static void test_partitions(void **state)
+{
+    (void)state;
+    char *cats[4];
+    const int nd = 50;
+    make_cats(fpt_dir, cats, nd);
+    docs_t s[4] = {{0}};
+    fp_err_t err = {0};
+    char *out = path2(fpt_dir, "p");
+
+    /* by category: 2 sites, categories a+b and c+d */
+    assert_int_equal(run_partition(out, cats, 2, SIM_BY_CATEGORY, 0, 1, s, &err), 0);
+    assert_exact_cover(s, 2, nd);
+    for (int i = 0; i < s[0].n; i++)
+        assert_true(s[0].d[i][4] == 'a' || s[0].d[i][4] == 'b');
+    for (int i = 0; i < s[1].n; i++)
+        assert_true(s[1].d[i][4] == 'c' || s[1].d[i][4] == 'd');
+    assert_int_equal(s[0].n, 2 * nd);
+    free_docs(&s[0]);
+    free_docs(&s[1]);
+
+    /* iid: 3 sites of 66 or 67 documents */
+    assert_int_equal(run_partition(out, cats, 3, SIM_IID, 0, 1, s, &err), 0);
+    assert_exact_cover(s, 3, nd);
+    for (int i = 0; i < 3; i++) {
+        assert_true(s[i].n == 66 || s[i].n == 67);
+        free_docs(&s[i]);
+    }
+
+    /* dirichlet: an exact cover, skewed, the same for the same seed, else not */
+    assert_int_equal(run_partition(out, cats, 3, SIM_DIRICHLET, 0.3, 7, s, &err), 0);
+    assert_exact_cover(s, 3, nd);
+    int sizes[3] = {s[0].n, s[1].n, s[2].n};
+    docs_t again[3] = {{0}};
+    assert_int_equal(run_partition(out, cats, 3, SIM_DIRICHLET, 0.3, 7, again, &err), 0);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(again[i].n, sizes[i]);
+        for (int k = 0; k < sizes[i]; k++)
+            assert_string_equal(again[i].d[k], s[i].d[k]);
+        free_docs(&again[i]);
+        free_docs(&s[i]);
+    }
+    int differs = 0;
+    for (uint64_t seed = 8; seed < 11 && !differs; seed++) {
+        assert_int_equal(run_partition(out, cats, 3, SIM_DIRICHLET, 0.3, seed, again, &err), 0);
+        for (int i = 0; i < 3; i++) {
+            differs |= again[i].n != sizes[i];
+            free_docs(&again[i]);
+        }
+    }
+    assert_true(differs);
+    /* a category's documents concentrate at small alpha: some site holds ≥ 60 % of cat-a */
+    assert_int_equal(run_partition(out, cats, 3, SIM_DIRICHLET, 0.05, 3, s, &err), 0);
+    int most = 0;
+    for (int i = 0; i < 3; i++) {
+        int a = 0;
+        for (int k = 0; k < s[i].n; k++)
+            a += s[i].d[k][4] == 'a';
+        most = a > most ? a : most;
+        free_docs(&s[i]);
+    }
+    assert_true(most >= 30);
+
+    /* more sites than categories cannot be split by category */
+    assert_int_not_equal(run_partition(out, cats, 5, SIM_BY_CATEGORY, 0, 1, s, &err), 0);
+    assert_err_contains(&err, "at least as many categories as sites");
+    for (int i = 0; i < 4; i++)
+        free(cats[i]);
+    free(out);
+}
+
+/* ---- the report in a browser ---- */
+
+/* Opens page in headless Chromium; returns the number of charts drawn (each drew points),
+ * failing the test on a script error or an empty chart. */
+static int charts_drawn(const char *page)
+{
+    char *prof = path2(fpt_dir, "chromium-profile"), url[4096], dom[4096];
+    snprintf(url, sizeof url, "file://%s", page);
+    snprintf(dom, sizeof dom, "%s.dom", page);
+    char cmd[16384];
+    snprintf(cmd, sizeof cmd, "timeout 180 chromium --headless --no-sandbox --disable-gpu "
+             "--disable-dev-shm-usage --no-first-run --user-data-dir='%s' --dump-dom '%s' "
+             "> '%s' 2>/dev/null", prof, url, dom);
+    if (system(cmd) != 0)
+        fail_msg("headless chromium failed on %s (is Debian's chromium installed? "
+                 "deploy/setup.sh deps --test installs it)", page);
+    char *t = slurp(dom);
+    char *data = strstr(t, "<script type=\"application/json\"");
+    if (!data)
+        fail_msg("%s: no embedded data", page);
+    *data = '\0'; /* what was drawn, not the script's own text */
+    if (strstr(t, "data-error="))
+        fail_msg("the report's script failed: %s", strstr(t, "data-error="));
+    const char *b = strstr(t, "data-charts=\"");
+    if (!b)
+        fail_msg("the report's script did not finish (no data-charts on <body>)");
+    int n = atoi(b + strlen("data-charts=\"")), figures = 0;
+    for (const char *p = t; (p = strstr(p, "<figure class=\"chart\"")); p++)
+        figures++;
+    assert_int_equal(figures, n);
+    int drawn = 0;
+    for (const char *p = t; (p = strstr(p, "data-drawn=\"")); p++) {
+        int pts = atoi(p + strlen("data-drawn=\""));
+        assert_true(pts > 0); /* every chart has data */
+        drawn++;
+    }
+    assert_int_equal(drawn, n);
+    /* the charts are SVG with drawn series */
+    assert_contains(t, "<svg");
+    assert_contains(t, "<path d=\"M");
+    free(t);
+    free(prof);
+    return n;
+}
+
+/* ---- the simulation ---- */
+
+static int run(const char *const *args, char **out, char **err)
+{
+    return fpt_runv(FEDPEFT_BIN, args, out, err);
+}
+
+static double table_pooled(json_t *table, const char *model)
+{
+    json_t *r;
+    size_t i;
+    json_array_foreach(json_object_get(table, "rows"), i, r)
+        if (!strcmp(json_string_value(json_object_get(r, "model")), model))
+            return json_real_value(json_object_get(r, "pooled"));
+    fail_msg("no row '%s' in the table", model);
+    return 0;
+}
+
+static int64_t q1(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *s = NULL;
+    int64_t v = -1;
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
+    if (sqlite3_step(s) == SQLITE_ROW)
+        v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return v;
+}
+
+static void test_sim_flexlora(void **state)
+{
+    (void)state;
+    char *out = path2(fpt_dir, "sim"), *o = NULL, *e = NULL;
+    const char *args[] = {"sim", "--sites", "3", "--ranks", "2,4,8", "--rounds",
+                          "2", "--steps", "10", "--batch", "4", "--seq", "64", "--lr", "0.004",
+                          "--data", FORTUNES "/medicine," FORTUNES "/drugs," FORTUNES "/food,"
+                          FORTUNES "/love," FORTUNES "/kids," FORTUNES "/pets",
+                          "--model", FP_SOURCE_DIR "/models/demo", "--seed", "3", "--out", out,
+                          NULL};
+    int rc = run(args, &o, &e);
+    if (rc != 0)
+        fail_msg("fedpeft sim failed (%d):\n%s\n%s", rc, o, e);
+    /* progress per round, the scoreboard */
+    assert_contains(o, "round   1/2  closed  3/3 sites");
+    assert_contains(o, "round   2/2  closed  3/3 sites");
+    assert_contains(o, "global: flexlora");
+    assert_contains(o, "local-only");
+
+    /* the coordinator's database: both rounds closed with all three sites, each at its rank,
+     * certificates seen, bytes counted */
+    char *dbp = path2(out, "flexlora/state/fedpeft.db");
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open_v2(dbp, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    assert_int_equal(q1(db, "SELECT count(*) FROM round WHERE n >= 1 AND state = 'closed' AND "
+                            "updates = 3"), 2);
+    assert_int_equal(q1(db, "SELECT count(*) FROM task WHERE state = 'merged'"), 6);
+    assert_int_equal(q1(db, "SELECT count(*) FROM task WHERE (site = 'site-1' AND rank = 2) OR "
+                            "(site = 'site-2' AND rank = 4) OR (site = 'site-3' AND rank = 8)"), 6);
+    assert_int_equal(q1(db, "SELECT count(*) FROM site WHERE length(fingerprint) >= 64"), 3);
+    assert_int_equal(q1(db, "SELECT count(*) FROM round r WHERE n >= 1 AND bytes_in = (SELECT "
+                            "sum(stream_bytes) FROM task t WHERE t.round = r.n) AND bytes_out > 0"), 2);
+    assert_int_equal(q1(db, "SELECT count(*) FROM federation WHERE strategy = 'flexlora'"), 1);
+    sqlite3_close(db);
+
+    /* metrics.csv: a header and a row per site and round */
+    char *csvp = path2(out, "metrics.csv"), *csv = slurp(csvp);
+    int lines = 0;
+    for (const char *p = csv; *p; p++)
+        lines += *p == '\n';
+    assert_int_equal(lines, 1 + 3 * 2);
+    assert_true(strncmp(csv, "strategy,round,site,rank,", 25) == 0);
+    assert_contains(csv, "flexlora,2,site-3,8,merged,");
+
+    /* the global adapter: an HF PEFT directory fedpeft (and PEFT) loads */
+    char *gdir = path2(out, "flexlora/global-adapter");
+    fp_adapter_t *ad = NULL;
+    fp_err_t err = {0};
+    if (fp_hfpeft_load(gdir, FP_LOAD_COPY, &ad, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_true(ad->n == 4 * 7); /* all seven projections of the demo's 4 layers */
+    for (int i = 0; i < ad->n; i++)
+        assert_true(ad->mods[i].rank >= 1 && ad->mods[i].rank <= 8);
+    fp_adapter_free(ad);
+
+    /* the scoreboard: learning is real, and a table entry is what `fedpeft eval` measures */
+    char *resp = path2(out, "results.json");
+    json_error_t je;
+    json_t *res = json_load_file(resp, 0, &je), *table = json_object_get(res, "table");
+    assert_non_null(table);
+    double base = table_pooled(table, "base model"), global = table_pooled(table, "global: flexlora");
+    if (!(global < base))
+        fail_msg("the global adapter does not beat the base model: %.5f vs %.5f", global, base);
+    char *held = path2(out, "data/site-2/heldout.txt");
+    const char *eargs[] = {"eval", "--model", FP_SOURCE_DIR "/models/demo",
+                           "--adapter", gdir, "--data", held, "--seq", "64", "--batch", "4",
+                           "--json", NULL};
+    assert_int_equal(run(eargs, &o, &e), 0);
+    const char *lp = strstr(o, "\"loss\":");
+    assert_non_null(lp);
+    double ev = atof(lp + 7);
+    double tv = json_real_value(json_array_get(json_object_get(
+        json_array_get(json_object_get(table, "rows"), 2), "loss"), 1));
+    assert_true(fabs(ev - tv) < 1e-6 * fabs(ev));
+    json_decref(res);
+
+    /* the throw-away CA is gone; the sites' logs show their updates stored */
+    char *pki = path2(out, ".pki");
+    assert_false(fp_fs_exists(pki));
+    char *log1p = path2(out, "flexlora/logs/site-1.log"), *log1 = slurp(log1p);
+    assert_contains(log1, "round 2: update stored by the coordinator");
+
+    /* the report, and the same report of the state directory by `fedpeft report` */
+    char *html = path2(out, "report.html");
+    /* summary table and scoreboard bar chart, global by round, 2 per strategy, ranks, bytes,
+     * durations */
+    assert_int_equal(charts_drawn(html), 1 + 1 + 2 + 3);
+    char *state_dir = path2(out, "flexlora/state"), *r2 = path2(fpt_dir, "deployment.html");
+    const char *rargs[] = {"report", "--state-dir", state_dir, "--out", r2, NULL};
+    assert_int_equal(run(rargs, &o, &e), 0);
+    assert_int_equal(charts_drawn(r2), 1 + 2 + 3);
+    /* a simulation's report drawn again from its results.json */
+    char *resj = path2(out, "results.json"), *r3 = path2(fpt_dir, "again.html");
+    const char *r3args[] = {"report", "--results", resj, "--out", r3, NULL};
+    assert_int_equal(run(r3args, &o, &e), 0);
+    assert_int_equal(charts_drawn(r3), 1 + 1 + 2 + 3);
+    free(resj);
+    free(r3);
+    char *page = slurp(r2);
+    /* self-contained: nothing it could fetch (the SVG namespace URI is a name, not a fetch) */
+    const char *fetches[] = {"src=", "href=", "url(", "@import", "fetch(", "XMLHttpRequest",
+                             "https://"};
+    for (size_t i = 0; i < sizeof fetches / sizeof *fetches; i++)
+        if (strstr(page, fetches[i]))
+            fail_msg("the report refers to something outside it: %s", strstr(page, fetches[i]));
+    free(page);
+
+    free(out);
+    free(o);
+    free(e);
+    free(dbp);
+    free(csvp);
+    free(csv);
+    free(gdir);
+    free(resp);
+    free(held);
+    free(pki);
+    free(log1p);
+    free(log1);
+    free(html);
+    free(state_dir);
+    free(r2);
+}
+
+/* --strategy all: every strategy on the same partitions and seeds; fedavg and ffa at the
+ * smallest rank, the others at each site's own */
+static void test_sim_all(void **state)
+{
+    (void)state;
+    char *out = path2(fpt_dir, "sim-all"), *o = NULL, *e = NULL;
+    const char *args[] = {"sim", "--strategy", "all", "--ranks", "2,4", "--rounds",
+                          "1", "--steps", "3", "--batch", "2", "--seq", "32", "--data",
+                          FORTUNES "/medicine," FORTUNES "/pets", "--model",
+                          FP_SOURCE_DIR "/models/demo", "--out", out, NULL};
+    int rc = run(args, &o, &e);
+    if (rc != 0)
+        fail_msg("fedpeft sim --strategy all failed (%d):\n%s\n%s", rc, o, e);
+    const char *strats[] = {"fedavg", "ffa", "zeropad", "flexlora", "flora", "florist"};
+    for (int k = 0; k < 6; k++) {
+        char rel[128];
+        snprintf(rel, sizeof rel, "%s/state/fedpeft.db", strats[k]);
+        char *dbp = path2(out, rel);
+        sqlite3 *db = NULL;
+        assert_int_equal(sqlite3_open_v2(dbp, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        assert_int_equal(q1(db, "SELECT count(*) FROM round WHERE n = 1 AND state = 'closed'"), 1);
+        int64_t r2 = q1(db, "SELECT rank FROM task WHERE site = 'site-2'");
+        assert_int_equal(r2, k < 2 ? 2 : 4);
+        sqlite3_close(db);
+        free(dbp);
+        snprintf(rel, sizeof rel, "global: %s", strats[k]);
+        assert_contains(o, rel);
+    }
+    assert_contains(o, "(exact)");
+    char *html = path2(out, "report.html");
+    /* summary, scoreboard, global by round, 2 × 6 per strategy, ranks, bytes, durations */
+    assert_int_equal(charts_drawn(html), 1 + 1 + 12 + 3);
+    free(html);
+    free(out);
+    free(o);
+    free(e);
+}
+
+static void test_bad_input(void **state)
+{
+    (void)state;
+    char *o = NULL, *e = NULL;
+    const char *a1[] = {"sim", "--strategy", "fedprox", NULL};
+    assert_int_equal(run(a1, &o, &e), 2);
+    assert_contains(e, "--strategy");
+    const char *a2[] = {"sim", "--partition", "dirichlet:-1", NULL};
+    assert_int_equal(run(a2, &o, &e), 2);
+    assert_contains(e, "dirichlet:ALPHA");
+    const char *a3[] = {"sim", "--data", "/nonexistent/cats", NULL};
+    assert_int_equal(run(a3, &o, &e), 1);
+    assert_contains(e, "/nonexistent/cats");
+    char *out = path2(fpt_dir, "sim-bad");
+    const char *a4[] = {"sim", "--sites", "3", "--data", FORTUNES "/pets",
+                        "--model", FP_SOURCE_DIR "/models/demo", "--out", out, NULL};
+    assert_int_equal(run(a4, &o, &e), 1);
+    assert_contains(e, "at least as many categories as sites");
+    const char *a5[] = {"sim", "--help", NULL};
+    assert_int_equal(run(a5, &o, &e), 0);
+    assert_contains(o, "--partition");
+    const char *a6[] = {"report", "--state-dir", out, "--out", "/dev/null", NULL};
+    assert_int_equal(run(a6, &o, &e), 1);
+    const char *a7[] = {"report", "--out", "x.html", NULL};
+    assert_int_equal(run(a7, &o, &e), 2);
+    free(out);
+    free(o);
+    free(e);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_partitions),
+        cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_sim_flexlora),
+        cmocka_unit_test(test_sim_all),
+    };
+    return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
+}
