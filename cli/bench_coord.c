@@ -162,27 +162,6 @@ static void poll_cb(uv_timer_t *t)
             fp_site_close(b->sites[i].s, 0);
 }
 
-static int wait_port(const char *log, pid_t pid, int *port)
-{
-    for (int i = 0; i < 1200; i++) {
-        char *text = NULL;
-        size_t n;
-        if (fp_fs_read_file(log, 1 << 22, &text, &n, NULL) == 0) {
-            const char *p = strstr(text, "listening on port ");
-            if (p)
-                *port = atoi(p + strlen("listening on port "));
-            free(text);
-            if (*port)
-                return 0;
-        }
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid)
-            return -ECHILD;
-        usleep(50000);
-    }
-    return -ETIMEDOUT;
-}
-
 int fp_bench_coord(int argc, char **argv)
 {
     long long nsites = 1000, rounds = 3;
@@ -299,7 +278,7 @@ int fp_bench_coord(int argc, char **argv)
         b.pid = -1;
         goto out;
     }
-    if (wait_port(log, b.pid, &port) != 0) {
+    if (fp_wait_port(log, b.pid, &port) != 0) {
         fp_err_set(&err, -EIO, "fedpeft-server did not start (see %s)", log);
         goto out;
     }

@@ -55,6 +55,10 @@ struct json_t *fp_cli_rows(struct fp_store *st, fp_err_t *err, const char *sql, 
  * build tree, else in PATH. 0, or -ENOENT. */
 int fp_find_program(char *out, size_t n, const char *name, const char *subdir, const char *given);
 
+/* Waits (up to 60 s) until fedpeft-server process pid logs "listening on port N" to log:
+ * 0 and *port, -ECHILD if it exited first, or -ETIMEDOUT. */
+int fp_wait_port(const char *log, int pid, int *port);
+
 /* Monotonic seconds. */
 double fp_now(void);
 

@@ -9,7 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include "fp_fs.h"
 
 int fp_cli_fail(const char *cmd, const char *fmt, ...)
 {
@@ -178,4 +181,27 @@ int fp_find_program(char *out, size_t n, const char *name, const char *subdir, c
         path += len + (c ? 1 : 0);
     }
     return -ENOENT;
+}
+
+int fp_wait_port(const char *log, int pid, int *port)
+{
+    static const char said[] = "listening on port ";
+    *port = 0;
+    for (int i = 0; i < 1200; i++) {
+        char *text = NULL;
+        size_t n;
+        if (fp_fs_read_file(log, 1 << 22, &text, &n, NULL) == 0) {
+            const char *p = strstr(text, said);
+            if (p)
+                *port = atoi(p + strlen(said));
+            free(text);
+            if (*port)
+                return 0;
+        }
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return -ECHILD;
+        usleep(50000);
+    }
+    return -ETIMEDOUT;
 }

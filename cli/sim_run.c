@@ -80,27 +80,6 @@ static void end_child(int pid, int grace_ms)
     waitpid(pid, NULL, 0);
 }
 
-static int wait_port(const char *log, int pid, int *port)
-{
-    for (int i = 0; i < 1200; i++) {
-        char *text = NULL;
-        size_t n;
-        if (fp_fs_read_file(log, 1 << 22, &text, &n, NULL) == 0) {
-            const char *p = strstr(text, "listening on port ");
-            if (p)
-                *port = atoi(p + strlen("listening on port "));
-            free(text);
-            if (*port)
-                return 0;
-        }
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid)
-            return -ECHILD;
-        sleep_ms(50);
-    }
-    return -ETIMEDOUT;
-}
-
 /* The last lines of a log, for an error message. */
 static void log_tail(const char *log, char *buf, size_t n)
 {
@@ -147,7 +126,7 @@ static void progress_line(const sim_t *sim, const round_row_t *r)
         snprintf(loss, sizeof loss, "  held-out loss %.4f → %.4f after local training",
                  r->eval_before, r->eval_after);
     printf("  round %3lld/%d  %s  %lld/%d sites  up %6.2f MB  down %6.2f MB  %5.1f s%s\n",
-           (long long)r->n, sim->rounds, strcmp(r->state, "closed") ? r->state : "closed",
+           (long long)r->n, sim->rounds, r->state,
            (long long)r->updates, sim->nsites, (double)r->bytes_in / 1e6,
            (double)r->bytes_out / 1e6, (double)(r->closed - r->opened) / 1e3, loss);
     fflush(stdout);
@@ -248,7 +227,7 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
     const char *sargv[] = {sim->server_bin, "--config", sub, NULL};
     if ((rc = sim_spawn(sargv, log, &spid, err)) != 0)
         goto out;
-    if (wait_port(log, spid, &port) != 0) {
+    if (fp_wait_port(log, spid, &port) != 0) {
         char tail[1024];
         log_tail(log, tail, sizeof tail);
         rc = fp_err_set(err, -EIO, "fedpeft-server did not start (%s):\n%s", log, tail);
@@ -268,7 +247,9 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
     if ((rc = fp_store_open(&st, sub, 1, err)) != 0)
         goto out;
     int64_t printed = 0;
-    int status = 0;
+    int status = 0, tty = isatty(1), live = 0;
+    long last_shown = -1;
+    double t0 = fp_now();
     for (;;) {
         /* rounds closed since the last look: one line each */
         for (;;) {
@@ -279,8 +260,30 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
                            printed + 1);
             if (!r.seen)
                 break;
+            if (live)
+                printf("\r%*s\r", 72, "");
+            live = 0;
             progress_line(sim, &r);
             printed = r.n;
+            t0 = fp_now(); /* the next round's clock */
+        }
+        if (tty && spid > 0) { /* on a terminal: the open round's sites as they finish */
+            int64_t n = printed + 1, done = 0, all = 0;
+            char sql[256];
+            snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE round = %lld",
+                     (long long)n);
+            all = fp_store_int(st, sql, 0);
+            snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE round = %lld AND state "
+                     "IN ('uploaded','merged')", (long long)n);
+            done = fp_store_int(st, sql, 0);
+            long shown = (long)(done * 1000000 + all * 1000) + (long)(fp_now() - t0);
+            if (all > 0 && n <= sim->rounds && shown != last_shown) {
+                last_shown = shown;
+                printf("\r  round %3lld/%d  %lld/%lld sites done, %.0f s", (long long)n,
+                       sim->rounds, (long long)done, (long long)all, fp_now() - t0);
+                fflush(stdout);
+                live = 1;
+            }
         }
         if (spid > 0 && waitpid(spid, &status, WNOHANG) == spid) {
             spid = -1;

@@ -565,7 +565,7 @@ static int take_slot(fp_agent_t *a, int *fd, fp_err_t *err)
     int rc = fp_fs_mkdirs(a->cfg->slot_dir, 0700, err);
     if (rc)
         return rc;
-    int n = (int)a->cfg->slots, first = (int)(getpid() % n);
+    int n = (int)a->cfg->slots, first = (int)(getpid() % n), said = 0;
     while (!atomic_load(&a->stop)) {
         for (int k = 0; k < n; k++) {
             char p[4096];
@@ -579,6 +579,9 @@ static int take_slot(fp_agent_t *a, int *fd, fp_err_t *err)
             }
             close(f);
         }
+        if (!said++)
+            fp_log(FP_LOG_INFO, "waiting for a training turn (%d at once, %s)", n,
+                   a->cfg->slot_dir);
         usleep(20000);
     }
     return 1;

@@ -10,7 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -504,6 +506,48 @@ static void test_sigterm_training(void **state)
     fed_free(f);
 }
 
+/* Sites sharing a machine take turns (train.slot_dir): while the test holds the only slot
+ * no site trains — they wait, their sessions kept alive by heartbeats — and once it lets go
+ * the round completes. */
+static void test_turns(void **state)
+{
+    (void)state;
+    budgets[0] = 4;
+    fed_t *f = fed_new();
+    write_server_config(f, "flexlora", 1, NS);
+    char *slots = path2(f->dir, "slots"), *slot = path2(slots, "slot-0"), extra[4200];
+    assert_int_equal(mkdir(slots, 0700), 0);
+    int fd = open(slot, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    assert_true(fd >= 0);
+    assert_int_equal(flock(fd, LOCK_EX), 0);
+    snprintf(extra, sizeof extra, "[train]\nslot_dir = %s\nslots = 1", slots);
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, NULL, extra);
+    for (int i = 0; i < NS; i++) { /* each has its task and waits for the turn */
+        char *log = NULL;
+        for (int k = 0; k < 600; k++) {
+            free(log);
+            log = read_log(f, names[i]);
+            if (strstr(log, "waiting for a training turn"))
+                break;
+            usleep(50000);
+        }
+        fpt_assert_text(log, "waiting for a training turn (1 at once", __FILE__, __LINE__);
+        free(log);
+    }
+    usleep(1500000); /* a negative check: nothing may happen while the slot is held */
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE state IN ('uploading', "
+                               "'uploaded', 'merged')"), 0);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE state = 'assigned'"), NS);
+    close(fd); /* the turn passes to the sites, one at a time */
+    expect_server_done(f, 1);
+    stop_sites(f, 1);
+    free(slots);
+    free(slot);
+    fed_free(f);
+}
+
 /* A site whose base model differs from the federation's is refused at Hello, says so once
  * and waits the longest backoff between attempts instead of hammering the coordinator. */
 static void test_model_mismatch(void **state)
@@ -644,6 +688,7 @@ int main(void)
         cmocka_unit_test_teardown(test_florist, kill_spawned),   cmocka_unit_test_teardown(test_sigterm_training, kill_spawned),
         cmocka_unit_test_teardown(test_model_mismatch, kill_spawned),
         cmocka_unit_test_teardown(test_backoff, kill_spawned),
+        cmocka_unit_test_teardown(test_turns, kill_spawned),
         cmocka_unit_test(test_check_config),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };
