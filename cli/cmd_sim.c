@@ -96,6 +96,9 @@ static int add_data(sim_t *sim, const char *path, int *cap)
         free(names);
         return rc;
     }
+    size_t pl = strlen(path);
+    if (pl > 6 && !strcmp(path + pl - 6, ".jsonl"))
+        return -EMEDIUMTYPE; /* categories are plain text */
     if (sim->ndata == *cap) {
         *cap = *cap ? 2 * *cap : 16;
         char **d = realloc(sim->data, (size_t)*cap * sizeof *d);
@@ -360,7 +363,9 @@ int fp_cmd_sim(int argc, char **argv)
         for (char *p = list ? strtok_r(list, ",", &save) : NULL; p && drc == 0;
              p = strtok_r(NULL, ",", &save))
             if ((drc = add_data(&sim, p, &cap)) != 0)
-                fp_cli_fail("sim", "--data %s: %s", p, strerror(-drc));
+                fp_cli_fail("sim", "--data %s: %s", p, drc == -EMEDIUMTYPE ?
+                            "a simulation partitions plain-text categories (documents between "
+                            "'%' lines or blank lines); .jsonl is not taken" : strerror(-drc));
         free(list);
     } else {
         for (size_t i = 0; i < sizeof default_cats / sizeof *default_cats && drc == 0; i++) {

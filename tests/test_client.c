@@ -211,6 +211,21 @@ static char *read_log(fed_t *f, const char *name)
     return t;
 }
 
+/* Waits (up to 30 s on a busy machine) until the log of name holds needle; fails if not. */
+static void wait_log(fed_t *f, const char *name, const char *needle)
+{
+    char *log = NULL;
+    for (int i = 0; i < 600; i++) {
+        free(log);
+        log = read_log(f, name);
+        if (strstr(log, needle))
+            break;
+        usleep(50000);
+    }
+    fpt_assert_text(log, needle, __FILE__, __LINE__);
+    free(log);
+}
+
 /* Waits for pid to exit (up to secs); its exit status, or -1 on a timeout. */
 static int wait_exit(pid_t pid, double secs)
 {
@@ -316,16 +331,7 @@ static void rounds_case(const char *strategy)
     for (int i = 0; i < NS; i++)
         start_site(f, i, NULL, NULL);
     for (int i = 0; i < NS; i++) { /* every site has found nobody listening, and backs off */
-        char *log = NULL;
-        for (int k = 0; k < 600; k++) {
-            free(log);
-            log = read_log(f, names[i]);
-            if (strstr(log, "cannot connect"))
-                break;
-            usleep(50000);
-        }
-        fpt_assert_text(log, "cannot connect", __FILE__, __LINE__);
-        free(log);
+        wait_log(f, names[i], "cannot connect");
     }
     usleep(1000000);
     start_server(f);
@@ -421,22 +427,14 @@ static void test_revoked(void **state)
             usleep(50000);
     }
     assert_true(merged >= 4);
-    char *log = NULL;
-    for (int i = 0; i < 600; i++) {
-        free(log);
-        log = read_log(f, "site-c");
-        if (strstr(log, "session ended"))
-            break;
-        usleep(50000);
-    }
-    free(log);
+    wait_log(f, "site-c", "session ended");
     usleep(2000000); /* four longest backoffs: refused again meanwhile */
     kill(f->server, SIGTERM);
     assert_int_equal(wait_exit(f->server, 30), 0);
     f->server = 0;
     assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE site = 'site-c'"), 0);
     assert_int_equal(waitpid(f->sites[2], NULL, WNOHANG), 0); /* still running */
-    log = read_log(f, "site-c");
+    char *log = read_log(f, "site-c");
     int lines = 0;
     for (const char *p = log; (p = strstr(p, "session ended")) != NULL; p++)
         lines++;
@@ -483,21 +481,12 @@ static void test_sigterm_training(void **state)
     task_steps = 30;
     start_server(f);
     start_site(f, 0, NULL, "[train]\nmax_steps = 10000000");
-    char *log = NULL;
-    for (int i = 0; i < 600; i++) {
-        free(log);
-        log = read_log(f, names[0]);
-        if (strstr(log, "training: round 1"))
-            break;
-        usleep(50000);
-    }
-    fpt_assert_text(log, "training: round 1", __FILE__, __LINE__);
-    free(log);
+    wait_log(f, names[0], "training: round 1");
     usleep(300000);
     kill(f->sites[0], SIGTERM);
     assert_int_equal(wait_exit(f->sites[0], 10), 0);
     f->sites[0] = 0;
-    log = read_log(f, names[0]);
+    char *log = read_log(f, names[0]);
     fpt_assert_text(log, "round 1: training stopped at step", __FILE__, __LINE__);
     free(log);
     kill(f->server, SIGTERM);
@@ -525,16 +514,7 @@ static void test_turns(void **state)
     for (int i = 0; i < NS; i++)
         start_site(f, i, NULL, extra);
     for (int i = 0; i < NS; i++) { /* each has its task and waits for the turn */
-        char *log = NULL;
-        for (int k = 0; k < 600; k++) {
-            free(log);
-            log = read_log(f, names[i]);
-            if (strstr(log, "waiting for a training turn"))
-                break;
-            usleep(50000);
-        }
-        fpt_assert_text(log, "waiting for a training turn (1 at once", __FILE__, __LINE__);
-        free(log);
+        wait_log(f, names[i], "waiting for a training turn (1 at once");
     }
     usleep(1500000); /* a negative check: nothing may happen while the slot is held */
     assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE state IN ('uploading', "
@@ -570,16 +550,7 @@ static void test_model_mismatch(void **state)
     char extra[4200];
     snprintf(extra, sizeof extra, "[model]\ndir = %s\ntokenizer = bytes", other);
     start_site(f, 2, NULL, extra);
-    char *log = NULL;
-    for (int i = 0; i < 600; i++) { /* up to 30 s on a busy machine */
-        free(log);
-        log = read_log(f, names[2]);
-        if (strstr(log, "base model mismatch"))
-            break;
-        usleep(50000);
-    }
-    fpt_assert_text(log, "base model mismatch", __FILE__, __LINE__);
-    free(log);
+    wait_log(f, names[2], "base model mismatch");
     usleep(2000000); /* four longest backoffs: it was refused again meanwhile */
     kill(f->server, SIGTERM);
     assert_int_equal(wait_exit(f->server, 30), 0);
@@ -587,7 +558,7 @@ static void test_model_mismatch(void **state)
     assert_int_equal(waitpid(f->sites[2], NULL, WNOHANG), 0);
     assert_true(db_int(f, "SELECT count(*) FROM task WHERE state = 'merged'") >= 2);
     assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE site = 'site-c'"), 0);
-    log = read_log(f, names[2]);
+    char *log = read_log(f, names[2]);
     int lines = 0;
     for (const char *q = log; (q = strstr(q, "base model mismatch")) != NULL; q++)
         lines++;

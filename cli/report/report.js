@@ -52,7 +52,7 @@
     opts = opts || {};
     const fig = el("figure", {class: "chart"});
     fig.appendChild(el("figcaption", {}, title));
-    const W = 640, H = 300, L = 64, R = 150, T = 14, B = 44;
+    const W = 640, H = 310, L = 64, R = 150, T = 14, B = 54;
     const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img"});
     svg.appendChild(el("title", {}, title));
     const pts = series.flatMap(s => s.points.filter(p => p[1] !== null && isFinite(p[1])));
@@ -84,7 +84,10 @@
                            : nt.filter(v => !opts.integerX || Math.abs(v % 1) < 1e-9);
     for (const v of xt) {
       axes.appendChild(el("line", {x1: sx(v), x2: sx(v), y1: H - B, y2: H - B + 4}));
-      axes.appendChild(el("text", {x: sx(v), y: H - B + 17, "text-anchor": "middle"},
+      const tilt = opts.labels && opts.labels.length > 5; // long labels lean, not overlap
+      axes.appendChild(el("text", tilt ? {x: sx(v), y: H - B + 14, "text-anchor": "end",
+                                          transform: `rotate(-20 ${sx(v)} ${H - B + 14})`}
+                                       : {x: sx(v), y: H - B + 17, "text-anchor": "middle"},
                           opts.labels ? opts.labels[v] : nt.label(v)));
     }
     axes.appendChild(el("line", {x1: L, x2: W - R, y1: H - B, y2: H - B}));
@@ -188,7 +191,7 @@
     table(s, ["model"].concat(t.sites, ["pooled"]), t.rows.map(r =>
       [{text: r.model, attrs: {title: r.note}}].concat(
         r.loss.concat([r.pooled]).map((v, c) =>
-          ({text: fmt(v), attrs: {class: v === best[c] ? "best num" : "num"}})))), "scores");
+          ({text: v.toFixed(4), attrs: {class: v === best[c] ? "best num" : "num"}})))), "scores");
     chart(s, "Pooled held-out loss by model", [{name: "pooled loss",
           points: t.rows.map((r, i) => [i, r.pooled])}],
           {bars: true, labels: t.rows.map(r => r.model.replace("global: ", "")), y: "loss"});
