@@ -21,7 +21,7 @@ static const char ca_help[] =
     "empty CRL and an index. 'issue --server' writes PKI/servers/HOST/ (server.crt,\n"
     "server.key, ca.crt) with every HOST and IP as a subject alternative name. 'issue --site'\n"
     "writes the site kit PKI/sites/NAME/ (site.crt, site.key with mode 0600, ca.crt and a\n"
-    "client.conf template). 'revoke' lists the site's (or server's) certificates in the CRL;\n"
+    "fedpeft-client.ini). 'revoke' lists the site's (or server's) certificates in the CRL;\n"
     "copy ca.crl to the coordinator and reload it (SIGHUP). Keys: EC P-256 (default) or\n"
     "Ed25519. Validity: --days (CA 3650, certificates 825).\n";
 

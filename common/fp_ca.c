@@ -362,32 +362,45 @@ static int valid_name(const char *s)
     return 1;
 }
 
+/* The kit's fedpeft-client.ini: a configuration the site daemon takes as it is once the kit
+ * is in /etc/fedpeft/kit and the model and data lines name the site's own. */
 static int write_client_conf(const char *path, const char *name, const char *coordinator,
                              fp_err_t *err)
 {
-    char buf[2048];
+    char buf[4096];
     time_t now = time(NULL);
     char date[32];
     strftime(date, sizeof date, "%Y-%m-%d", gmtime(&now));
     int n = snprintf(buf, sizeof buf,
-                     "# fedpeft-client configuration for site '%s' (kit issued %s).\n"
-                     "# Copy this directory to the site, keep site.key readable by the daemon\n"
-                     "# only, and fill in the coordinator's address and the site's data.\n"
+                     "; fedpeft-client configuration for site '%s' (kit issued %s).\n"
+                     "; Install: copy site.crt, site.key and ca.crt to /etc/fedpeft/kit/ (site.key\n"
+                     "; readable by the fedpeft user only) and this file to\n"
+                     "; /etc/fedpeft/fedpeft-client.ini; set the model and data lines; check with\n"
+                     ";   fedpeft-client --check-config --config /etc/fedpeft/fedpeft-client.ini\n"
+                     "; Every key: fedpeft-client --settings.\n"
                      "\n"
-                     "[coordinator]\n"
-                     "address = %s\n"
-                     "\n"
-                     "[tls]\n"
-                     "certificate = site.crt\n"
-                     "key = site.key\n"
-                     "ca = ca.crt\n"
-                     "\n"
-                     "[site]\n"
+                     "[client]\n"
+                     "coordinator = %s\n"
                      "name = %s\n"
-                     "# state_dir = /var/lib/fedpeft-client\n"
-                     "# model = /var/lib/fedpeft-client/model\n"
-                     "# data = /srv/site-data/notes.jsonl\n",
+                     "cert = /etc/fedpeft/kit/site.crt\n"
+                     "key = /etc/fedpeft/kit/site.key\n"
+                     "ca = /etc/fedpeft/kit/ca.crt\n"
+                     "state_dir = /var/lib/fedpeft-client\n"
+                     "\n"
+                     "[model]\n"
+                     "; the federation's base model (config.json, model.safetensors, tokenizer.json)\n"
+                     "dir = /srv/fedpeft/model\n"
+                     "\n"
+                     "[data]\n"
+                     "; this site's private data: .txt or .jsonl, comma-separated; never leaves the site\n"
+                     "files = /srv/fedpeft/data/train.jsonl\n"
+                     "eval_fraction = 0.1\n"
+                     "\n"
+                     "[train]\n"
+                     "rank_budget = 16\n",
                      name, date, coordinator ? coordinator : "coordinator.example.org:7443", name);
+    if (n < 0 || (size_t)n >= sizeof buf)
+        return fp_err_set(err, -ENAMETOOLONG, "client configuration too long");
     return fp_fs_write_file(path, buf, (size_t)n, 0644, err);
 }
 
@@ -470,7 +483,7 @@ int fp_ca_issue(const char *dir, const fp_ca_issue_opts_t *o, fp_err_t *err)
         (rc = write_pem(cap, NULL, ca, NULL, 0644, err)))
         goto out;
     if (!o->server) {
-        confp = fp_path_join(kit, "client.conf");
+        confp = fp_path_join(kit, "fedpeft-client.ini");
         if ((rc = write_client_conf(confp, o->name, o->coordinator, err)) != 0)
             goto out;
     }

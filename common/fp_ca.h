@@ -6,7 +6,7 @@
  *   index.json                 every certificate issued: kind, name, serial, validity,
  *                              SHA-256 fingerprint, revocation time
  *   servers/<host>/            server.crt, server.key (0600), ca.crt
- *   sites/<name>/              the site kit: site.crt, site.key (0600), ca.crt, client.conf
+ *   sites/<name>/              the site kit: site.crt, site.key (0600), ca.crt, fedpeft-client.ini
  * Keys are EC P-256 (default) or Ed25519. Site identity on the wire is the certificate's
  * subject CN plus its SHA-256 fingerprint. Changes hold an exclusive lock on PKI/.lock. */
 #ifndef FP_CA_H
@@ -31,7 +31,7 @@ typedef struct fp_ca_issue_opts {
     long valid_for_s;      /* lifetime in seconds */
     fp_key_kind_t key;
     const char *out_dir;   /* where the kit goes (NULL: PKI/servers/<name> or PKI/sites/<name>) */
-    const char *coordinator; /* sites: address for the client.conf template (may be NULL) */
+    const char *coordinator; /* sites: address for the kit's fedpeft-client.ini (may be NULL) */
 } fp_ca_issue_opts_t;
 
 /* Issues a certificate and writes its kit. A site name already holding a valid (unrevoked)

@@ -1,7 +1,8 @@
 #!/bin/sh
 # deploy/setup.sh — make a Debian 12 machine ready to build fedpeft, and build it.
 #
-#   deploy/setup.sh deps [--test]        install missing Debian packages (as root or via sudo)
+#   deploy/setup.sh deps [--test|--package]
+#                                        install missing Debian packages (as root or via sudo)
 #   deploy/setup.sh build DIR [cmake options...]
 #                                        configure (Ninja) and build into DIR
 #
@@ -12,6 +13,8 @@ BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protob
 libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev
 libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev fortunes fortunes-min"
 TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev openssl chromium"
+# packaging: manual pages, Debian build flags and tools, lintian, a clean root to install into
+PKG_PKGS="help2man dpkg-dev lintian debootstrap systemd"
 
 say() { printf '%s\n' "fedpeft setup: $*" >&2; }
 
@@ -24,8 +27,11 @@ missing_packages() {
 
 install_deps() {
     pkgs=$BUILD_PKGS
+    if [ "${1:-}" = "--package" ]; then
+        pkgs="$pkgs $PKG_PKGS"
+    fi
     if [ "${1:-}" = "--test" ]; then
-        pkgs="$pkgs $TEST_PKGS"
+        pkgs="$pkgs $TEST_PKGS $PKG_PKGS"
         # Node.js runs the reference tokenizers (npm test oracles); any node will do
         command -v node >/dev/null 2>&1 || pkgs="$pkgs nodejs"
         command -v npm >/dev/null 2>&1 || pkgs="$pkgs npm"
@@ -67,5 +73,5 @@ build() {
 case "${1:-}" in
 deps) shift; install_deps "$@" ;;
 build) shift; build "$@" ;;
-*) echo "usage: $0 deps [--test] | build DIR [cmake options...]" >&2; exit 2 ;;
+*) echo "usage: $0 deps [--test|--package] | build DIR [cmake options...]" >&2; exit 2 ;;
 esac

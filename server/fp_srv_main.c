@@ -79,7 +79,8 @@ static void on_hup(uv_signal_t *h, int signum)
     fp_srv_config_free(&fresh);
 }
 
-/* This process's peak resident memory (VmHWM), in bytes. */
+/* This process's peak resident memory (VmHWM), in bytes; without /proc (a chroot), the
+ * kernel's ru_maxrss (which also counts the exec'ing parent's peak, when larger). */
 static long peak_rss(void)
 {
     FILE *f = fopen("/proc/self/status", "r");
@@ -90,6 +91,9 @@ static long peak_rss(void)
             break;
     if (f)
         fclose(f);
+    struct rusage ru;
+    if (kb == 0 && getrusage(RUSAGE_SELF, &ru) == 0)
+        kb = ru.ru_maxrss;
     return kb * 1024;
 }
 

@@ -69,12 +69,12 @@ static void test_ca_lifecycle(void **state)
         /* the site kit */
         char *kit = fp_path_join(pki, "sites/site-a");
         char *crt = fp_path_join(kit, "site.crt"), *k = fp_path_join(kit, "site.key"),
-             *conf = fp_path_join(kit, "client.conf"), *kca = fp_path_join(kit, "ca.crt");
+             *conf = fp_path_join(kit, "fedpeft-client.ini"), *kca = fp_path_join(kit, "ca.crt");
         check_mode(k, 0600);
         assert_true(fp_fs_exists(kca));
         char *text;
         assert_int_equal(fp_fs_read_file(conf, 1 << 16, &text, NULL, NULL), 0);
-        assert_contains(text, "address = coord.test:7443");
+        assert_contains(text, "coordinator = coord.test:7443");
         free(text);
         char *scrt = fp_path_join(pki, "servers/coord.test/server.crt");
         char *bcrt = fp_path_join(pki, "sites/site-b/site.crt");

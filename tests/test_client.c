@@ -635,6 +635,16 @@ static void test_check_config(void **state)
     if (rc)
         fail_msg("the example configuration: %s", errs);
     fpt_assert_text(out, "rank_budget = 16", __FILE__, __LINE__);
+    /* a site kit's configuration is one the daemon takes (paths moved to where this test's
+     * files are) */
+    char kit[4200];
+    snprintf(kit, sizeof kit, "%s/sites/site-a/fedpeft-client.ini", f->pki);
+    const char *kx[] = {"--check-config", "--config", kit, "-s", o[0], "-s", o[1], "-s", o[2],
+                        "-s", o[3], NULL};
+    rc = fpt_runv(FEDPEFT_CLIENT_BIN, kx, &out, &errs);
+    if (rc)
+        fail_msg("the kit's configuration: %s", errs);
+    fpt_assert_text(out, "name = site-a", __FILE__, __LINE__);
     const char *missing[] = {"--check-config", "--set", "client.cert=x", NULL};
     assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, missing, &out, &errs), 1);
     fpt_assert_text(errs, "client.coordinator is required", __FILE__, __LINE__);
