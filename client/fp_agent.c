@@ -15,6 +15,7 @@
 #include "fp_adapter_stream.h"
 #include "fp_ca.h"
 #include "fp_data.h"
+#include "fp_extrain.h"
 #include "fp_fs.h"
 #include "fp_json.h"
 #include "fp_log.h"
@@ -66,6 +67,13 @@ const fp_setting_t fp_agent_settings[] = {
      "directory (empty: no turns)"},
     {"train", "slots", FP_SET_INT, O(slots), "1", 1, 4096, 0,
      "sites of slot_dir that train at once"},
+    {"train", "trainer", FP_SET_STR, O(trainer), "builtin", 0, 0, 0,
+     "builtin (fedpeft's C trainer) or external (trainer_command trains each task)"},
+    {"train", "trainer_command", FP_SET_STR, O(trainer_command), "", 0, 0, 0,
+     "external: the command that trains a task, split into words without a shell; it gets "
+     "the task directory as its last argument (contract: man fedpeft-client)"},
+    {"train", "trainer_grace_s", FP_SET_DOUBLE, O(trainer_grace_s), "30", 0, 3600, 0,
+     "external: seconds between SIGTERM and SIGKILL when the command must stop"},
     {"network", "backoff_initial_s", FP_SET_DOUBLE, O(backoff_initial_s), "1", 0.01, 3600, 0,
      "first reconnection delay"},
     {"network", "backoff_max_s", FP_SET_DOUBLE, O(backoff_max_s), "300", 0.01, 86400, 0,
@@ -100,6 +108,18 @@ int fp_agent_config_load(fp_agent_config_t *c, const char *path, char *const *ov
                           c->coordinator);
     if (c->backoff_max_s < c->backoff_initial_s)
         return fp_err_set(err, -EINVAL, "network.backoff_max_s is below backoff_initial_s");
+    if (!c->trainer || (strcmp(c->trainer, "builtin") != 0 && strcmp(c->trainer, "external") != 0))
+        return fp_err_set(err, -EINVAL, "train.trainer: builtin or external, not '%s'",
+                          c->trainer ? c->trainer : "");
+    if (!strcmp(c->trainer, "external")) {
+        char **argv = NULL;
+        if (!c->trainer_command)
+            return fp_err_set(err, -EINVAL, "train.trainer = external needs "
+                              "train.trainer_command");
+        if ((rc = fp_extrain_argv(c->trainer_command, &argv, err)) != 0)
+            return rc;
+        fp_extrain_argv_free(argv);
+    }
     return 0;
 }
 
@@ -127,8 +147,12 @@ struct fp_agent {
     char host[256];
     int port;
     uint8_t model_sha[32];
-    fp_model_t *model;
+    fp_model_t *model;         /* built-in trainer only */
     float *base;               /* a copy of the base weights (restart strategies fold into it) */
+    fp_model_config_t mcfg;    /* the base model's configuration */
+    int external;              /* train.trainer = external */
+    char **tr_argv;            /* its command */
+    char *task_dir;            /* STATE/task: the external trainer's task directory */
     fp_tokenizer_t *tok;
     fp_dataset_t *all, *train, *held;
     fp_tls_ctx_t *tls;
@@ -146,6 +170,7 @@ struct fp_agent {
     /* training */
     uv_work_t work;
     job_t *job;
+    job_t *queued;             /* a task that came while another was being trained */
     _Atomic int step, total;
     _Atomic double loss;
     atomic_int stop;
@@ -388,26 +413,21 @@ static void train_work(uv_work_t *w);
 static void train_after(uv_work_t *w, int status);
 static void beat_cb(uv_timer_t *t);
 
-static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
+static void free_job(job_t *j)
 {
-    (void)s;
-    fp_agent_t *a = ctx;
-    if (t->round <= a->last_acked_round) {
-        fp_log(FP_LOG_WARNING, "task for round %llu ignored: round %llu was already stored",
-               (unsigned long long)t->round, (unsigned long long)a->last_acked_round);
-        return;
-    }
-    if (a->pending && a->pend_task == t->task_id) { /* trained already: just send it */
-        upload_pending(a);
-        return;
-    }
-    if (a->job || a->state == S_STOPPING)
-        return; /* one task at a time; the coordinator sends it again later */
-    if (a->pending) /* an update for an older task the coordinator no longer wants */
-        remove_pending(a);
-    job_t *j = calloc(1, sizeof *j);
     if (!j)
         return;
+    free(j->stream);
+    free(j->t);
+    free(j);
+}
+
+/* A task that outlives the call: the stream and the tensor list copied. */
+static job_t *copy_task(const fp_site_task_t *t)
+{
+    job_t *j = calloc(1, sizeof *j);
+    if (!j)
+        return NULL;
     j->task = *t;
     j->stream = malloc(t->len ? t->len : 1);
     size_t names = 0;
@@ -420,7 +440,7 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
         free(j->stream);
         free(tl);
         free(j);
-        return;
+        return NULL;
     }
     memcpy(j->stream, t->data, t->len);
     for (int i = 0; i < t->n; i++) { /* the names live after the list, freed with it */
@@ -432,6 +452,14 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     j->t = tl;
     j->task.data = j->stream;
     j->task.t = tl;
+    return j;
+}
+
+static void start_job(fp_agent_t *a, job_t *j)
+{
+    const fp_site_task_t *t = &j->task;
+    if (a->pending) /* an update for an older task the coordinator no longer wants */
+        remove_pending(a);
     a->job = j;
     a->task_round = t->round;
     a->task_id = t->task_id;
@@ -449,6 +477,34 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
         train_work(&a->work);
         train_after(&a->work, 0);
     }
+}
+
+static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
+{
+    (void)s;
+    fp_agent_t *a = ctx;
+    if (t->round <= a->last_acked_round) {
+        fp_log(FP_LOG_WARNING, "task for round %llu ignored: round %llu was already stored",
+               (unsigned long long)t->round, (unsigned long long)a->last_acked_round);
+        return;
+    }
+    if (a->pending && a->pend_task == t->task_id) { /* trained already: just send it */
+        upload_pending(a);
+        return;
+    }
+    if (a->state == S_STOPPING || (a->job && a->job->task.task_id == t->task_id))
+        return;
+    job_t *j = copy_task(t);
+    if (!j)
+        return;
+    if (a->job) { /* one task at a time: the newest waits for the current one to end */
+        fp_log(FP_LOG_INFO, "round %llu: task waits for round %llu's to end",
+               (unsigned long long)t->round, (unsigned long long)a->task_round);
+        free_job(a->queued);
+        a->queued = j;
+        return;
+    }
+    start_job(a, j);
 }
 
 static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
@@ -482,6 +538,8 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why_in)
     snprintf(why, sizeof why, "%s", why_in);
     fp_site_free(s);
     a->site = NULL;
+    free_job(a->queued); /* the coordinator sends what it still wants again */
+    a->queued = NULL;
     if (a->state == S_STOPPING) {
         finish_stop(a);
         return;
@@ -587,32 +645,68 @@ static int take_slot(fp_agent_t *a, int *fd, fp_err_t *err)
     return 1;
 }
 
-static void train_work(uv_work_t *w)
+/* Comma-separated names as a JSON array (NULL: empty). */
+static json_t *csv_array(const char *csv)
 {
-    fp_agent_t *a = w->data;
-    job_t *j = a->job;
+    json_t *arr = json_array();
+    char *list = csv ? strdup(csv) : NULL, *save = NULL;
+    for (char *f = list ? strtok_r(list, ",", &save) : NULL; f; f = strtok_r(NULL, ",", &save))
+        json_array_append_new(arr, json_string(f));
+    free(list);
+    return arr;
+}
+
+/* The trained update goes to disk before anything is sent: a restart uploads it again. */
+static int save_update(fp_agent_t *a, const fp_site_task_t *t, const fp_adapter_t *ad,
+                       uint64_t samples, double train_loss, double before, double after,
+                       double seconds, fp_err_t *err)
+{
+    fp_stream_tensor_t *tl = NULL;
+    int n = 0;
+    uint64_t len = 0;
+    unsigned char *buf = NULL;
+    int rc = fp_adapter_stream_layout(ad, &tl, &n, &len, err);
+    if (rc == 0 && !(buf = malloc(len ? len : 1)))
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc == 0) {
+        fp_adapter_stream_write(ad, buf);
+        rc = fp_fs_write_file(a->update_bin, buf, len, 0600, err);
+    }
+    if (rc == 0) {
+        json_t *tj = json_array();
+        for (int i = 0; i < n; i++)
+            json_array_append_new(tj, json_pack("[sIIII]", tl[i].name, (json_int_t)tl[i].rows,
+                                                 (json_int_t)tl[i].cols, (json_int_t)tl[i].offset,
+                                                 (json_int_t)tl[i].nbytes));
+        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:o}", "task_id",
+                              (json_int_t)t->task_id, "round", (json_int_t)t->round, "samples",
+                              (json_int_t)samples, "rank", t->rank, "train_loss",
+                              isfinite(train_loss) ? train_loss : 0.0, "eval_loss_before",
+                              isfinite(before) ? before : 0.0, "eval_loss_after",
+                              isfinite(after) ? after : 0.0, "seconds",
+                              isfinite(seconds) ? seconds : 0.0, "tensors", tj);
+        rc = m ? fp_json_write_file(a->update_json, m, err) : -ENOMEM;
+        json_decref(m);
+    }
+    free(buf);
+    free(tl);
+    return rc;
+}
+
+/* The built-in trainer: the base weights (with the global update folded in, for restart
+ * strategies), held-out loss before and after. */
+static int train_builtin(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t *err)
+{
     const fp_site_task_t *t = &j->task;
-    fp_adapter_t *start = NULL, *ad = NULL;
-    fp_err_t *err = &j->err;
-    double t0 = 0;
-    int slot = -1, rc = take_slot(a, &slot, err);
-    if (rc == 1) {
-        j->stopped = 1;
-        return;
-    }
-    if (rc) {
-        j->rc = rc;
-        return;
-    }
-    rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
+    fp_adapter_t *ad = NULL;
+    int rc = 0;
     memcpy(a->model->mem, a->base, a->model->n_params * sizeof(float)); /* pristine weights */
-    if (rc == 0 && t->restart) {
+    if (t->restart) {
         if ((rc = fp_lora_merge_into(a->model, start, err)) == 0)
             rc = fp_lora_init(a->model, targets_of(start), t->rank, t->alpha, t->rslora, t->seed,
                               &ad, err);
-    } else if (rc == 0) {
-        ad = start;
-        start = NULL;
+    } else if ((rc = fp_adapter_clone(start, &ad, err)) != 0) {
+        return rc;
     }
     if (rc == 0)
         rc = fp_lora_check(a->model, ad, err);
@@ -634,44 +728,105 @@ static void train_work(uv_work_t *w)
         tc.opt.weight_decay = t->weight_decay;
         rc = fp_train(a->model, ad, a->train, &tc, train_progress, a, &res, err);
         j->stopped = res.stopped;
-        t0 = res.seconds;
     }
     if (rc == 0 && !j->stopped && a->held->ndocs > 0)
         rc = fp_evaluate(a->model, ad, a->held, batch, seq, &after, &toks, err);
-    if (rc == 0 && !j->stopped) {
-        /* the result goes to disk before anything is sent: a restart uploads it again */
-        fp_stream_tensor_t *tl = NULL;
-        int n = 0;
-        uint64_t len = 0;
-        unsigned char *buf = NULL;
-        rc = fp_adapter_stream_layout(ad, &tl, &n, &len, err);
-        if (rc == 0 && !(buf = malloc(len ? len : 1)))
-            rc = fp_err_set(err, -ENOMEM, "out of memory");
-        if (rc == 0) {
-            fp_adapter_stream_write(ad, buf);
-            rc = fp_fs_write_file(a->update_bin, buf, len, 0600, err);
-        }
-        if (rc == 0) {
-            json_t *tj = json_array();
-            for (int i = 0; i < n; i++)
-                json_array_append_new(tj, json_pack("[sIIII]", tl[i].name, (json_int_t)tl[i].rows,
-                                                     (json_int_t)tl[i].cols, (json_int_t)tl[i].offset,
-                                                     (json_int_t)tl[i].nbytes));
-            json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:o}", "task_id",
-                                  (json_int_t)t->task_id, "round", (json_int_t)t->round,
-                                  "samples", (json_int_t)a->train->ndocs, "rank", t->rank,
-                                  "train_loss", isfinite(res.final_loss) ? res.final_loss : 0.0,
-                                  "eval_loss_before", isfinite(before) ? before : 0.0,
-                                  "eval_loss_after", isfinite(after) ? after : 0.0, "seconds",
-                                  t0, "tensors", tj);
-            rc = m ? fp_json_write_file(a->update_json, m, err) : -ENOMEM;
-            json_decref(m);
-        }
-        free(buf);
-        free(tl);
-    }
-    fp_adapter_free(start);
+    if (rc == 0 && !j->stopped)
+        rc = save_update(a, t, ad, a->train->ndocs, res.final_loss, before, after, res.seconds,
+                         err);
     fp_adapter_free(ad);
+    return rc;
+}
+
+static void ext_progress(void *ctx, int step, int steps, double loss)
+{
+    fp_agent_t *a = ctx;
+    atomic_store(&a->step, step);
+    atomic_store(&a->total, steps);
+    atomic_store(&a->loss, loss);
+}
+
+/* An external trainer (fp_extrain.h): the task as a directory, the command, its result
+ * checked as the coordinator would check it. */
+static int train_external(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t *err)
+{
+    const fp_site_task_t *t = &j->task;
+    fp_adapter_t *fresh = NULL, *ad = NULL;
+    int rc = 0;
+    if (t->restart) { /* start afresh at this site's rank (A from the task's seed, B = 0); the
+                         stream is the global update, to fold in */
+        fp_module_desc_t *d = calloc((size_t)(start->n ? start->n : 1), sizeof *d);
+        if (!d)
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        for (int i = 0; i < start->n; i++) {
+            d[i] = fp_module_desc(&start->mods[i]);
+            d[i].rank = t->rank;
+        }
+        rc = fp_adapter_new(&fresh, d, start->n, err);
+        free(d);
+        if (rc)
+            return rc;
+        fp_adapter_randomize(fresh, t->seed, 0, 0.0);
+    }
+    const fp_adapter_t *begin = t->restart ? fresh : start;
+    const char *targets[FP_T_COUNT];
+    int nt = 0;
+    unsigned mask = targets_of(start);
+    for (int i = 0; i < FP_T_COUNT; i++)
+        if (mask & (1u << i))
+            targets[nt++] = fp_target_names[i];
+    json_t *site = json_pack("{s:s,s:s,s:o,s:o,s:f,s:I,s:I}", "model_dir", a->cfg->model_dir,
+                             "tokenizer", a->cfg->tokenizer ? a->cfg->tokenizer : "",
+                             "data_files", csv_array(a->cfg->data), "eval_files",
+                             csv_array(a->cfg->eval_files), "eval_fraction",
+                             a->cfg->eval_fraction, "split_seed",
+                             (json_int_t)a->cfg->split_seed, "max_steps",
+                             (json_int_t)a->cfg->max_steps);
+    rc = fp_extrain_prepare(a->task_dir, t, targets, nt, begin, t->restart ? start : NULL, site,
+                            err);
+    json_decref(site);
+    if (rc == 0) {
+        fp_log(FP_LOG_INFO, "round %llu: running the external trainer in %s",
+               (unsigned long long)t->round, a->task_dir);
+        fp_extrain_run_t r = {a->tr_argv, a->task_dir, t->deadline_unix_ms,
+                              a->cfg->trainer_grace_s, &a->stop, ext_progress, a};
+        rc = fp_extrain_exec(&r, err);
+        if (rc == 1) {
+            j->stopped = 1;
+            rc = 0;
+        }
+    }
+    fp_extrain_result_t res = {0};
+    if (rc == 0 && !j->stopped)
+        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->train->ndocs, &ad, &res, err);
+    if (rc == 0 && !j->stopped)
+        rc = save_update(a, t, ad, res.samples, res.train_loss, res.eval_loss_before,
+                         res.eval_loss_after, res.seconds, err);
+    fp_adapter_free(fresh);
+    fp_adapter_free(ad);
+    return rc;
+}
+
+static void train_work(uv_work_t *w)
+{
+    fp_agent_t *a = w->data;
+    job_t *j = a->job;
+    const fp_site_task_t *t = &j->task;
+    fp_adapter_t *start = NULL;
+    fp_err_t *err = &j->err;
+    int slot = -1, rc = take_slot(a, &slot, err);
+    if (rc == 1) {
+        j->stopped = 1;
+        return;
+    }
+    if (rc) {
+        j->rc = rc;
+        return;
+    }
+    rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
+    if (rc == 0)
+        rc = a->external ? train_external(a, j, start, err) : train_builtin(a, j, start, err);
+    fp_adapter_free(start);
     if (slot >= 0)
         close(slot); /* the turn passes */
     j->rc = rc;
@@ -685,9 +840,13 @@ static void train_after(uv_work_t *w, int status)
     a->job = NULL;
     uv_timer_stop(&a->beat);
     if (j->rc) {
-        /* a local problem with this task: say so, and take the next one */
+        /* a local problem with this task: say so, tell the coordinator (the round stops
+         * waiting for this site), and take the next one */
         fp_log(FP_LOG_ERR, "round %llu: training failed: %s", (unsigned long long)j->task.round,
                fp_err_msg(&j->err));
+        if (a->site && fp_site_task_failed(a->site, j->task.task_id, fp_err_msg(&j->err)) == 0)
+            fp_log(FP_LOG_NOTICE, "round %llu: the coordinator was told",
+                   (unsigned long long)j->task.round);
     } else if (j->stopped) {
         fp_log(FP_LOG_NOTICE, "round %llu: training stopped at step %d of %d",
                (unsigned long long)j->task.round, atomic_load(&a->step), atomic_load(&a->total));
@@ -698,13 +857,19 @@ static void train_after(uv_work_t *w, int status)
         fp_log(FP_LOG_INFO, "round %llu: trained %d steps, loss %.4f", (unsigned long long)j->task.round,
                atomic_load(&a->total), atomic_load(&a->loss));
     }
-    free(j->stream);
-    free(j->t);
-    free(j);
+    free_job(j);
     if (a->state == S_STOPPING) {
         finish_stop(a);
         return;
     }
+    job_t *q = a->queued;
+    a->queued = NULL;
+    if (q && a->site && q->task.round > a->last_acked_round &&
+        !(a->pending && a->pend_task == q->task.task_id)) {
+        start_job(a, q);
+        return;
+    }
+    free_job(q);
     if (a->site && a->pending)
         upload_pending(a);
     else
@@ -751,7 +916,7 @@ static int load_files(fp_agent_t *a, const char *csv, fp_dataset_t **out, fp_err
         }
         files[nf++] = f;
     }
-    const fp_model_config_t *mc = &a->model->cfg;
+    const fp_model_config_t *mc = &a->mcfg;
     int rc = fp_dataset_load(files, nf, a->tok, mc->bos_id, mc->eos_id, mc->vocab, out, err);
     free(list);
     return rc;
@@ -786,13 +951,27 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     if ((rc = load_state(a, err)) != 0 || (rc = load_pending(a, err)) != 0)
         goto fail;
     fp_set_threads((int)cfg->threads);
-    if ((rc = fp_model_load(cfg->model_dir, &a->model, err)) != 0 || (rc = model_hash(a, err)) != 0)
-        goto fail;
-    if (!(a->base = malloc(a->model->n_params * sizeof(float)))) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto fail;
+    a->external = !strcmp(cfg->trainer, "external");
+    if (a->external) { /* the weights stay on disk: the external trainer reads them */
+        char *cp = fp_path_join(cfg->model_dir, "config.json");
+        a->task_dir = fp_path_join(cfg->state_dir, "task");
+        rc = cp && a->task_dir ? fp_model_config_load(cp, &a->mcfg, err)
+                               : fp_err_set(err, -ENOMEM, "out of memory");
+        free(cp);
+        if (rc || (rc = fp_extrain_argv(cfg->trainer_command, &a->tr_argv, err)) != 0 ||
+            (rc = model_hash(a, err)) != 0)
+            goto fail;
+    } else {
+        if ((rc = fp_model_load(cfg->model_dir, &a->model, err)) != 0 ||
+            (rc = model_hash(a, err)) != 0)
+            goto fail;
+        a->mcfg = a->model->cfg;
+        if (!(a->base = malloc(a->model->n_params * sizeof(float)))) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            goto fail;
+        }
+        memcpy(a->base, a->model->mem, a->model->n_params * sizeof(float));
     }
-    memcpy(a->base, a->model->mem, a->model->n_params * sizeof(float));
     if (cfg->tokenizer && !strcmp(cfg->tokenizer, "bytes")) {
         rc = fp_tokenizer_bytes(&a->tok, err);
     } else {
@@ -831,8 +1010,9 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     char hx[65];
     fp_sha256_hex(a->model_sha, hx);
     fp_log(FP_LOG_NOTICE, "site %s: %zu training and %zu held-out documents, base model %.12s…, "
-           "last stored round %llu%s", a->name, a->train->ndocs, a->held->ndocs, hx,
-           (unsigned long long)a->last_acked_round, a->pending ? ", an update to upload" : "");
+           "last stored round %llu%s%s", a->name, a->train->ndocs, a->held->ndocs, hx,
+           (unsigned long long)a->last_acked_round, a->pending ? ", an update to upload" : "",
+           a->external ? ", external trainer" : "");
     *out = a;
     return 0;
 fail:
@@ -901,5 +1081,8 @@ void fp_agent_free(fp_agent_t *a)
     free(a->state_path);
     free(a->update_bin);
     free(a->update_json);
+    free(a->task_dir);
+    fp_extrain_argv_free(a->tr_argv);
+    free_job(a->queued);
     free(a);
 }

@@ -33,6 +33,9 @@ typedef struct fp_agent_config {
     long long rank_budget, max_steps, threads;
     char *slot_dir;          /* sites sharing a machine take turns training: one of */
     long long slots;         /* `slots` lock files in slot_dir is held while training */
+    char *trainer;           /* "builtin" or "external" */
+    char *trainer_command;   /* external: the command (an argv; no shell), see fp_extrain.h */
+    double trainer_grace_s;  /* external: SIGTERM, then SIGKILL after this */
     /* [network] */
     double backoff_initial_s, backoff_max_s, heartbeat_s;
     long long upload_chunk;  /* bytes per chunk (0: the protocol's 1 MiB) */

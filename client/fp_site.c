@@ -339,6 +339,21 @@ int fp_site_heartbeat(fp_site_t *s, uint64_t task_id, int step, int total, doubl
     return send_env(s, &e);
 }
 
+int fp_site_task_failed(fp_site_t *s, uint64_t task_id, const char *reason)
+{
+    if (!s->conn)
+        return -EPIPE;
+    char r[1001];
+    snprintf(r, sizeof r, "%s", reason ? reason : "");
+    Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
+    Fedpeft__TaskFailed f = FEDPEFT__TASK_FAILED__INIT;
+    f.task_id = task_id;
+    f.reason = r;
+    e.body_case = FEDPEFT__ENVELOPE__BODY_TASK_FAILED;
+    e.task_failed = &f;
+    return send_env(s, &e);
+}
+
 void fp_site_bye(fp_site_t *s, const char *reason)
 {
     if (!s->conn)

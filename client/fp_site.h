@@ -81,6 +81,9 @@ uint64_t fp_site_sent(const fp_site_t *s);
 int fp_site_heartbeat(fp_site_t *s, uint64_t task_id, int step, int total, double loss);
 
 /* Says Bye with a reason and closes (ops.closed follows). */
+/* Tells the coordinator that this site could not train task_id (reason: at most 1000 bytes are
+ * sent); the round stops waiting for it. 0 or a negative errno. */
+int fp_site_task_failed(fp_site_t *s, uint64_t task_id, const char *reason);
 void fp_site_bye(fp_site_t *s, const char *reason);
 
 /* Closes the session (ops.closed follows); cut = 1 drops it as a network failure would. */

@@ -54,6 +54,7 @@ const char *fp_msg_name(const fp_env_t *e)
     case FEDPEFT__ENVELOPE__BODY_HEARTBEAT: return "Heartbeat";
     case FEDPEFT__ENVELOPE__BODY_ERROR: return "Error";
     case FEDPEFT__ENVELOPE__BODY_BYE: return "Bye";
+    case FEDPEFT__ENVELOPE__BODY_TASK_FAILED: return "TaskFailed";
     case FEDPEFT__ENVELOPE__BODY_RESUME: return "Resume";
     default: return "unknown";
     }
@@ -191,6 +192,11 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
     case FEDPEFT__ENVELOPE__BODY_ERROR:
     case FEDPEFT__ENVELOPE__BODY_BYE:
         return 0;
+    case FEDPEFT__ENVELOPE__BODY_TASK_FAILED:
+        if (e->task_failed->reason && strlen(e->task_failed->reason) > 1000)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "TaskFailed: reason longer than 1000 bytes");
+        return 0;
     case FEDPEFT__ENVELOPE__BODY_ACK:
     case FEDPEFT__ENVELOPE__BODY_HEARTBEAT:
     case FEDPEFT__ENVELOPE__BODY_RESUME:
@@ -234,6 +240,7 @@ Fedpeft__Error__Code fp_msg_order(fp_role_t me, fp_pstate_t st, const fp_env_t *
             ok = 1;
             *next = FP_PS_STREAMING;
         }
+        ok |= me == FP_ROLE_SERVER && b == FEDPEFT__ENVELOPE__BODY_TASK_FAILED;
         if (me == FP_ROLE_CLIENT) {
             if (b == FEDPEFT__ENVELOPE__BODY_TASK) {
                 ok = 1;

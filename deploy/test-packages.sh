@@ -109,11 +109,14 @@ as_fedpeft fedpeft-client --check-config --config /etc/fedpeft/fedpeft-client.in
 say "one federated round in the clean root"
 log=$root.round.log
 : >"$log"
-as_fedpeft fedpeft-server --config /etc/fedpeft/fedpeft-server.ini --set server.metrics= \
+# chroot itself in the background (not a function: $! must be the daemon, which chroot execs)
+chroot --userspec=fedpeft:fedpeft "$root" fedpeft-server \
+    --config /etc/fedpeft/fedpeft-server.ini --set server.metrics= \
     --set server.exit_when_done=true --set federation.rounds=1 --set federation.min_sites=1 \
     --set federation.min_updates=1 --set train.steps=3 --set train.seq_len=64 >>"$log" 2>&1 &
 server=$!
-as_fedpeft fedpeft-client --config /etc/fedpeft/fedpeft-client.ini \
+chroot --userspec=fedpeft:fedpeft "$root" fedpeft-client \
+    --config /etc/fedpeft/fedpeft-client.ini \
     --set network.backoff_initial_s=0.2 --set network.backoff_max_s=1 --set train.threads=1 \
     >>"$log" 2>&1 &
 client=$!
@@ -127,6 +130,9 @@ done
 wait "$server" || { cat "$log" >&2; fail "fedpeft-server exited with an error"; }
 kill "$client" 2>/dev/null || true
 wait "$client" 2>/dev/null || true
+if pgrep -f "fedpeft-client --config /etc/fedpeft/fedpeft-client.ini" >/dev/null; then
+    fail "the site daemon did not stop on SIGTERM"
+fi
 trap - EXIT
 run fedpeft status --state-dir /var/lib/fedpeft-server --json >"$root.status.json"
 grep -q '"state": *"closed"' "$root.status.json" || { cat "$log" >&2; fail "no closed round"; }

@@ -1031,6 +1031,30 @@ static void on_heartbeat(void *ctx, const Fedpeft__Heartbeat *h)
     (void)h;
 }
 
+/* The site could not train its task: recorded as refused (with the site's reason), never
+ * merged, and the round stops waiting for it. Another site's task, or one no longer open, is
+ * ignored. */
+static void on_task_failed(void *ctx, const Fedpeft__TaskFailed *f)
+{
+    site_t *s = site_of(ctx);
+    fp_coord_t *co = s ? s->co : NULL;
+    if (!co || !s->welcomed)
+        return;
+    rtask_t *t = task_by_id(co, (int64_t)f->task_id);
+    if (!t || strcmp(t->site, s->name) != 0 || co->rstate != R_OPEN || t->state == T_UPLOADED)
+        return;
+    char reason[1100];
+    snprintf(reason, sizeof reason, "the site's trainer failed: %.1000s",
+             f->reason ? f->reason : "");
+    for (char *c = reason; *c; c++) /* one line in logs and tables */
+        if (*c == '\n' || *c == '\r')
+            *c = ' ';
+    fp_log(FP_LOG_WARNING, "site %s: round %lld: %s", s->name, (long long)co->round, reason);
+    refuse_task(co, s, t->id, 0, "refused", reason);
+    status(co);
+    check_round(co);
+}
+
 /* ---- link hooks ---- */
 
 static void peer_open(fp_srv_peer_t *p)
@@ -1293,7 +1317,8 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     if ((rc = fp_tls_ctx_new(&co->tls, &tc, err)) != 0)
         goto fail;
     co->link.ops = (fp_srv_sess_ops_t){on_hello, on_update, on_resume, on_committed,
-                                       on_heartbeat, NULL, on_verify, on_welcomed};
+                                       on_heartbeat, NULL, on_verify, on_welcomed,
+                                       on_task_failed};
     co->link.app = co;
     co->link.spool_dir = f->spool_dir;
     co->link.ack_every = (uint64_t)cfg->ack_every;

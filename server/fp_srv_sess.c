@@ -252,6 +252,10 @@ static int dispatch(fp_srv_sess_t *s, const unsigned char *p, size_t n)
         if (s->ops.heartbeat)
             s->ops.heartbeat(s->ctx, e->heartbeat);
         break;
+    case FEDPEFT__ENVELOPE__BODY_TASK_FAILED:
+        if (s->ops.task_failed)
+            s->ops.task_failed(s->ctx, e->task_failed);
+        break;
     case FEDPEFT__ENVELOPE__BODY_BYE:
     case FEDPEFT__ENVELOPE__BODY_ERROR:
         s->over = 1; /* a partial upload stays spooled: the site may resume */

@@ -59,6 +59,8 @@ typedef struct fp_srv_sess_ops {
                   char *reason, size_t n);
     /* Optional: the Welcome has been queued (what the application sends now follows it). */
     void (*welcomed)(void *ctx);
+    /* Optional: the site reports that it could not train a task. */
+    void (*task_failed)(void *ctx, const Fedpeft__TaskFailed *f);
 } fp_srv_sess_ops_t;
 
 typedef struct fp_sess_item fp_sess_item_t; /* a queued chunk or a waiting frame */

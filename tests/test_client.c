@@ -149,6 +149,8 @@ static fed_t *fed_new(void)
 
 static int task_steps = 30;
 static const char *server_extra = "";
+static double deadline_s = 60;
+static int min_updates = 0; /* 0: as min_sites */
 
 static void write_server_config(fed_t *f, const char *strategy, int rounds, int min_sites)
 {
@@ -160,10 +162,10 @@ static void write_server_config(fed_t *f, const char *strategy, int rounds, int 
              "[federation]\nname = test\nbase_model_config = %s/config.json\n"
              "base_model_sha256 = %s\ntarget_modules = q_proj,v_proj\nalpha = 8\nr_max = 8\n"
              "strategy = %s\nrounds = %d\nmin_sites = %d\nmin_updates = %d\n"
-             "round_deadline_s = 60\n[train]\nsteps = %d\nbatch = 2\nseq_len = 16\nlr = 0.01\n",
+             "round_deadline_s = %g\n[train]\nsteps = %d\nbatch = 2\nseq_len = 16\nlr = 0.01\n",
              f->port, f->pki, f->pki, f->pki, f->pki, f->state, server_extra, f->model,
              f->model_sha, strategy,
-             rounds, min_sites, min_sites, task_steps);
+             rounds, min_sites, min_updates ? min_updates : min_sites, deadline_s, task_steps);
     char *p = path2(f->dir, "server.ini");
     assert_int_equal(fp_fs_write_file(p, text, strlen(text), 0644, NULL), 0);
     free(p);
@@ -305,7 +307,13 @@ static void fed_free(fed_t *f)
     free(f);
 }
 
+static void expect_server_done_n(fed_t *f, int rounds, int merged);
 static void expect_server_done(fed_t *f, int rounds)
+{
+    expect_server_done_n(f, rounds, rounds * NS);
+}
+
+static void expect_server_done_n(fed_t *f, int rounds, int merged)
 {
     int rc = wait_exit(f->server, 120);
     if (rc != 0) {
@@ -317,7 +325,7 @@ static void expect_server_done(fed_t *f, int rounds)
     snprintf(sql, sizeof sql, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'");
     assert_int_equal(db_int(f, sql), rounds);
     snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE state = 'merged'");
-    assert_int_equal(db_int(f, sql), rounds * NS);
+    assert_int_equal(db_int(f, sql), merged);
 }
 
 /* The sites start first; the coordinator is down for a while, then rounds run with real
@@ -528,6 +536,204 @@ static void test_turns(void **state)
     fed_free(f);
 }
 
+/* ---- external trainers (fp_extrain.h) ---- */
+
+static char *held_file(fed_t *f)
+{
+    char text[4096] = "";
+    size_t u = 0;
+    for (int d = 0; d < 12; d++)
+        u += (size_t)snprintf(text + u, sizeof text - u, "shared held-out text number %d, "
+                              "the heart and the cells\n\n", d);
+    return fpt_write(f->dir, "held.txt", text, u);
+}
+
+static int64_t task_num(fed_t *f, const char *site, int round, const char *col, double *real)
+{
+    char *p = path2(f->state, "fedpeft.db"), sql[256];
+    snprintf(sql, sizeof sql, "SELECT %s FROM task WHERE site = '%s' AND round = %d", col, site,
+             round);
+    sqlite3 *db;
+    int64_t v = -1;
+    if (sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
+        sqlite3_stmt *s;
+        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW) {
+            v = sqlite3_column_int64(s, 0);
+            if (real)
+                *real = sqlite3_column_double(s, 0);
+        }
+        sqlite3_finalize(s);
+    }
+    sqlite3_close(db);
+    free(p);
+    return v;
+}
+
+static char *task_text(fed_t *f, const char *site, int round, const char *col)
+{
+    char *p = path2(f->state, "fedpeft.db"), sql[256], *out = strdup("");
+    snprintf(sql, sizeof sql, "SELECT %s FROM task WHERE site = '%s' AND round = %d", col, site,
+             round);
+    sqlite3 *db;
+    if (sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
+        sqlite3_stmt *s;
+        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW &&
+            sqlite3_column_text(s, 0)) {
+            free(out);
+            out = strdup((const char *)sqlite3_column_text(s, 0));
+        }
+        sqlite3_finalize(s);
+    }
+    sqlite3_close(db);
+    free(p);
+    return out;
+}
+
+/* One site trains with the PyTorch example (deploy/examples/torch_trainer.py), two with the
+ * built-in trainer, on the same base model; rounds complete and every update merges. Given the
+ * same held-out file, the PyTorch site's loss before training in round 1 (the base model: the
+ * global adapter starts with B = 0) equals the built-in sites' — the example computes what
+ * fedpeft computes. */
+static void test_external_torch(void **state)
+{
+    (void)state;
+    /* Debian's python3 with Debian's python3-torch */
+    if (system("/usr/bin/python3 -c 'import torch' 2>/dev/null") != 0)
+        fail_msg("python3-torch is needed (deploy/setup.sh deps --test installs it)");
+    budgets[0] = 4;
+    fed_t *f = fed_new();
+    char *held = held_file(f), extra[8192];
+    write_server_config(f, "flexlora", 2, NS);
+    start_server(f);
+    for (int i = 0; i < NS; i++) {
+        if (i == 1)
+            snprintf(extra, sizeof extra, "[data]\neval_files = %s\n[train]\ntrainer = external\n"
+                     "trainer_command = /usr/bin/python3 '%s/deploy/examples/torch_trainer.py'\n",
+                     held, FP_SOURCE_DIR);
+        else
+            snprintf(extra, sizeof extra, "[data]\neval_files = %s\n", held);
+        start_site(f, i, NULL, extra);
+    }
+    expect_server_done(f, 2);
+    double lb_a = 0, lb_b = 0, lb_c = 0;
+    task_num(f, "site-a", 1, "eval_loss_before", &lb_a);
+    task_num(f, "site-b", 1, "eval_loss_before", &lb_b);
+    task_num(f, "site-c", 1, "eval_loss_before", &lb_c);
+    assert_true(lb_a > 0);
+    assert_true(fabs(lb_a - lb_c) < 1e-9 * lb_a); /* the same model, data and code */
+    if (!(fabs(lb_a - lb_b) < 1e-4 * lb_a))
+        fail_msg("PyTorch's held-out loss %.8f differs from fedpeft's %.8f", lb_b, lb_a);
+    /* it trained: its own held-out loss went down, and it says how in the site's log */
+    double la = 0;
+    task_num(f, "site-b", 1, "eval_loss_after", &la);
+    assert_true(la < lb_b);
+    assert_int_equal(task_num(f, "site-b", 2, "rank", NULL), 8);
+    wait_log(f, "site-b", "running the external trainer");
+    wait_log(f, "site-b", "trainer: step 30/30 loss");
+    wait_log(f, "site-b", "round 2: update stored by the coordinator");
+    stop_sites(f, 2);
+    free(held);
+    fed_free(f);
+}
+
+/* A command that fails, and one that writes garbage: each round's error is the site's log and
+ * the coordinator's record of that task (refused, with the reason); the round goes on without
+ * them and the daemons carry on. */
+static void test_external_failures(void **state)
+{
+    (void)state;
+    budgets[0] = 4;
+    fed_t *f = fed_new();
+    min_updates = 1;
+    write_server_config(f, "flexlora", 2, NS);
+    min_updates = 0;
+    start_server(f);
+    start_site(f, 0, NULL, NULL);
+    start_site(f, 1, NULL, "[train]\ntrainer = external\ntrainer_command = sh -c "
+                           "'echo about to fail; echo out of GPU memory >&2; exit 3'\n");
+    start_site(f, 2, NULL, "[train]\ntrainer = external\ntrainer_command = sh -c "
+                           "'mkdir -p out && echo garbage > out/adapter_model.safetensors && "
+                           "cp start/adapter_config.json out/ && echo \"{\\\"samples\\\": 3}\" "
+                           "> result.json'\n");
+    expect_server_done_n(f, 2, 2);
+    for (int r = 1; r <= 2; r++) {
+        char *e1 = task_text(f, "site-b", r, "error"), *e2 = task_text(f, "site-c", r, "error"),
+             *s1 = task_text(f, "site-b", r, "state"), *s2 = task_text(f, "site-c", r, "state");
+        assert_string_equal(s1, "refused");
+        assert_string_equal(s2, "refused");
+        fpt_assert_text(e1, "the site's trainer failed: the trainer exited with status 3",
+                        __FILE__, __LINE__);
+        fpt_assert_text(e2, "the site's trainer failed: the trainer's adapter", __FILE__,
+                        __LINE__);
+        free(e1);
+        free(e2);
+        free(s1);
+        free(s2);
+    }
+    wait_log(f, "site-b", "trainer: out of GPU memory");
+    wait_log(f, "site-b", "round 2: the coordinator was told");
+    wait_log(f, "site-c", "round 2: training failed: the trainer's adapter");
+    stop_sites(f, 0);
+    fed_free(f);
+}
+
+static int count_procs(const char *needle)
+{
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "pgrep -f -c '%s' 2>/dev/null", needle);
+    FILE *p = popen(cmd, "r");
+    int n = 0;
+    if (p && fscanf(p, "%d", &n) != 1)
+        n = 0;
+    if (p)
+        pclose(p);
+    return n;
+}
+
+/* A command that hangs is stopped at the round's deadline (its whole process group) and the
+ * daemon carries on; with the next coordinator's round it runs again, and SIGTERM to the
+ * daemon stops the command too. */
+static void test_external_hang(void **state)
+{
+    (void)state;
+    budgets[0] = 4;
+    fed_t *f = fed_new();
+    deadline_s = 3;
+    write_server_config(f, "flexlora", 1, 1);
+    deadline_s = 60;
+    start_server(f);
+    /* the command and a child of it, both sleeping, both in its process group */
+    start_site(f, 0, NULL, "[train]\ntrainer = external\ntrainer_grace_s = 1\n"
+                           "trainer_command = sh -c 'sleep 987.25 & sleep 987.5'\n");
+    wait_log(f, "site-a", "round 1: running the external trainer");
+    for (int i = 0; i < 100 && count_procs("^sleep 987") < 2; i++)
+        usleep(50000);
+    assert_int_equal(count_procs("^sleep 987"), 2);
+    wait_log(f, "site-a", "the trainer was still running at the round's deadline");
+    for (int i = 0; i < 100 && count_procs("^sleep 987"); i++)
+        usleep(50000);
+    assert_int_equal(count_procs("^sleep 987"), 0);
+    assert_int_equal(wait_exit(f->server, 30), 0); /* its one round expired: done */
+    f->server = 0;
+    assert_int_equal(waitpid(f->sites[0], NULL, WNOHANG), 0); /* the site carries on */
+    /* the next round, from a coordinator restarted with another; SIGTERM mid-command */
+    write_server_config(f, "flexlora", 2, 1);
+    start_server(f);
+    wait_log(f, "site-a", "round 2: running the external trainer");
+    for (int i = 0; i < 100 && count_procs("^sleep 987") < 2; i++)
+        usleep(50000);
+    assert_int_equal(count_procs("^sleep 987"), 2);
+    kill(f->sites[0], SIGTERM);
+    assert_int_equal(wait_exit(f->sites[0], 15), 0);
+    f->sites[0] = 0;
+    assert_int_equal(count_procs("^sleep 987"), 0);
+    wait_log(f, "site-a", "round 2: training stopped");
+    kill(f->server, SIGTERM);
+    wait_exit(f->server, 20);
+    f->server = 0;
+    fed_free(f);
+}
+
 /* A site whose base model differs from the federation's is refused at Hello, says so once
  * and waits the longest backoff between attempts instead of hammering the coordinator. */
 static void test_model_mismatch(void **state)
@@ -670,8 +876,13 @@ int main(void)
         cmocka_unit_test_teardown(test_model_mismatch, kill_spawned),
         cmocka_unit_test_teardown(test_backoff, kill_spawned),
         cmocka_unit_test_teardown(test_turns, kill_spawned),
+        cmocka_unit_test_teardown(test_external_torch, kill_spawned),
+        cmocka_unit_test_teardown(test_external_failures, kill_spawned),
+        cmocka_unit_test_teardown(test_external_hang, kill_spawned),
         cmocka_unit_test(test_check_config),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };
+    if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_turns */
+        cmocka_set_test_filter(getenv("FP_TEST_FILTER"));
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,402 @@
+#!/usr/bin/env python3
+"""fedpeft external trainer: a working example of the contract, in plain PyTorch.
+
+fedpeft-client (train.trainer = external) runs this once per task with the task directory as
+its last argument (see `man fedpeft-client` and deploy/examples/README.md):
+
+    trainer_command = python3 /usr/share/doc/fedpeft-client/examples/torch_trainer.py
+
+It reads task.json, the base model (config.json and safetensors, read here without any
+library beyond PyTorch), the site's data, and the starting adapter in start/ (plus fold/, the
+global update, for restart strategies); trains the LoRA factors with AdamW; writes out/ (an
+HF PEFT adapter), result.json and, as it goes, progress.json.
+
+Needs only Debian's python3-torch. It runs Llama-family decoders (RMSNorm, RoPE,
+grouped-query attention, SwiGLU, optional attention biases, tied or untied head) on the CPU
+or one GPU. Tokenizers: byte-level ones ("bytes", or a tokenizer.json without merges, as the
+demo model's); others through the `tokenizers` package when it is installed. Data follows
+fedpeft's rules: .jsonl with {"text"} or {"prompt", "completion"} (loss on the completion),
+or text with documents between "%" lines (else blank lines). The held-out loss is measured
+exactly as fedpeft's built-in trainer measures it (consecutive windows that predict every
+target token once), so both kinds of sites report comparable numbers.
+"""
+import json
+import math
+import os
+import random
+import struct
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (None, 2)}
+
+
+# ---- safetensors, by hand -------------------------------------------------------------------
+
+def read_safetensors(path):
+    """Every tensor of a safetensors file, as float32."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + hlen])
+    base = 8 + hlen
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: {name}: dtype {info['dtype']} is not supported")
+        b, e = info["data_offsets"]
+        raw = bytearray(data[base + b:base + e])
+        if info["dtype"] == "BF16":  # the upper half of a float32
+            t = (torch.frombuffer(raw, dtype=torch.int16).to(torch.int32) << 16).view(torch.float32)
+        else:
+            t = torch.frombuffer(raw, dtype=DTYPES[info["dtype"]][0]).to(torch.float32)
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
+
+
+def write_safetensors(path, tensors):
+    """F32 tensors to a safetensors file, written aside and renamed into place."""
+    header, blobs, off = {}, [], 0
+    for name in sorted(tensors):
+        b = tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+                        "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in blobs:
+            f.write(b)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_model_weights(model_dir):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded checkpoints
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        w = {}
+        for name in files:
+            w.update(read_safetensors(os.path.join(model_dir, name)))
+        return w
+    return read_safetensors(os.path.join(model_dir, "model.safetensors"))
+
+
+# ---- tokenizing, as fedpeft does --------------------------------------------------------------
+
+def bytes_to_unicode():
+    """GPT-2's reversible map of bytes to printable characters (ByteLevel tokenizers)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def make_tokenizer(task):
+    spec = task.get("tokenizer") or ""
+    if spec == "bytes":
+        return lambda text: list(text.encode())
+    path = spec or os.path.join(task["model_dir"], "tokenizer.json")
+    with open(path) as f:
+        tj = json.load(f)
+    model = tj.get("model", {})
+    pre = tj.get("pre_tokenizer") or {}
+    if model.get("type") == "BPE" and not model.get("merges") and pre.get("type") == "ByteLevel" \
+            and not pre.get("add_prefix_space"):
+        vocab, b2u = model["vocab"], bytes_to_unicode()
+        ids = [vocab[b2u[b]] for b in range(256)]
+        return lambda text: [ids[b] for b in text.encode()]
+    try:
+        from tokenizers import Tokenizer  # optional: any Hugging Face tokenizer
+    except ImportError:
+        sys.exit(f"{path}: only byte-level tokenizers are built in; install the `tokenizers` "
+                 "package for this one")
+    tok = Tokenizer.from_file(path)
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+def split_text(text):
+    """Documents of a text file: between "%" lines when the file has one, else blank lines."""
+    lines = text.split("\n")
+    fortune = any(l in ("%", "%\r") for l in lines)
+    docs, cur = [], []
+    for l in lines:
+        sep = l in ("%", "%\r") if fortune else l in ("", "\r")
+        if sep:
+            docs.append("\n".join(cur))
+            cur = []
+        else:
+            cur.append(l)
+    docs.append("\n".join(cur))
+    out = []
+    for d in docs:
+        d = d.rstrip("\n\r")
+        if d:
+            out.append(d)
+    return out
+
+
+def load_documents(files, encode):
+    """[(prompt_ids, completion_ids)] of every document of files."""
+    docs = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                o = json.loads(line)
+                if "text" in o:
+                    docs.append(([], encode(o["text"])))
+                elif "prompt" in o and "completion" in o:
+                    docs.append((encode(o["prompt"]), encode(o["completion"])))
+                elif "input_ids" in o:
+                    docs.append(([], list(o["input_ids"])))
+                else:
+                    sys.exit(f"{path}:{n}: not a text, prompt/completion or input_ids line")
+        else:
+            docs.extend(([], encode(d)) for d in split_text(text))
+    return docs
+
+
+def stream(docs, bos, eos):
+    """One token stream and its "is a target" flags: [bos] prompt completion [eos]."""
+    tok, tgt = [], []
+    for prompt, comp in docs:
+        if bos is not None and bos >= 0:
+            tok.append(bos)
+            tgt.append(0)
+        tok += prompt
+        tgt += [0] * len(prompt)
+        tok += comp
+        tgt += [1] * len(comp)
+        if eos is not None and eos >= 0:
+            tok.append(eos)
+            tgt.append(1)
+    return torch.tensor(tok, dtype=torch.long), torch.tensor(tgt, dtype=torch.bool)
+
+
+def window(tok, tgt, start, T):
+    n = tok.numel()
+    idx = torch.arange(start, start + T)
+    inside = idx < n
+    x = torch.where(inside, tok[idx.clamp(max=n - 1)], tok[n - 1])
+    nxt = idx + 1
+    ok = (nxt < n) & tgt[nxt.clamp(max=n - 1)]
+    y = torch.where(ok, tok[nxt.clamp(max=n - 1)], torch.full_like(idx, -1))
+    return x, y
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+class Llama:
+    """A Llama-family decoder over frozen weights, with LoRA factors on named projections."""
+
+    def __init__(self, cfg, w, device):
+        self.c = cfg
+        self.dim = cfg["hidden_size"]
+        self.nh = cfg["num_attention_heads"]
+        self.nkv = cfg.get("num_key_value_heads") or self.nh
+        self.hd = cfg.get("head_dim") or self.dim // self.nh
+        self.eps = cfg.get("rms_norm_eps", 1e-6)
+        self.layers = cfg["num_hidden_layers"]
+        self.w = {k: v.to(device) for k, v in w.items()}
+        if "lm_head.weight" not in self.w:  # tied embeddings
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        theta = cfg.get("rope_theta", 10000.0)
+        inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
+        self.inv_freq = inv.to(device)
+        self.lora = {}  # module -> (A, B, scale)
+
+    def linear(self, x, name):
+        y = x @ self.w[name + ".weight"].t()
+        if name + ".bias" in self.w:
+            y = y + self.w[name + ".bias"]
+        if name in self.lora:
+            A, B, s = self.lora[name]
+            y = y + (x @ A.t()) @ B.t() * s
+        return y
+
+    def norm(self, x, name):
+        v = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(v + self.eps) * self.w[name + ".weight"]
+
+    def rope(self, x, T):
+        t = torch.arange(T, device=x.device, dtype=torch.float32)
+        f = torch.outer(t, self.inv_freq)
+        emb = torch.cat((f, f), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        h = x.shape[-1] // 2
+        rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        return x * cos + rot * sin
+
+    def forward(self, tokens):
+        B, T = tokens.shape
+        x = self.w["model.embed_tokens.weight"][tokens]
+        mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            h = self.norm(x, p + "input_layernorm")
+            q = self.linear(h, p + "self_attn.q_proj").view(B, T, self.nh, self.hd).transpose(1, 2)
+            k = self.linear(h, p + "self_attn.k_proj").view(B, T, self.nkv, self.hd).transpose(1, 2)
+            v = self.linear(h, p + "self_attn.v_proj").view(B, T, self.nkv, self.hd).transpose(1, 2)
+            q, k = self.rope(q, T), self.rope(k, T)
+            if self.nkv != self.nh:
+                k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+                v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.hd) + mask, dim=-1) @ v
+            x = x + self.linear(a.transpose(1, 2).reshape(B, T, self.nh * self.hd),
+                                p + "self_attn.o_proj")
+            h = self.norm(x, p + "post_attention_layernorm")
+            g = self.linear(h, p + "mlp.gate_proj")
+            u = self.linear(h, p + "mlp.up_proj")
+            x = x + self.linear(F.silu(g) * u, p + "mlp.down_proj")
+        return self.linear(self.norm(x, "model.norm"), "lm_head")
+
+
+def adapter_factors(path, cfg):
+    """{module: (A, B)} of an HF PEFT directory, and its scale per module."""
+    t = read_safetensors(os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        ac = json.load(f)
+    mods = {}
+    for key, v in t.items():
+        mod = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
+        which = "A" if ".lora_A." in key else "B"
+        mods.setdefault(mod, {})[which] = v
+    out = {}
+    for mod, ab in mods.items():
+        r = ab["A"].shape[0]
+        alpha = ac.get("alpha_pattern", {}).get(mod, ac["lora_alpha"])
+        s = alpha / math.sqrt(r) if ac.get("use_rslora") else alpha / r
+        out[mod] = (ab["A"], ab["B"], s)
+    return out, ac
+
+
+def evaluate(model, tok, tgt, T, batch):
+    """Mean loss over every target token: consecutive windows, as fedpeft evaluates."""
+    n = tok.numel()
+    nw = (n - 1 + T - 1) // T if n >= 2 else 0
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w0 in range(0, nw, batch):
+            xs, ys = zip(*(window(tok, tgt, w * T, T) for w in range(w0, min(w0 + batch, nw))))
+            x, y = torch.stack(xs), torch.stack(ys)
+            logits = model.forward(x.to(DEVICE))
+            y = y.to(DEVICE)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                     ignore_index=-1, reduction="sum").item()
+            count += int((y >= 0).sum())
+    return total / count if count else float("nan")
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main():
+    tdir = sys.argv[-1]
+    os.chdir(tdir)
+    with open("task.json") as f:
+        task = json.load(f)
+    h = task["hyper"]
+    torch.manual_seed(task["seed"] & 0x7fffffff)
+    rng = random.Random(task["seed"])
+    t0 = time.time()
+    with open(os.path.join(task["model_dir"], "config.json")) as f:
+        cfg = json.load(f)
+    weights = load_model_weights(task["model_dir"])
+    if task.get("fold"):  # restart strategies: the global update joins the base weights
+        fold, _ = adapter_factors(task["fold"], cfg)
+        for mod, (A, B, s) in fold.items():
+            weights[mod + ".weight"] += s * (B @ A)
+    model = Llama(cfg, weights, DEVICE)
+    start, adapter_config = adapter_factors(task["start"], cfg)
+    params = []
+    for mod, (A, B, s) in start.items():
+        A = A.to(DEVICE).requires_grad_(not task["freeze_a"])
+        B = B.to(DEVICE).requires_grad_(True)
+        model.lora[mod] = (A, B, s)
+        params += [B] if task["freeze_a"] else [A, B]
+
+    encode = make_tokenizer(task)
+    bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
+    docs = load_documents(task["data_files"], encode)
+    if task.get("eval_files"):
+        held_docs = load_documents(task["eval_files"], encode)
+    else:  # hold out a fraction of the documents (this trainer's own split)
+        r = random.Random(task.get("split_seed", 1))
+        order = list(range(len(docs)))
+        r.shuffle(order)
+        k = int(len(docs) * task.get("eval_fraction", 0.1))
+        held_docs = [docs[i] for i in order[:k]]
+        docs = [docs[i] for i in order[k:]]
+    tok, tgt = stream(docs, bos, eos)
+    htok, htgt = stream(held_docs, bos, eos) if held_docs else (None, None)
+    T = min(h["seq_len"] or 128, cfg.get("max_position_embeddings", 1 << 30))
+    Bsz = h["batch"] or 8
+    steps = max(1, min(h["steps"], task.get("max_steps", h["steps"])))
+    before = evaluate(model, htok, htgt, T, Bsz) if htok is not None else float("nan")
+
+    opt = torch.optim.AdamW(params, lr=h["lr"] or 1e-3, weight_decay=h["weight_decay"],
+                            betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    span = max(1, tok.numel() - T)
+    loss_v = float("nan")
+    for step in range(1, steps + 1):
+        xs, ys = zip(*(window(tok, tgt, rng.randrange(span), T) for _ in range(Bsz)))
+        x, y = torch.stack(xs).to(DEVICE), torch.stack(ys).to(DEVICE)
+        logits = model.forward(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                               ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_v = loss.item()
+        write_json("progress.json", {"step": step, "steps": steps, "loss": loss_v})
+        print(f"step {step}/{steps} loss {loss_v:.4f}", flush=True)
+    after = evaluate(model, htok, htgt, T, Bsz) if htok is not None else float("nan")
+
+    os.makedirs("out", exist_ok=True)
+    tensors = {}
+    for mod, (A, B, s) in model.lora.items():
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = A
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = B
+    write_safetensors(os.path.join("out", "adapter_model.safetensors"), tensors)
+    write_json(os.path.join("out", "adapter_config.json"), adapter_config)
+    result = {"samples": len(docs), "train_loss": loss_v, "seconds": time.time() - t0}
+    if htok is not None:
+        result.update(eval_loss_before=before, eval_loss_after=after)
+    write_json("result.json", result)
+    print(f"trained {steps} steps on {len(docs)} documents: held-out loss "
+          f"{before:.4f} -> {after:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
