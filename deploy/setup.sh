@@ -12,7 +12,7 @@ set -eu
 BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler
 libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev
 libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev fortunes fortunes-min"
-TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev openssl chromium"
+TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev openssl chromium procps python3-torch"
 # packaging: manual pages, Debian build flags and tools, lintian, a clean root to install into
 PKG_PKGS="help2man dpkg-dev lintian debootstrap systemd"
 
