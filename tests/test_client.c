@@ -591,19 +591,22 @@ static char *task_text(fed_t *f, const char *site, int round, const char *col)
 
 /* One site trains with the PyTorch example (deploy/examples/torch_trainer.py), two with the
  * built-in trainer, on the same base model; rounds complete and every update merges. Given the
- * same held-out file, the PyTorch site's loss before training in round 1 (the base model: the
- * global adapter starts with B = 0) equals the built-in sites' — the example computes what
- * fedpeft computes. */
-static void test_external_torch(void **state)
+ * same held-out file, the PyTorch site's loss before training equals the built-in sites' in
+ * round 1 (the base model) and, for restart strategies, in round 2 too (base weights plus the
+ * folded global update, fresh adapters): the example computes what fedpeft computes. The
+ * coordinator closes sessions idle for 0.8 s, shorter than a task takes: heartbeats must flow
+ * while the command runs. */
+static void torch_case(const char *strategy)
 {
-    (void)state;
     /* Debian's python3 with Debian's python3-torch */
     if (system("/usr/bin/python3 -c 'import torch' 2>/dev/null") != 0)
         fail_msg("python3-torch is needed (deploy/setup.sh deps --test installs it)");
     budgets[0] = 4;
     fed_t *f = fed_new();
     char *held = held_file(f), extra[8192];
-    write_server_config(f, "flexlora", 2, NS);
+    server_extra = "idle_ms = 800";
+    write_server_config(f, strategy, 2, NS);
+    server_extra = "";
     start_server(f);
     for (int i = 0; i < NS; i++) {
         if (i == 1)
@@ -615,26 +618,41 @@ static void test_external_torch(void **state)
         start_site(f, i, NULL, extra);
     }
     expect_server_done(f, 2);
-    double lb_a = 0, lb_b = 0, lb_c = 0;
-    task_num(f, "site-a", 1, "eval_loss_before", &lb_a);
-    task_num(f, "site-b", 1, "eval_loss_before", &lb_b);
-    task_num(f, "site-c", 1, "eval_loss_before", &lb_c);
-    assert_true(lb_a > 0);
-    assert_true(fabs(lb_a - lb_c) < 1e-9 * lb_a); /* the same model, data and code */
-    if (!(fabs(lb_a - lb_b) < 1e-4 * lb_a))
-        fail_msg("PyTorch's held-out loss %.8f differs from fedpeft's %.8f", lb_b, lb_a);
+    int restart = !strcmp(strategy, "flora");
+    for (int r = 1; r <= (restart ? 2 : 1); r++) {
+        double lb_a = 0, lb_b = 0, lb_c = 0;
+        task_num(f, "site-a", r, "eval_loss_before", &lb_a);
+        task_num(f, "site-b", r, "eval_loss_before", &lb_b);
+        task_num(f, "site-c", r, "eval_loss_before", &lb_c);
+        assert_true(lb_a > 0);
+        assert_true(fabs(lb_a - lb_c) < 1e-9 * lb_a); /* the same model, data and code */
+        if (!(fabs(lb_a - lb_b) < 1e-4 * lb_a))
+            fail_msg("round %d: PyTorch's held-out loss %.8f differs from fedpeft's %.8f", r,
+                     lb_b, lb_a);
+    }
     /* it trained: its own held-out loss went down, and it says how in the site's log */
-    double la = 0;
+    double lb = 0, la = 0;
+    task_num(f, "site-b", 1, "eval_loss_before", &lb);
     task_num(f, "site-b", 1, "eval_loss_after", &la);
-    assert_true(la < lb_b);
+    assert_true(la < lb);
     assert_int_equal(task_num(f, "site-b", 2, "rank", NULL), 8);
     wait_log(f, "site-b", "running the external trainer");
     wait_log(f, "site-b", "trainer: step 30/30 loss");
     wait_log(f, "site-b", "round 2: update stored by the coordinator");
+    char *log = read_log(f, "server");
+    int sessions = 0;
+    for (const char *p = log; (p = strstr(p, "site site-b connected")) != NULL; p++)
+        sessions++;
+    if (sessions != 1) /* one session from start to end: never idle */
+        fail_msg("the PyTorch site connected %d times (heartbeats?):\n%s", sessions, log);
+    free(log);
     stop_sites(f, 2);
     free(held);
     fed_free(f);
 }
+
+static void test_external_torch(void **s) { (void)s; torch_case("flexlora"); }
+static void test_external_torch_restart(void **s) { (void)s; torch_case("flora"); }
 
 /* A command that fails, and one that writes garbage: each round's error is the site's log and
  * the coordinator's record of that task (refused, with the reason); the round goes on without
@@ -877,6 +895,7 @@ int main(void)
         cmocka_unit_test_teardown(test_backoff, kill_spawned),
         cmocka_unit_test_teardown(test_turns, kill_spawned),
         cmocka_unit_test_teardown(test_external_torch, kill_spawned),
+        cmocka_unit_test_teardown(test_external_torch_restart, kill_spawned),
         cmocka_unit_test_teardown(test_external_failures, kill_spawned),
         cmocka_unit_test_teardown(test_external_hang, kill_spawned),
         cmocka_unit_test(test_check_config),
