@@ -1,5 +1,6 @@
 #include "fp_agent.h"
 
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -7,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
