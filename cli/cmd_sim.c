@@ -13,6 +13,7 @@
 #include "fp_fs.h"
 #include "fp_json.h"
 #include "fp_merge.h"
+#include "fp_model.h"
 #include "fp_stream.h"
 #include "sim.h"
 
@@ -399,20 +400,14 @@ int fp_cmd_sim(int argc, char **argv)
         goto out;
     }
     sim.self_bin[sl] = '\0';
-    /* the base model every site holds: its hash is the federation's */
+    /* the base model every site holds: its weights' identity is the federation's */
     {
-        char *w = fp_path_join(sim.model, "model.safetensors"), *d = NULL;
-        size_t n = 0;
-        if (!w || fp_fs_read_file(w, (size_t)1 << 40, &d, &n, &err) != 0) {
-            free(w);
+        uint8_t h[32];
+        if (fp_model_weights_id(sim.model, h, NULL, NULL, &err) != 0) {
             fp_cli_fail("sim", "base model: %s", fp_err_msg(&err));
             goto out;
         }
-        uint8_t h[32];
-        fp_sha256(d, n, h);
         fp_sha256_hex(h, sim.model_sha);
-        free(d);
-        free(w);
     }
     double t0 = fp_now();
     if (fp_fs_mkdirs(sim.out, 0755, &err) != 0) {

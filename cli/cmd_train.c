@@ -13,6 +13,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_model.h"
+#include "fp_stream.h"
 #include "fp_tokenizer.h"
 #include "fp_trainer.h"
 #include "fp_transformer.h"
@@ -531,6 +532,31 @@ static const char init_help[] =
     "tokenizer is byte-level (257 tokens); --vocab defaults to the tokenizer's size.\n"
     "  --head-dim N         per-head size (default D/H)\n"
     "  --seq T              max_position_embeddings (default 2048)\n";
+
+static const char model_id_help[] =
+    "Usage: fedpeft model-id DIR\n"
+    "\n"
+    "Prints the identity of a model's weights: the SHA-256 of model.safetensors, or of a\n"
+    "sharded checkpoint's shards one after the other in name order. It is the federation's\n"
+    "base_model_sha256; every site must hold weights with the same identity.\n";
+
+int fp_cmd_model_id(int argc, char **argv)
+{
+    if (argc == 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
+        fputs(model_id_help, stdout);
+        return FP_EXIT_OK;
+    }
+    if (argc != 2 || argv[1][0] == '-')
+        return fp_cli_usage_error("model-id", "give one model directory");
+    uint8_t sha[32];
+    char hex[65];
+    fp_err_t err = {0};
+    if (fp_model_weights_id(argv[1], sha, NULL, NULL, &err) != 0)
+        return fp_cli_fail("model-id", "%s", fp_err_msg(&err));
+    fp_sha256_hex(sha, hex);
+    printf("%s\n", hex);
+    return FP_EXIT_OK;
+}
 
 int fp_cmd_init_model(int argc, char **argv)
 {

@@ -306,47 +306,38 @@ static void remove_pending(fp_agent_t *a)
     drop_pending(a);
 }
 
-/* SHA-256 of the base weights, cached against the file's size and modification time. */
+/* The base weights' identity (fp_model_weights_id), cached against the files' total size and
+ * newest modification time: a 14 GB model is hashed once. */
 static int model_hash(fp_agent_t *a, fp_err_t *err)
 {
-    char *w = fp_path_join(a->cfg->model_dir, "model.safetensors");
     char *cache = fp_path_join(a->cfg->state_dir, "model-sha256.json");
-    struct stat st;
-    int rc = 0;
-    if (!w || !cache) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    uint64_t size = 0;
+    int64_t mt = 0;
+    int rc = cache ? fp_model_weights_id(a->cfg->model_dir, NULL, &size, &mt, err)
+                   : fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc)
         goto out;
-    }
-    if (stat(w, &st) != 0) {
-        rc = fp_err_set(err, -errno, "%s: %s", w, strerror(errno));
-        goto out;
-    }
-    long long mt = (long long)st.st_mtim.tv_sec * 1000000000ll + st.st_mtim.tv_nsec;
     json_t *c = fp_fs_exists(cache) ? fp_json_load_file(cache, 1 << 16, NULL) : NULL;
-    json_int_t size = -1, mtime = -1;
+    json_int_t csize = -1, cmtime = -1;
     const char *hex = NULL;
-    if (c && json_unpack(c, "{s:I,s:I,s:s}", "size", &size, "mtime_ns", &mtime, "sha256", &hex) == 0 &&
-        size == (json_int_t)st.st_size && mtime == mt && fp_sha256_parse(hex, a->model_sha) == 0) {
+    if (c && json_unpack(c, "{s:I,s:I,s:s}", "size", &csize, "mtime_ns", &cmtime, "sha256", &hex) == 0 &&
+        csize == (json_int_t)size && cmtime == mt && fp_sha256_parse(hex, a->model_sha) == 0) {
         json_decref(c);
         goto out;
     }
     json_decref(c);
-    char *data;
-    size_t len;
-    fp_log(FP_LOG_INFO, "hashing the base model's weights (%lld bytes), once", (long long)st.st_size);
-    if ((rc = fp_fs_read_file(w, (size_t)1 << 40, &data, &len, err)) != 0)
+    fp_log(FP_LOG_INFO, "hashing the base model's weights (%llu bytes), once",
+           (unsigned long long)size);
+    if ((rc = fp_model_weights_id(a->cfg->model_dir, a->model_sha, NULL, NULL, err)) != 0)
         goto out;
-    fp_sha256(data, len, a->model_sha);
-    free(data);
     char h[65];
     fp_sha256_hex(a->model_sha, h);
-    json_t *j = json_pack("{s:I,s:I,s:s}", "size", (json_int_t)st.st_size, "mtime_ns",
-                          (json_int_t)mt, "sha256", h);
+    json_t *j = json_pack("{s:I,s:I,s:s}", "size", (json_int_t)size, "mtime_ns", (json_int_t)mt,
+                          "sha256", h);
     if (j)
         fp_json_write_file(cache, j, NULL); /* only a cache: a failure costs a re-hash */
     json_decref(j);
 out:
-    free(w);
     free(cache);
     return rc;
 }

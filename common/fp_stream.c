@@ -17,6 +17,44 @@ void fp_sha256(const void *data, size_t n, uint8_t out[32])
     EVP_Digest(data, n, out, &len, EVP_sha256(), NULL);
 }
 
+int fp_sha256_files(const char *const *paths, int n, uint8_t out[32], fp_err_t *err)
+{
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    unsigned char *buf = malloc(1 << 20);
+    int rc = 0;
+    if (!ctx || !buf || !EVP_DigestInit_ex(ctx, EVP_sha256(), NULL)) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n && rc == 0; i++) {
+        int fd = open(paths[i], O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            rc = fp_err_set(err, -errno, "%s: %s", paths[i], strerror(errno));
+            break;
+        }
+        for (;;) {
+            ssize_t k = read(fd, buf, 1 << 20);
+            if (k == 0)
+                break;
+            if (k < 0) {
+                if (errno == EINTR)
+                    continue;
+                rc = fp_err_set(err, -errno, "%s: %s", paths[i], strerror(errno));
+                break;
+            }
+            EVP_DigestUpdate(ctx, buf, (size_t)k);
+        }
+        close(fd);
+    }
+    unsigned int len = 32;
+    if (rc == 0 && !EVP_DigestFinal_ex(ctx, out, &len))
+        rc = fp_err_set(err, -EIO, "SHA-256 failed");
+out:
+    EVP_MD_CTX_free(ctx);
+    free(buf);
+    return rc;
+}
+
 static void reset(fp_stream_rx_t *rx)
 {
     if (rx->fd >= 0)

@@ -67,6 +67,8 @@ void fp_stream_rx_discard(fp_stream_rx_t *rx);
 void fp_sha256(const void *data, size_t n, uint8_t out[32]);
 /* 64 lowercase hex digits and a NUL. */
 void fp_sha256_hex(const uint8_t sha[32], char out[65]);
+/* SHA-256 of files' bytes one after the other, read 1 MiB at a time. */
+int fp_sha256_files(const char *const *paths, int n, uint8_t out[32], fp_err_t *err);
 /* Parses 64 hex digits; -EINVAL otherwise. */
 int fp_sha256_parse(const char *hex, uint8_t out[32]);
 

@@ -94,7 +94,7 @@ cp models/demo/config.json models/demo/model.safetensors models/demo/tokenizer.j
 awk 'BEGIN { RS = "%\n" } NR <= 200 { gsub(/\\/, "\\\\"); gsub(/"/, "\\\""); gsub(/\t/, " ");
      gsub(/\n/, "\\n"); print "{\"text\": \"" $0 "\"}" }' /usr/share/games/fortunes/medicine \
     >"$root/srv/fedpeft/data/train.jsonl"
-sha=$(sha256sum "$root/srv/fedpeft/model/model.safetensors" | cut -d' ' -f1)
+sha=$(run fedpeft model-id /srv/fedpeft/model)
 conf=$root/etc/fedpeft/fedpeft-server.ini
 sed -i -e "s|^base_model_config = .*|base_model_config = /srv/fedpeft/model/config.json|" \
     -e "s|^base_model_sha256 = .*|base_model_sha256 = $sha|" \

@@ -1,15 +1,18 @@
 #include "fp_model.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "fp_fs.h"
 #include "fp_json.h"
 #include "fp_rng.h"
 #include "fp_safetensors.h"
+#include "fp_stream.h"
 
 const char *const fp_target_names[FP_T_COUNT] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"};
@@ -427,6 +430,102 @@ static int open_shards(const char *dir, shard_t **out, int *n, json_t **index, f
     *n = k;
     *index = j;
 out:
+    free(single);
+    free(idx);
+    return rc;
+}
+
+static int cmp_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int fp_model_weights_id(const char *dir, uint8_t sha[32], uint64_t *size, int64_t *mtime_ns,
+                        fp_err_t *err)
+{
+    char *single = fp_path_join(dir, "model.safetensors");
+    char *idx = fp_path_join(dir, "model.safetensors.index.json");
+    char **files = NULL;
+    size_t n = 0;
+    json_t *j = NULL;
+    int rc = 0;
+    if (!single || !idx) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (fp_fs_exists(single)) {
+        files = malloc(sizeof *files);
+        if (!files || !(files[0] = strdup(single))) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        n = 1;
+    } else if (fp_fs_exists(idx)) {
+        if (!(j = fp_json_load_file(idx, 64u << 20, err))) {
+            rc = err && err->code ? err->code : -EBADMSG;
+            goto out;
+        }
+        json_t *wm = json_object_get(j, "weight_map"), *v;
+        const char *key;
+        files = calloc(json_object_size(wm) + 1, sizeof *files);
+        if (!json_is_object(wm) || !files) {
+            rc = files ? fp_err_set(err, -EBADMSG, "%s: no \"weight_map\" object", idx)
+                       : fp_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        json_object_foreach(wm, key, v) {
+            const char *f = json_string_value(v);
+            if (!f || strchr(f, '/')) {
+                rc = fp_err_set(err, -EBADMSG, "%s: shard name for '%s' must be a file name "
+                                "in the model directory", idx, key);
+                goto out;
+            }
+            int seen = 0;
+            for (size_t i = 0; i < n && !seen; i++)
+                seen = !strcmp(files[i], f);
+            if (!seen && !(files[n++] = strdup(f))) {
+                rc = fp_err_set(err, -ENOMEM, "out of memory");
+                goto out;
+            }
+        }
+        qsort(files, n, sizeof *files, cmp_names);
+        for (size_t i = 0; i < n; i++) { /* full paths, in name order */
+            char *p = fp_path_join(dir, files[i]);
+            if (!p) {
+                rc = fp_err_set(err, -ENOMEM, "out of memory");
+                goto out;
+            }
+            free(files[i]);
+            files[i] = p;
+        }
+    } else {
+        rc = fp_err_set(err, -ENOENT, "%s: no model.safetensors or model.safetensors.index.json",
+                        dir);
+        goto out;
+    }
+    uint64_t total = 0;
+    int64_t newest = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct stat st;
+        if (stat(files[i], &st) != 0) {
+            rc = fp_err_set(err, -errno, "%s: %s", files[i], strerror(errno));
+            goto out;
+        }
+        total += (uint64_t)st.st_size;
+        int64_t mt = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+        newest = mt > newest ? mt : newest;
+    }
+    if (size)
+        *size = total;
+    if (mtime_ns)
+        *mtime_ns = newest;
+    if (sha)
+        rc = fp_sha256_files((const char *const *)files, (int)n, sha, err);
+out:
+    for (size_t i = 0; files && i < n; i++)
+        free(files[i]);
+    free(files);
+    json_decref(j);
     free(single);
     free(idx);
     return rc;

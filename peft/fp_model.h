@@ -103,6 +103,15 @@ int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_er
  * mis-shaped tensor is an error naming it. */
 int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err);
 
+/* The identity of a model's weights, the federation's base_model_sha256: the SHA-256 of
+ * model.safetensors, or, for a sharded checkpoint, of its shards' bytes one after the other
+ * in the byte order of their names (what `cat $(LC_ALL=C ls model-*.safetensors) | sha256sum`
+ * prints). The files are streamed: memory stays small for any model size. *size and
+ * *mtime_ns (either may be NULL) receive the files' total size and newest modification time,
+ * so that a caller can cache the hash; with sha NULL nothing is hashed. */
+int fp_model_weights_id(const char *dir, uint8_t sha[32], uint64_t *size, int64_t *mtime_ns,
+                        fp_err_t *err);
+
 /* Writes config.json and model.safetensors (dtype F32 or BF16) into dir (created). */
 int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err_t *err);
 

@@ -6,12 +6,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "fp_dtype.h"
 #include "fp_fs.h"
 #include "fp_json.h"
 #include "fp_model.h"
 #include "fp_safetensors.h"
+#include "fp_stream.h"
 
 #define dir fpt_dir
 
@@ -224,11 +226,56 @@ static void test_rope_parameters_spelling(void **state)
     fp_model_free(m);
 }
 
+/* The weights' identity: SHA-256 of model.safetensors, or of the shards in name order (the
+ * index lists them in another order), streamed; size and newest mtime reported; a missing
+ * shard named. */
+static void test_weights_id(void **state)
+{
+    (void)state;
+    char *d1 = fp_path_join(fpt_dir, "id-single"), *d2 = fp_path_join(fpt_dir, "id-sharded");
+    assert_int_equal(fp_fs_mkdirs(d1, 0755, NULL), 0);
+    assert_int_equal(fp_fs_mkdirs(d2, 0755, NULL), 0);
+    size_t n1 = (3u << 20) + 17, n2 = 1000; /* more than one read of the first */
+    unsigned char *buf = malloc(n1 + n2);
+    for (size_t i = 0; i < n1 + n2; i++)
+        buf[i] = (unsigned char)(i * 2654435761u >> 13);
+    free(fpt_write(d1, "model.safetensors", buf, n1));
+    free(fpt_write(d2, "model-00001-of-00002.safetensors", buf, n1));
+    free(fpt_write(d2, "model-00002-of-00002.safetensors", buf + n1, n2));
+    const char *idx = "{\"metadata\": {}, \"weight_map\": {"
+                      "\"lm_head.weight\": \"model-00002-of-00002.safetensors\", "
+                      "\"model.embed_tokens.weight\": \"model-00001-of-00002.safetensors\", "
+                      "\"model.norm.weight\": \"model-00002-of-00002.safetensors\"}}";
+    free(fpt_write(d2, "model.safetensors.index.json", idx, strlen(idx)));
+    uint8_t want[32], got[32];
+    uint64_t size = 0;
+    int64_t mt = 0;
+    fp_err_t err = {0};
+    fp_sha256(buf, n1, want);
+    assert_int_equal(fp_model_weights_id(d1, got, &size, &mt, &err), 0);
+    assert_memory_equal(got, want, 32);
+    assert_int_equal(size, n1);
+    assert_true(mt > 0);
+    fp_sha256(buf, n1 + n2, want);
+    assert_int_equal(fp_model_weights_id(d2, got, &size, NULL, &err), 0);
+    assert_memory_equal(got, want, 32);
+    assert_int_equal(size, n1 + n2);
+    char *shard = fp_path_join(d2, "model-00002-of-00002.safetensors");
+    unlink(shard);
+    assert_int_not_equal(fp_model_weights_id(d2, got, NULL, NULL, &err), 0);
+    assert_err_contains(&err, "model-00002-of-00002.safetensors");
+    free(shard);
+    free(buf);
+    free(d1);
+    free(d2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip_f32_and_bf16),
         cmocka_unit_test(test_sharded_load),
+        cmocka_unit_test(test_weights_id),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_rope_parameters_spelling),
     };
