@@ -1,6 +1,5 @@
 /* fedpeft status | export — read a coordinator's state directory (read-only, safe while
  * fedpeft-server runs: SQLite readers never block its writer in WAL mode). */
-#include <cblas.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
@@ -15,6 +14,7 @@
 #include "fp_hfpeft.h"
 #include "fp_model.h"
 #include "fp_srv_store.h"
+#include "fp_trainer.h"
 
 static const char status_help[] =
     "Usage: fedpeft status --state-dir DIR [--json] [--rounds N]\n"
@@ -296,34 +296,6 @@ static int global_cb(void *ctx, sqlite3_stmt *r)
     return 1;
 }
 
-/* W += s·B·A for every module of ad (names "<module>.weight" in the checkpoint). */
-static int merge_into(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err)
-{
-    fp_model_tensor_t *t;
-    int n, rc = fp_model_tensors(m, &t, &n, err);
-    if (rc)
-        return rc;
-    for (int i = 0; i < ad->n && rc == 0; i++) {
-        const fp_lora_module_t *mod = &ad->mods[i];
-        char name[160];
-        snprintf(name, sizeof name, "%s.weight", mod->name);
-        int k = -1;
-        for (int j = 0; j < n; j++)
-            if (!strcmp(t[j].name, name))
-                k = j;
-        if (k < 0 || t[k].ndim != 2 || t[k].shape[0] != mod->d_out || t[k].shape[1] != mod->d_in) {
-            rc = fp_err_set(err, -EINVAL, "the base model has no %d×%d weight '%s'", mod->d_out,
-                            mod->d_in, name);
-            break;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, mod->d_out, mod->d_in, mod->rank,
-                    (float)fp_module_scale(mod), mod->B, mod->rank, mod->A, mod->d_in, 1.0f,
-                    t[k].data, mod->d_in);
-    }
-    free(t);
-    return rc;
-}
-
 int fp_cmd_export(int argc, char **argv)
 {
     static const struct option opts[] = {{"state-dir", required_argument, NULL, 'd'},
@@ -404,7 +376,7 @@ int fp_cmd_export(int argc, char **argv)
         }
         fp_model_t *m = NULL;
         char *mout = fp_path_join(out, "merged-model");
-        if ((rc = fp_model_load(mdir, &m, &err)) == 0 && (rc = merge_into(m, ad, &err)) == 0 &&
+        if ((rc = fp_model_load(mdir, &m, &err)) == 0 && (rc = fp_lora_merge_into(m, ad, &err)) == 0 &&
             (rc = fp_model_save(m, mout, FP_DT_F32, &err)) == 0)
             printf("wrote the merged model to %s\n", mout);
         fp_model_free(m);

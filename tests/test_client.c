@@ -240,20 +240,37 @@ static int wait_exit(pid_t pid, double secs)
     return -1;
 }
 
-static int64_t db_int(fed_t *f, const char *sql)
+/* The first column of the first row of sql on the coordinator's database: as an integer
+ * (returned; -1 when there is no row), and optionally as a double and as text (malloc'd,
+ * "" when NULL or no row). */
+static int64_t db_row(fed_t *f, const char *sql, double *real, char **text)
 {
     char *p = path2(f->state, "fedpeft.db");
     sqlite3 *db;
     int64_t v = -1;
+    if (text)
+        *text = NULL;
     if (sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
         sqlite3_stmt *s;
-        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW)
+        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW) {
             v = sqlite3_column_int64(s, 0);
+            if (real)
+                *real = sqlite3_column_double(s, 0);
+            if (text && sqlite3_column_text(s, 0))
+                *text = strdup((const char *)sqlite3_column_text(s, 0));
+        }
         sqlite3_finalize(s);
     }
     sqlite3_close(db);
     free(p);
+    if (text && !*text)
+        *text = strdup("");
     return v;
+}
+
+static int64_t db_int(fed_t *f, const char *sql)
+{
+    return db_row(f, sql, NULL, NULL);
 }
 
 /* Stops the sites (SIGTERM: each says Bye and exits 0) and checks their last stored round. */
@@ -548,45 +565,22 @@ static char *held_file(fed_t *f)
     return fpt_write(f->dir, "held.txt", text, u);
 }
 
+/* A column of site's task in round. */
 static int64_t task_num(fed_t *f, const char *site, int round, const char *col, double *real)
 {
-    char *p = path2(f->state, "fedpeft.db"), sql[256];
+    char sql[256];
     snprintf(sql, sizeof sql, "SELECT %s FROM task WHERE site = '%s' AND round = %d", col, site,
              round);
-    sqlite3 *db;
-    int64_t v = -1;
-    if (sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
-        sqlite3_stmt *s;
-        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW) {
-            v = sqlite3_column_int64(s, 0);
-            if (real)
-                *real = sqlite3_column_double(s, 0);
-        }
-        sqlite3_finalize(s);
-    }
-    sqlite3_close(db);
-    free(p);
-    return v;
+    return db_row(f, sql, real, NULL);
 }
 
 static char *task_text(fed_t *f, const char *site, int round, const char *col)
 {
-    char *p = path2(f->state, "fedpeft.db"), sql[256], *out = strdup("");
+    char sql[256], *t;
     snprintf(sql, sizeof sql, "SELECT %s FROM task WHERE site = '%s' AND round = %d", col, site,
              round);
-    sqlite3 *db;
-    if (sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
-        sqlite3_stmt *s;
-        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW &&
-            sqlite3_column_text(s, 0)) {
-            free(out);
-            out = strdup((const char *)sqlite3_column_text(s, 0));
-        }
-        sqlite3_finalize(s);
-    }
-    sqlite3_close(db);
-    free(p);
-    return out;
+    db_row(f, sql, NULL, &t);
+    return t;
 }
 
 /* One site trains with the PyTorch example (deploy/examples/torch_trainer.py), two with the
