@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "fp_blas.h"
 #include "fp_ca.h"
 #include "fp_fs.h"
 #include "fp_rng.h"
@@ -229,7 +230,9 @@ int fp_bench_coord(int argc, char **argv)
     b.sites = calloc((size_t)b.n, sizeof *b.sites);
     b.last_stored_ms = calloc((size_t)b.rounds, sizeof *b.last_stored_ms);
     b.first_task_ms = calloc((size_t)b.rounds, sizeof *b.first_task_ms);
-    printf("fedpeft bench coordinator: %d sites, %d rounds, %s\n", b.n, b.rounds, strategy);
+    char blas[256];
+    printf("fedpeft bench coordinator: %d sites, %d rounds, %s\nBLAS: %s\n", b.n, b.rounds,
+           strategy, fp_blas_describe(blas, sizeof blas));
     fflush(stdout);
     double t0 = fp_now();
     if (fp_ca_init(pki, "Bench Net", 2, FP_KEY_EC_P256, &err) != 0)

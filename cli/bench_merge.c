@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "fp_blas.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_lowrank.h"
@@ -344,8 +345,9 @@ static int bench_merge(int argc, char **argv)
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     fp_set_threads(threads);
     int nthreads = threads ? threads : (int)ncpu;
-    printf("fedpeft bench merge: %ld cores, BLAS threads %d%s\n", ncpu, nthreads,
-           quick ? " (quick: small sizes)" : "");
+    char blas[256];
+    printf("fedpeft bench merge: %ld cores, BLAS threads %d%s\nBLAS: %s\n", ncpu, nthreads,
+           quick ? " (quick: small sizes)" : "", fp_blas_describe(blas, sizeof blas));
 
     fprintf(stderr, "  measuring single-core streaming read ...\n");
     double bw = stream_read_gbs(quick ? (64u << 20) : (1u << 30), 3);

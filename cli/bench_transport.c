@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "fp_blas.h"
 #include "fp_ca.h"
 #include "fp_fs.h"
 #include "fp_rng.h"
@@ -261,8 +262,9 @@ int fp_bench_transport(int argc, char **argv)
         goto out;
     }
 
+    char blas[256];
     printf("fedpeft bench transport: %lld MiB over mutual TLS on 127.0.0.1, durable every %lld "
-           "MiB, spool in %s\n", mib, ack_mib, dir);
+           "MiB, spool in %s\nBLAS: %s\n", mib, ack_mib, dir, fp_blas_describe(blas, sizeof blas));
     fprintf(stderr, "  making a CA, a coordinator certificate and a site kit ...\n");
     fp_ca_issue_opts_t so = {.server = 1, .name = "127.0.0.1", .sans = "127.0.0.1",
                              .valid_for_s = 86400};

@@ -267,7 +267,7 @@ static const char export_help[] =
     "  -h, --help            this help\n";
 
 typedef struct fed_row {
-    char name[256], targets[512], sha[65], model[4096];
+    char name[256], targets[512], sha[65], model[4096], base[4096];
     double alpha;
     int rslora, found;
 } fed_row_t;
@@ -283,7 +283,13 @@ static int fed_cb(void *ctx, sqlite3_stmt *r)
     const unsigned char *s = sqlite3_column_text(r, 4);
     json_t *j = s ? json_loads((const char *)s, 0, NULL) : NULL;
     const char *m = j ? json_string_value(json_object_get(j, "base_model_config")) : NULL;
+    const char *b = j ? json_string_value(json_object_get(j, "base_model")) : NULL;
     snprintf(f->model, sizeof f->model, "%s", m ? m : "");
+    /* federations from before base_model: the directory of the configuration */
+    if (b)
+        snprintf(f->base, sizeof f->base, "%s", b);
+    else if (m)
+        fp_model_dir_of(m, f->base, sizeof f->base);
     json_decref(j);
     return 1;
 }
@@ -357,7 +363,7 @@ int fp_cmd_export(int argc, char **argv)
     free(path);
     if (rc)
         return fp_cli_fail("export", "%s", fp_err_msg(&err));
-    ad->base_model = strdup(f.model[0] ? f.model : f.name);
+    ad->base_model = strdup(f.base[0] ? f.base : f.name);
     ad->task_type = strdup("CAUSAL_LM");
     if (!(rc = fp_hfpeft_save(ad, out, &err)))
         printf("exported the global adapter of round %lld to %s\n",
@@ -366,14 +372,8 @@ int fp_cmd_export(int argc, char **argv)
         char mdir[4096];
         if (model)
             snprintf(mdir, sizeof mdir, "%s", model);
-        else {
-            snprintf(mdir, sizeof mdir, "%s", f.model);
-            char *slash = strrchr(mdir, '/');
-            if (slash)
-                *slash = '\0';
-            else
-                snprintf(mdir, sizeof mdir, ".");
-        }
+        else
+            fp_model_dir_of(f.model, mdir, sizeof mdir);
         fp_model_t *m = NULL;
         char *mout = fp_path_join(out, "merged-model");
         if ((rc = fp_model_load(mdir, &m, &err)) == 0 && (rc = fp_lora_merge_into(m, ad, &err)) == 0 &&

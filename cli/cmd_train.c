@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "fp_blas.h"
+#include "fp_choice.h"
 #include "fp_data.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
@@ -48,12 +50,13 @@ typedef struct run_opts {
     fp_optim_cfg_t opt;
     const char *dtype;
     const char *split;
+    const char *labels;
 } run_opts_t;
 
 enum {
     O_MODEL = 256, O_ADAPTER, O_DATA, O_RANK, O_ALPHA, O_TARGETS, O_STEPS, O_BATCH, O_SEQ, O_LR,
     O_THREADS, O_JSON, O_OUT, O_ACCUM, O_WARMUP, O_WD, O_CLIP, O_SEED, O_EVAL_FRAC, O_RSLORA,
-    O_LOG_EVERY, O_TOKENIZER, O_DTYPE, O_SPLIT, O_MIN_LR, O_HELP
+    O_LOG_EVERY, O_TOKENIZER, O_DTYPE, O_SPLIT, O_MIN_LR, O_LABELS, O_HELP
 };
 
 static const struct option run_longopts[] = {
@@ -70,6 +73,7 @@ static const struct option run_longopts[] = {
     {"log-every", required_argument, 0, O_LOG_EVERY},
     {"tokenizer", required_argument, 0, O_TOKENIZER}, {"dtype", required_argument, 0, O_DTYPE},
     {"split", required_argument, 0, O_SPLIT},     {"min-lr", required_argument, 0, O_MIN_LR},
+    {"labels", required_argument, 0, O_LABELS},
     {"help", no_argument, 0, O_HELP},             {0, 0, 0, 0},
 };
 
@@ -93,6 +97,7 @@ static int parse_run(const char *cmd, const char *help, int argc, char **argv, r
         case O_TOKENIZER: o->tokenizer = optarg; break;
         case O_DTYPE: o->dtype = optarg; break;
         case O_SPLIT: o->split = optarg; break;
+        case O_LABELS: o->labels = optarg; break;
         case O_TARGETS: o->targets = optarg; o->have_lora_shape = 1; break;
         case O_DATA:
             o->data[o->ndata++] = optarg;
@@ -347,9 +352,11 @@ static int run_training(int argc, char **argv, int pretrain)
             goto out;
         }
     }
-    fprintf(stderr, "fedpeft %s: %zu training tokens in %zu documents, %zu held out; %s\n", cmd,
-            l.train->n, l.train->ndocs, l.held->n,
-            pretrain ? "training every weight" : "training LoRA, base frozen");
+    char blas[256];
+    fprintf(stderr, "fedpeft %s: %zu training tokens in %zu documents, %zu held out; %s\n"
+            "fedpeft %s: BLAS: %s\n", cmd, l.train->n, l.train->ndocs, l.held->n,
+            pretrain ? "training every weight" : "training LoRA, base frozen", cmd,
+            fp_blas_describe(blas, sizeof blas));
     double before = NAN, after = NAN;
     long held_tokens = 0;
     if (l.held->ndocs > 0 &&
@@ -417,6 +424,7 @@ static int run_training(int argc, char **argv, int pretrain)
             json_object_set_new(j, "eval_tokens", json_integer(held_tokens));
         }
         json_object_set_new(j, "peak_rss_bytes", json_integer(fp_peak_rss_bytes()));
+        json_object_set_new(j, "blas_kernel", json_string(fp_blas_kernel()));
         emit_json(j);
         json_decref(j);
     } else {
@@ -459,7 +467,41 @@ static const char eval_help[] =
     "  --batch B, --seq T   evaluation windows (default 8 x 256)\n"
     "  --threads N          BLAS threads (default: all cores)\n"
     "  --tokenizer P        tokenizer.json to use instead of the model's, or 'bytes'\n"
-    "  --json               print {\"loss\", \"perplexity\", \"tokens\"}\n";
+    "  --labels LIST|data   score prompt/completion data as a closed-set task: the label\n"
+    "                       (comma-separated, or the data's distinct completions) the model\n"
+    "                       finds most likely after each prompt is its answer; prints the\n"
+    "                       accuracy beside the loss (labels must begin with distinct tokens)\n"
+    "  --json               print {\"loss\", \"perplexity\", \"tokens\"} (and \"accuracy\",\n"
+    "                       \"examples\" with --labels)\n";
+
+/* --labels: the data as a closed-set task, scored by label likelihood. */
+static int score_choices(const run_opts_t *o, const loaded_t *l, const fp_adapter_t *ad,
+                         const fp_dataset_t *d, fp_choice_score_t *sc)
+{
+    fp_err_t err = {0};
+    fp_choices_t *ch = NULL;
+    int rc;
+    if (!d->prompted)
+        return fp_cli_fail("eval", "--labels scores prompt/completion data; this data has no "
+                           "prompts");
+    if (!strcmp(o->labels, "data")) {
+        rc = fp_choices_from_data(l->tok, d, l->model->cfg.eos_id, 256, &ch, &err);
+    } else {
+        char *list = strdup(o->labels), *save = NULL;
+        const char *names[256];
+        int n = 0;
+        for (char *p = list ? strtok_r(list, ",", &save) : NULL; p && n < 256;
+             p = strtok_r(NULL, ",", &save))
+            names[n++] = p;
+        rc = list ? fp_choices_from_text(l->tok, names, n, l->model->cfg.eos_id, &ch, &err)
+                  : fp_err_set(&err, -ENOMEM, "out of memory");
+        free(list);
+    }
+    if (rc == 0)
+        rc = fp_choice_eval(l->model, ad, d, ch, o->batch, o->seq, sc, &err);
+    fp_choices_free(ch);
+    return rc ? fp_cli_fail("eval", "%s", fp_err_msg(&err)) : 0;
+}
 
 int fp_cmd_eval(int argc, char **argv)
 {
@@ -498,17 +540,30 @@ int fp_cmd_eval(int argc, char **argv)
         o.seq = l.model->cfg.max_seq;
     double loss;
     long tokens;
-    if (fp_evaluate(l.model, ad, d, o.batch, o.seq, &loss, &tokens, &err)) {
+    fp_choice_score_t sc = {0};
+    if (o.labels) {
+        if (score_choices(&o, &l, ad, d, &sc))
+            goto out;
+        loss = sc.loss_sum / (double)sc.loss_tokens;
+        tokens = sc.loss_tokens;
+    } else if (fp_evaluate(l.model, ad, d, o.batch, o.seq, &loss, &tokens, &err)) {
         fp_cli_fail("eval", "%s", fp_err_msg(&err));
         goto out;
     }
+    double acc = sc.examples ? (double)sc.correct / (double)sc.examples : NAN;
     if (o.json) {
         json_t *j = json_pack("{s:f, s:f, s:I, s:f}", "loss", loss, "perplexity", exp(loss),
                               "tokens", (json_int_t)tokens, "uniform_loss",
                               log((double)l.model->cfg.vocab));
+        if (o.labels) {
+            json_object_set_new(j, "accuracy", json_real(acc));
+            json_object_set_new(j, "examples", json_integer(sc.examples));
+        }
         emit_json(j);
         json_decref(j);
     } else {
+        if (o.labels)
+            printf("accuracy %.4f (%ld of %ld examples), ", acc, sc.correct, sc.examples);
         printf("loss %.4f, perplexity %.2f over %ld tokens (a uniform guess: loss %.4f)\n", loss,
                exp(loss), tokens, log((double)l.model->cfg.vocab));
     }

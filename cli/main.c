@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "fp_blas.h"
 
 static const struct {
     const char *name;
@@ -38,24 +39,9 @@ static void usage(FILE *f)
                "  --version  print the version\n");
 }
 
-/* OpenBLAS's idle worker threads spin for 2^28 cycles (about 0.1 s) after every call before
- * they sleep; on a small machine they hold the core that training's element-wise work needs.
- * OPENBLAS_THREAD_TIMEOUT=8 lets them sleep at once: +6 % training throughput measured on 2
- * cores (medium configuration), no loss on the small one. OpenBLAS reads the variable when
- * it is loaded, before main, so set it and run this program again, once. A value the user
- * set is kept. */
-static void tune_openblas(char **argv)
-{
-    if (getenv("OPENBLAS_THREAD_TIMEOUT"))
-        return;
-    setenv("OPENBLAS_THREAD_TIMEOUT", "8", 1);
-    execv("/proc/self/exe", argv);
-    /* exec failed: carry on with OpenBLAS's default */
-}
-
 int main(int argc, char **argv)
 {
-    tune_openblas(argv);
+    fp_blas_setup(argv); /* first: it may run this program again */
     if (argc < 2) {
         usage(stderr);
         return FP_EXIT_USAGE;

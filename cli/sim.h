@@ -1,19 +1,28 @@
 /* sim.h — `fedpeft sim`: a whole federation on one machine.
  *
- * The simulation splits category-labelled text (Debian's fortunes by default) into sites,
- * makes a throw-away certificate authority, and runs the real fedpeft-server and one
- * fedpeft-client per site over loopback mutual TLS — the code paths of a deployment. Sites
- * take turns training (train.slot_dir: as many at once as there are cores). Afterwards it
- * trains each site alone (local-only) for as many steps as it trained in the federation, and
- * evaluates the base model, the local-only adapters and each strategy's final global adapter
- * on every site's held-out documents, which no training saw.
+ * The simulation splits labelled text (by default texts in 12 languages from Debian's fortunes
+ * packages) into sites, makes a throw-away certificate authority, and runs the real
+ * fedpeft-server and one fedpeft-client per site over loopback mutual TLS — the code paths of a
+ * deployment. Sites take turns training (train.slot_dir: as many at once as there are cores).
+ * Afterwards it trains two baselines with the same total work: each site alone (local-only,
+ * as many steps as it trained in the federation) and one adapter on all the sites' training
+ * data pooled (centralised, as many steps as all sites together). The base model, the
+ * baselines and each strategy's final global adapter are evaluated on every site's held-out
+ * documents, which no training saw; each approach's score is read as the share of the
+ * centralised gain it recovers, (X − base) / (centralised − base).
+ *
+ * The task: by default each document becomes a classification example — its beginning as the
+ * prompt, its category's name as the completion — scored by accuracy (the label the model
+ * writes, fp_choice.h) and by the label's loss; `--task lm` keeps the documents as text,
+ * scored by held-out loss.
  *
  * Layout of --out:
- *   data/<site>/train.txt, heldout.txt   each site's documents ("%" lines between them)
+ *   data/<site>/train.jsonl, heldout.jsonl  each site's examples (train.txt, heldout.txt with
+ *                                        "%" lines between documents for --task lm)
  *   <strategy>/state/fedpeft.db          the coordinator's database (and adapters/)
  *   <strategy>/global-adapter/           the final global adapter (HF PEFT)
  *   <strategy>/logs/                     server.log, <site>.log
- *   local/<site>/                        local-only adapters (HF PEFT)
+ *   local/<site>/, central/              the baselines' adapters (HF PEFT)
  *   metrics.csv, results.json, report.html
  */
 #ifndef FP_SIM_H
@@ -26,6 +35,14 @@
 #include "fp_error.h"
 
 enum { SIM_BY_CATEGORY, SIM_DIRICHLET, SIM_IID };
+enum { SIM_TASK_CLASSIFY, SIM_TASK_LM };
+
+/* A category: its label and the files of its documents. */
+typedef struct sim_cat {
+    char *name;
+    char **files;
+    int nfiles;
+} sim_cat_t;
 
 typedef struct sim_site {
     char name[32];
@@ -42,8 +59,12 @@ typedef struct sim {
     int *ranks;          /* nsites */
     int partition;
     double dir_alpha;
-    char **data;         /* category files */
-    int ndata;
+    int task;            /* SIM_TASK_* */
+    int prompt_bytes;    /* classify: the prompt is a document's first bytes, at most this many */
+    int max_docs;        /* documents per category at most (0: all) */
+    const char *cue;     /* classify: the prompt's last line, before the label ("Language: ") */
+    sim_cat_t *cats;
+    int ncats;
     const char *model, *out, *targets;
     uint64_t seed;
     const char **strategies;
@@ -67,12 +88,18 @@ int sim_make_pki(sim_t *sim, fp_err_t *err);
  * is out/<strategy>/. */
 int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err);
 
-/* Local-only adapters: each site alone, rounds × steps steps (out/local/<site>/). */
-int sim_train_local(sim_t *sim, fp_err_t *err);
+/* The baselines, as `fedpeft train` processes (as many at once as slots): each site alone for
+ * rounds × steps steps (out/local/<site>/), and one adapter of the largest rank on every
+ * site's training data for sites × rounds × steps steps (out/central/). */
+int sim_train_baselines(sim_t *sim, fp_err_t *err);
 
-/* Held-out loss of the base model, the local-only adapters and each strategy's global adapter
- * on each site's held-out data and pooled: the "table" object of the report. */
+/* The scoreboard: the base model, the baselines and each strategy's global adapter on each
+ * site's held-out data and pooled — loss, accuracy (classify) and the share of the
+ * centralised gain: the "table" object of the report. */
 int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err);
+
+/* Frees what sim_make_data and the option parsing allocated in sim. */
+void sim_free(sim_t *sim);
 
 /* Paths of the simulation: --out is bounded so that every path fits SIM_PATH_MAX. */
 #define SIM_PATH_MAX 4096

@@ -1,5 +1,6 @@
 /* sim_data.c — the simulation's sites: categories of documents partitioned into sites, each
- * site's held-out documents set aside; and the throw-away certificate authority. */
+ * site's held-out documents set aside, written as text (--task lm) or as classification
+ * examples; and the throw-away certificate authority. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -8,6 +9,7 @@
 
 #include "fp_ca.h"
 #include "fp_fs.h"
+#include "fp_json.h"
 #include "fp_rng.h"
 #include "sim.h"
 
@@ -22,7 +24,8 @@ typedef struct doc {
 } doc_t;
 
 typedef struct corpus {
-    char **texts;   /* per category: the file's text (documents point into it) */
+    char **texts;   /* per file: its text (documents point into it) */
+    int ntexts;
     doc_t *docs;
     size_t n, cap;
 } corpus_t;
@@ -69,12 +72,6 @@ static int split_docs(corpus_t *c, const char *text, size_t len, int cat)
     return add_doc(c, start, (size_t)(end - start), cat);
 }
 
-static const char *base_name(const char *p)
-{
-    const char *s = strrchr(p, '/');
-    return s ? s + 1 : p;
-}
-
 /* Gamma(a, 1) (Marsaglia–Tsang; a < 1 by boosting). */
 static double gamma_draw(fp_rng_t *r, double a)
 {
@@ -94,6 +91,15 @@ static double gamma_draw(fp_rng_t *r, double a)
     }
 }
 
+/* Documents in the order of their files and positions. */
+static int doc_order(const void *a, const void *b)
+{
+    const doc_t *x = a, *y = b;
+    if (x->cat != y->cat)
+        return x->cat < y->cat ? -1 : 1;
+    return x->text < y->text ? -1 : x->text > y->text;
+}
+
 static void shuffle(size_t *v, size_t n, fp_rng_t *r)
 {
     for (size_t i = n; i > 1; i--) {
@@ -103,49 +109,139 @@ static void shuffle(size_t *v, size_t n, fp_rng_t *r)
     }
 }
 
-static int write_docs(const char *path, const corpus_t *c, const size_t *idx, size_t n,
-                      fp_err_t *err)
+/* The beginning of a document as one line: whitespace runs become one space, invalid UTF-8
+ * bytes '?', and a text longer than max bytes is cut at its last space within them (or, when
+ * that would leave less than half, at a character boundary). out holds max + 1 bytes; returns
+ * the length. */
+static size_t snippet(const char *t, size_t len, int max, char *out)
 {
-    size_t total = 0;
-    for (size_t i = 0; i < n; i++)
-        total += c->docs[idx[i]].len + 3;
-    char *buf = malloc(total + 1), *p = buf;
-    if (!buf)
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    for (size_t i = 0; i < n; i++) {
-        const doc_t *d = &c->docs[idx[i]];
-        memcpy(p, d->text, d->len);
-        p += d->len;
-        memcpy(p, "\n%\n", 3);
-        p += 3;
+    size_t n = 0, cut = 0, i = 0;
+    int space = 0, full = 0;
+    while (i < len) {
+        unsigned char ch = (unsigned char)t[i];
+        if (ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r') {
+            space = n > 0;
+            i++;
+            continue;
+        }
+        size_t cl = ch < 0x80 ? 1 : (ch >> 5) == 6 ? 2 : (ch >> 4) == 14 ? 3 : (ch >> 3) == 30 ? 4 : 0;
+        int ok = cl > 0 && i + cl <= len;
+        for (size_t k = 1; ok && k < cl; k++)
+            ok = ((unsigned char)t[i + k] >> 6) == 2;
+        size_t w = ok ? cl : 1;
+        if (n + (size_t)space + w > (size_t)max) {
+            full = 1;
+            break;
+        }
+        if (space) {
+            cut = n;
+            out[n++] = ' ';
+            space = 0;
+        }
+        if (ok)
+            memcpy(out + n, t + i, w);
+        else
+            out[n] = '?';
+        n += w;
+        i += w;
     }
-    int rc = fp_fs_write_file(path, buf, (size_t)(p - buf), 0644, err);
+    if (full && cut >= (size_t)max / 2)
+        n = cut;
+    out[n] = '\0';
+    return n;
+}
+
+/* Documents idx[0..n) as the site's file: text between "%" lines (--task lm), or one
+ * {"prompt", "completion"} line each (classify). */
+static int write_docs(const sim_t *sim, const char *path, const corpus_t *c, const size_t *idx,
+                      size_t n, fp_err_t *err)
+{
+    char *buf = NULL, *line = malloc((size_t)sim->prompt_bytes + 256);
+    size_t len = 0;
+    FILE *f = line ? open_memstream(&buf, &len) : NULL;
+    if (!f) {
+        free(line);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        const doc_t *d = &c->docs[idx[i]];
+        if (sim->task == SIM_TASK_LM) {
+            fwrite(d->text, 1, d->len, f);
+            fputs("\n%\n", f);
+            continue;
+        }
+        size_t l = snippet(d->text, d->len, sim->prompt_bytes, line);
+        snprintf(line + l, (size_t)sim->prompt_bytes + 256 - l, "\n%s", sim->cue);
+        json_t *ex = json_pack("{s:s,s:s}", "prompt", line, "completion",
+                               sim->cats[d->cat].name);
+        char *js = ex ? json_dumps(ex, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+        if (js)
+            fprintf(f, "%s\n", js);
+        else
+            rc = fp_err_set(err, -EINVAL, "category '%s': its name is not valid UTF-8",
+                            sim->cats[d->cat].name);
+        free(js);
+        json_decref(ex);
+    }
+    fclose(f);
+    if (rc == 0)
+        rc = fp_fs_write_file(path, buf, len, 0644, err);
     free(buf);
+    free(line);
     return rc;
+}
+
+/* Reads every category's files into c; each category keeps at most sim->max_docs documents,
+ * chosen by the seed. */
+static int read_categories(const sim_t *sim, corpus_t *c, fp_err_t *err)
+{
+    int nfiles = 0;
+    for (int k = 0; k < sim->ncats; k++)
+        nfiles += sim->cats[k].nfiles;
+    c->texts = calloc((size_t)nfiles + 1, sizeof *c->texts);
+    if (!c->texts)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    fp_rng_t rng;
+    fp_rng_seed(&rng, sim->seed * 0x2545F4914F6CDD1Dull + 5);
+    for (int k = 0; k < sim->ncats; k++) {
+        const sim_cat_t *cat = &sim->cats[k];
+        size_t first = c->n;
+        for (int f = 0; f < cat->nfiles; f++) {
+            size_t len;
+            char **t = &c->texts[c->ntexts++];
+            int rc = fp_fs_read_file(cat->files[f], (size_t)1 << 30, t, &len, err);
+            if (rc)
+                return rc;
+            size_t before = c->n;
+            if (split_docs(c, *t, len, k))
+                return fp_err_set(err, -ENOMEM, "out of memory");
+            if (c->n == before)
+                return fp_err_set(err, -EINVAL, "%s: no documents", cat->files[f]);
+        }
+        size_t n = c->n - first;
+        if (sim->max_docs > 0 && n > (size_t)sim->max_docs) {
+            /* a seeded choice of max_docs of them, in file order */
+            for (size_t i = n; i > 1; i--) {
+                size_t j = (size_t)fp_rng_below(&rng, i);
+                doc_t t = c->docs[first + i - 1];
+                c->docs[first + i - 1] = c->docs[first + j];
+                c->docs[first + j] = t;
+            }
+            c->n = first + (size_t)sim->max_docs;
+            qsort(c->docs + first, c->n - first, sizeof *c->docs, doc_order);
+        }
+    }
+    return 0;
 }
 
 int sim_make_data(sim_t *sim, fp_err_t *err)
 {
     corpus_t c = {0};
-    int rc = 0, N = sim->nsites, C = sim->ndata;
+    int rc = 0, N = sim->nsites, C = sim->ncats;
     size_t *owner = NULL, *order = NULL, *count = NULL;
-    c.texts = calloc((size_t)C, sizeof *c.texts);
-    if (!c.texts)
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    for (int k = 0; k < C; k++) {
-        size_t len;
-        if ((rc = fp_fs_read_file(sim->data[k], (size_t)1 << 30, &c.texts[k], &len, err)) != 0)
-            goto out;
-        size_t before = c.n;
-        if (split_docs(&c, c.texts[k], len, k)) {
-            rc = fp_err_set(err, -ENOMEM, "out of memory");
-            goto out;
-        }
-        if (c.n == before) {
-            rc = fp_err_set(err, -EINVAL, "%s: no documents", sim->data[k]);
-            goto out;
-        }
-    }
+    if ((rc = read_categories(sim, &c, err)) != 0)
+        goto out;
     if (sim->partition == SIM_BY_CATEGORY && C < N) {
         rc = fp_err_set(err, -EINVAL, "by-category needs at least as many categories as sites "
                         "(%d categories, %d sites); pass more --data, fewer --sites, or "
@@ -232,7 +328,7 @@ int sim_make_data(sim_t *sim, fp_err_t *err)
             if (best < 0)
                 break;
             int w = snprintf(st->cats + used, sizeof st->cats - used, "%s%s %.0f%%",
-                             used ? ", " : "", base_name(sim->data[best]),
+                             used ? ", " : "", sim->cats[best].name,
                              100.0 * (double)count[(size_t)s * C + best] / (double)n);
             if (w < 0 || (size_t)w >= sizeof st->cats - used)
                 break;
@@ -241,20 +337,21 @@ int sim_make_data(sim_t *sim, fp_err_t *err)
         }
         char dir[4096];
         sim_path(dir, "%s/data/%s", sim->out, st->name);
-        st->train = fp_path_join(dir, "train.txt");
-        st->held = fp_path_join(dir, "heldout.txt");
+        int lm = sim->task == SIM_TASK_LM;
+        st->train = fp_path_join(dir, lm ? "train.txt" : "train.jsonl");
+        st->held = fp_path_join(dir, lm ? "heldout.txt" : "heldout.jsonl");
         if (!st->train || !st->held)
             rc = fp_err_set(err, -ENOMEM, "out of memory");
         if (rc == 0)
             rc = fp_fs_mkdirs(dir, 0755, err);
         if (rc == 0)
-            rc = write_docs(st->held, &c, mine, held, err);
+            rc = write_docs(sim, st->held, &c, mine, held, err);
         if (rc == 0)
-            rc = write_docs(st->train, &c, mine + held, n - held, err);
+            rc = write_docs(sim, st->train, &c, mine + held, n - held, err);
     }
     free(mine);
 out:
-    for (int k = 0; k < C; k++)
+    for (int k = 0; k < c.ntexts; k++)
         free(c.texts[k]);
     free(c.texts);
     free(c.docs);

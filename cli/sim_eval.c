@@ -1,11 +1,14 @@
-/* sim_eval.c — the simulation's scoreboard: held-out loss of the base model, of each site's
- * local-only adapter and of each strategy's final global adapter, on each site's held-out
- * documents and pooled (the token-weighted mean over sites: the loss on all of them). */
+/* sim_eval.c — the simulation's scoreboard: the base model, each site's local-only adapter, the
+ * centralised adapter and each strategy's final global adapter, on each site's held-out
+ * documents and pooled; loss always, accuracy for the classification task, and for each the
+ * share of the centralised gain, (X − base) / (centralised − base). */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_choice.h"
 #include "fp_data.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
@@ -19,54 +22,151 @@
 typedef struct ev {
     const sim_t *sim;
     fp_model_t *m;
-    fp_dataset_t **held;  /* per site */
-    long *tokens;         /* per site */
+    fp_dataset_t **held;     /* per site */
+    fp_choices_t *choices;   /* classify: the categories' names */
+    long *tokens, *examples; /* per site */
 } ev_t;
 
-/* Loss of adapter dir (NULL: the base model) on every site's held-out data: loss[N], pooled. */
-static int eval_on_all(ev_t *e, const char *dir, double *loss, double *pooled, fp_err_t *err)
+/* One model's scores: per site and pooled. */
+typedef struct scores {
+    double *loss, *acc; /* per site */
+    double pooled_loss, pooled_acc;
+} scores_t;
+
+/* Scores adapter dir (NULL: the base model) on every site's held-out data. Pooled: loss over
+ * all held-out tokens, accuracy over all held-out examples. */
+static int eval_on_all(ev_t *e, const char *dir, scores_t *s, fp_err_t *err)
 {
     fp_adapter_t *ad = NULL;
-    int rc = 0;
+    int rc = 0, N = e->sim->nsites;
     if (dir && ((rc = fp_hfpeft_load(dir, FP_LOAD_COPY, &ad, err)) != 0 ||
                 (rc = fp_lora_check(e->m, ad, err)) != 0 ||
                 (rc = fp_adapter_check_finite(ad, err)) != 0))
         goto out;
-    double num = 0, den = 0;
-    for (int i = 0; i < e->sim->nsites; i++) {
-        long toks = 0;
-        if ((rc = fp_evaluate(e->m, ad, e->held[i], e->sim->batch, e->sim->seq, &loss[i], &toks,
-                              err)) != 0)
-            goto out;
-        e->tokens[i] = toks;
-        num += loss[i] * (double)toks;
-        den += (double)toks;
+    double lsum = 0, ltok = 0, right = 0, total = 0;
+    for (int i = 0; i < N; i++) {
+        if (e->choices) {
+            fp_choice_score_t sc = {0};
+            if ((rc = fp_choice_eval(e->m, ad, e->held[i], e->choices, 32, e->sim->seq, &sc,
+                                     err)) != 0)
+                goto out;
+            s->loss[i] = sc.loss_sum / (double)sc.loss_tokens;
+            s->acc[i] = (double)sc.correct / (double)sc.examples;
+            e->tokens[i] = sc.loss_tokens;
+            e->examples[i] = sc.examples;
+            right += (double)sc.correct;
+            total += (double)sc.examples;
+        } else {
+            long toks = 0;
+            if ((rc = fp_evaluate(e->m, ad, e->held[i], e->sim->batch, e->sim->seq, &s->loss[i],
+                                  &toks, err)) != 0)
+                goto out;
+            s->acc[i] = NAN;
+            e->tokens[i] = toks;
+        }
+        lsum += s->loss[i] * (double)e->tokens[i];
+        ltok += (double)e->tokens[i];
     }
-    *pooled = den > 0 ? num / den : 0;
+    s->pooled_loss = ltok > 0 ? lsum / ltok : NAN;
+    s->pooled_acc = total > 0 ? right / total : NAN;
 out:
     fp_adapter_free(ad);
     return dir && rc ? fp_err_prefix(err, rc, "%s: ", dir) : rc;
 }
 
-static json_t *row(const char *model, const char *note, const double *loss, int n,
-                   double pooled)
+static json_t *num(double v)
+{
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
+static json_t *nums(const double *v, int n)
 {
     json_t *a = json_array();
     for (int i = 0; i < n; i++)
-        json_array_append_new(a, json_real(loss[i]));
-    return json_pack("{s:s,s:s,s:o,s:f}", "model", model, "note", note, "loss", a, "pooled",
-                     pooled);
+        json_array_append_new(a, num(v[i]));
+    return a;
+}
+
+/* Share of the centralised gain: (x − base) / (central − base); NaN when there is no gain. */
+static double share(double x, double base, double central)
+{
+    double gain = central - base;
+    return fabs(gain) > 1e-12 && isfinite(x) ? (x - base) / gain : NAN;
+}
+
+static json_t *row(const char *model, const char *note, const scores_t *s, int n)
+{
+    json_t *r = json_pack("{s:s,s:s,s:o,s:o}", "model", model, "note", note, "loss",
+                          nums(s->loss, n), "pooled", num(s->pooled_loss));
+    if (isfinite(s->pooled_acc)) {
+        json_object_set_new(r, "accuracy", nums(s->acc, n));
+        json_object_set_new(r, "pooled_accuracy", num(s->pooled_acc));
+    }
+    return r;
+}
+
+/* Adds each row's shares of the centralised gain, per site and pooled, in accuracy (when
+ * scored) and in loss. */
+static void add_shares(json_t *rows, int n)
+{
+    json_t *base = json_array_get(rows, 0), *central = NULL, *r;
+    size_t i;
+    json_array_foreach(rows, i, r)
+        if (!strcmp(json_string_value(json_object_get(r, "model")), "centralised"))
+            central = r;
+    if (!central)
+        return;
+    static const char *const metric[][4] = {{"accuracy", "pooled_accuracy", "share",
+                                             "pooled_share"},
+                                            {"loss", "pooled", "share_loss",
+                                             "pooled_share_loss"}};
+    for (int m = 0; m < 2; m++) {
+        if (!json_object_get(base, metric[m][0]))
+            continue;
+        json_array_foreach(rows, i, r) {
+            if (i == 0)
+                continue;
+            json_t *a = json_array();
+            for (int k = 0; k < n; k++) {
+#define AT(o) json_number_value(json_array_get(json_object_get(o, metric[m][0]), (size_t)k))
+                double x = AT(r), b = AT(base), c = AT(central);
+#undef AT
+                json_array_append_new(a, num(share(x, b, c)));
+            }
+            json_object_set_new(r, metric[m][2], a);
+#define P(o) json_number_value(json_object_get(o, metric[m][1]))
+            json_object_set_new(r, metric[m][3], num(share(P(r), P(base), P(central))));
+#undef P
+        }
+    }
+}
+
+/* The categories' names as the labels of the classification task. */
+static int make_choices(ev_t *e, const fp_tokenizer_t *tok, fp_err_t *err)
+{
+    const sim_t *sim = e->sim;
+    const char **names = calloc((size_t)sim->ncats, sizeof *names);
+    if (!names)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int k = 0; k < sim->ncats; k++)
+        names[k] = sim->cats[k].name;
+    int rc = fp_choices_from_text(tok, names, sim->ncats, e->m->cfg.eos_id, &e->choices, err);
+    free(names);
+    return rc ? fp_err_prefix(err, rc, "the categories as labels: ") : 0;
 }
 
 int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
 {
     int N = sim->nsites, rc = 0;
-    ev_t e = {sim, NULL, calloc((size_t)N, sizeof(fp_dataset_t *)), calloc((size_t)N, sizeof(long))};
+    ev_t e = {sim, NULL, calloc((size_t)N, sizeof(fp_dataset_t *)), NULL,
+              calloc((size_t)N, sizeof(long)), calloc((size_t)N, sizeof(long))};
     fp_tokenizer_t *tok = NULL;
-    double *loss = malloc((size_t)N * sizeof *loss), *own = malloc((size_t)N * sizeof *own);
+    double *buf = malloc((size_t)N * 4 * sizeof *buf);
+    scores_t s = {buf, buf ? buf + N : NULL, 0, 0}, own = {buf ? buf + 2 * N : NULL,
+                                                          buf ? buf + 3 * N : NULL, 0, 0};
     json_t *rows = json_array();
     *table = NULL;
-    if (!e.held || !e.tokens || !loss || !own || !rows) {
+    if (!e.held || !e.tokens || !e.examples || !buf || !rows) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
     }
@@ -76,61 +176,85 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
     free(tp);
     if (rc || (rc = fp_model_load(sim->model, &e.m, err)) != 0)
         goto out;
+    if (sim->task == SIM_TASK_CLASSIFY && (rc = make_choices(&e, tok, err)) != 0)
+        goto out;
     for (int i = 0; i < N; i++) {
         const char *f = sim->sites[i].held;
         if ((rc = fp_dataset_load(&f, 1, tok, e.m->cfg.bos_id, e.m->cfg.eos_id, e.m->cfg.vocab,
                                   &e.held[i], err)) != 0)
             goto out;
     }
-    double pooled;
     printf("  evaluating on every site's held-out documents: base model");
     fflush(stdout);
-    if ((rc = eval_on_all(&e, NULL, loss, &pooled, err)) != 0)
+    if ((rc = eval_on_all(&e, NULL, &s, err)) != 0)
         goto out;
-    json_array_append_new(rows, row("base model", "no adapter", loss, N, pooled));
+    json_array_append_new(rows, row("base model", "no adapter", &s, N));
     /* local-only: each site's own adapter on its own data; pooled: the mean over sites of
      * each site's adapter on all held-out data (what a site alone offers everyone) */
     printf(", local-only");
     fflush(stdout);
-    double pooled_mean = 0;
+    own.pooled_loss = own.pooled_acc = 0;
     for (int i = 0; i < N; i++) {
         char dir[4096];
         sim_path(dir, "%s/local/%s", sim->out, sim->sites[i].name);
-        if ((rc = eval_on_all(&e, dir, loss, &pooled, err)) != 0)
+        if ((rc = eval_on_all(&e, dir, &s, err)) != 0)
             goto out;
-        own[i] = loss[i];
-        pooled_mean += pooled / N;
+        own.loss[i] = s.loss[i];
+        own.acc[i] = s.acc[i];
+        own.pooled_loss += s.pooled_loss / N;
+        own.pooled_acc += s.pooled_acc / N;
     }
     json_array_append_new(rows, row("local-only", "each site's own adapter; pooled: mean over "
-                                    "sites of one site's adapter on all held-out data",
-                                    own, N, pooled_mean));
+                                    "sites of one site's adapter on all held-out data", &own, N));
+    printf(", centralised");
+    fflush(stdout);
+    char dir[4096];
+    sim_path(dir, "%s/central", sim->out);
+    if ((rc = eval_on_all(&e, dir, &s, err)) != 0)
+        goto out;
+    json_array_append_new(rows, row("centralised", "one adapter trained on every site's "
+                                    "training data pooled, as many steps as all sites together",
+                                    &s, N));
     for (int k = 0; k < sim->nstrat; k++) {
-        char dir[4096];
         printf(", %s", sim->strategies[k]);
         fflush(stdout);
         sim_path(dir, "%s/%s/global-adapter", sim->out, sim->strategies[k]);
-        if ((rc = eval_on_all(&e, dir, loss, &pooled, err)) != 0)
+        if ((rc = eval_on_all(&e, dir, &s, err)) != 0)
             goto out;
         char name[96];
         snprintf(name, sizeof name, "global: %s", sim->strategies[k]);
-        json_array_append_new(rows, row(name, sim->strategies[k], loss, N, pooled));
+        json_array_append_new(rows, row(name, sim->strategies[k], &s, N));
     }
     printf("\n");
-    json_t *sites = json_array(), *toks = json_array();
+    add_shares(rows, N);
+    json_t *sites = json_array(), *toks = json_array(), *exs = json_array();
     for (int i = 0; i < N; i++) {
         json_array_append_new(sites, json_string(sim->sites[i].name));
         json_array_append_new(toks, json_integer(e.tokens[i]));
+        json_array_append_new(exs, json_integer(e.examples[i]));
     }
-    *table = json_pack("{s:o,s:o,s:o}", "sites", sites, "tokens", toks, "rows", rows);
+    *table = json_pack("{s:o,s:o,s:o,s:s}", "sites", sites, "tokens", toks, "rows", rows,
+                       "metric", e.choices ? "accuracy" : "loss");
     rows = NULL;
+    if (e.choices) {
+        json_t *labels = json_array();
+        for (int k = 0; k < e.choices->n; k++)
+            json_array_append_new(labels, json_string(e.choices->names[k]));
+        json_object_set_new(*table, "examples", exs);
+        json_object_set_new(*table, "labels", labels);
+        json_object_set_new(*table, "chance", json_real(1.0 / e.choices->n));
+    } else {
+        json_decref(exs);
+    }
 out:
     json_decref(rows);
     for (int i = 0; e.held && i < N; i++)
         fp_dataset_free(e.held[i]);
     free(e.held);
     free(e.tokens);
-    free(loss);
-    free(own);
+    free(e.examples);
+    free(buf);
+    fp_choices_free(e.choices);
     fp_model_free(e.m);
     fp_tokenizer_free(tok);
     return rc;

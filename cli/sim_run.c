@@ -148,7 +148,7 @@ static int write_configs(const sim_t *sim, const char *strategy, const char *dir
                      "cert = %s/servers/localhost/server.crt\nkey = %s/servers/localhost/server.key\n"
                      "ca = %s/ca.crt\ncrl = %s/ca.crl\nstate_dir = %s/state\nmetrics =\n"
                      "exit_when_done = true\nidle_ms = 600000\n"
-                     "[federation]\nname = simulation\nbase_model_config = %s/config.json\n"
+                     "[federation]\nname = simulation\nbase_model_config = %s\n"
                      "base_model_sha256 = %s\ntarget_modules = %s\nalpha = %g\nr_max = %d\n"
                      "strategy = %s\nrounds = %d\nmin_sites = %d\nmin_updates = %d\n"
                      "fraction = 1\nround_deadline_s = 3600\nseed = %llu\n"
@@ -343,42 +343,73 @@ out:
     return rc;
 }
 
-int sim_train_local(sim_t *sim, fp_err_t *err)
+/* One baseline's `fedpeft train` process: job i < N is site i alone, job N the centralised
+ * adapter on every site's training data. */
+static int spawn_baseline(const sim_t *sim, int job, const char *logs, int *pid, fp_err_t *err)
 {
-    int N = sim->nsites, rc = 0, next = 0, running = 0, done = 0;
-    int *pid = calloc((size_t)N, sizeof *pid);
+    int N = sim->nsites, central = job == N, rmax = 0;
+    for (int i = 0; i < N; i++)
+        rmax = sim->ranks[i] > rmax ? sim->ranks[i] : rmax;
+    char out[4096], log[4096], rank[16], steps[32], batch[16], seq[16], lr[32], seed[32],
+        alpha[32];
+    const char *name = central ? "central" : sim->sites[job].name;
+    if (central)
+        sim_path(out, "%s/central", sim->out);
+    else
+        sim_path(out, "%s/local/%s", sim->out, name);
+    sim_path(log, "%s/%s.log", logs, name);
+    snprintf(rank, sizeof rank, "%d", central ? rmax : sim->ranks[job]);
+    snprintf(steps, sizeof steps, "%lld", (long long)sim->rounds * sim->steps * (central ? N : 1));
+    snprintf(batch, sizeof batch, "%d", sim->batch);
+    snprintf(seq, sizeof seq, "%d", sim->seq);
+    snprintf(lr, sizeof lr, "%g", sim->lr);
+    snprintf(alpha, sizeof alpha, "%g", sim->alpha);
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)sim->seed);
+    const char **argv = calloc((size_t)N + 32, sizeof *argv);
+    if (!argv)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int n = 0;
+    argv[n++] = sim->self_bin;
+    argv[n++] = "train";
+    argv[n++] = "--model";
+    argv[n++] = sim->model;
+    argv[n++] = "--data";
+    for (int i = 0; i < N; i++)
+        if (central || i == job)
+            argv[n++] = sim->sites[i].train;
+    const char *rest[] = {"--rank", rank, "--alpha", alpha, "--targets", sim->targets,
+                          "--steps", steps, "--batch", batch, "--seq", seq, "--lr", lr,
+                          "--eval-frac", "0", "--seed", seed, "--threads", "1",
+                          "--log-every", "0", "--out", out, NULL};
+    for (size_t i = 0; i < sizeof rest / sizeof *rest; i++)
+        argv[n++] = rest[i];
+    fp_fs_remove_tree(out, NULL);
+    int rc = sim_spawn(argv, log, pid, err);
+    free(argv);
+    return rc;
+}
+
+int sim_train_baselines(sim_t *sim, fp_err_t *err)
+{
+    int N = sim->nsites, jobs = N + 1, rc = 0, running = 0, done = 0, started = 0;
+    int *pid = calloc((size_t)jobs, sizeof *pid);
     if (!pid)
         return fp_err_set(err, -ENOMEM, "out of memory");
     char logs[4096];
-    sim_path(logs, "%s/local/logs", sim->out);
+    sim_path(logs, "%s/baselines-logs", sim->out);
     fp_fs_remove_tree(logs, NULL);
     if ((rc = fp_fs_mkdirs(logs, 0755, err)) != 0)
         goto out;
     double t0 = fp_now();
     int tty = isatty(1);
-    while (done < N) {
-        while (rc == 0 && next < N && running < sim->slots) {
-            const sim_site_t *s = &sim->sites[next];
-            char out[4096], log[4096], rank[16], steps[16], batch[16], seq[16], lr[32],
-                seed[32], alpha[32];
-            sim_path(out, "%s/local/%s", sim->out, s->name);
-            sim_path(log, "%s/%s.log", logs, s->name);
-            snprintf(rank, sizeof rank, "%d", sim->ranks[next]);
-            snprintf(steps, sizeof steps, "%d", sim->rounds * sim->steps);
-            snprintf(batch, sizeof batch, "%d", sim->batch);
-            snprintf(seq, sizeof seq, "%d", sim->seq);
-            snprintf(lr, sizeof lr, "%g", sim->lr);
-            snprintf(alpha, sizeof alpha, "%g", sim->alpha);
-            snprintf(seed, sizeof seed, "%llu", (unsigned long long)sim->seed);
-            const char *argv[] = {sim->self_bin, "train", "--model", sim->model, "--data",
-                                  s->train, "--rank", rank, "--alpha", alpha, "--targets",
-                                  sim->targets, "--steps", steps, "--batch", batch, "--seq",
-                                  seq, "--lr", lr, "--eval-frac", "0", "--seed", seed,
-                                  "--threads", "1", "--log-every", "0", "--out", out, NULL};
-            fp_fs_remove_tree(out, NULL);
-            if ((rc = sim_spawn(argv, log, &pid[next], err)) != 0)
+    /* the centralised job (as long as all the others together) first, so that the slots
+     * finish together */
+    while (done < jobs) {
+        while (rc == 0 && started < jobs && running < sim->slots) {
+            int job = started == 0 ? N : started - 1;
+            if ((rc = spawn_baseline(sim, job, logs, &pid[job], err)) != 0)
                 break;
-            next++;
+            started++;
             running++;
         }
         if (running == 0)
@@ -387,7 +418,7 @@ int sim_train_local(sim_t *sim, fp_err_t *err)
         pid_t p = waitpid(-1, &st, 0);
         if (p < 0)
             break;
-        for (int i = 0; i < N; i++) {
+        for (int i = 0; i < jobs; i++) {
             if (pid[i] != p)
                 continue;
             pid[i] = -1;
@@ -395,19 +426,20 @@ int sim_train_local(sim_t *sim, fp_err_t *err)
             done++;
             if ((!WIFEXITED(st) || WEXITSTATUS(st) != 0) && rc == 0) {
                 char log[4096], tail[1024];
-                sim_path(log, "%s/%s.log", logs, sim->sites[i].name);
+                sim_path(log, "%s/%s.log", logs, i == N ? "central" : sim->sites[i].name);
                 log_tail(log, tail, sizeof tail);
-                rc = fp_err_set(err, -EIO, "local-only training of %s failed (%s):\n%s",
-                                sim->sites[i].name, log, tail);
+                rc = fp_err_set(err, -EIO, "%s training failed (%s):\n%s",
+                                i == N ? "centralised" : "local-only", log, tail);
             }
-            if (tty || done == N) /* one line that counts up, or just the last */
-                printf("\r  local-only training: %d/%d sites, %.0f s", done, N, fp_now() - t0);
+            if (tty || done == jobs) /* one line that counts up, or just the last */
+                printf("\r  %d sites alone and one centralised adapter: %d/%d trained, %.0f s",
+                       N, done, jobs, fp_now() - t0);
             fflush(stdout);
         }
     }
     printf("\n");
 out:
-    for (int i = 0; i < N; i++)
+    for (int i = 0; i < jobs; i++)
         end_child(pid[i], 2000);
     free(pid);
     return rc;

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "fp_agent.h"
+#include "fp_blas.h"
 #include "fp_log.h"
 
 static void usage(FILE *out)
@@ -51,8 +52,16 @@ static void on_signal(uv_signal_t *h, int signum)
     fp_agent_stop(c->agent, stopped, c);
 }
 
+static void print_settings(void)
+{
+    char blas[256];
+    fp_settings_help(fp_agent_settings, stdout);
+    printf("\nBLAS: %s\n", fp_blas_describe(blas, sizeof blas));
+}
+
 int main(int argc, char **argv)
 {
+    fp_blas_setup(argv); /* first: it may run this program again */
     static const struct option opts[] = {
         {"config", required_argument, NULL, 'c'}, {"set", required_argument, NULL, 's'},
         {"check-config", no_argument, NULL, 'k'}, {"settings", no_argument, NULL, 'S'},
@@ -68,7 +77,7 @@ int main(int argc, char **argv)
         case 'c': path = optarg; break;
         case 's': ov[nov++] = optarg; break;
         case 'k': check = 1; break;
-        case 'S': fp_settings_help(fp_agent_settings, stdout); free(ov); return 0;
+        case 'S': print_settings(); free(ov); return 0;
         case 'v': fp_log_set_level(FP_LOG_DEBUG); break;
         case 'V': printf("fedpeft-client %s\n", FP_VERSION); free(ov); return 0;
         case 'h': usage(stdout); free(ov); return 0;
@@ -97,6 +106,8 @@ int main(int argc, char **argv)
         return 0;
     }
     signal(SIGPIPE, SIG_IGN);
+    char blas[256];
+    fp_log(FP_LOG_NOTICE, "BLAS: %s", fp_blas_describe(blas, sizeof blas));
     ctx_t cx = {uv_default_loop(), NULL, {0}, {0}};
     /* a bad model, data or state file is this site's own problem: say it and stop, before
      * ever connecting (systemd's Restart= would otherwise retry in a loop) */

@@ -2,16 +2,23 @@
 # deploy/setup.sh — make a Debian 12 machine ready to build fedpeft, and build it.
 #
 #   deploy/setup.sh deps [--test|--package]
-#                                        install missing Debian packages (as root or via sudo)
+#                                        install missing Debian packages (as root or via sudo):
+#                                        to build and run the demo; --test adds the test suite's,
+#                                        --package the packaging tools
 #   deploy/setup.sh build DIR [cmake options...]
 #                                        configure (Ninja) and build into DIR
 #
 # Only Debian 12 packages are used; nothing is downloaded at build or run time.
 set -eu
 
+# One list per purpose. To build fedpeft (without its tests):
 BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler
 libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev
-libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev fortunes fortunes-min"
+libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev"
+# the demo's data (fedpeft sim's 12 languages) and the tests' texts:
+DEMO_PKGS="fortunes fortunes-min fortunes-de fortunes-it fortunes-es fortunes-br fortunes-eo
+fortunes-pl fortunes-cs fortunes-bg fortunes-ru fortunes-ga fortunes-zh"
+# to build and run the tests (cmocka, sanitizers, a browser for the report, PyTorch peers):
 TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev openssl chromium procps python3-torch"
 # packaging: manual pages, Debian build flags and tools, lintian, a clean root to install into
 PKG_PKGS="help2man dpkg-dev lintian debootstrap systemd"
@@ -26,7 +33,7 @@ missing_packages() {
 }
 
 install_deps() {
-    pkgs=$BUILD_PKGS
+    pkgs="$BUILD_PKGS $DEMO_PKGS"
     if [ "${1:-}" = "--package" ]; then
         pkgs="$pkgs $PKG_PKGS"
     fi

@@ -68,6 +68,8 @@ static int add_doc(builder_t *b, const int *prompt, size_t np, const int *comp, 
     if (eos >= 0)
         push(b, eos, 1);
     b->d->docs[b->d->ndocs++] = (fp_doc_t){start, b->d->n - start};
+    if (np > 0)
+        b->d->prompted = 1;
     return 0;
 }
 
@@ -265,6 +267,7 @@ static int subset(const fp_dataset_t *d, const size_t *idx, size_t n, fp_dataset
         s->docs[s->ndocs++] = (fp_doc_t){s->n, doc->len};
         s->n += doc->len;
     }
+    s->prompted = d->prompted;
     *out = s;
     return 0;
 }
@@ -347,19 +350,62 @@ void fp_dataset_sample(const fp_dataset_t *d, fp_rng_t *rng, int B, int T, int *
 {
     size_t span = d->n > (size_t)T + 1 ? d->n - (size_t)T : 1;
     for (int b = 0; b < B; b++) {
-        size_t start = (size_t)fp_rng_below(rng, span);
+        size_t start = d->prompted && d->ndocs > 0
+                           ? d->docs[fp_rng_below(rng, d->ndocs)].off
+                           : (size_t)fp_rng_below(rng, span);
         window(d, start, T, tokens + (size_t)b * T, labels + (size_t)b * T);
     }
 }
 
-size_t fp_dataset_eval_windows(const fp_dataset_t *d, int T)
+/* The inputs of the window starting at pos->at: [at, end). Input p predicts token p + 1. */
+static size_t eval_end(const fp_dataset_t *d, const fp_eval_pos_t *pos, int T)
 {
-    if (d->n < 2)
-        return 0;
-    return (d->n - 1 + (size_t)T - 1) / (size_t)T;
+    size_t last = d->n - 1, lim = pos->at + (size_t)T;
+    if (lim > last)
+        lim = last;
+    if (!d->prompted)
+        return lim;
+    /* the furthest document end within the limit; a document longer than T is cut */
+    size_t end = 0;
+    for (size_t k = pos->doc; k < d->ndocs; k++) {
+        size_t e = d->docs[k].off + d->docs[k].len;
+        if (e > last)
+            e = last;
+        if (e > lim)
+            break;
+        end = e;
+    }
+    return end > pos->at ? end : lim;
 }
 
-void fp_dataset_eval_window(const fp_dataset_t *d, size_t i, int T, int *tokens, int *labels)
+int fp_dataset_eval_next(const fp_dataset_t *d, fp_eval_pos_t *pos, int T, int *tokens,
+                         int *labels)
 {
-    window(d, i * (size_t)T, T, tokens, labels);
+    if (d->n < 2 || pos->at >= d->n - 1)
+        return 0;
+    size_t end = eval_end(d, pos, T);
+    window(d, pos->at, (int)(end - pos->at), tokens, labels);
+    for (int t = (int)(end - pos->at); t < T; t++) {
+        tokens[t] = d->tok[end];
+        labels[t] = -1;
+    }
+    pos->at = end;
+    while (pos->doc < d->ndocs && d->docs[pos->doc].off + d->docs[pos->doc].len <= end)
+        pos->doc++;
+    return 1;
+}
+
+size_t fp_dataset_eval_windows(const fp_dataset_t *d, int T)
+{
+    fp_eval_pos_t pos = {0, 0};
+    size_t n = 0;
+    if (d->n < 2)
+        return 0;
+    while (pos.at < d->n - 1) {
+        pos.at = eval_end(d, &pos, T);
+        while (pos.doc < d->ndocs && d->docs[pos.doc].off + d->docs[pos.doc].len <= pos.at)
+            pos.doc++;
+        n++;
+    }
+    return n;
 }

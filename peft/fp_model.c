@@ -103,6 +103,20 @@ static int get_int(json_t *j, const char *key, int *out, int required, const cha
     return 0;
 }
 
+void fp_model_dir_of(const char *path, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s", path);
+    if (fp_fs_is_dir(path))
+        return;
+    char *slash = strrchr(buf, '/');
+    if (slash == buf)
+        buf[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    else
+        snprintf(buf, n, ".");
+}
+
 int fp_model_config_load(const char *path, fp_model_config_t *c, fp_err_t *err)
 {
     char *file = fp_fs_is_dir(path) ? fp_path_join(path, "config.json") : strdup(path);

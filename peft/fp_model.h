@@ -87,6 +87,10 @@ int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err);
  * mlp_bias, an activation other than silu, a non-Llama model_type) are -ENOTSUP. */
 int fp_model_config_load(const char *path, fp_model_config_t *c, fp_err_t *err);
 
+/* The model directory of a config path: path itself when it is a directory, else the
+ * directory of the config.json it names ("." for a bare file name). */
+void fp_model_dir_of(const char *path, char *buf, size_t n);
+
 /* Allocates a model with zeroed weights (norms zero too: call fp_model_init). */
 int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err);
 void fp_model_free(fp_model_t *m);

@@ -236,17 +236,21 @@ int fp_evaluate(const fp_model_t *m, const fp_adapter_t *lora, const fp_dataset_
     }
     double total = 0;
     long count = 0;
-    for (size_t w = 0; w < nw; w += (size_t)B) {
+    fp_eval_pos_t pos = {0, 0};
+    for (int filled = B; filled == B;) {
+        filled = 0;
         for (int b = 0; b < B; b++) {
             int *tt = tok + (size_t)b * seq, *ll = lab + (size_t)b * seq;
-            if (w + (size_t)b < nw) {
-                fp_dataset_eval_window(d, w + (size_t)b, seq, tt, ll);
-            } else {
-                memcpy(tt, tok, (size_t)seq * sizeof *tt);
-                for (int t = 0; t < seq; t++)
-                    ll[t] = -1;
+            if (filled == b && fp_dataset_eval_next(d, &pos, seq, tt, ll)) {
+                filled++;
+                continue;
             }
+            memcpy(tt, tok, (size_t)seq * sizeof *tt);
+            for (int t = 0; t < seq; t++)
+                ll[t] = -1;
         }
+        if (filled == 0)
+            break;
         double s;
         long c;
         fp_tf_forward(tf, tok, lab, &s, &c);

@@ -216,6 +216,11 @@ void fp_tf_backward(fp_tf_t *tf, double loss_scale, fp_adapter_t *lora_grad,
     tf32_backward(n, loss_scale);
 }
 
+const float *fp_tf_logits(const fp_tf_t *tf)
+{
+    return tf->net.logits;
+}
+
 const float *fp_tf_input_grad(const fp_tf_t *tf)
 {
     return tf->net.dx0;

@@ -46,6 +46,10 @@ size_t fp_tf_bytes(const fp_tf_t *tf);
 void fp_tf_forward(fp_tf_t *tf, const int *tokens, const int *labels, double *loss_sum,
                    long *count);
 
+/* Logits of the last forward, N × V row-major (B × T rows). Only a forward without training
+ * flags (FP_TF_EVAL) leaves raw logits; training workspaces keep probabilities there. */
+const float *fp_tf_logits(const fp_tf_t *tf);
+
 /* Backward of loss_scale × Σ token losses (loss_scale = 1/count for a mean). Gradients are
  * added (not assigned) into lora_grad (same modules and shapes as the adapter; FP_TF_LORA)
  * and full_grad (a model of the same configuration; FP_TF_FULL). */

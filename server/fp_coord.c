@@ -1190,7 +1190,11 @@ static int open_federation(fp_coord_t *co, fp_err_t *err)
         if ((rc = fp_store_begin(co->st, err)) != 0)
             return rc;
         /* where the base model lives, for `fedpeft export --merged-model` */
-        json_t *js = json_pack("{s:s}", "base_model_config", c->base_model_config);
+        char dir[4096];
+        fp_model_dir_of(c->base_model_config, dir, sizeof dir);
+        json_t *js = json_pack("{s:s,s:s}", "base_model_config", c->base_model_config,
+                               "base_model", c->base_model && *c->base_model ? c->base_model
+                                                                            : dir);
         char *settings = js ? json_dumps(js, JSON_COMPACT) : NULL;
         json_decref(js);
         rc = fp_store_exec(co->st, err, "INSERT INTO federation(id, name, strategy, "

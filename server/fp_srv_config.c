@@ -38,7 +38,11 @@ const fp_setting_t fp_srv_settings[] = {
 
     {"federation", "name", FP_SET_STR, O(name), "fedpeft", 0, 0, 0, "federation name"},
     {"federation", "base_model_config", FP_SET_STR, O(base_model_config), "", 0, 0, 0,
-     "the base model's config.json (module shapes)"},
+     "the base model's directory, or its config.json (module shapes)"},
+    {"federation", "base_model", FP_SET_STR, O(base_model), "", 0, 0, 0,
+     "the base model as its users pass it to Hugging Face's from_pretrained (a directory or a "
+     "hub id): exported adapters name it as base_model_name_or_path (empty: the directory of "
+     "base_model_config)"},
     {"federation", "base_model_sha256", FP_SET_STR, O(base_model_sha256), "", 0, 0, 0,
      "SHA-256 (hex) of the base weights every site must hold; sites with other weights are "
      "refused at Hello"},

@@ -15,7 +15,8 @@ typedef struct fp_srv_config {
     long long ack_every;      /* bytes of an upload between durable Acks */
     /* [federation] */
     char *name;
-    char *base_model_config;  /* path of the base model's config.json */
+    char *base_model_config;  /* the base model's directory or its config.json */
+    char *base_model;         /* the model as from_pretrained names it ("": its directory) */
     char *base_model_sha256;  /* hex SHA-256 of its weights (model.safetensors) */
     char *target_modules;     /* "q_proj,v_proj" or "all" */
     double alpha;

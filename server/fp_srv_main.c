@@ -7,6 +7,7 @@
 #include <sys/resource.h>
 
 #include "fp_coord.h"
+#include "fp_blas.h"
 #include "fp_log.h"
 #include "fp_srv_config.h"
 #include "fp_srv_metrics.h"
@@ -113,8 +114,16 @@ static void on_watchdog(uv_timer_t *t)
     fp_notify("WATCHDOG=1");
 }
 
+static void print_settings(void)
+{
+    char blas[256];
+    fp_settings_help(fp_srv_settings, stdout);
+    printf("\nBLAS: %s\n", fp_blas_describe(blas, sizeof blas));
+}
+
 int main(int argc, char **argv)
 {
+    fp_blas_setup(argv); /* first: it may run this program again */
     static const struct option opts[] = {
         {"config", required_argument, NULL, 'c'}, {"set", required_argument, NULL, 's'},
         {"check-config", no_argument, NULL, 'k'}, {"settings", no_argument, NULL, 'S'},
@@ -130,7 +139,7 @@ int main(int argc, char **argv)
         case 'c': d.config_path = optarg; break;
         case 's': d.overrides[d.n_overrides++] = optarg; break;
         case 'k': check = 1; break;
-        case 'S': fp_settings_help(fp_srv_settings, stdout); free(d.overrides); return 0;
+        case 'S': print_settings(); free(d.overrides); return 0;
         case 'v': fp_log_set_level(FP_LOG_DEBUG); break;
         case 'V': printf("fedpeft-server %s\n", FP_VERSION); free(d.overrides); return 0;
         case 'h': usage(stdout); free(d.overrides); return 0;
@@ -159,6 +168,8 @@ int main(int argc, char **argv)
         return 0;
     }
     signal(SIGPIPE, SIG_IGN);
+    char blas[256];
+    fp_log(FP_LOG_NOTICE, "BLAS: %s", fp_blas_describe(blas, sizeof blas));
     raise_fd_limit();
     d.loop = uv_default_loop();
     if (fp_coord_start(&d.co, d.loop, &d.cfg, on_done, &d, &err) != 0) {

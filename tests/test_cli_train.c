@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_blas.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 
@@ -208,6 +209,85 @@ static void test_refusals(void **state)
     free(oa);
 }
 
+/* The kernel ladder: each feature set gets the best kernel it can run, never a faster one. */
+static void test_blas_kernel_choice(void **state)
+{
+    (void)state;
+    static const struct {
+        unsigned f;
+        const char *want;
+    } cases[] = {
+        {0, NULL},
+        {FP_CPU_SSE42, "Nehalem"},
+        {FP_CPU_SSE42 | FP_CPU_AVX, "Sandybridge"},
+        {FP_CPU_SSE42 | FP_CPU_AVX | FP_CPU_AVX2, "Haswell"},
+        {FP_CPU_SSE42 | FP_CPU_AVX | FP_CPU_AVX2 | FP_CPU_AVX512, "SkylakeX"},
+        {FP_CPU_SSE42 | FP_CPU_AVX | FP_CPU_AVX2 | FP_CPU_AVX512 | FP_CPU_AVX512BF16,
+         "Cooperlake"},
+        {FP_CPU_SSE42 | FP_CPU_AVX | FP_CPU_AVX2 | FP_CPU_AVX512 | FP_CPU_AVX512BF16 | FP_CPU_AMX,
+         "SapphireRapids"},
+        /* bf16 or AMX flags without the AVX-512 state do not make a kernel */
+        {FP_CPU_SSE42 | FP_CPU_AVX | FP_CPU_AVX2 | FP_CPU_AVX512BF16 | FP_CPU_AMX, "Haswell"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        const char *k = fp_blas_best_kernel(cases[i].f, NULL);
+        if (!cases[i].want)
+            assert_null(k);
+        else
+            assert_string_equal(k, cases[i].want);
+    }
+    assert_true(fp_blas_kernel_level("SkylakeX") > fp_blas_kernel_level("Haswell"));
+    assert_true(fp_blas_kernel_level("Zen") == fp_blas_kernel_level("Haswell"));
+    assert_true(fp_blas_kernel_level("Haswell") > fp_blas_kernel_level("Prescott"));
+    assert_int_equal(fp_blas_kernel_level("Prescott"), 0);
+}
+
+/* A CPU that OpenBLAS misreads, simulated: its own choice is the generic kernel (Prescott).
+ * fedpeft runs itself again on the best kernel this CPU supports, says so, and trains to the
+ * same losses as the generic kernel does when the user asks for it. */
+static void test_blas_kernel_runs(void **state)
+{
+    (void)state;
+    char *p = path("pretrained"), *site = path("site.jsonl"), *o1 = path("k1"), *o2 = path("k2");
+    const char *best = fp_blas_best_kernel(fp_cpu_features(), NULL);
+    double loss[2], held[2];
+    for (int sim = 0; sim < 2; sim++) {
+        setenv("OPENBLAS_CORETYPE", "Prescott", 1);
+        if (sim)
+            setenv("FEDPEFT_BLAS_SIMULATE_MISDETECT", "1", 1);
+        int rc = run("train", "--model", p, "--data", site, "--rank", "4", "--targets", "all",
+                     "--steps", "6", "--batch", "4", "--seq", "32", "--lr", "3e-3", "--threads",
+                     "2", "--json", "--out", sim ? o2 : o1, NULL);
+        unsetenv("OPENBLAS_CORETYPE");
+        unsetenv("FEDPEFT_BLAS_SIMULATE_MISDETECT");
+        if (rc)
+            print_error("%s", err_text);
+        assert_int_equal(rc, 0);
+        json_t *j = last_json();
+        const char *k = json_string_value(json_object_get(j, "blas_kernel"));
+        assert_non_null(k);
+        if (!sim) {
+            /* the user's kernel is kept, whatever the CPU supports */
+            assert_string_equal(k, "Prescott");
+            assert_contains(err_text, "kernel Prescott (set by OPENBLAS_CORETYPE=Prescott");
+        } else if (best) {
+            assert_string_equal(k, best);
+            assert_contains(err_text, "chosen by fedpeft: OpenBLAS picked Prescott");
+        }
+        loss[sim] = num(j, "final_loss");
+        held[sim] = num(j, "eval_loss_after");
+        json_decref(j);
+    }
+    print_message("kernel %s vs Prescott: final loss %.7f vs %.7f, held-out %.7f vs %.7f\n",
+                  best ? best : "(none)", loss[1], loss[0], held[1], held[0]);
+    assert_true(fabs(loss[1] - loss[0]) <= 1e-4 * fabs(loss[0]));
+    assert_true(fabs(held[1] - held[0]) <= 1e-4 * fabs(held[0]));
+    free(p);
+    free(site);
+    free(o1);
+    free(o2);
+}
+
 static int teardown(void **state)
 {
     free(out_text);
@@ -220,6 +300,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_the_whole_flow),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_blas_kernel_choice),
+        cmocka_unit_test(test_blas_kernel_runs),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, teardown);
 }

@@ -643,6 +643,13 @@ static void check_status_export(env_t *e)
     fp_adapter_t *ad = NULL;
     fp_err_t err = {0};
     assert_int_equal(fp_hfpeft_load(xdir, FP_LOAD_COPY, &ad, &err), 0);
+    /* PEFT loads the base model from base_model_name_or_path: the model's directory */
+    char *acfg = fp_path_join(xdir, "adapter_config.json");
+    json_t *aj = json_load_file(acfg, 0, &je);
+    assert_non_null(aj);
+    assert_string_equal(json_string_value(json_object_get(aj, "base_model_name_or_path")), e->dir);
+    json_decref(aj);
+    free(acfg);
     sqlite3 *db = open_db(e);
     fp_adapter_t *g = load_global(e, db, 2);
     sqlite3_close(db);

@@ -121,6 +121,81 @@ static void test_bad_lines_are_named(void **state)
     fp_tokenizer_free(t);
 }
 
+/* Every target of d is predicted exactly once, with its label; for prompted data every window
+ * starts at a document's start or continues a document longer than T, so a document that fits
+ * in T is seen whole. */
+static void check_eval_windows(const fp_dataset_t *d, int T)
+{
+    size_t nw = fp_dataset_eval_windows(d, T), seen = 0, windows = 0;
+    int *tok = malloc((size_t)T * sizeof *tok), *lab = malloc((size_t)T * sizeof *lab);
+    unsigned char *hit = calloc(d->n, 1);
+    fp_eval_pos_t pos = {0, 0};
+    size_t at = pos.at;
+    while (fp_dataset_eval_next(d, &pos, T, tok, lab)) {
+        windows++;
+        if (d->prompted) {
+            int starts_doc = 0;
+            for (size_t k = 0; k < d->ndocs; k++)
+                starts_doc |= d->docs[k].off == at ||
+                              (d->docs[k].off < at && at < d->docs[k].off + d->docs[k].len &&
+                               d->docs[k].len > (size_t)T);
+            assert_true(starts_doc);
+        }
+        for (int t = 0; t < T; t++) {
+            size_t i = at + (size_t)t;
+            if (lab[t] >= 0) {
+                assert_true(i + 1 < d->n);
+                assert_int_equal(lab[t], d->tok[i + 1]);
+                assert_int_equal(d->tgt[i + 1], 1);
+                assert_int_equal(hit[i + 1], 0);
+                hit[i + 1] = 1;
+                seen++;
+            }
+        }
+        at = pos.at;
+    }
+    assert_int_equal(windows, nw);
+    assert_int_equal(seen, fp_dataset_targets(d));
+    free(hit);
+    free(tok);
+    free(lab);
+}
+
+static void test_prompted_windows(void **state)
+{
+    (void)state;
+    char text[16384] = "";
+    for (int i = 0; i < 60; i++) {
+        char line[160];
+        snprintf(line, sizeof line, "{\"prompt\": \"item %d%s: \", \"completion\": \"%s\"}\n", i,
+                 i % 7 == 0 ? " with a much longer prompt than the others have" : "",
+                 i % 2 ? "odd" : "even");
+        strcat(text, line);
+    }
+    fp_dataset_t *d = load("pc.jsonl", text, 256, 256);
+    assert_true(d->prompted);
+    for (int T = 4; T <= 256; T *= 2)
+        check_eval_windows(d, T);
+    /* training windows start where documents start */
+    fp_rng_t rng;
+    fp_rng_seed(&rng, 5);
+    int tok[8 * 32], lab[8 * 32];
+    fp_dataset_sample(d, &rng, 8, 32, tok, lab);
+    for (int b = 0; b < 8; b++)
+        assert_int_equal(tok[b * 32], 256); /* BOS */
+    /* a subset keeps the flag; text data has none */
+    fp_dataset_t *tr, *ho;
+    fp_err_t err = {0};
+    assert_int_equal(fp_dataset_split(d, 0.2, 1, &tr, &ho, &err), 0);
+    assert_true(tr->prompted && ho->prompted);
+    fp_dataset_free(tr);
+    fp_dataset_free(ho);
+    fp_dataset_free(d);
+    d = load("plain.txt", "a\n%\nb\n", 256, 256);
+    assert_false(d->prompted);
+    fp_dataset_free(d);
+}
+
 static void test_split_and_windows(void **state)
 {
     (void)state;
@@ -150,24 +225,8 @@ static void test_split_and_windows(void **state)
     fp_dataset_free(tr2);
     fp_dataset_free(ho2);
     /* evaluation windows predict every target exactly once, with the right labels */
-    for (int T = 3; T <= 64; T *= 4) {
-        size_t nw = fp_dataset_eval_windows(ho, T), seen = 0;
-        int *tok = malloc((size_t)T * sizeof *tok), *lab = malloc((size_t)T * sizeof *lab);
-        for (size_t w = 0; w < nw; w++) {
-            fp_dataset_eval_window(ho, w, T, tok, lab);
-            for (int t = 0; t < T; t++) {
-                size_t i = w * (size_t)T + (size_t)t;
-                if (lab[t] >= 0) {
-                    assert_int_equal(lab[t], ho->tok[i + 1]);
-                    assert_int_equal(ho->tgt[i + 1], 1);
-                    seen++;
-                }
-            }
-        }
-        assert_int_equal(seen, fp_dataset_targets(ho));
-        free(tok);
-        free(lab);
-    }
+    for (int T = 3; T <= 64; T *= 4)
+        check_eval_windows(ho, T);
     /* training windows: labels are the next tokens where those are targets */
     fp_rng_t rng;
     fp_rng_seed(&rng, 4);
@@ -189,6 +248,7 @@ int main(void)
         cmocka_unit_test(test_jsonl_kinds_and_masking),
         cmocka_unit_test(test_bad_lines_are_named),
         cmocka_unit_test(test_split_and_windows),
+        cmocka_unit_test(test_prompted_windows),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }

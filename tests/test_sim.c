@@ -95,8 +95,12 @@ static int run_partition(const char *out, char **cats, int nsites, int kind, dou
     sim.nsites = nsites;
     sim.partition = kind;
     sim.dir_alpha = alpha;
-    sim.data = cats;
-    sim.ndata = 4;
+    sim_cat_t cat[4];
+    for (int k = 0; k < 4; k++)
+        cat[k] = (sim_cat_t){strrchr(cats[k], '/') + 1, &cats[k], 1};
+    sim.cats = cat;
+    sim.ncats = 4;
+    sim.task = SIM_TASK_LM;
     sim.out = out;
     sim.seed = seed;
     sim.sites = calloc((size_t)nsites, sizeof *sim.sites);
@@ -266,15 +270,33 @@ static int run(const char *const *args, char **out, char **err)
     return fpt_runv(FEDPEFT_BIN, args, out, err);
 }
 
-static double table_pooled(json_t *table, const char *model)
+static json_t *table_row(json_t *table, const char *model)
 {
     json_t *r;
     size_t i;
     json_array_foreach(json_object_get(table, "rows"), i, r)
         if (!strcmp(json_string_value(json_object_get(r, "model")), model))
-            return json_real_value(json_object_get(r, "pooled"));
+            return r;
     fail_msg("no row '%s' in the table", model);
-    return 0;
+    return NULL;
+}
+
+static double row_num(json_t *table, const char *model, const char *key)
+{
+    json_t *v = json_object_get(table_row(table, model), key);
+    if (!json_is_number(v))
+        fail_msg("row '%s' has no number '%s'", model, key);
+    return json_number_value(v);
+}
+
+static double table_pooled(json_t *table, const char *model)
+{
+    return row_num(table, model, "pooled");
+}
+
+static double row_at(json_t *table, const char *model, const char *key, size_t site)
+{
+    return json_number_value(json_array_get(json_object_get(table_row(table, model), key), site));
 }
 
 static int64_t q1(sqlite3 *db, const char *sql)
@@ -292,7 +314,7 @@ static void test_sim_flexlora(void **state)
 {
     (void)state;
     char *out = path2(fpt_dir, "sim"), *o = NULL, *e = NULL;
-    const char *args[] = {"sim", "--sites", "3", "--ranks", "2,4,8", "--rounds",
+    const char *args[] = {"sim", "--task", "lm", "--sites", "3", "--ranks", "2,4,8", "--rounds",
                           "2", "--steps", "10", "--batch", "4", "--seq", "64", "--lr", "0.004",
                           "--data", FORTUNES "/medicine," FORTUNES "/drugs," FORTUNES "/food,"
                           FORTUNES "/love," FORTUNES "/kids," FORTUNES "/pets",
@@ -359,10 +381,24 @@ static void test_sim_flexlora(void **state)
     const char *lp = strstr(o, "\"loss\":");
     assert_non_null(lp);
     double ev = atof(lp + 7);
-    double tv = json_real_value(json_array_get(json_object_get(
-        json_array_get(json_object_get(table, "rows"), 2), "loss"), 1));
+    double tv = row_at(table, "global: flexlora", "loss", 1);
     assert_true(fabs(ev - tv) < 1e-6 * fabs(ev));
+    /* the centralised baseline: one adapter on all the data; its share of its own gain is
+     * 100 %, and every share is (base − X) / (base − centralised) of the table's losses */
+    double central = table_pooled(table, "centralised");
+    assert_true(central < base);
+    assert_true(fabs(row_num(table, "centralised", "pooled_share_loss") - 1) < 1e-12);
+    double want = (base - global) / (base - central);
+    assert_true(fabs(row_num(table, "global: flexlora", "pooled_share_loss") - want) < 1e-9);
     json_decref(res);
+    /* PEFT finds the base model where the global adapter says it is: the model's directory */
+    char *acfg = path2(gdir, "adapter_config.json");
+    json_t *aj = json_load_file(acfg, 0, &je);
+    assert_non_null(aj);
+    assert_string_equal(json_string_value(json_object_get(aj, "base_model_name_or_path")),
+                        FP_SOURCE_DIR "/models/demo");
+    json_decref(aj);
+    free(acfg);
 
     /* the throw-away CA is gone; the sites' logs show their updates stored */
     char *pki = path2(out, ".pki");
@@ -372,9 +408,8 @@ static void test_sim_flexlora(void **state)
 
     /* the report, and the same report of the state directory by `fedpeft report` */
     char *html = path2(out, "report.html");
-    /* summary table and scoreboard bar chart, global by round, 2 per strategy, ranks, bytes,
-     * durations */
-    assert_int_equal(charts_drawn(html), 1 + 1 + 2 + 3);
+    /* share and loss bar charts, global by round, 2 per strategy, ranks, bytes, durations */
+    assert_int_equal(charts_drawn(html), 2 + 1 + 2 + 3);
     char *state_dir = path2(out, "flexlora/state"), *r2 = path2(fpt_dir, "deployment.html");
     const char *rargs[] = {"report", "--state-dir", state_dir, "--out", r2, NULL};
     assert_int_equal(run(rargs, &o, &e), 0);
@@ -383,7 +418,7 @@ static void test_sim_flexlora(void **state)
     char *resj = path2(out, "results.json"), *r3 = path2(fpt_dir, "again.html");
     const char *r3args[] = {"report", "--results", resj, "--out", r3, NULL};
     assert_int_equal(run(r3args, &o, &e), 0);
-    assert_int_equal(charts_drawn(r3), 1 + 1 + 2 + 3);
+    assert_int_equal(charts_drawn(r3), 2 + 1 + 2 + 3);
     free(resj);
     free(r3);
     char *page = slurp(r2);
@@ -418,7 +453,7 @@ static void test_sim_all(void **state)
 {
     (void)state;
     char *out = path2(fpt_dir, "sim-all"), *o = NULL, *e = NULL;
-    const char *args[] = {"sim", "--strategy", "all", "--ranks", "2,4", "--rounds",
+    const char *args[] = {"sim", "--task", "lm", "--strategy", "all", "--ranks", "2,4", "--rounds",
                           "1", "--steps", "3", "--batch", "2", "--seq", "32", "--data",
                           FORTUNES "/medicine," FORTUNES "/pets", "--model",
                           FP_SOURCE_DIR "/models/demo", "--out", out, NULL};
@@ -442,9 +477,132 @@ static void test_sim_all(void **state)
     }
     assert_contains(o, "(exact)");
     char *html = path2(out, "report.html");
-    /* summary, scoreboard, global by round, 2 × 6 per strategy, ranks, bytes, durations */
-    assert_int_equal(charts_drawn(html), 1 + 1 + 12 + 3);
+    /* share and loss bars, global by round, 2 × 6 per strategy, ranks, bytes, durations */
+    assert_int_equal(charts_drawn(html), 2 + 1 + 12 + 3);
     free(html);
+    free(out);
+    free(o);
+    free(e);
+}
+
+
+/* The classification task: each document's beginning is a prompt and its category's name the
+ * answer. Sites hold different languages; the scoreboard reads accuracy and the share of the
+ * centralised gain, and one entry is what `fedpeft eval --labels` measures. */
+static void test_sim_classify(void **state)
+{
+    (void)state;
+    char *out = path2(fpt_dir, "sim-cls"), *o = NULL, *e = NULL;
+    static const char *const names[] = {"German", "Italian", "Spanish", "Polish", "Russian",
+                                        "Chinese"};
+    const char *data = "German=" FORTUNES "/de/witze,Italian=" FORTUNES "/it/norm,"
+                       "Spanish=" FORTUNES "/es/sabiduria.fortunes,Polish=" FORTUNES
+                       "/pl/dowcipy,Russian=" FORTUNES "/ru/fomenko,Chinese=" FORTUNES "/chinese";
+    const char *args[] = {"sim", "--sites", "3", "--ranks", "4,8,8", "--rounds", "2", "--steps",
+                          "6", "--batch", "8", "--prompt-bytes", "48", "--max-docs", "80",
+                          "--data", data, "--model", FP_SOURCE_DIR "/models/demo", "--out", out,
+                          NULL};
+    int rc = run(args, &o, &e);
+    if (rc != 0)
+        fail_msg("fedpeft sim failed (%d):\n%s\n%s", rc, o, e);
+    assert_contains(o, "The share of the centralised gain");
+    assert_contains(o, "Accuracy: the label the model writes (6 labels, chance 16.7 %)");
+    assert_contains(o, "time: federation");
+    /* site-1 holds German and Italian, as prompt/completion examples */
+    char *trp = path2(out, "data/site-1/train.jsonl"), *tr = slurp(trp);
+    int lines = 0, german = 0;
+    for (char *save = NULL, *l = strtok_r(tr, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+        json_error_t je;
+        json_t *j = json_loads(l, 0, &je);
+        assert_non_null(j);
+        const char *p = json_string_value(json_object_get(j, "prompt"));
+        const char *c = json_string_value(json_object_get(j, "completion"));
+        assert_non_null(p);
+        assert_true(strlen(p) <= 48 + strlen("\nCategory: "));
+        assert_true(strlen(p) > strlen("\nCategory: ") &&
+                    !strcmp(p + strlen(p) - strlen("\nCategory: "), "\nCategory: "));
+        assert_true(!strcmp(c, "German") || !strcmp(c, "Italian"));
+        german += !strcmp(c, "German");
+        lines++;
+        json_decref(j);
+    }
+    assert_true(lines > 100 && german > 0 && german < lines);
+    /* the scoreboard */
+    char *resp = path2(out, "results.json");
+    json_error_t je;
+    json_t *res = json_load_file(resp, 0, &je), *table = json_object_get(res, "table");
+    assert_non_null(table);
+    assert_string_equal(json_string_value(json_object_get(table, "metric")), "accuracy");
+    assert_int_equal(json_array_size(json_object_get(table, "labels")), 6);
+    assert_true(fabs(json_number_value(json_object_get(table, "chance")) - 1.0 / 6) < 1e-12);
+    const char *models[] = {"base model", "local-only", "centralised", "global: flexlora"};
+    for (int m = 0; m < 4; m++) {
+        double a = row_num(table, models[m], "pooled_accuracy");
+        assert_true(a >= 0 && a <= 1);
+        for (size_t i = 0; i < 3; i++) {
+            double x = row_at(table, models[m], "accuracy", i);
+            assert_true(x >= 0 && x <= 1);
+        }
+    }
+    double b = row_num(table, "base model", "pooled_accuracy");
+    double c = row_num(table, "centralised", "pooled_accuracy");
+    double g = row_num(table, "global: flexlora", "pooled_accuracy");
+    if (fabs(c - b) > 1e-9) {
+        assert_true(fabs(row_num(table, "centralised", "pooled_share") - 1) < 1e-12);
+        assert_true(fabs(row_num(table, "global: flexlora", "pooled_share") - (g - b) / (c - b)) <
+                    1e-9);
+    }
+    /* learning is real: the label's loss falls with all the data pooled */
+    assert_true(table_pooled(table, "centralised") < table_pooled(table, "base model"));
+    assert_non_null(json_object_get(json_object_get(res, "timing"), "total_s"));
+    /* the global adapter's accuracy, site by site, is what `fedpeft eval --labels` counts */
+    char labels[256] = "";
+    for (int k = 0; k < 6; k++)
+        snprintf(labels + strlen(labels), sizeof labels - strlen(labels), "%s%s", k ? "," : "",
+                 names[k]);
+    char *gdir = path2(out, "flexlora/global-adapter");
+    long right = 0, all = 0;
+    for (int i = 0; i < 3; i++) {
+        char rel[64];
+        snprintf(rel, sizeof rel, "data/site-%d/heldout.jsonl", i + 1);
+        char *held = path2(out, rel);
+        const char *eargs[] = {"eval", "--model", FP_SOURCE_DIR "/models/demo", "--adapter",
+                               gdir, "--data", held, "--labels", labels, "--seq", "96",
+                               "--json", NULL};
+        assert_int_equal(run(eargs, &o, &e), 0);
+        json_t *j = json_loads(strrchr(o, '{'), 0, &je);
+        assert_non_null(j);
+        double acc = json_number_value(json_object_get(j, "accuracy"));
+        long n = (long)json_integer_value(json_object_get(j, "examples"));
+        assert_true(fabs(acc - row_at(table, "global: flexlora", "accuracy", (size_t)i)) < 1e-12);
+        right += lround(acc * (double)n);
+        all += n;
+        json_decref(j);
+        free(held);
+    }
+    assert_true(fabs((double)right / (double)all - g) < 1e-12);
+    json_decref(res);
+    /* the centralised adapter has the largest rank */
+    char *cdir = path2(out, "central");
+    fp_adapter_t *ad = NULL;
+    fp_err_t err = {0};
+    if (fp_hfpeft_load(cdir, FP_LOAD_COPY, &ad, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_int_equal(ad->mods[0].rank, 8);
+    fp_adapter_free(ad);
+    /* the report leads with the share of the centralised gain */
+    char *html = path2(out, "report.html");
+    /* share, accuracy and loss bars, global by round, 2 per strategy, ranks, bytes, durations */
+    assert_int_equal(charts_drawn(html), 3 + 1 + 2 + 3);
+    char *page = slurp(html);
+    assert_contains(page, "What federating recovers");
+    free(page);
+    free(html);
+    free(cdir);
+    free(gdir);
+    free(resp);
+    free(tr);
+    free(trp);
     free(out);
     free(o);
     free(e);
@@ -475,6 +633,13 @@ static void test_bad_input(void **state)
     assert_int_equal(run(a6, &o, &e), 1);
     const char *a7[] = {"report", "--out", "x.html", NULL};
     assert_int_equal(run(a7, &o, &e), 2);
+    const char *a8[] = {"sim", "--task", "regression", NULL};
+    assert_int_equal(run(a8, &o, &e), 2);
+    assert_contains(e, "--task is classify or lm");
+    const char *a9[] = {"sim", "--data", "X=" FORTUNES "/pets,Y=" FORTUNES "/kids",
+                        "--print-data", NULL};
+    assert_int_equal(run(a9, &o, &e), 0);
+    assert_contains(o, "X\t" FORTUNES "/pets\nY\t" FORTUNES "/kids\n");
     free(out);
     free(o);
     free(e);
@@ -487,6 +652,7 @@ int main(void)
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_sim_flexlora),
         cmocka_unit_test(test_sim_all),
+        cmocka_unit_test(test_sim_classify),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }

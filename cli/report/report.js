@@ -65,11 +65,11 @@
     }
     let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
     let y0 = Math.min(...pts.map(p => p[1])), y1 = Math.max(...pts.map(p => p[1]));
-    if (opts.zero) y0 = Math.min(0, y0);
+    if (opts.zero || opts.bars) { y0 = Math.min(0, y0); y1 = Math.max(0, y1); }
     if (opts.bars) { x0 -= 0.6; x1 += 0.6; }
     else if (x1 === x0) { x0 -= 1; x1 += 1; }
     const pad = (y1 - y0) * 0.06 || Math.abs(y1) * 0.05 || 1;
-    if (!opts.zero) y0 -= opts.bars ? 4 * pad : pad;
+    if (!(opts.zero || opts.bars)) y0 -= pad;
     y1 += pad;
     const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
     const sy = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
@@ -107,7 +107,7 @@
       if (opts.bars) {
         for (const p of ok) {
           const x = sx(p[0]) - 0.4 * (W - L - R) / (x1 - x0) + i * bw;
-          const base = opts.zero ? 0 : y0;
+          const base = 0; // bars start at zero
           const r = el("rect", {x: x, y: Math.min(sy(p[1]), sy(base)), width: Math.max(bw - 1, 1),
                                 height: Math.abs(sy(base) - sy(p[1])), fill: color});
           r.appendChild(el("title", {}, `${s.name}: ${fmt(p[1])}`));
@@ -175,26 +175,81 @@
           rows);
   }
 
-  // ---- the scoreboard
+  // ---- the scoreboard: the share of the centralised gain first, then the scores
   if (doc.table) {
     const t = doc.table;
-    const s = section("Held-out loss (nats per token; lower is better)",
+    const acc = t.metric === "accuracy";
+    const pct = v => (v === null || v === undefined || !isFinite(v)) ? "–"
+                                                                      : (100 * v).toFixed(0) + " %";
+    const row = name => t.rows.find(r => r.model === name);
+    const shareKey = acc ? "share" : "share_loss", pooledShare = "pooled_" + shareKey;
+    const central = row("centralised");
+    if (central) {
+      const fed = t.rows.filter(r => r.model.startsWith("global: "));
+      const local = row("local-only"), base = t.rows[0];
+      const score = r => acc ? (100 * r.pooled_accuracy).toFixed(1) + " %" : r.pooled.toFixed(4);
+      const lead = fed.map(r => `${r.model.replace("global: ", "federated (")}): ` +
+                              `${pct(r[pooledShare])}`).join(", ");
+      const s = section("What federating recovers",
+                        `Share of the centralised gain, (X − base) / (centralised − base), in ` +
+                        `${acc ? "accuracy" : "held-out loss"} on every site's held-out ` +
+                        `documents: 100 % is as good as pooling all the sites' data in one place, ` +
+                        `0 % no better than the base model.`);
+      s.appendChild(el("p", {class: "headline"},
+                       `${lead}; each site alone: ${pct(local && local[pooledShare])}. ` +
+                       `Pooled ${acc ? "accuracy" : "loss"}: base ${score(base)}, ` +
+                       `each site alone ${local ? score(local) : "–"}, ` +
+                       fed.map(r => `${r.model.replace("global: ", "")} ${score(r)}`).join(", ") +
+                       `, centralised ${score(central)}.`));
+      const rows = t.rows.filter(r => r[shareKey]);
+      table(s, ["model"].concat(t.sites, ["pooled"]), rows.map(r =>
+        [{text: r.model, attrs: {title: r.note}}].concat(
+          r[shareKey].concat([r[pooledShare]]).map(v => ({text: pct(v), attrs: {class: "num"}})))),
+        "scores");
+      chart(s, "Share of the centralised gain (pooled)", [{name: "share of the gain, %",
+            points: rows.map((r, i) => [i, 100 * r[pooledShare]])}],
+            {bars: true, zero: true, labels: rows.map(r => r.model.replace("global: ", "")),
+             y: "% of the centralised gain"});
+    }
+    const best = (key, pkey, better) => {
+      const out = [];
+      for (let c = 0; c <= t.sites.length; c++) {
+        const vals = t.rows.map(r => c < t.sites.length ? r[key][c] : r[pkey])
+                           .filter(v => v !== null && isFinite(v));
+        out.push(better(...vals));
+      }
+      return out;
+    };
+    const scoreTable = (s, key, pkey, fmtv, better) => {
+      const b = best(key, pkey, better);
+      table(s, ["model"].concat(t.sites, ["pooled"]), t.rows.map(r =>
+        [{text: r.model, attrs: {title: r.note}}].concat(
+          r[key].concat([r[pkey]]).map((v, c) =>
+            ({text: fmtv(v), attrs: {class: v === b[c] ? "best num" : "num"}})))), "scores");
+    };
+    const labels = t.rows.map(r => r.model.replace("global: ", ""));
+    if (acc) {
+      const s = section("Accuracy (higher is better)",
+                        `The label the model writes after each held-out prompt, among ` +
+                        `${t.labels.length} (${t.labels.join(", ")}); chance ` +
+                        `${(100 * t.chance).toFixed(1)} %. Pooled: all held-out examples. ` +
+                        `Local-only: each site's own adapter on its own data; pooled, the mean ` +
+                        `over sites of one site's adapter on all the data.`);
+      scoreTable(s, "accuracy", "pooled_accuracy", v => (100 * v).toFixed(1) + " %", Math.max);
+      chart(s, "Pooled accuracy by model", [{name: "accuracy, %",
+            points: t.rows.map((r, i) => [i, 100 * r.pooled_accuracy])}],
+            {bars: true, zero: true, labels: labels, y: "accuracy, %"});
+    }
+    const s = section(acc ? "Loss of the true label (nats per token; lower is better)"
+                          : "Held-out loss (nats per token; lower is better)",
                       "Each site's held-out documents, which no training saw; pooled: all of them " +
                       "(token-weighted). Local-only: each site trains alone for as many steps as " +
-                      "it trained in the federation.");
-    const cols = t.sites.length;
-    const best = [];
-    for (let c = 0; c <= cols; c++) {
-      const vals = t.rows.map(r => c < cols ? r.loss[c] : r.pooled);
-      best.push(Math.min(...vals));
-    }
-    table(s, ["model"].concat(t.sites, ["pooled"]), t.rows.map(r =>
-      [{text: r.model, attrs: {title: r.note}}].concat(
-        r.loss.concat([r.pooled]).map((v, c) =>
-          ({text: v.toFixed(4), attrs: {class: v === best[c] ? "best num" : "num"}})))), "scores");
+                      "it trained in the federation; centralised: one adapter on all the sites' " +
+                      "data, as many steps as all sites together.");
+    scoreTable(s, "loss", "pooled", v => v.toFixed(4), Math.min);
     chart(s, "Pooled held-out loss by model", [{name: "pooled loss",
           points: t.rows.map((r, i) => [i, r.pooled])}],
-          {bars: true, labels: t.rows.map(r => r.model.replace("global: ", "")), y: "loss"});
+          {bars: true, zero: true, labels: labels, y: "loss"});
   }
 
   // ---- curves
