@@ -17,8 +17,10 @@ or one GPU. Tokenizers: byte-level ones ("bytes", or a tokenizer.json without me
 demo model's); others through the `tokenizers` package when it is installed. Data follows
 fedpeft's rules: .jsonl with {"text"} or {"prompt", "completion"} (loss on the completion),
 or text with documents between "%" lines (else blank lines). The held-out loss is measured
-exactly as fedpeft's built-in trainer measures it (consecutive windows that predict every
-target token once), so both kinds of sites report comparable numbers.
+exactly as fedpeft's built-in trainer measures it (windows that predict every target token
+once: consecutive for text, whole documents for prompt/completion data), so both kinds of
+sites report comparable numbers; training windows start where documents start for
+prompt/completion data, anywhere for text, as fedpeft's do.
 """
 import json
 import math
@@ -177,8 +179,10 @@ def load_documents(files, encode):
 
 
 def stream(docs, bos, eos):
-    """One token stream and its "is a target" flags: [bos] prompt completion [eos]."""
-    tok, tgt = [], []
+    """One token stream, its "is a target" flags ([bos] prompt completion [eos]), where each
+    document ends, and whether any has a prompt (fedpeft's "prompted" data)."""
+    tok, tgt, ends = [], [], []
+    prompted = False
     for prompt, comp in docs:
         if bos is not None and bos >= 0:
             tok.append(bos)
@@ -190,18 +194,44 @@ def stream(docs, bos, eos):
         if eos is not None and eos >= 0:
             tok.append(eos)
             tgt.append(1)
-    return torch.tensor(tok, dtype=torch.long), torch.tensor(tgt, dtype=torch.bool)
+        ends.append(len(tok))
+        prompted = prompted or bool(prompt)
+    return (torch.tensor(tok, dtype=torch.long), torch.tensor(tgt, dtype=torch.bool), ends,
+            prompted)
 
 
-def window(tok, tgt, start, T):
+def window(tok, tgt, start, T, length=None):
+    """Inputs [start, start + length) and their next-token targets, padded to T."""
     n = tok.numel()
+    length = T if length is None else length
     idx = torch.arange(start, start + T)
-    inside = idx < n
-    x = torch.where(inside, tok[idx.clamp(max=n - 1)], tok[n - 1])
+    inside = (idx < n) & (idx < start + length)
+    pad = tok[min(start + length, n - 1)]
+    x = torch.where(inside, tok[idx.clamp(max=n - 1)], pad)
     nxt = idx + 1
-    ok = (nxt < n) & tgt[nxt.clamp(max=n - 1)]
+    ok = inside & (nxt < n) & tgt[nxt.clamp(max=n - 1)]
     y = torch.where(ok, tok[nxt.clamp(max=n - 1)], torch.full_like(idx, -1))
     return x, y
+
+
+def eval_windows(n, ends, T, prompted):
+    """fedpeft's evaluation windows as (start, length): consecutive windows of T for text;
+    for prompted data as many whole documents as fit, a longer one in pieces of T."""
+    last, at, k, out = n - 1, 0, 0, []
+    while at < last:
+        lim = min(at + T, last)
+        end = lim
+        if prompted:
+            best, j = 0, k
+            while j < len(ends) and min(ends[j], last) <= lim:
+                best = min(ends[j], last)
+                j += 1
+            end = best if best > at else lim
+        out.append((at, end - at))
+        at = end
+        while k < len(ends) and ends[k] <= at:
+            k += 1
+    return out
 
 
 # ---- the model ------------------------------------------------------------------------------
@@ -290,14 +320,14 @@ def adapter_factors(path, cfg):
     return out, ac
 
 
-def evaluate(model, tok, tgt, T, batch):
-    """Mean loss over every target token: consecutive windows, as fedpeft evaluates."""
-    n = tok.numel()
-    nw = (n - 1 + T - 1) // T if n >= 2 else 0
+def evaluate(model, data, T, batch):
+    """Mean loss over every target token, in fedpeft's evaluation windows."""
+    tok, tgt, ends, prompted = data
+    wins = eval_windows(tok.numel(), ends, T, prompted) if tok.numel() >= 2 else []
     total, count = 0.0, 0
     with torch.no_grad():
-        for w0 in range(0, nw, batch):
-            xs, ys = zip(*(window(tok, tgt, w * T, T) for w in range(w0, min(w0 + batch, nw))))
+        for w0 in range(0, len(wins), batch):
+            xs, ys = zip(*(window(tok, tgt, a, T, n) for a, n in wins[w0:w0 + batch]))
             x, y = torch.stack(xs), torch.stack(ys)
             logits = model.forward(x.to(DEVICE))
             y = y.to(DEVICE)
@@ -354,21 +384,24 @@ def main():
         k = int(len(docs) * task.get("eval_fraction", 0.1))
         held_docs = [docs[i] for i in order[:k]]
         docs = [docs[i] for i in order[k:]]
-    tok, tgt = stream(docs, bos, eos)
-    htok, htgt = stream(held_docs, bos, eos) if held_docs else (None, None)
+    train = stream(docs, bos, eos)
+    tok, tgt, ends, prompted = train
+    held = stream(held_docs, bos, eos) if held_docs else None
     T = min(h["seq_len"] or 128, cfg.get("max_position_embeddings", 1 << 30))
     Bsz = h["batch"] or 8
     steps = max(1, min(h["steps"], task.get("max_steps", h["steps"])))
-    before = evaluate(model, htok, htgt, T, Bsz) if htok is not None else float("nan")
+    before = evaluate(model, held, T, Bsz) if held is not None else float("nan")
 
     opt = torch.optim.AdamW(params, lr=h["lr"] or 1e-3, weight_decay=h["weight_decay"],
                             betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     span = max(1, tok.numel() - T)
+    starts = [0] + ends[:-1]  # prompted data: windows start where documents start
     loss_v = float("nan")
     for step in range(1, steps + 1):
-        xs, ys = zip(*(window(tok, tgt, rng.randrange(span), T) for _ in range(Bsz)))
+        xs, ys = zip(*(window(tok, tgt, starts[rng.randrange(len(starts))] if prompted
+                              else rng.randrange(span), T) for _ in range(Bsz)))
         x, y = torch.stack(xs).to(DEVICE), torch.stack(ys).to(DEVICE)
         logits = model.forward(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
@@ -381,7 +414,7 @@ def main():
         loss_v = loss.item()
         write_json("progress.json", {"step": step, "steps": steps, "loss": loss_v})
         print(f"step {step}/{steps} loss {loss_v:.4f}", flush=True)
-    after = evaluate(model, htok, htgt, T, Bsz) if htok is not None else float("nan")
+    after = evaluate(model, held, T, Bsz) if held is not None else float("nan")
 
     os.makedirs("out", exist_ok=True)
     tensors = {}
@@ -391,7 +424,7 @@ def main():
     write_safetensors(os.path.join("out", "adapter_model.safetensors"), tensors)
     write_json(os.path.join("out", "adapter_config.json"), adapter_config)
     result = {"samples": len(docs), "train_loss": loss_v, "seconds": time.time() - t0}
-    if htok is not None:
+    if held is not None:
         result.update(eval_loss_before=before, eval_loss_after=after)
     write_json("result.json", result)
     print(f"trained {steps} steps on {len(docs)} documents: held-out loss "
