@@ -1,8 +1,10 @@
 /* fp_log.h — daemon logging and service-manager notifications.
  *
  * Lines go to stderr with a syslog priority prefix ("<3>" error ... "<7>" debug), which
- * journald turns into priorities and a terminal shows harmlessly. Libraries never log; the
- * daemons do, once per change of state rather than once per retry.
+ * journald turns into priorities and a terminal shows harmlessly. A message is always one line:
+ * newlines, other control characters and bytes that are not UTF-8 — wherever they came from —
+ * are escaped (fp_escape.h). Libraries never log; the daemons do, once per change of state
+ * rather than once per retry.
  *
  * fp_notify wraps sd_notify (libsystemd): READY=1, STATUS=..., WATCHDOG=1, STOPPING=1. Outside
  * systemd (no NOTIFY_SOCKET) it does nothing. fp_watchdog_usec says how often the unit wants

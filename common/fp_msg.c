@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_escape.h"
 #include "fp_frame.h"
 
 int fp_msg_frame(fp_env_t *env, unsigned char **out, size_t *len, fp_err_t *err)
@@ -26,12 +27,74 @@ int fp_msg_frame(fp_env_t *env, unsigned char **out, size_t *len, fp_err_t *err)
     return 0;
 }
 
+static int varint(const unsigned char *p, size_t n, size_t *i, uint64_t *v)
+{
+    *v = 0;
+    for (int shift = 0; shift < 64 && *i < n; shift += 7) {
+        unsigned char b = p[(*i)++];
+        *v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80))
+            return 1;
+    }
+    return 0;
+}
+
+/* Every string field of the message d encoded in p[0..n), at any depth, must be UTF-8 without
+ * NUL: protobuf's `string` is UTF-8, and C strings would silently end at a NUL ("beta\0evil"
+ * read as "beta"). protobuf-c checks neither, so the wire bytes are walked with the
+ * descriptors. 0, or -1 with why naming the field. */
+static int strings_ok(const ProtobufCMessageDescriptor *d, const unsigned char *p, size_t n,
+                      int depth, char *why, size_t wn)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint64_t key, v;
+        if (!varint(p, n, &i, &key))
+            return -1;
+        unsigned wt = (unsigned)(key & 7);
+        if (wt == 0) {
+            if (!varint(p, n, &i, &v))
+                return -1;
+        } else if (wt == 1 || wt == 5) {
+            size_t w = wt == 1 ? 8 : 4;
+            if (n - i < w)
+                return -1;
+            i += w;
+        } else if (wt == 2) {
+            if (!varint(p, n, &i, &v) || v > n - i)
+                return -1;
+            const ProtobufCFieldDescriptor *f =
+                key >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3))
+                                       : NULL;
+            if (f && f->type == PROTOBUF_C_TYPE_STRING &&
+                !fp_utf8_ok((const char *)p + i, (size_t)v, 1)) {
+                snprintf(why, wn, "%s.%s is not UTF-8 text (or holds a NUL byte)",
+                         d->short_name, f->name);
+                return -1;
+            }
+            if (f && f->type == PROTOBUF_C_TYPE_MESSAGE && depth < 8 &&
+                strings_ok(f->descriptor, p + i, (size_t)v, depth + 1, why, wn) != 0)
+                return -1;
+            i += (size_t)v;
+        } else {
+            return -1; /* groups: not in this protocol */
+        }
+    }
+    return 0;
+}
+
 fp_env_t *fp_msg_decode(const unsigned char *p, size_t n, fp_err_t *err)
 {
     fp_env_t *e = fedpeft__envelope__unpack(NULL, n, p);
-    if (!e)
+    char why[160] = "";
+    if (!e) {
         fp_err_set(err, -EBADMSG, "malformed message (%zu bytes do not decode as an envelope)",
                    n);
+    } else if (strings_ok(&fedpeft__envelope__descriptor, p, n, 0, why, sizeof why) != 0) {
+        fp_err_set(err, -EBADMSG, "malformed message: %s", why[0] ? why : "bad encoding");
+        fp_msg_free(e);
+        e = NULL;
+    }
     return e;
 }
 
@@ -66,8 +129,9 @@ int fp_msg_error_frame(Fedpeft__Error__Code code, const char *reason, unsigned c
     Fedpeft__Envelope env = FEDPEFT__ENVELOPE__INIT;
     Fedpeft__Error e = FEDPEFT__ERROR__INIT;
     e.code = code;
+    /* a reason may quote what a peer sent: escaped, it is one line of valid UTF-8 */
     char buf[FP_MAX_NAME];
-    snprintf(buf, sizeof buf, "%s", reason ? reason : "");
+    fp_escape(reason ? reason : "", buf, sizeof buf);
     e.reason = buf;
     env.body_case = FEDPEFT__ENVELOPE__BODY_ERROR;
     env.error = &e;
@@ -135,16 +199,24 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
         if (!h->site_name || !h->site_name[0] || !str_ok(h->site_name))
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
                        "Hello needs a site name of at most 256 bytes");
+        if (!fp_utf8_ok(h->site_name, strlen(h->site_name), 0))
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Hello: a site name holds no control characters");
         if (h->base_model_sha256.len != 32)
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
                        "Hello needs the 32-byte SHA-256 of the base model");
-        if (h->rank_budget == 0 || h->rank_budget > 65536 || h->n_capabilities > 64)
+        if (h->rank_budget == 0 || h->rank_budget > 65536)
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
                        "Hello: rank budget must be in 1..65536");
+        if (h->n_capabilities > 64)
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE,
+                       "Hello: %zu capabilities, at most 64", h->n_capabilities);
         for (size_t i = 0; i < h->n_capabilities; i++)
-            if (!str_ok(h->capabilities[i]))
+            if (!str_ok(h->capabilities[i]) ||
+                !fp_utf8_ok(h->capabilities[i], strlen(h->capabilities[i]), 0))
                 return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
-                           "Hello: capability name too long");
+                           "Hello: a capability is a name of at most 256 bytes without "
+                           "control characters");
         return 0;
     }
     case FEDPEFT__ENVELOPE__BODY_WELCOME:

@@ -13,6 +13,7 @@
 
 #include "fp_conn.h"
 #include "fp_coord_priv.h"
+#include "fp_escape.h"
 #include "fp_failpoint.h"
 #include "fp_fs.h"
 #include "fp_log.h"
@@ -1043,12 +1044,9 @@ static void on_task_failed(void *ctx, const Fedpeft__TaskFailed *f)
     rtask_t *t = task_by_id(co, (int64_t)f->task_id);
     if (!t || strcmp(t->site, s->name) != 0 || co->rstate != R_OPEN || t->state == T_UPLOADED)
         return;
-    char reason[1100];
-    snprintf(reason, sizeof reason, "the site's trainer failed: %.1000s",
-             f->reason ? f->reason : "");
-    for (char *c = reason; *c; c++) /* one line in logs and tables */
-        if (*c == '\n' || *c == '\r')
-            *c = ' ';
+    char what[1100], reason[1200];
+    fp_escape(f->reason ? f->reason : "", what, sizeof what); /* one line, in the database too */
+    snprintf(reason, sizeof reason, "the site's trainer failed: %s", what);
     fp_log(FP_LOG_WARNING, "site %s: round %lld: %s", s->name, (long long)co->round, reason);
     refuse_task(co, s, t->id, 0, "refused", reason);
     status(co);
