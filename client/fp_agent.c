@@ -142,6 +142,7 @@ typedef struct job {
 
 struct fp_agent {
     uv_loop_t *loop;
+    int lock_fd;               /* STATE/lock, held while the daemon lives */
     fp_agent_config_t *cfg;
     char name[FP_MAX_NAME + 1];
     char host[256];
@@ -920,6 +921,7 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     if (!a)
         return fp_err_set(err, -ENOMEM, "out of memory");
     a->loop = loop;
+    a->lock_fd = -1;
     a->cfg = cfg;
     a->logged_state = -1;
     int rc;
@@ -930,7 +932,8 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
         snprintf(a->name, sizeof a->name, "%s", cfg->name);
     else if ((rc = fp_cert_cn(cfg->cert, a->name, sizeof a->name, err)) != 0)
         goto fail;
-    if ((rc = fp_fs_mkdirs(cfg->state_dir, 0700, err)) != 0)
+    if ((rc = fp_fs_mkdirs(cfg->state_dir, 0700, err)) != 0 ||
+        (rc = fp_fs_lock_dir(cfg->state_dir, "fedpeft-client", &a->lock_fd, err)) != 0)
         goto fail;
     a->state_path = fp_path_join(cfg->state_dir, "state.json");
     a->update_bin = fp_path_join(cfg->state_dir, "update.bin");
@@ -1075,5 +1078,7 @@ void fp_agent_free(fp_agent_t *a)
     free(a->task_dir);
     fp_extrain_argv_free(a->tr_argv);
     free_job(a->queued);
+    if (a->lock_fd >= 0)
+        close(a->lock_fd);
     free(a);
 }

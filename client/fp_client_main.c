@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "fp_agent.h"
 #include "fp_blas.h"
@@ -106,6 +107,7 @@ int main(int argc, char **argv)
         return 0;
     }
     signal(SIGPIPE, SIG_IGN);
+    umask(077); /* state files are the daemon's alone, under systemd (UMask=) or not */
     char blas[256];
     fp_log(FP_LOG_NOTICE, "BLAS: %s", fp_blas_describe(blas, sizeof blas));
     ctx_t cx = {uv_default_loop(), NULL, {0}, {0}};

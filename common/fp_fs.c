@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -45,6 +46,21 @@ int fp_fs_sync_dir(const char *dir, fp_err_t *err)
     return rc;
 }
 
+/* The process's umask, read without changing it (umask(2) cannot be read atomically, and
+ * other threads create files). 022 when /proc is not there. */
+static mode_t current_umask(void)
+{
+    FILE *f = fopen("/proc/self/status", "re");
+    char line[128];
+    unsigned m = 022;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "Umask: %o", &m) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return (mode_t)m;
+}
+
 int fp_afile_open(fp_afile_t *af, const char *path, mode_t mode, fp_err_t *err)
 {
     af->fd = -1;
@@ -66,7 +82,8 @@ int fp_afile_open(fp_afile_t *af, const char *path, mode_t mode, fp_err_t *err)
         af->path = af->tmp_path = NULL;
         return fp_err_set(err, -e, "%s: cannot create: %s", path, strerror(e));
     }
-    if (fchmod(af->fd, mode) != 0) {
+    /* as open(2) would create it: the daemons' umask (077) keeps their files their own */
+    if (fchmod(af->fd, mode & ~current_umask()) != 0) {
         int e = errno;
         fp_afile_abort(af);
         return fp_err_set(err, -e, "%s: chmod: %s", path, strerror(e));
@@ -230,6 +247,43 @@ int fp_fs_mkdirs(const char *path, mode_t mode, fp_err_t *err)
     if (rc == 0 && !fp_fs_is_dir(path))
         rc = fp_err_set(err, -ENOTDIR, "%s: exists and is not a directory", path);
     free(p);
+    return rc;
+}
+
+int fp_fs_lock_dir(const char *dir, const char *who, int *fd, fp_err_t *err)
+{
+    *fd = -1;
+    char *path = fp_path_join(dir, "lock");
+    if (!path)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int f = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600), rc = 0;
+    if (f < 0) {
+        rc = fp_err_set(err, -errno, "%s: %s", path, strerror(errno));
+        goto out;
+    }
+    if (flock(f, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        char pid[32] = "";
+        ssize_t n = pread(f, pid, sizeof pid - 1, 0);
+        pid[n > 0 ? n : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        rc = e == EWOULDBLOCK
+                 ? fp_err_set(err, -EBUSY, "%s is in use by another %s (PID %s; lock %s)", dir,
+                              who, pid[0] ? pid : "unknown", path)
+                 : fp_err_set(err, -e, "%s: cannot lock: %s", path, strerror(e));
+        close(f);
+        goto out;
+    }
+    char pid[32];
+    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(f, 0) != 0 || pwrite(f, pid, (size_t)len, 0) != len) {
+        rc = fp_err_set(err, -errno, "%s: %s", path, strerror(errno));
+        close(f);
+        goto out;
+    }
+    *fd = f;
+out:
+    free(path);
     return rc;
 }
 

@@ -19,8 +19,8 @@ typedef struct fp_afile {
     char *tmp_path; /* temporary name in the same directory */
 } fp_afile_t;
 
-/* Opens a temporary file next to `path` with permissions `mode`. On failure nothing is left
- * behind and af needs no cleanup. */
+/* Opens a temporary file next to `path` with permissions `mode` less the umask, as open(2)
+ * would. On failure nothing is left behind and af needs no cleanup. */
 int fp_afile_open(fp_afile_t *af, const char *path, mode_t mode, fp_err_t *err);
 
 /* Appends len bytes; on failure the caller still owns af and must call fp_afile_abort. */
@@ -54,6 +54,12 @@ int fp_fs_exists(const char *path);
 
 /* 1 if path is a directory. */
 int fp_fs_is_dir(const char *path);
+
+/* Takes an exclusive lock on dir/lock for as long as *fd stays open (the daemon keeps it for
+ * its whole life; the kernel drops it when the process ends, however it ends) and writes this
+ * process's PID there. A directory another process holds is -EBUSY, with a message naming
+ * `who` and that process's PID. */
+int fp_fs_lock_dir(const char *dir, const char *who, int *fd, fp_err_t *err);
 
 /* malloc'd "a/b"; NULL on allocation failure. */
 char *fp_path_join(const char *a, const char *b);

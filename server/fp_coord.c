@@ -106,6 +106,7 @@ struct fp_coord {
     double agg_seconds;
     int job_rc;
     fp_err_t job_err;
+    int lock_fd;              /* STATE/lock, held while the coordinator lives */
     /* stopping */
     int stopping, done_called, handles_open;
     void (*on_done)(void *ctx, int rc);
@@ -1279,6 +1280,7 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
         return fp_err_set(err, -ENOMEM, "out of memory");
     co->loop = loop;
     co->cfg = cfg;
+    co->lock_fd = -1;
     co->on_done = on_done;
     co->done_ctx = ctx;
     fp_fed_t *f = &co->fed;
@@ -1289,8 +1291,13 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
             rc = fp_err_set(err, -ENOMEM, "out of memory");
             goto fail;
         }
+    /* site updates are the most sensitive thing here: the directories are the daemon's alone
+     * (0700), and so are the files (0600: the daemon's umask is 077) */
+    if ((rc = fp_fs_mkdirs(cfg->state_dir, 0700, err)) != 0 ||
+        (rc = fp_fs_lock_dir(cfg->state_dir, "fedpeft-server", &co->lock_fd, err)) != 0)
+        goto fail;
     for (int i = 0; i < 3; i++)
-        if ((rc = fp_fs_mkdirs(*dirs[i], 0750, err)) != 0)
+        if ((rc = fp_fs_mkdirs(*dirs[i], 0700, err)) != 0)
             goto fail;
     if ((rc = fp_strategy_parse(cfg->strategy, &f->strategy, err)) != 0 ||
         (rc = fp_targets_parse(cfg->target_modules, &co->targets, err)) != 0)
@@ -1360,6 +1367,8 @@ fail:
     for (int i = 0; i < 3; i++)
         free(*dirs[i]);
     free(f->layout);
+    if (co->lock_fd >= 0)
+        close(co->lock_fd);
     free(co);
     return rc;
 }
@@ -1465,5 +1474,7 @@ void fp_coord_free(fp_coord_t *co)
     free(co->fed.updates_dir);
     free(co->fed.spool_dir);
     free(co->fed.layout);
+    if (co->lock_fd >= 0)
+        close(co->lock_fd); /* another coordinator may have the directory now */
     free(co);
 }

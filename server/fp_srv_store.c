@@ -1,10 +1,13 @@
 #include "fp_srv_store.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <time.h>
 
 #include "fp_fs.h"
@@ -125,6 +128,11 @@ int fp_store_open(fp_store_t **out, const char *state_dir, int readonly, fp_err_
     }
     int flags = SQLITE_OPEN_FULLMUTEX |
                 (readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    if (!readonly) { /* the database is the daemon's alone (its WAL takes the same mode) */
+        int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (fd >= 0)
+            close(fd);
+    }
     if (sqlite3_open_v2(path, &st->db, flags, NULL) != SQLITE_OK) {
         rc = fp_err_set(err, -EIO, "%s", st->db ? sqlite3_errmsg(st->db) : "cannot open");
         goto fail;

@@ -507,6 +507,15 @@ static void test_sigterm_training(void **state)
     start_server(f);
     start_site(f, 0, NULL, "[train]\nmax_steps = 10000000");
     wait_log(f, names[0], "training: round 1");
+    /* a second daemon on the same state directory is refused, naming the first */
+    char *cfg = path2(f->dir, "site-a.ini"), *o = NULL, *e = NULL, want[96];
+    const char *again[] = {"--config", cfg, NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, again, &o, &e), 1);
+    snprintf(want, sizeof want, "is in use by another fedpeft-client (PID %d;", (int)f->sites[0]);
+    fpt_assert_text(e, want, __FILE__, __LINE__);
+    free(cfg);
+    free(o);
+    free(e);
     usleep(300000);
     kill(f->sites[0], SIGTERM);
     assert_int_equal(wait_exit(f->sites[0], 10), 0);

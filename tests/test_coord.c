@@ -3,12 +3,14 @@
  * of what the task sent). Checks what the coordinator stored against references computed here:
  * for exact strategies ΔW_after − ΔW_before = Σ p_k ΔW_k in dense float64; for the others the
  * stored global adapter equals a merge of the stored updates done here. */
+#include <dirent.h>
 #include <jansson.h>
 #include <math.h>
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <signal.h>
 #include <spawn.h>
@@ -1165,6 +1167,65 @@ static void test_spool_leftovers(void **state)
     free(f.adapters_dir);
 }
 
+/* Every file under dir is the daemon's alone (no group or other bits), directories too. */
+static void assert_private_tree(const char *dir, int *files)
+{
+    struct stat st;
+    assert_int_equal(stat(dir, &st), 0);
+    if ((st.st_mode & 077) != 0)
+        fail_msg("%s has mode %o", dir, st.st_mode & 0777);
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+            continue;
+        char *p = fp_path_join(dir, de->d_name);
+        assert_int_equal(lstat(p, &st), 0);
+        if (S_ISDIR(st.st_mode)) {
+            assert_private_tree(p, files);
+        } else {
+            if ((st.st_mode & 077) != 0)
+                fail_msg("%s has mode %o", p, st.st_mode & 0777);
+            (*files)++;
+        }
+        free(p);
+    }
+    closedir(d);
+}
+
+/* Two coordinators cannot share a state directory: the second is refused with the first's
+ * PID; a killed coordinator's lock goes with it. What the coordinator stores is 0600 in 0700
+ * directories, whatever the umask it was started with. */
+static void test_state_dir_lock_and_modes(void **state)
+{
+    (void)state;
+    env_t *e = env_new();
+    write_config(e, "flexlora", 1, NULL);
+    mode_t old = umask(022);
+    start_server(e);
+    char *out = NULL, *errs = NULL;
+    const char *again[] = {"--config", e->cfg, NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, again, &out, &errs), 1);
+    char want[128];
+    snprintf(want, sizeof want, "is in use by another fedpeft-server (PID %d;", (int)e->pid);
+    fpt_assert_text(errs, want, __FILE__, __LINE__);
+    int files = 0;
+    assert_private_tree(e->state, &files);
+    assert_true(files >= 3); /* the database, the lock, the initial adapter */
+    kill(e->pid, SIGKILL);
+    waitpid(e->pid, NULL, 0);
+    live_pid = 0;
+    start_server(e); /* the lock died with the process */
+    kill(e->pid, SIGTERM);
+    waitpid(e->pid, NULL, 0);
+    live_pid = 0;
+    umask(old);
+    free(out);
+    free(errs);
+    env_free(e);
+}
+
 /* fraction and max_sites: ⌈0.5·3⌉ = 2 sites a round, drawn anew each round; then at most 1. */
 static void sampling_case(const char *extra, int per_round)
 {
@@ -1213,6 +1274,7 @@ int main(void)
         cmocka_unit_test_teardown(test_norm_bound, kill_live_server),
         cmocka_unit_test(test_spool_leftovers),
         cmocka_unit_test_teardown(test_sampling, kill_live_server),
+        cmocka_unit_test_teardown(test_state_dir_lock_and_modes, kill_live_server),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
