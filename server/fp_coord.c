@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fp_conn.h"
@@ -84,7 +85,11 @@ struct fp_coord {
     int64_t round;            /* the open round, or the last one */
     int64_t sent_bytes;       /* adapter bytes sent to sites this round (bytes_out at close;
                                  a restarted coordinator counts from its restart) */
-    int64_t deadline_ms;
+    int64_t deadline_ms;      /* wall clock: recorded, and told to sites */
+    int64_t deadline_mono;    /* the same instant on the monotonic clock: the timer's */
+    int64_t timer_early_ms;   /* tests: arm the deadline timer this much early, as a timer
+                                 armed from a stale loop time fires
+                                 (FEDPEFT_TEST_TIMER_EARLY_MS) */
     char global_sha[65];      /* the global adapter the open round started from */
     int global_rank;
     rtask_t *tasks;
@@ -341,9 +346,21 @@ static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t)
 
 static void deadline_cb(uv_timer_t *t);
 
+/* Monotonic milliseconds: deadlines are measured on this clock, which no clock change moves;
+ * the wall clock is only for what is recorded and told to sites. */
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* (Re-)arms the deadline timer for what is left of the round. A timer may fire before the
+ * deadline (libuv times it from the loop's cached time); check_round then arms it again. */
 static void arm_deadline(fp_coord_t *co)
 {
-    int64_t left = co->deadline_ms - fp_now_ms();
+    uv_update_time(co->loop);
+    int64_t left = co->deadline_mono - mono_ms() - co->timer_early_ms;
     uv_timer_start(&co->timer, deadline_cb, left > 0 ? (uint64_t)left : 0, 0);
 }
 
@@ -503,6 +520,7 @@ static void maybe_open_round(fp_coord_t *co)
     co->sent_bytes = 0;
     atomic_store(&co->c_round, round);
     co->deadline_ms = deadline;
+    co->deadline_mono = mono_ms() + (int64_t)(c->round_deadline_s * 1000);
     if ((rc = load_tasks(co, &err)) != 0) {
         fp_log(FP_LOG_ERR, "round %lld: %s", (long long)round, fp_err_msg(&err));
         return;
@@ -681,12 +699,14 @@ static void check_round(fp_coord_t *co)
         else if (!t->excluded && !t->gone)
             waiting++;
     }
-    int past = fp_now_ms() >= co->deadline_ms;
+    int past = mono_ms() >= co->deadline_mono;
     if (up == co->ntasks || (up >= co->cfg->min_updates && (waiting == 0 || past)))
         aggregate_round(co, 0);
     else if (past)
         expire_round(co, up ? "too few updates before the deadline" :
                      "no update before the deadline");
+    else
+        arm_deadline(co); /* not yet due: whatever woke us, the timer covers the rest */
 }
 
 static void deadline_cb(uv_timer_t *t)
@@ -1226,6 +1246,8 @@ static int read_last_round(void *ctx, sqlite3_stmt *r)
     const char *st = (const char *)sqlite3_column_text(r, 1);
     co->rstate = !strcmp(st, "open") ? R_OPEN : !strcmp(st, "aggregating") ? R_AGGREGATING : R_NONE;
     co->deadline_ms = sqlite3_column_int64(r, 2);
+    /* a restarted coordinator: what is left of the recorded deadline, from now */
+    co->deadline_mono = mono_ms() + (co->deadline_ms - fp_now_ms());
     return 1;
 }
 
@@ -1281,6 +1303,8 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     co->loop = loop;
     co->cfg = cfg;
     co->lock_fd = -1;
+    const char *early = getenv("FEDPEFT_TEST_TIMER_EARLY_MS");
+    co->timer_early_ms = early ? atoll(early) : 0;
     co->on_done = on_done;
     co->done_ctx = ctx;
     fp_fed_t *f = &co->fed;

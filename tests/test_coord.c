@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sqlite3.h>
@@ -175,7 +176,7 @@ static void env_free(env_t *e)
 
 /* ---- sites ---- */
 
-enum { B_GOOD, B_NAN, B_VANISH, B_HOLD, B_DUP, B_SAMPLES, B_EXTRA };
+enum { B_GOOD, B_NAN, B_VANISH, B_HOLD, B_DUP, B_SAMPLES, B_EXTRA, B_IDLE };
 
 typedef struct site_rt {
     struct world *w;
@@ -211,6 +212,9 @@ typedef struct world {
     uv_poll_t notify_poll;
     char notes[65536];
     size_t notes_len;
+    double timeout_s;       /* > 0: the server is killed and the test fails after this long */
+    double started;
+    int timed_out;
 } world_t;
 
 static void site_connect(site_rt_t *r);
@@ -233,6 +237,8 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
 {
     site_rt_t *r = ctx;
     r->tasks++;
+    if (r->behaviour == B_IDLE)
+        return; /* says Hello, takes every task, never uploads */
     if (r->holding && (int)t->round > r->w->bad_round) {
         r->holding = 0; /* the late update; the coordinator refuses it and hangs up */
         assert_int_equal(fp_site_upload(s, &r->held, 0), 0);
@@ -361,12 +367,25 @@ static void site_connect(site_rt_t *r)
 
 static void notify_cb(uv_poll_t *h, int status, int events);
 
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static void poll_cb(uv_timer_t *t)
 {
     world_t *w = t->data;
     int st;
+    if (w->timeout_s > 0 && !w->timed_out && mono_s() - w->started > w->timeout_s) {
+        w->timed_out = 1;
+        kill(w->e->pid, SIGKILL);
+    }
     if (waitpid(w->e->pid, &st, WNOHANG) != w->e->pid)
         return;
+    if (w->timed_out)
+        w->killed = 3; /* not restarted */
     if (w->killed == 1 || (WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL && !w->killed)) {
         w->killed = 2; /* killed (by the test or at a failpoint): restart where it stopped */
         start_server(w->e);
@@ -424,6 +443,7 @@ static void run_world(world_t *w)
     uv_timer_init(&w->loop, &w->poll);
     w->poll.data = w;
     uv_timer_start(&w->poll, poll_cb, 20, 20);
+    w->started = mono_s();
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_loop_close(&w->loop);
     for (int i = 0; i < NSITES; i++) {
@@ -431,6 +451,8 @@ static void run_world(world_t *w)
         free(w->sites[i].buf);
         free(w->sites[i].t);
     }
+    if (w->timed_out)
+        return; /* the test says what did not happen */
     if (!WIFEXITED(w->status) || WEXITSTATUS(w->status) != 0) {
         char *t = NULL;
         size_t n;
@@ -1167,6 +1189,49 @@ static void test_spool_leftovers(void **state)
     free(f.adapters_dir);
 }
 
+/* A round's deadline holds even when its timer fires early (FEDPEFT_TEST_TIMER_EARLY_MS arms it
+ * 300 ms early, as a timer armed from the loop's stale cached time does): the coordinator
+ * finds the deadline not yet due, arms the timer again, and each round of sites that never
+ * upload expires on time. Before the fix the first round stayed open for good. */
+static void test_deadline_timer_early(void **state)
+{
+    (void)state;
+    env_t *e = env_new();
+    write_config(e, "flexlora", 4, NULL);
+    char *text = NULL;
+    size_t n;
+    assert_int_equal(fp_fs_read_file(e->cfg, 1 << 20, &text, &n, NULL), 0);
+    char *d = strstr(text, "round_deadline_s = 60");
+    assert_non_null(d);
+    memcpy(d, "round_deadline_s =0.5", 21);
+    assert_int_equal(fp_fs_write_file(e->cfg, text, n, 0644, NULL), 0);
+    free(text);
+    setenv("FEDPEFT_TEST_TIMER_EARLY_MS", "300", 1);
+    start_server(e);
+    unsetenv("FEDPEFT_TEST_TIMER_EARLY_MS");
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    w->timeout_s = 20;
+    for (int i = 0; i < NSITES; i++)
+        w->sites[i].behaviour = B_IDLE;
+    run_world(w);
+    sqlite3 *db = open_db(e);
+    if (w->timed_out)
+        fail_msg("rounds did not close: %lld expired in 20 s; round %lld still open %lld ms past "
+                 "its deadline", (long long)q_int(db, "SELECT count(*) FROM round WHERE state = "
+                                                      "'expired'"),
+                 (long long)q_int(db, "SELECT max(n) FROM round"),
+                 (long long)(fp_now_ms() - q_int(db, "SELECT deadline_ms FROM round ORDER BY n "
+                                                     "DESC LIMIT 1")));
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'expired'"), 4);
+    /* on time: never before the deadline, and within a quarter of a second after it */
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND (closed_ms < "
+                               "deadline_ms OR closed_ms > deadline_ms + 250)"), 0);
+    sqlite3_close(db);
+    free(w);
+    env_free(e);
+}
+
 /* Every file under dir is the daemon's alone (no group or other bits), directories too. */
 static void assert_private_tree(const char *dir, int *files)
 {
@@ -1275,6 +1340,7 @@ int main(void)
         cmocka_unit_test(test_spool_leftovers),
         cmocka_unit_test_teardown(test_sampling, kill_live_server),
         cmocka_unit_test_teardown(test_state_dir_lock_and_modes, kill_live_server),
+        cmocka_unit_test_teardown(test_deadline_timer_early, kill_live_server),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
