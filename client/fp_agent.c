@@ -91,10 +91,10 @@ void fp_agent_config_free(fp_agent_config_t *c)
 }
 
 int fp_agent_config_load(fp_agent_config_t *c, const char *path, char *const *overrides, int n,
-                         fp_err_t *err)
+                         void (*warn)(const char *msg), fp_err_t *err)
 {
     memset(c, 0, sizeof *c);
-    int rc = fp_settings_load(fp_agent_settings, c, path, overrides, n, err);
+    int rc = fp_settings_load(fp_agent_settings, c, path, overrides, n, warn, err);
     if (rc)
         return rc;
     const char *req[][2] = {{"client.coordinator", c->coordinator}, {"client.cert", c->cert},
@@ -103,6 +103,8 @@ int fp_agent_config_load(fp_agent_config_t *c, const char *path, char *const *ov
     for (size_t i = 0; i < sizeof req / sizeof req[0]; i++)
         if (!req[i][1])
             return fp_err_set(err, -EINVAL, "%s is required", req[i][0]);
+    if ((rc = fp_fs_dir_usable(c->state_dir, err)) != 0)
+        return fp_err_prefix(err, rc, "client.state_dir: ");
     if (!strchr(c->coordinator, ':'))
         return fp_err_set(err, -EINVAL, "client.coordinator: '%s' is not host:port",
                           c->coordinator);
@@ -121,6 +123,18 @@ int fp_agent_config_load(fp_agent_config_t *c, const char *path, char *const *ov
         fp_extrain_argv_free(argv);
     }
     return 0;
+}
+
+int fp_agent_config_probe(const fp_agent_config_t *c, fp_err_t *err)
+{
+    char host[256];
+    const char *colon = strrchr(c->coordinator, ':');
+    snprintf(host, sizeof host, "%.*s", (int)(colon - c->coordinator), c->coordinator);
+    fp_tls_cfg_t tc = {0, c->cert, c->key, c->ca, NULL, c->server_name ? c->server_name : host};
+    fp_tls_ctx_t *tls = NULL;
+    int rc = fp_tls_ctx_new(&tls, &tc, err);
+    fp_tls_ctx_free(tls);
+    return rc;
 }
 
 /* ---- the agent ---- */

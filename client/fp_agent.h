@@ -44,8 +44,13 @@ typedef struct fp_agent_config {
 extern const fp_setting_t fp_agent_settings[];
 
 int fp_agent_config_load(fp_agent_config_t *c, const char *path, char *const *overrides, int n,
-                         fp_err_t *err);
+                         void (*warn)(const char *msg), fp_err_t *err);
 void fp_agent_config_free(fp_agent_config_t *c);
+
+/* What --check-config adds, which the start would otherwise be the first to find: the TLS
+ * files loaded as the daemon loads them (certificate and key belong together, the CA
+ * parses). */
+int fp_agent_config_probe(const fp_agent_config_t *c, fp_err_t *err);
 
 typedef struct fp_agent fp_agent_t;
 

@@ -10,6 +10,11 @@
 #include "fp_blas.h"
 #include "fp_log.h"
 
+static void config_warning(const char *msg)
+{
+    fp_log(FP_LOG_WARNING, "configuration: %s", msg);
+}
+
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -92,12 +97,18 @@ int main(int argc, char **argv)
     }
     fp_agent_config_t cfg;
     fp_err_t err = {0};
-    if (fp_agent_config_load(&cfg, path, ov, nov, &err) != 0) {
+    if (fp_agent_config_load(&cfg, path, ov, nov, config_warning, &err) != 0) {
         fprintf(stderr, "fedpeft-client: configuration: %s%s\n", fp_err_msg(&err),
                 path ? "" : " (no --config FILE given; see --help)");
         fp_agent_config_free(&cfg);
         free(ov);
         return check ? 1 : 2;
+    }
+    if (check && fp_agent_config_probe(&cfg, &err) != 0) {
+        fprintf(stderr, "fedpeft-client: configuration: %s\n", fp_err_msg(&err));
+        fp_agent_config_free(&cfg);
+        free(ov);
+        return 1;
     }
     if (check) {
         fp_settings_print(fp_agent_settings, &cfg, stdout);

@@ -250,6 +250,41 @@ int fp_fs_mkdirs(const char *path, mode_t mode, fp_err_t *err)
     return rc;
 }
 
+int fp_fs_dir_usable(const char *path, fp_err_t *err)
+{
+    char *p = strdup(path);
+    if (!p)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int rc = 0, missing = 0;
+    for (;;) {
+        struct stat st;
+        if (stat(p, &st) == 0) {
+            if (!S_ISDIR(st.st_mode))
+                rc = fp_err_set(err, -ENOTDIR, "%s: %s is not a directory", path, p);
+            else if (access(p, W_OK | X_OK) != 0)
+                rc = fp_err_set(err, -EACCES, "%s: %s %s", path, p,
+                                missing ? "does not let this user create the directory in it"
+                                        : "is not writable by this user");
+            break;
+        }
+        if (errno != ENOENT && errno != ENOTDIR) {
+            rc = fp_err_set(err, -errno, "%s: %s", path, strerror(errno));
+            break;
+        }
+        missing = 1;
+        char *slash = strrchr(p, '/');
+        if (!slash) {
+            snprintf(p, strlen(path) + 1, ".");
+        } else if (slash == p) {
+            p[1] = '\0';
+        } else {
+            *slash = '\0';
+        }
+    }
+    free(p);
+    return rc;
+}
+
 int fp_fs_lock_dir(const char *dir, const char *who, int *fd, fp_err_t *err)
 {
     *fd = -1;

@@ -55,6 +55,11 @@ int fp_fs_exists(const char *path);
 /* 1 if path is a directory. */
 int fp_fs_is_dir(const char *path);
 
+/* Whether path can be a daemon's state directory, without creating anything: an existing
+ * directory this process may write into, or a path whose nearest existing ancestor is one
+ * (the daemon creates the rest). -ENOTDIR or -EACCES with a message otherwise. */
+int fp_fs_dir_usable(const char *path, fp_err_t *err);
+
 /* Takes an exclusive lock on dir/lock for as long as *fd stays open (the daemon keeps it for
  * its whole life; the kernel drops it when the process ends, however it ends) and writes this
  * process's PID there. A directory another process holds is -EBUSY, with a message naming

@@ -1,10 +1,13 @@
 #include "fp_settings.h"
 
+#include <errno.h>
 #include <ini.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+
+#include "fp_escape.h"
 
 static void *field(void *cfg, const fp_setting_t *s)
 {
@@ -25,10 +28,13 @@ static const fp_setting_t *find(const fp_setting_t *t, const char *sec, const ch
     return NULL;
 }
 
-/* Parses v into the setting's field; a message (without location) on failure. */
+/* Parses v into the setting's field; a message (without location) on failure, quoting v
+ * escaped (a configuration may hold any bytes). */
 static int set_value(const fp_setting_t *s, void *cfg, const char *v, fp_err_t *err)
 {
     void *f = field(cfg, s);
+    char shown[160];
+    fp_escape(v, shown, sizeof shown);
     char *end;
     switch (s->type) {
     case FP_SET_STR: {
@@ -45,7 +51,7 @@ static int set_value(const fp_setting_t *s, void *cfg, const char *v, fp_err_t *
         long long x = strtoll(v, &end, 0);
         if (!v[0] || *end || errno)
             return fp_err_set(err, -EINVAL, "%s.%s: '%s' is not an integer", s->section, s->key,
-                              v);
+                              shown);
         if ((double)x < s->min || (double)x > s->max)
             return fp_err_set(err, -ERANGE, "%s.%s: %lld is outside [%.0f, %.0f]", s->section,
                               s->key, x, s->min, s->max);
@@ -57,7 +63,7 @@ static int set_value(const fp_setting_t *s, void *cfg, const char *v, fp_err_t *
         double x = strtod(v, &end);
         if (!v[0] || *end || errno || !isfinite(x))
             return fp_err_set(err, -EINVAL, "%s.%s: '%s' is not a finite number", s->section,
-                              s->key, v);
+                              s->key, shown);
         if (x < s->min || x > s->max)
             return fp_err_set(err, -ERANGE, "%s.%s: %g is outside [%g, %g]", s->section, s->key,
                               x, s->min, s->max);
@@ -77,10 +83,39 @@ static int set_value(const fp_setting_t *s, void *cfg, const char *v, fp_err_t *
             }
         }
         return fp_err_set(err, -EINVAL, "%s.%s: '%s' is not a boolean (true or false)",
-                          s->section, s->key, v);
+                          s->section, s->key, shown);
     }
     }
     return fp_err_set(err, -EINVAL, "%s.%s: unknown setting type", s->section, s->key);
+}
+
+/* inih reads through this: whole lines of any length, counted as the file's lines (inih's own
+ * reader splits a line longer than its buffer into several, and miscounts every line after). */
+typedef struct ini_reader {
+    FILE *f;
+    int line;      /* lines read so far */
+    int too_long;  /* the first line longer than inih's buffer (0: none) */
+    int limit;     /* that buffer, in characters */
+} ini_reader_t;
+
+static char *read_line(char *str, int num, void *stream)
+{
+    ini_reader_t *r = stream;
+    if (!fgets(str, num, r->f))
+        return NULL;
+    r->line++;
+    size_t n = strlen(str);
+    if (n + 1 == (size_t)num && str[n - 1] != '\n') {
+        int c; /* the rest of the line goes unread; the line is refused below */
+        while ((c = fgetc(r->f)) != EOF && c != '\n')
+            ;
+        if (!r->too_long) {
+            r->too_long = r->line;
+            r->limit = num - 1;
+        }
+        snprintf(str, (size_t)num, "["); /* an invalid line: parsing stops here */
+    }
+    return str;
 }
 
 typedef struct ini_ctx {
@@ -89,23 +124,37 @@ typedef struct ini_ctx {
     const char *path;
     fp_err_t *err;
     int rc;
+    ini_reader_t *rd;
+    int *set_on;   /* per setting: the line that set it (0: not yet) */
+    void (*warn)(const char *msg);
 } ini_ctx_t;
 
 static int on_ini(void *user, const char *section, const char *name, const char *value,
                   int lineno)
 {
     ini_ctx_t *c = user;
+    (void)lineno;
     if (c->rc)
         return 1; /* the first problem is the one reported */
     int known;
     const fp_setting_t *s = find(c->table, section, name, &known);
-    (void)lineno;
     if (!s) {
-        c->rc = fp_err_set(c->err, -EINVAL, "unknown %s '%s%s%s'",
-                           known ? "setting" : "section or setting", section, section[0] ? "." : "",
-                           name);
+        char raw[256], what[256];
+        snprintf(raw, sizeof raw, "%s%s%s", section, section[0] ? "." : "", name);
+        fp_escape(raw, what, sizeof what);
+        c->rc = fp_err_set(c->err, -EINVAL, "unknown %s '%s'",
+                           known ? "setting" : "section or setting", what);
         return 0; /* inih reports this line */
     }
+    int *first = &c->set_on[s - c->table];
+    if (*first && c->warn) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s:%d: %s.%s is set again (first on line %d); line %d's "
+                 "value is the one used", c->path, c->rd->line, s->section, s->key, *first,
+                 c->rd->line);
+        c->warn(msg);
+    }
+    *first = c->rd->line;
     return (c->rc = set_value(s, c->cfg, value, c->err)) == 0;
 }
 
@@ -123,7 +172,8 @@ static int ini_handler_fn(void *user, const char *section, const char *name, con
 #endif
 
 int fp_settings_load(const fp_setting_t *table, void *cfg, const char *path,
-                     char *const *overrides, int n_overrides, fp_err_t *err)
+                     char *const *overrides, int n_overrides, void (*warn)(const char *msg),
+                     fp_err_t *err)
 {
     int rc;
     for (const fp_setting_t *s = table; s->key; s++)
@@ -133,15 +183,26 @@ int fp_settings_load(const fp_setting_t *table, void *cfg, const char *path,
         FILE *f = fopen(path, "r");
         if (!f)
             return fp_err_set(err, -errno, "%s: %s", path, strerror(errno));
-        ini_ctx_t c = {table, cfg, path, err, 0};
-        int line = ini_parse_file(f, ini_handler_fn, &c);
+        size_t ns = 0;
+        while (table[ns].key)
+            ns++;
+        ini_reader_t rd = {f, 0, 0, 0};
+        ini_ctx_t c = {table, cfg, path, err, 0, &rd, calloc(ns + 1, sizeof(int)), warn};
+        if (!c.set_on) {
+            fclose(f);
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        }
+        int line = ini_parse_stream(read_line, &rd, ini_handler_fn, &c);
         fclose(f);
+        free(c.set_on);
         if (c.rc)
-            return fp_err_prefix(err, c.rc, "%s:%d: ", path, line);
+            return fp_err_prefix(err, c.rc, "%s:%d: ", path, rd.line);
+        if (rd.too_long && (line == 0 || line >= rd.too_long))
+            return fp_err_set(err, -EINVAL, "%s:%d: line longer than %d characters", path,
+                              rd.too_long, rd.limit);
         if (line != 0)
             return fp_err_set(err, -EINVAL, "%s:%d: not a valid INI line (key = value, [section] "
-                              "or a comment; lines up to %d characters)", path, line,
-                              INI_MAX_LINE);
+                              "or a comment)", path, line);
     }
     for (int i = 0; i < n_overrides; i++) {
         const char *o = overrides[i];

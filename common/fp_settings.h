@@ -34,9 +34,13 @@ typedef struct fp_setting {
 #define FP_SET_END {NULL, NULL, FP_SET_STR, 0, NULL, 0, 0, 0, NULL}
 
 /* Defaults into cfg, then the file (may be NULL), then overrides ("section.key=value").
- * On failure cfg holds what was set so far: release it with fp_settings_free. */
+ * Errors name the file and line (counted right, whatever the lines' length; a line longer
+ * than inih's buffer is refused, never cut) and quote values escaped. A setting the file sets
+ * twice is a warning naming both lines (the later value is used), given to warn (may be
+ * NULL). On failure cfg holds what was set so far: release it with fp_settings_free. */
 int fp_settings_load(const fp_setting_t *table, void *cfg, const char *path,
-                     char *const *overrides, int n_overrides, fp_err_t *err);
+                     char *const *overrides, int n_overrides, void (*warn)(const char *msg),
+                     fp_err_t *err);
 
 /* Releases the strings of cfg. */
 void fp_settings_free(const fp_setting_t *table, void *cfg);

@@ -1,6 +1,7 @@
 #include "fp_tls.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
@@ -8,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 struct fp_tls_ctx {
     fp_tls_cfg_t cfg; /* with copied strings */
@@ -47,10 +49,44 @@ static int load_crl(X509_STORE *store, const char *path, fp_err_t *err)
     return 0;
 }
 
+/* The peer's own certificate must name its use: clientAuth for a site, serverAuth for the
+ * coordinator. OpenSSL's purpose check lets a certificate without an extended key usage pass
+ * (no extension means any use); the federation's CA always writes one. */
+static int verify_cb(int ok, X509_STORE_CTX *x)
+{
+    if (!ok || X509_STORE_CTX_get_error_depth(x) != 0)
+        return ok;
+    X509 *cert = X509_STORE_CTX_get_current_cert(x);
+    SSL *ssl = X509_STORE_CTX_get_ex_data(x, SSL_get_ex_data_X509_STORE_CTX_idx());
+    uint32_t need = ssl && SSL_is_server(ssl) ? XKU_SSL_CLIENT : XKU_SSL_SERVER;
+    if (!cert || !(X509_get_extension_flags(cert) & EXFLAG_XKUSAGE) ||
+        !(X509_get_extended_key_usage(cert) & need)) {
+        X509_STORE_CTX_set_error(x, X509_V_ERR_INVALID_PURPOSE);
+        return 0;
+    }
+    return 1;
+}
+
+/* A private key others can read is refused, as OpenSSH refuses one: its owner may read it, and
+ * a group at most (the packages give it to the daemon's group, 0640). */
+static int key_private(const char *path, fp_err_t *err)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return fp_err_set(err, -errno, "%s: %s", path, strerror(errno));
+    if (st.st_mode & 0027)
+        return fp_err_set(err, -EPERM, "%s: private key with permissions %04o is open to "
+                          "others; it must be readable by its owner only (chmod 600), or by "
+                          "a group at most (640)", path, (unsigned)(st.st_mode & 07777));
+    return 0;
+}
+
 /* A fresh SSL_CTX from the files of cfg. */
 static SSL_CTX *build(const fp_tls_cfg_t *cfg, fp_err_t *err)
 {
     ERR_clear_error();
+    if (key_private(cfg->key, err) != 0)
+        return NULL;
     SSL_CTX *c = SSL_CTX_new(cfg->server ? TLS_server_method() : TLS_client_method());
     if (!c) {
         ssl_fail(err, -ENOMEM, "cannot create a TLS context");
@@ -86,13 +122,13 @@ static SSL_CTX *build(const fp_tls_cfg_t *cfg, fp_err_t *err)
     if (cfg->crl && load_crl(store, cfg->crl, err) != 0)
         goto fail;
     if (cfg->server) {
-        SSL_CTX_set_verify(c, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+        SSL_CTX_set_verify(c, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verify_cb);
         /* tell clients which CA we accept */
         STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(cfg->ca);
         if (names)
             SSL_CTX_set_client_CA_list(c, names);
     } else {
-        SSL_CTX_set_verify(c, SSL_VERIFY_PEER, NULL);
+        SSL_CTX_set_verify(c, SSL_VERIFY_PEER, verify_cb);
     }
     SSL_CTX_set_verify_depth(c, 2);
     return c;

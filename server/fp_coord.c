@@ -491,7 +491,7 @@ static void maybe_open_round(fp_coord_t *co)
     if (want > n)
         want = n;
     fp_err_t err = {0};
-    int64_t now = fp_now_ms();
+    int64_t now = fp_now_ms(), now_mono = mono_ms();
     int64_t deadline = now + (int64_t)(c->round_deadline_s * 1000);
     int rc = fp_store_begin(co->st, &err);
     if (rc == 0)
@@ -520,7 +520,7 @@ static void maybe_open_round(fp_coord_t *co)
     co->sent_bytes = 0;
     atomic_store(&co->c_round, round);
     co->deadline_ms = deadline;
-    co->deadline_mono = mono_ms() + (int64_t)(c->round_deadline_s * 1000);
+    co->deadline_mono = now_mono + (deadline - now); /* the same instant on both clocks */
     if ((rc = load_tasks(co, &err)) != 0) {
         fp_log(FP_LOG_ERR, "round %lld: %s", (long long)round, fp_err_msg(&err));
         return;

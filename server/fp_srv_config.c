@@ -1,14 +1,19 @@
 #include "fp_srv_config.h"
 
+#include <errno.h>
+#include <netdb.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "fp_fs.h"
 #include "fp_merge.h"
 #include "fp_model.h"
 #include "fp_stream.h"
+#include "fp_tls.h"
 
 #define O(f) offsetof(fp_srv_config_t, f)
 #define BIG 1e18
@@ -172,6 +177,8 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
     }
     if (!c->state_dir)
         return fp_err_set(err, -EINVAL, "server.state_dir is required");
+    if ((rc = fp_fs_dir_usable(c->state_dir, err)) != 0)
+        return fp_err_prefix(err, rc, "server.state_dir: ");
     if (!c->base_model_sha256 || strlen(c->base_model_sha256) != 64)
         return fp_err_set(err, -EINVAL, "federation.base_model_sha256 must be 64 hex digits "
                           "(sha256sum of the base model's weights)");
@@ -200,10 +207,50 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
     return 0;
 }
 
+/* Binds host:port and lets it go again. */
+static int try_bind(const char *what, const char *hostport, fp_err_t *err)
+{
+    char host[256], ps[16];
+    int port = 0, rc = fp_split_hostport(hostport, host, sizeof host, &port, err);
+    if (rc || port == 0)
+        return rc;
+    snprintf(ps, sizeof ps, "%d", port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV}, *ai = NULL;
+    int g = getaddrinfo(host[0] ? host : NULL, ps, &hints, &ai);
+    if (g != 0)
+        return fp_err_set(err, -EINVAL, "%s: %s: %s", what, hostport, gai_strerror(g));
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    if (fd < 0) {
+        rc = fp_err_set(err, -errno, "%s: %s: %s", what, hostport, strerror(errno));
+    } else {
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0)
+            rc = fp_err_set(err, -errno, "%s: cannot listen on %s: %s", what, hostport,
+                            strerror(errno));
+        close(fd);
+    }
+    freeaddrinfo(ai);
+    return rc;
+}
+
+int fp_srv_config_probe(const fp_srv_config_t *c, fp_err_t *err)
+{
+    fp_tls_cfg_t tc = {1, c->cert, c->key, c->ca, c->crl, NULL};
+    fp_tls_ctx_t *tls = NULL;
+    int rc = fp_tls_ctx_new(&tls, &tc, err);
+    fp_tls_ctx_free(tls);
+    if (rc)
+        return rc;
+    if ((rc = try_bind("server.listen", c->listen, err)) != 0)
+        return rc;
+    return c->metrics ? try_bind("server.metrics", c->metrics, err) : 0;
+}
+
 int fp_srv_config_load(fp_srv_config_t *c, const char *path, char *const *overrides, int n,
-                       fp_err_t *err)
+                       void (*warn)(const char *msg), fp_err_t *err)
 {
     memset(c, 0, sizeof *c);
-    int rc = fp_settings_load(fp_srv_settings, c, path, overrides, n, err);
+    int rc = fp_settings_load(fp_srv_settings, c, path, overrides, n, warn, err);
     return rc ? rc : fp_srv_config_check(c, err);
 }

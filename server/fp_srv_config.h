@@ -46,10 +46,17 @@ typedef struct fp_srv_config {
 extern const fp_setting_t fp_srv_settings[];
 
 /* Loads and checks the configuration (settings plus the cross-checks the table cannot say:
- * strategy name, norm action, TLS files present, ...). */
+ * strategy name, norm action, TLS files present, ...); warnings (a setting given twice) go to
+ * warn. */
 int fp_srv_config_load(fp_srv_config_t *c, const char *path, char *const *overrides, int n,
-                       fp_err_t *err);
+                       void (*warn)(const char *msg), fp_err_t *err);
 int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err);
+
+/* What --check-config adds to the checks above, which the start would otherwise be the first
+ * to find: the TLS files loaded as the daemon loads them (certificate and key belong
+ * together, the CA and the CRL parse), and the listening addresses free (each is bound and
+ * released at once). */
+int fp_srv_config_probe(const fp_srv_config_t *c, fp_err_t *err);
 void fp_srv_config_free(fp_srv_config_t *c);
 
 /* The rank cap configured for a site name, or 0 when none. */

@@ -26,6 +26,11 @@ typedef struct daemon_ctx {
     int rc;
 } daemon_ctx_t;
 
+static void config_warning(const char *msg)
+{
+    fp_log(FP_LOG_WARNING, "configuration: %s", msg);
+}
+
 static void usage(FILE *out)
 {
     fprintf(out,
@@ -71,7 +76,8 @@ static void on_hup(uv_signal_t *h, int signum)
     daemon_ctx_t *d = h->data;
     fp_srv_config_t fresh;
     fp_err_t err = {0};
-    if (fp_srv_config_load(&fresh, d->config_path, d->overrides, d->n_overrides, &err) != 0) {
+    if (fp_srv_config_load(&fresh, d->config_path, d->overrides, d->n_overrides, config_warning,
+                           &err) != 0) {
         fp_log(FP_LOG_ERR, "reload: configuration unchanged: %s", fp_err_msg(&err));
         fp_srv_config_free(&fresh);
         fp_coord_reload(d->co, NULL);
@@ -154,12 +160,19 @@ int main(int argc, char **argv)
         return 2;
     }
     fp_err_t err = {0};
-    if (fp_srv_config_load(&d.cfg, d.config_path, d.overrides, d.n_overrides, &err) != 0) {
+    if (fp_srv_config_load(&d.cfg, d.config_path, d.overrides, d.n_overrides, config_warning,
+                           &err) != 0) {
         fprintf(stderr, "fedpeft-server: configuration: %s%s\n", fp_err_msg(&err),
                 d.config_path ? "" : " (no --config FILE given; see --help)");
         fp_srv_config_free(&d.cfg);
         free(d.overrides);
         return check ? 1 : 2;
+    }
+    if (check && fp_srv_config_probe(&d.cfg, &err) != 0) {
+        fprintf(stderr, "fedpeft-server: configuration: %s\n", fp_err_msg(&err));
+        fp_srv_config_free(&d.cfg);
+        free(d.overrides);
+        return 1;
     }
     if (check) {
         fp_settings_print(fp_srv_settings, &d.cfg, stdout);

@@ -875,6 +875,26 @@ static void test_check_config(void **state)
     const char *missing[] = {"--check-config", "--set", "client.cert=x", NULL};
     assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, missing, &out, &errs), 1);
     fpt_assert_text(errs, "client.coordinator is required", __FILE__, __LINE__);
+    /* what only loading the files, or starting, would have found */
+    char other[4200], sdir[4300];
+    snprintf(other, sizeof other, "client.key=%s/sites/site-b/site.key", f->pki);
+    const char *mism[] = {"--check-config", "--config", kit, "-s", o[0], "-s", other, "-s", o[2],
+                          "-s", o[3], NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, mism, &out, &errs), 1);
+    fpt_assert_text(errs, "key values mismatch", __FILE__, __LINE__);
+    char *key = path2(f->pki, "sites/site-a/site.key");
+    assert_int_equal(chmod(key, 0644), 0);
+    assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, kx, &out, &errs), 1);
+    fpt_assert_text(errs, "site.key: private key with permissions 0644 is open to others",
+                    __FILE__, __LINE__);
+    assert_int_equal(chmod(key, 0600), 0);
+    free(key);
+    snprintf(sdir, sizeof sdir, "client.state_dir=%s", kit); /* a file */
+    const char *sd[] = {"--check-config", "--config", kit, "-s", o[0], "-s", o[1], "-s", o[2],
+                        "-s", o[3], "-s", sdir, NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, sd, &out, &errs), 1);
+    fpt_assert_text(errs, "client.state_dir: ", __FILE__, __LINE__);
+    fpt_assert_text(errs, "is not a directory", __FILE__, __LINE__);
     const char *help[] = {"--help", NULL};
     assert_int_equal(fpt_runv(FEDPEFT_CLIENT_BIN, help, &out, &errs), 0);
     fpt_assert_text(out, "--check-config", __FILE__, __LINE__);

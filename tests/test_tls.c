@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -623,6 +624,88 @@ static void test_sighup_reload_keeps_healthy_sessions(void **state)
     free(rp);
 }
 
+/* ---- certificates that do not say what they are for ---- */
+
+/* A certificate for cn signed by the CA in ca_dir, v3 with a key usage but no extended key
+ * usage, and its key (0600), as to/<crt> and to/<key>. */
+static void sign_without_eku(const char *ca_dir, const char *cn, const char *to,
+                             const char *crt, const char *key)
+{
+    char *k = fp_path_join(to, key), *c = fp_path_join(to, crt), *csr = fp_path_join(to, "x.csr");
+    char *ext = fp_path_join(to, "x.ext"), *cak = fp_path_join(ca_dir, "ca.key");
+    char *cac = fp_path_join(ca_dir, "ca.crt"), subj[128];
+    const char *e = "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\n"
+                    "subjectAltName = IP:127.0.0.1, DNS:localhost\n";
+    fp_fs_mkdirs(to, 0700, NULL);
+    assert_int_equal(fp_fs_write_file(ext, e, strlen(e), 0600, NULL), 0);
+    snprintf(subj, sizeof subj, "/CN=%s", cn);
+    const char *a1[] = {"genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-out", k, NULL};
+    const char *a2[] = {"req", "-new", "-key", k, "-subj", subj, "-out", csr, NULL};
+    const char *a3[] = {"x509", "-req", "-in", csr, "-CA", cac, "-CAkey", cak, "-days", "2",
+                        "-extfile", ext, "-out", c, NULL};
+    assert_int_equal(fpt_runv("/usr/bin/openssl", a1, &out_text, &err_text), 0);
+    assert_int_equal(fpt_runv("/usr/bin/openssl", a2, &out_text, &err_text), 0);
+    assert_int_equal(fpt_runv("/usr/bin/openssl", a3, &out_text, &err_text), 0);
+    chmod(k, 0600);
+    free(k);
+    free(c);
+    free(csr);
+    free(ext);
+    free(cak);
+    free(cac);
+}
+
+/* A site certificate must say clientAuth and a coordinator's serverAuth: the federation's CA
+ * signing one without an extended key usage does not make it good for either. A private key
+ * others can read is refused with its path and mode. */
+static void test_extended_key_usage_and_key_mode(void **state)
+{
+    (void)state;
+    char *base = fp_path_join(dir, "noeku"), *sites = fp_path_join(base, "sites/noeku");
+    sign_without_eku(pki, "noeku", sites, "site.crt", "site.key");
+    server_t s;
+    server_start(&s, 2000);
+    client_t cl;
+    assert_false(try_site(&s, base, "noeku", "127.0.0.1", &cl));
+    assert_contains(s.last_close, "unsuitable certificate purpose");
+    assert_true(try_site(&s, pki, "good", "127.0.0.1", &cl)); /* the CA's own still pass */
+    server_stop(&s);
+    /* a coordinator whose certificate says nothing of its use: the site refuses it */
+    char *srv = fp_path_join(base, "servers/localhost");
+    sign_without_eku(pki, "localhost", srv, "server.crt", "server.key");
+    const char *files[] = {"ca.crt", "ca.crl"};
+    for (int i = 0; i < 2; i++) {
+        char *from = fp_path_join(pki, files[i]), *to = fp_path_join(base, files[i]);
+        copy_file(from, to);
+        free(from);
+        free(to);
+    }
+    server_start_pki(&s, base, 2000);
+    assert_false(try_site(&s, pki, "good", "127.0.0.1", &cl));
+    assert_contains(cl.why, "unsuitable certificate purpose");
+    server_stop(&s);
+    /* a key readable by others */
+    char *key = kit(pki, "sites/good2", "site.key"), *crt = kit(pki, "sites/good2", "site.crt");
+    char *ca = fp_path_join(pki, "ca.crt");
+    assert_int_equal(chmod(key, 0644), 0);
+    fp_tls_cfg_t cfg = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
+    fp_tls_ctx_t *tls = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_tls_ctx_new(&tls, &cfg, &err), -EPERM);
+    assert_err_contains(&err, "site.key: private key with permissions 0644 is open to others");
+    assert_int_equal(chmod(key, 0640), 0); /* a group may read it */
+    assert_int_equal(fp_tls_ctx_new(&tls, &cfg, &err), 0);
+    fp_tls_ctx_free(tls);
+    assert_int_equal(chmod(key, 0600), 0);
+    free(key);
+    free(crt);
+    free(ca);
+    free(srv);
+    free(sites);
+    free(base);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* as the daemons do: a vanished peer is an error, not a death */
@@ -631,6 +714,7 @@ int main(void)
         cmocka_unit_test(test_handshake_matrix_openssl),
         cmocka_unit_test(test_hostile_peers_close_alone),
         cmocka_unit_test(test_sighup_reload_keeps_healthy_sessions),
+        cmocka_unit_test(test_extended_key_usage_and_key_mode),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     free(out_text);
