@@ -22,6 +22,8 @@ struct fp_listener {
     int watching, handles, closed;
     fp_reload_cb on_reload;
     void *reload_ctx;
+    fp_refused_cb on_refused;
+    void *refused_ctx;
 };
 
 struct fp_conn {
@@ -45,6 +47,7 @@ struct fp_conn {
     uint64_t started_ms, last_rx_ms, frame_start_ms;
     char why[256];
     char peer_cn[128], peer_fp[65];
+    char peer_addr[64];      /* accepted connections: "address:port" */
     unsigned char rbuf[READ_BUF];
 };
 
@@ -260,6 +263,10 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         int hs = fp_tls_handshake(c->tls, &err);
         if (hs < 0) {
             stats_of(c)->refused++;
+            fp_listener_t *l = c->listener;
+            if (l && l->on_refused) /* a certificate that failed still names itself */
+                l->on_refused(l->refused_ctx, c->peer_addr, fp_tls_claimed_cn(c->tls),
+                              fp_err_msg(&err));
             fp_conn_close(c, fp_err_msg(&err)); /* the alert is flushed on the way out */
             return;
         }
@@ -383,6 +390,19 @@ static void on_connection(uv_stream_t *server, int status)
     }
     l->stats.accepted++;
     c->connected = 1;
+    struct sockaddr_storage pa;
+    int plen = sizeof pa;
+    char ip[48] = "?";
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&pa, &plen) == 0) {
+        int port = pa.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&pa)->sin6_port)
+                                            : ntohs(((struct sockaddr_in *)&pa)->sin_port);
+        if (pa.ss_family == AF_INET6)
+            uv_ip6_name((struct sockaddr_in6 *)&pa, ip, sizeof ip);
+        else
+            uv_ip4_name((struct sockaddr_in *)&pa, ip, sizeof ip);
+        snprintf(c->peer_addr, sizeof c->peer_addr, pa.ss_family == AF_INET6 ? "[%s]:%d"
+                                                                            : "%s:%d", ip, port);
+    }
     uv_tcp_nodelay(&c->tcp, 1);
     uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
 }
@@ -429,6 +449,17 @@ int fp_listen(fp_listener_t **out, uv_loop_t *loop, const char *addr, int port,
                                                 : ((struct sockaddr_in *)&bound)->sin_port);
     *out = l;
     return 0;
+}
+
+void fp_listener_on_refused(fp_listener_t *l, fp_refused_cb cb, void *ctx)
+{
+    l->on_refused = cb;
+    l->refused_ctx = ctx;
+}
+
+const char *fp_conn_peer_addr(const fp_conn_t *c)
+{
+    return c->peer_addr;
 }
 
 int fp_listener_port(const fp_listener_t *l)

@@ -70,6 +70,12 @@ const fp_listener_stats_t *fp_listener_stats(const fp_listener_t *l);
  * are closed (counted in *dropped). On failure nothing changes. */
 int fp_listener_reload(fp_listener_t *l, unsigned *dropped, fp_err_t *err);
 
+/* Optional: told of every refused handshake before its connection closes — peer is
+ * "address:port", cn the certificate's common name when one was presented ("" otherwise), why
+ * OpenSSL's reason. */
+typedef void (*fp_refused_cb)(void *ctx, const char *peer, const char *cn, const char *why);
+void fp_listener_on_refused(fp_listener_t *l, fp_refused_cb cb, void *ctx);
+
 /* Reloads on signum (SIGHUP for the daemons) from the loop; cb (optional) reports each
  * reload. The watch ends with fp_listener_close. */
 int fp_listener_watch_reload(fp_listener_t *l, int signum, fp_reload_cb cb, void *ctx,
@@ -102,6 +108,8 @@ void fp_conn_set_data(fp_conn_t *c, void *data);
 void *fp_conn_data(const fp_conn_t *c);
 fp_listener_t *fp_conn_listener(const fp_conn_t *c); /* NULL for client connections */
 const char *fp_conn_peer_cn(const fp_conn_t *c);
+/* "address:port" of the peer of an accepted connection ("" for client connections). */
+const char *fp_conn_peer_addr(const fp_conn_t *c);
 const char *fp_conn_peer_fingerprint(const fp_conn_t *c);
 const void *fp_conn_peer_cert(const fp_conn_t *c);
 

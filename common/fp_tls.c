@@ -20,6 +20,7 @@ struct fp_tls {
     SSL *ssl;
     BIO *rbio, *wbio; /* network → SSL, SSL → network */
     int established;
+    char claimed[128];  /* the common name of the peer's certificate, verified or not */
 };
 
 static int ssl_fail(fp_err_t *err, int code, const char *what)
@@ -32,7 +33,36 @@ static int ssl_fail(fp_err_t *err, int code, const char *what)
     return fp_err_set(err, code, "%s%s%s", what, buf[0] ? ": " : "", buf);
 }
 
-static int load_crl(X509_STORE *store, const char *path, fp_err_t *err)
+/* "O = fedpeft, CN = Hospital Network" */
+static void name_text(X509_NAME *n, char *buf, size_t len)
+{
+    BIO *b = BIO_new(BIO_s_mem());
+    buf[0] = '\0';
+    if (!b)
+        return;
+    X509_NAME_print_ex(b, n, 0, XN_FLAG_ONELINE & ~ASN1_STRFLGS_ESC_MSB);
+    int r = BIO_read(b, buf, (int)len - 1);
+    buf[r > 0 ? r : 0] = '\0';
+    BIO_free(b);
+}
+
+static void time_text(const ASN1_TIME *t, char *buf, size_t len)
+{
+    BIO *b = BIO_new(BIO_s_mem());
+    buf[0] = '\0';
+    if (!b)
+        return;
+    ASN1_TIME_print(b, t);
+    int r = BIO_read(b, buf, (int)len - 1);
+    buf[r > 0 ? r : 0] = '\0';
+    BIO_free(b);
+}
+
+/* The CRL at path, taken only if it is the federation's own and current: issued by the CA of
+ * ca_path, its signature verified with the CA's key, its nextUpdate in the future. A CRL from
+ * another CA or an expired one would make OpenSSL refuse every site; refusing the file
+ * instead keeps the one in force (a reload changes nothing) and says why. */
+static int load_crl(X509_STORE *store, const char *path, const char *ca_path, fp_err_t *err)
 {
     FILE *f = fopen(path, "r");
     if (!f)
@@ -41,12 +71,37 @@ static int load_crl(X509_STORE *store, const char *path, fp_err_t *err)
     fclose(f);
     if (!crl)
         return ssl_fail(err, -EBADMSG, path);
-    int ok = X509_STORE_add_crl(store, crl);
+    X509 *ca = NULL;
+    int rc = 0;
+    if ((f = fopen(ca_path, "r")) != NULL) {
+        ca = PEM_read_X509(f, NULL, NULL, NULL);
+        fclose(f);
+    }
+    char a[256], b[256];
+    const ASN1_TIME *next = X509_CRL_get0_nextUpdate(crl);
+    if (!ca) {
+        rc = ssl_fail(err, -EBADMSG, ca_path);
+    } else if (X509_NAME_cmp(X509_CRL_get_issuer(crl), X509_get_subject_name(ca)) != 0) {
+        name_text(X509_CRL_get_issuer(crl), a, sizeof a);
+        name_text(X509_get_subject_name(ca), b, sizeof b);
+        rc = fp_err_set(err, -EINVAL, "%s: a CRL of another CA (%s), not of the federation's "
+                        "(%s)", path, a, b);
+    } else if (X509_CRL_verify(crl, X509_get0_pubkey(ca)) != 1) {
+        ERR_clear_error();
+        rc = fp_err_set(err, -EINVAL, "%s: its signature does not verify with the CA's key",
+                        path);
+    } else if (next && X509_cmp_current_time(next) <= 0) {
+        time_text(next, a, sizeof a);
+        rc = fp_err_set(err, -EINVAL, "%s: expired on %s; sign a current one (fedpeft ca crl) "
+                        "and reload", path, a);
+    } else if (!X509_STORE_add_crl(store, crl)) {
+        rc = ssl_fail(err, -EIO, path);
+    } else {
+        X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
+    }
+    X509_free(ca);
     X509_CRL_free(crl);
-    if (!ok)
-        return ssl_fail(err, -EIO, path);
-    X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
-    return 0;
+    return rc;
 }
 
 /* The peer's own certificate must name its use: clientAuth for a site, serverAuth for the
@@ -54,10 +109,16 @@ static int load_crl(X509_STORE *store, const char *path, fp_err_t *err)
  * (no extension means any use); the federation's CA always writes one. */
 static int verify_cb(int ok, X509_STORE_CTX *x)
 {
+    SSL *ssl = X509_STORE_CTX_get_ex_data(x, SSL_get_ex_data_X509_STORE_CTX_idx());
+    fp_tls_t *t = ssl ? SSL_get_app_data(ssl) : NULL;
+    X509 *leaf = X509_STORE_CTX_get0_cert(x);
+    if (t && leaf && !t->claimed[0] && /* for the log of a refused handshake */
+        X509_NAME_get_text_by_NID(X509_get_subject_name(leaf), NID_commonName, t->claimed,
+                                  (int)sizeof t->claimed) < 0)
+        t->claimed[0] = '\0';
     if (!ok || X509_STORE_CTX_get_error_depth(x) != 0)
         return ok;
     X509 *cert = X509_STORE_CTX_get_current_cert(x);
-    SSL *ssl = X509_STORE_CTX_get_ex_data(x, SSL_get_ex_data_X509_STORE_CTX_idx());
     uint32_t need = ssl && SSL_is_server(ssl) ? XKU_SSL_CLIENT : XKU_SSL_SERVER;
     if (!cert || !(X509_get_extension_flags(cert) & EXFLAG_XKUSAGE) ||
         !(X509_get_extended_key_usage(cert) & need)) {
@@ -119,7 +180,7 @@ static SSL_CTX *build(const fp_tls_cfg_t *cfg, fp_err_t *err)
     X509_STORE *store = SSL_CTX_get_cert_store(c);
     /* the peer's certificate must be for the peer's role */
     X509_STORE_set_purpose(store, cfg->server ? X509_PURPOSE_SSL_CLIENT : X509_PURPOSE_SSL_SERVER);
-    if (cfg->crl && load_crl(store, cfg->crl, err) != 0)
+    if (cfg->crl && load_crl(store, cfg->crl, cfg->ca, err) != 0)
         goto fail;
     if (cfg->server) {
         SSL_CTX_set_verify(c, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verify_cb);
@@ -245,6 +306,7 @@ int fp_tls_new(fp_tls_t **out, fp_tls_ctx_t *c, fp_err_t *err)
         return ssl_fail(err, -ENOMEM, "cannot create a TLS session");
     }
     BIO_set_mem_eof_return(t->rbio, -1); /* "no data yet", not EOF */
+    SSL_set_app_data(t->ssl, t);
     SSL_set_bio(t->ssl, t->rbio, t->wbio);
     if (c->cfg.server) {
         SSL_set_accept_state(t->ssl);
@@ -353,6 +415,11 @@ void fp_tls_close(fp_tls_t *t)
 const void *fp_tls_peer_cert(const fp_tls_t *t)
 {
     return SSL_get0_peer_certificate(t->ssl);
+}
+
+const char *fp_tls_claimed_cn(const fp_tls_t *t)
+{
+    return t->claimed;
 }
 
 int fp_tls_peer(const fp_tls_t *t, char *cn, size_t cn_n, char fingerprint[65])

@@ -63,6 +63,10 @@ size_t fp_tls_drain(fp_tls_t *t, void *buf, size_t n);
 /* Queues close_notify. */
 void fp_tls_close(fp_tls_t *t);
 
+/* The common name the peer's certificate gives, whether or not it verified ("" before one
+ * arrived): what a refused handshake claimed to be. */
+const char *fp_tls_claimed_cn(const fp_tls_t *t);
+
 /* After the handshake: the peer's subject CN and SHA-256 fingerprint (64 hex digits). */
 int fp_tls_peer(const fp_tls_t *t, char *cn, size_t cn_n, char fingerprint[65]);
 

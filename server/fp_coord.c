@@ -124,6 +124,9 @@ struct fp_coord {
     _Atomic int64_t c_round;
     double agg_total, agg_last;
     int64_t st_round, st_ms;  /* the last STATUS sent */
+    int64_t refused_window;   /* refused handshakes: the minute being counted, */
+    int refused_logged;       /* lines logged in it, */
+    uint64_t refused_quiet;   /* and refusals not logged since the last line */
     int st_state;
 };
 
@@ -1074,6 +1077,30 @@ static void on_task_failed(void *ctx, const Fedpeft__TaskFailed *f)
     check_round(co);
 }
 
+/* A refused handshake: logged with its reason, address and certificate name, at most 10 lines a
+ * minute (a flood is one line saying how many were not logged). */
+static void on_refused(void *ctx, const char *peer, const char *cn, const char *why)
+{
+    fp_coord_t *co = ctx;
+    int64_t minute = fp_now_ms() / 60000;
+    if (minute != co->refused_window) {
+        co->refused_window = minute;
+        co->refused_logged = 0;
+    }
+    if (co->refused_logged >= 10) {
+        co->refused_quiet++;
+        return;
+    }
+    co->refused_logged++;
+    char more[64] = "";
+    if (co->refused_quiet)
+        snprintf(more, sizeof more, " (and %llu more since the last line)",
+                 (unsigned long long)co->refused_quiet);
+    co->refused_quiet = 0;
+    fp_log(FP_LOG_WARNING, "TLS handshake refused from %s%s%s%s: %s%s", peer,
+           cn[0] ? " (certificate of '" : "", cn, cn[0] ? "')" : "", why, more);
+}
+
 /* ---- link hooks ---- */
 
 static void peer_open(fp_srv_peer_t *p)
@@ -1367,6 +1394,7 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     if ((rc = fp_listen(&co->lis, loop, host, port, co->tls, &cc, fp_srv_link_ops(), &co->link,
                         err)) != 0)
         goto fail;
+    fp_listener_on_refused(co->lis, on_refused, co);
     if ((rc = resume_state(co, err)) != 0)
         goto fail;
     uv_timer_start(&co->tick, tick_cb, 1000, 1000);

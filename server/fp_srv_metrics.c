@@ -121,10 +121,13 @@ int fp_metrics_start(fp_metrics_t **out, const char *hostport, fp_coord_t *co, i
     if (!m)
         return fp_err_set(err, -ENOMEM, "out of memory");
     m->co = co;
-    m->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL,
-                            answer, m, MHD_OPTION_SOCK_ADDR, &sa,
-                            MHD_OPTION_CONNECTION_LIMIT, 16u, MHD_OPTION_CONNECTION_TIMEOUT,
-                            10u, MHD_OPTION_END);
+    /* Idle connections must not starve the scraper: a scrape sends its request at once and
+     * is answered in microseconds, so a connection silent for 2 s is closed; up to 256 are
+     * held (poll(2), not select's 1024-descriptor ceiling), each with 16 KiB of memory. */
+    m->d = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_USE_ERROR_LOG,
+                            0, NULL, NULL, answer, m, MHD_OPTION_SOCK_ADDR, &sa,
+                            MHD_OPTION_CONNECTION_LIMIT, 256u, MHD_OPTION_CONNECTION_TIMEOUT, 2u,
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)16384, MHD_OPTION_END);
     if (!m->d) {
         free(m);
         return fp_err_set(err, -EADDRINUSE, "metrics: cannot listen on %s", hostport);

@@ -16,6 +16,8 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sqlite3.h>
+#include <openssl/x509.h>
+#include <openssl/pem.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -853,7 +855,19 @@ static void ops_scenario(world_t *w)
         free(out);
         free(errs);
         usleep(1100000); /* let a tick refresh the transport counters */
+        /* idle connections do not starve the scraper */
+        int idle[32];
+        for (int i = 0; i < 32; i++) {
+            idle[i] = socket(AF_INET, SOCK_STREAM, 0);
+            struct sockaddr_in sa = {.sin_family = AF_INET,
+                                     .sin_port = htons((uint16_t)w->e->metrics_port),
+                                     .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+            assert_int_equal(connect(idle[i], (struct sockaddr *)&sa, sizeof sa), 0);
+        }
+        usleep(200000);
         http_get(w->e->metrics_port, "/metrics", w->metrics, sizeof w->metrics);
+        for (int i = 0; i < 32; i++)
+            close(idle[i]);
         assert_int_equal(kill(w->e->pid, SIGTERM), 0);
         w->phase = 2;
     }
@@ -1321,6 +1335,130 @@ static void test_deadline_timer_early(void **state)
     env_free(e);
 }
 
+/* Waits (up to 10 s) until the server's log holds needle `times` times. */
+static void wait_server_log_n(env_t *e, const char *needle, int times)
+{
+    for (int i = 0; i < 200; i++) {
+        char *t = NULL;
+        size_t n;
+        int found = 0;
+        if (fp_fs_read_file(e->log, 1 << 22, &t, &n, NULL) == 0)
+            for (const char *p = t; (p = strstr(p, needle)); p++)
+                found++;
+        free(t);
+        if (found >= times)
+            return;
+        usleep(50000);
+    }
+    char *t = NULL;
+    size_t n;
+    fp_fs_read_file(e->log, 1 << 22, &t, &n, NULL);
+    fail_msg("the server did not log '%s' %d times:\n%s", needle, times, t ? t : "");
+}
+
+static void wait_server_log(env_t *e, const char *needle)
+{
+    wait_server_log_n(e, needle, 1);
+}
+
+/* A CRL signed with the CA's key, valid from `from` to `until` seconds from now. */
+static void write_crl(env_t *e, const char *path, long from, long until)
+{
+    char *kp = fp_path_join(e->pki, "ca.key"), *cp = fp_path_join(e->pki, "ca.crt");
+    FILE *f = fopen(kp, "r");
+    EVP_PKEY *key = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+    fclose(f);
+    f = fopen(cp, "r");
+    X509 *ca = PEM_read_X509(f, NULL, NULL, NULL);
+    fclose(f);
+    X509_CRL *crl = X509_CRL_new();
+    X509_CRL_set_version(crl, 1);
+    X509_CRL_set_issuer_name(crl, X509_get_subject_name(ca));
+    ASN1_TIME *a = X509_time_adj_ex(NULL, 0, from, NULL), *b = X509_time_adj_ex(NULL, 0, until,
+                                                                                 NULL);
+    X509_CRL_set1_lastUpdate(crl, a);
+    X509_CRL_set1_nextUpdate(crl, b);
+    assert_true(X509_CRL_sign(crl, key, EVP_sha256()) > 0);
+    f = fopen(path, "w");
+    PEM_write_X509_CRL(f, crl);
+    fclose(f);
+    ASN1_TIME_free(a);
+    ASN1_TIME_free(b);
+    X509_CRL_free(crl);
+    X509_free(ca);
+    EVP_PKEY_free(key);
+    free(kp);
+    free(cp);
+}
+
+/* A CRL is taken on SIGHUP only if it is the federation's own and current: one of another CA,
+ * an expired one, or one whose signature fails are each refused by name, the CRL in force
+ * stays, and sites go on being served. A refused handshake is logged with its address, the
+ * certificate's name and OpenSSL's reason. */
+static void test_crl_reload_and_refused_handshakes(void **state)
+{
+    (void)state;
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "flexlora", 1);
+    write_config(e, "flexlora", 2, NULL);
+    start_server(e);
+    char *crl = fp_path_join(e->pki, "ca.crl"), *keep = fp_path_join(e->dir, "ca.crl.good");
+    char *alien = fp_path_join(e->dir, "alien");
+    fp_err_t err = {0};
+    rename(crl, keep);
+    assert_int_equal(fp_ca_init(alien, "Other Net", 2, FP_KEY_EC_P256, &err), 0);
+    char *alien_crl = fp_path_join(alien, "ca.crl");
+    char *text = NULL;
+    size_t n;
+    assert_int_equal(fp_fs_read_file(alien_crl, 1 << 20, &text, &n, NULL), 0);
+    assert_int_equal(fp_fs_write_file(crl, text, n, 0644, NULL), 0);
+    free(text);
+    kill(e->pid, SIGHUP);
+    wait_server_log(e, "a CRL of another CA");
+    write_crl(e, crl, -2 * 86400, -86400);
+    kill(e->pid, SIGHUP);
+    wait_server_log(e, "ca.crl: expired on");
+    write_crl(e, crl, -60, 86400); /* current, then its signature broken */
+    assert_int_equal(fp_fs_read_file(crl, 1 << 20, &text, &n, NULL), 0);
+    char *b64 = strstr(text, "-----END");
+    assert_non_null(b64);
+    b64[-6] = b64[-6] == 'A' ? 'B' : 'A';
+    assert_int_equal(fp_fs_write_file(crl, text, n, 0644, NULL), 0);
+    free(text);
+    kill(e->pid, SIGHUP);
+    wait_server_log_n(e, "reload: certificates unchanged", 3);
+    wait_server_log(e, "ca.crl: its signature does not verify with the CA's key");
+    rename(keep, crl);
+    /* a site of another CA: refused, and said so */
+    fp_ca_issue_opts_t o = {.name = "intruder", .valid_for_s = 86400};
+    assert_int_equal(fp_ca_issue(alien, &o, &err), 0);
+    char port[32], *ic = fp_path_join(alien, "sites/intruder/site.crt");
+    char *ik = fp_path_join(alien, "sites/intruder/site.key"), *out = NULL, *errs = NULL;
+    snprintf(port, sizeof port, "127.0.0.1:%d", e->port);
+    const char *sc[] = {"s_client", "-connect", port, "-cert", ic, "-key", ik, "-brief", NULL};
+    fpt_runv("/usr/bin/openssl", sc, &out, &errs);
+    wait_server_log(e, "TLS handshake refused from 127.0.0.1:");
+    wait_server_log(e, "(certificate of 'intruder'): peer certificate refused: unable to get "
+                       "local issuer certificate");
+    /* the CRL in force all along: the federation's sites are served */
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    run_world(w);
+    sqlite3 *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 2);
+    sqlite3_close(db);
+    free(w);
+    free(out);
+    free(errs);
+    free(ic);
+    free(ik);
+    free(crl);
+    free(keep);
+    free(alien_crl);
+    free(alien);
+    env_free(e);
+}
+
 /* Every file under dir is the daemon's alone (no group or other bits), directories too. */
 static void assert_private_tree(const char *dir, int *files)
 {
@@ -1430,6 +1568,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sampling, kill_live_server),
         cmocka_unit_test_teardown(test_state_dir_lock_and_modes, kill_live_server),
         cmocka_unit_test_teardown(test_deadline_timer_early, kill_live_server),
+        cmocka_unit_test_teardown(test_crl_reload_and_refused_handshakes, kill_live_server),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
