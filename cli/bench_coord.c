@@ -263,6 +263,9 @@ int fp_bench_coord(int argc, char **argv)
              "[server]\nlisten = 127.0.0.1:0\ncert = %s/servers/localhost/server.crt\n"
              "key = %s/servers/localhost/server.key\nca = %s/ca.crt\ncrl = %s/ca.crl\n"
              "state_dir = %s\nmetrics =\nexit_when_done = true\n"
+             /* N sites from one address, all at once: the bench lifts the handshake limits
+              * (and the per-site session cap is moot: one session each) */
+             "max_startups = 0\nmax_startups_per_address = 0\n"
              "[federation]\nname = bench\nbase_model_config = %s\nbase_model_sha256 = %s\n"
              "target_modules = q_proj,v_proj\nr_max = 8\nstrategy = %s\nrounds = %d\n"
              "min_sites = %d\nmin_updates = %d\nround_deadline_s = 600\n",

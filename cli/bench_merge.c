@@ -313,6 +313,7 @@ static const char bench_help[] =
     "       fedpeft bench train [--help]\n"
     "       fedpeft bench transport [--help]\n"
     "       fedpeft bench coordinator [--help]\n"
+    "       fedpeft bench flood [--help]\n"
     "\n"
     "Measures merging against this machine's own ceilings, in one run, and prints a table:\n"
     "fedavg bandwidth beside single-core streaming-read bandwidth, peak memory of a\n"
@@ -412,7 +413,9 @@ int fp_cmd_bench(int argc, char **argv)
         return fp_bench_transport(argc - 1, argv + 1);
     if (!strcmp(argv[1], "coordinator"))
         return fp_bench_coord(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "flood"))
+        return fp_bench_flood(argc - 1, argv + 1);
     return fp_cli_usage_error("bench", "unknown benchmark '%s' (available: merge, train, "
-                              "transport, coordinator)",
+                              "transport, coordinator, flood)",
                               argv[1]);
 }

@@ -28,6 +28,7 @@ int fp_cmd_export(int argc, char **argv);
 int fp_bench_train(int argc, char **argv);
 int fp_bench_transport(int argc, char **argv);
 int fp_bench_coord(int argc, char **argv);
+int fp_bench_flood(int argc, char **argv);
 int fp_cmd_sim(int argc, char **argv);
 int fp_cmd_report(int argc, char **argv);
 

@@ -1,12 +1,14 @@
 #include "fp_conn.h"
 
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fp_frame.h"
 
-#define READ_BUF (64u << 10)
+#define READ_BUF (64u << 10)   /* an established connection's read buffer */
+#define SMALL_BUF (4u << 10)   /* until then: a ClientHello or certificate arrives in pieces */
 
 struct fp_listener {
     uv_tcp_t tcp;
@@ -18,6 +20,7 @@ struct fp_listener {
     int port;
     fp_listener_stats_t stats;
     fp_conn_t *conns;        /* accepted connections not yet freed */
+    uint64_t peak;           /* most connections at once since memory was last given back */
     uv_signal_t sig;         /* optional reload signal */
     int watching, handles, closed;
     fp_reload_cb on_reload;
@@ -42,13 +45,18 @@ struct fp_conn {
     void *data;
     int port;
     int open, closing, handles, connected, paused;
+    int counted_startup;     /* counted in the listener's startups until established */
     int close_reported;
     size_t queued;
     uint64_t started_ms, last_rx_ms, frame_start_ms;
     char why[256];
     char peer_cn[128], peer_fp[65];
     char peer_addr[64];      /* accepted connections: "address:port" */
-    unsigned char rbuf[READ_BUF];
+    char peer_ip[48];        /* ... and the address alone */
+    unsigned char *rbuf;     /* small, then big once established */
+    size_t rcap;
+    unsigned char *big;
+    unsigned char small[SMALL_BUF];
 };
 
 typedef struct write_req {
@@ -58,6 +66,8 @@ typedef struct write_req {
     unsigned char data[];
 } write_req_t;
 
+static void limit_identity(fp_conn_t *c);
+
 static fp_listener_stats_t *stats_of(fp_conn_t *c)
 {
     static fp_listener_stats_t none;
@@ -66,8 +76,13 @@ static fp_listener_stats_t *stats_of(fp_conn_t *c)
 
 static void fill_cfg(fp_conn_cfg_t *dst, const fp_conn_cfg_t *src)
 {
-    fp_conn_cfg_t d = {FP_FRAME_DEFAULT_MAX, 10000, 120000, 60000, 8u << 20};
+    fp_conn_cfg_t d = {.max_frame = FP_FRAME_DEFAULT_MAX, .handshake_ms = 10000,
+                       .idle_ms = 120000, .message_ms = 60000, .high_water = 8u << 20};
     if (src) {
+        d.max_startups = src->max_startups;
+        d.max_startups_per_addr = src->max_startups_per_addr;
+        d.max_conns = src->max_conns;
+        d.max_per_identity = src->max_per_identity;
         if (src->max_frame)
             d.max_frame = src->max_frame;
         if (src->handshake_ms)
@@ -109,12 +124,22 @@ static void handle_closed(uv_handle_t *h)
             l->conns = c->next;
         if (c->next)
             c->next->prev = c->prev;
+        l->stats.conns--;
+        if (c->counted_startup)
+            l->stats.startups--;
     }
     fp_tls_free(c->tls);
     fp_frame_dec_free(&c->dec);
+    free(c->big);
     free(c);
-    if (l)
+    if (l) {
+        /* after a flood the allocator keeps the freed pages: give them back */
+        if (l->peak >= 64 && l->stats.conns <= l->peak / 8) {
+            malloc_trim(0);
+            l->peak = l->stats.conns;
+        }
         listener_maybe_free(l);
+    }
 }
 
 static void close_handles(fp_conn_t *c)
@@ -220,7 +245,7 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     (void)suggested;
     fp_conn_t *c = h->data;
     buf->base = (char *)c->rbuf;
-    buf->len = sizeof c->rbuf;
+    buf->len = c->rcap;
 }
 
 static int frame_cb(void *ctx, const unsigned char *p, size_t n)
@@ -275,14 +300,26 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             return;
         c->open = 1;
         stats_of(c)->established++;
+        if (c->counted_startup) {
+            c->counted_startup = 0;
+            stats_of(c)->startups--;
+        }
+        if (!(c->big = malloc(READ_BUF))) {
+            fp_conn_close(c, "out of memory");
+            return;
+        }
+        c->rbuf = c->big;
+        c->rcap = READ_BUF;
         peer_identity(c);
+        if (c->listener)
+            limit_identity(c);
         if (c->ops->on_open)
             c->ops->on_open(c);
         if (c->closing)
             return;
     }
     for (;;) {
-        ssize_t r = fp_tls_read(c->tls, c->rbuf, sizeof c->rbuf, &err);
+        ssize_t r = fp_tls_read(c->tls, c->rbuf, c->rcap, &err);
         if (r == 0)
             break;
         if (r == -EPIPE) {
@@ -345,13 +382,11 @@ static uint64_t tick_ms(const fp_conn_cfg_t *cfg)
     return m < 10 ? 10 : m > 1000 ? 1000 : m;
 }
 
-/* Common set-up of a connection's handles (tcp initialised by the caller). */
-static int start(fp_conn_t *c, uv_loop_t *loop, fp_err_t *err)
+/* The rest of a connection's set-up, once its handles exist: buffers, timeouts, TLS. */
+static int begin(fp_conn_t *c, uv_loop_t *loop, fp_err_t *err)
 {
-    c->tcp.data = c;
-    c->timer.data = c;
-    uv_timer_init(loop, &c->timer);
-    c->handles = 2;
+    c->rbuf = c->small;
+    c->rcap = sizeof c->small;
     c->started_ms = c->last_rx_ms = uv_now(loop);
     fp_frame_dec_init(&c->dec, c->cfg.max_frame);
     uint64_t tick = tick_ms(&c->cfg);
@@ -359,7 +394,68 @@ static int start(fp_conn_t *c, uv_loop_t *loop, fp_err_t *err)
     return fp_tls_new(&c->tls, c->tls_ctx, err);
 }
 
+/* Common set-up of a client connection's handles (tcp initialised by the caller). */
+static int start(fp_conn_t *c, uv_loop_t *loop, fp_err_t *err)
+{
+    c->tcp.data = c;
+    c->timer.data = c;
+    uv_timer_init(loop, &c->timer);
+    c->handles = 2;
+    return begin(c, loop, err);
+}
+
 /* ---- server side ---- */
+
+/* A session of a certificate that already has max_per_identity: its oldest session gives way
+ * (a site that reconnects always gets in; a certificate cannot hold unbounded sessions). */
+static void limit_identity(fp_conn_t *c)
+{
+    fp_listener_t *l = c->listener;
+    unsigned max = l->cfg.max_per_identity, n = 0;
+    if (!max || !c->peer_fp[0])
+        return;
+    fp_conn_t *oldest = NULL;
+    for (fp_conn_t *o = l->conns; o; o = o->next) /* newest first */
+        if (o != c && o->open && !o->closing && !strcmp(o->peer_fp, c->peer_fp)) {
+            n++;
+            oldest = o;
+        }
+    if (n >= max && oldest) {
+        l->stats.limited++;
+        fp_conn_close(oldest, "replaced: more sessions of this certificate than allowed");
+    }
+}
+
+/* Why a connection just accepted from ip must be turned away, or NULL. When max_startups
+ * connections are in their handshake already, the oldest of them gives way instead: a flood
+ * that holds connections open without finishing a handshake cannot keep a site out, and
+ * what it holds stays bounded. */
+static const char *over_limit(fp_listener_t *l, const char *ip)
+{
+    const fp_conn_cfg_t *cfg = &l->cfg;
+    if (cfg->max_conns && l->stats.conns > cfg->max_conns) /* this one counted already */
+        return "too many connections";
+    if (cfg->max_startups_per_addr) {
+        unsigned n = 0;
+        for (const fp_conn_t *o = l->conns; o; o = o->next)
+            n += o->counted_startup && !strcmp(o->peer_ip, ip);
+        if (n >= cfg->max_startups_per_addr)
+            return "too many connections in their handshake from this address";
+    }
+    if (cfg->max_startups && l->stats.startups >= cfg->max_startups) {
+        fp_conn_t *oldest = NULL;
+        for (fp_conn_t *o = l->conns; o; o = o->next) /* newest first */
+            if (o->counted_startup && !o->closing)
+                oldest = o;
+        if (!oldest)
+            return "too many connections in their handshake";
+        l->stats.limited++;
+        fp_conn_close(oldest, "gave way: too many connections in their handshake");
+        oldest->counted_startup = 0; /* its place is the new one's now */
+        l->stats.startups--;
+    }
+    return NULL;
+}
 
 static void on_connection(uv_stream_t *server, int status)
 {
@@ -367,8 +463,14 @@ static void on_connection(uv_stream_t *server, int status)
     if (status < 0)
         return;
     fp_conn_t *c = calloc(1, sizeof *c);
-    if (!c)
+    if (!c) {
+        uv_tcp_t *t = malloc(sizeof *t); /* take it off the queue all the same */
+        if (t && uv_tcp_init(l->loop, t) == 0 && uv_accept(server, (uv_stream_t *)t) == 0)
+            uv_close((uv_handle_t *)t, (uv_close_cb)free);
+        else
+            free(t);
         return;
+    }
     c->ops = l->ops;
     c->cfg = l->cfg;
     c->listener = l;
@@ -377,32 +479,47 @@ static void on_connection(uv_stream_t *server, int status)
     if (l->conns)
         l->conns->prev = c;
     l->conns = c;
+    l->stats.conns++;
+    l->peak = l->stats.conns > l->peak ? l->stats.conns : l->peak;
+    c->tcp.data = c;
+    c->timer.data = c;
     uv_tcp_init(l->loop, &c->tcp);
-    fp_err_t err = {0};
-    int rc = start(c, l->loop, &err);
-    if (rc == 0)
-        rc = uv_accept(server, (uv_stream_t *)&c->tcp);
-    if (rc != 0) {
-        /* not ours yet: no callbacks, quietly gone */
-        c->close_reported = 1;
+    uv_timer_init(l->loop, &c->timer);
+    c->handles = 2;
+    c->close_reported = 1; /* not the application's until it is past the limits */
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
         close_handles(c);
         return;
     }
     l->stats.accepted++;
-    c->connected = 1;
     struct sockaddr_storage pa;
     int plen = sizeof pa;
-    char ip[48] = "?";
     if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&pa, &plen) == 0) {
         int port = pa.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&pa)->sin6_port)
                                             : ntohs(((struct sockaddr_in *)&pa)->sin_port);
         if (pa.ss_family == AF_INET6)
-            uv_ip6_name((struct sockaddr_in6 *)&pa, ip, sizeof ip);
+            uv_ip6_name((struct sockaddr_in6 *)&pa, c->peer_ip, sizeof c->peer_ip);
         else
-            uv_ip4_name((struct sockaddr_in *)&pa, ip, sizeof ip);
+            uv_ip4_name((struct sockaddr_in *)&pa, c->peer_ip, sizeof c->peer_ip);
         snprintf(c->peer_addr, sizeof c->peer_addr, pa.ss_family == AF_INET6 ? "[%s]:%d"
-                                                                            : "%s:%d", ip, port);
+                 : "%s:%d", c->peer_ip, port);
     }
+    if (over_limit(l, c->peer_ip)) { /* early refusal: no TLS state, no timer */
+        l->stats.limited++;
+        close_handles(c);
+        return;
+    }
+    c->counted_startup = 1;
+    l->stats.startups++;
+    c->close_reported = 0;
+    fp_err_t err = {0};
+    int rc = begin(c, l->loop, &err);
+    if (rc != 0) {
+        c->close_reported = 1; /* not ours yet: no callbacks, quietly gone */
+        close_handles(c);
+        return;
+    }
+    c->connected = 1;
     uv_tcp_nodelay(&c->tcp, 1);
     uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
 }

@@ -1,7 +1,9 @@
 /* fp_conn.h — a framed, mutually authenticated TLS connection over libuv, for both ends.
  *
  * The loop only moves bytes: ciphertext in → TLS engine → frames → on_frame; fp_conn_send
- * → TLS engine → uv_write. A connection that does not finish its handshake in handshake_ms,
+ * → TLS engine → uv_write. A connection costs a few KiB until its handshake is done (its read
+ * buffer grows to 64 KiB after), and a listener can bound how many there are (fp_conn_cfg_t);
+ * after a flood of connections the freed memory goes back to the system. A connection that does not finish its handshake in handshake_ms,
  * receives nothing for idle_ms, or leaves a frame unfinished for message_ms is closed. A
  * bad frame closes that connection only. on_close is called exactly once, after which the
  * connection is freed; if a call fails, no callback fires for it.
@@ -25,6 +27,15 @@ typedef struct fp_conn_cfg {
     uint64_t message_ms;   /* 0: 60 s */
     size_t high_water;     /* queued bytes above which a sender should wait for on_drain
                               (0: 8 MiB) */
+    /* Listeners only (0: no limit). Connections past a limit are closed as soon as they are
+     * accepted, before any TLS state exists for them, and counted as limited. */
+    unsigned max_startups;          /* connections not yet through the handshake, at most */
+    unsigned max_startups_per_addr; /* ... from one address (a flood from one host takes this
+                                       many places, not all of them) */
+    unsigned max_conns;             /* connections of any kind (size it from the descriptor
+                                       limit) */
+    unsigned max_per_identity;      /* sessions of one certificate: a new one past this closes
+                                       that certificate's oldest */
 } fp_conn_cfg_t;
 
 typedef struct fp_conn fp_conn_t;
@@ -50,6 +61,9 @@ typedef struct fp_listener_stats {
     uint64_t bad_frames;    /* oversized or broken framing */
     uint64_t reloads;       /* successful certificate/CRL reloads */
     uint64_t revoked_dropped; /* sessions ended because a reloaded CRL revoked their site */
+    uint64_t limited;       /* connections closed at once by max_startups(_per_addr) and
+                               max_conns, and sessions replaced by max_per_identity */
+    uint64_t startups, conns; /* now: connections in their handshake, and all */
     uint64_t bytes_in, bytes_out;
 } fp_listener_stats_t;
 

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -120,7 +121,7 @@ struct fp_coord {
     /* counters */
     _Atomic uint64_t c_closed, c_expired, c_connected, c_accepted, c_bytes_in, c_bytes_out;
     _Atomic uint64_t c_refused[16];
-    _Atomic uint64_t c_hs_refused, c_revoked, c_reloads;
+    _Atomic uint64_t c_hs_refused, c_revoked, c_reloads, c_limited, c_conns, c_startups;
     _Atomic int64_t c_round;
     double agg_total, agg_last;
     int64_t st_round, st_ms;  /* the last STATUS sent */
@@ -194,6 +195,9 @@ static void refresh_counters(fp_coord_t *co)
         atomic_store(&co->c_hs_refused, ls->refused);
         atomic_store(&co->c_revoked, ls->revoked_dropped);
         atomic_store(&co->c_reloads, ls->reloads);
+        atomic_store(&co->c_limited, ls->limited);
+        atomic_store(&co->c_conns, ls->conns);
+        atomic_store(&co->c_startups, ls->startups);
     }
 }
 
@@ -1390,7 +1394,16 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     int port;
     if ((rc = fp_split_hostport(cfg->listen, host, sizeof host, &port, err)) != 0)
         goto fail;
-    fp_conn_cfg_t cc = {0, (uint64_t)cfg->handshake_ms, (uint64_t)cfg->idle_ms, 0, 0};
+    fp_conn_cfg_t cc = {.handshake_ms = (uint64_t)cfg->handshake_ms,
+                        .idle_ms = (uint64_t)cfg->idle_ms,
+                        .max_startups = (unsigned)cfg->max_startups,
+                        .max_startups_per_addr = (unsigned)cfg->max_startups_per_address,
+                        .max_conns = (unsigned)cfg->max_connections,
+                        .max_per_identity = (unsigned)cfg->max_sessions_per_site};
+    struct rlimit nofile;
+    if (!cc.max_conns && getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur > 128 &&
+        nofile.rlim_cur != RLIM_INFINITY) /* a descriptor per connection, 64 kept for files */
+        cc.max_conns = nofile.rlim_cur - 64 > 10000000 ? 10000000 : (unsigned)(nofile.rlim_cur - 64);
     if ((rc = fp_listen(&co->lis, loop, host, port, co->tls, &cc, fp_srv_link_ops(), &co->link,
                         err)) != 0)
         goto fail;
@@ -1507,6 +1520,9 @@ void fp_coord_stats(fp_coord_t *co, fp_coord_stats_t *o)
     o->handshakes_refused = atomic_load(&co->c_hs_refused);
     o->revoked_dropped = atomic_load(&co->c_revoked);
     o->reloads = atomic_load(&co->c_reloads);
+    o->connections_limited = atomic_load(&co->c_limited);
+    o->connections = atomic_load(&co->c_conns);
+    o->startups = atomic_load(&co->c_startups);
     o->round = atomic_load(&co->c_round);
     o->agg_seconds_total = co->agg_total;
     o->agg_seconds_last = co->agg_last;

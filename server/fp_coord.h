@@ -31,6 +31,8 @@ typedef struct fp_coord_stats {
     double agg_seconds_total, agg_seconds_last;
     int64_t round;             /* the open (or last) round */
     uint64_t handshakes_refused, revoked_dropped, reloads;
+    uint64_t connections_limited;  /* closed at once by the connection limits */
+    uint64_t connections, startups; /* now: all, and those in their handshake */
 } fp_coord_stats_t;
 
 /* Opens the state directory and database (creating the federation on first start), resumes

@@ -37,6 +37,17 @@ const fp_setting_t fp_srv_settings[] = {
      "TLS handshake time limit"},
     {"server", "idle_ms", FP_SET_INT, O(idle_ms), "120000", 100, 86400000, 0,
      "a session that sends nothing this long is closed (sites send heartbeats)"},
+    {"server", "max_startups", FP_SET_INT, O(max_startups), "64", 0, 1000000, 0,
+     "connections still in their TLS handshake, at most: more are closed as soon as they are "
+     "accepted (as sshd's MaxStartups; 0: no limit)"},
+    {"server", "max_startups_per_address", FP_SET_INT, O(max_startups_per_address), "8", 0,
+     1000000, 0, "... from one address: a flood from one host takes this many places, not all "
+     "(0: no limit)"},
+    {"server", "max_connections", FP_SET_INT, O(max_connections), "0", 0, 100000000, 0,
+     "connections of any kind, at most (0: the descriptor limit less 64 for files)"},
+    {"server", "max_sessions_per_site", FP_SET_INT, O(max_sessions_per_site), "4", 0, 1000000, 0,
+     "sessions of one site certificate at once: a new one past this closes that site's oldest "
+     "(0: no limit)"},
     {"server", "ack_every", FP_SET_INT, O(ack_every), "16777216", 4096, 1073741824, 0,
      "bytes of an upload made durable and acknowledged at a time (a resumed upload restarts "
      "from the last one)"},

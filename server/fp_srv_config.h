@@ -12,6 +12,7 @@ typedef struct fp_srv_config {
     char *metrics;          /* host:port, or empty: off */
     int exit_when_done;     /* exit 0 once the last round closed */
     long long handshake_ms, idle_ms;
+    long long max_startups, max_startups_per_address, max_connections, max_sessions_per_site;
     long long ack_every;      /* bytes of an upload between durable Acks */
     /* [federation] */
     char *name;

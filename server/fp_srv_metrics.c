@@ -58,6 +58,14 @@ static size_t render(fp_coord_t *co, char *b, size_t n)
     P("# HELP fedpeft_handshakes_refused_total TLS handshakes refused (certificates, revoked, "
       "old TLS).\n# TYPE fedpeft_handshakes_refused_total counter\n"
       "fedpeft_handshakes_refused_total %llu\n", (unsigned long long)s.handshakes_refused);
+    P("# HELP fedpeft_connections_limited_total Connections closed at once by the connection "
+      "limits (max_startups, per address, max_connections) and sessions replaced past "
+      "max_sessions_per_site.\n# TYPE fedpeft_connections_limited_total counter\n"
+      "fedpeft_connections_limited_total %llu\n", (unsigned long long)s.connections_limited);
+    P("# HELP fedpeft_connections Connections open now, and those still in their TLS "
+      "handshake.\n# TYPE fedpeft_connections gauge\n"
+      "fedpeft_connections{state=\"all\"} %llu\nfedpeft_connections{state=\"handshake\"} %llu\n",
+      (unsigned long long)s.connections, (unsigned long long)s.startups);
     P("# HELP fedpeft_revoked_sessions_total Sessions closed because a reloaded CRL revoked "
       "their site.\n# TYPE fedpeft_revoked_sessions_total counter\n"
       "fedpeft_revoked_sessions_total %llu\n", (unsigned long long)s.revoked_dropped);

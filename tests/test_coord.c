@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sqlite3.h>
@@ -1459,6 +1460,47 @@ static void test_crl_reload_and_refused_handshakes(void **state)
     env_free(e);
 }
 
+/* A flood of connections that never start a handshake, from 50 addresses, held open: the
+ * coordinator (default limits) holds at most max_startups of them, and its sites are served —
+ * a federation of two rounds runs to the end while the flood holds. */
+static void test_flood_sites_served(void **state)
+{
+    (void)state;
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "flexlora", 1);
+    write_config(e, "flexlora", 2, NULL);
+    start_server(e);
+    enum { FLOOD = 300 };
+    int fd[FLOOD], held = 0;
+    for (int i = 0; i < FLOOD; i++) {
+        fd[i] = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in me = {.sin_family = AF_INET}, sa = {.sin_family = AF_INET};
+        me.sin_addr.s_addr = htonl(0x7f000002u + (uint32_t)(i % 50));
+        sa.sin_port = htons((uint16_t)e->port);
+        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        assert_int_equal(bind(fd[i], (struct sockaddr *)&me, sizeof me), 0);
+        assert_int_equal(connect(fd[i], (struct sockaddr *)&sa, sizeof sa), 0);
+    }
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    w->timeout_s = 60;
+    run_world(w);
+    assert_false(w->timed_out);
+    for (int i = 0; i < FLOOD; i++) {
+        struct pollfd p = {fd[i], POLLIN | POLLRDHUP, 0};
+        char c;
+        held += !(poll(&p, 1, 0) == 1 && recv(fd[i], &c, 1, MSG_DONTWAIT) <= 0);
+        close(fd[i]);
+    }
+    assert_true(held <= 64); /* server.max_startups */
+    sqlite3 *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed' AND "
+                               "updates = 3"), 2);
+    sqlite3_close(db);
+    free(w);
+    env_free(e);
+}
+
 /* Every file under dir is the daemon's alone (no group or other bits), directories too. */
 static void assert_private_tree(const char *dir, int *files)
 {
@@ -1569,6 +1611,7 @@ int main(void)
         cmocka_unit_test_teardown(test_state_dir_lock_and_modes, kill_live_server),
         cmocka_unit_test_teardown(test_deadline_timer_early, kill_live_server),
         cmocka_unit_test_teardown(test_crl_reload_and_refused_handshakes, kill_live_server),
+        cmocka_unit_test_teardown(test_flood_sites_served, kill_live_server),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,6 +6,7 @@
 #include "fp_test.h"
 
 #include <arpa/inet.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -104,7 +105,16 @@ static void srv_close(fp_conn_t *c, const char *why)
 
 static const fp_conn_ops_t srv_ops = {srv_open, srv_frame, NULL, srv_close};
 
+static void server_start_cfg(server_t *s, const char *base, const fp_conn_cfg_t *limits,
+                             uint64_t timeout_ms);
+
 static void server_start_pki(server_t *s, const char *base, uint64_t timeout_ms)
+{
+    server_start_cfg(s, base, NULL, timeout_ms);
+}
+
+static void server_start_cfg(server_t *s, const char *base, const fp_conn_cfg_t *limits,
+                             uint64_t timeout_ms)
 {
     memset(s, 0, sizeof *s);
     pthread_mutex_init(&s->mu, NULL);
@@ -120,6 +130,12 @@ static void server_start_pki(server_t *s, const char *base, uint64_t timeout_ms)
     assert_int_equal(rc, 0);
     fp_conn_cfg_t cc = {.handshake_ms = timeout_ms, .idle_ms = 10 * timeout_ms,
                         .message_ms = timeout_ms, .max_frame = 1024};
+    if (limits) {
+        cc.max_startups = limits->max_startups;
+        cc.max_startups_per_addr = limits->max_startups_per_addr;
+        cc.max_conns = limits->max_conns;
+        cc.max_per_identity = limits->max_per_identity;
+    }
     assert_int_equal(fp_listen(&s->l, &s->loop, "127.0.0.1", 0, s->tls, &cc, &srv_ops, s, &err),
                      0);
     free(crt);
@@ -624,6 +640,98 @@ static void test_sighup_reload_keeps_healthy_sessions(void **state)
     free(rp);
 }
 
+/* ---- connection limits ---- */
+
+/* A raw TCP connection from a loopback source address (127.0.0.x). */
+static int raw_from(int port, const char *src)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in me = {.sin_family = AF_INET}, sa = {.sin_family = AF_INET,
+                                                          .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, src, &me.sin_addr);
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    assert_int_equal(bind(fd, (struct sockaddr *)&me, sizeof me), 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    return fd;
+}
+
+/* Lets the server run a little; then 1 if it has hung up on fd. */
+static int hung_up(server_t *s, int fd)
+{
+    for (int i = 0; i < 50; i++)
+        uv_run(&s->loop, UV_RUN_NOWAIT);
+    struct pollfd p = {fd, POLLIN | POLLRDHUP, 0};
+    char c;
+    return poll(&p, 1, 20) == 1 && recv(fd, &c, 1, MSG_DONTWAIT) <= 0;
+}
+
+/* Connections still in their handshake are bounded per address (the one past the bound is
+ * closed at once) and in all (the oldest gives way to a new one, so a flood cannot keep a site
+ * out); a certificate holds at most max_per_identity sessions (its oldest gives way); all
+ * connections are bounded by max_conns. */
+static void test_connection_limits(void **state)
+{
+    (void)state;
+    server_t s;
+    fp_conn_cfg_t lim = {.max_startups = 4, .max_startups_per_addr = 2, .max_per_identity = 2};
+    server_start_cfg(&s, pki, &lim, 5000);
+    const fp_listener_stats_t *st = fp_listener_stats(s.l);
+    int port = fp_listener_port(s.l);
+    int a1 = raw_from(port, "127.0.0.2"), a2 = raw_from(port, "127.0.0.2");
+    int a3 = raw_from(port, "127.0.0.2");
+    assert_true(hung_up(&s, a3)); /* a third from one address */
+    assert_false(hung_up(&s, a1));
+    assert_false(hung_up(&s, a2));
+    assert_int_equal(st->limited, 1);
+    int b1 = raw_from(port, "127.0.0.3"), b2 = raw_from(port, "127.0.0.3");
+    assert_false(hung_up(&s, b2));
+    assert_int_equal(st->startups, 4);
+    int c1 = raw_from(port, "127.0.0.4"); /* a fifth: the oldest gives way */
+    assert_false(hung_up(&s, c1));
+    assert_true(hung_up(&s, a1));
+    assert_false(hung_up(&s, a2));
+    assert_int_equal(st->startups, 4);
+    assert_int_equal(st->limited, 2);
+    /* a site gets in while the flood holds every place */
+    fp_tls_ctx_t *tls = site_tls(pki, "good");
+    session_t x1, x2, x3;
+    ses_connect(&s, &x1, tls);
+    assert_true(x1.opened);
+    assert_true(ses_ping(&s, &x1));
+    assert_true(hung_up(&s, a2));
+    assert_true(st->startups <= 4);
+    /* a certificate's sessions: the third closes the first */
+    ses_connect(&s, &x2, tls);
+    assert_true(x2.opened && !x1.closed);
+    ses_connect(&s, &x3, tls);
+    assert_true(x3.opened);
+    while (!x1.closed)
+        uv_run(&s.loop, UV_RUN_ONCE);
+    assert_false(x2.closed);
+    assert_true(ses_ping(&s, &x3));
+    int fds[] = {a1, a2, a3, b1, b2, c1};
+    for (int i = 0; i < 6; i++)
+        close(fds[i]);
+    fp_conn_close(x2.c, "bye");
+    fp_conn_close(x3.c, "bye");
+    while (!x2.closed || !x3.closed)
+        uv_run(&s.loop, UV_RUN_ONCE);
+    server_stop(&s);
+    /* connections of any kind */
+    fp_conn_cfg_t all = {.max_conns = 2};
+    server_start_cfg(&s, pki, &all, 5000);
+    port = fp_listener_port(s.l);
+    int d1 = raw_connect(port), d2 = raw_connect(port), d3 = raw_connect(port);
+    assert_true(hung_up(&s, d3));
+    assert_false(hung_up(&s, d1));
+    assert_false(hung_up(&s, d2));
+    close(d1);
+    close(d2);
+    close(d3);
+    server_stop(&s);
+    fp_tls_ctx_free(tls);
+}
+
 /* ---- certificates that do not say what they are for ---- */
 
 /* A certificate for cn signed by the CA in ca_dir, v3 with a key usage but no extended key
@@ -715,6 +823,7 @@ int main(void)
         cmocka_unit_test(test_hostile_peers_close_alone),
         cmocka_unit_test(test_sighup_reload_keeps_healthy_sessions),
         cmocka_unit_test(test_extended_key_usage_and_key_mode),
+        cmocka_unit_test(test_connection_limits),
     };
     int rc = cmocka_run_group_tests(tests, setup, teardown);
     free(out_text);
