@@ -99,10 +99,12 @@ static const char sim_help[] =
 
 /* What the demo shows, measured (README says the same). */
 static const char demo_measured[] =
-    "Measured on a 2-core VM (sgemm peak 203 GFLOP/s): about 3 minutes after the build.\n";
+    "Measured on a 2-core VM (2-thread sgemm peak 203 GFLOP/s): 190 s after the build. Pooled\n"
+    "accuracy: base model 12.1 %, each site alone 14.7 %, flexlora 43.5 %, all data pooled\n"
+    "75.8 %: federating recovers 49 % of what pooling the data gives, a site alone 4 %.\n";
 
 /* Defaults of the classification demo (and of --task lm where they differ). */
-enum { D_ROUNDS = 8, D_STEPS = 6, D_BATCH = 16, D_SEQ = 96, D_SEQ_LM = 128, D_PROMPT = 64,
+enum { D_ROUNDS = 10, D_STEPS = 6, D_BATCH = 16, D_SEQ = 80, D_SEQ_LM = 128, D_PROMPT = 48,
        D_MAX_DOCS = 400 };
 #define D_LR 5e-3
 
@@ -327,9 +329,10 @@ static void print_table(const sim_t *sim, json_t *table)
     printf("\n%s (nats per token, lower is better):\n\n",
            acc ? "Loss of the true label" : "Held-out loss");
     print_rows(sim, table, "loss", "pooled", 1, 4, " ");
-    printf("\n(local-only: each site's own adapter on its own held-out data; its pooled value is\n"
-           "the mean over sites of one site's adapter on all the held-out data. centralised:\n"
-           "one adapter on every site's training data, as many steps as all sites together.)\n");
+    printf("\n(local-only: each site's own adapter on its own held-out data — the only categories\n"
+           "it knows, where it may beat everyone; its pooled value is the mean over sites of one\n"
+           "site's adapter on all the held-out data. centralised: one adapter on every site's\n"
+           "training data, as many steps as all sites together.)\n");
 }
 
 /* One line per strategy: its pooled score and share, beside the baselines'. */

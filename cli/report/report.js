@@ -194,7 +194,9 @@
                         `Share of the centralised gain, (X − base) / (centralised − base), in ` +
                         `${acc ? "accuracy" : "held-out loss"} on every site's held-out ` +
                         `documents: 100 % is as good as pooling all the sites' data in one place, ` +
-                        `0 % no better than the base model.`);
+                        `0 % no better than the base model. Per site, a site alone is judged on ` +
+                        `its own documents — the only categories it knows, where it may beat ` +
+                        `everyone; pooled, on all of them.`);
       s.appendChild(el("p", {class: "headline"},
                        `${lead}; each site alone: ${pct(local && local[pooledShare])}. ` +
                        `Pooled ${acc ? "accuracy" : "loss"}: base ${score(base)}, ` +
