@@ -304,8 +304,11 @@ static void print_rows(const sim_t *sim, json_t *table, const char *key, const c
         for (size_t s = 0; s <= json_array_size(a); s++) {
             json_t *v = s < json_array_size(a) ? json_array_get(a, s) : json_object_get(r, pkey);
             char cell[32] = "       –";
+            double x = mul * json_number_value(v);
+            if (fabs(x) < 0.5 * pow(10, -decimals))
+                x = 0; /* no "-0" */
             if (json_is_number(v))
-                snprintf(cell, sizeof cell, "%.*f", decimals, mul * json_number_value(v));
+                snprintf(cell, sizeof cell, "%.*f", decimals, x);
             printf(" %7s%s", cell, json_is_number(v) ? unit : " ");
         }
         printf("\n");

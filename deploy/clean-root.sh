@@ -48,19 +48,34 @@ for c in "$@"; do
 done
 EOF
 chmod +x "$root/root/run-commands.sh"
+# The network's own settings pass into the root (a new user's machine on this network has
+# them): proxies, and the extra CA certificates a TLS-intercepting proxy needs (npm fetches the
+# test oracles over https). Nothing else of the host does.
+netenv=""
+for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+    eval "val=\${$v:-}"
+    [ -n "$val" ] && netenv="$netenv $v=$val"
+done
+if [ -n "${NODE_EXTRA_CA_CERTS:-}" ] && [ -r "$NODE_EXTRA_CA_CERTS" ]; then
+    mkdir -p "$root/etc/ssl"
+    cp "$NODE_EXTRA_CA_CERTS" "$root/etc/ssl/network-ca.crt"
+    netenv="$netenv NODE_EXTRA_CA_CERTS=/etc/ssl/network-ca.crt"
+fi
 status=0
 unshare --mount --propagation private sh -c '
     set -eu
     root=$1
-    shift
     mount -t proc proc "$root/proc"
     mount -t sysfs -o ro sysfs "$root/sys"
     mkdir -p "$root/dev/shm" "$root/dev/pts"
     mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
     mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts" 2>/dev/null || true
+    netenv=$2
+    shift 2
+    # shellcheck disable=SC2086
     exec chroot "$root" env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        LANG=C.UTF-8 TERM=dumb /root/run-commands.sh "$@"
-' clean-root "$root" "$@" || status=$?
+        LANG=C.UTF-8 TERM=dumb $netenv /root/run-commands.sh "$@"
+' clean-root "$root" "$netenv" "$@" || status=$?
 
 if [ "${FEDPEFT_KEEP_ROOT:-0}" != 1 ]; then
     # the namespace and its mounts are gone; refuse to delete through a mount all the same
