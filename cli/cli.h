@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fp_clock.h"
 #include "fp_error.h"
 #include "fp_par.h"
 
@@ -61,8 +62,6 @@ int fp_find_program(char *out, size_t n, const char *name, const char *subdir, c
  * 0 and *port, -ECHILD if it exited first, or -ETIMEDOUT. */
 int fp_wait_port(const char *log, int pid, int *port);
 
-/* Monotonic seconds. */
-double fp_now(void);
 
 /* This process's peak resident memory in bytes since exec (VmHWM), or 0 if unknown. Unlike
  * getrusage's ru_maxrss it does not inherit the high-water mark of a vfork parent. */

@@ -129,13 +129,6 @@ int fp_parse_ints(const char *s, long long lo, long long hi, int **out, int *n)
     return 0;
 }
 
-double fp_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 long fp_peak_rss_bytes(void)
 {
     FILE *f = fopen("/proc/self/status", "r");

@@ -15,7 +15,7 @@
 #include "fp_json.h"
 #include "fp_merge.h"
 #include "fp_model.h"
-#include "fp_stream.h"
+#include "fp_sha256.h"
 #include "sim.h"
 
 #ifndef FP_SOURCE_DIR

@@ -15,7 +15,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_model.h"
-#include "fp_stream.h"
+#include "fp_sha256.h"
 #include "fp_tokenizer.h"
 #include "fp_trainer.h"
 #include "fp_transformer.h"

@@ -12,7 +12,7 @@
 #include "fp_json.h"
 #include "fp_rng.h"
 #include "fp_safetensors.h"
-#include "fp_stream.h"
+#include "fp_sha256.h"
 
 const char *const fp_target_names[FP_T_COUNT] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                  "gate_proj", "up_proj", "down_proj"};

@@ -7,15 +7,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "fp_clock.h"
 #include "fp_rng.h"
 #include "fp_transformer.h"
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double alpha,
                   int rslora, fp_module_desc_t **out, int *n_out, fp_err_t *err)
@@ -158,7 +152,7 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
         goto out;
     fp_rng_t rng;
     fp_rng_seed(&rng, cfg->seed);
-    double t0 = now();
+    double t0 = fp_now();
     long tokens_done = 0;
     for (int step = 0; step < cfg->steps; step++) {
         fp_zero_grads(groups, ngroups);
@@ -183,7 +177,7 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
         }
         recent[step] = loss;
         res->steps = step + 1;
-        double el = now() - t0;
+        double el = fp_now() - t0;
         int last = step + 1 == cfg->steps;
         if (cb) {
             fp_train_stats_t st = {step + 1, cfg->steps, loss, lr, norm,
@@ -195,7 +189,7 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
             }
         }
     }
-    res->seconds = now() - t0;
+    res->seconds = fp_now() - t0;
     res->tokens = tokens_done;
     res->tokens_per_s = res->seconds > 0 ? (double)tokens_done / res->seconds : 0;
     int k = res->steps < 10 ? res->steps : 10;

@@ -353,21 +353,12 @@ static void send_task(fp_coord_t *co, site_t *s, const rtask_t *t)
 
 static void deadline_cb(uv_timer_t *t);
 
-/* Monotonic milliseconds: deadlines are measured on this clock, which no clock change moves;
- * the wall clock is only for what is recorded and told to sites. */
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* (Re-)arms the deadline timer for what is left of the round. A timer may fire before the
  * deadline (libuv times it from the loop's cached time); check_round then arms it again. */
 static void arm_deadline(fp_coord_t *co)
 {
     uv_update_time(co->loop);
-    int64_t left = co->deadline_mono - mono_ms() - co->timer_early_ms;
+    int64_t left = co->deadline_mono - fp_mono_ms() - co->timer_early_ms;
     uv_timer_start(&co->timer, deadline_cb, left > 0 ? (uint64_t)left : 0, 0);
 }
 
@@ -498,7 +489,7 @@ static void maybe_open_round(fp_coord_t *co)
     if (want > n)
         want = n;
     fp_err_t err = {0};
-    int64_t now = fp_now_ms(), now_mono = mono_ms();
+    int64_t now = fp_now_ms(), now_mono = fp_mono_ms();
     int64_t deadline = now + (int64_t)(c->round_deadline_s * 1000);
     int rc = fp_store_begin(co->st, &err);
     if (rc == 0)
@@ -706,7 +697,7 @@ static void check_round(fp_coord_t *co)
         else if (!t->excluded && !t->gone)
             waiting++;
     }
-    int past = mono_ms() >= co->deadline_mono;
+    int past = fp_mono_ms() >= co->deadline_mono;
     if (up == co->ntasks || (up >= co->cfg->min_updates && (waiting == 0 || past)))
         aggregate_round(co, 0);
     else if (past)
@@ -1278,7 +1269,7 @@ static int read_last_round(void *ctx, sqlite3_stmt *r)
     co->rstate = !strcmp(st, "open") ? R_OPEN : !strcmp(st, "aggregating") ? R_AGGREGATING : R_NONE;
     co->deadline_ms = sqlite3_column_int64(r, 2);
     /* a restarted coordinator: what is left of the recorded deadline, from now */
-    co->deadline_mono = mono_ms() + (co->deadline_ms - fp_now_ms());
+    co->deadline_mono = fp_mono_ms() + (co->deadline_ms - fp_now_ms());
     return 1;
 }
 

@@ -12,7 +12,7 @@
 #include "fp_fs.h"
 #include "fp_merge.h"
 #include "fp_model.h"
-#include "fp_stream.h"
+#include "fp_sha256.h"
 #include "fp_tls.h"
 
 #define O(f) offsetof(fp_srv_config_t, f)

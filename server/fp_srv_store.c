@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <time.h>
 
+#include "fp_clock.h"
 #include "fp_fs.h"
 
 struct fp_store {
@@ -53,13 +54,6 @@ static const char *const migrations[] = {
     "  kind TEXT NOT NULL, detail TEXT);",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
-
-int64_t fp_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static int db_fail(fp_store_t *st, fp_err_t *err, const char *what)
 {

@@ -22,6 +22,7 @@
 #include <sqlite3.h>
 #include <stdint.h>
 
+#include "fp_clock.h"
 #include "fp_error.h"
 
 #define FP_STORE_SCHEMA 1
@@ -58,6 +59,5 @@ int64_t fp_store_int(fp_store_t *st, const char *sql, int64_t def);
 void fp_store_event(fp_store_t *st, int64_t round, const char *site, const char *kind,
                     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
-int64_t fp_now_ms(void);
 
 #endif

@@ -13,7 +13,7 @@
 #include "fp_json.h"
 #include "fp_model.h"
 #include "fp_safetensors.h"
-#include "fp_stream.h"
+#include "fp_sha256.h"
 
 #define dir fpt_dir
 

@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <inttypes.h>
-#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,56 +9,14 @@
 #include <unistd.h>
 
 #include "fp_fs.h"
+#include "fp_sha256.h"
 
-void fp_sha256(const void *data, size_t n, uint8_t out[32])
-{
-    unsigned int len = 32;
-    EVP_Digest(data, n, out, &len, EVP_sha256(), NULL);
-}
-
-int fp_sha256_files(const char *const *paths, int n, uint8_t out[32], fp_err_t *err)
-{
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    unsigned char *buf = malloc(1 << 20);
-    int rc = 0;
-    if (!ctx || !buf || !EVP_DigestInit_ex(ctx, EVP_sha256(), NULL)) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
-    }
-    for (int i = 0; i < n && rc == 0; i++) {
-        int fd = open(paths[i], O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            rc = fp_err_set(err, -errno, "%s: %s", paths[i], strerror(errno));
-            break;
-        }
-        for (;;) {
-            ssize_t k = read(fd, buf, 1 << 20);
-            if (k == 0)
-                break;
-            if (k < 0) {
-                if (errno == EINTR)
-                    continue;
-                rc = fp_err_set(err, -errno, "%s: %s", paths[i], strerror(errno));
-                break;
-            }
-            EVP_DigestUpdate(ctx, buf, (size_t)k);
-        }
-        close(fd);
-    }
-    unsigned int len = 32;
-    if (rc == 0 && !EVP_DigestFinal_ex(ctx, out, &len))
-        rc = fp_err_set(err, -EIO, "SHA-256 failed");
-out:
-    EVP_MD_CTX_free(ctx);
-    free(buf);
-    return rc;
-}
 
 static void reset(fp_stream_rx_t *rx)
 {
     if (rx->fd >= 0)
         close(rx->fd);
-    EVP_MD_CTX_free(rx->sha);
+    free(rx->sha);
     free(rx->part);
     free(rx->acked);
     free(rx->stage);
@@ -157,8 +114,10 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
     rx->part = fp_path_join(dir, name);
     snprintf(name, sizeof name, "%" PRIu64 ".acked", id);
     rx->acked = fp_path_join(dir, name);
-    rx->sha = EVP_MD_CTX_new();
-    if (!rx->part || !rx->acked || !rx->sha || !EVP_DigestInit_ex(rx->sha, EVP_sha256(), NULL)) {
+    rx->sha = malloc(sizeof(fp_sha256_ctx_t));
+    if (rx->sha)
+        fp_sha256_init(rx->sha);
+    if (!rx->part || !rx->acked || !rx->sha) {
         reset(rx);
         return fp_err_set(err, -ENOMEM, "out of memory");
     }
@@ -192,7 +151,7 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
         ssize_t r = pread(rfd, buf, want, (off_t)done);
         if (r <= 0)
             break;
-        EVP_DigestUpdate(rx->sha, buf, (size_t)r);
+        fp_sha256_update(rx->sha, buf, (size_t)r);
         done += (uint64_t)r;
     }
     if (done != resume) {
@@ -245,7 +204,7 @@ int fp_stream_rx_write(fp_stream_rx_t *rx, uint64_t offset, const void *data, si
         }
         if (rc != 0)
             return fp_err_set(err, rc, "%s: write: %s", rx->part, strerror(-rc));
-        EVP_DigestUpdate(rx->sha, p, piece);
+        fp_sha256_update(rx->sha, p, piece);
         rx->received += piece;
         p += piece;
         left -= piece;
@@ -284,8 +243,7 @@ int fp_stream_rx_finish(fp_stream_rx_t *rx, const uint8_t sha256[32], const char
         return rc;
     }
     uint8_t got[32];
-    unsigned int len = 32;
-    EVP_DigestFinal_ex(rx->sha, got, &len);
+    fp_sha256_final(rx->sha, got);
     if (memcmp(got, sha256, 32) != 0) {
         int rc = fp_err_set(err, -EBADMSG, "stream %" PRIu64 ": SHA-256 does not match the data",
                             rx->id);
@@ -308,33 +266,4 @@ int fp_stream_rx_finish(fp_stream_rx_t *rx, const uint8_t sha256[32], const char
     unlink(rx->acked);
     reset(rx);
     return rc;
-}
-
-void fp_sha256_hex(const uint8_t sha[32], char out[65])
-{
-    static const char digits[] = "0123456789abcdef";
-    for (int i = 0; i < 32; i++) {
-        out[2 * i] = digits[sha[i] >> 4];
-        out[2 * i + 1] = digits[sha[i] & 15];
-    }
-    out[64] = '\0';
-}
-
-static int hexval(int ch)
-{
-    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 :
-           ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
-}
-
-int fp_sha256_parse(const char *hex, uint8_t out[32])
-{
-    if (!hex || strlen(hex) != 64)
-        return -EINVAL;
-    for (int i = 0; i < 32; i++) {
-        int a = hexval(hex[2 * i]), b = hexval(hex[2 * i + 1]);
-        if (a < 0 || b < 0)
-            return -EINVAL;
-        out[i] = (uint8_t)(a << 4 | b);
-    }
-    return 0;
 }

@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "fp_error.h"
+#include "fp_sha256.h"
 
 typedef struct fp_stream_rx {
     uint64_t id;
@@ -31,7 +32,7 @@ typedef struct fp_stream_rx {
     int fd;
     int direct;         /* 1: O_DIRECT through stage */
     char *part, *acked; /* DIR/<id>.part, DIR/<id>.acked */
-    void *sha;          /* EVP_MD_CTX over bytes [0, received) */
+    void *sha;          /* fp_sha256_ctx_t over bytes [0, received) */
     unsigned char *stage; /* direct mode: bytes [flushed, received), FP_STREAM_STAGE aligned */
     uint64_t flushed;   /* direct mode: a multiple of FP_STREAM_ALIGN written in place */
 } fp_stream_rx_t;
@@ -63,13 +64,5 @@ void fp_stream_rx_close(fp_stream_rx_t *rx);
 /* Closes and removes the spool. */
 void fp_stream_rx_discard(fp_stream_rx_t *rx);
 
-/* SHA-256 of a buffer (helper for senders and tests). */
-void fp_sha256(const void *data, size_t n, uint8_t out[32]);
-/* 64 lowercase hex digits and a NUL. */
-void fp_sha256_hex(const uint8_t sha[32], char out[65]);
-/* SHA-256 of files' bytes one after the other, read 1 MiB at a time. */
-int fp_sha256_files(const char *const *paths, int n, uint8_t out[32], fp_err_t *err);
-/* Parses 64 hex digits; -EINVAL otherwise. */
-int fp_sha256_parse(const char *hex, uint8_t out[32]);
 
 #endif
