@@ -9,7 +9,6 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +22,7 @@
 #include "fp_fs.h"
 #include "fp_rng.h"
 #include "fp_site.h"
-#include "fp_srv_store.h"
+#include "fp_db.h"
 #include "fp_stream.h"
 #include "fp_tls.h"
 
@@ -329,34 +328,24 @@ out:
     }
     if (rc == FP_EXIT_OK) {
         /* when each round closed, by the coordinator's own record */
-        sqlite3 *db = NULL;
-        char *dbp = fp_path_join(state, FP_STORE_DB);
-        sqlite3_open_v2(dbp, &db, SQLITE_OPEN_READONLY, NULL);
-        free(dbp);
+        fp_db_t *db = NULL;
+        fp_db_open(&db, state, 1, NULL);
         printf("\n%-7s %8s %18s %14s %10s  %s\n", "round", "updates", "last upload→closed",
                "whole round", "merge", "goal");
         double worst = 0;
         for (int r = 1; r <= b.rounds; r++) {
-            sqlite3_stmt *s = NULL;
-            int64_t closed = 0, ups = 0;
-            double agg = 0;
-            if (db && sqlite3_prepare_v2(db, "SELECT closed_ms, updates, agg_seconds FROM round "
-                                         "WHERE n = ?", -1, &s, NULL) == SQLITE_OK) {
-                sqlite3_bind_int(s, 1, r);
-                if (sqlite3_step(s) == SQLITE_ROW) {
-                    closed = sqlite3_column_int64(s, 0);
-                    ups = sqlite3_column_int64(s, 1);
-                    agg = sqlite3_column_double(s, 2);
-                }
-            }
-            sqlite3_finalize(s);
+            fp_db_round_t row = {0};
+            if (db)
+                fp_db_round_get(db, r, &row, NULL);
+            int64_t closed = row.closed_ms, ups = row.updates;
+            double agg = row.agg_seconds;
             double lat = (double)(closed - b.last_stored_ms[r - 1]) / 1e3;
             double whole = (double)(closed - b.first_task_ms[r - 1]) / 1e3;
             worst = lat > worst ? lat : worst;
             printf("%-7d %8lld %16.3f s %12.3f s %8.3f s  %s\n", r, (long long)ups, lat, whole,
                    agg, "< 2 s");
         }
-        sqlite3_close(db);
+        fp_db_close(db);
         char *t = NULL;
         size_t n;
         long peak = 0;

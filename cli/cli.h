@@ -47,13 +47,6 @@ int fp_parse_doubles(const char *s, double **out, int *n);
 /* Comma-separated ints in [lo, hi]; *out malloc'd. */
 int fp_parse_ints(const char *s, long long lo, long long hi, int **out, int *n);
 
-/* Every row of a query on a coordinator's store as a JSON array of objects keyed by column
- * name (at most one integer parameter: types "i" or NULL); NULL on error. */
-struct fp_store;
-struct json_t;
-struct json_t *fp_cli_rows(struct fp_store *st, fp_err_t *err, const char *sql, const char *types,
-                           ...);
-
 /* An executable: given (when not NULL), else next to this program, else in ../subdir/ of a
  * build tree, else in PATH. 0, or -ENOENT. */
 int fp_find_program(char *out, size_t n, const char *name, const char *subdir, const char *given);

@@ -3,7 +3,6 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,7 +12,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_model.h"
-#include "fp_srv_store.h"
+#include "fp_db.h"
 #include "fp_trainer.h"
 
 static const char status_help[] =
@@ -27,46 +26,6 @@ static const char status_help[] =
     "      --json            one JSON document instead of tables\n"
     "      --rounds N        rounds listed, newest last (default 20; 0: all)\n"
     "  -h, --help            this help\n";
-
-/* Every row of a query as JSON objects keyed by column name. */
-static int rows_cb(void *ctx, sqlite3_stmt *r)
-{
-    json_t *arr = ctx, *o = json_object();
-    for (int i = 0; i < sqlite3_column_count(r); i++) {
-        const char *k = sqlite3_column_name(r, i);
-        switch (sqlite3_column_type(r, i)) {
-        case SQLITE_INTEGER: json_object_set_new(o, k, json_integer(sqlite3_column_int64(r, i))); break;
-        case SQLITE_FLOAT: {
-            double v = sqlite3_column_double(r, i);
-            json_object_set_new(o, k, isfinite(v) ? json_real(v) : json_null());
-            break;
-        }
-        case SQLITE_TEXT:
-            json_object_set_new(o, k, json_string((const char *)sqlite3_column_text(r, i)));
-            break;
-        default: json_object_set_new(o, k, json_null()); break;
-        }
-    }
-    json_array_append_new(arr, o);
-    return 0;
-}
-
-json_t *fp_cli_rows(fp_store_t *st, fp_err_t *err, const char *sql, const char *types, ...)
-{
-    json_t *arr = json_array();
-    /* the queries here take at most one integer */
-    va_list ap;
-    va_start(ap, types);
-    int64_t a = types && types[0] ? va_arg(ap, int64_t) : 0;
-    va_end(ap);
-    int rc = types && types[0] ? fp_store_query(st, err, rows_cb, arr, sql, types, a)
-                               : fp_store_query(st, err, rows_cb, arr, sql, NULL);
-    if (rc < 0) {
-        json_decref(arr);
-        return NULL;
-    }
-    return arr;
-}
 
 static void when(char *buf, size_t n, json_t *ms)
 {
@@ -175,62 +134,18 @@ int fp_cmd_status(int argc, char **argv)
     if (optind < argc)
         return fp_cli_usage_error("status", "unexpected argument '%s'", argv[optind]);
     fp_err_t err = {0};
-    fp_store_t *st;
-    if (fp_store_open(&st, dir, 1, &err) != 0)
+    fp_db_t *db;
+    if (fp_db_open(&db, dir, 1, &err) != 0)
         return fp_cli_fail("status", "%s", fp_err_msg(&err));
-    json_t *doc = json_object();
-    json_t *fed = fp_cli_rows(st, &err, "SELECT name, strategy, base_model_sha256, targets, r_max, "
-                        "alpha, rslora, seed, created_ms FROM federation", NULL);
-    json_t *rounds = fed ? fp_cli_rows(st, &err, "SELECT * FROM (SELECT n, state, opened_ms, "
-                                 "deadline_ms, closed_ms, global_adapter, global_rank, updates, "
-                                 "samples, train_loss, eval_loss_before, eval_loss_after, "
-                                 "agg_seconds, note FROM round WHERE n > 0 ORDER BY n DESC "
-                                 "LIMIT ?) ORDER BY n", "i", nrounds ? (int64_t)nrounds : -1)
-                         : NULL;
-    json_t *sites = rounds ? fp_cli_rows(st, &err, "SELECT name, fingerprint, rank_budget, samples, "
-                                   "first_seen_ms, last_seen_ms, connections, "
-                                   "(SELECT count(*) FROM task WHERE site = name AND state = "
-                                   "'merged') AS merged, (SELECT count(*) FROM task WHERE site = "
-                                   "name AND state = 'refused') AS refused, (SELECT count(*) "
-                                   "FROM task WHERE site = name AND state = 'dropped') AS "
-                                   "dropped FROM site ORDER BY name", NULL) : NULL;
-    json_t *ref = sites ? fp_cli_rows(st, &err, "SELECT ms, round, site, detail FROM event WHERE kind "
-                                "= 'refused' ORDER BY id DESC LIMIT 10", NULL) : NULL;
-    json_t *tot = ref ? fp_cli_rows(st, &err, "SELECT (SELECT count(*) FROM round WHERE n > 0 AND "
-                              "state = 'closed') AS rounds_closed, (SELECT count(*) FROM round "
-                              "WHERE state = 'expired') AS rounds_expired, (SELECT count(*) FROM "
-                              "task WHERE state IN ('uploaded','merged')) AS updates_accepted, "
-                              "(SELECT count(*) FROM task WHERE state = 'refused') AS "
-                              "updates_refused, (SELECT count(*) FROM task WHERE state = "
-                              "'dropped') AS tasks_dropped, (SELECT total(agg_seconds) FROM "
-                              "round) AS aggregation_seconds, (SELECT total(stream_bytes) FROM "
-                              "task WHERE state IN ('uploaded','merged')) AS update_bytes", NULL)
-                      : NULL;
-    fp_store_close(st);
-    if (!tot) {
-        json_decref(fed);
-        json_decref(rounds);
-        json_decref(sites);
-        json_decref(ref);
-        json_decref(doc);
+    json_t *doc = NULL;
+    int rc = fp_db_status(db, nrounds, &doc, &err);
+    fp_db_close(db);
+    if (rc)
         return fp_cli_fail("status", "%s", fp_err_msg(&err));
-    }
-    if (json_array_size(fed) == 0) {
+    if (json_is_null(json_object_get(doc, "federation"))) {
         json_decref(doc);
-        json_decref(fed);
-        json_decref(rounds);
-        json_decref(sites);
-        json_decref(ref);
-        json_decref(tot);
         return fp_cli_fail("status", "%s: no federation yet", dir);
     }
-    json_object_set(doc, "federation", json_array_get(fed, 0));
-    json_object_set_new(doc, "rounds", rounds);
-    json_object_set_new(doc, "sites", sites);
-    json_object_set_new(doc, "refusals", ref);
-    json_object_set(doc, "metrics", json_array_get(tot, 0));
-    json_decref(fed);
-    json_decref(tot);
     if (json) {
         char *s = json_dumps(doc, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
         puts(s ? s : "{}");
@@ -266,42 +181,6 @@ static const char export_help[] =
     "      --model DIR       base model directory (overrides the recorded one)\n"
     "  -h, --help            this help\n";
 
-typedef struct fed_row {
-    char name[256], targets[512], sha[65], model[4096], base[4096];
-    double alpha;
-    int rslora, found;
-} fed_row_t;
-
-static int fed_cb(void *ctx, sqlite3_stmt *r)
-{
-    fed_row_t *f = ctx;
-    f->found = 1;
-    snprintf(f->name, sizeof f->name, "%s", sqlite3_column_text(r, 0));
-    snprintf(f->targets, sizeof f->targets, "%s", sqlite3_column_text(r, 1));
-    f->alpha = sqlite3_column_double(r, 2);
-    f->rslora = sqlite3_column_int(r, 3);
-    const unsigned char *s = sqlite3_column_text(r, 4);
-    json_t *j = s ? json_loads((const char *)s, 0, NULL) : NULL;
-    const char *m = j ? json_string_value(json_object_get(j, "base_model_config")) : NULL;
-    const char *b = j ? json_string_value(json_object_get(j, "base_model")) : NULL;
-    snprintf(f->model, sizeof f->model, "%s", m ? m : "");
-    /* federations from before base_model: the directory of the configuration */
-    if (b)
-        snprintf(f->base, sizeof f->base, "%s", b);
-    else if (m)
-        fp_model_dir_of(m, f->base, sizeof f->base);
-    json_decref(j);
-    return 1;
-}
-
-static int global_cb(void *ctx, sqlite3_stmt *r)
-{
-    fed_row_t *f = ctx;
-    const unsigned char *s = sqlite3_column_text(r, 0);
-    snprintf(f->sha, sizeof f->sha, "%s", s ? (const char *)s : "");
-    return 1;
-}
-
 int fp_cmd_export(int argc, char **argv)
 {
     static const struct option opts[] = {{"state-dir", required_argument, NULL, 'd'},
@@ -334,46 +213,51 @@ int fp_cmd_export(int argc, char **argv)
     if (optind < argc)
         return fp_cli_usage_error("export", "unexpected argument '%s'", argv[optind]);
     fp_err_t err = {0};
-    fp_store_t *st;
-    if (fp_store_open(&st, dir, 1, &err) != 0)
+    fp_db_t *db;
+    if (fp_db_open(&db, dir, 1, &err) != 0)
         return fp_cli_fail("export", "%s", fp_err_msg(&err));
-    fed_row_t f = {0};
-    int rc = fp_store_query(st, &err, fed_cb, &f, "SELECT name, targets, alpha, rslora, settings "
-                            "FROM federation", NULL);
-    if (rc >= 0 && round < 0)
-        rc = fp_store_query(st, &err, global_cb, &f, "SELECT global_adapter FROM round WHERE "
-                            "state = 'closed' ORDER BY n DESC LIMIT 1", NULL);
-    else if (rc >= 0)
-        rc = fp_store_query(st, &err, global_cb, &f, "SELECT global_adapter FROM round WHERE n = "
-                            "? AND state = 'closed'", "i", (int64_t)round);
-    int64_t last = fp_store_int(st, "SELECT max(n) FROM round WHERE state = 'closed'", 0);
-    fp_store_close(st);
+    fp_db_federation_t f;
+    fp_db_round_t last = {0}, r = {0};
+    int rc = fp_db_federation_get(db, &f, &err), found = rc;
+    if (rc > 0)
+        rc = fp_db_round_last_closed(db, &last, &err);
+    if (rc >= 0 && round >= 0)
+        rc = fp_db_round_get(db, round, &r, &err);
+    else
+        r = last;
+    fp_db_close(db);
     if (rc < 0)
         return fp_cli_fail("export", "%s", fp_err_msg(&err));
-    if (!f.found)
+    if (!found)
         return fp_cli_fail("export", "%s: no federation yet", dir);
-    if (!f.sha[0])
+    if (r.state != FP_DB_ROUND_CLOSED || !r.global_adapter[0])
         return fp_cli_fail("export", "round %lld is not a closed round (the last closed round "
-                           "is %lld)", round, (long long)last);
+                           "is %lld)", round, (long long)last.n);
+    /* federations from before base_model: the directory of the configuration */
+    char base[4096];
+    if (f.base_model[0])
+        snprintf(base, sizeof base, "%s", f.base_model);
+    else
+        fp_model_dir_of(f.base_model_config, base, sizeof base);
     char rel[128];
-    snprintf(rel, sizeof rel, "adapters/%s.safetensors", f.sha);
+    snprintf(rel, sizeof rel, "adapters/%s.safetensors", r.global_adapter);
     char *path = fp_path_join(dir, rel);
     fp_adapter_t *ad = NULL;
     rc = fp_hfpeft_load_factors(path, f.alpha, f.rslora, FP_LOAD_COPY, &ad, &err);
     free(path);
     if (rc)
         return fp_cli_fail("export", "%s", fp_err_msg(&err));
-    ad->base_model = strdup(f.base[0] ? f.base : f.name);
+    ad->base_model = strdup(base[0] ? base : f.name);
     ad->task_type = strdup("CAUSAL_LM");
     if (!(rc = fp_hfpeft_save(ad, out, &err)))
         printf("exported the global adapter of round %lld to %s\n",
-               round < 0 ? (long long)last : round, out);
+               (long long)r.n, out);
     if (rc == 0 && merged) {
         char mdir[4096];
         if (model)
             snprintf(mdir, sizeof mdir, "%s", model);
         else
-            fp_model_dir_of(f.model, mdir, sizeof mdir);
+            fp_model_dir_of(f.base_model_config, mdir, sizeof mdir);
         fp_model_t *m = NULL;
         char *mout = fp_path_join(out, "merged-model");
         if ((rc = fp_model_load(mdir, &m, &err)) == 0 && (rc = fp_lora_merge_into(m, ad, &err)) == 0 &&

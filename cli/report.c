@@ -10,7 +10,7 @@
 #include "cli.h"
 #include "fp_fs.h"
 #include "fp_json.h"
-#include "fp_srv_store.h"
+#include "fp_db.h"
 #include "sim.h"
 
 extern const char fp_report_report_js[];
@@ -19,49 +19,26 @@ extern const char fp_report_report_css[];
 int fp_report_collect(const char *state_dir, json_t **run, fp_err_t *err)
 {
     *run = NULL;
-    fp_store_t *st = NULL;
-    int rc = fp_store_open(&st, state_dir, 1, err);
+    fp_db_t *db = NULL;
+    json_t *h = NULL;
+    int rc = fp_db_open(&db, state_dir, 1, err);
     if (rc)
         return rc;
-    json_t *fed = fp_cli_rows(st, err, "SELECT name, strategy, targets AS target_modules, r_max, "
-                              "alpha, rslora, seed, created_ms, base_model_sha256 FROM federation",
-                              NULL);
-    json_t *sites = fed ? fp_cli_rows(st, err, "SELECT name, rank_budget, samples, first_seen_ms, "
-                                      "last_seen_ms, connections FROM site ORDER BY name", NULL)
-                        : NULL;
-    json_t *rounds = sites ? fp_cli_rows(st, err, "SELECT n, state, opened_ms, closed_ms, "
-                                         "global_rank, updates, samples, train_loss, "
-                                         "eval_loss_before, eval_loss_after, agg_seconds, "
-                                         "bytes_in, bytes_out FROM round WHERE n >= 1 ORDER BY n",
-                                         NULL)
-                           : NULL;
-    json_t *tasks = rounds ? fp_cli_rows(st, err, "SELECT round, site, rank, state, samples, "
-                                         "train_loss, eval_loss_before, eval_loss_after, "
-                                         "train_seconds, stream_bytes, clipped, error, "
-                                         "assigned_ms, done_ms FROM task ORDER BY round, site",
-                                         NULL)
-                           : NULL;
-    fp_store_close(st);
-    if (!tasks) {
-        rc = fp_err_prefix(err, -EIO, "%s: ", state_dir);
-        goto fail;
+    rc = fp_db_history(db, &h, err);
+    fp_db_close(db);
+    if (rc)
+        return fp_err_prefix(err, rc, "%s: ", state_dir);
+    json_t *f = json_object_get(h, "federation");
+    if (!json_is_object(f)) {
+        json_decref(h);
+        return fp_err_set(err, -ENOENT, "%s: no federation yet (the coordinator has not started "
+                          "one)", state_dir);
     }
-    if (json_array_size(fed) != 1) {
-        rc = fp_err_set(err, -ENOENT, "%s: no federation yet (the coordinator has not started "
-                        "one)", state_dir);
-        goto fail;
-    }
-    json_t *f = json_array_get(fed, 0);
-    *run = json_pack("{s:O,s:O,s:o,s:o,s:o}", "strategy", json_object_get(f, "strategy"),
-                     "federation", f, "sites", sites, "rounds", rounds, "tasks", tasks);
-    json_decref(fed);
+    *run = json_pack("{s:O,s:O,s:O,s:O,s:O}", "strategy", json_object_get(f, "strategy"),
+                     "federation", f, "sites", json_object_get(h, "sites"), "rounds",
+                     json_object_get(h, "rounds"), "tasks", json_object_get(h, "tasks"));
+    json_decref(h);
     return *run ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
-fail:
-    json_decref(fed);
-    json_decref(sites);
-    json_decref(rounds);
-    json_decref(tasks);
-    return rc;
 }
 
 static void put_escaped(FILE *f, const char *s)

@@ -15,7 +15,7 @@
 
 #include "cli.h"
 #include "fp_fs.h"
-#include "fp_srv_store.h"
+#include "fp_db.h"
 #include "sim.h"
 
 int sim_spawn(const char *const *argv, const char *log, int *pid, fp_err_t *err)
@@ -96,39 +96,16 @@ static void log_tail(const char *log, char *buf, size_t n)
     free(t);
 }
 
-typedef struct round_row {
-    int64_t n, updates, bytes_in, bytes_out, opened, closed;
-    double eval_before, eval_after;
-    char state[16];
-    int seen;
-} round_row_t;
-
-static int round_cb(void *ctx, sqlite3_stmt *r)
-{
-    round_row_t *o = ctx;
-    o->n = sqlite3_column_int64(r, 0);
-    snprintf(o->state, sizeof o->state, "%s", (const char *)sqlite3_column_text(r, 1));
-    o->updates = sqlite3_column_int64(r, 2);
-    o->bytes_in = sqlite3_column_int64(r, 3);
-    o->bytes_out = sqlite3_column_int64(r, 4);
-    o->opened = sqlite3_column_int64(r, 5);
-    o->closed = sqlite3_column_int64(r, 6);
-    o->eval_before = sqlite3_column_type(r, 7) == SQLITE_NULL ? -1 : sqlite3_column_double(r, 7);
-    o->eval_after = sqlite3_column_type(r, 8) == SQLITE_NULL ? -1 : sqlite3_column_double(r, 8);
-    o->seen = 1;
-    return 0;
-}
-
-static void progress_line(const sim_t *sim, const round_row_t *r)
+static void progress_line(const sim_t *sim, const fp_db_round_t *r)
 {
     char loss[96] = "";
-    if (r->eval_before >= 0 && r->eval_after >= 0)
+    if (r->eval_loss_before >= 0 && r->eval_loss_after >= 0) /* false for NAN */
         snprintf(loss, sizeof loss, "  held-out loss %.4f → %.4f after local training",
-                 r->eval_before, r->eval_after);
+                 r->eval_loss_before, r->eval_loss_after);
     printf("  round %3lld/%d  %s  %lld/%d sites  up %6.2f MB  down %6.2f MB  %5.1f s%s\n",
-           (long long)r->n, sim->rounds, r->state,
+           (long long)r->n, sim->rounds, r->state == FP_DB_ROUND_CLOSED ? "closed" : "expired",
            (long long)r->updates, sim->nsites, (double)r->bytes_in / 1e6,
-           (double)r->bytes_out / 1e6, (double)(r->closed - r->opened) / 1e3, loss);
+           (double)r->bytes_out / 1e6, (double)(r->closed_ms - r->opened_ms) / 1e3, loss);
     fflush(stdout);
 }
 
@@ -212,7 +189,7 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
     sim_path(dir, "%s/%s", sim->out, strategy);
     fp_fs_remove_tree(dir, NULL);
     int rc = 0, port = 0, spid = -1, *cpid = calloc((size_t)sim->nsites, sizeof *cpid);
-    fp_store_t *st = NULL;
+    fp_db_t *db = NULL;
     if (!cpid)
         return fp_err_set(err, -ENOMEM, "out of memory");
     const char *subs[] = {"state", "logs", "sites"};
@@ -244,7 +221,7 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
             goto out;
     }
     sim_path(sub, "%s/state", dir);
-    if ((rc = fp_store_open(&st, sub, 1, err)) != 0)
+    if ((rc = fp_db_open(&db, sub, 1, err)) != 0)
         goto out;
     int64_t printed = 0;
     int status = 0, tty = isatty(1), live = 0;
@@ -253,12 +230,9 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
     for (;;) {
         /* rounds closed since the last look: one line each */
         for (;;) {
-            round_row_t r = {0};
-            fp_store_query(st, NULL, round_cb, &r, "SELECT n, state, updates, bytes_in, "
-                           "bytes_out, opened_ms, closed_ms, eval_loss_before, eval_loss_after "
-                           "FROM round WHERE n = ? AND state IN ('closed','expired')", "i",
-                           printed + 1);
-            if (!r.seen)
+            fp_db_round_t r;
+            if (fp_db_round_get(db, printed + 1, &r, NULL) != 1 ||
+                (r.state != FP_DB_ROUND_CLOSED && r.state != FP_DB_ROUND_EXPIRED))
                 break;
             if (live)
                 printf("\r%*s\r", 72, "");
@@ -269,13 +243,7 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
         }
         if (tty && spid > 0) { /* on a terminal: the open round's sites as they finish */
             int64_t n = printed + 1, done = 0, all = 0;
-            char sql[256];
-            snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE round = %lld",
-                     (long long)n);
-            all = fp_store_int(st, sql, 0);
-            snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE round = %lld AND state "
-                     "IN ('uploaded','merged')", (long long)n);
-            done = fp_store_int(st, sql, 0);
+            fp_db_round_progress(db, n, &done, &all, NULL);
             long shown = (long)(done * 1000000 + all * 1000) + (long)(fp_now() - t0);
             if (all > 0 && n <= sim->rounds && shown != last_shown) {
                 last_shown = shown;
@@ -315,7 +283,7 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
         goto out;
     }
 out:
-    fp_store_close(st);
+    fp_db_close(db);
     for (int i = 0; i < sim->nsites; i++)
         end_child(cpid[i], 10000);
     end_child(spid, 10000);

@@ -1,101 +1,122 @@
-/* fp_coord_priv.h — the coordinator's internals, shared by its loop side (fp_coord.c) and
- * its worker side (fp_coord_work.c). Worker functions take plain inputs and touch nothing
- * the loop owns, except the store (which has its own lock). */
+/* fp_coord_priv.h — the coordinator's loop glue, shared by its two halves: fp_coord.c (the
+ * round's actions: records, jobs, timers; start and stop) and fp_coord_sites.c (the sites'
+ * sessions: Hello, task streams out, uploads in). Decisions are the round machine's
+ * (fp_round.h); the heavy work is fp_fed.h's, on the thread pool. */
 #ifndef FP_COORD_PRIV_H
 #define FP_COORD_PRIV_H
 
+#include <stdatomic.h>
 #include <stdint.h>
+#include <uv.h>
 
-#include "fp_adapter.h"
-#include "fp_adapter_stream.h"
 #include "fp_coord.h"
-#include "fp_merge.h"
-#include "fp_srv_store.h"
+#include "fp_db.h"
+#include "fp_fed.h"
+#include "fp_msg.h"
+#include "fp_round.h"
+#include "fp_srv_link.h"
+#include "fp_tls.h"
 
-/* A tensor stream ready to send: the global adapter at one rank. Reference-counted on the
- * loop (the round, each site receiving it, each upload measured against it). */
-typedef struct fp_blob {
-    int rank;                 /* 0 for restart strategies: the same stream for everyone */
-    unsigned char *data;
-    uint64_t len;
-    fp_stream_tensor_t *t;
-    int n;
-    uint8_t sha[32];
-    int refs;
-} fp_blob_t;
+typedef struct site site_t;
 
-void fp_blob_unref(fp_blob_t *b);
+/* One session of a site (a site reconnecting may briefly have two). */
+struct site {
+    fp_coord_t *co;
+    fp_srv_peer_t *peer;
+    int closed;
+    int welcomed;
+    char name[FP_MAX_NAME + 1];
+    char fpr[65];
+    uint32_t budget;
+    uint64_t samples;
+    /* the task being sent */
+    fp_blob_t *tx;
+    int64_t tx_task;
+    uint64_t tx_off;
+    int tx_commit;
+    int64_t tx_next;          /* a task to send once the stream in flight is out (0: none) */
+    /* the upload being received (read by verify on a worker while a job runs) */
+    int64_t up_task;
+    int up_rank;
+    fp_stream_tensor_t *up_t;
+    int up_n;
+    fp_blob_t *up_start;
+    double up_bound;
+    int up_clip;
+    site_t *next, *prev;
+};
 
-/* What the workers need to know of the federation (immutable after start). */
-typedef struct fp_fed {
-    const char *state_dir;
-    char *adapters_dir, *updates_dir, *spool_dir;
-    fp_strategy_t strategy;
-    int restart;              /* flora, florist */
-    double alpha;
-    int rslora;
-    int r_max;
-    fp_module_desc_t *layout; /* at r_max */
-    int n_layout;
-    uint64_t seed;
-    fp_store_t *st;
-} fp_fed_t;
+/* The coordinator's one round-level job at a time, on the thread pool. */
+typedef enum job_kind { JOB_NONE, JOB_PREPARE, JOB_AGGREGATE } job_kind_t;
 
-/* Paths under the state directory (malloc'd). */
-char *fp_fed_adapter_path(const fp_fed_t *f, const char *sha_hex);
-char *fp_fed_update_path(const fp_fed_t *f, int64_t task, const char *ext);
+struct fp_coord {
+    uv_loop_t *loop;
+    fp_srv_config_t *cfg;
+    fp_fed_t fed;
+    fp_db_t *db;
+    fp_round_t *round;
+    fp_tls_ctx_t *tls;
+    fp_listener_t *lis;
+    fp_srv_link_t link;
+    uint8_t model_sha[32];
+    unsigned targets;
+    site_t *sites;            /* live sessions */
+    /* the round's resources (the machine decides, these are what its actions made) */
+    char global_sha[65];      /* the global adapter the round starts from */
+    int global_rank;
+    fp_blob_t **blobs;        /* one stream per distinct rank of the round */
+    int nblobs;
+    int64_t sent_bytes;       /* adapter bytes sent to sites this round (bytes_out at close;
+                                 a restarted coordinator counts from its restart) */
+    uv_timer_t timer;         /* the machine's timer (the round's deadline) */
+    int64_t timer_early_ms;   /* tests: arm the timer this much early, as a timer armed from
+                                 a stale loop time fires (FEDPEFT_TEST_TIMER_EARLY_MS) */
+    uv_timer_t tick;          /* watchdog, status */
+    /* the job */
+    uv_work_t work;
+    job_kind_t job;
+    int64_t job_round;
+    int *job_ranks;
+    int job_nranks;
+    fp_blob_t **job_blobs;
+    fp_agg_in_t agg;
+    char agg_sha[65];
+    int agg_rank;
+    double agg_seconds;
+    int job_rc;
+    fp_err_t job_err;
+    int lock_fd;              /* STATE/lock, held while the coordinator lives */
+    /* stopping */
+    int stopping, done_called, handles_open;
+    void (*on_done)(void *ctx, int rc);
+    void *done_ctx;
+    int exit_rc;
+    /* counters */
+    _Atomic uint64_t c_closed, c_expired, c_connected, c_accepted, c_bytes_in, c_bytes_out;
+    _Atomic uint64_t c_refused[16];
+    _Atomic uint64_t c_hs_refused, c_revoked, c_reloads, c_limited, c_conns, c_startups;
+    _Atomic int64_t c_round;
+    double agg_total, agg_last;
+    int64_t st_round, st_ms;  /* the last STATUS sent */
+    int st_phase;
+    int64_t refused_window;   /* refused handshakes: the minute being counted, */
+    int refused_logged;       /* lines logged in it, */
+    uint64_t refused_quiet;   /* and refusals not logged since the last line */
+};
 
-/* Writes ad durably as adapters/<sha>.safetensors; sha_hex receives its name. */
-int fp_fed_store_adapter(const fp_fed_t *f, const fp_adapter_t *ad, char sha_hex[65],
-                         fp_err_t *err);
-int fp_fed_load_adapter(const fp_fed_t *f, const char *sha_hex, fp_adapter_t **out,
-                        fp_err_t *err);
+/* fp_coord.c */
+void fp__coord_status(fp_coord_t *co);          /* tells the service manager, rate-limited */
+void fp__coord_finish_stop(fp_coord_t *co);     /* once nothing is left running */
+fp_blob_t *fp__coord_blob(fp_coord_t *co, int rank);
 
-/* The first global adapter: continue strategies start from a PEFT-style init at r_max (A
- * seeded, B = 0; ffa's A from the shared seed); restart strategies from a zero update. */
-int fp_fed_initial_adapter(const fp_fed_t *f, fp_adapter_t **out, fp_err_t *err);
-
-/* Streams of the global adapter `sha` at each rank of ranks[0..n) (restart: one stream).
- * Also removes what uploads of the rounds before `round` left behind (spool files, raw
- * streams): those rounds are over, nothing can resume them. */
-int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int *ranks, int n,
-                   fp_blob_t ***out, fp_err_t *err);
-
-/* Verifies one upload (raw stream at raw_path, described by t[0..n)): rebuilds the adapter,
- * checks modules, shapes, rank ≤ rank, finite values, the norm bound of its contribution
- * against `start` (clip or refuse), writes updates/<task>.safetensors and records the task as
- * uploaded if its round is still open. Returns 0 or an Error code with reason. */
-typedef struct fp_verify_in {
-    int64_t task;
-    int rank;
-    const fp_stream_tensor_t *t;
-    int n;
-    const fp_blob_t *start;   /* what the site started from (continue strategies) */
-    double norm_bound;
-    int clip;
-    const uint8_t *sha;
-} fp_verify_in_t;
-int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
-                  char *reason, size_t rn);
-
-/* Aggregates the uploaded updates of round n into a new global adapter (from start_sha):
- * writes it and returns its name, rank and the seconds the merge took. */
-typedef struct fp_agg_in {
-    int64_t round;
-    char start_sha[65];
-    int64_t *tasks;
-    double *weights;
-    int n;
-    double florist_energy;
-    int zeropad_norm_weighted;
-    int restart_rank_cap;
-} fp_agg_in_t;
-int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65], int *out_rank,
-                     double *seconds, fp_err_t *err);
-
-/* Tensor list <-> JSON text (kept in the task row so that a resumed upload after a restart
- * knows its layout). */
-char *fp_tensors_to_json(const fp_stream_tensor_t *t, int n);
-int fp_tensors_from_json(const char *text, fp_stream_tensor_t **out, int *n, fp_err_t *err);
+/* fp_coord_sites.c */
+extern const fp_srv_sess_ops_t fp__coord_sess_ops;
+void fp__coord_peer_open(fp_srv_peer_t *p);
+void fp__coord_peer_close(fp_srv_peer_t *p, const char *why);
+void fp__coord_peer_free(fp_srv_peer_t *p);
+void fp__coord_peer_drain(fp_srv_peer_t *p);
+void fp__coord_on_refused(void *ctx, const char *peer, const char *cn, const char *why);
+site_t *fp__coord_live_site(fp_coord_t *co, const char *name);
+void fp__coord_send_task(fp_coord_t *co, site_t *s, const fp_round_task_t *t);
 
 #endif

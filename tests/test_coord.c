@@ -26,7 +26,9 @@
 #include <unistd.h>
 
 #include "fp_ca.h"
-#include "fp_coord_priv.h"
+#include "fp_clock.h"
+#include "fp_db.h"
+#include "fp_fed.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_merge.h"
@@ -1254,14 +1256,19 @@ static void test_spool_leftovers(void **state)
     fp_fs_mkdirs(f.spool_dir, 0700, NULL);
     fp_fs_mkdirs(f.updates_dir, 0700, NULL);
     fp_err_t err = {0};
-    assert_int_equal(fp_store_open(&f.st, dir, 0, &err), 0);
-    assert_true(fp_store_exec(f.st, &err, "INSERT INTO site(name, fingerprint) VALUES ('a', 'x'),"
-                              " ('b', 'y')", NULL) >= 0);
-    assert_true(fp_store_exec(f.st, &err, "INSERT INTO round(n, state) VALUES (1, 'closed'), "
-                              "(2, 'open')", NULL) >= 0);
-    assert_true(fp_store_exec(f.st, &err, "INSERT INTO task(id, round, site, rank, seed, state) "
-                              "VALUES (7, 1, 'a', 4, 1, 'dropped'), (8, 1, 'b', 4, 1, 'merged'),"
-                              " (9, 2, 'a', 4, 1, 'uploading')", NULL) >= 0);
+    assert_int_equal(fp_db_open(&f.db, dir, 0, &err), 0); /* the schema */
+    /* the rows, written by SQLite directly (an independent writer) */
+    char *dbp = fp_path_join(dir, FP_DB_FILE);
+    sqlite3 *raw;
+    assert_int_equal(sqlite3_open(dbp, &raw), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(raw, "INSERT INTO site(name, fingerprint) VALUES ('a', 'x'),"
+                                  " ('b', 'y');"
+                                  "INSERT INTO round(n, state) VALUES (1, 'closed'), (2, 'open');"
+                                  "INSERT INTO task(id, round, site, rank, seed, state) "
+                                  "VALUES (7, 1, 'a', 4, 1, 'dropped'), (8, 1, 'b', 4, 1, 'merged'),"
+                                  " (9, 2, 'a', 4, 1, 'uploading')", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(raw);
+    free(dbp);
     const char *files[][2] = {{"spool", "7.part"}, {"spool", "7.acked"}, {"updates", "7.raw"},
                               {"spool", "8.part"}, {"spool", "9.part"}, {"spool", "9.acked"}};
     for (int i = 0; i < 6; i++) {
@@ -1281,7 +1288,7 @@ static void test_spool_leftovers(void **state)
             fail_msg("%s: %s", rel, left[i] ? "removed" : "left behind");
         free(p);
     }
-    fp_store_close(f.st);
+    fp_db_close(f.db);
     fpt_rmtree(dir);
     free(dir);
     free(f.spool_dir);

@@ -11,42 +11,6 @@
 #include "fp_merge_kernel.h"
 #include "fp_safetensors.h"
 
-static const char *const strategy_names[FP_STRAT_COUNT] = {
-    "fedavg", "ffa", "zeropad", "flexlora", "flora", "florist",
-};
-
-const char *fp_strategy_name(fp_strategy_t s)
-{
-    return s < FP_STRAT_COUNT ? strategy_names[s] : "?";
-}
-
-int fp_strategy_parse(const char *name, fp_strategy_t *out, fp_err_t *err)
-{
-    for (int i = 0; i < FP_STRAT_COUNT; i++) {
-        if (!strcmp(name, strategy_names[i])) {
-            *out = (fp_strategy_t)i;
-            return 0;
-        }
-    }
-    return fp_err_set(err, -EINVAL, "unknown strategy '%s' (choose fedavg, ffa, zeropad, "
-                      "flexlora, flora or florist)", name);
-}
-
-int fp_strategy_streams(fp_strategy_t s)
-{
-    return s == FP_STRAT_FEDAVG || s == FP_STRAT_FFA || s == FP_STRAT_ZEROPAD;
-}
-
-int fp_strategy_restarts(fp_strategy_t s)
-{
-    return s == FP_STRAT_FLORA || s == FP_STRAT_FLORIST;
-}
-
-int fp_strategy_exact(fp_strategy_t s)
-{
-    return s == FP_STRAT_FFA || s == FP_STRAT_FLORA;
-}
-
 /* Per-module state. Streaming strategies accumulate into acc_a (r × d_in) and acc_b
  * (d_out × r), with row_w[i] the total weight that reached component i. */
 typedef struct mstate {

@@ -24,28 +24,9 @@
 
 #include "fp_adapter.h"
 #include "fp_error.h"
-
-typedef enum fp_strategy {
-    FP_STRAT_FEDAVG,
-    FP_STRAT_FFA,
-    FP_STRAT_ZEROPAD,
-    FP_STRAT_FLEXLORA,
-    FP_STRAT_FLORA,
-    FP_STRAT_FLORIST,
-    FP_STRAT_COUNT
-} fp_strategy_t;
+#include "fp_strategy.h"
 
 #define FP_FLORIST_DEFAULT_ENERGY 0.99
-
-const char *fp_strategy_name(fp_strategy_t s);
-/* -EINVAL (with the list of valid names in err) for an unknown name. */
-int fp_strategy_parse(const char *name, fp_strategy_t *out, fp_err_t *err);
-/* 1 for fedavg, ffa, zeropad: memory independent of the number of sources. */
-int fp_strategy_streams(fp_strategy_t s);
-/* 1 for flora and florist: sites restart from a fresh adapter each round (DESIGN.md). */
-int fp_strategy_restarts(fp_strategy_t s);
-/* 1 when the merged ΔW equals ΔW* (ffa, flora; florist at τ = 1; flexlora at full rank). */
-int fp_strategy_exact(fp_strategy_t s);
 
 typedef struct fp_merge_opts {
     fp_strategy_t strategy;

@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fp_adapter.h"
 #include "fp_dtype.h"
 #include "fp_error.h"
 
@@ -79,6 +80,14 @@ typedef struct fp_model_tensor {
 
 /* d_out and d_in of target t. */
 void fp_target_shape(const fp_model_config_t *c, fp_target_t t, int *d_out, int *d_in);
+
+/* Names of the LoRA module of target t in layer l: "model.layers.<l>.self_attn.q_proj". */
+void fp_lora_module_name(char *buf, size_t n, int layer, fp_target_t t);
+
+/* The modules a LoRA of rank r on `targets` has for a model of config c, in layer and target
+ * order, each with its shape. *out is one allocation holding the names too (free it). */
+int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double alpha,
+                  int rslora, fp_module_desc_t **out, int *n, fp_err_t *err);
 
 /* Checks a configuration (positive sizes, H % KV == 0, even head_dim, ...). */
 int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err);

@@ -11,38 +11,6 @@
 #include "fp_rng.h"
 #include "fp_transformer.h"
 
-int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double alpha,
-                  int rslora, fp_module_desc_t **out, int *n_out, fp_err_t *err)
-{
-    *out = NULL;
-    *n_out = 0;
-    if (rank <= 0 || !(alpha != 0) || !targets)
-        return fp_err_set(err, -EINVAL, "LoRA needs a positive rank, a non-zero alpha and at "
-                          "least one target");
-    enum { NAME = 96 };
-    int L = c->n_layers, n = 0;
-    size_t cap = (size_t)L * FP_T_COUNT;
-    /* one allocation: the descriptors, then their names */
-    fp_module_desc_t *d = calloc(1, cap * (sizeof *d + NAME) + 1);
-    if (!d)
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    char *names = (char *)(d + cap);
-    for (int l = 0; l < L; l++)
-        for (int t = 0; t < FP_T_COUNT; t++) {
-            if (!(targets & (1u << t)))
-                continue;
-            char *nm = names + (size_t)n * NAME;
-            fp_lora_module_name(nm, NAME, l, (fp_target_t)t);
-            int o, i;
-            fp_target_shape(c, (fp_target_t)t, &o, &i);
-            d[n] = (fp_module_desc_t){nm, o, i, rank, alpha, rslora};
-            n++;
-        }
-    *out = d;
-    *n_out = n;
-    return 0;
-}
-
 int fp_lora_init(const fp_model_t *m, unsigned targets, int rank, double alpha, int rslora,
                  uint64_t seed, fp_adapter_t **out, fp_err_t *err)
 {

@@ -46,11 +46,6 @@ typedef struct fp_train_result {
     int stopped;         /* the callback asked to stop */
 } fp_train_result_t;
 
-/* The modules a LoRA of rank r on `targets` has for a model of config c, in layer and target
- * order, each with its shape. *out is one allocation holding the names too (free it). */
-int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double alpha,
-                  int rslora, fp_module_desc_t **out, int *n, fp_err_t *err);
-
 /* Merges an adapter into the model's weights: W += s·B·A for every module (named
  * "<module>.weight" in the checkpoint). A module the model does not have, or of another
  * shape, is an error and leaves the weights before it merged. */

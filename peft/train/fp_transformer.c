@@ -24,12 +24,6 @@ struct fp_tf {
     tf32_lg_t *grads;    /* L, filled per backward */
 };
 
-void fp_lora_module_name(char *buf, size_t n, int layer, fp_target_t t)
-{
-    snprintf(buf, n, "model.layers.%d.%s.%s", layer, t <= FP_T_O ? "self_attn" : "mlp",
-             fp_target_names[t]);
-}
-
 int fp_lora_check(const fp_model_t *m, const fp_adapter_t *lora, fp_err_t *err)
 {
     int *idx = NULL;

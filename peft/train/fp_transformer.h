@@ -26,9 +26,6 @@ enum {
 
 typedef struct fp_tf fp_tf_t;
 
-/* Names of the LoRA module of target t in layer l: "model.layers.<l>.self_attn.q_proj". */
-void fp_lora_module_name(char *buf, size_t n, int layer, fp_target_t t);
-
 /* Checks that every module of lora adapts a weight of the model, with its shape. */
 int fp_lora_check(const fp_model_t *m, const fp_adapter_t *lora, fp_err_t *err);
 

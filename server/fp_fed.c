@@ -1,6 +1,5 @@
-/* The coordinator's heavy work, run on libuv's thread pool: preparing task streams,
- * verifying uploads, aggregating rounds. Nothing here touches the loop's state. */
-#include "fp_coord_priv.h"
+/* The federation's files and heavy work (fp_fed.h). */
+#include "fp_fed.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -13,9 +12,9 @@
 #include "fp_failpoint.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
-#include "fp_lowrank.h"
 #include "fp_msg.h"
-#include "fp_stream.h"
+#include "fp_sha256.h"
+#include "fp_strategy.h"
 
 void fp_blob_unref(fp_blob_t *b)
 {
@@ -92,24 +91,17 @@ int fp_fed_load_adapter(const fp_fed_t *f, const char *sha_hex, fp_adapter_t **o
     return rc;
 }
 
-int fp_fed_initial_adapter(const fp_fed_t *f, fp_adapter_t **out, fp_err_t *err)
+int fp_fed_initial(const fp_fed_t *f, char sha_hex[65], int *rank, fp_err_t *err)
 {
-    fp_module_desc_t *d = malloc((size_t)f->n_layout * sizeof *d);
-    if (!d)
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    memcpy(d, f->layout, (size_t)f->n_layout * sizeof *d);
-    if (f->restart)
-        for (int i = 0; i < f->n_layout; i++)
-            d[i].rank = 1;
-    int rc = fp_adapter_new(out, d, f->n_layout, err);
-    free(d);
-    if (rc)
-        return rc;
-    if (f->restart) /* ΔW = 0: A and B zero */
-        return 0;
-    /* PEFT's init: A ~ U(±1/√d_in), B = 0 (ffa: A from the shared seed, frozen forever) */
-    fp_adapter_randomize(*out, f->seed, f->strategy == FP_STRAT_FFA ? f->seed : 0, 0.0);
-    return 0;
+    fp_adapter_t *init = NULL;
+    int rc = fp_strategy_initial(f->strategy, f->layout, f->n_layout, f->seed, &init, err);
+    if (rc == 0)
+        rc = fp_fed_store_adapter(f, init, sha_hex, err);
+    *rank = 0;
+    for (int i = 0; init && i < init->n; i++)
+        *rank = init->mods[i].rank > *rank ? init->mods[i].rank : *rank;
+    fp_adapter_free(init);
+    return rc;
 }
 
 static int make_blob(const fp_adapter_t *ad, int rank, fp_blob_t **out, fp_err_t *err)
@@ -133,11 +125,10 @@ static int make_blob(const fp_adapter_t *ad, int rank, fp_blob_t **out, fp_err_t
     return 0;
 }
 
-static int remove_leftovers(void *ctx, sqlite3_stmt *r)
+/* What the uploads of task id left behind: its spool files and raw stream. */
+static void remove_leftovers(const fp_fed_t *f, int64_t id)
 {
-    const fp_fed_t *f = ctx;
     char name[64];
-    int64_t id = sqlite3_column_int64(r, 0);
     static const char *const spool_ext[] = {"part", "acked"};
     for (int i = 0; i < 2; i++) {
         snprintf(name, sizeof name, "%lld.%s", (long long)id, spool_ext[i]);
@@ -150,15 +141,18 @@ static int remove_leftovers(void *ctx, sqlite3_stmt *r)
     if (raw)
         unlink(raw);
     free(raw);
-    return 0;
 }
 
 int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int *ranks, int n,
                    fp_blob_t ***out, fp_err_t *err)
 {
     *out = NULL;
-    fp_store_query(f->st, NULL, remove_leftovers, (void *)f, "SELECT id FROM task WHERE round "
-                   "= ? AND state IN ('refused','dropped')", "i", round - 1);
+    int64_t *ended = NULL;
+    int nended = 0;
+    if (fp_db_round_unfinished(f->db, round - 1, &ended, &nended, NULL) == 0)
+        for (int i = 0; i < nended; i++)
+            remove_leftovers(f, ended[i]);
+    free(ended);
     fp_adapter_t *g = NULL;
     int rc = fp_fed_load_adapter(f, sha, &g, err);
     if (rc)
@@ -190,62 +184,6 @@ int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int 
     return 0;
 }
 
-/* ‖c·s·B·A‖_F of an uploaded module (restart strategies upload the contribution itself). */
-static int contribution_norm(const fp_lora_module_t *u, double c, double *norm, fp_err_t *err)
-{
-    fp_lr_term_t t = {u->B, u->A, u->rank, c * fp_module_scale(u)};
-    return fp_lowrank_norm(u->d_out, u->d_in, &t, 1, norm, err);
-}
-
-/* Interpolates a module from its start toward the upload by c (continue strategies). */
-static void interpolate(fp_lora_module_t *u, const fp_lora_module_t *s, double c)
-{
-    size_t na = (size_t)u->rank * (size_t)u->d_in, nb = (size_t)u->d_out * (size_t)u->rank;
-    for (size_t i = 0; i < na; i++)
-        u->A[i] = (float)(s->A[i] + c * ((double)u->A[i] - s->A[i]));
-    for (size_t i = 0; i < nb; i++)
-        u->B[i] = (float)(s->B[i] + c * ((double)u->B[i] - s->B[i]));
-}
-
-/* The norm of a whole upload's contribution, with continue modules interpolated by c. */
-static int total_norm(fp_adapter_t *u, const fp_adapter_t *s, double c, double *out,
-                      fp_err_t *err)
-{
-    double sum = 0;
-    for (int i = 0; i < u->n; i++) {
-        const fp_lora_module_t *m = &u->mods[i];
-        double nm;
-        int rc;
-        if (!s) {
-            rc = contribution_norm(m, c, &nm, err);
-        } else {
-            const fp_lora_module_t *sm = &s->mods[fp_adapter_find(s, m->name)];
-            /* ΔW' − ΔW_s = s·(B'A' − B_sA_s), with B', A' interpolated: four terms */
-            size_t na = (size_t)m->rank * (size_t)m->d_in, nb = (size_t)m->d_out * (size_t)m->rank;
-            float *a = malloc(na * sizeof *a), *b = malloc(nb * sizeof *b);
-            if (!a || !b) {
-                free(a);
-                free(b);
-                return fp_err_set(err, -ENOMEM, "out of memory");
-            }
-            for (size_t j = 0; j < na; j++)
-                a[j] = (float)(sm->A[j] + c * ((double)m->A[j] - sm->A[j]));
-            for (size_t j = 0; j < nb; j++)
-                b[j] = (float)(sm->B[j] + c * ((double)m->B[j] - sm->B[j]));
-            double sc = fp_module_scale(m);
-            fp_lr_term_t t[2] = {{b, a, m->rank, sc}, {sm->B, sm->A, sm->rank, -sc}};
-            rc = fp_lowrank_norm(m->d_out, m->d_in, t, 2, &nm, err);
-            free(a);
-            free(b);
-        }
-        if (rc)
-            return rc;
-        sum += nm * nm;
-    }
-    *out = sqrt(sum);
-    return 0;
-}
-
 static int rebuild_start(const fp_blob_t *b, const fp_fed_t *f, fp_adapter_t **out,
                          fp_err_t *err)
 {
@@ -265,77 +203,16 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     fp_sha256_hex(in->sha, shahex);
     if ((rc = fp_fs_read_file(raw_path, (size_t)1 << 40, &raw, &len, &err)) != 0)
         goto fail;
+    if (!f->restart && (rc = rebuild_start(in->start, f, &s, &err)) != 0)
+        goto fail;
     code = FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    if ((rc = fp_adapter_stream_read(raw, len, in->t, in->n, f->alpha, f->rslora, &u, &err)) != 0)
+    if ((rc = fp_adapter_stream_read(raw, len, in->t, in->n, f->alpha, f->rslora, &u, &err)) != 0 ||
+        (rc = fp_strategy_check_update(f->strategy, f->layout, f->n_layout, in->rank, u, s,
+                                       &err)) != 0 ||
+        (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, &err)) != 0)
         goto fail;
     free(raw);
     raw = NULL;
-    fp_module_desc_t *spec = malloc((size_t)f->n_layout * sizeof *spec);
-    if (!spec) {
-        rc = fp_err_set(&err, -ENOMEM, "out of memory");
-        code = FEDPEFT__ERROR__CODE__INTERNAL;
-        goto fail;
-    }
-    memcpy(spec, f->layout, (size_t)f->n_layout * sizeof *spec);
-    for (int i = 0; i < f->n_layout; i++)
-        spec[i].rank = in->rank;
-    rc = fp_adapter_validate(u, spec, f->n_layout, &err);
-    free(spec);
-    if (rc)
-        goto fail;
-    if (!f->restart) {
-        for (int i = 0; i < u->n; i++)
-            if (u->mods[i].rank != in->rank) {
-                rc = fp_err_set(&err, -EINVAL, "module '%s' has rank %d; this strategy needs "
-                                "the assigned rank %d", u->mods[i].name, u->mods[i].rank,
-                                in->rank);
-                goto fail;
-            }
-        code = FEDPEFT__ERROR__CODE__INTERNAL;
-        if ((rc = rebuild_start(in->start, f, &s, &err)) != 0)
-            goto fail;
-        code = FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    if (f->strategy == FP_STRAT_FFA)
-        for (int i = 0; i < u->n; i++) {
-            const fp_lora_module_t *m = &u->mods[i], *sm = &s->mods[fp_adapter_find(s, m->name)];
-            if (memcmp(m->A, sm->A, (size_t)m->rank * (size_t)m->d_in * sizeof(float)) != 0) {
-                rc = fp_err_set(&err, -EINVAL, "module '%s': ffa keeps lora_A frozen, but it "
-                                "changed", m->name);
-                goto fail;
-            }
-        }
-    if ((rc = total_norm(u, s, 1.0, &norm, &err)) != 0)
-        goto fail;
-    if (in->norm_bound > 0 && norm > in->norm_bound) {
-        if (!in->clip) {
-            rc = fp_err_set(&err, -EDOM, "the update's contribution has norm %.6g, above the "
-                            "bound %.6g", norm, in->norm_bound);
-            goto fail;
-        }
-        if (!s) { /* restart: the contribution scales exactly */
-            double c = in->norm_bound / norm;
-            for (int i = 0; i < u->n; i++) {
-                fp_lora_module_t *m = &u->mods[i];
-                for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
-                    m->B[j] = (float)(m->B[j] * c);
-            }
-        } else { /* continue: bisect the interpolation toward the start */
-            double lo = 0, hi = 1;
-            for (int it = 0; it < 40; it++) {
-                double mid = 0.5 * (lo + hi), nm;
-                if ((rc = total_norm(u, s, mid, &nm, &err)) != 0)
-                    goto fail;
-                if (nm <= in->norm_bound)
-                    lo = mid;
-                else
-                    hi = mid;
-            }
-            for (int i = 0; i < u->n; i++)
-                interpolate(&u->mods[i], &s->mods[fp_adapter_find(s, u->mods[i].name)], lo);
-        }
-        clipped = 1;
-    }
     code = FEDPEFT__ERROR__CODE__INTERNAL;
     if (!(final = fp_fed_update_path(f, in->task, "safetensors"))) {
         rc = fp_err_set(&err, -ENOMEM, "out of memory");
@@ -344,12 +221,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     if ((rc = fp_hfpeft_write_factors(u, final, &err)) != 0)
         goto fail;
     unlink(raw_path);
-    rc = fp_store_exec(f->st, &err,
-                       "UPDATE task SET state = 'uploaded', update_sha256 = ?, norm = ?, "
-                       "clipped = ?, done_ms = ? WHERE id = ? AND state = 'uploading' AND "
-                       "round IN (SELECT n FROM round WHERE state = 'open')",
-                       "tdiii", shahex, norm, (int64_t)clipped, fp_now_ms(), in->task);
-    if (rc < 0)
+    if ((rc = fp_db_task_uploaded(f->db, in->task, shahex, norm, clipped, &err)) < 0)
         goto fail;
     if (rc == 0) {
         code = FEDPEFT__ERROR__CODE__LATE;
@@ -365,11 +237,8 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
 fail:
     snprintf(reason, rn, "%s", fp_err_msg(&err));
     if (code == FEDPEFT__ERROR__CODE__INVALID_UPDATE) { /* recorded, never merged */
-        fp_store_exec(f->st, NULL, "UPDATE task SET state = 'refused', error = ?, done_ms = ? "
-                      "WHERE id = ? AND state = 'uploading'", "tii", reason, fp_now_ms(),
-                      in->task);
-        fp_store_event(f->st, fp_store_int(f->st, "SELECT max(n) FROM round", 0), NULL,
-                       "refused", "task %lld: %s", (long long)in->task, reason);
+        fp_db_task_end(f->db, in->task, FP_DB_TASK_REFUSED, reason, NULL);
+        fp_db_event(f->db, -1, NULL, "refused", "task %lld: %s", (long long)in->task, reason);
     }
     unlink(raw_path);
     if (final)
@@ -390,7 +259,7 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65],
     fp_adapter_t **src = calloc((size_t)(n ? n : 1), sizeof *src);
     char (*labels)[32] = calloc((size_t)(n ? n : 1), sizeof *labels);
     const char **lp = calloc((size_t)(n ? n : 1), sizeof *lp);
-    fp_adapter_t *merged = NULL, *global = NULL, *sum = NULL, *cut = NULL;
+    fp_adapter_t *merged = NULL, *global = NULL, *sum = NULL;
     fp_merger_t *mg = NULL;
     if (!src || !labels || !lp) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
@@ -421,34 +290,9 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65],
         /* restart: this round's ΔW*, added to the accumulated global update */
         if ((rc = fp_merge(&o, (const fp_adapter_t *const *)src, in->weights, n, lp, &merged,
                            err)) != 0 ||
-            (rc = fp_fed_load_adapter(f, in->start_sha, &global, err)) != 0)
+            (rc = fp_fed_load_adapter(f, in->start_sha, &sum, err)) != 0 ||
+            (rc = fp_strategy_accumulate(sum, merged, in->restart_rank_cap, &global, err)) != 0)
             goto out;
-        const fp_adapter_t *pair[2] = {global, merged};
-        double w[2] = {1, 1};
-        fp_merge_opts_t so = {FP_STRAT_FLORA, 0, 0, 0};
-        if ((rc = fp_merge(&so, pair, w, 2, NULL, &sum, err)) != 0)
-            goto out;
-        for (int i = 0; i < sum->n; i++) { /* flora averaged the two: make it their sum */
-            fp_lora_module_t *m = &sum->mods[i];
-            for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
-                m->B[j] *= 2.0f;
-        }
-        fp_adapter_free(global);
-        global = sum;
-        sum = NULL;
-        int over = 0;
-        for (int i = 0; i < global->n; i++)
-            over |= global->mods[i].rank > in->restart_rank_cap;
-        if (over) { /* re-compress exactly: the best approximation at the cap */
-            fp_merge_opts_t fo = {FP_STRAT_FLEXLORA, in->restart_rank_cap, 0, 0};
-            const fp_adapter_t *one[1] = {global};
-            double w1 = 1;
-            if ((rc = fp_merge(&fo, one, &w1, 1, NULL, &cut, err)) != 0)
-                goto out;
-            fp_adapter_free(global);
-            global = cut;
-            cut = NULL;
-        }
     }
     fp_failpoint("aggregated"); /* merged in memory, nothing written */
     int rank = 0;
@@ -471,7 +315,6 @@ out:
     fp_adapter_free(merged);
     fp_adapter_free(global);
     fp_adapter_free(sum);
-    fp_adapter_free(cut);
     return rc;
 }
 

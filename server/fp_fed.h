@@ -1,0 +1,102 @@
+/* fp_fed.h — the federation's files and heavy work, run on the thread pool for the
+ * coordinator's loop (fp_coord.c): the state directory's adapters and updates, task streams,
+ * verifying an upload, aggregating a round. Functions take plain inputs and touch nothing the
+ * loop owns, except the database (which has its own lock). What the strategies mean is
+ * peft's (fp_strategy.h); this is where it meets files and records. */
+#ifndef FP_FED_H
+#define FP_FED_H
+
+#include <stdint.h>
+
+#include "fp_adapter.h"
+#include "fp_adapter_stream.h"
+#include "fp_db.h"
+#include "fp_merge.h"
+
+/* A tensor stream ready to send: the global adapter at one rank. Reference-counted on the
+ * loop (the round, each site receiving it, each upload measured against it). */
+typedef struct fp_blob {
+    int rank;                 /* 0 for restart strategies: the same stream for everyone */
+    unsigned char *data;
+    uint64_t len;
+    fp_stream_tensor_t *t;
+    int n;
+    uint8_t sha[32];
+    int refs;
+} fp_blob_t;
+
+void fp_blob_unref(fp_blob_t *b);
+
+/* What the workers need to know of the federation (immutable after start). */
+typedef struct fp_fed {
+    const char *state_dir;
+    char *adapters_dir, *updates_dir, *spool_dir;
+    fp_strategy_t strategy;
+    int restart;              /* flora, florist */
+    double alpha;
+    int rslora;
+    int r_max;
+    fp_module_desc_t *layout; /* at r_max */
+    int n_layout;
+    uint64_t seed;
+    fp_db_t *db;
+} fp_fed_t;
+
+/* Paths under the state directory (malloc'd). */
+char *fp_fed_adapter_path(const fp_fed_t *f, const char *sha_hex);
+char *fp_fed_update_path(const fp_fed_t *f, int64_t task, const char *ext);
+
+/* Writes ad durably as adapters/<sha>.safetensors; sha_hex receives its name. */
+int fp_fed_store_adapter(const fp_fed_t *f, const fp_adapter_t *ad, char sha_hex[65],
+                         fp_err_t *err);
+int fp_fed_load_adapter(const fp_fed_t *f, const char *sha_hex, fp_adapter_t **out,
+                        fp_err_t *err);
+
+/* The first global adapter (fp_strategy_initial), written: its name and rank. */
+int fp_fed_initial(const fp_fed_t *f, char sha_hex[65], int *rank, fp_err_t *err);
+
+/* Streams of the global adapter `sha` at each rank of ranks[0..n) (restart: one stream).
+ * Also removes what uploads of the rounds before `round` left behind (spool files, raw
+ * streams): those rounds are over, nothing can resume them. */
+int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int *ranks, int n,
+                   fp_blob_t ***out, fp_err_t *err);
+
+/* Verifies one upload (raw stream at raw_path, described by t[0..n)): rebuilds the adapter,
+ * checks it (fp_strategy_check_update) and the norm bound of its contribution against
+ * `start` (fp_strategy_bound: clip or refuse), writes updates/<task>.safetensors and records
+ * the task as uploaded if its round is still open. Returns 0 or an Error code with reason; an
+ * invalid update is recorded as refused. */
+typedef struct fp_verify_in {
+    int64_t task;
+    int rank;
+    const fp_stream_tensor_t *t;
+    int n;
+    const fp_blob_t *start;   /* what the site started from (continue strategies) */
+    double norm_bound;
+    int clip;
+    const uint8_t *sha;
+} fp_verify_in_t;
+int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
+                  char *reason, size_t rn);
+
+/* Aggregates the uploaded updates of round n into a new global adapter (from start_sha):
+ * writes it and returns its name, rank and the seconds the merge took. */
+typedef struct fp_agg_in {
+    int64_t round;
+    char start_sha[65];
+    int64_t *tasks;
+    double *weights;
+    int n;
+    double florist_energy;
+    int zeropad_norm_weighted;
+    int restart_rank_cap;
+} fp_agg_in_t;
+int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65], int *out_rank,
+                     double *seconds, fp_err_t *err);
+
+/* Tensor list <-> JSON text (kept in the task row so that a resumed upload after a restart
+ * knows its layout). */
+char *fp_tensors_to_json(const fp_stream_tensor_t *t, int n);
+int fp_tensors_from_json(const char *text, fp_stream_tensor_t **out, int *n, fp_err_t *err);
+
+#endif
