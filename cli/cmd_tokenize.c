@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "fp_corpus.h"
 #include "fp_fs.h"
 #include "fp_tokenizer.h"
 
@@ -23,8 +24,7 @@ static const char tokenize_help[] =
 static int load_tokenizer(const char *spec, fp_tokenizer_t **t)
 {
     fp_err_t err = {0};
-    int rc = !strcmp(spec, "bytes") ? fp_tokenizer_bytes(t, &err)
-                                    : fp_tokenizer_load(spec, t, &err);
+    int rc = fp_tokenizer_open(spec, NULL, t, &err);
     return rc ? fp_cli_fail("tokenize", "%s", fp_err_msg(&err)) : 0;
 }
 

@@ -11,9 +11,11 @@
 #include "cli.h"
 #include "fp_blas.h"
 #include "fp_choice.h"
+#include "fp_corpus.h"
 #include "fp_data.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
+#include "fp_local.h"
 #include "fp_model.h"
 #include "fp_sha256.h"
 #include "fp_tokenizer.h"
@@ -149,57 +151,24 @@ static int parse_run(const char *cmd, const char *help, int argc, char **argv, r
     return 0;
 }
 
-/* The tokenizer of a model directory (tokenizer.json), or the one given. */
-static int load_tokenizer_for(const char *cmd, const run_opts_t *o, fp_tokenizer_t **t)
-{
-    fp_err_t err = {0};
-    const char *spec = o->tokenizer ? o->tokenizer : o->model;
-    int rc;
-    if (!strcmp(spec, "bytes")) {
-        rc = fp_tokenizer_bytes(t, &err);
-    } else {
-        char *p = fp_fs_is_dir(spec) ? fp_path_join(spec, "tokenizer.json") : strdup(spec);
-        if (p && !fp_fs_exists(p)) {
-            free(p);
-            return fp_cli_fail(cmd, "%s has no tokenizer.json (give one with --tokenizer PATH, "
-                               "or --tokenizer bytes)", spec);
-        }
-        rc = p ? fp_tokenizer_load(p, t, &err) : -ENOMEM;
-        free(p);
-    }
-    return rc ? fp_cli_fail(cmd, "%s", fp_err_msg(&err)) : 0;
-}
-
 typedef struct loaded {
     fp_model_t *model;
-    fp_tokenizer_t *tok;
-    fp_dataset_t *all, *train, *held;
+    fp_corpus_t data;
 } loaded_t;
 
 static void unload(loaded_t *l)
 {
     fp_model_free(l->model);
-    fp_tokenizer_free(l->tok);
-    fp_dataset_free(l->all);
-    fp_dataset_free(l->train);
-    fp_dataset_free(l->held);
+    fp_corpus_free(&l->data);
 }
 
 static int load_all(const char *cmd, const run_opts_t *o, loaded_t *l)
 {
     fp_err_t err = {0};
-    if (fp_model_load(o->model, &l->model, &err))
-        return fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-    if (load_tokenizer_for(cmd, o, &l->tok))
-        return FP_EXIT_FAIL;
-    const fp_model_config_t *c = &l->model->cfg;
-    if (fp_tokenizer_vocab_size(l->tok) > c->vocab)
-        return fp_cli_fail(cmd, "the tokenizer has %d tokens but the model's vocabulary is %d",
-                           fp_tokenizer_vocab_size(l->tok), c->vocab);
-    int bos = c->bos_id, eos = c->eos_id;
-    if (fp_dataset_load(o->data, o->ndata, l->tok, bos, eos, c->vocab, &l->all, &err))
-        return fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-    if (fp_dataset_split(l->all, o->eval_frac, o->seed, &l->train, &l->held, &err))
+    fp_corpus_spec_t spec = {o->tokenizer, o->model, (const char *const *)o->data, o->ndata,
+                             NULL, 0, o->eval_frac, o->seed};
+    if (fp_model_load(o->model, &l->model, &err) ||
+        fp_corpus_load(&spec, &l->model->cfg, &l->data, &err))
         return fp_cli_fail(cmd, "%s", fp_err_msg(&err));
     return 0;
 }
@@ -354,31 +323,23 @@ static int run_training(int argc, char **argv, int pretrain)
     }
     char blas[256];
     fprintf(stderr, "fedpeft %s: %zu training tokens in %zu documents, %zu held out; %s\n"
-            "fedpeft %s: BLAS: %s\n", cmd, l.train->n, l.train->ndocs, l.held->n,
+            "fedpeft %s: BLAS: %s\n", cmd, l.data.train->n, l.data.train->ndocs, l.data.held->n,
             pretrain ? "training every weight" : "training LoRA, base frozen", cmd,
             fp_blas_describe(blas, sizeof blas));
-    double before = NAN, after = NAN;
-    long held_tokens = 0;
-    if (l.held->ndocs > 0 &&
-        fp_evaluate(l.model, ad, l.held, o.batch, o.seq, &before, &held_tokens, &err)) {
-        fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-        goto out;
-    }
     fp_train_cfg_t tc = {o.batch, o.seq, o.steps, o.accum, o.seed, o.opt, o.log_every, 0};
     if (tc.log_every < 0)
         tc.log_every = o.steps >= 20 ? o.steps / 20 : 1;
     progress_t pr = {cmd};
-    fp_train_result_t res;
+    fp_local_result_t lr;
     catch_signals();
-    if (fp_train(l.model, ad, l.train, &tc, print_progress, &pr, &res, &err)) {
+    if (fp_local_round(l.model, ad, l.data.train, l.data.held, &tc, print_progress, &pr,
+                       FP_LOCAL_EVAL_IF_STOPPED, &lr, &err)) {
         fp_cli_fail(cmd, "%s", fp_err_msg(&err));
         goto out;
     }
-    if (l.held->ndocs > 0 &&
-        fp_evaluate(l.model, ad, l.held, o.batch, o.seq, &after, &held_tokens, &err)) {
-        fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-        goto out;
-    }
+    const fp_train_result_t res = lr.train;
+    double before = lr.eval_before, after = lr.eval_after;
+    long held_tokens = lr.eval_tokens;
     if (pretrain) {
         fp_dtype_t dt = o.dtype && !strcmp(o.dtype, "bf16") ? FP_DT_BF16 : FP_DT_F32;
         char *tj = fp_path_join(o.out, "tokenizer.json");
@@ -485,7 +446,7 @@ static int score_choices(const run_opts_t *o, const loaded_t *l, const fp_adapte
         return fp_cli_fail("eval", "--labels scores prompt/completion data; this data has no "
                            "prompts");
     if (!strcmp(o->labels, "data")) {
-        rc = fp_choices_from_data(l->tok, d, l->model->cfg.eos_id, 256, &ch, &err);
+        rc = fp_choices_from_data(l->data.tok, d, l->model->cfg.eos_id, 256, &ch, &err);
     } else {
         char *list = strdup(o->labels), *save = NULL;
         const char *names[256];
@@ -493,7 +454,7 @@ static int score_choices(const run_opts_t *o, const loaded_t *l, const fp_adapte
         for (char *p = list ? strtok_r(list, ",", &save) : NULL; p && n < 256;
              p = strtok_r(NULL, ",", &save))
             names[n++] = p;
-        rc = list ? fp_choices_from_text(l->tok, names, n, l->model->cfg.eos_id, &ch, &err)
+        rc = list ? fp_choices_from_text(l->data.tok, names, n, l->model->cfg.eos_id, &ch, &err)
                   : fp_err_set(&err, -ENOMEM, "out of memory");
         free(list);
     }
@@ -534,8 +495,9 @@ int fp_cmd_eval(int argc, char **argv)
         fp_cli_fail("eval", "%s", fp_err_msg(&err));
         goto out;
     }
-    const fp_dataset_t *d = !strcmp(split, "all") ? l.all : !strcmp(split, "train") ? l.train
-                                                                                    : l.held;
+    const fp_dataset_t *d = !strcmp(split, "all")     ? l.data.all
+                            : !strcmp(split, "train") ? l.data.train
+                                                      : l.data.held;
     if (o.seq > l.model->cfg.max_seq)
         o.seq = l.model->cfg.max_seq;
     double loss;
@@ -667,7 +629,7 @@ int fp_cmd_init_model(int argc, char **argv)
         c.head_dim = c.dim / c.n_heads;
     fp_err_t err = {0};
     fp_tokenizer_t *t = NULL;
-    int rc = !strcmp(tok, "bytes") ? fp_tokenizer_bytes(&t, &err) : fp_tokenizer_load(tok, &t, &err);
+    int rc = fp_tokenizer_open(tok, NULL, &t, &err);
     if (rc)
         return fp_cli_fail("init-model", "%s", fp_err_msg(&err));
     int tsize = fp_tokenizer_vocab_size(t);

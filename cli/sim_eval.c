@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "fp_choice.h"
+#include "fp_corpus.h"
 #include "fp_data.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
@@ -171,10 +172,8 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
         goto out;
     }
     fp_set_threads(sim->slots);
-    char *tp = fp_path_join(sim->model, "tokenizer.json");
-    rc = tp ? fp_tokenizer_load(tp, &tok, err) : -ENOMEM;
-    free(tp);
-    if (rc || (rc = fp_model_load(sim->model, &e.m, err)) != 0)
+    if ((rc = fp_tokenizer_open(NULL, sim->model, &tok, err)) != 0 ||
+        (rc = fp_model_load(sim->model, &e.m, err)) != 0)
         goto out;
     if (sim->task == SIM_TASK_CLASSIFY && (rc = make_choices(&e, tok, err)) != 0)
         goto out;

@@ -14,15 +14,18 @@
 
 #include "fp_adapter_stream.h"
 #include "fp_ca.h"
+#include "fp_corpus.h"
 #include "fp_data.h"
 #include "fp_extrain.h"
 #include "fp_fs.h"
 #include "fp_json.h"
+#include "fp_local.h"
 #include "fp_log.h"
 #include "fp_model.h"
 #include "fp_par.h"
 #include "fp_rng.h"
 #include "fp_site.h"
+#include "fp_strategy.h"
 #include "fp_stream.h"
 #include "fp_tls.h"
 #include "fp_tokenizer.h"
@@ -168,8 +171,7 @@ struct fp_agent {
     int external;              /* train.trainer = external */
     char **tr_argv;            /* its command */
     char *task_dir;            /* STATE/task: the external trainer's task directory */
-    fp_tokenizer_t *tok;
-    fp_dataset_t *all, *train, *held;
+    fp_corpus_t data;         /* tokenizer, training and held-out documents */
     fp_tls_ctx_t *tls;
     fp_site_t *site;
     int state, logged_state;
@@ -583,7 +585,7 @@ static void connect_now(fp_agent_t *a)
     if (a->site || a->state == S_STOPPING)
         return;
     fp_site_hello_t h = {a->name, {0}, (uint32_t)a->cfg->rank_budget,
-                         (uint64_t)a->train->ndocs, (size_t)a->cfg->upload_chunk};
+                         (uint64_t)a->data.train->ndocs, (size_t)a->cfg->upload_chunk};
     memcpy(h.model_sha256, a->model_sha, 32);
     fp_err_t err = {0};
     if (fp_site_connect(&a->site, a->loop, a->host, a->port, a->tls, NULL, &h, &agent_ops, a,
@@ -705,41 +707,26 @@ static int train_builtin(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t 
 {
     const fp_site_task_t *t = &j->task;
     fp_adapter_t *ad = NULL;
-    int rc = 0;
     memcpy(a->model->mem, a->base, a->model->n_params * sizeof(float)); /* pristine weights */
-    if (t->restart) {
-        if ((rc = fp_lora_merge_into(a->model, start, err)) == 0)
-            rc = fp_lora_init(a->model, targets_of(start), t->rank, t->alpha, t->rslora, t->seed,
-                              &ad, err);
-    } else if ((rc = fp_adapter_clone(start, &ad, err)) != 0) {
+    int rc = fp_local_start(a->model, start, t->restart, t->rank, t->seed, &ad, err);
+    if (rc)
         return rc;
-    }
-    if (rc == 0)
-        rc = fp_lora_check(a->model, ad, err);
     int seq = t->seq_len > 0 ? t->seq_len : 128;
     if (seq > a->model->cfg.max_seq)
         seq = a->model->cfg.max_seq;
-    int batch = t->batch > 0 ? t->batch : 8;
-    double before = NAN, after = NAN;
-    long toks = 0;
-    if (rc == 0 && a->held->ndocs > 0)
-        rc = fp_evaluate(a->model, ad, a->held, batch, seq, &before, &toks, err);
-    fp_train_result_t res = {0};
-    if (rc == 0) {
-        fp_train_cfg_t tc = {batch, seq, t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps,
-                             1, t->seed, fp_optim_defaults(), 0, t->freeze_a};
-        if (tc.steps < 1)
-            tc.steps = 1;
-        tc.opt.lr = t->lr > 0 ? t->lr : 1e-3;
-        tc.opt.weight_decay = t->weight_decay;
-        rc = fp_train(a->model, ad, a->train, &tc, train_progress, a, &res, err);
-        j->stopped = res.stopped;
-    }
-    if (rc == 0 && !j->stopped && a->held->ndocs > 0)
-        rc = fp_evaluate(a->model, ad, a->held, batch, seq, &after, &toks, err);
+    fp_train_cfg_t tc = {t->batch > 0 ? t->batch : 8, seq,
+                         t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps,
+                         1, t->seed, fp_optim_defaults(), 0, t->freeze_a};
+    if (tc.steps < 1)
+        tc.steps = 1;
+    tc.opt.lr = t->lr > 0 ? t->lr : 1e-3;
+    tc.opt.weight_decay = t->weight_decay;
+    fp_local_result_t res;
+    rc = fp_local_round(a->model, ad, a->data.train, a->data.held, &tc, train_progress, a, 0, &res, err);
+    j->stopped = rc == 0 && res.train.stopped;
     if (rc == 0 && !j->stopped)
-        rc = save_update(a, t, ad, a->train->ndocs, res.final_loss, before, after, res.seconds,
-                         err);
+        rc = save_update(a, t, ad, a->data.train->ndocs, res.train.final_loss, res.eval_before,
+                         res.eval_after, res.train.seconds, err);
     fp_adapter_free(ad);
     return rc;
 }
@@ -759,21 +746,10 @@ static int train_external(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t
     const fp_site_task_t *t = &j->task;
     fp_adapter_t *fresh = NULL, *ad = NULL;
     int rc = 0;
-    if (t->restart) { /* start afresh at this site's rank (A from the task's seed, B = 0); the
-                         stream is the global update, to fold in */
-        fp_module_desc_t *d = calloc((size_t)(start->n ? start->n : 1), sizeof *d);
-        if (!d)
-            return fp_err_set(err, -ENOMEM, "out of memory");
-        for (int i = 0; i < start->n; i++) {
-            d[i] = fp_module_desc(&start->mods[i]);
-            d[i].rank = t->rank;
-        }
-        rc = fp_adapter_new(&fresh, d, start->n, err);
-        free(d);
-        if (rc)
-            return rc;
-        fp_adapter_randomize(fresh, t->seed, 0, 0.0);
-    }
+    /* restart: afresh at this site's rank (A from the task's seed, B = 0); the stream is the
+     * global update, to fold in */
+    if (t->restart && (rc = fp_strategy_local_start(1, start, t->rank, t->seed, &fresh, err)) != 0)
+        return rc;
     const fp_adapter_t *begin = t->restart ? fresh : start;
     const char *targets[FP_T_COUNT];
     int nt = 0;
@@ -804,7 +780,7 @@ static int train_external(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t
     }
     fp_extrain_result_t res = {0};
     if (rc == 0 && !j->stopped)
-        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->train->ndocs, &ad, &res, err);
+        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->data.train->ndocs, &ad, &res, err);
     if (rc == 0 && !j->stopped)
         rc = save_update(a, t, ad, res.samples, res.train_loss, res.eval_loss_before,
                          res.eval_loss_after, res.seconds, err);
@@ -907,24 +883,38 @@ static void watchdog_cb(uv_timer_t *t)
 
 /* ---- life ---- */
 
-/* Comma-separated data files, tokenized. */
-static int load_files(fp_agent_t *a, const char *csv, fp_dataset_t **out, fp_err_t *err)
+/* Splits a comma-separated list in place: up to max names. */
+static int split_csv(char *list, const char **out, int max, const char *what, fp_err_t *err)
 {
-    char *list = strdup(csv), *save = NULL;
-    const char *files[256];
-    int nf = 0;
-    if (!list)
-        return fp_err_set(err, -ENOMEM, "out of memory");
+    int n = 0;
+    char *save = NULL;
     for (char *f = strtok_r(list, ",", &save); f; f = strtok_r(NULL, ",", &save)) {
-        if (nf == 256) {
-            free(list);
-            return fp_err_set(err, -EINVAL, "more than 256 data files");
-        }
-        files[nf++] = f;
+        if (n == max)
+            return fp_err_set(err, -EINVAL, "%s: more than %d files", what, max);
+        out[n++] = f;
     }
-    const fp_model_config_t *mc = &a->mcfg;
-    int rc = fp_dataset_load(files, nf, a->tok, mc->bos_id, mc->eos_id, mc->vocab, out, err);
-    free(list);
+    return n;
+}
+
+/* The site's documents (data.files, data.eval_files or a split), tokenized for the model. */
+static int load_corpus(fp_agent_t *a, fp_err_t *err)
+{
+    const fp_agent_config_t *cfg = a->cfg;
+    char *files = strdup(cfg->data), *evals = cfg->eval_files ? strdup(cfg->eval_files) : NULL;
+    const char *f[256], *e[256];
+    int rc = !files || (cfg->eval_files && !evals) ? fp_err_set(err, -ENOMEM, "out of memory")
+                                                   : 0;
+    int nf = rc ? rc : split_csv(files, f, 256, "data.files", err);
+    int ne = evals && nf >= 0 ? split_csv(evals, e, 256, "data.eval_files", err) : 0;
+    if (nf < 0 || ne < 0) {
+        rc = nf < 0 ? nf : ne;
+    } else {
+        fp_corpus_spec_t spec = {cfg->tokenizer, cfg->model_dir, f, nf, evals ? e : NULL, ne,
+                                 cfg->eval_fraction, (uint64_t)cfg->split_seed};
+        rc = fp_corpus_load(&spec, &a->mcfg, &a->data, err);
+    }
+    free(files);
+    free(evals);
     return rc;
 }
 
@@ -980,27 +970,9 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
         }
         memcpy(a->base, a->model->mem, a->model->n_params * sizeof(float));
     }
-    if (cfg->tokenizer && !strcmp(cfg->tokenizer, "bytes")) {
-        rc = fp_tokenizer_bytes(&a->tok, err);
-    } else {
-        char *p = cfg->tokenizer ? strdup(cfg->tokenizer)
-                                 : fp_path_join(cfg->model_dir, "tokenizer.json");
-        rc = p ? fp_tokenizer_load(p, &a->tok, err) : -ENOMEM;
-        free(p);
-    }
-    if (rc)
+    if ((rc = load_corpus(a, err)) != 0)
         goto fail;
-    if (cfg->eval_files) { /* held-out data of its own: all of data.files trains */
-        if ((rc = load_files(a, cfg->data, &a->train, err)) != 0 ||
-            (rc = load_files(a, cfg->eval_files, &a->held, err)) != 0)
-            goto fail;
-    } else {
-        if ((rc = load_files(a, cfg->data, &a->all, err)) != 0 ||
-            (rc = fp_dataset_split(a->all, cfg->eval_fraction, (uint64_t)cfg->split_seed,
-                                   &a->train, &a->held, err)) != 0)
-            goto fail;
-    }
-    if (a->train->ndocs == 0) {
+    if (a->data.train->ndocs == 0) {
         rc = fp_err_set(err, -EINVAL, "data.files: no training documents");
         goto fail;
     }
@@ -1018,7 +990,7 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     char hx[65];
     fp_sha256_hex(a->model_sha, hx);
     fp_log(FP_LOG_NOTICE, "site %s: %zu training and %zu held-out documents, base model %.12s…, "
-           "last stored round %llu%s%s", a->name, a->train->ndocs, a->held->ndocs, hx,
+           "last stored round %llu%s%s", a->name, a->data.train->ndocs, a->data.held->ndocs, hx,
            (unsigned long long)a->last_acked_round, a->pending ? ", an update to upload" : "",
            a->external ? ", external trainer" : "");
     *out = a;
@@ -1082,10 +1054,7 @@ void fp_agent_free(fp_agent_t *a)
     fp_tls_ctx_free(a->tls);
     fp_model_free(a->model);
     free(a->base);
-    fp_tokenizer_free(a->tok);
-    fp_dataset_free(a->all);
-    fp_dataset_free(a->train);
-    fp_dataset_free(a->held);
+    fp_corpus_free(&a->data);
     free(a->state_path);
     free(a->update_bin);
     free(a->update_json);
