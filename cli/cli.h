@@ -8,6 +8,7 @@
 #include "fp_clock.h"
 #include "fp_error.h"
 #include "fp_par.h"
+#include "fp_proc.h"
 
 /* Exit codes of every command. */
 enum { FP_EXIT_OK = 0, FP_EXIT_FAIL = 1, FP_EXIT_USAGE = 2 };
@@ -26,10 +27,6 @@ int fp_cmd_eval(int argc, char **argv);
 int fp_cmd_ca(int argc, char **argv);
 int fp_cmd_status(int argc, char **argv);
 int fp_cmd_export(int argc, char **argv);
-int fp_bench_train(int argc, char **argv);
-int fp_bench_transport(int argc, char **argv);
-int fp_bench_coord(int argc, char **argv);
-int fp_bench_flood(int argc, char **argv);
 int fp_cmd_sim(int argc, char **argv);
 int fp_cmd_report(int argc, char **argv);
 
@@ -56,9 +53,7 @@ int fp_find_program(char *out, size_t n, const char *name, const char *subdir, c
 int fp_wait_port(const char *log, int pid, int *port);
 
 
-/* This process's peak resident memory in bytes since exec (VmHWM), or 0 if unknown. Unlike
- * getrusage's ru_maxrss it does not inherit the high-water mark of a vfork parent. */
-long fp_peak_rss_bytes(void);
+
 
 
 #endif

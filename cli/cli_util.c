@@ -129,20 +129,6 @@ int fp_parse_ints(const char *s, long long lo, long long hi, int **out, int *n)
     return 0;
 }
 
-long fp_peak_rss_bytes(void)
-{
-    FILE *f = fopen("/proc/self/status", "r");
-    if (!f)
-        return 0;
-    char line[256];
-    long kb = 0;
-    while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmHWM: %ld kB", &kb) == 1)
-            break;
-    fclose(f);
-    return kb * 1024;
-}
-
 int fp_find_program(char *out, size_t n, const char *name, const char *subdir, const char *given)
 {
     if (given) {

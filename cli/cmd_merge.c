@@ -253,6 +253,91 @@ static int parse_args(int argc, char **argv, merge_args_t *a)
     return 0;
 }
 
+/* The weights (given, or 1 each): non-negative, not all zero. NULL after saying why. */
+static double *merge_weights(const merge_args_t *a, int k, int *exit_code)
+{
+    double *w = malloc((size_t)(k ? k : 1) * sizeof *w), wsum = 0;
+    if (!w) {
+        *exit_code = fp_cli_fail("merge", "out of memory");
+        return NULL;
+    }
+    for (int j = 0; j < k; j++) {
+        w[j] = a->weights ? a->weights[j] : 1.0;
+        if (!(w[j] >= 0)) {
+            *exit_code = fp_cli_usage_error("merge", "weights must be non-negative");
+            free(w);
+            return NULL;
+        }
+        wsum += w[j];
+    }
+    if (!(wsum > 0)) {
+        *exit_code = fp_cli_usage_error("merge", "the weights sum to zero");
+        free(w);
+        return NULL;
+    }
+    return w;
+}
+
+/* Pass 2: the inputs streamed through the merger a batch at a time. */
+static int stream_inputs(fp_merger_t *m, char **inputs, int k, const double *w)
+{
+    fp_err_t err = {0};
+    for (int b = 0; b < k; b += FP_MERGE_BATCH) {
+        int nb = k - b < FP_MERGE_BATCH ? k - b : FP_MERGE_BATCH;
+        fp_adapter_t *batch[FP_MERGE_BATCH] = {0};
+        int ok = 1;
+        for (int j = 0; j < nb && ok; j++)
+            ok = (batch[j] = load_input(inputs[b + j], FP_LOAD_MAP)) != NULL;
+        if (ok && fp_merger_add(m, (const fp_adapter_t *const *)batch, w + b, nb,
+                                (const char *const *)inputs + b, &err) != 0) {
+            fp_cli_fail("merge", "%s", fp_err_msg(&err));
+            ok = 0;
+        }
+        for (int j = 0; j < nb; j++)
+            fp_adapter_free(batch[j]);
+        if (!ok)
+            return -1;
+    }
+    return 0;
+}
+
+static void report_merge(const merge_args_t *a, const fp_adapter_t *merged, int k, double secs,
+                         double rel)
+{
+    int rmin = INT_MAX, rmax = 0;
+    for (int i = 0; i < merged->n; i++) {
+        rmin = merged->mods[i].rank < rmin ? merged->mods[i].rank : rmin;
+        rmax = merged->mods[i].rank > rmax ? merged->mods[i].rank : rmax;
+    }
+    uint64_t params = fp_adapter_params(merged);
+    if (a->json) {
+        json_t *j = json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:f, s:s}", "strategy",
+                              fp_strategy_name(a->opts.strategy), "adapters", k, "modules",
+                              merged->n, "rank_min", rmin, "rank_max", rmax, "params",
+                              (json_int_t)params, "seconds", secs, "out", a->out);
+        if (j && rel >= 0)
+            json_object_set_new(j, "rel_error", json_real(rel));
+        if (j)
+            json_object_set_new(j, "peak_rss_bytes", json_integer(fp_peak_rss_bytes()));
+        char *text = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+        printf("%s\n", text ? text : "{}");
+        free(text);
+        json_decref(j);
+        return;
+    }
+    char ranks[32];
+    if (rmin == rmax)
+        snprintf(ranks, sizeof ranks, "%d", rmin);
+    else
+        snprintf(ranks, sizeof ranks, "%d-%d", rmin, rmax);
+    printf("merged %d adapters with %s: %d modules, rank %s, %.3f M parameters, %.3f s -> %s",
+           k, fp_strategy_name(a->opts.strategy), merged->n, ranks, (double)params / 1e6, secs,
+           a->out);
+    if (rel >= 0)
+        printf("; |dW - dW*|/|dW*| = %.3e", rel);
+    printf("\n");
+}
+
 int fp_cmd_merge(int argc, char **argv)
 {
     merge_args_t a = {0};
@@ -269,28 +354,9 @@ int fp_cmd_merge(int argc, char **argv)
     fp_adapter_t *first = NULL, *merged = NULL;
     fp_module_desc_t *layout = NULL;
     fp_merger_t *m = NULL;
-    double *w = a.weights;
-    if (!w) {
-        w = malloc((size_t)k * sizeof *w);
-        if (!w) {
-            fp_cli_fail("merge", "out of memory");
-            goto out;
-        }
-        for (int j = 0; j < k; j++)
-            w[j] = 1.0;
-    }
-    double wsum = 0;
-    for (int j = 0; j < k; j++) {
-        if (!(w[j] >= 0)) {
-            exit_code = fp_cli_usage_error("merge", "weights must be non-negative");
-            goto out;
-        }
-        wsum += w[j];
-    }
-    if (!(wsum > 0)) {
-        exit_code = fp_cli_usage_error("merge", "the weights sum to zero");
+    double *w = merge_weights(&a, k, &exit_code);
+    if (!w)
         goto out;
-    }
     if (fp_fs_exists(a.out) && !fp_fs_is_dir(a.out)) {
         fp_cli_fail("merge", "%s exists and is not a directory", a.out);
         goto out;
@@ -302,37 +368,18 @@ int fp_cmd_merge(int argc, char **argv)
     double t0 = fp_now();
     if (build_layout(inputs, k, &a, &first, &layout) != 0)
         goto out;
-    if (fp_merger_new(&m, &a.opts, layout, first->n, &err) != 0) {
+    if (fp_merger_new(&m, &a.opts, layout, first->n, &err) != 0 ||
+        (stream_inputs(m, inputs, k, w) == 0 && fp_merger_finish(m, &merged, &err) != 0)) {
         fp_cli_fail("merge", "%s", fp_err_msg(&err));
         goto out;
     }
-    /* Pass 2: stream the inputs through the merger a batch at a time. */
-    for (int b = 0; b < k; b += FP_MERGE_BATCH) {
-        int nb = k - b < FP_MERGE_BATCH ? k - b : FP_MERGE_BATCH;
-        fp_adapter_t *batch[FP_MERGE_BATCH] = {0};
-        int ok = 1;
-        for (int j = 0; j < nb && ok; j++)
-            ok = (batch[j] = load_input(inputs[b + j], FP_LOAD_MAP)) != NULL;
-        if (ok && fp_merger_add(m, (const fp_adapter_t *const *)batch, w + b, nb,
-                                (const char *const *)inputs + b, &err) != 0) {
-            fp_cli_fail("merge", "%s", fp_err_msg(&err));
-            ok = 0;
-        }
-        for (int j = 0; j < nb; j++)
-            fp_adapter_free(batch[j]);
-        if (!ok)
-            goto out;
-    }
-    if (fp_merger_finish(m, &merged, &err) != 0) {
-        fp_cli_fail("merge", "%s", fp_err_msg(&err));
+    if (!merged)
         goto out;
-    }
     if (!merged->base_model && first->base_model)
         merged->base_model = strdup(first->base_model);
     if (!merged->task_type && first->task_type)
         merged->task_type = strdup(first->task_type);
-    double t_merge = fp_now() - t0;
-    double rel = -1;
+    double t_merge = fp_now() - t0, rel = -1;
     if (a.report_error && report_error(merged, inputs, k, w, &rel) != 0)
         goto out;
     if (fp_hfpeft_save(merged, a.out, &err) != 0) {
@@ -341,46 +388,14 @@ int fp_cmd_merge(int argc, char **argv)
     }
     if (a.per_site && write_per_site(merged, inputs, k, a.out) != 0)
         goto out;
-    int rmin = INT_MAX, rmax = 0;
-    for (int i = 0; i < merged->n; i++) {
-        rmin = merged->mods[i].rank < rmin ? merged->mods[i].rank : rmin;
-        rmax = merged->mods[i].rank > rmax ? merged->mods[i].rank : rmax;
-    }
-    char ranks[32];
-    if (rmin == rmax)
-        snprintf(ranks, sizeof ranks, "%d", rmin);
-    else
-        snprintf(ranks, sizeof ranks, "%d-%d", rmin, rmax);
-    uint64_t params = fp_adapter_params(merged);
-    if (a.json) {
-        json_t *j = json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:f, s:s}", "strategy",
-                              fp_strategy_name(a.opts.strategy), "adapters", k, "modules",
-                              merged->n, "rank_min", rmin, "rank_max", rmax, "params",
-                              (json_int_t)params, "seconds", t_merge, "out", a.out);
-        if (j && rel >= 0)
-            json_object_set_new(j, "rel_error", json_real(rel));
-        if (j)
-            json_object_set_new(j, "peak_rss_bytes", json_integer(fp_peak_rss_bytes()));
-        char *text = j ? json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
-        printf("%s\n", text ? text : "{}");
-        free(text);
-        json_decref(j);
-    } else {
-        printf("merged %d adapters with %s: %d modules, rank %s, %.3f M parameters, %.3f s -> "
-               "%s", k, fp_strategy_name(a.opts.strategy), merged->n, ranks,
-               (double)params / 1e6, t_merge, a.out);
-        if (rel >= 0)
-            printf("; |dW - dW*|/|dW*| = %.3e", rel);
-        printf("\n");
-    }
+    report_merge(&a, merged, k, t_merge, rel);
     exit_code = FP_EXIT_OK;
 out:
     fp_adapter_free(merged);
     fp_merger_free(m);
     free(layout);
     fp_adapter_free(first);
-    if (w != a.weights)
-        free(w);
+    free(w);
     free(a.weights);
     return exit_code;
 }

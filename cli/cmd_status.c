@@ -1,4 +1,4 @@
-/* fedpeft status | export — read a coordinator's state directory (read-only, safe while
+/* fedpeft status — read a coordinator's state directory (read-only, safe while
  * fedpeft-server runs: SQLite readers never block its writer in WAL mode). */
 #include <getopt.h>
 #include <jansson.h>
@@ -9,11 +9,7 @@
 #include <time.h>
 
 #include "cli.h"
-#include "fp_fs.h"
-#include "fp_hfpeft.h"
-#include "fp_model.h"
 #include "fp_db.h"
-#include "fp_trainer.h"
 
 static const char status_help[] =
     "Usage: fedpeft status --state-dir DIR [--json] [--rounds N]\n"
@@ -161,111 +157,4 @@ int fp_cmd_status(int argc, char **argv)
     }
     json_decref(doc);
     return FP_EXIT_OK;
-}
-
-/* ---- export ---- */
-
-static const char export_help[] =
-    "Usage: fedpeft export --state-dir DIR --out DIR [--round N] [--merged-model]\n"
-    "\n"
-    "Writes a round's global adapter (default: the last closed round) as a Hugging Face PEFT\n"
-    "directory (adapter_model.safetensors + adapter_config.json). For restart strategies\n"
-    "(flora, florist) that is the accumulated global update. With --merged-model, also the\n"
-    "base model with the adapter merged into its weights (W + s·B·A), in OUT/merged-model.\n"
-    "\n"
-    "  -d, --state-dir DIR   the coordinator's state directory\n"
-    "  -o, --out DIR         output directory (created; must not hold an adapter already)\n"
-    "  -r, --round N         the round whose result to export\n"
-    "      --merged-model    also write the merged model (needs the base model's weights\n"
-    "                        next to the config.json the federation was created with)\n"
-    "      --model DIR       base model directory (overrides the recorded one)\n"
-    "  -h, --help            this help\n";
-
-int fp_cmd_export(int argc, char **argv)
-{
-    static const struct option opts[] = {{"state-dir", required_argument, NULL, 'd'},
-                                         {"out", required_argument, NULL, 'o'},
-                                         {"round", required_argument, NULL, 'r'},
-                                         {"merged-model", no_argument, NULL, 'm'},
-                                         {"model", required_argument, NULL, 'M'},
-                                         {"help", no_argument, NULL, 'h'},
-                                         {NULL, 0, NULL, 0}};
-    const char *dir = NULL, *out = NULL, *model = NULL;
-    long long round = -1;
-    int merged = 0, c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "d:o:r:h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'd': dir = optarg; break;
-        case 'o': out = optarg; break;
-        case 'r':
-            if (fp_parse_int(optarg, 0, INT64_MAX, &round) != 0)
-                return fp_cli_usage_error("export", "--round needs a round number");
-            break;
-        case 'm': merged = 1; break;
-        case 'M': model = optarg; break;
-        case 'h': fputs(export_help, stdout); return FP_EXIT_OK;
-        default: return fp_cli_usage_error("export", "unknown option");
-        }
-    }
-    if (!dir || !out)
-        return fp_cli_usage_error("export", "--state-dir and --out are required");
-    if (optind < argc)
-        return fp_cli_usage_error("export", "unexpected argument '%s'", argv[optind]);
-    fp_err_t err = {0};
-    fp_db_t *db;
-    if (fp_db_open(&db, dir, 1, &err) != 0)
-        return fp_cli_fail("export", "%s", fp_err_msg(&err));
-    fp_db_federation_t f;
-    fp_db_round_t last = {0}, r = {0};
-    int rc = fp_db_federation_get(db, &f, &err), found = rc;
-    if (rc > 0)
-        rc = fp_db_round_last_closed(db, &last, &err);
-    if (rc >= 0 && round >= 0)
-        rc = fp_db_round_get(db, round, &r, &err);
-    else
-        r = last;
-    fp_db_close(db);
-    if (rc < 0)
-        return fp_cli_fail("export", "%s", fp_err_msg(&err));
-    if (!found)
-        return fp_cli_fail("export", "%s: no federation yet", dir);
-    if (r.state != FP_DB_ROUND_CLOSED || !r.global_adapter[0])
-        return fp_cli_fail("export", "round %lld is not a closed round (the last closed round "
-                           "is %lld)", round, (long long)last.n);
-    /* federations from before base_model: the directory of the configuration */
-    char base[4096];
-    if (f.base_model[0])
-        snprintf(base, sizeof base, "%s", f.base_model);
-    else
-        fp_model_dir_of(f.base_model_config, base, sizeof base);
-    char rel[128];
-    snprintf(rel, sizeof rel, "adapters/%s.safetensors", r.global_adapter);
-    char *path = fp_path_join(dir, rel);
-    fp_adapter_t *ad = NULL;
-    rc = fp_hfpeft_load_factors(path, f.alpha, f.rslora, FP_LOAD_COPY, &ad, &err);
-    free(path);
-    if (rc)
-        return fp_cli_fail("export", "%s", fp_err_msg(&err));
-    ad->base_model = strdup(base[0] ? base : f.name);
-    ad->task_type = strdup("CAUSAL_LM");
-    if (!(rc = fp_hfpeft_save(ad, out, &err)))
-        printf("exported the global adapter of round %lld to %s\n",
-               (long long)r.n, out);
-    if (rc == 0 && merged) {
-        char mdir[4096];
-        if (model)
-            snprintf(mdir, sizeof mdir, "%s", model);
-        else
-            fp_model_dir_of(f.base_model_config, mdir, sizeof mdir);
-        fp_model_t *m = NULL;
-        char *mout = fp_path_join(out, "merged-model");
-        if ((rc = fp_model_load(mdir, &m, &err)) == 0 && (rc = fp_lora_merge_into(m, ad, &err)) == 0 &&
-            (rc = fp_model_save(m, mout, FP_DT_F32, &err)) == 0)
-            printf("wrote the merged model to %s\n", mout);
-        fp_model_free(m);
-        free(mout);
-    }
-    fp_adapter_free(ad);
-    return rc ? fp_cli_fail("export", "%s", fp_err_msg(&err)) : FP_EXIT_OK;
 }

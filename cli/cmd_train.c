@@ -256,6 +256,95 @@ static const char pretrain_help[] =
     "  --dtype f32|bf16     dtype of the saved weights (default f32)\n"
     "Defaults differ: lr 3e-3, weight decay 0.1 on matrices, cosine to 0.1 x lr.\n";
 
+/* The options train and pretrain need, and do not allow. 0, or the usage exit code. */
+static int check_training_opts(const char *cmd, const run_opts_t *o, int pretrain,
+                               unsigned *targets)
+{
+    fp_err_t err = {0};
+    if (!o->out)
+        return fp_cli_usage_error(cmd, "--out is required");
+    if (!o->steps)
+        return fp_cli_usage_error(cmd, "--steps is required");
+    if (pretrain && (o->adapter || o->have_lora_shape))
+        return fp_cli_usage_error(cmd, "pretrain trains every weight: no LoRA options");
+    if (o->adapter && o->have_lora_shape)
+        return fp_cli_usage_error(cmd, "--adapter sets rank, alpha and targets: drop --rank, "
+                                  "--alpha, --rslora and --targets");
+    if (!pretrain && !o->adapter && fp_targets_parse(o->targets, targets, &err))
+        return fp_cli_usage_error(cmd, "%s", fp_err_msg(&err));
+    if (o->dtype && strcmp(o->dtype, "f32") && strcmp(o->dtype, "bf16"))
+        return fp_cli_usage_error(cmd, "--dtype is f32 or bf16");
+    return 0;
+}
+
+/* The adapter train starts from: --adapter's, or PEFT's fresh init. */
+static int start_adapter(const run_opts_t *o, const fp_model_t *m, unsigned targets,
+                         fp_adapter_t **ad, fp_err_t *err)
+{
+    int rc = o->adapter ? fp_hfpeft_load(o->adapter, FP_LOAD_COPY, ad, err)
+                        : fp_lora_init(m, targets, o->rank, o->alpha, o->rslora, o->seed, ad,
+                                       err);
+    if (rc == 0 && o->adapter)
+        rc = fp_adapter_check_finite(*ad, err);
+    if (rc == 0)
+        rc = fp_lora_check(m, *ad, err);
+    return rc;
+}
+
+/* pretrain's output: the model, with its tokenizer beside it. */
+static int save_model(const run_opts_t *o, const fp_model_t *m, fp_err_t *err)
+{
+    fp_dtype_t dt = o->dtype && !strcmp(o->dtype, "bf16") ? FP_DT_BF16 : FP_DT_F32;
+    int rc = fp_model_save(m, o->out, dt, err);
+    if (rc)
+        return rc;
+    char *tj = fp_path_join(o->out, "tokenizer.json");
+    if (o->tokenizer && !strcmp(o->tokenizer, "bytes")) {
+        rc = fp_tokenizer_write_bytes(tj, err);
+    } else {
+        const char *from = o->tokenizer ? o->tokenizer : o->model;
+        char *src = fp_fs_is_dir(from) ? fp_path_join(from, "tokenizer.json") : strdup(from);
+        char *buf = NULL;
+        size_t len = 0;
+        rc = fp_fs_read_file(src, 1u << 30, &buf, &len, err);
+        if (rc == 0)
+            rc = fp_fs_write_file(tj, buf, len, 0644, err);
+        free(buf);
+        free(src);
+    }
+    free(tj);
+    return rc;
+}
+
+static void report_training(const run_opts_t *o, const fp_local_result_t *lr)
+{
+    const fp_train_result_t *res = &lr->train;
+    double before = lr->eval_before, after = lr->eval_after;
+    if (o->json) {
+        json_t *j = json_pack("{s:s, s:f, s:f, s:i, s:f, s:I, s:i, s:i, s:b}", "out", o->out,
+                              "tokens_per_s", res->tokens_per_s, "final_loss", res->final_loss,
+                              "steps", res->steps, "seconds", res->seconds, "tokens",
+                              (json_int_t)res->tokens, "batch", o->batch, "seq", o->seq,
+                              "interrupted", res->stopped);
+        if (!isnan(before)) {
+            json_object_set_new(j, "eval_loss_before", json_real(before));
+            json_object_set_new(j, "eval_loss_after", json_real(after));
+            json_object_set_new(j, "eval_tokens", json_integer(lr->eval_tokens));
+        }
+        json_object_set_new(j, "peak_rss_bytes", json_integer(fp_peak_rss_bytes()));
+        json_object_set_new(j, "blas_kernel", json_string(fp_blas_kernel()));
+        emit_json(j);
+        json_decref(j);
+        return;
+    }
+    printf("%s: %d steps, final loss %.4f, %.0f tokens/s, %.1f s -> %s\n",
+           res->stopped ? "interrupted" : "trained", res->steps, res->final_loss,
+           res->tokens_per_s, res->seconds, o->out);
+    if (!isnan(before))
+        printf("held-out loss %.4f -> %.4f (perplexity %.2f -> %.2f) on %ld tokens\n", before,
+               after, exp(before), exp(after), lr->eval_tokens);
+}
+
 static int run_training(int argc, char **argv, int pretrain)
 {
     const char *cmd = pretrain ? "pretrain" : "train";
@@ -268,34 +357,12 @@ static int run_training(int argc, char **argv, int pretrain)
     }
     loaded_t l = {0};
     fp_adapter_t *ad = NULL;
-    int exit_code = FP_EXIT_FAIL;
     fp_err_t err = {0};
-    if (!o.out) {
-        exit_code = fp_cli_usage_error(cmd, "--out is required");
-        goto out;
-    }
-    if (!o.steps) {
-        exit_code = fp_cli_usage_error(cmd, "--steps is required");
-        goto out;
-    }
-    if (pretrain && (o.adapter || o.have_lora_shape)) {
-        exit_code = fp_cli_usage_error(cmd, "pretrain trains every weight: no LoRA options");
-        goto out;
-    }
-    if (o.adapter && o.have_lora_shape) {
-        exit_code = fp_cli_usage_error(cmd, "--adapter sets rank, alpha and targets: drop "
-                                       "--rank, --alpha, --rslora and --targets");
-        goto out;
-    }
     unsigned targets = 0;
-    if (!pretrain && !o.adapter && fp_targets_parse(o.targets, &targets, &err)) {
-        exit_code = fp_cli_usage_error(cmd, "%s", fp_err_msg(&err));
+    int exit_code = check_training_opts(cmd, &o, pretrain, &targets);
+    if (exit_code)
         goto out;
-    }
-    if (o.dtype && strcmp(o.dtype, "f32") && strcmp(o.dtype, "bf16")) {
-        exit_code = fp_cli_usage_error(cmd, "--dtype is f32 or bf16");
-        goto out;
-    }
+    exit_code = FP_EXIT_FAIL;
     fp_set_threads(o.threads);
     if (load_all(cmd, &o, &l))
         goto out;
@@ -304,22 +371,9 @@ static int run_training(int argc, char **argv, int pretrain)
                     l.model->cfg.max_seq);
         goto out;
     }
-    if (!pretrain) {
-        if (o.adapter) {
-            if (fp_hfpeft_load(o.adapter, FP_LOAD_COPY, &ad, &err) ||
-                fp_adapter_check_finite(ad, &err)) {
-                fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-                goto out;
-            }
-        } else if (fp_lora_init(l.model, targets, o.rank, o.alpha, o.rslora, o.seed, &ad,
-                                &err)) {
-            fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-            goto out;
-        }
-        if (fp_lora_check(l.model, ad, &err)) {
-            fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-            goto out;
-        }
+    if (!pretrain && start_adapter(&o, l.model, targets, &ad, &err)) {
+        fp_cli_fail(cmd, "%s", fp_err_msg(&err));
+        goto out;
     }
     char blas[256];
     fprintf(stderr, "fedpeft %s: %zu training tokens in %zu documents, %zu held out; %s\n"
@@ -337,66 +391,14 @@ static int run_training(int argc, char **argv, int pretrain)
         fp_cli_fail(cmd, "%s", fp_err_msg(&err));
         goto out;
     }
-    const fp_train_result_t res = lr.train;
-    double before = lr.eval_before, after = lr.eval_after;
-    long held_tokens = lr.eval_tokens;
-    if (pretrain) {
-        fp_dtype_t dt = o.dtype && !strcmp(o.dtype, "bf16") ? FP_DT_BF16 : FP_DT_F32;
-        char *tj = fp_path_join(o.out, "tokenizer.json");
-        if (fp_model_save(l.model, o.out, dt, &err)) {
-            free(tj);
-            fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-            goto out;
-        }
-        /* the tokenizer travels with the model */
-        const char *from = o.tokenizer && strcmp(o.tokenizer, "bytes") ? o.tokenizer : o.model;
-        char *src = fp_fs_is_dir(from) ? fp_path_join(from, "tokenizer.json") : strdup(from);
-        char *buf = NULL;
-        size_t len = 0;
-        int trc = o.tokenizer && !strcmp(o.tokenizer, "bytes")
-                      ? fp_tokenizer_write_bytes(tj, &err)
-                      : (fp_fs_read_file(src, 1u << 30, &buf, &len, &err) ||
-                         fp_fs_write_file(tj, buf, len, 0644, &err));
-        free(buf);
-        free(src);
-        free(tj);
-        if (trc) {
-            fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-            goto out;
-        }
-    } else {
-        if (!ad->base_model)
-            ad->base_model = strdup(o.model);
-        if (fp_hfpeft_save(ad, o.out, &err)) {
-            fp_cli_fail(cmd, "%s", fp_err_msg(&err));
-            goto out;
-        }
+    if (!pretrain && !ad->base_model)
+        ad->base_model = strdup(o.model);
+    if (pretrain ? save_model(&o, l.model, &err) : fp_hfpeft_save(ad, o.out, &err)) {
+        fp_cli_fail(cmd, "%s", fp_err_msg(&err));
+        goto out;
     }
-    double ppl_before = exp(before), ppl_after = exp(after);
-    if (o.json) {
-        json_t *j = json_pack("{s:s, s:f, s:f, s:i, s:f, s:I, s:i, s:i, s:b}", "out", o.out,
-                              "tokens_per_s", res.tokens_per_s, "final_loss", res.final_loss,
-                              "steps", res.steps, "seconds", res.seconds, "tokens",
-                              (json_int_t)res.tokens, "batch", o.batch, "seq", o.seq,
-                              "interrupted", res.stopped);
-        if (!isnan(before)) {
-            json_object_set_new(j, "eval_loss_before", json_real(before));
-            json_object_set_new(j, "eval_loss_after", json_real(after));
-            json_object_set_new(j, "eval_tokens", json_integer(held_tokens));
-        }
-        json_object_set_new(j, "peak_rss_bytes", json_integer(fp_peak_rss_bytes()));
-        json_object_set_new(j, "blas_kernel", json_string(fp_blas_kernel()));
-        emit_json(j);
-        json_decref(j);
-    } else {
-        printf("%s: %d steps, final loss %.4f, %.0f tokens/s, %.1f s -> %s\n",
-               res.stopped ? "interrupted" : "trained", res.steps, res.final_loss,
-               res.tokens_per_s, res.seconds, o.out);
-        if (!isnan(before))
-            printf("held-out loss %.4f -> %.4f (perplexity %.2f -> %.2f) on %ld tokens\n", before,
-                   after, ppl_before, ppl_after, held_tokens);
-    }
-    exit_code = res.stopped ? 130 : FP_EXIT_OK;
+    report_training(&o, &lr);
+    exit_code = lr.train.stopped ? 130 : FP_EXIT_OK;
 out:
     fp_adapter_free(ad);
     unload(&l);

@@ -1,17 +1,17 @@
 /* fedpeft-server — the coordinator daemon. */
-#include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/resource.h>
 
-#include "fp_coord.h"
 #include "fp_blas.h"
+#include "fp_coord.h"
+#include "fp_daemon.h"
 #include "fp_log.h"
+#include "fp_metrics.h"
+#include "fp_proc.h"
 #include "fp_srv_config.h"
-#include "fp_srv_metrics.h"
 
 typedef struct daemon_ctx {
     uv_loop_t *loop;
@@ -26,30 +26,22 @@ typedef struct daemon_ctx {
     int rc;
 } daemon_ctx_t;
 
-static void config_warning(const char *msg)
-{
-    fp_log(FP_LOG_WARNING, "configuration: %s", msg);
-}
-
-static void usage(FILE *out)
-{
-    fprintf(out,
-            "usage: fedpeft-server --config FILE [--set SECTION.KEY=VALUE ...] [options]\n"
-            "\n"
-            "The fedpeft coordinator: runs federated rounds over mutually authenticated TLS,\n"
-            "aggregates the sites' LoRA updates and keeps its state in STATE_DIR (SQLite).\n"
-            "\n"
-            "  -c, --config FILE     INI configuration (see --settings for every key)\n"
-            "  -s, --set K=V         override a setting, e.g. --set federation.rounds=3\n"
-            "      --check-config    load and check the configuration, print it, exit\n"
-            "      --settings        list every setting with its default and bounds\n"
-            "  -v, --verbose         log debug messages too\n"
-            "  -V, --version         print the version\n"
-            "  -h, --help            this help\n"
-            "\n"
-            "Signals: SIGTERM/SIGINT stop gracefully (sites are told; writes finish); SIGHUP\n"
-            "re-reads certificates, the CRL and the reloadable settings.\n");
-}
+static const char usage[] =
+    "usage: fedpeft-server --config FILE [--set SECTION.KEY=VALUE ...] [options]\n"
+    "\n"
+    "The fedpeft coordinator: runs federated rounds over mutually authenticated TLS,\n"
+    "aggregates the sites' LoRA updates and keeps its state in STATE_DIR (SQLite).\n"
+    "\n"
+    "  -c, --config FILE     INI configuration (see --settings for every key)\n"
+    "  -s, --set K=V         override a setting, e.g. --set federation.rounds=3\n"
+    "      --check-config    load and check the configuration, print it, exit\n"
+    "      --settings        list every setting with its default and bounds\n"
+    "  -v, --verbose         log debug messages too\n"
+    "  -V, --version         print the version\n"
+    "  -h, --help            this help\n"
+    "\n"
+    "Signals: SIGTERM/SIGINT stop gracefully (sites are told; writes finish); SIGHUP\n"
+    "re-reads certificates, the CRL and the reloadable settings.\n";
 
 static void on_done(void *ctx, int rc)
 {
@@ -76,7 +68,7 @@ static void on_hup(uv_signal_t *h, int signum)
     daemon_ctx_t *d = h->data;
     fp_srv_config_t fresh;
     fp_err_t err = {0};
-    if (fp_srv_config_load(&fresh, d->config_path, d->overrides, d->n_overrides, config_warning,
+    if (fp_srv_config_load(&fresh, d->config_path, d->overrides, d->n_overrides, fp_daemon_config_warning,
                            &err) != 0) {
         fp_log(FP_LOG_ERR, "reload: configuration unchanged: %s", fp_err_msg(&err));
         fp_srv_config_free(&fresh);
@@ -87,110 +79,57 @@ static void on_hup(uv_signal_t *h, int signum)
     fp_srv_config_free(&fresh);
 }
 
-/* This process's peak resident memory (VmHWM), in bytes; without /proc (a chroot), the
- * kernel's ru_maxrss (which also counts the exec'ing parent's peak, when larger). */
-static long peak_rss(void)
-{
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    long kb = 0;
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "VmHWM: %ld kB", &kb) == 1)
-            break;
-    if (f)
-        fclose(f);
-    struct rusage ru;
-    if (kb == 0 && getrusage(RUSAGE_SELF, &ru) == 0)
-        kb = ru.ru_maxrss;
-    return kb * 1024;
-}
-
-/* Every site holds a connection: allow as many descriptors as the hard limit permits. */
-static void raise_fd_limit(void)
-{
-    struct rlimit r;
-    if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
-        r.rlim_cur = r.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &r);
-    }
-}
-
 static void on_watchdog(uv_timer_t *t)
 {
     (void)t;
     fp_notify("WATCHDOG=1");
 }
 
-static void print_settings(void)
+static void describe(FILE *out)
 {
     char blas[256];
-    fp_settings_help(fp_srv_settings, stdout);
-    printf("\nBLAS: %s\n", fp_blas_describe(blas, sizeof blas));
+    fprintf(out, "\nBLAS: %s\n", fp_blas_describe(blas, sizeof blas));
+}
+
+static int load(void *cfg, const char *path, char *const *ov, int n, void (*warn)(const char *),
+                fp_err_t *err)
+{
+    return fp_srv_config_load(cfg, path, ov, n, warn, err);
+}
+
+static int probe(const void *cfg, fp_err_t *err)
+{
+    return fp_srv_config_probe(cfg, err);
+}
+
+static void free_cfg(void *cfg)
+{
+    fp_srv_config_free(cfg);
 }
 
 int main(int argc, char **argv)
 {
     fp_blas_setup(argv); /* first: it may run this program again */
-    static const struct option opts[] = {
-        {"config", required_argument, NULL, 'c'}, {"set", required_argument, NULL, 's'},
-        {"check-config", no_argument, NULL, 'k'}, {"settings", no_argument, NULL, 'S'},
-        {"verbose", no_argument, NULL, 'v'},      {"version", no_argument, NULL, 'V'},
-        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0}};
     daemon_ctx_t d = {0};
-    int check = 0, c;
-    d.overrides = calloc((size_t)argc, sizeof *d.overrides);
-    if (!d.overrides)
-        return 1;
-    while ((c = getopt_long(argc, argv, "c:s:vVh", opts, NULL)) != -1) {
-        switch (c) {
-        case 'c': d.config_path = optarg; break;
-        case 's': d.overrides[d.n_overrides++] = optarg; break;
-        case 'k': check = 1; break;
-        case 'S': print_settings(); free(d.overrides); return 0;
-        case 'v': fp_log_set_level(FP_LOG_DEBUG); break;
-        case 'V': printf("fedpeft-server %s\n", FP_VERSION); free(d.overrides); return 0;
-        case 'h': usage(stdout); free(d.overrides); return 0;
-        default: usage(stderr); free(d.overrides); return 2;
-        }
-    }
-    if (optind < argc) {
-        fprintf(stderr, "fedpeft-server: unexpected argument '%s'\n", argv[optind]);
-        usage(stderr);
-        free(d.overrides);
-        return 2;
-    }
+    fp_daemon_spec_t spec = {"fedpeft-server", usage, fp_srv_settings, &d.cfg, load, probe,
+                             free_cfg, describe};
+    fp_daemon_args_t args;
+    int rc = fp_daemon_init(&spec, argc, argv, &args);
+    if (rc >= 0)
+        return rc;
+    d.config_path = args.config;
+    d.overrides = args.overrides;
+    d.n_overrides = args.n_overrides;
+    fp_daemon_enter();
     fp_err_t err = {0};
-    if (fp_srv_config_load(&d.cfg, d.config_path, d.overrides, d.n_overrides, config_warning,
-                           &err) != 0) {
-        fprintf(stderr, "fedpeft-server: configuration: %s%s\n", fp_err_msg(&err),
-                d.config_path ? "" : " (no --config FILE given; see --help)");
-        fp_srv_config_free(&d.cfg);
-        free(d.overrides);
-        return check ? 1 : 2;
-    }
-    if (check && fp_srv_config_probe(&d.cfg, &err) != 0) {
-        fprintf(stderr, "fedpeft-server: configuration: %s\n", fp_err_msg(&err));
-        fp_srv_config_free(&d.cfg);
-        free(d.overrides);
-        return 1;
-    }
-    if (check) {
-        fp_settings_print(fp_srv_settings, &d.cfg, stdout);
-        fprintf(stderr, "fedpeft-server: configuration OK\n");
-        fp_srv_config_free(&d.cfg);
-        free(d.overrides);
-        return 0;
-    }
-    signal(SIGPIPE, SIG_IGN);
-    umask(077); /* state files are the daemon's alone, under systemd (UMask=) or not */
     char blas[256];
     fp_log(FP_LOG_NOTICE, "BLAS: %s", fp_blas_describe(blas, sizeof blas));
-    raise_fd_limit();
+    fp_raise_nofile(); /* every site holds a connection */
     d.loop = uv_default_loop();
     if (fp_coord_start(&d.co, d.loop, &d.cfg, on_done, &d, &err) != 0) {
         fp_log(FP_LOG_ERR, "cannot start: %s", fp_err_msg(&err));
         fp_srv_config_free(&d.cfg);
-        free(d.overrides);
+        fp_daemon_args_free(&args);
         return 1;
     }
     int mport = 0;
@@ -215,11 +154,11 @@ int main(int argc, char **argv)
     fp_coord_free(d.co);
     uv_loop_close(d.loop);
     fp_srv_config_free(&d.cfg);
-    free(d.overrides);
+    fp_daemon_args_free(&args);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     /* bench coordinator reads this line */
-    fp_log(FP_LOG_NOTICE, "stopped: peak resident memory %ld bytes, CPU %.3f s", peak_rss(),
+    fp_log(FP_LOG_NOTICE, "stopped: peak resident memory %ld bytes, CPU %.3f s", fp_peak_rss_bytes(),
            (double)ru.ru_utime.tv_sec + 1e-6 * (double)ru.ru_utime.tv_usec +
                (double)ru.ru_stime.tv_sec + 1e-6 * (double)ru.ru_stime.tv_usec);
     return d.rc;

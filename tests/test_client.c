@@ -6,7 +6,6 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +20,7 @@
 #include "fp_model.h"
 #include "fp_stream.h"
 #include "fp_test.h"
+#include "fp_test_sql.h"
 
 extern char **environ;
 
@@ -245,26 +245,13 @@ static int wait_exit(pid_t pid, double secs)
  * "" when NULL or no row). */
 static int64_t db_row(fed_t *f, const char *sql, double *real, char **text)
 {
-    char *p = path2(f->state, "fedpeft.db");
-    sqlite3 *db;
-    int64_t v = -1;
+    fpt_sql_t *db = fpt_sql_try_open(f->state); /* none yet: no row */
+    int64_t v = db ? fpt_sql_int(db, sql) : -1;
+    if (real)
+        *real = db ? fpt_sql_real(db, sql) : NAN;
     if (text)
-        *text = NULL;
-    if (sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK) {
-        sqlite3_stmt *s;
-        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW) {
-            v = sqlite3_column_int64(s, 0);
-            if (real)
-                *real = sqlite3_column_double(s, 0);
-            if (text && sqlite3_column_text(s, 0))
-                *text = strdup((const char *)sqlite3_column_text(s, 0));
-        }
-        sqlite3_finalize(s);
-    }
-    sqlite3_close(db);
-    free(p);
-    if (text && !*text)
-        *text = strdup("");
+        *text = db ? fpt_sql_text(db, sql) : strdup("");
+    fpt_sql_close(db);
     return v;
 }
 

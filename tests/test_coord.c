@@ -16,7 +16,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sqlite3.h>
 #include <openssl/x509.h>
 #include <openssl/pem.h>
 #include <stdio.h>
@@ -37,6 +36,7 @@
 #include "fp_site.h"
 #include "fp_stream.h"
 #include "fp_test.h"
+#include "fp_test_sql.h"
 #include "fp_tls.h"
 
 extern char **environ;
@@ -468,39 +468,21 @@ static void run_world(world_t *w)
 
 /* ---- checks against the database ---- */
 
-static sqlite3 *open_db(env_t *e)
+static fpt_sql_t *open_db(env_t *e)
 {
-    char *p = fp_path_join(e->state, "fedpeft.db");
-    sqlite3 *db;
-    assert_int_equal(sqlite3_open_v2(p, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
-    free(p);
-    sqlite3_stmt *s;
-    assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &s, NULL), SQLITE_OK);
-    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
-    assert_string_equal((const char *)sqlite3_column_text(s, 0), "ok");
-    sqlite3_finalize(s);
-    return db;
+    return fpt_sql_open(e->state);
 }
 
-static int64_t q_int(sqlite3 *db, const char *sql)
-{
-    sqlite3_stmt *s;
-    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
-    int64_t v = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
-    sqlite3_finalize(s);
-    return v;
-}
+#define q_int fpt_sql_int
 
-static fp_adapter_t *load_global(env_t *e, sqlite3 *db, int round)
+static fp_adapter_t *load_global(env_t *e, fpt_sql_t *db, int round)
 {
     char sql[128];
     snprintf(sql, sizeof sql, "SELECT global_adapter FROM round WHERE n = %d", round);
-    sqlite3_stmt *s;
-    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
-    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
-    char name[128];
-    snprintf(name, sizeof name, "adapters/%s.safetensors", sqlite3_column_text(s, 0));
-    sqlite3_finalize(s);
+    char *sha = fpt_sql_text(db, sql), name[128];
+    assert_true(sha[0]);
+    snprintf(name, sizeof name, "adapters/%s.safetensors", sha);
+    free(sha);
     char *p = fp_path_join(e->state, name);
     fp_adapter_t *ad = NULL;
     fp_err_t err = {0};
@@ -510,25 +492,22 @@ static fp_adapter_t *load_global(env_t *e, sqlite3 *db, int round)
 }
 
 /* Updates merged in round n: adapters and their sample counts. */
-static int load_updates(env_t *e, sqlite3 *db, int round, fp_adapter_t **ad, double *w)
+static int load_updates(env_t *e, fpt_sql_t *db, int round, fp_adapter_t **ad, double *w)
 {
     char sql[160];
     snprintf(sql, sizeof sql, "SELECT id, samples FROM task WHERE round = %d AND state = "
              "'merged' ORDER BY site", round);
-    sqlite3_stmt *s;
-    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
-    int n = 0;
-    while (sqlite3_step(s) == SQLITE_ROW) {
+    int64_t id[64], count[64];
+    int n = fpt_sql_int_pairs(db, sql, id, count, 64);
+    for (int i = 0; i < n; i++) {
         char name[64];
-        snprintf(name, sizeof name, "updates/%lld.safetensors",
-                 (long long)sqlite3_column_int64(s, 0));
+        snprintf(name, sizeof name, "updates/%lld.safetensors", (long long)id[i]);
         char *p = fp_path_join(e->state, name);
         fp_err_t err = {0};
-        assert_int_equal(fp_hfpeft_load_factors(p, 8, 0, FP_LOAD_COPY, &ad[n], &err), 0);
-        w[n++] = (double)sqlite3_column_int64(s, 1);
+        assert_int_equal(fp_hfpeft_load_factors(p, 8, 0, FP_LOAD_COPY, &ad[i], &err), 0);
+        w[i] = (double)count[i];
         free(p);
     }
-    sqlite3_finalize(s);
     return n;
 }
 
@@ -540,7 +519,7 @@ static void dense(const fp_adapter_t *ad, int mod, double *out, double c)
 
 static void check_rounds(env_t *e, const char *strategy, int rounds)
 {
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     char sql[128];
     snprintf(sql, sizeof sql, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'");
     assert_int_equal(q_int(db, sql), rounds);
@@ -610,7 +589,7 @@ static void check_rounds(env_t *e, const char *strategy, int rounds)
         fp_adapter_free(before);
         fp_adapter_free(after);
     }
-    sqlite3_close(db);
+    fpt_sql_close(db);
 }
 
 static void check_status_export(env_t *e);
@@ -679,9 +658,9 @@ static void check_status_export(env_t *e)
     assert_string_equal(json_string_value(json_object_get(aj, "base_model_name_or_path")), e->dir);
     json_decref(aj);
     free(acfg);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     fp_adapter_t *g = load_global(e, db, 2);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     assert_int_equal(ad->n, g->n);
     for (int i = 0; i < g->n; i++) {
         size_t na = (size_t)g->mods[i].rank * (size_t)g->mods[i].d_in;
@@ -747,7 +726,7 @@ static void test_invalid_and_dropped(void **state)
     w->sites[1].behaviour = B_VANISH;
     run_world(w);
     assert_int_equal(w->sites[0].refused, 1);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
     assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 2 AND state = 'merged'"), 1);
     assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 2 AND site = 'site-a' "
@@ -755,7 +734,7 @@ static void test_invalid_and_dropped(void **state)
     assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 2 AND site = 'site-b' "
                                "AND state = 'dropped'"), 1);
     assert_int_equal(q_int(db, "SELECT updates FROM round WHERE n = 2"), 1);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     check_rounds(e, "flexlora", 3);
     free(w);
     env_free(e);
@@ -777,7 +756,7 @@ static void kill_after(int k, const char *failpoint)
     run_world(w);
     if (w->killed != 2)
         fail_msg("the coordinator was not killed (%s)", failpoint ? failpoint : "by the test");
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
     /* every update acknowledged to a site is merged (an update made durable just before the
      * kill may be merged without its final Ack having reached the site): 3 sites × 3 rounds */
@@ -788,7 +767,7 @@ static void kill_after(int k, const char *failpoint)
                  "'merged'", (long long)w->acked[i]);
         assert_int_equal(q_int(db, sql), 1);
     }
-    sqlite3_close(db);
+    fpt_sql_close(db);
     check_rounds(e, "flora", 3);
     free(w);
     env_free(e);
@@ -959,7 +938,7 @@ static void test_sighup_revocation_metrics_sigterm(void **state)
     assert_true(metric(m, "fedpeft_handshakes_refused_total ") >= 1);
     assert_true(metric(m, "fedpeft_updates_accepted_total ") >= 6);
     assert_true(metric(m, "process_resident_memory_bytes ") > 0);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     /* no task for the revoked site after the reload; rounds went on with the other two */
     assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE site = 'site-c' AND "
                                "assigned_ms > (SELECT ms FROM event WHERE kind = 'reload')"), 0);
@@ -967,7 +946,7 @@ static void test_sighup_revocation_metrics_sigterm(void **state)
                           "updates = 2") >= 1);
     assert_int_equal(q_int(db, "SELECT count(*) FROM event WHERE kind = 'reload'"), 1);
     assert_int_equal(q_int(db, "SELECT count(*) FROM event WHERE kind = 'stop'"), 1);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     char *log = NULL;
     size_t n;
     fp_fs_read_file(e->log, 1 << 20, &log, &n, NULL);
@@ -1008,7 +987,7 @@ static void test_late_duplicate_mismatch(void **state)
     /* refused at every Hello (the last may meet the shutdown instead) */
     assert_true(w->sites[2].mismatched >= 1);
     assert_int_equal(w->sites[2].tasks, 0);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     assert_int_equal(q_int(db, "SELECT updates FROM round WHERE n = 1"), 1);
     assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE round = 1 AND site = 'site-a' "
                                "AND state = 'dropped'"), 1);
@@ -1018,7 +997,7 @@ static void test_late_duplicate_mismatch(void **state)
     assert_int_equal(q_int(db, "SELECT count(*) FROM event WHERE kind = 'refused' AND detail "
                                "LIKE '%round has closed%'"), 1);
     assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 2);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     free(w);
     env_free(e);
 }
@@ -1195,7 +1174,7 @@ static void norm_case(const char *strategy, const char *action, double bound, in
     w->bad_round = 1;
     w->sites[2].behaviour = c_behaviour;
     run_world(w);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     assert_int_equal(q_int(db, c_behaviour == B_SAMPLES ?
                                    "SELECT count(*) FROM task WHERE site = 'site-c' AND state = "
                                    "'refused' AND error LIKE '%sample count%'" :
@@ -1229,7 +1208,7 @@ static void norm_case(const char *strategy, const char *action, double bound, in
         }
         fp_adapter_free(g0);
     }
-    sqlite3_close(db);
+    fpt_sql_close(db);
     free(w);
     env_free(e);
 }
@@ -1258,17 +1237,13 @@ static void test_spool_leftovers(void **state)
     fp_err_t err = {0};
     assert_int_equal(fp_db_open(&f.db, dir, 0, &err), 0); /* the schema */
     /* the rows, written by SQLite directly (an independent writer) */
-    char *dbp = fp_path_join(dir, FP_DB_FILE);
-    sqlite3 *raw;
-    assert_int_equal(sqlite3_open(dbp, &raw), SQLITE_OK);
-    assert_int_equal(sqlite3_exec(raw, "INSERT INTO site(name, fingerprint) VALUES ('a', 'x'),"
-                                  " ('b', 'y');"
-                                  "INSERT INTO round(n, state) VALUES (1, 'closed'), (2, 'open');"
-                                  "INSERT INTO task(id, round, site, rank, seed, state) "
-                                  "VALUES (7, 1, 'a', 4, 1, 'dropped'), (8, 1, 'b', 4, 1, 'merged'),"
-                                  " (9, 2, 'a', 4, 1, 'uploading')", NULL, NULL, NULL), SQLITE_OK);
-    sqlite3_close(raw);
-    free(dbp);
+    fpt_sql_t *raw = fpt_sql_open_rw(dir);
+    fpt_sql_exec(raw, "INSERT INTO site(name, fingerprint) VALUES ('a', 'x'), ('b', 'y');"
+                      "INSERT INTO round(n, state) VALUES (1, 'closed'), (2, 'open');"
+                      "INSERT INTO task(id, round, site, rank, seed, state) VALUES "
+                      "(7, 1, 'a', 4, 1, 'dropped'), (8, 1, 'b', 4, 1, 'merged'), "
+                      "(9, 2, 'a', 4, 1, 'uploading')");
+    fpt_sql_close(raw);
     const char *files[][2] = {{"spool", "7.part"}, {"spool", "7.acked"}, {"updates", "7.raw"},
                               {"spool", "8.part"}, {"spool", "9.part"}, {"spool", "9.acked"}};
     for (int i = 0; i < 6; i++) {
@@ -1322,7 +1297,7 @@ static void test_deadline_timer_early(void **state)
     for (int i = 0; i < NSITES; i++)
         w->sites[i].behaviour = B_IDLE;
     run_world(w);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     if (w->timed_out)
         fail_msg("rounds did not close: %lld expired in 20 s; round %lld still open %lld ms past "
                  "its deadline", (long long)q_int(db, "SELECT count(*) FROM round WHERE state = "
@@ -1338,7 +1313,7 @@ static void test_deadline_timer_early(void **state)
     if (early < -1 || late > 250)
         fail_msg("rounds closed %lld to %lld ms after their deadlines", (long long)early,
                  (long long)late);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     free(w);
     env_free(e);
 }
@@ -1452,9 +1427,9 @@ static void test_crl_reload_and_refused_handshakes(void **state)
     world_t *w = calloc(1, sizeof *w);
     w->e = e;
     run_world(w);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 2);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     free(w);
     free(out);
     free(errs);
@@ -1500,10 +1475,10 @@ static void test_flood_sites_served(void **state)
         close(fd[i]);
     }
     assert_true(held <= 64); /* server.max_startups */
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed' AND "
                                "updates = 3"), 2);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     free(w);
     env_free(e);
 }
@@ -1577,7 +1552,7 @@ static void sampling_case(const char *extra, int per_round)
     world_t *w = calloc(1, sizeof *w);
     w->e = e;
     run_world(w);
-    sqlite3 *db = open_db(e);
+    fpt_sql_t *db = open_db(e);
     char sql[160];
     for (int r = 1; r <= 4; r++) {
         snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE round = %d AND state = "
@@ -1587,7 +1562,7 @@ static void sampling_case(const char *extra, int per_round)
     /* the draw changes between rounds: not every round samples the same sites */
     assert_true(q_int(db, "SELECT count(DISTINCT g) FROM (SELECT group_concat(site) AS g FROM "
                           "(SELECT round, site FROM task ORDER BY round, site) GROUP BY round)") >= 2);
-    sqlite3_close(db);
+    fpt_sql_close(db);
     check_rounds(e, "flexlora", 4);
     free(w);
     env_free(e);

@@ -9,7 +9,6 @@
 #include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +18,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_test.h"
+#include "fp_test_sql.h"
 #include "sim.h"
 
 #define FORTUNES "/usr/share/games/fortunes"
@@ -299,16 +299,7 @@ static double row_at(json_t *table, const char *model, const char *key, size_t s
     return json_number_value(json_array_get(json_object_get(table_row(table, model), key), site));
 }
 
-static int64_t q1(sqlite3 *db, const char *sql)
-{
-    sqlite3_stmt *s = NULL;
-    int64_t v = -1;
-    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
-    if (sqlite3_step(s) == SQLITE_ROW)
-        v = sqlite3_column_int64(s, 0);
-    sqlite3_finalize(s);
-    return v;
-}
+#define q1 fpt_sql_int
 
 static void test_sim_flexlora(void **state)
 {
@@ -331,9 +322,8 @@ static void test_sim_flexlora(void **state)
 
     /* the coordinator's database: both rounds closed with all three sites, each at its rank,
      * certificates seen, bytes counted */
-    char *dbp = path2(out, "flexlora/state/fedpeft.db");
-    sqlite3 *db = NULL;
-    assert_int_equal(sqlite3_open_v2(dbp, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    char *dbp = path2(out, "flexlora/state");
+    fpt_sql_t *db = fpt_sql_open(dbp);
     assert_int_equal(q1(db, "SELECT count(*) FROM round WHERE n >= 1 AND state = 'closed' AND "
                             "updates = 3"), 2);
     assert_int_equal(q1(db, "SELECT count(*) FROM task WHERE state = 'merged'"), 6);
@@ -343,7 +333,7 @@ static void test_sim_flexlora(void **state)
     assert_int_equal(q1(db, "SELECT count(*) FROM round r WHERE n >= 1 AND bytes_in = (SELECT "
                             "sum(stream_bytes) FROM task t WHERE t.round = r.n) AND bytes_out > 0"), 2);
     assert_int_equal(q1(db, "SELECT count(*) FROM federation WHERE strategy = 'flexlora'"), 1);
-    sqlite3_close(db);
+    fpt_sql_close(db);
 
     /* metrics.csv: a header and a row per site and round */
     char *csvp = path2(out, "metrics.csv"), *csv = slurp(csvp);
@@ -463,14 +453,13 @@ static void test_sim_all(void **state)
     const char *strats[] = {"fedavg", "ffa", "zeropad", "flexlora", "flora", "florist"};
     for (int k = 0; k < 6; k++) {
         char rel[128];
-        snprintf(rel, sizeof rel, "%s/state/fedpeft.db", strats[k]);
+        snprintf(rel, sizeof rel, "%s/state", strats[k]);
         char *dbp = path2(out, rel);
-        sqlite3 *db = NULL;
-        assert_int_equal(sqlite3_open_v2(dbp, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+        fpt_sql_t *db = fpt_sql_open(dbp);
         assert_int_equal(q1(db, "SELECT count(*) FROM round WHERE n = 1 AND state = 'closed'"), 1);
         int64_t r2 = q1(db, "SELECT rank FROM task WHERE site = 'site-2'");
         assert_int_equal(r2, k < 2 ? 2 : 4);
-        sqlite3_close(db);
+        fpt_sql_close(db);
         free(dbp);
         snprintf(rel, sizeof rel, "global: %s", strats[k]);
         assert_contains(o, rel);

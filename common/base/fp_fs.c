@@ -1,4 +1,5 @@
 #include "fp_fs.h"
+#include "fp_proc.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -50,14 +51,8 @@ int fp_fs_sync_dir(const char *dir, fp_err_t *err)
  * other threads create files). 022 when /proc is not there. */
 static mode_t current_umask(void)
 {
-    FILE *f = fopen("/proc/self/status", "re");
-    char line[128];
-    unsigned m = 022;
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "Umask: %o", &m) == 1)
-            break;
-    if (f)
-        fclose(f);
+    long long m = 022;
+    fp_proc_status("Umask", 8, &m);
     return (mode_t)m;
 }
 

@@ -20,6 +20,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "cli.h"
 #include "fp_blas.h"
 #include "fp_ca.h"
@@ -208,117 +209,92 @@ static double cpu_s(const struct rusage *u)
            u->ru_stime.tv_usec / 1e6;
 }
 
-int fp_bench_transport(int argc, char **argv)
+typedef struct transport_opts {
+    long long mib, ack_mib;
+    const char *dir;
+    int quick;
+} transport_opts_t;
+
+/* 0, or the exit code (-1: --help was answered). */
+static int parse_opts(int argc, char **argv, transport_opts_t *o)
 {
-    long long mib = 512, ack_mib = 16;
-    const char *dir_opt = NULL;
-    int quick = 0;
+    *o = (transport_opts_t){512, 16, NULL, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             fputs(transport_help, stdout);
-            return FP_EXIT_OK;
+            return -1;
         } else if (!strcmp(a, "--quick")) {
-            quick = 1;
+            o->quick = 1;
         } else if (!strcmp(a, "--mib") && i + 1 < argc) {
-            if (fp_parse_int(argv[++i], 1, 16384, &mib) != 0)
+            if (fp_parse_int(argv[++i], 1, 16384, &o->mib) != 0)
                 return fp_cli_usage_error("bench", "--mib takes 1 to 16384");
         } else if (!strcmp(a, "--ack-every") && i + 1 < argc) {
-            if (fp_parse_int(argv[++i], 1, 4096, &ack_mib) != 0)
+            if (fp_parse_int(argv[++i], 1, 4096, &o->ack_mib) != 0)
                 return fp_cli_usage_error("bench", "--ack-every takes 1 to 4096 (MiB)");
         } else if (!strcmp(a, "--dir") && i + 1 < argc) {
-            dir_opt = argv[++i];
+            o->dir = argv[++i];
         } else {
             return fp_cli_usage_error("bench", "unknown option '%s'", a);
         }
     }
-    if (quick)
-        mib = 64;
-    size_t total = (size_t)mib << 20;
-    signal(SIGPIPE, SIG_IGN);
+    if (o->quick)
+        o->mib = 64;
+    return 0;
+}
 
-    char tmpl[4096];
-    const char *dir = dir_opt;
-    if (!dir) {
-        const char *t = getenv("TMPDIR");
-        snprintf(tmpl, sizeof tmpl, "%s/fedpeft-bench-XXXXXX", t && *t ? t : "/tmp");
-        if (!mkdtemp(tmpl))
-            return fp_cli_fail("bench", "cannot make a directory under %s: %s",
-                               t && *t ? t : "/tmp", strerror(errno));
-        dir = tmpl;
-    }
-    fp_err_t err = {0};
-    int rc = FP_EXIT_FAIL;
-    unsigned char *data = NULL;
-    fp_tls_ctx_t *tls = NULL;
-    pid_t child = -1;
-    int pfd[2] = {-1, -1};
-    char *pki = fp_path_join(dir, "pki");
-    char *ccrt = pki ? fp_path_join(pki, "sites/site-a/site.crt") : NULL;
-    char *ckey = pki ? fp_path_join(pki, "sites/site-a/site.key") : NULL;
-    char *cca = pki ? fp_path_join(pki, "ca.crt") : NULL;
-    if (!ccrt || !ckey || !cca) {
-        fp_cli_fail("bench", "out of memory");
-        goto out;
-    }
-
-    char blas[256];
-    printf("fedpeft bench transport: %lld MiB over mutual TLS on 127.0.0.1, durable every %lld "
-           "MiB, spool in %s\nBLAS: %s\n", mib, ack_mib, dir, fp_blas_describe(blas, sizeof blas));
-    fprintf(stderr, "  making a CA, a coordinator certificate and a site kit ...\n");
-    fp_ca_issue_opts_t so = {.server = 1, .name = "127.0.0.1", .sans = "127.0.0.1",
-                             .valid_for_s = 86400};
-    fp_ca_issue_opts_t si = {.name = "site-a", .valid_for_s = 86400};
-    if (fp_ca_init(pki, "Bench Net", 1, FP_KEY_EC_P256, &err) != 0 ||
-        fp_ca_issue(pki, &so, &err) != 0 || fp_ca_issue(pki, &si, &err) != 0) {
-        fp_cli_fail("bench", "%s", fp_err_msg(&err));
-        goto out;
-    }
-
-    fprintf(stderr, "  single-core AES-256-GCM (16 KiB records) ...\n");
-    double aes = aes_gcm_gbs(quick ? (256u << 20) : (2ull << 30));
-    fprintf(stderr, "  generating the %lld MiB stream ...\n", mib);
-    data = malloc(total);
-    if (!data) {
-        fp_cli_fail("bench", "out of memory for a %lld MiB stream", mib);
-        goto out;
-    }
-    fp_rng_t rng; /* incompressible bytes */
+/* total incompressible bytes. */
+static unsigned char *make_stream(size_t total)
+{
+    unsigned char *data = malloc(total);
+    fp_rng_t rng;
     fp_rng_seed(&rng, 88172645463325252ull);
-    for (size_t i = 0; i + 8 <= total; i += 8) {
+    for (size_t i = 0; data && i + 8 <= total; i += 8) {
         uint64_t x = fp_rng_u64(&rng);
         memcpy(data + i, &x, 8);
     }
-    fprintf(stderr, "  single-core SHA-256 ...\n");
-    uint8_t digest[32];
-    double sha = sha256_gbs(data, total, digest);
+    return data;
+}
 
+/* The coordinator, forked: it writes its port to the pipe, then a byte once the upload is
+ * stored. */
+static int start_coordinator(const char *dir, const char *pki, uint64_t ack, pid_t *child,
+                             int pfd[2], int32_t *port)
+{
     fflush(NULL);
-    if (pipe(pfd) != 0) {
-        fp_cli_fail("bench", "pipe: %s", strerror(errno));
-        goto out;
-    }
-    child = fork();
-    if (child < 0) {
-        fp_cli_fail("bench", "fork: %s", strerror(errno));
-        goto out;
-    }
-    if (child == 0) {
+    if (pipe(pfd) != 0)
+        return fp_cli_fail("bench", "pipe: %s", strerror(errno));
+    *child = fork();
+    if (*child < 0)
+        return fp_cli_fail("bench", "fork: %s", strerror(errno));
+    if (*child == 0) {
         close(pfd[0]);
-        _exit(coordinator(dir, pki, (uint64_t)ack_mib << 20, pfd[1]));
+        _exit(coordinator(dir, pki, ack, pfd[1]));
     }
     close(pfd[1]);
     pfd[1] = -1;
-    int32_t port = -1;
-    if (read(pfd[0], &port, sizeof port) != sizeof port || port <= 0) {
-        fp_cli_fail("bench", "the coordinator did not start");
-        goto out;
-    }
+    if (read(pfd[0], port, sizeof *port) != sizeof *port || *port <= 0)
+        return fp_cli_fail("bench", "the coordinator did not start");
+    return 0;
+}
+
+typedef struct upload_run {
+    double secs, site_cpu, coord_cpu;
+} upload_run_t;
+
+/* The upload of data (its digest) through fp_upload, timed, with both sides' CPU. */
+static int run_upload(const char *pki, int32_t port, const unsigned char *data, size_t total,
+                      const uint8_t digest[32], pid_t *child, int fd, upload_run_t *out)
+{
+    char ccrt[4300], ckey[4300], cca[4300];
+    snprintf(ccrt, sizeof ccrt, "%s/sites/site-a/site.crt", pki);
+    snprintf(ckey, sizeof ckey, "%s/sites/site-a/site.key", pki);
+    snprintf(cca, sizeof cca, "%s/ca.crt", pki);
+    fp_err_t err = {0};
+    fp_tls_ctx_t *tls = NULL;
     fp_tls_cfg_t ccfg = {.cert = ccrt, .key = ckey, .ca = cca, .server_name = "127.0.0.1"};
-    if (fp_tls_ctx_new(&tls, &ccfg, &err) != 0) {
-        fp_cli_fail("bench", "%s", fp_err_msg(&err));
-        goto out;
-    }
+    if (fp_tls_ctx_new(&tls, &ccfg, &err) != 0)
+        return fp_cli_fail("bench", "%s", fp_err_msg(&err));
     Fedpeft__TensorInfo t = FEDPEFT__TENSOR_INFO__INIT, *tp = &t;
     uint64_t shape[2] = {total / 4 / 16, 16};
     t.name = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight";
@@ -343,31 +319,34 @@ int fp_bench_transport(int argc, char **argv)
     struct rusage ru0, ru1, rc_child;
     getrusage(RUSAGE_SELF, &ru0);
     double t0 = fp_now();
-    if (fp_upload_start(&u, &loop, "127.0.0.1", port, tls, NULL, &spec, done_cb, &r, &err) != 0) {
-        fp_cli_fail("bench", "%s", fp_err_msg(&err));
-        uv_loop_close(&loop);
-        goto out;
-    }
-    while (!r.done)
+    int rc = fp_upload_start(&u, &loop, "127.0.0.1", port, tls, NULL, &spec, done_cb, &r, &err);
+    while (rc == 0 && !r.done)
         uv_run(&loop, UV_RUN_ONCE);
-    double secs = fp_now() - t0;
+    out->secs = fp_now() - t0;
     getrusage(RUSAGE_SELF, &ru1);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
     fp_upload_free(u);
+    fp_tls_ctx_free(tls);
+    if (rc)
+        return fp_cli_fail("bench", "%s", fp_err_msg(&err));
     unsigned char stored = 0;
-    if (read(pfd[0], &stored, 1) != 1)
+    if (read(fd, &stored, 1) != 1)
         stored = 0;
     int status = 0;
-    if (wait4(child, &status, 0, &rc_child) == child)
-        child = -1;
-    if (!r.ok || !stored) {
-        fp_cli_fail("bench", "the upload failed: %s", r.ok ? "not stored" : r.reason);
-        goto out;
-    }
-    double gbs = (double)total / secs / 1e9;
-    double site_cpu = cpu_s(&ru1) - cpu_s(&ru0), coord_cpu = cpu_s(&rc_child);
+    if (wait4(*child, &status, 0, &rc_child) == *child)
+        *child = -1;
+    if (!r.ok || !stored)
+        return fp_cli_fail("bench", "the upload failed: %s", r.ok ? "not stored" : r.reason);
+    out->site_cpu = cpu_s(&ru1) - cpu_s(&ru0);
+    out->coord_cpu = cpu_s(&rc_child);
+    return 0;
+}
 
+static void print_table(long long mib, size_t total, const upload_run_t *u, double aes,
+                        double sha)
+{
+    double gbs = (double)total / u->secs / 1e9, gib = (double)total / (1 << 30);
     printf("\n%-44s %-16s %-26s %8s %8s\n", "measure", "result", "beside (same run)", "ratio",
            "goal");
     printf("%-44s %-16s %-26s %8s %8s\n", "-------", "------", "-----------------", "-----",
@@ -387,11 +366,56 @@ int fp_bench_transport(int argc, char **argv)
     snprintf(label, sizeof label, "  the same, beside crypto alone on %ld cores", ncpu);
     snprintf(ref, sizeof ref, "%.2f GB/s enc+dec+hash", bound);
     printf("%-44s %-16s %-26s %8.2f %8s\n", label, res, ref, gbs / bound, "");
-    printf("%-44s %-16.2f %-26s\n", "  site CPU seconds per GiB", site_cpu / ((double)total / (1 << 30)), "");
-    printf("%-44s %-16.2f %-26s\n", "  coordinator CPU seconds per GiB",
-           coord_cpu / ((double)total / (1 << 30)), "(decrypt, spool, hash, fsync)");
-    printf("%-44s %-16.2f\n", "  wall seconds", secs);
-    rc = FP_EXIT_OK;
+    printf("%-44s %-16.2f %-26s\n", "  site CPU seconds per GiB", u->site_cpu / gib, "");
+    printf("%-44s %-16.2f %-26s\n", "  coordinator CPU seconds per GiB", u->coord_cpu / gib,
+           "(decrypt, spool, hash, fsync)");
+    printf("%-44s %-16.2f\n", "  wall seconds", u->secs);
+}
+
+int fp_bench_transport(int argc, char **argv)
+{
+    transport_opts_t o;
+    int rc = parse_opts(argc, argv, &o);
+    if (rc)
+        return rc < 0 ? FP_EXIT_OK : rc;
+    size_t total = (size_t)o.mib << 20;
+    signal(SIGPIPE, SIG_IGN);
+    char *dir = fp_bench_workdir(o.dir, "fedpeft-bench");
+    if (!dir)
+        return fp_cli_fail("bench", "cannot make a working directory: %s", strerror(errno));
+    fp_err_t err = {0};
+    unsigned char *data = NULL;
+    pid_t child = -1;
+    int pfd[2] = {-1, -1};
+    int32_t port = -1;
+    char pki[4200], blas[256];
+    snprintf(pki, sizeof pki, "%s/pki", dir);
+    printf("fedpeft bench transport: %lld MiB over mutual TLS on 127.0.0.1, durable every %lld "
+           "MiB, spool in %s\nBLAS: %s\n", o.mib, o.ack_mib, dir,
+           fp_blas_describe(blas, sizeof blas));
+    fprintf(stderr, "  making a CA, a coordinator certificate and a site kit ...\n");
+    fp_ca_issue_opts_t so = {.server = 1, .name = "127.0.0.1", .sans = "127.0.0.1",
+                             .valid_for_s = 86400};
+    fp_ca_issue_opts_t si = {.name = "site-a", .valid_for_s = 86400};
+    if (fp_ca_init(pki, "Bench Net", 1, FP_KEY_EC_P256, &err) != 0 ||
+        fp_ca_issue(pki, &so, &err) != 0 || fp_ca_issue(pki, &si, &err) != 0) {
+        rc = fp_cli_fail("bench", "%s", fp_err_msg(&err));
+        goto out;
+    }
+    fprintf(stderr, "  single-core AES-256-GCM (16 KiB records) ...\n");
+    double aes = aes_gcm_gbs(o.quick ? (256u << 20) : (2ull << 30));
+    fprintf(stderr, "  generating the %lld MiB stream ...\n", o.mib);
+    if (!(data = make_stream(total))) {
+        rc = fp_cli_fail("bench", "out of memory for a %lld MiB stream", o.mib);
+        goto out;
+    }
+    fprintf(stderr, "  single-core SHA-256 ...\n");
+    uint8_t digest[32];
+    double sha = sha256_gbs(data, total, digest);
+    upload_run_t u = {0};
+    if ((rc = start_coordinator(dir, pki, (uint64_t)o.ack_mib << 20, &child, pfd, &port)) == 0 &&
+        (rc = run_upload(pki, port, data, total, digest, &child, pfd[0], &u)) == 0)
+        print_table(o.mib, total, &u, aes, sha);
 out:
     if (child > 0) {
         kill(child, SIGTERM);
@@ -401,13 +425,9 @@ out:
         close(pfd[0]);
     if (pfd[1] >= 0)
         close(pfd[1]);
-    fp_tls_ctx_free(tls);
     free(data);
-    free(pki);
-    free(ccrt);
-    free(ckey);
-    free(cca);
-    if (!dir_opt)
+    if (!o.dir)
         fp_fs_remove_tree(dir, NULL);
-    return rc;
+    free(dir);
+    return rc ? FP_EXIT_FAIL : FP_EXIT_OK;
 }

@@ -1,4 +1,4 @@
-#include "fp_srv_metrics.h"
+#include "fp_metrics.h"
 
 #include <arpa/inet.h>
 #include <microhttpd.h>

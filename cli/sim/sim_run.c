@@ -16,6 +16,7 @@
 #include "cli.h"
 #include "fp_fs.h"
 #include "fp_db.h"
+#include "fp_export.h"
 #include "sim.h"
 
 int sim_spawn(const char *const *argv, const char *log, int *pid, fp_err_t *err)
@@ -183,65 +184,87 @@ static int set_port(const sim_t *sim, const char *dir, int port, fp_err_t *err)
     return rc;
 }
 
-int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
+/* A run's processes: the coordinator and one site daemon per site. */
+typedef struct run {
+    const sim_t *sim;
+    char dir[4096], log[4096];
+    int spid, *cpid;
+} run_t;
+
+/* The coordinator, then (once it listens) every site. */
+static int start_processes(run_t *r, const char *strategy, fp_err_t *err)
 {
-    char dir[4096], sub[4096], log[4096];
-    sim_path(dir, "%s/%s", sim->out, strategy);
-    fp_fs_remove_tree(dir, NULL);
-    int rc = 0, port = 0, spid = -1, *cpid = calloc((size_t)sim->nsites, sizeof *cpid);
-    fp_db_t *db = NULL;
-    if (!cpid)
-        return fp_err_set(err, -ENOMEM, "out of memory");
+    const sim_t *sim = r->sim;
+    char sub[4096];
+    int rc = 0, port = 0;
     const char *subs[] = {"state", "logs", "sites"};
     for (int i = 0; i < 3 && rc == 0; i++) {
-        sim_path(sub, "%s/%s", dir, subs[i]);
+        sim_path(sub, "%s/%s", r->dir, subs[i]);
         rc = fp_fs_mkdirs(sub, 0700, err);
     }
-    if (rc || (rc = write_configs(sim, strategy, dir, err)) != 0)
-        goto out;
-    sim_path(log, "%s/logs/server.log", dir);
-    sim_path(sub, "%s/server.ini", dir);
+    if (rc || (rc = write_configs(sim, strategy, r->dir, err)) != 0)
+        return rc;
+    sim_path(r->log, "%s/logs/server.log", r->dir);
+    sim_path(sub, "%s/server.ini", r->dir);
     const char *sargv[] = {sim->server_bin, "--config", sub, NULL};
-    if ((rc = sim_spawn(sargv, log, &spid, err)) != 0)
-        goto out;
-    if (fp_wait_port(log, spid, &port) != 0) {
+    if ((rc = sim_spawn(sargv, r->log, &r->spid, err)) != 0)
+        return rc;
+    if (fp_wait_port(r->log, r->spid, &port) != 0) {
         char tail[1024];
-        log_tail(log, tail, sizeof tail);
-        rc = fp_err_set(err, -EIO, "fedpeft-server did not start (%s):\n%s", log, tail);
-        goto out;
+        log_tail(r->log, tail, sizeof tail);
+        return fp_err_set(err, -EIO, "fedpeft-server did not start (%s):\n%s", r->log, tail);
     }
-    if ((rc = set_port(sim, dir, port, err)) != 0)
-        goto out;
-    for (int i = 0; i < sim->nsites; i++) {
+    if ((rc = set_port(sim, r->dir, port, err)) != 0)
+        return rc;
+    for (int i = 0; i < sim->nsites && rc == 0; i++) {
         char cfg[4096], clog[4096];
-        sim_path(cfg, "%s/sites/%s.ini", dir, sim->sites[i].name);
-        sim_path(clog, "%s/logs/%s.log", dir, sim->sites[i].name);
+        sim_path(cfg, "%s/sites/%s.ini", r->dir, sim->sites[i].name);
+        sim_path(clog, "%s/logs/%s.log", r->dir, sim->sites[i].name);
         const char *cargv[] = {sim->client_bin, "--config", cfg, NULL};
-        if ((rc = sim_spawn(cargv, clog, &cpid[i], err)) != 0)
-            goto out;
+        rc = sim_spawn(cargv, clog, &r->cpid[i], err);
     }
-    sim_path(sub, "%s/state", dir);
-    if ((rc = fp_db_open(&db, sub, 1, err)) != 0)
-        goto out;
+    return rc;
+}
+
+/* A site daemon that stopped during the run is a failure, with its log's end. */
+static int check_sites(run_t *r, fp_err_t *err)
+{
+    const sim_t *sim = r->sim;
+    for (int i = 0; i < sim->nsites; i++) {
+        int cs;
+        if (r->cpid[i] > 0 && waitpid(r->cpid[i], &cs, WNOHANG) == r->cpid[i]) {
+            r->cpid[i] = -1;
+            char tail[1024], clog[4096];
+            sim_path(clog, "%s/logs/%s.log", r->dir, sim->sites[i].name);
+            log_tail(clog, tail, sizeof tail);
+            return fp_err_set(err, -EIO, "site %s stopped (%s):\n%s", sim->sites[i].name, clog,
+                              tail);
+        }
+    }
+    return 0;
+}
+
+/* Follows the run in the coordinator's database until the coordinator exits: a line per
+ * round closed and, on a terminal, the open round's sites as they finish. */
+static int watch(run_t *r, fp_db_t *db, fp_err_t *err)
+{
+    const sim_t *sim = r->sim;
     int64_t printed = 0;
-    int status = 0, tty = isatty(1), live = 0;
+    int status = 0, tty = isatty(1), live = 0, rc;
     long last_shown = -1;
     double t0 = fp_now();
     for (;;) {
-        /* rounds closed since the last look: one line each */
-        for (;;) {
-            fp_db_round_t r;
-            if (fp_db_round_get(db, printed + 1, &r, NULL) != 1 ||
-                (r.state != FP_DB_ROUND_CLOSED && r.state != FP_DB_ROUND_EXPIRED))
-                break;
+        fp_db_round_t row;
+        while (fp_db_round_get(db, printed + 1, &row, NULL) == 1 &&
+               (row.state == FP_DB_ROUND_CLOSED || row.state == FP_DB_ROUND_EXPIRED)) {
             if (live)
                 printf("\r%*s\r", 72, "");
             live = 0;
-            progress_line(sim, &r);
-            printed = r.n;
+            progress_line(sim, &row);
+            printed = row.n;
             t0 = fp_now(); /* the next round's clock */
         }
-        if (tty && spid > 0) { /* on a terminal: the open round's sites as they finish */
+        if (tty && r->spid > 0) {
             int64_t n = printed + 1, done = 0, all = 0;
             fp_db_round_progress(db, n, &done, &all, NULL);
             long shown = (long)(done * 1000000 + all * 1000) + (long)(fp_now() - t0);
@@ -253,60 +276,51 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
                 live = 1;
             }
         }
-        if (spid > 0 && waitpid(spid, &status, WNOHANG) == spid) {
-            spid = -1;
+        if (r->spid > 0 && waitpid(r->spid, &status, WNOHANG) == r->spid) {
+            r->spid = -1;
             if (printed < sim->rounds)
                 continue; /* the last rounds' lines first */
             break;
         }
-        if (spid < 0)
+        if (r->spid < 0)
             break;
-        for (int i = 0; i < sim->nsites; i++) {
-            int cs;
-            if (cpid[i] > 0 && waitpid(cpid[i], &cs, WNOHANG) == cpid[i]) {
-                cpid[i] = -1;
-                char tail[1024], clog[4096];
-                sim_path(clog, "%s/logs/%s.log", dir, sim->sites[i].name);
-                log_tail(clog, tail, sizeof tail);
-                rc = fp_err_set(err, -EIO, "site %s stopped (%s):\n%s", sim->sites[i].name,
-                                clog, tail);
-                goto out;
-            }
-        }
+        if ((rc = check_sites(r, err)) != 0)
+            return rc;
         sleep_ms(100);
     }
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || printed < sim->rounds) {
         char tail[1024];
-        log_tail(log, tail, sizeof tail);
-        rc = fp_err_set(err, -EIO, "fedpeft-server ended after %lld of %d rounds (%s):\n%s",
-                        (long long)printed, sim->rounds, log, tail);
-        goto out;
+        log_tail(r->log, tail, sizeof tail);
+        return fp_err_set(err, -EIO, "fedpeft-server ended after %lld of %d rounds (%s):\n%s",
+                          (long long)printed, sim->rounds, r->log, tail);
     }
-out:
+    return 0;
+}
+
+int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
+{
+    run_t r = {.sim = sim, .spid = -1, .cpid = calloc((size_t)sim->nsites, sizeof(int))};
+    if (!r.cpid)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    sim_path(r.dir, "%s/%s", sim->out, strategy);
+    fp_fs_remove_tree(r.dir, NULL);
+    char state[4096], outd[4096];
+    sim_path(state, "%s/state", r.dir);
+    sim_path(outd, "%s/global-adapter", r.dir);
+    fp_db_t *db = NULL;
+    int rc = start_processes(&r, strategy, err);
+    if (rc == 0 && (rc = fp_db_open(&db, state, 1, err)) == 0)
+        rc = watch(&r, db, err);
     fp_db_close(db);
     for (int i = 0; i < sim->nsites; i++)
-        end_child(cpid[i], 10000);
-    end_child(spid, 10000);
-    free(cpid);
+        end_child(r.cpid[i], 10000);
+    end_child(r.spid, 10000);
+    free(r.cpid);
     if (rc == 0) { /* the final global adapter, as Hugging Face PEFT */
-        char state[4096], outd[4096];
-        sim_path(state, "%s/state", dir);
-        sim_path(outd, "%s/global-adapter", dir);
-        char *eargv[] = {"export", "--state-dir", state, "--out", outd, NULL};
-        fflush(stdout);
-        int saved = dup(1), null = open("/dev/null", O_WRONLY | O_CLOEXEC);
-        if (saved >= 0 && null >= 0)
-            dup2(null, 1); /* its own line would interrupt the progress */
-        int erc = fp_cmd_export(5, eargv);
-        fflush(stdout);
-        if (saved >= 0) {
-            dup2(saved, 1);
-            close(saved);
-        }
-        if (null >= 0)
-            close(null);
-        if (erc != 0)
-            rc = fp_err_set(err, -EIO, "exporting the global adapter of %s failed", strategy);
+        fp_export_t x = {state, -1, outd, 0, NULL};
+        int64_t round;
+        if (fp_export_global(&x, &round, err) != 0)
+            rc = fp_err_prefix(err, -EIO, "exporting the global adapter of %s: ", strategy);
     }
     return rc;
 }

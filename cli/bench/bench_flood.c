@@ -10,24 +10,22 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "cli.h"
 #include "fp_blas.h"
 #include "fp_ca.h"
 #include "fp_fs.h"
+#include "fp_sha256.h"
 #include "fp_site.h"
 #include "fp_stream.h"
 #include "fp_tls.h"
-
-extern char **environ;
 
 static const char flood_help[] =
     "Usage: fedpeft bench flood [--connections N] [--addresses K] [--server PATH]\n"
@@ -169,12 +167,11 @@ static int flood_run(const char *dir, const char *srv, const char *limits, int n
     snprintf(log, sizeof log, "%s/server.log", dir);
     snprintf(state, sizeof state, "%s/state-%d", dir, (int)(fp_now() * 1000) % 100000);
     snprintf(model, sizeof model, "%s/config.json", dir);
-    const char *mc = "{\"hidden_size\": 32, \"intermediate_size\": 48, \"num_hidden_layers\": 2,"
-                     " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 64,"
-                     " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0}";
     uint8_t msha[32];
     char mhex[65], *text = NULL;
-    fp_sha256(mc, strlen(mc), msha);
+    int rc = fp_bench_tiny_model(model, 32, 48, msha, err);
+    if (rc)
+        return rc;
     fp_sha256_hex(msha, mhex);
     if (asprintf(&text, "[server]\nlisten = 127.0.0.1:0\ncert = %s/servers/localhost/server.crt\n"
                  "key = %s/servers/localhost/server.key\nca = %s/ca.crt\ncrl = %s/ca.crl\n"
@@ -182,25 +179,15 @@ static int flood_run(const char *dir, const char *srv, const char *limits, int n
                  "name = flood\nbase_model_config = %s\nbase_model_sha256 = %s\nmin_sites = 2\n",
                  pki, pki, pki, pki, state, limits, model, mhex) < 0)
         return fp_err_set(err, -ENOMEM, "out of memory");
-    int rc = fp_fs_write_file(model, mc, strlen(mc), 0644, err);
-    if (rc == 0)
-        rc = fp_fs_write_file(cfg, text, strlen(text), 0644, err);
+    rc = fp_fs_write_file(cfg, text, strlen(text), 0644, err);
     free(text);
-    if (rc)
-        return rc;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    char *sargv[] = {(char *)srv, "--config", cfg, NULL};
-    pid_t pid;
-    int sp = posix_spawn(&pid, srv, &fa, NULL, sargv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (sp != 0)
-        return fp_err_set(err, -sp, "cannot start %s: %s", srv, strerror(sp));
+    pid_t pid = -1;
     int port = 0, *fd = calloc((size_t)n, sizeof *fd);
-    if (!fd || fp_wait_port(log, pid, &port) != 0) {
-        rc = fp_err_set(err, -EIO, "fedpeft-server did not start (see %s)", log);
-        goto out;
+    if (rc == 0 && !fd)
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc || (rc = fp_bench_spawn_server(srv, cfg, log, &pid, &port, err)) != 0) {
+        free(fd);
+        return rc;
     }
     usleep(300000);
     r->rss_before = rss_of(pid);
@@ -214,7 +201,6 @@ static int flood_run(const char *dir, const char *srv, const char *limits, int n
             close(fd[i]);
     usleep(1500000); /* the coordinator sees them go */
     r->rss_after = rss_of(pid);
-out:
     kill(pid, SIGTERM);
     waitpid(pid, NULL, 0);
     free(fd);
@@ -243,30 +229,19 @@ int fp_bench_flood(int argc, char **argv)
         }
     }
     char srv[4096];
-    if (fp_find_program(srv, sizeof srv, "fedpeft-server", "server", server) != 0)
-        return fp_cli_fail("bench", "cannot find fedpeft-server (build it, or pass --server)");
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-        if (rl.rlim_cur < (rlim_t)(n + 64))
-            return fp_cli_fail("bench", "%lld connections need %lld file descriptors; the limit "
-                               "is %llu", n, n + 64, (unsigned long long)rl.rlim_cur);
-    }
-    signal(SIGPIPE, SIG_IGN);
-    const char *tmp = getenv("TMPDIR");
-    char *dir = fp_path_join(tmp && *tmp ? tmp : "/tmp", "fedpeft-bench-flood-XXXXXX");
-    if (!dir || !mkdtemp(dir)) {
-        free(dir);
+    int rc = fp_bench_find_server(server, srv, n, "connections");
+    if (rc)
+        return rc;
+    char *dir = fp_bench_workdir(NULL, "fedpeft-bench-flood");
+    if (!dir)
         return fp_cli_fail("bench", "cannot create a working directory");
-    }
     fp_err_t err = {0};
     char pki[4200], blas[256];
     snprintf(pki, sizeof pki, "%s/pki", dir);
     fp_ca_issue_opts_t so = {.server = 1, .name = "localhost", .sans = "127.0.0.1",
                              .valid_for_s = 86400};
     fp_ca_issue_opts_t si = {.name = "healthy", .valid_for_s = 86400};
-    int rc = fp_ca_init(pki, "Flood Net", 2, FP_KEY_EC_P256, &err);
+    rc = fp_ca_init(pki, "Flood Net", 2, FP_KEY_EC_P256, &err);
     if (rc == 0)
         rc = fp_ca_issue(pki, &so, &err);
     if (rc == 0)

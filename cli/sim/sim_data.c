@@ -235,11 +235,106 @@ static int read_categories(const sim_t *sim, corpus_t *c, fp_err_t *err)
     return 0;
 }
 
+/* owner[i]: the site of document i, by the partition (order: the documents shuffled). */
+static int assign_owners(const sim_t *sim, const corpus_t *c, const size_t *order,
+                         fp_rng_t *rng, size_t *owner, fp_err_t *err)
+{
+    int N = sim->nsites, C = sim->ncats;
+    if (sim->partition == SIM_BY_CATEGORY) {
+        /* contiguous runs of categories: site i holds categories [i·C/N, (i+1)·C/N) */
+        for (size_t i = 0; i < c->n; i++) {
+            int k = c->docs[i].cat, s = 0;
+            while ((long)(s + 1) * C / N <= k)
+                s++;
+            owner[i] = (size_t)s;
+        }
+        return 0;
+    }
+    if (sim->partition == SIM_IID) {
+        for (size_t i = 0; i < c->n; i++)
+            owner[order[i]] = i % (size_t)N;
+        return 0;
+    }
+    /* each category's documents spread over sites by proportions ~ Dir(α) */
+    double *p = malloc((size_t)N * sizeof *p);
+    if (!p)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int k = 0; k < C; k++) {
+        double sum = 0;
+        for (int s = 0; s < N; s++)
+            sum += p[s] = gamma_draw(rng, sim->dir_alpha);
+        for (int s = 0; s < N; s++)
+            p[s] = sum > 0 ? p[s] / sum : 1.0 / N;
+        for (size_t i = 0; i < c->n; i++) {
+            if (c->docs[order[i]].cat != k)
+                continue;
+            double u = fp_rng_uniform(rng), acc = 0;
+            int s = 0;
+            while (s < N - 1 && (acc += p[s]) <= u)
+                s++;
+            owner[order[i]] = (size_t)s;
+        }
+    }
+    free(p);
+    return 0;
+}
+
+/* A site's categories, largest share first ("german 60%, french 40%"); count is its row of
+ * documents per category (consumed). */
+static void describe_site(const sim_t *sim, sim_site_t *st, size_t *count, size_t n)
+{
+    int C = sim->ncats;
+    size_t used = 0;
+    st->cats[0] = '\0';
+    for (int round = 0; round < C; round++) {
+        int best = -1;
+        for (int k = 0; k < C; k++)
+            if (count[k] && (best < 0 || count[k] > count[best]))
+                best = k;
+        if (best < 0)
+            break;
+        int w = snprintf(st->cats + used, sizeof st->cats - used, "%s%s %.0f%%",
+                         used ? ", " : "", sim->cats[best].name,
+                         100.0 * (double)count[best] / (double)n);
+        if (w < 0 || (size_t)w >= sizeof st->cats - used)
+            break;
+        used += (size_t)w;
+        count[best] = 0;
+    }
+}
+
+/* Site st's files: its n documents mine[0..n), the first ones held out. */
+static int write_site(const sim_t *sim, sim_site_t *st, const corpus_t *c, const size_t *mine,
+                      size_t n, fp_err_t *err)
+{
+    if (n < 4)
+        return fp_err_set(err, -EINVAL, "site %s would hold %zu documents (fewer than 4): use "
+                          "fewer sites, more data, or a larger Dirichlet alpha", st->name, n);
+    size_t held = (size_t)lround(HELD_FRACTION * (double)n);
+    held = held < 1 ? 1 : held > HELD_MAX ? HELD_MAX : held;
+    st->nheld = held;
+    st->ntrain = n - held;
+    char dir[4096];
+    sim_path(dir, "%s/data/%s", sim->out, st->name);
+    int lm = sim->task == SIM_TASK_LM, rc = 0;
+    st->train = fp_path_join(dir, lm ? "train.txt" : "train.jsonl");
+    st->held = fp_path_join(dir, lm ? "heldout.txt" : "heldout.jsonl");
+    if (!st->train || !st->held)
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc == 0)
+        rc = fp_fs_mkdirs(dir, 0755, err);
+    if (rc == 0)
+        rc = write_docs(sim, st->held, c, mine, held, err);
+    if (rc == 0)
+        rc = write_docs(sim, st->train, c, mine + held, n - held, err);
+    return rc;
+}
+
 int sim_make_data(sim_t *sim, fp_err_t *err)
 {
     corpus_t c = {0};
     int rc = 0, N = sim->nsites, C = sim->ncats;
-    size_t *owner = NULL, *order = NULL, *count = NULL;
+    size_t *owner = NULL, *order = NULL, *count = NULL, *mine = NULL;
     if ((rc = read_categories(sim, &c, err)) != 0)
         goto out;
     if (sim->partition == SIM_BY_CATEGORY && C < N) {
@@ -250,10 +345,9 @@ int sim_make_data(sim_t *sim, fp_err_t *err)
     }
     owner = malloc(c.n * sizeof *owner);
     order = malloc(c.n * sizeof *order);
+    mine = malloc(c.n * sizeof *mine);
     count = calloc((size_t)N * (size_t)C, sizeof *count);
-    double *p = malloc((size_t)N * sizeof *p);
-    if (!owner || !order || !count || !p) {
-        free(p);
+    if (!owner || !order || !mine || !count) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
     }
@@ -262,94 +356,19 @@ int sim_make_data(sim_t *sim, fp_err_t *err)
     for (size_t i = 0; i < c.n; i++)
         order[i] = i;
     shuffle(order, c.n, &rng);
-    if (sim->partition == SIM_BY_CATEGORY) {
-        /* contiguous runs of categories: site i holds categories [i·C/N, (i+1)·C/N) */
-        for (size_t i = 0; i < c.n; i++) {
-            int k = c.docs[i].cat, s = 0;
-            while ((long)(s + 1) * C / N <= k)
-                s++;
-            owner[i] = (size_t)s;
-        }
-    } else if (sim->partition == SIM_IID) {
-        for (size_t i = 0; i < c.n; i++)
-            owner[order[i]] = i % (size_t)N;
-    } else { /* each category's documents spread over sites by proportions ~ Dir(α) */
-        for (int k = 0; k < C; k++) {
-            double sum = 0;
-            for (int s = 0; s < N; s++)
-                sum += p[s] = gamma_draw(&rng, sim->dir_alpha);
-            for (int s = 0; s < N; s++)
-                p[s] = sum > 0 ? p[s] / sum : 1.0 / N;
-            for (size_t i = 0; i < c.n; i++) {
-                if (c.docs[order[i]].cat != k)
-                    continue;
-                double u = fp_rng_uniform(&rng), acc = 0;
-                int s = 0;
-                while (s < N - 1 && (acc += p[s]) <= u)
-                    s++;
-                owner[order[i]] = (size_t)s;
-            }
-        }
-    }
-    free(p);
+    if ((rc = assign_owners(sim, &c, order, &rng, owner, err)) != 0)
+        goto out;
     for (size_t i = 0; i < c.n; i++)
         count[owner[i] * (size_t)C + (size_t)c.docs[i].cat]++;
-    /* each site: its documents in shuffled order, the first ones held out */
-    size_t *mine = malloc(c.n * sizeof *mine);
-    if (!mine) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
-    }
+    /* each site: its documents in shuffled order */
     for (int s = 0; s < N && rc == 0; s++) {
-        sim_site_t *st = &sim->sites[s];
         size_t n = 0;
         for (size_t i = 0; i < c.n; i++)
             if (owner[order[i]] == (size_t)s)
                 mine[n++] = order[i];
-        if (n < 4) {
-            rc = fp_err_set(err, -EINVAL, "site %s would hold %zu documents (fewer than 4): "
-                            "use fewer sites, more data, or a larger Dirichlet alpha",
-                            st->name, n);
-            break;
-        }
-        size_t held = (size_t)lround(HELD_FRACTION * (double)n);
-        held = held < 1 ? 1 : held > HELD_MAX ? HELD_MAX : held;
-        st->nheld = held;
-        st->ntrain = n - held;
-        /* categories, largest share first */
-        st->cats[0] = '\0';
-        size_t used = 0;
-        for (int round = 0; round < C; round++) {
-            int best = -1;
-            for (int k = 0; k < C; k++)
-                if (count[(size_t)s * C + k] &&
-                    (best < 0 || count[(size_t)s * C + k] > count[(size_t)s * C + best]))
-                    best = k;
-            if (best < 0)
-                break;
-            int w = snprintf(st->cats + used, sizeof st->cats - used, "%s%s %.0f%%",
-                             used ? ", " : "", sim->cats[best].name,
-                             100.0 * (double)count[(size_t)s * C + best] / (double)n);
-            if (w < 0 || (size_t)w >= sizeof st->cats - used)
-                break;
-            used += (size_t)w;
-            count[(size_t)s * C + best] = 0;
-        }
-        char dir[4096];
-        sim_path(dir, "%s/data/%s", sim->out, st->name);
-        int lm = sim->task == SIM_TASK_LM;
-        st->train = fp_path_join(dir, lm ? "train.txt" : "train.jsonl");
-        st->held = fp_path_join(dir, lm ? "heldout.txt" : "heldout.jsonl");
-        if (!st->train || !st->held)
-            rc = fp_err_set(err, -ENOMEM, "out of memory");
-        if (rc == 0)
-            rc = fp_fs_mkdirs(dir, 0755, err);
-        if (rc == 0)
-            rc = write_docs(sim, st->held, &c, mine, held, err);
-        if (rc == 0)
-            rc = write_docs(sim, st->train, &c, mine + held, n - held, err);
+        describe_site(sim, &sim->sites[s], count + (size_t)s * C, n);
+        rc = write_site(sim, &sim->sites[s], &c, mine, n, err);
     }
-    free(mine);
 out:
     for (int k = 0; k < c.ntexts; k++)
         free(c.texts[k]);
@@ -357,6 +376,7 @@ out:
     free(c.docs);
     free(owner);
     free(order);
+    free(mine);
     free(count);
     return rc;
 }

@@ -21,6 +21,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "cli.h"
 #include "fp_blas.h"
 #include "fp_fs.h"
@@ -308,22 +309,7 @@ static int bench_svd(int d, int sites, int r, double *t_fact, double *t_dense, d
     return rc;
 }
 
-static const char bench_help[] =
-    "Usage: fedpeft bench merge [--quick] [--threads N]\n"
-    "       fedpeft bench train [--help]\n"
-    "       fedpeft bench transport [--help]\n"
-    "       fedpeft bench coordinator [--help]\n"
-    "       fedpeft bench flood [--help]\n"
-    "\n"
-    "Measures merging against this machine's own ceilings, in one run, and prints a table:\n"
-    "fedavg bandwidth beside single-core streaming-read bandwidth, peak memory of a\n"
-    "streaming merge of 4 and of 64 adapter files, and flexlora's factored SVD beside a\n"
-    "dense LAPACK SVD of the same update.\n"
-    "\n"
-    "  --quick      small sizes (a smoke run of a few seconds; numbers not meaningful)\n"
-    "  --threads N  BLAS threads for the SVD comparison (default: all cores)\n";
-
-static int bench_merge(int argc, char **argv)
+int fp_bench_merge(int argc, char **argv)
 {
     int quick = 0, threads = 0;
     for (int i = 1; i < argc; i++) {
@@ -335,7 +321,7 @@ static int bench_merge(int argc, char **argv)
             threads = (int)v;
             i++;
         } else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            fputs(bench_help, stdout);
+            fputs(fp_bench_help, stdout);
             return FP_EXIT_OK;
         } else
             return fp_cli_usage_error("bench", "unknown option '%s'", argv[i]);
@@ -397,25 +383,4 @@ static int bench_merge(int argc, char **argv)
         printf("%-46s %-18s\n", "flexlora factored SVD", "FAILED");
     }
     return (mem_rc || svd_rc) ? FP_EXIT_FAIL : FP_EXIT_OK;
-}
-
-int fp_cmd_bench(int argc, char **argv)
-{
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-        fputs(bench_help, argc < 2 ? stderr : stdout);
-        return argc < 2 ? FP_EXIT_USAGE : FP_EXIT_OK;
-    }
-    if (!strcmp(argv[1], "merge"))
-        return bench_merge(argc - 1, argv + 1);
-    if (!strcmp(argv[1], "train"))
-        return fp_bench_train(argc - 1, argv + 1);
-    if (!strcmp(argv[1], "transport"))
-        return fp_bench_transport(argc - 1, argv + 1);
-    if (!strcmp(argv[1], "coordinator"))
-        return fp_bench_coord(argc - 1, argv + 1);
-    if (!strcmp(argv[1], "flood"))
-        return fp_bench_flood(argc - 1, argv + 1);
-    return fp_cli_usage_error("bench", "unknown benchmark '%s' (available: merge, train, "
-                              "transport, coordinator, flood)",
-                              argv[1]);
 }

@@ -1,7 +1,7 @@
-/* fp_srv_metrics.h — Prometheus text metrics on HTTP GET /metrics (libmicrohttpd, its own
+/* fp_metrics.h — Prometheus text metrics on HTTP GET /metrics (libmicrohttpd, its own
  * thread; counters are read atomically from the coordinator). */
-#ifndef FP_SRV_METRICS_H
-#define FP_SRV_METRICS_H
+#ifndef FP_METRICS_H
+#define FP_METRICS_H
 
 #include "fp_coord.h"
 #include "fp_error.h"

@@ -8,7 +8,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,17 +15,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench.h"
 #include "cli.h"
 #include "fp_blas.h"
 #include "fp_ca.h"
 #include "fp_fs.h"
 #include "fp_rng.h"
-#include "fp_site.h"
 #include "fp_db.h"
+#include "fp_sha256.h"
+#include "fp_site.h"
 #include "fp_stream.h"
 #include "fp_tls.h"
-
-extern char **environ;
 
 static const char coord_help[] =
     "Usage: fedpeft bench coordinator [--sites N] [--rounds R] [--strategy S] [--quick]\n"
@@ -162,102 +161,73 @@ static void poll_cb(uv_timer_t *t)
             fp_site_close(b->sites[i].s, 0);
 }
 
-int fp_bench_coord(int argc, char **argv)
+typedef struct coord_opts {
+    long long nsites, rounds;
+    const char *strategy, *server, *dir;
+} coord_opts_t;
+
+/* 0, or the exit code (-1: --help was answered). */
+static int parse_opts(int argc, char **argv, coord_opts_t *o)
 {
-    long long nsites = 1000, rounds = 3;
-    const char *strategy = "flexlora", *server = NULL, *dir_opt = NULL;
+    *o = (coord_opts_t){1000, 3, "flexlora", NULL, NULL};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             fputs(coord_help, stdout);
-            return FP_EXIT_OK;
+            return -1;
         } else if (!strcmp(a, "--quick")) {
-            nsites = 50;
-            rounds = 2;
-        } else if (!strcmp(a, "--sites") && v && fp_parse_int(v, 1, 20000, &nsites) == 0) {
+            o->nsites = 50;
+            o->rounds = 2;
+        } else if (!strcmp(a, "--sites") && v && fp_parse_int(v, 1, 20000, &o->nsites) == 0) {
             i++;
-        } else if (!strcmp(a, "--rounds") && v && fp_parse_int(v, 1, 1000, &rounds) == 0) {
+        } else if (!strcmp(a, "--rounds") && v && fp_parse_int(v, 1, 1000, &o->rounds) == 0) {
             i++;
         } else if (!strcmp(a, "--strategy") && v) {
-            strategy = v;
-            i++;
+            o->strategy = argv[++i];
         } else if (!strcmp(a, "--server") && v) {
-            server = v;
-            i++;
+            o->server = argv[++i];
         } else if (!strcmp(a, "--dir") && v) {
-            dir_opt = v;
-            i++;
+            o->dir = argv[++i];
         } else {
             return fp_cli_usage_error("bench", "coordinator: bad or incomplete option '%s'", a);
         }
     }
-    char srv[4096];
-    if (fp_find_program(srv, sizeof srv, "fedpeft-server", "server", server) != 0)
-        return fp_cli_fail("bench", "cannot find fedpeft-server (build it, or pass --server)");
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-        if (rl.rlim_cur < (rlim_t)(nsites + 64))
-            return fp_cli_fail("bench", "%lld sites need %lld file descriptors; the limit is %llu",
-                               nsites, nsites + 64, (unsigned long long)rl.rlim_cur);
-    }
-    signal(SIGPIPE, SIG_IGN);
-    char *dir = NULL;
-    if (dir_opt) {
-        dir = strdup(dir_opt);
-        fp_fs_mkdirs(dir, 0700, NULL);
-    } else {
-        const char *tmp = getenv("TMPDIR");
-        dir = fp_path_join(tmp && *tmp ? tmp : "/tmp", "fedpeft-bench-coord-XXXXXX");
-        if (dir && !mkdtemp(dir)) {
-            free(dir);
-            dir = NULL;
-        }
-    }
-    if (!dir)
-        return fp_cli_fail("bench", "cannot create a working directory");
-    int rc = FP_EXIT_FAIL, port = 0;
-    fp_err_t err = {0};
-    bench_t b = {0};
-    b.n = (int)nsites;
-    b.rounds = (int)rounds;
-    b.pid = -1;
-    char *pki = fp_path_join(dir, "pki"), *state = fp_path_join(dir, "state");
-    char *model = fp_path_join(dir, "config.json"), *cfg = fp_path_join(dir, "server.ini");
-    char *log = fp_path_join(dir, "server.log");
-    b.sites = calloc((size_t)b.n, sizeof *b.sites);
-    b.last_stored_ms = calloc((size_t)b.rounds, sizeof *b.last_stored_ms);
-    b.first_task_ms = calloc((size_t)b.rounds, sizeof *b.first_task_ms);
-    char blas[256];
-    printf("fedpeft bench coordinator: %d sites, %d rounds, %s\nBLAS: %s\n", b.n, b.rounds,
-           strategy, fp_blas_describe(blas, sizeof blas));
-    fflush(stdout);
+    return 0;
+}
+
+/* Paths under the working directory. */
+typedef struct paths {
+    char pki[4200], state[4200], model[4200], cfg[4200], log[4200];
+} paths_t;
+
+/* The CA, the coordinator's certificate and a kit per site. */
+static int make_kits(bench_t *b, const char *pki, fp_err_t *err)
+{
     double t0 = fp_now();
-    if (fp_ca_init(pki, "Bench Net", 2, FP_KEY_EC_P256, &err) != 0)
-        goto out;
     fp_ca_issue_opts_t so = {.server = 1, .name = "localhost", .sans = "127.0.0.1",
                              .valid_for_s = 86400};
-    if (fp_ca_issue(pki, &so, &err) != 0)
-        goto out;
-    for (int i = 0; i < b.n; i++) {
-        lsite_t *l = &b.sites[i];
-        l->b = &b;
+    int rc = fp_ca_init(pki, "Bench Net", 2, FP_KEY_EC_P256, err);
+    if (rc == 0)
+        rc = fp_ca_issue(pki, &so, err);
+    for (int i = 0; rc == 0 && i < b->n; i++) {
+        lsite_t *l = &b->sites[i];
+        l->b = b;
         l->idx = i;
         snprintf(l->name, sizeof l->name, "site-%05d", i);
         fp_ca_issue_opts_t si = {.name = l->name, .valid_for_s = 86400};
-        if (fp_ca_issue(pki, &si, &err) != 0)
-            goto out;
+        rc = fp_ca_issue(pki, &si, err);
     }
-    printf("  certificate authority and %d site kits: %.1f s\n", b.n, fp_now() - t0);
-    const char *mc = "{\"hidden_size\": 64, \"intermediate_size\": 128, \"num_hidden_layers\": 2,"
-                     " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 64,"
-                     " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0}";
-    uint8_t msha[32];
-    fp_sha256(mc, strlen(mc), msha);
-    char mhex[65];
+    if (rc == 0)
+        printf("  certificate authority and %d site kits: %.1f s\n", b->n, fp_now() - t0);
+    return rc;
+}
+
+/* The coordinator's configuration: every site in every round, no handshake limits. */
+static int write_config(const bench_t *b, const paths_t *p, const char *strategy,
+                        const uint8_t msha[32], fp_err_t *err)
+{
+    char mhex[65], text[32768];
     fp_sha256_hex(msha, mhex);
-    char text[8192];
     snprintf(text, sizeof text,
              "[server]\nlisten = 127.0.0.1:0\ncert = %s/servers/localhost/server.crt\n"
              "key = %s/servers/localhost/server.key\nca = %s/ca.crt\ncrl = %s/ca.crl\n"
@@ -268,117 +238,145 @@ int fp_bench_coord(int argc, char **argv)
              "[federation]\nname = bench\nbase_model_config = %s\nbase_model_sha256 = %s\n"
              "target_modules = q_proj,v_proj\nr_max = 8\nstrategy = %s\nrounds = %d\n"
              "min_sites = %d\nmin_updates = %d\nround_deadline_s = 600\n",
-             pki, pki, pki, pki, state, model, mhex, strategy, b.rounds, b.n, b.n);
-    if (fp_fs_write_file(model, mc, strlen(mc), 0644, &err) != 0 ||
-        fp_fs_write_file(cfg, text, strlen(text), 0644, &err) != 0)
-        goto out;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 2, log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    char *sargv[] = {srv, "--config", cfg, NULL};
-    int sp = posix_spawn(&b.pid, srv, &fa, NULL, sargv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (sp != 0) {
-        fp_err_set(&err, -sp, "cannot start %s: %s", srv, strerror(sp));
-        b.pid = -1;
-        goto out;
-    }
-    if (fp_wait_port(log, b.pid, &port) != 0) {
-        fp_err_set(&err, -EIO, "fedpeft-server did not start (see %s)", log);
-        goto out;
-    }
-    uv_loop_init(&b.loop);
-    char ca[4096];
+             p->pki, p->pki, p->pki, p->pki, p->state, p->model, mhex, strategy, b->rounds,
+             b->n, b->n);
+    return fp_fs_write_file(p->cfg, text, strlen(text), 0644, err);
+}
+
+/* Every site connects (its own TLS context and certificate); the loop runs until the
+ * coordinator exits after its last round. */
+static int run_sites(bench_t *b, const char *pki, int port, const uint8_t msha[32],
+                     fp_err_t *err)
+{
+    char ca[4300];
     snprintf(ca, sizeof ca, "%s/ca.crt", pki);
+    uv_loop_init(&b->loop);
     double tc = fp_now();
-    for (int i = 0; i < b.n; i++) {
-        lsite_t *l = &b.sites[i];
-        char crt[4096], key[4096];
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < b->n; i++) {
+        lsite_t *l = &b->sites[i];
+        char crt[4300], key[4300];
         snprintf(crt, sizeof crt, "%s/sites/%s/site.crt", pki, l->name);
         snprintf(key, sizeof key, "%s/sites/%s/site.key", pki, l->name);
         fp_tls_cfg_t c = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
         fp_site_hello_t h = {l->name, {0}, 8, 100 + (uint64_t)i, 0};
         memcpy(h.model_sha256, msha, 32);
-        if (fp_tls_ctx_new(&l->tls, &c, &err) != 0 ||
-            fp_site_connect(&l->s, &b.loop, "127.0.0.1", port, l->tls, NULL, &h, &lsite_ops, l,
-                            &err) != 0)
-            goto out_loop;
+        if ((rc = fp_tls_ctx_new(&l->tls, &c, err)) == 0)
+            rc = fp_site_connect(&l->s, &b->loop, "127.0.0.1", port, l->tls, NULL, &h,
+                                 &lsite_ops, l, err);
     }
-    uv_timer_init(&b.loop, &b.poll);
-    b.poll.data = &b;
-    uv_timer_start(&b.poll, poll_cb, 50, 50);
-    uv_run(&b.loop, UV_RUN_DEFAULT);
-    printf("  %d sites connected and welcomed (mutual TLS handshakes): %.2f s\n", b.n,
-           b.all_welcomed - tc);
-    rc = FP_EXIT_OK;
-out_loop:
-    uv_loop_close(&b.loop);
-out:
+    if (rc == 0) {
+        uv_timer_init(&b->loop, &b->poll);
+        b->poll.data = b;
+        uv_timer_start(&b->poll, poll_cb, 50, 50);
+        uv_run(&b->loop, UV_RUN_DEFAULT);
+        printf("  %d sites connected and welcomed (mutual TLS handshakes): %.2f s\n", b->n,
+               b->all_welcomed - tc);
+    }
+    uv_loop_close(&b->loop);
+    return rc;
+}
+
+/* Per round, when it closed by the coordinator's own record; its memory and CPU. */
+static void print_results(const bench_t *b, const paths_t *p)
+{
+    fp_db_t *db = NULL;
+    fp_db_open(&db, p->state, 1, NULL);
+    printf("\n%-7s %8s %18s %14s %10s  %s\n", "round", "updates", "last upload→closed",
+           "whole round", "merge", "goal");
+    double worst = 0;
+    for (int r = 1; r <= b->rounds; r++) {
+        fp_db_round_t row = {0};
+        if (db)
+            fp_db_round_get(db, r, &row, NULL);
+        double lat = (double)(row.closed_ms - b->last_stored_ms[r - 1]) / 1e3;
+        double whole = (double)(row.closed_ms - b->first_task_ms[r - 1]) / 1e3;
+        worst = lat > worst ? lat : worst;
+        printf("%-7d %8lld %16.3f s %12.3f s %8.3f s  %s\n", r, (long long)row.updates, lat,
+               whole, row.agg_seconds, "< 2 s");
+    }
+    fp_db_close(db);
+    char *t = NULL;
+    size_t n;
+    long peak = 0;
+    double cpu = 0;
+    if (fp_fs_read_file(p->log, 1 << 24, &t, &n, NULL) == 0) {
+        const char *q = strstr(t, "peak resident memory ");
+        if (q)
+            sscanf(q, "peak resident memory %ld bytes, CPU %lf", &peak, &cpu);
+        free(t);
+    }
+    const struct rusage *ru = &b->ru;
+    double child_cpu = (double)ru->ru_utime.tv_sec + 1e-6 * (double)ru->ru_utime.tv_usec +
+                       (double)ru->ru_stime.tv_sec + 1e-6 * (double)ru->ru_stime.tv_usec;
+    printf("\ncoordinator peak resident memory  %.1f MiB   (goal < 1024 MiB)\n",
+           (double)peak / 1048576.0);
+    printf("coordinator CPU time              %.2f s for %d rounds of %d sites (%.2f ms "
+           "per update)\n", child_cpu, b->rounds, b->n, 1e3 * child_cpu / (b->rounds * b->n));
+    printf("worst last upload→closed          %.3f s    (goal < 2 s)\n", worst);
+}
+
+static void free_bench(bench_t *b)
+{
+    for (int i = 0; b->sites && i < b->n; i++) {
+        fp_tls_ctx_free(b->sites[i].tls);
+        free(b->sites[i].buf);
+        free(b->sites[i].t);
+    }
+    free(b->sites);
+    free(b->last_stored_ms);
+    free(b->first_task_ms);
+}
+
+int fp_bench_coord(int argc, char **argv)
+{
+    coord_opts_t o;
+    char srv[4096];
+    int rc = parse_opts(argc, argv, &o);
+    if (rc)
+        return rc < 0 ? FP_EXIT_OK : rc;
+    if ((rc = fp_bench_find_server(o.server, srv, o.nsites, "sites")) != 0)
+        return rc;
+    char *dir = fp_bench_workdir(o.dir, "fedpeft-bench-coord");
+    if (!dir)
+        return fp_cli_fail("bench", "cannot create a working directory");
+    paths_t p;
+    snprintf(p.pki, sizeof p.pki, "%s/pki", dir);
+    snprintf(p.state, sizeof p.state, "%s/state", dir);
+    snprintf(p.model, sizeof p.model, "%s/config.json", dir);
+    snprintf(p.cfg, sizeof p.cfg, "%s/server.ini", dir);
+    snprintf(p.log, sizeof p.log, "%s/server.log", dir);
+    fp_err_t err = {0};
+    bench_t b = {.n = (int)o.nsites, .rounds = (int)o.rounds, .pid = -1};
+    b.sites = calloc((size_t)b.n, sizeof *b.sites);
+    b.last_stored_ms = calloc((size_t)b.rounds, sizeof *b.last_stored_ms);
+    b.first_task_ms = calloc((size_t)b.rounds, sizeof *b.first_task_ms);
+    char blas[256];
+    printf("fedpeft bench coordinator: %d sites, %d rounds, %s\nBLAS: %s\n", b.n, b.rounds,
+           o.strategy, fp_blas_describe(blas, sizeof blas));
+    fflush(stdout);
+    uint8_t msha[32];
+    int port = 0;
+    rc = !b.sites || !b.last_stored_ms || !b.first_task_ms
+             ? fp_err_set(&err, -ENOMEM, "out of memory") : 0;
+    if (rc == 0 && (rc = make_kits(&b, p.pki, &err)) == 0 &&
+        (rc = fp_bench_tiny_model(p.model, 64, 128, msha, &err)) == 0 &&
+        (rc = write_config(&b, &p, o.strategy, msha, &err)) == 0 &&
+        (rc = fp_bench_spawn_server(srv, p.cfg, p.log, &b.pid, &port, &err)) == 0)
+        rc = run_sites(&b, p.pki, port, msha, &err);
     if (b.pid > 0 && !b.done) {
         kill(b.pid, SIGTERM);
         waitpid(b.pid, NULL, 0);
     }
-    if (rc == FP_EXIT_OK) {
-        if (b.fatal[0] || !WIFEXITED(b.status) || WEXITSTATUS(b.status) != 0) {
-            fp_cli_fail("bench", "%s", b.fatal[0] ? b.fatal : "fedpeft-server failed");
-            rc = FP_EXIT_FAIL;
-        }
-    } else {
-        fp_cli_fail("bench", "%s", fp_err_msg(&err));
-    }
-    if (rc == FP_EXIT_OK) {
-        /* when each round closed, by the coordinator's own record */
-        fp_db_t *db = NULL;
-        fp_db_open(&db, state, 1, NULL);
-        printf("\n%-7s %8s %18s %14s %10s  %s\n", "round", "updates", "last upload→closed",
-               "whole round", "merge", "goal");
-        double worst = 0;
-        for (int r = 1; r <= b.rounds; r++) {
-            fp_db_round_t row = {0};
-            if (db)
-                fp_db_round_get(db, r, &row, NULL);
-            int64_t closed = row.closed_ms, ups = row.updates;
-            double agg = row.agg_seconds;
-            double lat = (double)(closed - b.last_stored_ms[r - 1]) / 1e3;
-            double whole = (double)(closed - b.first_task_ms[r - 1]) / 1e3;
-            worst = lat > worst ? lat : worst;
-            printf("%-7d %8lld %16.3f s %12.3f s %8.3f s  %s\n", r, (long long)ups, lat, whole,
-                   agg, "< 2 s");
-        }
-        fp_db_close(db);
-        char *t = NULL;
-        size_t n;
-        long peak = 0;
-        double cpu = 0;
-        if (fp_fs_read_file(log, 1 << 24, &t, &n, NULL) == 0) {
-            const char *p = strstr(t, "peak resident memory ");
-            if (p)
-                sscanf(p, "peak resident memory %ld bytes, CPU %lf", &peak, &cpu);
-            free(t);
-        }
-        double child_cpu = (double)b.ru.ru_utime.tv_sec + 1e-6 * (double)b.ru.ru_utime.tv_usec +
-                           (double)b.ru.ru_stime.tv_sec + 1e-6 * (double)b.ru.ru_stime.tv_usec;
-        printf("\ncoordinator peak resident memory  %.1f MiB   (goal < 1024 MiB)\n",
-               (double)peak / 1048576.0);
-        printf("coordinator CPU time              %.2f s for %d rounds of %d sites (%.2f ms "
-               "per update)\n", child_cpu, b.rounds, b.n, 1e3 * child_cpu / (b.rounds * b.n));
-        printf("worst last upload→closed          %.3f s    (goal < 2 s)\n", worst);
-    }
-    for (int i = 0; b.sites && i < b.n; i++) {
-        fp_tls_ctx_free(b.sites[i].tls);
-        free(b.sites[i].buf);
-        free(b.sites[i].t);
-    }
-    free(b.sites);
-    free(b.last_stored_ms);
-    free(b.first_task_ms);
-    if (!dir_opt)
+    if (rc)
+        rc = fp_cli_fail("bench", "%s", fp_err_msg(&err));
+    else if (b.fatal[0] || !WIFEXITED(b.status) || WEXITSTATUS(b.status) != 0)
+        rc = fp_cli_fail("bench", "%s", b.fatal[0] ? b.fatal : "fedpeft-server failed");
+    else
+        print_results(&b, &p);
+    free_bench(&b);
+    if (!o.dir)
         fp_fs_remove_tree(dir, NULL);
     free(dir);
-    free(pki);
-    free(state);
-    free(model);
-    free(cfg);
-    free(log);
-    return rc;
+    return rc ? FP_EXIT_FAIL : FP_EXIT_OK;
 }

@@ -1,0 +1,45 @@
+/* fp_daemon.h — what fedpeft's two daemons share before their loop starts: the command line
+ * (--config, --set, --check-config, --settings, -v, -V, -h), loading and checking the
+ * configuration with its warnings logged, and the process settings a daemon runs under. */
+#ifndef FP_DAEMON_H
+#define FP_DAEMON_H
+
+#include <stdio.h>
+
+#include "fp_error.h"
+#include "fp_settings.h"
+
+typedef struct fp_daemon_spec {
+    const char *name;               /* "fedpeft-server" */
+    const char *usage;              /* the --help text */
+    const fp_setting_t *settings;   /* for --settings and --check-config */
+    void *cfg;                      /* loaded into */
+    int (*load)(void *cfg, const char *path, char *const *overrides, int n,
+                void (*warn)(const char *msg), fp_err_t *err);
+    int (*probe)(const void *cfg, fp_err_t *err); /* --check-config: can it really start? */
+    void (*free_cfg)(void *cfg);
+    void (*describe)(FILE *out);    /* more lines after --settings' table (optional) */
+} fp_daemon_spec_t;
+
+typedef struct fp_daemon_args {
+    const char *config;             /* --config FILE (NULL: none) */
+    char **overrides;               /* --set values, for reloads */
+    int n_overrides;
+} fp_daemon_args_t;
+
+/* Parses the command line and loads spec->cfg. Returns -1 when the daemon is to run (the
+ * configuration loaded and checked; free args with fp_daemon_args_free), or the exit code
+ * after doing what was asked (help, version, settings, --check-config) or saying what is
+ * wrong (2 for usage and configuration errors, 1 when --check-config's probe fails). */
+int fp_daemon_init(const fp_daemon_spec_t *spec, int argc, char **argv, fp_daemon_args_t *args);
+void fp_daemon_args_free(fp_daemon_args_t *args);
+
+/* Logs a configuration warning (the callback for reloads). */
+void fp_daemon_config_warning(const char *msg);
+
+/* The process settings every daemon runs under: SIGPIPE ignored (a closed peer is an error
+ * code, not a death) and umask 077 (state files are the daemon's alone, under systemd's
+ * UMask= or not). */
+void fp_daemon_enter(void);
+
+#endif
