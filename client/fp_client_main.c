@@ -8,22 +8,13 @@
 #include "fp_daemon.h"
 #include "fp_log.h"
 
-static const char usage[] =
-    "usage: fedpeft-client --config FILE [--set SECTION.KEY=VALUE ...] [options]\n"
-    "\n"
+static const char about[] =
     "The fedpeft site daemon: connects to the federation's coordinator over mutually\n"
     "authenticated TLS, trains each round's LoRA adapter on this site's private data\n"
     "with the built-in trainer, and uploads only the adapter factors, the sample count\n"
-    "and metrics. Reconnects forever; keeps its state in client.state_dir.\n"
-    "\n"
-    "  -c, --config FILE     INI configuration (see --settings for every key)\n"
-    "  -s, --set K=V         override a setting, e.g. --set train.max_steps=50\n"
-    "      --check-config    load and check the configuration, print it, exit\n"
-    "      --settings        list every setting with its default and bounds\n"
-    "  -v, --verbose         log debug messages too\n"
-    "  -V, --version         print the version\n"
-    "  -h, --help            this help\n"
-    "\n"
+    "and metrics. Reconnects forever; keeps its state in client.state_dir.\n";
+
+static const char signals_help[] =
     "Signals: SIGTERM/SIGINT stop training at the next step, say Bye and exit 0.\n";
 
 typedef struct ctx {
@@ -48,34 +39,18 @@ static void on_signal(uv_signal_t *h, int signum)
     fp_agent_stop(c->agent, stopped, c);
 }
 
-static void describe(FILE *out)
+static int check(const void *cfg, int probe, fp_err_t *err)
 {
-    char blas[256];
-    fprintf(out, "\nBLAS: %s\n", fp_blas_describe(blas, sizeof blas));
-}
-
-static int load(void *cfg, const char *path, char *const *ov, int n, void (*warn)(const char *),
-                fp_err_t *err)
-{
-    return fp_agent_config_load(cfg, path, ov, n, warn, err);
-}
-
-static int probe(const void *cfg, fp_err_t *err)
-{
-    return fp_agent_config_probe(cfg, err);
-}
-
-static void free_cfg(void *cfg)
-{
-    fp_agent_config_free(cfg);
+    return probe ? fp_agent_config_probe(cfg, err) : fp_agent_config_check(cfg, err);
 }
 
 int main(int argc, char **argv)
 {
     fp_blas_setup(argv); /* first: it may run this program again */
     fp_agent_config_t cfg;
-    fp_daemon_spec_t spec = {"fedpeft-client", usage, fp_agent_settings, &cfg, load, probe,
-                             free_cfg, describe};
+    fp_daemon_spec_t spec = {"fedpeft-client", about, "train.max_steps=50", signals_help,
+                             fp_agent_settings, &cfg, sizeof cfg, check,
+                             fp_blas_print};
     fp_daemon_args_t args;
     int rc = fp_daemon_init(&spec, argc, argv, &args);
     if (rc >= 0)

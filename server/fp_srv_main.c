@@ -26,20 +26,11 @@ typedef struct daemon_ctx {
     int rc;
 } daemon_ctx_t;
 
-static const char usage[] =
-    "usage: fedpeft-server --config FILE [--set SECTION.KEY=VALUE ...] [options]\n"
-    "\n"
+static const char about[] =
     "The fedpeft coordinator: runs federated rounds over mutually authenticated TLS,\n"
-    "aggregates the sites' LoRA updates and keeps its state in STATE_DIR (SQLite).\n"
-    "\n"
-    "  -c, --config FILE     INI configuration (see --settings for every key)\n"
-    "  -s, --set K=V         override a setting, e.g. --set federation.rounds=3\n"
-    "      --check-config    load and check the configuration, print it, exit\n"
-    "      --settings        list every setting with its default and bounds\n"
-    "  -v, --verbose         log debug messages too\n"
-    "  -V, --version         print the version\n"
-    "  -h, --help            this help\n"
-    "\n"
+    "aggregates the sites' LoRA updates and keeps its state in STATE_DIR (SQLite).\n";
+
+static const char signals_help[] =
     "Signals: SIGTERM/SIGINT stop gracefully (sites are told; writes finish); SIGHUP\n"
     "re-reads certificates, the CRL and the reloadable settings.\n";
 
@@ -85,34 +76,18 @@ static void on_watchdog(uv_timer_t *t)
     fp_notify("WATCHDOG=1");
 }
 
-static void describe(FILE *out)
+static int check(const void *cfg, int probe, fp_err_t *err)
 {
-    char blas[256];
-    fprintf(out, "\nBLAS: %s\n", fp_blas_describe(blas, sizeof blas));
-}
-
-static int load(void *cfg, const char *path, char *const *ov, int n, void (*warn)(const char *),
-                fp_err_t *err)
-{
-    return fp_srv_config_load(cfg, path, ov, n, warn, err);
-}
-
-static int probe(const void *cfg, fp_err_t *err)
-{
-    return fp_srv_config_probe(cfg, err);
-}
-
-static void free_cfg(void *cfg)
-{
-    fp_srv_config_free(cfg);
+    return probe ? fp_srv_config_probe(cfg, err) : fp_srv_config_check(cfg, err);
 }
 
 int main(int argc, char **argv)
 {
     fp_blas_setup(argv); /* first: it may run this program again */
     daemon_ctx_t d = {0};
-    fp_daemon_spec_t spec = {"fedpeft-server", usage, fp_srv_settings, &d.cfg, load, probe,
-                             free_cfg, describe};
+    fp_daemon_spec_t spec = {"fedpeft-server", about, "federation.rounds=3", signals_help,
+                             fp_srv_settings, &d.cfg, sizeof d.cfg, check,
+                             fp_blas_print};
     fp_daemon_args_t args;
     int rc = fp_daemon_init(&spec, argc, argv, &args);
     if (rc >= 0)

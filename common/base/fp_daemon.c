@@ -3,6 +3,7 @@
 #include <getopt.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 
 #include "fp_log.h"
@@ -18,28 +19,44 @@ void fp_daemon_args_free(fp_daemon_args_t *args)
     args->overrides = NULL;
 }
 
+static void usage(const fp_daemon_spec_t *s, FILE *out)
+{
+    fprintf(out,
+            "usage: %s --config FILE [--set SECTION.KEY=VALUE ...] [options]\n\n%s\n"
+            "  -c, --config FILE     INI configuration (see --settings for every key)\n"
+            "  -s, --set K=V         override a setting, e.g. --set %s\n"
+            "      --check-config    load and check the configuration, print it, exit\n"
+            "      --settings        list every setting with its default and bounds\n"
+            "  -v, --verbose         log debug messages too\n"
+            "  -V, --version         print the version\n"
+            "  -h, --help            this help\n\n%s",
+            s->name, s->about, s->set_example, s->signals);
+}
+
 /* Loads (and with check, probes and prints) the configuration: -1 to run, or the exit code. */
 static int load(const fp_daemon_spec_t *s, const fp_daemon_args_t *a, int check)
 {
     fp_err_t err = {0};
-    if (s->load(s->cfg, a->config, a->overrides, a->n_overrides, fp_daemon_config_warning,
-                &err) != 0) {
+    memset(s->cfg, 0, s->cfg_size);
+    if (fp_settings_load(s->settings, s->cfg, a->config, a->overrides, a->n_overrides,
+                         fp_daemon_config_warning, &err) != 0 ||
+        s->check(s->cfg, 0, &err) != 0) {
         fprintf(stderr, "%s: configuration: %s%s\n", s->name, fp_err_msg(&err),
                 a->config ? "" : " (no --config FILE given; see --help)");
-        s->free_cfg(s->cfg);
+        fp_settings_free(s->settings, s->cfg);
         return check ? 1 : 2;
     }
     if (!check)
         return -1;
     int rc = 0;
-    if (s->probe(s->cfg, &err) != 0) {
+    if (s->check(s->cfg, 1, &err) != 0) {
         fprintf(stderr, "%s: configuration: %s\n", s->name, fp_err_msg(&err));
         rc = 1;
     } else {
         fp_settings_print(s->settings, s->cfg, stdout);
         fprintf(stderr, "%s: configuration OK\n", s->name);
     }
-    s->free_cfg(s->cfg);
+    fp_settings_free(s->settings, s->cfg);
     return rc;
 }
 
@@ -68,8 +85,8 @@ int fp_daemon_init(const fp_daemon_spec_t *s, int argc, char **argv, fp_daemon_a
             break;
         case 'v': fp_log_set_level(FP_LOG_DEBUG); break;
         case 'V': printf("%s %s\n", s->name, FP_VERSION); rc = 0; break;
-        case 'h': fputs(s->usage, stdout); rc = 0; break;
-        default: fputs(s->usage, stderr); rc = 2; break;
+        case 'h': usage(s, stdout); rc = 0; break;
+        default: usage(s, stderr); rc = 2; break;
         }
     }
     if (rc < 0 && optind < argc) {

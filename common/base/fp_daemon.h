@@ -4,6 +4,7 @@
 #ifndef FP_DAEMON_H
 #define FP_DAEMON_H
 
+#include <stddef.h>
 #include <stdio.h>
 
 #include "fp_error.h"
@@ -11,13 +12,15 @@
 
 typedef struct fp_daemon_spec {
     const char *name;               /* "fedpeft-server" */
-    const char *usage;              /* the --help text */
-    const fp_setting_t *settings;   /* for --settings and --check-config */
-    void *cfg;                      /* loaded into */
-    int (*load)(void *cfg, const char *path, char *const *overrides, int n,
-                void (*warn)(const char *msg), fp_err_t *err);
-    int (*probe)(const void *cfg, fp_err_t *err); /* --check-config: can it really start? */
-    void (*free_cfg)(void *cfg);
+    const char *about;              /* --help: what the daemon does (lines of text) */
+    const char *set_example;        /* --help: a --set for the example, "federation.rounds=3" */
+    const char *signals;            /* --help: what its signals do */
+    const fp_setting_t *settings;   /* the configuration's table */
+    void *cfg;                      /* loaded into (cfg_size bytes, zeroed first) */
+    size_t cfg_size;
+    /* What a loaded configuration must satisfy beyond its values' bounds; with probe (for
+     * --check-config), also what the start would otherwise be the first to find. */
+    int (*check)(const void *cfg, int probe, fp_err_t *err);
     void (*describe)(FILE *out);    /* more lines after --settings' table (optional) */
 } fp_daemon_spec_t;
 

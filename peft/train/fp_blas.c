@@ -188,3 +188,9 @@ const char *fp_blas_describe(char *buf, size_t n)
                  now);
     return buf;
 }
+
+void fp_blas_print(FILE *out)
+{
+    char blas[256];
+    fprintf(out, "\nBLAS: %s\n", fp_blas_describe(blas, sizeof blas));
+}

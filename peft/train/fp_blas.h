@@ -12,6 +12,7 @@
 #define FP_BLAS_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 /* x86-64 features that decide the kernel. */
 enum {
@@ -42,6 +43,9 @@ void fp_blas_setup(char **argv);
 /* One line: the kernel in use and why, e.g. "OpenBLAS 0.3.21, kernel SkylakeX (chosen by
  * fedpeft: OpenBLAS picked Prescott; this CPU supports SkylakeX)". */
 const char *fp_blas_describe(char *buf, size_t n);
+
+/* "\nBLAS: <description>\n" to out (the daemons' --settings end with it). */
+void fp_blas_print(FILE *out);
 
 /* The kernel in use (openblas_get_corename). */
 const char *fp_blas_kernel(void);

@@ -1,0 +1,122 @@
+/* The site daemon's settings (fp_agent_config.h). */
+#include "fp_agent_config.h"
+
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "fp_extrain.h"
+#include "fp_fs.h"
+#include "fp_tls.h"
+
+/* ---- settings ---- */
+
+#define O(f) offsetof(fp_agent_config_t, f)
+
+const fp_setting_t fp_agent_settings[] = {
+    {"client", "coordinator", FP_SET_STR, O(coordinator), "", 0, 0, 0,
+     "the coordinator's address, host:port"},
+    {"client", "server_name", FP_SET_STR, O(server_name), "", 0, 0, 0,
+     "name or IP address the coordinator's certificate must carry (default: its host)"},
+    {"client", "name", FP_SET_STR, O(name), "", 0, 0, 0,
+     "this site's name (default: the common name of its certificate)"},
+    {"client", "cert", FP_SET_STR, O(cert), "", 0, 0, 0, "the site's certificate (site kit)"},
+    {"client", "key", FP_SET_STR, O(key), "", 0, 0, 0, "its private key (mode 0600)"},
+    {"client", "ca", FP_SET_STR, O(ca), "", 0, 0, 0, "the federation CA certificate"},
+    {"client", "state_dir", FP_SET_STR, O(state_dir), "/var/lib/fedpeft-client", 0, 0, 0,
+     "local state: last acknowledged round, a trained update not yet stored"},
+    {"model", "dir", FP_SET_STR, O(model_dir), "", 0, 0, 0,
+     "the base model (config.json, model.safetensors) the federation uses"},
+    {"model", "tokenizer", FP_SET_STR, O(tokenizer), "", 0, 0, 0,
+     "tokenizer.json, 'bytes', or empty for the model directory's"},
+    {"data", "files", FP_SET_STR, O(data), "", 0, 0, 0,
+     "private training data, comma-separated (.txt or .jsonl); never leaves the site"},
+    {"data", "eval_files", FP_SET_STR, O(eval_files), "", 0, 0, 0,
+     "held-out documents, comma-separated, to measure each round's update on (default: "
+     "eval_fraction of data.files)"},
+    {"data", "eval_fraction", FP_SET_DOUBLE, O(eval_fraction), "0.1", 0, 0.9, 0,
+     "documents of data.files held out to measure each round's update (without eval_files)"},
+    {"data", "split_seed", FP_SET_INT, O(split_seed), "1", 0, 1e18, 0, "seed of that split"},
+    {"train", "rank_budget", FP_SET_INT, O(rank_budget), "16", 1, 4096, 0,
+     "the largest LoRA rank this site trains"},
+    {"train", "max_steps", FP_SET_INT, O(max_steps), "1000", 1, 10000000, 0,
+     "cap on the local steps of a task"},
+    {"train", "threads", FP_SET_INT, O(threads), "0", 0, 1024, 0, "threads (0: all cores)"},
+    {"train", "slot_dir", FP_SET_STR, O(slot_dir), "", 0, 0, 0,
+     "sites sharing one machine take turns: training holds one of `slots` lock files in this "
+     "directory (empty: no turns)"},
+    {"train", "slots", FP_SET_INT, O(slots), "1", 1, 4096, 0,
+     "sites of slot_dir that train at once"},
+    {"train", "trainer", FP_SET_STR, O(trainer), "builtin", 0, 0, 0,
+     "builtin (fedpeft's C trainer) or external (trainer_command trains each task)"},
+    {"train", "trainer_command", FP_SET_STR, O(trainer_command), "", 0, 0, 0,
+     "external: the command that trains a task, split into words without a shell; it gets "
+     "the task directory as its last argument (contract: man fedpeft-client)"},
+    {"train", "trainer_grace_s", FP_SET_DOUBLE, O(trainer_grace_s), "30", 0, 3600, 0,
+     "external: seconds between SIGTERM and SIGKILL when the command must stop"},
+    {"network", "backoff_initial_s", FP_SET_DOUBLE, O(backoff_initial_s), "1", 0.01, 3600, 0,
+     "first reconnection delay"},
+    {"network", "backoff_max_s", FP_SET_DOUBLE, O(backoff_max_s), "300", 0.01, 86400, 0,
+     "longest reconnection delay (delays double up to it, with jitter)"},
+    {"network", "heartbeat_s", FP_SET_DOUBLE, O(heartbeat_s), "10", 0.05, 3600, 0,
+     "progress reports while training"},
+    {"network", "upload_chunk", FP_SET_INT, O(upload_chunk), "0", 0, 1048576, 0,
+     "bytes per uploaded chunk (0: 1 MiB)"},
+    FP_SET_END,
+};
+
+void fp_agent_config_free(fp_agent_config_t *c)
+{
+    fp_settings_free(fp_agent_settings, c);
+}
+
+int fp_agent_config_load(fp_agent_config_t *c, const char *path, char *const *overrides, int n,
+                         void (*warn)(const char *msg), fp_err_t *err)
+{
+    memset(c, 0, sizeof *c);
+    int rc = fp_settings_load(fp_agent_settings, c, path, overrides, n, warn, err);
+    return rc ? rc : fp_agent_config_check(c, err);
+}
+
+int fp_agent_config_check(const fp_agent_config_t *c, fp_err_t *err)
+{
+    int rc;
+    const char *req[][2] = {{"client.coordinator", c->coordinator}, {"client.cert", c->cert},
+                            {"client.key", c->key},        {"client.ca", c->ca},
+                            {"model.dir", c->model_dir},   {"data.files", c->data}};
+    for (size_t i = 0; i < sizeof req / sizeof req[0]; i++)
+        if (!req[i][1])
+            return fp_err_set(err, -EINVAL, "%s is required", req[i][0]);
+    if ((rc = fp_fs_dir_usable(c->state_dir, err)) != 0)
+        return fp_err_prefix(err, rc, "client.state_dir: ");
+    if (!strchr(c->coordinator, ':'))
+        return fp_err_set(err, -EINVAL, "client.coordinator: '%s' is not host:port",
+                          c->coordinator);
+    if (c->backoff_max_s < c->backoff_initial_s)
+        return fp_err_set(err, -EINVAL, "network.backoff_max_s is below backoff_initial_s");
+    if (!c->trainer || (strcmp(c->trainer, "builtin") != 0 && strcmp(c->trainer, "external") != 0))
+        return fp_err_set(err, -EINVAL, "train.trainer: builtin or external, not '%s'",
+                          c->trainer ? c->trainer : "");
+    if (!strcmp(c->trainer, "external")) {
+        char **argv = NULL;
+        if (!c->trainer_command)
+            return fp_err_set(err, -EINVAL, "train.trainer = external needs "
+                              "train.trainer_command");
+        if ((rc = fp_extrain_argv(c->trainer_command, &argv, err)) != 0)
+            return rc;
+        fp_extrain_argv_free(argv);
+    }
+    return 0;
+}
+
+int fp_agent_config_probe(const fp_agent_config_t *c, fp_err_t *err)
+{
+    char host[256];
+    const char *colon = strrchr(c->coordinator, ':');
+    snprintf(host, sizeof host, "%.*s", (int)(colon - c->coordinator), c->coordinator);
+    fp_tls_cfg_t tc = {0, c->cert, c->key, c->ca, NULL, c->server_name ? c->server_name : host};
+    fp_tls_ctx_t *tls = NULL;
+    int rc = fp_tls_ctx_new(&tls, &tc, err);
+    fp_tls_ctx_free(tls);
+    return rc;
+}
