@@ -189,10 +189,13 @@ static void act_prepare(void *ctx, int64_t n, const int *ranks, int nr)
 {
     fp_coord_t *co = ctx;
     free(co->job_ranks);
-    co->job_ranks = malloc((size_t)(nr ? nr : 1) * sizeof *ranks);
-    co->job_nranks = co->job_ranks ? nr : 0;
-    if (co->job_ranks && nr)
-        memcpy(co->job_ranks, ranks, (size_t)nr * sizeof *ranks);
+    co->job_nranks = nr;
+    if (!(co->job_ranks = malloc((size_t)(nr ? nr : 1) * sizeof *ranks))) {
+        fp_log(FP_LOG_ERR, "round %lld: cannot prepare tasks: out of memory", (long long)n);
+        fail_stop(co);
+        return;
+    }
+    memcpy(co->job_ranks, ranks, (size_t)nr * sizeof *ranks);
     start_job(co, JOB_PREPARE, n);
 }
 

@@ -156,15 +156,17 @@ static void check(fp_round_t *r)
     }
 }
 
+/* Room for n tasks and, after them, n ranks (the streams to prepare): one allocation. */
+static fp_round_task_t *alloc_tasks(int n)
+{
+    size_t k = (size_t)(n ? n : 1);
+    return calloc(1, k * sizeof(fp_round_task_t) + k * sizeof(int));
+}
+
 /* The distinct ranks to prepare streams for (one, rank 0, for restart strategies). */
 static void prepare(fp_round_t *r)
 {
-    int *ranks = calloc((size_t)(r->ntasks ? r->ntasks : 1), sizeof *ranks), nr = 0;
-    if (!ranks) { /* (never with a sane heap) one stream per task rank, computed later */
-        r->phase = FP_ROUND_PREPARING;
-        r->ops.prepare(r->ctx, r->n, NULL, 0);
-        return;
-    }
+    int *ranks = (int *)(r->tasks + (r->ntasks ? r->ntasks : 1)), nr = 0;
     int restart = fp_strategy_restarts(r->cfg.strategy);
     for (int i = 0; i < r->ntasks; i++) {
         int rank = restart ? 0 : r->tasks[i].rank, seen = 0;
@@ -177,7 +179,6 @@ static void prepare(fp_round_t *r)
     }
     r->phase = FP_ROUND_PREPARING;
     r->ops.prepare(r->ctx, r->n, ranks, nr);
-    free(ranks);
 }
 
 /* How many of n connected sites a round samples: ⌈fraction·n⌉, at least the updates a
@@ -206,7 +207,7 @@ static void maybe_open(fp_round_t *r)
     if (n < 1 || n < c->min_sites)
         return;
     int *order = malloc((size_t)n * sizeof *order), want = sample_size(c, n);
-    fp_round_task_t *t = calloc((size_t)(want ? want : 1), sizeof *t);
+    fp_round_task_t *t = alloc_tasks(want);
     if (!order || !t) {
         free(order);
         free(t);
@@ -254,7 +255,7 @@ int fp_round_recover(fp_round_t *r, int64_t n, fp_round_phase_t phase, int64_t d
     r->n = n;
     if (phase != FP_ROUND_OPEN && phase != FP_ROUND_AGGREGATING)
         return 0;
-    fp_round_task_t *copy = calloc((size_t)(nt ? nt : 1), sizeof *copy);
+    fp_round_task_t *copy = alloc_tasks(nt);
     if (!copy)
         return fp_err_set(err, -ENOMEM, "out of memory");
     memcpy(copy, t, (size_t)nt * sizeof *copy);
