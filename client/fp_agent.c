@@ -1,6 +1,8 @@
 #include "fp_agent.h"
 
 #include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -16,6 +18,7 @@
 #include "fp_ca.h"
 #include "fp_corpus.h"
 #include "fp_data.h"
+#include "fp_dp.h"
 #include "fp_extrain.h"
 #include "fp_fs.h"
 #include "fp_json.h"
@@ -67,6 +70,8 @@ struct fp_agent {
     fp_tls_ctx_t *tls;
     fp_site_t *site;
     int state, logged_state;
+    int logged_privacy;       /* the federation's privacy mode last logged (-1: none yet) */
+    int privacy_refused;      /* this session was left for too little privacy */
     int failing;               /* reconnecting has failed since the last Welcome */
     char last_refusal[320];    /* the coordinator's last refusal (logged once per reason) */
     int welcomed_once_since_fail; /* this session was welcomed */
@@ -287,16 +292,46 @@ static void upload_pending(fp_agent_t *a)
                           json_number_value(json_object_get(m, "eval_loss_before")),
                           json_number_value(json_object_get(m, "eval_loss_after")),
                           json_number_value(json_object_get(m, "seconds")),
-                          a->pend_data, a->pend_len, a->pend_t, a->pend_n, NULL};
+                          a->pend_data, a->pend_len, a->pend_t, a->pend_n, NULL,
+                          json_number_value(json_object_get(m, "clip_indicator"))};
     /* an Update for a task the coordinator holds part of continues from its durable prefix */
     if (fp_site_upload(a->site, &u, 0) == 0)
         set_state(a, S_UPLOADING, NULL);
 }
 
+/* The federation's privacy: logged when it changes; below privacy.require the site leaves. */
+static int privacy_acceptable(fp_agent_t *a, fp_site_t *s)
+{
+    const fp_site_privacy_t *p = fp_site_privacy(s);
+    fp_dp_mode_t need = FP_DP_OFF;
+    fp_dp_mode_parse(a->cfg->privacy_require, &need, NULL);
+    if (p->mode != a->logged_privacy) {
+        a->logged_privacy = p->mode;
+        if (p->mode == FP_DP_OFF)
+            fp_log(FP_LOG_NOTICE, "the federation runs without differential privacy");
+        else
+            fp_log(FP_LOG_NOTICE, "the federation runs %s differential privacy: noise multiplier "
+                   "%g, sampling rate %g, budget ε = %g at δ = %g (%.4g spent)",
+                   fp_dp_mode_name((fp_dp_mode_t)p->mode), p->noise_multiplier, p->sample_rate,
+                   p->epsilon_max, p->delta, p->epsilon_spent);
+    }
+    if (p->mode >= (int)need)
+        return 1;
+    char why[200];
+    snprintf(why, sizeof why, "this site requires %s differential privacy (privacy.require) and "
+             "the federation offers %s", fp_dp_mode_name(need),
+             fp_dp_mode_name((fp_dp_mode_t)p->mode));
+    fp_log(FP_LOG_ERR, "%s: leaving", why);
+    a->privacy_refused = 1;
+    fp_site_bye(s, why);
+    return 0;
+}
+
 static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
 {
-    (void)s;
     fp_agent_t *a = ctx;
+    if (!privacy_acceptable(a, s))
+        return;
     a->attempts = 0;
     a->failing = 0;
     a->last_refusal[0] = '\0';
@@ -464,7 +499,8 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why_in)
     /* refusals of this site as such (model, certificate, name) will not change by retrying
      * soon: wait the longest delay before asking again */
     int hopeless = code == FEDPEFT__ERROR__CODE__MODEL_MISMATCH ||
-                   code == FEDPEFT__ERROR__CODE__REFUSED;
+                   code == FEDPEFT__ERROR__CODE__REFUSED || a->privacy_refused;
+    a->privacy_refused = 0;
     if (!a->job)
         set_state(a, S_CONNECTING, NULL);
     schedule_retry(a, hopeless ? a->cfg->backoff_max_s : 0);
@@ -477,7 +513,7 @@ static void connect_now(fp_agent_t *a)
     if (a->site || a->state == S_STOPPING)
         return;
     fp_site_hello_t h = {a->name, {0}, (uint32_t)a->cfg->rank_budget,
-                         (uint64_t)a->data.train->ndocs, (size_t)a->cfg->upload_chunk};
+                         (uint64_t)a->data.train->ndocs, (size_t)a->cfg->upload_chunk, 1};
     memcpy(h.model_sha256, a->model_sha, 32);
     fp_err_t err = {0};
     if (fp_site_connect(&a->site, a->loop, a->host, a->port, a->tls, NULL, &h, &agent_ops, a,
@@ -557,15 +593,51 @@ static json_t *csv_array(const char *csv)
 }
 
 /* The trained update goes to disk before anything is sent: a restart uploads it again. */
-static int save_update(fp_agent_t *a, const fp_site_task_t *t, const fp_adapter_t *ad,
-                       uint64_t samples, double train_loss, double before, double after,
-                       double seconds, fp_err_t *err)
+/* Distributed DP (fp_dp.h): the site clips its update vector to the round's C and adds its
+ * share of the noise before the update leaves it; with adaptive clipping it reports whether its
+ * norm was within C, noised with its share. The noise is keyed from OpenSSL's generator. */
+static int apply_privacy(const fp_site_task_t *t, fp_adapter_t *ad, const fp_adapter_t *start,
+                         double *indicator, fp_err_t *err)
+{
+    const fp_site_privacy_t *p = &t->privacy;
+    *indicator = 0;
+    if (p->mode != FP_DP_DISTRIBUTED)
+        return 0;
+    if (t->restart || !start)
+        return fp_err_set(err, -ENOTSUP, "distributed DP needs a continue strategy");
+    uint8_t key[FP_NOISE_KEY];
+    fp_noise_t *rng = NULL;
+    if (RAND_bytes(key, sizeof key) != 1)
+        return fp_err_set(err, -EIO, "OpenSSL's random generator failed");
+    int rc = fp_noise_new(&rng, key, err);
+    OPENSSL_cleanse(key, sizeof key);
+    if (rc)
+        return rc;
+    double norm;
+    int clipped;
+    fp_dp_clip(ad, start, p->global_rank, t->freeze_a, p->clip, &norm, &clipped);
+    fp_dp_add_noise(ad, p->global_rank, t->freeze_a, p->noise_stddev, rng);
+    if (p->adaptive)
+        *indicator = (norm <= p->clip ? 1.0 : 0.0) + fp_noise_gaussian(rng, p->count_stddev);
+    fp_noise_free(rng);
+    fp_log(FP_LOG_INFO, "round %llu: privacy: update norm %.4g%s %.4g; noise share σ = %.3g per "
+           "coordinate", (unsigned long long)t->round, norm, clipped ? ", clipped to" : " within",
+           p->clip, p->noise_stddev);
+    return fp_adapter_check_finite(ad, err);
+}
+
+static int save_update(fp_agent_t *a, const fp_site_task_t *t, fp_adapter_t *ad,
+                       const fp_adapter_t *start, uint64_t samples, double train_loss,
+                       double before, double after, double seconds, fp_err_t *err)
 {
     fp_stream_tensor_t *tl = NULL;
     int n = 0;
     uint64_t len = 0;
     unsigned char *buf = NULL;
-    int rc = fp_adapter_stream_layout(ad, &tl, &n, &len, err);
+    double indicator;
+    int rc = apply_privacy(t, ad, start, &indicator, err);
+    if (rc == 0)
+        rc = fp_adapter_stream_layout(ad, &tl, &n, &len, err);
     if (rc == 0 && !(buf = malloc(len ? len : 1)))
         rc = fp_err_set(err, -ENOMEM, "out of memory");
     if (rc == 0) {
@@ -578,13 +650,14 @@ static int save_update(fp_agent_t *a, const fp_site_task_t *t, const fp_adapter_
             json_array_append_new(tj, json_pack("[sIIII]", tl[i].name, (json_int_t)tl[i].rows,
                                                  (json_int_t)tl[i].cols, (json_int_t)tl[i].offset,
                                                  (json_int_t)tl[i].nbytes));
-        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:o}", "task_id",
+        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:f,s:o}", "task_id",
                               (json_int_t)t->task_id, "round", (json_int_t)t->round, "samples",
                               (json_int_t)samples, "rank", t->rank, "train_loss",
                               isfinite(train_loss) ? train_loss : 0.0, "eval_loss_before",
                               isfinite(before) ? before : 0.0, "eval_loss_after",
                               isfinite(after) ? after : 0.0, "seconds",
-                              isfinite(seconds) ? seconds : 0.0, "tensors", tj);
+                              isfinite(seconds) ? seconds : 0.0, "clip_indicator", indicator,
+                              "tensors", tj);
         rc = m ? fp_json_write_file(a->update_json, m, err) : -ENOMEM;
         json_decref(m);
     }
@@ -617,8 +690,8 @@ static int train_builtin(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t 
     rc = fp_local_round(a->model, ad, a->data.train, a->data.held, &tc, train_progress, a, 0, &res, err);
     j->stopped = rc == 0 && res.train.stopped;
     if (rc == 0 && !j->stopped)
-        rc = save_update(a, t, ad, a->data.train->ndocs, res.train.final_loss, res.eval_before,
-                         res.eval_after, res.train.seconds, err);
+        rc = save_update(a, t, ad, start, a->data.train->ndocs, res.train.final_loss,
+                         res.eval_before, res.eval_after, res.train.seconds, err);
     fp_adapter_free(ad);
     return rc;
 }
@@ -674,8 +747,8 @@ static int train_external(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t
     if (rc == 0 && !j->stopped)
         rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->data.train->ndocs, &ad, &res, err);
     if (rc == 0 && !j->stopped)
-        rc = save_update(a, t, ad, res.samples, res.train_loss, res.eval_loss_before,
-                         res.eval_loss_after, res.seconds, err);
+        rc = save_update(a, t, ad, t->restart ? NULL : start, res.samples, res.train_loss,
+                         res.eval_loss_before, res.eval_loss_after, res.seconds, err);
     fp_adapter_free(fresh);
     fp_adapter_free(ad);
     return rc;
@@ -820,6 +893,7 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     a->lock_fd = -1;
     a->cfg = cfg;
     a->logged_state = -1;
+    a->logged_privacy = -1;
     int rc;
     char *colon = strrchr(cfg->coordinator, ':');
     snprintf(a->host, sizeof a->host, "%.*s", (int)(colon - cfg->coordinator), cfg->coordinator);

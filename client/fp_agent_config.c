@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "fp_dp.h"
 #include "fp_extrain.h"
 #include "fp_fs.h"
 #include "fp_tls.h"
@@ -62,6 +63,10 @@ const fp_setting_t fp_agent_settings[] = {
      "progress reports while training"},
     {"network", "upload_chunk", FP_SET_INT, O(upload_chunk), "0", 0, 1048576, 0,
      "bytes per uploaded chunk (0: 1 MiB)"},
+    {"privacy", "require", FP_SET_STR, O(privacy_require), "off", 0, 0, 0,
+     "the least differential privacy this site joins: off, central (the coordinator clips and "
+     "noises) or distributed (this site clips and noises its own updates before they leave); "
+     "a federation offering less is left"},
     FP_SET_END,
 };
 
@@ -97,6 +102,9 @@ int fp_agent_config_check(const fp_agent_config_t *c, fp_err_t *err)
     if (!c->trainer || (strcmp(c->trainer, "builtin") != 0 && strcmp(c->trainer, "external") != 0))
         return fp_err_set(err, -EINVAL, "train.trainer: builtin or external, not '%s'",
                           c->trainer ? c->trainer : "");
+    fp_dp_mode_t dp;
+    if ((rc = fp_dp_mode_parse(c->privacy_require ? c->privacy_require : "", &dp, err)) != 0)
+        return fp_err_prefix(err, rc, "privacy.require: ");
     if (!strcmp(c->trainer, "external")) {
         char **argv = NULL;
         if (!c->trainer_command)

@@ -31,6 +31,8 @@ typedef struct fp_agent_config {
     /* [network] */
     double backoff_initial_s, backoff_max_s, heartbeat_s;
     long long upload_chunk;  /* bytes per chunk (0: the protocol's 1 MiB) */
+    /* [privacy] */
+    char *privacy_require;   /* off | central | distributed: the least this site joins */
 } fp_agent_config_t;
 
 extern const fp_setting_t fp_agent_settings[];

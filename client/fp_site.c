@@ -13,6 +13,7 @@
 struct fp_site {
     fp_conn_t *conn;
     fp_site_hello_t hello;
+    fp_site_privacy_t privacy;     /* from the Welcome */
     char name[FP_MAX_NAME + 1];
     fp_site_ops_t ops;
     void *ctx;
@@ -94,10 +95,30 @@ static void on_open(fp_conn_t *c)
     h.rank_budget = s->hello.rank_budget;
     h.num_samples = s->hello.samples;
     h.base_model_sha256.data = s->hello.model_sha256;
+    char *caps[] = {"dp"};
+    if (s->hello.dp) {
+        h.capabilities = caps;
+        h.n_capabilities = 1;
+    }
     h.base_model_sha256.len = 32;
     e.body_case = FEDPEFT__ENVELOPE__BODY_HELLO;
     e.hello = &h;
     send_env(s, &e);
+}
+
+static void privacy_of(const Fedpeft__Privacy *p, fp_site_privacy_t *o)
+{
+    memset(o, 0, sizeof *o);
+    if (!p)
+        return;
+    *o = (fp_site_privacy_t){(int)p->mode, p->noise_multiplier, p->sample_rate, p->delta,
+                             p->epsilon_max, p->epsilon_spent, p->clip, (int)p->global_rank,
+                             p->noise_stddev, p->adaptive, p->count_stddev};
+}
+
+const fp_site_privacy_t *fp_site_privacy(const fp_site_t *s)
+{
+    return &s->privacy;
 }
 
 static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
@@ -114,7 +135,8 @@ static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
     fp_site_task_t st = {k->round, k->task_id, (int)k->rank, k->alpha, k->rslora,
                          k->init == FEDPEFT__TASK__INIT_MODE__RESTART, k->freeze_a, 0, 0, 0, 0,
                          0, 0,
-                         k->deadline_unix_ms, s->rx, s->rx_len, t, (int)k->n_tensors};
+                         k->deadline_unix_ms, s->rx, s->rx_len, t, (int)k->n_tensors, {0}};
+    privacy_of(k->privacy, &st.privacy);
     if (k->hyper) {
         st.lr = k->hyper->lr;
         st.weight_decay = k->hyper->weight_decay;
@@ -151,6 +173,7 @@ static void on_frame(fp_conn_t *c, const unsigned char *p, size_t n)
     s->pstate = next;
     switch (e->body_case) {
     case FEDPEFT__ENVELOPE__BODY_WELCOME:
+        privacy_of(e->welcome->privacy, &s->privacy);
         if (s->ops.welcome)
             s->ops.welcome(s->ctx, s, e->welcome->current_round);
         break;
@@ -291,6 +314,7 @@ int fp_site_upload(fp_site_t *s, const fp_site_update_t *u, int resume)
     m.eval_loss_before = u->eval_before;
     m.eval_loss_after = u->eval_after;
     m.seconds = u->seconds;
+    m.clip_indicator = u->clip_indicator;
     up.task_id = u->task_id;
     up.samples = u->samples;
     up.metrics = &m;

@@ -24,7 +24,21 @@ typedef struct fp_site_hello {
     uint32_t rank_budget;
     uint64_t samples;
     size_t chunk;              /* bytes per uploaded chunk (0: the protocol's 1 MiB) */
+    int dp;                    /* this site clips and noises its updates when asked: capability
+                                  "dp" (a distributed-DP federation refuses sites without it) */
 } fp_site_hello_t;
+
+/* A federation's differential privacy as the coordinator announces it (Welcome), and in a
+ * task what the site does itself (fp_dp.h): all zero when the federation has none. */
+typedef struct fp_site_privacy {
+    int mode;                  /* FP_DP_OFF, FP_DP_CENTRAL, FP_DP_DISTRIBUTED */
+    double noise_multiplier, sample_rate, delta, epsilon_max, epsilon_spent;
+    double clip;               /* task: C, this round's bound on the update vector */
+    int global_rank;           /* task: the update vector's coordinates */
+    double noise_stddev;       /* task, distributed: this site's share, per coordinate */
+    int adaptive;              /* task: report the clip indicator */
+    double count_stddev;       /* task, distributed adaptive: the indicator's noise share */
+} fp_site_privacy_t;
 
 typedef struct fp_site_task {
     uint64_t round, task_id;
@@ -41,6 +55,7 @@ typedef struct fp_site_task {
     uint64_t len;
     const fp_stream_tensor_t *t;
     int n;
+    fp_site_privacy_t privacy;
 } fp_site_task_t;
 
 typedef struct fp_site_ops {
@@ -65,7 +80,11 @@ typedef struct fp_site_update {
     const fp_stream_tensor_t *t;
     int n;
     const uint8_t *sha256;     /* the stream's SHA-256 if known, else NULL: computed here */
+    double clip_indicator;     /* distributed adaptive DP: 1[norm ≤ C] plus the noise share */
 } fp_site_update_t;
+
+/* The federation's privacy from its last Welcome (zero before one). */
+const fp_site_privacy_t *fp_site_privacy(const fp_site_t *s);
 
 /* Announces and sends an update (resume: continue a stream the coordinator holds part of). */
 int fp_site_upload(fp_site_t *s, const fp_site_update_t *u, int resume);

@@ -27,7 +27,7 @@ static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
     fp_site_update_t up = {u->spec.id, a ? a->samples : u->spec.samples, a ? (int)a->rank : 0,
                            m ? m->train_loss : 0, m ? m->eval_loss_before : 0,
                            m ? m->eval_loss_after : 0, m ? m->seconds : 0, u->spec.data,
-                           u->spec.total, u->t, a ? (int)a->n_tensors : 0, u->spec.sha256};
+                           u->spec.total, u->t, a ? (int)a->n_tensors : 0, u->spec.sha256, 0};
     if (fp_site_upload(s, &up, u->spec.resume) != 0)
         fp_site_close(s, 0);
 }
@@ -77,7 +77,8 @@ int fp_upload_start(fp_upload_t **out, uv_loop_t *loop, const char *host, int po
         free(u);
         return fp_err_set(err, -ENOMEM, "out of memory");
     }
-    fp_site_hello_t h = {spec->site_name, {0}, spec->rank_budget, spec->samples, spec->chunk};
+    fp_site_hello_t h = {spec->site_name, {0}, spec->rank_budget, spec->samples, spec->chunk,
+                         0};
     memcpy(h.model_sha256, spec->model_sha256, 32);
     int rc = fp_site_connect(&u->site, loop, host, port, tls, cfg, &h, &upload_ops, u, err);
     if (rc) {

@@ -4,6 +4,9 @@
  * writes happen here, each its own durable transaction. */
 #include "fp_coord.h"
 
+#include <math.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +32,14 @@ fp_blob_t *fp__coord_blob(fp_coord_t *co, int rank)
     return NULL;
 }
 
+double fp__coord_dp_share(const fp_coord_t *co)
+{
+    if (co->fed.dp != FP_DP_DISTRIBUTED)
+        return 0;
+    /* shares sized for the fewest updates a round aggregates: its sum has at least the noise */
+    return co->dp_z_update * co->dp_clip / sqrt((double)co->cfg->min_updates);
+}
+
 static void free_blobs(fp_coord_t *co)
 {
     for (int i = 0; i < co->nblobs; i++)
@@ -50,6 +61,13 @@ static void refresh_counters(fp_coord_t *co)
         atomic_store(&co->c_conns, ls->conns);
         atomic_store(&co->c_startups, ls->startups);
     }
+}
+
+static void set_epsilon(fp_coord_t *co, double eps)
+{
+    uint64_t bits;
+    memcpy(&bits, &eps, sizeof bits);
+    atomic_store(&co->c_epsilon_bits, bits);
 }
 
 void fp__coord_status(fp_coord_t *co)
@@ -85,8 +103,7 @@ static void job_work(uv_work_t *w)
         co->job_rc = fp_fed_prepare(&co->fed, co->job_round, co->global_sha, co->job_ranks,
                                     co->job_nranks, &co->job_blobs, &co->job_err);
     else
-        co->job_rc = fp_fed_aggregate(&co->fed, &co->agg, co->agg_sha, &co->agg_rank,
-                                      &co->agg_seconds, &co->job_err);
+        co->job_rc = fp_fed_aggregate(&co->fed, &co->agg, &co->agg_out, &co->job_err);
 }
 
 static void fail_stop(fp_coord_t *co)
@@ -159,17 +176,19 @@ static int act_rank_cap(void *ctx, const char *site)
     return fp_srv_config_rank_cap(co->cfg, site);
 }
 
-static int act_open(void *ctx, int64_t n, int64_t opened, int64_t deadline, fp_round_task_t *t,
-                    int nt)
+static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int nt)
 {
     fp_coord_t *co = ctx;
+    int64_t n = o->n;
     fp_db_assign_t *a = calloc((size_t)(nt ? nt : 1), sizeof *a);
     fp_err_t err = {0};
     int rc = a ? 0 : fp_err_set(&err, -ENOMEM, "out of memory");
     for (int i = 0; a && i < nt; i++)
         a[i] = (fp_db_assign_t){t[i].site, t[i].rank, t[i].seed, 0};
+    fp_db_draw_t dp = {o->dp_steps, o->dp_epsilon, co->dp_clip};
     if (rc == 0)
-        rc = fp_db_round_open(co->db, n, opened, deadline, co->global_sha, a, nt, &err);
+        rc = fp_db_round_open(co->db, n, o->opened_wall_ms, o->deadline_wall_ms, co->global_sha,
+                              a, nt, co->fed.dp ? &dp : NULL, &err);
     for (int i = 0; rc == 0 && i < nt; i++)
         t[i].id = a[i].id;
     free(a);
@@ -180,8 +199,14 @@ static int act_open(void *ctx, int64_t n, int64_t opened, int64_t deadline, fp_r
     fp_failpoint("round-opened"); /* committed, no task sent */
     co->sent_bytes = 0;
     atomic_store(&co->c_round, n);
-    fp_log(FP_LOG_INFO, "round %lld opened: %d of %d sites, deadline in %.0f s", (long long)n,
-           nt, fp_round_sites(co->round), co->cfg->round_deadline_s);
+    char priv[160] = "";
+    if (co->fed.dp) {
+        set_epsilon(co, o->dp_epsilon);
+        snprintf(priv, sizeof priv, "; privacy: ε = %.4g of %g spent with this draw, clip %.4g",
+                 o->dp_epsilon, co->cfg->dp_epsilon_max, co->dp_clip);
+    }
+    fp_log(FP_LOG_INFO, "round %lld opened: %d of %d sites, deadline in %.0f s%s", (long long)n,
+           nt, fp_round_sites(co->round), co->cfg->round_deadline_s, priv);
     return 0;
 }
 
@@ -236,11 +261,10 @@ static int act_aggregate(void *ctx, int64_t n, int resumed)
     fp_err_t err = {0};
     int rc = resumed ? 0 : fp_db_round_aggregating(co->db, n, &err);
     fp_agg_in_t *a = &co->agg;
-    free(a->tasks);
-    free(a->weights);
+    free(a->ups);
     memset(a, 0, sizeof *a);
     if (rc == 0)
-        rc = fp_db_round_uploads(co->db, n, &a->tasks, &a->weights, &a->n, &err);
+        rc = fp_db_round_uploads(co->db, n, &a->ups, &a->n, &err);
     if (rc) {
         fp_log(FP_LOG_ERR, "round %lld: %s", (long long)n, fp_err_msg(&err));
         return rc;
@@ -252,6 +276,15 @@ static int act_aggregate(void *ctx, int64_t n, int resumed)
     a->florist_energy = co->cfg->florist_energy;
     a->zeropad_norm_weighted = co->cfg->zeropad_norm_weighted;
     a->restart_rank_cap = (int)co->cfg->restart_rank_cap;
+    if (co->fed.dp) {
+        a->dp_sigma_sum = co->dp_z_update * co->dp_clip;
+        a->dp_adaptive = co->cfg->dp_adaptive;
+        a->dp_clip = co->dp_clip;
+        a->dp_quantile = co->cfg->dp_quantile;
+        a->dp_clip_lr = co->cfg->dp_clip_lr;
+        a->dp_count_stddev = co->cfg->dp_count_stddev;
+        a->rng = co->job_rng;
+    }
     fp_log(FP_LOG_INFO, "round %lld: aggregating %d updates (%s)", (long long)n, a->n,
            fp_strategy_name(co->fed.strategy));
     start_job(co, JOB_AGGREGATE, n);
@@ -277,8 +310,9 @@ static int act_close(void *ctx, int64_t n)
 {
     fp_coord_t *co = ctx;
     fp_err_t err = {0};
-    int rc = fp_db_round_close(co->db, n, co->agg_sha, co->agg_rank, co->agg_seconds,
-                               co->sent_bytes, &err);
+    const fp_agg_out_t *r = &co->agg_out;
+    int rc = fp_db_round_close(co->db, n, r->sha, r->rank, r->seconds, co->sent_bytes,
+                               r->clip_next, &err);
     if (rc) {
         fp_log(FP_LOG_ERR, "round %lld: cannot record the new global adapter: %s",
                (long long)n, fp_err_msg(&err));
@@ -286,14 +320,19 @@ static int act_close(void *ctx, int64_t n)
         return rc;
     }
     fp_failpoint("round-closed"); /* committed, next round not yet opened */
-    snprintf(co->global_sha, sizeof co->global_sha, "%s", co->agg_sha);
-    co->global_rank = co->agg_rank;
-    co->agg_last = co->agg_seconds;
-    co->agg_total += co->agg_seconds;
+    snprintf(co->global_sha, sizeof co->global_sha, "%s", r->sha);
+    co->global_rank = r->rank;
+    co->agg_last = r->seconds;
+    co->agg_total += r->seconds;
     atomic_fetch_add(&co->c_closed, 1);
+    char priv[96] = "";
+    if (!isnan(r->clip_next)) {
+        snprintf(priv, sizeof priv, "; clip %.4g → %.4g", co->dp_clip, r->clip_next);
+        co->dp_clip = r->clip_next;
+    }
     fp_log(FP_LOG_NOTICE, "round %lld closed: %d updates merged in %.3f s, global adapter %.12s "
-           "(rank %d)", (long long)n, co->agg.n, co->agg_seconds, co->global_sha,
-           co->global_rank);
+           "(rank %d)%s", (long long)n, co->agg.n, r->seconds, co->global_sha, co->global_rank,
+           priv);
     free_blobs(co);
     return 0;
 }
@@ -305,6 +344,43 @@ static void act_finished(void *ctx)
         fp_log(FP_LOG_NOTICE, "all %lld rounds are done; stopping", co->cfg->rounds);
         fp_coord_stop(co);
     }
+}
+
+static double act_uniform(void *ctx)
+{
+    fp_coord_t *co = ctx;
+    return fp_noise_uniform(co->draw_rng);
+}
+
+static int act_draw_charged(void *ctx, int drawn, int64_t steps, double epsilon)
+{
+    fp_coord_t *co = ctx;
+    fp_err_t err = {0};
+    if (fp_db_privacy_draw(co->db, steps, epsilon, &err) != 0) {
+        fp_log(FP_LOG_ERR, "privacy: cannot record a draw: %s", fp_err_msg(&err));
+        return -EIO;
+    }
+    set_epsilon(co, epsilon);
+    fp_db_event(co->db, -1, NULL, "draw", "%d sites drawn, fewer than min_updates (%lld): no "
+                "round; step %lld charged, ε = %.6g", drawn, co->cfg->min_updates,
+                (long long)steps, epsilon);
+    fp_log(FP_LOG_INFO, "privacy: %d sites drawn, too few for a round (min_updates %lld); the "
+           "draw is charged all the same: ε = %.4g", drawn, co->cfg->min_updates, epsilon);
+    return 0;
+}
+
+static void act_exhausted(void *ctx, int64_t steps, double spent, double next)
+{
+    fp_coord_t *co = ctx;
+    fp_db_privacy_exhausted(co->db, NULL);
+    fp_db_event(co->db, -1, NULL, "budget", "ε = %.6g spent in %lld steps of the budget %g; "
+                "the next draw would reach %.6g: no more rounds", spent, (long long)steps,
+                co->cfg->dp_epsilon_max, next);
+    fp_log(FP_LOG_NOTICE, "privacy budget: ε = %.4g spent of %g (δ = %g); the next round's draw "
+           "would reach %.4g, so no more rounds open", spent, co->cfg->dp_epsilon_max,
+           co->cfg->dp_delta, next);
+    if (co->cfg->exit_when_done && !co->stopping)
+        fp_coord_stop(co);
 }
 
 static const fp_round_ops_t round_ops = {
@@ -320,6 +396,9 @@ static const fp_round_ops_t round_ops = {
     .expire = act_expire,
     .close = act_close,
     .finished = act_finished,
+    .uniform = act_uniform,
+    .draw_charged = act_draw_charged,
+    .exhausted = act_exhausted,
 };
 
 static void round_cfg(const fp_coord_t *co, fp_round_cfg_t *o)
@@ -333,10 +412,59 @@ static void round_cfg(const fp_coord_t *co, fp_round_cfg_t *o)
                           .deadline_ms = (int64_t)(c->round_deadline_s * 1000),
                           .seed = (uint64_t)c->seed,
                           .strategy = co->fed.strategy,
-                          .r_max = co->fed.r_max};
+                          .r_max = co->fed.r_max,
+                          .dp = co->fed.dp != FP_DP_OFF,
+                          .dp_noise = c->dp_noise,
+                          .dp_delta = c->dp_delta,
+                          .dp_epsilon_max = c->dp_epsilon_max,
+                          .dp_retry_ms = (int64_t)(c->round_deadline_s * 1000) < 5000
+                                             ? (int64_t)(c->round_deadline_s * 1000) : 5000};
 }
 
 /* ---- start ---- */
+
+/* The privacy mechanism the configuration asks for, as recorded. */
+static void privacy_record(const fp_coord_t *co, fp_db_privacy_t *p)
+{
+    const fp_srv_config_t *c = co->cfg;
+    memset(p, 0, sizeof *p);
+    snprintf(p->mode, sizeof p->mode, "%s", fp_dp_mode_name(co->fed.dp));
+    p->noise_multiplier = c->dp_noise;
+    p->sample_rate = c->fraction;
+    p->delta = c->dp_delta;
+    p->epsilon_max = c->dp_epsilon_max;
+    p->adaptive = c->dp_adaptive;
+    p->count_stddev = c->dp_adaptive ? c->dp_count_stddev : 0;
+    p->clip = c->dp_clip;
+}
+
+/* A federation's privacy is fixed at creation: the mechanism, its sampling rate and its
+ * budget (a restart never resets what was spent). */
+static int check_privacy_record(fp_coord_t *co, fp_err_t *err)
+{
+    fp_db_privacy_t had, want;
+    int rc = fp_db_privacy_get(co->db, &had, err);
+    if (rc < 0)
+        return rc;
+    privacy_record(co, &want);
+    if (!rc && !co->fed.dp)
+        return 0;
+    if (!rc || !co->fed.dp)
+        return fp_err_set(err, -EINVAL, "privacy.mode is '%s' in the configuration but '%s' for "
+                          "this federation: differential privacy is fixed when a federation is "
+                          "created (use a new state directory)", fp_dp_mode_name(co->fed.dp),
+                          rc ? had.mode : "off");
+    if (strcmp(had.mode, want.mode) || had.noise_multiplier != want.noise_multiplier ||
+        had.sample_rate != want.sample_rate || had.delta != want.delta ||
+        had.epsilon_max != want.epsilon_max || had.adaptive != want.adaptive ||
+        had.count_stddev != want.count_stddev)
+        return fp_err_set(err, -EINVAL, "privacy settings differ from this federation's (mode "
+                          "%s, noise_multiplier %g, fraction %g, delta %g, epsilon_max %g, "
+                          "adaptive %d): the mechanism and its budget are fixed once the "
+                          "federation exists", had.mode, had.noise_multiplier, had.sample_rate,
+                          had.delta, had.epsilon_max, had.adaptive);
+    return 0;
+}
 
 /* Creates the federation on first start; afterwards, checks that what cannot change did not. */
 static int open_federation(fp_coord_t *co, fp_err_t *err)
@@ -359,7 +487,7 @@ static int open_federation(fp_coord_t *co, fp_err_t *err)
             return fp_err_set(err, -EINVAL, "federation.r_max, alpha or rslora differ from the "
                               "database's: these cannot change once a federation exists (use a "
                               "new state directory)");
-        return 0;
+        return check_privacy_record(co, err);
     }
     char sha[65];
     int rank;
@@ -380,7 +508,9 @@ static int open_federation(fp_coord_t *co, fp_err_t *err)
         snprintf(f.base_model, sizeof f.base_model, "%s", c->base_model);
     else
         fp_model_dir_of(c->base_model_config, f.base_model, sizeof f.base_model);
-    if ((rc = fp_db_federation_create(co->db, &f, sha, rank, err)) != 0)
+    fp_db_privacy_t p;
+    privacy_record(co, &p);
+    if ((rc = fp_db_federation_create(co->db, &f, sha, rank, co->fed.dp ? &p : NULL, err)) != 0)
         return rc;
     fp_log(FP_LOG_NOTICE, "federation '%s' created (%s, r_max %lld)", c->name, c->strategy,
            c->r_max);
@@ -399,6 +529,18 @@ static int resume_state(fp_coord_t *co, fp_err_t *err)
         return rc;
     snprintf(co->global_sha, sizeof co->global_sha, "%s", closed.global_adapter);
     co->global_rank = closed.global_rank;
+    if (co->fed.dp) { /* what was spent stays spent */
+        fp_db_privacy_t p;
+        if ((rc = fp_db_privacy_get(co->db, &p, err)) < 0)
+            return rc;
+        co->dp_clip = last.state == FP_DB_ROUND_OPEN || last.state == FP_DB_ROUND_AGGREGATING
+                          ? last.clip : p.clip;
+        fp_round_set_spent(co->round, p.steps, p.epsilon);
+        set_epsilon(co, p.epsilon);
+        if (p.steps)
+            fp_log(FP_LOG_NOTICE, "privacy: ε = %.4g spent of %g in %lld draws", p.epsilon,
+                   p.epsilon_max, (long long)p.steps);
+    }
     atomic_store(&co->c_round, last.n);
     fp_round_phase_t phase = last.state == FP_DB_ROUND_OPEN ? FP_ROUND_OPEN :
                              last.state == FP_DB_ROUND_AGGREGATING ? FP_ROUND_AGGREGATING :
@@ -430,6 +572,17 @@ static int resume_state(fp_coord_t *co, fp_err_t *err)
 
 static const char *const subdirs[] = {"adapters", "updates", "spool"};
 
+/* A noise generator keyed from OpenSSL's cryptographic generator. */
+static int new_rng(fp_noise_t **out, fp_err_t *err)
+{
+    uint8_t key[FP_NOISE_KEY];
+    if (RAND_bytes(key, sizeof key) != 1)
+        return fp_err_set(err, -EIO, "OpenSSL's random generator failed");
+    int rc = fp_noise_new(out, key, err);
+    OPENSSL_cleanse(key, sizeof key);
+    return rc;
+}
+
 /* The state directory (0700, locked), the federation's layout and the database. */
 static int open_state(fp_coord_t *co, fp_err_t *err)
 {
@@ -454,6 +607,14 @@ static int open_state(fp_coord_t *co, fp_err_t *err)
         return rc;
     fp_sha256_parse(cfg->base_model_sha256, co->model_sha);
     f->restart = fp_strategy_restarts(f->strategy);
+    f->frozen_a = f->strategy == FP_STRAT_FFA;
+    if ((rc = fp_dp_mode_parse(cfg->dp_mode, &f->dp, err)) != 0 ||
+        (rc = new_rng(&co->draw_rng, err)) != 0 || (rc = new_rng(&co->job_rng, err)) != 0)
+        return rc;
+    co->dp_clip = cfg->dp_clip;
+    co->dp_z_update = cfg->dp_adaptive ? fp_dp_update_multiplier(cfg->dp_noise,
+                                                                 cfg->dp_count_stddev)
+                                       : cfg->dp_noise;
     f->alpha = cfg->alpha;
     f->rslora = cfg->rslora;
     f->r_max = (int)cfg->r_max;
@@ -652,6 +813,11 @@ void fp_coord_stats(fp_coord_t *co, fp_coord_stats_t *o)
     o->round = atomic_load(&co->c_round);
     o->agg_seconds_total = co->agg_total;
     o->agg_seconds_last = co->agg_last;
+    o->dp = co->fed.dp != FP_DP_OFF;
+    uint64_t bits = atomic_load(&co->c_epsilon_bits);
+    memcpy(&o->epsilon, &bits, sizeof o->epsilon);
+    o->epsilon_max = co->cfg->dp_epsilon_max;
+    o->delta = co->cfg->dp_delta;
 }
 
 void fp_coord_free(fp_coord_t *co)
@@ -661,8 +827,9 @@ void fp_coord_free(fp_coord_t *co)
     free_blobs(co);
     fp_round_free(co->round);
     free(co->job_ranks);
-    free(co->agg.tasks);
-    free(co->agg.weights);
+    free(co->agg.ups);
+    fp_noise_free(co->draw_rng);
+    fp_noise_free(co->job_rng);
     fp_db_close(co->db);
     fp_tls_ctx_free(co->tls);
     free(co->fed.adapters_dir);

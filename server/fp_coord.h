@@ -33,6 +33,8 @@ typedef struct fp_coord_stats {
     uint64_t handshakes_refused, revoked_dropped, reloads;
     uint64_t connections_limited;  /* closed at once by the connection limits */
     uint64_t connections, startups; /* now: all, and those in their handshake */
+    int dp;                    /* differential privacy on: */
+    double epsilon, epsilon_max, delta; /* spent, the budget */
 } fp_coord_stats_t;
 
 /* Opens the state directory and database (creating the federation on first start), resumes

@@ -43,6 +43,8 @@ struct site {
     fp_blob_t *up_start;
     double up_bound;
     int up_clip;
+    double up_dp_clip, up_dp_share; /* the round's clip bound, a site's noise share */
+    Fedpeft__Privacy welcome_privacy;
     site_t *next, *prev;
 };
 
@@ -80,12 +82,16 @@ struct fp_coord {
     int job_nranks;
     fp_blob_t **job_blobs;
     fp_agg_in_t agg;
-    char agg_sha[65];
-    int agg_rank;
-    double agg_seconds;
+    fp_agg_out_t agg_out;
     int job_rc;
     fp_err_t job_err;
     int lock_fd;              /* STATE/lock, held while the coordinator lives */
+    /* differential privacy */
+    double dp_clip;           /* C: the bound of the round open (or the next) */
+    double dp_z_update;       /* z_Δ: the update's own noise multiplier (z without adaptive
+                                 clipping's share) */
+    fp_noise_t *draw_rng;     /* the loop's: Poisson draws */
+    fp_noise_t *job_rng;      /* the jobs': the aggregate's noise */
     /* stopping */
     int stopping, done_called, handles_open;
     void (*on_done)(void *ctx, int rc);
@@ -96,6 +102,7 @@ struct fp_coord {
     _Atomic uint64_t c_refused[16];
     _Atomic uint64_t c_hs_refused, c_revoked, c_reloads, c_limited, c_conns, c_startups;
     _Atomic int64_t c_round;
+    _Atomic uint64_t c_epsilon_bits; /* ε spent, a double's bits */
     double agg_total, agg_last;
     int64_t st_round, st_ms;  /* the last STATUS sent */
     int st_phase;
@@ -108,6 +115,8 @@ struct fp_coord {
 void fp__coord_status(fp_coord_t *co);          /* tells the service manager, rate-limited */
 void fp__coord_finish_stop(fp_coord_t *co);     /* once nothing is left running */
 fp_blob_t *fp__coord_blob(fp_coord_t *co, int rank);
+/* Distributed DP: a site's noise share per coordinate, z_Δ·C/√min_updates (0 otherwise). */
+double fp__coord_dp_share(const fp_coord_t *co);
 
 /* fp_coord_sites.c */
 extern const fp_srv_sess_ops_t fp__coord_sess_ops;

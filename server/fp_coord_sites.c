@@ -50,6 +50,19 @@ static int send_env(site_t *s, Fedpeft__Envelope *e)
     return rc;
 }
 
+/* What a site joins: the mechanism, its budget and what is spent. */
+static void privacy_msg(fp_coord_t *co, Fedpeft__Privacy *p)
+{
+    const fp_srv_config_t *c = co->cfg;
+    p->mode = co->fed.dp == FP_DP_CENTRAL ? FEDPEFT__PRIVACY__MODE__CENTRAL
+                                          : FEDPEFT__PRIVACY__MODE__DISTRIBUTED;
+    p->noise_multiplier = c->dp_noise;
+    p->sample_rate = c->fraction;
+    p->delta = c->dp_delta;
+    p->epsilon_max = c->dp_epsilon_max;
+    p->epsilon_spent = fp_round_epsilon(co->round);
+}
+
 /* ---- sending tasks ---- */
 
 /* Sends what is left of the stream in flight, as far as the send queue allows; then its
@@ -123,6 +136,19 @@ void fp__coord_send_task(fp_coord_t *co, site_t *s, const fp_round_task_t *t)
     k.deadline_unix_ms = fp_round_deadline_wall(co->round);
     k.init = co->fed.restart ? FEDPEFT__TASK__INIT_MODE__RESTART : FEDPEFT__TASK__INIT_MODE__CONTINUE;
     k.freeze_a = co->fed.strategy == FP_STRAT_FFA;
+    Fedpeft__Privacy pv = FEDPEFT__PRIVACY__INIT;
+    if (co->fed.dp) {
+        privacy_msg(co, &pv);
+        pv.clip = co->dp_clip;
+        pv.global_rank = (uint32_t)co->fed.r_max;
+        pv.adaptive = c->dp_adaptive;
+        if (co->fed.dp == FP_DP_DISTRIBUTED) {
+            pv.noise_stddev = fp__coord_dp_share(co);
+            pv.count_stddev = c->dp_adaptive ? c->dp_count_stddev / sqrt((double)c->min_updates)
+                                             : 0;
+        }
+        k.privacy = &pv;
+    }
     Fedpeft__TensorInfo **tp;
     char *targets[FP_T_COUNT];
     size_t nt = 0;
@@ -155,6 +181,7 @@ void fp__coord_send_task(fp_coord_t *co, site_t *s, const fp_round_task_t *t)
 
 /* ---- Hello ---- */
 
+
 static int on_hello(void *ctx, const Fedpeft__Hello *h, Fedpeft__Welcome *w, char *reason,
                     size_t n)
 {
@@ -184,6 +211,14 @@ static int on_hello(void *ctx, const Fedpeft__Hello *h, Fedpeft__Welcome *w, cha
                  h->rank_budget, fp_strategy_name(co->fed.strategy), co->cfg->r_max);
         return FEDPEFT__ERROR__CODE__REFUSED;
     }
+    int dp_capable = 0;
+    for (size_t i = 0; i < h->n_capabilities; i++)
+        dp_capable |= !strcmp(h->capabilities[i], "dp");
+    if (co->fed.dp == FP_DP_DISTRIBUTED && !dp_capable) {
+        snprintf(reason, n, "this federation runs distributed differential privacy: a site must "
+                 "clip and noise its own updates (capability 'dp'), and this one cannot");
+        return FEDPEFT__ERROR__CODE__REFUSED;
+    }
     site_t *old = fp__coord_live_site(co, h->site_name);
     if (old && old->peer->conn) /* a site reconnecting: the new session wins */
         fp_conn_close(old->peer->conn, "replaced by a new session of the same site");
@@ -203,6 +238,10 @@ static int on_hello(void *ctx, const Fedpeft__Hello *h, Fedpeft__Welcome *w, cha
     w->site_id = s->fpr;
     w->current_round = (uint64_t)fp_round_number(co->round);
     w->strategy = (char *)fp_strategy_name(co->fed.strategy);
+    if (co->fed.dp) {
+        privacy_msg(co, &s->welcome_privacy);
+        w->privacy = &s->welcome_privacy;
+    }
     fp_log(FP_LOG_INFO, "site %s connected (rank budget %u, %llu samples)", s->name, s->budget,
            (unsigned long long)s->samples);
     return 0;
@@ -270,6 +309,8 @@ static void set_upload(site_t *s, int64_t task, int rank, fp_stream_tensor_t *t,
         s->up_start->refs++;
     s->up_bound = co->cfg->norm_bound;
     s->up_clip = !strcmp(co->cfg->norm_action, "clip");
+    s->up_dp_clip = co->dp_clip;
+    s->up_dp_share = fp__coord_dp_share(co);
 }
 
 /* What an Update announces, checked before a byte of it is taken. 0 or an Error code. */
@@ -332,7 +373,8 @@ static int on_update(void *ctx, const Fedpeft__Update *u, char *final_path, size
     int rc = json ? fp_tensors_from_json(json, &owned, &nt, &err) : -ENOMEM;
     fp_db_upload_t up = {(int64_t)u->stream_bytes, (int64_t)u->samples,
                          m ? m->train_loss : NAN, m ? m->eval_loss_before : NAN,
-                         m ? m->eval_loss_after : NAN, m ? m->seconds : NAN, json};
+                         m ? m->eval_loss_after : NAN, m ? m->seconds : NAN, json,
+                         co->fed.dp == FP_DP_DISTRIBUTED && m ? m->clip_indicator : NAN};
     if (rc == 0)
         rc = fp_db_task_uploading(co->db, id, &up, &err);
     free(json);
@@ -388,7 +430,7 @@ static int on_verify(void *ctx, uint64_t id, const char *path, const uint8_t sha
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
     fp_verify_in_t in = {s->up_task, s->up_rank, s->up_t, s->up_n, s->up_start, s->up_bound,
-                         s->up_clip, sha};
+                         s->up_clip, sha, s->up_dp_clip, s->up_dp_share, NAN};
     return fp_fed_verify(&s->co->fed, path, &in, reason, n);
 }
 

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fp_clock.h"
 #include "fp_failpoint.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
@@ -190,6 +191,32 @@ static int rebuild_start(const fp_blob_t *b, const fp_fed_t *f, fp_adapter_t **o
     return fp_adapter_stream_read(b->data, b->len, b->t, b->n, f->alpha, f->rslora, out, err);
 }
 
+/* Under DP: central clips the update vector to C (1[norm ≤ C] is its clip indicator);
+ * distributed refuses a vector longer than a clipped one with its noise share can be. */
+static int dp_verify(const fp_fed_t *f, const fp_verify_in_t *in, fp_adapter_t *u,
+                     const fp_adapter_t *s, double *bit, double *vnorm, fp_err_t *err)
+{
+    if (f->dp == FP_DP_OFF)
+        return 0;
+    int clipped;
+    double norm;
+    if (f->dp == FP_DP_CENTRAL) {
+        fp_dp_clip(u, s, f->r_max, f->frozen_a, in->dp_clip, &norm, &clipped);
+        *bit = norm <= in->dp_clip;
+    } else {
+        norm = fp_dp_norm(u, s, f->r_max, f->frozen_a);
+        double bound = fp_dp_noised_bound(in->dp_clip, in->dp_share_stddev,
+                                          fp_dp_dims(u, f->frozen_a));
+        if (norm > bound)
+            return fp_err_set(err, -EDOM, "under distributed DP the update vector's norm is "
+                              "%.6g, more than a vector clipped to %.6g with its noise share "
+                              "can have (%.6g)", norm, in->dp_clip, bound);
+        *bit = in->dp_indicator;
+    }
+    *vnorm = norm;
+    return 0;
+}
+
 int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
                   char *reason, size_t rn)
 {
@@ -206,11 +233,15 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     if (!f->restart && (rc = rebuild_start(in->start, f, &s, &err)) != 0)
         goto fail;
     code = FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+    double bit = NAN, vnorm = 0;
     if ((rc = fp_adapter_stream_read(raw, len, in->t, in->n, f->alpha, f->rslora, &u, &err)) != 0 ||
         (rc = fp_strategy_check_update(f->strategy, f->layout, f->n_layout, in->rank, u, s,
                                        &err)) != 0 ||
+        (rc = dp_verify(f, in, u, s, &bit, &vnorm, &err)) != 0 ||
         (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, &err)) != 0)
         goto fail;
+    if (f->dp != FP_DP_OFF) /* the recorded norm: the update vector's, before any clip */
+        norm = vnorm;
     free(raw);
     raw = NULL;
     code = FEDPEFT__ERROR__CODE__INTERNAL;
@@ -221,7 +252,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     if ((rc = fp_hfpeft_write_factors(u, final, &err)) != 0)
         goto fail;
     unlink(raw_path);
-    if ((rc = fp_db_task_uploaded(f->db, in->task, shahex, norm, clipped, &err)) < 0)
+    if ((rc = fp_db_task_uploaded(f->db, in->task, shahex, norm, clipped, bit, &err)) < 0)
         goto fail;
     if (rc == 0) {
         code = FEDPEFT__ERROR__CODE__LATE;
@@ -250,25 +281,53 @@ fail:
     return code;
 }
 
-int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65], int *out_rank,
-                     double *seconds, fp_err_t *err)
+/* Under DP: the aggregate's noise (central) and the next clip bound (adaptive). */
+static int dp_after_merge(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t *global,
+                          double *clip_next, fp_err_t *err)
 {
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int n = in->n;
+    if (f->dp == FP_DP_CENTRAL) {
+        int *ranks = malloc((size_t)(n ? n : 1) * sizeof *ranks);
+        if (!ranks)
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        for (int i = 0; i < n; i++)
+            ranks[i] = in->ups[i].rank;
+        fp_dp_noise_average(global, ranks, n, f->frozen_a, in->dp_sigma_sum, in->rng);
+        free(ranks);
+    }
+    if (in->dp_adaptive) {
+        double count = 0;
+        for (int i = 0; i < n; i++)
+            count += isnan(in->ups[i].clip_bit) ? 0 : in->ups[i].clip_bit;
+        if (f->dp == FP_DP_CENTRAL) /* distributed: the sites' indicators carry it */
+            count += fp_noise_gaussian(in->rng, in->dp_count_stddev);
+        *clip_next = fp_dp_next_clip(in->dp_clip, count, n, in->dp_quantile, in->dp_clip_lr);
+    }
+    return 0;
+}
+
+int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out,
+                     fp_err_t *err)
+{
+    double t0 = fp_now();
     int rc = 0, n = in->n;
+    out->clip_next = NAN;
     fp_adapter_t **src = calloc((size_t)(n ? n : 1), sizeof *src);
     char (*labels)[32] = calloc((size_t)(n ? n : 1), sizeof *labels);
     const char **lp = calloc((size_t)(n ? n : 1), sizeof *lp);
+    double *w = calloc((size_t)(n ? n : 1), sizeof *w);
     fp_adapter_t *merged = NULL, *global = NULL, *sum = NULL;
     fp_merger_t *mg = NULL;
-    if (!src || !labels || !lp) {
+    if (!src || !labels || !lp || !w) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
     }
     for (int i = 0; i < n && rc == 0; i++) {
-        char *p = fp_fed_update_path(f, in->tasks[i], "safetensors");
-        snprintf(labels[i], sizeof labels[i], "task %lld", (long long)in->tasks[i]);
+        char *p = fp_fed_update_path(f, in->ups[i].id, "safetensors");
+        snprintf(labels[i], sizeof labels[i], "task %lld", (long long)in->ups[i].id);
         lp[i] = labels[i];
+        /* weights: sample counts; under DP 1 each (sample counts are the sites' data) */
+        w[i] = f->dp != FP_DP_OFF ? 1.0 : (double)in->ups[i].samples;
         rc = p ? fp_hfpeft_load_factors(p, f->alpha, f->rslora, FP_LOAD_MAP, &src[i], err)
                : fp_err_set(err, -ENOMEM, "out of memory");
         free(p);
@@ -280,7 +339,7 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65],
         /* continue: the output has the federation's layout at r_max */
         o.rank = f->r_max;
         if ((rc = fp_merger_new(&mg, &o, f->layout, f->n_layout, err)) == 0 &&
-            (rc = fp_merger_add(mg, (const fp_adapter_t *const *)src, in->weights, n, lp, err)) == 0)
+            (rc = fp_merger_add(mg, (const fp_adapter_t *const *)src, w, n, lp, err)) == 0)
             rc = fp_merger_finish(mg, &merged, err);
         if (rc)
             goto out;
@@ -288,30 +347,30 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65],
         merged = NULL;
     } else {
         /* restart: this round's ΔW*, added to the accumulated global update */
-        if ((rc = fp_merge(&o, (const fp_adapter_t *const *)src, in->weights, n, lp, &merged,
-                           err)) != 0 ||
+        if ((rc = fp_merge(&o, (const fp_adapter_t *const *)src, w, n, lp, &merged, err)) != 0 ||
             (rc = fp_fed_load_adapter(f, in->start_sha, &sum, err)) != 0 ||
             (rc = fp_strategy_accumulate(sum, merged, in->restart_rank_cap, &global, err)) != 0)
             goto out;
     }
+    if (f->dp != FP_DP_OFF && (rc = dp_after_merge(f, in, global, &out->clip_next, err)) != 0)
+        goto out;
     fp_failpoint("aggregated"); /* merged in memory, nothing written */
-    int rank = 0;
+    out->rank = 0;
     for (int i = 0; i < global->n; i++)
-        rank = global->mods[i].rank > rank ? global->mods[i].rank : rank;
+        out->rank = global->mods[i].rank > out->rank ? global->mods[i].rank : out->rank;
     if ((rc = fp_adapter_check_finite(global, err)) != 0 ||
-        (rc = fp_fed_store_adapter(f, global, out_sha, err)) != 0)
+        (rc = fp_fed_store_adapter(f, global, out->sha, err)) != 0)
         goto out;
     fp_failpoint("global-written"); /* the file is in place, the round not yet closed */
-    *out_rank = rank;
 out:
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    *seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    out->seconds = fp_now() - t0;
     fp_merger_free(mg);
     for (int i = 0; src && i < n; i++)
         fp_adapter_free(src[i]);
     free(src);
     free(labels);
     free(lp);
+    free(w);
     fp_adapter_free(merged);
     fp_adapter_free(global);
     fp_adapter_free(sum);

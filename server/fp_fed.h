@@ -11,7 +11,9 @@
 #include "fp_adapter.h"
 #include "fp_adapter_stream.h"
 #include "fp_db.h"
+#include "fp_dp.h"
 #include "fp_merge.h"
+#include "fp_noise.h"
 
 /* A tensor stream ready to send: the global adapter at one rank. Reference-counted on the
  * loop (the round, each site receiving it, each upload measured against it). */
@@ -40,6 +42,9 @@ typedef struct fp_fed {
     int n_layout;
     uint64_t seed;
     fp_db_t *db;
+    /* differential privacy (fp_dp.h) */
+    fp_dp_mode_t dp;
+    int frozen_a;             /* ffa: the update vector is lora_B's change alone */
 } fp_fed_t;
 
 /* Paths under the state directory (malloc'd). */
@@ -75,24 +80,41 @@ typedef struct fp_verify_in {
     double norm_bound;
     int clip;
     const uint8_t *sha;
+    /* under DP: this round's clip bound C; central: clip the update vector to it and record
+     * 1[norm ≤ C]; distributed: refuse a norm above what C and the site's noise share allow,
+     * and record the site's clip indicator */
+    double dp_clip, dp_share_stddev, dp_indicator;
 } fp_verify_in_t;
 int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
                   char *reason, size_t rn);
 
 /* Aggregates the uploaded updates of round n into a new global adapter (from start_sha):
- * writes it and returns its name, rank and the seconds the merge took. */
+ * writes it and returns its name, rank and the seconds the merge took. Under DP the weights
+ * are 1 each; central DP adds noise of standard deviation dp_sigma_sum to the sum (divided as
+ * the merge divides it); adaptive clipping computes the next clip bound from the updates' clip
+ * indicators (central: noised here with dp_count_stddev). */
 typedef struct fp_agg_in {
     int64_t round;
     char start_sha[65];
-    int64_t *tasks;
-    double *weights;
+    fp_db_stored_t *ups;      /* the stored updates: ids, samples, ranks, clip indicators */
     int n;
     double florist_energy;
     int zeropad_norm_weighted;
     int restart_rank_cap;
+    double dp_sigma_sum;      /* central: z_Δ·C */
+    int dp_adaptive;
+    double dp_clip, dp_quantile, dp_clip_lr, dp_count_stddev;
+    fp_noise_t *rng;          /* the noise (a cryptographic keystream) */
 } fp_agg_in_t;
-int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, char out_sha[65], int *out_rank,
-                     double *seconds, fp_err_t *err);
+
+typedef struct fp_agg_out {
+    char sha[65];
+    int rank;
+    double seconds;
+    double clip_next;         /* NAN unless adaptive clipping */
+} fp_agg_out_t;
+int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out,
+                     fp_err_t *err);
 
 /* Tensor list <-> JSON text (kept in the task row so that a resumed upload after a restart
  * knows its layout). */

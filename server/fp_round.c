@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_rdp.h"
 #include "fp_rng.h"
 
 typedef struct site {
@@ -25,6 +26,12 @@ struct fp_round {
     int ntasks;
     site_t *sites;            /* connected, sorted by name */
     int nsites, cap_sites;
+    /* differential privacy */
+    int64_t steps;            /* the accountant's steps: draws so far */
+    double epsilon;           /* spent */
+    int exhausted;
+    int64_t next_steps;       /* cached: ε after next_steps steps */
+    double next_epsilon;
 };
 
 static const char *const phase_names[] = {"waiting for sites", "preparing", "open",
@@ -44,6 +51,7 @@ int fp_round_new(fp_round_t **out, const fp_round_cfg_t *cfg, const fp_round_ops
     r->cfg = *cfg;
     r->ops = *ops;
     r->ctx = ctx;
+    r->next_steps = -1;
     *out = r;
     return 0;
 }
@@ -60,6 +68,13 @@ void fp_round_free(fp_round_t *r)
 void fp_round_set_cfg(fp_round_t *r, const fp_round_cfg_t *cfg)
 {
     r->cfg = *cfg;
+    r->next_steps = -1; /* the accountant's cache */
+}
+
+void fp_round_set_spent(fp_round_t *r, int64_t steps, double epsilon)
+{
+    r->steps = steps;
+    r->epsilon = epsilon;
 }
 
 /* ---- sites ---- */
@@ -193,6 +208,58 @@ static int sample_size(const fp_round_cfg_t *c, int n)
     return want > n ? n : want;
 }
 
+/* ε after `steps` draws (cached: the accountant takes milliseconds). */
+static double epsilon_after(fp_round_t *r, int64_t steps)
+{
+    const fp_round_cfg_t *c = &r->cfg;
+    if (r->next_steps != steps) {
+        r->next_steps = steps;
+        r->next_epsilon = fp_rdp_epsilon(c->fraction, c->dp_noise, (double)steps, c->dp_delta,
+                                         0, NULL);
+    }
+    return r->next_epsilon;
+}
+
+/* The sites of a round, indices into r->sites in draw order: a seeded shuffle cut to the
+ * sample size, or under DP each site independently with probability `fraction`. */
+static int draw(fp_round_t *r, int64_t round, fp_rng_t *rng, int *order)
+{
+    const fp_round_cfg_t *c = &r->cfg;
+    int n = r->nsites, k = 0;
+    if (c->dp) {
+        for (int i = 0; i < n; i++)
+            if (r->ops.uniform(r->ctx) < c->fraction)
+                order[k++] = i;
+        return k;
+    }
+    /* a shuffle of the sites in name order, seeded by the federation and the round */
+    for (int i = 0; i < n; i++)
+        order[i] = i;
+    for (int i = n - 1; i > 0; i--) { /* Fisher–Yates */
+        int j = (int)fp_rng_below(rng, (uint64_t)(i + 1)), t = order[i];
+        order[i] = order[j];
+        order[j] = t;
+    }
+    (void)round;
+    return sample_size(c, n);
+}
+
+/* Under DP: whether the budget allows another draw (saying so once when it does not). */
+static int budget_allows(fp_round_t *r)
+{
+    if (!r->cfg.dp)
+        return 1;
+    double next = epsilon_after(r, r->steps + 1);
+    if (next <= r->cfg.dp_epsilon_max)
+        return 1;
+    if (!r->exhausted) {
+        r->exhausted = 1;
+        if (r->ops.exhausted)
+            r->ops.exhausted(r->ctx, r->steps, r->epsilon, next);
+    }
+    return 0;
+}
+
 static void maybe_open(fp_round_t *r)
 {
     const fp_round_cfg_t *c = &r->cfg;
@@ -204,25 +271,31 @@ static void maybe_open(fp_round_t *r)
         return;
     }
     int n = r->nsites;
-    if (n < 1 || n < c->min_sites)
+    if (n < 1 || n < c->min_sites || !budget_allows(r))
         return;
-    int *order = malloc((size_t)n * sizeof *order), want = sample_size(c, n);
-    fp_round_task_t *t = alloc_tasks(want);
-    if (!order || !t) {
-        free(order);
-        free(t);
+    int *order = malloc((size_t)n * sizeof *order);
+    if (!order)
         return;
-    }
-    /* a shuffle of the sites in name order, seeded by the federation and the round */
     int64_t round = r->n + 1;
     fp_rng_t rng;
     fp_rng_seed(&rng, c->seed * 0x9E3779B97F4A7C15ull + (uint64_t)round);
-    for (int i = 0; i < n; i++)
-        order[i] = i;
-    for (int i = n - 1; i > 0; i--) { /* Fisher–Yates */
-        int j = (int)fp_rng_below(&rng, (uint64_t)(i + 1)), k = order[i];
-        order[i] = order[j];
-        order[j] = k;
+    int want = draw(r, round, &rng, order);
+    int64_t steps = r->steps + (c->dp ? 1 : 0);
+    double eps = c->dp ? epsilon_after(r, steps) : 0;
+    if (c->dp && want < (c->min_updates > 1 ? c->min_updates : 1)) {
+        /* too few for a round: nothing is released, but the draw is the accountant's step */
+        free(order);
+        if (r->ops.draw_charged(r->ctx, want, steps, eps) == 0) {
+            r->steps = steps;
+            r->epsilon = eps;
+        }
+        r->ops.arm(r->ctx, c->dp_retry_ms);
+        return;
+    }
+    fp_round_task_t *t = alloc_tasks(want);
+    if (!t) {
+        free(order);
+        return;
     }
     for (int i = 0; i < want; i++) {
         const site_t *s = &r->sites[order[i]];
@@ -233,8 +306,8 @@ static void maybe_open(fp_round_t *r)
     }
     free(order);
     int64_t wall = r->ops.wall_ms(r->ctx), mono = r->ops.mono_ms(r->ctx);
-    int64_t deadline = wall + c->deadline_ms;
-    if (r->ops.open(r->ctx, round, wall, deadline, t, want) != 0) {
+    fp_round_open_t o = {round, wall, wall + c->deadline_ms, steps, eps};
+    if (r->ops.open(r->ctx, &o, t, want) != 0) {
         free(t);
         return;
     }
@@ -242,7 +315,9 @@ static void maybe_open(fp_round_t *r)
     r->tasks = t;
     r->ntasks = want;
     r->n = round;
-    r->deadline_wall = deadline;
+    r->steps = steps;
+    r->epsilon = eps;
+    r->deadline_wall = o.deadline_wall_ms;
     r->deadline_mono = mono + c->deadline_ms; /* the same instant on both clocks */
     prepare(r);
 }
@@ -343,7 +418,10 @@ void fp_round_refused(fp_round_t *r, int64_t id)
 
 void fp_round_timer(fp_round_t *r)
 {
-    check(r);
+    if (r->phase == FP_ROUND_IDLE)
+        maybe_open(r); /* a draw again, after one of too few sites */
+    else
+        check(r);
 }
 
 void fp_round_aggregated(fp_round_t *r)
@@ -422,4 +500,19 @@ int fp_round_wants(const fp_round_t *r, int64_t id)
 {
     const fp_round_task_t *t = task_by_id(r, id);
     return t && r->phase == FP_ROUND_OPEN && !t->uploaded && !t->excluded;
+}
+
+int64_t fp_round_dp_steps(const fp_round_t *r)
+{
+    return r->steps;
+}
+
+double fp_round_epsilon(const fp_round_t *r)
+{
+    return r->epsilon;
+}
+
+int fp_round_exhausted(const fp_round_t *r)
+{
+    return r->exhausted;
 }

@@ -15,7 +15,14 @@
  *
  * A task is waited for until its update is stored (uploaded), it is refused or its site
  * reports failure (excluded), or its site disconnects and has not come back (gone). A site
- * not seen since a restart is waited for until the deadline. */
+ * not seen since a restart is waited for until the deadline.
+ *
+ * Under differential privacy the machine also keeps the budget: every draw of sites is a step
+ * of the accountant (fp_rdp.h: sampling rate `fraction`, noise multiplier z); sites are drawn
+ * independently (Poisson sampling, the accountant's assumption) with randomness the caller
+ * supplies; a draw with fewer than min_updates sites opens no round but is charged all the
+ * same (and the machine draws again after dp_retry_ms); and no draw happens whose step would
+ * take ε past the budget — the machine says so once and opens no more rounds. */
 #ifndef FP_ROUND_H
 #define FP_ROUND_H
 
@@ -46,7 +53,20 @@ typedef struct fp_round_cfg {
     uint64_t seed;         /* sampling and task seeds */
     fp_strategy_t strategy;
     int r_max;
+    /* differential privacy (dp = 0: none) */
+    int dp;
+    double dp_noise;          /* z the accountant prices (the total, adaptive clipping's too) */
+    double dp_delta, dp_epsilon_max;
+    int64_t dp_retry_ms;      /* after a draw of too few sites */
 } fp_round_cfg_t;
+
+/* A round's opening, to record. */
+typedef struct fp_round_open {
+    int64_t n;
+    int64_t opened_wall_ms, deadline_wall_ms;
+    int64_t dp_steps;         /* under DP: the accountant's steps with this draw, */
+    double dp_epsilon;        /* and ε spent with it */
+} fp_round_open_t;
 
 typedef struct fp_round_task {
     int64_t id;                     /* the database's task id */
@@ -64,10 +84,9 @@ typedef struct fp_round_ops {
     int64_t (*wall_ms)(void *ctx);
     /* A site's rank cap (0: none). Optional. */
     int (*rank_cap)(void *ctx, const char *site);
-    /* Record round n opening, its tasks t[0..nt) (fill in their ids). Non-zero: it does not
+    /* Record round o->n opening, its tasks t[0..nt) (fill in their ids). Non-zero: it does not
      * open (the machine stays idle and tries again on the next event). */
-    int (*open)(void *ctx, int64_t n, int64_t opened_wall_ms, int64_t deadline_wall_ms,
-                fp_round_task_t *t, int nt);
+    int (*open)(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int nt);
     /* Prepare the task streams of round n at ranks[0..nr) (one stream, rank 0, for restart
      * strategies); answer with fp_round_prepared. */
     void (*prepare)(void *ctx, int64_t n, const int *ranks, int nr);
@@ -87,6 +106,13 @@ typedef struct fp_round_ops {
     int (*close)(void *ctx, int64_t n);
     /* Every configured round is done. Optional. */
     void (*finished)(void *ctx);
+    /* Under DP: uniform randomness on [0, 1) for the draws (a cryptographic source); record a
+     * draw of `drawn` sites, too few for a round, that brought the accountant to steps and
+     * epsilon (non-zero: not recorded, not charged, drawn again later); the budget stops the
+     * rounds: spent so far, and what the next draw would bring it to. */
+    double (*uniform)(void *ctx);
+    int (*draw_charged)(void *ctx, int drawn, int64_t steps, double epsilon);
+    void (*exhausted)(void *ctx, int64_t steps, double spent, double next);
 } fp_round_ops_t;
 
 typedef struct fp_round fp_round_t;
@@ -103,6 +129,9 @@ void fp_round_set_cfg(fp_round_t *r, const fp_round_cfg_t *cfg); /* then fp_roun
  * prepares again (and waits the rest of its deadline); an aggregating one aggregates again. */
 int fp_round_recover(fp_round_t *r, int64_t n, fp_round_phase_t phase, int64_t deadline_wall_ms,
                      const fp_round_task_t *t, int nt, fp_err_t *err);
+
+/* Under DP: what a restarted coordinator had spent (the accountant's steps and ε). */
+void fp_round_set_spent(fp_round_t *r, int64_t steps, double epsilon);
 
 /* A site is connected and welcomed (again), with its rank budget. */
 int fp_round_site_up(fp_round_t *r, const char *site, int budget);
@@ -137,5 +166,9 @@ int fp_round_sites(const fp_round_t *r);            /* connected sites */
 int fp_round_accepts(const fp_round_t *r, int64_t n);
 /* Task id is still to be sent (open, no update, not excluded). */
 int fp_round_wants(const fp_round_t *r, int64_t id);
+/* Under DP: the accountant's steps and the ε spent; whether the budget stopped the rounds. */
+int64_t fp_round_dp_steps(const fp_round_t *r);
+double fp_round_epsilon(const fp_round_t *r);
+int fp_round_exhausted(const fp_round_t *r);
 
 #endif

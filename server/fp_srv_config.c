@@ -1,6 +1,7 @@
 #include "fp_srv_config.h"
 
 #include <errno.h>
+#include <math.h>
 #include <netdb.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "fp_dp.h"
 #include "fp_fs.h"
 #include "fp_merge.h"
 #include "fp_model.h"
@@ -105,6 +107,31 @@ const fp_setting_t fp_srv_settings[] = {
      "over the bound: clip (scale the contribution down) or refuse"},
     {"validation", "max_samples", FP_SET_INT, O(max_samples), "1000000000", 1, BIG, 1,
      "largest sample count an update may claim"},
+
+    {"privacy", "mode", FP_SET_STR, O(dp_mode), "off", 0, 0, 0,
+     "client-level differential privacy: off, central (this coordinator clips and adds the "
+     "noise) or distributed (each site clips and adds its share); fixed once the federation "
+     "exists. Under DP sites are sampled independently with probability federation.fraction, "
+     "with weight 1 each"},
+    {"privacy", "clip", FP_SET_DOUBLE, O(dp_clip), "1", 1e-12, 1e12, 0,
+     "C: the L2 bound on a site's update vector (the factors' change, in the global adapter's "
+     "coordinates); with adaptive_clip, the first round's"},
+    {"privacy", "noise_multiplier", FP_SET_DOUBLE, O(dp_noise), "1", 1e-3, 1e6, 0,
+     "z: the noise on a round's sum has standard deviation z·C (`fedpeft privacy --epsilon E` "
+     "finds the z a budget needs)"},
+    {"privacy", "adaptive_clip", FP_SET_BOOL, O(dp_adaptive), "false", 0, 0, 0,
+     "adapt C each round toward a quantile of the sites' update norms (Andrew et al. 2021); "
+     "its privacy cost is part of z"},
+    {"privacy", "target_quantile", FP_SET_DOUBLE, O(dp_quantile), "0.5", 0.01, 0.99, 0,
+     "adaptive_clip: the fraction of updates C should bound"},
+    {"privacy", "clip_learning_rate", FP_SET_DOUBLE, O(dp_clip_lr), "0.2", 1e-6, 10, 0,
+     "adaptive_clip: C ← C·exp(−rate·(fraction below C − target_quantile))"},
+    {"privacy", "clip_count_stddev", FP_SET_DOUBLE, O(dp_count_stddev), "1", 1e-6, 1e9, 0,
+     "adaptive_clip: noise on the count of updates below C (must exceed 1/(2z))"},
+    {"privacy", "epsilon_max", FP_SET_DOUBLE, O(dp_epsilon_max), "8", 1e-6, 1e6, 0,
+     "the budget: no round opens whose draw would take the federation's ε past it"},
+    {"privacy", "delta", FP_SET_DOUBLE, O(dp_delta), "1e-5", 1e-15, 0.1, 0,
+     "δ of the (ε, δ) guarantee (well below 1 / the number of sites)"},
     FP_SET_END,
 };
 
@@ -166,6 +193,27 @@ int fp_srv_config_rank_cap(const fp_srv_config_t *c, const char *site)
     return cap;
 }
 
+/* [privacy]: a mode the strategy supports, settings that can work together. */
+static int check_privacy(const fp_srv_config_t *c, fp_strategy_t st, fp_err_t *err)
+{
+    fp_dp_mode_t m;
+    int rc = fp_dp_mode_parse(c->dp_mode ? c->dp_mode : "", &m, err);
+    if (rc || m == FP_DP_OFF)
+        return rc;
+    if ((rc = fp_dp_check(st, m, c->zeropad_norm_weighted, err)) != 0)
+        return fp_err_prefix(err, rc, "privacy.mode = %s with federation.strategy = %s: ",
+                             c->dp_mode, c->strategy);
+    if (c->max_sites)
+        return fp_err_set(err, -EINVAL, "privacy: sites are sampled independently (Poisson, "
+                          "the accountant's assumption), which no federation.max_sites can cap: "
+                          "set it to 0");
+    if (c->dp_adaptive && isnan(fp_dp_update_multiplier(c->dp_noise, c->dp_count_stddev)))
+        return fp_err_set(err, -EINVAL, "privacy.clip_count_stddev (%g) must exceed "
+                          "1/(2·noise_multiplier) = %g: the count's noise is paid for out of "
+                          "z", c->dp_count_stddev, 1 / (2 * c->dp_noise));
+    return 0;
+}
+
 int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
 {
     char host[256];
@@ -212,6 +260,8 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
                           "(%lld): no round could close", c->max_sites, c->min_updates);
     if (c->restart_rank_cap < c->r_max)
         return fp_err_set(err, -EINVAL, "federation.restart_rank_cap must be at least r_max");
+    if ((rc = check_privacy(c, st, err)) != 0)
+        return rc;
     fp_model_config_t mc;
     if ((rc = fp_model_config_load(c->base_model_config, &mc, err)) != 0)
         return fp_err_prefix(err, rc, "federation.base_model_config: ");

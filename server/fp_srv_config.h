@@ -42,6 +42,13 @@ typedef struct fp_srv_config {
     double norm_bound;        /* 0: off */
     char *norm_action;        /* clip | refuse */
     long long max_samples;
+    /* [privacy] — client-level differential privacy (fixed once the federation exists) */
+    char *dp_mode;            /* off | central | distributed */
+    double dp_clip;           /* C: the L2 bound on a site's update vector (the first one) */
+    double dp_noise;          /* z: noise multiplier */
+    int dp_adaptive;          /* adaptive clipping */
+    double dp_quantile, dp_clip_lr, dp_count_stddev;
+    double dp_epsilon_max, dp_delta;
 } fp_srv_config_t;
 
 extern const fp_setting_t fp_srv_settings[];

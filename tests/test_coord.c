@@ -281,7 +281,7 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     fp_adapter_stream_write(ad, r->buf);
     fp_site_update_t u = {t->task_id, samples[r->idx] * (behaviour == B_SAMPLES ? 2 : 1),
                           t->rank, 2.0 - 0.1 * (double)t->round,
-                          2.5, 2.0, 0.1, r->buf, len, r->t, n, NULL};
+                          2.5, 2.0, 0.1, r->buf, len, r->t, n, NULL, 0};
     fp_stream_tensor_t extra[512];
     if (behaviour == B_EXTRA && n < 511) { /* one tensor more than the federation's adapter */
         memcpy(extra, r->t, (size_t)n * sizeof *extra);
@@ -359,7 +359,8 @@ static const fp_site_ops_t site_ops = {NULL, on_task, on_stored, on_closed};
 
 static void site_connect(site_rt_t *r)
 {
-    fp_site_hello_t h = {site_names[r->idx], {0}, budgets[r->idx], samples[r->idx], 65536};
+    fp_site_hello_t h = {site_names[r->idx], {0}, budgets[r->idx], samples[r->idx], 65536,
+                         0};
     memcpy(h.model_sha256, model_sha, 32);
     if (r->bad_model)
         h.model_sha256[0] ^= 0xff;

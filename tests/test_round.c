@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_rdp.h"
 #include "fp_round.h"
 #include "fp_test.h"
 
@@ -16,6 +17,8 @@ typedef struct world {
     int fail_open, fail_aggregate, fail_expire, fail_close;
     int64_t next_id;
     const char *caps;          /* "site:cap,..." */
+    const double *draws;       /* DP: the uniform draws, 0-terminated */
+    int ndraw;
     fp_round_t *r;
 } world_t;
 
@@ -46,10 +49,10 @@ static int cmp_site(const void *a, const void *b)
     return strcmp(((const fp_round_task_t *)a)->site, ((const fp_round_task_t *)b)->site);
 }
 
-static int w_open(void *ctx, int64_t n, int64_t opened, int64_t deadline, fp_round_task_t *t,
-                  int nt)
+static int w_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int nt)
 {
     world_t *w = ctx;
+    int64_t n = o->n, opened = o->opened_wall_ms, deadline = o->deadline_wall_ms;
     if (w->fail_open) {
         say(w, "open %lld failed", (long long)n);
         return -EIO;
@@ -65,6 +68,8 @@ static int w_open(void *ctx, int64_t n, int64_t opened, int64_t deadline, fp_rou
         snprintf(buf + strlen(buf), sizeof buf - strlen(buf), " %s:%d", s[i].site, s[i].rank);
     free(s);
     say(w, "open %lld in %llds%s", (long long)n, (long long)((deadline - opened) / 1000), buf);
+    if (o->dp_steps)
+        say(w, "charged %lld %.3f", (long long)o->dp_steps, o->dp_epsilon);
     return 0;
 }
 
@@ -128,8 +133,27 @@ static void w_finished(void *ctx)
     say(ctx, "finished");
 }
 
-static const fp_round_ops_t ops = {w_mono, w_wall, w_cap, w_open, w_prepare, w_send, w_arm,
-                                   w_disarm, w_aggregate, w_expire, w_close, w_finished};
+/* Under DP: the draws' randomness is a scripted list (then 0.999: drawn by nobody). */
+static double w_uniform(void *ctx)
+{
+    world_t *w = ctx;
+    return w->draws && w->draws[w->ndraw] ? w->draws[w->ndraw++] : 0.999;
+}
+
+static int w_draw_charged(void *ctx, int drawn, int64_t steps, double epsilon)
+{
+    say(ctx, "draw of %d charged %lld %.3f", drawn, (long long)steps, epsilon);
+    return 0;
+}
+
+static void w_exhausted(void *ctx, int64_t steps, double spent, double next)
+{
+    say(ctx, "exhausted at %lld %.3f (next %.3f)", (long long)steps, spent, next);
+}
+
+static const fp_round_ops_t ops = {w_mono,    w_wall,   w_cap,      w_open,     w_prepare,
+                                   w_send,    w_arm,    w_disarm,   w_aggregate, w_expire,
+                                   w_close,   w_finished, w_uniform, w_draw_charged, w_exhausted};
 
 /* ---- the tables ---- */
 
@@ -551,12 +575,86 @@ static void test_task_seeds(void **state)
     fp_round_free(w.r);
 }
 
+/* Under DP: Poisson draws from the scripted randomness, each draw a step of the accountant
+ * (a draw of too few sites charged too), and no draw past the budget — also after a restart. */
+static void test_privacy_budget(void **state)
+{
+    (void)state;
+    fp_round_cfg_t cfg = CFG(FP_STRAT_FFA, 4, 4, 2, 0.5, 0, 0);
+    cfg.dp = 1;
+    cfg.dp_noise = 1.0;
+    cfg.dp_delta = 1e-5;
+    cfg.dp_retry_ms = 5000;
+    double e1 = fp_rdp_epsilon(0.5, 1.0, 1, 1e-5, 0, NULL);
+    double e2 = fp_rdp_epsilon(0.5, 1.0, 2, 1e-5, 0, NULL);
+    double e3 = fp_rdp_epsilon(0.5, 1.0, 3, 1e-5, 0, NULL);
+    double e4 = fp_rdp_epsilon(0.5, 1.0, 4, 1e-5, 0, NULL);
+    assert_true(e1 < e2 && e2 < e3 && e3 < e4);
+    cfg.dp_epsilon_max = e3 + 1e-9; /* three draws fit */
+    /* per draw, one number per site in name order (a, b, c, d): below 0.5 is drawn */
+    static const double draws[] = {0.1, 0.9, 0.2, 0.3,  /* a, c, d */
+                                   0.9, 0.9, 0.9, 0.1,  /* d alone: too few */
+                                   0.4, 0.1, 0.9, 0.9,  /* a, b */
+                                   0};
+    world_t w = {.mono = 0, .wall = 0, .next_id = 1, .draws = draws};
+    assert_int_equal(fp_round_new(&w.r, &cfg, &ops, &w, NULL), 0);
+    char want[256];
+    fp_round_site_up(w.r, "a", 4);
+    fp_round_site_up(w.r, "b", 4);
+    fp_round_site_up(w.r, "c", 4);
+    w.log[0] = '\0';
+    fp_round_site_up(w.r, "d", 4);
+    snprintf(want, sizeof want, "open 1 in 60s a:4 c:4 d:4; charged 1 %.3f; prepare 1 4", e1);
+    assert_string_equal(w.log, want);
+    fp_round_prepared(w.r);
+    int n;
+    const fp_round_task_t *t = fp_round_tasks(w.r, &n);
+    for (int i = 0; i < n; i++)
+        fp_round_uploaded(w.r, t[i].id);
+    w.log[0] = '\0';
+    fp_round_aggregated(w.r);
+    snprintf(want, sizeof want, "close 1; disarm; draw of 1 charged 2 %.3f; arm 5000", e2);
+    assert_string_equal(w.log, want);
+    assert_int_equal(fp_round_dp_steps(w.r), 2);
+    w.log[0] = '\0';
+    fp_round_timer(w.r);
+    snprintf(want, sizeof want, "open 2 in 60s a:4 b:4; charged 3 %.3f; prepare 2 4", e3);
+    assert_string_equal(w.log, want);
+    fp_round_prepared(w.r);
+    t = fp_round_tasks(w.r, &n);
+    for (int i = 0; i < n; i++)
+        fp_round_uploaded(w.r, t[i].id);
+    w.log[0] = '\0';
+    fp_round_aggregated(w.r);
+    snprintf(want, sizeof want, "close 2; disarm; exhausted at 3 %.3f (next %.3f)", e3, e4);
+    assert_string_equal(w.log, want);
+    assert_true(fp_round_exhausted(w.r));
+    w.log[0] = '\0';
+    fp_round_poke(w.r); /* said once; no round */
+    fp_round_site_up(w.r, "e", 4);
+    assert_string_equal(w.log, "");
+    assert_int_equal(fp_round_phase(w.r), FP_ROUND_IDLE);
+    fp_round_free(w.r);
+    /* a restarted coordinator: what was spent stays spent */
+    world_t w2 = {.next_id = 1, .draws = draws};
+    assert_int_equal(fp_round_new(&w2.r, &cfg, &ops, &w2, NULL), 0);
+    fp_round_set_spent(w2.r, 3, e3);
+    fp_round_site_up(w2.r, "a", 4);
+    fp_round_site_up(w2.r, "b", 4);
+    fp_round_site_up(w2.r, "c", 4);
+    fp_round_site_up(w2.r, "d", 4);
+    snprintf(want, sizeof want, "exhausted at 3 %.3f (next %.3f)", e3, e4);
+    assert_string_equal(w2.log, want);
+    fp_round_free(w2.r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tables),
         cmocka_unit_test(test_sampling),
         cmocka_unit_test(test_task_seeds),
+        cmocka_unit_test(test_privacy_budget),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -113,7 +113,7 @@ static void ls_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
     fp_adapter_stream_write(ad, l->buf);
     fp_adapter_free(ad);
     fp_site_update_t u = {t->task_id, 100 + (uint64_t)l->idx, t->rank, 1.0, 1.0, 1.0, 0.0,
-                          l->buf, len, l->t, n, NULL};
+                          l->buf, len, l->t, n, NULL, 0};
     fp_site_upload(s, &u, 0);
     l->upload_round = (int)t->round;
 }
@@ -259,7 +259,7 @@ static int run_sites(bench_t *b, const char *pki, int port, const uint8_t msha[3
         snprintf(crt, sizeof crt, "%s/sites/%s/site.crt", pki, l->name);
         snprintf(key, sizeof key, "%s/sites/%s/site.key", pki, l->name);
         fp_tls_cfg_t c = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
-        fp_site_hello_t h = {l->name, {0}, 8, 100 + (uint64_t)i, 0};
+        fp_site_hello_t h = {l->name, {0}, 8, 100 + (uint64_t)i, 0, 0};
         memcpy(h.model_sha256, msha, 32);
         if ((rc = fp_tls_ctx_new(&l->tls, &c, err)) == 0)
             rc = fp_site_connect(&l->s, &b->loop, "127.0.0.1", port, l->tls, NULL, &h,

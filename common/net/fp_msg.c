@@ -156,6 +156,20 @@ static int str_ok(const char *s)
     return !s || strlen(s) <= FP_MAX_NAME;
 }
 
+/* Privacy parameters: a known mode, finite and non-negative numbers, a rate in [0, 1]. */
+static int privacy_ok(const Fedpeft__Privacy *p)
+{
+    if (!p)
+        return 1;
+    double v[] = {p->noise_multiplier, p->sample_rate, p->delta, p->epsilon_max,
+                  p->epsilon_spent, p->clip, p->noise_stddev, p->count_stddev};
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
+        if (!isfinite(v[i]) || v[i] < 0)
+            return 0;
+    return (unsigned)p->mode <= FEDPEFT__PRIVACY__MODE__DISTRIBUTED && p->sample_rate <= 1 &&
+           p->global_rank <= 65536;
+}
+
 static Fedpeft__Error__Code check_tensors(Fedpeft__TensorInfo **t, size_t n, uint64_t total,
                                           char *reason, size_t rn)
 {
@@ -221,7 +235,7 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
     }
     case FEDPEFT__ENVELOPE__BODY_WELCOME:
         if (!str_ok(e->welcome->federation) || !str_ok(e->welcome->site_id) ||
-            !str_ok(e->welcome->strategy))
+            !str_ok(e->welcome->strategy) || !privacy_ok(e->welcome->privacy))
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s", "Welcome: bad field");
         return 0;
     case FEDPEFT__ENVELOPE__BODY_TASK: {
@@ -230,6 +244,9 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
             t->n_target_modules > 7)
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
                        "Task: bad rank, alpha or targets");
+        if (!privacy_ok(t->privacy))
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Task: privacy parameters out of range");
         if (t->hyper && (!isfinite(t->hyper->lr) || t->hyper->lr < 0 || t->hyper->steps > 10000000 ||
                          t->hyper->batch > 65536 || t->hyper->seq_len > (1u << 20)))
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
@@ -251,7 +268,8 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s", "Update: bad rank");
         if (u->metrics && (!isfinite(u->metrics->train_loss) ||
                            !isfinite(u->metrics->eval_loss_before) ||
-                           !isfinite(u->metrics->eval_loss_after)))
+                           !isfinite(u->metrics->eval_loss_after) ||
+                           !isfinite(u->metrics->clip_indicator)))
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
                        "Update: metrics must be finite");
         return check_tensors(u->tensors, u->n_tensors, u->stream_bytes, reason, n);

@@ -46,6 +46,18 @@ static const char *const migrations[] = {
     "CREATE TABLE event("
     "  id INTEGER PRIMARY KEY, ms INTEGER NOT NULL, round INTEGER, site TEXT,"
     "  kind TEXT NOT NULL, detail TEXT);",
+    /* 2: differential privacy — the federation's mechanism and what it has spent */
+    "CREATE TABLE privacy("
+    "  id INTEGER PRIMARY KEY CHECK (id = 1),"
+    "  mode TEXT NOT NULL CHECK (mode IN ('central','distributed')),"
+    "  noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, delta REAL NOT NULL,"
+    "  epsilon_max REAL NOT NULL, adaptive INTEGER NOT NULL, count_stddev REAL NOT NULL,"
+    "  clip REAL NOT NULL, steps INTEGER NOT NULL DEFAULT 0, epsilon REAL NOT NULL DEFAULT 0,"
+    "  exhausted_ms INTEGER);"
+    "ALTER TABLE round ADD COLUMN clip REAL;"
+    "ALTER TABLE round ADD COLUMN clip_next REAL;"
+    "ALTER TABLE round ADD COLUMN epsilon REAL;"
+    "ALTER TABLE task ADD COLUMN clip_bit REAL;",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 

@@ -10,6 +10,8 @@
  *   task        one row per site per round: assigned rank, state assigned → uploading →
  *               uploaded → merged (or dropped, refused, late), samples, metrics, the update
  *   event       audit trail: refusals, drops, reloads, starts and stops
+ *   privacy     one row under differential privacy: the mechanism (fixed at creation), the
+ *               current clip bound, the accountant's steps and the ε spent
  * Adapters live in STATE/adapters/<sha256>.safetensors, uploads in STATE/updates/<task>.*;
  * the database refers to both by name, and refers to a file only after the file is durable.
  *
@@ -61,9 +63,29 @@ typedef struct fp_db_federation {
 
 int fp_db_federation_get(fp_db_t *db, fp_db_federation_t *out, fp_err_t *err);
 
-/* Records the federation and its round 0, closed, whose global adapter is the initial one. */
+/* Under differential privacy: the mechanism and what it has spent. */
+typedef struct fp_db_privacy {
+    char mode[16];                /* central | distributed */
+    double noise_multiplier, sample_rate, delta, epsilon_max, count_stddev;
+    int adaptive;
+    double clip;                  /* the bound the next round uses */
+    int64_t steps;                /* the accountant's steps: every draw of sites so far */
+    double epsilon;               /* spent after them */
+    int64_t exhausted_ms;         /* when the budget stopped the rounds (0: not yet) */
+} fp_db_privacy_t;
+
+/* Records the federation and its round 0, closed, whose global adapter is the initial one;
+ * with privacy (NULL: none), its mechanism. One transaction. */
 int fp_db_federation_create(fp_db_t *db, const fp_db_federation_t *f, const char *initial_sha,
-                            int initial_rank, fp_err_t *err);
+                            int initial_rank, const fp_db_privacy_t *privacy, fp_err_t *err);
+
+int fp_db_privacy_get(fp_db_t *db, fp_db_privacy_t *out, fp_err_t *err);
+
+/* A draw of sites that sampled too few for a round: the accountant's step, charged. */
+int fp_db_privacy_draw(fp_db_t *db, int64_t steps, double epsilon, fp_err_t *err);
+
+/* The budget stops the rounds (recorded once). */
+int fp_db_privacy_exhausted(fp_db_t *db, fp_err_t *err);
 
 /* ---- rounds ---- */
 
@@ -76,6 +98,7 @@ typedef struct fp_db_round {
     double agg_seconds;                           /* NAN when not recorded */
     char global_adapter[65];                      /* "" until closed */
     int global_rank;
+    double clip, epsilon;                         /* under privacy: its C, ε with its draw */
 } fp_db_round_t;
 
 int fp_db_round_get(fp_db_t *db, int64_t n, fp_db_round_t *out, fp_err_t *err);
@@ -90,9 +113,17 @@ typedef struct fp_db_assign {
     int64_t id;
 } fp_db_assign_t;
 
-/* Round n opens from global adapter start_sha with tasks t[0..n): one transaction. */
+/* Under privacy, a round's draw: the accountant's steps and ε with it, the clip bound. */
+typedef struct fp_db_draw {
+    int64_t steps;
+    double epsilon, clip;
+} fp_db_draw_t;
+
+/* Round n opens from global adapter start_sha with tasks t[0..n) (and under privacy its draw,
+ * charged in the same transaction; NULL: none). One transaction. */
 int fp_db_round_open(fp_db_t *db, int64_t n, int64_t opened_ms, int64_t deadline_ms,
-                     const char *start_sha, fp_db_assign_t *t, int nt, fp_err_t *err);
+                     const char *start_sha, fp_db_assign_t *t, int nt, const fp_db_draw_t *dp,
+                     fp_err_t *err);
 
 /* Round n expires (why is recorded); its unfinished tasks are dropped. One transaction. */
 int fp_db_round_expire(fp_db_t *db, int64_t n, const char *why, fp_err_t *err);
@@ -101,9 +132,9 @@ int fp_db_round_expire(fp_db_t *db, int64_t n, const char *why, fp_err_t *err);
 int fp_db_round_aggregating(fp_db_t *db, int64_t n, fp_err_t *err);
 
 /* Round n closes with global adapter sha (rank), its totals summed from its stored updates,
- * which become merged. One transaction. */
+ * which become merged; clip_next (not NAN) is the clip bound from here on. One transaction. */
 int fp_db_round_close(fp_db_t *db, int64_t n, const char *global_sha, int rank,
-                      double agg_seconds, int64_t bytes_out, fp_err_t *err);
+                      double agg_seconds, int64_t bytes_out, double clip_next, fp_err_t *err);
 
 /* ---- tasks ---- */
 
@@ -122,8 +153,13 @@ int fp_db_task_get(fp_db_t *db, int64_t id, fp_db_task_t *out, fp_err_t *err);
 /* The tasks of round n still in play (assigned, uploading, uploaded), by id; tensors NULL. */
 int fp_db_round_tasks(fp_db_t *db, int64_t n, fp_db_task_t **out, int *count, fp_err_t *err);
 
-/* The stored updates of round n, by site: task ids and sample counts (the merge weights). */
-int fp_db_round_uploads(fp_db_t *db, int64_t n, int64_t **ids, double **samples, int *count,
+/* The stored updates of round n, by site. */
+typedef struct fp_db_stored {
+    int64_t id, samples;
+    int rank;
+    double clip_bit;              /* NAN when not recorded */
+} fp_db_stored_t;
+int fp_db_round_uploads(fp_db_t *db, int64_t n, fp_db_stored_t **out, int *count,
                         fp_err_t *err);
 
 /* The tasks of round n that ended without an update (refused, dropped). */
@@ -137,13 +173,15 @@ typedef struct fp_db_upload {
     int64_t stream_bytes, samples;
     double train_loss, eval_loss_before, eval_loss_after, train_seconds; /* NAN: not sent */
     const char *tensors;      /* tensor list as JSON */
+    double clip_bit;          /* distributed adaptive DP: the site's noised clip indicator */
 } fp_db_upload_t;
 int fp_db_task_uploading(fp_db_t *db, int64_t id, const fp_db_upload_t *u, fp_err_t *err);
 
 /* The update of task id is durable: recorded as uploaded, if it is uploading and its round
- * still open. 1 recorded, 0 too late (the round closed), negative on error. */
+ * still open (clip_bit: under central privacy 1[norm ≤ C]; NAN keeps what was announced).
+ * 1 recorded, 0 too late (the round closed), negative on error. */
 int fp_db_task_uploaded(fp_db_t *db, int64_t id, const char *sha_hex, double norm, int clipped,
-                        fp_err_t *err);
+                        double clip_bit, fp_err_t *err);
 
 /* Task id ends unmerged (refused or late) with a reason, if it is assigned or uploading. */
 int fp_db_task_end(fp_db_t *db, int64_t id, fp_db_task_state_t state, const char *error,
@@ -162,11 +200,12 @@ void fp_db_event(fp_db_t *db, int64_t round, const char *site, const char *kind,
 
 /* ---- views for people (fedpeft status, report) ---- */
 
-/* {federation, rounds (the last max_rounds, 0: all, oldest first), sites (with tasks merged,
- * refused, dropped), refusals (the last ten), metrics (totals)}; NULL federation if none. */
+/* {federation, privacy (null without), rounds (the last max_rounds, 0: all, oldest first),
+ * sites (with tasks merged, refused, dropped), refusals (the last ten), metrics (totals)};
+ * null federation if none. */
 int fp_db_status(fp_db_t *db, int64_t max_rounds, struct json_t **out, fp_err_t *err);
 
-/* {federation, sites, rounds (from 1), tasks (every one)}: what the report draws. */
+/* {federation, privacy, sites, rounds (from 1), tasks (every one)}: what the report draws. */
 int fp_db_history(fp_db_t *db, struct json_t **out, fp_err_t *err);
 
 #endif

@@ -71,7 +71,7 @@ int fp_db_federation_get(fp_db_t *db, fp_db_federation_t *out, fp_err_t *err)
 }
 
 int fp_db_federation_create(fp_db_t *db, const fp_db_federation_t *f, const char *initial_sha,
-                            int initial_rank, fp_err_t *err)
+                            int initial_rank, const fp_db_privacy_t *p, fp_err_t *err)
 {
     json_t *js = json_pack("{s:s,s:s}", "base_model_config", f->base_model_config,
                            "base_model", f->base_model);
@@ -92,9 +92,56 @@ int fp_db_federation_create(fp_db_t *db, const fp_db_federation_t *f, const char
                              "global_adapter, global_rank, note) VALUES (0, 'closed', ?, ?, ?, "
                              "?, 'initial adapter')", "iiti", now, now, initial_sha,
                              (int64_t)initial_rank);
+        if (rc >= 0 && p)
+            rc = fp__db_exec(db, err, "INSERT INTO privacy(id, mode, noise_multiplier, "
+                             "sample_rate, delta, epsilon_max, adaptive, count_stddev, clip) "
+                             "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)", "tdddditd", p->mode,
+                             p->noise_multiplier, p->sample_rate, p->delta, p->epsilon_max,
+                             (int64_t)p->adaptive, p->count_stddev, p->clip);
         rc = finish(db, rc, err);
     }
     free(settings);
+    return rc < 0 ? rc : 0;
+}
+
+/* ---- privacy ---- */
+
+static int privacy_row(void *ctx, sqlite3_stmt *r)
+{
+    fp_db_privacy_t *p = ctx;
+    fp__db_text(r, 0, p->mode, sizeof p->mode);
+    p->noise_multiplier = sqlite3_column_double(r, 1);
+    p->sample_rate = sqlite3_column_double(r, 2);
+    p->delta = sqlite3_column_double(r, 3);
+    p->epsilon_max = sqlite3_column_double(r, 4);
+    p->adaptive = sqlite3_column_int(r, 5);
+    p->count_stddev = sqlite3_column_double(r, 6);
+    p->clip = sqlite3_column_double(r, 7);
+    p->steps = sqlite3_column_int64(r, 8);
+    p->epsilon = sqlite3_column_double(r, 9);
+    p->exhausted_ms = sqlite3_column_int64(r, 10);
+    return 1;
+}
+
+int fp_db_privacy_get(fp_db_t *db, fp_db_privacy_t *out, fp_err_t *err)
+{
+    memset(out, 0, sizeof *out);
+    return fp__db_query(db, err, privacy_row, out, "SELECT mode, noise_multiplier, sample_rate, "
+                        "delta, epsilon_max, adaptive, count_stddev, clip, steps, epsilon, "
+                        "coalesce(exhausted_ms, 0) FROM privacy", NULL);
+}
+
+int fp_db_privacy_draw(fp_db_t *db, int64_t steps, double epsilon, fp_err_t *err)
+{
+    int rc = fp__db_exec(db, err, "UPDATE privacy SET steps = ?, epsilon = ?", "id", steps,
+                         epsilon);
+    return rc < 0 ? rc : 0;
+}
+
+int fp_db_privacy_exhausted(fp_db_t *db, fp_err_t *err)
+{
+    int rc = fp__db_exec(db, err, "UPDATE privacy SET exhausted_ms = ? WHERE exhausted_ms IS "
+                         "NULL", "i", fp_now_ms());
     return rc < 0 ? rc : 0;
 }
 
@@ -102,7 +149,7 @@ int fp_db_federation_create(fp_db_t *db, const fp_db_federation_t *f, const char
 
 #define ROUND_COLS "n, state, opened_ms, deadline_ms, closed_ms, updates, samples, bytes_in, " \
                    "bytes_out, eval_loss_before, eval_loss_after, agg_seconds, " \
-                   "global_adapter, global_rank"
+                   "global_adapter, global_rank, clip, epsilon"
 
 static int round_row(void *ctx, sqlite3_stmt *r)
 {
@@ -121,6 +168,8 @@ static int round_row(void *ctx, sqlite3_stmt *r)
     o->agg_seconds = fp__db_real(r, 11);
     fp__db_text(r, 12, o->global_adapter, sizeof o->global_adapter);
     o->global_rank = sqlite3_column_int(r, 13);
+    o->clip = fp__db_real(r, 14);
+    o->epsilon = fp__db_real(r, 15);
     return 1;
 }
 
@@ -146,14 +195,19 @@ int fp_db_round_last_closed(fp_db_t *db, fp_db_round_t *out, fp_err_t *err)
 }
 
 int fp_db_round_open(fp_db_t *db, int64_t n, int64_t opened_ms, int64_t deadline_ms,
-                     const char *start_sha, fp_db_assign_t *t, int nt, fp_err_t *err)
+                     const char *start_sha, fp_db_assign_t *t, int nt, const fp_db_draw_t *dp,
+                     fp_err_t *err)
 {
     int rc = fp__db_begin(db, err);
     if (rc)
         return rc;
     rc = fp__db_exec(db, err, "INSERT INTO round(n, state, opened_ms, deadline_ms, "
-                     "start_adapter) VALUES (?, 'open', ?, ?, ?)", "iiit", n, opened_ms,
-                     deadline_ms, start_sha);
+                     "start_adapter, clip, epsilon) VALUES (?, 'open', ?, ?, ?, ?, ?)", "iiitdd",
+                     n, opened_ms, deadline_ms, start_sha, dp ? dp->clip : NAN,
+                     dp ? dp->epsilon : NAN);
+    if (rc >= 0 && dp)
+        rc = fp__db_exec(db, err, "UPDATE privacy SET steps = ?, epsilon = ?", "id", dp->steps,
+                         dp->epsilon);
     for (int i = 0; i < nt && rc >= 0; i++) {
         rc = fp__db_exec(db, err, "INSERT INTO task(round, site, rank, seed, state, "
                          "assigned_ms) VALUES (?, ?, ?, ?, 'assigned', ?)", "itiii", n,
@@ -190,7 +244,7 @@ int fp_db_round_aggregating(fp_db_t *db, int64_t n, fp_err_t *err)
 }
 
 int fp_db_round_close(fp_db_t *db, int64_t n, const char *global_sha, int rank,
-                      double agg_seconds, int64_t bytes_out, fp_err_t *err)
+                      double agg_seconds, int64_t bytes_out, double clip_next, fp_err_t *err)
 {
     int rc = fp__db_begin(db, err);
     if (rc)
@@ -213,6 +267,11 @@ int fp_db_round_close(fp_db_t *db, int64_t n, const char *global_sha, int rank,
     if (rc >= 0)
         rc = fp__db_exec(db, err, "UPDATE task SET state = 'merged' WHERE round = ? AND "
                          "state = 'uploaded'", "i", n);
+    if (rc >= 0 && !isnan(clip_next))
+        rc = fp__db_exec(db, err, "UPDATE round SET clip_next = ? WHERE n = ?", "di", clip_next,
+                         n);
+    if (rc >= 0 && !isnan(clip_next))
+        rc = fp__db_exec(db, err, "UPDATE privacy SET clip = ?", "d", clip_next);
     return finish(db, rc, err);
 }
 
@@ -330,13 +389,44 @@ static int id_list_done(id_list_t *l, int rc, int64_t **ids, double **w, int *co
     return 0;
 }
 
-int fp_db_round_uploads(fp_db_t *db, int64_t n, int64_t **ids, double **samples, int *count,
+typedef struct stored_list {
+    fp_db_stored_t *s;
+    int n, cap, oom;
+} stored_list_t;
+
+static int stored_row(void *ctx, sqlite3_stmt *r)
+{
+    stored_list_t *l = ctx;
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 16;
+        fp_db_stored_t *s = realloc(l->s, (size_t)cap * sizeof *s);
+        if (!s) {
+            l->oom = 1;
+            return 1;
+        }
+        l->s = s;
+        l->cap = cap;
+    }
+    l->s[l->n++] = (fp_db_stored_t){sqlite3_column_int64(r, 0), sqlite3_column_int64(r, 1),
+                                    sqlite3_column_int(r, 2), fp__db_real(r, 3)};
+    return 0;
+}
+
+int fp_db_round_uploads(fp_db_t *db, int64_t n, fp_db_stored_t **out, int *count,
                         fp_err_t *err)
 {
-    id_list_t l = {0};
-    int rc = fp__db_query(db, err, id_row, &l, "SELECT id, samples FROM task WHERE round = ? "
-                          "AND state = 'uploaded' ORDER BY site", "i", n);
-    return id_list_done(&l, rc, ids, samples, count, err);
+    stored_list_t l = {0};
+    int rc = fp__db_query(db, err, stored_row, &l, "SELECT id, samples, rank, clip_bit FROM "
+                          "task WHERE round = ? AND state = 'uploaded' ORDER BY site", "i", n);
+    if (rc >= 0 && l.oom)
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc < 0) {
+        free(l.s);
+        return rc;
+    }
+    *out = l.s;
+    *count = l.n;
+    return 0;
 }
 
 int fp_db_round_unfinished(fp_db_t *db, int64_t n, int64_t **ids, int *count, fp_err_t *err)
@@ -360,19 +450,20 @@ int fp_db_task_uploading(fp_db_t *db, int64_t id, const fp_db_upload_t *u, fp_er
 {
     int rc = fp__db_exec(db, err, "UPDATE task SET state = 'uploading', stream_bytes = ?, "
                          "samples = ?, train_loss = ?, eval_loss_before = ?, eval_loss_after = ?, "
-                         "train_seconds = ?, tensors = ? WHERE id = ?", "iiddddti",
+                         "train_seconds = ?, tensors = ?, clip_bit = ? WHERE id = ?", "iiddddtdi",
                          u->stream_bytes, u->samples, u->train_loss, u->eval_loss_before,
-                         u->eval_loss_after, u->train_seconds, u->tensors, id);
+                         u->eval_loss_after, u->train_seconds, u->tensors, u->clip_bit, id);
     return rc < 0 ? rc : 0;
 }
 
 int fp_db_task_uploaded(fp_db_t *db, int64_t id, const char *sha_hex, double norm, int clipped,
-                        fp_err_t *err)
+                        double clip_bit, fp_err_t *err)
 {
     int rc = fp__db_exec(db, err, "UPDATE task SET state = 'uploaded', update_sha256 = ?, "
-                         "norm = ?, clipped = ?, done_ms = ? WHERE id = ? AND state = 'uploading' "
-                         "AND round IN (SELECT n FROM round WHERE state = 'open')", "tdiii",
-                         sha_hex, norm, (int64_t)clipped, fp_now_ms(), id);
+                         "norm = ?, clipped = ?, clip_bit = coalesce(?, clip_bit), done_ms = ? WHERE id = ? AND "
+                         "state = 'uploading' AND round IN (SELECT n FROM round WHERE state = "
+                         "'open')", "tdidii", sha_hex, norm, (int64_t)clipped, clip_bit,
+                         fp_now_ms(), id);
     return rc < 0 ? rc : rc > 0;
 }
 

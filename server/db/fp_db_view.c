@@ -41,16 +41,20 @@ static int done(doc_t *d, json_t **out, fp_err_t *err)
     return 0;
 }
 
+#define PRIVACY "SELECT mode, noise_multiplier, sample_rate, delta, epsilon_max, adaptive, " \
+                "clip, steps, epsilon, exhausted_ms FROM privacy"
+
 int fp_db_status(fp_db_t *db, int64_t max_rounds, json_t **out, fp_err_t *err)
 {
     *out = NULL;
     doc_t d = {json_object(), 0};
     put(&d, db, err, "federation", 1, "SELECT name, strategy, base_model_sha256, targets, r_max, "
         "alpha, rslora, seed, created_ms FROM federation", NULL, 0);
+    put(&d, db, err, "privacy", 1, PRIVACY, NULL, 0);
     put(&d, db, err, "rounds", 0, "SELECT * FROM (SELECT n, state, opened_ms, deadline_ms, "
         "closed_ms, global_adapter, global_rank, updates, samples, train_loss, eval_loss_before, "
-        "eval_loss_after, agg_seconds, note FROM round WHERE n > 0 ORDER BY n DESC LIMIT ?) "
-        "ORDER BY n", "i", max_rounds ? max_rounds : -1);
+        "eval_loss_after, agg_seconds, clip, epsilon, note FROM round WHERE n > 0 ORDER BY n "
+        "DESC LIMIT ?) ORDER BY n", "i", max_rounds ? max_rounds : -1);
     put(&d, db, err, "sites", 0, "SELECT name, fingerprint, rank_budget, samples, first_seen_ms, "
         "last_seen_ms, connections, "
         "(SELECT count(*) FROM task WHERE site = name AND state = 'merged') AS merged, "
@@ -77,11 +81,12 @@ int fp_db_history(fp_db_t *db, json_t **out, fp_err_t *err)
     doc_t d = {json_object(), 0};
     put(&d, db, err, "federation", 1, "SELECT name, strategy, targets AS target_modules, r_max, "
         "alpha, rslora, seed, created_ms, base_model_sha256 FROM federation", NULL, 0);
+    put(&d, db, err, "privacy", 1, PRIVACY, NULL, 0);
     put(&d, db, err, "sites", 0, "SELECT name, rank_budget, samples, first_seen_ms, "
         "last_seen_ms, connections FROM site ORDER BY name", NULL, 0);
     put(&d, db, err, "rounds", 0, "SELECT n, state, opened_ms, closed_ms, global_rank, updates, "
         "samples, train_loss, eval_loss_before, eval_loss_after, agg_seconds, bytes_in, "
-        "bytes_out FROM round WHERE n >= 1 ORDER BY n", NULL, 0);
+        "bytes_out, clip, epsilon FROM round WHERE n >= 1 ORDER BY n", NULL, 0);
     put(&d, db, err, "tasks", 0, "SELECT round, site, rank, state, samples, train_loss, "
         "eval_loss_before, eval_loss_after, train_seconds, stream_bytes, clipped, error, "
         "assigned_ms, done_ms FROM task ORDER BY round, site", NULL, 0);
