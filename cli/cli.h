@@ -27,6 +27,7 @@ int fp_cmd_eval(int argc, char **argv);
 int fp_cmd_ca(int argc, char **argv);
 int fp_cmd_status(int argc, char **argv);
 int fp_cmd_export(int argc, char **argv);
+int fp_cmd_privacy(int argc, char **argv);
 int fp_cmd_sim(int argc, char **argv);
 int fp_cmd_report(int argc, char **argv);
 

@@ -64,10 +64,27 @@ static void print_tables(json_t *doc)
     printf("strategy    %s, r_max %lld, alpha %g%s, targets %s\n", str(f, "strategy"),
            num(f, "r_max"), json_number_value(json_object_get(f, "alpha")),
            num(f, "rslora") ? " (rsLoRA)" : "", str(f, "targets"));
-    printf("base model  sha256 %s\n\n", str(f, "base_model_sha256"));
+    printf("base model  sha256 %s\n", str(f, "base_model_sha256"));
+    json_t *p = json_object_get(doc, "privacy");
+    if (json_is_object(p)) {
+        json_t *ex = json_object_get(p, "exhausted_ms");
+        printf("privacy     %s DP: ε = %.4g spent of %g (δ = %g) in %lld draws; noise multiplier "
+               "%g, sampling rate %g, clip %.4g%s%s\n", str(p, "mode"),
+               json_number_value(json_object_get(p, "epsilon")),
+               json_number_value(json_object_get(p, "epsilon_max")),
+               json_number_value(json_object_get(p, "delta")), num(p, "steps"),
+               json_number_value(json_object_get(p, "noise_multiplier")),
+               json_number_value(json_object_get(p, "sample_rate")),
+               json_number_value(json_object_get(p, "clip")),
+               num(p, "adaptive") ? " (adaptive)" : "",
+               json_is_integer(ex) ? "; the budget stopped the rounds" : "");
+    }
+    printf("\n");
     json_t *rounds = json_object_get(doc, "rounds");
-    printf("%-6s %-11s %7s %8s %10s %10s %10s %8s  %s\n", "round", "state", "updates",
-           "samples", "train", "eval pre", "eval post", "merge s", "closed");
+    int dp = json_is_object(p);
+    printf("%-6s %-11s %7s %8s %10s %10s %10s %8s%s  %s\n", "round", "state", "updates",
+           "samples", "train", "eval pre", "eval post", "merge s", dp ? "        ε" : "",
+           "closed");
     size_t i;
     json_t *r;
     json_array_foreach(rounds, i, r) {
@@ -77,8 +94,11 @@ static void print_tables(json_t *doc)
         real(c, sizeof c, r, "eval_loss_after");
         real(d, sizeof d, r, "agg_seconds");
         when(t, sizeof t, json_object_get(r, "closed_ms"));
-        printf("%-6lld %-11s %7lld %8lld %10s %10s %10s %8s  %s\n", num(r, "n"), str(r, "state"),
-               num(r, "updates"), num(r, "samples"), a, b, c, d, t);
+        char e[32] = "";
+        if (dp)
+            snprintf(e, sizeof e, " %8.4g", json_number_value(json_object_get(r, "epsilon")));
+        printf("%-6lld %-11s %7lld %8lld %10s %10s %10s %8s%s  %s\n", num(r, "n"),
+               str(r, "state"), num(r, "updates"), num(r, "samples"), a, b, c, d, e, t);
     }
     json_t *sites = json_object_get(doc, "sites");
     printf("\n%-24s %-14s %6s %9s %7s %7s %7s  %s\n", "site", "fingerprint", "budget", "samples",

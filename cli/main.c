@@ -26,6 +26,7 @@ static const struct {
     {"tokenize", fp_cmd_tokenize, "token ids of a text (tokenizer.json or bytes)"},
     {"status", fp_cmd_status, "a coordinator's federation, rounds and sites (read-only)"},
     {"export", fp_cmd_export, "a round's global adapter as HF PEFT, optionally merged"},
+    {"privacy", fp_cmd_privacy, "plan differential privacy: the ε of a mechanism, or its noise"},
     {"bench", fp_cmd_bench, "measure speed against the machine's own ceilings"},
 };
 

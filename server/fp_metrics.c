@@ -75,6 +75,11 @@ static size_t render(fp_coord_t *co, char *b, size_t n)
     P("# HELP fedpeft_aggregation_last_seconds Time the last round's aggregation took.\n"
       "# TYPE fedpeft_aggregation_last_seconds gauge\nfedpeft_aggregation_last_seconds %.6f\n",
       s.agg_seconds_last);
+    if (s.dp)
+        P("# HELP fedpeft_privacy_epsilon Differential privacy: ε spent (δ = %g), and the "
+          "budget.\n# TYPE fedpeft_privacy_epsilon gauge\n"
+          "fedpeft_privacy_epsilon{of=\"spent\"} %.6g\nfedpeft_privacy_epsilon{of=\"budget\"} "
+          "%.6g\n", s.delta, s.epsilon, s.epsilon_max);
     P("# HELP process_resident_memory_bytes Resident memory.\n"
       "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %ld\n",
       rss_bytes());

@@ -317,6 +317,26 @@
     chart(s, `After local training, per site — ${run.strategy}`, after,
           {x: "round", y: "loss", integerX: true});
   }
+  // ---- differential privacy: the mechanism and the budget each run spent, round by round
+  const private_ = runs.filter(run => run.privacy);
+  if (private_.length) {
+    const s = section("Differential privacy",
+      "Client-level DP-FedAvg: each round draws every site with the sampling rate, clips each " +
+      "update to the bound C and adds Gaussian noise of standard deviation z·C to their sum. " +
+      "ε is what the accountant (Rényi DP of the sampled Gaussian mechanism) charged after " +
+      "each draw; no round opens past the budget.");
+    table(s, ["run", "mode", "noise multiplier z", "sampling rate", "δ", "ε spent", "budget",
+              "draws"],
+          private_.map(run => [run.label || run.strategy, run.privacy.mode,
+                               fmt(run.privacy.noise_multiplier), fmt(run.privacy.sample_rate),
+                               String(run.privacy.delta), fmt(run.privacy.epsilon),
+                               fmt(run.privacy.epsilon_max), run.privacy.steps]));
+    chart(s, "ε spent by round", private_.map((run, i) => ({
+      name: run.label || run.strategy, color: PALETTE[i % PALETTE.length],
+      points: run.rounds.filter(r => r.epsilon !== null && r.epsilon !== undefined)
+                        .map(r => [r.n, r.epsilon])})),
+      {x: "round", y: "ε", integerX: true, zero: true});
+  }
   if (runs.length) {
     const s = section("Ranks, traffic and time");
     const names = [...new Set(runs.flatMap(r => r.sites.map(x => x.name)))].sort();
