@@ -91,7 +91,12 @@ void fp__coord_status(fp_coord_t *co)
 
 static void tick_cb(uv_timer_t *t)
 {
-    fp__coord_status(t->data); /* counters, and progress the rate limit held back */
+    fp_coord_t *co = t->data;
+    if (!co->started) { /* once the loop runs: what a restart finds (a spent budget) is said */
+        co->started = 1;
+        fp_round_poke(co->round);
+    }
+    fp__coord_status(co); /* counters, and progress the rate limit held back */
 }
 
 /* ---- jobs (one at a time: preparing a round's streams, or aggregating it) ---- */
@@ -694,7 +699,7 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     if ((rc = listen_for_sites(co, host, sizeof host, err)) != 0 ||
         (rc = resume_state(co, err)) != 0)
         goto fail;
-    uv_timer_start(&co->tick, tick_cb, 1000, 1000);
+    uv_timer_start(&co->tick, tick_cb, 0, 1000);
     fp_db_event(co->db, fp_round_number(co->round), NULL, "start", "listening on %s:%d", host,
                 fp_listener_port(co->lis));
     *out = co;

@@ -94,6 +94,7 @@ struct fp_coord {
     fp_noise_t *job_rng;      /* the jobs': the aggregate's noise */
     /* stopping */
     int stopping, done_called, handles_open;
+    int started;              /* the first tick has poked the round machine */
     void (*on_done)(void *ctx, int rc);
     void *done_ctx;
     int exit_rc;

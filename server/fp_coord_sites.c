@@ -54,6 +54,7 @@ static int send_env(site_t *s, Fedpeft__Envelope *e)
 static void privacy_msg(fp_coord_t *co, Fedpeft__Privacy *p)
 {
     const fp_srv_config_t *c = co->cfg;
+    *p = (Fedpeft__Privacy)FEDPEFT__PRIVACY__INIT;
     p->mode = co->fed.dp == FP_DP_CENTRAL ? FEDPEFT__PRIVACY__MODE__CENTRAL
                                           : FEDPEFT__PRIVACY__MODE__DISTRIBUTED;
     p->noise_multiplier = c->dp_noise;

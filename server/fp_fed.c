@@ -194,14 +194,14 @@ static int rebuild_start(const fp_blob_t *b, const fp_fed_t *f, fp_adapter_t **o
 /* Under DP: central clips the update vector to C (1[norm ≤ C] is its clip indicator);
  * distributed refuses a vector longer than a clipped one with its noise share can be. */
 static int dp_verify(const fp_fed_t *f, const fp_verify_in_t *in, fp_adapter_t *u,
-                     const fp_adapter_t *s, double *bit, double *vnorm, fp_err_t *err)
+                     const fp_adapter_t *s, double *bit, double *vnorm, int *clipped,
+                     fp_err_t *err)
 {
     if (f->dp == FP_DP_OFF)
         return 0;
-    int clipped;
     double norm;
     if (f->dp == FP_DP_CENTRAL) {
-        fp_dp_clip(u, s, f->r_max, f->frozen_a, in->dp_clip, &norm, &clipped);
+        fp_dp_clip(u, s, f->r_max, f->frozen_a, in->dp_clip, &norm, clipped);
         *bit = norm <= in->dp_clip;
     } else {
         norm = fp_dp_norm(u, s, f->r_max, f->frozen_a);
@@ -234,14 +234,17 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
         goto fail;
     code = FEDPEFT__ERROR__CODE__INVALID_UPDATE;
     double bit = NAN, vnorm = 0;
+    int dp_clipped = 0;
     if ((rc = fp_adapter_stream_read(raw, len, in->t, in->n, f->alpha, f->rslora, &u, &err)) != 0 ||
         (rc = fp_strategy_check_update(f->strategy, f->layout, f->n_layout, in->rank, u, s,
                                        &err)) != 0 ||
-        (rc = dp_verify(f, in, u, s, &bit, &vnorm, &err)) != 0 ||
+        (rc = dp_verify(f, in, u, s, &bit, &vnorm, &dp_clipped, &err)) != 0 ||
         (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, &err)) != 0)
         goto fail;
-    if (f->dp != FP_DP_OFF) /* the recorded norm: the update vector's, before any clip */
+    if (f->dp != FP_DP_OFF) { /* the recorded norm: the update vector's, before any clip */
         norm = vnorm;
+        clipped |= dp_clipped;
+    }
     free(raw);
     raw = NULL;
     code = FEDPEFT__ERROR__CODE__INTERNAL;

@@ -270,8 +270,10 @@ static void maybe_open(fp_round_t *r)
             r->ops.finished(r->ctx);
         return;
     }
+    if (!budget_allows(r)) /* said at once, even with no site connected */
+        return;
     int n = r->nsites;
-    if (n < 1 || n < c->min_sites || !budget_allows(r))
+    if (n < 1 || n < c->min_sites)
         return;
     int *order = malloc((size_t)n * sizeof *order);
     if (!order)

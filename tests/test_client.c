@@ -18,6 +18,7 @@
 #include "fp_ca.h"
 #include "fp_fs.h"
 #include "fp_model.h"
+#include "fp_rdp.h"
 #include "fp_stream.h"
 #include "fp_test.h"
 #include "fp_test_sql.h"
@@ -893,6 +894,64 @@ static void test_check_config(void **state)
     fed_free(f);
 }
 
+/* Distributed DP with real sites: each site clips its own update, adds its noise share and a
+ * noised clip indicator; the coordinator accounts every round and moves the clip bound
+ * (adaptive). Then central DP, where a site that requires distributed privacy leaves. */
+static void test_privacy(void **state)
+{
+    (void)state;
+    budgets[0] = 8;
+    fed_t *f = fed_new();
+    server_extra = "[privacy]\nmode = distributed\nclip = 0.5\nnoise_multiplier = 1\n"
+                   "adaptive_clip = true\nepsilon_max = 100\ndelta = 1e-5\n";
+    write_server_config(f, "ffa", 2, NS);
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, NULL, NULL);
+    expect_server_done(f, 2);
+    assert_int_equal(db_int(f, "SELECT steps FROM privacy WHERE mode = 'distributed'"), 2);
+    double e1, e2, c1, n1, c2;
+    db_row(f, "SELECT epsilon FROM round WHERE n = 1", &e1, NULL);
+    db_row(f, "SELECT epsilon FROM round WHERE n = 2", &e2, NULL);
+    if (!(fabs(e1 - fp_rdp_epsilon(1, 1, 1, 1e-5, 0, NULL)) < 1e-6 * e1 &&
+          fabs(e2 - fp_rdp_epsilon(1, 1, 2, 1e-5, 0, NULL)) < 1e-6 * e2))
+        fail_msg("ε recorded %g, %g", e1, e2);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE state = 'merged' AND "
+                               "clip_bit IS NOT NULL"), 2 * NS);
+    db_row(f, "SELECT clip FROM round WHERE n = 1", &c1, NULL);
+    db_row(f, "SELECT clip_next FROM round WHERE n = 1", &n1, NULL);
+    db_row(f, "SELECT clip FROM round WHERE n = 2", &c2, NULL);
+    assert_true(c1 == 0.5 && n1 != c1 && n1 > 0 && fabs(c2 - n1) <= 1e-12 * n1);
+    for (int i = 0; i < NS; i++) {
+        char *log = read_log(f, names[i]);
+        fpt_assert_text(log, "the federation runs distributed differential privacy", __FILE__,
+                        __LINE__);
+        fpt_assert_text(log, "privacy: update norm", __FILE__, __LINE__);
+        free(log);
+    }
+    stop_sites(f, 2);
+    fed_free(f);
+
+    f = fed_new();
+    server_extra = "[privacy]\nmode = central\nclip = 0.5\nnoise_multiplier = 1\n";
+    write_server_config(f, "ffa", 1, NS - 1);
+    start_server(f);
+    start_site(f, 0, NULL, "[privacy]\nrequire = distributed\n");
+    wait_log(f, names[0], "requires distributed differential privacy");
+    for (int i = 1; i < NS; i++)
+        start_site(f, i, NULL, NULL);
+    expect_server_done_n(f, 1, NS - 1);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE site = 'site-a'"), 0);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE state = 'merged' AND "
+                               "clip_bit IN (0, 1)"), NS - 1);
+    char *log = read_log(f, names[0]);
+    fpt_assert_text(log, "the federation offers central: leaving", __FILE__, __LINE__);
+    free(log);
+    stop_sites(f, 0);
+    server_extra = "";
+    fed_free(f);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -909,6 +968,7 @@ int main(void)
         cmocka_unit_test_teardown(test_external_failures, kill_spawned),
         cmocka_unit_test_teardown(test_external_hang, kill_spawned),
         cmocka_unit_test(test_check_config),
+        cmocka_unit_test_teardown(test_privacy, kill_spawned),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };
     if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_turns */

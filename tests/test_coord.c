@@ -32,6 +32,7 @@
 #include "fp_hfpeft.h"
 #include "fp_merge.h"
 #include "fp_model.h"
+#include "fp_rdp.h"
 #include "fp_rng.h"
 #include "fp_site.h"
 #include "fp_stream.h"
@@ -1576,6 +1577,121 @@ static void test_sampling(void **state)
     sampling_case("max_sites = 1", 1);
 }
 
+/* Central DP on ffa: the coordinator clips each site's ΔB to C exactly, adds N(0, z²C²) to the
+ * sum (std z·C/k on the average of k), charges every round to the accountant and opens no round
+ * that would pass epsilon_max — not after a restart either. */
+static void test_dp_central_budget(void **state)
+{
+    (void)state;
+    const double z = 2, clip = 0.05;
+    double e3 = fp_rdp_epsilon(1, z, 3, 1e-5, 0, NULL), e4 = fp_rdp_epsilon(1, z, 4, 1e-5, 0, NULL);
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "ffa", 1);
+    budgets[0] = 8;
+    char extra[512];
+    snprintf(extra, sizeof extra, "[privacy]\nmode = central\nclip = %g\nnoise_multiplier = %g\n"
+             "epsilon_max = %.6f\ndelta = 1e-5\n", clip, z, 0.5 * (e3 + e4));
+    write_config(e, "ffa", 10, extra);
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    run_world(w);
+    fpt_sql_t *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 3"), 0);
+    assert_int_equal(q_int(db, "SELECT steps FROM privacy"), 3);
+    assert_int_equal(q_int(db, "SELECT exhausted_ms IS NOT NULL FROM privacy"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM event WHERE kind = 'budget'"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM task WHERE state = 'merged' AND clipped = 1 "
+                               "AND clip_bit = 0"), 9);
+    for (int r = 1; r <= 3; r++) {
+        char sql[96];
+        snprintf(sql, sizeof sql, "SELECT epsilon FROM round WHERE n = %d", r);
+        double want = fp_rdp_epsilon(1, z, r, 1e-5, 0, NULL), got = fpt_sql_real(db, sql);
+        if (!(fabs(got - want) <= 1e-6 * want))
+            fail_msg("round %d: ε %g recorded, %g accounted", r, got, want);
+    }
+    assert_true(fabs(fpt_sql_real(db, "SELECT epsilon FROM privacy") - e3) <= 1e-6 * e3);
+    /* the noise: global − previous − mean clipped ΔB, pooled over rounds and entries */
+    double ss = 0;
+    size_t cnt = 0;
+    fp_adapter_t *g0 = load_global(e, db, 0);
+    for (int r = 1; r <= 3; r++) {
+        fp_adapter_t *before = load_global(e, db, r - 1), *after = load_global(e, db, r);
+        fp_adapter_t *up[NSITES];
+        double wt[NSITES];
+        int n = load_updates(e, db, r, up, wt);
+        assert_int_equal(n, NSITES);
+        for (int k = 0; k < n; k++) {
+            double nb = 0;
+            for (int i = 0; i < up[k]->n; i++) {
+                const fp_lora_module_t *m = &up[k]->mods[i];
+                const fp_lora_module_t *b = &before->mods[fp_adapter_find(before, m->name)];
+                for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
+                    nb += ((double)m->B[j] - b->B[j]) * ((double)m->B[j] - b->B[j]);
+            }
+            if (!(sqrt(nb) <= clip * (1 + 1e-4) && sqrt(nb) >= clip * 0.999))
+                fail_msg("round %d: stored ΔB norm %g, clip %g", r, sqrt(nb), clip);
+        }
+        for (int i = 0; i < after->n; i++) {
+            const fp_lora_module_t *m = &after->mods[i];
+            const fp_lora_module_t *a0 = &g0->mods[fp_adapter_find(g0, m->name)];
+            assert_memory_equal(m->A, a0->A, (size_t)m->rank * (size_t)m->d_in * sizeof(float));
+            for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++) {
+                double mean = 0;
+                for (int k = 0; k < n; k++)
+                    mean += up[k]->mods[fp_adapter_find(up[k], m->name)].B[j] / (double)n;
+                double noise = (double)m->B[j] - mean;
+                ss += noise * noise;
+                cnt++;
+            }
+        }
+        for (int k = 0; k < n; k++)
+            fp_adapter_free(up[k]);
+        fp_adapter_free(before);
+        fp_adapter_free(after);
+    }
+    fp_adapter_free(g0);
+    double sd = sqrt(ss / (double)cnt), want = z * clip / NSITES;
+    if (!(fabs(sd - want) <= 0.08 * want))
+        fail_msg("noise std %g over %zu entries, z·C/k = %g", sd, cnt, want);
+    fpt_sql_close(db);
+    /* a restart opens nothing and keeps what was spent */
+    start_server(e);
+    int st;
+    for (int i = 0; i < 400 && waitpid(e->pid, &st, WNOHANG) != e->pid; i++)
+        usleep(50000);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    live_pid = 0;
+    db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 3"), 0);
+    assert_int_equal(q_int(db, "SELECT steps FROM privacy"), 3);
+    fpt_sql_close(db);
+    char *log = NULL;
+    size_t ln;
+    assert_int_equal(fp_fs_read_file(e->log, 1 << 20, &log, &ln, NULL), 0);
+    fpt_assert_text(log, "privacy budget", __FILE__, __LINE__);
+    free(log);
+    /* the mechanism is fixed once the federation exists */
+    char *out = NULL, *errs = NULL;
+    const char *cfg[] = {"--check-config", "--config", e->cfg, "--set", "federation.strategy=flexlora",
+                         NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, cfg, &out, &errs), 1);
+    fpt_assert_text(errs, "nonlinearly", __FILE__, __LINE__);
+    const char *zp[] = {"--check-config", "--config", e->cfg, "--set", "federation.strategy=zeropad",
+                        "--set", "privacy.mode=distributed", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, zp, &out, &errs), 1);
+    fpt_assert_text(errs, "zeropad cannot run under distributed DP", __FILE__, __LINE__);
+    const char *ms[] = {"--check-config", "--config", e->cfg, "--set", "federation.max_sites=2",
+                        NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, ms, &out, &errs), 1);
+    fpt_assert_text(errs, "Poisson", __FILE__, __LINE__);
+    free(out);
+    free(errs);
+    free(w);
+    env_free(e);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -1595,6 +1711,9 @@ int main(void)
         cmocka_unit_test_teardown(test_deadline_timer_early, kill_live_server),
         cmocka_unit_test_teardown(test_crl_reload_and_refused_handshakes, kill_live_server),
         cmocka_unit_test_teardown(test_flood_sites_served, kill_live_server),
+        cmocka_unit_test_teardown(test_dp_central_budget, kill_live_server),
     };
+    if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_ffa */
+        cmocka_set_test_filter(getenv("FP_TEST_FILTER"));
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

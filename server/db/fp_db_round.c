@@ -95,7 +95,7 @@ int fp_db_federation_create(fp_db_t *db, const fp_db_federation_t *f, const char
         if (rc >= 0 && p)
             rc = fp__db_exec(db, err, "INSERT INTO privacy(id, mode, noise_multiplier, "
                              "sample_rate, delta, epsilon_max, adaptive, count_stddev, clip) "
-                             "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)", "tdddditd", p->mode,
+                             "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)", "tddddidd", p->mode,
                              p->noise_multiplier, p->sample_rate, p->delta, p->epsilon_max,
                              (int64_t)p->adaptive, p->count_stddev, p->clip);
         rc = finish(db, rc, err);
