@@ -1577,6 +1577,16 @@ static void test_sampling(void **state)
     sampling_case("max_sites = 1", 1);
 }
 
+/* In round 2 of the DP federation: /metrics says what is spent (charged at the draw) and the
+ * budget. */
+static void dp_metrics_hook(world_t *w)
+{
+    if (w->total_stored != 4 || w->phase)
+        return;
+    w->phase = 1;
+    http_get(w->e->metrics_port, "/metrics", w->metrics, sizeof w->metrics);
+}
+
 /* Central DP on ffa: the coordinator clips each site's ΔB to C exactly, adds N(0, z²C²) to the
  * sum (std z·C/k on the average of k), charges every round to the accountant and opens no round
  * that would pass epsilon_max — not after a restart either. */
@@ -1591,11 +1601,18 @@ static void test_dp_central_budget(void **state)
     char extra[512];
     snprintf(extra, sizeof extra, "[privacy]\nmode = central\nclip = %g\nnoise_multiplier = %g\n"
              "epsilon_max = %.6f\ndelta = 1e-5\n", clip, z, 0.5 * (e3 + e4));
-    write_config(e, "ffa", 10, extra);
+    write_config(e, "ffa", 50, extra);
     start_server(e);
     world_t *w = calloc(1, sizeof *w);
     w->e = e;
+    w->after_stored = dp_metrics_hook;
     run_world(w);
+    const char *spent = strstr(w->metrics, "fedpeft_privacy_epsilon{of=\"spent\"} ");
+    assert_non_null(spent);
+    double e2 = fp_rdp_epsilon(1, z, 2, 1e-5, 0, NULL);
+    if (!(fabs(atof(spent + strlen("fedpeft_privacy_epsilon{of=\"spent\"} ")) - e2) < 1e-4 * e2))
+        fail_msg("/metrics: %s, ε(2) = %g", spent, e2);
+    fpt_assert_text(w->metrics, "fedpeft_privacy_epsilon{of=\"budget\"} ", __FILE__, __LINE__);
     fpt_sql_t *db = open_db(e);
     assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
     assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 3"), 0);

@@ -17,6 +17,7 @@
 
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
+#include "fp_rdp.h"
 #include "fp_test.h"
 #include "fp_test_sql.h"
 #include "sim.h"
@@ -634,6 +635,82 @@ static void test_bad_input(void **state)
     free(e);
 }
 
+/* --dp: the strategy without DP and at two budgets; each DP run's federation spent at most its
+ * budget (and nearly all of it: the noise is the least that keeps it), the scoreboard names the
+ * runs, the report draws the privacy chart. */
+static void test_sim_dp(void **state)
+{
+    (void)state;
+    char *out = path2(fpt_dir, "sim-dp"), *o = NULL, *e = NULL;
+    const char *args[] = {"sim", "--task", "lm", "--dp", "central", "--epsilons", "8,2",
+                          "--ranks", "4", "--sites", "3", "--partition", "iid", "--rounds", "2",
+                          "--steps", "3",
+                          "--batch", "2", "--seq", "32", "--data",
+                          FORTUNES "/medicine," FORTUNES "/pets", "--model",
+                          FP_SOURCE_DIR "/models/demo", "--out", out, NULL};
+    int rc = run(args, &o, &e);
+    if (rc != 0)
+        fail_msg("fedpeft sim --dp failed (%d):\n%s\n%s", rc, o, e);
+    const double eps[] = {8, 2};
+    for (int k = 0; k < 2; k++) {
+        char rel[128];
+        snprintf(rel, sizeof rel, "ffa-dp-eps%g/state", eps[k]);
+        char *dbp = path2(out, rel);
+        fpt_sql_t *db = fpt_sql_open(dbp);
+        assert_int_equal(q1(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 2);
+        assert_int_equal(q1(db, "SELECT steps FROM privacy WHERE mode = 'central'"), 2);
+        double spent = fpt_sql_real(db, "SELECT epsilon FROM privacy");
+        double z = fpt_sql_real(db, "SELECT noise_multiplier FROM privacy");
+        if (!(spent <= eps[k] && spent >= 0.99 * eps[k]))
+            fail_msg("ε = %g spent of the budget %g", spent, eps[k]);
+        assert_true(fabs(fp_rdp_epsilon(1, z, 2, 1e-5, 0, NULL) - spent) <= 1e-6 * spent);
+        assert_int_equal(q1(db, "SELECT count(*) FROM task WHERE state = 'merged' AND "
+                                "clip_bit IS NOT NULL"), 6);
+        fpt_sql_close(db);
+        free(dbp);
+    }
+    char *plain = path2(out, "ffa/state");
+    fpt_sql_t *db = fpt_sql_open(plain);
+    assert_int_equal(q1(db, "SELECT count(*) FROM privacy"), 0);
+    fpt_sql_close(db);
+    free(plain);
+    assert_contains(o, "global: ffa ε=∞");
+    assert_contains(o, "global: ffa ε=8");
+    assert_contains(o, "global: ffa ε=2");
+    assert_contains(o, "Under DP the average of m = 3 clipped updates");
+    char *res = path2(out, "results.json");
+    json_t *doc = json_load_file(res, 0, NULL);
+    assert_non_null(doc);
+    json_t *table = json_object_get(doc, "table");
+    for (int k = 0; k < 3; k++) {
+        const char *m[] = {"global: ffa ε=∞", "global: ffa ε=8", "global: ffa ε=2"};
+        assert_true(isfinite(table_pooled(table, m[k])));
+    }
+    json_decref(doc);
+    char *html = path2(out, "report.html");
+    int n = charts_drawn(html);
+    char *page = slurp(html);
+    assert_contains(page, "Differential privacy");
+    free(page);
+    /* the ε chart comes on top of what a run without DP draws */
+    assert_true(n >= 2 + 1 + 2 * 3 + 3 + 1);
+    free(html);
+    free(res);
+    /* what --dp refuses */
+    const char *bad[] = {"sim", "--dp", "central", "--strategy", "flexlora", NULL};
+    assert_int_equal(run(bad, &o, &e), 2);
+    assert_contains(e, "nonlinearly");
+    const char *bad2[] = {"sim", "--epsilons", "8", NULL};
+    assert_int_equal(run(bad2, &o, &e), 2);
+    assert_contains(e, "--epsilons sets the budgets of --dp");
+    const char *bad3[] = {"sim", "--dp", "distributed", "--strategy", "zeropad", NULL};
+    assert_int_equal(run(bad3, &o, &e), 2);
+    assert_contains(e, "zeropad cannot run under distributed DP");
+    free(out);
+    free(o);
+    free(e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -642,6 +719,9 @@ int main(void)
         cmocka_unit_test(test_sim_flexlora),
         cmocka_unit_test(test_sim_all),
         cmocka_unit_test(test_sim_classify),
+        cmocka_unit_test(test_sim_dp),
     };
+    if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_sim_dp */
+        cmocka_set_test_filter(getenv("FP_TEST_FILTER"));
     return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }

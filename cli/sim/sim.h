@@ -19,9 +19,10 @@
  * Layout of --out:
  *   data/<site>/train.jsonl, heldout.jsonl  each site's examples (train.txt, heldout.txt with
  *                                        "%" lines between documents for --task lm)
- *   <strategy>/state/fedpeft.db          the coordinator's database (and adapters/)
- *   <strategy>/global-adapter/           the final global adapter (HF PEFT)
- *   <strategy>/logs/                     server.log, <site>.log
+ *   <run>/state/fedpeft.db               the coordinator's database (and adapters/); a run is
+ *                                        a strategy, or a strategy at a DP budget (--dp)
+ *   <run>/global-adapter/                the final global adapter (HF PEFT)
+ *   <run>/logs/                          server.log, <site>.log
  *   local/<site>/, central/              the baselines' adapters (HF PEFT)
  *   metrics.csv, results.json, report.html
  */
@@ -52,6 +53,15 @@ typedef struct sim_site {
     char *train, *held;  /* paths */
 } sim_site_t;
 
+/* One federation of the simulation: a strategy, with or without differential privacy. */
+typedef struct sim_run {
+    const char *strategy;
+    char name[48];       /* its directory under --out: "flexlora", "ffa-dp-eps8" */
+    char label[48];      /* how tables and the report name it: "ffa", "ffa ε=8" */
+    double epsilon;      /* the DP budget for all its rounds (0: no DP) */
+    double noise;        /* the noise multiplier that keeps the rounds within it */
+} sim_run_t;
+
 typedef struct sim {
     /* options */
     int nsites, rounds, steps, batch, seq, slots;
@@ -67,8 +77,10 @@ typedef struct sim {
     int ncats;
     const char *model, *out, *targets;
     uint64_t seed;
-    const char **strategies;
-    int nstrat;
+    sim_run_t *runs;
+    int nruns;
+    const char *dp_mode; /* NULL, "central" or "distributed": the runs with epsilon > 0 */
+    double dp_clip;      /* their clip bound C */
     /* made */
     sim_site_t *sites;
     char *pki, *slot_dir;
@@ -84,9 +96,8 @@ int sim_make_data(sim_t *sim, fp_err_t *err);
  * site, in sim->pki. */
 int sim_make_pki(sim_t *sim, fp_err_t *err);
 
-/* One federation with a strategy, to the end; progress lines on stdout. The run's directory
- * is out/<strategy>/. */
-int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err);
+/* One federation, to the end; progress lines on stdout. Its directory is out/<run->name>/. */
+int sim_run_federation(sim_t *sim, const sim_run_t *run, fp_err_t *err);
 
 /* The baselines, as `fedpeft train` processes (as many at once as slots): each site alone for
  * rounds × steps steps (out/local/<site>/), and one adapter of the largest rank on every
@@ -100,6 +111,9 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err);
 
 /* Frees what sim_make_data and the option parsing allocated in sim. */
 void sim_free(sim_t *sim);
+
+/* δ of the simulation's DP runs. */
+#define SIM_DP_DELTA 1e-5
 
 /* Paths of the simulation: --out is bounded so that every path fits SIM_PATH_MAX. */
 #define SIM_PATH_MAX 4096

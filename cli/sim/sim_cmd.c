@@ -11,10 +11,13 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "fp_dp.h"
 #include "fp_fs.h"
+#include "fp_hfpeft.h"
 #include "fp_json.h"
 #include "fp_merge.h"
 #include "fp_model.h"
+#include "fp_rdp.h"
 #include "fp_sha256.h"
 #include "sim.h"
 
@@ -88,13 +91,21 @@ static const char sim_help[] =
     "  --batch B          sequences per step (default %d)\n"
     "  --seq T            tokens per sequence (default %d: a prompt and its answer, with\n"
     "                     byte tokens; %d for --task lm)\n"
+    "  --dp MODE          differential privacy, central or distributed: the strategy (default\n"
+    "                     ffa, the one DP suits best) runs without DP (ε = ∞) and once per\n"
+    "                     budget of --epsilons, to show what privacy costs; every site takes\n"
+    "                     part in every round, δ = 1e-5\n"
+    "  --epsilons LIST    the budgets for --dp, comma-separated (default 8,2): each run's noise\n"
+    "                     multiplier is the smallest that keeps all its rounds within its ε\n"
+    "  --dp-clip C        the clip bound on each site's update under --dp (default %g)\n"
     "  --targets LIST     adapted projections (default all)\n"
     "  --jobs N           sites training at once (default: the cores, %d here)\n"
     "  --print-data       list the categories and their files, and exit\n"
     "  -h, --help         this help\n"
     "\n"
-    "--out holds: <strategy>/state/fedpeft.db (the coordinator's database),\n"
-    "<strategy>/global-adapter/ (HF PEFT), local/ and central/ (the baselines' adapters),\n"
+    "--out holds per run (a strategy, or a strategy at a DP budget: ffa-dp-eps8):\n"
+    "<run>/state/fedpeft.db (the coordinator's database), <run>/global-adapter/ (HF PEFT);\n"
+    "local/ and central/ (the baselines' adapters),\n"
     "metrics.csv, results.json and report.html.\n";
 
 /* What the demo shows, measured (README says the same). */
@@ -107,6 +118,7 @@ static const char demo_measured[] =
 enum { D_ROUNDS = 10, D_STEPS = 6, D_BATCH = 16, D_SEQ = 80, D_SEQ_LM = 128, D_PROMPT = 48,
        D_MAX_DOCS = 400 };
 #define D_LR 5e-3
+#define D_DP_CLIP 1.0
 
 static int cat_add_file(sim_cat_t *c, const char *path)
 {
@@ -285,6 +297,15 @@ static double pooled(json_t *table, const char *model, const char *key)
     return json_is_number(v) ? json_number_value(v) : NAN;
 }
 
+/* name left-aligned in width columns (characters, not bytes: labels say ε and ∞). */
+static void print_padded(const char *name, int width)
+{
+    int chars = 0;
+    for (const char *p = name; *p; p++)
+        chars += ((unsigned char)*p & 0xC0) != 0x80;
+    printf("%s%*s", name, chars < width ? width - chars : 0, "");
+}
+
 /* One table: a row per model with the values of key (per site) and pkey (pooled), each
  * scaled by mul; rows without the key are left out. */
 static void print_rows(const sim_t *sim, json_t *table, const char *key, const char *pkey,
@@ -292,7 +313,7 @@ static void print_rows(const sim_t *sim, json_t *table, const char *key, const c
 {
     json_t *rows = json_object_get(table, "rows"), *r;
     size_t i;
-    printf("%-18s", "");
+    printf("%-20s", "");
     for (int s = 0; s < sim->nsites; s++)
         printf(" %8s", sim->sites[s].name);
     printf(" %8s\n", "pooled");
@@ -300,7 +321,7 @@ static void print_rows(const sim_t *sim, json_t *table, const char *key, const c
         json_t *a = json_object_get(r, key);
         if (!a)
             continue;
-        printf("%-18s", json_string_value(json_object_get(r, "model")));
+        print_padded(json_string_value(json_object_get(r, "model")), 20);
         for (size_t s = 0; s <= json_array_size(a); s++) {
             json_t *v = s < json_array_size(a) ? json_array_get(a, s) : json_object_get(r, pkey);
             char cell[32] = "       –";
@@ -338,6 +359,34 @@ static void print_table(const sim_t *sim, json_t *table)
            "training data, as many steps as all sites together.)\n");
 }
 
+/* The coordinates DP noises in a run's adapter (0 if it cannot be read). */
+static size_t dp_dims_of(const sim_t *sim, const sim_run_t *r)
+{
+    char path[SIM_PATH_MAX];
+    sim_path(path, "%s/%s/global-adapter/adapter_model.safetensors", sim->out, r->name);
+    fp_adapter_t *ad = NULL;
+    if (fp_hfpeft_load_factors(path, sim->alpha, 0, FP_LOAD_COPY, &ad, NULL) != 0)
+        return 0;
+    size_t d = fp_dp_dims(ad, !strcmp(r->strategy, "ffa"));
+    fp_adapter_free(ad);
+    return d;
+}
+
+/* Under --dp: why the noise costs what it costs at this number of sites. */
+static void print_dp_scale(const sim_t *sim)
+{
+    const sim_run_t *r = &sim->runs[sim->nruns - 1];
+    size_t d = dp_dims_of(sim, r);
+    if (!d)
+        return;
+    double m = sim->nsites, ratio = r->noise * sqrt((double)d) / m;
+    printf("\nUnder DP the average of m = %d clipped updates (each of norm at most C) carries noise "
+           "of norm\nabout z·C·√d/m, d = %zu noised coordinates: at ε=%g (z = %.3g) that is %.0f·C. "
+           "Client-level\nDP keeps utility when m is well above z·√d (here %.0f sites, each "
+           "round); with %d sites\nthe noise outweighs what they learn.\n", sim->nsites, d,
+           r->epsilon, r->noise, ratio, r->noise * sqrt((double)d), sim->nsites);
+}
+
 /* One line per strategy: its pooled score and share, beside the baselines'. */
 static void print_verdict(const sim_t *sim, json_t *table)
 {
@@ -350,16 +399,16 @@ static void print_verdict(const sim_t *sim, json_t *table)
     double central = pooled(table, "centralised", key);
     double lshare = pooled(table, "local-only", sk);
     printf("\n");
-    for (int k = 0; k < sim->nstrat; k++) {
+    for (int k = 0; k < sim->nruns; k++) {
         char name[96];
-        snprintf(name, sizeof name, "global: %s", sim->strategies[k]);
+        snprintf(name, sizeof name, "global: %s", sim->runs[k].label);
         double g = pooled(table, name, key), sh = pooled(table, name, sk);
         fp_strategy_t st;
-        int exact = fp_strategy_parse(sim->strategies[k], &st, NULL) == 0 &&
+        int exact = fp_strategy_parse(sim->runs[k].strategy, &st, NULL) == 0 &&
                     (st == FP_STRAT_FLEXLORA || st == FP_STRAT_FLORA || st == FP_STRAT_FLORIST);
         printf("%s%s: pooled %s %.*f%s (base %.*f%s, each site alone %.*f%s, centralised "
                "%.*f%s): %.0f %% of the centralised gain; a site alone recovers %.0f %%.\n",
-               sim->strategies[k], exact ? " (exact)" : "", acc ? "accuracy" : "loss",
+               sim->runs[k].label, exact ? " (exact)" : "", acc ? "accuracy" : "loss",
                acc ? 1 : 4, mul * g, u, acc ? 1 : 4, mul * base, u, acc ? 1 : 4, mul * local, u,
                acc ? 1 : 4, mul * central, u, 100 * sh, 100 * lshare);
     }
@@ -378,7 +427,8 @@ static int write_csv(const char *path, json_t *runs, fp_err_t *err)
     json_t *run, *t;
     size_t i, j;
     json_array_foreach(runs, i, run) {
-        const char *strat = json_string_value(json_object_get(run, "strategy"));
+        json_t *lb = json_object_get(run, "name"); /* a DP run: ffa-dp-eps8 */
+        const char *strat = json_string_value(lb ? lb : json_object_get(run, "strategy"));
         json_t *rounds = json_object_get(run, "rounds");
         json_array_foreach(json_object_get(run, "tasks"), j, t) {
             json_int_t rn = json_integer_value(json_object_get(t, "round"));
@@ -433,6 +483,7 @@ void sim_free(sim_t *sim)
     }
     free(sim->sites);
     free(sim->ranks);
+    free(sim->runs);
     for (int k = 0; k < sim->ncats; k++) {
         for (int f = 0; f < sim->cats[k].nfiles; f++)
             free(sim->cats[k].files[f]);
@@ -446,14 +497,73 @@ void sim_free(sim_t *sim)
 }
 
 typedef struct sim_args {
-    const char *strategy, *ranks, *data;
-    int sites_given, seq_given, print_data;
+    const char *strategy, *ranks, *data, *epsilons;
+    int sites_given, seq_given, print_data, strategy_given;
 } sim_args_t;
 
 static void print_help(const sim_t *sim)
 {
     printf(sim_help, demo_measured, D_ROUNDS, D_PROMPT, D_MAX_DOCS, D_STEPS, D_LR, D_BATCH, D_SEQ,
-           D_SEQ_LM, sim->slots);
+           D_SEQ_LM, D_DP_CLIP, sim->slots);
+}
+
+/* One run per strategy; with --dp, the strategy without DP and at each budget. */
+static int plan_runs(sim_t *sim, const sim_args_t *a)
+{
+    const char *strategy = a->strategy_given || !sim->dp_mode ? a->strategy : "ffa";
+    if (strcmp(strategy, "all") && !known_strategy(strategy))
+        return fp_cli_usage_error("sim", "--strategy: one of fedavg, ffa, zeropad, flexlora, "
+                                  "flora, florist or all, not '%s'", strategy);
+    if (a->epsilons && !sim->dp_mode)
+        return fp_cli_usage_error("sim", "--epsilons sets the budgets of --dp, which is not "
+                                  "given");
+    double *eps = NULL;
+    int neps = 0;
+    if (sim->dp_mode) {
+        fp_dp_mode_t m;
+        fp_strategy_t st;
+        fp_err_t err = {0};
+        if (!strcmp(strategy, "all"))
+            return fp_cli_usage_error("sim", "--dp compares budgets of one strategy; name it "
+                                      "with --strategy (ffa, fedavg or zeropad)");
+        fp_dp_mode_parse(sim->dp_mode, &m, NULL);
+        fp_strategy_parse(strategy, &st, NULL);
+        if (fp_dp_check(st, m, 0, &err) != 0)
+            return fp_cli_usage_error("sim", "--dp %s with --strategy %s: %s", sim->dp_mode,
+                                      strategy, fp_err_msg(&err));
+        if (fp_parse_doubles(a->epsilons ? a->epsilons : "8,2", &eps, &neps) != 0 || neps < 1 ||
+            neps > 8)
+            return fp_cli_usage_error("sim", "--epsilons takes 1 to 8 budgets, comma-separated");
+        for (int i = 0; i < neps; i++)
+            if (!(eps[i] > 0) || eps[i] > 1e6) {
+                free(eps);
+                return fp_cli_usage_error("sim", "--epsilons: each budget in (0, 1e6]");
+            }
+    }
+    int all = !strcmp(strategy, "all");
+    sim->nruns = all ? 6 : 1 + neps;
+    if (!(sim->runs = calloc((size_t)sim->nruns, sizeof *sim->runs))) {
+        free(eps);
+        return fp_cli_fail("sim", "out of memory");
+    }
+    for (int k = 0; k < sim->nruns; k++) {
+        sim_run_t *r = &sim->runs[k];
+        r->strategy = all ? all_strategies[k] : strategy;
+        snprintf(r->name, sizeof r->name, "%s", r->strategy);
+        snprintf(r->label, sizeof r->label, "%s%s", r->strategy, sim->dp_mode ? " ε=∞" : "");
+        if (k == 0 || all)
+            continue;
+        fp_err_t err = {0};
+        r->epsilon = eps[k - 1];
+        if (fp_rdp_noise_for(1, sim->rounds, r->epsilon, SIM_DP_DELTA, &r->noise, &err) != 0) {
+            free(eps);
+            return fp_cli_usage_error("sim", "--epsilons %g: %s", r->epsilon, fp_err_msg(&err));
+        }
+        snprintf(r->name, sizeof r->name, "%s-dp-eps%g", r->strategy, r->epsilon);
+        snprintf(r->label, sizeof r->label, "%s ε=%g", r->strategy, r->epsilon);
+    }
+    free(eps);
+    return 0;
 }
 
 /* Options into sim and a; 0, -1 after --help, or an exit code. */
@@ -470,6 +580,8 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
         {"jobs", required_argument, NULL, 'j'},     {"task", required_argument, NULL, 'K'},
         {"prompt-bytes", required_argument, NULL, 'P'},
         {"max-docs", required_argument, NULL, 'M'}, {"print-data", no_argument, NULL, 'D'},
+        {"dp", required_argument, NULL, 'x'},       {"epsilons", required_argument, NULL, 'E'},
+        {"dp-clip", required_argument, NULL, 'C'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     static const struct {
         int opt;
@@ -503,7 +615,19 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
             continue;
         }
         switch (c) {
-        case 's': a->strategy = optarg; break;
+        case 's': a->strategy = optarg; a->strategy_given = 1; break;
+        case 'x':
+            if (strcmp(optarg, "central") && strcmp(optarg, "distributed"))
+                return fp_cli_usage_error("sim", "--dp is central or distributed, not '%s'",
+                                          optarg);
+            sim->dp_mode = optarg;
+            break;
+        case 'E': a->epsilons = optarg; break;
+        case 'C':
+            if (fp_parse_double(optarg, &sim->dp_clip) || !(sim->dp_clip > 0) ||
+                sim->dp_clip > 1e6)
+                return fp_cli_usage_error("sim", "--dp-clip takes a number in (0, 1e6]");
+            break;
         case 'k': a->ranks = optarg; break;
         case 'd': a->data = optarg; break;
         case 'm': sim->model = optarg; break;
@@ -540,19 +664,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
                                   SIM_OUT_MAX);
     if (!a->seq_given) /* a window holds a prompt and its answer, or a stretch of text */
         sim->seq = sim->task == SIM_TASK_LM ? D_SEQ_LM : sim->prompt_bytes + D_SEQ - D_PROMPT;
-    static const char *one[1];
-    if (!strcmp(a->strategy, "all")) {
-        sim->strategies = (const char **)all_strategies;
-        sim->nstrat = 6;
-    } else if (known_strategy(a->strategy)) {
-        one[0] = a->strategy;
-        sim->strategies = one;
-        sim->nstrat = 1;
-    } else {
-        return fp_cli_usage_error("sim", "--strategy: one of fedavg, ffa, zeropad, flexlora, "
-                                  "flora, florist or all, not '%s'", a->strategy);
-    }
-    return 0;
+    return plan_runs(sim, a);
 }
 
 /* Sites and their ranks (cycled), the data, the model and the programs of a deployment. */
@@ -605,7 +717,14 @@ static void print_plan(const sim_t *sim)
                         : sim->partition == SIM_IID      ? "iid" : "dirichlet";
     printf("fedpeft sim: %d sites, %d rounds of %d local steps (batch %d × %d tokens), %s, "
            "partition %s", sim->nsites, sim->rounds, sim->steps, sim->batch, sim->seq,
-           sim->nstrat > 1 ? "every strategy" : sim->strategies[0], pname);
+           sim->nruns > 1 && !sim->dp_mode ? "every strategy" : sim->runs[0].strategy, pname);
+    if (sim->dp_mode) {
+        printf(", %s DP at", sim->dp_mode);
+        for (int k = 1; k < sim->nruns; k++)
+            printf("%s ε=%g (z=%.3g)", k > 1 ? "," : "", sim->runs[k].epsilon,
+                   sim->runs[k].noise);
+        printf(" and without (clip %g, δ=%g)", sim->dp_clip, SIM_DP_DELTA);
+    }
     if (sim->partition == SIM_DIRICHLET)
         printf(" (alpha %g)", sim->dir_alpha);
     printf(", task %s, model %s, %d training at once\n",
@@ -616,24 +735,27 @@ static void print_plan(const sim_t *sim)
                sim->sites[i].cats);
 }
 
-/* Every strategy's federation, one after the other; their records into runs. */
+/* Every run's federation, one after the other; their records into runs. */
 static int run_federations(sim_t *sim, json_t *runs, fp_err_t *err)
 {
-    for (int k = 0; k < sim->nstrat; k++) {
-        printf("\n%s: coordinator and %d sites over loopback mutual TLS\n", sim->strategies[k],
+    for (int k = 0; k < sim->nruns; k++) {
+        const sim_run_t *r = &sim->runs[k];
+        printf("\n%s: coordinator and %d sites over loopback mutual TLS\n", r->label,
                sim->nsites);
         fflush(stdout);
         double ts = fp_now();
-        int rc = sim_run_federation(sim, sim->strategies[k], err);
+        int rc = sim_run_federation(sim, r, err);
         if (rc)
-            return fp_err_prefix(err, rc, "%s: ", sim->strategies[k]);
+            return fp_err_prefix(err, rc, "%s: ", r->label);
         char state[4096];
-        sim_path(state, "%s/%s/state", sim->out, sim->strategies[k]);
+        sim_path(state, "%s/%s/state", sim->out, r->name);
         json_t *run = NULL;
         if ((rc = fp_report_collect(state, &run, err)) != 0)
             return rc;
+        json_object_set_new(run, "label", json_string(r->label));
+        json_object_set_new(run, "name", json_string(r->name));
         json_array_append_new(runs, run);
-        printf("  %s: %d rounds in %.0f s\n", sim->strategies[k], sim->rounds, fp_now() - ts);
+        printf("  %s: %d rounds in %.0f s\n", r->label, sim->rounds, fp_now() - ts);
     }
     return 0;
 }
@@ -693,7 +815,7 @@ int fp_cmd_sim(int argc, char **argv)
                  .seq = D_SEQ, .slots = cores > 0 ? (int)cores : 1, .lr = D_LR, .alpha = 16,
                  .partition = SIM_BY_CATEGORY, .task = SIM_TASK_CLASSIFY,
                  .prompt_bytes = D_PROMPT, .max_docs = D_MAX_DOCS, .cue = "Category: ",
-                 .out = "out/sim", .targets = "all", .seed = 1};
+                 .out = "out/sim", .targets = "all", .seed = 1, .dp_clip = D_DP_CLIP};
     sim_args_t a = {.strategy = "flexlora"};
     char mbuf[4096];
     fp_err_t err = {0};
@@ -727,6 +849,8 @@ int fp_cmd_sim(int argc, char **argv)
     t_eval = fp_now();
     print_table(&sim, table);
     print_verdict(&sim, table);
+    if (sim.dp_mode)
+        print_dp_scale(&sim);
     json_t *timing = json_pack("{s:f,s:f,s:f,s:f}", "federation_s", t_fed - t0, "baselines_s",
                                t_base - t_fed, "evaluation_s", t_eval - t_base, "total_s",
                                t_eval - t0);

@@ -214,15 +214,22 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
     json_array_append_new(rows, row("centralised", "one adapter trained on every site's "
                                     "training data pooled, as many steps as all sites together",
                                     &s, N));
-    for (int k = 0; k < sim->nstrat; k++) {
-        printf(", %s", sim->strategies[k]);
+    for (int k = 0; k < sim->nruns; k++) {
+        const sim_run_t *r = &sim->runs[k];
+        printf(", %s", r->label);
         fflush(stdout);
-        sim_path(dir, "%s/%s/global-adapter", sim->out, sim->strategies[k]);
+        sim_path(dir, "%s/%s/global-adapter", sim->out, r->name);
         if ((rc = eval_on_all(&e, dir, &s, err)) != 0)
             goto out;
-        char name[96];
-        snprintf(name, sizeof name, "global: %s", sim->strategies[k]);
-        json_array_append_new(rows, row(name, sim->strategies[k], &s, N));
+        char name[96], desc[256];
+        snprintf(name, sizeof name, "global: %s", r->label);
+        if (r->epsilon > 0)
+            snprintf(desc, sizeof desc, "%s under %s DP: ε ≤ %g at δ = %g over %d rounds "
+                     "(noise multiplier %.4g, clip %g)", r->strategy, sim->dp_mode, r->epsilon,
+                     SIM_DP_DELTA, sim->rounds, r->noise, sim->dp_clip);
+        else
+            snprintf(desc, sizeof desc, "%s%s", r->strategy, sim->dp_mode ? ", no DP (ε = ∞)" : "");
+        json_array_append_new(rows, row(name, desc, &s, N));
     }
     printf("\n");
     add_shares(rows, N);

@@ -110,8 +110,22 @@ static void progress_line(const sim_t *sim, const fp_db_round_t *r)
     fflush(stdout);
 }
 
-static int write_configs(const sim_t *sim, const char *strategy, const char *dir, fp_err_t *err)
+/* [privacy] of a DP run: fixed clipping (adaptive clipping's share of the noise costs too
+ * much with a handful of sites), every site in every round (q = 1). */
+static void privacy_section(const sim_t *sim, const sim_run_t *run, char *buf, size_t n)
 {
+    buf[0] = '\0';
+    if (run->epsilon > 0)
+        snprintf(buf, n, "[privacy]\nmode = %s\nclip = %.17g\nnoise_multiplier = %.17g\n"
+                 "epsilon_max = %.17g\ndelta = %g\n", sim->dp_mode, sim->dp_clip, run->noise,
+                 run->epsilon, SIM_DP_DELTA);
+}
+
+static int write_configs(const sim_t *sim, const sim_run_t *run, const char *dir, fp_err_t *err)
+{
+    const char *strategy = run->strategy;
+    char privacy[512];
+    privacy_section(sim, run, privacy, sizeof privacy);
     int rmax = 0, rmin = 1 << 30;
     for (int i = 0; i < sim->nsites; i++) {
         rmax = sim->ranks[i] > rmax ? sim->ranks[i] : rmax;
@@ -130,10 +144,11 @@ static int write_configs(const sim_t *sim, const char *strategy, const char *dir
                      "base_model_sha256 = %s\ntarget_modules = %s\nalpha = %g\nr_max = %d\n"
                      "strategy = %s\nrounds = %d\nmin_sites = %d\nmin_updates = %d\n"
                      "fraction = 1\nround_deadline_s = 3600\nseed = %llu\n"
-                     "[train]\nlr = %g\nsteps = %d\nbatch = %d\nseq_len = %d\n",
+                     "[train]\nlr = %g\nsteps = %d\nbatch = %d\nseq_len = %d\n%s",
                      p, p, p, p, dir, sim->model, sim->model_sha, sim->targets, sim->alpha,
                      equal ? rmin : rmax, strategy, sim->rounds, sim->nsites, sim->nsites,
-                     (unsigned long long)sim->seed, sim->lr, sim->steps, sim->batch, sim->seq);
+                     (unsigned long long)sim->seed, sim->lr, sim->steps, sim->batch, sim->seq,
+                     privacy);
     if (n < 0)
         return fp_err_set(err, -ENOMEM, "out of memory");
     char path[4096];
@@ -192,7 +207,7 @@ typedef struct run {
 } run_t;
 
 /* The coordinator, then (once it listens) every site. */
-static int start_processes(run_t *r, const char *strategy, fp_err_t *err)
+static int start_processes(run_t *r, const sim_run_t *run, fp_err_t *err)
 {
     const sim_t *sim = r->sim;
     char sub[4096];
@@ -202,7 +217,7 @@ static int start_processes(run_t *r, const char *strategy, fp_err_t *err)
         sim_path(sub, "%s/%s", r->dir, subs[i]);
         rc = fp_fs_mkdirs(sub, 0700, err);
     }
-    if (rc || (rc = write_configs(sim, strategy, r->dir, err)) != 0)
+    if (rc || (rc = write_configs(sim, run, r->dir, err)) != 0)
         return rc;
     sim_path(r->log, "%s/logs/server.log", r->dir);
     sim_path(sub, "%s/server.ini", r->dir);
@@ -297,18 +312,18 @@ static int watch(run_t *r, fp_db_t *db, fp_err_t *err)
     return 0;
 }
 
-int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
+int sim_run_federation(sim_t *sim, const sim_run_t *run, fp_err_t *err)
 {
     run_t r = {.sim = sim, .spid = -1, .cpid = calloc((size_t)sim->nsites, sizeof(int))};
     if (!r.cpid)
         return fp_err_set(err, -ENOMEM, "out of memory");
-    sim_path(r.dir, "%s/%s", sim->out, strategy);
+    sim_path(r.dir, "%s/%s", sim->out, run->name);
     fp_fs_remove_tree(r.dir, NULL);
     char state[4096], outd[4096];
     sim_path(state, "%s/state", r.dir);
     sim_path(outd, "%s/global-adapter", r.dir);
     fp_db_t *db = NULL;
-    int rc = start_processes(&r, strategy, err);
+    int rc = start_processes(&r, run, err);
     if (rc == 0 && (rc = fp_db_open(&db, state, 1, err)) == 0)
         rc = watch(&r, db, err);
     fp_db_close(db);
@@ -320,7 +335,7 @@ int sim_run_federation(sim_t *sim, const char *strategy, fp_err_t *err)
         fp_export_t x = {state, -1, outd, 0, NULL};
         int64_t round;
         if (fp_export_global(&x, &round, err) != 0)
-            rc = fp_err_prefix(err, -EIO, "exporting the global adapter of %s: ", strategy);
+            rc = fp_err_prefix(err, -EIO, "exporting the global adapter of %s: ", run->label);
     }
     return rc;
 }

@@ -158,6 +158,7 @@
   }
 
   const runs = doc.runs || [];
+  const runName = run => run.label || run.strategy; // "ffa ε=8": a strategy at a DP budget
   const byRound = (run, r) => run.rounds.find(x => x.n === r);
 
   // ---- summary
@@ -168,7 +169,7 @@
       const up = run.rounds.reduce((a, r) => a + (r.bytes_in || 0), 0);
       const down = run.rounds.reduce((a, r) => a + (r.bytes_out || 0), 0);
       const f = run.federation || {};
-      return [run.strategy, f.target_modules || f.targets || "", f.r_max, closed.length,
+      return [runName(run), f.target_modules || f.targets || "", f.r_max, closed.length,
               run.sites.length, fmt(up / 1e6), fmt(down / 1e6)];
     });
     table(s, ["strategy", "targets", "r_max", "closed rounds", "sites", "MB up", "MB down"],
@@ -281,9 +282,9 @@
     const series = runs.map(run => {
       const pts = run.rounds.filter(r => r.eval_loss_before !== null && r.n >= 1)
                             .map(r => [r.n - 1, pooledAt(run, r)]);
-      const f = final(run.strategy);
+      const f = final(runName(run));
       if (f) pts.push([run.rounds.length ? Math.max(...run.rounds.map(r => r.n)) : 0, f.pooled]);
-      return {name: run.strategy, points: pts};
+      return {name: runName(run), points: pts};
     });
     if (doc.table) {
       const base = doc.table.rows[0];
@@ -295,11 +296,11 @@
           {x: "rounds aggregated", y: "loss", integerX: true});
   }
   for (const run of runs) {
-    const s = section(`Per site: ${run.strategy}`,
+    const s = section(`Per site: ${runName(run)}`,
                       "Held-out loss of each site: the global adapter it received each round " +
                       "(solid) and its own update after local training (dashed).");
     const names = run.sites.map(x => x.name);
-    const f = final(run.strategy);
+    const f = final(runName(run));
     const series = [];
     names.forEach((n, i) => {
       const tasks = run.tasks.filter(t => t.site === n);
@@ -308,13 +309,13 @@
         pts.push([Math.max(...run.rounds.map(r => r.n)), f.loss[doc.table.sites.indexOf(n)]]);
       series.push({name: n, color: PALETTE[i % PALETTE.length], points: pts});
     });
-    chart(s, `Held-out loss per site — ${run.strategy}`, series,
+    chart(s, `Held-out loss per site — ${runName(run)}`, series,
           {x: "rounds aggregated", y: "loss", integerX: true});
     const after = names.map((n, i) => ({name: n + " local", dashed: true,
       color: PALETTE[i % PALETTE.length],
       points: run.tasks.filter(t => t.site === n && t.eval_loss_after !== null)
                        .map(t => [t.round, t.eval_loss_after])}));
-    chart(s, `After local training, per site — ${run.strategy}`, after,
+    chart(s, `After local training, per site — ${runName(run)}`, after,
           {x: "round", y: "loss", integerX: true});
   }
   // ---- differential privacy: the mechanism and the budget each run spent, round by round
@@ -327,12 +328,12 @@
       "each draw; no round opens past the budget.");
     table(s, ["run", "mode", "noise multiplier z", "sampling rate", "δ", "ε spent", "budget",
               "draws"],
-          private_.map(run => [run.label || run.strategy, run.privacy.mode,
+          private_.map(run => [runName(run), run.privacy.mode,
                                fmt(run.privacy.noise_multiplier), fmt(run.privacy.sample_rate),
                                String(run.privacy.delta), fmt(run.privacy.epsilon),
                                fmt(run.privacy.epsilon_max), run.privacy.steps]));
     chart(s, "ε spent by round", private_.map((run, i) => ({
-      name: run.label || run.strategy, color: PALETTE[i % PALETTE.length],
+      name: runName(run), color: PALETTE[i % PALETTE.length],
       points: run.rounds.filter(r => r.epsilon !== null && r.epsilon !== undefined)
                         .map(r => [r.n, r.epsilon])})),
       {x: "round", y: "ε", integerX: true, zero: true});
@@ -340,22 +341,22 @@
   if (runs.length) {
     const s = section("Ranks, traffic and time");
     const names = [...new Set(runs.flatMap(r => r.sites.map(x => x.name)))].sort();
-    chart(s, "LoRA rank trained per site", runs.map(run => ({name: run.strategy,
+    chart(s, "LoRA rank trained per site", runs.map(run => ({name: runName(run),
       points: names.map((n, i) => {
         const ts = run.tasks.filter(t => t.site === n);
         return [i, ts.length ? Math.max(...ts.map(t => t.rank)) : null];
       })})), {bars: true, zero: true, labels: names, y: "rank"});
     chart(s, "Bytes per round", runs.flatMap((run, i) => [
-      {name: run.strategy + " up", color: PALETTE[i % PALETTE.length],
+      {name: runName(run) + " up", color: PALETTE[i % PALETTE.length],
        points: run.rounds.map(r => [r.n, (r.bytes_in || 0) / 1e6])},
-      {name: run.strategy + " down", dashed: true, color: PALETTE[i % PALETTE.length],
+      {name: runName(run) + " down", dashed: true, color: PALETTE[i % PALETTE.length],
        points: run.rounds.map(r => [r.n, (r.bytes_out || 0) / 1e6])}]),
       {x: "round", y: "MB", integerX: true, zero: true});
     chart(s, "Round duration", runs.flatMap((run, i) => [
-      {name: run.strategy, color: PALETTE[i % PALETTE.length],
+      {name: runName(run), color: PALETTE[i % PALETTE.length],
        points: run.rounds.filter(r => r.closed_ms && r.opened_ms)
                          .map(r => [r.n, (r.closed_ms - r.opened_ms) / 1e3])},
-      {name: run.strategy + " merge", dashed: true, color: PALETTE[i % PALETTE.length],
+      {name: runName(run) + " merge", dashed: true, color: PALETTE[i % PALETTE.length],
        points: run.rounds.filter(r => r.agg_seconds !== null).map(r => [r.n, r.agg_seconds])}]),
       {x: "round", y: "seconds", integerX: true, zero: true});
   }
