@@ -1,0 +1,404 @@
+/* fp_secagg.c — see fp_secagg.h. */
+#include "fp_secagg.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <nettle/chacha.h>
+#include <nettle/curve25519.h>
+#include <nettle/hmac.h>
+
+struct fp_sa_site {
+    fp_sa_params_t p;
+    int i;
+    uint8_t sk[FP_SA_KEY], pk[FP_SA_KEY], b[FP_SA_KEY];
+    /* per peer j < n: the shares j made for this site, and what this site revealed of j */
+    fp_share_t *recv_b, *recv_key;
+    uint8_t *have, *revealed;
+};
+
+/* ---- parameters and the graph ---- */
+
+int fp_sa_params_check(const fp_sa_params_t *p, fp_err_t *err)
+{
+    if (p->n < 2 || p->n > 100000)
+        return fp_err_set(err, -EINVAL, "secure aggregation: %d sites (2 to 100000)", p->n);
+    int deg = p->k >= p->n - 1 ? p->n - 1 : p->k;
+    if (p->k < 2 || (p->k < p->n - 1 && p->k % 2))
+        return fp_err_set(err, -EINVAL, "secure aggregation: the neighbour degree %d must be "
+                          "even and at least 2 (or n − 1 = %d for all pairs)", p->k, p->n - 1);
+    if (p->t < 1 || p->t > deg || 2 * p->t <= deg + 1 || p->t > 64)
+        return fp_err_set(err, -EINVAL, "secure aggregation: threshold %d must exceed half "
+                          "of the %d holders (the %d neighbours and the site) and not exceed "
+                          "the neighbours (nor 64)", p->t, deg + 1, deg);
+    if (!(p->scale > 0) || !(p->bound > 0) ||
+        !((double)p->n * (p->bound * p->scale + 0.5) < 2147483648.0))
+        return fp_err_set(err, -ERANGE, "secure aggregation: %d sites × (bound %g · scale %g) "
+                          "would wrap 2^31", p->n, p->bound, p->scale);
+    return 0;
+}
+
+/* The ring: site → position, drawn from the round's seed (Fisher–Yates). */
+static int ring(const fp_sa_params_t *p, int *pos)
+{
+    fp_noise_t *rng = NULL;
+    if (fp_noise_new(&rng, p->seed, NULL) != 0)
+        return -ENOMEM;
+    int *perm = malloc((size_t)p->n * sizeof *perm);
+    if (!perm) {
+        fp_noise_free(rng);
+        return -ENOMEM;
+    }
+    for (int i = 0; i < p->n; i++)
+        perm[i] = i;
+    for (int i = p->n - 1; i > 0; i--) {
+        int j = (int)(((unsigned __int128)fp_noise_u64(rng) * (unsigned)(i + 1)) >> 64);
+        int tmp = perm[i];
+        perm[i] = perm[j];
+        perm[j] = tmp;
+    }
+    for (int q = 0; q < p->n; q++)
+        pos[perm[q]] = q;
+    free(perm);
+    fp_noise_free(rng);
+    return 0;
+}
+
+int fp_sa_is_neighbour(const fp_sa_params_t *p, int i, int j)
+{
+    if (i == j)
+        return 0;
+    if (p->k >= p->n - 1)
+        return 1;
+    int *pos = malloc((size_t)p->n * sizeof *pos);
+    if (!pos || ring(p, pos) != 0) {
+        free(pos);
+        return 0;
+    }
+    int d = abs(pos[i] - pos[j]);
+    d = d < p->n - d ? d : p->n - d;
+    free(pos);
+    return d <= p->k / 2;
+}
+
+int fp_sa_neighbours(const fp_sa_params_t *p, int i, int *out)
+{
+    int c = 0;
+    if (p->k >= p->n - 1) {
+        for (int j = 0; j < p->n; j++)
+            if (j != i)
+                out[c++] = j;
+        return c;
+    }
+    int *pos = malloc((size_t)p->n * sizeof *pos), *at = malloc((size_t)p->n * sizeof *at);
+    if (!pos || !at || ring(p, pos) != 0) {
+        free(pos);
+        free(at);
+        return 0;
+    }
+    for (int j = 0; j < p->n; j++)
+        at[pos[j]] = j;
+    for (int d = 1; d <= p->k / 2; d++) {
+        out[c++] = at[(pos[i] + d) % p->n];
+        out[c++] = at[(pos[i] - d + p->n) % p->n];
+    }
+    free(pos);
+    free(at);
+    return c;
+}
+
+/* ---- encoding ---- */
+
+int fp_sa_encode(const fp_sa_params_t *p, const float *x, size_t dim, uint32_t *y,
+                 fp_err_t *err)
+{
+    for (size_t d = 0; d < dim; d++) {
+        if (!(fabsf(x[d]) <= p->bound))
+            return fp_err_set(err, -ERANGE, "secure aggregation: coordinate %zu is %g, outside "
+                              "the bound %g", d, (double)x[d], p->bound);
+        y[d] = (uint32_t)(int64_t)llround((double)x[d] * p->scale);
+    }
+    return 0;
+}
+
+void fp_sa_decode(const fp_sa_params_t *p, const uint32_t *sum, size_t dim, double *out)
+{
+    for (size_t d = 0; d < dim; d++)
+        out[d] = (double)(int32_t)sum[d] / p->scale;
+}
+
+/* ---- masks ---- */
+
+/* y += sign · PRG(seed) (mod 2^32), the PRG ChaCha20's keystream. */
+static void mask(const uint8_t seed[FP_SA_KEY], int sign, uint32_t *y, size_t dim)
+{
+    struct chacha_ctx c;
+    uint8_t nonce[CHACHA_NONCE_SIZE] = {0};
+    chacha_set_key(&c, seed);
+    chacha_set_nonce(&c, nonce);
+    uint8_t buf[4096];
+    for (size_t at = 0; at < dim;) {
+        size_t words = dim - at < sizeof buf / 4 ? dim - at : sizeof buf / 4;
+        memset(buf, 0, words * 4);
+        chacha_crypt(&c, words * 4, buf, buf);
+        for (size_t w = 0; w < words; w++) {
+            uint32_t v = (uint32_t)buf[4 * w] | (uint32_t)buf[4 * w + 1] << 8 |
+                         (uint32_t)buf[4 * w + 2] << 16 | (uint32_t)buf[4 * w + 3] << 24;
+            y[at + w] += sign > 0 ? v : 0u - v;
+        }
+        at += words;
+    }
+    memset(buf, 0, sizeof buf);
+}
+
+/* s_ij from one side's private key and the other's public key; -EBADMSG for a public key
+ * that gives the zero point (a low-order key). */
+static int pair_seed(const fp_sa_params_t *p, const uint8_t sk[FP_SA_KEY],
+                     const uint8_t pk[FP_SA_KEY], int i, int j, uint8_t seed[FP_SA_KEY])
+{
+    uint8_t shared[CURVE25519_SIZE], zero[CURVE25519_SIZE] = {0};
+    curve25519_mul(shared, sk, pk);
+    if (!memcmp(shared, zero, sizeof shared))
+        return -EBADMSG;
+    uint8_t info[24];
+    uint64_t lo = (uint64_t)(i < j ? i : j), hi = (uint64_t)(i < j ? j : i);
+    for (int b = 0; b < 8; b++) {
+        info[b] = (uint8_t)(p->round >> (8 * b));
+        info[8 + b] = (uint8_t)(lo >> (8 * b));
+        info[16 + b] = (uint8_t)(hi >> (8 * b));
+    }
+    struct hmac_sha256_ctx h;
+    hmac_sha256_set_key(&h, sizeof shared, shared);
+    hmac_sha256_update(&h, 22, (const uint8_t *)"fedpeft secagg pair v1");
+    hmac_sha256_update(&h, sizeof info, info);
+    hmac_sha256_digest(&h, FP_SA_KEY, seed);
+    memset(shared, 0, sizeof shared);
+    return 0;
+}
+
+/* ---- a site ---- */
+
+static void random_bytes(fp_noise_t *rng, uint8_t *out, size_t n)
+{
+    for (size_t i = 0; i < n; i += 8) {
+        uint64_t v = fp_noise_u64(rng);
+        for (size_t b = 0; b < 8 && i + b < n; b++)
+            out[i + b] = (uint8_t)(v >> (8 * b));
+    }
+}
+
+int fp_sa_site_new(fp_sa_site_t **out, const fp_sa_params_t *p, int i, fp_noise_t *rng,
+                   fp_err_t *err)
+{
+    int rc = fp_sa_params_check(p, err);
+    if (rc)
+        return rc;
+    if (i < 0 || i >= p->n)
+        return fp_err_set(err, -EINVAL, "secure aggregation: site %d of %d", i, p->n);
+    fp_sa_site_t *s = calloc(1, sizeof *s);
+    size_t n = (size_t)p->n;
+    if (s) {
+        s->recv_b = calloc(n, sizeof *s->recv_b);
+        s->recv_key = calloc(n, sizeof *s->recv_key);
+        s->have = calloc(n, 1);
+        s->revealed = calloc(n, 1);
+    }
+    if (!s || !s->recv_b || !s->recv_key || !s->have || !s->revealed) {
+        fp_sa_site_free(s);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    s->p = *p;
+    s->i = i;
+    random_bytes(rng, s->sk, FP_SA_KEY);
+    random_bytes(rng, s->b, FP_SA_KEY);
+    curve25519_mul_g(s->pk, s->sk);
+    *out = s;
+    return 0;
+}
+
+void fp_sa_site_free(fp_sa_site_t *s)
+{
+    if (!s)
+        return;
+    memset(s->sk, 0, sizeof s->sk);
+    memset(s->b, 0, sizeof s->b);
+    free(s->recv_b);
+    free(s->recv_key);
+    free(s->have);
+    free(s->revealed);
+    free(s);
+}
+
+const uint8_t *fp_sa_site_public(const fp_sa_site_t *s) { return s->pk; }
+
+int fp_sa_site_shares(fp_sa_site_t *s, fp_noise_t *rng, int *to, fp_share_t *b,
+                      fp_share_t *key, fp_err_t *err)
+{
+    int c = fp_sa_neighbours(&s->p, s->i, to);
+    if (c <= 0)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    uint64_t *xs = malloc((size_t)(c + 1) * sizeof *xs);
+    fp_share_t *sb = malloc((size_t)(c + 1) * sizeof *sb), *sk = malloc((size_t)(c + 1) * sizeof *sk);
+    int rc = !xs || !sb || !sk ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
+    for (int q = 0; rc == 0 && q <= c; q++)
+        xs[q] = (uint64_t)(q < c ? to[q] : s->i) + 1; /* a holder's point: its index + 1 */
+    if (rc == 0)
+        rc = fp_shamir_split(s->b, s->p.t, c + 1, xs, rng, sb, err);
+    if (rc == 0)
+        rc = fp_shamir_split(s->sk, s->p.t, c + 1, xs, rng, sk, err);
+    if (rc == 0) { /* the site holds a share of its own secrets too (the last point) */
+        memcpy(b, sb, (size_t)c * sizeof *b);
+        memcpy(key, sk, (size_t)c * sizeof *key);
+        s->recv_b[s->i] = sb[c];
+        s->recv_key[s->i] = sk[c];
+        s->have[s->i] = 1;
+    }
+    if (sb)
+        memset(sb, 0, (size_t)(c + 1) * sizeof *sb);
+    if (sk)
+        memset(sk, 0, (size_t)(c + 1) * sizeof *sk);
+    free(sb);
+    free(sk);
+    free(xs);
+    return rc ? rc : c;
+}
+
+int fp_sa_site_receive(fp_sa_site_t *s, int from, const fp_share_t *b, const fp_share_t *key,
+                       fp_err_t *err)
+{
+    if (from < 0 || from >= s->p.n || !fp_sa_is_neighbour(&s->p, s->i, from))
+        return fp_err_set(err, -EINVAL, "secure aggregation: site %d is not a neighbour of %d",
+                          from, s->i);
+    if (b->x != (uint64_t)s->i + 1 || key->x != (uint64_t)s->i + 1)
+        return fp_err_set(err, -EINVAL, "secure aggregation: shares from %d are for another "
+                          "site", from);
+    if (s->have[from])
+        return fp_err_set(err, -EEXIST, "secure aggregation: shares from %d came twice", from);
+    s->recv_b[from] = *b;
+    s->recv_key[from] = *key;
+    s->have[from] = 1;
+    return 0;
+}
+
+int fp_sa_site_mask(fp_sa_site_t *s, const uint8_t *pks, const uint8_t *in_round,
+                    const float *x, size_t dim, uint32_t *y, fp_err_t *err)
+{
+    int rc = fp_sa_encode(&s->p, x, dim, y, err);
+    if (rc)
+        return rc;
+    mask(s->b, 1, y, dim);
+    int *nb = malloc((size_t)s->p.n * sizeof *nb);
+    if (!nb)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int c = fp_sa_neighbours(&s->p, s->i, nb);
+    for (int q = 0; q < c && rc == 0; q++) {
+        int j = nb[q];
+        if (!in_round[j])
+            continue;
+        uint8_t seed[FP_SA_KEY];
+        if (pair_seed(&s->p, s->sk, pks + (size_t)j * FP_SA_KEY, s->i, j, seed) != 0)
+            rc = fp_err_set(err, -EBADMSG, "secure aggregation: site %d's public key is "
+                            "invalid", j);
+        else
+            mask(seed, s->i < j ? 1 : -1, y, dim);
+        memset(seed, 0, sizeof seed);
+    }
+    free(nb);
+    return rc;
+}
+
+int fp_sa_site_reveal(fp_sa_site_t *s, const uint8_t *ask, fp_share_t *out, uint8_t *given,
+                      fp_err_t *err)
+{
+    for (int j = 0; j < s->p.n; j++) { /* the whole request is checked before any answer */
+        if (ask[j] == FP_SA_ASK_NONE)
+            continue;
+        if (ask[j] != FP_SA_ASK_SELF && ask[j] != FP_SA_ASK_KEY)
+            return fp_err_set(err, -EINVAL, "secure aggregation: unknown request %d", ask[j]);
+        if (!s->have[j])
+            return fp_err_set(err, -EINVAL, "secure aggregation: site %d holds no share of %d",
+                              s->i, j);
+        if (j == s->i && ask[j] == FP_SA_ASK_KEY)
+            return fp_err_set(err, -EPERM, "secure aggregation: the coordinator asked site %d, "
+                              "which is here, for its own mask key; refused", s->i);
+        if (s->revealed[j] && s->revealed[j] != ask[j])
+            return fp_err_set(err, -EPERM, "secure aggregation: the coordinator asked site %d "
+                              "for both the self-mask and the key of site %d; refused", s->i, j);
+    }
+    for (int j = 0; j < s->p.n; j++) {
+        given[j] = 0;
+        if (ask[j] == FP_SA_ASK_NONE)
+            continue;
+        out[j] = ask[j] == FP_SA_ASK_SELF ? s->recv_b[j] : s->recv_key[j];
+        s->revealed[j] = ask[j];
+        given[j] = 1;
+    }
+    return 0;
+}
+
+/* ---- the coordinator ---- */
+
+/* The secret of `owner` from the shares its holders gave (at most 64 used and checked). */
+static int rebuild(const fp_sa_params_t *p, int owner, const fp_share_t *sh,
+                   const uint8_t *have, uint8_t secret[FP_SA_KEY], fp_err_t *err)
+{
+    fp_share_t got[64];
+    int m = 0;
+    for (int h = 0; h < p->n && m < 64; h++)
+        if (have[(size_t)owner * (size_t)p->n + (size_t)h])
+            got[m++] = sh[(size_t)owner * (size_t)p->n + (size_t)h];
+    if (m < p->t)
+        return fp_err_set(err, -EAGAIN, "secure aggregation: %d shares of site %d's secret, "
+                          "%d needed", m, owner, p->t);
+    return fp_shamir_combine(got, m, p->t, secret, err);
+}
+
+int fp_sa_unmask(const fp_sa_params_t *p, const uint8_t *pks, const uint8_t *state,
+                 const fp_share_t *b_sh, const uint8_t *b_have, const fp_share_t *key_sh,
+                 const uint8_t *key_have, uint32_t *sum, size_t dim, fp_err_t *err)
+{
+    int rc = fp_sa_params_check(p, err);
+    if (rc)
+        return rc;
+    int *nb = malloc((size_t)p->n * sizeof *nb);
+    if (!nb)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    uint8_t secret[FP_SA_KEY];
+    for (int u = 0; u < p->n && rc == 0; u++) { /* the survivors' self-masks */
+        if (state[u] != FP_SA_INPUT)
+            continue;
+        if ((rc = rebuild(p, u, b_sh, b_have, secret, err)) == 0)
+            mask(secret, -1, sum, dim);
+    }
+    for (int d = 0; d < p->n && rc == 0; d++) { /* the dropped sites' pairwise masks */
+        if (state[d] != FP_SA_DROPPED)
+            continue;
+        if ((rc = rebuild(p, d, key_sh, key_have, secret, err)) != 0)
+            break;
+        uint8_t pub[FP_SA_KEY];
+        curve25519_mul_g(pub, secret);
+        if (memcmp(pub, pks + (size_t)d * FP_SA_KEY, FP_SA_KEY)) {
+            rc = fp_err_set(err, -EBADMSG, "secure aggregation: the key rebuilt for site %d "
+                            "does not match its public key", d);
+            break;
+        }
+        int c = fp_sa_neighbours(p, d, nb);
+        for (int q = 0; q < c && rc == 0; q++) {
+            int u = nb[q];
+            if (state[u] != FP_SA_INPUT)
+                continue;
+            uint8_t seed[FP_SA_KEY];
+            if (pair_seed(p, secret, pks + (size_t)u * FP_SA_KEY, d, u, seed) != 0)
+                rc = fp_err_set(err, -EBADMSG, "secure aggregation: site %d's public key is "
+                                "invalid", u);
+            else
+                mask(seed, u < d ? -1 : 1, sum, dim); /* what u added: + for u < d */
+            memset(seed, 0, sizeof seed);
+        }
+    }
+    memset(secret, 0, sizeof secret);
+    free(nb);
+    return rc;
+}
