@@ -86,10 +86,12 @@ static void run_round(const fp_sa_params_t *p, const float *x, size_t dim, const
     fp_noise_t *rng = test_rng(7);
     fp_sa_site_t **s = calloc((size_t)n, sizeof *s);
     uint8_t *pks = calloc((size_t)n, FP_SA_KEY), *in_round = calloc((size_t)n, 1);
+    uint8_t *cpks = calloc((size_t)n, FP_SA_KEY), sealed[FP_SA_SEALED];
     uint8_t *st = calloc((size_t)n, 1);
     for (int i = 0; i < n; i++) { /* 1: advertise */
         assert_int_equal(fp_sa_site_new(&s[i], p, i, rng, NULL), 0);
         memcpy(pks + (size_t)i * FP_SA_KEY, fp_sa_site_public(s[i]), FP_SA_KEY);
+        memcpy(cpks + (size_t)i * FP_SA_KEY, fp_sa_site_public_c(s[i]), FP_SA_KEY);
     }
     int *to = malloc((size_t)n * sizeof *to);
     fp_share_t *bs = malloc((size_t)n * sizeof *bs), *ks = malloc((size_t)n * sizeof *ks);
@@ -98,9 +100,14 @@ static void run_round(const fp_sa_params_t *p, const float *x, size_t dim, const
             continue;
         int c = fp_sa_site_shares(s[i], rng, to, bs, ks, NULL);
         assert_true(c >= p->t);
-        for (int q = 0; q < c; q++)
-            if (leave[to[q]] != 2)
-                assert_int_equal(fp_sa_site_receive(s[to[q]], i, &bs[q], &ks[q], NULL), 0);
+        for (int q = 0; q < c; q++) { /* sealed to the recipient, relayed, opened */
+            if (leave[to[q]] == 2)
+                continue;
+            assert_int_equal(fp_sa_seal(s[i], to[q], cpks + (size_t)to[q] * FP_SA_KEY, &bs[q],
+                                        &ks[q], sealed, NULL), 0);
+            assert_int_equal(fp_sa_open(s[to[q]], i, cpks + (size_t)i * FP_SA_KEY, sealed, NULL),
+                             0);
+        }
         in_round[i] = 1;
     }
     uint32_t *sum = calloc(dim, sizeof *sum), *y = malloc(dim * sizeof *y);
@@ -159,6 +166,7 @@ static void run_round(const fp_sa_params_t *p, const float *x, size_t dim, const
         fp_sa_site_free(s[i]);
     free(s);
     free(pks);
+    free(cpks);
     free(in_round);
     free(st);
     free(to);
@@ -299,6 +307,30 @@ static void test_refusals(void **state)
     }
     fp_err_t err = {0};
     assert_int_equal(fp_sa_site_receive(s[1], 0, &b[0], &k[0], &err), -EINVAL); /* not for 1 */
+    /* sealed shares: altered, or opened as from another site, do not authenticate */
+    fp_sa_params_t p6 = params(6, 4, 3);
+    fp_sa_site_t *a = NULL, *z = NULL, *w = NULL;
+    assert_int_equal(fp_sa_site_new(&a, &p6, 0, rng, NULL), 0);
+    int nb6[5], c6 = fp_sa_neighbours(&p6, 0, nb6);
+    assert_true(c6 == 4);
+    assert_int_equal(fp_sa_site_new(&z, &p6, nb6[0], rng, NULL), 0);
+    assert_int_equal(fp_sa_site_new(&w, &p6, nb6[1], rng, NULL), 0);
+    int to6[5];
+    fp_share_t b6[5], k6[5];
+    assert_int_equal(fp_sa_site_shares(a, rng, to6, b6, k6, NULL), 4);
+    int q0 = to6[0] == nb6[0] ? 0 : to6[1] == nb6[0] ? 1 : to6[2] == nb6[0] ? 2 : 3;
+    uint8_t sealed[FP_SA_SEALED];
+    assert_int_equal(fp_sa_seal(a, nb6[0], fp_sa_site_public_c(z), &b6[q0], &k6[q0], sealed,
+                                NULL), 0);
+    sealed[20] ^= 4;
+    assert_int_equal(fp_sa_open(z, 0, fp_sa_site_public_c(a), sealed, &err), -EBADMSG);
+    sealed[20] ^= 4;
+    assert_int_equal(fp_sa_open(w, 0, fp_sa_site_public_c(a), sealed, &err), -EBADMSG);
+    assert_int_equal(fp_sa_open(z, nb6[1], fp_sa_site_public_c(a), sealed, &err), -EBADMSG);
+    assert_int_equal(fp_sa_open(z, 0, fp_sa_site_public_c(a), sealed, NULL), 0);
+    fp_sa_site_free(a);
+    fp_sa_site_free(z);
+    fp_sa_site_free(w);
     uint8_t ask[5] = {0}, given[5];
     fp_share_t out[5];
     ask[2] = FP_SA_ASK_SELF;

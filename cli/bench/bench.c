@@ -23,6 +23,7 @@ const char fp_bench_help[] =
     "       fedpeft bench transport [--help]\n"
     "       fedpeft bench coordinator [--help]\n"
     "       fedpeft bench flood [--help]\n"
+    "       fedpeft bench secagg [--help]\n"
     "\n"
     "Measures merging against this machine's own ceilings, in one run, and prints a table:\n"
     "fedavg bandwidth beside single-core streaming-read bandwidth, peak memory of a\n"
@@ -41,6 +42,7 @@ static const struct {
     {"transport", fp_bench_transport},
     {"coordinator", fp_bench_coord},
     {"flood", fp_bench_flood},
+    {"secagg", fp_bench_secagg},
 };
 
 int fp_cmd_bench(int argc, char **argv)
@@ -53,7 +55,7 @@ int fp_cmd_bench(int argc, char **argv)
         if (!strcmp(argv[1], benches[i].name))
             return benches[i].fn(argc - 1, argv + 1);
     return fp_cli_usage_error("bench", "unknown benchmark '%s' (available: merge, train, "
-                              "transport, coordinator, flood)", argv[1]);
+                              "transport, coordinator, flood, secagg)", argv[1]);
 }
 
 /* ---- what several benchmarks share ---- */

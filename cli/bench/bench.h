@@ -5,7 +5,8 @@
  *   train        the trainer's tokens/s and its share of the BLAS peak, beside PyTorch
  *   transport    uploads through mutual TLS against the raw loopback and disk
  *   coordinator  a coordinator process with many sites: round latency, memory, CPU
- *   flood        connection floods: the coordinator keeps serving its sites */
+ *   flood        connection floods: the coordinator keeps serving its sites
+ *   secagg       secure aggregation's arithmetic and bytes beside the plaintext sum */
 #ifndef FP_BENCH_H
 #define FP_BENCH_H
 
@@ -21,6 +22,7 @@ int fp_bench_train(int argc, char **argv);
 int fp_bench_transport(int argc, char **argv);
 int fp_bench_coord(int argc, char **argv);
 int fp_bench_flood(int argc, char **argv);
+int fp_bench_secagg(int argc, char **argv);
 
 /* A working directory: given (created), or a new prefix-XXXXXX in $TMPDIR or /tmp (malloc'd;
  * NULL on failure). */

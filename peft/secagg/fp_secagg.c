@@ -6,14 +6,17 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <nettle/chacha.h>
+#include <nettle/chacha-poly1305.h>
 #include <nettle/curve25519.h>
 #include <nettle/hmac.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 
 struct fp_sa_site {
     fp_sa_params_t p;
     int i;
     uint8_t sk[FP_SA_KEY], pk[FP_SA_KEY], b[FP_SA_KEY];
+    uint8_t csk[FP_SA_KEY], cpk[FP_SA_KEY]; /* the key the shares are sealed with */
     /* per peer j < n: the shares j made for this site, and what this site revealed of j */
     fp_share_t *recv_b, *recv_key;
     uint8_t *have, *revealed;
@@ -131,51 +134,75 @@ void fp_sa_decode(const fp_sa_params_t *p, const uint32_t *sum, size_t dim, doub
 
 /* ---- masks ---- */
 
-/* y += sign · PRG(seed) (mod 2^32), the PRG ChaCha20's keystream. */
-static void mask(const uint8_t seed[FP_SA_KEY], int sign, uint32_t *y, size_t dim)
+/* y += sign · PRG(seed) (mod 2^32), the PRG ChaCha20's keystream (OpenSSL's: ten times
+ * nettle's speed where the CPU has AVX-512). -ENOMEM if OpenSSL cannot set it up. */
+static int mask(const uint8_t seed[FP_SA_KEY], int sign, uint32_t *y, size_t dim)
 {
-    struct chacha_ctx c;
-    uint8_t nonce[CHACHA_NONCE_SIZE] = {0};
-    chacha_set_key(&c, seed);
-    chacha_set_nonce(&c, nonce);
-    uint8_t buf[4096];
-    for (size_t at = 0; at < dim;) {
+    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
+    uint8_t iv[16] = {0}; /* a fresh key per mask: counter and nonce 0 */
+    if (!c || EVP_EncryptInit_ex(c, EVP_chacha20(), NULL, seed, iv) != 1) {
+        EVP_CIPHER_CTX_free(c);
+        return -ENOMEM;
+    }
+    static const uint8_t zeros[16384];
+    uint8_t buf[16384];
+    int rc = 0;
+    for (size_t at = 0; at < dim && rc == 0;) {
         size_t words = dim - at < sizeof buf / 4 ? dim - at : sizeof buf / 4;
-        memset(buf, 0, words * 4);
-        chacha_crypt(&c, words * 4, buf, buf);
-        for (size_t w = 0; w < words; w++) {
-            uint32_t v = (uint32_t)buf[4 * w] | (uint32_t)buf[4 * w + 1] << 8 |
-                         (uint32_t)buf[4 * w + 2] << 16 | (uint32_t)buf[4 * w + 3] << 24;
-            y[at + w] += sign > 0 ? v : 0u - v;
+        int len = 0;
+        if (EVP_EncryptUpdate(c, buf, &len, zeros, (int)(words * 4)) != 1 ||
+            len != (int)(words * 4)) {
+            rc = -EIO;
+            break;
         }
+        uint32_t *dst = y + at;
+        if (sign > 0)
+            for (size_t w = 0; w < words; w++)
+                dst[w] += (uint32_t)buf[4 * w] | (uint32_t)buf[4 * w + 1] << 8 |
+                          (uint32_t)buf[4 * w + 2] << 16 | (uint32_t)buf[4 * w + 3] << 24;
+        else
+            for (size_t w = 0; w < words; w++)
+                dst[w] -= (uint32_t)buf[4 * w] | (uint32_t)buf[4 * w + 1] << 8 |
+                          (uint32_t)buf[4 * w + 2] << 16 | (uint32_t)buf[4 * w + 3] << 24;
         at += words;
     }
-    memset(buf, 0, sizeof buf);
+    OPENSSL_cleanse(buf, sizeof buf);
+    EVP_CIPHER_CTX_free(c);
+    return rc;
 }
 
-/* s_ij from one side's private key and the other's public key; -EBADMSG for a public key
- * that gives the zero point (a low-order key). */
-static int pair_seed(const fp_sa_params_t *p, const uint8_t sk[FP_SA_KEY],
-                     const uint8_t pk[FP_SA_KEY], int i, int j, uint8_t seed[FP_SA_KEY])
+/* A 32-byte key from an X25519 agreement: HMAC-SHA256(X25519(sk, pk), label ‖ round ‖ a ‖
+ * b); -EBADMSG for a public key that gives the zero point (a low-order key). */
+static int derive(const fp_sa_params_t *p, const uint8_t sk[FP_SA_KEY],
+                  const uint8_t pk[FP_SA_KEY], const char *label, uint64_t a, uint64_t b,
+                  uint8_t out[FP_SA_KEY])
 {
     uint8_t shared[CURVE25519_SIZE], zero[CURVE25519_SIZE] = {0};
     curve25519_mul(shared, sk, pk);
     if (!memcmp(shared, zero, sizeof shared))
         return -EBADMSG;
     uint8_t info[24];
-    uint64_t lo = (uint64_t)(i < j ? i : j), hi = (uint64_t)(i < j ? j : i);
-    for (int b = 0; b < 8; b++) {
-        info[b] = (uint8_t)(p->round >> (8 * b));
-        info[8 + b] = (uint8_t)(lo >> (8 * b));
-        info[16 + b] = (uint8_t)(hi >> (8 * b));
+    for (int k = 0; k < 8; k++) {
+        info[k] = (uint8_t)(p->round >> (8 * k));
+        info[8 + k] = (uint8_t)(a >> (8 * k));
+        info[16 + k] = (uint8_t)(b >> (8 * k));
     }
     struct hmac_sha256_ctx h;
     hmac_sha256_set_key(&h, sizeof shared, shared);
-    hmac_sha256_update(&h, 22, (const uint8_t *)"fedpeft secagg pair v1");
+    hmac_sha256_update(&h, strlen(label), (const uint8_t *)label);
     hmac_sha256_update(&h, sizeof info, info);
-    hmac_sha256_digest(&h, FP_SA_KEY, seed);
+    hmac_sha256_digest(&h, FP_SA_KEY, out);
     memset(shared, 0, sizeof shared);
+    memset(&h, 0, sizeof h);
     return 0;
+}
+
+/* s_ij, the same from either side. */
+static int pair_seed(const fp_sa_params_t *p, const uint8_t sk[FP_SA_KEY],
+                     const uint8_t pk[FP_SA_KEY], int i, int j, uint8_t seed[FP_SA_KEY])
+{
+    return derive(p, sk, pk, "fedpeft secagg pair v1", (uint64_t)(i < j ? i : j),
+                  (uint64_t)(i < j ? j : i), seed);
 }
 
 /* ---- a site ---- */
@@ -213,7 +240,9 @@ int fp_sa_site_new(fp_sa_site_t **out, const fp_sa_params_t *p, int i, fp_noise_
     s->i = i;
     random_bytes(rng, s->sk, FP_SA_KEY);
     random_bytes(rng, s->b, FP_SA_KEY);
+    random_bytes(rng, s->csk, FP_SA_KEY);
     curve25519_mul_g(s->pk, s->sk);
+    curve25519_mul_g(s->cpk, s->csk);
     *out = s;
     return 0;
 }
@@ -224,6 +253,7 @@ void fp_sa_site_free(fp_sa_site_t *s)
         return;
     memset(s->sk, 0, sizeof s->sk);
     memset(s->b, 0, sizeof s->b);
+    memset(s->csk, 0, sizeof s->csk);
     free(s->recv_b);
     free(s->recv_key);
     free(s->have);
@@ -232,6 +262,85 @@ void fp_sa_site_free(fp_sa_site_t *s)
 }
 
 const uint8_t *fp_sa_site_public(const fp_sa_site_t *s) { return s->pk; }
+const uint8_t *fp_sa_site_public_c(const fp_sa_site_t *s) { return s->cpk; }
+
+static void put_share(uint8_t *o, const fp_share_t *sh)
+{
+    for (int k = 0; k < 8; k++)
+        o[k] = (uint8_t)(sh->x >> (8 * k));
+    for (int w = 0; w < FP_SHAMIR_WORDS; w++)
+        for (int k = 0; k < 8; k++)
+            o[8 + 8 * w + k] = (uint8_t)(sh->y[w] >> (8 * k));
+}
+
+static void get_share(const uint8_t *o, fp_share_t *sh)
+{
+    sh->x = 0;
+    for (int k = 0; k < 8; k++)
+        sh->x |= (uint64_t)o[k] << (8 * k);
+    for (int w = 0; w < FP_SHAMIR_WORDS; w++) {
+        sh->y[w] = 0;
+        for (int k = 0; k < 8; k++)
+            sh->y[w] |= (uint64_t)o[8 + 8 * w + k] << (8 * k);
+    }
+}
+
+#define SHARE_BYTES (8 + 8 * FP_SHAMIR_WORDS)
+
+int fp_sa_seal(const fp_sa_site_t *s, int to, const uint8_t *cpk_to, const fp_share_t *b,
+               const fp_share_t *key, uint8_t out[FP_SA_SEALED], fp_err_t *err)
+{
+    uint8_t k[FP_SA_KEY], plain[2 * SHARE_BYTES], nonce[CHACHA_POLY1305_NONCE_SIZE] = {0};
+    if (derive(&s->p, s->csk, cpk_to, "fedpeft secagg share v1", (uint64_t)s->i, (uint64_t)to,
+               k) != 0)
+        return fp_err_set(err, -EBADMSG, "secure aggregation: site %d's sealing key is "
+                          "invalid", to);
+    put_share(plain, b);
+    put_share(plain + SHARE_BYTES, key);
+    struct chacha_poly1305_ctx c;
+    chacha_poly1305_set_key(&c, k); /* one key per (round, from, to): a zero nonce is safe */
+    chacha_poly1305_set_nonce(&c, nonce);
+    chacha_poly1305_encrypt(&c, sizeof plain, out, plain);
+    chacha_poly1305_digest(&c, CHACHA_POLY1305_DIGEST_SIZE, out + sizeof plain);
+    memset(plain, 0, sizeof plain);
+    memset(k, 0, sizeof k);
+    memset(&c, 0, sizeof c);
+    return 0;
+}
+
+int fp_sa_open(fp_sa_site_t *s, int from, const uint8_t *cpk_from,
+               const uint8_t sealed[FP_SA_SEALED], fp_err_t *err)
+{
+    uint8_t k[FP_SA_KEY], plain[2 * SHARE_BYTES], tag[CHACHA_POLY1305_DIGEST_SIZE];
+    uint8_t nonce[CHACHA_POLY1305_NONCE_SIZE] = {0};
+    if (from < 0 || from >= s->p.n ||
+        derive(&s->p, s->csk, cpk_from, "fedpeft secagg share v1", (uint64_t)from,
+               (uint64_t)s->i, k) != 0)
+        return fp_err_set(err, -EBADMSG, "secure aggregation: site %d's sealing key is "
+                          "invalid", from);
+    struct chacha_poly1305_ctx c;
+    chacha_poly1305_set_key(&c, k);
+    chacha_poly1305_set_nonce(&c, nonce);
+    chacha_poly1305_decrypt(&c, sizeof plain, plain, sealed);
+    chacha_poly1305_digest(&c, sizeof tag, tag);
+    memset(k, 0, sizeof k);
+    memset(&c, 0, sizeof c);
+    int rc = 0;
+    uint8_t diff = 0;
+    for (size_t q = 0; q < sizeof tag; q++) /* constant time */
+        diff |= tag[q] ^ sealed[sizeof plain + q];
+    if (diff)
+        rc = fp_err_set(err, -EBADMSG, "secure aggregation: the shares from site %d do not "
+                        "authenticate (altered, or sealed for another site or round)", from);
+    if (rc == 0) {
+        fp_share_t b, key;
+        get_share(plain, &b);
+        get_share(plain + SHARE_BYTES, &key);
+        rc = fp_sa_site_receive(s, from, &b, &key, err);
+    }
+    memset(plain, 0, sizeof plain);
+    return rc;
+}
 
 int fp_sa_site_shares(fp_sa_site_t *s, fp_noise_t *rng, int *to, fp_share_t *b,
                       fp_share_t *key, fp_err_t *err)
@@ -288,7 +397,8 @@ int fp_sa_site_mask(fp_sa_site_t *s, const uint8_t *pks, const uint8_t *in_round
     int rc = fp_sa_encode(&s->p, x, dim, y, err);
     if (rc)
         return rc;
-    mask(s->b, 1, y, dim);
+    if (mask(s->b, 1, y, dim) != 0)
+        return fp_err_set(err, -ENOMEM, "secure aggregation: cannot set up the PRG");
     int *nb = malloc((size_t)s->p.n * sizeof *nb);
     if (!nb)
         return fp_err_set(err, -ENOMEM, "out of memory");
@@ -301,8 +411,8 @@ int fp_sa_site_mask(fp_sa_site_t *s, const uint8_t *pks, const uint8_t *in_round
         if (pair_seed(&s->p, s->sk, pks + (size_t)j * FP_SA_KEY, s->i, j, seed) != 0)
             rc = fp_err_set(err, -EBADMSG, "secure aggregation: site %d's public key is "
                             "invalid", j);
-        else
-            mask(seed, s->i < j ? 1 : -1, y, dim);
+        else if (mask(seed, s->i < j ? 1 : -1, y, dim) != 0)
+            rc = fp_err_set(err, -ENOMEM, "secure aggregation: cannot set up the PRG");
         memset(seed, 0, sizeof seed);
     }
     free(nb);
@@ -369,8 +479,9 @@ int fp_sa_unmask(const fp_sa_params_t *p, const uint8_t *pks, const uint8_t *sta
     for (int u = 0; u < p->n && rc == 0; u++) { /* the survivors' self-masks */
         if (state[u] != FP_SA_INPUT)
             continue;
-        if ((rc = rebuild(p, u, b_sh, b_have, secret, err)) == 0)
-            mask(secret, -1, sum, dim);
+        if ((rc = rebuild(p, u, b_sh, b_have, secret, err)) == 0 &&
+            mask(secret, -1, sum, dim) != 0)
+            rc = fp_err_set(err, -ENOMEM, "secure aggregation: cannot set up the PRG");
     }
     for (int d = 0; d < p->n && rc == 0; d++) { /* the dropped sites' pairwise masks */
         if (state[d] != FP_SA_DROPPED)
@@ -393,8 +504,8 @@ int fp_sa_unmask(const fp_sa_params_t *p, const uint8_t *pks, const uint8_t *sta
             if (pair_seed(p, secret, pks + (size_t)u * FP_SA_KEY, d, u, seed) != 0)
                 rc = fp_err_set(err, -EBADMSG, "secure aggregation: site %d's public key is "
                                 "invalid", u);
-            else
-                mask(seed, u < d ? -1 : 1, sum, dim); /* what u added: + for u < d */
+            else if (mask(seed, u < d ? -1 : 1, sum, dim) != 0) /* what u added: + for u < d */
+                rc = fp_err_set(err, -ENOMEM, "secure aggregation: cannot set up the PRG");
             memset(seed, 0, sizeof seed);
         }
     }

@@ -20,8 +20,8 @@
  * An honest site never gives both kinds of share for one peer, nor its own key's share
  * (fp_sa_site_reveal refuses); with 2t > k + 1 no two disjoint sets of t holders exist, so
  * the coordinator cannot rebuild both secrets of one site from different holders either.
- * With all pairs (k = n − 1) a round survives n − t sites leaving at any phase. PRG: ChaCha20 (nettle) keyed by
- * the 32-byte seed. Encoding: fixed point round(x·scale) into Z/2^32, with |x| ≤ bound and
+ * With all pairs (k = n − 1) a round survives n − t sites leaving at any phase. PRG:
+ * ChaCha20 (OpenSSL's) keyed by the 32-byte seed. Encoding: fixed point round(x·scale) into Z/2^32, with |x| ≤ bound and
  * n·(bound·scale + 1/2) < 2^31 so that the sum cannot wrap.
  *
  * Library code: no sockets; the caller moves the keys, shares and masked vectors. */
@@ -36,6 +36,7 @@
 #include "fp_shamir.h"
 
 #define FP_SA_KEY 32
+#define FP_SA_SEALED (2 * (8 + 8 * FP_SHAMIR_WORDS) + 16) /* two shares and a tag */
 
 typedef struct fp_sa_params {
     int n;                        /* sites in the round */
@@ -75,6 +76,19 @@ int fp_sa_site_new(fp_sa_site_t **out, const fp_sa_params_t *p, int i, fp_noise_
                    fp_err_t *err);
 void fp_sa_site_free(fp_sa_site_t *s);
 const uint8_t *fp_sa_site_public(const fp_sa_site_t *s); /* FP_SA_KEY bytes */
+/* The public half of the key its neighbours seal shares to (FP_SA_KEY bytes); both public
+ * keys are what the site advertises (signed, by the daemons, with its certificate's key). */
+const uint8_t *fp_sa_site_public_c(const fp_sa_site_t *s);
+
+/* Phase 2, on the wire: the shares for neighbour `to` sealed so that only `to` opens them
+ * (ChaCha20-Poly1305 under HMAC-SHA256(X25519(c_i, c_to), round ‖ i ‖ to)); the coordinator
+ * relays FP_SA_SEALED bytes it cannot read or alter unnoticed. */
+int fp_sa_seal(const fp_sa_site_t *s, int to, const uint8_t *cpk_to, const fp_share_t *b,
+               const fp_share_t *key, uint8_t out[FP_SA_SEALED], fp_err_t *err);
+/* Opens what `from` sealed for this site and takes the shares (fp_sa_site_receive);
+ * -EBADMSG when they do not authenticate. */
+int fp_sa_open(fp_sa_site_t *s, int from, const uint8_t *cpk_from,
+               const uint8_t sealed[FP_SA_SEALED], fp_err_t *err);
 
 /* Phase 2: the shares of its mask key and self-mask seed for each neighbour: to[c], b[c],
  * key[c] for c < count (returned; arrays of min(k, n − 1)); the site keeps its own. */
