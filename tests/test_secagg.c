@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_merge.h"
 #include "fp_rng.h"
+#include "fp_sa_merge.h"
 #include "fp_secagg.h"
 #include "fp_sketch.h"
 #include "fp_test.h"
@@ -341,12 +343,12 @@ static void test_refusals(void **state)
     fpt_assert_text(fp_err_msg(&err), "both", __FILE__, __LINE__);
     ask[2] = FP_SA_ASK_SELF; /* the same again is fine */
     assert_int_equal(fp_sa_site_reveal(s[0], ask, out, given, NULL), 0);
-    for (int i = 0; i < 5; i++)
-        fp_sa_site_free(s[i]);
-    fp_noise_free(rng);
     ask[2] = FP_SA_ASK_NONE;
     ask[0] = FP_SA_ASK_KEY; /* its own key, while it is here */
     assert_int_equal(fp_sa_site_reveal(s[0], ask, out, given, &err), -EPERM);
+    for (int i = 0; i < 5; i++)
+        fp_sa_site_free(s[i]);
+    fp_noise_free(rng);
     fp_sa_params_t bad = params(5, 4, 2); /* 2t ≤ k + 1 */
     assert_int_equal(fp_sa_params_check(&bad, &err), -EINVAL);
     bad = params(5, 4, 3);
@@ -540,6 +542,163 @@ static void test_sketch_secure(void **state)
     }
 }
 
+/* ---- strategies as secure sums ---- */
+
+static const fp_module_desc_t layout2[2] = {
+    {"model.layers.0.self_attn.q_proj", 24, 16, 8, 16, 0},
+    {"model.layers.0.self_attn.v_proj", 12, 16, 8, 16, 0},
+};
+
+/* Site adapters at the given ranks (alpha 16); with a shared A when frozen_a (ffa). */
+static fp_adapter_t *site_adapter(int rank, uint64_t seed, const fp_adapter_t *frozen_a)
+{
+    fp_module_desc_t d[2] = {layout2[0], layout2[1]};
+    d[0].rank = d[1].rank = rank;
+    fp_adapter_t *ad = NULL;
+    assert_int_equal(fp_adapter_new(&ad, d, 2, NULL), 0);
+    fp_rng_t g;
+    fp_rng_seed(&g, seed);
+    for (int i = 0; i < 2; i++) {
+        fp_lora_module_t *m = &ad->mods[i];
+        fp_rng_fill_normal(&g, m->A, (size_t)rank * m->d_in, 0.3);
+        fp_rng_fill_normal(&g, m->B, (size_t)m->d_out * rank, 0.3);
+        if (frozen_a)
+            memcpy(m->A, frozen_a->mods[i].A, (size_t)rank * m->d_in * sizeof(float));
+    }
+    return ad;
+}
+
+/* ‖Σ_modules s·B·A (a) − (b)‖ / ‖(b)‖, dense. */
+static double adapter_rel(const fp_adapter_t *a, const fp_adapter_t *b)
+{
+    double num = 0, den = 0;
+    for (int i = 0; i < b->n; i++) {
+        const fp_lora_module_t *mb = &b->mods[i], *ma = &a->mods[fp_adapter_find(a, mb->name)];
+        size_t sz = (size_t)mb->d_out * mb->d_in;
+        double *da = calloc(sz, sizeof *da), *db = calloc(sz, sizeof *db);
+        fpt_dense_add(da, ma->B, ma->A, ma->d_out, ma->d_in, ma->rank, fp_module_scale(ma));
+        fpt_dense_add(db, mb->B, mb->A, mb->d_out, mb->d_in, mb->rank, fp_module_scale(mb));
+        for (size_t e = 0; e < sz; e++) {
+            num += (da[e] - db[e]) * (da[e] - db[e]);
+            den += db[e] * db[e];
+        }
+        free(da);
+        free(db);
+    }
+    return sqrt(num / den);
+}
+
+/* fedavg, ffa and zeropad through secure aggregation, site 2 leaving after sharing: the
+ * coordinator's adapter is fp_merge's of the two sites left (sample weights). */
+static void test_linear_strategies(void **state)
+{
+    (void)state;
+    const fp_strategy_t sts[3] = {FP_STRAT_FEDAVG, FP_STRAT_FFA, FP_STRAT_ZEROPAD};
+    const double w[3] = {0.2, 0.3, 0.5};
+    fp_sa_params_t p = params(3, 2, 2);
+    p.bound = 16;
+    p.scale = 1 << 22;
+    for (int k = 0; k < 3; k++) {
+        fp_adapter_t *start = site_adapter(8, 99, NULL), *u[3];
+        for (int i = 0; i < 3; i++)
+            u[i] = site_adapter(sts[k] == FP_STRAT_ZEROPAD ? 2 << i : 8, 10 + (uint64_t)i,
+                                sts[k] == FP_STRAT_FFA ? start : NULL);
+        size_t dim = fp_sa_linear_dim(sts[k], layout2, 2);
+        assert_true(dim > 0);
+        float *x = malloc(3 * dim * sizeof *x);
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(fp_sa_linear_encode(sts[k], layout2, 2, u[i], w[i], x + i * dim,
+                                                 NULL), 0);
+        int leave[3] = {0, 0, 3};
+        round_out_t o = {0};
+        run_round(&p, x, dim, leave, &o);
+        assert_int_equal(o.rc, 0);
+        fp_adapter_t *got = NULL, *ref = NULL;
+        assert_int_equal(fp_sa_linear_decode(sts[k], layout2, 2, start, o.sum, &got, NULL), 0);
+        fp_merge_opts_t mo = {sts[k], 8, 0, 0};
+        const fp_adapter_t *srcs[2] = {u[0], u[1]};
+        assert_int_equal(fp_merge(&mo, srcs, w, 2, NULL, &ref, NULL), 0);
+        double e = adapter_rel(got, ref);
+        if (!(e < 1e-5))
+            fail_msg("%s under secure aggregation: relative error %g against fp_merge",
+                     fp_strategy_name(sts[k]), e);
+        fp_adapter_free(got);
+        fp_adapter_free(ref);
+        free(o.sum);
+        free(o.want);
+        free(x);
+        for (int i = 0; i < 3; i++)
+            fp_adapter_free(u[i]);
+        fp_adapter_free(start);
+    }
+    fp_err_t err = {0};
+    assert_int_equal(fp_sa_linear_dim(FP_STRAT_FLEXLORA, layout2, 2), 0);
+    assert_int_equal(fp_sa_linear_encode(FP_STRAT_FLEXLORA, layout2, 2, NULL, 1, NULL, &err),
+                     -ENOTSUP);
+}
+
+/* flexlora without seeing an update: two secure sums (Y, then Z after the coordinator's Q),
+ * ranks 2, 4, 8; at rank 8 the result is fp_merge's flexlora, at rank 14 = Σr it is ΔW*. */
+static void test_sketch_flexlora(void **state)
+{
+    (void)state;
+    const double w[3] = {0.2, 0.3, 0.5};
+    fp_adapter_t *u[3];
+    for (int i = 0; i < 3; i++)
+        u[i] = site_adapter(2 << i, 40 + (uint64_t)i, NULL);
+    fp_sa_params_t p = params(3, 2, 2);
+    p.bound = 64;
+    p.scale = 1 << 22;
+    for (int r_out = 8; r_out <= 14; r_out += 6) {
+        fp_sa_sketch_t *sk = NULL, *site_sk = NULL;
+        assert_int_equal(fp_sa_sketch_new(&sk, layout2, 2, 14 + 4, 123, NULL), 0);
+        assert_int_equal(fp_sa_sketch_new(&site_sk, layout2, 2, 14 + 4, 123, NULL), 0);
+        size_t dy = fp_sa_sketch_dim_y(sk), dz = fp_sa_sketch_dim_z(sk);
+        float *x = malloc(3 * (dy > dz ? dy : dz) * sizeof *x);
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(fp_sa_sketch_encode_y(site_sk, u[i], w[i], x + i * dy, NULL), 0);
+        int all[3] = {0, 0, 0};
+        round_out_t oy = {0};
+        run_round(&p, x, dy, all, &oy);
+        assert_int_equal(oy.rc, 0);
+        assert_int_equal(fp_sa_sketch_basis(sk, oy.sum, NULL), 0);
+        size_t nq;
+        const double *Q = fp_sa_sketch_q(sk, &nq); /* broadcast to the sites */
+        assert_int_equal(fp_sa_sketch_set_q(site_sk, Q, nq, NULL), 0);
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(fp_sa_sketch_encode_z(site_sk, u[i], w[i], x + i * dz, NULL), 0);
+        round_out_t oz = {0};
+        run_round(&p, x, dz, all, &oz);
+        assert_int_equal(oz.rc, 0);
+        fp_adapter_t *got = NULL, *ref = NULL;
+        assert_int_equal(fp_sa_sketch_decode(sk, oz.sum, r_out, &got, NULL), 0);
+        fp_merge_opts_t mo = {FP_STRAT_FLEXLORA, r_out, 0, 0};
+        const fp_adapter_t *srcs[3] = {u[0], u[1], u[2]};
+        if (r_out == 8) {
+            assert_int_equal(fp_merge(&mo, srcs, w, 3, NULL, &ref, NULL), 0);
+            double e = adapter_rel(got, ref);
+            if (!(e < 1e-4))
+                fail_msg("flexlora by double sketch at rank 8: relative error %g", e);
+        } else {
+            double e = 0, norm = 0;
+            assert_int_equal(fp_merge_error(got, srcs, w, 3, &e, &norm, NULL), 0);
+            if (!(e < 1e-4))
+                fail_msg("double sketch at rank Σr: relative error %g against ΔW*", e);
+        }
+        fp_adapter_free(got);
+        fp_adapter_free(ref);
+        free(oy.sum);
+        free(oy.want);
+        free(oz.sum);
+        free(oz.want);
+        free(x);
+        fp_sa_sketch_free(sk);
+        fp_sa_sketch_free(site_sk);
+    }
+    for (int i = 0; i < 3; i++)
+        fp_adapter_free(u[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -550,6 +709,8 @@ int main(void)
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_sketch_exact),
         cmocka_unit_test(test_sketch_secure),
+        cmocka_unit_test(test_linear_strategies),
+        cmocka_unit_test(test_sketch_flexlora),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
