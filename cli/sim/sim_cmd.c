@@ -859,7 +859,7 @@ int fp_cmd_sim(int argc, char **argv)
     if (wrc)
         goto fail;
     printf("\n%s: report.html (open it in a browser), metrics.csv, results.json;\n"
-           "  per strategy: state/fedpeft.db, global-adapter/ (HF PEFT), logs/.\n"
+           "  per run (a strategy, or one at a DP budget): state/fedpeft.db, global-adapter/, logs/.\n"
            "time: federation %.0f s, baselines %.0f s, evaluation %.0f s; done in %.0f s\n",
            sim.out, t_fed - t0, t_base - t_fed, t_eval - t_base, fp_now() - t0);
     rc = FP_EXIT_OK;
