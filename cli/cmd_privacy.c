@@ -68,12 +68,16 @@ int fp_cmd_privacy(int argc, char **argv)
         return fp_cli_usage_error("privacy", "--sample-rate and --rounds are required");
     if (isnan(z) == isnan(eps))
         return fp_cli_usage_error("privacy", "give one of --noise-multiplier and --epsilon");
+    if (classic && !isnan(eps))
+        return fp_cli_usage_error("privacy", "--classic reports ε for a given "
+                                  "--noise-multiplier; --epsilon solves with the tight bound");
     fp_err_t err = {0};
     if (isnan(z) && fp_rdp_noise_for(q, (double)rounds, eps, delta, &z, &err) != 0)
         return fp_cli_fail("privacy", "%s", fp_err_msg(&err));
     double alpha, spent = fp_rdp_epsilon(q, z, (double)rounds, delta, classic, &alpha);
     if (json) {
-        json_t *j = json_pack("{s:f,s:f,s:f,s:I,s:f,s:s}", "epsilon", spent,
+        json_t *j = json_pack("{s:o,s:f,s:f,s:I,s:f,s:s}", "epsilon",
+                              isfinite(spent) ? json_real(spent) : json_null(),
                               "noise_multiplier", z, "sample_rate", q, "rounds",
                               (json_int_t)rounds, "delta", delta, "conversion",
                               classic ? "classic" : "balle2020");

@@ -414,10 +414,33 @@ static void start_job(fp_agent_t *a, job_t *j)
     }
 }
 
+/* A task's privacy is the Welcome's (no quieter mode slipped into one task) and, under
+ * distributed DP, one the site can apply; else the site refuses the task and says why. */
+static int task_privacy_ok(fp_site_t *s, const fp_site_task_t *t, char *why, size_t n)
+{
+    const fp_site_privacy_t *w = fp_site_privacy(s), *p = &t->privacy;
+    if (p->mode != w->mode)
+        snprintf(why, n, "the task's differential privacy (%s) is not the federation's (%s)",
+                 fp_dp_mode_name((fp_dp_mode_t)p->mode), fp_dp_mode_name((fp_dp_mode_t)w->mode));
+    else if (p->mode == FP_DP_DISTRIBUTED &&
+             (!(p->clip > 0) || p->global_rank < 1 || !(p->noise_stddev > 0) ||
+              (p->adaptive && !(p->count_stddev > 0))))
+        snprintf(why, n, "the task's distributed DP settings cannot protect an update (clip "
+                 "%g, rank %d, noise σ %g)", p->clip, p->global_rank, p->noise_stddev);
+    else
+        return 1;
+    return 0;
+}
+
 static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
 {
-    (void)s;
     fp_agent_t *a = ctx;
+    char why[256];
+    if (!task_privacy_ok(s, t, why, sizeof why)) {
+        fp_log(FP_LOG_ERR, "round %llu: task refused: %s", (unsigned long long)t->round, why);
+        fp_site_task_failed(s, t->task_id, why);
+        return;
+    }
     if (t->round <= a->last_acked_round) {
         fp_log(FP_LOG_WARNING, "task for round %llu ignored: round %llu was already stored",
                (unsigned long long)t->round, (unsigned long long)a->last_acked_round);
@@ -618,7 +641,7 @@ static int apply_privacy(const fp_site_task_t *t, fp_adapter_t *ad, const fp_ada
     fp_dp_clip(ad, start, p->global_rank, t->freeze_a, p->clip, &norm, &clipped);
     fp_dp_add_noise(ad, p->global_rank, t->freeze_a, p->noise_stddev, rng);
     if (p->adaptive)
-        *indicator = (norm <= p->clip ? 1.0 : 0.0) + fp_noise_gaussian(rng, p->count_stddev);
+        *indicator = (norm <= p->clip ? 0.5 : -0.5) + fp_noise_gaussian(rng, p->count_stddev);
     fp_noise_free(rng);
     fp_log(FP_LOG_INFO, "round %llu: privacy: update norm %.4g%s %.4g; noise share σ = %.3g per "
            "coordinate", (unsigned long long)t->round, norm, clipped ? ", clipped to" : " within",

@@ -441,6 +441,7 @@ static void privacy_record(const fp_coord_t *co, fp_db_privacy_t *p)
     p->adaptive = c->dp_adaptive;
     p->count_stddev = c->dp_adaptive ? c->dp_count_stddev : 0;
     p->clip = c->dp_clip;
+    p->min_updates = c->min_updates;
 }
 
 /* A federation's privacy is fixed at creation: the mechanism, its sampling rate and its
@@ -462,12 +463,14 @@ static int check_privacy_record(fp_coord_t *co, fp_err_t *err)
     if (strcmp(had.mode, want.mode) || had.noise_multiplier != want.noise_multiplier ||
         had.sample_rate != want.sample_rate || had.delta != want.delta ||
         had.epsilon_max != want.epsilon_max || had.adaptive != want.adaptive ||
-        had.count_stddev != want.count_stddev)
+        had.count_stddev != want.count_stddev ||
+        (had.min_updates && had.min_updates != want.min_updates))
         return fp_err_set(err, -EINVAL, "privacy settings differ from this federation's (mode "
                           "%s, noise_multiplier %g, fraction %g, delta %g, epsilon_max %g, "
-                          "adaptive %d): the mechanism and its budget are fixed once the "
-                          "federation exists", had.mode, had.noise_multiplier, had.sample_rate,
-                          had.delta, had.epsilon_max, had.adaptive);
+                          "adaptive %d, min_updates %lld): the mechanism and its budget are fixed "
+                          "once the federation exists", had.mode, had.noise_multiplier,
+                          had.sample_rate, had.delta, had.epsilon_max, had.adaptive,
+                          (long long)had.min_updates);
     return 0;
 }
 
@@ -786,7 +789,17 @@ void fp_coord_reload(fp_coord_t *co, fp_srv_config_t *fresh)
                "closed", dropped);
     if (fresh) {
         char ignored[512];
+        double fraction = co->cfg->fraction;
+        long long min_updates = co->cfg->min_updates;
         int n = fp_settings_apply_reload(fp_srv_settings, co->cfg, fresh, ignored, sizeof ignored);
+        if (co->fed.dp && (co->cfg->fraction != fraction || co->cfg->min_updates != min_updates)) {
+            /* the accountant's q and the noise shares' size are the mechanism's */
+            co->cfg->fraction = fraction;
+            co->cfg->min_updates = min_updates;
+            fp_log(FP_LOG_WARNING, "reload: federation.fraction and min_updates are fixed under "
+                   "differential privacy (the accountant's sampling rate, the noise shares' "
+                   "size); kept %g and %lld", fraction, min_updates);
+        }
         fp_log(FP_LOG_NOTICE, "reload: %d setting(s) changed%s%s", n,
                ignored[0] ? "; needs a restart to change: " : "", ignored);
         fp_round_cfg_t rc;

@@ -299,9 +299,20 @@ static int dp_after_merge(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t
         free(ranks);
     }
     if (in->dp_adaptive) {
-        double count = 0;
-        for (int i = 0; i < n; i++)
-            count += isnan(in->ups[i].clip_bit) ? 0 : in->ups[i].clip_bit;
+        /* Σ (b − ½) + noise, then + n/2: central records the exact bit b ∈ {0, 1}; a
+         * distributed site sends b − ½ with its share of the noise, clamped here */
+        double count = 0.5 * n;
+        for (int i = 0; i < n; i++) {
+            double b = in->ups[i].clip_bit;
+            if (isnan(b))
+                b = 0; /* none recorded: neither side of C */
+            else if (f->dp == FP_DP_CENTRAL)
+                b -= 0.5;
+            else
+                b = b < -FP_DP_INDICATOR_MAX ? -FP_DP_INDICATOR_MAX
+                    : b > FP_DP_INDICATOR_MAX ? FP_DP_INDICATOR_MAX : b;
+            count += b;
+        }
         if (f->dp == FP_DP_CENTRAL) /* distributed: the sites' indicators carry it */
             count += fp_noise_gaussian(in->rng, in->dp_count_stddev);
         *clip_next = fp_dp_next_clip(in->dp_clip, count, n, in->dp_quantile, in->dp_clip_lr);

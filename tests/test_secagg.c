@@ -85,7 +85,7 @@ static void run_round(const fp_sa_params_t *p, const float *x, size_t dim, const
                       round_out_t *o)
 {
     int n = p->n;
-    fp_noise_t *rng = test_rng(7);
+    fp_noise_t *rng = test_rng((uint8_t)(7 + p->round)); /* each sum its own keys */
     fp_sa_site_t **s = calloc((size_t)n, sizeof *s);
     uint8_t *pks = calloc((size_t)n, FP_SA_KEY), *in_round = calloc((size_t)n, 1);
     uint8_t *cpks = calloc((size_t)n, FP_SA_KEY), sealed[FP_SA_SEALED];
@@ -121,6 +121,8 @@ static void run_round(const fp_sa_params_t *p, const float *x, size_t dim, const
             continue;
         assert_int_equal(fp_sa_site_mask(s[i], pks, in_round, x + (size_t)i * dim, dim, y, NULL),
                          0);
+        assert_int_equal(fp_sa_site_mask(s[i], pks, in_round, x + (size_t)i * dim, dim, y, NULL),
+                         -EALREADY); /* never twice under the same masks */
         /* the masked vector shows nothing of the input */
         assert_int_equal(fp_sa_encode(p, x + (size_t)i * dim, dim, enc, NULL), 0);
         size_t same = 0;
@@ -516,6 +518,7 @@ static void test_sketch_secure(void **state)
     }
     int leave2[N] = {0, 0, 3, 0, 0}; /* site 2 shares, then leaves before its Z */
     round_out_t oz = {0};
+    p.round++; /* the second sum: new keys */
     run_round(&p, xz, dz, leave2, &oz);
     assert_int_equal(oz.rc, 0);
     double *S = malloc((size_t)DO * DI * sizeof *S), *QZ = malloc((size_t)DO * DI * sizeof *QZ);
@@ -668,6 +671,7 @@ static void test_sketch_flexlora(void **state)
         for (int i = 0; i < 3; i++)
             assert_int_equal(fp_sa_sketch_encode_z(site_sk, u[i], w[i], x + i * dz, NULL), 0);
         round_out_t oz = {0};
+        p.round++; /* the second sum: new keys */
         run_round(&p, x, dz, all, &oz);
         assert_int_equal(oz.rc, 0);
         fp_adapter_t *got = NULL, *ref = NULL;

@@ -144,6 +144,7 @@ double fp_dp_next_clip(double c, double noised_count, int k, double quantile, do
     if (k < 1)
         return c;
     double b = noised_count / k;
+    b = b < 0 ? 0 : b > 1 ? 1 : b; /* a fraction: clamping is post-processing */
     return c * exp(-lr * (b - quantile));
 }
 

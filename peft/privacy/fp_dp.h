@@ -62,11 +62,15 @@ void fp_dp_noise_average(fp_adapter_t *merged, const int *ranks, int k, int froz
  * probability below e^(-t²/2)). */
 double fp_dp_noised_bound(double c, double share_stddev, size_t dims);
 
-/* Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021): sites report
- * b = 1[‖Δ‖ ≤ C]; with noise of standard deviation count_stddev on their sum over k updates,
- * C ← C·exp(−lr·(b̄ − quantile)). The update's own noise multiplier becomes
- * z_Δ = (z⁻² − (2·count_stddev)⁻²)^(−1/2), so that both releases together cost what z does
- * (NAN when count_stddev ≤ 1/(2z): too little noise on the count for z). */
+/* Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021): each update contributes the
+ * centred indicator b − ½, b = 1[‖Δ‖ ≤ C] (sensitivity ½: the number k of updates is public);
+ * with noise of standard deviation count_stddev on their sum, the count is that sum + k/2,
+ * b̄ = count/k clamped to [0, 1] (post-processing), and C ← C·exp(−lr·(b̄ − quantile)). The
+ * update's own noise multiplier becomes z_Δ = (z⁻² − (2·count_stddev)⁻²)^(−1/2), so that both
+ * releases together cost what z does (NAN when count_stddev ≤ 1/(2z): too little noise on the
+ * count for z). FP_DP_INDICATOR_MAX bounds one site's noised centred indicator (a larger one
+ * is clamped: post-processing, so free, and a site cannot drag C to 0 or ∞ alone). */
+#define FP_DP_INDICATOR_MAX 64.0
 double fp_dp_next_clip(double c, double noised_count, int k, double quantile, double lr);
 double fp_dp_update_multiplier(double z, double count_stddev);
 

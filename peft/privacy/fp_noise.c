@@ -15,7 +15,7 @@ struct fp_noise {
 
 static void refill(fp_noise_t *n)
 {
-    memset(n->buf, 0, sizeof n->buf);
+    explicit_bzero(n->buf, sizeof n->buf);
     chacha_crypt(&n->c, sizeof n->buf, n->buf, n->buf); /* the keystream itself */
     n->pos = 0;
 }
@@ -36,7 +36,7 @@ int fp_noise_new(fp_noise_t **out, const uint8_t key[FP_NOISE_KEY], fp_err_t *er
 void fp_noise_free(fp_noise_t *n)
 {
     if (n)
-        memset(n, 0, sizeof *n); /* the key schedule */
+        explicit_bzero(n, sizeof *n); /* the key schedule */
     free(n);
 }
 

@@ -17,7 +17,9 @@
  *
  *   Y: w·s_u·B·(A·Ω_m)/√d_in (d_out × k), the sum's column space is ΔW*'s;
  *   Z: w·Q_mᵀ·s_u·B·A (q × d_in), then w; the coordinator's Q_m Z_m / Σw is ΔW* = Σ p·s·B·A
- *      exactly (k ≥ Σ r), truncated to rank r_out by the SVD of Z_m.
+ *      exactly (k ≥ Σ r: the caller chooses k), truncated to rank r_out by the SVD of Z_m.
+ *      Sites leaving between the sums keep it exact only while Σ r ≤ min(d_in, d_out).
+ *      Each sum is its own secure round (fresh keys).
  *
  * Sizes are in floats; the caller encodes them in fixed point (fp_secagg). */
 #ifndef FP_SA_MERGE_H

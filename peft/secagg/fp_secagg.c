@@ -20,6 +20,7 @@ struct fp_sa_site {
     /* per peer j < n: the shares j made for this site, and what this site revealed of j */
     fp_share_t *recv_b, *recv_key;
     uint8_t *have, *revealed;
+    int masked;          /* its one masked input is out: the masks are never used twice */
 };
 
 /* ---- parameters and the graph ---- */
@@ -99,7 +100,7 @@ int fp_sa_neighbours(const fp_sa_params_t *p, int i, int *out)
     if (!pos || !at || ring(p, pos) != 0) {
         free(pos);
         free(at);
-        return 0;
+        return -ENOMEM; /* never "no neighbours": a site would mask with nobody */
     }
     for (int j = 0; j < p->n; j++)
         at[pos[j]] = j;
@@ -192,8 +193,8 @@ static int derive(const fp_sa_params_t *p, const uint8_t sk[FP_SA_KEY],
     hmac_sha256_update(&h, strlen(label), (const uint8_t *)label);
     hmac_sha256_update(&h, sizeof info, info);
     hmac_sha256_digest(&h, FP_SA_KEY, out);
-    memset(shared, 0, sizeof shared);
-    memset(&h, 0, sizeof h);
+    explicit_bzero(shared, sizeof shared);
+    explicit_bzero(&h, sizeof h);
     return 0;
 }
 
@@ -251,9 +252,13 @@ void fp_sa_site_free(fp_sa_site_t *s)
 {
     if (!s)
         return;
-    memset(s->sk, 0, sizeof s->sk);
-    memset(s->b, 0, sizeof s->b);
-    memset(s->csk, 0, sizeof s->csk);
+    explicit_bzero(s->sk, sizeof s->sk);
+    explicit_bzero(s->b, sizeof s->b);
+    explicit_bzero(s->csk, sizeof s->csk);
+    if (s->recv_b)
+        explicit_bzero(s->recv_b, (size_t)s->p.n * sizeof *s->recv_b);
+    if (s->recv_key)
+        explicit_bzero(s->recv_key, (size_t)s->p.n * sizeof *s->recv_key);
     free(s->recv_b);
     free(s->recv_key);
     free(s->have);
@@ -302,9 +307,9 @@ int fp_sa_seal(const fp_sa_site_t *s, int to, const uint8_t *cpk_to, const fp_sh
     chacha_poly1305_set_nonce(&c, nonce);
     chacha_poly1305_encrypt(&c, sizeof plain, out, plain);
     chacha_poly1305_digest(&c, CHACHA_POLY1305_DIGEST_SIZE, out + sizeof plain);
-    memset(plain, 0, sizeof plain);
-    memset(k, 0, sizeof k);
-    memset(&c, 0, sizeof c);
+    explicit_bzero(plain, sizeof plain);
+    explicit_bzero(k, sizeof k);
+    explicit_bzero(&c, sizeof c);
     return 0;
 }
 
@@ -323,8 +328,8 @@ int fp_sa_open(fp_sa_site_t *s, int from, const uint8_t *cpk_from,
     chacha_poly1305_set_nonce(&c, nonce);
     chacha_poly1305_decrypt(&c, sizeof plain, plain, sealed);
     chacha_poly1305_digest(&c, sizeof tag, tag);
-    memset(k, 0, sizeof k);
-    memset(&c, 0, sizeof c);
+    explicit_bzero(k, sizeof k);
+    explicit_bzero(&c, sizeof c);
     int rc = 0;
     uint8_t diff = 0;
     for (size_t q = 0; q < sizeof tag; q++) /* constant time */
@@ -338,7 +343,7 @@ int fp_sa_open(fp_sa_site_t *s, int from, const uint8_t *cpk_from,
         get_share(plain + SHARE_BYTES, &key);
         rc = fp_sa_site_receive(s, from, &b, &key, err);
     }
-    memset(plain, 0, sizeof plain);
+    explicit_bzero(plain, sizeof plain);
     return rc;
 }
 
@@ -346,7 +351,7 @@ int fp_sa_site_shares(fp_sa_site_t *s, fp_noise_t *rng, int *to, fp_share_t *b,
                       fp_share_t *key, fp_err_t *err)
 {
     int c = fp_sa_neighbours(&s->p, s->i, to);
-    if (c <= 0)
+    if (c < 0)
         return fp_err_set(err, -ENOMEM, "out of memory");
     uint64_t *xs = malloc((size_t)(c + 1) * sizeof *xs);
     fp_share_t *sb = malloc((size_t)(c + 1) * sizeof *sb), *sk = malloc((size_t)(c + 1) * sizeof *sk);
@@ -365,9 +370,9 @@ int fp_sa_site_shares(fp_sa_site_t *s, fp_noise_t *rng, int *to, fp_share_t *b,
         s->have[s->i] = 1;
     }
     if (sb)
-        memset(sb, 0, (size_t)(c + 1) * sizeof *sb);
+        explicit_bzero(sb, (size_t)(c + 1) * sizeof *sb);
     if (sk)
-        memset(sk, 0, (size_t)(c + 1) * sizeof *sk);
+        explicit_bzero(sk, (size_t)(c + 1) * sizeof *sk);
     free(sb);
     free(sk);
     free(xs);
@@ -394,15 +399,22 @@ int fp_sa_site_receive(fp_sa_site_t *s, int from, const fp_share_t *b, const fp_
 int fp_sa_site_mask(fp_sa_site_t *s, const uint8_t *pks, const uint8_t *in_round,
                     const float *x, size_t dim, uint32_t *y, fp_err_t *err)
 {
+    if (s->masked)
+        return fp_err_set(err, -EALREADY, "secure aggregation: site %d has masked an input in "
+                          "this round already (a second would reveal the difference of the "
+                          "two: a new sum needs new keys)", s->i);
     int rc = fp_sa_encode(&s->p, x, dim, y, err);
     if (rc)
         return rc;
+    s->masked = 1;
     if (mask(s->b, 1, y, dim) != 0)
         return fp_err_set(err, -ENOMEM, "secure aggregation: cannot set up the PRG");
     int *nb = malloc((size_t)s->p.n * sizeof *nb);
     if (!nb)
         return fp_err_set(err, -ENOMEM, "out of memory");
     int c = fp_sa_neighbours(&s->p, s->i, nb);
+    if (c < 0)
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
     for (int q = 0; q < c && rc == 0; q++) {
         int j = nb[q];
         if (!in_round[j])
@@ -413,7 +425,7 @@ int fp_sa_site_mask(fp_sa_site_t *s, const uint8_t *pks, const uint8_t *in_round
                             "invalid", j);
         else if (mask(seed, s->i < j ? 1 : -1, y, dim) != 0)
             rc = fp_err_set(err, -ENOMEM, "secure aggregation: cannot set up the PRG");
-        memset(seed, 0, sizeof seed);
+        explicit_bzero(seed, sizeof seed);
     }
     free(nb);
     return rc;
@@ -496,6 +508,8 @@ int fp_sa_unmask(const fp_sa_params_t *p, const uint8_t *pks, const uint8_t *sta
             break;
         }
         int c = fp_sa_neighbours(p, d, nb);
+        if (c < 0)
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
         for (int q = 0; q < c && rc == 0; q++) {
             int u = nb[q];
             if (state[u] != FP_SA_INPUT)
@@ -506,10 +520,10 @@ int fp_sa_unmask(const fp_sa_params_t *p, const uint8_t *pks, const uint8_t *sta
                                 "invalid", u);
             else if (mask(seed, u < d ? -1 : 1, sum, dim) != 0) /* what u added: + for u < d */
                 rc = fp_err_set(err, -ENOMEM, "secure aggregation: cannot set up the PRG");
-            memset(seed, 0, sizeof seed);
+            explicit_bzero(seed, sizeof seed);
         }
     }
-    memset(secret, 0, sizeof secret);
+    explicit_bzero(secret, sizeof secret);
     free(nb);
     return rc;
 }

@@ -57,7 +57,7 @@ enum { FP_SA_OUT = 0,      /* never shared: not in the round */
        FP_SA_INPUT = 2 };  /* its masked input is in the sum */
 
 int fp_sa_params_check(const fp_sa_params_t *p, fp_err_t *err);
-/* The neighbours of site i (out: at least min(k, n − 1) slots); their count. */
+/* The neighbours of site i (out: at least min(k, n − 1) slots); their count, or -ENOMEM. */
 int fp_sa_neighbours(const fp_sa_params_t *p, int i, int *out);
 int fp_sa_is_neighbour(const fp_sa_params_t *p, int i, int j);
 
@@ -98,7 +98,9 @@ int fp_sa_site_shares(fp_sa_site_t *s, fp_noise_t *rng, int *to, fp_share_t *b,
 int fp_sa_site_receive(fp_sa_site_t *s, int from, const fp_share_t *b, const fp_share_t *key,
                        fp_err_t *err);
 /* Phase 3: y = enc(x) + masks, with pairwise masks for the neighbours j with in_round[j]
- * (they delivered their shares); pks: every site's public mask key (n × FP_SA_KEY). */
+ * (they delivered their shares); pks: every site's public mask key (n × FP_SA_KEY). Once per
+ * site object (-EALREADY after): two inputs under the same masks would reveal their
+ * difference, so each secure sum — the double sketch's two included — has its own keys. */
 int fp_sa_site_mask(fp_sa_site_t *s, const uint8_t *pks, const uint8_t *in_round,
                     const float *x, size_t dim, uint32_t *y, fp_err_t *err);
 /* Phase 4: for each peer j with ask[j] ≠ NONE, the share it gave this site of b (SELF) or

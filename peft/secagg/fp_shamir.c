@@ -74,8 +74,8 @@ int fp_shamir_split(const uint8_t secret[FP_SHAMIR_SECRET], int t, int n, const 
             out[i].y[k] = v;
         }
     }
-    memset(c, 0, sizeof c);
-    memset(w, 0, sizeof w);
+    explicit_bzero(c, sizeof c);
+    explicit_bzero(w, sizeof w);
     return 0;
 }
 
@@ -104,6 +104,13 @@ int fp_shamir_combine(const fp_share_t *shares, int m, int t,
         return fp_err_set(err, -EINVAL, "shamir: threshold %d is outside [1, 64]", t);
     if (m < t)
         return fp_err_set(err, -EINVAL, "shamir: %d shares, %d needed", m, t);
+    for (int i = 0; i < m; i++) { /* field elements only: a share from the network */
+        int bad = shares[i].x == 0 || shares[i].x >= P;
+        for (int k = 0; k < FP_SHAMIR_WORDS; k++)
+            bad |= shares[i].y[k] >= P;
+        if (bad)
+            return fp_err_set(err, -EBADMSG, "shamir: share %d is not in the field", i);
+    }
     uint64_t l[64], w[FP_SHAMIR_WORDS];
     if (basis_at(shares, t, 0, l) != 0)
         return fp_err_set(err, -EINVAL, "shamir: two shares at one point");
@@ -134,6 +141,6 @@ int fp_shamir_combine(const fp_share_t *shares, int m, int t,
     for (int k = 0; k < FP_SHAMIR_WORDS; k++)
         for (int b = 0; b < 4; b++)
             secret[4 * k + b] = (uint8_t)(w[k] >> (8 * b));
-    memset(w, 0, sizeof w);
+    explicit_bzero(w, sizeof w);
     return 0;
 }

@@ -8,9 +8,9 @@
  *   2. sites send Zᵢ = (Qᵀ wᵢ Bᵢ) Aᵢ (q × d_in); the coordinator gets Z = Σ Zᵢ = Qᵀ S.
  * When rank(S) ≤ k (k ≥ Σ rᵢ guarantees it) and Ω is in general position (Gaussian: with
  * probability 1), Q Qᵀ S = S, so S = Q Z exactly, and truncating to rank r is the SVD of the
- * small Z: S_r = Q U_r Σ_r V_rᵀ. A site that drops between the two sums only leaves the span
- * (the column space of the first sum's sites contains that of the second's), so S over the
- * sites of the second sum is still Q Z exactly. A site computes O(r·(d_in + d_out)·k) and
+ * small Z: S_r = Q U_r Σ_r V_rᵀ. A site that drops between the two sums leaves S over the
+ * second sum's sites equal to Q Z while Σ r ≤ min(d_in, d_out) (generic column spaces add, so
+ * the first sum's contains the second's); beyond that, redo the first sum. A site computes O(r·(d_in + d_out)·k) and
  * sends (d_out + d_in)·k numbers per module, never d_out × d_in; FedASK (Wen et al. 2025)
  * uses the same double sketch. Row-major throughout. */
 #ifndef FP_SKETCH_H

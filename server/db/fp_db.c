@@ -58,6 +58,8 @@ static const char *const migrations[] = {
     "ALTER TABLE round ADD COLUMN clip_next REAL;"
     "ALTER TABLE round ADD COLUMN epsilon REAL;"
     "ALTER TABLE task ADD COLUMN clip_bit REAL;",
+    /* 3: the size the distributed noise shares are cut for is part of the mechanism */
+    "ALTER TABLE privacy ADD COLUMN min_updates INTEGER;",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 

@@ -72,6 +72,8 @@ typedef struct fp_db_privacy {
     int64_t steps;                /* the accountant's steps: every draw of sites so far */
     double epsilon;               /* spent after them */
     int64_t exhausted_ms;         /* when the budget stopped the rounds (0: not yet) */
+    int64_t min_updates;          /* the updates a round needs: the noise shares' size (0:
+                                     not recorded, a federation created before schema 3) */
 } fp_db_privacy_t;
 
 /* Records the federation and its round 0, closed, whose global adapter is the initial one;

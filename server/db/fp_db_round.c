@@ -94,10 +94,11 @@ int fp_db_federation_create(fp_db_t *db, const fp_db_federation_t *f, const char
                              (int64_t)initial_rank);
         if (rc >= 0 && p)
             rc = fp__db_exec(db, err, "INSERT INTO privacy(id, mode, noise_multiplier, "
-                             "sample_rate, delta, epsilon_max, adaptive, count_stddev, clip) "
-                             "VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?)", "tddddidd", p->mode,
-                             p->noise_multiplier, p->sample_rate, p->delta, p->epsilon_max,
-                             (int64_t)p->adaptive, p->count_stddev, p->clip);
+                             "sample_rate, delta, epsilon_max, adaptive, count_stddev, clip, "
+                             "min_updates) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?)", "tddddiddi",
+                             p->mode, p->noise_multiplier, p->sample_rate, p->delta,
+                             p->epsilon_max, (int64_t)p->adaptive, p->count_stddev, p->clip,
+                             p->min_updates);
         rc = finish(db, rc, err);
     }
     free(settings);
@@ -120,6 +121,7 @@ static int privacy_row(void *ctx, sqlite3_stmt *r)
     p->steps = sqlite3_column_int64(r, 8);
     p->epsilon = sqlite3_column_double(r, 9);
     p->exhausted_ms = sqlite3_column_int64(r, 10);
+    p->min_updates = sqlite3_column_int64(r, 11);
     return 1;
 }
 
@@ -128,7 +130,7 @@ int fp_db_privacy_get(fp_db_t *db, fp_db_privacy_t *out, fp_err_t *err)
     memset(out, 0, sizeof *out);
     return fp__db_query(db, err, privacy_row, out, "SELECT mode, noise_multiplier, sample_rate, "
                         "delta, epsilon_max, adaptive, count_stddev, clip, steps, epsilon, "
-                        "coalesce(exhausted_ms, 0) FROM privacy", NULL);
+                        "coalesce(exhausted_ms, 0), coalesce(min_updates, 0) FROM privacy", NULL);
 }
 
 int fp_db_privacy_draw(fp_db_t *db, int64_t steps, double epsilon, fp_err_t *err)
