@@ -221,8 +221,9 @@ int fp_sa_sketch_set_q(fp_sa_sketch_t *s, const double *q, size_t count, fp_err_
     return 0;
 }
 
-int fp_sa_sketch_encode_y(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, float *x,
-                          fp_err_t *err)
+/* A site's sketch, module by module: Y (first) or Z (second, then w). */
+static int encode(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, int second,
+                  float *x, fp_err_t *err)
 {
     int rc = 0;
     for (int i = 0; i < s->n && rc == 0; i++) {
@@ -230,18 +231,29 @@ int fp_sa_sketch_encode_y(const fp_sa_sketch_t *s, const fp_adapter_t *u, double
         const fp_lora_module_t *sm = site_module(u, m, FP_STRAT_ZEROPAD, err, &rc);
         if (rc)
             break;
-        size_t ny = (size_t)m->d_out * (size_t)s->k;
-        double *Y = malloc(ny * sizeof *Y);
-        if (!Y)
+        size_t len = second ? (size_t)s->q[i] * (size_t)m->d_in : (size_t)m->d_out * (size_t)s->k;
+        size_t at = second ? s->z_at[i] : s->y_at[i];
+        double *v = malloc(len * sizeof *v);
+        if (!v)
             return fp_err_set(err, -ENOMEM, "out of memory");
-        rc = fp_sketch_y(sm->B, sm->A, m->d_out, m->d_in, sm->rank,
-                         w * fp_module_scale(sm) / sqrt((double)m->d_in), s->omega[i], s->k, Y,
-                         err);
-        for (size_t e = 0; rc == 0 && e < ny; e++)
-            x[s->y_at[i] + e] = (float)Y[e];
-        free(Y);
+        double ws = w * fp_module_scale(sm);
+        rc = second ? fp_sketch_z(sm->B, sm->A, m->d_out, m->d_in, sm->rank, ws,
+                                  s->Q + s->q_at[i], s->q[i], v, err)
+                    : fp_sketch_y(sm->B, sm->A, m->d_out, m->d_in, sm->rank,
+                                  ws / sqrt((double)m->d_in), s->omega[i], s->k, v, err);
+        for (size_t e = 0; rc == 0 && e < len; e++)
+            x[at + e] = (float)v[e];
+        free(v);
     }
+    if (rc == 0 && second)
+        x[s->dim_z - 1] = (float)w;
     return rc;
+}
+
+int fp_sa_sketch_encode_y(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, float *x,
+                          fp_err_t *err)
+{
+    return encode(s, u, w, 0, x, err);
 }
 
 int fp_sa_sketch_basis(fp_sa_sketch_t *s, const double *ysum, fp_err_t *err)
@@ -266,25 +278,7 @@ int fp_sa_sketch_basis(fp_sa_sketch_t *s, const double *ysum, fp_err_t *err)
 int fp_sa_sketch_encode_z(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, float *x,
                           fp_err_t *err)
 {
-    int rc = 0;
-    for (int i = 0; i < s->n && rc == 0; i++) {
-        const fp_module_desc_t *m = &s->layout[i];
-        const fp_lora_module_t *sm = site_module(u, m, FP_STRAT_ZEROPAD, err, &rc);
-        if (rc)
-            break;
-        size_t nz = (size_t)s->q[i] * (size_t)m->d_in;
-        double *Z = malloc(nz * sizeof *Z);
-        if (!Z)
-            return fp_err_set(err, -ENOMEM, "out of memory");
-        rc = fp_sketch_z(sm->B, sm->A, m->d_out, m->d_in, sm->rank, w * fp_module_scale(sm),
-                         s->Q + s->q_at[i], s->q[i], Z, err);
-        for (size_t e = 0; rc == 0 && e < nz; e++)
-            x[s->z_at[i] + e] = (float)Z[e];
-        free(Z);
-    }
-    if (rc == 0)
-        x[s->dim_z - 1] = (float)w;
-    return rc;
+    return encode(s, u, w, 1, x, err);
 }
 
 int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum, int r_out,
