@@ -65,6 +65,14 @@ static void print_tables(json_t *doc)
            num(f, "r_max"), json_number_value(json_object_get(f, "alpha")),
            num(f, "rslora") ? " (rsLoRA)" : "", str(f, "targets"));
     printf("base model  sha256 %s\n", str(f, "base_model_sha256"));
+    json_t *sec = json_object_get(doc, "secure");
+    if (json_array_size(sec)) { /* one line per secure round: its sites and who dropped where */
+        size_t i;
+        json_t *r;
+        json_array_foreach(sec, i, r)
+            printf("%-11s round %lld %s\n", i ? "" : "secure agg.", num(r, "round"),
+                   str(r, "detail"));
+    }
     json_t *p = json_object_get(doc, "privacy");
     if (json_is_object(p)) {
         json_t *ex = json_object_get(p, "exhausted_ms");

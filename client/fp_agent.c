@@ -15,11 +15,13 @@
 #include <unistd.h>
 
 #include "fp_adapter_stream.h"
+#include "fp_agent_sa.h"
 #include "fp_ca.h"
 #include "fp_corpus.h"
 #include "fp_data.h"
 #include "fp_dp.h"
 #include "fp_extrain.h"
+#include "fp_failpoint.h"
 #include "fp_fs.h"
 #include "fp_json.h"
 #include "fp_local.h"
@@ -71,6 +73,7 @@ struct fp_agent {
     fp_site_t *site;
     int state, logged_state;
     int logged_privacy;       /* the federation's privacy mode last logged (-1: none yet) */
+    int logged_secure;        /* secure aggregation as last logged (-1: none yet) */
     int privacy_refused;      /* this session was left for too little privacy */
     int failing;               /* reconnecting has failed since the last Welcome */
     char last_refusal[320];    /* the coordinator's last refusal (logged once per reason) */
@@ -97,6 +100,10 @@ struct fp_agent {
     fp_stream_tensor_t *pend_t;
     int pend_n;
     json_t *pend_meta;
+    /* the secure round this site is in (its keys live only here: lost with the process) */
+    fp_asa_t *sa;
+    fp_sa_signer_t *signer;
+    fp_sa_verifier_t *verifier;
     void (*stop_cb)(void *ctx);
     void *done_ctx;
     int handles, closing;
@@ -280,9 +287,50 @@ static void schedule_retry(fp_agent_t *a, double at_least_s)
     uv_timer_start(&a->retry, retry_cb, (uint64_t)(d * 1000), 0);
 }
 
+/* A secure round's update: masked once the round's shares are in, never sent in the clear;
+ * without its round's keys (the daemon restarted) it is dropped. 1: not to be sent now. */
+static int mask_pending(fp_agent_t *a, unsigned char **data, size_t *len, fp_stream_tensor_t *t)
+{
+    json_t *m = a->pend_meta;
+    if (!json_is_true(json_object_get(m, "secagg")))
+        return 0;
+    fp_err_t err = {0};
+    if (!a->sa || fp_asa_task(a->sa) != a->pend_task) {
+        fp_log(FP_LOG_ERR, "round %llu: the secure round's keys are gone (the daemon "
+               "restarted?): the update is dropped, never sent in the clear",
+               (unsigned long long)a->pend_round);
+        fp_site_task_failed(a->site, a->pend_task, "the secure round's keys were lost");
+        remove_pending(a);
+        return 1;
+    }
+    if (!fp_asa_ready(a->sa))
+        return 1; /* the shares are not in yet: sent when they are */
+    fp_adapter_t *u = NULL;
+    int rc = fp_adapter_stream_read(a->pend_data, a->pend_len, a->pend_t, a->pend_n,
+                                    json_number_value(json_object_get(m, "alpha")),
+                                    json_is_true(json_object_get(m, "rslora")), &u, &err);
+    if (rc == 0)
+        rc = fp_asa_mask(a->sa, u, NULL, data, len, &err);
+    fp_adapter_free(u);
+    if (rc) {
+        fp_log(FP_LOG_ERR, "round %llu: cannot mask the update: %s",
+               (unsigned long long)a->pend_round, fp_err_msg(&err));
+        fp_site_task_failed(a->site, a->pend_task, fp_err_msg(&err));
+        remove_pending(a);
+        return 1;
+    }
+    *t = fp_asa_tensor(a->sa);
+    return 0;
+}
+
 static void upload_pending(fp_agent_t *a)
 {
     if (!a->pending || !a->site || a->state == S_UPLOADING)
+        return;
+    unsigned char *masked = NULL;
+    size_t mlen = 0;
+    fp_stream_tensor_t mt;
+    if (mask_pending(a, &masked, &mlen, &mt) != 0)
         return;
     json_t *m = a->pend_meta;
     fp_site_update_t u = {a->pend_task,
@@ -294,6 +342,21 @@ static void upload_pending(fp_agent_t *a)
                           json_number_value(json_object_get(m, "seconds")),
                           a->pend_data, a->pend_len, a->pend_t, a->pend_n, NULL,
                           json_number_value(json_object_get(m, "clip_indicator"))};
+    if (masked) { /* the masked vector takes the plaintext's place, kept until stored */
+        free(a->pend_data);
+        free(a->pend_t);
+        a->pend_data = masked;
+        a->pend_len = mlen;
+        a->pend_t = malloc(sizeof mt);
+        if (a->pend_t)
+            *a->pend_t = mt;
+        a->pend_n = 1;
+        json_object_set_new(m, "secagg", json_string("masked"));
+        u.data = a->pend_data;
+        u.len = a->pend_len;
+        u.t = a->pend_t;
+        u.n = a->pend_t ? 1 : 0;
+    }
     /* an Update for a task the coordinator holds part of continues from its durable prefix */
     if (fp_site_upload(a->site, &u, 0) == 0)
         set_state(a, S_UPLOADING, NULL);
@@ -332,6 +395,12 @@ static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
     fp_agent_t *a = ctx;
     if (!privacy_acceptable(a, s))
         return;
+    if (fp_site_secure(s) != a->logged_secure) {
+        a->logged_secure = fp_site_secure(s);
+        fp_log(FP_LOG_NOTICE, "the federation %s", a->logged_secure
+                   ? "aggregates securely: the coordinator sees only sums of masked updates"
+                   : "aggregates in the clear: the coordinator sees each update");
+    }
     a->attempts = 0;
     a->failing = 0;
     a->last_refusal[0] = '\0';
@@ -441,6 +510,23 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
         fp_site_task_failed(s, t->task_id, why);
         return;
     }
+    if (t->secagg.present && !(a->sa && fp_asa_task(a->sa) == t->task_id)) {
+        /* a secure round: fresh keys, advertised now; training goes on meanwhile */
+        fp_err_t err = {0};
+        fp_asa_free(a->sa);
+        a->sa = NULL;
+        if (fp_asa_new(&a->sa, t, a->name, &err) != 0 ||
+            fp_asa_send_keys(a->sa, s, a->signer, &err) != 0) {
+            fp_log(FP_LOG_ERR, "round %llu: secure aggregation: %s", (unsigned long long)t->round,
+                   fp_err_msg(&err));
+            fp_asa_free(a->sa);
+            a->sa = NULL;
+            fp_site_task_failed(s, t->task_id, fp_err_msg(&err));
+            return;
+        }
+        fp_log(FP_LOG_INFO, "round %llu: secure aggregation: participant %d of %d, keys sent",
+               (unsigned long long)t->round, t->secagg.index, t->secagg.sites);
+    }
     if (t->round <= a->last_acked_round) {
         fp_log(FP_LOG_WARNING, "task for round %llu ignored: round %llu was already stored",
                (unsigned long long)t->round, (unsigned long long)a->last_acked_round);
@@ -529,14 +615,50 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why_in)
     schedule_retry(a, hopeless ? a->cfg->backoff_max_s : 0);
 }
 
-static const fp_site_ops_t agent_ops = {on_welcome, on_task, on_stored, on_closed};
+/* The secure round's messages: the roster (seal shares to the neighbours), the relay (the
+ * shares sealed to this site: the update can be masked), the unmask request. */
+static void on_secagg(void *ctx, fp_site_t *s, const Fedpeft__Envelope *e)
+{
+    fp_agent_t *a = ctx;
+    fp_err_t err = {0};
+    int rc = 0;
+    if (!a->sa) {
+        fp_log(FP_LOG_WARNING, "%s for a secure round this site is not in: ignored",
+               fp_msg_name(e));
+        return;
+    }
+    switch (e->body_case) {
+    case FEDPEFT__ENVELOPE__BODY_SA_ROSTER:
+        rc = fp_asa_on_roster(a->sa, s, a->verifier, e->sa_roster, &err);
+        if (rc == 0)
+            fp_failpoint("secagg-shared"); /* tests: a site that leaves after sharing */
+        break;
+    case FEDPEFT__ENVELOPE__BODY_SA_RELAY:
+        if ((rc = fp_asa_on_relay(a->sa, e->sa_relay, &err)) == 0 && a->pending &&
+            a->pend_task == fp_asa_task(a->sa))
+            upload_pending(a); /* trained already */
+        break;
+    case FEDPEFT__ENVELOPE__BODY_SA_UNMASK:
+        rc = fp_asa_on_unmask(a->sa, s, e->sa_unmask, &err);
+        if (rc == 0)
+            fp_log(FP_LOG_INFO, "secure aggregation: %zu share(s) revealed to unmask the sum",
+                   e->sa_unmask->n_asks);
+        break;
+    default:
+        break;
+    }
+    if (rc) /* a coordinator that asks what an honest site refuses, or peers that do not check */
+        fp_log(FP_LOG_ERR, "secure aggregation: %s: %s", fp_msg_name(e), fp_err_msg(&err));
+}
+
+static const fp_site_ops_t agent_ops = {on_welcome, on_task, on_stored, on_closed, on_secagg};
 
 static void connect_now(fp_agent_t *a)
 {
     if (a->site || a->state == S_STOPPING)
         return;
     fp_site_hello_t h = {a->name, {0}, (uint32_t)a->cfg->rank_budget,
-                         (uint64_t)a->data.train->ndocs, (size_t)a->cfg->upload_chunk, 1};
+                         (uint64_t)a->data.train->ndocs, (size_t)a->cfg->upload_chunk, 1, 1};
     memcpy(h.model_sha256, a->model_sha, 32);
     fp_err_t err = {0};
     if (fp_site_connect(&a->site, a->loop, a->host, a->port, a->tls, NULL, &h, &agent_ops, a,
@@ -673,14 +795,15 @@ static int save_update(fp_agent_t *a, const fp_site_task_t *t, fp_adapter_t *ad,
             json_array_append_new(tj, json_pack("[sIIII]", tl[i].name, (json_int_t)tl[i].rows,
                                                  (json_int_t)tl[i].cols, (json_int_t)tl[i].offset,
                                                  (json_int_t)tl[i].nbytes));
-        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:f,s:o}", "task_id",
-                              (json_int_t)t->task_id, "round", (json_int_t)t->round, "samples",
-                              (json_int_t)samples, "rank", t->rank, "train_loss",
+        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:f,s:o,s:b,s:f,s:b}",
+                              "task_id", (json_int_t)t->task_id, "round", (json_int_t)t->round,
+                              "samples", (json_int_t)samples, "rank", t->rank, "train_loss",
                               isfinite(train_loss) ? train_loss : 0.0, "eval_loss_before",
                               isfinite(before) ? before : 0.0, "eval_loss_after",
                               isfinite(after) ? after : 0.0, "seconds",
                               isfinite(seconds) ? seconds : 0.0, "clip_indicator", indicator,
-                              "tensors", tj);
+                              "tensors", tj, "secagg", t->secagg.present, "alpha", t->alpha,
+                              "rslora", t->rslora);
         rc = m ? fp_json_write_file(a->update_json, m, err) : -ENOMEM;
         json_decref(m);
     }
@@ -917,6 +1040,7 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     a->cfg = cfg;
     a->logged_state = -1;
     a->logged_privacy = -1;
+    a->logged_secure = -1;
     int rc;
     char *colon = strrchr(cfg->coordinator, ':');
     snprintf(a->host, sizeof a->host, "%.*s", (int)(colon - cfg->coordinator), cfg->coordinator);
@@ -967,7 +1091,9 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     }
     fp_tls_cfg_t tc = {0, cfg->cert, cfg->key, cfg->ca, NULL,
                        cfg->server_name ? cfg->server_name : a->host};
-    if ((rc = fp_tls_ctx_new(&a->tls, &tc, err)) != 0)
+    if ((rc = fp_tls_ctx_new(&a->tls, &tc, err)) != 0 ||
+        (rc = fp_sa_signer_new(&a->signer, cfg->key, err)) != 0 ||
+        (rc = fp_sa_verifier_new(&a->verifier, cfg->ca, err)) != 0)
         goto fail;
     uv_timer_init(loop, &a->retry);
     uv_timer_init(loop, &a->beat);
@@ -1040,6 +1166,9 @@ void fp_agent_free(fp_agent_t *a)
     if (!a)
         return;
     drop_pending(a);
+    fp_asa_free(a->sa);
+    fp_sa_signer_free(a->signer);
+    fp_sa_verifier_free(a->verifier);
     fp_tls_ctx_free(a->tls);
     fp_model_free(a->model);
     free(a->base);

@@ -14,6 +14,7 @@ struct fp_site {
     fp_conn_t *conn;
     fp_site_hello_t hello;
     fp_site_privacy_t privacy;     /* from the Welcome */
+    int secure;                    /* the Welcome announced secure aggregation */
     char name[FP_MAX_NAME + 1];
     fp_site_ops_t ops;
     void *ctx;
@@ -95,11 +96,14 @@ static void on_open(fp_conn_t *c)
     h.rank_budget = s->hello.rank_budget;
     h.num_samples = s->hello.samples;
     h.base_model_sha256.data = s->hello.model_sha256;
-    char *caps[] = {"dp"};
-    if (s->hello.dp) {
-        h.capabilities = caps;
-        h.n_capabilities = 1;
-    }
+    char *caps[2];
+    size_t nc = 0;
+    if (s->hello.dp)
+        caps[nc++] = "dp";
+    if (s->hello.secagg)
+        caps[nc++] = "secagg";
+    h.capabilities = caps;
+    h.n_capabilities = nc;
     h.base_model_sha256.len = 32;
     e.body_case = FEDPEFT__ENVELOPE__BODY_HELLO;
     e.hello = &h;
@@ -121,6 +125,11 @@ const fp_site_privacy_t *fp_site_privacy(const fp_site_t *s)
     return &s->privacy;
 }
 
+int fp_site_secure(const fp_site_t *s)
+{
+    return s->secure;
+}
+
 static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
 {
     Fedpeft__Task *k = s->task_env->task;
@@ -135,8 +144,16 @@ static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
     fp_site_task_t st = {k->round, k->task_id, (int)k->rank, k->alpha, k->rslora,
                          k->init == FEDPEFT__TASK__INIT_MODE__RESTART, k->freeze_a, 0, 0, 0, 0,
                          0, 0,
-                         k->deadline_unix_ms, s->rx, s->rx_len, t, (int)k->n_tensors, {0}};
+                         k->deadline_unix_ms, s->rx, s->rx_len, t, (int)k->n_tensors, {0}, {0}};
     privacy_of(k->privacy, &st.privacy);
+    if (k->secagg) {
+        const Fedpeft__SecAgg *a = k->secagg;
+        st.secagg = (fp_site_secagg_t){1, (int)a->sites, (int)a->index, (int)a->degree,
+                                       (int)a->threshold, a->scale, a->bound, a->weight, {0},
+                                       a->dim, "", (int)a->global_rank};
+        memcpy(st.secagg.seed, a->seed.data, 32);
+        snprintf(st.secagg.strategy, sizeof st.secagg.strategy, "%s", a->strategy);
+    }
     if (k->hyper) {
         st.lr = k->hyper->lr;
         st.weight_decay = k->hyper->weight_decay;
@@ -174,6 +191,7 @@ static void on_frame(fp_conn_t *c, const unsigned char *p, size_t n)
     switch (e->body_case) {
     case FEDPEFT__ENVELOPE__BODY_WELCOME:
         privacy_of(e->welcome->privacy, &s->privacy);
+        s->secure = e->welcome->secure_aggregation;
         if (s->ops.welcome)
             s->ops.welcome(s->ctx, s, e->welcome->current_round);
         break;
@@ -239,10 +257,21 @@ static void on_frame(fp_conn_t *c, const unsigned char *p, size_t n)
     case FEDPEFT__ENVELOPE__BODY_BYE:
         fail(s, "coordinator said goodbye");
         break;
+    case FEDPEFT__ENVELOPE__BODY_SA_ROSTER:
+    case FEDPEFT__ENVELOPE__BODY_SA_RELAY:
+    case FEDPEFT__ENVELOPE__BODY_SA_UNMASK:
+        if (s->ops.secagg)
+            s->ops.secagg(s->ctx, s, e);
+        break;
     default:
         break;
     }
     fp_msg_free(e);
+}
+
+int fp_site_send(fp_site_t *s, Fedpeft__Envelope *e)
+{
+    return s->conn ? send_env(s, e) : -ENOTCONN;
 }
 
 static void on_drain(fp_conn_t *c)

@@ -26,6 +26,7 @@ typedef struct fp_site_hello {
     size_t chunk;              /* bytes per uploaded chunk (0: the protocol's 1 MiB) */
     int dp;                    /* this site clips and noises its updates when asked: capability
                                   "dp" (a distributed-DP federation refuses sites without it) */
+    int secagg;                /* this site takes part in secure sums: capability "secagg" */
 } fp_site_hello_t;
 
 /* A federation's differential privacy as the coordinator announces it (Welcome), and in a
@@ -39,6 +40,17 @@ typedef struct fp_site_privacy {
     int adaptive;              /* task: report the clip indicator */
     double count_stddev;       /* task, distributed adaptive: the indicator's noise share */
 } fp_site_privacy_t;
+
+/* A task's secure round (fp_secagg.h): present = 0 when its update goes in the clear. */
+typedef struct fp_site_secagg {
+    int present;
+    int sites, index, degree, threshold;
+    double scale, bound, weight;
+    uint8_t seed[32];
+    uint64_t dim;
+    char strategy[16];
+    int global_rank;
+} fp_site_secagg_t;
 
 typedef struct fp_site_task {
     uint64_t round, task_id;
@@ -56,6 +68,7 @@ typedef struct fp_site_task {
     const fp_stream_tensor_t *t;
     int n;
     fp_site_privacy_t privacy;
+    fp_site_secagg_t secagg;
 } fp_site_task_t;
 
 typedef struct fp_site_ops {
@@ -64,6 +77,9 @@ typedef struct fp_site_ops {
     void (*stored)(void *ctx, fp_site_t *s, uint64_t task_id);
     /* The session ended: code is the coordinator's Error code (0: none), why says why. */
     void (*closed)(void *ctx, fp_site_t *s, int code, const char *why);
+    /* Optional: a secure round's message from the coordinator (SecAggRoster, SecAggRelay,
+     * SecAggUnmask), valid during the call. */
+    void (*secagg)(void *ctx, fp_site_t *s, const Fedpeft__Envelope *e);
 } fp_site_ops_t;
 
 int fp_site_connect(fp_site_t **out, uv_loop_t *loop, const char *host, int port,
@@ -85,6 +101,8 @@ typedef struct fp_site_update {
 
 /* The federation's privacy from its last Welcome (zero before one). */
 const fp_site_privacy_t *fp_site_privacy(const fp_site_t *s);
+/* Whether the last Welcome announced secure aggregation. */
+int fp_site_secure(const fp_site_t *s);
 
 /* Announces and sends an update (resume: continue a stream the coordinator holds part of). */
 int fp_site_upload(fp_site_t *s, const fp_site_update_t *u, int resume);
@@ -98,6 +116,9 @@ uint64_t fp_site_sent(const fp_site_t *s);
 
 /* Progress while training (keeps the session alive and tells the coordinator). */
 int fp_site_heartbeat(fp_site_t *s, uint64_t task_id, int step, int total, double loss);
+
+/* Sends a secure round's message (SecAggKeys, SecAggShares, SecAggReveal). */
+int fp_site_send(fp_site_t *s, Fedpeft__Envelope *e);
 
 /* Says Bye with a reason and closes (ops.closed follows). */
 /* Tells the coordinator that this site could not train task_id (reason: at most 1000 bytes are

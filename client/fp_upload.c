@@ -57,7 +57,7 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why)
     }
 }
 
-static const fp_site_ops_t upload_ops = {on_welcome, NULL, on_stored, on_closed};
+static const fp_site_ops_t upload_ops = {on_welcome, NULL, on_stored, on_closed, NULL};
 
 int fp_upload_start(fp_upload_t **out, uv_loop_t *loop, const char *host, int port,
                     fp_tls_ctx_t *tls, const fp_conn_cfg_t *cfg, const fp_upload_spec_t *spec,
@@ -78,7 +78,7 @@ int fp_upload_start(fp_upload_t **out, uv_loop_t *loop, const char *host, int po
         return fp_err_set(err, -ENOMEM, "out of memory");
     }
     fp_site_hello_t h = {spec->site_name, {0}, spec->rank_budget, spec->samples, spec->chunk,
-                         0};
+                         0, 0};
     memcpy(h.model_sha256, spec->model_sha256, 32);
     int rc = fp_site_connect(&u->site, loop, host, port, tls, cfg, &h, &upload_ops, u, err);
     if (rc) {

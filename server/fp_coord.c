@@ -134,6 +134,11 @@ static void job_after(uv_work_t *w, int status)
         co->job_blobs = NULL;
         fp_round_prepared(co->round);
         fp__coord_status(co);
+    } else if (co->job_rc && co->agg.sa) { /* a secure round that cannot be unmasked */
+        char why[600];
+        snprintf(why, sizeof why, "secure aggregation failed: %s", fp_err_msg(&co->job_err));
+        fp_db_event(co->db, co->job_round, NULL, "secagg_failed", "%s", fp_err_msg(&co->job_err));
+        fp_round_aggregation_failed(co->round, why);
     } else if (co->job_rc) { /* the updates stay durable: a restart aggregates them again */
         fp_log(FP_LOG_ERR, "round %lld: aggregation failed: %s", (long long)co->job_round,
                fp_err_msg(&co->job_err));
@@ -191,6 +196,8 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
     for (int i = 0; a && i < nt; i++)
         a[i] = (fp_db_assign_t){t[i].site, t[i].rank, t[i].seed, 0};
     fp_db_draw_t dp = {o->dp_steps, o->dp_epsilon, co->dp_clip};
+    if (rc == 0 && co->cfg->sa_enabled && (rc = fp__coord_sa_ok(co, nt, &err)) != 0)
+        fp_err_prefix(&err, rc, "a secure round of %d sites: ", nt);
     if (rc == 0)
         rc = fp_db_round_open(co->db, n, o->opened_wall_ms, o->deadline_wall_ms, co->global_sha,
                               a, nt, co->fed.dp ? &dp : NULL, &err);
@@ -201,6 +208,9 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
         fp_log(FP_LOG_ERR, "cannot open round %lld: %s", (long long)n, fp_err_msg(&err));
         return rc;
     }
+    if (co->cfg->sa_enabled && fp__coord_sa_begin(co, n, t, nt, &err) != 0)
+        fp_log(FP_LOG_ERR, "round %lld: %s (its tasks go out, their uploads will be refused)",
+               (long long)n, fp_err_msg(&err));
     fp_failpoint("round-opened"); /* committed, no task sent */
     co->sent_bytes = 0;
     atomic_store(&co->c_round, n);
@@ -292,8 +302,20 @@ static int act_aggregate(void *ctx, int64_t n, int resumed)
     }
     fp_log(FP_LOG_INFO, "round %lld: aggregating %d updates (%s)", (long long)n, a->n,
            fp_strategy_name(co->fed.strategy));
+    if (co->sa) { /* the masks come off first: the job starts once the shares are in */
+        a->sa = &co->sa_job;
+        co->job_round = n;
+        if ((rc = fp__coord_sa_unmask(co, &err)) != 0)
+            fp_log(FP_LOG_ERR, "round %lld: %s", (long long)n, fp_err_msg(&err));
+        return rc;
+    }
     start_job(co, JOB_AGGREGATE, n);
     return 0;
+}
+
+void fp__coord_start_aggregate(fp_coord_t *co)
+{
+    start_job(co, JOB_AGGREGATE, co->agg.round);
 }
 
 static int act_expire(void *ctx, int64_t n, const char *why)
@@ -308,6 +330,9 @@ static int act_expire(void *ctx, int64_t n, const char *why)
     fp_log(FP_LOG_WARNING, "round %lld expired: %s", (long long)n, why);
     atomic_fetch_add(&co->c_expired, 1);
     free_blobs(co);
+    fp__coord_sa_end(co);
+    fp__coord_sa_job_free(&co->sa_job);
+    co->agg.sa = NULL;
     return 0;
 }
 
@@ -335,10 +360,20 @@ static int act_close(void *ctx, int64_t n)
         snprintf(priv, sizeof priv, "; clip %.4g → %.4g", co->dp_clip, r->clip_next);
         co->dp_clip = r->clip_next;
     }
+    if (co->sa) {
+        char sec[160];
+        fp__coord_sa_counts(co, sec, sizeof sec);
+        snprintf(priv + strlen(priv), sizeof priv - strlen(priv), "; secure");
+        fp_db_event(co->db, n, NULL, "secagg", "%s", sec);
+        fp_log(FP_LOG_INFO, "round %lld: %s", (long long)n, sec);
+    }
     fp_log(FP_LOG_NOTICE, "round %lld closed: %d updates merged in %.3f s, global adapter %.12s "
            "(rank %d)%s", (long long)n, co->agg.n, r->seconds, co->global_sha, co->global_rank,
            priv);
     free_blobs(co);
+    fp__coord_sa_end(co);
+    fp__coord_sa_job_free(&co->sa_job);
+    co->agg.sa = NULL;
     return 0;
 }
 
@@ -553,6 +588,14 @@ static int resume_state(fp_coord_t *co, fp_err_t *err)
     fp_round_phase_t phase = last.state == FP_DB_ROUND_OPEN ? FP_ROUND_OPEN :
                              last.state == FP_DB_ROUND_AGGREGATING ? FP_ROUND_AGGREGATING :
                              FP_ROUND_IDLE;
+    if (co->cfg->sa_enabled && phase != FP_ROUND_IDLE) {
+        /* its keys and shares lived in the coordinator's memory and the sites' */
+        const char *why = "a secure round cannot resume after a restart";
+        if ((rc = fp_db_round_expire(co->db, last.n, why, err)) != 0)
+            return rc;
+        fp_log(FP_LOG_WARNING, "round %lld expired: %s", (long long)last.n, why);
+        phase = FP_ROUND_IDLE;
+    }
     fp_db_task_t *rows = NULL;
     int nrows = 0;
     if (phase != FP_ROUND_IDLE && (rc = fp_db_round_tasks(co->db, last.n, &rows, &nrows, err)) != 0)
@@ -697,8 +740,9 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
         goto fail;
     uv_timer_init(loop, &co->timer);
     uv_timer_init(loop, &co->tick);
-    co->timer.data = co->tick.data = co;
-    co->handles_open = 2;
+    uv_timer_init(loop, &co->sa_timer);
+    co->timer.data = co->tick.data = co->sa_timer.data = co;
+    co->handles_open = 3;
     if ((rc = listen_for_sites(co, host, sizeof host, err)) != 0 ||
         (rc = resume_state(co, err)) != 0)
         goto fail;
@@ -720,6 +764,7 @@ fail:
         /* the timer handles must be closed on the loop; run it once more */
         uv_close((uv_handle_t *)&co->timer, NULL);
         uv_close((uv_handle_t *)&co->tick, NULL);
+        uv_close((uv_handle_t *)&co->sa_timer, NULL);
         uv_run(loop, UV_RUN_NOWAIT);
     }
     co->handles_open = 0;
@@ -749,6 +794,7 @@ void fp__coord_finish_stop(fp_coord_t *co)
         if (!uv_is_closing((uv_handle_t *)&co->timer)) {
             uv_close((uv_handle_t *)&co->timer, timer_closed);
             uv_close((uv_handle_t *)&co->tick, timer_closed);
+            uv_close((uv_handle_t *)&co->sa_timer, timer_closed);
         }
         return;
     }
@@ -765,6 +811,7 @@ void fp_coord_stop(fp_coord_t *co)
     co->stopping = 1;
     fp_notify("STOPPING=1");
     fp_round_stop(co->round);
+    uv_timer_stop(&co->sa_timer);
     if (co->lis) {
         fp_listener_close(co->lis);
         co->lis = NULL;
@@ -846,6 +893,8 @@ void fp_coord_free(fp_coord_t *co)
     fp_round_free(co->round);
     free(co->job_ranks);
     free(co->agg.ups);
+    fp__coord_sa_end(co); /* (its timer is closed with the others) */
+    fp__coord_sa_job_free(&co->sa_job);
     fp_noise_free(co->draw_rng);
     fp_noise_free(co->job_rng);
     fp_db_close(co->db);

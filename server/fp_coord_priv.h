@@ -1,6 +1,6 @@
-/* fp_coord_priv.h — the coordinator's loop glue, shared by its two halves: fp_coord.c (the
- * round's actions: records, jobs, timers; start and stop) and fp_coord_sites.c (the sites'
- * sessions: Hello, task streams out, uploads in). Decisions are the round machine's
+/* fp_coord_priv.h — the coordinator's loop glue, shared by its parts: fp_coord.c (the
+ * round's actions: records, jobs, timers; start and stop), fp_coord_sites.c (the sites'
+ * sessions: Hello, task streams out, uploads in) and fp_coord_sa.c (secure rounds). Decisions are the round machine's
  * (fp_round.h); the heavy work is fp_fed.h's, on the thread pool. */
 #ifndef FP_COORD_PRIV_H
 #define FP_COORD_PRIV_H
@@ -18,6 +18,7 @@
 #include "fp_tls.h"
 
 typedef struct site site_t;
+typedef struct fp_sa_round fp_sa_round_t; /* fp_coord_sa.c */
 
 /* One session of a site (a site reconnecting may briefly have two). */
 struct site {
@@ -44,6 +45,8 @@ struct site {
     double up_bound;
     int up_clip;
     double up_dp_clip, up_dp_share; /* the round's clip bound, a site's noise share */
+    int up_secure;            /* a masked vector of up_dim floats' words (secure round) */
+    size_t up_dim;
     Fedpeft__Privacy welcome_privacy;
     site_t *next, *prev;
 };
@@ -92,6 +95,10 @@ struct fp_coord {
                                  clipping's share) */
     fp_noise_t *draw_rng;     /* the loop's: Poisson draws */
     fp_noise_t *job_rng;      /* the jobs': the aggregate's noise */
+    /* secure aggregation: the open round's, and what its aggregation job unmasks with */
+    fp_sa_round_t *sa;
+    fp_sa_job_t sa_job;
+    uv_timer_t sa_timer;      /* its phases' time */
     /* stopping */
     int stopping, done_called, handles_open;
     int started;              /* the first tick has poked the round machine */
@@ -119,7 +126,26 @@ fp_blob_t *fp__coord_blob(fp_coord_t *co, int rank);
 /* Distributed DP: a site's noise share per coordinate, z_Δ·C/√min_updates (0 otherwise). */
 double fp__coord_dp_share(const fp_coord_t *co);
 
+/* Starts the aggregation job of the round in co->agg (a secure round, once unmasked). */
+void fp__coord_start_aggregate(fp_coord_t *co);
+
+/* fp_coord_sa.c: secure rounds */
+int fp__coord_sa_ok(const fp_coord_t *co, int nt, fp_err_t *err); /* n sites can sum safely */
+int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, int nt,
+                       fp_err_t *err);
+void fp__coord_sa_end(fp_coord_t *co);
+void fp__coord_sa_task(fp_coord_t *co, int64_t task, Fedpeft__SecAgg *m);
+int fp__coord_sa_secure(const fp_coord_t *co, int64_t task, size_t *dim);
+int fp__coord_sa_message(fp_coord_t *co, site_t *s, const Fedpeft__Envelope *e, char *reason,
+                         size_t n);
+void fp__coord_sa_site_down(fp_coord_t *co, const char *site);
+void fp__coord_sa_uploaded(fp_coord_t *co, int64_t task);
+int fp__coord_sa_unmask(fp_coord_t *co, fp_err_t *err);
+void fp__coord_sa_job_free(fp_sa_job_t *j);
+void fp__coord_sa_counts(const fp_coord_t *co, char *out, size_t n);
+
 /* fp_coord_sites.c */
+int fp__coord_send_env(site_t *s, Fedpeft__Envelope *e);
 extern const fp_srv_sess_ops_t fp__coord_sess_ops;
 void fp__coord_peer_open(fp_srv_peer_t *p);
 void fp__coord_peer_close(fp_srv_peer_t *p, const char *why);

@@ -34,7 +34,7 @@ static site_t *site_of(void *ctx)
     return p->user;
 }
 
-static int send_env(site_t *s, Fedpeft__Envelope *e)
+int fp__coord_send_env(site_t *s, Fedpeft__Envelope *e)
 {
     if (!s->peer || !s->peer->conn)
         return -EPIPE;
@@ -84,7 +84,7 @@ static void pump_task(site_t *s)
         c.data.len = (size_t)n;
         e.body_case = FEDPEFT__ENVELOPE__BODY_CHUNK;
         e.chunk = &c;
-        if (send_env(s, &e) != 0)
+        if (fp__coord_send_env(s, &e) != 0)
             return;
         s->tx_off += n;
     }
@@ -97,7 +97,7 @@ static void pump_task(site_t *s)
         c.total_bytes = s->tx->len;
         e.body_case = FEDPEFT__ENVELOPE__BODY_COMMIT;
         e.commit = &c;
-        if (send_env(s, &e) == 0) {
+        if (fp__coord_send_env(s, &e) == 0) {
             s->tx_commit = 1;
             fp_blob_unref(s->tx);
             s->tx = NULL;
@@ -150,6 +150,11 @@ void fp__coord_send_task(fp_coord_t *co, site_t *s, const fp_round_task_t *t)
         }
         k.privacy = &pv;
     }
+    Fedpeft__SecAgg sa = FEDPEFT__SEC_AGG__INIT;
+    if (co->sa && fp__coord_sa_secure(co, t->id, &(size_t){0})) {
+        fp__coord_sa_task(co, t->id, &sa);
+        k.secagg = &sa;
+    }
     Fedpeft__TensorInfo **tp;
     char *targets[FP_T_COUNT];
     size_t nt = 0;
@@ -167,7 +172,7 @@ void fp__coord_send_task(fp_coord_t *co, site_t *s, const fp_round_task_t *t)
     k.n_target_modules = nt;
     e.body_case = FEDPEFT__ENVELOPE__BODY_TASK;
     e.task = &k;
-    int rc = send_env(s, &e);
+    int rc = fp__coord_send_env(s, &e);
     free(tp);
     if (rc)
         return;
@@ -212,9 +217,16 @@ static int on_hello(void *ctx, const Fedpeft__Hello *h, Fedpeft__Welcome *w, cha
                  h->rank_budget, fp_strategy_name(co->fed.strategy), co->cfg->r_max);
         return FEDPEFT__ERROR__CODE__REFUSED;
     }
-    int dp_capable = 0;
-    for (size_t i = 0; i < h->n_capabilities; i++)
+    int dp_capable = 0, sa_capable = 0;
+    for (size_t i = 0; i < h->n_capabilities; i++) {
         dp_capable |= !strcmp(h->capabilities[i], "dp");
+        sa_capable |= !strcmp(h->capabilities[i], "secagg");
+    }
+    if (co->cfg->sa_enabled && !sa_capable) {
+        snprintf(reason, n, "this federation aggregates securely: a site must mask its updates "
+                 "(capability 'secagg'), and this one cannot");
+        return FEDPEFT__ERROR__CODE__REFUSED;
+    }
     if (co->fed.dp == FP_DP_DISTRIBUTED && !dp_capable) {
         snprintf(reason, n, "this federation runs distributed differential privacy: a site must "
                  "clip and noise its own updates (capability 'dp'), and this one cannot");
@@ -243,6 +255,7 @@ static int on_hello(void *ctx, const Fedpeft__Hello *h, Fedpeft__Welcome *w, cha
         privacy_msg(co, &s->welcome_privacy);
         w->privacy = &s->welcome_privacy;
     }
+    w->secure_aggregation = co->cfg->sa_enabled;
     fp_log(FP_LOG_INFO, "site %s connected (rank budget %u, %llu samples)", s->name, s->budget,
            (unsigned long long)s->samples);
     return 0;
@@ -312,12 +325,29 @@ static void set_upload(site_t *s, int64_t task, int rank, fp_stream_tensor_t *t,
     s->up_clip = !strcmp(co->cfg->norm_action, "clip");
     s->up_dp_clip = co->dp_clip;
     s->up_dp_share = fp__coord_dp_share(co);
+    s->up_secure = fp__coord_sa_secure(co, task, &s->up_dim);
 }
 
 /* What an Update announces, checked before a byte of it is taken. 0 or an Error code. */
 static int check_announce(fp_coord_t *co, const site_t *s, const Fedpeft__Update *u, int rank,
                           char *reason, size_t n)
 {
+    size_t dim;
+    if (fp__coord_sa_secure(co, (int64_t)u->task_id, &dim)) { /* one masked vector, nothing else */
+        if (u->n_tensors != 1 || strcmp(u->tensors[0]->name, "secagg.masked") ||
+            u->tensors[0]->shape[0] != 1 || u->tensors[0]->shape[1] != dim ||
+            u->stream_bytes != 4 * (uint64_t)dim) {
+            snprintf(reason, n, "a secure round takes one masked vector 'secagg.masked' of "
+                     "[1, %zu] words, nothing in the clear", dim);
+            return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+        }
+        if (u->samples < 1 || u->samples > (uint64_t)co->cfg->max_samples) {
+            snprintf(reason, n, "sample count %llu is out of range",
+                     (unsigned long long)u->samples);
+            return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+        }
+        return 0;
+    }
     if (u->rank > (uint32_t)rank) {
         snprintf(reason, n, "rank %u is above the assigned %d", u->rank, rank);
         return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
@@ -430,6 +460,8 @@ static int on_verify(void *ctx, uint64_t id, const char *path, const uint8_t sha
         snprintf(reason, n, "stream %llu is not the announced upload", (unsigned long long)id);
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
+    if (s->up_secure)
+        return fp_fed_store_masked(&s->co->fed, path, s->up_task, s->up_dim, sha, reason, n);
     fp_verify_in_t in = {s->up_task, s->up_rank, s->up_t, s->up_n, s->up_start, s->up_bound,
                          s->up_clip, sha, s->up_dp_clip, s->up_dp_share, NAN};
     return fp_fed_verify(&s->co->fed, path, &in, reason, n);
@@ -443,7 +475,9 @@ static int on_committed(void *ctx, uint64_t id, const char *path, char *reason, 
     site_t *s = site_of(ctx);
     fp_coord_t *co = s->co;
     atomic_fetch_add(&co->c_accepted, 1);
-    fp_log(FP_LOG_INFO, "site %s: update for task %llu stored", s->name, (unsigned long long)id);
+    fp_log(FP_LOG_INFO, "site %s: %s for task %llu stored", s->name,
+           s->up_secure ? "masked update" : "update", (unsigned long long)id);
+    fp__coord_sa_uploaded(co, (int64_t)id);
     fp_round_uploaded(co->round, (int64_t)id);
     fp__coord_status(co);
     return 0;
@@ -477,6 +511,12 @@ static void on_task_failed(void *ctx, const Fedpeft__TaskFailed *f)
     fp__coord_status(co);
 }
 
+static int on_secagg(void *ctx, const Fedpeft__Envelope *e, char *reason, size_t n)
+{
+    site_t *s = site_of(ctx);
+    return fp__coord_sa_message(s->co, s, e, reason, n);
+}
+
 const fp_srv_sess_ops_t fp__coord_sess_ops = {
     .hello = on_hello,
     .update = on_update,
@@ -486,6 +526,7 @@ const fp_srv_sess_ops_t fp__coord_sess_ops = {
     .verify = on_verify,
     .welcomed = on_welcomed,
     .task_failed = on_task_failed,
+    .secagg = on_secagg,
 };
 
 /* A refused handshake: logged with its reason, address and certificate name, at most 10 lines a
@@ -554,8 +595,10 @@ void fp__coord_peer_close(fp_srv_peer_t *p, const char *why)
     if (s->welcomed) {
         atomic_fetch_sub(&co->c_connected, 1);
         fp_log(FP_LOG_INFO, "site %s disconnected: %s", s->name, why);
-        if (!fp__coord_live_site(co, s->name) && !co->stopping)
+        if (!fp__coord_live_site(co, s->name) && !co->stopping) {
+            fp__coord_sa_site_down(co, s->name);
             fp_round_site_down(co->round, s->name);
+        }
     }
     fp__coord_status(co);
 }

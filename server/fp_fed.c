@@ -1,11 +1,13 @@
 /* The federation's files and heavy work (fp_fed.h). */
 #include "fp_fed.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -14,6 +16,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_msg.h"
+#include "fp_sa_merge.h"
 #include "fp_sha256.h"
 #include "fp_strategy.h"
 
@@ -320,6 +323,86 @@ static int dp_after_merge(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t
     return 0;
 }
 
+int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, size_t dim,
+                        const uint8_t sha[32], char *reason, size_t rn)
+{
+    fp_err_t err = {0};
+    char shahex[65];
+    fp_sha256_hex(sha, shahex);
+    char *final = fp_fed_update_path(f, task, "masked");
+    struct stat st;
+    int rc = !final ? fp_err_set(&err, -ENOMEM, "out of memory")
+             : stat(raw_path, &st) != 0 ? fp_err_set(&err, -errno, "%s: %s", raw_path, strerror(errno))
+             : (uint64_t)st.st_size != 4 * (uint64_t)dim
+                 ? fp_err_set(&err, -EBADMSG, "a masked vector of %zu words is %llu bytes, not "
+                              "%llu", dim, (unsigned long long)(4 * (uint64_t)dim),
+                              (unsigned long long)st.st_size)
+                 : 0;
+    if (rc == 0 && rename(raw_path, final) != 0)
+        rc = fp_err_set(&err, -errno, "%s: %s", final, strerror(errno));
+    if (rc == 0)
+        rc = fp_fs_sync_dir(f->updates_dir, &err);
+    if (rc == 0 && (rc = fp_db_task_uploaded(f->db, task, shahex, NAN, 0, NAN, &err)) == 0)
+        rc = fp_err_set(&err, -ESTALE, "task %lld: its round closed before the update was "
+                        "stored", (long long)task);
+    free(final);
+    if (rc < 0) {
+        snprintf(reason, rn, "%s", fp_err_msg(&err));
+        return rc == -ESTALE ? FEDPEFT__ERROR__CODE__LATE : FEDPEFT__ERROR__CODE__INTERNAL;
+    }
+    return 0;
+}
+
+/* A secure round: Σ of the survivors' masked vectors, unmasked, decoded into the global
+ * adapter (fp_sa_merge.h), which the caller stores. */
+static int sa_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t **global,
+                        fp_err_t *err)
+{
+    const fp_sa_job_t *j = in->sa;
+    size_t dim = j->dim;
+    uint32_t *sum = calloc(dim, sizeof *sum);
+    double *dec = malloc(dim * sizeof *dec);
+    fp_adapter_t *start = NULL;
+    int rc = !sum || !dec ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
+    int inputs = 0;
+    for (int i = 0; rc == 0 && i < j->p.n; i++) {
+        if (j->state[i] != FP_SA_INPUT)
+            continue;
+        char *p = fp_fed_update_path(f, j->tasks[i], "masked");
+        char *data = NULL;
+        size_t len = 0;
+        rc = p ? fp_fs_read_file(p, 4 * dim + 1, &data, &len, err)
+               : fp_err_set(err, -ENOMEM, "out of memory");
+        if (rc == 0 && len != 4 * dim)
+            rc = fp_err_set(err, -EBADMSG, "%s: %zu bytes, not %zu", p, len, 4 * dim);
+        for (size_t d = 0; rc == 0 && d < dim; d++) {
+            const uint8_t *b = (const uint8_t *)data + 4 * d;
+            sum[d] += (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 |
+                      (uint32_t)b[3] << 24;
+        }
+        inputs++;
+        free(data);
+        free(p);
+    }
+    if (rc == 0 && inputs < 2)
+        rc = fp_err_set(err, -EAGAIN, "secure aggregation: %d masked input(s); a sum of fewer "
+                        "than two would be one site's update", inputs);
+    if (rc == 0)
+        rc = fp_sa_unmask(&j->p, j->pks, j->state, j->b_sh, j->b_have, j->k_sh, j->k_have, sum,
+                          dim, err);
+    if (rc == 0) {
+        fp_sa_decode(&j->p, sum, dim, dec);
+        if (f->strategy == FP_STRAT_FFA)
+            rc = fp_fed_load_adapter(f, in->start_sha, &start, err);
+        if (rc == 0)
+            rc = fp_sa_linear_decode(f->strategy, f->layout, f->n_layout, start, dec, global, err);
+    }
+    fp_adapter_free(start);
+    free(sum);
+    free(dec);
+    return rc;
+}
+
 int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out,
                      fp_err_t *err)
 {
@@ -335,6 +418,11 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out
     if (!src || !labels || !lp || !w) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
+    }
+    if (in->sa) {
+        if ((rc = sa_aggregate(f, in, &global, err)) != 0)
+            goto out;
+        goto store;
     }
     for (int i = 0; i < n && rc == 0; i++) {
         char *p = fp_fed_update_path(f, in->ups[i].id, "safetensors");
@@ -368,6 +456,7 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out
     }
     if (f->dp != FP_DP_OFF && (rc = dp_after_merge(f, in, global, &out->clip_next, err)) != 0)
         goto out;
+store:
     fp_failpoint("aggregated"); /* merged in memory, nothing written */
     out->rank = 0;
     for (int i = 0; i < global->n; i++)

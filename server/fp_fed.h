@@ -10,6 +10,7 @@
 
 #include "fp_adapter.h"
 #include "fp_adapter_stream.h"
+#include "fp_coord_sa.h"
 #include "fp_db.h"
 #include "fp_dp.h"
 #include "fp_merge.h"
@@ -87,6 +88,10 @@ typedef struct fp_verify_in {
 } fp_verify_in_t;
 int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
                   char *reason, size_t rn);
+/* A secure round's upload: a masked vector of dim 32-bit words, nothing to check but its
+ * size; moved to updates/<task>.masked and recorded as uploaded. */
+int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, size_t dim,
+                        const uint8_t sha[32], char *reason, size_t rn);
 
 /* Aggregates the uploaded updates of round n into a new global adapter (from start_sha):
  * writes it and returns its name, rank and the seconds the merge took. Under DP the weights
@@ -105,6 +110,7 @@ typedef struct fp_agg_in {
     int dp_adaptive;
     double dp_clip, dp_quantile, dp_clip_lr, dp_count_stddev;
     fp_noise_t *rng;          /* the noise (a cryptographic keystream) */
+    const fp_sa_job_t *sa;    /* a secure round: the masked vectors and the unmasking shares */
 } fp_agg_in_t;
 
 typedef struct fp_agg_out {

@@ -436,6 +436,16 @@ void fp_round_aggregated(fp_round_t *r)
     maybe_open(r);
 }
 
+void fp_round_aggregation_failed(fp_round_t *r, const char *why)
+{
+    if (r->phase != FP_ROUND_AGGREGATING)
+        return;
+    if (r->ops.expire(r->ctx, r->n, why) != 0)
+        return;
+    to_idle(r);
+    maybe_open(r);
+}
+
 void fp_round_poke(fp_round_t *r)
 {
     maybe_open(r);

@@ -147,6 +147,8 @@ void fp_round_refused(fp_round_t *r, int64_t id);
 void fp_round_timer(fp_round_t *r);
 /* The merge finished: the round closes, the next may open. */
 void fp_round_aggregated(fp_round_t *r);
+/* The merge cannot be done (a secure round below its threshold): the round expires, why. */
+void fp_round_aggregation_failed(fp_round_t *r, const char *why);
 /* Something outside changed (settings reloaded): open a round if one is due. */
 void fp_round_poke(fp_round_t *r);
 /* The coordinator stops: no new round, no more decisions. */

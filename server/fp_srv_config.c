@@ -132,6 +132,21 @@ const fp_setting_t fp_srv_settings[] = {
      "the budget: no round opens whose draw would take the federation's ε past it"},
     {"privacy", "delta", FP_SET_DOUBLE, O(dp_delta), "1e-5", 1e-15, 0.1, 0,
      "δ of the (ε, δ) guarantee (well below 1 / the number of sites)"},
+
+    {"secure_aggregation", "enabled", FP_SET_BOOL, O(sa_enabled), "false", 0, 0, 0,
+     "SecAgg+: this coordinator learns only the sum of the sites' updates (fedavg, ffa, "
+     "zeropad); sites need the capability 'secagg'"},
+    {"secure_aggregation", "degree", FP_SET_INT, O(sa_degree), "0", 0, 4096, 0,
+     "neighbours each site masks with (even; 0: all pairs, which survives n − t dropouts)"},
+    {"secure_aggregation", "threshold", FP_SET_INT, O(sa_threshold), "0", 0, 64, 0,
+     "shares that rebuild a site's secrets (more than half of its neighbours and itself; 0: "
+     "the least such)"},
+    {"secure_aggregation", "bound", FP_SET_DOUBLE, O(sa_bound), "8", 1e-6, 1e6, 0,
+     "the largest |coordinate| of a site's weighted update the sum can carry"},
+    {"secure_aggregation", "scale_bits", FP_SET_INT, O(sa_scale_bits), "24", 1, 30, 0,
+     "fixed point 2^bits (lowered for a round until its sum cannot wrap 2^31)"},
+    {"secure_aggregation", "phase_timeout_s", FP_SET_DOUBLE, O(sa_phase_s), "30", 0.1, 86400, 0,
+     "how long the key exchange, the share exchange and the unmasking wait for sites"},
     FP_SET_END,
 };
 
@@ -262,6 +277,26 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
         return fp_err_set(err, -EINVAL, "federation.restart_rank_cap must be at least r_max");
     if ((rc = check_privacy(c, st, err)) != 0)
         return rc;
+    if (c->sa_enabled) {
+        if (st != FP_STRAT_FEDAVG && st != FP_STRAT_FFA && st != FP_STRAT_ZEROPAD)
+            return fp_err_set(err, -ENOTSUP, "secure_aggregation with federation.strategy = %s: "
+                              "on the wire only the linear merges (fedavg, ffa, zeropad) run "
+                              "as secure sums so far", c->strategy);
+        if (c->dp_mode && strcmp(c->dp_mode, "off"))
+            return fp_err_set(err, -ENOTSUP, "secure_aggregation with privacy.mode = %s: not "
+                              "combined yet (central DP needs each update; distributed DP's "
+                              "norm check needs it too)", c->dp_mode);
+        if (c->norm_bound > 0)
+            return fp_err_set(err, -EINVAL, "secure_aggregation: validation.norm_bound needs "
+                              "each site's update, which this coordinator never sees: set it "
+                              "to 0");
+        if (c->min_sites < 3 || c->min_updates < 2)
+            return fp_err_set(err, -EINVAL, "secure_aggregation needs min_sites of at least 3 "
+                              "(with two, either could unmask the other) and min_updates of at "
+                              "least 2 (a sum of one is that site's update)");
+        if (c->sa_degree % 2)
+            return fp_err_set(err, -EINVAL, "secure_aggregation.degree must be even (or 0)");
+    }
     fp_model_config_t mc;
     if ((rc = fp_model_config_load(c->base_model_config, &mc, err)) != 0)
         return fp_err_prefix(err, rc, "federation.base_model_config: ");

@@ -49,6 +49,13 @@ typedef struct fp_srv_config {
     int dp_adaptive;          /* adaptive clipping */
     double dp_quantile, dp_clip_lr, dp_count_stddev;
     double dp_epsilon_max, dp_delta;
+    /* [secure_aggregation] — SecAgg+ (fixed for a round when it opens) */
+    int sa_enabled;
+    long long sa_degree;      /* neighbours per site; 0: all pairs */
+    long long sa_threshold;   /* shares that rebuild a secret; 0: the least safe one */
+    double sa_bound;          /* |w·x| ≤ bound per coordinate */
+    long long sa_scale_bits;  /* fixed point 2^bits, lowered per round until n sites cannot wrap */
+    double sa_phase_s;        /* how long the key and share phases, and unmasking, wait */
 } fp_srv_config_t;
 
 extern const fp_setting_t fp_srv_settings[];

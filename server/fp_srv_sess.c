@@ -256,6 +256,18 @@ static int dispatch(fp_srv_sess_t *s, const unsigned char *p, size_t n)
         if (s->ops.task_failed)
             s->ops.task_failed(s->ctx, e->task_failed);
         break;
+    case FEDPEFT__ENVELOPE__BODY_SA_KEYS:
+    case FEDPEFT__ENVELOPE__BODY_SA_SHARES:
+    case FEDPEFT__ENVELOPE__BODY_SA_REVEAL: {
+        int sc = s->ops.secagg ? s->ops.secagg(s->ctx, e, reason, sizeof reason)
+                                 : FEDPEFT__ERROR__CODE__UNKNOWN_TYPE;
+        if (sc) {
+            if (!s->ops.secagg)
+                snprintf(reason, sizeof reason, "this coordinator runs no secure rounds");
+            rc = refuse(s, (Fedpeft__Error__Code)sc, "%s", reason);
+        }
+        break;
+    }
     case FEDPEFT__ENVELOPE__BODY_BYE:
     case FEDPEFT__ENVELOPE__BODY_ERROR:
         s->over = 1; /* a partial upload stays spooled: the site may resume */

@@ -61,6 +61,9 @@ typedef struct fp_srv_sess_ops {
     void (*welcomed)(void *ctx);
     /* Optional: the site reports that it could not train a task. */
     void (*task_failed)(void *ctx, const Fedpeft__TaskFailed *f);
+    /* Optional: a secure round's message (SecAggKeys, SecAggShares, SecAggReveal): 0, or an
+     * Error code and a reason, which ends the session. */
+    int (*secagg)(void *ctx, const Fedpeft__Envelope *e, char *reason, size_t n);
 } fp_srv_sess_ops_t;
 
 typedef struct fp_sess_item fp_sess_item_t; /* a queued chunk or a waiting frame */

@@ -17,6 +17,7 @@
 
 #include "fp_ca.h"
 #include "fp_fs.h"
+#include "fp_hfpeft.h"
 #include "fp_model.h"
 #include "fp_rdp.h"
 #include "fp_stream.h"
@@ -952,6 +953,114 @@ static void test_privacy(void **state)
     fed_free(f);
 }
 
+/* The global adapter of round n (its factors), from the coordinator's state. */
+static fp_adapter_t *global_of(fed_t *f, int n)
+{
+    char sql[96], *sha = NULL;
+    snprintf(sql, sizeof sql, "SELECT global_adapter FROM round WHERE n = %d", n);
+    db_row(f, sql, NULL, &sha);
+    assert_true(sha[0]);
+    char rel[128];
+    snprintf(rel, sizeof rel, "adapters/%s.safetensors", sha);
+    free(sha);
+    char *p = path2(f->state, rel);
+    fp_adapter_t *ad = NULL;
+    fp_err_t err = {0};
+    if (fp_hfpeft_load_factors(p, 8, 0, FP_LOAD_COPY, &ad, &err) != 0)
+        fail_msg("%s: %s", p, fp_err_msg(&err));
+    free(p);
+    return ad;
+}
+
+/* Secure aggregation with the real daemons: a fedavg round through SecAgg+ gives the global
+ * adapter the same federation gives in the clear (the same seeds and data), within the fixed
+ * point, while the coordinator stores only masked vectors; then a site that leaves after
+ * sharing its secrets: the round closes with the other two, its masks rebuilt. */
+static void test_secure_aggregation(void **state)
+{
+    (void)state;
+    budgets[0] = 8;
+    fp_adapter_t *g[2];
+    for (int secure = 0; secure < 2; secure++) {
+        fed_t *f = fed_new();
+        server_extra = secure ? "[secure_aggregation]\nenabled = true\nphase_timeout_s = 20\n"
+                              : "";
+        write_server_config(f, "fedavg", 1, NS);
+        start_server(f);
+        for (int i = 0; i < NS; i++)
+            start_site(f, i, NULL, NULL);
+        expect_server_done(f, 1);
+        g[secure] = global_of(f, 1);
+        if (secure) {
+            assert_int_equal(db_int(f, "SELECT count(*) FROM event WHERE kind = 'secagg'"), 1);
+            char *dir = path2(f->state, "updates");
+            char *cmd = NULL;
+            assert_true(asprintf(&cmd, "ls %s | grep -c '\\.masked$' | grep -qx 3 && "
+                                 "! ls %s | grep -q safetensors", dir, dir) > 0);
+            if (system(cmd) != 0)
+                fail_msg("the coordinator's updates/ should hold 3 masked vectors and no "
+                         "adapter");
+            free(cmd);
+            free(dir);
+            char *log = read_log(f, names[1]);
+            fpt_assert_text(log, "secure aggregation: participant", __FILE__, __LINE__);
+            fpt_assert_text(log, "revealed to unmask the sum", __FILE__, __LINE__);
+            free(log);
+        }
+        stop_sites(f, 1);
+        fed_free(f);
+    }
+    double num = 0, den = 0;
+    for (int i = 0; i < g[0]->n; i++) {
+        const fp_lora_module_t *a = &g[0]->mods[i], *b = &g[1]->mods[fp_adapter_find(g[1], a->name)];
+        for (size_t e = 0; e < (size_t)a->rank * a->d_in; e++) {
+            num += ((double)a->A[e] - b->A[e]) * ((double)a->A[e] - b->A[e]);
+            den += (double)a->A[e] * a->A[e];
+        }
+        for (size_t e = 0; e < (size_t)a->d_out * a->rank; e++) {
+            num += ((double)a->B[e] - b->B[e]) * ((double)a->B[e] - b->B[e]);
+            den += (double)a->B[e] * a->B[e];
+        }
+    }
+    if (!(sqrt(num / den) < 1e-5))
+        fail_msg("secure fedavg differs from fedavg in the clear: relative %g", sqrt(num / den));
+    fp_adapter_free(g[0]);
+    fp_adapter_free(g[1]);
+
+    /* site-c shares its secrets and is killed: the round goes on with a and b */
+    fed_t *f = fed_new();
+    server_extra = "[secure_aggregation]\nenabled = true\nphase_timeout_s = 20\n";
+    min_updates = 2;
+    write_server_config(f, "fedavg", 1, NS);
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, i == 2 ? "secagg-shared" : NULL, NULL);
+    expect_server_done_n(f, 1, NS - 1);
+    char *ev = NULL;
+    db_row(f, "SELECT detail FROM event WHERE kind = 'secagg'", NULL, &ev);
+    fpt_assert_text(ev, "input 1", __FILE__, __LINE__);
+    free(ev);
+    fp_adapter_t *gl = global_of(f, 1);
+    assert_int_equal(fp_adapter_check_finite(gl, NULL), 0);
+    fp_adapter_free(gl);
+    char *out = NULL, *errs = NULL;
+    const char *st[] = {"status", "--state-dir", f->state, NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_BIN, st, &out, &errs), 0);
+    fpt_assert_text(out, "secure agg. round 1 secure: 3 sites; dropped in keys 0, shares 0, "
+                    "input 1, unmask 0", __FILE__, __LINE__);
+    free(out);
+    free(errs);
+    char *slog = read_log(f, "server");
+    fpt_assert_text(slog, "masked update for task", __FILE__, __LINE__);
+    free(slog);
+    assert_int_equal(wait_exit(f->sites[2], 5), 128 + SIGKILL);
+    f->sites[2] = 0;
+    min_updates = 0;
+    server_extra = "";
+    stop_sites(f, 1);
+    fed_free(f);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -969,6 +1078,7 @@ int main(void)
         cmocka_unit_test_teardown(test_external_hang, kill_spawned),
         cmocka_unit_test(test_check_config),
         cmocka_unit_test_teardown(test_privacy, kill_spawned),
+        cmocka_unit_test_teardown(test_secure_aggregation, kill_spawned),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };
     if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_turns */

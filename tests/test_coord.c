@@ -356,12 +356,12 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why)
     uv_timer_start(t, reconnect_cb, 100, 0);
 }
 
-static const fp_site_ops_t site_ops = {NULL, on_task, on_stored, on_closed};
+static const fp_site_ops_t site_ops = {NULL, on_task, on_stored, on_closed, NULL};
 
 static void site_connect(site_rt_t *r)
 {
     fp_site_hello_t h = {site_names[r->idx], {0}, budgets[r->idx], samples[r->idx], 65536,
-                         0};
+                         0, 0};
     memcpy(h.model_sha256, model_sha, 32);
     if (r->bad_model)
         h.model_sha256[0] ^= 0xff;
@@ -1020,6 +1020,15 @@ static void test_check_config(void **state)
                             NULL};
     assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, bounds, &out, &errs), 1);
     fpt_assert_text(errs, "federation.r_max: 0 is outside [1, 4096]", __FILE__, __LINE__);
+    const char *sa1[] = {"--check-config", "--config", e->cfg, "--set",
+                         "secure_aggregation.enabled=true", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, sa1, &out, &errs), 1);
+    fpt_assert_text(errs, "only the linear merges", __FILE__, __LINE__);
+    const char *sa2[] = {"--check-config", "--config", e->cfg, "--set",
+                         "secure_aggregation.enabled=true", "--set", "federation.strategy=fedavg",
+                         NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, sa2, &out, &errs), 1);
+    fpt_assert_text(errs, "min_updates of at least 2", __FILE__, __LINE__);
     const char *strat[] = {"--check-config", "--config", e->cfg, "--set",
                            "federation.strategy=fedprox", NULL};
     assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, strat, &out, &errs), 1);

@@ -148,7 +148,7 @@ static int sent_cb(void *ctx, const unsigned char *frame, size_t len)
 }
 
 static const fp_srv_sess_ops_t ops = {hello_cb, update_cb, resume_cb, committed_cb, NULL,
-                                      sent_cb, NULL, NULL, NULL};
+                                      sent_cb, NULL, NULL, NULL, NULL};
 
 static int disk_inline = 1; /* 0: frames only, jobs left for the test to run */
 

@@ -2,14 +2,19 @@
  * phase; Shamir sharing against every subset; the double sketch against a dense float64
  * reference, in the clear and through secure aggregation. */
 #include <cblas.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <lapacke.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_ca.h"
+#include "fp_fs.h"
 #include "fp_merge.h"
 #include "fp_rng.h"
 #include "fp_sa_merge.h"
+#include "fp_sa_sign.h"
 #include "fp_secagg.h"
 #include "fp_sketch.h"
 #include "fp_test.h"
@@ -703,6 +708,92 @@ static void test_sketch_flexlora(void **state)
         fp_adapter_free(u[i]);
 }
 
+/* ---- signed round keys ---- */
+
+static unsigned char *cert_der(const char *pki, const char *site, size_t *len)
+{
+    char p[4096];
+    snprintf(p, sizeof p, "%s/sites/%s/site.crt", pki, site);
+    FILE *f = fopen(p, "r");
+    assert_non_null(f);
+    X509 *x = PEM_read_X509(f, NULL, NULL, NULL);
+    fclose(f);
+    assert_non_null(x);
+    unsigned char *out = NULL;
+    int n = i2d_X509(x, &out);
+    X509_free(x);
+    assert_true(n > 0);
+    unsigned char *copy = malloc((size_t)n);
+    memcpy(copy, out, (size_t)n);
+    OPENSSL_free(out);
+    *len = (size_t)n;
+    return copy;
+}
+
+/* A peer accepts keys signed by the named site's certificate from the federation's CA, and
+ * nothing else: substituted keys, another site's certificate, another round or index, a
+ * certificate from another CA. */
+static void test_signed_keys(void **state)
+{
+    (void)state;
+    char *dir = fpt_mkdtemp(), *pki = fp_path_join(dir, "pki"), *other = fp_path_join(dir, "other");
+    fp_err_t err = {0};
+    assert_int_equal(fp_ca_init(pki, "Net", 30, FP_KEY_EC_P256, &err), 0);
+    assert_int_equal(fp_ca_init(other, "Other", 30, FP_KEY_EC_P256, &err), 0);
+    const char *names[2] = {"st-marys", "general"};
+    for (int i = 0; i < 2; i++) {
+        fp_ca_issue_opts_t o = {.name = names[i], .valid_for_s = 86400};
+        assert_int_equal(fp_ca_issue(pki, &o, &err), 0);
+    }
+    fp_ca_issue_opts_t o = {.name = "st-marys", .valid_for_s = 86400};
+    assert_int_equal(fp_ca_issue(other, &o, &err), 0);
+    char key[4096], ca[4096];
+    snprintf(key, sizeof key, "%s/sites/st-marys/site.key", pki);
+    snprintf(ca, sizeof ca, "%s/ca.crt", pki);
+    fp_sa_signer_t *sg = NULL;
+    fp_sa_verifier_t *v = NULL;
+    assert_int_equal(fp_sa_signer_new(&sg, key, &err), 0);
+    assert_int_equal(fp_sa_verifier_new(&v, ca, &err), 0);
+    uint8_t mask[32], seal[32], sig[1024];
+    for (int i = 0; i < 32; i++) {
+        mask[i] = (uint8_t)(i + 1);
+        seal[i] = (uint8_t)(200 - i);
+    }
+    size_t sl = 0, dl = 0, dl2 = 0, dl3 = 0;
+    assert_int_equal(fp_sa_sign(sg, 7, 2, mask, seal, sig, &sl, &err), 0);
+    unsigned char *der = cert_der(pki, "st-marys", &dl), *der2 = cert_der(pki, "general", &dl2);
+    unsigned char *der3 = cert_der(other, "st-marys", &dl3);
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 2, mask, seal, sig, sl, &err), 0);
+    uint8_t forged[32];
+    memcpy(forged, mask, 32);
+    forged[5] ^= 1; /* a coordinator's own key in its place */
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 2, forged, seal, sig, sl, &err),
+                     -EBADMSG);
+    fpt_assert_text(fp_err_msg(&err), "substituted", __FILE__, __LINE__);
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 8, 2, mask, seal, sig, sl, &err),
+                     -EBADMSG); /* another round */
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 3, mask, seal, sig, sl, &err),
+                     -EBADMSG); /* another place */
+    assert_int_equal(fp_sa_verify(v, der2, dl2, "st-marys", 7, 2, mask, seal, sig, sl, &err),
+                     -EBADMSG); /* another site's certificate */
+    fpt_assert_text(fp_err_msg(&err), "names 'general'", __FILE__, __LINE__);
+    assert_int_equal(fp_sa_verify(v, der3, dl3, "st-marys", 7, 2, mask, seal, sig, sl, &err),
+                     -EBADMSG); /* the right name from another CA */
+    fpt_assert_text(fp_err_msg(&err), "not from this federation's CA", __FILE__, __LINE__);
+    der[dl / 2] ^= 0x40;
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 2, mask, seal, sig, sl, &err),
+                     -EBADMSG);
+    free(der);
+    free(der2);
+    free(der3);
+    fp_sa_signer_free(sg);
+    fp_sa_verifier_free(v);
+    fpt_rmtree(dir);
+    free(dir);
+    free(pki);
+    free(other);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -715,6 +806,7 @@ int main(void)
         cmocka_unit_test(test_sketch_secure),
         cmocka_unit_test(test_linear_strategies),
         cmocka_unit_test(test_sketch_flexlora),
+        cmocka_unit_test(test_signed_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -144,7 +144,7 @@ static void ls_closed(void *ctx, fp_site_t *s, int code, const char *why)
     l->s = NULL;
 }
 
-static const fp_site_ops_t lsite_ops = {ls_welcome, ls_task, ls_stored, ls_closed};
+static const fp_site_ops_t lsite_ops = {ls_welcome, ls_task, ls_stored, ls_closed, NULL};
 
 static void poll_cb(uv_timer_t *t)
 {
@@ -259,7 +259,7 @@ static int run_sites(bench_t *b, const char *pki, int port, const uint8_t msha[3
         snprintf(crt, sizeof crt, "%s/sites/%s/site.crt", pki, l->name);
         snprintf(key, sizeof key, "%s/sites/%s/site.key", pki, l->name);
         fp_tls_cfg_t c = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
-        fp_site_hello_t h = {l->name, {0}, 8, 100 + (uint64_t)i, 0, 0};
+        fp_site_hello_t h = {l->name, {0}, 8, 100 + (uint64_t)i, 0, 0, 0};
         memcpy(h.model_sha256, msha, 32);
         if ((rc = fp_tls_ctx_new(&l->tls, &c, err)) == 0)
             rc = fp_site_connect(&l->s, &b->loop, "127.0.0.1", port, l->tls, NULL, &h,

@@ -81,7 +81,7 @@ static void h_closed(void *ctx, fp_site_t *s, int code, const char *why)
     fp_site_free(s);
 }
 
-static const fp_site_ops_t healthy_ops = {h_welcome, NULL, NULL, h_closed};
+static const fp_site_ops_t healthy_ops = {h_welcome, NULL, NULL, h_closed, NULL};
 
 /* One healthy site's session: seconds to its Welcome, or -1 (none within 30 s). */
 static double healthy_site(const char *pki, int port, const uint8_t msha[32])
@@ -92,7 +92,7 @@ static double healthy_site(const char *pki, int port, const uint8_t msha[32])
     snprintf(key, sizeof key, "%s/sites/healthy/site.key", pki);
     snprintf(ca, sizeof ca, "%s/ca.crt", pki);
     fp_tls_cfg_t c = {.cert = crt, .key = key, .ca = ca, .server_name = "127.0.0.1"};
-    fp_site_hello_t hello = {"healthy", {0}, 8, 100, 0, 0};
+    fp_site_hello_t hello = {"healthy", {0}, 8, 100, 0, 0, 0};
     memcpy(hello.model_sha256, msha, 32);
     fp_tls_ctx_t *tls = NULL;
     uv_loop_init(&h.loop);

@@ -156,7 +156,7 @@ static int coordinator(const char *dir, const char *pki, uint64_t ack_every, int
     uv_loop_init(&loop);
     coord_t c = {.loop = &loop, .dir = dir};
     fp_srv_link_t link = {.ops = {c_hello, c_update, c_resume, c_committed, NULL, NULL, NULL, NULL,
-                                  NULL},
+                                  NULL, NULL},
                           .app = &c, .spool_dir = spool, .ack_every = ack_every};
     fp_tls_cfg_t cfg = {.server = 1, .cert = crt, .key = key, .ca = ca, .crl = crl};
     int32_t port = -1;

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/x509.h>
+
 #include "fp_frame.h"
 
 #define READ_BUF (64u << 10)   /* an established connection's read buffer */
@@ -781,6 +783,26 @@ const char *fp_conn_peer_cn(const fp_conn_t *c)
 const char *fp_conn_peer_fingerprint(const fp_conn_t *c)
 {
     return c->peer_fp;
+}
+
+int fp_conn_peer_cert_der(const fp_conn_t *c, unsigned char **der, size_t *len)
+{
+    const X509 *x = c->tls ? fp_tls_peer_cert(c->tls) : NULL;
+    if (!x)
+        return -ENOENT;
+    unsigned char *out = NULL;
+    int n = i2d_X509(x, &out);
+    if (n <= 0)
+        return -ENOMEM;
+    *der = malloc((size_t)n);
+    if (!*der) {
+        OPENSSL_free(out);
+        return -ENOMEM;
+    }
+    memcpy(*der, out, (size_t)n);
+    OPENSSL_free(out);
+    *len = (size_t)n;
+    return 0;
 }
 
 const void *fp_conn_peer_cert(const fp_conn_t *c)

@@ -125,6 +125,8 @@ const char *fp_conn_peer_cn(const fp_conn_t *c);
 /* "address:port" of the peer of an accepted connection ("" for client connections). */
 const char *fp_conn_peer_addr(const fp_conn_t *c);
 const char *fp_conn_peer_fingerprint(const fp_conn_t *c);
+/* The peer's certificate as DER (malloc'd into *der); -ENOENT before the handshake. */
+int fp_conn_peer_cert_der(const fp_conn_t *c, unsigned char **der, size_t *len);
 const void *fp_conn_peer_cert(const fp_conn_t *c);
 
 #endif

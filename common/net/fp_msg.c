@@ -119,6 +119,12 @@ const char *fp_msg_name(const fp_env_t *e)
     case FEDPEFT__ENVELOPE__BODY_BYE: return "Bye";
     case FEDPEFT__ENVELOPE__BODY_TASK_FAILED: return "TaskFailed";
     case FEDPEFT__ENVELOPE__BODY_RESUME: return "Resume";
+    case FEDPEFT__ENVELOPE__BODY_SA_KEYS: return "SecAggKeys";
+    case FEDPEFT__ENVELOPE__BODY_SA_ROSTER: return "SecAggRoster";
+    case FEDPEFT__ENVELOPE__BODY_SA_SHARES: return "SecAggShares";
+    case FEDPEFT__ENVELOPE__BODY_SA_RELAY: return "SecAggRelay";
+    case FEDPEFT__ENVELOPE__BODY_SA_UNMASK: return "SecAggUnmask";
+    case FEDPEFT__ENVELOPE__BODY_SA_REVEAL: return "SecAggReveal";
     default: return "unknown";
     }
 }
@@ -200,6 +206,74 @@ static Fedpeft__Error__Code check_tensors(Fedpeft__TensorInfo **t, size_t n, uin
     return 0;
 }
 
+static int sealed_ok(Fedpeft__SecAggSealed *const *s, size_t n)
+{
+    if (n > FP_SA_MAX_SITES)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (s[i]->peer >= FP_SA_MAX_SITES || s[i]->data.len != FP_SA_SEALED_BYTES)
+            return 0;
+    return 1;
+}
+
+/* The secure-aggregation messages: every length bounded, every index in range. */
+static Fedpeft__Error__Code check_secagg(const fp_env_t *e, char *reason, size_t n)
+{
+    int ok = 1;
+    switch (e->body_case) {
+    case FEDPEFT__ENVELOPE__BODY_SA_KEYS:
+        ok = e->sa_keys->mask_key.len == 32 && e->sa_keys->seal_key.len == 32 &&
+             e->sa_keys->signature.len > 0 && e->sa_keys->signature.len <= FP_SA_MAX_SIG;
+        break;
+    case FEDPEFT__ENVELOPE__BODY_SA_ROSTER:
+        ok = e->sa_roster->n_peers <= FP_SA_MAX_SITES;
+        for (size_t i = 0; ok && i < e->sa_roster->n_peers; i++) {
+            const Fedpeft__SecAggPeer *p = e->sa_roster->peers[i];
+            ok = p->index < FP_SA_MAX_SITES && p->site && str_ok(p->site) &&
+                 p->certificate.len > 0 && p->certificate.len <= FP_SA_MAX_CERT &&
+                 p->mask_key.len == 32 && p->seal_key.len == 32 && p->signature.len > 0 &&
+                 p->signature.len <= FP_SA_MAX_SIG;
+        }
+        break;
+    case FEDPEFT__ENVELOPE__BODY_SA_SHARES:
+        ok = sealed_ok(e->sa_shares->sealed, e->sa_shares->n_sealed);
+        break;
+    case FEDPEFT__ENVELOPE__BODY_SA_RELAY:
+        ok = sealed_ok(e->sa_relay->sealed, e->sa_relay->n_sealed) &&
+             e->sa_relay->n_in_round <= FP_SA_MAX_SITES;
+        for (size_t i = 0; ok && i < e->sa_relay->n_in_round; i++)
+            ok = e->sa_relay->in_round[i] < FP_SA_MAX_SITES;
+        break;
+    case FEDPEFT__ENVELOPE__BODY_SA_UNMASK:
+        ok = e->sa_unmask->n_asks <= FP_SA_MAX_SITES;
+        for (size_t i = 0; ok && i < e->sa_unmask->n_asks; i++)
+            ok = e->sa_unmask->asks[i]->peer < FP_SA_MAX_SITES &&
+                 (e->sa_unmask->asks[i]->kind == 1 || e->sa_unmask->asks[i]->kind == 2);
+        break;
+    case FEDPEFT__ENVELOPE__BODY_SA_REVEAL:
+        ok = e->sa_reveal->n_shares <= FP_SA_MAX_SITES;
+        for (size_t i = 0; ok && i < e->sa_reveal->n_shares; i++)
+            ok = e->sa_reveal->shares[i]->peer < FP_SA_MAX_SITES &&
+                 (e->sa_reveal->shares[i]->kind == 1 || e->sa_reveal->shares[i]->kind == 2) &&
+                 e->sa_reveal->shares[i]->share.len == FP_SA_SHARE_BYTES;
+        break;
+    default:
+        break;
+    }
+    return ok ? 0 : bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE,
+                        "%s: a field out of range", fp_msg_name(e));
+}
+
+static int secagg_task_ok(const Fedpeft__SecAgg *a)
+{
+    return !a || (a->sites >= 2 && a->sites <= FP_SA_MAX_SITES && a->index < a->sites &&
+                  a->degree >= 1 && a->threshold >= 1 && a->threshold <= a->sites &&
+                  isfinite(a->scale) && a->scale > 0 && isfinite(a->bound) && a->bound > 0 &&
+                  a->seed.len == 32 && isfinite(a->weight) && a->weight >= 0 &&
+                  a->weight <= 1 && a->dim >= 1 && a->dim <= (1ull << 24) && a->strategy &&
+                  str_ok(a->strategy) && a->global_rank >= 1 && a->global_rank <= 65536);
+}
+
 Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
 {
     if (e->version != FP_PROTOCOL_VERSION) {
@@ -247,6 +321,9 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
         if (!privacy_ok(t->privacy))
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
                        "Task: privacy parameters out of range");
+        if (!secagg_task_ok(t->secagg))
+            return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
+                       "Task: secure aggregation parameters out of range");
         if (t->hyper && (!isfinite(t->hyper->lr) || t->hyper->lr < 0 || t->hyper->steps > 10000000 ||
                          t->hyper->batch > 65536 || t->hyper->seq_len > (1u << 20)))
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
@@ -291,6 +368,13 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
     case FEDPEFT__ENVELOPE__BODY_HEARTBEAT:
     case FEDPEFT__ENVELOPE__BODY_RESUME:
         return 0;
+    case FEDPEFT__ENVELOPE__BODY_SA_KEYS:
+    case FEDPEFT__ENVELOPE__BODY_SA_ROSTER:
+    case FEDPEFT__ENVELOPE__BODY_SA_SHARES:
+    case FEDPEFT__ENVELOPE__BODY_SA_RELAY:
+    case FEDPEFT__ENVELOPE__BODY_SA_UNMASK:
+    case FEDPEFT__ENVELOPE__BODY_SA_REVEAL:
+        return check_secagg(e, reason, n);
     default:
         return bad(reason, n, FEDPEFT__ERROR__CODE__UNKNOWN_TYPE, "%s",
                    "unknown message type (a newer peer?)");
@@ -331,6 +415,12 @@ Fedpeft__Error__Code fp_msg_order(fp_role_t me, fp_pstate_t st, const fp_env_t *
             *next = FP_PS_STREAMING;
         }
         ok |= me == FP_ROLE_SERVER && b == FEDPEFT__ENVELOPE__BODY_TASK_FAILED;
+        ok |= me == FP_ROLE_SERVER && (b == FEDPEFT__ENVELOPE__BODY_SA_KEYS ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_SHARES ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_REVEAL);
+        ok |= me == FP_ROLE_CLIENT && (b == FEDPEFT__ENVELOPE__BODY_SA_ROSTER ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_RELAY ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_UNMASK);
         if (me == FP_ROLE_CLIENT) {
             if (b == FEDPEFT__ENVELOPE__BODY_TASK) {
                 ok = 1;

@@ -17,6 +17,11 @@
 #define FP_MAX_NAME 256          /* site names, module names, reasons */
 #define FP_MAX_TENSORS 65536     /* tensors listed in one Task or Update */
 #define FP_MAX_CHUNK (1u << 20)  /* bytes of data in one TensorChunk */
+#define FP_SA_MAX_SITES 4096     /* participants of a secure round */
+#define FP_SA_MAX_CERT 16384     /* bytes of a relayed certificate (DER) */
+#define FP_SA_MAX_SIG 1024       /* bytes of a key signature */
+#define FP_SA_SEALED_BYTES 160   /* a sealed pair of shares (fp_secagg.h FP_SA_SEALED) */
+#define FP_SA_SHARE_BYTES 72     /* one share on the wire */
 
 typedef Fedpeft__Envelope fp_env_t;
 

@@ -51,6 +51,9 @@ int fp_db_status(fp_db_t *db, int64_t max_rounds, json_t **out, fp_err_t *err)
     put(&d, db, err, "federation", 1, "SELECT name, strategy, base_model_sha256, targets, r_max, "
         "alpha, rslora, seed, created_ms FROM federation", NULL, 0);
     put(&d, db, err, "privacy", 1, PRIVACY, NULL, 0);
+    put(&d, db, err, "secure", 0, "SELECT round, detail FROM (SELECT id, round, detail FROM "
+        "event WHERE kind IN ('secagg', 'secagg_failed') ORDER BY id DESC LIMIT 10) ORDER BY id",
+        NULL, 0);
     put(&d, db, err, "rounds", 0, "SELECT * FROM (SELECT n, state, opened_ms, deadline_ms, "
         "closed_ms, global_adapter, global_rank, updates, samples, train_loss, eval_loss_before, "
         "eval_loss_after, agg_seconds, clip, epsilon, note FROM round WHERE n > 0 ORDER BY n "

@@ -1,0 +1,21 @@
+/* fp_coord_sa.h — what the aggregation job needs of a secure round (fp_coord_sa.c fills it
+ * on the loop, fp_fed_aggregate reads it on a worker). */
+#ifndef FP_COORD_SA_H
+#define FP_COORD_SA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fp_secagg.h"
+
+typedef struct fp_sa_job {
+    fp_sa_params_t p;
+    size_t dim;                /* floats of a site's vector */
+    uint8_t *state;            /* n: FP_SA_OUT, FP_SA_DROPPED, FP_SA_INPUT */
+    int64_t *tasks;            /* n: participant i's task (its masked file) */
+    uint8_t *pks;              /* n × FP_SA_KEY mask keys */
+    fp_share_t *b_sh, *k_sh;   /* n × n, [owner·n + holder] */
+    uint8_t *b_have, *k_have;
+} fp_sa_job_t;
+
+#endif
