@@ -66,7 +66,7 @@ const fp_setting_t fp_agent_settings[] = {
     {"privacy", "require", FP_SET_STR, O(privacy_require), "off", 0, 0, 0,
      "the least differential privacy this site joins: off, central (the coordinator clips and "
      "noises) or distributed (this site clips and noises its own updates before they leave; "
-     "until that runs under secure aggregation the coordinator still sees each update with "
+     "unless the federation also aggregates securely, the coordinator sees each update with "
      "only this site's share of the noise); a federation offering less is left"},
     FP_SET_END,
 };

@@ -143,7 +143,7 @@ int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, 
         total += q->weight;
     }
     for (int i = 0; i < nt; i++) /* public weights: each site's share of the round's samples */
-        sa->parts[i].weight /= total;
+        sa->parts[i].weight = co->fed.dp ? 1.0 / nt : sa->parts[i].weight / total; /* DP: 1 each */
     co->sa = sa;
     arm(co);
     fp_log(FP_LOG_INFO, "round %lld: secure aggregation of %d sites, %d neighbours each, "

@@ -135,7 +135,8 @@ const fp_setting_t fp_srv_settings[] = {
 
     {"secure_aggregation", "enabled", FP_SET_BOOL, O(sa_enabled), "false", 0, 0, 0,
      "SecAgg+: this coordinator learns only the sum of the sites' updates (fedavg, ffa, "
-     "zeropad); sites need the capability 'secagg'"},
+     "zeropad; with privacy.mode = distributed, the noised sum); sites need the capability "
+     "'secagg'"},
     {"secure_aggregation", "degree", FP_SET_INT, O(sa_degree), "0", 0, 4096, 0,
      "neighbours each site masks with (even; 0: all pairs, which survives n − t dropouts)"},
     {"secure_aggregation", "threshold", FP_SET_INT, O(sa_threshold), "0", 0, 64, 0,
@@ -282,10 +283,14 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
             return fp_err_set(err, -ENOTSUP, "secure_aggregation with federation.strategy = %s: "
                               "on the wire only the linear merges (fedavg, ffa, zeropad) run "
                               "as secure sums so far", c->strategy);
-        if (c->dp_mode && strcmp(c->dp_mode, "off"))
-            return fp_err_set(err, -ENOTSUP, "secure_aggregation with privacy.mode = %s: not "
-                              "combined yet (central DP needs each update; distributed DP's "
-                              "norm check needs it too)", c->dp_mode);
+        if (c->dp_mode && !strcmp(c->dp_mode, "central"))
+            return fp_err_set(err, -ENOTSUP, "secure_aggregation with privacy.mode = central: "
+                              "central DP clips each update, which this coordinator never "
+                              "sees; use privacy.mode = distributed (each site clips and adds "
+                              "its share of the noise, then masks)");
+        if (c->dp_mode && !strcmp(c->dp_mode, "distributed") && c->dp_adaptive)
+            return fp_err_set(err, -ENOTSUP, "secure_aggregation with privacy.adaptive_clip: "
+                              "the clip indicators are not in the secure sum yet");
         if (c->norm_bound > 0)
             return fp_err_set(err, -EINVAL, "secure_aggregation: validation.norm_bound needs "
                               "each site's update, which this coordinator never sees: set it "

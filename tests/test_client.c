@@ -1059,6 +1059,32 @@ static void test_secure_aggregation(void **state)
     server_extra = "";
     stop_sites(f, 1);
     fed_free(f);
+
+    /* distributed DP under secure aggregation: each site clips and noises, then masks; the
+     * coordinator accounts the round and sees only the sum */
+    f = fed_new();
+    server_extra = "[secure_aggregation]\nenabled = true\nphase_timeout_s = 20\n"
+                   "[privacy]\nmode = distributed\nclip = 0.5\nnoise_multiplier = 1\n"
+                   "epsilon_max = 100\n";
+    write_server_config(f, "ffa", 1, NS);
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, NULL, NULL);
+    expect_server_done(f, 1);
+    assert_int_equal(db_int(f, "SELECT steps FROM privacy WHERE mode = 'distributed'"), 1);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM event WHERE kind = 'secagg'"), 1);
+    gl = global_of(f, 1);
+    assert_int_equal(fp_adapter_check_finite(gl, NULL), 0);
+    fp_adapter_free(gl);
+    for (int i = 0; i < NS; i++) {
+        char *log = read_log(f, names[i]);
+        fpt_assert_text(log, "privacy: update norm", __FILE__, __LINE__);
+        fpt_assert_text(log, "aggregates securely", __FILE__, __LINE__);
+        free(log);
+    }
+    server_extra = "";
+    stop_sites(f, 1);
+    fed_free(f);
 }
 
 int main(void)
