@@ -291,6 +291,19 @@ static void test_bench_smoke(void **state)
     assert_contains(out_text, "fedavg, 16 adapters");
     assert_contains(out_text, "streaming merge peak RSS");
     assert_contains(out_text, "flexlora factored SVD");
+    /* secure aggregation: the library's arithmetic, and a whole federation both ways */
+    rc = run("bench", "secagg", "--sites", "6", "--dim", "5000", "--drop", "1", NULL);
+    if (rc)
+        print_error("%s\n%s\n", out_text, err_text);
+    assert_int_equal(rc, 0);
+    assert_contains(out_text, "coordinator: sum (+ unmask) of the survivors");
+    rc = run("bench", "coordinator", "--secure-aggregation", "--sites", "4", "--rounds", "1",
+             NULL);
+    if (rc)
+        print_error("%s\n%s\n", out_text, err_text);
+    assert_int_equal(rc, 0);
+    assert_contains(out_text, "with secure aggregation:");
+    assert_contains(out_text, "bytes a site sends per round");
 }
 
 int main(void)
