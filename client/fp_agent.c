@@ -510,7 +510,14 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
         fp_site_task_failed(s, t->task_id, why);
         return;
     }
-    if (t->secagg.present && !(a->sa && fp_asa_task(a->sa) == t->task_id)) {
+    if (fp_site_secure(s) && !t->secagg.present) { /* never an update in the clear */
+        fp_log(FP_LOG_ERR, "round %llu: task refused: the federation aggregates securely and "
+               "this task is not in a secure round", (unsigned long long)t->round);
+        fp_site_task_failed(s, t->task_id, "a task outside a secure round");
+        return;
+    }
+    if (t->secagg.present && t->round > a->last_acked_round &&
+        !(a->sa && fp_asa_task(a->sa) == t->task_id)) {
         /* a secure round: fresh keys, advertised now; training goes on meanwhile */
         fp_err_t err = {0};
         fp_asa_free(a->sa);

@@ -196,7 +196,8 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
     for (int i = 0; a && i < nt; i++)
         a[i] = (fp_db_assign_t){t[i].site, t[i].rank, t[i].seed, 0};
     fp_db_draw_t dp = {o->dp_steps, o->dp_epsilon, co->dp_clip};
-    if (rc == 0 && co->cfg->sa_enabled && (rc = fp__coord_sa_ok(co, nt, &err)) != 0)
+    /* a secure round is set up before anything is recorded: it opens secure or not at all */
+    if (rc == 0 && co->cfg->sa_enabled && (rc = fp__coord_sa_begin(co, n, t, nt, &err)) != 0)
         fp_err_prefix(&err, rc, "a secure round of %d sites: ", nt);
     if (rc == 0)
         rc = fp_db_round_open(co->db, n, o->opened_wall_ms, o->deadline_wall_ms, co->global_sha,
@@ -206,11 +207,11 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
     free(a);
     if (rc) {
         fp_log(FP_LOG_ERR, "cannot open round %lld: %s", (long long)n, fp_err_msg(&err));
+        fp__coord_sa_end(co);
         return rc;
     }
-    if (co->cfg->sa_enabled && fp__coord_sa_begin(co, n, t, nt, &err) != 0)
-        fp_log(FP_LOG_ERR, "round %lld: %s (its tasks go out, their uploads will be refused)",
-               (long long)n, fp_err_msg(&err));
+    if (co->sa)
+        fp__coord_sa_bind(co, t, nt);
     fp_failpoint("round-opened"); /* committed, no task sent */
     co->sent_bytes = 0;
     atomic_store(&co->c_round, n);

@@ -130,9 +130,13 @@ double fp__coord_dp_share(const fp_coord_t *co);
 void fp__coord_start_aggregate(fp_coord_t *co);
 
 /* fp_coord_sa.c: secure rounds */
-int fp__coord_sa_ok(const fp_coord_t *co, int nt, fp_err_t *err); /* n sites can sum safely */
+/* A secure round for the nt sites of tasks t (before they are recorded), then their ids. */
 int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, int nt,
                        fp_err_t *err);
+void fp__coord_sa_bind(fp_coord_t *co, const fp_round_task_t *t, int nt);
+/* Whether task's masked upload is welcome now (its round is in the input phase and it
+ * shared its secrets). */
+int fp__coord_sa_accepts(const fp_coord_t *co, int64_t task);
 void fp__coord_sa_end(fp_coord_t *co);
 void fp__coord_sa_task(fp_coord_t *co, int64_t task, Fedpeft__SecAgg *m);
 int fp__coord_sa_secure(const fp_coord_t *co, int64_t task, size_t *dim);

@@ -53,6 +53,8 @@ struct fp_sa_round {
     size_t dim;
     sa_part_t *parts;
     int n;
+    int armed;                 /* the keys phase's timer runs */
+    char failed[400];          /* unmasking refused: why (the round expires on the timer) */
     int dropped[SA_JOB];       /* participants lost in each phase */
 };
 
@@ -96,6 +98,15 @@ static int params_for(const fp_srv_config_t *c, int n, fp_sa_params_t *p, fp_err
     memset(p, 0, sizeof *p);
     p->n = n;
     int deg = c->sa_degree && c->sa_degree < n - 1 ? (int)c->sa_degree : n - 1;
+    if (!c->sa_degree && n - 1 > 2 * 63 - 1) { /* all pairs past what a threshold ≤ 64 covers */
+        int lg = 0;
+        while ((1 << lg) < n)
+            lg++;
+        deg = 2 * lg;
+    }
+    if (n > FP_SA_MAX_SITES)
+        return fp_err_set(err, -EINVAL, "%d sites: a secure round takes at most %d", n,
+                          FP_SA_MAX_SITES);
     p->k = deg;
     p->t = c->sa_threshold ? (int)c->sa_threshold : (deg + 1) / 2 + 1;
     p->bound = c->sa_bound;
@@ -106,12 +117,6 @@ static int params_for(const fp_srv_config_t *c, int n, fp_sa_params_t *p, fp_err
     if (RAND_bytes(p->seed, sizeof p->seed) != 1)
         return fp_err_set(err, -EIO, "OpenSSL's random generator failed");
     return fp_sa_params_check(p, err);
-}
-
-int fp__coord_sa_ok(const fp_coord_t *co, int nt, fp_err_t *err)
-{
-    fp_sa_params_t p;
-    return params_for(co->cfg, nt, &p, err);
 }
 
 int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, int nt,
@@ -133,6 +138,11 @@ int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, 
         return fp_err_prefix(err, rc, "round %lld: %d sites: ", (long long)round, nt);
     }
     sa->dim = fp_sa_linear_dim(co->fed.strategy, co->fed.layout, co->fed.n_layout);
+    if (sa->dim > (1u << 24)) {
+        sa_free(sa);
+        return fp_err_set(err, -EFBIG, "a site's vector would be %zu floats; a secure round "
+                          "takes at most 2^24", sa->dim);
+    }
     double total = 0;
     for (int i = 0; i < nt; i++) {
         sa_part_t *q = &sa->parts[i];
@@ -144,12 +154,17 @@ int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, 
     }
     for (int i = 0; i < nt; i++) /* public weights: each site's share of the round's samples */
         sa->parts[i].weight = co->fed.dp ? 1.0 / nt : sa->parts[i].weight / total; /* DP: 1 each */
-    co->sa = sa;
-    arm(co);
+    co->sa = sa; /* the keys phase's time starts with the first task sent */
     fp_log(FP_LOG_INFO, "round %lld: secure aggregation of %d sites, %d neighbours each, "
            "threshold %d, fixed point 2^%.0f", (long long)round, nt, sa->p.k, sa->p.t,
            log2(sa->p.scale));
     return 0;
+}
+
+void fp__coord_sa_bind(fp_coord_t *co, const fp_round_task_t *t, int nt)
+{
+    for (int i = 0; co->sa && i < nt && i < co->sa->n; i++)
+        co->sa->parts[i].task = t[i].id;
 }
 
 static sa_part_t *part_of_task(fp_sa_round_t *sa, int64_t task, int *index)
@@ -193,6 +208,16 @@ void fp__coord_sa_task(fp_coord_t *co, int64_t task, Fedpeft__SecAgg *m)
     m->dim = sa->dim;
     m->strategy = (char *)fp_strategy_name(co->fed.strategy);
     m->global_rank = (uint32_t)co->fed.r_max;
+    if (!sa->armed) { /* the keys phase runs from the first task out */
+        sa->armed = 1;
+        arm(co);
+    }
+}
+
+int fp__coord_sa_accepts(const fp_coord_t *co, int64_t task)
+{
+    sa_part_t *q = part_of_task(co->sa, task, NULL);
+    return q && co->sa->phase == SA_INPUT && q->shared;
 }
 
 int fp__coord_sa_secure(const fp_coord_t *co, int64_t task, size_t *dim)
@@ -294,6 +319,9 @@ static void send_relay(fp_coord_t *co)
     }
     free(in);
     sa->phase = SA_INPUT;
+    for (int i = 0; i < sa->n; i++) /* out of the round: the machine waits no more for them */
+        if (!sa->parts[i].shared)
+            fp_round_refused(co->round, sa->parts[i].task);
     uv_timer_stop(&co->sa_timer); /* the round's deadline covers training and uploads */
 }
 
@@ -333,6 +361,14 @@ static void advance(fp_coord_t *co, int timed_out)
 static void phase_timer_cb(uv_timer_t *t)
 {
     fp_coord_t *co = t->data;
+    if (co->sa && co->sa->failed[0]) {
+        char why[sizeof co->sa->failed];
+        snprintf(why, sizeof why, "%s", co->sa->failed);
+        fp_log(FP_LOG_WARNING, "round %lld: %s", (long long)co->sa->round, why);
+        fp_db_event(co->db, co->sa->round, NULL, "secagg_failed", "%s", why);
+        fp_round_aggregation_failed(co->round, why);
+        return;
+    }
     advance(co, 1);
 }
 
@@ -359,9 +395,13 @@ static int on_keys(fp_coord_t *co, site_t *s, const Fedpeft__SecAggKeys *k, char
 {
     fp_sa_round_t *sa = co->sa;
     sa_part_t *q = part_of_task(sa, (int64_t)k->task_id, NULL);
-    if (!q || strcmp(q->site, s->name) || sa->phase != SA_KEYS || q->keyed) {
-        snprintf(reason, n, "keys for task %llu out of place", (unsigned long long)k->task_id);
-        return FEDPEFT__ERROR__CODE__OUT_OF_ORDER;
+    if (!q || strcmp(q->site, s->name)) {
+        snprintf(reason, n, "keys for task %llu, not this site's", (unsigned long long)k->task_id);
+        return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
+    }
+    if (sa->phase != SA_KEYS || q->keyed) { /* late or again: the round went on without it */
+        fp_log(FP_LOG_INFO, "site %s: keys after the keys phase: ignored", s->name);
+        return 0;
     }
     unsigned char *der = NULL;
     size_t dl = 0;
@@ -388,9 +428,14 @@ static int on_shares(fp_coord_t *co, site_t *s, const Fedpeft__SecAggShares *m, 
     fp_sa_round_t *sa = co->sa;
     int from;
     sa_part_t *q = part_of_task(sa, (int64_t)m->task_id, &from);
-    if (!q || strcmp(q->site, s->name) || sa->phase != SA_SHARES || !q->keyed || q->shared) {
-        snprintf(reason, n, "shares for task %llu out of place", (unsigned long long)m->task_id);
-        return FEDPEFT__ERROR__CODE__OUT_OF_ORDER;
+    if (!q || strcmp(q->site, s->name)) {
+        snprintf(reason, n, "shares for task %llu, not this site's",
+                 (unsigned long long)m->task_id);
+        return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
+    }
+    if (sa->phase != SA_SHARES || !q->keyed || q->shared) {
+        fp_log(FP_LOG_INFO, "site %s: shares after the shares phase: ignored", s->name);
+        return 0;
     }
     for (size_t i = 0; i < m->n_sealed; i++) {
         int to = (int)m->sealed[i]->peer;
@@ -428,15 +473,20 @@ static int on_reveal(fp_coord_t *co, site_t *s, const Fedpeft__SecAggReveal *m, 
     int h;
     sa_part_t *q = part_of_task(sa, (int64_t)m->task_id, &h);
     fp_sa_job_t *job = &co->sa_job;
-    if (!q || strcmp(q->site, s->name) || sa->phase != SA_UNMASK || !q->asked || q->answered) {
-        snprintf(reason, n, "shares revealed for task %llu out of place",
+    if (!q || strcmp(q->site, s->name)) {
+        snprintf(reason, n, "shares revealed for task %llu, not this site's",
                  (unsigned long long)m->task_id);
-        return FEDPEFT__ERROR__CODE__OUT_OF_ORDER;
+        return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
+    }
+    if (sa->phase != SA_UNMASK || !q->asked || q->answered) {
+        fp_log(FP_LOG_INFO, "site %s: shares revealed after the unmasking: ignored", s->name);
+        return 0;
     }
     for (size_t i = 0; i < m->n_shares; i++) {
         const Fedpeft__SecAggShare *x = m->shares[i];
         int j = (int)x->peer;
         if (j >= sa->n || (j != h && !fp_sa_is_neighbour(&sa->p, h, j)) ||
+            (j == h && job->state[j] != FP_SA_INPUT) ||
             (int)x->kind != (job->state[j] == FP_SA_INPUT ? FP_SA_ASK_SELF : FP_SA_ASK_KEY) ||
             job->state[j] == FP_SA_OUT) {
             snprintf(reason, n, "a share of participant %d that was not asked for", j);
@@ -469,9 +519,10 @@ static int on_reveal(fp_coord_t *co, site_t *s, const Fedpeft__SecAggReveal *m, 
 int fp__coord_sa_message(fp_coord_t *co, site_t *s, const Fedpeft__Envelope *e, char *reason,
                          size_t n)
 {
-    if (!co->sa) {
-        snprintf(reason, n, "%s: no secure round is open", fp_msg_name(e));
-        return FEDPEFT__ERROR__CODE__OUT_OF_ORDER;
+    if (!co->sa) { /* its round is over: nothing it says matters any more */
+        fp_log(FP_LOG_INFO, "site %s: %s after its secure round: ignored", s->name,
+               fp_msg_name(e));
+        return 0;
     }
     switch (e->body_case) {
     case FEDPEFT__ENVELOPE__BODY_SA_KEYS: return on_keys(co, s, e->sa_keys, reason, n);
@@ -523,12 +574,29 @@ int fp__coord_sa_unmask(fp_coord_t *co, fp_err_t *err)
     int inputs = 0;
     for (int i = 0; i < sa->n; i++) {
         sa_part_t *q = &sa->parts[i];
-        j->state[i] = q->input ? FP_SA_INPUT : q->shared ? FP_SA_DROPPED : FP_SA_OUT;
+        j->state[i] = q->input && q->shared ? FP_SA_INPUT : q->shared ? FP_SA_DROPPED : FP_SA_OUT;
         j->tasks[i] = q->task;
         memcpy(j->pks + (size_t)i * FP_SA_KEY, q->mask, FP_SA_KEY);
         inputs += q->input;
         if (q->shared && !q->input)
             sa->dropped[SA_INPUT]++;
+    }
+    /* SecAgg+: a site whose neighbours in the sum are too few would be unmasked alone (its
+     * self-mask and its dropped neighbours' keys would give its input): no unmasking then */
+    for (int u = 0; u < sa->n; u++) {
+        if (j->state[u] != FP_SA_INPUT)
+            continue;
+        int with = 0;
+        for (int v = 0; v < sa->n; v++)
+            with += v != u && j->state[v] == FP_SA_INPUT && fp_sa_is_neighbour(&sa->p, u, v);
+        if (with < sa->p.t - 1 || with < 1) { /* the round expires (from the loop) */
+            snprintf(sa->failed, sizeof sa->failed, "secure aggregation refused to unmask: "
+                     "participant %d has %d neighbour(s) in the sum, fewer than threshold − 1 "
+                     "= %d, so unmasking would reveal its update", u, with, sa->p.t - 1);
+            sa->phase = SA_JOB;
+            uv_timer_start(&co->sa_timer, phase_timer_cb, 0, 0);
+            return 0;
+        }
     }
     sa->phase = SA_UNMASK;
     Fedpeft__SecAggAsk *asks = calloc((size_t)sa->n, sizeof *asks);

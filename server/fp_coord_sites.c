@@ -333,7 +333,18 @@ static int check_announce(fp_coord_t *co, const site_t *s, const Fedpeft__Update
                           char *reason, size_t n)
 {
     size_t dim;
-    if (fp__coord_sa_secure(co, (int64_t)u->task_id, &dim)) { /* one masked vector, nothing else */
+    int secure = fp__coord_sa_secure(co, (int64_t)u->task_id, &dim);
+    if (co->cfg->sa_enabled && !secure) { /* never an update in the clear */
+        snprintf(reason, n, "this federation aggregates securely and task %llu is not in a "
+                 "secure round", (unsigned long long)u->task_id);
+        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+    }
+    if (secure && !fp__coord_sa_accepts(co, (int64_t)u->task_id)) {
+        snprintf(reason, n, "a masked update before its round's shares went out, or from a "
+                 "site that did not share its secrets");
+        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+    }
+    if (secure) { /* one masked vector, nothing else */
         if (u->n_tensors != 1 || strcmp(u->tensors[0]->name, "secagg.masked") ||
             u->tensors[0]->shape[0] != 1 || u->tensors[0]->shape[1] != dim ||
             u->stream_bytes != 4 * (uint64_t)dim) {

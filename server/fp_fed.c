@@ -338,6 +338,12 @@ int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, s
                               "%llu", dim, (unsigned long long)(4 * (uint64_t)dim),
                               (unsigned long long)st.st_size)
                  : 0;
+    if (rc == -EBADMSG) {
+        unlink(raw_path);
+        free(final);
+        snprintf(reason, rn, "%s", fp_err_msg(&err));
+        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+    }
     if (rc == 0 && rename(raw_path, final) != 0)
         rc = fp_err_set(&err, -errno, "%s: %s", final, strerror(errno));
     if (rc == 0)
@@ -345,6 +351,10 @@ int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, s
     if (rc == 0 && (rc = fp_db_task_uploaded(f->db, task, shahex, NAN, 0, NAN, &err)) == 0)
         rc = fp_err_set(&err, -ESTALE, "task %lld: its round closed before the update was "
                         "stored", (long long)task);
+    if (rc == -ESTALE)
+        unlink(final); /* too late: nothing will read it */
+    if (rc < 0 && rc != -ESTALE)
+        unlink(raw_path);
     free(final);
     if (rc < 0) {
         snprintf(reason, rn, "%s", fp_err_msg(&err));

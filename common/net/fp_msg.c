@@ -431,6 +431,13 @@ Fedpeft__Error__Code fp_msg_order(fp_role_t me, fp_pstate_t st, const fp_env_t *
         break;
     case FP_PS_STREAMING:
         ok = b == FEDPEFT__ENVELOPE__BODY_CHUNK || b == FEDPEFT__ENVELOPE__BODY_HEARTBEAT;
+        /* a secure round's messages do not wait for a stream to end */
+        ok |= me == FP_ROLE_SERVER && (b == FEDPEFT__ENVELOPE__BODY_SA_KEYS ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_SHARES ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_REVEAL);
+        ok |= me == FP_ROLE_CLIENT && (b == FEDPEFT__ENVELOPE__BODY_SA_ROSTER ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_RELAY ||
+                                       b == FEDPEFT__ENVELOPE__BODY_SA_UNMASK);
         if (b == FEDPEFT__ENVELOPE__BODY_COMMIT) {
             ok = 1;
             *next = FP_PS_READY;

@@ -69,7 +69,9 @@ int fp_sa_sign(fp_sa_signer_t *s, uint64_t round, uint32_t index, const uint8_t 
     size_t n = message(round, index, mask, seal, msg);
     EVP_MD_CTX *c = EVP_MD_CTX_new();
     size_t len = 1024;
-    int ok = c && EVP_DigestSignInit(c, NULL, EVP_sha256(), NULL, s->key) == 1 &&
+    /* Ed25519 hashes internally: no digest (as fp_ca.c signs) */
+    const EVP_MD *md = EVP_PKEY_get_id(s->key) == EVP_PKEY_ED25519 ? NULL : EVP_sha256();
+    int ok = c && EVP_DigestSignInit(c, NULL, md, NULL, s->key) == 1 &&
              EVP_DigestSign(c, NULL, &len, msg, n) == 1 && len <= 1024 &&
              EVP_DigestSign(c, sig, &len, msg, n) == 1;
     EVP_MD_CTX_free(c);
@@ -132,7 +134,9 @@ int fp_sa_verify(fp_sa_verifier_t *v, const uint8_t *der, size_t der_len, const 
     }
     uint8_t msg[128];
     size_t n = message(round, index, mask, seal, msg);
-    if (EVP_DigestVerifyInit(md, NULL, EVP_sha256(), NULL, X509_get0_pubkey(x)) != 1 ||
+    EVP_PKEY *pub = X509_get0_pubkey(x);
+    const EVP_MD *dg = pub && EVP_PKEY_get_id(pub) == EVP_PKEY_ED25519 ? NULL : EVP_sha256();
+    if (!pub || EVP_DigestVerifyInit(md, NULL, dg, NULL, pub) != 1 ||
         EVP_DigestVerify(md, sig, sig_len, msg, n) != 1)
         rc = fp_err_set(err, -EBADMSG, "site %s: its round keys' signature does not hold (keys "
                         "substituted on the way?)", site);
