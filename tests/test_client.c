@@ -1048,6 +1048,18 @@ static void test_secure_aggregation(void **state)
     assert_int_equal(fpt_runv(FEDPEFT_BIN, st, &out, &errs), 0);
     fpt_assert_text(out, "secure agg. round 1 secure: 3 sites; dropped in keys 0, shares 0, "
                     "input 1, unmask 0", __FILE__, __LINE__);
+    char *html = path2(f->dir, "report.html");
+    const char *rep[] = {"report", "--state-dir", f->state, "--out", html, NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_BIN, rep, &out, &errs), 0);
+    char *page = NULL;
+    size_t plen;
+    assert_int_equal(fp_fs_read_file(html, 1 << 24, &page, &plen, NULL), 0);
+    fpt_assert_text(page, "\"secure\":[{\"round\":1,\"kind\":\"secagg\",\"detail\":\"secure: "
+                    "3 sites; dropped in keys 0, shares 0, input 1, unmask 0\"}]", __FILE__,
+                    __LINE__);
+    fpt_assert_text(page, "Secure aggregation", __FILE__, __LINE__);
+    free(page);
+    free(html);
     free(out);
     free(errs);
     char *slog = read_log(f, "server");

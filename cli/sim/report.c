@@ -34,10 +34,11 @@ int fp_report_collect(const char *state_dir, json_t **run, fp_err_t *err)
         return fp_err_set(err, -ENOENT, "%s: no federation yet (the coordinator has not started "
                           "one)", state_dir);
     }
-    *run = json_pack("{s:O,s:O,s:O,s:O,s:O,s:O}", "strategy", json_object_get(f, "strategy"),
-                     "federation", f, "privacy", json_object_get(h, "privacy"), "sites",
-                     json_object_get(h, "sites"), "rounds", json_object_get(h, "rounds"),
-                     "tasks", json_object_get(h, "tasks"));
+    *run = json_pack("{s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "strategy",
+                     json_object_get(f, "strategy"), "federation", f, "privacy",
+                     json_object_get(h, "privacy"), "sites", json_object_get(h, "sites"),
+                     "rounds", json_object_get(h, "rounds"), "tasks", json_object_get(h, "tasks"),
+                     "secure", json_object_get(h, "secure"));
     json_decref(h);
     return *run ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
 }

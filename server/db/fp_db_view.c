@@ -85,6 +85,8 @@ int fp_db_history(fp_db_t *db, json_t **out, fp_err_t *err)
     put(&d, db, err, "federation", 1, "SELECT name, strategy, targets AS target_modules, r_max, "
         "alpha, rslora, seed, created_ms, base_model_sha256 FROM federation", NULL, 0);
     put(&d, db, err, "privacy", 1, PRIVACY, NULL, 0);
+    put(&d, db, err, "secure", 0, "SELECT round, kind, detail FROM event WHERE kind IN "
+        "('secagg', 'secagg_failed') ORDER BY id", NULL, 0);
     put(&d, db, err, "sites", 0, "SELECT name, rank_budget, samples, first_seen_ms, "
         "last_seen_ms, connections FROM site ORDER BY name", NULL, 0);
     put(&d, db, err, "rounds", 0, "SELECT n, state, opened_ms, closed_ms, global_rank, updates, "

@@ -318,6 +318,17 @@
     chart(s, `After local training, per site — ${runName(run)}`, after,
           {x: "round", y: "loss", integerX: true});
   }
+  // ---- secure aggregation: which rounds were secure, and who dropped in which phase
+  const secureRuns = runs.filter(run => run.secure && run.secure.length);
+  if (secureRuns.length) {
+    const s = section("Secure aggregation",
+                      "Rounds aggregated with SecAgg+: the coordinator stored only masked " +
+                      "updates and learned only their sum. Sites lost in each phase (keys, " +
+                      "shares, masked input, unmasking); a failed round says why.");
+    table(s, ["run", "round", "outcome"],
+          secureRuns.flatMap(run => run.secure.map(e =>
+            [runName(run), e.round, (e.kind === "secagg_failed" ? "failed: " : "") + e.detail])));
+  }
   // ---- differential privacy: the mechanism and the budget each run spent, round by round
   const private_ = runs.filter(run => run.privacy);
   if (private_.length) {
