@@ -297,7 +297,7 @@ int fp_asa_on_unmask(fp_asa_t *a, fp_site_t *s, const Fedpeft__SecAggUnmask *u, 
     fp_share_t *sh = calloc(n, sizeof *sh);
     Fedpeft__SecAggShare *items = calloc(n, sizeof *items);
     Fedpeft__SecAggShare **ip = calloc(n, sizeof *ip);
-    uint8_t *bytes = calloc(n, 72);
+    uint8_t *bytes = calloc(n, FP_SA_SHARE);
     int rc = !ask || !given || !sh || !items || !ip || !bytes
                  ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
     for (size_t i = 0; rc == 0 && i < u->n_asks; i++) {
@@ -314,16 +314,12 @@ int fp_asa_on_unmask(fp_asa_t *a, fp_site_t *s, const Fedpeft__SecAggUnmask *u, 
     for (size_t j = 0; rc == 0 && j < n; j++) {
         if (!given[j])
             continue;
-        uint8_t *o = bytes + 72 * k;
-        for (int q = 0; q < 8; q++)
-            o[q] = (uint8_t)(sh[j].x >> (8 * q));
-        for (int w = 0; w < FP_SHAMIR_WORDS; w++)
-            for (int q = 0; q < 8; q++)
-                o[8 + 8 * w + q] = (uint8_t)(sh[j].y[w] >> (8 * q));
+        uint8_t *o = bytes + FP_SA_SHARE * k;
+        fp_sa_share_pack(&sh[j], o);
         fedpeft__sec_agg_share__init(&items[k]);
         items[k].peer = (uint32_t)j;
         items[k].kind = ask[j];
-        items[k].share = (ProtobufCBinaryData){72, o};
+        items[k].share = (ProtobufCBinaryData){FP_SA_SHARE, o};
         ip[k] = &items[k];
         k++;
     }
@@ -341,7 +337,7 @@ int fp_asa_on_unmask(fp_asa_t *a, fp_site_t *s, const Fedpeft__SecAggUnmask *u, 
     if (sh)
         OPENSSL_cleanse(sh, n * sizeof *sh);
     if (bytes)
-        OPENSSL_cleanse(bytes, n * 72);
+        OPENSSL_cleanse(bytes, n * FP_SA_SHARE);
     free(ask);
     free(given);
     free(sh);

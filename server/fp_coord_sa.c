@@ -26,6 +26,10 @@
 #include "fp_secagg.h"
 #include "fp_srv_config.h"
 
+/* the wire's bounds (fp_msg.h) are the library's sizes */
+_Static_assert(FP_SA_SEALED_BYTES == FP_SA_SEALED, "sealed shares' size");
+_Static_assert(FP_SA_SHARE_BYTES == FP_SA_SHARE, "a share's size");
+
 enum { SA_KEYS, SA_SHARES, SA_INPUT, SA_UNMASK, SA_JOB };
 static const char *const phase_names[] = {"keys", "shares", "input", "unmask", "done"};
 
@@ -493,15 +497,7 @@ static int on_reveal(fp_coord_t *co, site_t *s, const Fedpeft__SecAggReveal *m, 
             return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
         }
         fp_share_t sh;
-        const uint8_t *b = x->share.data;
-        sh.x = 0;
-        for (int k = 0; k < 8; k++)
-            sh.x |= (uint64_t)b[k] << (8 * k);
-        for (int w = 0; w < FP_SHAMIR_WORDS; w++) {
-            sh.y[w] = 0;
-            for (int k = 0; k < 8; k++)
-                sh.y[w] |= (uint64_t)b[8 + 8 * w + k] << (8 * k);
-        }
+        fp_sa_share_unpack(x->share.data, &sh);
         size_t at = (size_t)j * (size_t)sa->n + (size_t)h;
         if (x->kind == FP_SA_ASK_SELF) {
             job->b_sh[at] = sh;

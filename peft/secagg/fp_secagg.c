@@ -269,7 +269,7 @@ void fp_sa_site_free(fp_sa_site_t *s)
 const uint8_t *fp_sa_site_public(const fp_sa_site_t *s) { return s->pk; }
 const uint8_t *fp_sa_site_public_c(const fp_sa_site_t *s) { return s->cpk; }
 
-static void put_share(uint8_t *o, const fp_share_t *sh)
+void fp_sa_share_pack(const fp_share_t *sh, uint8_t o[FP_SA_SHARE])
 {
     for (int k = 0; k < 8; k++)
         o[k] = (uint8_t)(sh->x >> (8 * k));
@@ -278,7 +278,7 @@ static void put_share(uint8_t *o, const fp_share_t *sh)
             o[8 + 8 * w + k] = (uint8_t)(sh->y[w] >> (8 * k));
 }
 
-static void get_share(const uint8_t *o, fp_share_t *sh)
+void fp_sa_share_unpack(const uint8_t o[FP_SA_SHARE], fp_share_t *sh)
 {
     sh->x = 0;
     for (int k = 0; k < 8; k++)
@@ -290,7 +290,7 @@ static void get_share(const uint8_t *o, fp_share_t *sh)
     }
 }
 
-#define SHARE_BYTES (8 + 8 * FP_SHAMIR_WORDS)
+#define SHARE_BYTES FP_SA_SHARE
 
 int fp_sa_seal(const fp_sa_site_t *s, int to, const uint8_t *cpk_to, const fp_share_t *b,
                const fp_share_t *key, uint8_t out[FP_SA_SEALED], fp_err_t *err)
@@ -300,8 +300,8 @@ int fp_sa_seal(const fp_sa_site_t *s, int to, const uint8_t *cpk_to, const fp_sh
                k) != 0)
         return fp_err_set(err, -EBADMSG, "secure aggregation: site %d's sealing key is "
                           "invalid", to);
-    put_share(plain, b);
-    put_share(plain + SHARE_BYTES, key);
+    fp_sa_share_pack(b, plain);
+    fp_sa_share_pack(key, plain + SHARE_BYTES);
     struct chacha_poly1305_ctx c;
     chacha_poly1305_set_key(&c, k); /* one key per (round, from, to): a zero nonce is safe */
     chacha_poly1305_set_nonce(&c, nonce);
@@ -339,8 +339,8 @@ int fp_sa_open(fp_sa_site_t *s, int from, const uint8_t *cpk_from,
                         "authenticate (altered, or sealed for another site or round)", from);
     if (rc == 0) {
         fp_share_t b, key;
-        get_share(plain, &b);
-        get_share(plain + SHARE_BYTES, &key);
+        fp_sa_share_unpack(plain, &b);
+        fp_sa_share_unpack(plain + SHARE_BYTES, &key);
         rc = fp_sa_site_receive(s, from, &b, &key, err);
     }
     explicit_bzero(plain, sizeof plain);

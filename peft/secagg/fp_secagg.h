@@ -68,6 +68,11 @@ int fp_sa_encode(const fp_sa_params_t *p, const float *x, size_t dim, uint32_t *
 /* The sum's values: (int32) sum[d] / scale. */
 void fp_sa_decode(const fp_sa_params_t *p, const uint32_t *sum, size_t dim, double *out);
 
+/* A share on the wire: x and the eight field elements, little-endian (FP_SA_SHARE bytes). */
+#define FP_SA_SHARE (8 + 8 * FP_SHAMIR_WORDS)
+void fp_sa_share_pack(const fp_share_t *sh, uint8_t out[FP_SA_SHARE]);
+void fp_sa_share_unpack(const uint8_t in[FP_SA_SHARE], fp_share_t *sh);
+
 /* ---- a site ---- */
 
 typedef struct fp_sa_site fp_sa_site_t;
