@@ -310,7 +310,8 @@ static int mask_pending(fp_agent_t *a, unsigned char **data, size_t *len, fp_str
                                     json_number_value(json_object_get(m, "alpha")),
                                     json_is_true(json_object_get(m, "rslora")), &u, &err);
     if (rc == 0)
-        rc = fp_asa_mask(a->sa, u, NULL, data, len, &err);
+        rc = fp_asa_mask(a->sa, u, (uint64_t)json_integer_value(json_object_get(m, "samples")),
+                         data, len, &err);
     fp_adapter_free(u);
     if (rc) {
         fp_log(FP_LOG_ERR, "round %llu: cannot mask the update: %s",
@@ -362,6 +363,49 @@ static void upload_pending(fp_agent_t *a)
         set_state(a, S_UPLOADING, NULL);
 }
 
+/* An exact merge's second sum: its masked Z, once the shares are in (again after a
+ * reconnection, until the coordinator stored it). */
+static void upload_second(fp_agent_t *a)
+{
+    fp_site_update_t u;
+    fp_err_t err = {0};
+    if (!a->sa || !a->site || a->state == S_UPLOADING)
+        return;
+    int rc = fp_asa_second_upload(a->sa, &u, &err);
+    if (rc < 0) {
+        fp_log(FP_LOG_ERR, "round %llu: secure aggregation: cannot mask the second sum: %s",
+               (unsigned long long)a->task_round, fp_err_msg(&err));
+        return;
+    }
+    if (rc == 1 && fp_site_upload(a->site, &u, 0) == 0)
+        set_state(a, S_UPLOADING, "the second sum of an exact merge");
+}
+
+/* The coordinator's second Task for a task of the round's first sum: the bases Q; fresh keys
+ * for the second sum (the first's are dropped). */
+static void second_sum(fp_agent_t *a, fp_site_t *s, const fp_site_task_t *t)
+{
+    fp_err_t err = {0};
+    fp_asa_t *n = NULL;
+    if (!a->sa) {
+        fp_log(FP_LOG_WARNING, "round %llu: a second secure sum, but this site's first is gone "
+               "(restarted?): the round goes on without it", (unsigned long long)t->round);
+        return;
+    }
+    fp_failpoint("secagg-second"); /* tests: a site that leaves between the two sums */
+    if (fp_asa_second(&n, a->sa, t, a->name, &err) != 0 ||
+        fp_asa_send_keys(n, s, a->signer, &err) != 0) {
+        fp_log(FP_LOG_ERR, "round %llu: secure aggregation, second sum: %s",
+               (unsigned long long)t->round, fp_err_msg(&err));
+        fp_asa_free(n);
+        return;
+    }
+    fp_asa_free(a->sa);
+    a->sa = n;
+    fp_log(FP_LOG_INFO, "round %llu: secure aggregation, second sum (exact merge): keys sent",
+           (unsigned long long)t->round);
+}
+
 /* The federation's privacy: logged when it changes; below privacy.require the site leaves. */
 static int privacy_acceptable(fp_agent_t *a, fp_site_t *s)
 {
@@ -409,7 +453,8 @@ static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
     snprintf(d, sizeof d, "coordinator at round %llu", (unsigned long long)round);
     set_state(a, a->job ? S_TRAINING : S_CONNECTED, a->job ? NULL : d);
     upload_pending(a);
-    if (!a->pending && !a->job)
+    upload_second(a);
+    if (!a->pending && !a->job && a->state != S_UPLOADING)
         set_state(a, S_WAITING, NULL);
 }
 
@@ -510,6 +555,10 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
         fp_site_task_failed(s, t->task_id, why);
         return;
     }
+    if (t->secagg.present && t->secagg.pass == 2) { /* nothing to train: the second sum */
+        second_sum(a, s, t);
+        return;
+    }
     if (fp_site_secure(s) && !t->secagg.present) { /* never an update in the clear */
         fp_log(FP_LOG_ERR, "round %llu: task refused: the federation aggregates securely and "
                "this task is not in a secure round", (unsigned long long)t->round);
@@ -562,6 +611,7 @@ static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
 {
     (void)s;
     fp_agent_t *a = ctx;
+    fp_asa_stored(a->sa, id);
     if (a->pending && a->pend_task == id) {
         if (a->pend_round > a->last_acked_round) {
             a->last_acked_round = a->pend_round;
@@ -610,8 +660,11 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why_in)
     }
     a->welcomed_once_since_fail = 0;
     if (code == FEDPEFT__ERROR__CODE__LATE || code == FEDPEFT__ERROR__CODE__DUPLICATE ||
-        code == FEDPEFT__ERROR__CODE__INVALID_UPDATE) /* that update will never be taken */
+        code == FEDPEFT__ERROR__CODE__INVALID_UPDATE) { /* that update will never be taken */
         remove_pending(a);
+        if (a->sa)
+            fp_asa_stored(a->sa, fp_asa_task(a->sa));
+    }
     /* refusals of this site as such (model, certificate, name) will not change by retrying
      * soon: wait the longest delay before asking again */
     int hopeless = code == FEDPEFT__ERROR__CODE__MODEL_MISMATCH ||
@@ -644,6 +697,8 @@ static void on_secagg(void *ctx, fp_site_t *s, const Fedpeft__Envelope *e)
         if ((rc = fp_asa_on_relay(a->sa, e->sa_relay, &err)) == 0 && a->pending &&
             a->pend_task == fp_asa_task(a->sa))
             upload_pending(a); /* trained already */
+        else if (rc == 0)
+            upload_second(a);
         break;
     case FEDPEFT__ENVELOPE__BODY_SA_UNMASK:
         rc = fp_asa_on_unmask(a->sa, s, e->sa_unmask, &err);

@@ -2,6 +2,7 @@
 #include "fp_agent_sa.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,6 +28,16 @@ struct fp_asa {
     uint8_t *pks, *cpks;       /* n × 32: the roster's keys (zero: not in it) */
     uint8_t *in_roster, *in_round;
     int ready, masked;
+    /* exact merges: the sum this state is for, the sketch (Ω; Q in pass 2), the trained
+     * adapter kept in memory between the sums, and pass 2's masked Z until stored */
+    int pass;
+    fp_sa_sketch_t *sketch;
+    fp_adapter_t *kept;
+    uint64_t samples;
+    unsigned char *z;
+    size_t z_len;
+    fp_stream_tensor_t z_t;
+    int z_stored;
 };
 
 void fp_asa_free(fp_asa_t *a)
@@ -35,6 +46,9 @@ void fp_asa_free(fp_asa_t *a)
         return;
     fp_sa_site_free(a->me);
     fp_noise_free(a->rng);
+    fp_sa_sketch_free(a->sketch);
+    fp_adapter_free(a->kept);
+    free(a->z);
     free(a->layout);
     free(a->names);
     free(a->pks);
@@ -46,6 +60,12 @@ void fp_asa_free(fp_asa_t *a)
 
 uint64_t fp_asa_task(const fp_asa_t *a) { return a->task; }
 int fp_asa_ready(const fp_asa_t *a) { return a->ready; }
+int fp_asa_pass(const fp_asa_t *a) { return a->pass; }
+
+static int is_exact(fp_strategy_t st)
+{
+    return st == FP_STRAT_FLEXLORA || st == FP_STRAT_FLORA || st == FP_STRAT_FLORIST;
+}
 
 /* The layout from the task's stream: its modules, at the global rank. */
 static int layout_of(fp_asa_t *a, const fp_site_task_t *t, fp_err_t *err)
@@ -77,7 +97,8 @@ static int layout_of(fp_asa_t *a, const fp_site_task_t *t, fp_err_t *err)
     return 0;
 }
 
-int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err_t *err)
+/* The state common to both sums: parameters, fresh keys and the generator. */
+static int asa_init(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err_t *err)
 {
     const fp_site_secagg_t *sa = &t->secagg;
     fp_asa_t *a = calloc(1, sizeof *a);
@@ -86,6 +107,7 @@ int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err
     a->task = t->task_id;
     a->round = t->round;
     a->sa = *sa;
+    a->pass = sa->pass ? sa->pass : 1;
     snprintf(a->site, sizeof a->site, "%s", site);
     a->p = (fp_sa_params_t){.n = sa->sites, .k = sa->degree, .t = sa->threshold,
                             .scale = sa->scale, .bound = sa->bound, .round = t->round};
@@ -106,14 +128,8 @@ int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err
     if (rc == 0)
         rc = fp_strategy_parse(sa->strategy, &a->strategy, err);
     if (rc == 0 && a->strategy != FP_STRAT_FEDAVG && a->strategy != FP_STRAT_FFA &&
-        a->strategy != FP_STRAT_ZEROPAD)
+        a->strategy != FP_STRAT_ZEROPAD && !is_exact(a->strategy))
         rc = fp_err_set(err, -ENOTSUP, "secure aggregation of %s is not built", sa->strategy);
-    if (rc == 0)
-        rc = layout_of(a, t, err);
-    if (rc == 0 && fp_sa_linear_dim(a->strategy, a->layout, a->nmod) != sa->dim)
-        rc = fp_err_set(err, -EINVAL, "the secure round's vector has %llu floats; this "
-                        "federation's adapter makes %zu", (unsigned long long)sa->dim,
-                        fp_sa_linear_dim(a->strategy, a->layout, a->nmod));
     if (rc == 0)
         rc = fp_sa_site_new(&a->me, &a->p, sa->index, a->rng, err);
     if (rc) {
@@ -124,12 +140,105 @@ int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err
     return 0;
 }
 
+int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err_t *err)
+{
+    const fp_site_secagg_t *sa = &t->secagg;
+    fp_asa_t *a = NULL;
+    if (sa->pass > 1)
+        return fp_err_set(err, -EBADMSG, "the second sum of a secure round this site did not "
+                          "begin");
+    int rc = asa_init(&a, t, site, err);
+    if (rc == 0)
+        rc = layout_of(a, t, err);
+    size_t want = 0;
+    if (rc == 0 && is_exact(a->strategy)) { /* the first sum: Y through Ω from the seed */
+        if (sa->sketch_k < 1)
+            rc = fp_err_set(err, -EBADMSG, "an exact merge's secure round without a sketch");
+        else if ((rc = fp_sa_sketch_new(&a->sketch, a->layout, a->nmod, sa->sketch_k,
+                                        sa->sketch_seed, err)) == 0)
+            want = fp_sa_sketch_dim_y(a->sketch);
+    } else if (rc == 0) {
+        want = fp_sa_linear_dim(a->strategy, a->layout, a->nmod);
+    }
+    if (rc == 0 && want != sa->dim)
+        rc = fp_err_set(err, -EINVAL, "the secure round's vector has %llu floats; this "
+                        "federation's adapter makes %zu", (unsigned long long)sa->dim, want);
+    if (rc) {
+        fp_asa_free(a);
+        return rc;
+    }
+    *out = a;
+    return 0;
+}
+
+int fp_asa_second(fp_asa_t **out, fp_asa_t *first, const fp_site_task_t *t, const char *site,
+                  fp_err_t *err)
+{
+    const fp_site_secagg_t *sa = &t->secagg;
+    if (sa->pass != 2 || t->task_id != first->task || first->pass != 1 || !first->sketch ||
+        !first->kept)
+        return fp_err_set(err, -EBADMSG, "a second sum for task %llu, which this site has "
+                          "not put into a first", (unsigned long long)t->task_id);
+    if (sa->sites != first->sa.sites || sa->index != first->sa.index ||
+        strcmp(sa->strategy, first->sa.strategy) || sa->sketch_k != first->sa.sketch_k ||
+        sa->sketch_seed != first->sa.sketch_seed)
+        return fp_err_set(err, -EBADMSG, "the second sum's participants or sketch are not the "
+                          "first's");
+    if (t->n != 1 || strcmp(t->t[0].name, "secagg.q") || t->t[0].rows != 1 ||
+        t->t[0].nbytes != 4 * t->t[0].cols || t->t[0].offset != 0 || t->len != t->t[0].nbytes)
+        return fp_err_set(err, -EBADMSG, "the second sum's stream is not the bases 'secagg.q'");
+    size_t nq = (size_t)t->t[0].cols, want;
+    fp_sa_sketch_q(first->sketch, &want);
+    if (nq != want)
+        return fp_err_set(err, -EBADMSG, "%zu basis values for a sketch of %zu", nq, want);
+    double *q = malloc(nq * sizeof *q);
+    if (!q)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (size_t e = 0; e < nq; e++) {
+        float v;
+        memcpy(&v, t->data + 4 * e, 4);
+        q[e] = v;
+    }
+    int rc = 0;
+    for (size_t e = 0; e < nq && rc == 0; e++)
+        if (!isfinite(q[e]) || fabs(q[e]) > 1.0 + 1e-3) /* an orthonormal basis' entries */
+            rc = fp_err_set(err, -EBADMSG, "the second sum's bases are not orthonormal");
+    fp_asa_t *a = NULL;
+    if (rc == 0)
+        rc = fp_sa_sketch_set_q(first->sketch, q, nq, err);
+    free(q);
+    if (rc == 0)
+        rc = asa_init(&a, t, site, err);
+    if (rc == 0 && fp_sa_sketch_dim_z(first->sketch) != sa->dim) {
+        rc = fp_err_set(err, -EINVAL, "the second sum's vector has %llu floats; the sketch "
+                        "makes %zu", (unsigned long long)sa->dim,
+                        fp_sa_sketch_dim_z(first->sketch));
+        fp_asa_free(a);
+    }
+    if (rc)
+        return rc;
+    /* the layout, the sketch and the kept adapter move on; the first sum's keys do not */
+    a->layout = first->layout;
+    a->names = first->names;
+    a->nmod = first->nmod;
+    a->sketch = first->sketch;
+    a->kept = first->kept;
+    a->samples = first->samples;
+    first->layout = NULL;
+    first->names = NULL;
+    first->sketch = NULL;
+    first->kept = NULL;
+    *out = a;
+    return 0;
+}
+
 int fp_asa_send_keys(fp_asa_t *a, fp_site_t *s, fp_sa_signer_t *signer, fp_err_t *err)
 {
     uint8_t sig[1024];
     size_t sl = 0;
     const uint8_t *mask = fp_sa_site_public(a->me), *seal = fp_sa_site_public_c(a->me);
-    int rc = fp_sa_sign(signer, a->round, (uint32_t)a->sa.index, mask, seal, sig, &sl, err);
+    int rc = fp_sa_sign(signer, a->round, (uint32_t)a->pass, (uint32_t)a->sa.index, mask, seal,
+                        sig, &sl, err);
     if (rc)
         return rc;
     Fedpeft__SecAggKeys k = FEDPEFT__SEC_AGG_KEYS__INIT;
@@ -137,6 +246,7 @@ int fp_asa_send_keys(fp_asa_t *a, fp_site_t *s, fp_sa_signer_t *signer, fp_err_t
     k.mask_key = (ProtobufCBinaryData){FP_SA_KEY, (uint8_t *)mask};
     k.seal_key = (ProtobufCBinaryData){FP_SA_KEY, (uint8_t *)seal};
     k.signature = (ProtobufCBinaryData){sl, sig};
+    k.pass = (uint32_t)a->pass;
     Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
     e.body_case = FEDPEFT__ENVELOPE__BODY_SA_KEYS;
     e.sa_keys = &k;
@@ -148,9 +258,10 @@ int fp_asa_send_keys(fp_asa_t *a, fp_site_t *s, fp_sa_signer_t *signer, fp_err_t
 int fp_asa_on_roster(fp_asa_t *a, fp_site_t *s, fp_sa_verifier_t *v,
                      const Fedpeft__SecAggRoster *r, fp_err_t *err)
 {
-    if (r->round != a->round)
-        return fp_err_set(err, -EINVAL, "a roster for round %llu during round %llu",
-                          (unsigned long long)r->round, (unsigned long long)a->round);
+    if (r->round != a->round || (r->pass ? (int)r->pass : 1) != a->pass)
+        return fp_err_set(err, -EINVAL, "a roster for round %llu (sum %u) during round %llu "
+                          "(sum %d)", (unsigned long long)r->round, r->pass,
+                          (unsigned long long)a->round, a->pass);
     int me = a->sa.index, rc = 0, found = 0;
     for (size_t i = 0; i < r->n_peers && rc == 0; i++) {
         const Fedpeft__SecAggPeer *p = r->peers[i];
@@ -158,7 +269,7 @@ int fp_asa_on_roster(fp_asa_t *a, fp_site_t *s, fp_sa_verifier_t *v,
             return fp_err_set(err, -EBADMSG, "the roster lists participant %u twice or out of "
                               "range", p->index);
         rc = fp_sa_verify(v, p->certificate.data, p->certificate.len, p->site, a->round,
-                          p->index, p->mask_key.data, p->seal_key.data, p->signature.data,
+                          (uint32_t)a->pass, p->index, p->mask_key.data, p->seal_key.data, p->signature.data,
                           p->signature.len, err);
         if (rc)
             break;
@@ -200,6 +311,7 @@ int fp_asa_on_roster(fp_asa_t *a, fp_site_t *s, fp_sa_verifier_t *v,
     if (rc == 0) {
         Fedpeft__SecAggShares m = FEDPEFT__SEC_AGG_SHARES__INIT;
         m.task_id = a->task;
+        m.pass = (uint32_t)a->pass;
         m.sealed = ip;
         m.n_sealed = ns;
         Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
@@ -223,9 +335,10 @@ int fp_asa_on_roster(fp_asa_t *a, fp_site_t *s, fp_sa_verifier_t *v,
 
 int fp_asa_on_relay(fp_asa_t *a, const Fedpeft__SecAggRelay *r, fp_err_t *err)
 {
-    if (r->round != a->round)
-        return fp_err_set(err, -EINVAL, "shares for round %llu during round %llu",
-                          (unsigned long long)r->round, (unsigned long long)a->round);
+    if (r->round != a->round || (r->pass ? (int)r->pass : 1) != a->pass)
+        return fp_err_set(err, -EINVAL, "shares for round %llu (sum %u) during round %llu "
+                          "(sum %d)", (unsigned long long)r->round, r->pass,
+                          (unsigned long long)a->round, a->pass);
     for (size_t i = 0; i < r->n_in_round; i++) {
         uint32_t j = r->in_round[i];
         if ((int)j >= a->p.n || !a->in_roster[j])
@@ -249,16 +362,24 @@ int fp_asa_on_relay(fp_asa_t *a, const Fedpeft__SecAggRelay *r, fp_err_t *err)
     return 0;
 }
 
-int fp_asa_mask(fp_asa_t *a, const fp_adapter_t *u, const fp_site_task_t *t,
-                unsigned char **out, size_t *len, fp_err_t *err)
+int fp_asa_mask(fp_asa_t *a, const fp_adapter_t *u, uint64_t samples, unsigned char **out,
+                size_t *len, fp_err_t *err)
 {
-    (void)t;
     size_t dim = a->sa.dim;
     float *x = malloc(dim * sizeof *x);
     uint32_t *y = malloc(dim * sizeof *y);
     int rc = !x || !y ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
-    if (rc == 0)
+    if (rc == 0 && a->sketch && a->pass == 2)
+        rc = a->kept ? fp_sa_sketch_encode_z(a->sketch, a->kept, a->sa.weight, x, err)
+                     : fp_err_set(err, -EINVAL, "no trained adapter for the second sum");
+    else if (rc == 0 && a->sketch) /* the first sum; the adapter waits for the second */
+        rc = fp_sa_sketch_encode_y(a->sketch, u, a->sa.weight, x, err);
+    else if (rc == 0)
         rc = fp_sa_linear_encode(a->strategy, a->layout, a->nmod, u, a->sa.weight, x, err);
+    if (rc == 0 && a->sketch && a->pass == 1 && !a->kept) {
+        rc = fp_adapter_clone(u, &a->kept, err);
+        a->samples = samples;
+    }
     if (rc == 0)
         rc = fp_sa_site_mask(a->me, a->pks, a->in_round, x, dim, y, err);
     if (x)
@@ -289,9 +410,10 @@ fp_stream_tensor_t fp_asa_tensor(const fp_asa_t *a)
 
 int fp_asa_on_unmask(fp_asa_t *a, fp_site_t *s, const Fedpeft__SecAggUnmask *u, fp_err_t *err)
 {
-    if (u->round != a->round)
-        return fp_err_set(err, -EINVAL, "an unmask request for round %llu during round %llu",
-                          (unsigned long long)u->round, (unsigned long long)a->round);
+    if (u->round != a->round || (u->pass ? (int)u->pass : 1) != a->pass)
+        return fp_err_set(err, -EINVAL, "an unmask request for round %llu (sum %u) during round "
+                          "%llu (sum %d)", (unsigned long long)u->round, u->pass,
+                          (unsigned long long)a->round, a->pass);
     size_t n = (size_t)a->p.n;
     uint8_t *ask = calloc(n, 1), *given = calloc(n, 1);
     fp_share_t *sh = calloc(n, sizeof *sh);
@@ -326,6 +448,7 @@ int fp_asa_on_unmask(fp_asa_t *a, fp_site_t *s, const Fedpeft__SecAggUnmask *u, 
     if (rc == 0) {
         Fedpeft__SecAggReveal m = FEDPEFT__SEC_AGG_REVEAL__INIT;
         m.task_id = a->task;
+        m.pass = (uint32_t)a->pass;
         m.shares = ip;
         m.n_shares = k;
         Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
@@ -345,4 +468,31 @@ int fp_asa_on_unmask(fp_asa_t *a, fp_site_t *s, const Fedpeft__SecAggUnmask *u, 
     free(ip);
     free(bytes);
     return rc;
+}
+
+int fp_asa_second_upload(fp_asa_t *a, fp_site_update_t *u, fp_err_t *err)
+{
+    if (a->pass != 2 || !a->ready || a->z_stored)
+        return 0;
+    if (!a->z) {
+        int rc = fp_asa_mask(a, NULL, a->samples, &a->z, &a->z_len, err);
+        if (rc)
+            return rc;
+        fp_adapter_free(a->kept); /* the plaintext is no longer needed */
+        a->kept = NULL;
+    }
+    a->z_t = fp_asa_tensor(a);
+    /* the metrics went with the first sum */
+    *u = (fp_site_update_t){a->task, a->samples ? a->samples : 1, a->sa.global_rank, 0, 0, 0, 0,
+                            a->z, a->z_len, &a->z_t, 1, NULL, 0};
+    return 1;
+}
+
+void fp_asa_stored(fp_asa_t *a, uint64_t task) /* or refused for good: not sent again */
+{
+    if (a && task == a->task && a->pass == 2 && a->z) {
+        a->z_stored = 1;
+        free(a->z);
+        a->z = NULL;
+    }
 }

@@ -150,7 +150,9 @@ static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
         const Fedpeft__SecAgg *a = k->secagg;
         st.secagg = (fp_site_secagg_t){1, (int)a->sites, (int)a->index, (int)a->degree,
                                        (int)a->threshold, a->scale, a->bound, a->weight, {0},
-                                       a->dim, "", (int)a->global_rank};
+                                       a->dim, "", (int)a->global_rank,
+                                       a->pass ? (int)a->pass : 1, (int)a->sketch_k,
+                                       a->sketch_seed};
         memcpy(st.secagg.seed, a->seed.data, 32);
         snprintf(st.secagg.strategy, sizeof st.secagg.strategy, "%s", a->strategy);
     }

@@ -50,6 +50,9 @@ typedef struct fp_site_secagg {
     uint64_t dim;
     char strategy[16];
     int global_rank;
+    int pass;                  /* exact merges: 1 the first sum (Y), 2 the second (Z) */
+    int sketch_k;
+    uint64_t sketch_seed;
 } fp_site_secagg_t;
 
 typedef struct fp_site_task {

@@ -134,11 +134,15 @@ static void job_after(uv_work_t *w, int status)
         co->job_blobs = NULL;
         fp_round_prepared(co->round);
         fp__coord_status(co);
-    } else if (co->job_rc && co->agg.sa) { /* a secure round that cannot be unmasked */
+    } else if (co->agg.sa && (co->job_rc || (co->agg.sa->sketch && co->agg.sa->pass == 1 &&
+                                              fp__coord_sa_second(co, &co->job_err) != 0))) {
+        /* a secure round that cannot be unmasked, or whose second sum cannot start */
         char why[600];
         snprintf(why, sizeof why, "secure aggregation failed: %s", fp_err_msg(&co->job_err));
         fp_db_event(co->db, co->job_round, NULL, "secagg_failed", "%s", fp_err_msg(&co->job_err));
         fp_round_aggregation_failed(co->round, why);
+    } else if (co->agg.sa && co->agg.sa->sketch && co->agg.sa->pass == 1) {
+        fp__coord_status(co); /* the first of two sums is in: the second runs */
     } else if (co->job_rc) { /* the updates stay durable: a restart aggregates them again */
         fp_log(FP_LOG_ERR, "round %lld: aggregation failed: %s", (long long)co->job_round,
                fp_err_msg(&co->job_err));
@@ -362,7 +366,7 @@ static int act_close(void *ctx, int64_t n)
         co->dp_clip = r->clip_next;
     }
     if (co->sa) {
-        char sec[160];
+        char sec[320];
         fp__coord_sa_counts(co, sec, sizeof sec);
         snprintf(priv + strlen(priv), sizeof priv - strlen(priv), "; secure");
         fp_db_event(co->db, n, NULL, "secagg", "%s", sec);

@@ -47,6 +47,7 @@ struct site {
     double up_dp_clip, up_dp_share; /* the round's clip bound, a site's noise share */
     int up_secure;            /* a masked vector of up_dim floats' words (secure round) */
     size_t up_dim;
+    int up_pass;              /* which of the round's sums it is in (exact merges: 1 or 2) */
     Fedpeft__Privacy welcome_privacy;
     site_t *next, *prev;
 };
@@ -145,6 +146,11 @@ int fp__coord_sa_message(fp_coord_t *co, site_t *s, const Fedpeft__Envelope *e, 
 void fp__coord_sa_site_down(fp_coord_t *co, const char *site);
 void fp__coord_sa_uploaded(fp_coord_t *co, int64_t task);
 int fp__coord_sa_unmask(fp_coord_t *co, fp_err_t *err);
+/* Exact merges: which sum runs (0: no secure round, 1, 2); pass 2's stream (Q), else NULL;
+ * after pass 1's job (the bases made): the second sum starts. */
+int fp__coord_sa_pass(const fp_coord_t *co);
+fp_blob_t *fp__coord_sa_qblob(fp_coord_t *co);
+int fp__coord_sa_second(fp_coord_t *co, fp_err_t *err);
 void fp__coord_sa_job_free(fp_sa_job_t *j);
 void fp__coord_sa_counts(const fp_coord_t *co, char *out, size_t n);
 

@@ -10,7 +10,13 @@
  * A site that leaves before its keys or shares is out of the round; one that shared and sent
  * no input has its pairwise masks rebuilt from its neighbours' shares; below the threshold the
  * round expires and says why. The state lives in memory: a restarted coordinator expires a
- * secure round it finds open. */
+ * secure round it finds open.
+ *
+ * Exact merges (flexlora, flora, florist) take two sums (fp_sa_merge.h's double sketch): the
+ * first, pass 1, is the round's masked uploads of Y; its job makes the bases Q instead of a
+ * global adapter; then pass 2 runs the phases again with fresh keys among pass 1's inputs —
+ * each gets a second Task for its task id whose stream is Q, uploads its masked Z (input phase
+ * timed by the phase timer: nothing is trained), and the second job decodes the adapter. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -24,6 +30,7 @@
 #include "fp_log.h"
 #include "fp_sa_merge.h"
 #include "fp_secagg.h"
+#include "fp_sha256.h"
 #include "fp_srv_config.h"
 
 /* the wire's bounds (fp_msg.h) are the library's sizes */
@@ -42,6 +49,7 @@ typedef struct sa_part {
     int64_t task;
     char site[FP_ROUND_NAME_MAX + 1];
     double weight;
+    int rank;                  /* the task's (flora keeps Σ of the inputs' ranks) */
     int keyed, shared, input, asked, answered, gone;
     uint8_t mask[FP_SA_KEY], seal[FP_SA_KEY];
     uint8_t *sig, *cert;
@@ -59,7 +67,13 @@ struct fp_sa_round {
     int n;
     int armed;                 /* the keys phase's timer runs */
     char failed[400];          /* unmasking refused: why (the round expires on the timer) */
-    int dropped[SA_JOB];       /* participants lost in each phase */
+    int dropped[3][SA_JOB];    /* participants lost in each phase, by sum (1, 2) */
+    /* exact merges: which sum runs, the sketch (its bases after pass 1), Q as a stream */
+    int pass;
+    fp_sa_sketch_t *sketch;
+    uint64_t sketch_seed;
+    int sketch_k;
+    fp_blob_t *qblob;
 };
 
 /* ---- setup and teardown ---- */
@@ -76,6 +90,8 @@ static void sa_free(fp_sa_round_t *sa)
         free(sa->parts[i].inbox);
     }
     free(sa->parts);
+    fp_sa_sketch_free(sa->sketch);
+    fp_blob_unref(sa->qblob);
     free(sa);
 }
 
@@ -141,16 +157,35 @@ int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, 
         sa_free(sa);
         return fp_err_prefix(err, rc, "round %lld: %d sites: ", (long long)round, nt);
     }
+    sa->pass = 1;
     sa->dim = fp_sa_linear_dim(co->fed.strategy, co->fed.layout, co->fed.n_layout);
-    if (sa->dim > (1u << 24)) {
+    if (!sa->dim) { /* an exact merge: two sums, k ≥ Σ of the ranks (+ oversampling) */
+        sa->sketch_k = FP_SA_OVERSAMPLE;
+        for (int i = 0; i < nt; i++)
+            sa->sketch_k += t[i].rank;
+        if (RAND_bytes((unsigned char *)&sa->sketch_seed, sizeof sa->sketch_seed) != 1)
+            rc = fp_err_set(err, -EIO, "OpenSSL's random generator failed");
+        if (rc == 0)
+            rc = fp_sa_sketch_new_sums(&sa->sketch, co->fed.layout, co->fed.n_layout,
+                                       sa->sketch_k, err);
+        if (rc) {
+            sa_free(sa);
+            return rc;
+        }
+        sa->dim = fp_sa_sketch_dim_y(sa->sketch);
+    }
+    size_t most = sa->sketch && fp_sa_sketch_dim_z(sa->sketch) > sa->dim
+                      ? fp_sa_sketch_dim_z(sa->sketch) : sa->dim;
+    if (most > (1u << 24)) {
         sa_free(sa);
         return fp_err_set(err, -EFBIG, "a site's vector would be %zu floats; a secure round "
-                          "takes at most 2^24", sa->dim);
+                          "takes at most 2^24", most);
     }
     double total = 0;
     for (int i = 0; i < nt; i++) {
         sa_part_t *q = &sa->parts[i];
         q->task = t[i].id;
+        q->rank = t[i].rank;
         snprintf(q->site, sizeof q->site, "%s", t[i].site);
         site_t *s = fp__coord_live_site(co, t[i].site);
         q->weight = s && s->samples ? (double)s->samples : 1.0;
@@ -160,8 +195,8 @@ int fp__coord_sa_begin(fp_coord_t *co, int64_t round, const fp_round_task_t *t, 
         sa->parts[i].weight = co->fed.dp ? 1.0 / nt : sa->parts[i].weight / total; /* DP: 1 each */
     co->sa = sa; /* the keys phase's time starts with the first task sent */
     fp_log(FP_LOG_INFO, "round %lld: secure aggregation of %d sites, %d neighbours each, "
-           "threshold %d, fixed point 2^%.0f", (long long)round, nt, sa->p.k, sa->p.t,
-           log2(sa->p.scale));
+           "threshold %d, fixed point 2^%.0f%s", (long long)round, nt, sa->p.k, sa->p.t,
+           log2(sa->p.scale), sa->sketch ? "; an exact merge: two sums (double sketch)" : "");
     return 0;
 }
 
@@ -212,16 +247,29 @@ void fp__coord_sa_task(fp_coord_t *co, int64_t task, Fedpeft__SecAgg *m)
     m->dim = sa->dim;
     m->strategy = (char *)fp_strategy_name(co->fed.strategy);
     m->global_rank = (uint32_t)co->fed.r_max;
+    m->pass = (uint32_t)sa->pass;
+    m->sketch_k = (uint32_t)sa->sketch_k;
+    m->sketch_seed = sa->sketch_seed;
     if (!sa->armed) { /* the keys phase runs from the first task out */
         sa->armed = 1;
         arm(co);
     }
 }
 
+int fp__coord_sa_pass(const fp_coord_t *co)
+{
+    return co->sa ? co->sa->pass : 0;
+}
+
+fp_blob_t *fp__coord_sa_qblob(fp_coord_t *co)
+{
+    return co->sa && co->sa->pass == 2 ? co->sa->qblob : NULL;
+}
+
 int fp__coord_sa_accepts(const fp_coord_t *co, int64_t task)
 {
     sa_part_t *q = part_of_task(co->sa, task, NULL);
-    return q && co->sa->phase == SA_INPUT && q->shared;
+    return q && co->sa->phase == SA_INPUT && q->shared && !(co->sa->pass == 2 && q->input);
 }
 
 int fp__coord_sa_secure(const fp_coord_t *co, int64_t task, size_t *dim)
@@ -268,6 +316,7 @@ static void send_roster(fp_coord_t *co)
     }
     Fedpeft__SecAggRoster r = FEDPEFT__SEC_AGG_ROSTER__INIT;
     r.round = (uint64_t)sa->round;
+    r.pass = (uint32_t)sa->pass;
     r.peers = pp;
     r.n_peers = np;
     Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
@@ -309,6 +358,7 @@ static void send_relay(fp_coord_t *co)
         }
         Fedpeft__SecAggRelay r = FEDPEFT__SEC_AGG_RELAY__INIT;
         r.round = (uint64_t)sa->round;
+        r.pass = (uint32_t)sa->pass;
         r.sealed = ip;
         r.n_sealed = k;
         r.in_round = in;
@@ -323,6 +373,10 @@ static void send_relay(fp_coord_t *co)
     }
     free(in);
     sa->phase = SA_INPUT;
+    if (sa->pass == 2) { /* the second sum: computed, not trained; the phase timer covers it */
+        arm(co);
+        return;
+    }
     for (int i = 0; i < sa->n; i++) /* out of the round: the machine waits no more for them */
         if (!sa->parts[i].shared)
             fp_round_refused(co->round, sa->parts[i].task);
@@ -342,12 +396,15 @@ static void advance(fp_coord_t *co, int timed_out)
             continue;
         waiting += sa->phase == SA_KEYS ? !q->keyed
                  : sa->phase == SA_SHARES ? q->keyed && !q->shared
+                 : sa->phase == SA_INPUT ? sa->pass == 2 && q->shared && !q->input
                  : sa->phase == SA_UNMASK ? q->asked && !q->answered : 0;
     }
+    if (sa->phase == SA_INPUT && sa->pass != 2)
+        return; /* the round machine decides when the first sum's inputs are in */
     if (waiting && !timed_out)
         return;
     if (sa->phase < SA_INPUT || sa->phase == SA_UNMASK)
-        sa->dropped[sa->phase] += waiting;
+        sa->dropped[sa->pass][sa->phase] += waiting;
     if (waiting)
         fp_log(FP_LOG_WARNING, "round %lld: secure aggregation goes on without %d site(s) in "
                "the %s phase", (long long)sa->round, waiting, phase_names[sa->phase]);
@@ -355,7 +412,16 @@ static void advance(fp_coord_t *co, int timed_out)
         send_roster(co);
     else if (sa->phase == SA_SHARES)
         send_relay(co);
-    else if (sa->phase == SA_UNMASK) {
+    else if (sa->phase == SA_INPUT) { /* pass 2's inputs are in (or its time is up) */
+        uv_timer_stop(&co->sa_timer);
+        fp_err_t err = {0};
+        if (fp__coord_sa_unmask(co, &err) != 0) {
+            char why[400];
+            snprintf(why, sizeof why, "secure aggregation failed: %s", fp_err_msg(&err));
+            fp_db_event(co->db, sa->round, NULL, "secagg_failed", "%s", fp_err_msg(&err));
+            fp_round_aggregation_failed(co->round, why);
+        }
+    } else if (sa->phase == SA_UNMASK) {
         uv_timer_stop(&co->sa_timer);
         sa->phase = SA_JOB;
         fp__coord_start_aggregate(co);
@@ -379,9 +445,13 @@ static void phase_timer_cb(uv_timer_t *t)
 void fp__coord_sa_site_down(fp_coord_t *co, const char *site)
 {
     sa_part_t *q = part_of_site(co->sa, site, NULL);
-    if (!q || co->sa->phase == SA_INPUT || co->sa->phase == SA_JOB)
+    fp_sa_round_t *sa = co->sa;
+    if (!q || q->gone || sa->phase == SA_INPUT || sa->phase == SA_JOB)
         return; /* during the input phase a site may come back to upload */
     q->gone = 1;
+    if (sa->phase == SA_KEYS ? !q->keyed : sa->phase == SA_SHARES ? q->keyed && !q->shared
+                                          : q->asked && !q->answered)
+        sa->dropped[sa->pass][sa->phase]++; /* left while the phase waited for it */
     advance(co, 0);
 }
 
@@ -390,9 +460,17 @@ void fp__coord_sa_uploaded(fp_coord_t *co, int64_t task)
     sa_part_t *q = part_of_task(co->sa, task, NULL);
     if (q)
         q->input = 1;
+    if (q && co->sa->pass == 2)
+        advance(co, 0);
 }
 
 /* ---- messages from the sites ---- */
+
+/* The sum a message is for (0 on the wire: the first). */
+static int pass_of(uint32_t pass)
+{
+    return pass ? (int)pass : 1;
+}
 
 static int on_keys(fp_coord_t *co, site_t *s, const Fedpeft__SecAggKeys *k, char *reason,
                    size_t n)
@@ -403,7 +481,8 @@ static int on_keys(fp_coord_t *co, site_t *s, const Fedpeft__SecAggKeys *k, char
         snprintf(reason, n, "keys for task %llu, not this site's", (unsigned long long)k->task_id);
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
-    if (sa->phase != SA_KEYS || q->keyed) { /* late or again: the round went on without it */
+    if (sa->phase != SA_KEYS || q->keyed || pass_of(k->pass) != sa->pass) {
+        /* late or again: the round went on without it */
         fp_log(FP_LOG_INFO, "site %s: keys after the keys phase: ignored", s->name);
         return 0;
     }
@@ -437,7 +516,7 @@ static int on_shares(fp_coord_t *co, site_t *s, const Fedpeft__SecAggShares *m, 
                  (unsigned long long)m->task_id);
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
-    if (sa->phase != SA_SHARES || !q->keyed || q->shared) {
+    if (sa->phase != SA_SHARES || !q->keyed || q->shared || pass_of(m->pass) != sa->pass) {
         fp_log(FP_LOG_INFO, "site %s: shares after the shares phase: ignored", s->name);
         return 0;
     }
@@ -482,7 +561,7 @@ static int on_reveal(fp_coord_t *co, site_t *s, const Fedpeft__SecAggReveal *m, 
                  (unsigned long long)m->task_id);
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
-    if (sa->phase != SA_UNMASK || !q->asked || q->answered) {
+    if (sa->phase != SA_UNMASK || !q->asked || q->answered || pass_of(m->pass) != sa->pass) {
         fp_log(FP_LOG_INFO, "site %s: shares revealed after the unmasking: ignored", s->name);
         return 0;
     }
@@ -558,6 +637,9 @@ int fp__coord_sa_unmask(fp_coord_t *co, fp_err_t *err)
     size_t nn = (size_t)sa->n * (size_t)sa->n;
     j->p = sa->p;
     j->dim = sa->dim;
+    j->pass = sa->pass;
+    j->sketch = sa->sketch;
+    j->out = (fp_sa_sketch_out_t){co->fed.strategy, co->fed.r_max, co->cfg->florist_energy, 0};
     j->b_sh = calloc(nn, sizeof *j->b_sh);
     j->k_sh = calloc(nn, sizeof *j->k_sh);
     j->b_have = calloc(nn, 1);
@@ -567,7 +649,7 @@ int fp__coord_sa_unmask(fp_coord_t *co, fp_err_t *err)
     j->tasks = calloc((size_t)sa->n, sizeof *j->tasks);
     if (!j->b_sh || !j->k_sh || !j->b_have || !j->k_have || !j->state || !j->pks || !j->tasks)
         return fp_err_set(err, -ENOMEM, "out of memory");
-    int inputs = 0;
+    int inputs = 0, ranks = 0;
     for (int i = 0; i < sa->n; i++) {
         sa_part_t *q = &sa->parts[i];
         j->state[i] = q->input && q->shared ? FP_SA_INPUT : q->shared ? FP_SA_DROPPED : FP_SA_OUT;
@@ -575,8 +657,12 @@ int fp__coord_sa_unmask(fp_coord_t *co, fp_err_t *err)
         memcpy(j->pks + (size_t)i * FP_SA_KEY, q->mask, FP_SA_KEY);
         inputs += q->input;
         if (q->shared && !q->input)
-            sa->dropped[SA_INPUT]++;
+            sa->dropped[sa->pass][SA_INPUT]++;
+        ranks += q->input && q->shared ? q->rank : 0;
     }
+    if (co->fed.strategy == FP_STRAT_FLORA) /* stacking: Σ of the inputs' ranks, ΔW* itself */
+        j->out.rank = ranks;
+    j->out.resolution = inputs / (2 * sa->p.scale); /* each input rounded by ½ / scale */
     /* SecAgg+: a site whose neighbours in the sum are too few would be unmasked alone (its
      * self-mask and its dropped neighbours' keys would give its input): no unmasking then */
     for (int u = 0; u < sa->n; u++) {
@@ -619,6 +705,7 @@ int fp__coord_sa_unmask(fp_coord_t *co, fp_err_t *err)
         }
         Fedpeft__SecAggUnmask u = FEDPEFT__SEC_AGG_UNMASK__INIT;
         u.round = (uint64_t)sa->round;
+        u.pass = (uint32_t)sa->pass;
         u.asks = ap;
         u.n_asks = na;
         Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
@@ -642,7 +729,99 @@ void fp__coord_sa_counts(const fp_coord_t *co, char *out, size_t n)
         snprintf(out, n, "%s", "");
         return;
     }
-    snprintf(out, n, "secure: %d sites; dropped in keys %d, shares %d, input %d, unmask %d",
-             sa->n, sa->dropped[SA_KEYS], sa->dropped[SA_SHARES], sa->dropped[SA_INPUT],
-             sa->dropped[SA_UNMASK]);
+    const int *d = sa->dropped[1], *d2 = sa->dropped[2];
+    if (!sa->sketch)
+        snprintf(out, n, "secure: %d sites; dropped in keys %d, shares %d, input %d, unmask %d",
+                 sa->n, d[SA_KEYS], d[SA_SHARES], d[SA_INPUT], d[SA_UNMASK]);
+    else
+        snprintf(out, n, "secure: %d sites, exact merge in two sums; dropped in the first: keys "
+                 "%d, shares %d, input %d, unmask %d; in the second: keys %d, shares %d, input "
+                 "%d, unmask %d", sa->n, d[SA_KEYS], d[SA_SHARES], d[SA_INPUT], d[SA_UNMASK],
+                 d2[SA_KEYS], d2[SA_SHARES], d2[SA_INPUT], d2[SA_UNMASK]);
+}
+
+/* ---- the second sum of an exact merge ---- */
+
+/* Q (the first sum's bases) as the stream of pass 2's tasks: one float32 tensor "secagg.q";
+ * the sketch keeps the rounded values, so the coordinator decodes with the Q the sites used. */
+static int make_qblob(fp_sa_round_t *sa, fp_err_t *err)
+{
+    size_t nq;
+    const double *Q = fp_sa_sketch_q(sa->sketch, &nq);
+    fp_blob_t *b = calloc(1, sizeof *b);
+    float *qf = malloc(nq * sizeof *qf);
+    double *qd = malloc(nq * sizeof *qd);
+    int rc = !b || !qf || !qd || !(b->t = calloc(1, sizeof *b->t))
+                 ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
+    for (size_t e = 0; rc == 0 && e < nq; e++) {
+        qf[e] = (float)Q[e];
+        qd[e] = qf[e];
+    }
+    if (rc == 0)
+        rc = fp_sa_sketch_set_q(sa->sketch, qd, nq, err);
+    free(qd);
+    if (rc) {
+        free(qf);
+        if (b)
+            free(b->t);
+        free(b);
+        return rc;
+    }
+    b->data = (unsigned char *)qf; /* little-endian words, as every stream */
+    b->len = 4 * (uint64_t)nq;
+    b->n = 1;
+    b->t[0] = (fp_stream_tensor_t){"secagg.q", 1, nq, 0, 4 * (uint64_t)nq};
+    fp_sha256(b->data, b->len, b->sha);
+    b->refs = 1;
+    fp_blob_unref(sa->qblob);
+    sa->qblob = b;
+    return 0;
+}
+
+int fp__coord_sa_second(fp_coord_t *co, fp_err_t *err)
+{
+    fp_sa_round_t *sa = co->sa;
+    const fp_sa_job_t *j = &co->sa_job;
+    int rc = make_qblob(sa, err);
+    if (rc)
+        return rc;
+    int in = 0;
+    for (int i = 0; i < sa->n; i++) { /* pass 1's inputs still here take part; fresh state */
+        sa_part_t *q = &sa->parts[i];
+        int stays = j->state[i] == FP_SA_INPUT && fp__coord_live_site(co, q->site);
+        free(q->sig);
+        free(q->cert);
+        if (q->inbox)
+            OPENSSL_cleanse(q->inbox, (size_t)q->ninbox * sizeof *q->inbox);
+        free(q->inbox);
+        q->sig = q->cert = NULL;
+        q->inbox = NULL;
+        q->ninbox = 0;
+        q->sig_len = q->cert_len = 0;
+        q->keyed = q->shared = q->input = q->asked = q->answered = 0;
+        q->gone = !stays;
+        in += stays;
+    }
+    if (in < 2 || in < sa->p.t)
+        return fp_err_set(err, -EAGAIN, "only %d of the first sum's inputs are here for the "
+                          "second (threshold %d)", in, sa->p.t);
+    if (RAND_bytes(sa->p.seed, sizeof sa->p.seed) != 1) /* a fresh neighbour graph */
+        return fp_err_set(err, -EIO, "OpenSSL's random generator failed");
+    sa->pass = 2;
+    sa->phase = SA_KEYS;
+    sa->failed[0] = '\0';
+    sa->dim = fp_sa_sketch_dim_z(sa->sketch);
+    sa->armed = 1;
+    arm(co);
+    fp_log(FP_LOG_INFO, "round %lld: the first sum is in; the second starts among %d sites "
+           "(bases: %llu floats to each)", (long long)sa->round, in,
+           (unsigned long long)(sa->qblob->len / 4));
+    for (int i = 0; i < sa->n; i++) {
+        const sa_part_t *q = &sa->parts[i];
+        site_t *s = q->gone ? NULL : fp__coord_live_site(co, q->site);
+        const fp_round_task_t *t = fp_round_task(co->round, q->task);
+        if (s && t)
+            fp__coord_send_task(co, s, t);
+    }
+    return 0;
 }

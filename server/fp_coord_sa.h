@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fp_sa_merge.h"
 #include "fp_secagg.h"
 
 typedef struct fp_sa_job {
@@ -16,6 +17,11 @@ typedef struct fp_sa_job {
     uint8_t *pks;              /* n × FP_SA_KEY mask keys */
     fp_share_t *b_sh, *k_sh;   /* n × n, [owner·n + holder] */
     uint8_t *b_have, *k_have;
+    /* exact merges (two sums, fp_sa_merge.h): pass 1 makes the sketch's bases, pass 2 the
+     * global adapter as `out` says */
+    int pass;
+    fp_sa_sketch_t *sketch;    /* the round's (NULL: a linear strategy) */
+    fp_sa_sketch_out_t out;
 } fp_sa_job_t;
 
 #endif

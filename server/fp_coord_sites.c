@@ -103,7 +103,7 @@ static void pump_task(site_t *s)
             s->tx = NULL;
             int64_t next = s->tx_next; /* a task that waited for this stream */
             s->tx_next = 0;
-            if (next && fp_round_wants(s->co->round, next))
+            if (next && (fp_round_wants(s->co->round, next) || fp__coord_sa_qblob(s->co)))
                 fp__coord_send_task(s->co, s, fp_round_task(s->co->round, next));
         }
     }
@@ -111,8 +111,9 @@ static void pump_task(site_t *s)
 
 void fp__coord_send_task(fp_coord_t *co, site_t *s, const fp_round_task_t *t)
 {
-    fp_blob_t *b = fp__coord_blob(co, t->rank);
-    if (!b)
+    /* an exact merge's second sum: the same task again, its stream the first sum's bases */
+    fp_blob_t *b = fp__coord_sa_qblob(co);
+    if (!t || !(b = b ? b : fp__coord_blob(co, t->rank)))
         return;
     if (s->tx) { /* one stream at a time on a connection: this one follows */
         s->tx_next = t->id;
@@ -326,6 +327,7 @@ static void set_upload(site_t *s, int64_t task, int rank, fp_stream_tensor_t *t,
     s->up_dp_clip = co->dp_clip;
     s->up_dp_share = fp__coord_dp_share(co);
     s->up_secure = fp__coord_sa_secure(co, task, &s->up_dim);
+    s->up_pass = s->up_secure ? fp__coord_sa_pass(co) : 0;
 }
 
 /* What an Update announces, checked before a byte of it is taken. 0 or an Error code. */
@@ -388,12 +390,41 @@ static int check_announce(fp_coord_t *co, const site_t *s, const Fedpeft__Update
     return 0;
 }
 
+/* An exact merge's second sum: the masked Z of a task whose first upload is recorded; in
+ * memory and in updates/ only (a restarted coordinator expires a secure round). */
+static int on_second_update(site_t *s, const Fedpeft__Update *u, char *final_path,
+                            size_t path_n, char *reason, size_t n)
+{
+    fp_coord_t *co = s->co;
+    int64_t id = (int64_t)u->task_id;
+    const fp_round_task_t *t = fp_round_task(co->round, id);
+    int code = !t || strcmp(t->site, s->name) ? FEDPEFT__ERROR__CODE__INVALID_UPDATE
+             : check_announce(co, s, u, t->rank, reason, n);
+    if (code) {
+        if (!t || strcmp(t->site, s->name))
+            snprintf(reason, n, "task %lld was not assigned to site %s", (long long)id, s->name);
+        return refuse_task(co, s, id, code, 0, 0, reason);
+    }
+    fp_stream_tensor_t *tl;
+    if (fp_msg_tensors_unpack(u->tensors, u->n_tensors, &tl) != 0) {
+        snprintf(reason, n, "out of memory");
+        return FEDPEFT__ERROR__CODE__INTERNAL;
+    }
+    set_upload(s, id, t->rank, tl, (int)u->n_tensors);
+    char *p = fp_fed_update_path(&co->fed, id, "raw");
+    snprintf(final_path, path_n, "%s", p ? p : "");
+    free(p);
+    return 0;
+}
+
 static int on_update(void *ctx, const Fedpeft__Update *u, char *final_path, size_t path_n,
                      char *reason, size_t n)
 {
     site_t *s = site_of(ctx);
     fp_coord_t *co = s->co;
     int64_t id = (int64_t)u->task_id;
+    if (fp__coord_sa_pass(co) == 2 && fp__coord_sa_secure(co, id, &(size_t){0}))
+        return on_second_update(s, u, final_path, path_n, reason, n);
     fp_db_task_t row;
     int code = task_open_for(co, s, id, &row, reason, n);
     free(row.tensors);
@@ -472,7 +503,8 @@ static int on_verify(void *ctx, uint64_t id, const char *path, const uint8_t sha
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
     if (s->up_secure)
-        return fp_fed_store_masked(&s->co->fed, path, s->up_task, s->up_dim, sha, reason, n);
+        return fp_fed_store_masked(&s->co->fed, path, s->up_task, s->up_dim, s->up_pass, sha,
+                                   reason, n);
     fp_verify_in_t in = {s->up_task, s->up_rank, s->up_t, s->up_n, s->up_start, s->up_bound,
                          s->up_clip, sha, s->up_dp_clip, s->up_dp_share, NAN};
     return fp_fed_verify(&s->co->fed, path, &in, reason, n);
@@ -487,7 +519,12 @@ static int on_committed(void *ctx, uint64_t id, const char *path, char *reason, 
     fp_coord_t *co = s->co;
     atomic_fetch_add(&co->c_accepted, 1);
     fp_log(FP_LOG_INFO, "site %s: %s for task %llu stored", s->name,
-           s->up_secure ? "masked update" : "update", (unsigned long long)id);
+           s->up_pass == 2 ? "masked second sum" : s->up_secure ? "masked update" : "update",
+           (unsigned long long)id);
+    if (s->up_pass == 2) { /* the second sum's: the round machine counted the task already */
+        fp__coord_sa_uploaded(co, (int64_t)id);
+        return 0;
+    }
     fp__coord_sa_uploaded(co, (int64_t)id);
     fp_round_uploaded(co->round, (int64_t)id);
     fp__coord_status(co);

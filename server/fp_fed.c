@@ -324,12 +324,12 @@ static int dp_after_merge(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t
 }
 
 int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, size_t dim,
-                        const uint8_t sha[32], char *reason, size_t rn)
+                        int pass, const uint8_t sha[32], char *reason, size_t rn)
 {
     fp_err_t err = {0};
     char shahex[65];
     fp_sha256_hex(sha, shahex);
-    char *final = fp_fed_update_path(f, task, "masked");
+    char *final = fp_fed_update_path(f, task, pass == 2 ? "masked2" : "masked");
     struct stat st;
     int rc = !final ? fp_err_set(&err, -ENOMEM, "out of memory")
              : stat(raw_path, &st) != 0 ? fp_err_set(&err, -errno, "%s: %s", raw_path, strerror(errno))
@@ -348,6 +348,8 @@ int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, s
         rc = fp_err_set(&err, -errno, "%s: %s", final, strerror(errno));
     if (rc == 0)
         rc = fp_fs_sync_dir(f->updates_dir, &err);
+    if (rc == 0 && pass == 2) /* the task's upload is recorded: this is its second sum's */
+        goto out;
     if (rc == 0 && (rc = fp_db_task_uploaded(f->db, task, shahex, NAN, 0, NAN, &err)) == 0)
         rc = fp_err_set(&err, -ESTALE, "task %lld: its round closed before the update was "
                         "stored", (long long)task);
@@ -355,6 +357,7 @@ int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, s
         unlink(final); /* too late: nothing will read it */
     if (rc < 0 && rc != -ESTALE)
         unlink(raw_path);
+out:
     free(final);
     if (rc < 0) {
         snprintf(reason, rn, "%s", fp_err_msg(&err));
@@ -364,7 +367,8 @@ int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, s
 }
 
 /* A secure round: Σ of the survivors' masked vectors, unmasked, decoded into the global
- * adapter (fp_sa_merge.h), which the caller stores. */
+ * adapter (fp_sa_merge.h), which the caller stores; an exact merge's first sum makes the
+ * sketch's bases instead (*global stays NULL). */
 static int sa_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t **global,
                         fp_err_t *err)
 {
@@ -378,7 +382,7 @@ static int sa_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t *
     for (int i = 0; rc == 0 && i < j->p.n; i++) {
         if (j->state[i] != FP_SA_INPUT)
             continue;
-        char *p = fp_fed_update_path(f, j->tasks[i], "masked");
+        char *p = fp_fed_update_path(f, j->tasks[i], j->pass == 2 ? "masked2" : "masked");
         char *data = NULL;
         size_t len = 0;
         rc = p ? fp_fs_read_file(p, 4 * dim + 1, &data, &len, err)
@@ -400,13 +404,24 @@ static int sa_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t *
     if (rc == 0)
         rc = fp_sa_unmask(&j->p, j->pks, j->state, j->b_sh, j->b_have, j->k_sh, j->k_have, sum,
                           dim, err);
+    fp_adapter_t *merged = NULL;
     if (rc == 0) {
         fp_sa_decode(&j->p, sum, dim, dec);
-        if (f->strategy == FP_STRAT_FFA)
+        if (j->sketch && j->pass == 1)
+            rc = fp_sa_sketch_basis(j->sketch, dec, err);
+        else if (j->sketch && !f->restart)
+            rc = fp_sa_sketch_decode(j->sketch, dec, &j->out, global, err);
+        else if (j->sketch) { /* restart: this round's ΔW*, added to the accumulated update */
+            if ((rc = fp_sa_sketch_decode(j->sketch, dec, &j->out, &merged, err)) == 0 &&
+                (rc = fp_fed_load_adapter(f, in->start_sha, &start, err)) == 0)
+                rc = fp_strategy_accumulate(start, merged, in->restart_rank_cap, global, err);
+        }
+        else if (f->strategy == FP_STRAT_FFA)
             rc = fp_fed_load_adapter(f, in->start_sha, &start, err);
-        if (rc == 0)
+        if (rc == 0 && !j->sketch)
             rc = fp_sa_linear_decode(f->strategy, f->layout, f->n_layout, start, dec, global, err);
     }
+    fp_adapter_free(merged);
     fp_adapter_free(start);
     free(sum);
     free(dec);
@@ -430,8 +445,10 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out
         goto out;
     }
     if (in->sa) {
-        if ((rc = sa_aggregate(f, in, &global, err)) != 0)
-            goto out;
+        out->sha[0] = '\0';
+        out->rank = 0;
+        if ((rc = sa_aggregate(f, in, &global, err)) != 0 || !global)
+            goto out; /* (no global: the first of two sums) */
         goto store;
     }
     for (int i = 0; i < n && rc == 0; i++) {

@@ -89,9 +89,10 @@ typedef struct fp_verify_in {
 int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
                   char *reason, size_t rn);
 /* A secure round's upload: a masked vector of dim 32-bit words, nothing to check but its
- * size; moved to updates/<task>.masked and recorded as uploaded. */
+ * size; moved to updates/<task>.masked and recorded as uploaded — or, the second sum of an
+ * exact merge (pass 2), to updates/<task>.masked2 (the task's upload is recorded already). */
 int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, size_t dim,
-                        const uint8_t sha[32], char *reason, size_t rn);
+                        int pass, const uint8_t sha[32], char *reason, size_t rn);
 
 /* Aggregates the uploaded updates of round n into a new global adapter (from start_sha):
  * writes it and returns its name, rank and the seconds the merge took. Under DP the weights

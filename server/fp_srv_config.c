@@ -279,10 +279,6 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
     if ((rc = check_privacy(c, st, err)) != 0)
         return rc;
     if (c->sa_enabled) {
-        if (st != FP_STRAT_FEDAVG && st != FP_STRAT_FFA && st != FP_STRAT_ZEROPAD)
-            return fp_err_set(err, -ENOTSUP, "secure_aggregation with federation.strategy = %s: "
-                              "on the wire only the linear merges (fedavg, ffa, zeropad) run "
-                              "as secure sums so far", c->strategy);
         if (c->dp_mode && !strcmp(c->dp_mode, "central"))
             return fp_err_set(err, -ENOTSUP, "secure_aggregation with privacy.mode = central: "
                               "central DP clips each update, which this coordinator never "

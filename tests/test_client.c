@@ -1099,6 +1099,112 @@ static void test_secure_aggregation(void **state)
     fed_free(f);
 }
 
+/* ‖s·B·A − s'·B'·A'‖_F / ‖s'·B'·A'‖_F over every module (dense, float64). */
+static double product_rel(const fp_adapter_t *a, const fp_adapter_t *b)
+{
+    double num = 0, den = 0;
+    for (int i = 0; i < b->n; i++) {
+        const fp_lora_module_t *mb = &b->mods[i], *ma = &a->mods[fp_adapter_find(a, mb->name)];
+        size_t sz = (size_t)mb->d_out * mb->d_in;
+        double *da = calloc(sz, sizeof *da), *db = calloc(sz, sizeof *db);
+        fpt_dense_add(da, ma->B, ma->A, ma->d_out, ma->d_in, ma->rank, fp_module_scale(ma));
+        fpt_dense_add(db, mb->B, mb->A, mb->d_out, mb->d_in, mb->rank, fp_module_scale(mb));
+        for (size_t e = 0; e < sz; e++) {
+            num += (da[e] - db[e]) * (da[e] - db[e]);
+            den += db[e] * db[e];
+        }
+        free(da);
+        free(db);
+    }
+    return sqrt(num / den);
+}
+
+/* Exact merges under secure aggregation, with the real daemons: flexlora (continue, one
+ * round) and florist (restart, two rounds: the second folds the first's global update) by two
+ * secure sums each round give the merge the same federation makes in the clear — the same
+ * ranks, the same product — while the coordinator holds only masked vectors; a site killed
+ * between the sums leaves the second to the other two. */
+static void test_secure_exact(void **state)
+{
+    (void)state;
+    budgets[0] = 4; /* ranks 4, 8, 8 */
+    static const char *const strats[] = {"flexlora", "florist"};
+    for (int k = 0; k < 2; k++) {
+        int rounds = k + 1;
+        fp_adapter_t *g[2];
+        for (int secure = 0; secure < 2; secure++) {
+            fed_t *f = fed_new();
+            server_extra = secure ? "[secure_aggregation]\nenabled = true\nphase_timeout_s = 20\n"
+                                  : "";
+            write_server_config(f, strats[k], rounds, NS);
+            start_server(f);
+            for (int i = 0; i < NS; i++)
+                start_site(f, i, NULL, NULL);
+            expect_server_done(f, rounds);
+            g[secure] = global_of(f, rounds);
+            if (secure) {
+                assert_int_equal(db_int(f, "SELECT count(*) FROM event WHERE kind = 'secagg'"),
+                                 rounds);
+                char *dir = path2(f->state, "updates"), *cmd = NULL;
+                assert_true(asprintf(&cmd, "ls %s | grep -c '\\.masked2$' | grep -qx %d && "
+                                     "! ls %s | grep -q safetensors", dir, 3 * rounds, dir) > 0);
+                if (system(cmd) != 0)
+                    fail_msg("%s: updates/ should hold %d second sums and no adapter",
+                             strats[k], 3 * rounds);
+                free(cmd);
+                free(dir);
+                char *log = read_log(f, names[0]);
+                fpt_assert_text(log, "second sum (exact merge): keys sent", __FILE__, __LINE__);
+                free(log);
+                log = read_log(f, "server");
+                fpt_assert_text(log, "the first sum is in; the second starts among 3 sites",
+                                __FILE__, __LINE__);
+                free(log);
+            }
+            server_extra = "";
+            stop_sites(f, rounds);
+            fed_free(f);
+        }
+        for (int i = 0; i < g[0]->n; i++)
+            if (g[0]->mods[i].rank != g[1]->mods[fp_adapter_find(g[1], g[0]->mods[i].name)].rank)
+                fail_msg("%s: module %s has rank %d in the clear, %d securely", strats[k],
+                         g[0]->mods[i].name, g[0]->mods[i].rank,
+                         g[1]->mods[fp_adapter_find(g[1], g[0]->mods[i].name)].rank);
+        double e = product_rel(g[1], g[0]);
+        print_message("secure %s vs the clear: relative %.3g\n", strats[k], e);
+        if (!(e < 1e-4))
+            fail_msg("secure %s differs from %s in the clear: relative %g", strats[k],
+                     strats[k], e);
+        fp_adapter_free(g[0]);
+        fp_adapter_free(g[1]);
+    }
+
+    /* site-c sends its first sum and is killed on the second's Task */
+    fed_t *f = fed_new();
+    server_extra = "[secure_aggregation]\nenabled = true\nphase_timeout_s = 3\n";
+    min_updates = 2;
+    write_server_config(f, "flexlora", 1, NS);
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, i == 2 ? "secagg-second" : NULL, NULL);
+    expect_server_done(f, 1);
+    char *ev = NULL;
+    db_row(f, "SELECT detail FROM event WHERE kind = 'secagg'", NULL, &ev);
+    fpt_assert_text(ev, "secure: 3 sites, exact merge in two sums; dropped in the first: keys 0, "
+                    "shares 0, input 0, unmask 0; in the second: keys 1, shares 0, input 0, "
+                    "unmask 0", __FILE__, __LINE__);
+    free(ev);
+    fp_adapter_t *gl = global_of(f, 1);
+    assert_int_equal(fp_adapter_check_finite(gl, NULL), 0);
+    fp_adapter_free(gl);
+    assert_int_equal(wait_exit(f->sites[2], 5), 128 + SIGKILL);
+    f->sites[2] = 0;
+    min_updates = 0;
+    server_extra = "";
+    stop_sites(f, 1);
+    fed_free(f);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -1117,6 +1223,7 @@ int main(void)
         cmocka_unit_test(test_check_config),
         cmocka_unit_test_teardown(test_privacy, kill_spawned),
         cmocka_unit_test_teardown(test_secure_aggregation, kill_spawned),
+        cmocka_unit_test_teardown(test_secure_exact, kill_spawned),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };
     if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_turns */

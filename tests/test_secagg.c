@@ -558,6 +558,8 @@ static const fp_module_desc_t layout2[2] = {
 };
 
 /* Site adapters at the given ranks (alpha 16); with a shared A when frozen_a (ffa). */
+static const fp_module_desc_t layout2_rev[2] = {layout2[1], layout2[0]};
+
 static fp_adapter_t *site_adapter(int rank, uint64_t seed, const fp_adapter_t *frozen_a)
 {
     fp_module_desc_t d[2] = {layout2[0], layout2[1]};
@@ -615,7 +617,8 @@ static void test_linear_strategies(void **state)
         assert_true(dim > 0);
         float *x = malloc(3 * dim * sizeof *x);
         for (int i = 0; i < 3; i++)
-            assert_int_equal(fp_sa_linear_encode(sts[k], layout2, 2, u[i], w[i], x + i * dim,
+            /* the sites list the modules the other way round: the vector's order is by name */
+            assert_int_equal(fp_sa_linear_encode(sts[k], layout2_rev, 2, u[i], w[i], x + i * dim,
                                                  NULL), 0);
         int leave[3] = {0, 0, 3};
         round_out_t o = {0};
@@ -680,7 +683,8 @@ static void test_sketch_flexlora(void **state)
         run_round(&p, x, dz, all, &oz);
         assert_int_equal(oz.rc, 0);
         fp_adapter_t *got = NULL, *ref = NULL;
-        assert_int_equal(fp_sa_sketch_decode(sk, oz.sum, r_out, &got, NULL), 0);
+        fp_sa_sketch_out_t so = {FP_STRAT_FLEXLORA, r_out, 0, 0};
+        assert_int_equal(fp_sa_sketch_decode(sk, oz.sum, &so, &got, NULL), 0);
         fp_merge_opts_t mo = {FP_STRAT_FLEXLORA, r_out, 0, 0};
         const fp_adapter_t *srcs[3] = {u[0], u[1], u[2]};
         if (r_out == 8) {
@@ -693,6 +697,133 @@ static void test_sketch_flexlora(void **state)
             assert_int_equal(fp_merge_error(got, srcs, w, 3, &e, &norm, NULL), 0);
             if (!(e < 1e-4))
                 fail_msg("double sketch at rank Σr: relative error %g against ΔW*", e);
+        }
+        fp_adapter_free(got);
+        fp_adapter_free(ref);
+        free(oy.sum);
+        free(oy.want);
+        free(oz.sum);
+        free(oz.want);
+        free(x);
+        fp_sa_sketch_free(sk);
+        fp_sa_sketch_free(site_sk);
+    }
+    for (int i = 0; i < 3; i++)
+        fp_adapter_free(u[i]);
+}
+
+/* The exact merges on heterogeneous ranks 4/8/16 (Σr = 28 below every module's dimensions):
+ * flexlora at rank 16 and florist at τ = 0.9 and 1 by two secure sums, against fp_merge in the
+ * clear — the same ranks, the same singular values to 1e-4 relative, the same product. */
+static const fp_module_desc_t layout_big[2] = {
+    {"model.layers.0.self_attn.q_proj", 72, 64, 16, 16, 0},
+    {"model.layers.0.self_attn.v_proj", 56, 48, 16, 16, 0},
+};
+
+static fp_adapter_t *big_adapter(int rank, uint64_t seed)
+{
+    fp_module_desc_t d[2] = {layout_big[0], layout_big[1]};
+    d[0].rank = d[1].rank = rank;
+    fp_adapter_t *ad = NULL;
+    assert_int_equal(fp_adapter_new(&ad, d, 2, NULL), 0);
+    fp_rng_t g;
+    fp_rng_seed(&g, seed);
+    for (int i = 0; i < 2; i++) { /* a decaying spectrum, as trained adapters have */
+        fp_lora_module_t *m = &ad->mods[i];
+        fp_rng_fill_normal(&g, m->A, (size_t)rank * m->d_in, 0.3);
+        fp_rng_fill_normal(&g, m->B, (size_t)m->d_out * rank, 0.3);
+        for (int c = 0; c < rank; c++)
+            for (int e = 0; e < m->d_in; e++)
+                m->A[(size_t)c * m->d_in + e] *= (float)pow(0.8, c);
+    }
+    return ad;
+}
+
+/* Singular values of a module's product s·B·A (dense, float64): n of them. */
+static void product_values(const fp_lora_module_t *m, double *sv, int n)
+{
+    size_t sz = (size_t)m->d_out * m->d_in;
+    double *d = calloc(sz, sizeof *d), *sup = malloc((size_t)m->d_in * sizeof *sup);
+    double *all = malloc((size_t)m->d_in * sizeof *all);
+    fpt_dense_add(d, m->B, m->A, m->d_out, m->d_in, m->rank, fp_module_scale(m));
+    int k = m->d_out < m->d_in ? m->d_out : m->d_in;
+    assert_int_equal(LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'N', 'N', m->d_out, m->d_in, d, m->d_in,
+                                    all, NULL, 1, NULL, 1, sup), 0);
+    for (int c = 0; c < n; c++)
+        sv[c] = c < k ? all[c] : 0;
+    free(d);
+    free(sup);
+    free(all);
+}
+
+static void test_sketch_heterogeneous(void **state)
+{
+    (void)state;
+    const double w[3] = {0.25, 0.35, 0.4};
+    const int ranks[3] = {4, 8, 16};
+    fp_adapter_t *u[3];
+    for (int i = 0; i < 3; i++)
+        u[i] = big_adapter(ranks[i], 90 + (uint64_t)i);
+    const fp_adapter_t *srcs[3] = {u[0], u[1], u[2]};
+    fp_sa_params_t p = params(3, 2, 2);
+    p.bound = 64;
+    p.scale = 1 << 22;
+    const fp_merge_opts_t cases[3] = {{FP_STRAT_FLEXLORA, 16, 0, 0},
+                                      {FP_STRAT_FLORIST, 0, 0.9, 0},
+                                      {FP_STRAT_FLORIST, 0, 1.0, 0}};
+    for (int c = 0; c < 3; c++) {
+        fp_sa_sketch_t *sk = NULL, *site_sk = NULL;
+        assert_int_equal(fp_sa_sketch_new(&sk, layout_big, 2, 28 + 4, 31 + (uint64_t)c, NULL), 0);
+        const fp_module_desc_t rev[2] = {layout_big[1], layout_big[0]}; /* a site's order */
+        assert_int_equal(fp_sa_sketch_new(&site_sk, rev, 2, 28 + 4, 31 + (uint64_t)c, NULL), 0);
+        size_t dy = fp_sa_sketch_dim_y(sk), dz = fp_sa_sketch_dim_z(sk);
+        float *x = malloc(3 * (dy > dz ? dy : dz) * sizeof *x);
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(fp_sa_sketch_encode_y(site_sk, u[i], w[i], x + i * dy, NULL), 0);
+        int all[3] = {0, 0, 0};
+        round_out_t oy = {0}, oz = {0};
+        p.round = 10 + (uint64_t)(2 * c);
+        run_round(&p, x, dy, all, &oy);
+        assert_int_equal(oy.rc, 0);
+        assert_int_equal(fp_sa_sketch_basis(sk, oy.sum, NULL), 0);
+        size_t nq;
+        const double *Q = fp_sa_sketch_q(sk, &nq);
+        assert_int_equal(fp_sa_sketch_set_q(site_sk, Q, nq, NULL), 0);
+        for (int i = 0; i < 3; i++)
+            assert_int_equal(fp_sa_sketch_encode_z(site_sk, u[i], w[i], x + i * dz, NULL), 0);
+        p.round++;
+        run_round(&p, x, dz, all, &oz);
+        assert_int_equal(oz.rc, 0);
+        fp_adapter_t *got = NULL, *ref = NULL;
+        fp_sa_sketch_out_t so = {cases[c].strategy, cases[c].rank, cases[c].energy,
+                                 3 / (2.0 * p.scale)};
+        assert_int_equal(fp_sa_sketch_decode(sk, oz.sum, &so, &got, NULL), 0);
+        assert_int_equal(fp_merge(&cases[c], srcs, w, 3, NULL, &ref, NULL), 0);
+        for (int i = 0; i < 2; i++) {
+            const fp_lora_module_t *mr = &ref->mods[i];
+            const fp_lora_module_t *mg = &got->mods[fp_adapter_find(got, mr->name)];
+            if (mg->rank != mr->rank)
+                fail_msg("%s τ=%g, %s: rank %d securely, %d in the clear",
+                         fp_strategy_name(cases[c].strategy), cases[c].energy, mr->name,
+                         mg->rank, mr->rank);
+            double sg[64], sr[64];
+            product_values(mg, sg, mr->rank);
+            product_values(mr, sr, mr->rank);
+            for (int k = 0; k < mr->rank; k++)
+                if (!(fabs(sg[k] - sr[k]) <= 1e-4 * sr[k]))
+                    fail_msg("%s, %s: σ_%d = %.9g securely, %.9g in the clear",
+                             fp_strategy_name(cases[c].strategy), mr->name, k, sg[k], sr[k]);
+        }
+        double e = adapter_rel(got, ref);
+        if (!(e < 1e-4))
+            fail_msg("%s τ=%g by double sketch: product's relative error %g",
+                     fp_strategy_name(cases[c].strategy), cases[c].energy, e);
+        if (c == 2) { /* τ = 1 keeps everything: ΔW* itself (rank Σr = 28) */
+            double ee = 0, norm = 0;
+            assert_int_equal(fp_merge_error(got, srcs, w, 3, &ee, &norm, NULL), 0);
+            assert_int_equal(got->mods[0].rank, 28);
+            if (!(ee < 1e-4))
+                fail_msg("florist τ = 1 by double sketch: %g from ΔW*", ee);
         }
         fp_adapter_free(got);
         fp_adapter_free(ref);
@@ -760,28 +891,30 @@ static void test_signed_keys(void **state)
         seal[i] = (uint8_t)(200 - i);
     }
     size_t sl = 0, dl = 0, dl2 = 0, dl3 = 0;
-    assert_int_equal(fp_sa_sign(sg, 7, 2, mask, seal, sig, &sl, &err), 0);
+    assert_int_equal(fp_sa_sign(sg, 7, 1, 2, mask, seal, sig, &sl, &err), 0);
     unsigned char *der = cert_der(pki, "st-marys", &dl), *der2 = cert_der(pki, "general", &dl2);
     unsigned char *der3 = cert_der(other, "st-marys", &dl3);
-    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 2, mask, seal, sig, sl, &err), 0);
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 1, 2, mask, seal, sig, sl, &err), 0);
     uint8_t forged[32];
     memcpy(forged, mask, 32);
     forged[5] ^= 1; /* a coordinator's own key in its place */
-    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 2, forged, seal, sig, sl, &err),
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 1, 2, forged, seal, sig, sl, &err),
                      -EBADMSG);
     fpt_assert_text(fp_err_msg(&err), "substituted", __FILE__, __LINE__);
-    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 8, 2, mask, seal, sig, sl, &err),
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 8, 1, 2, mask, seal, sig, sl, &err),
                      -EBADMSG); /* another round */
-    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 3, mask, seal, sig, sl, &err),
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 1, 3, mask, seal, sig, sl, &err),
                      -EBADMSG); /* another place */
-    assert_int_equal(fp_sa_verify(v, der2, dl2, "st-marys", 7, 2, mask, seal, sig, sl, &err),
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 2, 2, mask, seal, sig, sl, &err),
+                     -EBADMSG); /* the round's other sum: keys cannot be replayed into it */
+    assert_int_equal(fp_sa_verify(v, der2, dl2, "st-marys", 7, 1, 2, mask, seal, sig, sl, &err),
                      -EBADMSG); /* another site's certificate */
     fpt_assert_text(fp_err_msg(&err), "names 'general'", __FILE__, __LINE__);
-    assert_int_equal(fp_sa_verify(v, der3, dl3, "st-marys", 7, 2, mask, seal, sig, sl, &err),
+    assert_int_equal(fp_sa_verify(v, der3, dl3, "st-marys", 7, 1, 2, mask, seal, sig, sl, &err),
                      -EBADMSG); /* the right name from another CA */
     fpt_assert_text(fp_err_msg(&err), "not from this federation's CA", __FILE__, __LINE__);
     der[dl / 2] ^= 0x40;
-    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 2, mask, seal, sig, sl, &err),
+    assert_int_equal(fp_sa_verify(v, der, dl, "st-marys", 7, 1, 2, mask, seal, sig, sl, &err),
                      -EBADMSG);
     free(der);
     free(der2);
@@ -806,6 +939,7 @@ int main(void)
         cmocka_unit_test(test_sketch_secure),
         cmocka_unit_test(test_linear_strategies),
         cmocka_unit_test(test_sketch_flexlora),
+        cmocka_unit_test(test_sketch_heterogeneous),
         cmocka_unit_test(test_signed_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -127,7 +127,7 @@ static void ls_secagg(void *ctx, fp_site_t *s, const Fedpeft__Envelope *e)
         unsigned char *masked = NULL;
         size_t len = 0;
         if ((rc = fp_asa_on_relay(l->sa, e->sa_relay, &err)) == 0 &&
-            (rc = fp_asa_mask(l->sa, l->held, NULL, &masked, &len, &err)) == 0)
+            (rc = fp_asa_mask(l->sa, l->held, 1, &masked, &len, &err)) == 0)
             upload(l, s, NULL, l->held_task.task_id, l->held_task.rank, masked, len);
     } else if (e->body_case == FEDPEFT__ENVELOPE__BODY_SA_UNMASK) {
         rc = fp_asa_on_unmask(l->sa, s, e->sa_unmask, &err);

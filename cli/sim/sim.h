@@ -60,6 +60,7 @@ typedef struct sim_run {
     char label[48];      /* how tables and the report name it: "ffa", "ffa ε=8" */
     double epsilon;      /* the DP budget for all its rounds (0: no DP) */
     double noise;        /* the noise multiplier that keeps the rounds within it */
+    int secure;          /* secure aggregation: the coordinator sees only sums */
 } sim_run_t;
 
 typedef struct sim {
@@ -81,6 +82,7 @@ typedef struct sim {
     int nruns;
     const char *dp_mode; /* NULL, "central" or "distributed": the runs with epsilon > 0 */
     double dp_clip;      /* their clip bound C */
+    int secure;          /* --secure-aggregation: each run also (with --dp: only) securely */
     /* made */
     sim_site_t *sites;
     char *pki, *slot_dir;

@@ -98,12 +98,18 @@ static const char sim_help[] =
     "  --epsilons LIST    the budgets for --dp, comma-separated (default 8,2): each run's noise\n"
     "                     multiplier is the smallest that keeps all its rounds within its ε\n"
     "  --dp-clip C        the clip bound on each site's update under --dp (default %g)\n"
+    "  --secure-aggregation\n"
+    "                     each strategy runs twice, in the clear and with secure aggregation\n"
+    "                     (SecAgg+: the coordinator sees only sums of masked updates; exact\n"
+    "                     merges take two sums), to show it changes nothing but what the\n"
+    "                     coordinator sees; with --dp every run is secure (distributed DP\n"
+    "                     only); needs 3 sites or more\n"
     "  --targets LIST     adapted projections (default all)\n"
     "  --jobs N           sites training at once (default: the cores, %d here)\n"
     "  --print-data       list the categories and their files, and exit\n"
     "  -h, --help         this help\n"
     "\n"
-    "--out holds per run (a strategy, or a strategy at a DP budget: ffa-dp-eps8):\n"
+    "--out holds per run (a strategy, at a DP budget, securely: ffa-dp-eps8, flexlora-secure):\n"
     "<run>/state/fedpeft.db (the coordinator's database), <run>/global-adapter/ (HF PEFT);\n"
     "local/ and central/ (the baselines' adapters),\n"
     "metrics.csv, results.json and report.html.\n";
@@ -540,17 +546,29 @@ static int plan_runs(sim_t *sim, const sim_args_t *a)
                 return fp_cli_usage_error("sim", "--epsilons: each budget in (0, 1e6]");
             }
     }
+    if (sim->secure && sim->dp_mode && strcmp(sim->dp_mode, "distributed")) {
+        free(eps);
+        return fp_cli_usage_error("sim", "--secure-aggregation with --dp %s: central DP clips "
+                                  "each update, which a secure coordinator never sees; use "
+                                  "--dp distributed", sim->dp_mode);
+    }
     int all = !strcmp(strategy, "all");
-    sim->nruns = all ? 6 : 1 + neps;
+    /* secure without DP: each strategy twice, in the clear then securely */
+    int twice = sim->secure && !sim->dp_mode;
+    int nstrat = all ? 6 : 1 + neps;
+    sim->nruns = twice ? 2 * nstrat : nstrat;
     if (!(sim->runs = calloc((size_t)sim->nruns, sizeof *sim->runs))) {
         free(eps);
         return fp_cli_fail("sim", "out of memory");
     }
-    for (int k = 0; k < sim->nruns; k++) {
-        sim_run_t *r = &sim->runs[k];
+    for (int j = 0; j < sim->nruns; j++) {
+        sim_run_t *r = &sim->runs[j];
+        int k = twice ? j / 2 : j;
+        r->secure = sim->secure && (!twice || j % 2);
         r->strategy = all ? all_strategies[k] : strategy;
-        snprintf(r->name, sizeof r->name, "%s", r->strategy);
-        snprintf(r->label, sizeof r->label, "%s%s", r->strategy, sim->dp_mode ? " ε=∞" : "");
+        snprintf(r->name, sizeof r->name, "%s%s", r->strategy, r->secure ? "-secure" : "");
+        snprintf(r->label, sizeof r->label, "%s%s%s", r->strategy, sim->dp_mode ? " ε=∞" : "",
+                 r->secure ? " (secure)" : "");
         if (k == 0 || all)
             continue;
         fp_err_t err = {0};
@@ -559,8 +577,10 @@ static int plan_runs(sim_t *sim, const sim_args_t *a)
             free(eps);
             return fp_cli_usage_error("sim", "--epsilons %g: %s", r->epsilon, fp_err_msg(&err));
         }
-        snprintf(r->name, sizeof r->name, "%s-dp-eps%g", r->strategy, r->epsilon);
-        snprintf(r->label, sizeof r->label, "%s ε=%g", r->strategy, r->epsilon);
+        snprintf(r->name, sizeof r->name, "%s-dp-eps%g%s", r->strategy, r->epsilon,
+                 r->secure ? "-secure" : "");
+        snprintf(r->label, sizeof r->label, "%s ε=%g%s", r->strategy, r->epsilon,
+                 r->secure ? " (secure)" : "");
     }
     free(eps);
     return 0;
@@ -582,6 +602,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
         {"max-docs", required_argument, NULL, 'M'}, {"print-data", no_argument, NULL, 'D'},
         {"dp", required_argument, NULL, 'x'},       {"epsilons", required_argument, NULL, 'E'},
         {"dp-clip", required_argument, NULL, 'C'},
+        {"secure-aggregation", no_argument, NULL, 'A'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     static const struct {
         int opt;
@@ -623,6 +644,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
             sim->dp_mode = optarg;
             break;
         case 'E': a->epsilons = optarg; break;
+        case 'A': sim->secure = 1; break;
         case 'C':
             if (fp_parse_double(optarg, &sim->dp_clip) || !(sim->dp_clip > 0) ||
                 sim->dp_clip > 1e6)
@@ -675,6 +697,11 @@ static int prepare(sim_t *sim, const sim_args_t *a, char *mbuf, size_t mlen)
         return fp_cli_usage_error("sim", "--ranks takes ranks 1 to 4096, comma-separated");
     if (a->ranks && !a->sites_given && nranks > 1)
         sim->nsites = nranks;
+    if (sim->secure && sim->nsites < 3) {
+        free(ranks);
+        return fp_cli_usage_error("sim", "--secure-aggregation needs 3 sites or more (with two, "
+                                  "either could unmask the other)");
+    }
     sim->ranks = calloc((size_t)sim->nsites, sizeof *sim->ranks);
     sim->sites = calloc((size_t)sim->nsites, sizeof *sim->sites);
     if (!sim->ranks || !sim->sites) {

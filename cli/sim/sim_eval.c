@@ -229,6 +229,9 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
                      SIM_DP_DELTA, sim->rounds, r->noise, sim->dp_clip);
         else
             snprintf(desc, sizeof desc, "%s%s", r->strategy, sim->dp_mode ? ", no DP (ε = ∞)" : "");
+        if (r->secure)
+            snprintf(desc + strlen(desc), sizeof desc - strlen(desc), "; secure aggregation: "
+                     "the coordinator saw only sums of masked updates");
         json_array_append_new(rows, row(name, desc, &s, N));
     }
     printf("\n");

@@ -124,8 +124,11 @@ static void privacy_section(const sim_t *sim, const sim_run_t *run, char *buf, s
 static int write_configs(const sim_t *sim, const sim_run_t *run, const char *dir, fp_err_t *err)
 {
     const char *strategy = run->strategy;
-    char privacy[512];
+    char privacy[640];
     privacy_section(sim, run, privacy, sizeof privacy);
+    if (run->secure) /* every phase waits for the slowest site's training at most */
+        snprintf(privacy + strlen(privacy), sizeof privacy - strlen(privacy),
+                 "[secure_aggregation]\nenabled = true\nphase_timeout_s = 600\n");
     int rmax = 0, rmin = 1 << 30;
     for (int i = 0; i < sim->nsites; i++) {
         rmax = sim->ranks[i] > rmax ? sim->ranks[i] : rmax;

@@ -271,7 +271,8 @@ static int secagg_task_ok(const Fedpeft__SecAgg *a)
                   isfinite(a->scale) && a->scale > 0 && isfinite(a->bound) && a->bound > 0 &&
                   a->seed.len == 32 && isfinite(a->weight) && a->weight >= 0 &&
                   a->weight <= 1 && a->dim >= 1 && a->dim <= (1ull << 24) && a->strategy &&
-                  str_ok(a->strategy) && a->global_rank >= 1 && a->global_rank <= 65536);
+                  str_ok(a->strategy) && a->global_rank >= 1 && a->global_rank <= 65536 &&
+                  a->pass <= 2 && a->sketch_k <= 65536);
 }
 
 Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)

@@ -19,15 +19,17 @@ struct fp_sa_verifier {
     X509_STORE *store;
 };
 
-/* The signed message: label ‖ round (8, LE) ‖ index (4, LE) ‖ mask ‖ seal. */
-static size_t message(uint64_t round, uint32_t index, const uint8_t mask[32],
+/* The signed message: label ‖ round (8, LE) ‖ pass (4, LE) ‖ index (4, LE) ‖ mask ‖ seal. */
+static size_t message(uint64_t round, uint32_t pass, uint32_t index, const uint8_t mask[32],
                       const uint8_t seal[32], uint8_t out[128])
 {
-    static const char label[] = "fedpeft secagg keys v1";
+    static const char label[] = "fedpeft secagg keys v2";
     size_t n = sizeof label - 1;
     memcpy(out, label, n);
     for (int b = 0; b < 8; b++)
         out[n++] = (uint8_t)(round >> (8 * b));
+    for (int b = 0; b < 4; b++)
+        out[n++] = (uint8_t)(pass >> (8 * b));
     for (int b = 0; b < 4; b++)
         out[n++] = (uint8_t)(index >> (8 * b));
     memcpy(out + n, mask, 32);
@@ -62,11 +64,11 @@ void fp_sa_signer_free(fp_sa_signer_t *s)
     free(s);
 }
 
-int fp_sa_sign(fp_sa_signer_t *s, uint64_t round, uint32_t index, const uint8_t mask[32],
-               const uint8_t seal[32], uint8_t *sig, size_t *sig_len, fp_err_t *err)
+int fp_sa_sign(fp_sa_signer_t *s, uint64_t round, uint32_t pass, uint32_t index,
+               const uint8_t mask[32], const uint8_t seal[32], uint8_t *sig, size_t *sig_len, fp_err_t *err)
 {
     uint8_t msg[128];
-    size_t n = message(round, index, mask, seal, msg);
+    size_t n = message(round, pass, index, mask, seal, msg);
     EVP_MD_CTX *c = EVP_MD_CTX_new();
     size_t len = 1024;
     /* Ed25519 hashes internally: no digest (as fp_ca.c signs) */
@@ -107,8 +109,8 @@ void fp_sa_verifier_free(fp_sa_verifier_t *v)
 }
 
 int fp_sa_verify(fp_sa_verifier_t *v, const uint8_t *der, size_t der_len, const char *site,
-                 uint64_t round, uint32_t index, const uint8_t mask[32], const uint8_t seal[32],
-                 const uint8_t *sig, size_t sig_len, fp_err_t *err)
+                 uint64_t round, uint32_t pass, uint32_t index, const uint8_t mask[32],
+                 const uint8_t seal[32], const uint8_t *sig, size_t sig_len, fp_err_t *err)
 {
     const unsigned char *p = der;
     X509 *x = d2i_X509(NULL, &p, (long)der_len);
@@ -133,7 +135,7 @@ int fp_sa_verify(fp_sa_verifier_t *v, const uint8_t *der, size_t der_len, const 
         goto out;
     }
     uint8_t msg[128];
-    size_t n = message(round, index, mask, seal, msg);
+    size_t n = message(round, pass, index, mask, seal, msg);
     EVP_PKEY *pub = X509_get0_pubkey(x);
     const EVP_MD *dg = pub && EVP_PKEY_get_id(pub) == EVP_PKEY_ED25519 ? NULL : EVP_sha256();
     if (!pub || EVP_DigestVerifyInit(md, NULL, dg, NULL, pub) != 1 ||

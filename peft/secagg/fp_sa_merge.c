@@ -13,6 +13,26 @@ static int linear(fp_strategy_t st)
     return st == FP_STRAT_FEDAVG || st == FP_STRAT_FFA || st == FP_STRAT_ZEROPAD;
 }
 
+/* The vector's order: the modules by name (a coordinator's layout and a site's, read from its
+ * task stream, may list them differently). *idx: malloc'd permutation of 0..n-1. */
+static int order_by_name(const fp_module_desc_t *layout, int n, int **idx, fp_err_t *err)
+{
+    int *p = malloc((size_t)(n > 0 ? n : 1) * sizeof *p);
+    if (!p)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int i = 0; i < n; i++)
+        p[i] = i;
+    /* insertion sort: no global state, layouts hold at most a few hundred modules */
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && strcmp(layout[p[j - 1]].name, layout[p[j]].name) > 0; j--) {
+            int t = p[j];
+            p[j] = p[j - 1];
+            p[j - 1] = t;
+        }
+    *idx = p;
+    return 0;
+}
+
 /* Floats of module m's part of a linear vector. */
 static size_t part(fp_strategy_t st, const fp_module_desc_t *m)
 {
@@ -52,13 +72,13 @@ int fp_sa_linear_encode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
                           fp_strategy_name(st));
     if (!(w >= 0) || !isfinite(w))
         return fp_err_set(err, -EINVAL, "secure aggregation: weight %g", w);
+    int *idx, rc = order_by_name(layout, n, &idx, err);
     size_t at = 0;
-    for (int i = 0; i < n; i++) {
-        const fp_module_desc_t *m = &layout[i];
-        int rc;
+    for (int j = 0; j < n && rc == 0; j++) {
+        const fp_module_desc_t *m = &layout[idx[j]];
         const fp_lora_module_t *s = site_module(u, m, st, err, &rc);
         if (rc)
-            return rc;
+            break;
         int R = m->rank, r = s->rank;
         double bs = w * fp_module_scale(s) / fp_lora_scale(m->alpha, R, m->rslora);
         if (st != FP_STRAT_FFA) { /* w·A padded to R rows */
@@ -73,9 +93,10 @@ int fp_sa_linear_encode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
             for (int c = 0; c < R; c++)
                 x[at++] = c < r ? (float)w : 0.0f;
     }
-    if (st != FP_STRAT_ZEROPAD)
+    free(idx);
+    if (rc == 0 && st != FP_STRAT_ZEROPAD)
         x[at++] = (float)w;
-    return 0;
+    return rc;
 }
 
 int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
@@ -90,12 +111,14 @@ int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
     if (!(wsum > 0))
         return fp_err_set(err, -EDOM, "secure aggregation: the weights sum to %g", wsum);
     fp_adapter_t *ad = NULL;
-    int rc = fp_adapter_new(&ad, layout, n, err);
+    int *idx = NULL, rc = fp_adapter_new(&ad, layout, n, err);
+    if (rc == 0 && (rc = order_by_name(layout, n, &idx, err)) != 0)
+        fp_adapter_free(ad);
     if (rc)
         return rc;
     size_t at = 0;
-    for (int i = 0; i < n && rc == 0; i++) {
-        const fp_module_desc_t *m = &layout[i];
+    for (int j = 0; j < n && rc == 0; j++) {
+        const fp_module_desc_t *m = &layout[idx[j]];
         fp_lora_module_t *o = &ad->mods[fp_adapter_find(ad, m->name)];
         int R = m->rank;
         size_t a_at = at, b_at = at + (st == FP_STRAT_FFA ? 0 : (size_t)R * (size_t)m->d_in);
@@ -120,6 +143,7 @@ int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
                 memcpy(o->A, start->mods[k].A, (size_t)R * m->d_in * sizeof *o->A);
         }
     }
+    free(idx);
     if (rc == 0)
         rc = fp_adapter_check_finite(ad, err);
     if (rc) {
@@ -140,6 +164,7 @@ struct fp_sa_sketch {
     size_t *y_at, *z_at;   /* per module: offsets in the Y and Z vectors */
     size_t dim_y, dim_z;
     double *Q;             /* concatenated bases, Σ d_out·q (after fp_sa_sketch_basis) */
+    size_t nq;
     size_t *q_at;
 };
 
@@ -159,8 +184,8 @@ void fp_sa_sketch_free(fp_sa_sketch_t *s)
     free(s);
 }
 
-int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
-                     uint64_t seed, fp_err_t *err)
+static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
+                      uint64_t seed, int with_omega, fp_err_t *err)
 {
     if (n < 1 || k < 1)
         return fp_err_set(err, -EINVAL, "sketch: %d modules, %d columns", n, k);
@@ -175,10 +200,13 @@ int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n
     s->y_at = calloc((size_t)n, sizeof *s->y_at);
     s->z_at = calloc((size_t)n, sizeof *s->z_at);
     s->q_at = calloc((size_t)n, sizeof *s->q_at);
-    int rc = !s->layout || !s->omega || !s->q || !s->y_at || !s->z_at || !s->q_at
-                 ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
+    int *idx = NULL, rc = !s->layout || !s->omega || !s->q || !s->y_at || !s->z_at || !s->q_at
+                             ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
+    if (rc == 0)
+        rc = order_by_name(layout, n, &idx, err);
     size_t qsz = 0;
-    for (int i = 0; i < n && rc == 0; i++) {
+    for (int j = 0; j < n && rc == 0; j++) { /* offsets in the order of the names */
+        int i = idx[j];
         const fp_module_desc_t *m = &layout[i];
         s->layout[i] = *m;
         s->q[i] = k < m->d_out ? k : m->d_out;
@@ -188,9 +216,12 @@ int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n
         s->dim_z += (size_t)s->q[i] * (size_t)m->d_in;
         s->q_at[i] = qsz;
         qsz += (size_t)m->d_out * (size_t)s->q[i];
-        rc = fp_sketch_omega(seed * 0x9E3779B97F4A7C15ull + (uint64_t)i, m->d_in, k,
-                             &s->omega[i], err);
+        if (with_omega)
+            rc = fp_sketch_omega(seed * 0x9E3779B97F4A7C15ull + (uint64_t)i, m->d_in, k,
+                                 &s->omega[i], err);
     }
+    free(idx);
+    s->nq = qsz;
     s->dim_z += 1; /* the weight */
     if (rc == 0 && !(s->Q = calloc(qsz ? qsz : 1, sizeof *s->Q)))
         rc = fp_err_set(err, -ENOMEM, "out of memory");
@@ -202,12 +233,24 @@ int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n
     return 0;
 }
 
+int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
+                     uint64_t seed, fp_err_t *err)
+{
+    return sketch_new(out, layout, n, k, seed, 1, err);
+}
+
+int fp_sa_sketch_new_sums(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
+                          fp_err_t *err)
+{
+    return sketch_new(out, layout, n, k, 0, 0, err);
+}
+
 size_t fp_sa_sketch_dim_y(const fp_sa_sketch_t *s) { return s->dim_y; }
 size_t fp_sa_sketch_dim_z(const fp_sa_sketch_t *s) { return s->dim_z; }
 
 const double *fp_sa_sketch_q(const fp_sa_sketch_t *s, size_t *count)
 {
-    *count = s->q_at[s->n - 1] + (size_t)s->layout[s->n - 1].d_out * (size_t)s->q[s->n - 1];
+    *count = s->nq;
     return s->Q;
 }
 
@@ -231,6 +274,8 @@ static int encode(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, int 
         const fp_lora_module_t *sm = site_module(u, m, FP_STRAT_ZEROPAD, err, &rc);
         if (rc)
             break;
+        if (!second && !s->omega[i])
+            return fp_err_set(err, -EINVAL, "sketch: no Ω on the coordinator's sketch");
         size_t len = second ? (size_t)s->q[i] * (size_t)m->d_in : (size_t)m->d_out * (size_t)s->k;
         size_t at = second ? s->z_at[i] : s->y_at[i];
         double *v = malloc(len * sizeof *v);
@@ -281,38 +326,71 @@ int fp_sa_sketch_encode_z(const fp_sa_sketch_t *s, const fp_adapter_t *u, double
     return encode(s, u, w, 1, x, err);
 }
 
-int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum, int r_out,
-                        fp_adapter_t **out, fp_err_t *err)
+/* The rank the strategy keeps of one module whose product has singular values sv[0..m). */
+static int keep_rank(const fp_sa_sketch_out_t *o, const double *sv, int m, double floor)
+{
+    int r = o->rank;
+    if (o->strategy == FP_STRAT_FLORIST) { /* fp_lr_svd_energy_rank's rule */
+        double total = 0, acc = 0;
+        int last = 0;
+        for (int c = 0; c < m; c++) {
+            total += sv[c] * sv[c];
+            last = sv[c] > floor ? c + 1 : last;
+        }
+        r = last;
+        for (int c = 0; total > 0 && o->energy < 1 && c < m; c++) {
+            acc += sv[c] * sv[c];
+            if (acc >= o->energy * total) {
+                r = c + 1;
+                break;
+            }
+        }
+    }
+    r = r < m ? r : m;
+    return r > 0 ? r : 1;
+}
+
+int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum,
+                        const fp_sa_sketch_out_t *o, fp_adapter_t **out, fp_err_t *err)
 {
     double wsum = zsum[s->dim_z - 1];
     if (!(wsum > 0))
         return fp_err_set(err, -EDOM, "secure aggregation: the weights sum to %g", wsum);
-    fp_module_desc_t *descs = malloc((size_t)s->n * sizeof *descs);
-    if (!descs)
-        return fp_err_set(err, -ENOMEM, "out of memory");
+    if (o->strategy == FP_STRAT_FLORIST && !(o->energy > 0 && o->energy <= 1))
+        return fp_err_set(err, -EINVAL, "florist energy τ must be in (0, 1], not %g", o->energy);
+    size_t zmax = 0;
     for (int i = 0; i < s->n; i++) {
+        size_t nz = (size_t)s->q[i] * (size_t)s->layout[i].d_in;
+        zmax = nz > zmax ? nz : zmax;
+    }
+    fp_module_desc_t *descs = malloc((size_t)s->n * sizeof *descs);
+    double *Z = malloc((size_t)s->n * zmax * sizeof *Z), *sv = malloc((size_t)s->k * sizeof *sv);
+    int rc = !descs || !Z || !sv ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
+    for (int i = 0; i < s->n && rc == 0; i++) { /* each module's Z = Qᵀ ΔW*, and its rank */
         descs[i] = s->layout[i];
         int m = s->q[i] < descs[i].d_in ? s->q[i] : descs[i].d_in;
-        descs[i].rank = r_out < m ? r_out : m;
+        double *Zi = Z + (size_t)i * zmax;
+        for (size_t e = 0; e < (size_t)s->q[i] * (size_t)descs[i].d_in; e++)
+            Zi[e] = zsum[s->z_at[i] + e] / wsum;
+        if (o->strategy == FP_STRAT_FLORIST && (rc = fp_sketch_values(Zi, s->q[i], descs[i].d_in, sv, err)) != 0)
+            break;
+        /* the sum's fixed point moves σ by at most ‖E‖₂ ≤ resolution·√(q·d_in): below
+         * that a component cannot be told from zero */
+        double floor = o->resolution / wsum * sqrt((double)s->q[i] * descs[i].d_in);
+        descs[i].rank = keep_rank(o, sv, m, floor);
     }
     fp_adapter_t *ad = NULL;
-    int rc = fp_adapter_new(&ad, descs, s->n, err);
+    if (rc == 0)
+        rc = fp_adapter_new(&ad, descs, s->n, err);
     for (int i = 0; i < s->n && rc == 0; i++) {
         const fp_module_desc_t *m = &descs[i];
-        fp_lora_module_t *o = &ad->mods[fp_adapter_find(ad, m->name)];
-        size_t nz = (size_t)s->q[i] * (size_t)m->d_in;
-        double *Z = malloc(nz * sizeof *Z);
-        if (!Z) {
-            rc = fp_err_set(err, -ENOMEM, "out of memory");
-            break;
-        }
-        for (size_t e = 0; e < nz; e++)
-            Z[e] = zsum[s->z_at[i] + e] / wsum;
-        rc = fp_sketch_factor(s->Q + s->q_at[i], Z, m->d_out, m->d_in, s->q[i], o->rank,
-                              fp_module_scale(o), o->B, o->A, NULL, err);
-        free(Z);
+        fp_lora_module_t *mo = &ad->mods[fp_adapter_find(ad, m->name)];
+        rc = fp_sketch_factor(s->Q + s->q_at[i], Z + (size_t)i * zmax, m->d_out, m->d_in,
+                              s->q[i], mo->rank, fp_module_scale(mo), mo->B, mo->A, NULL, err);
     }
     free(descs);
+    free(Z);
+    free(sv);
     if (rc) {
         fp_adapter_free(ad);
         return rc;

@@ -4,7 +4,8 @@
  * The layout (n module descriptors, rank = the global rank R, alpha, rslora) is the
  * federation's; s_g = fp_lora_scale(alpha, R, rslora). A site with weight w (its share of
  * the round's samples, public) and adapter u (module ranks r ≤ R, scale s_u) sends, module
- * by module in the layout's order:
+ * by module in the order of the modules' names (a site's layout, read from its task stream,
+ * may list them otherwise than the coordinator's):
  *
  *   fedavg   w·A (R × d_in), w·(s_u/s_g)·B (d_out × R); then w      — needs r = R
  *   ffa      w·(s_u/s_g)·B (d_out × R); then w                     — A is the frozen start's
@@ -48,10 +49,18 @@ int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
 
 typedef struct fp_sa_sketch fp_sa_sketch_t;
 
+/* Columns beyond Σ of the sites' ranks a sketch takes (exactness needs none; the QR of the
+ * first sum is better conditioned with a few). */
+#define FP_SA_OVERSAMPLE 8
+
 /* The sketch of a round: k columns (≥ Σ of the sites' ranks; clamped per module to d_out),
  * Ω_m from seed. */
 int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
                      uint64_t seed, fp_err_t *err);
+/* The coordinator's: sizes, bases and decoding, without the Ω only sites multiply by (no
+ * encode_y on it). */
+int fp_sa_sketch_new_sums(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
+                          fp_err_t *err);
 void fp_sa_sketch_free(fp_sa_sketch_t *s);
 size_t fp_sa_sketch_dim_y(const fp_sa_sketch_t *s);
 size_t fp_sa_sketch_dim_z(const fp_sa_sketch_t *s); /* after fp_sa_sketch_basis */
@@ -66,8 +75,20 @@ const double *fp_sa_sketch_q(const fp_sa_sketch_t *s, size_t *count);
 int fp_sa_sketch_set_q(fp_sa_sketch_t *s, const double *q, size_t count, fp_err_t *err);
 int fp_sa_sketch_encode_z(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, float *x,
                           fp_err_t *err);
-/* The global adapter at rank r_out (alpha and rslora of the layout) from the second sum. */
-int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum, int r_out,
-                        fp_adapter_t **out, fp_err_t *err);
+/* What the second sum becomes: flexlora and flora keep `rank` components of every module
+ * (flora: the sum of the sites' ranks, so the product is ΔW* itself), florist the fewest that
+ * hold a fraction `energy` of Σσ² (fp_merge's rule; `resolution` is the sum's error per
+ * coordinate, n/(2·scale) for n inputs in fixed point: components it could have made count as
+ * zero); never more than the sketch holds. */
+typedef struct fp_sa_sketch_out {
+    fp_strategy_t strategy;
+    int rank;
+    double energy;
+    double resolution;
+} fp_sa_sketch_out_t;
+
+/* The global adapter (alpha and rslora of the layout) from the second sum. */
+int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum,
+                        const fp_sa_sketch_out_t *o, fp_adapter_t **out, fp_err_t *err);
 
 #endif

@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <errno.h>
 #include <lapacke.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,6 +98,19 @@ int fp_sketch_z(const float *B, const float *A, int d_out, int d_in, int r, doub
     return 0;
 }
 
+int fp_sketch_values(const double *Z, int q, int d_in, double *sv, fp_err_t *err)
+{
+    int m = q < d_in ? q : d_in;
+    double *z = malloc(((size_t)q * (size_t)d_in + (size_t)m) * sizeof *z);
+    if (!z)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    memcpy(z, Z, (size_t)q * (size_t)d_in * sizeof *z);
+    lapack_int info = LAPACKE_dgesvd(LAPACK_ROW_MAJOR, 'N', 'N', q, d_in, z, d_in, sv, NULL, 1,
+                                     NULL, 1, z + (size_t)q * (size_t)d_in);
+    free(z);
+    return info ? fp_err_set(err, -EDOM, "sketch: SVD failed (LAPACK info %d)", (int)info) : 0;
+}
+
 int fp_sketch_factor(const double *Q, const double *Z, int d_out, int d_in, int q, int r,
                      double scale, float *B, float *A, double *sv, fp_err_t *err)
 {
@@ -117,16 +131,18 @@ int fp_sketch_factor(const double *Q, const double *Z, int d_out, int d_in, int 
         free(z);
         return fp_err_set(err, -EDOM, "sketch: SVD failed (LAPACK info %d)", (int)info);
     }
-    /* B = Q·U_r·Σ_r / scale (d_out × r), A = V_rᵀ (r × d_in) */
+    /* B = Q·U_r·Σ_r^½ / scale (d_out × r), A = Σ_r^½·V_rᵀ (r × d_in): the split
+     * fp_lr_svd_factors makes, so a secure merge's factors are the clear merge's */
     for (int i = 0; i < q; i++)
         for (int c = 0; c < r; c++)
-            u[(size_t)i * m + c] *= s[c] / scale;
+            u[(size_t)i * m + c] *= sqrt(s[c]) / scale;
     cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d_out, r, q, 1.0, Q, q, u, m, 0.0, qu,
                 r);
     for (size_t i = 0; i < (size_t)d_out * (size_t)r; i++)
         B[i] = (float)qu[i];
-    for (size_t i = 0; i < (size_t)r * (size_t)d_in; i++)
-        A[i] = (float)vt[i];
+    for (int c = 0; c < r; c++)
+        for (int e = 0; e < d_in; e++)
+            A[(size_t)c * (size_t)d_in + e] = (float)(vt[(size_t)c * (size_t)d_in + e] * sqrt(s[c]));
     if (sv)
         for (int c = 0; c < q; c++)
             sv[c] = c < m ? s[c] : 0;

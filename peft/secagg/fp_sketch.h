@@ -35,9 +35,12 @@ int fp_sketch_orth(double *Y, int d_out, int k, int *q, fp_err_t *err);
 int fp_sketch_z(const float *B, const float *A, int d_out, int d_in, int r, double w,
                 const double *Q, int q, double *Z, fp_err_t *err);
 
+/* Z's singular values (min(q, d_in) of them, descending): S's, since S = Q Z. */
+int fp_sketch_values(const double *Z, int q, int d_in, double *sv, fp_err_t *err);
+
 /* The coordinator: S's best rank-r factors from Q and Z = Qᵀ S: B (d_out × r) and
- * A (r × d_in) with B·A = Q U_r Σ_r V_rᵀ, split as B = Q U_r Σ_r / scale, A = V_rᵀ (the
- * module's scale s divided out, as fp_lr_svd_factors does); sv (optional, q values): Z's
+ * A (r × d_in) with scale·B·A = Q U_r Σ_r V_rᵀ, split as B = Q U_r Σ_r^½ / scale,
+ * A = Σ_r^½ V_rᵀ (as fp_lr_svd_factors splits); sv (optional, q values): Z's
  * singular values. */
 int fp_sketch_factor(const double *Q, const double *Z, int d_out, int d_in, int q, int r,
                      double scale, float *B, float *A, double *sv, fp_err_t *err);
