@@ -205,7 +205,7 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
         fp_err_prefix(&err, rc, "a secure round of %d sites: ", nt);
     if (rc == 0)
         rc = fp_db_round_open(co->db, n, o->opened_wall_ms, o->deadline_wall_ms, co->global_sha,
-                              a, nt, co->fed.dp ? &dp : NULL, &err);
+                              a, nt, co->fed.dp ? &dp : NULL, co->sa != NULL, &err);
     for (int i = 0; rc == 0 && i < nt; i++)
         t[i].id = a[i].id;
     free(a);
@@ -593,8 +593,10 @@ static int resume_state(fp_coord_t *co, fp_err_t *err)
     fp_round_phase_t phase = last.state == FP_DB_ROUND_OPEN ? FP_ROUND_OPEN :
                              last.state == FP_DB_ROUND_AGGREGATING ? FP_ROUND_AGGREGATING :
                              FP_ROUND_IDLE;
-    if (co->cfg->sa_enabled && phase != FP_ROUND_IDLE) {
-        /* its keys and shares lived in the coordinator's memory and the sites' */
+    if ((last.secure || co->cfg->sa_enabled) && phase != FP_ROUND_IDLE) {
+        /* its keys and shares lived in the coordinator's memory and the sites' (and its
+         * masked uploads are no adapters: secure aggregation turned off since cannot merge
+         * them in the clear) */
         const char *why = "a secure round cannot resume after a restart";
         if ((rc = fp_db_round_expire(co->db, last.n, why, err)) != 0)
             return rc;

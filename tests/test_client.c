@@ -1203,6 +1203,35 @@ static void test_secure_exact(void **state)
     server_extra = "";
     stop_sites(f, 1);
     fed_free(f);
+
+    /* the coordinator dies aggregating a secure round and comes back with secure aggregation
+     * turned off: the round's masked uploads are no adapters, so it expires (before: the
+     * clear merge failed on them at every start) and the next round runs in the clear */
+    f = fed_new();
+    budgets[0] = 8; /* fedavg: equal ranks */
+    server_extra = "[secure_aggregation]\nenabled = true\nphase_timeout_s = 20\n";
+    write_server_config(f, "fedavg", 2, NS);
+    char *cfg = path2(f->dir, "server.ini"), *slog = path2(f->dir, "server.log");
+    char *argv[] = {(char *)FEDPEFT_SERVER_BIN, "--config", cfg, NULL};
+    f->server = spawn_logged(FEDPEFT_SERVER_BIN, argv, slog, "aggregated");
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, NULL, NULL);
+    assert_int_equal(wait_exit(f->server, 60), 128 + SIGKILL);
+    assert_int_equal(db_int(f, "SELECT secure FROM round WHERE n = 1"), 1);
+    server_extra = "";
+    write_server_config(f, "fedavg", 2, NS);
+    f->server = spawn_logged(FEDPEFT_SERVER_BIN, argv, slog, NULL);
+    expect_server_done_n(f, 1, NS);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM round WHERE n = 1 AND state = 'expired'"),
+                     1);
+    assert_int_equal(db_int(f, "SELECT secure FROM round WHERE n = 2"), 0);
+    char *log = read_log(f, "server");
+    fpt_assert_text(log, "a secure round cannot resume after a restart", __FILE__, __LINE__);
+    free(log);
+    free(cfg);
+    free(slog);
+    stop_sites(f, 2);
+    fed_free(f);
 }
 
 int main(void)

@@ -60,6 +60,9 @@ static const char *const migrations[] = {
     "ALTER TABLE task ADD COLUMN clip_bit REAL;",
     /* 3: the size the distributed noise shares are cut for is part of the mechanism */
     "ALTER TABLE privacy ADD COLUMN min_updates INTEGER;",
+    /* 4: a round opened under secure aggregation (its state lived in memory: a restart
+     * expires it whatever the configuration says then) */
+    "ALTER TABLE round ADD COLUMN secure INTEGER NOT NULL DEFAULT 0;",
 };
 #define N_MIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 

@@ -101,6 +101,7 @@ typedef struct fp_db_round {
     char global_adapter[65];                      /* "" until closed */
     int global_rank;
     double clip, epsilon;                         /* under privacy: its C, ε with its draw */
+    int secure;                                   /* opened under secure aggregation */
 } fp_db_round_t;
 
 int fp_db_round_get(fp_db_t *db, int64_t n, fp_db_round_t *out, fp_err_t *err);
@@ -125,7 +126,7 @@ typedef struct fp_db_draw {
  * charged in the same transaction; NULL: none). One transaction. */
 int fp_db_round_open(fp_db_t *db, int64_t n, int64_t opened_ms, int64_t deadline_ms,
                      const char *start_sha, fp_db_assign_t *t, int nt, const fp_db_draw_t *dp,
-                     fp_err_t *err);
+                     int secure, fp_err_t *err);
 
 /* Round n expires (why is recorded); its unfinished tasks are dropped. One transaction. */
 int fp_db_round_expire(fp_db_t *db, int64_t n, const char *why, fp_err_t *err);

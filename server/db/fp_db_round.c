@@ -151,7 +151,7 @@ int fp_db_privacy_exhausted(fp_db_t *db, fp_err_t *err)
 
 #define ROUND_COLS "n, state, opened_ms, deadline_ms, closed_ms, updates, samples, bytes_in, " \
                    "bytes_out, eval_loss_before, eval_loss_after, agg_seconds, " \
-                   "global_adapter, global_rank, clip, epsilon"
+                   "global_adapter, global_rank, clip, epsilon, secure"
 
 static int round_row(void *ctx, sqlite3_stmt *r)
 {
@@ -172,6 +172,7 @@ static int round_row(void *ctx, sqlite3_stmt *r)
     o->global_rank = sqlite3_column_int(r, 13);
     o->clip = fp__db_real(r, 14);
     o->epsilon = fp__db_real(r, 15);
+    o->secure = sqlite3_column_int(r, 16);
     return 1;
 }
 
@@ -198,15 +199,15 @@ int fp_db_round_last_closed(fp_db_t *db, fp_db_round_t *out, fp_err_t *err)
 
 int fp_db_round_open(fp_db_t *db, int64_t n, int64_t opened_ms, int64_t deadline_ms,
                      const char *start_sha, fp_db_assign_t *t, int nt, const fp_db_draw_t *dp,
-                     fp_err_t *err)
+                     int secure, fp_err_t *err)
 {
     int rc = fp__db_begin(db, err);
     if (rc)
         return rc;
     rc = fp__db_exec(db, err, "INSERT INTO round(n, state, opened_ms, deadline_ms, "
-                     "start_adapter, clip, epsilon) VALUES (?, 'open', ?, ?, ?, ?, ?)", "iiitdd",
-                     n, opened_ms, deadline_ms, start_sha, dp ? dp->clip : NAN,
-                     dp ? dp->epsilon : NAN);
+                     "start_adapter, clip, epsilon, secure) VALUES (?, 'open', ?, ?, ?, ?, ?, ?)",
+                     "iiitddi", n, opened_ms, deadline_ms, start_sha, dp ? dp->clip : NAN,
+                     dp ? dp->epsilon : NAN, (int64_t)(secure != 0));
     if (rc >= 0 && dp)
         rc = fp__db_exec(db, err, "UPDATE privacy SET steps = ?, epsilon = ?", "id", dp->steps,
                          dp->epsilon);
