@@ -711,6 +711,57 @@ static void test_sim_dp(void **state)
     free(e);
 }
 
+/* --secure-aggregation: flexlora in the clear and with secure aggregation (two secure sums a
+ * round) on the same partitions and seeds; the secure global is the clear one to the fixed
+ * point (their held-out losses agree to 1e-3), the secure coordinator recorded secure rounds
+ * and kept no adapter of a site. */
+static void test_sim_secure(void **state)
+{
+    (void)state;
+    char *out = path2(fpt_dir, "sim-sa"), *o = NULL, *e = NULL;
+    const char *args[] = {"sim", "--task", "lm", "--secure-aggregation", "--ranks", "2,4,8",
+                          "--partition", "iid", "--rounds", "2", "--steps", "3", "--batch", "2",
+                          "--seq", "32", "--data", FORTUNES "/medicine," FORTUNES "/pets",
+                          "--model", FP_SOURCE_DIR "/models/demo", "--out", out, NULL};
+    int rc = run(args, &o, &e);
+    if (rc != 0)
+        fail_msg("fedpeft sim --secure-aggregation failed (%d):\n%s\n%s", rc, o, e);
+    char *dbp = path2(out, "flexlora-secure/state");
+    fpt_sql_t *db = fpt_sql_open(dbp);
+    assert_int_equal(q1(db, "SELECT count(*) FROM round WHERE n > 0 AND secure = 1 AND "
+                            "state = 'closed'"), 2);
+    assert_int_equal(q1(db, "SELECT count(*) FROM event WHERE kind = 'secagg' AND detail LIKE "
+                            "'%two sums%'"), 2);
+    fpt_sql_close(db);
+    free(dbp);
+    char *cmd = NULL;
+    assert_true(asprintf(&cmd, "! ls %s/flexlora-secure/state/updates | grep -q safetensors && "
+                         "ls %s/flexlora/state/updates | grep -q safetensors", out, out) > 0);
+    assert_int_equal(system(cmd), 0);
+    free(cmd);
+    assert_contains(o, "global: flexlora (secure)");
+    char *res = path2(out, "results.json");
+    json_t *doc = json_load_file(res, 0, NULL);
+    assert_non_null(doc);
+    json_t *table = json_object_get(doc, "table");
+    double clear = table_pooled(table, "global: flexlora");
+    double secure = table_pooled(table, "global: flexlora (secure)");
+    print_message("held-out loss: flexlora %.6f in the clear, %.6f securely\n", clear, secure);
+    if (!(fabs(clear - secure) <= 1e-3 * clear))
+        fail_msg("secure flexlora's held-out loss %g, in the clear %g", secure, clear);
+    json_decref(doc);
+    free(res);
+    const char *bad[] = {"sim", "--secure-aggregation", "--sites", "2", NULL};
+    assert_int_equal(run(bad, &o, &e), 2);
+    assert_contains(e, "needs 3 sites or more");
+    const char *bad2[] = {"sim", "--secure-aggregation", "--dp", "central", NULL};
+    assert_int_equal(run(bad2, &o, &e), 2);
+    assert_contains(e, "use --dp distributed");
+    free(out);
+    free(o);
+    free(e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -720,6 +771,7 @@ int main(void)
         cmocka_unit_test(test_sim_all),
         cmocka_unit_test(test_sim_classify),
         cmocka_unit_test(test_sim_dp),
+        cmocka_unit_test(test_sim_secure),
     };
     if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_sim_dp */
         cmocka_set_test_filter(getenv("FP_TEST_FILTER"));

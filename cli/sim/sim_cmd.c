@@ -319,7 +319,15 @@ static void print_rows(const sim_t *sim, json_t *table, const char *key, const c
 {
     json_t *rows = json_object_get(table, "rows"), *r;
     size_t i;
-    printf("%-20s", "");
+    int w = 20; /* the longest model name, and a space */
+    json_array_foreach(rows, i, r) {
+        const char *m = json_string_value(json_object_get(r, "model"));
+        int chars = 0;
+        for (const char *p = m ? m : ""; *p; p++)
+            chars += ((unsigned char)*p & 0xC0) != 0x80;
+        w = chars + 1 > w ? chars + 1 : w;
+    }
+    printf("%*s", w, "");
     for (int s = 0; s < sim->nsites; s++)
         printf(" %8s", sim->sites[s].name);
     printf(" %8s\n", "pooled");
@@ -327,7 +335,7 @@ static void print_rows(const sim_t *sim, json_t *table, const char *key, const c
         json_t *a = json_object_get(r, key);
         if (!a)
             continue;
-        print_padded(json_string_value(json_object_get(r, "model")), 20);
+        print_padded(json_string_value(json_object_get(r, "model")), w);
         for (size_t s = 0; s <= json_array_size(a); s++) {
             json_t *v = s < json_array_size(a) ? json_array_get(a, s) : json_object_get(r, pkey);
             char cell[32] = "       –";
@@ -886,7 +894,7 @@ int fp_cmd_sim(int argc, char **argv)
     if (wrc)
         goto fail;
     printf("\n%s: report.html (open it in a browser), metrics.csv, results.json;\n"
-           "  per run (a strategy, or one at a DP budget): state/fedpeft.db, global-adapter/, logs/.\n"
+           "  per run (a strategy, at a DP budget, or secure): state/fedpeft.db, global-adapter/, logs/.\n"
            "time: federation %.0f s, baselines %.0f s, evaluation %.0f s; done in %.0f s\n",
            sim.out, t_fed - t0, t_base - t_fed, t_eval - t_base, fp_now() - t0);
     rc = FP_EXIT_OK;

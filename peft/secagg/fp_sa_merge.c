@@ -160,7 +160,8 @@ struct fp_sa_sketch {
     fp_module_desc_t *layout;
     int n, k;
     double **omega;        /* per module: d_in × k */
-    int *q;                /* per module: min(k, d_out) */
+    int *q;                /* per module: the basis' columns, k_m = min(k, d_in, d_out) */
+    int *km;
     size_t *y_at, *z_at;   /* per module: offsets in the Y and Z vectors */
     size_t dim_y, dim_z;
     double *Q;             /* concatenated bases, Σ d_out·q (after fp_sa_sketch_basis) */
@@ -176,6 +177,7 @@ void fp_sa_sketch_free(fp_sa_sketch_t *s)
         free(s->omega[i]);
     free(s->omega);
     free(s->q);
+    free(s->km);
     free(s->y_at);
     free(s->z_at);
     free(s->q_at);
@@ -197,10 +199,12 @@ static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int 
     s->layout = malloc((size_t)n * sizeof *s->layout);
     s->omega = calloc((size_t)n, sizeof *s->omega);
     s->q = calloc((size_t)n, sizeof *s->q);
+    s->km = calloc((size_t)n, sizeof *s->km);
     s->y_at = calloc((size_t)n, sizeof *s->y_at);
     s->z_at = calloc((size_t)n, sizeof *s->z_at);
     s->q_at = calloc((size_t)n, sizeof *s->q_at);
-    int *idx = NULL, rc = !s->layout || !s->omega || !s->q || !s->y_at || !s->z_at || !s->q_at
+    int *idx = NULL, rc = !s->layout || !s->omega || !s->q || !s->km || !s->y_at || !s->z_at ||
+                                   !s->q_at
                              ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
     if (rc == 0)
         rc = order_by_name(layout, n, &idx, err);
@@ -209,16 +213,21 @@ static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int 
         int i = idx[j];
         const fp_module_desc_t *m = &layout[i];
         s->layout[i] = *m;
-        s->q[i] = k < m->d_out ? k : m->d_out;
+        /* k_m = min(k, d_in, d_out) columns: past that Ω (d_in × k_m) is already onto, or
+         * Q already all of R^d_out, and more would only cost */
+        int km = k < m->d_in ? k : m->d_in;
+        km = km < m->d_out ? km : m->d_out;
+        s->km[i] = km;
+        s->q[i] = km;
         s->y_at[i] = s->dim_y;
-        s->dim_y += (size_t)m->d_out * (size_t)k;
+        s->dim_y += (size_t)m->d_out * (size_t)km;
         s->z_at[i] = s->dim_z;
         s->dim_z += (size_t)s->q[i] * (size_t)m->d_in;
         s->q_at[i] = qsz;
         qsz += (size_t)m->d_out * (size_t)s->q[i];
         if (with_omega)
-            rc = fp_sketch_omega(seed * 0x9E3779B97F4A7C15ull + (uint64_t)i, m->d_in, k,
-                                 &s->omega[i], err);
+            rc = fp_sketch_omega(seed * 0x9E3779B97F4A7C15ull + (uint64_t)j, m->d_in, km,
+                                 &s->omega[i], err); /* Ω from the name's place: every site's */
     }
     free(idx);
     s->nq = qsz;
@@ -276,7 +285,7 @@ static int encode(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, int 
             break;
         if (!second && !s->omega[i])
             return fp_err_set(err, -EINVAL, "sketch: no Ω on the coordinator's sketch");
-        size_t len = second ? (size_t)s->q[i] * (size_t)m->d_in : (size_t)m->d_out * (size_t)s->k;
+        size_t len = second ? (size_t)s->q[i] * (size_t)m->d_in : (size_t)m->d_out * (size_t)s->km[i];
         size_t at = second ? s->z_at[i] : s->y_at[i];
         double *v = malloc(len * sizeof *v);
         if (!v)
@@ -285,7 +294,7 @@ static int encode(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, int 
         rc = second ? fp_sketch_z(sm->B, sm->A, m->d_out, m->d_in, sm->rank, ws,
                                   s->Q + s->q_at[i], s->q[i], v, err)
                     : fp_sketch_y(sm->B, sm->A, m->d_out, m->d_in, sm->rank,
-                                  ws / sqrt((double)m->d_in), s->omega[i], s->k, v, err);
+                                  ws / sqrt((double)m->d_in), s->omega[i], s->km[i], v, err);
         for (size_t e = 0; rc == 0 && e < len; e++)
             x[at + e] = (float)v[e];
         free(v);
@@ -305,12 +314,12 @@ int fp_sa_sketch_basis(fp_sa_sketch_t *s, const double *ysum, fp_err_t *err)
 {
     for (int i = 0; i < s->n; i++) {
         const fp_module_desc_t *m = &s->layout[i];
-        size_t ny = (size_t)m->d_out * (size_t)s->k;
+        size_t ny = (size_t)m->d_out * (size_t)s->km[i];
         double *Y = malloc(ny * sizeof *Y);
         if (!Y)
             return fp_err_set(err, -ENOMEM, "out of memory");
         memcpy(Y, ysum + s->y_at[i], ny * sizeof *Y);
-        int q, rc = fp_sketch_orth(Y, m->d_out, s->k, &q, err);
+        int q, rc = fp_sketch_orth(Y, m->d_out, s->km[i], &q, err);
         if (rc == 0)
             memcpy(s->Q + s->q_at[i], Y, (size_t)m->d_out * (size_t)q * sizeof *Y);
         free(Y);
