@@ -53,12 +53,14 @@ typedef struct run_opts {
     const char *dtype;
     const char *split;
     const char *labels;
+    const char *base_dtype;   /* f32, bf16, nf4 or auto */
+    const char *base_used;    /* what it became */
 } run_opts_t;
 
 enum {
     O_MODEL = 256, O_ADAPTER, O_DATA, O_RANK, O_ALPHA, O_TARGETS, O_STEPS, O_BATCH, O_SEQ, O_LR,
     O_THREADS, O_JSON, O_OUT, O_ACCUM, O_WARMUP, O_WD, O_CLIP, O_SEED, O_EVAL_FRAC, O_RSLORA,
-    O_LOG_EVERY, O_TOKENIZER, O_DTYPE, O_SPLIT, O_MIN_LR, O_LABELS, O_HELP
+    O_LOG_EVERY, O_TOKENIZER, O_DTYPE, O_SPLIT, O_MIN_LR, O_LABELS, O_BASE_DTYPE, O_HELP
 };
 
 static const struct option run_longopts[] = {
@@ -76,6 +78,7 @@ static const struct option run_longopts[] = {
     {"tokenizer", required_argument, 0, O_TOKENIZER}, {"dtype", required_argument, 0, O_DTYPE},
     {"split", required_argument, 0, O_SPLIT},     {"min-lr", required_argument, 0, O_MIN_LR},
     {"labels", required_argument, 0, O_LABELS},
+    {"base-dtype", required_argument, 0, O_BASE_DTYPE},
     {"help", no_argument, 0, O_HELP},             {0, 0, 0, 0},
 };
 
@@ -98,6 +101,7 @@ static int parse_run(const char *cmd, const char *help, int argc, char **argv, r
         case O_OUT: o->out = optarg; break;
         case O_TOKENIZER: o->tokenizer = optarg; break;
         case O_DTYPE: o->dtype = optarg; break;
+        case O_BASE_DTYPE: o->base_dtype = optarg; break;
         case O_SPLIT: o->split = optarg; break;
         case O_LABELS: o->labels = optarg; break;
         case O_TARGETS: o->targets = optarg; o->have_lora_shape = 1; break;
@@ -162,15 +166,30 @@ static void unload(loaded_t *l)
     fp_corpus_free(&l->data);
 }
 
+/* The model (its base in the precision asked for: pretrain keeps f32) and the data. */
 static int load_all(const char *cmd, const run_opts_t *o, loaded_t *l)
 {
     fp_err_t err = {0};
     fp_corpus_spec_t spec = {o->tokenizer, o->model, (const char *const *)o->data, o->ndata,
                              NULL, 0, o->eval_frac, o->seed};
-    if (fp_model_load(o->model, &l->model, &err) ||
+    fp_base_dtype_t dt = FP_BASE_F32;
+    int pretrain = !strcmp(cmd, "pretrain");
+    if (!pretrain && fp_base_dtype_parse(o->base_dtype ? o->base_dtype : "auto", &dt, &err))
+        return fp_cli_usage_error(cmd, "--base-dtype: %s", fp_err_msg(&err));
+    if (pretrain && o->base_dtype && strcmp(o->base_dtype, "f32"))
+        return fp_cli_usage_error(cmd, "--base-dtype: pretraining trains every weight in f32");
+    if (fp_model_load(o->model, &l->model, &err) || fp_model_lowp(l->model, dt, &err) ||
         fp_corpus_load(&spec, &l->model->cfg, &l->data, &err))
         return fp_cli_fail(cmd, "%s", fp_err_msg(&err));
     return 0;
+}
+
+/* "bf16 (oneDNN, 123.4 MB of weights)" */
+static const char *base_describe(const fp_model_t *m, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s (%s, %.1f MB of weights)", fp_base_dtype_name(m->base),
+             m->base == FP_BASE_F32 ? "OpenBLAS" : "oneDNN", (double)fp_model_weight_bytes(m) / 1e6);
+    return buf;
 }
 
 typedef struct progress {
@@ -242,6 +261,10 @@ static const char train_help[] =
     "  --eval-frac F        documents held out for evaluation (default 0.1)\n"
     "  --seed S             data sampling, split and initialisation (default 1)\n"
     "  --threads N          BLAS threads (default: all cores)\n"
+    "  --base-dtype D       the frozen base's precision: f32, bf16 (oneDNN's bf16 products,\n"
+    "                       fp32 accumulation; LoRA, optimizer, norms stay fp32), nf4 (4-bit\n"
+    "                       NormalFloat, QLoRA's) or auto: bf16 where the CPU has bf16\n"
+    "                       instructions, else f32 (default auto)\n"
     "  --tokenizer P        tokenizer.json to use instead of the model's, or 'bytes'\n"
     "  --log-every N        progress line every N steps (default: 20 lines per run)\n"
     "  --json               end with one JSON line: tokens_per_s, final_loss, steps, ...\n"
@@ -333,6 +356,7 @@ static void report_training(const run_opts_t *o, const fp_local_result_t *lr)
         }
         json_object_set_new(j, "peak_rss_bytes", json_integer(fp_peak_rss_bytes()));
         json_object_set_new(j, "blas_kernel", json_string(fp_blas_kernel()));
+        json_object_set_new(j, "base_dtype", json_string(o->base_used));
         emit_json(j);
         json_decref(j);
         return;
@@ -375,11 +399,13 @@ static int run_training(int argc, char **argv, int pretrain)
         fp_cli_fail(cmd, "%s", fp_err_msg(&err));
         goto out;
     }
-    char blas[256];
+    char blas[256], base[96];
+    o.base_used = fp_base_dtype_name(l.model->base);
     fprintf(stderr, "fedpeft %s: %zu training tokens in %zu documents, %zu held out; %s\n"
-            "fedpeft %s: BLAS: %s\n", cmd, l.data.train->n, l.data.train->ndocs, l.data.held->n,
+            "fedpeft %s: BLAS: %s\nfedpeft %s: base: %s\n", cmd, l.data.train->n,
+            l.data.train->ndocs, l.data.held->n,
             pretrain ? "training every weight" : "training LoRA, base frozen", cmd,
-            fp_blas_describe(blas, sizeof blas));
+            fp_blas_describe(blas, sizeof blas), cmd, base_describe(l.model, base, sizeof base));
     fp_train_cfg_t tc = {o.batch, o.seq, o.steps, o.accum, o.seed, o.opt, o.log_every, 0};
     if (tc.log_every < 0)
         tc.log_every = o.steps >= 20 ? o.steps / 20 : 1;
@@ -429,6 +455,7 @@ static const char eval_help[] =
     "  --seed S             split seed (default 1)\n"
     "  --batch B, --seq T   evaluation windows (default 8 x 256)\n"
     "  --threads N          BLAS threads (default: all cores)\n"
+    "  --base-dtype D       f32, bf16, nf4 or auto, as for 'fedpeft train' (default auto)\n"
     "  --tokenizer P        tokenizer.json to use instead of the model's, or 'bytes'\n"
     "  --labels LIST|data   score prompt/completion data as a closed-set task: the label\n"
     "                       (comma-separated, or the data's distinct completions) the model\n"
@@ -516,9 +543,10 @@ int fp_cmd_eval(int argc, char **argv)
     }
     double acc = sc.examples ? (double)sc.correct / (double)sc.examples : NAN;
     if (o.json) {
-        json_t *j = json_pack("{s:f, s:f, s:I, s:f}", "loss", loss, "perplexity", exp(loss),
-                              "tokens", (json_int_t)tokens, "uniform_loss",
-                              log((double)l.model->cfg.vocab));
+        json_t *j = json_pack("{s:f, s:f, s:I, s:f, s:s}", "loss", loss, "perplexity",
+                              exp(loss), "tokens", (json_int_t)tokens, "uniform_loss",
+                              log((double)l.model->cfg.vocab), "base_dtype",
+                              fp_base_dtype_name(l.model->base));
         if (o.labels) {
             json_object_set_new(j, "accuracy", json_real(acc));
             json_object_set_new(j, "examples", json_integer(sc.examples));
@@ -528,8 +556,9 @@ int fp_cmd_eval(int argc, char **argv)
     } else {
         if (o.labels)
             printf("accuracy %.4f (%ld of %ld examples), ", acc, sc.correct, sc.examples);
-        printf("loss %.4f, perplexity %.2f over %ld tokens (a uniform guess: loss %.4f)\n", loss,
-               exp(loss), tokens, log((double)l.model->cfg.vocab));
+        printf("loss %.4f, perplexity %.2f over %ld tokens (a uniform guess: loss %.4f); base "
+               "%s\n", loss, exp(loss), tokens, log((double)l.model->cfg.vocab),
+               fp_base_dtype_name(l.model->base));
     }
     exit_code = FP_EXIT_OK;
 out:

@@ -14,7 +14,7 @@ set -eu
 # One list per purpose. To build fedpeft (without its tests):
 BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler
 libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev
-libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev nettle-dev"
+libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev nettle-dev libdnnl-dev"
 # the demo's data (fedpeft sim's 12 languages) and the tests' texts:
 DEMO_PKGS="fortunes fortunes-min fortunes-de fortunes-it fortunes-es fortunes-br fortunes-eo
 fortunes-pl fortunes-cs fortunes-bg fortunes-ru fortunes-ga fortunes-zh"

@@ -558,7 +558,10 @@ static const fp_module_desc_t layout2[2] = {
 };
 
 /* Site adapters at the given ranks (alpha 16); with a shared A when frozen_a (ffa). */
-static const fp_module_desc_t layout2_rev[2] = {layout2[1], layout2[0]};
+static const fp_module_desc_t layout2_rev[2] = { /* layout2, the other way round */
+    {"model.layers.0.self_attn.v_proj", 12, 16, 8, 16, 0},
+    {"model.layers.0.self_attn.q_proj", 24, 16, 8, 16, 0},
+};
 
 static fp_adapter_t *site_adapter(int rank, uint64_t seed, const fp_adapter_t *frozen_a)
 {

@@ -13,6 +13,7 @@
 #include "cli.h"
 #include "fp_blas.h"
 #include "fp_data.h"
+#include "fp_lowp.h"
 #include "fp_model.h"
 #include "fp_rng.h"
 #include "fp_trainer.h"
@@ -85,6 +86,7 @@ static double sgemm_peak(int n, int reps)
 typedef struct bresult {
     double tokens_per_s, gflops, seconds_per_step;
     long peak_rss;
+    size_t weight_bytes;   /* the base's weights, in the precision they were held */
     int ok;
 } bresult_t;
 
@@ -96,7 +98,7 @@ static int note_first_step(void *ctx, const fp_train_stats_t *s)
 }
 
 /* Runs one configuration in this process. */
-static int run_config(const bconf_t *b, bresult_t *r)
+static int run_config(const bconf_t *b, fp_base_dtype_t dt, bresult_t *r)
 {
     fp_model_config_t c = {.dim = b->dim, .n_layers = b->layers, .n_heads = b->heads,
                            .n_kv_heads = b->kv, .head_dim = b->dim / b->heads, .ff = b->ff,
@@ -110,6 +112,10 @@ static int run_config(const bconf_t *b, bresult_t *r)
     if (rc == 0) {
         fp_model_init(m, 1);
         rc = fp_lora_init(m, (1u << FP_T_COUNT) - 1, b->rank, 2.0 * b->rank, 0, 1, &ad, &err);
+    }
+    if (rc == 0) {
+        rc = fp_model_lowp(m, dt, &err);
+        r->weight_bytes = fp_model_weight_bytes(m);
     }
     size_t n = (size_t)b->batch * b->seq * 64;
     d.tok = malloc(n * sizeof *d.tok);
@@ -148,8 +154,35 @@ static int run_config(const bconf_t *b, bresult_t *r)
     return rc;
 }
 
+/* oneDNN's bf16 peak in a forked child: libgomp's threads, once started, do not survive a
+ * fork(), so the parent never runs oneDNN itself. */
+static double bf16_peak_child(int threads)
+{
+    int fd[2];
+    if (pipe(fd) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        close(fd[0]);
+        fp_set_threads(threads);
+        double g = fp_lowp_peak(2048, 5);
+        ssize_t w = write(fd[1], &g, sizeof g);
+        _exit(w == (ssize_t)sizeof g ? 0 : 1);
+    }
+    close(fd[1]);
+    double g = -1;
+    if (read(fd[0], &g, sizeof g) != (ssize_t)sizeof g)
+        g = -1;
+    close(fd[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    return g;
+}
+
 /* The configuration in a forked child, its result back through a pipe. */
-static int run_child(const bconf_t *b, int threads, bresult_t *r)
+static int run_child(const bconf_t *b, fp_base_dtype_t dt, int threads, bresult_t *r)
 {
     int fd[2];
     if (pipe(fd) != 0)
@@ -161,7 +194,7 @@ static int run_child(const bconf_t *b, int threads, bresult_t *r)
         close(fd[0]);
         fp_set_threads(threads); /* the parent's worker threads do not survive fork() */
         bresult_t mine = {0};
-        run_config(b, &mine);
+        run_config(b, dt, &mine);
         ssize_t w = write(fd[1], &mine, sizeof mine);
         _exit(w == (ssize_t)sizeof mine ? 0 : 1);
     }
@@ -174,22 +207,24 @@ static int run_child(const bconf_t *b, int threads, bresult_t *r)
 }
 
 /* PyTorch on the same configuration and thread count, if Debian's python3 has torch: as a user
- * runs it (OpenBLAS's own settings), or tuned like fedpeft (its OpenBLAS kernel and
- * OPENBLAS_THREAD_TIMEOUT=8). */
+ * runs it (OpenBLAS's own settings), tuned like fedpeft (its OpenBLAS kernel,
+ * OPENBLAS_THREAD_TIMEOUT=8 and passive OpenMP threads: tuned 1), or as a user runs it with
+ * its frozen base in bf16 under autocast (tuned 2). */
 static int run_torch(const char *script, const bconf_t *b, int threads, int tuned, double *tps,
                      long *rss)
 {
-    char cmd[2048];
+    char cmd[2048], shipped[160];
+    /* fedpeft's settings are in this process's environment; as shipped has none */
+    snprintf(shipped, sizeof shipped, "env -u OPENBLAS_THREAD_TIMEOUT%s%s",
+             getenv("FEDPEFT_BLAS_CHOSEN") ? " -u OPENBLAS_CORETYPE" : "",
+             getenv("FEDPEFT_OMP_PASSIVE") ? " -u OMP_WAIT_POLICY" : "");
     snprintf(cmd, sizeof cmd,
              "%s %s '%s' --dim %d --layers %d --heads %d --kv-heads %d --ff %d --vocab %d "
-             "--seq %d --batch %d --rank %d --steps %d --threads %d 2>/dev/null",
-             /* fedpeft's settings are in this process's environment; as shipped has none */
-             tuned ? "env OPENBLAS_THREAD_TIMEOUT=8"
-             : getenv("FEDPEFT_BLAS_CHOSEN") ? "env -u OPENBLAS_THREAD_TIMEOUT -u OPENBLAS_CORETYPE"
-                                             : "env -u OPENBLAS_THREAD_TIMEOUT",
+             "--seq %d --batch %d --rank %d --steps %d --threads %d%s 2>/dev/null",
+             tuned == 1 ? "env OPENBLAS_THREAD_TIMEOUT=8" : shipped,
              access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3", script,
              b->dim, b->layers, b->heads, b->kv, b->ff, b->vocab, b->seq, b->batch,
-             b->rank, b->steps, threads);
+             b->rank, b->steps, threads, tuned == 2 ? " --bf16" : "");
     FILE *p = popen(cmd, "r");
     if (!p)
         return -1;
@@ -211,17 +246,34 @@ static int run_torch(const char *script, const bconf_t *b, int threads, int tune
 
 static const char bench_train_help[] =
     "Usage: fedpeft bench train [--threads N] [--config small|medium|all] [--no-torch]\n"
-    "                           [--torch-script PATH]\n"
+    "                           [--base-dtype LIST] [--torch-script PATH]\n"
     "\n"
-    "LoRA training (all seven targets, base frozen) on the issue's two configurations:\n"
-    "tokens/s, GFLOP/s and the fraction of this machine's sgemm peak measured in the same\n"
-    "run, peak memory, and PyTorch's tokens/s on the same configuration and threads when\n"
-    "python3-torch is installed — as shipped, and with fedpeft's OpenBLAS setting.\n";
+    "LoRA training (all seven targets, base frozen) on the issue's two configurations, with\n"
+    "the frozen base in each precision of --base-dtype (default f32,bf16,nf4; bf16 and nf4\n"
+    "only where the CPU has bf16 instructions): tokens/s, GFLOP/s and the fraction of this\n"
+    "machine's peak measured in the same run (OpenBLAS's sgemm for f32, oneDNN's bf16 matmul\n"
+    "for bf16 and nf4), the base weights' bytes, peak memory, and PyTorch's tokens/s on the\n"
+    "same configuration and threads when python3-torch is installed — as shipped, with\n"
+    "fedpeft's OpenBLAS setting, and with its base in bf16 under torch.autocast.\n";
+
+/* PyTorch's three runs of one configuration: as shipped, tuned, bf16 autocast. */
+static void torch_runs(const char *script, const bconf_t *b, int threads, double tps[3],
+                       long rss[3])
+{
+    static const char *const what[3] = {"", " (tuned)", " (bf16 autocast)"};
+    for (int k = 0; k < 3; k++) {
+        fprintf(stderr, "  %s with PyTorch%s ...\n", b->name, what[k]);
+        tps[k] = rss[k] = 0;
+        if (run_torch(script, b, threads, k, &tps[k], &rss[k]) != 0)
+            tps[k] = 0;
+    }
+}
 
 int fp_bench_train(int argc, char **argv)
 {
     int threads = 0, torch = 1;
     const char *only = "all", *script = FP_SOURCE_DIR "/tests/bench/torch_lora.py";
+    const char *dts = NULL;
     for (int i = 1; i < argc; i++) {
         long long v;
         if (!strcmp(argv[i], "--threads") && i + 1 < argc &&
@@ -232,6 +284,8 @@ int fp_bench_train(int argc, char **argv)
             only = argv[++i];
         } else if (!strcmp(argv[i], "--torch-script") && i + 1 < argc) {
             script = argv[++i];
+        } else if (!strcmp(argv[i], "--base-dtype") && i + 1 < argc) {
+            dts = argv[++i];
         } else if (!strcmp(argv[i], "--no-torch")) {
             torch = 0;
         } else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
@@ -241,6 +295,18 @@ int fp_bench_train(int argc, char **argv)
             return fp_cli_usage_error("bench", "unknown option '%s'", argv[i]);
         }
     }
+    int bf16 = fp_lowp_cpu_bf16();
+    fp_base_dtype_t want[3];
+    int nwant = 0;
+    char list[64];
+    snprintf(list, sizeof list, "%s", dts ? dts : bf16 ? "f32,bf16,nf4" : "f32");
+    for (char *save = NULL, *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        fp_base_dtype_t d;
+        if (fp_base_dtype_parse(t, &d, NULL) != 0 || nwant == 3)
+            return fp_cli_usage_error("bench", "--base-dtype takes up to three of f32, bf16, "
+                                      "nf4, comma-separated");
+        want[nwant++] = d;
+    }
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     if (!threads)
         threads = (int)ncpu;
@@ -249,54 +315,79 @@ int fp_bench_train(int argc, char **argv)
         fprintf(stderr, "  (no PyTorch peer: %s not found)\n", script);
         torch = 0;
     }
-    fprintf(stderr, "  measuring sgemm peak ...\n");
-    double peak = sgemm_peak(2048, 5);
+    fprintf(stderr, "  measuring sgemm and bf16 matmul peaks ...\n");
+    double peak = sgemm_peak(2048, 5), bpeak = bf16 ? bf16_peak_child(threads) : -1;
     char blas[256];
     printf("fedpeft bench train: %ld cores, %d threads; sgemm peak %.1f GFLOP/s (2048^3, same "
-           "threads, the kernel fedpeft runs)\nBLAS: %s\n\n", ncpu, threads, peak,
+           "threads, the kernel fedpeft runs)\nBLAS: %s\n", ncpu, threads, peak,
            fp_blas_describe(blas, sizeof blas));
-    printf("%-7s %-34s %9s %8s %7s %9s %21s %17s\n", "config", "shape", "tokens/s", "GFLOP/s",
-           "of peak", "peak RSS", "PyTorch tok/s (ratio)", "PyTorch tuned");
+    if (bf16)
+        printf("bf16: this CPU multiplies bf16 natively; oneDNN %d.%d bf16 matmul peak %.1f "
+               "GFLOP/s (2048^3, fp32 accumulation, same threads); the default base is bf16\n\n",
+               fp_lowp_version() / 100, fp_lowp_version() % 100, bpeak);
+    else
+        printf("bf16: this CPU has no bf16 instructions: the base stays f32 (OpenBLAS), and "
+               "bf16/nf4 would run emulated\n\n");
+    printf("%-7s %-5s %-34s %9s %8s %7s %13s %9s  %s\n", "config", "base", "shape", "tokens/s",
+           "GFLOP/s", "of peak", "weights", "peak RSS", "vs PyTorch: as shipped, tuned, "
+           "bf16 autocast");
     int failed = 0;
     for (size_t k = 0; k < sizeof configs / sizeof configs[0]; k++) {
         const bconf_t *b = &configs[k];
         if (strcmp(only, "all") && strcmp(only, b->name))
             continue;
-        fprintf(stderr, "  %s ...\n", b->name);
-        bresult_t r = {0};
         char shape[64];
         snprintf(shape, sizeof shape, "d%d L%d h%d/%d ff%d V%d T%d B%d r%d", b->dim, b->layers,
                  b->heads, b->kv, b->ff, b->vocab, b->seq, b->batch, b->rank);
-        if (run_child(b, threads, &r) != 0) {
-            printf("%-7s %-34s FAILED\n", b->name, shape);
-            failed = 1;
-            continue;
-        }
-        char col[2][48] = {"-", "-"};
-        long trss = 0;
-        for (int tuned = 0; torch && tuned < 2; tuned++) {
-            double ttps = 0;
-            long rss = 0;
-            fprintf(stderr, "  %s with PyTorch%s ...\n", b->name, tuned ? " (tuned)" : "");
-            if (run_torch(script, b, threads, tuned, &ttps, &rss) == 0) {
-                snprintf(col[tuned], sizeof col[tuned], "%.0f (%.2fx)", ttps,
-                         r.tokens_per_s / ttps);
-                trss = rss;
-            } else {
-                snprintf(col[tuned], sizeof col[tuned], "unavailable");
+        double ttps[3] = {0, 0, 0};
+        long trss[3] = {0, 0, 0};
+        if (torch)
+            torch_runs(script, b, threads, ttps, trss);
+        size_t f32_bytes = 0;
+        for (int w = 0; w < nwant; w++) {
+            fprintf(stderr, "  %s, base %s ...\n", b->name, fp_base_dtype_name(want[w]));
+            bresult_t r = {0};
+            if (run_child(b, want[w], threads, &r) != 0) {
+                printf("%-7s %-5s %-34s FAILED\n", b->name, fp_base_dtype_name(want[w]), shape);
+                failed = 1;
+                continue;
             }
+            if (want[w] == FP_BASE_F32)
+                f32_bytes = r.weight_bytes;
+            double pk = want[w] == FP_BASE_F32 ? peak : bpeak;
+            char wb[32], vs[96] = "";
+            if (f32_bytes && want[w] != FP_BASE_F32)
+                snprintf(wb, sizeof wb, "%.0f MB %.2fx", r.weight_bytes / 1e6,
+                         (double)r.weight_bytes / (double)f32_bytes);
+            else
+                snprintf(wb, sizeof wb, "%.0f MB", r.weight_bytes / 1e6);
+            if (torch) {
+                vs[0] = '\0';
+                for (int t = 0; t < 3; t++) {
+                    char one[32] = "-";
+                    if (ttps[t] > 0)
+                        snprintf(one, sizeof one, "%.2fx", r.tokens_per_s / ttps[t]);
+                    snprintf(vs + strlen(vs), sizeof vs - strlen(vs), "%s%s", t ? ", " : "", one);
+                }
+            }
+            printf("%-7s %-5s %-34s %9.0f %8.1f %6.0f%% %13s %5.0f MiB  %s\n", b->name,
+                   fp_base_dtype_name(want[w]), shape, r.tokens_per_s, r.gflops,
+                   100.0 * r.gflops / pk, wb, r.peak_rss / 1048576.0, vs);
         }
-        printf("%-7s %-34s %9.0f %8.1f %6.0f%% %5.0f MiB %21s %17s\n", b->name, shape,
-               r.tokens_per_s, r.gflops, 100.0 * r.gflops / peak, r.peak_rss / 1048576.0, col[0],
-               col[1]);
-        if (trss)
-            printf("%-7s %-34s %9s %8s %7s %5.0f MiB (PyTorch)\n", "", "", "", "", "",
-                   trss / 1048576.0);
+        if (torch)
+            printf("%-7s %-5s %-34s PyTorch tokens/s: %.0f as shipped, %.0f tuned, %.0f bf16 "
+                   "autocast (peak RSS %.0f/%.0f/%.0f MiB)\n", "", "", "", ttps[0], ttps[1],
+                   ttps[2], trss[0] / 1048576.0, trss[1] / 1048576.0, trss[2] / 1048576.0);
     }
     printf("\nRatios are fedpeft's tokens/s over PyTorch's (same configuration and threads).\n"
-           "PyTorch runs as shipped, and 'tuned' with the OpenBLAS kernel and\n"
-           "OPENBLAS_THREAD_TIMEOUT=8 that fedpeft sets for itself. GFLOP/s counts the matrix\n"
-           "products of the step.\n");
-    printf("\nGoals: >= 2x PyTorch tokens/s; >= 50%% of sgemm peak on medium.\n");
+           "PyTorch runs as shipped, 'tuned' with the OpenBLAS kernel, OPENBLAS_THREAD_TIMEOUT=8\n"
+           "and OMP_WAIT_POLICY=passive that fedpeft sets for itself, and as shipped with its\n"
+           "frozen base in bf16 under torch.autocast(\"cpu\", torch.bfloat16) — which makes every\n"
+           "product bf16, attention's and LoRA's too. GFLOP/s counts the matrix\n"
+           "products of the step; 'of peak' is against sgemm for f32, oneDNN's bf16 matmul for\n"
+           "bf16 and nf4. Weights: the base's bytes as held (and the ratio to f32).\n");
+    printf("\nGoals: f32 >= 2x PyTorch as shipped; >= 50%% of sgemm peak on medium; bf16 on medium\n"
+           ">= 2.5x PyTorch as shipped, >= 2x PyTorch bf16 autocast, >= 60%% of the bf16 peak;\n"
+           "weights bf16 <= 0.55x, nf4 <= 0.3x of f32.\n");
     return failed ? FP_EXIT_FAIL : FP_EXIT_OK;
 }

@@ -210,6 +210,7 @@ void fp_model_free(fp_model_t *m)
 {
     if (!m)
         return;
+    free(m->lowp_mem);
     free(m->mem);
     free(m->layers);
     free(m);
@@ -273,6 +274,124 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
     return 0;
 }
 
+size_t fp_model_weight_bytes(const fp_model_t *m)
+{
+    if (m->base == FP_BASE_F32)
+        return m->n_params * sizeof(float);
+    const fp_model_config_t *c = &m->cfg;
+    size_t D = (size_t)c->dim, floats = D; /* the final norm */
+    for (int t = 0; t < FP_T_COUNT; t++) {
+        int o, i;
+        fp_target_shape(c, (fp_target_t)t, &o, &i);
+        floats += c->attn_bias && t <= FP_T_O ? (size_t)o * (size_t)c->n_layers : 0;
+    }
+    floats += 2 * D * (size_t)c->n_layers;
+    return floats * sizeof(float) + m->lowp_bytes;
+}
+
+int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
+{
+    const fp_model_config_t *c = &m->cfg;
+    if (dt == FP_BASE_F32 || m->base == dt)
+        return 0;
+    if (m->base != FP_BASE_F32)
+        return fp_err_set(err, -EINVAL, "the base is %s already", fp_base_dtype_name(m->base));
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab, bytes = V * D * 2 * (c->tied ? 1 : 2);
+    for (int t = 0; t < FP_T_COUNT; t++) {
+        int o, i;
+        fp_target_shape(c, (fp_target_t)t, &o, &i);
+        if (dt == FP_BASE_NF4 && ((size_t)o * (size_t)i) % FP_NF4_BLOCK)
+            return fp_err_set(err, -EINVAL, "an nf4 base quantises blocks of %d weights; %s's "
+                              "%d × %d are not a whole number of them", FP_NF4_BLOCK,
+                              fp_target_names[t], o, i);
+        bytes += fp_lowp_bytes(dt, (size_t)o, (size_t)i) * (size_t)c->n_layers;
+    }
+    /* the floats left: norms and biases */
+    size_t floats = D + 2 * D * (size_t)c->n_layers;
+    for (int t = 0; c->attn_bias && t <= FP_T_O; t++) {
+        int o, i;
+        fp_target_shape(c, (fp_target_t)t, &o, &i);
+        floats += (size_t)o * (size_t)c->n_layers;
+    }
+    unsigned char *lp = malloc(bytes);
+    float *mem = malloc(floats * sizeof *mem);
+    if (!lp || !mem) {
+        free(lp);
+        free(mem);
+        return fp_err_set(err, -ENOMEM, "out of memory for a %s base", fp_base_dtype_name(dt));
+    }
+    unsigned char *p = lp;
+    m->embed_h = (uint16_t *)p;
+    fp_bf16_pack(m->embed_h, m->embed, V * D);
+    p += V * D * 2;
+    m->lm_head_h = m->embed_h;
+    if (!c->tied) {
+        m->lm_head_h = (uint16_t *)p;
+        fp_bf16_pack(m->lm_head_h, m->lm_head, V * D);
+        p += V * D * 2;
+    }
+    float *f = mem;
+    for (int l = 0; l < c->n_layers; l++) {
+        fp_layer_w_t *L = &m->layers[l];
+        /* nf4: the layer's codes back to back, then its scales, so that a run of targets
+         * (q|k|v, gate|up) is one matrix as in float */
+        size_t codes = 0;
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            int o, i;
+            fp_target_shape(c, (fp_target_t)t, &o, &i);
+            codes += (size_t)o * (size_t)i / 2;
+        }
+        unsigned char *q = p;
+        float *am = (float *)(p + codes);
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            int o, i;
+            fp_target_shape(c, (fp_target_t)t, &o, &i);
+            size_t n = (size_t)o * (size_t)i;
+            fp_lowp_mat_t *w = &L->lp[t];
+            *w = (fp_lowp_mat_t){dt, o, i, NULL, NULL, NULL};
+            if (dt == FP_BASE_BF16) {
+                uint16_t *h = (uint16_t *)p;
+                fp_bf16_pack(h, L->w[t], n);
+                w->h = h;
+                p += 2 * n;
+            } else {
+                fp_nf4_quantize(L->w[t], n, q, am);
+                w->q = q;
+                w->absmax = am;
+                q += n / 2;
+                am += n / FP_NF4_BLOCK;
+            }
+            L->w[t] = NULL;
+        }
+        if (dt == FP_BASE_NF4)
+            p = (unsigned char *)am;
+        memcpy(f, L->attn_norm, D * sizeof *f);
+        L->attn_norm = f;
+        f += D;
+        memcpy(f, L->mlp_norm, D * sizeof *f);
+        L->mlp_norm = f;
+        f += D;
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            if (!L->b[t])
+                continue;
+            int o, i;
+            fp_target_shape(c, (fp_target_t)t, &o, &i);
+            memcpy(f, L->b[t], (size_t)o * sizeof *f);
+            L->b[t] = f;
+            f += o;
+        }
+    }
+    memcpy(f, m->norm, D * sizeof *f);
+    m->norm = f;
+    free(m->mem);
+    m->mem = mem;
+    m->embed = m->lm_head = NULL;
+    m->lowp_mem = lp;
+    m->lowp_bytes = bytes;
+    m->base = dt;
+    return 0;
+}
+
 void fp_model_init(fp_model_t *m, uint64_t seed)
 {
     const fp_model_config_t *c = &m->cfg;
@@ -313,6 +432,9 @@ static void add_tensor(fp_model_tensor_t *t, int *n, const char *name, float *da
 int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_err_t *err)
 {
     const fp_model_config_t *c = &m->cfg;
+    if (m->base != FP_BASE_F32)
+        return fp_err_set(err, -ENOTSUP, "the base is held in %s: its float tensors are gone",
+                          fp_base_dtype_name(m->base));
     int cap = 3 + c->n_layers * (2 + 2 * FP_T_COUNT);
     fp_model_tensor_t *t = calloc((size_t)cap, sizeof *t);
     if (!t)
@@ -622,6 +744,8 @@ int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err
 {
     if (dtype != FP_DT_F32 && dtype != FP_DT_BF16 && dtype != FP_DT_F16)
         return fp_err_set(err, -EINVAL, "models are saved as F32, BF16 or F16");
+    if (m->base != FP_BASE_F32)
+        return fp_err_set(err, -ENOTSUP, "a %s base is not saved", fp_base_dtype_name(m->base));
     const fp_model_config_t *c = &m->cfg;
     int rc = fp_fs_mkdirs(dir, 0755, err);
     if (rc)

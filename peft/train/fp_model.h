@@ -23,6 +23,7 @@
 #include "fp_adapter.h"
 #include "fp_dtype.h"
 #include "fp_error.h"
+#include "fp_lowp.h"
 
 typedef struct fp_model_config {
     int dim;          /* hidden_size D */
@@ -57,6 +58,8 @@ typedef struct fp_layer_w {
                                and w[GATE] the 2F × D matrix gate|up */
     float *b[FP_T_COUNT];   /* biases of q, k, v, o when attn_bias; NULL otherwise */
     float *mlp_norm;
+    fp_lowp_mat_t lp[FP_T_COUNT]; /* a low-precision base (fp_model_lowp): the weights,
+                                     consecutive as w[] are; w[] is then NULL */
 } fp_layer_w_t;
 
 typedef struct fp_model {
@@ -65,8 +68,14 @@ typedef struct fp_model {
     fp_layer_w_t *layers;   /* n_layers */
     float *norm;
     float *lm_head;         /* == embed when tied */
-    float *mem;             /* the one allocation holding every weight */
-    size_t n_params;        /* floats in mem */
+    float *mem;             /* the one allocation holding every float weight */
+    size_t n_params;        /* parameters (floats in mem while the base is f32) */
+    /* a low-precision base (fp_model_lowp): the linear weights (layers[].lp), the embedding
+     * and the head in lowp_mem; embed, lm_head and every w[] are then NULL */
+    fp_base_dtype_t base;
+    uint16_t *embed_h, *lm_head_h;  /* bf16, V × D (the same when tied) */
+    void *lowp_mem;
+    size_t lowp_bytes;
 } fp_model_t;
 
 /* One weight tensor of a model, as named in HF checkpoints. */
@@ -103,6 +112,14 @@ void fp_model_dir_of(const char *path, char *buf, size_t n);
 /* Allocates a model with zeroed weights (norms zero too: call fp_model_init). */
 int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err);
 void fp_model_free(fp_model_t *m);
+
+/* Keeps the base in low precision: the linear weights in dt (bf16 or nf4; nf4 needs every
+ * d_in a multiple of 64), the embedding and the head in bf16; their float copies are freed,
+ * so the model serves forward passes and LoRA training (fp_transformer's products go through
+ * oneDNN) but no full training or saving. dt f32: nothing changes. */
+int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err);
+/* Bytes of every weight, in whatever precision each is held. */
+size_t fp_model_weight_bytes(const fp_model_t *m);
 
 /* HF LlamaForCausalLM initialisation: linear and embedding weights ~ N(0, 0.02²), norms 1,
  * biases 0. Deterministic for a seed. */

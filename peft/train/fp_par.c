@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "fp_lowp.h"
+
 #define MAX_THREADS 64
 
 static struct {
@@ -142,5 +144,6 @@ void fp_set_threads(int n)
         n = c > 0 ? (int)c : 1;
     }
     openblas_set_num_threads(n);
+    fp_lowp_set_threads(n);
     fp_par_set_threads(n);
 }

@@ -2,7 +2,8 @@
  *
  * Included by fp_transformer.c (REAL float) and fp_transformer64.c (REAL double) after
  * defining:  REAL, TF(name) (a suffixed name), GEMM (cblas_sgemm or cblas_dgemm),
- * EXP, SQRT, COS, SIN, POW (math functions of REAL).
+ * EXP, SQRT, COS, SIN, POW (math functions of REAL); and TF_LOWP 1 where REAL is float and
+ * the frozen base may be held in low precision (fp_lowp.h: its products go through oneDNN).
  * Not a public header; no include guard on purpose.
  *
  * Layouts (row-major): activations N × width; attention probabilities B × H × T × T.
@@ -11,9 +12,14 @@
 #include <cblas.h>
 #include <math.h>
 
+#include "fp_lowp.h"
 #include "fp_par.h"
 #include <stdlib.h>
 #include <string.h>
+
+#ifndef TF_LOWP
+#define TF_LOWP 0
+#endif
 
 typedef struct TF(lw) {
     const REAL *attn_norm, *mlp_norm;
@@ -21,6 +27,7 @@ typedef struct TF(lw) {
     const REAL *la[FP_T_COUNT], *lb[FP_T_COUNT]; /* LoRA A: r × in, B: out × r; NULL = none */
     int lr[FP_T_COUNT];                          /* LoRA rank */
     REAL ls[FP_T_COUNT];                         /* LoRA scale */
+    const fp_lowp_mat_t *lp[FP_T_COUNT];         /* a low-precision base (w[] NULL), or NULL */
 } TF(lw_t);
 
 typedef struct TF(lg) {
@@ -44,6 +51,8 @@ typedef struct TF(net) {
     int B, T, N, Q, K;
     unsigned flags;
     const REAL *embed, *norm, *lm_head;
+    fp_lowp_mat_t head_lp;   /* a low-precision base: the head (dt BF16), else dt F32 */
+    const uint16_t *embed_h; /* and the embedding, bf16 (else NULL) */
     TF(lw_t) *L;
     /* gradients, set by the caller before backward (NULL: not wanted) */
     TF(lg_t) *G;
@@ -93,7 +102,13 @@ static void TF(linear)(TF(net_t) *n, const TF(lw_t) *lw, TF(acts_t) *ac, fp_targ
                        const REAL *x, REAL *y)
 {
     int in, width = TF(run_width)(&n->c, t0, k, &in);
-    TF(mm_wt)(n->N, width, in, x, lw->w[t0], y, 0);
+#if TF_LOWP
+    if (lw->lp[t0]) {
+        fp_lowp_mat_t run = fp_lowp_rows(lw->lp[t0], width);
+        fp_lowp_mm_wt(n->N, x, in, &run, y, width, 0);
+    } else
+#endif
+        TF(mm_wt)(n->N, width, in, x, lw->w[t0], y, 0);
     int off = 0;
     for (int t = (int)t0; t < (int)t0 + k; t++) {
         int out;
@@ -123,6 +138,12 @@ static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(ac
                            REAL beta)
 {
     int in, N = n->N, width = TF(run_width)(&n->c, t0, k, &in);
+#if TF_LOWP
+    if (dx && lw->lp[t0]) {
+        fp_lowp_mat_t run = fp_lowp_rows(lw->lp[t0], width);
+        fp_lowp_mm(N, dy, width, &run, dx, in, beta);
+    } else
+#endif
     if (dx)
         GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, width, 1, dy, width, lw->w[t0], in,
              beta, dx, in);
@@ -508,7 +529,12 @@ static void TF(forward_from_embeds)(TF(net_t) *n, const int *labels, double *los
     }
     TF(rmsnorm)(n, n->R[c->n_layers], n->norm, n->hf, n->rstd_f);
     int V = c->vocab;
-    TF(mm_wt)(N, V, D, n->hf, n->lm_head, n->logits, 0);
+#if TF_LOWP
+    if (n->head_lp.dt != FP_BASE_F32)
+        fp_lowp_mm_wt(N, n->hf, D, &n->head_lp, n->logits, V, 0);
+    else
+#endif
+        TF(mm_wt)(N, V, D, n->hf, n->lm_head, n->logits, 0);
     /* cross-entropy; when training, logits become softmax probabilities for the backward */
     TF(ce_ctx_t) ce = {n, labels, (n->flags & (FP_TF_LORA | FP_TF_FULL)) != 0};
     fp_par_for((size_t)N, 8, TF(ce_rows), &ce);
@@ -546,8 +572,13 @@ static void TF(backward)(TF(net_t) *n, double loss_scale)
         row[y] -= sc;
     }
     /* head */
-    GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, D, V, 1, n->logits, V, n->lm_head, D, 0,
-         n->dh, D);
+#if TF_LOWP
+    if (n->head_lp.dt != FP_BASE_F32)
+        fp_lowp_mm(N, n->logits, V, &n->head_lp, n->dh, D, 0);
+    else
+#endif
+        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, D, V, 1, n->logits, V, n->lm_head, D,
+             0, n->dh, D);
     if (n->g_lm_head)
         GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, V, D, N, 1, n->logits, V, n->hf, D, 1,
              n->g_lm_head, D);
@@ -594,9 +625,16 @@ static void TF(forward)(TF(net_t) *n, const int *tokens, const int *labels, doub
                         long *count)
 {
     int D = n->c.dim;
-    for (int i = 0; i < n->N; i++)
-        memcpy(n->R[0] + (size_t)i * (size_t)D, n->embed + (size_t)tokens[i] * (size_t)D,
-               (size_t)D * sizeof(REAL));
+#if TF_LOWP
+    if (n->embed_h)
+        for (int i = 0; i < n->N; i++)
+            fp_bf16_unpack(n->R[0] + (size_t)i * (size_t)D,
+                           n->embed_h + (size_t)tokens[i] * (size_t)D, (size_t)D);
+    else
+#endif
+        for (int i = 0; i < n->N; i++)
+            memcpy(n->R[0] + (size_t)i * (size_t)D, n->embed + (size_t)tokens[i] * (size_t)D,
+                   (size_t)D * sizeof(REAL));
     n->tokens = tokens;
     TF(forward_from_embeds)(n, labels, loss_sum, count);
 }

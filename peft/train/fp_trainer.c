@@ -229,8 +229,32 @@ int fp_evaluate(const fp_model_t *m, const fp_adapter_t *lora, const fp_dataset_
     return 0;
 }
 
+/* A low-precision base: each module's weight, by its name, in its own precision. */
+static int merge_into_lowp(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err)
+{
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < ad->n; i++) {
+        const fp_lora_module_t *mod = &ad->mods[i];
+        const fp_lowp_mat_t *w = NULL;
+        char name[96];
+        for (int l = 0; l < m->cfg.n_layers && !w; l++)
+            for (int t = 0; t < FP_T_COUNT && !w; t++) {
+                fp_lora_module_name(name, sizeof name, l, (fp_target_t)t);
+                if (!strcmp(name, mod->name))
+                    w = &m->layers[l].lp[t];
+            }
+        if (!w || w->rows != mod->d_out || w->cols != mod->d_in)
+            return fp_err_set(err, -EINVAL, "module %s (%d×%d) does not fit this base model",
+                              mod->name, mod->d_out, mod->d_in);
+        rc = fp_lowp_add_product(w, (float)fp_module_scale(mod), mod->B, mod->A, mod->rank, err);
+    }
+    return rc;
+}
+
 int fp_lora_merge_into(fp_model_t *m, const fp_adapter_t *ad, fp_err_t *err)
 {
+    if (m->base != FP_BASE_F32)
+        return merge_into_lowp(m, ad, err);
     fp_model_tensor_t *t;
     int n, rc = fp_model_tensors(m, &t, &n, err);
     for (int i = 0; rc == 0 && i < ad->n; i++) {

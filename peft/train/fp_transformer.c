@@ -14,6 +14,7 @@
 #define COS cosf
 #define SIN sinf
 #define POW powf
+#define TF_LOWP 1
 #include "fp_tf_impl.h"
 
 struct fp_tf {
@@ -103,6 +104,9 @@ static void bind_params(fp_tf_t *tf)
     n->embed = m->embed;
     n->norm = m->norm;
     n->lm_head = m->lm_head;
+    n->embed_h = m->base != FP_BASE_F32 ? m->embed_h : NULL;
+    n->head_lp = (fp_lowp_mat_t){m->base != FP_BASE_F32 ? FP_BASE_BF16 : FP_BASE_F32,
+                                 m->cfg.vocab, m->cfg.dim, m->lm_head_h, NULL, NULL};
     for (int l = 0; l < m->cfg.n_layers; l++) {
         tf32_lw_t *lw = &n->L[l];
         const fp_layer_w_t *w = &m->layers[l];
@@ -110,6 +114,7 @@ static void bind_params(fp_tf_t *tf)
         lw->mlp_norm = w->mlp_norm;
         for (int t = 0; t < FP_T_COUNT; t++) {
             lw->w[t] = w->w[t];
+            lw->lp[t] = m->base != FP_BASE_F32 ? &w->lp[t] : NULL;
             lw->b[t] = w->b[t];
             int j = tf->lmod[l * FP_T_COUNT + t];
             if (j >= 0) {

@@ -106,18 +106,27 @@ def main():
     for k in ("dim", "layers", "heads", "kv-heads", "ff", "vocab", "seq", "batch", "rank",
               "steps", "threads"):
         p.add_argument("--" + k, type=int, required=True)
+    p.add_argument("--bf16", action="store_true",
+                   help="frozen base (projections, embedding, head) in bf16, under autocast")
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     m = Model(a)
+    if a.bf16:  # as a PyTorch user runs a bf16 checkpoint's frozen base
+        for mod in m.modules():
+            if isinstance(mod, LoRALinear):
+                mod.base.to(torch.bfloat16)
+        m.embed.to(torch.bfloat16)
+        m.head.to(torch.bfloat16)
     params = [q for q in m.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     data = torch.randint(0, a.vocab, (a.batch, a.seq + 1))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = m(data[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, a.vocab), data[:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            logits = m(data[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, a.vocab), data[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,0 +1,513 @@
+/* fp_lowp.c — see fp_lowp.h. oneDNN (Debian's libdnnl 2.6, its OpenMP build) does the
+ * products; primitives are made once per shape and kept. */
+#include "fp_lowp.h"
+#include "fp_par.h"
+
+#include <cblas.h>
+#include <cpuid.h>
+#include <dlfcn.h>
+#include <dnnl.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+const char *fp_base_dtype_name(fp_base_dtype_t d)
+{
+    return d == FP_BASE_BF16 ? "bf16" : d == FP_BASE_NF4 ? "nf4" : "f32";
+}
+
+int fp_base_dtype_parse(const char *s, fp_base_dtype_t *out, fp_err_t *err)
+{
+    if (!strcmp(s, "f32"))
+        *out = FP_BASE_F32;
+    else if (!strcmp(s, "bf16"))
+        *out = FP_BASE_BF16;
+    else if (!strcmp(s, "nf4"))
+        *out = FP_BASE_NF4;
+    else if (!strcmp(s, "auto"))
+        *out = fp_base_dtype_default();
+    else
+        return fp_err_set(err, -EINVAL, "base dtype '%s': f32, bf16, nf4 or auto", s);
+    return 0;
+}
+
+/* ---- the CPU ---- */
+
+static unsigned long long xgetbv0(void)
+{
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+
+int fp_lowp_cpu_bf16(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) /* OSXSAVE */
+        return 0;
+    unsigned long long xcr0 = xgetbv0();
+    int zmm = (xcr0 & 0xe6) == 0xe6;                /* SSE, AVX, opmask, ZMM state */
+    int amx = (xcr0 & (3ull << 17)) == (3ull << 17); /* tile config and data */
+    if (__get_cpuid_max(0, NULL) < 7)
+        return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    int avx512f = (b >> 16) & 1, amx_bf16 = (d >> 22) & 1;
+    unsigned a1, b1, c1, d1;
+    __cpuid_count(7, 1, a1, b1, c1, d1);
+    int avx512_bf16 = (a1 >> 5) & 1;
+    int cpu = (zmm && avx512f && avx512_bf16) || (amx && amx_bf16);
+    /* and oneDNN agrees (DNNL_MAX_CPU_ISA may hold it back) */
+    dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    return cpu && (isa & dnnl_cpu_isa_avx512_core_bf16) == dnnl_cpu_isa_avx512_core_bf16;
+}
+
+fp_base_dtype_t fp_base_dtype_default(void)
+{
+    return fp_lowp_cpu_bf16() ? FP_BASE_BF16 : FP_BASE_F32;
+}
+
+/* ---- bfloat16 ---- */
+
+static inline uint16_t bf16(float x) /* fp_f32_to_bf16, branch-free for the vectoriser */
+{
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1)) >> 16; /* to nearest, ties to even */
+    uint32_t nan = (u >> 16) | 0x40;                         /* a NaN stays one */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+static inline float bf16_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+void fp_bf16_pack(uint16_t *dst, const float *src, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] = bf16(src[i]);
+}
+
+void fp_bf16_unpack(float *dst, const uint16_t *src, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] = bf16_f32(src[i]);
+}
+
+/* ---- NF4 ---- */
+
+/* QLoRA's NormalFloat4: quantiles of N(0, 1) scaled to [-1, 1], zero exact (Dettmers et al.
+ * 2023, appendix E). */
+const float fp_nf4_code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+static int nf4_nearest(float v) /* v in [-1, 1] */
+{
+    int lo = 0, hi = 15;
+    while (hi - lo > 1) { /* the codes ascend */
+        int mid = (lo + hi) / 2;
+        if (fp_nf4_code[mid] <= v)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return v - fp_nf4_code[lo] <= fp_nf4_code[hi] - v ? lo : hi;
+}
+
+void fp_nf4_quantize(const float *x, size_t n, uint8_t *q, float *absmax)
+{
+    for (size_t b = 0; b < n / FP_NF4_BLOCK; b++) {
+        const float *blk = x + b * FP_NF4_BLOCK;
+        float m = 0;
+        for (int i = 0; i < FP_NF4_BLOCK; i++)
+            m = fabsf(blk[i]) > m ? fabsf(blk[i]) : m;
+        absmax[b] = m;
+        float inv = m > 0 ? 1.0f / m : 0.0f;
+        uint8_t *o = q + b * (FP_NF4_BLOCK / 2);
+        for (int i = 0; i < FP_NF4_BLOCK; i += 2)
+            o[i / 2] = (uint8_t)(nf4_nearest(blk[i] * inv) |
+                                 nf4_nearest(blk[i + 1] * inv) << 4);
+    }
+}
+
+void fp_nf4_dequantize(const uint8_t *q, const float *absmax, size_t n, float *out)
+{
+    for (size_t i = 0; i < n; i += 2) {
+        float m = absmax[i / FP_NF4_BLOCK];
+        out[i] = fp_nf4_code[q[i / 2] & 15] * m;
+        out[i + 1] = fp_nf4_code[q[i / 2] >> 4] * m;
+    }
+}
+
+/* bf16 of the weights of rows [r0, r0 + nr) of an NF4 matrix, blocks split over fedpeft's
+ * threads. */
+typedef struct deq_ctx {
+    const uint8_t *q;
+    const float *am;
+    uint16_t *out;
+} deq_ctx_t;
+
+static void deq_blocks(void *vc, size_t b0, size_t b1)
+{
+    const deq_ctx_t *c = vc;
+    const uint8_t *q = c->q;
+    const float *am = c->am;
+    uint16_t *out = c->out;
+    for (size_t b = b0; b < b1; b++) {
+        uint16_t lut[16]; /* the block's 16 values, scaled, in bf16 */
+        for (int k = 0; k < 16; k++)
+            lut[k] = bf16(fp_nf4_code[k] * am[b]);
+        const uint8_t *qb = q + b * (FP_NF4_BLOCK / 2);
+        uint16_t *o = out + b * FP_NF4_BLOCK;
+        for (int i = 0; i < FP_NF4_BLOCK / 2; i++) {
+            o[2 * i] = lut[qb[i] & 15];
+            o[2 * i + 1] = lut[qb[i] >> 4];
+        }
+    }
+}
+
+static void nf4_rows_bf16(const fp_lowp_mat_t *w, int r0, int nr, uint16_t *out)
+{
+    size_t at = (size_t)r0 * (size_t)w->cols, n = (size_t)nr * (size_t)w->cols;
+    deq_ctx_t c = {w->q + at / 2, w->absmax + at / FP_NF4_BLOCK, out};
+    fp_par_for(n / FP_NF4_BLOCK, 256, deq_blocks, &c);
+}
+
+fp_lowp_mat_t fp_lowp_rows(const fp_lowp_mat_t *w, int rows)
+{
+    fp_lowp_mat_t v = *w;
+    v.rows = rows;
+    return v;
+}
+
+size_t fp_lowp_bytes(const fp_base_dtype_t dt, size_t rows, size_t cols)
+{
+    size_t n = rows * cols;
+    return dt == FP_BASE_NF4 ? n / 2 + n / FP_NF4_BLOCK * sizeof(float)
+         : dt == FP_BASE_BF16 ? 2 * n : 4 * n;
+}
+
+/* ---- oneDNN ---- */
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static dnnl_engine_t engine;
+static int engine_ok;
+
+static void init_engine(void)
+{
+    engine_ok = dnnl_engine_create(&engine, dnnl_cpu, 0) == dnnl_success;
+}
+
+void fp_lowp_set_threads(int n)
+{
+    /* libgomp came with libdnnl; its threads serve oneDNN's parallel regions */
+    void (*set)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "omp_set_num_threads");
+    if (set && n > 0)
+        set(n);
+}
+
+/* One product's shape: dst (M × N) = src (M × K) · wei (K × N), with strides. */
+typedef struct key {
+    int M, K, N;
+    int64_t ss[2], ws[2], ds[2];
+    int sum; /* accumulate into dst */
+} key_t_;
+
+typedef struct entry {
+    key_t_ k;
+    dnnl_primitive_t p;
+} entry_t;
+
+#define CACHE_MAX 256
+static pthread_mutex_t cache_mu = PTHREAD_MUTEX_INITIALIZER;
+static entry_t cache[CACHE_MAX];
+static int ncache;
+
+/* A 2-D memory descriptor (oneDNN reads whole dnnl_dims_t arrays). */
+static dnnl_status_t desc(dnnl_memory_desc_t *md, int64_t rows, int64_t cols,
+                          dnnl_data_type_t dt, const int64_t st[2])
+{
+    dnnl_dims_t d = {rows, cols}, s = {st[0], st[1]};
+    return dnnl_memory_desc_init_by_strides(md, 2, d, dt, s);
+}
+
+/* src (M × K, bf16), wei (K × N, bf16), dst (M × N, f32) of a product */
+static dnnl_status_t descs(const key_t_ *k, dnnl_memory_desc_t *src, dnnl_memory_desc_t *wei,
+                           dnnl_memory_desc_t *dst)
+{
+    dnnl_status_t st = desc(src, k->M, k->K, dnnl_bf16, k->ss);
+    if (st == dnnl_success)
+        st = desc(wei, k->K, k->N, dnnl_bf16, k->ws);
+    if (st == dnnl_success)
+        st = desc(dst, k->M, k->N, dnnl_f32, k->ds);
+    return st;
+}
+
+static dnnl_status_t make(const key_t_ *k, dnnl_primitive_t *out)
+{
+    dnnl_memory_desc_t src, wei, dst;
+    dnnl_status_t st = descs(k, &src, &wei, &dst);
+    dnnl_matmul_desc_t md;
+    if (st == dnnl_success)
+        st = dnnl_matmul_desc_init(&md, &src, &wei, NULL, &dst);
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t po = NULL;
+    if (st == dnnl_success)
+        st = dnnl_primitive_attr_create(&attr);
+    if (st == dnnl_success && k->sum) {
+        st = dnnl_post_ops_create(&po);
+        if (st == dnnl_success)
+            st = dnnl_post_ops_append_sum(po, 1.0f);
+        if (st == dnnl_success)
+            st = dnnl_primitive_attr_set_post_ops(attr, po);
+    }
+    dnnl_primitive_desc_t pd = NULL;
+    if (st == dnnl_success)
+        st = dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL);
+    if (st == dnnl_success)
+        st = dnnl_primitive_create(out, pd);
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_post_ops_destroy(po);
+    dnnl_primitive_attr_destroy(attr);
+    return st;
+}
+
+static dnnl_primitive_t primitive(const key_t_ *k)
+{
+    dnnl_primitive_t p = NULL;
+    pthread_mutex_lock(&cache_mu);
+    for (int i = 0; i < ncache && !p; i++)
+        if (!memcmp(&cache[i].k, k, sizeof *k))
+            p = cache[i].p;
+    if (!p && make(k, &p) == dnnl_success && ncache < CACHE_MAX)
+        cache[ncache++] = (entry_t){*k, p};
+    else if (!p)
+        p = NULL;
+    pthread_mutex_unlock(&cache_mu);
+    return p; /* (past CACHE_MAX shapes a primitive is made and leaked: never in practice) */
+}
+
+/* Scratch of this thread: activations in bf16, dequantised weight tiles; and its stream. */
+static _Thread_local uint16_t *scratch;
+static _Thread_local size_t scratch_n;
+static _Thread_local dnnl_stream_t stream;
+
+static uint16_t *grow(size_t n)
+{
+    if (n > scratch_n) {
+        uint16_t *s = realloc(scratch, n * sizeof *s);
+        if (!s)
+            return NULL;
+        scratch = s;
+        scratch_n = n;
+    }
+    return scratch;
+}
+
+/* Rows of an activation to bf16, on fedpeft's threads (large ones). */
+typedef struct pack_ctx {
+    uint16_t *dst;
+    const float *src;
+    int cols, ld;
+} pack_ctx_t;
+
+static void pack_rows(void *vc, size_t r0, size_t r1)
+{
+    const pack_ctx_t *c = vc;
+    for (size_t i = r0; i < r1; i++)
+        fp_bf16_pack(c->dst + i * (size_t)c->cols, c->src + i * (size_t)c->ld, (size_t)c->cols);
+}
+
+static void pack(uint16_t *dst, const float *src, int rows, int cols, int ld)
+{
+    pack_ctx_t c = {dst, src, cols, ld};
+    size_t grain = (size_t)(1 << 16) / (size_t)(cols > 0 ? cols : 1) + 1;
+    fp_par_for((size_t)rows, grain, pack_rows, &c);
+}
+
+static int run(const key_t_ *k, const void *src, const void *wei, float *dst)
+{
+    pthread_once(&once, init_engine);
+    if (!engine_ok || (!stream && dnnl_stream_create(&stream, engine,
+                                                     dnnl_stream_default_flags) != dnnl_success))
+        return -ENODEV;
+    dnnl_primitive_t p = primitive(k);
+    if (!p)
+        return -ENOTSUP;
+    dnnl_memory_desc_t sdsc, wdsc, ddsc;
+    dnnl_memory_t ms = NULL, mw = NULL, md = NULL;
+    dnnl_status_t st = descs(k, &sdsc, &wdsc, &ddsc);
+    if (st == dnnl_success)
+        st = dnnl_memory_create(&ms, &sdsc, engine, (void *)src);
+    if (st == dnnl_success)
+        st = dnnl_memory_create(&mw, &wdsc, engine, (void *)wei);
+    if (st == dnnl_success)
+        st = dnnl_memory_create(&md, &ddsc, engine, dst);
+    if (st == dnnl_success) {
+        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, ms}, {DNNL_ARG_WEIGHTS, mw},
+                                   {DNNL_ARG_DST, md}};
+        st = dnnl_primitive_execute(p, stream, 3, args);
+        if (st == dnnl_success)
+            st = dnnl_stream_wait(stream);
+    }
+    dnnl_memory_destroy(ms);
+    dnnl_memory_destroy(mw);
+    dnnl_memory_destroy(md);
+    return st == dnnl_success ? 0 : -EIO;
+}
+
+/* beta is 0 or 1 in the trainer; anything else: scale dst first */
+static void prescale(float *d, int M, int N, int ld, float beta)
+{
+    if (beta == 0 || beta == 1)
+        return;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++)
+            d[(size_t)i * ld + j] *= beta;
+}
+
+/* Rows of an NF4 weight dequantised per tile: about 1 MiB of bf16, a whole number of blocks
+ * (blocks run on across rows: a tile starts where a block does). */
+static int tile_rows(const fp_lowp_mat_t *w)
+{
+    int g = 1; /* rows per block boundary: 64 / gcd(cols, 64) */
+    while ((g * w->cols) % FP_NF4_BLOCK)
+        g++;
+    int t = (1 << 19) / (w->cols > 0 ? w->cols : 1);
+    t = t / g * g;
+    return t < g ? g : t;
+}
+
+static void fail_nan(float *d, int M, int N, int ld)
+{
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++)
+            d[(size_t)i * ld + j] = NAN; /* a failed product shows as a non-finite loss */
+}
+
+int fp_lowp_mm_wt(int N, const float *x, int ldx, const fp_lowp_mat_t *W, float *y, int ldy,
+                  float beta)
+{
+    int K = W->cols, R = W->rows;
+    int tr = W->dt == FP_BASE_NF4 ? tile_rows(W) : R;
+    size_t xs = (size_t)N * (size_t)K;
+    uint16_t *s = grow(xs + (W->dt == FP_BASE_NF4 ? (size_t)tr * (size_t)K : 0));
+    if (!s) {
+        fail_nan(y, N, R, ldy);
+        return -ENOMEM;
+    }
+    pack(s, x, N, K, ldx);
+    prescale(y, N, R, ldy, beta);
+    int rc = 0;
+    for (int r0 = 0; r0 < R && rc == 0; r0 += tr) {
+        int nr = R - r0 < tr ? R - r0 : tr;
+        const uint16_t *w = W->h ? W->h + (size_t)r0 * K : s + xs;
+        if (W->dt == FP_BASE_NF4)
+            nf4_rows_bf16(W, r0, nr, s + xs);
+        /* wei (K × nr) is W's rows read as columns */
+        key_t_ k = {N, K, nr, {K, 1}, {1, K}, {ldy, 1}, beta != 0};
+        rc = run(&k, s, w, y + r0);
+    }
+    if (rc)
+        fail_nan(y, N, R, ldy);
+    return rc;
+}
+
+int fp_lowp_mm(int N, const float *dy, int lddy, const fp_lowp_mat_t *W, float *dx, int lddx,
+               float beta)
+{
+    int K = W->rows, C = W->cols;
+    int tr = W->dt == FP_BASE_NF4 ? tile_rows(W) : K;
+    size_t ds = (size_t)N * (size_t)K;
+    uint16_t *s = grow(ds + (W->dt == FP_BASE_NF4 ? (size_t)tr * (size_t)C : 0));
+    if (!s) {
+        fail_nan(dx, N, C, lddx);
+        return -ENOMEM;
+    }
+    pack(s, dy, N, K, lddy);
+    prescale(dx, N, C, lddx, beta);
+    int rc = 0;
+    for (int r0 = 0; r0 < K && rc == 0; r0 += tr) {
+        int nr = K - r0 < tr ? K - r0 : tr;
+        const uint16_t *w = W->h ? W->h + (size_t)r0 * C : s + ds;
+        if (W->dt == FP_BASE_NF4)
+            nf4_rows_bf16(W, r0, nr, s + ds);
+        /* src: dy's columns [r0, r0 + nr); wei: W's rows [r0, r0 + nr); the tiles add up */
+        key_t_ k = {N, nr, C, {K, 1}, {C, 1}, {lddx, 1}, beta != 0 || r0 > 0};
+        rc = run(&k, s + r0, w, dx);
+    }
+    if (rc)
+        fail_nan(dx, N, C, lddx);
+    return rc;
+}
+
+int fp_lowp_add_product(const fp_lowp_mat_t *W, float s, const float *B, const float *A, int r,
+                        fp_err_t *err)
+{
+    int C = W->cols, tr = 64; /* rows at a time (64 rows: whole blocks) */
+    float *buf = malloc((size_t)tr * (size_t)C * sizeof *buf);
+    if (!buf)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int r0 = 0; r0 < W->rows; r0 += tr) {
+        int nr = W->rows - r0 < tr ? W->rows - r0 : tr;
+        size_t at = (size_t)r0 * (size_t)C, n = (size_t)nr * (size_t)C;
+        /* the model owns the weights; the view is const for the products only */
+        uint16_t *h = (uint16_t *)(uintptr_t)W->h;
+        uint8_t *q = (uint8_t *)(uintptr_t)W->q;
+        float *am = (float *)(uintptr_t)W->absmax;
+        if (h)
+            fp_bf16_unpack(buf, h + at, n);
+        else
+            fp_nf4_dequantize(q + at / 2, am + at / FP_NF4_BLOCK, n, buf);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nr, C, r, s, B + (size_t)r0 * r, r,
+                    A, C, 1.0f, buf, C);
+        if (h)
+            fp_bf16_pack(h + at, buf, n);
+        else
+            fp_nf4_quantize(buf, n, q + at / 2, am + at / FP_NF4_BLOCK);
+    }
+    free(buf);
+    return 0;
+}
+
+int fp_lowp_version(void)
+{
+    const dnnl_version_t *v = dnnl_version();
+    return v ? v->major * 100 + v->minor : 0;
+}
+
+double fp_lowp_peak(int n, int reps)
+{
+    uint16_t *a = malloc((size_t)n * n * sizeof *a), *b = malloc((size_t)n * n * sizeof *b);
+    float *c = malloc((size_t)n * n * sizeof *c);
+    double best = -1;
+    if (a && b && c) {
+        for (size_t i = 0; i < (size_t)n * n; i++)
+            a[i] = b[i] = bf16((float)((i * 7919) % 1000) / 1000.0f - 0.5f);
+        key_t_ k = {n, n, n, {n, 1}, {n, 1}, {n, 1}, 0};
+        for (int r = 0; r < reps + 1; r++) {
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            if (run(&k, a, b, c) != 0)
+                break;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+            double g = 2.0 * n * n * (double)n / s / 1e9;
+            if (r > 0 && g > best) /* the first run makes the primitive */
+                best = g;
+        }
+    }
+    free(a);
+    free(b);
+    free(c);
+    return best;
+}
