@@ -63,7 +63,7 @@ struct fp_agent {
     int port;
     uint8_t model_sha[32];
     fp_model_t *model;         /* built-in trainer only */
-    float *base;               /* a copy of the base weights (restart strategies fold into it) */
+    void *base;                /* a copy of the base weights (restart strategies fold into it) */
     fp_model_config_t mcfg;    /* the base model's configuration */
     int external;              /* train.trainer = external */
     char **tr_argv;            /* its command */
@@ -880,7 +880,7 @@ static int train_builtin(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t 
 {
     const fp_site_task_t *t = &j->task;
     fp_adapter_t *ad = NULL;
-    memcpy(a->model->mem, a->base, a->model->n_params * sizeof(float)); /* pristine weights */
+    fp_model_restore(a->model, a->base); /* pristine weights */
     int rc = fp_local_start(a->model, start, t->restart, t->rank, t->seed, &ad, err);
     if (rc)
         return rc;
@@ -1135,15 +1135,19 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
             (rc = model_hash(a, err)) != 0)
             goto fail;
     } else {
-        if ((rc = fp_model_load(cfg->model_dir, &a->model, err)) != 0 ||
-            (rc = model_hash(a, err)) != 0)
+        fp_base_dtype_t bd = FP_BASE_F32;
+        if ((rc = fp_base_dtype_parse(cfg->base_dtype, &bd, err)) != 0 ||
+            (rc = fp_model_load(cfg->model_dir, &a->model, err)) != 0 ||
+            (rc = model_hash(a, err)) != 0 || (rc = fp_model_lowp(a->model, bd, err)) != 0)
             goto fail;
         a->mcfg = a->model->cfg;
-        if (!(a->base = malloc(a->model->n_params * sizeof(float)))) {
+        if (!(a->base = fp_model_snapshot(a->model))) {
             rc = fp_err_set(err, -ENOMEM, "out of memory");
             goto fail;
         }
-        memcpy(a->base, a->model->mem, a->model->n_params * sizeof(float));
+        fp_log(FP_LOG_NOTICE, "base model: %s weights (%.1f MB, %s products)",
+               fp_base_dtype_name(a->model->base), (double)fp_model_weight_bytes(a->model) / 1e6,
+               a->model->base == FP_BASE_F32 ? "OpenBLAS" : "oneDNN bf16");
     }
     if ((rc = load_corpus(a, err)) != 0)
         goto fail;

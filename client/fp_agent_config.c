@@ -8,6 +8,7 @@
 #include "fp_dp.h"
 #include "fp_extrain.h"
 #include "fp_fs.h"
+#include "fp_lowp.h"
 #include "fp_tls.h"
 
 /* ---- settings ---- */
@@ -43,6 +44,10 @@ const fp_setting_t fp_agent_settings[] = {
     {"train", "max_steps", FP_SET_INT, O(max_steps), "1000", 1, 10000000, 0,
      "cap on the local steps of a task"},
     {"train", "threads", FP_SET_INT, O(threads), "0", 0, 1024, 0, "threads (0: all cores)"},
+    {"train", "base_dtype", FP_SET_STR, O(base_dtype), "auto", 0, 0, 0,
+     "the frozen base's precision for the built-in trainer: f32, bf16 (oneDNN's bf16 products, "
+     "fp32 accumulation; LoRA, optimizer, norms stay fp32), nf4 (4-bit NormalFloat) or auto "
+     "(bf16 where the CPU has bf16 instructions, else f32)"},
     {"train", "slot_dir", FP_SET_STR, O(slot_dir), "", 0, 0, 0,
      "sites sharing one machine take turns: training holds one of `slots` lock files in this "
      "directory (empty: no turns)"},
@@ -100,6 +105,9 @@ int fp_agent_config_check(const fp_agent_config_t *c, fp_err_t *err)
                           c->coordinator);
     if (c->backoff_max_s < c->backoff_initial_s)
         return fp_err_set(err, -EINVAL, "network.backoff_max_s is below backoff_initial_s");
+    fp_base_dtype_t bd;
+    if (fp_base_dtype_parse(c->base_dtype ? c->base_dtype : "", &bd, err) != 0)
+        return fp_err_prefix(err, -EINVAL, "train.base_dtype: ");
     if (!c->trainer || (strcmp(c->trainer, "builtin") != 0 && strcmp(c->trainer, "external") != 0))
         return fp_err_set(err, -EINVAL, "train.trainer: builtin or external, not '%s'",
                           c->trainer ? c->trainer : "");

@@ -26,6 +26,7 @@ typedef struct fp_agent_config {
     char *slot_dir;          /* sites sharing a machine take turns training: one of */
     long long slots;         /* `slots` lock files in slot_dir is held while training */
     char *trainer;           /* "builtin" or "external" */
+    char *base_dtype;        /* builtin: f32, bf16, nf4 or auto (fp_lowp.h) */
     char *trainer_command;   /* external: the command (an argv; no shell), see fp_extrain.h */
     double trainer_grace_s;  /* external: SIGTERM, then SIGKILL after this */
     /* [network] */

@@ -83,6 +83,7 @@ typedef struct sim {
     const char *dp_mode; /* NULL, "central" or "distributed": the runs with epsilon > 0 */
     double dp_clip;      /* their clip bound C */
     int secure;          /* --secure-aggregation: each run also (with --dp: only) securely */
+    const char *base_dtype; /* the frozen base's precision everywhere: f32, bf16, nf4 (auto resolved) */
     /* made */
     sim_site_t *sites;
     char *pki, *slot_dir;

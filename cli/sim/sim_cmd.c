@@ -105,6 +105,10 @@ static const char sim_help[] =
     "                     coordinator sees; with --dp every run is secure (distributed DP\n"
     "                     only); needs 3 sites or more\n"
     "  --targets LIST     adapted projections (default all)\n"
+    "  --base-dtype D     the frozen base's precision at every site and in the baselines: f32,\n"
+    "                     bf16 (oneDNN's bf16 products, fp32 accumulation), nf4 (4-bit\n"
+    "                     NormalFloat) or auto: bf16 where the CPU has bf16 instructions, else\n"
+    "                     f32 (default auto; %s here)\n"
     "  --jobs N           sites training at once (default: the cores, %d here)\n"
     "  --print-data       list the categories and their files, and exit\n"
     "  -h, --help         this help\n"
@@ -518,7 +522,7 @@ typedef struct sim_args {
 static void print_help(const sim_t *sim)
 {
     printf(sim_help, demo_measured, D_ROUNDS, D_PROMPT, D_MAX_DOCS, D_STEPS, D_LR, D_BATCH, D_SEQ,
-           D_SEQ_LM, D_DP_CLIP, sim->slots);
+           D_SEQ_LM, D_DP_CLIP, fp_base_dtype_name(fp_base_dtype_default()), sim->slots);
 }
 
 /* One run per strategy; with --dp, the strategy without DP and at each budget. */
@@ -611,6 +615,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
         {"dp", required_argument, NULL, 'x'},       {"epsilons", required_argument, NULL, 'E'},
         {"dp-clip", required_argument, NULL, 'C'},
         {"secure-aggregation", no_argument, NULL, 'A'},
+        {"base-dtype", required_argument, NULL, 'B'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     static const struct {
         int opt;
@@ -653,6 +658,14 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
             break;
         case 'E': a->epsilons = optarg; break;
         case 'A': sim->secure = 1; break;
+        case 'B': {
+            fp_base_dtype_t d;
+            if (fp_base_dtype_parse(optarg, &d, NULL) != 0)
+                return fp_cli_usage_error("sim", "--base-dtype is f32, bf16, nf4 or auto, not "
+                                          "'%s'", optarg);
+            sim->base_dtype = fp_base_dtype_name(d); /* auto: what it is here */
+            break;
+        }
         case 'C':
             if (fp_parse_double(optarg, &sim->dp_clip) || !(sim->dp_clip > 0) ||
                 sim->dp_clip > 1e6)
@@ -762,8 +775,8 @@ static void print_plan(const sim_t *sim)
     }
     if (sim->partition == SIM_DIRICHLET)
         printf(" (alpha %g)", sim->dir_alpha);
-    printf(", task %s, model %s, %d training at once\n",
-           sim->task == SIM_TASK_LM ? "lm" : "classify", sim->model, sim->slots);
+    printf(", task %s, model %s (base %s), %d training at once\n",
+           sim->task == SIM_TASK_LM ? "lm" : "classify", sim->model, sim->base_dtype, sim->slots);
     for (int i = 0; i < sim->nsites; i++)
         printf("  %-8s rank %-3d %5zu training + %3zu held-out documents: %s\n",
                sim->sites[i].name, sim->ranks[i], sim->sites[i].ntrain, sim->sites[i].nheld,
@@ -810,14 +823,15 @@ static int write_outputs(const sim_t *sim, json_t *runs, json_t *table, json_t *
                         : sim->partition == SIM_IID      ? "iid" : "dirichlet";
     char summary[1024];
     snprintf(summary, sizeof summary, "Simulation: %d sites, %d rounds of %d local steps "
-             "(batch %d × %d tokens, lr %g), partition %s, task %s, seed %llu, base model %s.",
+             "(batch %d × %d tokens, lr %g), partition %s, task %s, seed %llu, base model %s "
+             "(its frozen weights in %s).",
              sim->nsites, sim->rounds, sim->steps, sim->batch, sim->seq, sim->lr, pname,
              sim->task == SIM_TASK_LM ? "lm (held-out loss)"
                                       : "classify (the label the model writes)",
-             (unsigned long long)sim->seed, sim->model);
-    json_t *doc = json_pack("{s:s,s:s,s:o,s:O,s:O,s:O}", "title", "fedpeft simulation",
+             (unsigned long long)sim->seed, sim->model, sim->base_dtype);
+    json_t *doc = json_pack("{s:s,s:s,s:o,s:O,s:O,s:O,s:s}", "title", "fedpeft simulation",
                             "summary", summary, "sites", sites, "runs", runs, "table", table,
-                            "timing", timing);
+                            "timing", timing, "base_dtype", sim->base_dtype);
     char *csv = fp_path_join(sim->out, "metrics.csv"), *res = fp_path_join(sim->out,
                                                                            "results.json"),
          *html = fp_path_join(sim->out, "report.html");
@@ -851,6 +865,7 @@ int fp_cmd_sim(int argc, char **argv)
                  .partition = SIM_BY_CATEGORY, .task = SIM_TASK_CLASSIFY,
                  .prompt_bytes = D_PROMPT, .max_docs = D_MAX_DOCS, .cue = "Category: ",
                  .out = "out/sim", .targets = "all", .seed = 1, .dp_clip = D_DP_CLIP};
+    sim.base_dtype = fp_base_dtype_name(fp_base_dtype_default());
     sim_args_t a = {.strategy = "flexlora"};
     char mbuf[4096];
     fp_err_t err = {0};

@@ -166,9 +166,10 @@ static int write_configs(const sim_t *sim, const sim_run_t *run, const char *dir
                      "key = %s/sites/%s/site.key\nca = %s/ca.crt\nstate_dir = %s/sites/%s\n"
                      "[model]\ndir = %s\n[data]\nfiles = %s\neval_files = %s\n"
                      "[train]\nrank_budget = %d\nthreads = 1\nslot_dir = %s\nslots = %d\n"
+                     "base_dtype = %s\n"
                      "[network]\nbackoff_initial_s = 0.1\nbackoff_max_s = 2\nheartbeat_s = 5\n",
                      p, s->name, p, s->name, p, dir, s->name, sim->model, s->train, s->held,
-                     sim->ranks[i], sim->slot_dir, sim->slots);
+                     sim->ranks[i], sim->slot_dir, sim->slots, sim->base_dtype);
         if (n < 0)
             return fp_err_set(err, -ENOMEM, "out of memory");
         sim_path(path, "%s/sites/%s.ini", dir, s->name);
@@ -380,7 +381,8 @@ static int spawn_baseline(const sim_t *sim, int job, const char *logs, int *pid,
     const char *rest[] = {"--rank", rank, "--alpha", alpha, "--targets", sim->targets,
                           "--steps", steps, "--batch", batch, "--seq", seq, "--lr", lr,
                           "--eval-frac", "0", "--seed", seed, "--threads", "1",
-                          "--log-every", "0", "--out", out, NULL};
+                          "--base-dtype", sim->base_dtype, "--log-every", "0", "--out", out,
+                          NULL};
     for (size_t i = 0; i < sizeof rest / sizeof *rest; i++)
         argv[n++] = rest[i];
     fp_fs_remove_tree(out, NULL);

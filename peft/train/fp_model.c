@@ -236,7 +236,7 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
             per_layer += (size_t)o;
     }
     size_t total = V * D + per_layer * (size_t)c->n_layers + D + (c->tied ? 0 : V * D);
-    m->n_params = total;
+    m->n_params = m->n_floats = total;
     m->mem = calloc(total, sizeof(float));
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     if (!m->mem || !m->layers) {
@@ -388,8 +388,29 @@ int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
     m->embed = m->lm_head = NULL;
     m->lowp_mem = lp;
     m->lowp_bytes = bytes;
+    m->n_floats = floats;
     m->base = dt;
     return 0;
+}
+
+void *fp_model_snapshot(const fp_model_t *m)
+{
+    size_t fb = m->n_floats * sizeof(float);
+    unsigned char *s = malloc(fb + m->lowp_bytes + 1);
+    if (s) {
+        memcpy(s, m->mem, fb);
+        if (m->lowp_bytes)
+            memcpy(s + fb, m->lowp_mem, m->lowp_bytes);
+    }
+    return s;
+}
+
+void fp_model_restore(fp_model_t *m, const void *snap)
+{
+    size_t fb = m->n_floats * sizeof(float);
+    memcpy(m->mem, snap, fb);
+    if (m->lowp_bytes)
+        memcpy(m->lowp_mem, (const unsigned char *)snap + fb, m->lowp_bytes);
 }
 
 void fp_model_init(fp_model_t *m, uint64_t seed)

@@ -70,6 +70,7 @@ typedef struct fp_model {
     float *lm_head;         /* == embed when tied */
     float *mem;             /* the one allocation holding every float weight */
     size_t n_params;        /* parameters (floats in mem while the base is f32) */
+    size_t n_floats;        /* floats in mem */
     /* a low-precision base (fp_model_lowp): the linear weights (layers[].lp), the embedding
      * and the head in lowp_mem; embed, lm_head and every w[] are then NULL */
     fp_base_dtype_t base;
@@ -120,6 +121,10 @@ void fp_model_free(fp_model_t *m);
 int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err);
 /* Bytes of every weight, in whatever precision each is held. */
 size_t fp_model_weight_bytes(const fp_model_t *m);
+/* A copy of every weight, to put back after an update was folded in (fp_lora_merge_into);
+ * NULL when out of memory. Free it with free(). */
+void *fp_model_snapshot(const fp_model_t *m);
+void fp_model_restore(fp_model_t *m, const void *snap);
 
 /* HF LlamaForCausalLM initialisation: linear and embedding weights ~ N(0, 0.02²), norms 1,
  * biases 0. Deterministic for a seed. */
