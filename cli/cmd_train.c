@@ -148,6 +148,10 @@ static int parse_run(const char *cmd, const char *help, int argc, char **argv, r
     }
     if (optind < argc)
         return fp_cli_usage_error(cmd, "unexpected argument '%s'", argv[optind]);
+    fp_base_dtype_t bd;
+    fp_err_t e = {0};
+    if (o->base_dtype && fp_base_dtype_parse(o->base_dtype, &bd, &e) != 0)
+        return fp_cli_usage_error(cmd, "--base-dtype: %s", fp_err_msg(&e));
     if (!o->model)
         return fp_cli_usage_error(cmd, "--model is required");
     if (o->ndata == 0)

@@ -585,7 +585,8 @@ static char *task_text(fed_t *f, const char *site, int round, const char *col)
  * built-in trainer, on the same base model; rounds complete and every update merges. Given the
  * same held-out file, the PyTorch site's loss before training equals the built-in sites' in
  * round 1 (the base model) and, for restart strategies, in round 2 too (base weights plus the
- * folded global update, fresh adapters): the example computes what fedpeft computes. The
+ * folded global update, fresh adapters): the example computes what fedpeft computes (with
+ * the base in f32, as PyTorch's example holds it). The
  * coordinator closes sessions idle for 0.8 s, shorter than a task takes: heartbeats must flow
  * while the command runs. */
 static void torch_case(const char *strategy)
@@ -605,8 +606,9 @@ static void torch_case(const char *strategy)
             snprintf(extra, sizeof extra, "[data]\neval_files = %s\n[train]\ntrainer = external\n"
                      "trainer_command = /usr/bin/python3 '%s/deploy/examples/torch_trainer.py'\n",
                      held, FP_SOURCE_DIR);
-        else
-            snprintf(extra, sizeof extra, "[data]\neval_files = %s\n", held);
+        else /* parity with PyTorch's float32 holds for the float base */
+            snprintf(extra, sizeof extra, "[data]\neval_files = %s\n[train]\nbase_dtype = f32\n",
+                     held);
         start_site(f, i, NULL, extra);
     }
     expect_server_done(f, 2);

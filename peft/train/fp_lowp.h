@@ -38,7 +38,7 @@ void fp_bf16_unpack(float *dst, const uint16_t *src, size_t n);
 extern const float fp_nf4_code[16];
 /* The worst error of a weight, as a fraction of its block's absmax: half the widest gap
  * between neighbouring codes. */
-#define FP_NF4_MAX_ERR 0.13852161169052124
+#define FP_NF4_MAX_ERR 0.15190359950065613
 /* n weights (n % FP_NF4_BLOCK == 0) into q (n/2 bytes: two codes a byte, the first in the low
  * nibble) and absmax (n/64 scales). */
 void fp_nf4_quantize(const float *x, size_t n, uint8_t *q, float *absmax);
