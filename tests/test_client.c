@@ -2,6 +2,7 @@
  * its own private data, over mutual TLS on 127.0.0.1, training a tiny model for real. */
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -974,6 +975,66 @@ static fp_adapter_t *global_of(fed_t *f, int n)
     return ad;
 }
 
+/* Byte patterns of a site's update in the clear, and a search for them in every file under a
+ * directory (the coordinator's state: database, spool, updates) and in its log. */
+enum { NPAT = 4, PATLEN = 16 };
+static uint8_t pats[NPAT][PATLEN];
+static int pats_found;
+
+static int scan_file(const char *p, const struct stat *st, int kind, struct FTW *ftw)
+{
+    (void)ftw;
+    if (kind != FTW_F || st->st_size <= 0)
+        return 0;
+    char *data = NULL;
+    size_t len = 0;
+    if (fp_fs_read_file(p, (size_t)1 << 30, &data, &len, NULL) != 0)
+        return 0;
+    for (int k = 0; k < NPAT; k++)
+        if (len >= PATLEN && memmem(data, len, pats[k], PATLEN))
+            pats_found++;
+    free(data);
+    return 0;
+}
+
+/* Four 16-byte windows of a clear update's tensor data (safetensors: 8-byte length, header,
+ * data), taken from the first upload in updates/. */
+static void take_patterns(const char *updates)
+{
+    char cmd[4300], name[4096] = "";
+    snprintf(cmd, sizeof cmd, "ls %s | grep safetensors | head -1", updates);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    assert_non_null(fgets(name, sizeof name, p));
+    pclose(p);
+    name[strcspn(name, "\n")] = '\0';
+    char *file = path2(updates, name), *data = NULL;
+    size_t len = 0;
+    assert_int_equal(fp_fs_read_file(file, 1 << 26, &data, &len, NULL), 0);
+    uint64_t h = 0;
+    memcpy(&h, data, 8);
+    size_t base = 8 + (size_t)h, span = len - base;
+    for (int k = 0; k < NPAT; k++) {
+        size_t at = base + (span - PATLEN) * (size_t)(k + 1) / (NPAT + 1);
+        at -= (at - base) % 4;
+        memcpy(pats[k], data + at, PATLEN);
+    }
+    free(data);
+    free(file);
+}
+
+static int count_patterns(fed_t *f)
+{
+    pats_found = 0;
+    nftw(f->state, scan_file, 16, FTW_PHYS);
+    char *log = path2(f->dir, "server.log");
+    struct stat st;
+    if (stat(log, &st) == 0)
+        scan_file(log, &st, FTW_F, NULL);
+    free(log);
+    return pats_found;
+}
+
 /* Secure aggregation with the real daemons: a fedavg round through SecAgg+ gives the global
  * adapter the same federation gives in the clear (the same seeds and data), within the fixed
  * point, while the coordinator stores only masked vectors; then a site that leaves after
@@ -993,7 +1054,19 @@ static void test_secure_aggregation(void **state)
             start_site(f, i, NULL, NULL);
         expect_server_done(f, 1);
         g[secure] = global_of(f, 1);
+        if (!secure) { /* a site's update as it travels in the clear, and found where it lies */
+            char *up = path2(f->state, "updates");
+            take_patterns(up);
+            free(up);
+            assert_int_equal(count_patterns(f), NPAT);
+        }
         if (secure) {
+            /* the same sites train the same updates: none is anywhere in the coordinator's
+             * database, spool, updates or log */
+            int found = count_patterns(f);
+            if (found)
+                fail_msg("%d piece(s) of a site's plaintext update in the secure coordinator's "
+                         "state or log", found);
             assert_int_equal(db_int(f, "SELECT count(*) FROM event WHERE kind = 'secagg'"), 1);
             char *dir = path2(f->state, "updates");
             char *cmd = NULL;

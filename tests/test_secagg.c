@@ -86,6 +86,18 @@ typedef struct round_out {
     int revealed_self, revealed_key;
 } round_out_t;
 
+/* Pearson's χ² of a byte of n words (shift: which byte) against 256 equal buckets: 255
+ * degrees of freedom, mean 255, standard deviation 22.6 for uniform words. */
+static double chi2_byte(const uint32_t *v, size_t n, int shift)
+{
+    double cnt[256] = {0}, e = (double)n / 256, c = 0;
+    for (size_t i = 0; i < n; i++)
+        cnt[(v[i] >> shift) & 255]++;
+    for (int b = 0; b < 256; b++)
+        c += (cnt[b] - e) * (cnt[b] - e) / e;
+    return c;
+}
+
 static void run_round(const fp_sa_params_t *p, const float *x, size_t dim, const int *leave,
                       round_out_t *o)
 {
@@ -137,6 +149,16 @@ static void run_round(const fp_sa_params_t *p, const float *x, size_t dim, const
             o->want[d] += (double)x[(size_t)i * dim + d];
         }
         assert_true(same < dim / 100 + 2);
+        if (dim >= 1 << 14) { /* each byte of a masked vector is uniform by Pearson's χ²
+                               * (255 dof: 400 is 6 standard deviations out), while the
+                               * plaintext's is not */
+            for (int sh = 0; sh < 32; sh += 8) {
+                double c = chi2_byte(y, dim, sh);
+                if (!(c < 400))
+                    fail_msg("site %d's masked vector, byte %d: χ² %.1f (255 dof)", i, sh / 8, c);
+            }
+            assert_true(chi2_byte(enc, dim, 24) > 1000);
+        }
     }
     fp_share_t *b_sh = calloc((size_t)n * (size_t)n, sizeof *b_sh);
     fp_share_t *k_sh = calloc((size_t)n * (size_t)n, sizeof *k_sh);
@@ -228,6 +250,25 @@ static fp_sa_params_t params(int n, int k, int t)
     for (int i = 0; i < FP_SA_KEY; i++)
         p.seed[i] = (uint8_t)(i * 13 + 5);
     return p;
+}
+
+/* A masked vector is indistinguishable from uniform by a simple statistical test, even for the
+ * most structured input there is (zeros everywhere); run_round applies the test. */
+static void test_masked_uniform(void **state)
+{
+    (void)state;
+    fp_sa_params_t p = params(5, 2, 2);
+    size_t dim = 1 << 16;
+    float *x = calloc(5 * dim, sizeof *x);
+    int stay[5] = {0, 0, 0, 0, 0};
+    round_out_t o = {0};
+    run_round(&p, x, dim, stay, &o);
+    assert_int_equal(o.rc, 0);
+    for (size_t d = 0; d < dim; d++)
+        assert_true(fabs(o.sum[d]) < 1e-9);
+    free(o.sum);
+    free(o.want);
+    free(x);
 }
 
 /* All pairs (n = 8, t = 5): 0, 1 and n − t = 3 sites leaving at each phase. */
@@ -934,6 +975,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shamir),
+        cmocka_unit_test(test_masked_uniform),
         cmocka_unit_test(test_dropouts_all_pairs),
         cmocka_unit_test(test_dropouts_ring),
         cmocka_unit_test(test_below_threshold),
