@@ -102,6 +102,7 @@ struct fp_agent {
     json_t *pend_meta;
     /* the secure round this site is in (its keys live only here: lost with the process) */
     fp_asa_t *sa;
+    int up_second;             /* the upload in flight is an exact merge's second sum */
     fp_sa_signer_t *signer;
     fp_sa_verifier_t *verifier;
     void (*stop_cb)(void *ctx);
@@ -377,8 +378,10 @@ static void upload_second(fp_agent_t *a)
                (unsigned long long)a->task_round, fp_err_msg(&err));
         return;
     }
-    if (rc == 1 && fp_site_upload(a->site, &u, 0) == 0)
+    if (rc == 1 && fp_site_upload(a->site, &u, 0) == 0) {
+        a->up_second = 1;
         set_state(a, S_UPLOADING, "the second sum of an exact merge");
+    }
 }
 
 /* The coordinator's second Task for a task of the round's first sum: the bases Q; fresh keys
@@ -393,15 +396,18 @@ static void second_sum(fp_agent_t *a, fp_site_t *s, const fp_site_task_t *t)
         return;
     }
     fp_failpoint("secagg-second"); /* tests: a site that leaves between the two sums */
-    if (fp_asa_second(&n, a->sa, t, a->name, &err) != 0 ||
-        fp_asa_send_keys(n, s, a->signer, &err) != 0) {
+    if (fp_asa_second(&n, a->sa, t, a->name, &err) != 0) {
         fp_log(FP_LOG_ERR, "round %llu: secure aggregation, second sum: %s",
                (unsigned long long)t->round, fp_err_msg(&err));
-        fp_asa_free(n);
         return;
     }
-    fp_asa_free(a->sa);
+    fp_asa_free(a->sa); /* the first sum's keys: never used again */
     a->sa = n;
+    if (fp_asa_send_keys(n, s, a->signer, &err) != 0) { /* the round goes on without it */
+        fp_log(FP_LOG_ERR, "round %llu: secure aggregation, second sum: %s",
+               (unsigned long long)t->round, fp_err_msg(&err));
+        return;
+    }
     fp_log(FP_LOG_INFO, "round %llu: secure aggregation, second sum (exact merge): keys sent",
            (unsigned long long)t->round);
 }
@@ -611,7 +617,9 @@ static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
 {
     (void)s;
     fp_agent_t *a = ctx;
-    fp_asa_stored(a->sa, id);
+    if (a->up_second)
+        fp_asa_stored(a->sa, id);
+    a->up_second = 0;
     if (a->pending && a->pend_task == id) {
         if (a->pend_round > a->last_acked_round) {
             a->last_acked_round = a->pend_round;
@@ -661,10 +669,12 @@ static void on_closed(void *ctx, fp_site_t *s, int code, const char *why_in)
     a->welcomed_once_since_fail = 0;
     if (code == FEDPEFT__ERROR__CODE__LATE || code == FEDPEFT__ERROR__CODE__DUPLICATE ||
         code == FEDPEFT__ERROR__CODE__INVALID_UPDATE) { /* that update will never be taken */
-        remove_pending(a);
-        if (a->sa)
+        if (a->up_second && a->sa) /* the second sum's, refused: not sent again */
             fp_asa_stored(a->sa, fp_asa_task(a->sa));
+        else
+            remove_pending(a);
     }
+    a->up_second = 0;
     /* refusals of this site as such (model, certificate, name) will not change by retrying
      * soon: wait the longest delay before asking again */
     int hopeless = code == FEDPEFT__ERROR__CODE__MODEL_MISMATCH ||

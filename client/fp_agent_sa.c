@@ -181,7 +181,10 @@ int fp_asa_second(fp_asa_t **out, fp_asa_t *first, const fp_site_task_t *t, cons
                           "not put into a first", (unsigned long long)t->task_id);
     if (sa->sites != first->sa.sites || sa->index != first->sa.index ||
         strcmp(sa->strategy, first->sa.strategy) || sa->sketch_k != first->sa.sketch_k ||
-        sa->sketch_seed != first->sa.sketch_seed)
+        sa->sketch_seed != first->sa.sketch_seed || sa->weight != first->sa.weight ||
+        sa->degree != first->sa.degree || sa->threshold != first->sa.threshold ||
+        sa->scale != first->sa.scale || sa->bound != first->sa.bound ||
+        sa->global_rank != first->sa.global_rank)
         return fp_err_set(err, -EBADMSG, "the second sum's participants or sketch are not the "
                           "first's");
     if (t->n != 1 || strcmp(t->t[0].name, "secagg.q") || t->t[0].rows != 1 ||

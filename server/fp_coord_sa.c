@@ -481,7 +481,8 @@ static int on_keys(fp_coord_t *co, site_t *s, const Fedpeft__SecAggKeys *k, char
         snprintf(reason, n, "keys for task %llu, not this site's", (unsigned long long)k->task_id);
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
-    if (sa->phase != SA_KEYS || q->keyed || pass_of(k->pass) != sa->pass) {
+    if (sa->phase != SA_KEYS || q->keyed || pass_of(k->pass) != sa->pass ||
+        (q->gone && sa->pass == 2)) { /* (not in the second sum: its Y was not in the first) */
         /* late or again: the round went on without it */
         fp_log(FP_LOG_INFO, "site %s: keys after the keys phase: ignored", s->name);
         return 0;
@@ -516,7 +517,8 @@ static int on_shares(fp_coord_t *co, site_t *s, const Fedpeft__SecAggShares *m, 
                  (unsigned long long)m->task_id);
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
-    if (sa->phase != SA_SHARES || !q->keyed || q->shared || pass_of(m->pass) != sa->pass) {
+    if (sa->phase != SA_SHARES || !q->keyed || q->shared || pass_of(m->pass) != sa->pass ||
+        (q->gone && sa->pass == 2)) {
         fp_log(FP_LOG_INFO, "site %s: shares after the shares phase: ignored", s->name);
         return 0;
     }

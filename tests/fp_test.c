@@ -194,3 +194,22 @@ fp_adapter_t *fpt_random_adapter(const fp_module_desc_t *descs, int n, uint64_t 
     fp_adapter_randomize(ad, seed, a_seed, 0.5);
     return ad;
 }
+
+double fpt_product_rel(const fp_adapter_t *a, const fp_adapter_t *b)
+{
+    double num = 0, den = 0;
+    for (int i = 0; i < b->n; i++) {
+        const fp_lora_module_t *mb = &b->mods[i], *ma = &a->mods[fp_adapter_find(a, mb->name)];
+        size_t sz = (size_t)mb->d_out * mb->d_in;
+        double *da = calloc(sz, sizeof *da), *db = calloc(sz, sizeof *db);
+        fpt_dense_add(da, ma->B, ma->A, ma->d_out, ma->d_in, ma->rank, fp_module_scale(ma));
+        fpt_dense_add(db, mb->B, mb->A, mb->d_out, mb->d_in, mb->rank, fp_module_scale(mb));
+        for (size_t e = 0; e < sz; e++) {
+            num += (da[e] - db[e]) * (da[e] - db[e]);
+            den += db[e] * db[e];
+        }
+        free(da);
+        free(db);
+    }
+    return sqrt(num / den);
+}

@@ -49,6 +49,9 @@ void fpt_assert_contains(const fp_err_t *err, const char *needle, const char *fi
 void fpt_dense_add(double *dw, const float *B, const float *A, int d_out, int d_in, int r,
                    double c);
 
+/* ‖Σ_modules s·B·A of a − that of b‖_F / ‖that of b‖_F, dense (modules matched by name). */
+double fpt_product_rel(const fp_adapter_t *a, const fp_adapter_t *b);
+
 /* ‖x − y‖_F and ‖y‖_F over n doubles. */
 double fpt_diff_norm(const double *x, const double *y, size_t n);
 double fpt_norm(const double *x, size_t n);

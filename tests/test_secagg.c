@@ -598,12 +598,12 @@ static const fp_module_desc_t layout2[2] = {
     {"model.layers.0.self_attn.v_proj", 12, 16, 8, 16, 0},
 };
 
-/* Site adapters at the given ranks (alpha 16); with a shared A when frozen_a (ffa). */
 static const fp_module_desc_t layout2_rev[2] = { /* layout2, the other way round */
     {"model.layers.0.self_attn.v_proj", 12, 16, 8, 16, 0},
     {"model.layers.0.self_attn.q_proj", 24, 16, 8, 16, 0},
 };
 
+/* Site adapters at the given ranks (alpha 16); with a shared A when frozen_a (ffa). */
 static fp_adapter_t *site_adapter(int rank, uint64_t seed, const fp_adapter_t *frozen_a)
 {
     fp_module_desc_t d[2] = {layout2[0], layout2[1]};
@@ -620,26 +620,6 @@ static fp_adapter_t *site_adapter(int rank, uint64_t seed, const fp_adapter_t *f
             memcpy(m->A, frozen_a->mods[i].A, (size_t)rank * m->d_in * sizeof(float));
     }
     return ad;
-}
-
-/* ‖Σ_modules s·B·A (a) − (b)‖ / ‖(b)‖, dense. */
-static double adapter_rel(const fp_adapter_t *a, const fp_adapter_t *b)
-{
-    double num = 0, den = 0;
-    for (int i = 0; i < b->n; i++) {
-        const fp_lora_module_t *mb = &b->mods[i], *ma = &a->mods[fp_adapter_find(a, mb->name)];
-        size_t sz = (size_t)mb->d_out * mb->d_in;
-        double *da = calloc(sz, sizeof *da), *db = calloc(sz, sizeof *db);
-        fpt_dense_add(da, ma->B, ma->A, ma->d_out, ma->d_in, ma->rank, fp_module_scale(ma));
-        fpt_dense_add(db, mb->B, mb->A, mb->d_out, mb->d_in, mb->rank, fp_module_scale(mb));
-        for (size_t e = 0; e < sz; e++) {
-            num += (da[e] - db[e]) * (da[e] - db[e]);
-            den += db[e] * db[e];
-        }
-        free(da);
-        free(db);
-    }
-    return sqrt(num / den);
 }
 
 /* fedavg, ffa and zeropad through secure aggregation, site 2 leaving after sharing: the
@@ -673,7 +653,7 @@ static void test_linear_strategies(void **state)
         fp_merge_opts_t mo = {sts[k], 8, 0, 0};
         const fp_adapter_t *srcs[2] = {u[0], u[1]};
         assert_int_equal(fp_merge(&mo, srcs, w, 2, NULL, &ref, NULL), 0);
-        double e = adapter_rel(got, ref);
+        double e = fpt_product_rel(got, ref);
         if (!(e < 1e-5))
             fail_msg("%s under secure aggregation: relative error %g against fp_merge",
                      fp_strategy_name(sts[k]), e);
@@ -733,7 +713,7 @@ static void test_sketch_flexlora(void **state)
         const fp_adapter_t *srcs[3] = {u[0], u[1], u[2]};
         if (r_out == 8) {
             assert_int_equal(fp_merge(&mo, srcs, w, 3, NULL, &ref, NULL), 0);
-            double e = adapter_rel(got, ref);
+            double e = fpt_product_rel(got, ref);
             if (!(e < 1e-4))
                 fail_msg("flexlora by double sketch at rank 8: relative error %g", e);
         } else {
@@ -858,7 +838,7 @@ static void test_sketch_heterogeneous(void **state)
                     fail_msg("%s, %s: σ_%d = %.9g securely, %.9g in the clear",
                              fp_strategy_name(cases[c].strategy), mr->name, k, sg[k], sr[k]);
         }
-        double e = adapter_rel(got, ref);
+        double e = fpt_product_rel(got, ref);
         if (!(e < 1e-4))
             fail_msg("%s τ=%g by double sketch: product's relative error %g",
                      fp_strategy_name(cases[c].strategy), cases[c].energy, e);

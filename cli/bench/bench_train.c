@@ -326,8 +326,8 @@ int fp_bench_train(int argc, char **argv)
                "GFLOP/s (2048^3, fp32 accumulation, same threads); the default base is bf16\n\n",
                fp_lowp_version() / 100, fp_lowp_version() % 100, bpeak);
     else
-        printf("bf16: this CPU has no bf16 instructions: the base stays f32 (OpenBLAS), and "
-               "bf16/nf4 would run emulated\n\n");
+        printf("bf16: this CPU has no bf16 instructions: the default base is f32 (OpenBLAS); "
+               "bf16 and nf4 run only where oneDNN can multiply bf16\n\n");
     printf("%-7s %-5s %-34s %9s %8s %7s %13s %9s  %s\n", "config", "base", "shape", "tokens/s",
            "GFLOP/s", "of peak", "weights", "peak RSS", "vs PyTorch: as shipped, tuned, "
            "bf16 autocast");

@@ -72,7 +72,7 @@ int fp_sa_linear_encode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
                           fp_strategy_name(st));
     if (!(w >= 0) || !isfinite(w))
         return fp_err_set(err, -EINVAL, "secure aggregation: weight %g", w);
-    int *idx, rc = order_by_name(layout, n, &idx, err);
+    int *idx = NULL, rc = order_by_name(layout, n, &idx, err);
     size_t at = 0;
     for (int j = 0; j < n && rc == 0; j++) {
         const fp_module_desc_t *m = &layout[idx[j]];
@@ -354,9 +354,17 @@ static int keep_rank(const fp_sa_sketch_out_t *o, const double *sv, int m, doubl
                 break;
             }
         }
+        r = r < last ? r : last; /* never a component counted as zero */
     }
     r = r < m ? r : m;
     return r > 0 ? r : 1;
+}
+
+/* Module i's Z (q × d_in) of the sum, over Σw. */
+static void z_of(const fp_sa_sketch_t *s, const double *zsum, double wsum, int i, double *Z)
+{
+    for (size_t e = 0; e < (size_t)s->q[i] * (size_t)s->layout[i].d_in; e++)
+        Z[e] = zsum[s->z_at[i] + e] / wsum;
 }
 
 int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum,
@@ -372,17 +380,18 @@ int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum,
         size_t nz = (size_t)s->q[i] * (size_t)s->layout[i].d_in;
         zmax = nz > zmax ? nz : zmax;
     }
+    /* one module's Z at a time: ranks first (from Z's spectrum), then the factors */
     fp_module_desc_t *descs = malloc((size_t)s->n * sizeof *descs);
-    double *Z = malloc((size_t)s->n * zmax * sizeof *Z), *sv = malloc((size_t)s->k * sizeof *sv);
+    double *Z = malloc(zmax * sizeof *Z), *sv = malloc((size_t)s->k * sizeof *sv);
     int rc = !descs || !Z || !sv ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
     for (int i = 0; i < s->n && rc == 0; i++) { /* each module's Z = Qᵀ ΔW*, and its rank */
         descs[i] = s->layout[i];
         int m = s->q[i] < descs[i].d_in ? s->q[i] : descs[i].d_in;
-        double *Zi = Z + (size_t)i * zmax;
-        for (size_t e = 0; e < (size_t)s->q[i] * (size_t)descs[i].d_in; e++)
-            Zi[e] = zsum[s->z_at[i] + e] / wsum;
-        if (o->strategy == FP_STRAT_FLORIST && (rc = fp_sketch_values(Zi, s->q[i], descs[i].d_in, sv, err)) != 0)
-            break;
+        if (o->strategy == FP_STRAT_FLORIST) {
+            z_of(s, zsum, wsum, i, Z);
+            if ((rc = fp_sketch_values(Z, s->q[i], descs[i].d_in, sv, err)) != 0)
+                break;
+        }
         /* the sum's fixed point moves σ by at most ‖E‖₂ ≤ resolution·√(q·d_in): below
          * that a component cannot be told from zero */
         double floor = o->resolution / wsum * sqrt((double)s->q[i] * descs[i].d_in);
@@ -394,8 +403,9 @@ int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum,
     for (int i = 0; i < s->n && rc == 0; i++) {
         const fp_module_desc_t *m = &descs[i];
         fp_lora_module_t *mo = &ad->mods[fp_adapter_find(ad, m->name)];
-        rc = fp_sketch_factor(s->Q + s->q_at[i], Z + (size_t)i * zmax, m->d_out, m->d_in,
-                              s->q[i], mo->rank, fp_module_scale(mo), mo->B, mo->A, NULL, err);
+        z_of(s, zsum, wsum, i, Z);
+        rc = fp_sketch_factor(s->Q + s->q_at[i], Z, m->d_out, m->d_in, s->q[i], mo->rank,
+                              fp_module_scale(mo), mo->B, mo->A, NULL, err);
     }
     free(descs);
     free(Z);

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -202,12 +203,24 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static dnnl_engine_t engine;
 static int engine_ok;
 
+static _Atomic int want_threads; /* fedpeft's thread count, for oneDNN's teams */
+static pthread_key_t tls_key;
+static void tls_free(void *v);
+
 static void init_engine(void)
 {
-    engine_ok = dnnl_engine_create(&engine, dnnl_cpu, 0) == dnnl_success;
+    engine_ok = dnnl_engine_create(&engine, dnnl_cpu, 0) == dnnl_success &&
+                pthread_key_create(&tls_key, tls_free) == 0;
 }
 
 void fp_lowp_set_threads(int n)
+{
+    /* applied by each thread that multiplies (OpenMP's count is a thread's own setting:
+     * the site daemon trains on a libuv worker, not on the thread that set it) */
+    want_threads = n;
+}
+
+static void apply_threads(int n)
 {
     /* libgomp came with libdnnl; its threads serve oneDNN's parallel regions */
     void (*set)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "omp_set_num_threads");
@@ -227,10 +240,73 @@ typedef struct entry {
     dnnl_primitive_t p;
 } entry_t;
 
-#define CACHE_MAX 256
-static pthread_mutex_t cache_mu = PTHREAD_MUTEX_INITIALIZER;
-static entry_t cache[CACHE_MAX];
-static int ncache;
+/* What each thread that multiplies keeps: its primitives (oneDNN runs a primitive on the
+ * thread that made it, whose scratchpad it uses), its stream, its scratch (activations in bf16,
+ * dequantised tiles) and the thread count it applied. Freed when the thread ends. */
+#define CACHE_MAX 64
+typedef struct tls {
+    entry_t cache[CACHE_MAX];
+    int ncache;
+    dnnl_stream_t stream;
+    uint16_t *scratch;
+    size_t scratch_n;
+    int threads;
+} tls_t;
+
+static void tls_free(void *v)
+{
+    tls_t *t = v;
+    for (int i = 0; t && i < t->ncache; i++)
+        dnnl_primitive_destroy(t->cache[i].p);
+    if (t && t->stream)
+        dnnl_stream_destroy(t->stream);
+    if (t)
+        free(t->scratch);
+    free(t);
+}
+
+/* This thread's state (engine made, stream ready, threads applied), or NULL. */
+static tls_t *tls(void)
+{
+    pthread_once(&once, init_engine);
+    if (!engine_ok)
+        return NULL;
+    tls_t *t = pthread_getspecific(tls_key);
+    if (!t) {
+        if (!(t = calloc(1, sizeof *t)))
+            return NULL;
+        if (dnnl_stream_create(&t->stream, engine, dnnl_stream_default_flags) != dnnl_success ||
+            pthread_setspecific(tls_key, t) != 0) {
+            tls_free(t);
+            return NULL;
+        }
+    }
+    int n = want_threads;
+    if (n > 0 && n != t->threads) {
+        apply_threads(n);
+        t->threads = n;
+    }
+    return t;
+}
+
+/* A key with no stray bytes (keys are compared with memcmp). */
+static key_t_ key(int M, int K, int N, int64_t s0, int64_t s1, int64_t w0, int64_t w1,
+                  int64_t d0, int sum)
+{
+    key_t_ k;
+    memset(&k, 0, sizeof k);
+    k.M = M;
+    k.K = K;
+    k.N = N;
+    k.ss[0] = s0;
+    k.ss[1] = s1;
+    k.ws[0] = w0;
+    k.ws[1] = w1;
+    k.ds[0] = d0;
+    k.ds[1] = 1;
+    k.sum = sum;
+    return k;
+}
 
 /* A 2-D memory descriptor (oneDNN reads whole dnnl_dims_t arrays). */
 static dnnl_status_t desc(dnnl_memory_desc_t *md, int64_t rows, int64_t cols,
@@ -281,36 +357,34 @@ static dnnl_status_t make(const key_t_ *k, dnnl_primitive_t *out)
     return st;
 }
 
-static dnnl_primitive_t primitive(const key_t_ *k)
+/* This thread's primitive for k: made once (past CACHE_MAX shapes the oldest gives way). */
+static dnnl_primitive_t primitive(tls_t *t, const key_t_ *k)
 {
+    for (int i = 0; i < t->ncache; i++)
+        if (!memcmp(&t->cache[i].k, k, sizeof *k))
+            return t->cache[i].p;
     dnnl_primitive_t p = NULL;
-    pthread_mutex_lock(&cache_mu);
-    for (int i = 0; i < ncache && !p; i++)
-        if (!memcmp(&cache[i].k, k, sizeof *k))
-            p = cache[i].p;
-    if (!p && make(k, &p) == dnnl_success && ncache < CACHE_MAX)
-        cache[ncache++] = (entry_t){*k, p};
-    else if (!p)
-        p = NULL;
-    pthread_mutex_unlock(&cache_mu);
-    return p; /* (past CACHE_MAX shapes a primitive is made and leaked: never in practice) */
+    if (make(k, &p) != dnnl_success)
+        return NULL;
+    if (t->ncache == CACHE_MAX) {
+        dnnl_primitive_destroy(t->cache[0].p);
+        memmove(t->cache, t->cache + 1, (CACHE_MAX - 1) * sizeof *t->cache);
+        t->ncache--;
+    }
+    t->cache[t->ncache++] = (entry_t){*k, p};
+    return p;
 }
 
-/* Scratch of this thread: activations in bf16, dequantised weight tiles; and its stream. */
-static _Thread_local uint16_t *scratch;
-static _Thread_local size_t scratch_n;
-static _Thread_local dnnl_stream_t stream;
-
-static uint16_t *grow(size_t n)
+static uint16_t *grow(tls_t *t, size_t n)
 {
-    if (n > scratch_n) {
-        uint16_t *s = realloc(scratch, n * sizeof *s);
+    if (t && n > t->scratch_n) {
+        uint16_t *s = realloc(t->scratch, n * sizeof *s);
         if (!s)
             return NULL;
-        scratch = s;
-        scratch_n = n;
+        t->scratch = s;
+        t->scratch_n = n;
     }
-    return scratch;
+    return t ? t->scratch : NULL;
 }
 
 /* Rows of an activation to bf16, on fedpeft's threads (large ones). */
@@ -334,13 +408,11 @@ static void pack(uint16_t *dst, const float *src, int rows, int cols, int ld)
     fp_par_for((size_t)rows, grain, pack_rows, &c);
 }
 
-static int run(const key_t_ *k, const void *src, const void *wei, float *dst)
+static int run(tls_t *t, const key_t_ *k, const void *src, const void *wei, float *dst)
 {
-    pthread_once(&once, init_engine);
-    if (!engine_ok || (!stream && dnnl_stream_create(&stream, engine,
-                                                     dnnl_stream_default_flags) != dnnl_success))
+    if (!t)
         return -ENODEV;
-    dnnl_primitive_t p = primitive(k);
+    dnnl_primitive_t p = primitive(t, k);
     if (!p)
         return -ENOTSUP;
     dnnl_memory_desc_t sdsc, wdsc, ddsc;
@@ -355,9 +427,9 @@ static int run(const key_t_ *k, const void *src, const void *wei, float *dst)
     if (st == dnnl_success) {
         dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, ms}, {DNNL_ARG_WEIGHTS, mw},
                                    {DNNL_ARG_DST, md}};
-        st = dnnl_primitive_execute(p, stream, 3, args);
+        st = dnnl_primitive_execute(p, t->stream, 3, args);
         if (st == dnnl_success)
-            st = dnnl_stream_wait(stream);
+            st = dnnl_stream_wait(t->stream);
     }
     dnnl_memory_destroy(ms);
     dnnl_memory_destroy(mw);
@@ -394,60 +466,53 @@ static void fail_nan(float *d, int M, int N, int ld)
             d[(size_t)i * ld + j] = NAN; /* a failed product shows as a non-finite loss */
 }
 
-int fp_lowp_mm_wt(int N, const float *x, int ldx, const fp_lowp_mat_t *W, float *y, int ldy,
-                  float beta)
+/* The two products with a frozen weight, tile by tile of W's rows (NF4: dequantised per
+ * tile; bf16: one tile). back = 0: out (N × rows) = a (N × cols)·Wᵀ, each tile a block of
+ * out's columns; back = 1: out (N × cols) = a (N × rows)·W, each tile a slice of the
+ * reduction, the tiles adding up. */
+static int product(int back, int N, const float *a, int lda, const fp_lowp_mat_t *W,
+                   float *out, int ldo, float beta)
 {
-    int K = W->cols, R = W->rows;
+    int R = W->rows, C = W->cols, K = back ? R : C, ncol = back ? C : R;
     int tr = W->dt == FP_BASE_NF4 ? tile_rows(W) : R;
-    size_t xs = (size_t)N * (size_t)K;
-    uint16_t *s = grow(xs + (W->dt == FP_BASE_NF4 ? (size_t)tr * (size_t)K : 0));
+    size_t as = (size_t)N * (size_t)K;
+    tls_t *t = tls();
+    uint16_t *s = grow(t, as + (W->dt == FP_BASE_NF4 ? (size_t)tr * (size_t)C : 0));
     if (!s) {
-        fail_nan(y, N, R, ldy);
+        fail_nan(out, N, ncol, ldo);
         return -ENOMEM;
     }
-    pack(s, x, N, K, ldx);
-    prescale(y, N, R, ldy, beta);
+    pack(s, a, N, K, lda);
+    prescale(out, N, ncol, ldo, beta);
     int rc = 0;
     for (int r0 = 0; r0 < R && rc == 0; r0 += tr) {
         int nr = R - r0 < tr ? R - r0 : tr;
-        const uint16_t *w = W->h ? W->h + (size_t)r0 * K : s + xs;
+        const uint16_t *w = W->h ? W->h + (size_t)r0 * C : s + as;
         if (W->dt == FP_BASE_NF4)
-            nf4_rows_bf16(W, r0, nr, s + xs);
-        /* wei (K × nr) is W's rows read as columns */
-        key_t_ k = {N, K, nr, {K, 1}, {1, K}, {ldy, 1}, beta != 0};
-        rc = run(&k, s, w, y + r0);
+            nf4_rows_bf16(W, r0, nr, s + as);
+        if (back) { /* src: a's columns [r0, r0 + nr); wei: the tile's rows */
+            key_t_ k = key(N, nr, C, K, 1, C, 1, ldo, beta != 0 || r0 > 0);
+            rc = run(t, &k, s + r0, w, out);
+        } else { /* wei (C × nr): the tile's rows read as columns */
+            key_t_ k = key(N, C, nr, K, 1, 1, C, ldo, beta != 0);
+            rc = run(t, &k, s, w, out + r0);
+        }
     }
     if (rc)
-        fail_nan(y, N, R, ldy);
+        fail_nan(out, N, ncol, ldo);
     return rc;
+}
+
+int fp_lowp_mm_wt(int N, const float *x, int ldx, const fp_lowp_mat_t *W, float *y, int ldy,
+                  float beta)
+{
+    return product(0, N, x, ldx, W, y, ldy, beta);
 }
 
 int fp_lowp_mm(int N, const float *dy, int lddy, const fp_lowp_mat_t *W, float *dx, int lddx,
                float beta)
 {
-    int K = W->rows, C = W->cols;
-    int tr = W->dt == FP_BASE_NF4 ? tile_rows(W) : K;
-    size_t ds = (size_t)N * (size_t)K;
-    uint16_t *s = grow(ds + (W->dt == FP_BASE_NF4 ? (size_t)tr * (size_t)C : 0));
-    if (!s) {
-        fail_nan(dx, N, C, lddx);
-        return -ENOMEM;
-    }
-    pack(s, dy, N, K, lddy);
-    prescale(dx, N, C, lddx, beta);
-    int rc = 0;
-    for (int r0 = 0; r0 < K && rc == 0; r0 += tr) {
-        int nr = K - r0 < tr ? K - r0 : tr;
-        const uint16_t *w = W->h ? W->h + (size_t)r0 * C : s + ds;
-        if (W->dt == FP_BASE_NF4)
-            nf4_rows_bf16(W, r0, nr, s + ds);
-        /* src: dy's columns [r0, r0 + nr); wei: W's rows [r0, r0 + nr); the tiles add up */
-        key_t_ k = {N, nr, C, {K, 1}, {C, 1}, {lddx, 1}, beta != 0 || r0 > 0};
-        rc = run(&k, s + r0, w, dx);
-    }
-    if (rc)
-        fail_nan(dx, N, C, lddx);
-    return rc;
+    return product(1, N, dy, lddy, W, dx, lddx, beta);
 }
 
 int fp_lowp_add_product(const fp_lowp_mat_t *W, float s, const float *B, const float *A, int r,
@@ -493,11 +558,12 @@ double fp_lowp_peak(int n, int reps)
     if (a && b && c) {
         for (size_t i = 0; i < (size_t)n * n; i++)
             a[i] = b[i] = bf16((float)((i * 7919) % 1000) / 1000.0f - 0.5f);
-        key_t_ k = {n, n, n, {n, 1}, {n, 1}, {n, 1}, 0};
+        key_t_ k = key(n, n, n, n, 1, n, 1, n, 0);
+        tls_t *t = tls();
         for (int r = 0; r < reps + 1; r++) {
             struct timespec t0, t1;
             clock_gettime(CLOCK_MONOTONIC, &t0);
-            if (run(&k, a, b, c) != 0)
+            if (run(t, &k, a, b, c) != 0)
                 break;
             clock_gettime(CLOCK_MONOTONIC, &t1);
             double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
@@ -510,4 +576,26 @@ double fp_lowp_peak(int n, int reps)
     free(b);
     free(c);
     return best;
+}
+
+int fp_lowp_probe(fp_err_t *err)
+{
+    enum { n = 64 };
+    uint16_t w[n * n];
+    float x[2 * n], y[2 * n];
+    for (int i = 0; i < n * n; i++)
+        w[i] = bf16(i % (n + 1) == 0 ? 1.0f : 0.0f); /* the identity */
+    for (int i = 0; i < 2 * n; i++)
+        x[i] = (float)(i % 7) - 3.0f;
+    fp_lowp_mat_t W = {FP_BASE_BF16, n, n, w, NULL, NULL};
+    int rc = fp_lowp_mm_wt(2, x, n, &W, y, n, 0);
+    for (int i = 0; rc == 0 && i < 2 * n; i++)
+        if (y[i] != x[i])
+            rc = -EIO;
+    if (rc)
+        return fp_err_set(err, rc == -ENOTSUP ? -ENOTSUP : -EIO, "oneDNN %d.%d cannot multiply "
+                          "bf16 on this CPU (%s): use --base-dtype f32",
+                          fp_lowp_version() / 100, fp_lowp_version() % 100,
+                          fp_lowp_cpu_bf16() ? "it has bf16 instructions" : "no bf16 instructions");
+    return 0;
 }

@@ -49,7 +49,7 @@ typedef struct fp_lowp_mat {
     fp_base_dtype_t dt;      /* FP_BASE_BF16 or FP_BASE_NF4 */
     int rows, cols;
     const uint16_t *h;       /* BF16: rows × cols */
-    const uint8_t *q;        /* NF4: rows·cols/2 bytes (cols % 64 == 0) */
+    const uint8_t *q;        /* NF4: rows·cols/2 bytes (rows·cols % 64 == 0) */
     const float *absmax;     /* NF4: rows·cols/64 */
 } fp_lowp_mat_t;
 
@@ -72,6 +72,10 @@ int fp_lowp_mm(int N, const float *dy, int lddy, const fp_lowp_mat_t *W, float *
  * or blocks dequantised and quantised again. */
 int fp_lowp_add_product(const fp_lowp_mat_t *W, float s, const float *B, const float *A, int r,
                         fp_err_t *err);
+
+/* Whether oneDNN multiplies bf16 here at all (a tiny product checked): 0, or an error that
+ * says so. */
+int fp_lowp_probe(fp_err_t *err);
 
 /* oneDNN's version: major·100 + minor. */
 int fp_lowp_version(void);

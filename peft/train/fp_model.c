@@ -296,6 +296,9 @@ int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
         return 0;
     if (m->base != FP_BASE_F32)
         return fp_err_set(err, -EINVAL, "the base is %s already", fp_base_dtype_name(m->base));
+    int rc = fp_lowp_probe(err);
+    if (rc)
+        return rc;
     size_t D = (size_t)c->dim, V = (size_t)c->vocab, bytes = V * D * 2 * (c->tied ? 1 : 2);
     for (int t = 0; t < FP_T_COUNT; t++) {
         int o, i;

@@ -115,7 +115,8 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err);
 void fp_model_free(fp_model_t *m);
 
 /* Keeps the base in low precision: the linear weights in dt (bf16 or nf4; nf4 needs every
- * d_in a multiple of 64), the embedding and the head in bf16; their float copies are freed,
+ * matrix to be whole blocks of 64 weights), the embedding and the head in bf16 (after checking
+ * that oneDNN multiplies bf16 here: fp_lowp_probe); their float copies are freed,
  * so the model serves forward passes and LoRA training (fp_transformer's products go through
  * oneDNN) but no full training or saving. dt f32: nothing changes. */
 int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err);
