@@ -23,6 +23,7 @@
 #include "sim.h"
 
 #define FORTUNES "/usr/share/games/fortunes"
+#include "fp_lowp.h"
 
 static char *path2(const char *a, const char *b)
 {
@@ -746,6 +747,14 @@ static void test_sim_secure(void **state)
     json_t *table = json_object_get(doc, "table");
     double clear = table_pooled(table, "global: flexlora");
     double secure = table_pooled(table, "global: flexlora (secure)");
+    /* on defaults the base is the fastest exact one here, and the results say which */
+    const char *bd = fp_base_dtype_name(fp_base_dtype_default());
+    assert_string_equal(json_string_value(json_object_get(doc, "base_dtype")), bd);
+    char said[64];
+    snprintf(said, sizeof said, "(its frozen weights in %s)", bd);
+    assert_contains(json_string_value(json_object_get(doc, "summary")), said);
+    snprintf(said, sizeof said, "(base %s)", bd);
+    assert_contains(o, said);
     print_message("held-out loss: flexlora %.6f in the clear, %.6f securely\n", clear, secure);
     if (!(fabs(clear - secure) <= 1e-3 * clear))
         fail_msg("secure flexlora's held-out loss %g, in the clear %g", secure, clear);
