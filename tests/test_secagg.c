@@ -672,6 +672,46 @@ static void test_linear_strategies(void **state)
                      -ENOTSUP);
 }
 
+/* An exact merge without seeing an update: three sites' adapters u (weights w) through two
+ * secure sums (Y, then Z after the coordinator's Q broadcast, new keys for the second: rounds
+ * p.round and p.round + 1). The sites' sketch lists the modules in site_layout's order, the
+ * coordinator's in layout's. Returns the global adapter decoded as o says. */
+static fp_adapter_t *two_sums(const fp_module_desc_t *layout, const fp_module_desc_t *site_layout,
+                              int k, uint64_t seed, fp_adapter_t *const u[3], const double w[3],
+                              fp_sa_params_t p, const fp_sa_sketch_out_t *o)
+{
+    fp_sa_sketch_t *sk = NULL, *site_sk = NULL;
+    assert_int_equal(fp_sa_sketch_new(&sk, layout, 2, k, seed, NULL), 0);
+    assert_int_equal(fp_sa_sketch_new(&site_sk, site_layout, 2, k, seed, NULL), 0);
+    size_t dy = fp_sa_sketch_dim_y(sk), dz = fp_sa_sketch_dim_z(sk);
+    float *x = malloc(3 * (dy > dz ? dy : dz) * sizeof *x);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(fp_sa_sketch_encode_y(site_sk, u[i], w[i], x + i * dy, NULL), 0);
+    int all[3] = {0, 0, 0};
+    round_out_t oy = {0}, oz = {0};
+    run_round(&p, x, dy, all, &oy);
+    assert_int_equal(oy.rc, 0);
+    assert_int_equal(fp_sa_sketch_basis(sk, oy.sum, NULL), 0);
+    size_t nq;
+    const double *Q = fp_sa_sketch_q(sk, &nq); /* broadcast to the sites */
+    assert_int_equal(fp_sa_sketch_set_q(site_sk, Q, nq, NULL), 0);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(fp_sa_sketch_encode_z(site_sk, u[i], w[i], x + i * dz, NULL), 0);
+    p.round++; /* the second sum: new keys */
+    run_round(&p, x, dz, all, &oz);
+    assert_int_equal(oz.rc, 0);
+    fp_adapter_t *got = NULL;
+    assert_int_equal(fp_sa_sketch_decode(sk, oz.sum, o, &got, NULL), 0);
+    free(oy.sum);
+    free(oy.want);
+    free(oz.sum);
+    free(oz.want);
+    free(x);
+    fp_sa_sketch_free(sk);
+    fp_sa_sketch_free(site_sk);
+    return got;
+}
+
 /* flexlora without seeing an update: two secure sums (Y, then Z after the coordinator's Q),
  * ranks 2, 4, 8; at rank 8 the result is fp_merge's flexlora, at rank 14 = Σr it is ΔW*. */
 static void test_sketch_flexlora(void **state)
@@ -685,30 +725,8 @@ static void test_sketch_flexlora(void **state)
     p.bound = 64;
     p.scale = 1 << 22;
     for (int r_out = 8; r_out <= 14; r_out += 6) {
-        fp_sa_sketch_t *sk = NULL, *site_sk = NULL;
-        assert_int_equal(fp_sa_sketch_new(&sk, layout2, 2, 14 + 4, 123, NULL), 0);
-        assert_int_equal(fp_sa_sketch_new(&site_sk, layout2, 2, 14 + 4, 123, NULL), 0);
-        size_t dy = fp_sa_sketch_dim_y(sk), dz = fp_sa_sketch_dim_z(sk);
-        float *x = malloc(3 * (dy > dz ? dy : dz) * sizeof *x);
-        for (int i = 0; i < 3; i++)
-            assert_int_equal(fp_sa_sketch_encode_y(site_sk, u[i], w[i], x + i * dy, NULL), 0);
-        int all[3] = {0, 0, 0};
-        round_out_t oy = {0};
-        run_round(&p, x, dy, all, &oy);
-        assert_int_equal(oy.rc, 0);
-        assert_int_equal(fp_sa_sketch_basis(sk, oy.sum, NULL), 0);
-        size_t nq;
-        const double *Q = fp_sa_sketch_q(sk, &nq); /* broadcast to the sites */
-        assert_int_equal(fp_sa_sketch_set_q(site_sk, Q, nq, NULL), 0);
-        for (int i = 0; i < 3; i++)
-            assert_int_equal(fp_sa_sketch_encode_z(site_sk, u[i], w[i], x + i * dz, NULL), 0);
-        round_out_t oz = {0};
-        p.round++; /* the second sum: new keys */
-        run_round(&p, x, dz, all, &oz);
-        assert_int_equal(oz.rc, 0);
-        fp_adapter_t *got = NULL, *ref = NULL;
         fp_sa_sketch_out_t so = {FP_STRAT_FLEXLORA, r_out, 0, 0};
-        assert_int_equal(fp_sa_sketch_decode(sk, oz.sum, &so, &got, NULL), 0);
+        fp_adapter_t *got = two_sums(layout2, layout2, 14 + 4, 123, u, w, p, &so), *ref = NULL;
         fp_merge_opts_t mo = {FP_STRAT_FLEXLORA, r_out, 0, 0};
         const fp_adapter_t *srcs[3] = {u[0], u[1], u[2]};
         if (r_out == 8) {
@@ -724,13 +742,6 @@ static void test_sketch_flexlora(void **state)
         }
         fp_adapter_free(got);
         fp_adapter_free(ref);
-        free(oy.sum);
-        free(oy.want);
-        free(oz.sum);
-        free(oz.want);
-        free(x);
-        fp_sa_sketch_free(sk);
-        fp_sa_sketch_free(site_sk);
     }
     for (int i = 0; i < 3; i++)
         fp_adapter_free(u[i]);
@@ -795,33 +806,13 @@ static void test_sketch_heterogeneous(void **state)
     const fp_merge_opts_t cases[3] = {{FP_STRAT_FLEXLORA, 16, 0, 0},
                                       {FP_STRAT_FLORIST, 0, 0.9, 0},
                                       {FP_STRAT_FLORIST, 0, 1.0, 0}};
+    const fp_module_desc_t rev[2] = {layout_big[1], layout_big[0]}; /* a site's order */
     for (int c = 0; c < 3; c++) {
-        fp_sa_sketch_t *sk = NULL, *site_sk = NULL;
-        assert_int_equal(fp_sa_sketch_new(&sk, layout_big, 2, 28 + 4, 31 + (uint64_t)c, NULL), 0);
-        const fp_module_desc_t rev[2] = {layout_big[1], layout_big[0]}; /* a site's order */
-        assert_int_equal(fp_sa_sketch_new(&site_sk, rev, 2, 28 + 4, 31 + (uint64_t)c, NULL), 0);
-        size_t dy = fp_sa_sketch_dim_y(sk), dz = fp_sa_sketch_dim_z(sk);
-        float *x = malloc(3 * (dy > dz ? dy : dz) * sizeof *x);
-        for (int i = 0; i < 3; i++)
-            assert_int_equal(fp_sa_sketch_encode_y(site_sk, u[i], w[i], x + i * dy, NULL), 0);
-        int all[3] = {0, 0, 0};
-        round_out_t oy = {0}, oz = {0};
-        p.round = 10 + (uint64_t)(2 * c);
-        run_round(&p, x, dy, all, &oy);
-        assert_int_equal(oy.rc, 0);
-        assert_int_equal(fp_sa_sketch_basis(sk, oy.sum, NULL), 0);
-        size_t nq;
-        const double *Q = fp_sa_sketch_q(sk, &nq);
-        assert_int_equal(fp_sa_sketch_set_q(site_sk, Q, nq, NULL), 0);
-        for (int i = 0; i < 3; i++)
-            assert_int_equal(fp_sa_sketch_encode_z(site_sk, u[i], w[i], x + i * dz, NULL), 0);
-        p.round++;
-        run_round(&p, x, dz, all, &oz);
-        assert_int_equal(oz.rc, 0);
-        fp_adapter_t *got = NULL, *ref = NULL;
         fp_sa_sketch_out_t so = {cases[c].strategy, cases[c].rank, cases[c].energy,
                                  3 / (2.0 * p.scale)};
-        assert_int_equal(fp_sa_sketch_decode(sk, oz.sum, &so, &got, NULL), 0);
+        p.round = 10 + (uint64_t)(2 * c);
+        fp_adapter_t *got = two_sums(layout_big, rev, 28 + 4, 31 + (uint64_t)c, u, w, p, &so);
+        fp_adapter_t *ref = NULL;
         assert_int_equal(fp_merge(&cases[c], srcs, w, 3, NULL, &ref, NULL), 0);
         for (int i = 0; i < 2; i++) {
             const fp_lora_module_t *mr = &ref->mods[i];
@@ -851,13 +842,6 @@ static void test_sketch_heterogeneous(void **state)
         }
         fp_adapter_free(got);
         fp_adapter_free(ref);
-        free(oy.sum);
-        free(oy.want);
-        free(oz.sum);
-        free(oz.want);
-        free(x);
-        fp_sa_sketch_free(sk);
-        fp_sa_sketch_free(site_sk);
     }
     for (int i = 0; i < 3; i++)
         fp_adapter_free(u[i]);
