@@ -466,6 +466,17 @@ void fp__coord_sa_uploaded(fp_coord_t *co, int64_t task)
 
 /* ---- messages from the sites ---- */
 
+/* The participant of task, if it is s's; else NULL with the reason (what: the message). */
+static sa_part_t *own_part(fp_sa_round_t *sa, const site_t *s, uint64_t task, int *index,
+                           const char *what, char *reason, size_t n)
+{
+    sa_part_t *q = part_of_task(sa, (int64_t)task, index);
+    if (q && !strcmp(q->site, s->name))
+        return q;
+    snprintf(reason, n, "%s for task %llu, not this site's", what, (unsigned long long)task);
+    return NULL;
+}
+
 /* The sum a message is for (0 on the wire: the first). */
 static int pass_of(uint32_t pass)
 {
@@ -476,11 +487,9 @@ static int on_keys(fp_coord_t *co, site_t *s, const Fedpeft__SecAggKeys *k, char
                    size_t n)
 {
     fp_sa_round_t *sa = co->sa;
-    sa_part_t *q = part_of_task(sa, (int64_t)k->task_id, NULL);
-    if (!q || strcmp(q->site, s->name)) {
-        snprintf(reason, n, "keys for task %llu, not this site's", (unsigned long long)k->task_id);
+    sa_part_t *q = own_part(sa, s, k->task_id, NULL, "keys", reason, n);
+    if (!q)
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
-    }
     if (sa->phase != SA_KEYS || q->keyed || pass_of(k->pass) != sa->pass ||
         (q->gone && sa->pass == 2)) { /* (not in the second sum: its Y was not in the first) */
         /* late or again: the round went on without it */
@@ -511,12 +520,9 @@ static int on_shares(fp_coord_t *co, site_t *s, const Fedpeft__SecAggShares *m, 
 {
     fp_sa_round_t *sa = co->sa;
     int from;
-    sa_part_t *q = part_of_task(sa, (int64_t)m->task_id, &from);
-    if (!q || strcmp(q->site, s->name)) {
-        snprintf(reason, n, "shares for task %llu, not this site's",
-                 (unsigned long long)m->task_id);
+    sa_part_t *q = own_part(sa, s, m->task_id, &from, "shares", reason, n);
+    if (!q)
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
-    }
     if (sa->phase != SA_SHARES || !q->keyed || q->shared || pass_of(m->pass) != sa->pass ||
         (q->gone && sa->pass == 2)) {
         fp_log(FP_LOG_INFO, "site %s: shares after the shares phase: ignored", s->name);
@@ -556,13 +562,10 @@ static int on_reveal(fp_coord_t *co, site_t *s, const Fedpeft__SecAggReveal *m, 
 {
     fp_sa_round_t *sa = co->sa;
     int h;
-    sa_part_t *q = part_of_task(sa, (int64_t)m->task_id, &h);
+    sa_part_t *q = own_part(sa, s, m->task_id, &h, "shares revealed", reason, n);
     fp_sa_job_t *job = &co->sa_job;
-    if (!q || strcmp(q->site, s->name)) {
-        snprintf(reason, n, "shares revealed for task %llu, not this site's",
-                 (unsigned long long)m->task_id);
+    if (!q)
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
-    }
     if (sa->phase != SA_UNMASK || !q->asked || q->answered || pass_of(m->pass) != sa->pass) {
         fp_log(FP_LOG_INFO, "site %s: shares revealed after the unmasking: ignored", s->name);
         return 0;

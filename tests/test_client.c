@@ -1035,6 +1035,23 @@ static int count_patterns(fed_t *f)
     return pats_found;
 }
 
+/* One secure round of strategy (phases of phase_s seconds, two updates enough) whose site-c
+ * dies at failpoint. The caller resets min_updates and server_extra. */
+static fed_t *killed_in_secure_round(const char *strategy, int phase_s, const char *failpoint)
+{
+    static char extra[128];
+    fed_t *f = fed_new();
+    snprintf(extra, sizeof extra, "[secure_aggregation]\nenabled = true\nphase_timeout_s = %d\n",
+             phase_s);
+    server_extra = extra;
+    min_updates = 2;
+    write_server_config(f, strategy, 1, NS);
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, i == 2 ? failpoint : NULL, NULL);
+    return f;
+}
+
 /* Secure aggregation with the real daemons: a fedavg round through SecAgg+ gives the global
  * adapter the same federation gives in the clear (the same seeds and data), within the fixed
  * point, while the coordinator stores only masked vectors; then a site that leaves after
@@ -1103,13 +1120,7 @@ static void test_secure_aggregation(void **state)
     fp_adapter_free(g[1]);
 
     /* site-c shares its secrets and is killed: the round goes on with a and b */
-    fed_t *f = fed_new();
-    server_extra = "[secure_aggregation]\nenabled = true\nphase_timeout_s = 20\n";
-    min_updates = 2;
-    write_server_config(f, "fedavg", 1, NS);
-    start_server(f);
-    for (int i = 0; i < NS; i++)
-        start_site(f, i, i == 2 ? "secagg-shared" : NULL, NULL);
+    fed_t *f = killed_in_secure_round("fedavg", 20, "secagg-shared");
     expect_server_done_n(f, 1, NS - 1);
     char *ev = NULL;
     db_row(f, "SELECT detail FROM event WHERE kind = 'secagg'", NULL, &ev);
@@ -1246,13 +1257,7 @@ static void test_secure_exact(void **state)
     }
 
     /* site-c sends its first sum and is killed on the second's Task */
-    fed_t *f = fed_new();
-    server_extra = "[secure_aggregation]\nenabled = true\nphase_timeout_s = 3\n";
-    min_updates = 2;
-    write_server_config(f, "flexlora", 1, NS);
-    start_server(f);
-    for (int i = 0; i < NS; i++)
-        start_site(f, i, i == 2 ? "secagg-second" : NULL, NULL);
+    fed_t *f = killed_in_secure_round("flexlora", 3, "secagg-second");
     expect_server_done(f, 1);
     char *ev = NULL;
     db_row(f, "SELECT detail FROM event WHERE kind = 'secagg'", NULL, &ev);
