@@ -182,7 +182,7 @@ static int load_all(const char *cmd, const run_opts_t *o, loaded_t *l)
         return fp_cli_usage_error(cmd, "--base-dtype: %s", fp_err_msg(&err));
     if (pretrain && o->base_dtype && strcmp(o->base_dtype, "f32"))
         return fp_cli_usage_error(cmd, "--base-dtype: pretraining trains every weight in f32");
-    if (fp_model_load(o->model, &l->model, &err) || fp_model_lowp(l->model, dt, &err) ||
+    if (fp_model_load_base(o->model, dt, &l->model, &err) ||
         fp_corpus_load(&spec, &l->model->cfg, &l->data, &err))
         return fp_cli_fail(cmd, "%s", fp_err_msg(&err));
     return 0;

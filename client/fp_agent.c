@@ -1147,8 +1147,8 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     } else {
         fp_base_dtype_t bd = FP_BASE_F32;
         if ((rc = fp_base_dtype_parse(cfg->base_dtype, &bd, err)) != 0 ||
-            (rc = fp_model_load(cfg->model_dir, &a->model, err)) != 0 ||
-            (rc = model_hash(a, err)) != 0 || (rc = fp_model_lowp(a->model, bd, err)) != 0)
+            (rc = model_hash(a, err)) != 0 ||
+            (rc = fp_model_load_base(cfg->model_dir, bd, &a->model, err)) != 0)
             goto fail;
         a->mcfg = a->model->cfg;
         if (!(a->base = fp_model_snapshot(a->model))) {

@@ -3,10 +3,12 @@
  * and the transformer on a low-precision base against the float one and the float64
  * reference's LoRA gradients. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fp_dtype.h"
+#include "fp_fs.h"
 #include "fp_lowp.h"
 #include "fp_model.h"
 #include "fp_par.h"
@@ -172,12 +174,12 @@ static void test_products(void **state)
 
 /* A small model whose matrices are whole NF4 blocks; the float model's linear weights,
  * embedding and head rounded to bf16 so that a bf16 base holds exactly them. */
-static fp_model_t *model(int tied, int round_bf16)
+static fp_model_t *model_b(int tied, int round_bf16, int bias)
 {
     fp_model_config_t c = {.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
                            .head_dim = 16, .ff = 128, .vocab = 96, .max_seq = 64,
-                           .rms_eps = 1e-5, .rope_theta = 10000, .tied = tied, .bos_id = -1,
-                           .eos_id = -1};
+                           .rms_eps = 1e-5, .rope_theta = 10000, .tied = tied,
+                           .attn_bias = bias, .bos_id = -1, .eos_id = -1};
     fp_model_t *m;
     assert_int_equal(fp_model_new(&m, &c, NULL), 0);
     fp_model_init(m, 7 + (uint64_t)tied);
@@ -194,6 +196,11 @@ static fp_model_t *model(int tied, int round_bf16)
                 t[k].data[e] = fp_bf16_to_f32(fp_f32_to_bf16(t[k].data[e]));
     free(t);
     return m;
+}
+
+static fp_model_t *model(int tied, int round_bf16)
+{
+    return model_b(tied, round_bf16, 0);
 }
 
 static fp_model_t *clone(const fp_model_t *m)
@@ -328,6 +335,99 @@ static void test_fold_and_restore(void **state)
     fp_model_free(fresh);
 }
 
+
+/* Loading straight into a low-precision base holds what loading in float and converting
+ * holds, byte for byte: from F32 (converted from the mapping), BF16 (copied, or quantised a
+ * chunk at a time) and F16 (through a float buffer) checkpoints, tied or not, with biases. */
+static void test_load_base(void **state)
+{
+    (void)state;
+    char *dir = fpt_mkdtemp();
+    static const fp_dtype_t files[] = {FP_DT_F32, FP_DT_BF16, FP_DT_F16};
+    for (int v = 0; v < 2; v++) {
+        fp_model_t *m = model_b(v, 0, v);
+        for (int f = 0; f < 3; f++) {
+            char *d = fp_path_join(dir, fp_dtype_name(files[f]));
+            assert_non_null(d);
+            assert_int_equal(fp_model_save(m, d, files[f], NULL), 0);
+            fp_model_t *f32;
+            assert_int_equal(fp_model_load_base(d, FP_BASE_F32, &f32, NULL), 0);
+            for (int dt = FP_BASE_BF16; dt <= FP_BASE_NF4; dt++) {
+                fp_model_t *ref, *got;
+                fp_err_t err = {0};
+                assert_int_equal(fp_model_load(d, &ref, NULL), 0);
+                assert_int_equal(fp_model_lowp(ref, (fp_base_dtype_t)dt, NULL), 0);
+                assert_int_equal(fp_model_load_base(d, (fp_base_dtype_t)dt, &got, &err), 0);
+                assert_int_equal(got->base, dt);
+                assert_int_equal(got->n_params, f32->n_params);
+                assert_int_equal(got->lowp_bytes, ref->lowp_bytes);
+                assert_int_equal(got->n_floats, ref->n_floats);
+                assert_memory_equal(got->lowp_mem, ref->lowp_mem, ref->lowp_bytes);
+                assert_memory_equal(got->mem, ref->mem, ref->n_floats * sizeof(float));
+                assert_int_equal(fp_model_weight_bytes(got), fp_model_weight_bytes(ref));
+                fp_model_free(ref);
+                fp_model_free(got);
+            }
+            fp_model_free(f32);
+            free(d);
+        }
+        fp_model_free(m);
+    }
+    fpt_rmtree(dir);
+    free(dir);
+}
+
+/* kB of a /proc/self/status field */
+static long status_kb(const char *field)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    assert_non_null(f);
+    char line[256];
+    long kb = -1;
+    size_t n = strlen(field);
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, field, n) && line[n] == ':')
+            kb = atol(line + n + 1);
+    fclose(f);
+    assert_true(kb >= 0);
+    return kb;
+}
+
+/* The float weights are never held: the resident peak while loading a bf16 base from an
+ * F32 checkpoint grows by less than 3/4 of the float weights (converting after a float load
+ * grows by at least the whole float weights, plus the bf16 copy). */
+static void test_load_peak(void **state)
+{
+    (void)state;
+    fp_model_config_t c = {.dim = 512, .n_layers = 4, .n_heads = 8, .n_kv_heads = 8,
+                           .head_dim = 64, .ff = 1536, .vocab = 4096, .max_seq = 64,
+                           .rms_eps = 1e-5, .rope_theta = 10000, .bos_id = -1, .eos_id = -1};
+    fp_model_t *m;
+    assert_int_equal(fp_model_new(&m, &c, NULL), 0);
+    fp_model_init(m, 5);
+    char *dir = fpt_mkdtemp();
+    assert_int_equal(fp_model_save(m, dir, FP_DT_F32, NULL), 0);
+    double f32_kb = (double)fp_model_weight_bytes(m) / 1024;
+    fp_model_free(m);
+    assert_int_equal(fp_lowp_probe(NULL), 0); /* oneDNN's one-time set-up is not the load's */
+    FILE *cr = fopen("/proc/self/clear_refs", "w"); /* resets the peak to now (Linux ≥ 4.0) */
+    assert_non_null(cr);
+    assert_true(fputs("5", cr) >= 0);
+    assert_int_equal(fclose(cr), 0);
+    long before = status_kb("VmRSS");
+    assert_true(status_kb("VmHWM") - before < 1024);
+    assert_int_equal(fp_model_load_base(dir, FP_BASE_BF16, &m, NULL), 0);
+    double grew = (double)(status_kb("VmHWM") - before);
+    print_message("bf16 load: peak +%.1f MB for %.1f MB of float weights (%.2f×), %.1f MB "
+                  "held\n", grew / 1024, f32_kb / 1024, grew / f32_kb,
+                  (double)fp_model_weight_bytes(m) / 1048576);
+    assert_true(grew < 0.75 * f32_kb);
+    assert_true(grew >= 0.45 * f32_kb); /* the bf16 base itself was measured */
+    fp_model_free(m);
+    fpt_rmtree(dir);
+    free(dir);
+}
+
 int main(void)
 {
     fp_set_threads(2);
@@ -340,6 +440,8 @@ int main(void)
         cmocka_unit_test(test_products),
         cmocka_unit_test(test_transformer),
         cmocka_unit_test(test_fold_and_restore),
+        cmocka_unit_test(test_load_base),
+        cmocka_unit_test(test_load_peak),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

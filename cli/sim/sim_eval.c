@@ -172,12 +172,10 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
         goto out;
     }
     fp_set_threads(sim->slots);
-    if ((rc = fp_tokenizer_open(NULL, sim->model, &tok, err)) != 0 ||
-        (rc = fp_model_load(sim->model, &e.m, err)) != 0)
-        goto out;
     fp_base_dtype_t bd = FP_BASE_F32; /* evaluated in the precision it was trained in */
-    if ((rc = fp_base_dtype_parse(sim->base_dtype, &bd, err)) != 0 ||
-        (rc = fp_model_lowp(e.m, bd, err)) != 0)
+    if ((rc = fp_tokenizer_open(NULL, sim->model, &tok, err)) != 0 ||
+        (rc = fp_base_dtype_parse(sim->base_dtype, &bd, err)) != 0 ||
+        (rc = fp_model_load_base(sim->model, bd, &e.m, err)) != 0)
         goto out;
     if (sim->task == SIM_TASK_CLASSIFY && (rc = make_choices(&e, tok, err)) != 0)
         goto out;

@@ -216,6 +216,20 @@ void fp_model_free(fp_model_t *m)
     free(m);
 }
 
+/* Every weight of a model of config c. */
+static size_t param_count(const fp_model_config_t *c)
+{
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab, per_layer = 2 * D;
+    for (int t = 0; t < FP_T_COUNT; t++) {
+        int o, i;
+        fp_target_shape(c, (fp_target_t)t, &o, &i);
+        per_layer += (size_t)o * (size_t)i;
+        if (c->attn_bias && t <= FP_T_O)
+            per_layer += (size_t)o;
+    }
+    return V * D + per_layer * (size_t)c->n_layers + D + (c->tied ? 0 : V * D);
+}
+
 int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
 {
     *out = NULL;
@@ -226,16 +240,7 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
     if (!m)
         return fp_err_set(err, -ENOMEM, "out of memory");
     m->cfg = *c;
-    size_t D = (size_t)c->dim, V = (size_t)c->vocab;
-    size_t per_layer = 2 * D;
-    for (int t = 0; t < FP_T_COUNT; t++) {
-        int o, i;
-        fp_target_shape(c, (fp_target_t)t, &o, &i);
-        per_layer += (size_t)o * (size_t)i;
-        if (c->attn_bias && t <= FP_T_O)
-            per_layer += (size_t)o;
-    }
-    size_t total = V * D + per_layer * (size_t)c->n_layers + D + (c->tied ? 0 : V * D);
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab, total = param_count(c);
     m->n_params = m->n_floats = total;
     m->mem = calloc(total, sizeof(float));
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
@@ -276,30 +281,20 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
 
 size_t fp_model_weight_bytes(const fp_model_t *m)
 {
-    if (m->base == FP_BASE_F32)
-        return m->n_params * sizeof(float);
-    const fp_model_config_t *c = &m->cfg;
-    size_t D = (size_t)c->dim, floats = D; /* the final norm */
-    for (int t = 0; t < FP_T_COUNT; t++) {
-        int o, i;
-        fp_target_shape(c, (fp_target_t)t, &o, &i);
-        floats += c->attn_bias && t <= FP_T_O ? (size_t)o * (size_t)c->n_layers : 0;
-    }
-    floats += 2 * D * (size_t)c->n_layers;
-    return floats * sizeof(float) + m->lowp_bytes;
+    return m->n_floats * sizeof(float) + m->lowp_bytes;
 }
 
-int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
+/* The bytes a low-precision base (dt) holds, and the floats left beside it (norms and
+ * biases); refuses dt where oneDNN cannot multiply or nf4 blocks do not fit. */
+static int lowp_sizes(const fp_model_config_t *c, fp_base_dtype_t dt, size_t *bytes,
+                      size_t *floats, fp_err_t *err)
 {
-    const fp_model_config_t *c = &m->cfg;
-    if (dt == FP_BASE_F32 || m->base == dt)
-        return 0;
-    if (m->base != FP_BASE_F32)
-        return fp_err_set(err, -EINVAL, "the base is %s already", fp_base_dtype_name(m->base));
     int rc = fp_lowp_probe(err);
     if (rc)
         return rc;
-    size_t D = (size_t)c->dim, V = (size_t)c->vocab, bytes = V * D * 2 * (c->tied ? 1 : 2);
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab;
+    *bytes = V * D * 2 * (c->tied ? 1 : 2);
+    *floats = D + 2 * D * (size_t)c->n_layers;
     for (int t = 0; t < FP_T_COUNT; t++) {
         int o, i;
         fp_target_shape(c, (fp_target_t)t, &o, &i);
@@ -307,30 +302,36 @@ int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
             return fp_err_set(err, -EINVAL, "an nf4 base quantises blocks of %d weights; %s's "
                               "%d × %d are not a whole number of them", FP_NF4_BLOCK,
                               fp_target_names[t], o, i);
-        bytes += fp_lowp_bytes(dt, (size_t)o, (size_t)i) * (size_t)c->n_layers;
+        *bytes += fp_lowp_bytes(dt, (size_t)o, (size_t)i) * (size_t)c->n_layers;
+        if (c->attn_bias && t <= FP_T_O)
+            *floats += (size_t)o * (size_t)c->n_layers;
     }
-    /* the floats left: norms and biases */
-    size_t floats = D + 2 * D * (size_t)c->n_layers;
-    for (int t = 0; c->attn_bias && t <= FP_T_O; t++) {
-        int o, i;
-        fp_target_shape(c, (fp_target_t)t, &o, &i);
-        floats += (size_t)o * (size_t)c->n_layers;
-    }
+    return 0;
+}
+
+/* Gives m (cfg and layers set, no weights yet) a low-precision base: lowp_mem for the linear
+ * weights, the embedding and the head, mem for the norms and biases, every pointer set into
+ * them; the values are left to the caller. On failure m is unchanged. */
+static int lowp_alloc(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
+{
+    const fp_model_config_t *c = &m->cfg;
+    size_t bytes, floats, D = (size_t)c->dim, V = (size_t)c->vocab;
+    int rc = lowp_sizes(c, dt, &bytes, &floats, err);
+    if (rc)
+        return rc;
     unsigned char *lp = malloc(bytes);
     float *mem = malloc(floats * sizeof *mem);
     if (!lp || !mem) {
         free(lp);
         free(mem);
-        return fp_err_set(err, -ENOMEM, "out of memory for a %s base", fp_base_dtype_name(dt));
+        return fp_err_set(err, -ENOMEM, "out of memory for a %s base of %zu bytes",
+                          fp_base_dtype_name(dt), bytes);
     }
     unsigned char *p = lp;
-    m->embed_h = (uint16_t *)p;
-    fp_bf16_pack(m->embed_h, m->embed, V * D);
+    m->embed_h = m->lm_head_h = (uint16_t *)p;
     p += V * D * 2;
-    m->lm_head_h = m->embed_h;
     if (!c->tied) {
         m->lm_head_h = (uint16_t *)p;
-        fp_bf16_pack(m->lm_head_h, m->lm_head, V * D);
         p += V * D * 2;
     }
     float *f = mem;
@@ -353,46 +354,89 @@ int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
             fp_lowp_mat_t *w = &L->lp[t];
             *w = (fp_lowp_mat_t){dt, o, i, NULL, NULL, NULL};
             if (dt == FP_BASE_BF16) {
-                uint16_t *h = (uint16_t *)p;
-                fp_bf16_pack(h, L->w[t], n);
-                w->h = h;
+                w->h = (const uint16_t *)p;
                 p += 2 * n;
             } else {
-                fp_nf4_quantize(L->w[t], n, q, am);
                 w->q = q;
                 w->absmax = am;
                 q += n / 2;
                 am += n / FP_NF4_BLOCK;
             }
             L->w[t] = NULL;
+            L->b[t] = NULL;
         }
         if (dt == FP_BASE_NF4)
             p = (unsigned char *)am;
-        memcpy(f, L->attn_norm, D * sizeof *f);
         L->attn_norm = f;
         f += D;
-        memcpy(f, L->mlp_norm, D * sizeof *f);
         L->mlp_norm = f;
         f += D;
-        for (int t = 0; t < FP_T_COUNT; t++) {
-            if (!L->b[t])
-                continue;
+        for (int t = 0; c->attn_bias && t <= FP_T_O; t++) {
             int o, i;
             fp_target_shape(c, (fp_target_t)t, &o, &i);
-            memcpy(f, L->b[t], (size_t)o * sizeof *f);
             L->b[t] = f;
             f += o;
         }
     }
-    memcpy(f, m->norm, D * sizeof *f);
     m->norm = f;
-    free(m->mem);
     m->mem = mem;
     m->embed = m->lm_head = NULL;
     m->lowp_mem = lp;
     m->lowp_bytes = bytes;
     m->n_floats = floats;
     m->base = dt;
+    return 0;
+}
+
+/* The embedding or head of a low-precision base as a bf16 matrix, to store into. */
+static fp_lowp_mat_t bf16_mat(const fp_model_config_t *c, const uint16_t *h)
+{
+    return (fp_lowp_mat_t){FP_BASE_BF16, c->vocab, c->dim, h, NULL, NULL};
+}
+
+/* Weights [off, off + n) of w from x (for nf4, off and n whole blocks). */
+static void lowp_store(const fp_lowp_mat_t *w, size_t off, const float *x, size_t n)
+{
+    if (w->dt == FP_BASE_BF16)
+        fp_bf16_pack((uint16_t *)w->h + off, x, n);
+    else
+        fp_nf4_quantize(x, n, (uint8_t *)w->q + off / 2, (float *)w->absmax + off / FP_NF4_BLOCK);
+}
+
+int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
+{
+    const fp_model_config_t *c = &m->cfg;
+    if (dt == FP_BASE_F32 || m->base == dt)
+        return 0;
+    if (m->base != FP_BASE_F32)
+        return fp_err_set(err, -EINVAL, "the base is %s already", fp_base_dtype_name(m->base));
+    fp_model_t n = {.cfg = m->cfg, .n_params = m->n_params};
+    if (!(n.layers = calloc((size_t)c->n_layers, sizeof *n.layers)))
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int rc = lowp_alloc(&n, dt, err);
+    if (rc) {
+        free(n.layers);
+        return rc;
+    }
+    size_t D = (size_t)c->dim, VD = (size_t)c->vocab * D;
+    fp_lowp_mat_t e = bf16_mat(c, n.embed_h), h = bf16_mat(c, n.lm_head_h);
+    lowp_store(&e, 0, m->embed, VD);
+    if (!c->tied)
+        lowp_store(&h, 0, m->lm_head, VD);
+    for (int l = 0; l < c->n_layers; l++) {
+        fp_layer_w_t *L = &m->layers[l], *N = &n.layers[l];
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            lowp_store(&N->lp[t], 0, L->w[t], (size_t)N->lp[t].rows * (size_t)N->lp[t].cols);
+            if (L->b[t])
+                memcpy(N->b[t], L->b[t], (size_t)N->lp[t].rows * sizeof(float));
+        }
+        memcpy(N->attn_norm, L->attn_norm, D * sizeof(float));
+        memcpy(N->mlp_norm, L->mlp_norm, D * sizeof(float));
+    }
+    memcpy(n.norm, m->norm, D * sizeof(float));
+    free(m->mem);
+    free(m->layers);
+    *m = n;
     return 0;
 }
 
@@ -441,57 +485,67 @@ void fp_model_init(fp_model_t *m, uint64_t seed)
         fp_rng_fill_normal(&rng, m->lm_head, (size_t)c->vocab * D, 0.02);
 }
 
-static void add_tensor(fp_model_tensor_t *t, int *n, const char *name, float *data, int64_t d0,
-                       int64_t d1, int decay)
+/* Appends a tensor: float data, or (data NULL) the low-precision matrix *lp. */
+static void add_tensor(fp_model_tensor_t *t, int *n, const char *name, float *data,
+                       const fp_lowp_mat_t *lp, int64_t d0, int64_t d1, int decay)
 {
     fp_model_tensor_t *x = &t[(*n)++];
     snprintf(x->name, sizeof x->name, "%s", name);
     x->data = data;
+    if (!data)
+        x->lp = *lp;
     x->ndim = d1 ? 2 : 1;
     x->shape[0] = d0;
     x->shape[1] = d1;
     x->decay = decay;
 }
 
-int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_err_t *err)
+/* fp_model_tensors for any base: a low-precision one's matrices come as lp. */
+static int list_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_err_t *err)
 {
     const fp_model_config_t *c = &m->cfg;
-    if (m->base != FP_BASE_F32)
-        return fp_err_set(err, -ENOTSUP, "the base is held in %s: its float tensors are gone",
-                          fp_base_dtype_name(m->base));
     int cap = 3 + c->n_layers * (2 + 2 * FP_T_COUNT);
     fp_model_tensor_t *t = calloc((size_t)cap, sizeof *t);
     if (!t)
         return fp_err_set(err, -ENOMEM, "out of memory");
     int k = 0;
     char name[96];
-    add_tensor(t, &k, "model.embed_tokens.weight", m->embed, c->vocab, c->dim, 1);
+    fp_lowp_mat_t e = bf16_mat(c, m->embed_h), h = bf16_mat(c, m->lm_head_h);
+    add_tensor(t, &k, "model.embed_tokens.weight", m->embed, &e, c->vocab, c->dim, 1);
     for (int l = 0; l < c->n_layers; l++) {
         const fp_layer_w_t *L = &m->layers[l];
         snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
-        add_tensor(t, &k, name, L->attn_norm, c->dim, 0, 0);
+        add_tensor(t, &k, name, L->attn_norm, NULL, c->dim, 0, 0);
         for (int tg = 0; tg < FP_T_COUNT; tg++) {
             int o, i;
             fp_target_shape(c, (fp_target_t)tg, &o, &i);
             const char *block = tg <= FP_T_O ? "self_attn" : "mlp";
             snprintf(name, sizeof name, "model.layers.%d.%s.%s.weight", l, block,
                      fp_target_names[tg]);
-            add_tensor(t, &k, name, L->w[tg], o, i, 1);
+            add_tensor(t, &k, name, L->w[tg], &L->lp[tg], o, i, 1);
             if (L->b[tg]) {
                 snprintf(name, sizeof name, "model.layers.%d.%s.%s.bias", l, block,
                          fp_target_names[tg]);
-                add_tensor(t, &k, name, L->b[tg], o, 0, 0);
+                add_tensor(t, &k, name, L->b[tg], NULL, o, 0, 0);
             }
         }
         snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
-        add_tensor(t, &k, name, L->mlp_norm, c->dim, 0, 0);
+        add_tensor(t, &k, name, L->mlp_norm, NULL, c->dim, 0, 0);
     }
-    add_tensor(t, &k, "model.norm.weight", m->norm, c->dim, 0, 0);
+    add_tensor(t, &k, "model.norm.weight", m->norm, NULL, c->dim, 0, 0);
     if (!c->tied)
-        add_tensor(t, &k, "lm_head.weight", m->lm_head, c->vocab, c->dim, 1);
+        add_tensor(t, &k, "lm_head.weight", m->lm_head, &h, c->vocab, c->dim, 1);
     *out = t;
     *n = k;
     return 0;
+}
+
+int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_err_t *err)
+{
+    if (m->base != FP_BASE_F32)
+        return fp_err_set(err, -ENOTSUP, "the base is held in %s: its float tensors are gone",
+                          fp_base_dtype_name(m->base));
+    return list_tensors(m, out, n, err);
 }
 
 /* ---- loading ---- */
@@ -691,7 +745,64 @@ out:
     return rc;
 }
 
+/* A model of config c whose base is held in dt from the start (weights uninitialised). */
+static int model_alloc(fp_model_t **out, const fp_model_config_t *c, fp_base_dtype_t dt,
+                       fp_err_t *err)
+{
+    if (dt == FP_BASE_F32)
+        return fp_model_new(out, c, err);
+    *out = NULL;
+    int rc = fp_model_config_check(c, err);
+    if (rc)
+        return rc;
+    fp_model_t *m = calloc(1, sizeof *m);
+    if (!m || !(m->layers = calloc((size_t)c->n_layers, sizeof *m->layers))) {
+        free(m);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    m->cfg = *c;
+    if ((rc = lowp_alloc(m, dt, err)) != 0) {
+        fp_model_free(m);
+        return rc;
+    }
+    m->n_params = param_count(c);
+    *out = m;
+    return 0;
+}
+
+/* Reads checkpoint tensor st into the low-precision matrix w a chunk at a time through
+ * scratch (FP_LOAD_CHUNK floats), dropping each chunk's pages of the mapping once read, so
+ * that neither the tensor as floats nor its file bytes are ever resident whole. A bf16 tensor
+ * into a bf16 base is copied as it is. */
+enum { FP_LOAD_CHUNK = 256 * FP_NF4_BLOCK };
+static int read_lowp(const fp_st_file_t *f, const fp_st_tensor_t *st, const fp_lowp_mat_t *w,
+                     float *scratch, fp_err_t *err)
+{
+    if (!fp_dtype_is_float(st->dtype))
+        return fp_err_set(err, -ENOTSUP, "%s: tensor '%s' has dtype %s; only F32, F16, BF16 "
+                          "and F64 can be read as weights", fp_st_path(f), st->name,
+                          fp_dtype_name(st->dtype));
+    size_t n = (size_t)st->nelem, es = fp_dtype_size(st->dtype);
+    for (size_t off = 0; off < n; off += FP_LOAD_CHUNK) {
+        size_t k = n - off < FP_LOAD_CHUNK ? n - off : FP_LOAD_CHUNK;
+        const unsigned char *src = st->data + off * es;
+        if (st->dtype == FP_DT_BF16 && w->dt == FP_BASE_BF16) {
+            memcpy((uint16_t *)w->h + off, src, 2 * k);
+        } else {
+            fp_convert_to_f32(scratch, src, st->dtype, k);
+            lowp_store(w, off, scratch, k);
+        }
+        fp_st_release_range(f, src, k * es);
+    }
+    return 0;
+}
+
 int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err)
+{
+    return fp_model_load_base(dir, FP_BASE_F32, out, err);
+}
+
+int fp_model_load_base(const char *dir, fp_base_dtype_t dt, fp_model_t **out, fp_err_t *err)
 {
     *out = NULL;
     fp_model_config_t c;
@@ -706,11 +817,14 @@ int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err)
     json_t *index = NULL;
     fp_model_tensor_t *t = NULL;
     int nt = 0;
-    if ((rc = fp_model_new(&m, &c, err)) != 0)
+    float *scratch = dt == FP_BASE_F32 ? NULL : malloc(FP_LOAD_CHUNK * sizeof *scratch);
+    if (dt != FP_BASE_F32 && !scratch)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    if ((rc = model_alloc(&m, &c, dt, err)) != 0)
         goto out;
     if ((rc = open_shards(dir, &sh, &nsh, &index, err)) != 0)
         goto out;
-    if ((rc = fp_model_tensors(m, &t, &nt, err)) != 0)
+    if ((rc = list_tensors(m, &t, &nt, err)) != 0)
         goto out;
     for (int i = 0; i < nt; i++) {
         const fp_st_tensor_t *st = NULL;
@@ -744,11 +858,14 @@ int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err)
                             "implies %s", fp_st_path(f), t[i].name, got, want);
             goto out;
         }
-        if ((rc = fp_st_read_f32(f, st, t[i].data, err)) != 0)
+        rc = t[i].data ? fp_st_read_f32(f, st, t[i].data, err)
+                       : read_lowp(f, st, &t[i].lp, scratch, err);
+        if (rc)
             goto out;
         fp_st_release(f, st);
     }
 out:
+    free(scratch);
     free(t);
     for (int s = 0; s < nsh; s++) {
         fp_st_close(sh[s].st);

@@ -86,6 +86,8 @@ typedef struct fp_model_tensor {
     int ndim;
     int64_t shape[2];
     int decay;              /* 1 for matrices (weight decay applies), 0 for norms and biases */
+    fp_lowp_mat_t lp;       /* data NULL (a low-precision base, inside fp_model.c only): where
+                               the weight is held */
 } fp_model_tensor_t;
 
 /* d_out and d_in of target t. */
@@ -138,6 +140,12 @@ int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_er
  * model.safetensors.index.json; F32, BF16, F16 or F64 weights, held as float32. A missing or
  * mis-shaped tensor is an error naming it. */
 int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err);
+/* The same with the base held in dt as it is read (fp_model_lowp's layout, the same bytes):
+ * no float copy of the linear weights, the embedding or the head is ever made. Each tensor is
+ * converted a chunk at a time, and its mapped pages dropped as they are read, so the peak is
+ * the low-precision base plus a few pages. A bf16 checkpoint fills a bf16 base byte for byte.
+ * dt f32: fp_model_load. */
+int fp_model_load_base(const char *dir, fp_base_dtype_t dt, fp_model_t **out, fp_err_t *err);
 
 /* The identity of a model's weights, the federation's base_model_sha256: the SHA-256 of
  * model.safetensors, or, for a sharded checkpoint, of its shards' bytes one after the other
