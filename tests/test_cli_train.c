@@ -12,6 +12,7 @@
 #include "fp_blas.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
+#include "fp_lowp.h"
 
 #define dir fpt_dir
 
@@ -303,6 +304,11 @@ static void test_base_dtypes(void **state)
     (void)state;
     const char *model = FP_SOURCE_DIR "/models/demo", *data = "/usr/share/games/fortunes/pets";
     double final[2], held[2][2];
+    fp_err_t err = {0};
+    if (fp_lowp_probe(&err) != 0) { /* test_base_default checks the refusal */
+        print_message("skipped: %s\n", fp_err_msg(&err));
+        skip();
+    }
     for (int k = 0; k < 3; k++) {
         static const char *const dts[] = {"f32", "bf16", "nf4"};
         char *a = path(dts[k]);
@@ -352,6 +358,63 @@ static void test_base_dtypes(void **state)
     free(o);
 }
 
+
+/* `eval` on the demo model and data with env DNNL_MAX_CPU_ISA=isa (NULL: as this process
+ * has it): its exit status; *base and *loss from its --json line when it succeeded. */
+static int eval_base(const char *isa, const char *dt, char *base, size_t n, double *loss)
+{
+    const char *had = getenv("DNNL_MAX_CPU_ISA");
+    char *keep = had ? strdup(had) : NULL;
+    if (isa)
+        setenv("DNNL_MAX_CPU_ISA", isa, 1);
+    int rc = run("eval", "--model", FP_SOURCE_DIR "/models/demo", "--data",
+                 "/usr/share/games/fortunes/pets", "--seq", "64", "--batch", "2",
+                 "--base-dtype", dt, "--json", NULL);
+    if (keep)
+        setenv("DNNL_MAX_CPU_ISA", keep, 1);
+    else
+        unsetenv("DNNL_MAX_CPU_ISA");
+    free(keep);
+    if (rc == 0) {
+        json_t *j = last_json();
+        snprintf(base, n, "%s", json_string_value(json_object_get(j, "base_dtype")));
+        *loss = num(j, "loss");
+        json_decref(j);
+    }
+    return rc;
+}
+
+/* The default base is the fastest exact one: bf16 where the CPU multiplies bf16 natively, the
+ * OpenBLAS f32 path where it does not. A CPU without bf16 instructions is simulated by
+ * holding oneDNN's ISA back: to AVX-512 without bf16 (oneDNN emulates bf16 there: asked for,
+ * it runs; by default, f32 runs) and to AVX2 (oneDNN cannot multiply bf16: asking for bf16 or
+ * nf4 is refused with advice). */
+static void test_base_default(void **state)
+{
+    (void)state;
+    char base[16];
+    double f32, loss;
+    assert_int_equal(eval_base(NULL, "f32", base, sizeof base, &f32), 0);
+    assert_string_equal(base, "f32");
+    assert_int_equal(eval_base(NULL, "auto", base, sizeof base, &loss), 0);
+    assert_string_equal(base, fp_lowp_cpu_bf16() ? "bf16" : "f32");
+    static const char *const isas[] = {"AVX512_CORE", "AVX2"};
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(eval_base(isas[i], "auto", base, sizeof base, &loss), 0);
+        assert_string_equal(base, "f32");
+        assert_true(loss == f32); /* the very f32 path */
+        int rc = eval_base(isas[i], "nf4", base, sizeof base, &loss);
+        if (i == 0) {
+            assert_int_equal(rc, 0);
+            assert_string_equal(base, "nf4");
+        } else {
+            assert_int_equal(rc, 1);
+            assert_contains(err_text, "cannot multiply bf16 on this CPU");
+            assert_contains(err_text, "use --base-dtype f32");
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -360,6 +423,7 @@ int main(void)
         cmocka_unit_test(test_blas_kernel_choice),
         cmocka_unit_test(test_blas_kernel_runs),
         cmocka_unit_test(test_base_dtypes),
+        cmocka_unit_test(test_base_default),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, teardown);
 }
