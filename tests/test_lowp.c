@@ -97,8 +97,6 @@ static void test_nf4_codec(void **state)
     free(q);
 }
 
-/* y = x·Wᵀ and dx = dy·W through oneDNN against float64 on the same bf16 operands, with
- * strided rows and accumulation; NF4 over several tiles. */
 /* oneDNN multiplies bf16 on every x86-64 CPU with AVX-512 (natively or emulated); on one
  * without, the products cannot run and fedpeft refuses a bf16 or nf4 base (test_cli_train's
  * test_base_default checks that refusal): their tests are skipped there, saying so. */
@@ -111,6 +109,8 @@ static void need_products(void)
     }
 }
 
+/* y = x·Wᵀ and dx = dy·W through oneDNN against float64 on the same bf16 operands, with
+ * strided rows and accumulation; NF4 over several tiles. */
 static void test_products(void **state)
 {
     (void)state;
@@ -183,6 +183,61 @@ static void test_products(void **state)
     free(h);
     free(q);
     free(am);
+}
+
+/* Attention's batched products (fp_lowp_bmm) against float64 on the same bf16 operands:
+ * either operand read transposed through its strides, a scale, padded batch and row strides
+ * (the padding untouched). */
+static void test_batched(void **state)
+{
+    (void)state;
+    need_products();
+    enum { NB = 3, M = 40, K = 70, N = 24, PAD = 5 };
+    fp_rng_t g;
+    fp_rng_seed(&g, 4);
+    size_t as = (size_t)M * K + PAD, bs = (size_t)K * N + PAD, ldc = N + 3,
+           cs = (size_t)M * ldc + PAD;
+    float *af = malloc(NB * as * sizeof *af), *bf = malloc(NB * bs * sizeof *bf);
+    uint16_t *a = malloc(NB * as * sizeof *a), *b = malloc(NB * bs * sizeof *b);
+    float *c = malloc(NB * cs * sizeof *c);
+    fp_rng_fill_normal(&g, af, NB * as, 1.0);
+    fp_rng_fill_normal(&g, bf, NB * bs, 1.0);
+    fp_bf16_pack(a, af, NB * as);
+    fp_bf16_pack(b, bf, NB * bs);
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            /* A_b (M × K) stored as M × K, or K × M read transposed; B_b likewise */
+            const int64_t sa[3] = {(int64_t)as, ta ? 1 : K, ta ? M : 1};
+            const int64_t sb[3] = {(int64_t)bs, tb ? 1 : N, tb ? K : 1};
+            const int64_t sc[2] = {(int64_t)cs, (int64_t)ldc};
+            for (size_t i = 0; i < NB * cs; i++)
+                c[i] = 7.0f;
+            assert_int_equal(fp_lowp_bmm(NB, M, N, K, 0.125f, a, sa, b, sb, c, sc), 0);
+            double worst = 0;
+            for (int n = 0; n < NB; n++)
+                for (int i = 0; i < M; i++) {
+                    for (int j = 0; j < N; j++) {
+                        double ref = 0, mag = 0;
+                        for (int k = 0; k < K; k++) {
+                            double x = fp_bf16_to_f32(a[n * as + i * sa[1] + k * sa[2]]);
+                            double y = fp_bf16_to_f32(b[n * bs + k * sb[1] + j * sb[2]]);
+                            ref += 0.125 * x * y;
+                            mag += fabs(0.125 * x * y);
+                        }
+                        worst = fmax(worst, fabs(c[n * cs + i * ldc + j] - ref) / mag);
+                    }
+                    for (size_t j = N; j < ldc; j++) /* past the row: untouched */
+                        assert_true(c[n * cs + i * ldc + j] == 7.0f);
+                }
+            if (!(worst < 1e-5))
+                fail_msg("batched product (A%s, B%s): error %g of the terms' magnitude",
+                         ta ? "ᵀ" : "", tb ? "ᵀ" : "", worst);
+        }
+    free(af);
+    free(bf);
+    free(a);
+    free(b);
+    free(c);
 }
 
 /* A small model whose matrices are whole NF4 blocks; the float model's linear weights,
@@ -455,6 +510,7 @@ int main(void)
         cmocka_unit_test(test_bf16_codec),
         cmocka_unit_test(test_nf4_codec),
         cmocka_unit_test(test_products),
+        cmocka_unit_test(test_batched),
         cmocka_unit_test(test_transformer),
         cmocka_unit_test(test_fold_and_restore),
         cmocka_unit_test(test_load_base),

@@ -36,8 +36,10 @@ static const bconf_t configs[] = {
 
 /* Matrix FLOPs of one LoRA training step (all seven targets, frozen base), as computed:
  * forward, input gradients (skipped below layer 0's q/k/v, as the trainer does), LoRA factor
- * gradients, full T × T attention products, and the head. */
-static double step_flops(const fp_model_config_t *c, int B, int T, int r)
+ * gradients, full T × T attention products, and the head. With base_only, the products with
+ * the frozen weights alone (the linear layers' and the head's, forward and input gradient):
+ * the part a low-precision base speeds up, which no trainer of this step can skip. */
+static double step_flops(const fp_model_config_t *c, int B, int T, int r, int base_only)
 {
     double N = (double)B * T, f = 0;
     for (int l = 0; l < c->n_layers; l++)
@@ -45,14 +47,25 @@ static double step_flops(const fp_model_config_t *c, int B, int T, int r)
             int o, i;
             fp_target_shape(c, (fp_target_t)t, &o, &i);
             int dx = !(l == 0 && t <= FP_T_V);
-            f += 2 * N * i * o * (1 + dx);                   /* x·Wᵀ, dy·W */
+            f += 2 * N * i * o * (1 + dx); /* x·Wᵀ, dy·W */
+            if (base_only)
+                continue;
             f += 2 * N * r * ((double)i + o);                /* LoRA forward */
             f += 2 * N * r * ((double)o + o + i + (dx ? i : 0)); /* dB, dl, dA, dx */
         }
     double att = 2.0 * T * T * c->head_dim;
-    f += (double)c->n_layers * B * c->n_heads * att * 6; /* 2 forward, 4 backward products */
-    f += 2 * N * c->dim * c->vocab * 2;                  /* head forward and dx */
+    if (!base_only)
+        f += (double)c->n_layers * B * c->n_heads * att * 6; /* 2 forward, 4 backward */
+    f += 2 * N * c->dim * c->vocab * 2;                      /* head forward and dx */
     return f;
+}
+
+static fp_model_config_t bench_model_config(const bconf_t *b)
+{
+    return (fp_model_config_t){.dim = b->dim, .n_layers = b->layers, .n_heads = b->heads,
+                               .n_kv_heads = b->kv, .head_dim = b->dim / b->heads, .ff = b->ff,
+                               .vocab = b->vocab, .max_seq = b->seq, .rms_eps = 1e-5,
+                               .rope_theta = 10000, .bos_id = -1, .eos_id = -1};
 }
 
 static double sgemm_peak(int n, int reps)
@@ -100,10 +113,7 @@ static int note_first_step(void *ctx, const fp_train_stats_t *s)
 /* Runs one configuration in this process. */
 static int run_config(const bconf_t *b, fp_base_dtype_t dt, bresult_t *r)
 {
-    fp_model_config_t c = {.dim = b->dim, .n_layers = b->layers, .n_heads = b->heads,
-                           .n_kv_heads = b->kv, .head_dim = b->dim / b->heads, .ff = b->ff,
-                           .vocab = b->vocab, .max_seq = b->seq, .rms_eps = 1e-5,
-                           .rope_theta = 10000, .bos_id = -1, .eos_id = -1};
+    fp_model_config_t c = bench_model_config(b);
     fp_err_t err = {0};
     fp_model_t *m = NULL;
     fp_adapter_t *ad = NULL;
@@ -140,7 +150,7 @@ static int run_config(const bconf_t *b, fp_base_dtype_t dt, bresult_t *r)
         if (rc == 0) {
             r->seconds_per_step = (res.seconds - at_first) / b->steps;
             r->tokens_per_s = (double)b->batch * b->seq / r->seconds_per_step;
-            r->gflops = step_flops(&c, b->batch, b->seq, b->rank) / r->seconds_per_step / 1e9;
+            r->gflops = step_flops(&c, b->batch, b->seq, b->rank, 0) / r->seconds_per_step / 1e9;
             r->peak_rss = fp_peak_rss_bytes();
             r->ok = 1;
         }
@@ -373,6 +383,17 @@ int fp_bench_train(int argc, char **argv)
             printf("%-7s %-5s %-34s %9.0f %8.1f %6.0f%% %13s %5.0f MiB  %s\n", b->name,
                    fp_base_dtype_name(want[w]), shape, r.tokens_per_s, r.gflops,
                    100.0 * r.gflops / pk, wb, r.peak_rss / 1048576.0, vs);
+        }
+        if (bpeak > 0) {
+            /* the bound no bf16 trainer of this step passes on this machine */
+            fp_model_config_t c = bench_model_config(b);
+            double cap = (double)b->batch * b->seq /
+                         (step_flops(&c, b->batch, b->seq, b->rank, 1) / (bpeak * 1e9));
+            printf("%-7s %-5s %-34s ceiling: the base's products alone at the bf16 peak allow "
+                   "%.0f tokens/s", "", "", "", cap);
+            if (ttps[2] > 0)
+                printf(" = %.2fx PyTorch bf16 autocast", cap / ttps[2]);
+            printf("\n");
         }
         if (torch)
             printf("%-7s %-5s %-34s PyTorch tokens/s: %.0f as shipped, %.0f tuned, %.0f bf16 "

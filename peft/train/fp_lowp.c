@@ -228,10 +228,12 @@ static void apply_threads(int n)
         set(n);
 }
 
-/* One product's shape: dst (M × N) = src (M × K) · wei (K × N), with strides. */
+/* One product's shape: dst (M × N) = alpha · src (M × K) · wei (K × N), with strides; with
+ * B > 0, a batch of B such products, the batch strides first (3-D descriptors). */
 typedef struct key {
-    int M, K, N;
-    int64_t ss[2], ws[2], ds[2];
+    int B, M, K, N;
+    int64_t ss[3], ws[3], ds[3]; /* [batch,] row, column strides */
+    float alpha;
     int sum; /* accumulate into dst */
 } key_t_;
 
@@ -304,14 +306,20 @@ static key_t_ key(int M, int K, int N, int64_t s0, int64_t s1, int64_t w0, int64
     k.ws[1] = w1;
     k.ds[0] = d0;
     k.ds[1] = 1;
+    k.alpha = 1;
     k.sum = sum;
     return k;
 }
 
-/* A 2-D memory descriptor (oneDNN reads whole dnnl_dims_t arrays). */
-static dnnl_status_t desc(dnnl_memory_desc_t *md, int64_t rows, int64_t cols,
-                          dnnl_data_type_t dt, const int64_t st[2])
+/* A memory descriptor of rows × cols (a batch of them when batch > 0); st: [batch,] row,
+ * column strides. oneDNN reads whole dnnl_dims_t arrays. */
+static dnnl_status_t desc(dnnl_memory_desc_t *md, int64_t batch, int64_t rows, int64_t cols,
+                          dnnl_data_type_t dt, const int64_t st[3])
 {
+    if (batch > 0) {
+        dnnl_dims_t d = {batch, rows, cols}, s = {st[0], st[1], st[2]};
+        return dnnl_memory_desc_init_by_strides(md, 3, d, dt, s);
+    }
     dnnl_dims_t d = {rows, cols}, s = {st[0], st[1]};
     return dnnl_memory_desc_init_by_strides(md, 2, d, dt, s);
 }
@@ -320,11 +328,11 @@ static dnnl_status_t desc(dnnl_memory_desc_t *md, int64_t rows, int64_t cols,
 static dnnl_status_t descs(const key_t_ *k, dnnl_memory_desc_t *src, dnnl_memory_desc_t *wei,
                            dnnl_memory_desc_t *dst)
 {
-    dnnl_status_t st = desc(src, k->M, k->K, dnnl_bf16, k->ss);
+    dnnl_status_t st = desc(src, k->B, k->M, k->K, dnnl_bf16, k->ss);
     if (st == dnnl_success)
-        st = desc(wei, k->K, k->N, dnnl_bf16, k->ws);
+        st = desc(wei, k->B, k->K, k->N, dnnl_bf16, k->ws);
     if (st == dnnl_success)
-        st = desc(dst, k->M, k->N, dnnl_f32, k->ds);
+        st = desc(dst, k->B, k->M, k->N, dnnl_f32, k->ds);
     return st;
 }
 
@@ -339,6 +347,8 @@ static dnnl_status_t make(const key_t_ *k, dnnl_primitive_t *out)
     dnnl_post_ops_t po = NULL;
     if (st == dnnl_success)
         st = dnnl_primitive_attr_create(&attr);
+    if (st == dnnl_success && k->alpha != 1)
+        st = dnnl_primitive_attr_set_output_scales(attr, 1, 0, &k->alpha);
     if (st == dnnl_success && k->sum) {
         st = dnnl_post_ops_create(&po);
         if (st == dnnl_success)
@@ -513,6 +523,28 @@ int fp_lowp_mm(int N, const float *dy, int lddy, const fp_lowp_mat_t *W, float *
                float beta)
 {
     return product(1, N, dy, lddy, W, dx, lddx, beta);
+}
+
+int fp_lowp_bmm(int batch, int M, int N, int K, float alpha, const uint16_t *A,
+                const int64_t as[3], const uint16_t *B, const int64_t bs[3], float *C,
+                const int64_t cs[2])
+{
+    key_t_ k;
+    memset(&k, 0, sizeof k);
+    k.B = batch;
+    k.M = M;
+    k.K = K;
+    k.N = N;
+    memcpy(k.ss, as, sizeof k.ss);
+    memcpy(k.ws, bs, sizeof k.ws);
+    k.ds[0] = cs[0];
+    k.ds[1] = cs[1];
+    k.ds[2] = 1;
+    k.alpha = alpha;
+    int rc = run(tls(), &k, A, B, C);
+    for (int b = 0; rc && b < batch; b++)
+        fail_nan(C + (size_t)b * (size_t)cs[0], M, N, (int)cs[1]);
+    return rc;
 }
 
 int fp_lowp_add_product(const fp_lowp_mat_t *W, float s, const float *B, const float *A, int r,

@@ -68,6 +68,15 @@ int fp_lowp_mm_wt(int N, const float *x, int ldx, const fp_lowp_mat_t *W, float 
 int fp_lowp_mm(int N, const float *dy, int lddy, const fp_lowp_mat_t *W, float *dx, int lddx,
                float beta);
 
+/* A batch of products of bf16 operands with fp32 accumulation (attention's, on a
+ * low-precision base): for b < batch, C_b (M × N) = alpha · A_b (M × K) · B_b (K × N).
+ * as and bs: the operands' batch, row and column strides in elements ({·, K, 1} as stored,
+ * {·, 1, M} for A read transposed); cs: C's batch and row strides. 0 or a negative error
+ * (then C is NaN). */
+int fp_lowp_bmm(int batch, int M, int N, int K, float alpha, const uint16_t *A,
+                const int64_t as[3], const uint16_t *B, const int64_t bs[3], float *C,
+                const int64_t cs[2]);
+
 /* W += s·B·A (B: rows × r, A: r × cols, float), in W's precision: rows rounded back to bf16,
  * or blocks dequantised and quantised again. */
 int fp_lowp_add_product(const fp_lowp_mat_t *W, float s, const float *B, const float *A, int r,

@@ -44,6 +44,9 @@ typedef struct TF(acts) {
     REAL *gu;          /* N × 2F: gate | up projections */
     REAL *a;           /* N × F: silu(gate) ∘ up */
     REAL *lu[FP_T_COUNT]; /* x·Aᵀ of each LoRA target: N × r */
+    /* a low-precision base (TF_LOWP): q, k, v and P rounded to bf16 where they are made, for
+     * attention's products in bf16 (TF(alloc16)); NULL otherwise */
+    uint16_t *q16, *k16, *v16, *P16;
 } TF(acts_t);
 
 typedef struct TF(net) {
@@ -72,7 +75,9 @@ typedef struct TF(net) {
     REAL *dR, *dM, *dh, *dqkv, *datt, *dgu, *da, *dP, *dl;
     REAL *dqh, *dkh, *dvh, *doh;
     REAL *dx0;         /* input gradient (FP_TF_INPUT_GRAD) */
+    uint16_t *doh16, *dS16; /* backward's dO and dS in bf16 (TF(alloc16)), else NULL */
     REAL *mem;
+    uint16_t *mem16;
     size_t bytes;
 } TF(net_t);
 
@@ -259,6 +264,7 @@ typedef struct TF(heads_ctx) {
     const TF(net_t) *n;
     const REAL *src;
     REAL *dst;
+    uint16_t *dst16; /* to_heads: dst rounded to bf16 too, or NULL */
     int heads, rope, to_heads;
     int ld; /* row stride of the token-major side */
 } TF(heads_ctx_t);
@@ -278,15 +284,19 @@ static void TF(heads_units)(void *vc, size_t u0, size_t u1)
             REAL *y = c->dst + (c->to_heads ? hm : tok);
             if (!c->rope) {
                 memcpy(y, x, (size_t)hd * sizeof(REAL));
-                continue;
+            } else {
+                const REAL *cs = n->cosb + (size_t)t * (size_t)half;
+                const REAL *sn = n->sinb + (size_t)t * (size_t)half;
+                for (int j = 0; j < half; j++) {
+                    REAL a = x[j], bb = x[j + half], s = sgn * sn[j];
+                    y[j] = a * cs[j] - bb * s;
+                    y[j + half] = bb * cs[j] + a * s;
+                }
             }
-            const REAL *cs = n->cosb + (size_t)t * (size_t)half;
-            const REAL *sn = n->sinb + (size_t)t * (size_t)half;
-            for (int j = 0; j < half; j++) {
-                REAL a = x[j], bb = x[j + half], s = sgn * sn[j];
-                y[j] = a * cs[j] - bb * s;
-                y[j + half] = bb * cs[j] + a * s;
-            }
+#if TF_LOWP
+            if (c->dst16)
+                fp_bf16_pack(c->dst16 + hm, y, (size_t)hd);
+#endif
         }
     }
 }
@@ -294,14 +304,25 @@ static void TF(heads_units)(void *vc, size_t u0, size_t u1)
 static void TF(heads)(const TF(net_t) *n, const REAL *src, REAL *dst, int heads, int rope,
                       int to_heads, int ld)
 {
-    TF(heads_ctx_t) c = {n, src, dst, heads, rope, to_heads, ld};
+    TF(heads_ctx_t) c = {n, src, dst, NULL, heads, rope, to_heads, ld};
     fp_par_for((size_t)n->B * (size_t)heads, 1, TF(heads_units), &c);
 }
+
+#if TF_LOWP
+/* TF(heads) to head-major, with a bf16 copy of the result in dst16 */
+static void TF(heads16)(const TF(net_t) *n, const REAL *src, REAL *dst, uint16_t *dst16,
+                        int heads, int rope, int ld)
+{
+    TF(heads_ctx_t) c = {n, src, dst, dst16, heads, rope, 1, ld};
+    fp_par_for((size_t)n->B * (size_t)heads, 1, TF(heads_units), &c);
+}
+#endif
 
 typedef struct TF(rows_ctx) {
     const TF(net_t) *n;
     REAL *P;        /* softmax in place; backward: dS in place of dP */
     const REAL *Pp; /* backward: probabilities */
+    uint16_t *out16; /* the rows written also in bf16, or NULL */
 } TF(rows_ctx_t);
 
 /* Causal softmax of score rows; row r of the B·H·T rows is query position r mod T. */
@@ -325,6 +346,10 @@ static void TF(softmax_rows)(void *vc, size_t r0, size_t r1)
             row[j] *= inv;
         for (int j = i + 1; j < T; j++)
             row[j] = 0;
+#if TF_LOWP
+        if (c->out16)
+            fp_bf16_pack(c->out16 + r * (size_t)T, row, (size_t)T);
+#endif
     }
 }
 
@@ -344,8 +369,62 @@ static void TF(dsoftmax_rows)(void *vc, size_t r0, size_t r1)
             d[j] = pr[j] * (d[j] - dot);
         for (int j = i + 1; j < T; j++)
             d[j] = 0;
+#if TF_LOWP
+        if (c->out16)
+            fp_bf16_pack(c->out16 + r * (size_t)T, d, (size_t)T);
+#endif
     }
 }
+
+#if TF_LOWP
+/* TF(attention) on a low-precision base: the same products in bf16 with fp32 accumulation,
+ * one batched product each over the B·KV groups (softmax stays fp32). Strides in elements:
+ * {batch, row, column}; a group's grp heads are consecutive, so every batch stride is
+ * uniform. */
+static void TF(attention16)(TF(net_t) *n, TF(acts_t) *ac)
+{
+    int T = n->T, H = n->c.n_heads, KV = n->c.n_kv_heads, hd = n->c.head_dim;
+    int grp = H / KV, nb = n->B * KV, QKV = n->Q + 2 * n->K;
+    float scale = 1 / sqrtf((float)hd);
+    int64_t TT = (int64_t)T * T, Thd = (int64_t)T * hd, gT = (int64_t)grp * T;
+    TF(heads16)(n, n->qkv, ac->q, ac->q16, H, 1, QKV);
+    TF(heads16)(n, n->qkv + n->Q, ac->k, ac->k16, KV, 1, QKV);
+    TF(heads16)(n, n->qkv + n->Q + n->K, ac->v, ac->v16, KV, 0, QKV);
+    /* S = scale · Q_g (grp·T × hd) · K_gᵀ (hd × T) */
+    const int64_t qs[3] = {grp * Thd, hd, 1}, kt[3] = {Thd, 1, hd}, ps[2] = {grp * TT, T};
+    fp_lowp_bmm(nb, (int)gT, T, hd, scale, ac->q16, qs, ac->k16, kt, ac->P, ps);
+    TF(rows_ctx_t) rc = {n, ac->P, NULL, ac->P16};
+    fp_par_for((size_t)n->B * H * T, 64, TF(softmax_rows), &rc);
+    /* O = P_g (grp·T × T) · V_g (T × hd) */
+    const int64_t p16[3] = {grp * TT, T, 1}, vs[3] = {Thd, hd, 1}, os[2] = {grp * Thd, hd};
+    fp_lowp_bmm(nb, (int)gT, hd, T, 1, ac->P16, p16, ac->v16, vs, n->oh, os);
+    TF(heads)(n, n->oh, ac->att, H, 0, 0, n->Q);
+}
+
+static void TF(attention16_bwd)(TF(net_t) *n, TF(acts_t) *ac)
+{
+    int T = n->T, H = n->c.n_heads, KV = n->c.n_kv_heads, hd = n->c.head_dim;
+    int grp = H / KV, nb = n->B * KV;
+    float scale = 1 / sqrtf((float)hd);
+    int64_t TT = (int64_t)T * T, Thd = (int64_t)T * hd, gT = (int64_t)grp * T;
+    TF(heads16)(n, n->datt, n->doh, n->doh16, H, 0, n->Q);
+    const int64_t os[3] = {grp * Thd, hd, 1}, vt[3] = {Thd, 1, hd}, ps[2] = {grp * TT, T};
+    const int64_t pt[3] = {grp * TT, 1, T}, hs[2] = {Thd, hd}, gs[2] = {grp * Thd, hd};
+    const int64_t p16[3] = {grp * TT, T, 1}, ks[3] = {Thd, hd, 1};
+    /* dP = dO_g · V_gᵀ;  dV = P_gᵀ (T × grp·T) · dO_g, summing the group's heads */
+    fp_lowp_bmm(nb, (int)gT, T, hd, 1, n->doh16, os, ac->v16, vt, n->dP, ps);
+    fp_lowp_bmm(nb, T, hd, (int)gT, 1, ac->P16, pt, n->doh16, os, n->dvh, hs);
+    TF(rows_ctx_t) rc = {n, n->dP, ac->P, n->dS16};
+    fp_par_for((size_t)n->B * H * T, 64, TF(dsoftmax_rows), &rc);
+    /* dQ = scale · dS_g · K_g;  dK = scale · dS_gᵀ · Q_g */
+    fp_lowp_bmm(nb, (int)gT, hd, T, scale, n->dS16, p16, ac->k16, ks, n->dqh, gs);
+    fp_lowp_bmm(nb, T, hd, (int)gT, scale, n->dS16, pt, ac->q16, os, n->dkh, hs);
+    int QKV = n->Q + 2 * n->K;
+    TF(heads)(n, n->dqh, n->dqkv, H, -1, 0, QKV);
+    TF(heads)(n, n->dkh, n->dqkv + n->Q, KV, -1, 0, QKV);
+    TF(heads)(n, n->dvh, n->dqkv + n->Q + n->K, KV, 0, 0, QKV);
+}
+#endif
 
 /* Causal grouped-query attention from token-major q|k|v: keeps head-major q, k, v (after
  * RoPE) and P; att = softmax(q·kᵀ/√hd + mask)·v, token-major. The heads sharing a key/value
@@ -356,6 +435,12 @@ static void TF(attention)(TF(net_t) *n, TF(acts_t) *ac)
     int grp = H / KV;
     REAL scale = 1 / SQRT((REAL)hd);
     int QKV = n->Q + 2 * n->K;
+#if TF_LOWP
+    if (ac->q16) {
+        TF(attention16)(n, ac);
+        return;
+    }
+#endif
     TF(heads)(n, n->qkv, ac->q, H, 1, 1, QKV);
     TF(heads)(n, n->qkv + n->Q, ac->k, KV, 1, 1, QKV);
     TF(heads)(n, n->qkv + n->Q + n->K, ac->v, KV, 0, 1, QKV);
@@ -366,7 +451,7 @@ static void TF(attention)(TF(net_t) *n, TF(acts_t) *ac)
             GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, grp * T, T, hd, scale, ac->q + qh * Thd,
                  hd, ac->k + kh * Thd, hd, 0, ac->P + qh * TT, T);
         }
-    TF(rows_ctx_t) rc = {n, ac->P, NULL};
+    TF(rows_ctx_t) rc = {n, ac->P, NULL, NULL};
     fp_par_for((size_t)n->B * H * T, 64, TF(softmax_rows), &rc);
     for (int b = 0; b < n->B; b++)
         for (int g = 0; g < KV; g++) {
@@ -384,6 +469,12 @@ static void TF(attention_bwd)(TF(net_t) *n, TF(acts_t) *ac)
     int grp = H / KV;
     REAL scale = 1 / SQRT((REAL)hd);
     size_t TT = (size_t)T * T, Thd = (size_t)T * hd;
+#if TF_LOWP
+    if (ac->q16) {
+        TF(attention16_bwd)(n, ac);
+        return;
+    }
+#endif
     TF(heads)(n, n->datt, n->doh, H, 0, 1, n->Q);
     for (int b = 0; b < n->B; b++)
         for (int g = 0; g < KV; g++) {
@@ -394,7 +485,7 @@ static void TF(attention_bwd)(TF(net_t) *n, TF(acts_t) *ac)
             GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, T, hd, grp * T, 1, ac->P + qh * TT, T,
                  n->doh + qh * Thd, hd, 0, n->dvh + kh * Thd, hd);
         }
-    TF(rows_ctx_t) rc = {n, n->dP, ac->P};
+    TF(rows_ctx_t) rc = {n, n->dP, ac->P, NULL};
     fp_par_for((size_t)n->B * H * T, 64, TF(dsoftmax_rows), &rc);
     for (int b = 0; b < n->B; b++)
         for (int g = 0; g < KV; g++) {
@@ -754,8 +845,41 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
     return 0;
 }
 
+#if TF_LOWP
+/* The bf16 copies attention's products read on a low-precision base (after TF(alloc)): q, k,
+ * v and P of each layer kept for the backward (one set in eval mode), dO and dS. */
+static int TF(alloc16)(TF(net_t) *n)
+{
+    const fp_model_config_t *c = &n->c;
+    int train = (n->flags & (FP_TF_LORA | FP_TF_FULL)) != 0, nacts = train ? c->n_layers : 1;
+    size_t N = (size_t)n->N, Q = (size_t)n->Q, K = (size_t)n->K;
+    size_t PP = (size_t)n->B * (size_t)c->n_heads * (size_t)n->T * (size_t)n->T;
+    size_t per = N * Q + 2 * N * K + PP, total = per * (size_t)nacts + (train ? N * Q + PP : 0);
+    if (!(n->mem16 = malloc(total * sizeof *n->mem16)))
+        return -ENOMEM;
+    n->bytes += total * sizeof *n->mem16;
+    uint16_t *p = n->mem16;
+    for (int l = 0; l < nacts; l++) {
+        TF(acts_t) *a = &n->A[l];
+        a->q16 = p;
+        a->k16 = p + N * Q;
+        a->v16 = a->k16 + N * K;
+        a->P16 = a->v16 + N * K;
+        p += per;
+    }
+    for (int l = nacts; l < c->n_layers; l++)
+        n->A[l] = n->A[0];
+    if (train) {
+        n->doh16 = p;
+        n->dS16 = p + N * Q;
+    }
+    return 0;
+}
+#endif
+
 static void TF(release)(TF(net_t) *n)
 {
+    free(n->mem16);
     free(n->mem);
     free(n->A);
     free(n->R);

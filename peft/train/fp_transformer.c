@@ -164,6 +164,8 @@ int fp_tf_new(fp_tf_t **out, const fp_model_t *m, const fp_adapter_t *lora, int 
         ranks[i] = tf->lmod[i] >= 0 ? lora->mods[tf->lmod[i]].rank : 0;
     rc = tf32_alloc(&tf->net, &m->cfg, B, T, flags, ranks);
     free(ranks);
+    if (rc == 0 && m->base != FP_BASE_F32) /* attention's products in bf16 too */
+        rc = tf32_alloc16(&tf->net);
     tf->net.L = calloc((size_t)Lc, sizeof *tf->net.L);
     if (rc || !tf->net.L) {
         fp_tf_free(tf);
