@@ -73,6 +73,7 @@ typedef struct TF(net) {
     long count;
     /* backward scratch (dqkv, dgu token-major; dqh, dkh, dvh, doh head-major) */
     REAL *dR, *dM, *dh, *dqkv, *datt, *dgu, *da, *dP, *dl;
+    REAL *acat, *dacat; /* a run's stacked A factors and their gradient: 3·rmax × max(D, Q, F) */
     REAL *dqh, *dkh, *dvh, *doh;
     REAL *dx0;         /* input gradient (FP_TF_INPUT_GRAD) */
     uint16_t *doh16, *dS16; /* backward's dO and dS in bf16 (TF(alloc16)), else NULL */
@@ -101,6 +102,39 @@ static int TF(run_width)(const fp_model_config_t *c, fp_target_t t0, int k, int 
     return w;
 }
 
+/* The LoRA targets of a run side by side: their ranks' sum rs, and roff[t] the first of
+ * target t's rs columns. A run's x·Aᵀ is one N × rs product (ac->lu[t0], row stride rs: the
+ * run's lu buffers are consecutive, so they hold it), as is its input gradient dl·A. */
+static int TF(lora_run)(const TF(lw_t) *lw, fp_target_t t0, int k, int *roff)
+{
+    int rs = 0;
+    for (int t = (int)t0; t < (int)t0 + k; t++) {
+        roff[t] = rs;
+        rs += lw->la[t] ? lw->lr[t] : 0;
+    }
+    return rs;
+}
+
+/* The run's A factors stacked (rs × in): the one target's own A, or a copy in n->acat. */
+static const REAL *TF(lora_a)(TF(net_t) *n, const TF(lw_t) *lw, fp_target_t t0, int k, int in,
+                              const int *roff)
+{
+    int nl = 0;
+    const REAL *one = NULL;
+    for (int t = (int)t0; t < (int)t0 + k; t++)
+        if (lw->la[t]) {
+            nl++;
+            one = lw->la[t];
+        }
+    if (nl == 1)
+        return one;
+    for (int t = (int)t0; t < (int)t0 + k; t++)
+        if (lw->la[t])
+            memcpy(n->acat + (size_t)roff[t] * (size_t)in, lw->la[t],
+                   (size_t)lw->lr[t] * (size_t)in * sizeof(REAL));
+    return n->acat;
+}
+
 /* y (N × width) = x·[W_t0; …]ᵀ + biases + Σ_t s_t·(x·A_tᵀ)·B_tᵀ into each target's columns;
  * keeps lu_t = x·A_tᵀ. One product for the whole run. */
 static void TF(linear)(TF(net_t) *n, const TF(lw_t) *lw, TF(acts_t) *ac, fp_target_t t0, int k,
@@ -114,6 +148,10 @@ static void TF(linear)(TF(net_t) *n, const TF(lw_t) *lw, TF(acts_t) *ac, fp_targ
     } else
 #endif
         TF(mm_wt)(n->N, width, in, x, lw->w[t0], y, 0);
+    int roff[FP_T_COUNT], rs = TF(lora_run)(lw, t0, k, roff);
+    REAL *lu = ac->lu[t0]; /* the run's N × rs */
+    if (rs)
+        TF(mm_wt)(n->N, rs, in, x, TF(lora_a)(n, lw, t0, k, in, roff), lu, 0);
     int off = 0;
     for (int t = (int)t0; t < (int)t0 + k; t++) {
         int out;
@@ -125,13 +163,9 @@ static void TF(linear)(TF(net_t) *n, const TF(lw_t) *lw, TF(acts_t) *ac, fp_targ
                     row[j] += lw->b[t][j];
             }
         }
-        if (lw->la[t]) {
-            int r = lw->lr[t];
-            REAL *lu = ac->lu[t];
-            TF(mm_wt)(n->N, r, in, x, lw->la[t], lu, 0);
-            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, n->N, out, r, lw->ls[t], lu, r,
-                 lw->lb[t], r, 1, y + off, width);
-        }
+        if (lw->la[t])
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, n->N, out, lw->lr[t], lw->ls[t],
+                 lu + roff[t], rs, lw->lb[t], lw->lr[t], 1, y + off, width);
         off += out;
     }
 }
@@ -155,6 +189,9 @@ static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(ac
     if (lg && lg->w[t0])
         GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, width, in, N, 1, dy, width, x, in, 1,
              lg->w[t0], in);
+    int roff[FP_T_COUNT], rs = TF(lora_run)(lw, t0, k, roff), nga = 0;
+    const REAL *lu = ac->lu[t0];
+    REAL *dl = n->dl; /* N × rs: each target's dl = s · dy · B in its columns */
     int off = 0;
     for (int t = (int)t0; t < (int)t0 + k; t++) {
         int out;
@@ -170,23 +207,43 @@ static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(ac
         if (lw->la[t]) {
             int r = lw->lr[t];
             REAL s = lw->ls[t];
-            const REAL *lu = ac->lu[t];
             if (lg && lg->lb[t]) /* dB += s · dyᵀ · lu */
-                GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, out, r, N, s, dyt, width, lu, r, 1,
-                     lg->lb[t], r);
-            if ((lg && lg->la[t]) || dx) { /* dl = s · dy · B  (N × r) */
-                GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, r, out, s, dyt, width,
-                     lw->lb[t], r, 0, n->dl, r);
-                if (lg && lg->la[t]) /* dA += dlᵀ · x */
-                    GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, r, in, N, 1, n->dl, r, x, in, 1,
-                         lg->la[t], in);
-                if (dx) /* dx += dl · A */
-                    GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, r, 1, n->dl, r,
-                         lw->la[t], in, 1, dx, in);
-            }
+                GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, out, r, N, s, dyt, width,
+                     lu + roff[t], rs, 1, lg->lb[t], r);
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, r, out, s, dyt, width, lw->lb[t],
+                 r, 0, dl + roff[t], rs);
+            nga += lg && lg->la[t];
         }
         off += out;
     }
+    if (!rs)
+        return;
+    if (nga) { /* dA += dlᵀ · x: one product for the run, added into each target's */
+        int nl = 0, tl = 0;
+        for (int t = (int)t0; t < (int)t0 + k; t++)
+            if (lw->la[t]) {
+                nl++;
+                tl = t;
+            }
+        if (nl == 1) {
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, rs, in, N, 1, dl, rs, x, in, 1,
+                 lg->la[tl], in);
+        } else {
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, rs, in, N, 1, dl, rs, x, in, 0,
+                 n->dacat, in);
+            for (int t = (int)t0; t < (int)t0 + k; t++) {
+                if (!lw->la[t] || !lg->la[t])
+                    continue;
+                const REAL *g = n->dacat + (size_t)roff[t] * (size_t)in;
+                size_t m = (size_t)lw->lr[t] * (size_t)in;
+                for (size_t i = 0; i < m; i++)
+                    lg->la[t][i] += g[i];
+            }
+        }
+    }
+    if (dx) /* dx += dl · A_run */
+        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, rs, 1, dl, rs,
+             TF(lora_a)(n, lw, t0, k, in, roff), in, 1, dx, in);
 }
 
 typedef struct TF(norm_ctx) {
@@ -762,10 +819,14 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
             lu_total += N * (size_t)(train ? ranks[l * FP_T_COUNT + t] : rt[t]);
     size_t streams = train ? (size_t)(2 * Lc + 1) : 1;
     size_t PP = (size_t)B * c->n_heads * TT;
+    size_t widest = D > Q ? D : Q; /* the widest input of a run */
+    widest = F > widest ? F : widest;
     size_t total = per_act * (size_t)nacts + lu_total + streams * N * D + N * D * 2 + N * 2 +
-                   N * V + (size_t)T * (size_t)(c->head_dim / 2) * 2 + N * Q * 2 + N * K * 2;
+                   N * V + (size_t)T * (size_t)(c->head_dim / 2) * 2 + N * Q * 2 + N * K * 2 +
+                   3 * (size_t)rmax * widest;
     if (train)
-        total += N * D * 3 + N * Q * 4 + N * K * 4 + N * F * 3 + PP + N * (size_t)rmax;
+        total += N * D * 3 + N * Q * 4 + N * K * 4 + N * F * 3 + PP + N * 3 * (size_t)rmax +
+                 3 * (size_t)rmax * widest;
     if (flags & FP_TF_INPUT_GRAD)
         total += N * D;
     n->bytes = total * sizeof(REAL);
@@ -812,6 +873,7 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
     TAKE(n->qkv, N * (Q + 2 * K));
     TAKE(n->oh, N * Q);
     TAKE(n->logits, N * V);
+    TAKE(n->acat, 3 * (size_t)rmax * widest);
     int half = c->head_dim / 2;
     TAKE(n->cosb, (size_t)T * (size_t)half);
     TAKE(n->sinb, (size_t)T * (size_t)half);
@@ -828,7 +890,8 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
         TAKE(n->dgu, 2 * N * F);
         TAKE(n->da, N * F);
         TAKE(n->dP, PP);
-        TAKE(n->dl, N * (size_t)rmax);
+        TAKE(n->dl, N * 3 * (size_t)rmax);
+        TAKE(n->dacat, 3 * (size_t)rmax * widest);
     }
     if (flags & FP_TF_INPUT_GRAD)
         TAKE(n->dx0, N * D);
