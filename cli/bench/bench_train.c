@@ -264,7 +264,9 @@ static const char bench_train_help[] =
     "machine's peak measured in the same run (OpenBLAS's sgemm for f32, oneDNN's bf16 matmul\n"
     "for bf16 and nf4), the base weights' bytes, peak memory, and PyTorch's tokens/s on the\n"
     "same configuration and threads when python3-torch is installed — as shipped, with\n"
-    "fedpeft's OpenBLAS setting, and with its base in bf16 under torch.autocast.\n";
+    "fedpeft's OpenBLAS setting, and with its base in bf16 under torch.autocast. Where bf16\n"
+    "runs, a ceiling line gives the tokens/s the base's products alone would allow at the\n"
+    "bf16 peak: what no LoRA trainer of the step can pass on this machine.\n";
 
 /* PyTorch's three runs of one configuration: as shipped, tuned, bf16 autocast. */
 static void torch_runs(const char *script, const bconf_t *b, int threads, double tps[3],
@@ -404,9 +406,11 @@ int fp_bench_train(int argc, char **argv)
            "PyTorch runs as shipped, 'tuned' with the OpenBLAS kernel, OPENBLAS_THREAD_TIMEOUT=8\n"
            "and OMP_WAIT_POLICY=passive that fedpeft sets for itself, and as shipped with its\n"
            "frozen base in bf16 under torch.autocast(\"cpu\", torch.bfloat16) — which makes every\n"
-           "product bf16, attention's and LoRA's too. GFLOP/s counts the matrix\n"
-           "products of the step; 'of peak' is against sgemm for f32, oneDNN's bf16 matmul for\n"
-           "bf16 and nf4. Weights: the base's bytes as held (and the ratio to f32).\n");
+           "product bf16, LoRA's too (fedpeft's bf16 base: the base's and attention's products;\n"
+           "LoRA stays fp32). GFLOP/s counts the matrix products of the step; 'of peak' is\n"
+           "against sgemm for f32, oneDNN's bf16 matmul for bf16 and nf4. Weights: the base's\n"
+           "bytes as held (and the ratio to f32). Ceiling: the base's products (forward and\n"
+           "input gradient, which every LoRA trainer computes) alone at the bf16 peak.\n");
     printf("\nGoals: f32 >= 2x PyTorch as shipped; >= 50%% of sgemm peak on medium; bf16 on medium\n"
            ">= 2.5x PyTorch as shipped, >= 2x PyTorch bf16 autocast, >= 60%% of the bf16 peak;\n"
            "weights bf16 <= 0.55x, nf4 <= 0.3x of f32.\n");
