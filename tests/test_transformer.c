@@ -279,6 +279,34 @@ static void test_adapter_must_fit_the_model(void **state)
     fp_model_free(m);
 }
 
+/* An evaluation workspace (activations shared by the layers, each target's lu sized by its
+ * largest rank over the layers) gives the training workspace's loss, with mixed ranks and a
+ * partial q|k|v run (q/v/down): a run's x·Aᵀ fits where the layout says. */
+static void test_eval_matches_training(void **state)
+{
+    (void)state;
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        fp_model_t *m = tiny_model(&variants[v], 90 + v);
+        fp_adapter_t *ad = tiny_lora(m, variants[v].targets, 91 + v);
+        int tokens[N], labels[N];
+        make_batch(tokens, labels, m->cfg.vocab, 92 + v);
+        fp_tf_t *ev, *tr;
+        assert_int_equal(fp_tf_new(&ev, m, ad, B, T, FP_TF_EVAL, NULL), 0);
+        assert_int_equal(fp_tf_new(&tr, m, ad, B, T, FP_TF_LORA, NULL), 0);
+        double se, st;
+        long ce, ct;
+        fp_tf_forward(ev, tokens, labels, &se, &ce);
+        fp_tf_forward(tr, tokens, labels, &st, &ct);
+        assert_int_equal(ce, ct);
+        if (!(fabs(se - st) <= 1e-6 * fabs(st)))
+            fail_msg("%s: eval loss %.9g, training loss %.9g", variants[v].name, se, st);
+        fp_tf_free(ev);
+        fp_tf_free(tr);
+        fp_adapter_free(ad);
+        fp_model_free(m);
+    }
+}
+
 int main(void)
 {
     /* an odd thread count: the parallel element-wise paths split unevenly */
@@ -287,6 +315,7 @@ int main(void)
         cmocka_unit_test(test_lora_and_input_gradients),
         cmocka_unit_test(test_full_gradients),
         cmocka_unit_test(test_float_matches_double),
+        cmocka_unit_test(test_eval_matches_training),
         cmocka_unit_test(test_adapter_must_fit_the_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

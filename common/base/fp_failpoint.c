@@ -26,9 +26,19 @@ static void load(void)
         target = atol(colon + 1) > 0 ? atol(colon + 1) : 1;
 }
 
-void fp_failpoint(const char *name)
+static int hit(const char *name)
 {
     pthread_once(&once, load);
-    if (armed[0] && !strcmp(armed, name) && atomic_fetch_add(&hits, 1) + 1 == target)
+    return armed[0] && !strcmp(armed, name) && atomic_fetch_add(&hits, 1) + 1 == target;
+}
+
+void fp_failpoint(const char *name)
+{
+    if (hit(name))
         raise(SIGKILL);
+}
+
+int fp_failpoint_error(const char *name)
+{
+    return hit(name);
 }

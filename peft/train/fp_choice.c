@@ -294,6 +294,10 @@ int fp_choice_eval(const fp_model_t *m, const fp_adapter_t *lora, const fp_datas
         double s;
         long cnt;
         fp_tf_forward(tf, tok, NULL, &s, &cnt);
+        if ((rc = fp_tf_status(tf)) != 0) {
+            fp_tf_status_error(rc, err);
+            break;
+        }
         rc = score_rows(d, c, fp_tf_logits(tf), m->cfg.vocab, T, rows, nrows, sc, err);
     }
 out:

@@ -1,6 +1,7 @@
 /* fp_lowp.c — see fp_lowp.h. oneDNN (Debian's libdnnl 2.6, its OpenMP build) does the
  * products; primitives are made once per shape and kept. */
 #include "fp_lowp.h"
+#include "fp_failpoint.h"
 #include "fp_par.h"
 
 #include <cblas.h>
@@ -245,7 +246,7 @@ typedef struct entry {
 /* What each thread that multiplies keeps: its primitives (oneDNN runs a primitive on the
  * thread that made it, whose scratchpad it uses), its stream, its scratch (activations in bf16,
  * dequantised tiles) and the thread count it applied. Freed when the thread ends. */
-#define CACHE_MAX 64
+#define CACHE_MAX 128
 typedef struct tls {
     entry_t cache[CACHE_MAX];
     int ncache;
@@ -367,12 +368,17 @@ static dnnl_status_t make(const key_t_ *k, dnnl_primitive_t *out)
     return st;
 }
 
-/* This thread's primitive for k: made once (past CACHE_MAX shapes the oldest gives way). */
+/* This thread's primitive for k: made once (past CACHE_MAX shapes the least recently used
+ * gives way; a hit moves to the back). */
 static dnnl_primitive_t primitive(tls_t *t, const key_t_ *k)
 {
-    for (int i = 0; i < t->ncache; i++)
-        if (!memcmp(&t->cache[i].k, k, sizeof *k))
-            return t->cache[i].p;
+    for (int i = t->ncache - 1; i >= 0; i--) /* the recent ones first */
+        if (!memcmp(&t->cache[i].k, k, sizeof *k)) {
+            entry_t e = t->cache[i];
+            memmove(t->cache + i, t->cache + i + 1, (size_t)(t->ncache - 1 - i) * sizeof e);
+            t->cache[t->ncache - 1] = e;
+            return e.p;
+        }
     dnnl_primitive_t p = NULL;
     if (make(k, &p) != dnnl_success)
         return NULL;
@@ -425,6 +431,8 @@ static int run(tls_t *t, const key_t_ *k, const void *src, const void *wei, floa
     dnnl_primitive_t p = primitive(t, k);
     if (!p)
         return -ENOTSUP;
+    if (fp_failpoint_error("lowp-product"))
+        return -EIO;
     dnnl_memory_desc_t sdsc, wdsc, ddsc;
     dnnl_memory_t ms = NULL, mw = NULL, md = NULL;
     dnnl_status_t st = descs(k, &sdsc, &wdsc, &ddsc);
@@ -529,6 +537,10 @@ int fp_lowp_bmm(int batch, int M, int N, int K, float alpha, const uint16_t *A,
                 const int64_t as[3], const uint16_t *B, const int64_t bs[3], float *C,
                 const int64_t cs[2])
 {
+    if (batch < 0 || M <= 0 || N <= 0 || K <= 0 || !A || !B || !C || cs[1] < N)
+        return -EINVAL;
+    if (batch == 0)
+        return 0;
     key_t_ k;
     memset(&k, 0, sizeof k);
     k.B = batch;

@@ -403,43 +403,6 @@ static void lowp_store(const fp_lowp_mat_t *w, size_t off, const float *x, size_
         fp_nf4_quantize(x, n, (uint8_t *)w->q + off / 2, (float *)w->absmax + off / FP_NF4_BLOCK);
 }
 
-int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
-{
-    const fp_model_config_t *c = &m->cfg;
-    if (dt == FP_BASE_F32 || m->base == dt)
-        return 0;
-    if (m->base != FP_BASE_F32)
-        return fp_err_set(err, -EINVAL, "the base is %s already", fp_base_dtype_name(m->base));
-    fp_model_t n = {.cfg = m->cfg, .n_params = m->n_params};
-    if (!(n.layers = calloc((size_t)c->n_layers, sizeof *n.layers)))
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    int rc = lowp_alloc(&n, dt, err);
-    if (rc) {
-        free(n.layers);
-        return rc;
-    }
-    size_t D = (size_t)c->dim, VD = (size_t)c->vocab * D;
-    fp_lowp_mat_t e = bf16_mat(c, n.embed_h), h = bf16_mat(c, n.lm_head_h);
-    lowp_store(&e, 0, m->embed, VD);
-    if (!c->tied)
-        lowp_store(&h, 0, m->lm_head, VD);
-    for (int l = 0; l < c->n_layers; l++) {
-        fp_layer_w_t *L = &m->layers[l], *N = &n.layers[l];
-        for (int t = 0; t < FP_T_COUNT; t++) {
-            lowp_store(&N->lp[t], 0, L->w[t], (size_t)N->lp[t].rows * (size_t)N->lp[t].cols);
-            if (L->b[t])
-                memcpy(N->b[t], L->b[t], (size_t)N->lp[t].rows * sizeof(float));
-        }
-        memcpy(N->attn_norm, L->attn_norm, D * sizeof(float));
-        memcpy(N->mlp_norm, L->mlp_norm, D * sizeof(float));
-    }
-    memcpy(n.norm, m->norm, D * sizeof(float));
-    free(m->mem);
-    free(m->layers);
-    *m = n;
-    return 0;
-}
-
 void *fp_model_snapshot(const fp_model_t *m)
 {
     size_t fb = m->n_floats * sizeof(float);
@@ -768,6 +731,38 @@ static int model_alloc(fp_model_t **out, const fp_model_config_t *c, fp_base_dty
     m->n_params = param_count(c);
     *out = m;
     return 0;
+}
+
+int fp_model_lowp(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
+{
+    if (dt == FP_BASE_F32 || m->base == dt)
+        return 0;
+    if (m->base != FP_BASE_F32)
+        return fp_err_set(err, -EINVAL, "the base is %s already", fp_base_dtype_name(m->base));
+    fp_model_t *n = NULL;
+    fp_model_tensor_t *from = NULL, *to = NULL;
+    int nf = 0, nt = 0;
+    int rc = model_alloc(&n, &m->cfg, dt, err);
+    if (rc == 0)
+        rc = list_tensors(m, &from, &nf, err);
+    if (rc == 0)
+        rc = list_tensors(n, &to, &nt, err);
+    for (int i = 0; rc == 0 && i < nt; i++) { /* the same tensors, in the same order */
+        size_t cnt = (size_t)to[i].shape[0] * (size_t)(to[i].ndim == 2 ? to[i].shape[1] : 1);
+        if (to[i].data)
+            memcpy(to[i].data, from[i].data, cnt * sizeof(float));
+        else
+            lowp_store(&to[i].lp, 0, from[i].data, cnt);
+    }
+    free(from);
+    free(to);
+    if (rc == 0) { /* n takes m's float weights away with it */
+        fp_model_t old = *m;
+        *m = *n;
+        *n = old;
+    }
+    fp_model_free(n);
+    return rc;
 }
 
 /* Reads checkpoint tensor st into the low-precision matrix w a chunk at a time through

@@ -43,7 +43,8 @@ typedef struct TF(acts) {
     REAL *att, *h2, *rstd2;
     REAL *gu;          /* N × 2F: gate | up projections */
     REAL *a;           /* N × F: silu(gate) ∘ up */
-    REAL *lu[FP_T_COUNT]; /* x·Aᵀ of each LoRA target: N × r */
+    REAL *lu[FP_T_COUNT]; /* x·Aᵀ of the LoRA targets: lu[t0] of a run (q|k|v, o, gate|up,
+                             down) holds its N × Σr (TF(lora_run)); the others are its slots */
     /* a low-precision base (TF_LOWP): q, k, v and P rounded to bf16 where they are made, for
      * attention's products in bf16 (TF(alloc16)); NULL otherwise */
     uint16_t *q16, *k16, *v16, *P16;
@@ -80,9 +81,19 @@ typedef struct TF(net) {
     REAL *mem;
     uint16_t *mem16;
     size_t bytes;
+    int err; /* the first failed product through oneDNN (TF_LOWP), sticky; else 0 */
 } TF(net_t);
 
 /* ---- building blocks ---- */
+
+#if TF_LOWP
+/* Keeps the first failure of a product through oneDNN (its output is NaN meanwhile). */
+static void TF(check)(TF(net_t) *n, int rc)
+{
+    if (rc && !n->err)
+        n->err = rc;
+}
+#endif
 
 /* y (N × out) = x (N × in) · Wᵀ */
 static void TF(mm_wt)(int N, int out, int in, const REAL *x, const REAL *W, REAL *y, REAL beta)
@@ -102,32 +113,37 @@ static int TF(run_width)(const fp_model_config_t *c, fp_target_t t0, int k, int 
     return w;
 }
 
-/* The LoRA targets of a run side by side: their ranks' sum rs, and roff[t] the first of
- * target t's rs columns. A run's x·Aᵀ is one N × rs product (ac->lu[t0], row stride rs: the
- * run's lu buffers are consecutive, so they hold it), as is its input gradient dl·A. */
-static int TF(lora_run)(const TF(lw_t) *lw, fp_target_t t0, int k, int *roff)
+/* The LoRA targets of a run (t0 … t0 + k − 1) side by side. A run's x·Aᵀ is one N × rs
+ * product into ac->lu[t0] (row stride rs: the run's lu buffers are consecutive, see
+ * TF(alloc)), as is its input gradient dl·A. */
+typedef struct TF(run) {
+    int rs;                 /* the targets' ranks summed */
+    int roff[FP_T_COUNT];   /* the first of target t's columns among the rs */
+    int nl;                 /* targets with an adapter */
+    int last;               /* the last of them (the only one when nl == 1) */
+} TF(run_t);
+
+static TF(run_t) TF(lora_run)(const TF(lw_t) *lw, fp_target_t t0, int k)
 {
-    int rs = 0;
+    TF(run_t) r = {0};
     for (int t = (int)t0; t < (int)t0 + k; t++) {
-        roff[t] = rs;
-        rs += lw->la[t] ? lw->lr[t] : 0;
+        r.roff[t] = r.rs;
+        if (lw->la[t]) {
+            r.rs += lw->lr[t];
+            r.nl++;
+            r.last = t;
+        }
     }
-    return rs;
+    return r;
 }
 
 /* The run's A factors stacked (rs × in): the one target's own A, or a copy in n->acat. */
 static const REAL *TF(lora_a)(TF(net_t) *n, const TF(lw_t) *lw, fp_target_t t0, int k, int in,
-                              const int *roff)
+                              const TF(run_t) *r)
 {
-    int nl = 0;
-    const REAL *one = NULL;
-    for (int t = (int)t0; t < (int)t0 + k; t++)
-        if (lw->la[t]) {
-            nl++;
-            one = lw->la[t];
-        }
-    if (nl == 1)
-        return one;
+    if (r->nl == 1)
+        return lw->la[r->last];
+    const int *roff = r->roff;
     for (int t = (int)t0; t < (int)t0 + k; t++)
         if (lw->la[t])
             memcpy(n->acat + (size_t)roff[t] * (size_t)in, lw->la[t],
@@ -144,14 +160,15 @@ static void TF(linear)(TF(net_t) *n, const TF(lw_t) *lw, TF(acts_t) *ac, fp_targ
 #if TF_LOWP
     if (lw->lp[t0]) {
         fp_lowp_mat_t run = fp_lowp_rows(lw->lp[t0], width);
-        fp_lowp_mm_wt(n->N, x, in, &run, y, width, 0);
+        TF(check)(n, fp_lowp_mm_wt(n->N, x, in, &run, y, width, 0));
     } else
 #endif
         TF(mm_wt)(n->N, width, in, x, lw->w[t0], y, 0);
-    int roff[FP_T_COUNT], rs = TF(lora_run)(lw, t0, k, roff);
+    TF(run_t) run = TF(lora_run)(lw, t0, k);
+    int rs = run.rs, *roff = run.roff;
     REAL *lu = ac->lu[t0]; /* the run's N × rs */
     if (rs)
-        TF(mm_wt)(n->N, rs, in, x, TF(lora_a)(n, lw, t0, k, in, roff), lu, 0);
+        TF(mm_wt)(n->N, rs, in, x, TF(lora_a)(n, lw, t0, k, in, &run), lu, 0);
     int off = 0;
     for (int t = (int)t0; t < (int)t0 + k; t++) {
         int out;
@@ -180,7 +197,7 @@ static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(ac
 #if TF_LOWP
     if (dx && lw->lp[t0]) {
         fp_lowp_mat_t run = fp_lowp_rows(lw->lp[t0], width);
-        fp_lowp_mm(N, dy, width, &run, dx, in, beta);
+        TF(check)(n, fp_lowp_mm(N, dy, width, &run, dx, in, beta));
     } else
 #endif
     if (dx)
@@ -189,7 +206,8 @@ static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(ac
     if (lg && lg->w[t0])
         GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, width, in, N, 1, dy, width, x, in, 1,
              lg->w[t0], in);
-    int roff[FP_T_COUNT], rs = TF(lora_run)(lw, t0, k, roff), nga = 0;
+    TF(run_t) run = TF(lora_run)(lw, t0, k);
+    int rs = run.rs, *roff = run.roff, nga = 0;
     const REAL *lu = ac->lu[t0];
     REAL *dl = n->dl; /* N × rs: each target's dl = s · dy · B in its columns */
     int off = 0;
@@ -219,15 +237,9 @@ static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(ac
     if (!rs)
         return;
     if (nga) { /* dA += dlᵀ · x: one product for the run, added into each target's */
-        int nl = 0, tl = 0;
-        for (int t = (int)t0; t < (int)t0 + k; t++)
-            if (lw->la[t]) {
-                nl++;
-                tl = t;
-            }
-        if (nl == 1) {
+        if (run.nl == 1) {
             GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, rs, in, N, 1, dl, rs, x, in, 1,
-                 lg->la[tl], in);
+                 lg->la[run.last], in);
         } else {
             GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, rs, in, N, 1, dl, rs, x, in, 0,
                  n->dacat, in);
@@ -243,7 +255,7 @@ static void TF(linear_bwd)(TF(net_t) *n, const TF(lw_t) *lw, TF(lg_t) *lg, TF(ac
     }
     if (dx) /* dx += dl · A_run */
         GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in, rs, 1, dl, rs,
-             TF(lora_a)(n, lw, t0, k, in, roff), in, 1, dx, in);
+             TF(lora_a)(n, lw, t0, k, in, &run), in, 1, dx, in);
 }
 
 typedef struct TF(norm_ctx) {
@@ -444,17 +456,19 @@ static void TF(attention16)(TF(net_t) *n, TF(acts_t) *ac)
     int grp = H / KV, nb = n->B * KV, QKV = n->Q + 2 * n->K;
     float scale = 1 / sqrtf((float)hd);
     int64_t TT = (int64_t)T * T, Thd = (int64_t)T * hd, gT = (int64_t)grp * T;
-    TF(heads16)(n, n->qkv, ac->q, ac->q16, H, 1, QKV);
-    TF(heads16)(n, n->qkv + n->Q, ac->k, ac->k16, KV, 1, QKV);
-    TF(heads16)(n, n->qkv + n->Q + n->K, ac->v, ac->v16, KV, 0, QKV);
+    /* only the bf16 copies are kept: the fp32 side passes through n->oh (N × Q ≥ N × K),
+     * which the output overwrites, so the layer's own q, k, v are never touched */
+    TF(heads16)(n, n->qkv, n->oh, ac->q16, H, 1, QKV);
+    TF(heads16)(n, n->qkv + n->Q, n->oh, ac->k16, KV, 1, QKV);
+    TF(heads16)(n, n->qkv + n->Q + n->K, n->oh, ac->v16, KV, 0, QKV);
     /* S = scale · Q_g (grp·T × hd) · K_gᵀ (hd × T) */
     const int64_t qs[3] = {grp * Thd, hd, 1}, kt[3] = {Thd, 1, hd}, ps[2] = {grp * TT, T};
-    fp_lowp_bmm(nb, (int)gT, T, hd, scale, ac->q16, qs, ac->k16, kt, ac->P, ps);
+    TF(check)(n, fp_lowp_bmm(nb, (int)gT, T, hd, scale, ac->q16, qs, ac->k16, kt, ac->P, ps));
     TF(rows_ctx_t) rc = {n, ac->P, NULL, ac->P16};
     fp_par_for((size_t)n->B * H * T, 64, TF(softmax_rows), &rc);
     /* O = P_g (grp·T × T) · V_g (T × hd) */
     const int64_t p16[3] = {grp * TT, T, 1}, vs[3] = {Thd, hd, 1}, os[2] = {grp * Thd, hd};
-    fp_lowp_bmm(nb, (int)gT, hd, T, 1, ac->P16, p16, ac->v16, vs, n->oh, os);
+    TF(check)(n, fp_lowp_bmm(nb, (int)gT, hd, T, 1, ac->P16, p16, ac->v16, vs, n->oh, os));
     TF(heads)(n, n->oh, ac->att, H, 0, 0, n->Q);
 }
 
@@ -464,18 +478,18 @@ static void TF(attention16_bwd)(TF(net_t) *n, TF(acts_t) *ac)
     int grp = H / KV, nb = n->B * KV;
     float scale = 1 / sqrtf((float)hd);
     int64_t TT = (int64_t)T * T, Thd = (int64_t)T * hd, gT = (int64_t)grp * T;
-    TF(heads16)(n, n->datt, n->doh, n->doh16, H, 0, n->Q);
+    TF(heads16)(n, n->datt, n->dqh, n->doh16, H, 0, n->Q); /* dqh: scratch until dQ */
     const int64_t os[3] = {grp * Thd, hd, 1}, vt[3] = {Thd, 1, hd}, ps[2] = {grp * TT, T};
     const int64_t pt[3] = {grp * TT, 1, T}, hs[2] = {Thd, hd}, gs[2] = {grp * Thd, hd};
     const int64_t p16[3] = {grp * TT, T, 1}, ks[3] = {Thd, hd, 1};
     /* dP = dO_g · V_gᵀ;  dV = P_gᵀ (T × grp·T) · dO_g, summing the group's heads */
-    fp_lowp_bmm(nb, (int)gT, T, hd, 1, n->doh16, os, ac->v16, vt, n->dP, ps);
-    fp_lowp_bmm(nb, T, hd, (int)gT, 1, ac->P16, pt, n->doh16, os, n->dvh, hs);
+    TF(check)(n, fp_lowp_bmm(nb, (int)gT, T, hd, 1, n->doh16, os, ac->v16, vt, n->dP, ps));
+    TF(check)(n, fp_lowp_bmm(nb, T, hd, (int)gT, 1, ac->P16, pt, n->doh16, os, n->dvh, hs));
     TF(rows_ctx_t) rc = {n, n->dP, ac->P, n->dS16};
     fp_par_for((size_t)n->B * H * T, 64, TF(dsoftmax_rows), &rc);
     /* dQ = scale · dS_g · K_g;  dK = scale · dS_gᵀ · Q_g */
-    fp_lowp_bmm(nb, (int)gT, hd, T, scale, n->dS16, p16, ac->k16, ks, n->dqh, gs);
-    fp_lowp_bmm(nb, T, hd, (int)gT, scale, n->dS16, pt, ac->q16, os, n->dkh, hs);
+    TF(check)(n, fp_lowp_bmm(nb, (int)gT, hd, T, scale, n->dS16, p16, ac->k16, ks, n->dqh, gs));
+    TF(check)(n, fp_lowp_bmm(nb, T, hd, (int)gT, scale, n->dS16, pt, ac->q16, os, n->dkh, hs));
     int QKV = n->Q + 2 * n->K;
     TF(heads)(n, n->dqh, n->dqkv, H, -1, 0, QKV);
     TF(heads)(n, n->dkh, n->dqkv + n->Q, KV, -1, 0, QKV);
@@ -679,7 +693,7 @@ static void TF(forward_from_embeds)(TF(net_t) *n, const int *labels, double *los
     int V = c->vocab;
 #if TF_LOWP
     if (n->head_lp.dt != FP_BASE_F32)
-        fp_lowp_mm_wt(N, n->hf, D, &n->head_lp, n->logits, V, 0);
+        TF(check)(n, fp_lowp_mm_wt(N, n->hf, D, &n->head_lp, n->logits, V, 0));
     else
 #endif
         TF(mm_wt)(N, V, D, n->hf, n->lm_head, n->logits, 0);
@@ -722,7 +736,7 @@ static void TF(backward)(TF(net_t) *n, double loss_scale)
     /* head */
 #if TF_LOWP
     if (n->head_lp.dt != FP_BASE_F32)
-        fp_lowp_mm(N, n->logits, V, &n->head_lp, n->dh, D, 0);
+        TF(check)(n, fp_lowp_mm(N, n->logits, V, &n->head_lp, n->dh, D, 0));
     else
 #endif
         GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, D, V, 1, n->logits, V, n->lm_head, D,
@@ -851,6 +865,8 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
         TAKE(a->rstd2, N);
         TAKE(a->gu, 2 * N * F);
         TAKE(a->a, N * F);
+        /* in target order, back to back: a run's targets (adjacent in fp_target_t) hold its
+         * N × Σr together (eval: each target's largest rank, at least any layer's Σr) */
         for (int t = 0; t < FP_T_COUNT; t++)
             TAKE(a->lu[t], N * (size_t)(train ? ranks[l * FP_T_COUNT + t] : rt[t]));
     }

@@ -136,6 +136,10 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
             }
             tokens_done += (long)B * T;
         }
+        if ((rc = fp_tf_status(tf)) != 0) { /* before the NaN it left reads as divergence */
+            fp_tf_status_error(rc, err);
+            goto out;
+        }
         double norm;
         double lr = fp_adamw_step(opt, &norm);
         if (!isfinite(loss) || !isfinite(norm)) {
@@ -221,7 +225,10 @@ int fp_evaluate(const fp_model_t *m, const fp_adapter_t *lora, const fp_dataset_
     }
     free(tok);
     free(lab);
+    rc = fp_tf_status(tf);
     fp_tf_free(tf);
+    if (rc)
+        return fp_tf_status_error(rc, err);
     if (count == 0)
         return fp_err_set(err, -EINVAL, "no target tokens to evaluate on");
     *loss = total / (double)count;

@@ -222,6 +222,18 @@ const float *fp_tf_logits(const fp_tf_t *tf)
     return tf->net.logits;
 }
 
+int fp_tf_status(const fp_tf_t *tf)
+{
+    return tf->net.err;
+}
+
+int fp_tf_status_error(int rc, fp_err_t *err)
+{
+    return fp_err_set(err, rc, "a bf16 product through oneDNN %d.%d failed (%s): run with "
+                      "--base-dtype f32 (or [train] base_dtype = f32)", fp_lowp_version() / 100,
+                      fp_lowp_version() % 100, strerror(-rc));
+}
+
 const float *fp_tf_input_grad(const fp_tf_t *tf)
 {
     return tf->net.dx0;

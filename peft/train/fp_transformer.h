@@ -53,6 +53,13 @@ const float *fp_tf_logits(const fp_tf_t *tf);
 void fp_tf_backward(fp_tf_t *tf, double loss_scale, fp_adapter_t *lora_grad,
                     fp_model_t *full_grad);
 
+/* 0, or the first error of a product through oneDNN (a low-precision base) since the
+ * workspace was made: its outputs are then NaN, and callers must report this error rather
+ * than the non-finite loss it causes. */
+int fp_tf_status(const fp_tf_t *tf);
+/* An error message for fp_tf_status's rc into err; returns rc. */
+int fp_tf_status_error(int rc, fp_err_t *err);
+
 /* d loss / d input embeddings after fp_tf_backward (N × D; FP_TF_INPUT_GRAD). */
 const float *fp_tf_input_grad(const fp_tf_t *tf);
 
