@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "fp_fs.h"
+#include "fp_transformer64.h"
 
 extern char **environ;
 
@@ -212,4 +213,22 @@ double fpt_product_rel(const fp_adapter_t *a, const fp_adapter_t *b)
         free(db);
     }
     return sqrt(num / den);
+}
+
+double fpt_lora_grad_rel(const fp_adapter_t *got, struct fp_tf64 *ref)
+{
+    double worst = 0;
+    for (int j = 0; j < got->n; j++)
+        for (int f = 0; f < 2; f++) {
+            size_t n;
+            const double *r = fp_tf64_lora_grad(ref, j, f ? 'B' : 'A', &n);
+            const float *g = f ? got->mods[j].B : got->mods[j].A;
+            double num = 0, den = 0;
+            for (size_t e = 0; e < n; e++) {
+                num += (g[e] - r[e]) * (g[e] - r[e]);
+                den += r[e] * r[e];
+            }
+            worst = fmax(worst, sqrt(num / den));
+        }
+    return worst;
 }

@@ -59,6 +59,11 @@ double fpt_norm(const double *x, size_t n);
 /* Singular values (descending) of a dense d_out × d_in matrix (row-major, copied). */
 void fpt_singular_values(const double *m, int d_out, int d_in, double *s);
 
+/* The float64 reference's LoRA gradients against a float run's (got, with ref's modules):
+ * the worst ‖got − ref‖_F / ‖ref‖_F over every module's A and B. */
+struct fp_tf64;
+double fpt_lora_grad_rel(const fp_adapter_t *got, struct fp_tf64 *ref);
+
 /* A random adapter with one module per desc. */
 fp_adapter_t *fpt_random_adapter(const fp_module_desc_t *descs, int n, uint64_t seed,
                                  uint64_t a_seed);

@@ -233,18 +233,7 @@ static void test_float_matches_double(void **state)
         fp_tf_backward(t32, 1.0 / count, g32, frozen);
         for (size_t i = 0; i < frozen->n_params; i++)
             assert_true(frozen->mem[i] == 0.0f);
-        for (int j = 0; j < ad->n; j++)
-            for (int f = 0; f < 2; f++) {
-                size_t n;
-                const double *g = fp_tf64_lora_grad(t64, j, f ? 'B' : 'A', &n);
-                const float *x = f ? g32->mods[j].B : g32->mods[j].A;
-                double num = 0, den = 0;
-                for (size_t k = 0; k < n; k++) {
-                    num += (x[k] - g[k]) * (x[k] - g[k]);
-                    den += g[k] * g[k];
-                }
-                assert_true(sqrt(num) <= 1e-4 * sqrt(den));
-            }
+        assert_true(fpt_lora_grad_rel(g32, t64) <= 1e-4); /* every module's A and B */
         fp_model_free(frozen);
         fp_adapter_free(g32);
         fp_tf_free(t32);
