@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "fp_fs.h"
+#include "fp_lowp.h"
 #include "fp_transformer64.h"
 
 extern char **environ;
@@ -231,4 +232,13 @@ double fpt_lora_grad_rel(const fp_adapter_t *got, struct fp_tf64 *ref)
             worst = fmax(worst, sqrt(num / den));
         }
     return worst;
+}
+
+void fpt_need_lowp(void)
+{
+    fp_err_t err = {0};
+    if (fp_lowp_probe(&err) != 0) {
+        print_message("skipped: %s\n", fp_err_msg(&err));
+        skip();
+    }
 }

@@ -59,6 +59,11 @@ double fpt_norm(const double *x, size_t n);
 /* Singular values (descending) of a dense d_out × d_in matrix (row-major, copied). */
 void fpt_singular_values(const double *m, int d_out, int d_in, double *s);
 
+/* Skips the calling test (saying why) where oneDNN cannot multiply bf16: it does on every
+ * x86-64 CPU with AVX-512, natively or emulated; elsewhere fedpeft refuses a bf16 or nf4 base
+ * (test_cli_train's test_base_default checks that refusal). */
+void fpt_need_lowp(void);
+
 /* The float64 reference's LoRA gradients against a float run's (got, with ref's modules):
  * the worst ‖got − ref‖_F / ‖ref‖_F over every module's A and B. */
 struct fp_tf64;

@@ -304,11 +304,7 @@ static void test_base_dtypes(void **state)
     (void)state;
     const char *model = FP_SOURCE_DIR "/models/demo", *data = "/usr/share/games/fortunes/pets";
     double final[2], held[2][2];
-    fp_err_t err = {0};
-    if (fp_lowp_probe(&err) != 0) { /* test_base_default checks the refusal */
-        print_message("skipped: %s\n", fp_err_msg(&err));
-        skip();
-    }
+    fpt_need_lowp();
     for (int k = 0; k < 3; k++) {
         static const char *const dts[] = {"f32", "bf16", "nf4"};
         char *a = path(dts[k]);
@@ -421,11 +417,7 @@ static void test_base_default(void **state)
 static void test_product_failure(void **state)
 {
     (void)state;
-    fp_err_t err = {0};
-    if (fp_lowp_probe(&err) != 0) {
-        print_message("skipped: %s\n", fp_err_msg(&err));
-        skip();
-    }
+    fpt_need_lowp();
     const char *model = FP_SOURCE_DIR "/models/demo", *data = "/usr/share/games/fortunes/pets";
     char *o = path("failed");
     /* in the held-out evaluation before training; in training's second step */

@@ -98,24 +98,12 @@ static void test_nf4_codec(void **state)
     free(q);
 }
 
-/* oneDNN multiplies bf16 on every x86-64 CPU with AVX-512 (natively or emulated); on one
- * without, the products cannot run and fedpeft refuses a bf16 or nf4 base (test_cli_train's
- * test_base_default checks that refusal): their tests are skipped there, saying so. */
-static void need_products(void)
-{
-    fp_err_t err = {0};
-    if (fp_lowp_probe(&err) != 0) {
-        print_message("skipped: %s\n", fp_err_msg(&err));
-        skip();
-    }
-}
-
 /* y = x·Wᵀ and dx = dy·W through oneDNN against float64 on the same bf16 operands, with
  * strided rows and accumulation; NF4 over several tiles. */
 static void test_products(void **state)
 {
     (void)state;
-    need_products();
+    fpt_need_lowp();
     const int N = 33, R = 1100, C = 1024; /* NF4: 512 rows a tile, three tiles */
     int ld = C + 24, ldo = R + 8;
     fp_rng_t g;
@@ -192,7 +180,7 @@ static void test_products(void **state)
 static void test_batched(void **state)
 {
     (void)state;
-    need_products();
+    fpt_need_lowp();
     enum { NB = 3, M = 40, K = 70, N = 24, PAD = 5 };
     fp_rng_t g;
     fp_rng_seed(&g, 4);
@@ -317,7 +305,7 @@ static double loss_of(const fp_model_t *m, const fp_adapter_t *ad, const int *to
 static void test_transformer(void **state)
 {
     (void)state;
-    need_products();
+    fpt_need_lowp();
     int tok[NT], lab[NT];
     for (int tied = 0; tied < 2; tied++) {
         fp_model_t *m32 = model(tied, 1), *mb = clone(m32), *mq = clone(m32);
@@ -375,7 +363,7 @@ static void test_transformer(void **state)
 static void test_fold_and_restore(void **state)
 {
     (void)state;
-    need_products();
+    fpt_need_lowp();
     fp_model_t *m32 = model(0, 1), *mb = clone(m32);
     assert_int_equal(fp_model_lowp(mb, FP_BASE_BF16, NULL), 0);
     fp_adapter_t *ad;
@@ -408,7 +396,7 @@ static void test_fold_and_restore(void **state)
 static void test_load_base(void **state)
 {
     (void)state;
-    need_products();
+    fpt_need_lowp();
     char *dir = fpt_mkdtemp();
     static const fp_dtype_t files[] = {FP_DT_F32, FP_DT_BF16, FP_DT_F16};
     for (int v = 0; v < 2; v++) {
@@ -466,7 +454,7 @@ static long status_kb(const char *field)
 static void test_load_peak(void **state)
 {
     (void)state;
-    need_products();
+    fpt_need_lowp();
     fp_model_config_t c = {.dim = 512, .n_layers = 4, .n_heads = 8, .n_kv_heads = 8,
                            .head_dim = 64, .ff = 1536, .vocab = 4096, .max_seq = 64,
                            .rms_eps = 1e-5, .rope_theta = 10000, .bos_id = -1, .eos_id = -1};
