@@ -1036,7 +1036,7 @@ static int count_patterns(fed_t *f)
 }
 
 /* One secure round of strategy (phases of phase_s seconds, two updates enough) whose site-c
- * dies at failpoint. The caller resets min_updates and server_extra. */
+ * dies at failpoint; end it with end_killed_round. */
 static fed_t *killed_in_secure_round(const char *strategy, int phase_s, const char *failpoint)
 {
     static char extra[128];
@@ -1050,6 +1050,18 @@ static fed_t *killed_in_secure_round(const char *strategy, int phase_s, const ch
     for (int i = 0; i < NS; i++)
         start_site(f, i, i == 2 ? failpoint : NULL, NULL);
     return f;
+}
+
+/* The end of killed_in_secure_round: site-c was killed at its failpoint; the others stop,
+ * and the settings it changed are reset. */
+static void end_killed_round(fed_t *f)
+{
+    assert_int_equal(wait_exit(f->sites[2], 5), 128 + SIGKILL);
+    f->sites[2] = 0;
+    min_updates = 0;
+    server_extra = "";
+    stop_sites(f, 1);
+    fed_free(f);
 }
 
 /* Secure aggregation with the real daemons: a fedavg round through SecAgg+ gives the global
@@ -1151,12 +1163,7 @@ static void test_secure_aggregation(void **state)
     char *slog = read_log(f, "server");
     fpt_assert_text(slog, "masked update for task", __FILE__, __LINE__);
     free(slog);
-    assert_int_equal(wait_exit(f->sites[2], 5), 128 + SIGKILL);
-    f->sites[2] = 0;
-    min_updates = 0;
-    server_extra = "";
-    stop_sites(f, 1);
-    fed_free(f);
+    end_killed_round(f);
 
     /* distributed DP under secure aggregation: each site clips and noises, then masks; the
      * coordinator accounts the round and sees only the sum */
@@ -1268,12 +1275,7 @@ static void test_secure_exact(void **state)
     fp_adapter_t *gl = global_of(f, 1);
     assert_int_equal(fp_adapter_check_finite(gl, NULL), 0);
     fp_adapter_free(gl);
-    assert_int_equal(wait_exit(f->sites[2], 5), 128 + SIGKILL);
-    f->sites[2] = 0;
-    min_updates = 0;
-    server_extra = "";
-    stop_sites(f, 1);
-    fed_free(f);
+    end_killed_round(f);
 
     /* the coordinator dies aggregating a secure round and comes back with secure aggregation
      * turned off: the round's masked uploads are no adapters, so it expires (before: the
