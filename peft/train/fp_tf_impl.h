@@ -2,8 +2,9 @@
  *
  * Included by fp_transformer.c (REAL float) and fp_transformer64.c (REAL double) after
  * defining:  REAL, TF(name) (a suffixed name), GEMM (cblas_sgemm or cblas_dgemm),
- * EXP, SQRT, COS, SIN, POW (math functions of REAL); and TF_LOWP 1 where REAL is float and
- * the frozen base may be held in low precision (fp_lowp.h: its products go through oneDNN).
+ * EXP, SQRT, COS, SIN, POW (math functions of REAL); TF_LOWP 1 where REAL is float and
+ * the frozen base may be held in low precision (fp_lowp.h: its products go through oneDNN);
+ * and TF_VMATH 1 where REAL is float and the loops that call EXP run vectorised (fp_vmath.h).
  * Not a public header; no include guard on purpose.
  *
  * Layouts (row-major): activations N × width; attention probabilities B × H × T × T.
@@ -14,11 +15,15 @@
 
 #include "fp_lowp.h"
 #include "fp_par.h"
+#include "fp_vmath.h"
 #include <stdlib.h>
 #include <string.h>
 
 #ifndef TF_LOWP
 #define TF_LOWP 0
+#endif
+#ifndef TF_VMATH
+#define TF_VMATH 0
 #endif
 
 typedef struct TF(lw) {
@@ -394,6 +399,57 @@ typedef struct TF(rows_ctx) {
     uint16_t *out16; /* the rows written also in bf16, or NULL */
 } TF(rows_ctx_t);
 
+/* The loops that call EXP (softmax, the loss, SwiGLU), one row at a time: vectorised for
+ * float (fp_vmath.h), written out for the float64 reference. */
+#if TF_VMATH
+static double TF(exp_shift)(REAL *x, size_t n, REAL shift, int store)
+{
+    return fp_vexp_shift(x, n, shift, store);
+}
+
+static void TF(swiglu_span)(REAL *a, const REAL *g, const REAL *u, size_t n)
+{
+    fp_vswiglu(a, g, u, n);
+}
+
+static void TF(swiglu_bwd_span)(REAL *dg, REAL *du, const REAL *g, const REAL *u,
+                                const REAL *da, size_t n)
+{
+    fp_vswiglu_bwd(dg, du, g, u, da, n);
+}
+#else
+/* x[j] = EXP(x[j] − shift) when store; returns the sum of the exponentials */
+static double TF(exp_shift)(REAL *x, size_t n, REAL shift, int store)
+{
+    double sum = 0;
+    for (size_t j = 0; j < n; j++) {
+        REAL e = EXP(x[j] - shift);
+        sum += (double)e;
+        if (store)
+            x[j] = e;
+    }
+    return sum;
+}
+
+/* a = silu(g) ∘ u */
+static void TF(swiglu_span)(REAL *a, const REAL *g, const REAL *u, size_t n)
+{
+    for (size_t j = 0; j < n; j++)
+        a[j] = g[j] / (1 + EXP(-g[j])) * u[j];
+}
+
+/* du = da ∘ silu(g), dg = da ∘ u ∘ σ(g)(1 + g(1 − σ(g))) */
+static void TF(swiglu_bwd_span)(REAL *dg, REAL *du, const REAL *g, const REAL *u,
+                                const REAL *da, size_t n)
+{
+    for (size_t j = 0; j < n; j++) {
+        REAL sg = 1 / (1 + EXP(-g[j]));
+        du[j] = da[j] * g[j] * sg;
+        dg[j] = da[j] * u[j] * sg * (1 + g[j] * (1 - sg));
+    }
+}
+#endif
+
 /* Causal softmax of score rows; row r of the B·H·T rows is query position r mod T. */
 static void TF(softmax_rows)(void *vc, size_t r0, size_t r1)
 {
@@ -405,12 +461,7 @@ static void TF(softmax_rows)(void *vc, size_t r0, size_t r1)
         REAL mx = row[0];
         for (int j = 1; j <= i; j++)
             mx = row[j] > mx ? row[j] : mx;
-        REAL sum = 0;
-        for (int j = 0; j <= i; j++) {
-            row[j] = EXP(row[j] - mx);
-            sum += row[j];
-        }
-        REAL inv = 1 / sum;
+        REAL inv = (REAL)(1 / TF(exp_shift)(row, (size_t)i + 1, mx, 1));
         for (int j = 0; j <= i; j++)
             row[j] *= inv;
         for (int j = i + 1; j < T; j++)
@@ -610,8 +661,7 @@ static void TF(swiglu_rows)(void *vc, size_t r0, size_t r1)
     for (size_t r = r0; r < r1; r++) {
         const REAL *g = c->gu + r * 2 * F, *u = g + F;
         REAL *a = c->a + r * F;
-        for (size_t j = 0; j < F; j++)
-            a[j] = g[j] / (1 + EXP(-g[j])) * u[j];
+        TF(swiglu_span)(a, g, u, F);
     }
 }
 
@@ -622,11 +672,7 @@ static void TF(swiglu_bwd_rows)(void *vc, size_t r0, size_t r1)
     for (size_t r = r0; r < r1; r++) {
         const REAL *g = c->gu + r * 2 * F, *u = g + F, *da = c->da + r * F;
         REAL *dg = c->dgu + r * 2 * F, *du = dg + F;
-        for (size_t j = 0; j < F; j++) {
-            REAL sg = 1 / (1 + EXP(-g[j]));
-            du[j] = da[j] * g[j] * sg;
-            dg[j] = da[j] * u[j] * sg * (1 + g[j] * (1 - sg));
-        }
+        TF(swiglu_bwd_span)(dg, du, g, u, da, F);
     }
 }
 
@@ -649,13 +695,7 @@ static void TF(ce_rows)(void *vc, size_t r0, size_t r1)
         REAL mx = row[0];
         for (int j = 1; j < V; j++)
             mx = row[j] > mx ? row[j] : mx;
-        double sum = 0;
-        for (int j = 0; j < V; j++) {
-            REAL e = EXP(row[j] - mx);
-            sum += (double)e;
-            if (c->keep_probs)
-                row[j] = e;
-        }
+        double sum = TF(exp_shift)(row, (size_t)V, mx, c->keep_probs);
         c->n->rowloss[i] = valid ? (REAL)(log(sum) + (double)mx - (double)ly) : 0;
         if (c->keep_probs) {
             REAL inv = (REAL)(1.0 / sum);

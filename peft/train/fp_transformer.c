@@ -15,6 +15,7 @@
 #define SIN sinf
 #define POW powf
 #define TF_LOWP 1
+#define TF_VMATH 1
 #include "fp_tf_impl.h"
 
 struct fp_tf {
