@@ -14,17 +14,19 @@
 #include "fp_model.h"
 #include "fp_par.h"
 #include "fp_rng.h"
+#include "fp_simd.h"
 #include "fp_test.h"
 #include "fp_trainer.h"
 #include "fp_transformer.h"
 #include "fp_transformer64.h"
 
+/* Every vector level this CPU runs (fp_simd_cap) converts alike, tails included. */
 static void test_bf16_codec(void **state)
 {
     (void)state;
     fp_rng_t g;
     fp_rng_seed(&g, 1);
-    enum { n = 4096 };
+    enum { n = 4096 + 7 };
     float x[n];
     fp_rng_fill_normal(&g, x, n, 3.0);
     x[0] = INFINITY;
@@ -35,20 +37,31 @@ static void test_bf16_codec(void **state)
     x[5] = 1.00390625f;  /* a tie: 1 + 2^-8 rounds to even, 1 */
     x[6] = 1.01171875f;  /* a tie: 1 + 3·2^-8 rounds to even, 1 + 2^-6 */
     x[7] = 3.4e38f;      /* rounds up past the largest bf16: infinity */
-    uint16_t h[n];
-    float back[n];
-    fp_bf16_pack(h, x, n);
-    fp_bf16_unpack(back, h, n);
-    for (int i = 0; i < n; i++) {
-        assert_int_equal(h[i], fp_f32_to_bf16(x[i])); /* the loader's rounding, vectorised */
-        if (isnan(x[i]))
-            assert_true(isnan(back[i]));
-        else if (isfinite(back[i]))
-            assert_true(fabsf(back[i] - x[i]) <= ldexpf(fabsf(x[i]), -8));
+    x[n - 1] = -NAN;     /* in the tail */
+    x[n - 2] = 1e-40f;   /* a subnormal, kept */
+    int top = (int)fp_simd_cap(FP_SIMD_AVX512);
+    for (int v = top; v >= 0; v--) {
+        assert_int_equal(fp_simd_cap((fp_simd_t)v), v);
+        uint16_t h[n];
+        float back[n];
+        fp_bf16_pack(h, x, n);
+        fp_bf16_unpack(back, h, n);
+        for (int i = 0; i < n; i++) {
+            assert_int_equal(h[i], fp_f32_to_bf16(x[i])); /* the loader's rounding */
+            uint32_t bits;
+            memcpy(&bits, &back[i], sizeof bits);
+            assert_int_equal(bits, (uint32_t)h[i] << 16);
+            if (isnan(x[i]))
+                assert_true(isnan(back[i]));
+            else if (isfinite(back[i])) /* half an ulp; subnormal: half of 2^-133 */
+                assert_true(fabsf(back[i] - x[i]) <= fmaxf(ldexpf(fabsf(x[i]), -8), 0x1p-134f));
+        }
+        assert_true(back[5] == 1.0f);
+        assert_true(back[6] == 1.015625f);
+        assert_true(isinf(back[7]));
+        assert_true(back[n - 2] != 0.0f);
     }
-    assert_true(back[5] == 1.0f);
-    assert_true(back[6] == 1.015625f);
-    assert_true(isinf(back[7]));
+    fp_simd_cap(FP_SIMD_AVX512);
 }
 
 static void test_nf4_codec(void **state)
@@ -93,6 +106,24 @@ static void test_nf4_codec(void **state)
         assert_true(y[i] == x[i]);
     print_message("NF4 round trip: mean |error| %.3f of mean |weight|\n", sum_err / sum_abs);
     assert_true(sum_err / sum_abs < 0.12); /* normal weights: far inside the worst case */
+    /* straight to bf16, as the products take it, at every vector level: the float weights
+     * rounded, nibble order included; nothing past n written */
+    uint16_t *h = malloc((n + 8) * sizeof *h);
+    int top = (int)fp_simd_cap(FP_SIMD_AVX512);
+    for (int v = top; v >= 0; v--) {
+        assert_int_equal(fp_simd_cap((fp_simd_t)v), v);
+        for (size_t m = 64; m <= n; m += m < 64 * 4 ? 64 : n - 64 * 4) {
+            memset(h, 0xab, (n + 8) * sizeof *h);
+            fp_nf4_dequantize_bf16(q, am, m, h);
+            for (size_t i = 0; i < m; i++)
+                if (h[i] != fp_f32_to_bf16(y[i]))
+                    fail_msg("level %d, n %zu, weight %zu: %#x, not %#x", v, m, i, h[i],
+                             fp_f32_to_bf16(y[i]));
+            assert_int_equal(h[m], 0xabab);
+        }
+    }
+    fp_simd_cap(FP_SIMD_AVX512);
+    free(h);
     free(x);
     free(y);
     free(q);

@@ -3,6 +3,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fp_simd.h"
+
 /* Tile of accumulator elements kept in L1 while every source of the batch is folded in. */
 #define TILE 4096
 
@@ -21,7 +23,7 @@ static inline __attribute__((always_inline)) uint32_t nonfinite_bits(const float
 }
 
 /* The bodies are compiled once per instruction set by inlining them into wrappers built for
- * AVX-512, AVX2 and the baseline; the exported functions pick one at first use. */
+ * AVX-512, AVX2 and the baseline; the exported functions call the CPU's (fp_simd.h). */
 static inline __attribute__((always_inline)) int axpy_body(float *acc, int assign,
                                                            const float *const *x,
                                                            const float *w, int k, size_t n)
@@ -85,11 +87,7 @@ static inline __attribute__((always_inline)) int check_body(const float *x, size
     return nonfinite_bits(x, n) != 0;
 }
 
-typedef int (*axpy_fn)(float *, int, const float *const *, const float *, int, size_t);
-typedef int (*scale_fn)(float *, size_t, float);
-typedef int (*check_fn)(const float *, size_t);
-
-#define FP_VARIANTS(suffix, attr)                                                              \
+#define DEF(suffix, attr)                                                                      \
     attr static int axpy_##suffix(float *acc, int assign, const float *const *x,               \
                                   const float *w, int k, size_t n)                             \
     {                                                                                          \
@@ -103,65 +101,23 @@ typedef int (*check_fn)(const float *, size_t);
     {                                                                                          \
         return check_body(x, n);                                                               \
     }
-
-FP_VARIANTS(base, )
-#if defined(__x86_64__)
-FP_VARIANTS(avx2, __attribute__((target("avx2,fma"))))
-FP_VARIANTS(avx512, __attribute__((target("avx512f,avx512bw"))))
-#endif
-
-static struct {
-    axpy_fn axpy;
-    scale_fn scale;
-    check_fn check;
-} impl;
-
-static void pick(void)
-{
-    axpy_fn axpy = axpy_base;
-    scale_fn scale = scale_base;
-    check_fn check = check_base;
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-        axpy = axpy_avx512;
-        scale = scale_avx512;
-        check = check_avx512;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        axpy = axpy_avx2;
-        scale = scale_avx2;
-        check = check_avx2;
-    }
-#endif
-    impl.scale = scale;
-    impl.check = check;
-    __atomic_store_n(&impl.axpy, axpy, __ATOMIC_RELEASE); /* published last: the "picked" flag */
-}
-
-/* Every thread that races here computes the same pointers. */
-#define ENSURE_PICKED()                                                                        \
-    do {                                                                                       \
-        if (!__atomic_load_n(&impl.axpy, __ATOMIC_ACQUIRE))                                    \
-            pick();                                                                            \
-    } while (0)
+FP_SIMD_VARIANTS(DEF)
+#undef DEF
 
 int fp_merge_axpy(float *acc, int assign, const float *const *x, const float *w, int k,
                   size_t n)
 {
-    ENSURE_PICKED();
-    return impl.axpy(acc, assign, x, w, k, n);
+    return FP_SIMD_CALL(axpy, acc, assign, x, w, k, n);
 }
 
 int fp_merge_scale(float *x, size_t n, float s)
 {
-    ENSURE_PICKED();
-    return impl.scale(x, n, s);
+    return FP_SIMD_CALL(scale, x, n, s);
 }
 
 int fp_merge_nonfinite(const float *x, size_t n)
 {
-    ENSURE_PICKED();
-    return impl.check(x, n);
+    return FP_SIMD_CALL(check, x, n);
 }
 
 int fp_merge_axpy_rows(float *acc, int rmax, const float *const *x, const int *ranks,

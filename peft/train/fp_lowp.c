@@ -3,12 +3,16 @@
 #include "fp_lowp.h"
 #include "fp_failpoint.h"
 #include "fp_par.h"
+#include "fp_simd.h"
 
 #include <cblas.h>
 #include <cpuid.h>
 #include <dlfcn.h>
 #include <dnnl.h>
 #include <errno.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -73,7 +77,8 @@ fp_base_dtype_t fp_base_dtype_default(void)
 
 /* ---- bfloat16 ---- */
 
-static inline uint16_t bf16(float x) /* fp_f32_to_bf16, branch-free for the vectoriser */
+/* fp_f32_to_bf16, branch-free for the vectoriser */
+static inline __attribute__((always_inline)) uint16_t bf16(float x)
 {
     uint32_t u;
     memcpy(&u, &x, 4);
@@ -82,7 +87,7 @@ static inline uint16_t bf16(float x) /* fp_f32_to_bf16, branch-free for the vect
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
-static inline float bf16_f32(uint16_t h)
+static inline __attribute__((always_inline)) float bf16_f32(uint16_t h)
 {
     uint32_t u = (uint32_t)h << 16;
     float x;
@@ -90,16 +95,32 @@ static inline float bf16_f32(uint16_t h)
     return x;
 }
 
+/* The conversions of activations (every product's bf16 operands) and of loaded weights,
+ * built per vector level (fp_simd.h): AVX-512 converts 16 at a time, the baseline 4. */
+#define DEF(suffix, attr)                                                                      \
+    attr static void pack_##suffix(uint16_t *restrict dst, const float *restrict src,         \
+                                   size_t n)                                                   \
+    {                                                                                          \
+        for (size_t i = 0; i < n; i++)                                                         \
+            dst[i] = bf16(src[i]);                                                             \
+    }                                                                                          \
+    attr static void unpack_##suffix(float *restrict dst, const uint16_t *restrict src,       \
+                                     size_t n)                                                 \
+    {                                                                                          \
+        for (size_t i = 0; i < n; i++)                                                         \
+            dst[i] = bf16_f32(src[i]);                                                         \
+    }
+FP_SIMD_VARIANTS(DEF)
+#undef DEF
+
 void fp_bf16_pack(uint16_t *dst, const float *src, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
-        dst[i] = bf16(src[i]);
+    FP_SIMD_CALL(pack, dst, src, n);
 }
 
 void fp_bf16_unpack(float *dst, const uint16_t *src, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
-        dst[i] = bf16_f32(src[i]);
+    FP_SIMD_CALL(unpack, dst, src, n);
 }
 
 /* ---- NF4 ---- */
@@ -150,6 +171,71 @@ void fp_nf4_dequantize(const uint8_t *q, const float *absmax, size_t n, float *o
     }
 }
 
+/* The 16 codes of a block scaled by its absmax, in bf16. */
+static inline __attribute__((always_inline)) void block_lut(float am, uint16_t lut[16])
+{
+    for (int k = 0; k < 16; k++)
+        lut[k] = bf16(fp_nf4_code[k] * am);
+}
+
+static inline __attribute__((always_inline)) void deq_bf16_body(const uint8_t *restrict q,
+                                                                const float *restrict am,
+                                                                size_t nb,
+                                                                uint16_t *restrict out)
+{
+    for (size_t b = 0; b < nb; b++) {
+        uint16_t lut[16];
+        block_lut(am[b], lut);
+        const uint8_t *qb = q + b * (FP_NF4_BLOCK / 2);
+        uint16_t *o = out + b * FP_NF4_BLOCK;
+        for (int i = 0; i < FP_NF4_BLOCK / 2; i++) {
+            o[2 * i] = lut[qb[i] & 15];
+            o[2 * i + 1] = lut[qb[i] >> 4];
+        }
+    }
+}
+
+#define DEF(suffix, attr)                                                                      \
+    attr static void deq_bf16_##suffix(const uint8_t *q, const float *am, size_t nb,           \
+                                       uint16_t *out)                                          \
+    {                                                                                          \
+        deq_bf16_body(q, am, nb, out);                                                         \
+    }
+#if defined(__x86_64__)
+DEF(base, )
+DEF(avx2, FP_SIMD_ATTR_AVX2)
+
+/* Sixteen bytes hold 32 codes; widened to one 32-bit lane each, a lane's low half takes the
+ * low nibble (the first weight) and its high half the high nibble, and one word permutation
+ * through the block's table gives the 32 bf16 weights in order. */
+FP_SIMD_ATTR_AVX512 static void deq_bf16_avx512(const uint8_t *q, const float *am, size_t nb,
+                                                uint16_t *out)
+{
+    const __m512i low4 = _mm512_set1_epi32(15);
+    for (size_t b = 0; b < nb; b++) {
+        uint16_t t[16];
+        block_lut(am[b], t);
+        __m512i lut = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t));
+        for (int h = 0; h < FP_NF4_BLOCK / 32; h++) {
+            const uint8_t *qh = q + b * (FP_NF4_BLOCK / 2) + 16 * h;
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qh));
+            __m512i idx = _mm512_or_si512(_mm512_and_si512(v, low4),
+                                          _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
+            _mm512_storeu_si512(out + b * FP_NF4_BLOCK + 32 * h,
+                                _mm512_permutexvar_epi16(idx, lut));
+        }
+    }
+}
+#else
+DEF(base, )
+#endif
+#undef DEF
+
+void fp_nf4_dequantize_bf16(const uint8_t *q, const float *absmax, size_t n, uint16_t *out)
+{
+    FP_SIMD_CALL(deq_bf16, q, absmax, n / FP_NF4_BLOCK, out);
+}
+
 /* bf16 of the weights of rows [r0, r0 + nr) of an NF4 matrix, blocks split over fedpeft's
  * threads. */
 typedef struct deq_ctx {
@@ -161,20 +247,8 @@ typedef struct deq_ctx {
 static void deq_blocks(void *vc, size_t b0, size_t b1)
 {
     const deq_ctx_t *c = vc;
-    const uint8_t *q = c->q;
-    const float *am = c->am;
-    uint16_t *out = c->out;
-    for (size_t b = b0; b < b1; b++) {
-        uint16_t lut[16]; /* the block's 16 values, scaled, in bf16 */
-        for (int k = 0; k < 16; k++)
-            lut[k] = bf16(fp_nf4_code[k] * am[b]);
-        const uint8_t *qb = q + b * (FP_NF4_BLOCK / 2);
-        uint16_t *o = out + b * FP_NF4_BLOCK;
-        for (int i = 0; i < FP_NF4_BLOCK / 2; i++) {
-            o[2 * i] = lut[qb[i] & 15];
-            o[2 * i + 1] = lut[qb[i] >> 4];
-        }
-    }
+    fp_nf4_dequantize_bf16(c->q + b0 * (FP_NF4_BLOCK / 2), c->am + b0,
+                           (b1 - b0) * FP_NF4_BLOCK, c->out + b0 * FP_NF4_BLOCK);
 }
 
 static void nf4_rows_bf16(const fp_lowp_mat_t *w, int r0, int nr, uint16_t *out)

@@ -4,6 +4,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fp_simd.h"
+
 #define AI static inline __attribute__((always_inline))
 
 /* Partial sums kept apart: one AVX-512 register, two AVX2 ones, four SSE ones. */
@@ -93,7 +95,7 @@ AI void swiglu_bwd_body(float *restrict dg, float *restrict du, const float *res
     }
 }
 
-#define FP_VARIANTS(suffix, attr)                                                              \
+#define DEF(suffix, attr)                                                                      \
     attr static double exp_shift_##suffix(float *x, size_t n, float shift, int store)          \
     {                                                                                          \
         return exp_shift_body(x, n, shift, store);                                             \
@@ -107,62 +109,21 @@ AI void swiglu_bwd_body(float *restrict dg, float *restrict du, const float *res
     {                                                                                          \
         swiglu_bwd_body(dg, du, g, u, da, n);                                                  \
     }
-
-FP_VARIANTS(base, )
-#if defined(__x86_64__)
-FP_VARIANTS(avx2, __attribute__((target("avx2,fma"))))
-FP_VARIANTS(avx512, __attribute__((target("avx512f"))))
-#endif
-
-#define IMPL(s) {#s, exp_shift_##s, swiglu_##s, swiglu_bwd_##s}
-static const fp_vmath_impl_t all[] = {
-#if defined(__x86_64__)
-    IMPL(avx512),
-    IMPL(avx2),
-#endif
-    IMPL(base),
-};
-#define N_IMPL ((int)(sizeof all / sizeof all[0]))
-
-static int first = -1; /* index in all[] of the widest variant the CPU runs */
-
-/* Every thread that races here computes the same index. */
-static const fp_vmath_impl_t *picked(void)
-{
-    int f = __atomic_load_n(&first, __ATOMIC_ACQUIRE);
-    if (f < 0) {
-        f = N_IMPL - 1;
-#if defined(__x86_64__)
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f"))
-            f = 0;
-        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-            f = 1;
-#endif
-        __atomic_store_n(&first, f, __ATOMIC_RELEASE);
-    }
-    return &all[f];
-}
-
-int fp_vmath_impls(const fp_vmath_impl_t **impls)
-{
-    const fp_vmath_impl_t *p = picked();
-    *impls = p;
-    return (int)(all + N_IMPL - p);
-}
+FP_SIMD_VARIANTS(DEF)
+#undef DEF
 
 double fp_vexp_shift(float *x, size_t n, float shift, int store)
 {
-    return picked()->exp_shift(x, n, shift, store);
+    return FP_SIMD_CALL(exp_shift, x, n, shift, store);
 }
 
 void fp_vswiglu(float *a, const float *g, const float *u, size_t n)
 {
-    picked()->swiglu(a, g, u, n);
+    FP_SIMD_CALL(swiglu, a, g, u, n);
 }
 
 void fp_vswiglu_bwd(float *dg, float *du, const float *g, const float *u, const float *da,
                     size_t n)
 {
-    picked()->swiglu_bwd(dg, du, g, u, da, n);
+    FP_SIMD_CALL(swiglu_bwd, dg, du, g, u, da, n);
 }

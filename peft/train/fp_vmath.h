@@ -5,8 +5,8 @@
  * series to r^7) in plain arithmetic, so the loops vectorise where libm's expf, called once
  * per element, does not. It is within 2 ulp of the exact value over expf's whole range,
  * subnormal results included; it gives 0 below -103.97, +inf above 88.73 and NaN for NaN,
- * like expf. Each loop is compiled for AVX-512, AVX2+FMA and the baseline; the first call
- * picks the widest the CPU runs. The float64 reference (fp_transformer64.c) keeps libm. */
+ * like expf. Each loop is compiled for AVX-512, AVX2+FMA and the baseline, and runs the
+ * CPU's (fp_simd.h). The float64 reference (fp_transformer64.c) keeps libm. */
 #ifndef FP_VMATH_H
 #define FP_VMATH_H
 
@@ -23,18 +23,5 @@ void fp_vswiglu(float *a, const float *g, const float *u, size_t n);
  * dg = da ∘ u ∘ σ(g) ∘ (1 + g ∘ (1 − σ(g))); the five arrays of n do not overlap. */
 void fp_vswiglu_bwd(float *dg, float *du, const float *g, const float *u, const float *da,
                     size_t n);
-
-/* One compiled variant of the three loops (for tests, which check every variant). */
-typedef struct fp_vmath_impl {
-    const char *isa; /* "avx512", "avx2" or "base" */
-    double (*exp_shift)(float *x, size_t n, float shift, int store);
-    void (*swiglu)(float *a, const float *g, const float *u, size_t n);
-    void (*swiglu_bwd)(float *dg, float *du, const float *g, const float *u, const float *da,
-                       size_t n);
-} fp_vmath_impl_t;
-
-/* The variants this CPU runs, widest first (the one the functions above use); returns their
- * count (≥ 1, the baseline always runs). */
-int fp_vmath_impls(const fp_vmath_impl_t **impls);
 
 #endif
