@@ -12,6 +12,7 @@
 
 #include "fp_fs.h"
 #include "fp_lowp.h"
+#include "fp_simd.h"
 #include "fp_transformer64.h"
 
 extern char **environ;
@@ -232,6 +233,23 @@ double fpt_lora_grad_rel(const fp_adapter_t *got, struct fp_tf64 *ref)
             worst = fmax(worst, sqrt(num / den));
         }
     return worst;
+}
+
+int fpt_simd_top(void)
+{
+    return (int)fp_simd_cap(FP_SIMD_AVX512);
+}
+
+void fpt_simd_use(int level)
+{
+    assert_int_equal(fp_simd_cap((fp_simd_t)level), level);
+}
+
+int fpt_simd_restore(void **state)
+{
+    (void)state;
+    fpt_simd_top();
+    return 0;
 }
 
 void fpt_need_lowp(void)

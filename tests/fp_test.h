@@ -64,6 +64,14 @@ void fpt_singular_values(const double *m, int d_out, int d_in, double *s);
  * (test_cli_train's test_base_default checks that refusal). */
 void fpt_need_lowp(void);
 
+/* Every vector level this CPU runs (fp_simd.h), widest first:
+ *     for (int v = fpt_simd_top(); v >= 0; v--) { fpt_simd_use(v); ... }
+ * with fpt_simd_restore as the test's teardown, so that a failed assertion inside the loop
+ * does not leave the later tests on a lower level. */
+int fpt_simd_top(void);              /* the CPU's level, restored */
+void fpt_simd_use(int level);        /* lowers the level to exactly `level` */
+int fpt_simd_restore(void **state);  /* a cmocka teardown: the CPU's level again */
+
 /* The float64 reference's LoRA gradients against a float run's (got, with ref's modules):
  * the worst ‖got − ref‖_F / ‖ref‖_F over every module's A and B. */
 struct fp_tf64;

@@ -14,13 +14,12 @@
 #include "fp_model.h"
 #include "fp_par.h"
 #include "fp_rng.h"
-#include "fp_simd.h"
 #include "fp_test.h"
 #include "fp_trainer.h"
 #include "fp_transformer.h"
 #include "fp_transformer64.h"
 
-/* Every vector level this CPU runs (fp_simd_cap) converts alike, tails included. */
+/* Every vector level this CPU runs (fpt_simd_use) converts alike, tails included. */
 static void test_bf16_codec(void **state)
 {
     (void)state;
@@ -39,9 +38,8 @@ static void test_bf16_codec(void **state)
     x[7] = 3.4e38f;      /* rounds up past the largest bf16: infinity */
     x[n - 1] = -NAN;     /* in the tail */
     x[n - 2] = 1e-40f;   /* a subnormal, kept */
-    int top = (int)fp_simd_cap(FP_SIMD_AVX512);
-    for (int v = top; v >= 0; v--) {
-        assert_int_equal(fp_simd_cap((fp_simd_t)v), v);
+    for (int v = fpt_simd_top(); v >= 0; v--) {
+        fpt_simd_use(v);
         uint16_t h[n];
         float back[n];
         fp_bf16_pack(h, x, n);
@@ -61,7 +59,6 @@ static void test_bf16_codec(void **state)
         assert_true(isinf(back[7]));
         assert_true(back[n - 2] != 0.0f);
     }
-    fp_simd_cap(FP_SIMD_AVX512);
 }
 
 static void test_nf4_codec(void **state)
@@ -109,9 +106,8 @@ static void test_nf4_codec(void **state)
     /* straight to bf16, as the products take it, at every vector level: the float weights
      * rounded, nibble order included; nothing past n written */
     uint16_t *h = malloc((n + 8) * sizeof *h);
-    int top = (int)fp_simd_cap(FP_SIMD_AVX512);
-    for (int v = top; v >= 0; v--) {
-        assert_int_equal(fp_simd_cap((fp_simd_t)v), v);
+    for (int v = fpt_simd_top(); v >= 0; v--) {
+        fpt_simd_use(v);
         for (size_t m = 64; m <= n; m += m < 64 * 4 ? 64 : n - 64 * 4) {
             memset(h, 0xab, (n + 8) * sizeof *h);
             fp_nf4_dequantize_bf16(q, am, m, h);
@@ -122,7 +118,6 @@ static void test_nf4_codec(void **state)
             assert_int_equal(h[m], 0xabab);
         }
     }
-    fp_simd_cap(FP_SIMD_AVX512);
     free(h);
     free(x);
     free(y);
@@ -529,8 +524,8 @@ int main(void)
         print_message("(this CPU has no bf16 instructions: oneDNN emulates them; the results "
                       "must hold all the same)\n");
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_bf16_codec),
-        cmocka_unit_test(test_nf4_codec),
+        cmocka_unit_test_teardown(test_bf16_codec, fpt_simd_restore),
+        cmocka_unit_test_teardown(test_nf4_codec, fpt_simd_restore),
         cmocka_unit_test(test_products),
         cmocka_unit_test(test_batched),
         cmocka_unit_test(test_transformer),

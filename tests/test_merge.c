@@ -267,9 +267,8 @@ static void test_flexlora_reaches_the_optimal_truncation(void **state)
     }
 }
 
-static void test_fedavg_is_the_factorwise_average(void **state)
+static void fedavg_is_the_factorwise_average(void)
 {
-    (void)state;
     fp_rng_t rng;
     fp_rng_seed(&rng, 505);
     int inexact_seen = 0;
@@ -578,9 +577,8 @@ static void test_factored_svd_spectrum(void **state)
 
 /* Streaming merges find NaN and inf inside the accumulation itself: in any batch, in A or B,
  * behind a zero weight, and overflow of finite values. */
-static void test_streaming_refuses_non_finite(void **state)
+static void streaming_refuses_non_finite(void)
 {
-    (void)state;
     enum { K = 20 }; /* two batches */
     fp_module_desc_t mods[2] = {
         {"model.layers.0.self_attn.q_proj", 40, 24, 6, 12, 0},
@@ -636,6 +634,25 @@ static void test_streaming_refuses_non_finite(void **state)
         fp_adapter_free(src[s]);
 }
 
+/* The streaming kernel (fp_merge_kernel.c) at every vector level this CPU runs. */
+static void test_fedavg_is_the_factorwise_average(void **state)
+{
+    (void)state;
+    for (int v = fpt_simd_top(); v >= 0; v--) {
+        fpt_simd_use(v);
+        fedavg_is_the_factorwise_average();
+    }
+}
+
+static void test_streaming_refuses_non_finite(void **state)
+{
+    (void)state;
+    for (int v = fpt_simd_top(); v >= 0; v--) {
+        fpt_simd_use(v);
+        streaming_refuses_non_finite();
+    }
+}
+
 static void test_at_rank_pads_exactly(void **state)
 {
     (void)state;
@@ -664,13 +681,13 @@ int main(void)
         cmocka_unit_test(test_ffa_refuses_different_a),
         cmocka_unit_test(test_florist_exact_at_tau_one_and_optimal_below),
         cmocka_unit_test(test_flexlora_reaches_the_optimal_truncation),
-        cmocka_unit_test(test_fedavg_is_the_factorwise_average),
+        cmocka_unit_test_teardown(test_fedavg_is_the_factorwise_average, fpt_simd_restore),
         cmocka_unit_test(test_zeropad_matches_its_definition),
         cmocka_unit_test(test_zeropad_equals_fedavg_at_equal_ranks),
         cmocka_unit_test(test_multi_module_and_batches),
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_factored_svd_spectrum),
-        cmocka_unit_test(test_streaming_refuses_non_finite),
+        cmocka_unit_test_teardown(test_streaming_refuses_non_finite, fpt_simd_restore),
         cmocka_unit_test(test_at_rank_pads_exactly),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

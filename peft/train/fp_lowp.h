@@ -30,7 +30,8 @@ int fp_lowp_cpu_bf16(void);
 /* The fastest exact choice here: bf16 where the CPU has bf16 instructions, else f32. */
 fp_base_dtype_t fp_base_dtype_default(void);
 
-/* n floats to bfloat16 (fp_f32_to_bf16's rounding: to nearest even) and back. */
+/* n floats to bfloat16 (fp_f32_to_bf16's rounding: to nearest even) and back; dst and src
+ * do not overlap. */
 void fp_bf16_pack(uint16_t *dst, const float *src, size_t n);
 void fp_bf16_unpack(float *dst, const uint16_t *src, size_t n);
 
@@ -44,7 +45,9 @@ extern const float fp_nf4_code[16];
 void fp_nf4_quantize(const float *x, size_t n, uint8_t *q, float *absmax);
 void fp_nf4_dequantize(const uint8_t *q, const float *absmax, size_t n, float *out);
 /* The same weights rounded to bf16 (what the products see): out[i] is exactly
- * fp_f32_to_bf16 of fp_nf4_dequantize's out[i]. AVX-512 looks the codes up sixteen a time. */
+ * fp_f32_to_bf16 of fp_nf4_dequantize's out[i]. n % FP_NF4_BLOCK == 0 (whole blocks), out
+ * overlaps neither input. On AVX-512, one word permutation through the block's 16 scaled
+ * codes gives 32 weights. */
 void fp_nf4_dequantize_bf16(const uint8_t *q, const float *absmax, size_t n, uint16_t *out);
 
 /* A frozen weight in low precision (a view: rows may be a run of consecutive targets). */

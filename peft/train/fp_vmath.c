@@ -15,6 +15,9 @@
  * (ln FLT_MAX rounded up) it already overflows to +inf. */
 #define EXP_LO -103.972077f
 #define EXP_HI 88.7228394f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f          /* 9 significant bits: k · LN2_HI is exact for |k| ≤ 150 */
+#define LN2_LO -2.12194440054690583e-4f /* ln 2 − LN2_HI */
 
 /* e^x = 2^k · e^r. k = round(x · log2 e) comes from adding 1.5 · 2^23, which leaves k in the
  * low bits of the sum; r = x − k · ln 2 with ln 2 split in two (k · LN2_HI is exact for
@@ -27,10 +30,10 @@ AI float exp_body(float x)
     const float magic = 12582912.0f; /* 1.5 · 2^23, bits 0x4b400000 */
     float xc = x < EXP_LO ? EXP_LO : x;
     xc = xc > EXP_HI ? EXP_HI : xc;
-    float t = xc * 1.44269504088896341f + magic;
+    float t = xc * LOG2E + magic;
     float k = t - magic;
-    float r = xc - k * 0.693359375f;  /* LN2_HI: 9 significant bits */
-    r = r + k * 2.12194440054690583e-4f; /* − LN2_LO, ln 2 = LN2_HI + LN2_LO */
+    float r = xc - k * LN2_HI; /* exact */
+    r = r - k * LN2_LO;
     float p = 1.0f / 5040;
     p = p * r + 1.0f / 720;
     p = p * r + 1.0f / 120;

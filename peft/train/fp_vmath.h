@@ -3,10 +3,12 @@
  *
  * exp is evaluated as 2^k · e^r (k = round(x / ln 2), |r| ≤ ln 2 / 2, e^r by its Taylor
  * series to r^7) in plain arithmetic, so the loops vectorise where libm's expf, called once
- * per element, does not. It is within 2 ulp of the exact value over expf's whole range,
- * subnormal results included; it gives 0 below -103.97, +inf above 88.73 and NaN for NaN,
- * like expf. Each loop is compiled for AVX-512, AVX2+FMA and the baseline, and runs the
- * CPU's (fp_simd.h). The float64 reference (fp_transformer64.c) keeps libm. */
+ * per element, does not (it may set errno). It is within 2 ulp of the exact value: 1.22 ulp
+ * at worst over every float, checked once exhaustively (test_vmath samples ~2 million), and
+ * subnormal results within 0.78 of 2^-149; like expf it gives 0 below -103.972077, +inf from
+ * 88.7228394 (ln FLT_MAX rounded up) and NaN for NaN. Each loop is compiled for AVX-512,
+ * AVX2+FMA and the baseline without fused multiply-adds, so every level gives the same bits,
+ * and runs the CPU's (fp_simd.h). The float64 reference (fp_transformer64.c) keeps libm. */
 #ifndef FP_VMATH_H
 #define FP_VMATH_H
 
