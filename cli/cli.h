@@ -21,6 +21,7 @@ int fp_cmd_bench(int argc, char **argv);
 int fp_cmd_tokenize(int argc, char **argv);
 int fp_cmd_init_model(int argc, char **argv);
 int fp_cmd_model_id(int argc, char **argv);
+int fp_cmd_model(int argc, char **argv);
 int fp_cmd_pretrain(int argc, char **argv);
 int fp_cmd_train(int argc, char **argv);
 int fp_cmd_eval(int argc, char **argv);

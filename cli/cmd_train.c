@@ -642,7 +642,7 @@ int fp_cmd_init_model(int argc, char **argv)
         case 9: out = optarg; break;
         case 10: tok = optarg; break;
         case 11: c.tied = 1; break;
-        case 12: c.attn_bias = 1; break;
+        case 12: c.bias = FP_BIAS_QKVO; break;
         case 13: bad = fp_parse_double(optarg, &c.rope_theta) || c.rope_theta <= 0; break;
         case 14: bad = fp_parse_int(optarg, 2, 4096, &v); c.head_dim = (int)v; break;
         case 'h': fputs(init_help, stdout); return FP_EXIT_OK;

@@ -18,6 +18,7 @@ static const struct {
     {"ca", fp_cmd_ca, "the federation's certificate authority: init, issue, revoke, list"},
     {"init-model", fp_cmd_init_model, "write a randomly initialised Llama-family model"},
     {"model-id", fp_cmd_model_id, "the identity (SHA-256) of a model's weights"},
+    {"model", fp_cmd_model, "check a Hugging Face checkpoint: supported, and what it is"},
     {"pretrain", fp_cmd_pretrain, "train every weight of a model on local data"},
     {"train", fp_cmd_train, "fine-tune a LoRA adapter on local data (base frozen)"},
     {"eval", fp_cmd_eval, "loss and perplexity of a model (and adapter) on data"},

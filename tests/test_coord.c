@@ -74,10 +74,12 @@ static void write_config(env_t *e, const char *strategy, int rounds, const char 
 {
     char *model = fp_path_join(e->dir, "config.json");
     const char *mc = e->big ?
-        "{\"hidden_size\": 512, \"intermediate_size\": 1024, \"num_hidden_layers\": 2,"
+        "{\"model_type\": \"llama\", \"hidden_size\": 512, \"intermediate_size\": 1024,"
+        " \"num_hidden_layers\": 2,"
         " \"num_attention_heads\": 8, \"num_key_value_heads\": 4, \"vocab_size\": 64,"
         " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0}" :
-        "{\"hidden_size\": 32, \"intermediate_size\": 48, \"num_hidden_layers\": 2,"
+        "{\"model_type\": \"llama\", \"hidden_size\": 32, \"intermediate_size\": 48,"
+        " \"num_hidden_layers\": 2,"
         " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 64,"
         " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0}";
     assert_int_equal(fp_fs_write_file(model, mc, strlen(mc), 0644, NULL), 0);

@@ -270,7 +270,7 @@ static fp_model_t *model_b(int tied, int round_bf16, int bias)
     fp_model_config_t c = {.dim = 64, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
                            .head_dim = 16, .ff = 128, .vocab = 96, .max_seq = 64,
                            .rms_eps = 1e-5, .rope_theta = 10000, .tied = tied,
-                           .attn_bias = bias, .bos_id = -1, .eos_id = -1};
+                           .bias = bias ? FP_BIAS_QKVO : 0u, .bos_id = -1, .eos_id = -1};
     fp_model_t *m;
     assert_int_equal(fp_model_new(&m, &c, NULL), 0);
     fp_model_init(m, 7 + (uint64_t)tied);

@@ -21,7 +21,7 @@ static fp_model_t *small_model(int tied, int bias)
 {
     fp_model_config_t c = {.dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
                            .head_dim = 4, .ff = 24, .vocab = 19, .max_seq = 32, .rms_eps = 1e-6,
-                           .rope_theta = 500000, .tied = tied, .attn_bias = bias, .bos_id = 1,
+                           .rope_theta = 500000, .tied = tied, .bias = bias ? FP_BIAS_QKVO : 0u, .bos_id = 1,
                            .eos_id = 2};
     fp_model_t *m;
     fp_err_t err = {0};
@@ -190,10 +190,11 @@ static void expect_config_error(const char *name, const char *key, const char *v
 static void test_config_errors(void **state)
 {
     (void)state;
-    expect_config_error("c-rope", "rope_scaling", "{\"rope_type\": \"linear\", \"factor\": 2}",
-                        -ENOTSUP, "rope_scaling");
+    expect_config_error("c-rope", "rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 2}",
+                        -ENOTSUP, "rope_scaling rope_type \"yarn\" is not supported");
     expect_config_error("c-act", "hidden_act", "\"gelu\"", -ENOTSUP, "hidden_act \"gelu\"");
-    expect_config_error("c-type", "model_type", "\"gpt2\"", -ENOTSUP, "not a Llama-family");
+    expect_config_error("c-type", "model_type", "\"gpt2\"", -ENOTSUP,
+                        "model_type \"gpt2\" is not supported");
     expect_config_error("c-miss", "hidden_size", NULL, -EBADMSG, "missing \"hidden_size\"");
     expect_config_error("c-kv", "num_key_value_heads", "3", -EINVAL, "multiple of 3");
     expect_config_error("c-type2", "vocab_size", "\"many\"", -EBADMSG, "must be an integer");

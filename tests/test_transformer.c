@@ -17,14 +17,19 @@
 
 typedef struct variant {
     const char *name;
-    int heads, kv, tied, bias;
+    int heads, kv, tied;
+    unsigned bias;
     const char *targets;
+    int window;   /* sliding window (Mistral), 0 none */
+    int llama3;   /* Llama 3.x RoPE scaling */
 } variant_t;
 
 static const variant_t variants[] = {
-    {"untied, GQA 4/2, all targets", 4, 2, 0, 0, "all"},
-    {"tied, MQA 4/1, biases, all targets", 4, 1, 1, 1, "all"},
-    {"untied, MHA 2/2, biases, q/v/down", 2, 2, 0, 1, "q_proj,v_proj,down_proj"},
+    {"untied, GQA 4/2, all targets", 4, 2, 0, 0, "all", 0, 0},
+    {"tied, MQA 4/1, biases, all targets", 4, 1, 1, FP_BIAS_QKVO, "all", 0, 0},
+    {"untied, MHA 2/2, biases, q/v/down", 2, 2, 0, FP_BIAS_QKVO, "q_proj,v_proj,down_proj", 0, 0},
+    {"Mistral: sliding window 2, GQA 4/2, all targets", 4, 2, 0, 0, "all", 2, 0},
+    {"Qwen2: q/k/v biases, tied, llama3 RoPE, all targets", 4, 2, 1, FP_BIAS_QKV, "all", 0, 1},
 };
 
 enum { B = 2, T = 5, N = B * T };
@@ -34,7 +39,15 @@ static fp_model_t *tiny_model(const variant_t *v, uint64_t seed)
     fp_model_config_t c = {.dim = 16, .n_layers = 2, .n_heads = v->heads, .n_kv_heads = v->kv,
                            .head_dim = 6, .ff = 20, .vocab = 13, .max_seq = 16,
                            .rms_eps = 1e-5, .rope_theta = 10000, .tied = v->tied,
-                           .attn_bias = v->bias, .bos_id = -1, .eos_id = -1};
+                           .bias = v->bias, .bos_id = -1, .eos_id = -1, .window = v->window};
+    if (v->bias == FP_BIAS_QKV)
+        c.family = FP_FAMILY_QWEN2;
+    if (v->window)
+        c.family = FP_FAMILY_MISTRAL;
+    /* wavelengths 6.3, 135 and 2,900 against an original context of 16: one blended, two
+     * divided by the factor */
+    if (v->llama3)
+        c.rope = (fp_rope_scaling_t){FP_ROPE_LLAMA3, 8, 1, 4, 16};
     fp_model_t *m;
     fp_err_t err = {0};
     assert_int_equal(fp_model_new(&m, &c, &err), 0);

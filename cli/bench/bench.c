@@ -93,7 +93,8 @@ int fp_bench_find_server(const char *given, char srv[4096], long long fds, const
 int fp_bench_tiny_model(const char *path, int dim, int ff, uint8_t sha[32], fp_err_t *err)
 {
     char mc[512];
-    snprintf(mc, sizeof mc, "{\"hidden_size\": %d, \"intermediate_size\": %d, "
+    snprintf(mc, sizeof mc, "{\"model_type\": \"llama\", \"hidden_size\": %d, "
+             "\"intermediate_size\": %d, "
              "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, "
              "\"vocab_size\": 64, \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0}", dim, ff);
     fp_sha256(mc, strlen(mc), sha);

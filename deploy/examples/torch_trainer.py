@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import struct
 import sys
 import time
@@ -236,6 +237,46 @@ def eval_windows(n, ends, T, prompted):
 
 # ---- the model ------------------------------------------------------------------------------
 
+def rope_inv_freq(cfg, hd):
+    """RoPE's inverse frequencies as transformers' modeling_rope_utils computes them: default,
+    linear and llama3 scaling, from rope_scaling or (transformers 5) rope_parameters."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        inv = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"rope_type {kind!r} is not supported")
+    return inv
+
+
+def sliding_window(cfg):
+    """The attention window: Mistral's sliding_window on every layer; none for Llama, nor for
+    Qwen2 unless use_sliding_window (which windows only some layers: refused)."""
+    if cfg.get("model_type") == "mistral":
+        return cfg.get("sliding_window") or 0
+    if cfg.get("use_sliding_window"):
+        raise ValueError("use_sliding_window is not supported")
+    return 0
+
+
+def first_eos(cfg):
+    """eos_token_id, or the first of its list (Llama 3.x Instruct): the token ending documents."""
+    eos = cfg.get("eos_token_id")
+    return eos[0] if isinstance(eos, list) else eos
+
+
 class Llama:
     """A Llama-family decoder over frozen weights, with LoRA factors on named projections."""
 
@@ -250,9 +291,8 @@ class Llama:
         self.w = {k: v.to(device) for k, v in w.items()}
         if "lm_head.weight" not in self.w:  # tied embeddings
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-        theta = cfg.get("rope_theta", 10000.0)
-        inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd))
-        self.inv_freq = inv.to(device)
+        self.inv_freq = rope_inv_freq(cfg, self.hd).to(device)
+        self.window = sliding_window(cfg)
         self.lora = {}  # module -> (A, B, scale)
 
     def linear(self, x, name):
@@ -281,6 +321,9 @@ class Llama:
         B, T = tokens.shape
         x = self.w["model.embed_tokens.weight"][tokens]
         mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
+        if self.window:  # transformers: query q sees key kv when q - window < kv <= q
+            pos = torch.arange(T, device=x.device)
+            mask = mask.masked_fill(pos[None, :] <= pos[:, None] - self.window, float("-inf"))
         for i in range(self.layers):
             p = f"model.layers.{i}."
             h = self.norm(x, p + "input_layernorm")
@@ -301,6 +344,15 @@ class Llama:
         return self.linear(self.norm(x, "model.norm"), "lm_head")
 
 
+def pattern_value(pattern, module, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (get_pattern_key, PEFT 0.15): the first key K
+    for which (.*\\.)?(K)$ matches the module's name from its start, else the default."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
 def adapter_factors(path, cfg):
     """{module: (A, B)} of an HF PEFT directory, and its scale per module."""
     t = read_safetensors(os.path.join(path, "adapter_model.safetensors"))
@@ -314,7 +366,7 @@ def adapter_factors(path, cfg):
     out = {}
     for mod, ab in mods.items():
         r = ab["A"].shape[0]
-        alpha = ac.get("alpha_pattern", {}).get(mod, ac["lora_alpha"])
+        alpha = pattern_value(ac.get("alpha_pattern") or {}, mod, ac["lora_alpha"])
         s = alpha / math.sqrt(r) if ac.get("use_rslora") else alpha / r
         out[mod] = (ab["A"], ab["B"], s)
     return out, ac
@@ -373,7 +425,7 @@ def main():
         params += [B] if task["freeze_a"] else [A, B]
 
     encode = make_tokenizer(task)
-    bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
+    bos, eos = cfg.get("bos_token_id"), first_eos(cfg)
     docs = load_documents(task["data_files"], encode)
     if task.get("eval_files"):
         held_docs = load_documents(task["eval_files"], encode)

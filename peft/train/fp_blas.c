@@ -123,6 +123,11 @@ static int dynamic_arch(void)
     return c && strstr(c, "DYNAMIC_ARCH");
 }
 
+const char *fp_blas_best_available(void)
+{
+    return dynamic_arch() ? fp_blas_best_kernel(fp_cpu_features(), library_has) : NULL;
+}
+
 /* The user's own OPENBLAS_CORETYPE (not one fedpeft set), or NULL. */
 static const char *user_coretype(void)
 {
@@ -151,8 +156,7 @@ void fp_blas_setup(char **argv)
         again = 1;
     }
     const char *now = fp_blas_kernel(), *best = NULL;
-    if (!user_coretype() && !getenv(ENV_CHOSEN) && dynamic_arch() &&
-        (best = fp_blas_best_kernel(fp_cpu_features(), library_has)) != NULL &&
+    if (!user_coretype() && !getenv(ENV_CHOSEN) && (best = fp_blas_best_available()) != NULL &&
         fp_blas_kernel_level(best) > fp_blas_kernel_level(now)) {
         setenv(ENV_PICKED, now, 1);
         setenv(ENV_CHOSEN, best, 1);
@@ -172,7 +176,8 @@ const char *fp_blas_describe(char *buf, size_t n)
 {
     const char *now = fp_blas_kernel(), *chosen = getenv(ENV_CHOSEN), *picked = getenv(ENV_PICKED);
     const char *user = user_coretype();
-    const char *best = fp_blas_best_kernel(fp_cpu_features(), dynamic_arch() ? library_has : NULL);
+    const char *best = dynamic_arch() ? fp_blas_best_available()
+                                      : fp_blas_best_kernel(fp_cpu_features(), NULL);
     char ver[48] = "OpenBLAS";
     const char *cfg = openblas_get_config();
     if (cfg && !strncmp(cfg, "OpenBLAS ", 9)) {

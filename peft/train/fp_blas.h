@@ -31,6 +31,12 @@ unsigned fp_cpu_features(void);
  * NULL when no x86-64 kernel applies. */
 const char *fp_blas_best_kernel(unsigned features, int (*known)(const char *kernel));
 
+/* The kernel fp_blas_setup runs this program on unless the user chose one: the best for this
+ * CPU among those the loaded OpenBLAS carries (Debian's 0.3.21 has no SapphireRapids kernel:
+ * Cooperlake on an AMX CPU); NULL when the library is built for one CPU type only (it cannot
+ * switch) or no x86-64 kernel applies. */
+const char *fp_blas_best_available(void);
+
 /* How fast a kernel is, by instruction set generation (0: unknown or SSE-era). */
 int fp_blas_kernel_level(const char *kernel);
 

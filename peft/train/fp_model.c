@@ -58,154 +58,6 @@ void fp_target_shape(const fp_model_config_t *c, fp_target_t t, int *d_out, int 
     }
 }
 
-int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err)
-{
-    if (c->dim <= 0 || c->n_layers <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
-        c->head_dim <= 0 || c->ff <= 0 || c->vocab <= 0 || c->max_seq <= 0)
-        return fp_err_set(err, -EINVAL, "model sizes must be positive (dim %d, layers %d, heads "
-                          "%d, kv heads %d, head_dim %d, ff %d, vocab %d, max positions %d)",
-                          c->dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim, c->ff,
-                          c->vocab, c->max_seq);
-    if (c->n_heads % c->n_kv_heads != 0)
-        return fp_err_set(err, -EINVAL, "%d attention heads are not a multiple of %d key/value "
-                          "heads", c->n_heads, c->n_kv_heads);
-    if (c->head_dim % 2 != 0)
-        return fp_err_set(err, -EINVAL, "head_dim %d must be even for rotary embeddings",
-                          c->head_dim);
-    if (!(c->rms_eps > 0) || !(c->rope_theta > 0))
-        return fp_err_set(err, -EINVAL, "rms_norm_eps and rope_theta must be positive");
-    if ((c->bos_id >= c->vocab) || (c->eos_id >= c->vocab))
-        return fp_err_set(err, -EINVAL, "bos/eos token id beyond the vocabulary of %d",
-                          c->vocab);
-    long long params = (long long)c->vocab * c->dim * 2 +
-                       (long long)c->n_layers * ((long long)c->dim * c->ff * 3 +
-                                                 4LL * c->dim * c->n_heads * c->head_dim);
-    if (params > (1LL << 36))
-        return fp_err_set(err, -EFBIG, "model of ~%lld parameters is too large", params);
-    return 0;
-}
-
-static int get_int(json_t *j, const char *key, int *out, int required, const char *path,
-                   fp_err_t *err)
-{
-    long long v;
-    int rc = fp_json_opt_int(j, key, &v, path, err);
-    if (rc < 0)
-        return rc;
-    if (rc == 0) {
-        if (required)
-            return fp_err_set(err, -EBADMSG, "%s: missing \"%s\"", path, key);
-        return 0;
-    }
-    if (v < -1 || v > INT32_MAX)
-        return fp_err_set(err, -EBADMSG, "%s: \"%s\" out of range", path, key);
-    *out = (int)v;
-    return 0;
-}
-
-void fp_model_dir_of(const char *path, char *buf, size_t n)
-{
-    snprintf(buf, n, "%s", path);
-    if (fp_fs_is_dir(path))
-        return;
-    char *slash = strrchr(buf, '/');
-    if (slash == buf)
-        buf[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(buf, n, ".");
-}
-
-int fp_model_config_load(const char *path, fp_model_config_t *c, fp_err_t *err)
-{
-    char *file = fp_fs_is_dir(path) ? fp_path_join(path, "config.json") : strdup(path);
-    if (!file)
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    json_t *j = fp_json_load_file(file, 1 << 20, err);
-    int rc = 0;
-    if (!j) {
-        rc = err && err->code ? err->code : -EBADMSG;
-        goto out;
-    }
-    if (!json_is_object(j)) {
-        rc = fp_err_set(err, -EBADMSG, "%s: not a JSON object", file);
-        goto out;
-    }
-    memset(c, 0, sizeof *c);
-    c->bos_id = c->eos_id = -1;
-    c->rms_eps = 1e-6;
-    c->rope_theta = 10000.0;
-    c->max_seq = 2048;
-    const char *s;
-    if (fp_json_opt_string(j, "model_type", &s, file, NULL) == 1 && strcmp(s, "llama") != 0 &&
-        strcmp(s, "mistral") != 0) {
-        rc = fp_err_set(err, -ENOTSUP, "%s: model_type \"%s\" is not a Llama-family decoder "
-                        "(llama or mistral)", file, s);
-        goto out;
-    }
-    if (fp_json_opt_string(j, "hidden_act", &s, file, NULL) == 1 && strcmp(s, "silu") != 0) {
-        rc = fp_err_set(err, -ENOTSUP, "%s: hidden_act \"%s\" is not supported (only silu)",
-                        file, s);
-        goto out;
-    }
-    json_t *rs = json_object_get(j, "rope_scaling");
-    if (rs && !json_is_null(rs)) {
-        json_t *t = json_object_get(rs, "rope_type");
-        if (!t)
-            t = json_object_get(rs, "type");
-        if (!json_is_string(t) || strcmp(json_string_value(t), "default") != 0) {
-            rc = fp_err_set(err, -ENOTSUP, "%s: rope_scaling is not supported", file);
-            goto out;
-        }
-    }
-    int flag = 0;
-    if (fp_json_opt_bool(j, "mlp_bias", &flag, file, NULL) == 1 && flag) {
-        rc = fp_err_set(err, -ENOTSUP, "%s: mlp_bias is not supported", file);
-        goto out;
-    }
-    if ((rc = get_int(j, "hidden_size", &c->dim, 1, file, err)) ||
-        (rc = get_int(j, "num_hidden_layers", &c->n_layers, 1, file, err)) ||
-        (rc = get_int(j, "num_attention_heads", &c->n_heads, 1, file, err)) ||
-        (rc = get_int(j, "intermediate_size", &c->ff, 1, file, err)) ||
-        (rc = get_int(j, "vocab_size", &c->vocab, 1, file, err)))
-        goto out;
-    c->n_kv_heads = c->n_heads;
-    if ((rc = get_int(j, "num_key_value_heads", &c->n_kv_heads, 0, file, err)) ||
-        (rc = get_int(j, "max_position_embeddings", &c->max_seq, 0, file, err)) ||
-        (rc = get_int(j, "bos_token_id", &c->bos_id, 0, file, err)) ||
-        (rc = get_int(j, "eos_token_id", &c->eos_id, 0, file, err)))
-        goto out;
-    c->head_dim = c->n_heads > 0 ? c->dim / c->n_heads : 0;
-    if ((rc = get_int(j, "head_dim", &c->head_dim, 0, file, err)))
-        goto out;
-    if ((rc = fp_json_opt_number(j, "rms_norm_eps", &c->rms_eps, file, err)) < 0)
-        goto out;
-    if ((rc = fp_json_opt_number(j, "rope_theta", &c->rope_theta, file, err)) < 0)
-        goto out;
-    json_t *rp = json_object_get(j, "rope_parameters");
-    if (rp && json_is_object(rp)) {
-        if ((rc = fp_json_opt_number(rp, "rope_theta", &c->rope_theta, file, err)) < 0)
-            goto out;
-        const char *type;
-        if (fp_json_opt_string(rp, "rope_type", &type, file, NULL) == 1 &&
-            strcmp(type, "default") != 0) {
-            rc = fp_err_set(err, -ENOTSUP, "%s: rope_type \"%s\" is not supported", file, type);
-            goto out;
-        }
-    }
-    if ((rc = fp_json_opt_bool(j, "tie_word_embeddings", &c->tied, file, err)) < 0 ||
-        (rc = fp_json_opt_bool(j, "attention_bias", &c->attn_bias, file, err)) < 0)
-        goto out;
-    rc = fp_model_config_check(c, err);
-    if (rc)
-        fp_err_prefix(err, rc, "%s: ", file);
-out:
-    json_decref(j);
-    free(file);
-    return rc;
-}
-
 void fp_model_free(fp_model_t *m)
 {
     if (!m)
@@ -217,14 +69,14 @@ void fp_model_free(fp_model_t *m)
 }
 
 /* Every weight of a model of config c. */
-static size_t param_count(const fp_model_config_t *c)
+size_t fp_model_config_params(const fp_model_config_t *c)
 {
     size_t D = (size_t)c->dim, V = (size_t)c->vocab, per_layer = 2 * D;
     for (int t = 0; t < FP_T_COUNT; t++) {
         int o, i;
         fp_target_shape(c, (fp_target_t)t, &o, &i);
         per_layer += (size_t)o * (size_t)i;
-        if (c->attn_bias && t <= FP_T_O)
+        if (c->bias & (1u << t))
             per_layer += (size_t)o;
     }
     return V * D + per_layer * (size_t)c->n_layers + D + (c->tied ? 0 : V * D);
@@ -240,7 +92,7 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
     if (!m)
         return fp_err_set(err, -ENOMEM, "out of memory");
     m->cfg = *c;
-    size_t D = (size_t)c->dim, V = (size_t)c->vocab, total = param_count(c);
+    size_t D = (size_t)c->dim, V = (size_t)c->vocab, total = fp_model_config_params(c);
     m->n_params = m->n_floats = total;
     m->mem = calloc(total, sizeof(float));
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
@@ -263,7 +115,9 @@ int fp_model_new(fp_model_t **out, const fp_model_config_t *c, fp_err_t *err)
             L->w[t] = p;
             p += (size_t)o * (size_t)i;
         }
-        for (int t = 0; c->attn_bias && t <= FP_T_O; t++) {
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            if (!(c->bias & (1u << t)))
+                continue;
             int o, i;
             fp_target_shape(c, (fp_target_t)t, &o, &i);
             L->b[t] = p;
@@ -303,7 +157,7 @@ static int lowp_sizes(const fp_model_config_t *c, fp_base_dtype_t dt, size_t *by
                               "%d × %d are not a whole number of them", FP_NF4_BLOCK,
                               fp_target_names[t], o, i);
         *bytes += fp_lowp_bytes(dt, (size_t)o, (size_t)i) * (size_t)c->n_layers;
-        if (c->attn_bias && t <= FP_T_O)
+        if (c->bias & (1u << t))
             *floats += (size_t)o * (size_t)c->n_layers;
     }
     return 0;
@@ -371,7 +225,9 @@ static int lowp_alloc(fp_model_t *m, fp_base_dtype_t dt, fp_err_t *err)
         f += D;
         L->mlp_norm = f;
         f += D;
-        for (int t = 0; c->attn_bias && t <= FP_T_O; t++) {
+        for (int t = 0; t < FP_T_COUNT; t++) {
+            if (!(c->bias & (1u << t)))
+                continue;
             int o, i;
             fp_target_shape(c, (fp_target_t)t, &o, &i);
             L->b[t] = f;
@@ -455,7 +311,7 @@ static void add_tensor(fp_model_tensor_t *t, int *n, const char *name, float *da
     fp_model_tensor_t *x = &t[(*n)++];
     snprintf(x->name, sizeof x->name, "%s", name);
     x->data = data;
-    if (!data)
+    if (!data && lp) /* (a shell model, fp_model_check_dir: neither) */
         x->lp = *lp;
     x->ndim = d1 ? 2 : 1;
     x->shape[0] = d0;
@@ -486,7 +342,7 @@ static int list_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp
             snprintf(name, sizeof name, "model.layers.%d.%s.%s.weight", l, block,
                      fp_target_names[tg]);
             add_tensor(t, &k, name, L->w[tg], &L->lp[tg], o, i, 1);
-            if (L->b[tg]) {
+            if (c->bias & (1u << tg)) {
                 snprintf(name, sizeof name, "model.layers.%d.%s.%s.bias", l, block,
                          fp_target_names[tg]);
                 add_tensor(t, &k, name, L->b[tg], NULL, o, 0, 0);
@@ -728,7 +584,7 @@ static int model_alloc(fp_model_t **out, const fp_model_config_t *c, fp_base_dty
         fp_model_free(m);
         return rc;
     }
-    m->n_params = param_count(c);
+    m->n_params = fp_model_config_params(c);
     *out = m;
     return 0;
 }
@@ -792,6 +648,116 @@ static int read_lowp(const fp_st_file_t *f, const fp_st_tensor_t *st, const fp_l
     return 0;
 }
 
+/* The checkpoint's tensor for t, in whichever shard holds it, with t's shape; a missing or
+ * mis-shaped one is an error naming it. */
+static int find_tensor(const char *dir, shard_t *sh, int nsh, const fp_model_tensor_t *t,
+                       const fp_st_tensor_t **out, const fp_st_file_t **file, fp_err_t *err)
+{
+    const fp_st_tensor_t *st = NULL;
+    const fp_st_file_t *f = NULL;
+    for (int s = 0; s < nsh && !st; s++)
+        if ((st = fp_st_find(sh[s].st, t->name)) != NULL)
+            f = sh[s].st;
+    if (!st)
+        return fp_err_set(err, -EBADMSG, "%s: tensor '%s' is missing from the checkpoint", dir,
+                          t->name);
+    int ok = st->ndim == t->ndim && (int64_t)st->shape[0] == t->shape[0] &&
+             (t->ndim == 1 || (int64_t)st->shape[1] == t->shape[1]);
+    if (!ok) {
+        char got[64], want[64];
+        if (st->ndim == 2)
+            snprintf(got, sizeof got, "[%llu, %llu]", (unsigned long long)st->shape[0],
+                     (unsigned long long)st->shape[1]);
+        else if (st->ndim == 1)
+            snprintf(got, sizeof got, "[%llu]", (unsigned long long)st->shape[0]);
+        else
+            snprintf(got, sizeof got, "%d dimensions", st->ndim);
+        if (t->ndim == 2)
+            snprintf(want, sizeof want, "[%lld, %lld]", (long long)t->shape[0],
+                     (long long)t->shape[1]);
+        else
+            snprintf(want, sizeof want, "[%lld]", (long long)t->shape[0]);
+        return fp_err_set(err, -EBADMSG, "%s: tensor '%s' has shape %s, but config.json "
+                          "implies %s", fp_st_path(f), t->name, got, want);
+    }
+    if (st->dtype != FP_DT_F32 && st->dtype != FP_DT_BF16 && st->dtype != FP_DT_F16 &&
+        st->dtype != FP_DT_F64)
+        return fp_err_set(err, -ENOTSUP, "%s: tensor '%s' is %s (fedpeft reads F32, BF16, F16 "
+                          "and F64 weights)", fp_st_path(f), t->name, fp_dtype_name(st->dtype));
+    *out = st;
+    *file = f;
+    return 0;
+}
+
+/* A checkpoint tensor the model does not use means the checkpoint is not what config.json
+ * says (a bias where none is configured, another architecture's weights): refused by name.
+ * Two are known and harmless: rotary_emb.inv_freq buffers (recomputed from the config) and
+ * the head of a tied model (transformers ties it to the embedding, as fedpeft does). */
+static int refuse_unused(const char *dir, const fp_model_config_t *c, shard_t *sh, int nsh,
+                         const fp_model_tensor_t *t, int nt, fp_err_t *err)
+{
+    for (int s = 0; s < nsh; s++)
+        for (size_t k = 0; k < fp_st_count(sh[s].st); k++) {
+            const char *name = fp_st_get(sh[s].st, k)->name;
+            static const char inv_freq[] = ".rotary_emb.inv_freq";
+            size_t len = strlen(name), il = sizeof inv_freq - 1;
+            int used = (len >= il && !strcmp(name + len - il, inv_freq)) ||
+                       (c->tied && !strcmp(name, "lm_head.weight"));
+            for (int i = 0; i < nt && !used; i++)
+                used = !strcmp(name, t[i].name);
+            if (!used)
+                return fp_err_set(err, -EBADMSG, "%s: tensor '%s' is not part of a %s model as "
+                                  "config.json describes it (%s)", dir, name,
+                                  fp_model_family_names[c->family],
+                                  strstr(name, ".bias") ? "a bias it does not configure"
+                                                        : "refused rather than ignored");
+        }
+    return 0;
+}
+
+int fp_model_check_dir(const char *dir, fp_model_config_t *c, fp_model_files_t *info,
+                       fp_err_t *err)
+{
+    memset(info, 0, sizeof *info);
+    if (!fp_fs_is_dir(dir))
+        return fp_err_set(err, -ENOENT, "%s: no such model directory", dir);
+    int rc = fp_model_config_load(dir, c, err);
+    if (rc)
+        return rc;
+    /* the names and shapes alone: a model without weights */
+    fp_model_t shell = {.cfg = *c};
+    shard_t *sh = NULL;
+    int nsh = 0, nt = 0;
+    json_t *index = NULL;
+    fp_model_tensor_t *t = NULL;
+    if (!(shell.layers = calloc((size_t)c->n_layers, sizeof *shell.layers)))
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    if ((rc = open_shards(dir, &sh, &nsh, &index, err)) != 0 ||
+        (rc = list_tensors(&shell, &t, &nt, err)) != 0)
+        goto out;
+    for (int i = 0; i < nt; i++) {
+        const fp_st_tensor_t *st;
+        const fp_st_file_t *f;
+        if ((rc = find_tensor(dir, sh, nsh, &t[i], &st, &f, err)) != 0)
+            goto out;
+        info->dtypes |= 1u << st->dtype;
+        info->bytes += st->end - st->begin;
+    }
+    info->tensors = nt;
+    info->shards = nsh;
+    rc = refuse_unused(dir, c, sh, nsh, t, nt, err);
+out:
+    free(t);
+    for (int s = 0; s < nsh; s++) {
+        fp_st_close(sh[s].st);
+        free(sh[s].file);
+    }
+    free(sh);
+    json_decref(index);
+    free(shell.layers);
+    return rc;
+}
+
 int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err)
 {
     return fp_model_load_base(dir, FP_BASE_F32, out, err);
@@ -822,43 +788,18 @@ int fp_model_load_base(const char *dir, fp_base_dtype_t dt, fp_model_t **out, fp
     if ((rc = list_tensors(m, &t, &nt, err)) != 0)
         goto out;
     for (int i = 0; i < nt; i++) {
-        const fp_st_tensor_t *st = NULL;
-        const fp_st_file_t *f = NULL;
-        for (int s = 0; s < nsh && !st; s++)
-            if ((st = fp_st_find(sh[s].st, t[i].name)) != NULL)
-                f = sh[s].st;
-        if (!st) {
-            rc = fp_err_set(err, -EBADMSG, "%s: tensor '%s' is missing from the checkpoint", dir,
-                            t[i].name);
+        const fp_st_tensor_t *st;
+        const fp_st_file_t *f;
+        if ((rc = find_tensor(dir, sh, nsh, &t[i], &st, &f, err)) != 0)
             goto out;
-        }
-        int ok = st->ndim == t[i].ndim && (int64_t)st->shape[0] == t[i].shape[0] &&
-                 (t[i].ndim == 1 || (int64_t)st->shape[1] == t[i].shape[1]);
-        if (!ok) {
-            char got[64];
-            if (st->ndim == 2)
-                snprintf(got, sizeof got, "[%llu, %llu]", (unsigned long long)st->shape[0],
-                         (unsigned long long)st->shape[1]);
-            else if (st->ndim == 1)
-                snprintf(got, sizeof got, "[%llu]", (unsigned long long)st->shape[0]);
-            else
-                snprintf(got, sizeof got, "%d dimensions", st->ndim);
-            char want[64];
-            if (t[i].ndim == 2)
-                snprintf(want, sizeof want, "[%lld, %lld]", (long long)t[i].shape[0],
-                         (long long)t[i].shape[1]);
-            else
-                snprintf(want, sizeof want, "[%lld]", (long long)t[i].shape[0]);
-            rc = fp_err_set(err, -EBADMSG, "%s: tensor '%s' has shape %s, but config.json "
-                            "implies %s", fp_st_path(f), t[i].name, got, want);
-            goto out;
-        }
         rc = t[i].data ? fp_st_read_f32(f, st, t[i].data, err)
                        : read_lowp(f, st, &t[i].lp, scratch, err);
         if (rc)
             goto out;
         fp_st_release(f, st);
     }
+    if ((rc = refuse_unused(dir, &c, sh, nsh, t, nt, err)) != 0)
+        goto out;
 out:
     free(scratch);
     free(t);
@@ -886,34 +827,10 @@ int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err
     int rc = fp_fs_mkdirs(dir, 0755, err);
     if (rc)
         return rc;
-    json_t *j = json_object();
-    json_t *arch = json_array();
-    json_array_append_new(arch, json_string("LlamaForCausalLM"));
-    json_object_set_new(j, "architectures", arch);
-    json_object_set_new(j, "model_type", json_string("llama"));
-    json_object_set_new(j, "hidden_size", json_integer(c->dim));
-    json_object_set_new(j, "intermediate_size", json_integer(c->ff));
-    json_object_set_new(j, "num_hidden_layers", json_integer(c->n_layers));
-    json_object_set_new(j, "num_attention_heads", json_integer(c->n_heads));
-    json_object_set_new(j, "num_key_value_heads", json_integer(c->n_kv_heads));
-    json_object_set_new(j, "head_dim", json_integer(c->head_dim));
-    json_object_set_new(j, "vocab_size", json_integer(c->vocab));
-    json_object_set_new(j, "max_position_embeddings", json_integer(c->max_seq));
-    json_object_set_new(j, "rms_norm_eps", json_real(c->rms_eps));
-    json_object_set_new(j, "rope_theta", json_real(c->rope_theta));
-    json_object_set_new(j, "rope_scaling", json_null());
-    json_object_set_new(j, "tie_word_embeddings", json_boolean(c->tied));
-    json_object_set_new(j, "attention_bias", json_boolean(c->attn_bias));
-    json_object_set_new(j, "attention_dropout", json_real(0.0));
-    json_object_set_new(j, "mlp_bias", json_false());
-    json_object_set_new(j, "hidden_act", json_string("silu"));
-    json_object_set_new(j, "initializer_range", json_real(0.02));
-    json_object_set_new(j, "bos_token_id", c->bos_id >= 0 ? json_integer(c->bos_id) : json_null());
-    json_object_set_new(j, "eos_token_id", c->eos_id >= 0 ? json_integer(c->eos_id) : json_null());
-    json_object_set_new(j, "torch_dtype",
-                        json_string(dtype == FP_DT_F32 ? "float32" :
-                                    dtype == FP_DT_BF16 ? "bfloat16" : "float16"));
-    json_object_set_new(j, "use_cache", json_true());
+    json_t *j = fp_model_config_json(c, dtype == FP_DT_F32 ? "float32" :
+                                     dtype == FP_DT_BF16 ? "bfloat16" : "float16");
+    if (!j)
+        return fp_err_set(err, -ENOMEM, "out of memory");
     fp_model_tensor_t *t = NULL;
     fp_st_entry_t *e = NULL;
     char *cfg = fp_path_join(dir, "config.json"), *wts = fp_path_join(dir, "model.safetensors");

@@ -20,12 +20,47 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include "fp_adapter.h"
 #include "fp_dtype.h"
 #include "fp_error.h"
 #include "fp_lowp.h"
 
+/* The decoder families fedpeft reads (config.json's model_type). */
+typedef enum fp_model_family {
+    FP_FAMILY_LLAMA,   /* "llama": Llama 1–3.x, and what fedpeft itself writes */
+    FP_FAMILY_MISTRAL, /* "mistral": Llama's layers with an optional sliding window */
+    FP_FAMILY_QWEN2,   /* "qwen2": Qwen2 and Qwen2.5: q, k and v biases, no o bias */
+    FP_FAMILY_COUNT
+} fp_model_family_t;
+
+extern const char *const fp_model_family_names[FP_FAMILY_COUNT]; /* "llama", ... */
+
+/* How RoPE's frequencies are scaled (rope_scaling / rope_parameters), as transformers'
+ * modeling_rope_utils computes them; every type's attention factor is 1. */
+typedef enum fp_rope_type {
+    FP_ROPE_DEFAULT, /* inv_freq_i = 1 / θ^(2i/hd) */
+    FP_ROPE_LINEAR,  /* inv_freq_i / factor */
+    FP_ROPE_LLAMA3,  /* low frequencies / factor, high kept, a smooth blend between */
+} fp_rope_type_t;
+
+typedef struct fp_rope_scaling {
+    fp_rope_type_t type;
+    double factor;           /* linear, llama3 */
+    double low_freq_factor;  /* llama3 */
+    double high_freq_factor; /* llama3 */
+    int original_max;        /* llama3: original_max_position_embeddings */
+} fp_rope_scaling_t;
+
+/* Bit masks of the targets carrying a bias (1 << fp_target_t). */
+#define FP_BIAS_QKV 0x7u  /* Qwen2 */
+#define FP_BIAS_QKVO 0xfu /* Llama's attention_bias */
+
+enum { FP_MODEL_EOS_MAX = 8 };
+
 typedef struct fp_model_config {
+    fp_model_family_t family; /* model_type */
     int dim;          /* hidden_size D */
     int n_layers;     /* num_hidden_layers L */
     int n_heads;      /* num_attention_heads H */
@@ -36,9 +71,16 @@ typedef struct fp_model_config {
     int max_seq;      /* max_position_embeddings */
     double rms_eps;   /* rms_norm_eps */
     double rope_theta;
+    fp_rope_scaling_t rope; /* zero: plain RoPE */
+    int window;       /* sliding_window: a query attends to itself and the window − 1 positions
+                         before it (HF: kv > q − window); 0: the whole causal prefix */
     int tied;         /* tie_word_embeddings */
-    int attn_bias;    /* attention_bias: q, k, v and o projections carry biases */
-    int bos_id, eos_id; /* -1 when absent */
+    unsigned bias;    /* the targets with a bias (FP_BIAS_QKVO: attention_bias; FP_BIAS_QKV:
+                         Qwen2); 0: none */
+    int bos_id, eos_id; /* -1 when absent; eos_id is the first of eos_token_id's list, the
+                           token that ends documents */
+    int eos_more[FP_MODEL_EOS_MAX - 1]; /* the rest of eos_token_id's list (Llama 3.x Instruct) */
+    int n_eos_more;
 } fp_model_config_t;
 
 /* The seven LoRA-able linear layers of a decoder layer. */
@@ -56,7 +98,7 @@ typedef struct fp_layer_w {
     float *w[FP_T_COUNT];   /* q, k, v, o, gate, up, down: shapes as above; consecutive in
                                memory, so w[Q] starts the (H·hd + 2·KV·hd) × D matrix q|k|v
                                and w[GATE] the 2F × D matrix gate|up */
-    float *b[FP_T_COUNT];   /* biases of q, k, v, o when attn_bias; NULL otherwise */
+    float *b[FP_T_COUNT];   /* biases of the targets in cfg.bias; NULL otherwise */
     float *mlp_norm;
     fp_lowp_mat_t lp[FP_T_COUNT]; /* a low-precision base (fp_model_lowp): the weights,
                                      consecutive as w[] are; w[] is then NULL */
@@ -104,9 +146,26 @@ int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double
 /* Checks a configuration (positive sizes, H % KV == 0, even head_dim, ...). */
 int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err);
 
-/* Reads config.json of an HF model directory (or file). Unsupported features (rope_scaling,
- * mlp_bias, an activation other than silu, a non-Llama model_type) are -ENOTSUP. */
+/* Reads config.json of an HF model directory (or file): model_type llama, mistral or qwen2.
+ * Every key is either understood or known not to change the computation; any other key, and
+ * any feature fedpeft does not compute (yarn or dynamic RoPE, mlp_bias, an activation other
+ * than silu, a quantized checkpoint, …) is -ENOTSUP with a message naming the key and why. */
 int fp_model_config_load(const char *path, fp_model_config_t *c, fp_err_t *err);
+
+/* config.json for c, in c's family's own form (what fp_model_save writes); torch_dtype as
+ * given. NULL when out of memory. */
+json_t *fp_model_config_json(const fp_model_config_t *c, const char *torch_dtype);
+
+/* An unscaled RoPE inverse frequency 1 / θ^(2i/hd) as c's rope scaling turns it
+ * (transformers' _compute_linear_scaling_rope_parameters, _compute_llama3_parameters). */
+double fp_rope_scale(const fp_model_config_t *c, double inv_freq);
+
+/* One line on what a model is: "qwen2, 494.0 M parameters, 24 layers, D 896, 14/2 heads of
+ * 64, F 4864, V 151936, RoPE θ 1e+06, tied, q/k/v biases". */
+void fp_model_config_describe(const fp_model_config_t *c, char *buf, size_t n);
+
+/* The parameters of a model of config c. */
+size_t fp_model_config_params(const fp_model_config_t *c);
 
 /* The model directory of a config path: path itself when it is a directory, else the
  * directory of the config.json it names ("." for a bare file name). */
@@ -138,7 +197,9 @@ int fp_model_tensors(const fp_model_t *m, fp_model_tensor_t **out, int *n, fp_er
 
 /* Loads an HF model directory: config.json, then model.safetensors or the shards listed in
  * model.safetensors.index.json; F32, BF16, F16 or F64 weights, held as float32. A missing or
- * mis-shaped tensor is an error naming it. */
+ * mis-shaped tensor is an error naming it, and so is one the configuration does not account
+ * for (a tied model's lm_head and rotary_emb.inv_freq buffers excepted, as transformers
+ * ignores them). */
 int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err);
 /* The same with the base held in dt as it is read (fp_model_lowp's layout, the same bytes):
  * no float copy of the linear weights, the embedding or the head is ever made. Each tensor is
@@ -146,6 +207,21 @@ int fp_model_load(const char *dir, fp_model_t **out, fp_err_t *err);
  * the low-precision base plus a few pages. A bf16 checkpoint fills a bf16 base byte for byte.
  * dt f32: fp_model_load. */
 int fp_model_load_base(const char *dir, fp_base_dtype_t dt, fp_model_t **out, fp_err_t *err);
+
+/* What fp_model_check_dir found in a checkpoint's files. */
+typedef struct fp_model_files {
+    unsigned dtypes;   /* the weights' element types, as bits 1 << fp_dtype_t */
+    uint64_t bytes;    /* the weights' bytes */
+    int tensors;       /* tensors the model reads */
+    int shards;        /* safetensors files */
+} fp_model_files_t;
+
+/* Checks that dir holds a model fedpeft computes exactly as transformers would, without
+ * reading its weights: config.json (fp_model_config_load's refusals), every tensor present
+ * with its shape and a readable dtype, and none that the configuration does not account for.
+ * Fills *c and *info; an error names the key or tensor at fault and why. */
+int fp_model_check_dir(const char *dir, fp_model_config_t *c, fp_model_files_t *info,
+                       fp_err_t *err);
 
 /* The identity of a model's weights, the federation's base_model_sha256: the SHA-256 of
  * model.safetensors, or, for a sharded checkpoint, of its shards' bytes one after the other

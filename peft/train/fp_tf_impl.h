@@ -450,19 +450,30 @@ static void TF(swiglu_bwd_span)(REAL *dg, REAL *du, const REAL *g, const REAL *u
 }
 #endif
 
-/* Causal softmax of score rows; row r of the B·H·T rows is query position r mod T. */
+/* The first key query i attends to: 0, or with a sliding window of w the first of the w
+ * positions ending at i (HF: kv > q − w). */
+static inline int TF(first_key)(const TF(net_t) *n, int i)
+{
+    int w = n->c.window;
+    return w > 0 && i >= w ? i - w + 1 : 0;
+}
+
+/* Causal (banded, with a sliding window) softmax of score rows; row r of the B·H·T rows is
+ * query position r mod T. */
 static void TF(softmax_rows)(void *vc, size_t r0, size_t r1)
 {
     TF(rows_ctx_t) *c = vc;
     int T = c->n->T;
     for (size_t r = r0; r < r1; r++) {
         REAL *row = c->P + r * (size_t)T;
-        int i = (int)(r % (size_t)T);
-        REAL mx = row[0];
-        for (int j = 1; j <= i; j++)
+        int i = (int)(r % (size_t)T), j0 = TF(first_key)(c->n, i);
+        REAL mx = row[j0];
+        for (int j = j0 + 1; j <= i; j++)
             mx = row[j] > mx ? row[j] : mx;
-        REAL inv = (REAL)(1 / TF(exp_shift)(row, (size_t)i + 1, mx, 1));
-        for (int j = 0; j <= i; j++)
+        REAL inv = (REAL)(1 / TF(exp_shift)(row + j0, (size_t)(i + 1 - j0), mx, 1));
+        for (int j = 0; j < j0; j++)
+            row[j] = 0;
+        for (int j = j0; j <= i; j++)
             row[j] *= inv;
         for (int j = i + 1; j < T; j++)
             row[j] = 0;
@@ -481,11 +492,13 @@ static void TF(dsoftmax_rows)(void *vc, size_t r0, size_t r1)
     for (size_t r = r0; r < r1; r++) {
         const REAL *pr = c->Pp + r * (size_t)T;
         REAL *d = c->P + r * (size_t)T;
-        int i = (int)(r % (size_t)T);
+        int i = (int)(r % (size_t)T), j0 = TF(first_key)(c->n, i);
         REAL dot = 0;
-        for (int j = 0; j <= i; j++)
+        for (int j = j0; j <= i; j++)
             dot += pr[j] * d[j];
-        for (int j = 0; j <= i; j++)
+        for (int j = 0; j < j0; j++)
+            d[j] = 0;
+        for (int j = j0; j <= i; j++)
             d[j] = pr[j] * (d[j] - dot);
         for (int j = i + 1; j < T; j++)
             d[j] = 0;
@@ -952,9 +965,12 @@ static int TF(alloc)(TF(net_t) *n, const fp_model_config_t *c, int B, int T, uns
     if (flags & FP_TF_INPUT_GRAD)
         TAKE(n->dx0, N * D);
 #undef TAKE
-    /* HF: inv_freq = 1 / θ^(2i/hd), angle = pos · inv_freq, in the working precision */
+    /* HF: inv_freq = 1 / θ^(2i/hd) (scaled as c->rope says), angle = pos · inv_freq, in the
+     * working precision */
     for (int i = 0; i < half; i++) {
         REAL inv = (REAL)1 / POW((REAL)c->rope_theta, (REAL)(2 * i) / (REAL)c->head_dim);
+        if (c->rope.type != FP_ROPE_DEFAULT) /* linear, llama3: in double, then rounded */
+            inv = (REAL)fp_rope_scale(c, (double)inv);
         for (int pos = 0; pos < T; pos++) {
             REAL ang = (REAL)pos * inv;
             n->cosb[(size_t)pos * half + i] = COS(ang);
