@@ -81,11 +81,13 @@ static void test_round_trip_with_rank_and_alpha_patterns(void **state)
     assert_int_equal(json_integer_value(json_object_get(cfg, "lora_alpha")), 16);
     json_t *rp = json_object_get(cfg, "rank_pattern");
     assert_int_equal(json_object_size(rp), 1);
-    assert_int_equal(json_integer_value(json_object_get(rp, "model.layers.0.self_attn.v_proj")),
+    /* keys PEFT ≤ 0.14 (r".*\.K$") and ≥ 0.15 (r"(.*\.)?(K)$") both match to the module alone
+     * (tests/parity/peft_patterns.py runs PEFT's own matching code on them) */
+    assert_int_equal(json_integer_value(json_object_get(rp, "layers\\.0\\.self_attn\\.v_proj")),
                      4);
     json_t *ap = json_object_get(cfg, "alpha_pattern");
     assert_int_equal(json_object_size(ap), 1);
-    assert_true(json_number_value(json_object_get(ap, "model.layers.1.self_attn.q_proj")) == 32);
+    assert_true(json_number_value(json_object_get(ap, "layers\\.1\\.self_attn\\.q_proj")) == 32);
     json_t *tm = json_object_get(cfg, "target_modules");
     assert_int_equal(json_array_size(tm), 3);
     assert_string_equal(json_string_value(json_array_get(tm, 0)), "down_proj");
@@ -143,6 +145,54 @@ static const char good_cfg[] =
     "\"v_proj\"], \"rank_pattern\": {\"v_proj\": 4, \"q_proj\": 2}, \"alpha_pattern\": "
     "{\"layers.1.self_attn.q_proj\": 32.0}, \"use_rslora\": true, \"bias\": \"none\", "
     "\"fan_in_fan_out\": false, \"task_type\": \"CAUSAL_LM\", \"modules_to_save\": null}";
+
+/* Per-module ranks and alphas (what flexlora and florist write) over 12 layers, so that
+ * "layers.1" and "layers.11" must be told apart: PEFT's own matching code, transcribed from
+ * its 0.14 and 0.15 sources (tests/parity/peft_patterns.py), gives every module the rank of
+ * its tensors and the alpha fedpeft gives it, under both versions; and fedpeft reads the
+ * adapter back the same. */
+static void test_pattern_keys_match_in_peft(void **state)
+{
+    (void)state;
+    enum { L = 12, M = 2 * L };
+    fp_module_desc_t d[M];
+    char names[M][64];
+    for (int i = 0; i < M; i++) {
+        int l = i / 2;
+        snprintf(names[i], sizeof names[i], "model.layers.%d.%s", l,
+                 i % 2 ? "mlp.down_proj" : "self_attn.q_proj");
+        int rank = 2 + (l * 7 + i) % 5;
+        d[i] = (fp_module_desc_t){names[i], 16, 16, rank, (double)(l % 3 ? 16 : 8 + l), 0};
+    }
+    fp_adapter_t *ad = fpt_random_adapter(d, M, 5, 0);
+    char *out = subdir("peft-patterns");
+    fp_err_t err = {0};
+    assert_int_equal(fp_hfpeft_save(ad, out, &err), 0);
+    json_t *alphas = json_object();
+    for (int i = 0; i < M; i++)
+        json_object_set_new(alphas, names[i], json_real(d[i].alpha));
+    char *ap = fp_path_join(fpt_dir, "peft-alphas.json");
+    assert_int_equal(fp_json_write_file(ap, alphas, &err), 0);
+    if (system("/usr/bin/python3 -c 'import re' 2>/dev/null") != 0)
+        fail_msg("python3 is needed");
+    const char *args[] = {FP_SOURCE_DIR "/tests/parity/peft_patterns.py", out, ap, NULL};
+    char *so = NULL, *se = NULL;
+    int rc = fpt_runv("/usr/bin/python3", args, &so, &se);
+    print_message("%s", so);
+    if (rc)
+        print_error("%s%s", so, se);
+    assert_int_equal(rc, 0);
+    fp_adapter_t *back;
+    assert_int_equal(fp_hfpeft_load(out, 0, &back, &err), 0);
+    assert_same_adapter(ad, back);
+    fp_adapter_free(back);
+    fp_adapter_free(ad);
+    json_decref(alphas);
+    free(so);
+    free(se);
+    free(ap);
+    free(out);
+}
 
 static void test_reads_peft_conventions_and_bf16(void **state)
 {
@@ -295,6 +345,22 @@ static void test_reject_bad_tensors(void **state)
     assert_int_equal(fp_hfpeft_load(d, 0, &ad, &err), 0);
     fp_adapter_free(ad);
     free(d);
+    /* Python's syntax, as PEFT's re.fullmatch reads it: \d, (?:…), a lookahead */
+    d = hand_adapter("repy", "{\"r\":8,\"target_modules\":"
+                     "\"model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.(?:q|v)_proj\"}", pair8, 2);
+    assert_int_equal(fp_hfpeft_load(d, 0, &ad, &err), 0);
+    fp_adapter_free(ad);
+    free(d);
+    d = hand_adapter("repy2", "{\"r\":8,\"target_modules\":"
+                     "\".*layers\\\\.(?!1\\\\.)\\\\d+\\\\.self_attn\\\\.q_proj\"}", pair8, 2);
+    assert_int_equal(fp_hfpeft_load(d, 0, &ad, &err), 0);
+    fp_adapter_free(ad);
+    free(d);
+    /* the whole path must match (fullmatch), not a prefix of it */
+    expect_load_error("refull", "{\"r\":8,\"target_modules\":\"model\\\\.layers\\\\.\\\\d\"}",
+                      pair8, 2, -EBADMSG, "not among target_modules");
+    expect_load_error("rebad", "{\"r\":8,\"target_modules\":\"(?:q_proj\"}", pair8, 2,
+                      -EBADMSG, "missing closing parenthesis");
 }
 
 static void test_reject_corrupt_weights_file(void **state)
@@ -370,6 +436,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip_with_rank_and_alpha_patterns),
+        cmocka_unit_test(test_pattern_keys_match_in_peft),
         cmocka_unit_test(test_reads_peft_conventions_and_bf16),
         cmocka_unit_test(test_reject_missing_pieces),
         cmocka_unit_test(test_reject_bad_config),

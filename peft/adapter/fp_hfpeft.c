@@ -1,12 +1,14 @@
 #include "fp_hfpeft.h"
 
 #include <math.h>
-#include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 
 #include "fp_adapter_priv.h"
 #include "fp_adapter_stream.h"
@@ -102,23 +104,48 @@ static int config_parse(peft_config_t *c, fp_err_t *err)
     return 0;
 }
 
-/* PEFT's rule: pattern key K matches module path P when (.*\.)?(K)$ matches from P's start.
- * Returns 1 on a match, 0 on none, -EBADMSG when K is not a valid expression. */
+/* Python's re.match (anchored at the start) or, with full, re.fullmatch of the expression src
+ * against subject, as PEFT calls them: PCRE2 with Unicode semantics, as Python's str patterns
+ * have (\d, \w and case folding Unicode-wide; (?:…), (?P<name>…), lookarounds). Returns 1 on
+ * a match, 0 on none, -EBADMSG (naming what, the expression and PCRE2's reason) when src is
+ * not a valid expression. */
+static int py_match(const char *src, const char *subject, int full, fp_err_t *err,
+                    const char *cfg, const char *what)
+{
+    int code;
+    PCRE2_SIZE off;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)src, PCRE2_ZERO_TERMINATED,
+                                   PCRE2_UTF | PCRE2_UCP | PCRE2_ANCHORED |
+                                       (full ? PCRE2_ENDANCHORED : 0),
+                                   &code, &off, NULL);
+    if (!re) {
+        char why[160];
+        pcre2_get_error_message(code, (PCRE2_UCHAR *)why, sizeof why);
+        return fp_err_set(err, -EBADMSG, "%s: %s \"%s\" is not a valid regular expression (%s "
+                          "at offset %zu)", cfg, what, src, why, (size_t)off);
+    }
+    pcre2_match_data *md = pcre2_match_data_create_from_pattern(re, NULL);
+    int rc = md ? pcre2_match(re, (PCRE2_SPTR)subject, PCRE2_ZERO_TERMINATED, 0, 0, md, NULL)
+                : PCRE2_ERROR_NOMEMORY;
+    pcre2_match_data_free(md);
+    pcre2_code_free(re);
+    if (rc == PCRE2_ERROR_NOMEMORY)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    return rc >= 0;
+}
+
+/* PEFT's rule (get_pattern_key, PEFT ≥ 0.15): pattern key K matches module path P when
+ * re.match(r"(.*\.)?(K)$", P). (PEFT ≤ 0.14 matched r".*\.K$", then P itself as a key; the
+ * keys fedpeft writes match under both.) Returns 1, 0, or -EBADMSG for an invalid K. */
 static int pattern_matches(const char *key, const char *path, fp_err_t *err, const char *cfg)
 {
     size_t n = strlen(key) + 16;
-    char *re_src = malloc(n);
-    if (!re_src)
+    char *src = malloc(n);
+    if (!src)
         return fp_err_set(err, -ENOMEM, "out of memory");
-    snprintf(re_src, n, "^(.*\\.)?(%s)$", key);
-    regex_t re;
-    int rc = regcomp(&re, re_src, REG_EXTENDED | REG_NOSUB);
-    free(re_src);
-    if (rc != 0)
-        return fp_err_set(err, -EBADMSG, "%s: pattern key \"%s\" is not a valid regular "
-                          "expression", cfg, key);
-    rc = regexec(&re, path, 0, NULL, 0) == 0;
-    regfree(&re);
+    snprintf(src, n, "(.*\\.)?(%s)$", key);
+    int rc = py_match(src, path, 0, err, cfg, "pattern key");
+    free(src);
     return rc;
 }
 
@@ -145,29 +172,15 @@ static int pattern_lookup(json_t *pattern, const char *path, double *out, fp_err
     return 0;
 }
 
-/* PEFT's target check: a list entry T matches when P == T or P ends with "." T; a string is
- * a regular expression that must match all of P. */
+/* PEFT's target check (check_target_module_exists): a list entry T matches when P == T or P
+ * ends with "." T; a string is a Python regular expression that must match all of P
+ * (re.fullmatch). */
 static int target_matches(json_t *targets, const char *path, fp_err_t *err, const char *cfg)
 {
     if (!targets)
         return 1;
-    if (json_is_string(targets)) {
-        const char *t = json_string_value(targets);
-        size_t n = strlen(t) + 8;
-        char *src = malloc(n);
-        if (!src)
-            return fp_err_set(err, -ENOMEM, "out of memory");
-        snprintf(src, n, "^(%s)$", t);
-        regex_t re;
-        int rc = regcomp(&re, src, REG_EXTENDED | REG_NOSUB);
-        free(src);
-        if (rc != 0)
-            return fp_err_set(err, -EBADMSG, "%s: target_modules \"%s\" is not a valid "
-                              "regular expression", cfg, t);
-        rc = regexec(&re, path, 0, NULL, 0) == 0;
-        regfree(&re);
-        return rc;
-    }
+    if (json_is_string(targets))
+        return py_match(json_string_value(targets), path, 1, err, cfg, "target_modules");
     size_t pl = strlen(path);
     size_t i;
     json_t *v;
@@ -473,6 +486,40 @@ static double mode_of(const double *vals, int n)
     return best;
 }
 
+/* The rank_pattern / alpha_pattern key of module i: its path after the first dot, escaped to
+ * match literally ("model.layers.0.mlp.down_proj" → "layers\\.0\\.mlp\\.down_proj").
+ * PEFT ≤ 0.14 matches a key only after a dot (r".*\.K$", else the module's own path as a
+ * key) and ≥ 0.15 after a dot or at the start (r"(.*\.)?(K)$"): such a suffix matches its
+ * module under both, and nothing else unless another module ends the same way (refused).
+ * *out malloc'd. */
+static int pattern_key(const fp_adapter_t *ad, int i, char **out, fp_err_t *err)
+{
+    const char *name = ad->mods[i].name, *dot = strchr(name, '.');
+    const char *sfx = dot ? dot + 1 : name;
+    size_t sl = strlen(sfx);
+    for (int j = 0; j < ad->n; j++) {
+        const char *o = ad->mods[j].name;
+        size_t ol = strlen(o);
+        if (j != i && (!strcmp(o, sfx) || (ol > sl && o[ol - sl - 1] == '.' &&
+                                           !strcmp(o + ol - sl, sfx))))
+            return fp_err_set(err, -EINVAL, "modules '%s' and '%s' end alike: no PEFT pattern "
+                              "key can give '%s' its own rank", name, o, name);
+    }
+    char *k = malloc(2 * sl + 1), *p = k;
+    if (!k)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (const char *c = sfx; *c; c++) {
+        unsigned char u = (unsigned char)*c;
+        if (u < 0x80 && !(u == '_' || (u >= '0' && u <= '9') || ((u | 0x20) >= 'a' &&
+                                                                  (u | 0x20) <= 'z')))
+            *p++ = '\\';
+        *p++ = *c;
+    }
+    *p = '\0';
+    *out = k;
+    return 0;
+}
+
 static int last_component_cmp(const void *a, const void *b)
 {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
@@ -505,10 +552,22 @@ static json_t *build_config(const fp_adapter_t *ad, fp_err_t *err)
     j = json_object();
     json_t *rp = json_object(), *ap = json_object(), *tm = json_array();
     for (int i = 0; i < n; i++) {
-        if (ranks[i] != r)
-            json_object_set_new(rp, ad->mods[i].name, json_integer((json_int_t)ranks[i]));
-        if (alphas[i] != alpha)
-            json_object_set_new(ap, ad->mods[i].name, json_real(alphas[i]));
+        if (ranks[i] != r || alphas[i] != alpha) {
+            char *key = NULL;
+            if (pattern_key(ad, i, &key, err) != 0) {
+                json_decref(rp);
+                json_decref(ap);
+                json_decref(tm);
+                json_decref(j);
+                j = NULL;
+                goto out;
+            }
+            if (ranks[i] != r)
+                json_object_set_new(rp, key, json_integer((json_int_t)ranks[i]));
+            if (alphas[i] != alpha)
+                json_object_set_new(ap, key, json_real(alphas[i]));
+            free(key);
+        }
         if (i == 0 || strcmp(tails[i], tails[i - 1]) != 0)
             json_array_append_new(tm, json_string(tails[i]));
     }
