@@ -327,14 +327,23 @@ static double loss_of(const fp_model_t *m, const fp_adapter_t *ad, const int *to
 }
 
 /* Forward loss within 1e-2 of the float base's (bf16 and nf4); LoRA gradients of the bf16
- * base against the float64 reference on the same (bf16-valued) weights. */
+ * base against the float64 reference on the same (bf16-valued) weights: untied, tied, and
+ * Mistral's sliding window with Llama 3's RoPE scaling (the bf16 attention masks as the float
+ * one does). */
 static void test_transformer(void **state)
 {
     (void)state;
     fpt_need_lowp();
     int tok[NT], lab[NT];
-    for (int tied = 0; tied < 2; tied++) {
-        fp_model_t *m32 = model(tied, 1), *mb = clone(m32), *mq = clone(m32);
+    for (int v = 0; v < 3; v++) {
+        int tied = v == 1;
+        fp_model_t *m32 = model(tied, 1);
+        if (v == 2) {
+            m32->cfg.family = FP_FAMILY_MISTRAL;
+            m32->cfg.window = 3;
+            m32->cfg.rope = (fp_rope_scaling_t){FP_ROPE_LLAMA3, 8, 1, 4, 16};
+        }
+        fp_model_t *mb = clone(m32), *mq = clone(m32);
         batch(tok, lab, m32->cfg.vocab);
         fp_adapter_t *ad;
         assert_int_equal(fp_lora_init(m32, (1u << FP_T_COUNT) - 1, 4, 8, 0, 5, &ad, NULL), 0);
@@ -349,8 +358,8 @@ static void test_transformer(void **state)
         assert_true(fp_model_weight_bytes(mq) < 0.55 * fp_model_weight_bytes(m32));
         double l32 = loss_of(m32, ad, tok, lab), lb = loss_of(mb, ad, tok, lab);
         double lq = loss_of(mq, ad, tok, lab);
-        print_message("%s: loss f32 %.6f, bf16 %.6f, nf4 %.6f\n", tied ? "tied" : "untied", l32,
-                      lb, lq);
+        const char *what = v == 2 ? "window 3, llama3 RoPE" : tied ? "tied" : "untied";
+        print_message("%s: loss f32 %.6f, bf16 %.6f, nf4 %.6f\n", what, l32, lb, lq);
         assert_true(fabs(lb - l32) < 1e-2 * l32);
         assert_true(fabs(lq - l32) < 1e-1 * l32); /* 4-bit weights: a nearby function */
         assert_true(lb != l32);                   /* the bf16 path ran */
@@ -371,7 +380,7 @@ static void test_transformer(void **state)
         fp_tf_backward(tf, 1.0 / (double)c, grad, NULL);
         double worst = fpt_lora_grad_rel(grad, r);
         print_message("%s: LoRA gradients of the bf16 base vs float64: worst %.3g relative\n",
-                      tied ? "tied" : "untied", worst);
+                      what, worst);
         if (!(worst < 3e-2)) /* bf16 has 8 bits of mantissa: errors of 2^-9 per rounding */
             fail_msg("bf16 LoRA gradients: %g from float64", worst);
         fp_tf_free(tf);
