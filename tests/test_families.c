@@ -299,6 +299,88 @@ static void test_configs_read(void **state)
     free(t);
 }
 
+/* Whole config.json files of real checkpoints, as the hub has them (sizes unchanged): each is
+ * read, and described as it is. */
+static void test_real_configs(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *name, *text, *want;
+    } cases[] = {
+        {"Qwen2.5-0.5B",
+         "{\"architectures\": [\"Qwen2ForCausalLM\"], \"attention_dropout\": 0.0, "
+         "\"bos_token_id\": 151643, \"eos_token_id\": 151643, \"hidden_act\": \"silu\", "
+         "\"hidden_size\": 896, \"initializer_range\": 0.02, \"intermediate_size\": 4864, "
+         "\"max_position_embeddings\": 32768, \"max_window_layers\": 24, \"model_type\": "
+         "\"qwen2\", \"num_attention_heads\": 14, \"num_hidden_layers\": 24, "
+         "\"num_key_value_heads\": 2, \"rms_norm_eps\": 1e-06, \"rope_theta\": 1000000.0, "
+         "\"sliding_window\": 32768, \"tie_word_embeddings\": true, \"torch_dtype\": "
+         "\"bfloat16\", \"transformers_version\": \"4.40.1\", \"use_cache\": true, "
+         "\"use_sliding_window\": false, \"vocab_size\": 151936}",
+         "qwen2, 494.0 M parameters, 24 layers, D 896, 14/2 heads of 64, F 4864, V 151936, "
+         "RoPE θ 1e+06, tied head, q/k/v biases"},
+        {"Llama-3.2-1B-Instruct",
+         "{\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": false, "
+         "\"attention_dropout\": 0.0, \"bos_token_id\": 128000, \"eos_token_id\": [128001, "
+         "128008, 128009], \"head_dim\": 64, \"hidden_act\": \"silu\", \"hidden_size\": 2048, "
+         "\"initializer_range\": 0.02, \"intermediate_size\": 8192, "
+         "\"max_position_embeddings\": 131072, \"mlp_bias\": false, \"model_type\": "
+         "\"llama\", \"num_attention_heads\": 32, \"num_hidden_layers\": 16, "
+         "\"num_key_value_heads\": 8, \"pretraining_tp\": 1, \"rms_norm_eps\": 1e-05, "
+         "\"rope_scaling\": {\"factor\": 32.0, \"high_freq_factor\": 4.0, "
+         "\"low_freq_factor\": 1.0, \"original_max_position_embeddings\": 8192, "
+         "\"rope_type\": \"llama3\"}, \"rope_theta\": 500000.0, \"tie_word_embeddings\": "
+         "true, \"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.45.0.dev0\", "
+         "\"use_cache\": true, \"vocab_size\": 128256}",
+         "llama, 1235.8 M parameters, 16 layers, D 2048, 32/8 heads of 64, F 8192, V 128256, "
+         "RoPE θ 500000, llama3 scaling ×32 (low 1, high 4, original 8192), tied head"},
+        {"Mistral-7B-v0.1",
+         "{\"architectures\": [\"MistralForCausalLM\"], \"bos_token_id\": 1, "
+         "\"eos_token_id\": 2, \"hidden_act\": \"silu\", \"hidden_size\": 4096, "
+         "\"initializer_range\": 0.02, \"intermediate_size\": 14336, "
+         "\"max_position_embeddings\": 32768, \"model_type\": \"mistral\", "
+         "\"num_attention_heads\": 32, \"num_hidden_layers\": 32, \"num_key_value_heads\": 8, "
+         "\"rms_norm_eps\": 1e-05, \"rope_theta\": 10000.0, \"sliding_window\": 4096, "
+         "\"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\", "
+         "\"transformers_version\": \"4.34.0.dev0\", \"use_cache\": true, "
+         "\"vocab_size\": 32000}",
+         "mistral, 7241.7 M parameters, 32 layers, D 4096, 32/8 heads of 128, F 14336, V 32000, "
+         "RoPE θ 10000, sliding window 4096, untied head"},
+        {"SmolLM2-135M",
+         "{\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": false, "
+         "\"attention_dropout\": 0.0, \"bos_token_id\": 0, \"eos_token_id\": 0, "
+         "\"hidden_act\": \"silu\", \"hidden_size\": 576, \"initializer_range\": "
+         "0.041666666666666664, \"intermediate_size\": 1536, \"is_llama_config\": true, "
+         "\"max_position_embeddings\": 8192, \"mlp_bias\": false, \"model_type\": \"llama\", "
+         "\"num_attention_heads\": 9, \"num_hidden_layers\": 30, \"num_key_value_heads\": 3, "
+         "\"pretraining_tp\": 1, \"rms_norm_eps\": 1e-05, \"rope_interleaved\": false, "
+         "\"rope_scaling\": null, \"rope_theta\": 100000, \"tie_word_embeddings\": true, "
+         "\"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.42.3\", "
+         "\"use_cache\": true, \"vocab_size\": 49152}",
+         "llama, 134.5 M parameters, 30 layers, D 576, 9/3 heads of 64, F 1536, V 49152, "
+         "RoPE θ 100000, tied head"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "real-%zu", i);
+        char *d = fp_path_join(fpt_dir, name);
+        assert_int_equal(fp_fs_mkdirs(d, 0755, NULL), 0);
+        free(fpt_write(d, "config.json", cases[i].text, strlen(cases[i].text)));
+        fp_model_config_t c;
+        fp_err_t err = {0};
+        int rc = fp_model_config_load(d, &c, &err);
+        if (rc)
+            print_error("%s: %s\n", cases[i].name, err.msg);
+        assert_int_equal(rc, 0);
+        char what[512];
+        fp_model_config_describe(&c, what, sizeof what);
+        if (strcmp(what, cases[i].want))
+            print_error("%s:\n  got  %s\n  want %s\n", cases[i].name, what, cases[i].want);
+        assert_string_equal(what, cases[i].want);
+        free(d);
+    }
+}
+
 /* float32 = float64 = PyTorch with transformers' semantics, for every mirror. */
 static void test_mirrors_match_pytorch(void **state)
 {
@@ -410,6 +492,7 @@ static void test_refusals(void **state)
         {0, "quantization_config", "{\"quant_method\": \"gptq\"}", -ENOTSUP,
          "quantized checkpoints"},
         {0, "attention_dropout", "0.1", -ENOTSUP, "attention_dropout 0.1"},
+        {0, "rope_interleaved", "true", -ENOTSUP, "rope_interleaved true"},
         {0, "architectures", "[\"LlamaForSequenceClassification\"]", -ENOTSUP,
          "architecture \"LlamaForSequenceClassification\""},
         {0, "eos_token_id", "[58, \"x\"]", -EBADMSG, "eos_token_id[1]"},
@@ -490,6 +573,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_configs_read),
+        cmocka_unit_test(test_real_configs),
         cmocka_unit_test(test_mirrors_match_pytorch),
         cmocka_unit_test(test_features_matter),
         cmocka_unit_test(test_refusals),

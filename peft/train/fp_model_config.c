@@ -112,6 +112,7 @@ static const char *const inert_keys[] = {
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "max_window_layers", "use_sliding_window",
+    "is_llama_config", /* nanotron's export marker (SmolLM) */
 };
 
 /* Keys read below, by family (a family's modeling code knows nothing of the others'). */
@@ -120,6 +121,7 @@ static const char *const common_keys[] = {
     "intermediate_size", "vocab_size", "max_position_embeddings", "rms_norm_eps",
     "rope_theta", "rope_scaling", "rope_parameters", "head_dim", "hidden_act",
     "tie_word_embeddings", "bos_token_id", "eos_token_id", "attention_dropout", "layer_types",
+    "rope_interleaved",
 };
 static const char *const llama_keys[] = {"attention_bias", "mlp_bias"};
 static const char *const window_keys[] = {"sliding_window"};
@@ -319,6 +321,11 @@ static int refuse_features(json_t *j, fp_model_family_t fam, const char *file, f
     int flag = 0;
     if (fp_json_opt_bool(j, "mlp_bias", &flag, file, NULL) == 1 && flag)
         return fp_err_set(err, -ENOTSUP, "%s: mlp_bias is not supported", file);
+    /* nanotron's exports (SmolLM) say whether their RoPE pairs interleave; transformers never
+     * does, so only false is what the checkpoint's authors meant */
+    if (fp_json_opt_bool(j, "rope_interleaved", &flag, file, NULL) == 1 && flag)
+        return fp_err_set(err, -ENOTSUP, "%s: rope_interleaved true is not supported (fedpeft "
+                          "and transformers rotate halves)", file);
     double drop = 0;
     if (fp_json_opt_number(j, "attention_dropout", &drop, file, NULL) == 1 && drop != 0)
         return fp_err_set(err, -ENOTSUP, "%s: attention_dropout %g is not supported (fedpeft "
