@@ -1,7 +1,8 @@
 /* Models users bring. Tiny mirrors of real Hugging Face checkpoints — each config.json with
  * every key the hub's file has, in its own spelling, only the sizes shrunk; random weights
  * under HF tensor names — of Llama-3.2-1B (llama3 RoPE scaling, with an original context short
- * enough that scaling matters at the test's length), Llama-3.2-1B-Instruct (an eos list),
+ * enough that scaling matters at the test's length, and every one of its three bands used),
+ * Llama-3.2-1B-Instruct (an eos list),
  * the same in transformers 5's rope_parameters form, Qwen2.5-0.5B (q/k/v biases, tied,
  * θ 1e6) and Mistral-7B-v0.1 with a window shorter than the sequence.
  *
@@ -38,7 +39,7 @@ static const char llama32[] =
     "\"hidden_act\": \"silu\", \"initializer_range\": 0.02, \"max_position_embeddings\": 512, "
     "\"mlp_bias\": false, \"model_type\": \"llama\", \"pretraining_tp\": 1, "
     "\"rms_norm_eps\": 1e-05, \"rope_scaling\": {\"factor\": 32.0, \"high_freq_factor\": 4.0, "
-    "\"low_freq_factor\": 1.0, \"original_max_position_embeddings\": 16, "
+    "\"low_freq_factor\": 1.0, \"original_max_position_embeddings\": 400, "
     "\"rope_type\": \"llama3\"}, \"rope_theta\": 500000.0, \"tie_word_embeddings\": true, "
     "\"torch_dtype\": \"bfloat16\", \"transformers_version\": \"4.45.0.dev0\", "
     "\"use_cache\": true, " SIZES "\"_pad\": 0}";
@@ -50,7 +51,7 @@ static const char llama32_instruct[] =
     "\"max_position_embeddings\": 512, \"mlp_bias\": false, \"model_type\": \"llama\", "
     "\"pretraining_tp\": 1, \"rms_norm_eps\": 1e-05, \"rope_scaling\": {\"factor\": 32.0, "
     "\"high_freq_factor\": 4.0, \"low_freq_factor\": 1.0, "
-    "\"original_max_position_embeddings\": 16, \"rope_type\": \"llama3\"}, "
+    "\"original_max_position_embeddings\": 400, \"rope_type\": \"llama3\"}, "
     "\"rope_theta\": 500000.0, \"tie_word_embeddings\": true, \"torch_dtype\": \"bfloat16\", "
     "\"transformers_version\": \"4.45.0.dev0\", \"use_cache\": true, " SIZES "\"_pad\": 0}";
 
@@ -62,7 +63,7 @@ static const char llama32_v5[] =
     "\"mlp_bias\": false, \"model_type\": \"llama\", \"pretraining_tp\": 1, "
     "\"rms_norm_eps\": 1e-05, \"rope_parameters\": {\"factor\": 32.0, "
     "\"high_freq_factor\": 4.0, \"low_freq_factor\": 1.0, "
-    "\"original_max_position_embeddings\": 16, \"rope_theta\": 500000.0, "
+    "\"original_max_position_embeddings\": 400, \"rope_theta\": 500000.0, "
     "\"rope_type\": \"llama3\"}, \"tie_word_embeddings\": true, \"dtype\": \"bfloat16\", "
     "\"transformers_version\": \"5.0.0\", \"use_cache\": true, " SIZES "\"_pad\": 0}";
 
@@ -105,6 +106,15 @@ static char *edited(const char *text, const char *key, const char *value)
     char *s = json_dumps(j, JSON_COMPACT);
     json_decref(j);
     return s;
+}
+
+/* A directory holding config text alone, as config.json. */
+static char *make_cfg(const char *name, const char *text)
+{
+    char *d = fp_path_join(fpt_dir, name);
+    assert_int_equal(fp_fs_mkdirs(d, 0755, NULL), 0);
+    free(fpt_write(d, "config.json", text, strlen(text)));
+    return d;
 }
 
 /* A model directory for config text: random weights (biases too) under HF names, saved by
@@ -253,7 +263,19 @@ static void test_configs_read(void **state)
     assert_int_equal(c.family, FP_FAMILY_LLAMA);
     assert_int_equal(c.rope.type, FP_ROPE_LLAMA3);
     assert_true(c.rope.factor == 32 && c.rope.low_freq_factor == 1 &&
-                c.rope.high_freq_factor == 4 && c.rope.original_max == 16);
+                c.rope.high_freq_factor == 4 && c.rope.original_max == 400);
+    /* head_dim 8, θ 5e5: wavelengths 6.3, 167, 4443 and 118,000 against an original context
+     * of 400: one kept (< 400/4), one blended, two divided by the factor (> 400/1) */
+    int kept = 0, blended = 0, divided = 0;
+    for (int i = 0; i < c.head_dim / 2; i++) {
+        double inv = 1 / pow(c.rope_theta, 2.0 * i / c.head_dim), sc = fp_rope_scale(&c, inv);
+        kept += sc == inv;
+        divided += fabs(sc - inv / 32) <= 1e-15 * inv;
+        blended += sc < inv && sc > inv / 32 * (1 + 1e-12);
+    }
+    assert_int_equal(kept, 1);
+    assert_int_equal(blended, 1);
+    assert_int_equal(divided, 2);
     assert_true(c.rope_theta == 500000.0);
     assert_int_equal(c.eos_id, 58);
     assert_int_equal(c.n_eos_more, 2);
@@ -285,12 +307,31 @@ static void test_configs_read(void **state)
     assert_int_equal(c.family, FP_FAMILY_MISTRAL);
     assert_int_equal(c.window, 2);
     assert_int_equal(c.tied, 0);
+    /* MistralConfig's defaults: a window of 4096 without the key, none with null; 8 key/value
+     * heads without num_key_value_heads */
+    char *t2 = edited(t, "sliding_window", NULL), *t3 = edited(t, "sliding_window", "null");
+    char *t4 = edited(t, "num_key_value_heads", NULL);
+    fp_model_config_t c2;
+    char *d2 = make_cfg("mistral-nowin", t2);
+    assert_int_equal(fp_model_config_load(d2, &c2, &err), 0);
+    assert_int_equal(c2.window, 4096);
+    free(d2);
+    d2 = make_cfg("mistral-null", t3);
+    assert_int_equal(fp_model_config_load(d2, &c2, &err), 0);
+    assert_int_equal(c2.window, 0);
+    free(d2);
+    d2 = make_cfg("mistral-kv", t4); /* 8 does not divide the mirror's 4 heads */
+    assert_int_equal(fp_model_config_load(d2, &c2, &err), -EINVAL);
+    assert_err_contains(&err, "4 attention heads are not a multiple of 8 key/value heads");
+    free(d2);
+    free(t2);
+    free(t3);
+    free(t4);
     /* fedpeft writes each family back in its own form, and reads it back the same */
     fp_model_t *m;
     assert_int_equal(fp_model_load(d, &m, &err), 0);
-    char *d2 = fp_path_join(fpt_dir, "mistral-resaved");
+    d2 = fp_path_join(fpt_dir, "mistral-resaved");
     assert_int_equal(fp_model_save(m, d2, FP_DT_F32, &err), 0);
-    fp_model_config_t c2;
     assert_int_equal(fp_model_config_load(d2, &c2, &err), 0);
     assert_memory_equal(&c, &c2, sizeof c);
     fp_model_free(m);
@@ -363,9 +404,7 @@ static void test_real_configs(void **state)
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         char name[32];
         snprintf(name, sizeof name, "real-%zu", i);
-        char *d = fp_path_join(fpt_dir, name);
-        assert_int_equal(fp_fs_mkdirs(d, 0755, NULL), 0);
-        free(fpt_write(d, "config.json", cases[i].text, strlen(cases[i].text)));
+        char *d = make_cfg(name, cases[i].text);
         fp_model_config_t c;
         fp_err_t err = {0};
         int rc = fp_model_config_load(d, &c, &err);
@@ -407,14 +446,18 @@ static void test_features_matter(void **state)
 {
     (void)state;
     static const struct {
-        const char *config, *key, *value, *what;
+        const char *config, *key, *from, *to, *what;
     } cases[] = {
-        {llama32, "rope_scaling", "null", "llama3 RoPE scaling"},
-        {llama32, "rope_scaling", "{\"rope_type\": \"linear\", \"factor\": 4}", "linear"},
-        {mistral, "sliding_window", "null", "the sliding window"},
+        {llama32, "rope_scaling", NULL, "null", "llama3 RoPE scaling"},
+        {llama32, "rope_scaling", "null", "{\"rope_type\": \"linear\", \"factor\": 4}",
+         "linear"},
+        {mistral, "sliding_window", NULL, "null", "the sliding window"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
-        char *t = config_text(cases[i].config), *t2 = edited(t, cases[i].key, cases[i].value);
+        char *t0 = config_text(cases[i].config);
+        char *t = cases[i].from ? edited(t0, cases[i].key, cases[i].from) : strdup(t0);
+        char *t2 = edited(t0, cases[i].key, cases[i].to);
+        free(t0);
         char n1[32], n2[32];
         snprintf(n1, sizeof n1, "feat-a%zu", i);
         snprintf(n2, sizeof n2, "feat-b%zu", i);
@@ -448,13 +491,11 @@ static void expect_refused(const char *name, const char *text, const char *extra
     free(d);
 }
 
-/* Written by hand (make_mirror needs a readable config first): a config.json alone. */
+/* A config.json alone (make_mirror needs a readable one first). */
 static void expect_config_refused(const char *name, const char *text, int code,
                                   const char *needle)
 {
-    char *d = fp_path_join(fpt_dir, name);
-    assert_int_equal(fp_fs_mkdirs(d, 0755, NULL), 0);
-    free(fpt_write(d, "config.json", text, strlen(text)));
+    char *d = make_cfg(name, text);
     fp_err_t err = {0};
     fp_model_config_t c;
     int rc = fp_model_config_load(d, &c, &err);
@@ -493,6 +534,9 @@ static void test_refusals(void **state)
          "quantized checkpoints"},
         {0, "attention_dropout", "0.1", -ENOTSUP, "attention_dropout 0.1"},
         {0, "rope_interleaved", "true", -ENOTSUP, "rope_interleaved true"},
+        {0, "hidden_act", "[\"silu\"]", -EBADMSG, "hidden_act"},
+        {0, "rope_parameters", "{\"rope_type\": \"linear\", \"factor\": 2.0}", -EBADMSG,
+         "rope_scaling and rope_parameters disagree"},
         {0, "architectures", "[\"LlamaForSequenceClassification\"]", -ENOTSUP,
          "architecture \"LlamaForSequenceClassification\""},
         {0, "eos_token_id", "[58, \"x\"]", -EBADMSG, "eos_token_id[1]"},

@@ -44,10 +44,10 @@ static fp_model_t *tiny_model(const variant_t *v, uint64_t seed)
         c.family = FP_FAMILY_QWEN2;
     if (v->window)
         c.family = FP_FAMILY_MISTRAL;
-    /* wavelengths 6.3, 135 and 2,900 against an original context of 16: one blended, two
-     * divided by the factor */
+    /* wavelengths 6.3, 135 and 2,900 against an original context of 200: one kept (< 50),
+     * one blended, one divided by the factor (> 200) */
     if (v->llama3)
-        c.rope = (fp_rope_scaling_t){FP_ROPE_LLAMA3, 8, 1, 4, 16};
+        c.rope = (fp_rope_scaling_t){FP_ROPE_LLAMA3, 8, 1, 4, 200};
     fp_model_t *m;
     fp_err_t err = {0};
     assert_int_equal(fp_model_new(&m, &c, &err), 0);

@@ -264,8 +264,8 @@ def rope_inv_freq(cfg, hd):
 def sliding_window(cfg):
     """The attention window: Mistral's sliding_window on every layer; none for Llama, nor for
     Qwen2 unless use_sliding_window (which windows only some layers: refused)."""
-    if cfg.get("model_type") == "mistral":
-        return cfg.get("sliding_window") or 0
+    if cfg.get("model_type") == "mistral":  # MistralConfig: 4096 when absent, none when null
+        return (cfg["sliding_window"] or 0) if "sliding_window" in cfg else 4096
     if cfg.get("use_sliding_window"):
         raise ValueError("use_sliding_window is not supported")
     return 0
@@ -284,7 +284,9 @@ class Llama:
         self.c = cfg
         self.dim = cfg["hidden_size"]
         self.nh = cfg["num_attention_heads"]
-        self.nkv = cfg.get("num_key_value_heads") or self.nh
+        # each family's default, as its transformers config class has it
+        kv_default = {"mistral": 8, "qwen2": 32}.get(cfg.get("model_type"), self.nh)
+        self.nkv = cfg.get("num_key_value_heads") or kv_default
         self.hd = cfg.get("head_dim") or self.dim // self.nh
         self.eps = cfg.get("rms_norm_eps", 1e-6)
         self.layers = cfg["num_hidden_layers"]

@@ -129,9 +129,15 @@ static int py_match(const char *src, const char *subject, int full, fp_err_t *er
                 : PCRE2_ERROR_NOMEMORY;
     pcre2_match_data_free(md);
     pcre2_code_free(re);
+    if (rc >= 0 || rc == PCRE2_ERROR_NOMATCH)
+        return rc >= 0;
     if (rc == PCRE2_ERROR_NOMEMORY)
         return fp_err_set(err, -ENOMEM, "out of memory");
-    return rc >= 0;
+    /* a match limit (catastrophic backtracking) or bad UTF-8: neither a match nor a miss */
+    char why[160];
+    pcre2_get_error_message(rc, (PCRE2_UCHAR *)why, sizeof why);
+    return fp_err_set(err, -EBADMSG, "%s: %s \"%s\" could not be matched against '%s' (%s)", cfg,
+                      what, src, subject, why);
 }
 
 /* PEFT's rule (get_pattern_key, PEFT ≥ 0.15): pattern key K matches module path P when

@@ -176,8 +176,9 @@ const char *fp_blas_describe(char *buf, size_t n)
 {
     const char *now = fp_blas_kernel(), *chosen = getenv(ENV_CHOSEN), *picked = getenv(ENV_PICKED);
     const char *user = user_coretype();
-    const char *best = dynamic_arch() ? fp_blas_best_available()
-                                      : fp_blas_best_kernel(fp_cpu_features(), NULL);
+    const char *best = fp_blas_best_available();
+    if (!best) /* a library built for one CPU type: what this CPU would deserve */
+        best = fp_blas_best_kernel(fp_cpu_features(), NULL);
     char ver[48] = "OpenBLAS";
     const char *cfg = openblas_get_config();
     if (cfg && !strncmp(cfg, "OpenBLAS ", 9)) {

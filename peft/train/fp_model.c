@@ -374,6 +374,15 @@ typedef struct shard {
     fp_st_file_t *st;
 } shard_t;
 
+static void shards_close(shard_t *sh, int nsh)
+{
+    for (int s = 0; s < nsh; s++) {
+        fp_st_close(sh[s].st);
+        free(sh[s].file);
+    }
+    free(sh);
+}
+
 /* Opens the weight files of dir: one model.safetensors, or the shards of the index. */
 static int open_shards(const char *dir, shard_t **out, int *n, json_t **index, fp_err_t *err)
 {
@@ -451,11 +460,7 @@ static int open_shards(const char *dir, shard_t **out, int *n, json_t **index, f
             break;
     }
     if (rc) {
-        for (int i = 0; i < k; i++) {
-            fp_st_close(s[i].st);
-            free(s[i].file);
-        }
-        free(s);
+        shards_close(s, k);
         json_decref(j);
         goto out;
     }
@@ -748,11 +753,7 @@ int fp_model_check_dir(const char *dir, fp_model_config_t *c, fp_model_files_t *
     rc = refuse_unused(dir, c, sh, nsh, t, nt, err);
 out:
     free(t);
-    for (int s = 0; s < nsh; s++) {
-        fp_st_close(sh[s].st);
-        free(sh[s].file);
-    }
-    free(sh);
+    shards_close(sh, nsh);
     json_decref(index);
     free(shell.layers);
     return rc;
@@ -785,7 +786,8 @@ int fp_model_load_base(const char *dir, fp_base_dtype_t dt, fp_model_t **out, fp
         goto out;
     if ((rc = open_shards(dir, &sh, &nsh, &index, err)) != 0)
         goto out;
-    if ((rc = list_tensors(m, &t, &nt, err)) != 0)
+    if ((rc = list_tensors(m, &t, &nt, err)) != 0 ||
+        (rc = refuse_unused(dir, &c, sh, nsh, t, nt, err)) != 0)
         goto out;
     for (int i = 0; i < nt; i++) {
         const fp_st_tensor_t *st;
@@ -798,16 +800,10 @@ int fp_model_load_base(const char *dir, fp_base_dtype_t dt, fp_model_t **out, fp
             goto out;
         fp_st_release(f, st);
     }
-    if ((rc = refuse_unused(dir, &c, sh, nsh, t, nt, err)) != 0)
-        goto out;
 out:
     free(scratch);
     free(t);
-    for (int s = 0; s < nsh; s++) {
-        fp_st_close(sh[s].st);
-        free(sh[s].file);
-    }
-    free(sh);
+    shards_close(sh, nsh);
     json_decref(index);
     if (rc) {
         fp_model_free(m);
@@ -827,10 +823,6 @@ int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err
     int rc = fp_fs_mkdirs(dir, 0755, err);
     if (rc)
         return rc;
-    json_t *j = fp_model_config_json(c, dtype == FP_DT_F32 ? "float32" :
-                                     dtype == FP_DT_BF16 ? "bfloat16" : "float16");
-    if (!j)
-        return fp_err_set(err, -ENOMEM, "out of memory");
     fp_model_tensor_t *t = NULL;
     fp_st_entry_t *e = NULL;
     char *cfg = fp_path_join(dir, "config.json"), *wts = fp_path_join(dir, "model.safetensors");
@@ -856,13 +848,13 @@ int fp_model_save(const fp_model_t *m, const char *dir, fp_dtype_t dtype, fp_err
     }
     if ((rc = fp_st_write(wts, e, (size_t)nt, NULL, err)) != 0)
         goto out;
-    rc = fp_json_write_file(cfg, j, err);
+    rc = fp_model_config_write(c, cfg, dtype == FP_DT_F32 ? "float32" :
+                               dtype == FP_DT_BF16 ? "bfloat16" : "float16", err);
 out:
     free(e);
     free(t);
     free(cfg);
     free(wts);
-    json_decref(j);
     return rc;
 }
 

@@ -20,8 +20,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include <jansson.h>
-
 #include "fp_adapter.h"
 #include "fp_dtype.h"
 #include "fp_error.h"
@@ -152,9 +150,10 @@ int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err);
  * than silu, a quantized checkpoint, …) is -ENOTSUP with a message naming the key and why. */
 int fp_model_config_load(const char *path, fp_model_config_t *c, fp_err_t *err);
 
-/* config.json for c, in c's family's own form (what fp_model_save writes); torch_dtype as
- * given. NULL when out of memory. */
-json_t *fp_model_config_json(const fp_model_config_t *c, const char *torch_dtype);
+/* Writes config.json for c to path (fp_afile: whole or not at all), in c's family's own form;
+ * torch_dtype as given. What fp_model_config_load reads back is c. */
+int fp_model_config_write(const fp_model_config_t *c, const char *path, const char *torch_dtype,
+                          fp_err_t *err);
 
 /* An unscaled RoPE inverse frequency 1 / θ^(2i/hd) as c's rope scaling turns it
  * (transformers' _compute_linear_scaling_rope_parameters, _compute_llama3_parameters). */

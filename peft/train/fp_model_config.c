@@ -113,6 +113,8 @@ static const char *const inert_keys[] = {
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "max_window_layers", "use_sliding_window",
     "is_llama_config", /* nanotron's export marker (SmolLM) */
+    "_attn_implementation", "_attn_implementation_autoset", /* eager, sdpa, flash: one maths */
+    "unsloth_version", "unsloth_fixed",                     /* Unsloth's export markers */
 };
 
 /* Keys read below, by family (a family's modeling code knows nothing of the others'). */
@@ -273,7 +275,9 @@ static int parse_eos(json_t *j, fp_model_config_t *c, const char *file, fp_err_t
  * to every layer; Qwen2 uses none unless use_sliding_window, which fedpeft does not do). */
 static int parse_window(json_t *j, fp_model_config_t *c, const char *file, fp_err_t *err)
 {
-    int rc, use = 0, window = 0;
+    /* MistralConfig's sliding_window is 4096 when the key is absent, none when it is null */
+    json_t *sw = json_object_get(j, "sliding_window");
+    int rc, use = 0, window = c->family == FP_FAMILY_MISTRAL && !sw ? 4096 : 0;
     if ((rc = get_int(j, "sliding_window", &window, 0, file, err)) < 0)
         return rc;
     if (window < 0)
@@ -315,19 +319,27 @@ static int parse_window(json_t *j, fp_model_config_t *c, const char *file, fp_er
 static int refuse_features(json_t *j, fp_model_family_t fam, const char *file, fp_err_t *err)
 {
     const char *s;
-    if (fp_json_opt_string(j, "hidden_act", &s, file, NULL) == 1 && strcmp(s, "silu") != 0)
+    int rc, flag = 0;
+    double drop = 0;
+    if ((rc = fp_json_opt_string(j, "hidden_act", &s, file, err)) < 0)
+        return rc;
+    if (rc == 1 && strcmp(s, "silu") != 0)
         return fp_err_set(err, -ENOTSUP, "%s: hidden_act \"%s\" is not supported (only silu)",
                           file, s);
-    int flag = 0;
-    if (fp_json_opt_bool(j, "mlp_bias", &flag, file, NULL) == 1 && flag)
+    if ((rc = fp_json_opt_bool(j, "mlp_bias", &flag, file, err)) < 0)
+        return rc;
+    if (rc == 1 && flag)
         return fp_err_set(err, -ENOTSUP, "%s: mlp_bias is not supported", file);
     /* nanotron's exports (SmolLM) say whether their RoPE pairs interleave; transformers never
      * does, so only false is what the checkpoint's authors meant */
-    if (fp_json_opt_bool(j, "rope_interleaved", &flag, file, NULL) == 1 && flag)
+    if ((rc = fp_json_opt_bool(j, "rope_interleaved", &flag, file, err)) < 0)
+        return rc;
+    if (rc == 1 && flag)
         return fp_err_set(err, -ENOTSUP, "%s: rope_interleaved true is not supported (fedpeft "
                           "and transformers rotate halves)", file);
-    double drop = 0;
-    if (fp_json_opt_number(j, "attention_dropout", &drop, file, NULL) == 1 && drop != 0)
+    if ((rc = fp_json_opt_number(j, "attention_dropout", &drop, file, err)) < 0)
+        return rc;
+    if (rc == 1 && drop != 0)
         return fp_err_set(err, -ENOTSUP, "%s: attention_dropout %g is not supported (fedpeft "
                           "trains without dropout)", file, drop);
     json_t *a = json_object_get(j, "architectures");
@@ -394,7 +406,11 @@ static int parse_config(json_t *j, fp_model_config_t *c, const char *file, fp_er
         (rc = get_int(j, "intermediate_size", &c->ff, 1, file, err)) ||
         (rc = get_int(j, "vocab_size", &c->vocab, 1, file, err)))
         return rc;
-    c->n_kv_heads = c->n_heads;
+    /* each family's own defaults, as its transformers config class has them */
+    static const int kv_default[FP_FAMILY_COUNT] = {0, 8, 32};
+    static const int max_default[FP_FAMILY_COUNT] = {2048, 4096 * 32, 32768};
+    c->n_kv_heads = kv_default[c->family] ? kv_default[c->family] : c->n_heads;
+    c->max_seq = max_default[c->family];
     if ((rc = get_int(j, "num_key_value_heads", &c->n_kv_heads, 0, file, err)) ||
         (rc = get_int(j, "max_position_embeddings", &c->max_seq, 0, file, err)) ||
         (rc = get_int(j, "bos_token_id", &c->bos_id, 0, file, err)) ||
@@ -485,7 +501,7 @@ static json_t *rope_json(const fp_rope_scaling_t *r)
     return o;
 }
 
-json_t *fp_model_config_json(const fp_model_config_t *c, const char *torch_dtype)
+static json_t *config_json(const fp_model_config_t *c, const char *torch_dtype)
 {
     json_t *j = json_object(), *arch = json_array();
     if (!j || !arch) {
@@ -535,6 +551,17 @@ json_t *fp_model_config_json(const fp_model_config_t *c, const char *torch_dtype
     json_object_set_new(j, "torch_dtype", json_string(torch_dtype));
     json_object_set_new(j, "use_cache", json_true());
     return j;
+}
+
+int fp_model_config_write(const fp_model_config_t *c, const char *path, const char *torch_dtype,
+                          fp_err_t *err)
+{
+    json_t *j = config_json(c, torch_dtype);
+    if (!j)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int rc = fp_json_write_file(path, j, err);
+    json_decref(j);
+    return rc;
 }
 
 void fp_model_config_describe(const fp_model_config_t *c, char *buf, size_t n)
