@@ -342,7 +342,9 @@ static void test_transformer(void **state)
             m32->cfg.family = FP_FAMILY_MISTRAL;
             m32->cfg.window = 3;
             /* head_dim 16: wavelengths 6.3 to 19,900; kept below 50, blended to 200 */
-            m32->cfg.rope = (fp_rope_scaling_t){FP_ROPE_LLAMA3, 8, 1, 4, 200};
+            m32->cfg.rope = (fp_rope_scaling_t){.type = FP_ROPE_LLAMA3, .factor = 8,
+                                           .low_freq_factor = 1, .high_freq_factor = 4,
+                                           .original_max = 200};
         }
         fp_model_t *mb = clone(m32), *mq = clone(m32);
         batch(tok, lab, m32->cfg.vocab);

@@ -21,8 +21,8 @@ static fp_model_t *small_model(int tied, int bias)
 {
     fp_model_config_t c = {.dim = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
                            .head_dim = 4, .ff = 24, .vocab = 19, .max_seq = 32, .rms_eps = 1e-6,
-                           .rope_theta = 500000, .tied = tied, .bias = bias ? FP_BIAS_QKVO : 0u, .bos_id = 1,
-                           .eos_id = 2};
+                           .rope_theta = 500000, .tied = tied, .bias = bias ? FP_BIAS_QKVO : 0u,
+                           .bos_id = 1, .eos_id = 2};
     fp_model_t *m;
     fp_err_t err = {0};
     assert_int_equal(fp_model_new(&m, &c, &err), 0);

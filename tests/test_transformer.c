@@ -47,7 +47,9 @@ static fp_model_t *tiny_model(const variant_t *v, uint64_t seed)
     /* wavelengths 6.3, 135 and 2,900 against an original context of 200: one kept (< 50),
      * one blended, one divided by the factor (> 200) */
     if (v->llama3)
-        c.rope = (fp_rope_scaling_t){FP_ROPE_LLAMA3, 8, 1, 4, 200};
+        c.rope = (fp_rope_scaling_t){.type = FP_ROPE_LLAMA3, .factor = 8,
+                                       .low_freq_factor = 1, .high_freq_factor = 4,
+                                       .original_max = 200};
     fp_model_t *m;
     fp_err_t err = {0};
     assert_int_equal(fp_model_new(&m, &c, &err), 0);

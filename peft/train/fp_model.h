@@ -44,10 +44,10 @@ typedef enum fp_rope_type {
 } fp_rope_type_t;
 
 typedef struct fp_rope_scaling {
-    fp_rope_type_t type;
     double factor;           /* linear, llama3 */
     double low_freq_factor;  /* llama3 */
     double high_freq_factor; /* llama3 */
+    fp_rope_type_t type;
     int original_max;        /* llama3: original_max_position_embeddings */
 } fp_rope_scaling_t;
 
@@ -57,8 +57,12 @@ typedef struct fp_rope_scaling {
 
 enum { FP_MODEL_EOS_MAX = 8 };
 
+/* Laid out without padding (ints in pairs before the doubles), so that configurations compare
+ * byte for byte. */
 typedef struct fp_model_config {
     fp_model_family_t family; /* model_type */
+    int window;       /* sliding_window: a query attends to itself and the window − 1 positions
+                         before it (HF: kv > q − window); 0: the whole causal prefix */
     int dim;          /* hidden_size D */
     int n_layers;     /* num_hidden_layers L */
     int n_heads;      /* num_attention_heads H */
@@ -70,8 +74,6 @@ typedef struct fp_model_config {
     double rms_eps;   /* rms_norm_eps */
     double rope_theta;
     fp_rope_scaling_t rope; /* zero: plain RoPE */
-    int window;       /* sliding_window: a query attends to itself and the window − 1 positions
-                         before it (HF: kv > q − window); 0: the whole causal prefix */
     int tied;         /* tie_word_embeddings */
     unsigned bias;    /* the targets with a bias (FP_BIAS_QKVO: attention_bias; FP_BIAS_QKV:
                          Qwen2); 0: none */
