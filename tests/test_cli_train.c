@@ -292,6 +292,34 @@ static void test_blas_kernel_runs(void **state)
     }
     print_message("kernel %s vs Prescott: final loss %.7f vs %.7f, held-out %.7f vs %.7f\n",
                   best ? best : "(none)", loss[1], loss[0], held[1], held[0]);
+    if (fp_cpu_features() & FP_CPU_AVX512BF16) {
+        /* as on an AMX CPU (Sapphire Rapids, model masked): the best kernel the library
+         * carries, which for Debian's 0.3.21 is Cooperlake; the program says so and trains */
+        setenv("FEDPEFT_CPU_SIMULATE_AMX", "1", 1);
+        const char *amx_best = fp_blas_best_available();
+        assert_true(fp_cpu_features() & FP_CPU_AMX);
+        setenv("OPENBLAS_CORETYPE", "Prescott", 1);
+        setenv("FEDPEFT_BLAS_SIMULATE_MISDETECT", "1", 1);
+        int rc = run("train", "--model", p, "--data", site, "--rank", "4", "--targets", "all",
+                     "--steps", "6", "--batch", "4", "--seq", "32", "--lr", "3e-3", "--threads",
+                     "2", "--json", "--out", o1, NULL);
+        unsetenv("OPENBLAS_CORETYPE");
+        unsetenv("FEDPEFT_BLAS_SIMULATE_MISDETECT");
+        unsetenv("FEDPEFT_CPU_SIMULATE_AMX");
+        if (rc)
+            print_error("%s", err_text);
+        assert_int_equal(rc, 0);
+        json_t *j = last_json();
+        const char *k = json_string_value(json_object_get(j, "blas_kernel"));
+        print_message("as on an AMX CPU: kernel %s (the library's best: %s)\n", k, amx_best);
+        assert_non_null(amx_best);
+        assert_string_equal(k, amx_best);
+        assert_contains(err_text, "chosen by fedpeft: OpenBLAS picked Prescott");
+        if (!fp_blas_library_has("SapphireRapids"))
+            assert_string_equal(k, "Cooperlake");
+        assert_true(fabs(num(j, "final_loss") - loss[0]) <= 1e-4 * fabs(loss[0]));
+        json_decref(j);
+    }
     assert_true(fabs(loss[1] - loss[0]) <= 1e-4 * fabs(loss[0]));
     assert_true(fabs(held[1] - held[0]) <= 1e-4 * fabs(held[0]));
     free(p);

@@ -20,6 +20,9 @@ char *openblas_get_config(void);
 #define ENV_PICKED "FEDPEFT_BLAS_PICKED"
 /* Tests: treat OPENBLAS_CORETYPE as OpenBLAS's own choice, as on a CPU it misreads. */
 #define ENV_SIMULATE "FEDPEFT_BLAS_SIMULATE_MISDETECT"
+/* Tests: report AMX on a CPU with AVX512-BF16 (Sapphire Rapids' features, as cloud VMs show
+ * them), to run the kernel choice an AMX CPU gets; AMX itself is never executed. */
+#define ENV_SIMULATE_AMX "FEDPEFT_CPU_SIMULATE_AMX"
 
 unsigned fp_cpu_features(void)
 {
@@ -56,7 +59,7 @@ unsigned fp_cpu_features(void)
         f |= FP_CPU_AVX512;
         if (bf16)
             f |= FP_CPU_AVX512BF16;
-        if (amx && tiles)
+        if ((amx && tiles) || (bf16 && getenv(ENV_SIMULATE_AMX)))
             f |= FP_CPU_AMX;
     }
 #endif
@@ -101,7 +104,7 @@ const char *fp_blas_best_kernel(unsigned f, int (*known)(const char *kernel))
 }
 
 /* Whether the loaded OpenBLAS has a kernel: DYNAMIC_ARCH builds export gotoblas_<NAME>. */
-static int library_has(const char *kernel)
+int fp_blas_library_has(const char *kernel)
 {
     char sym[64] = "gotoblas_";
     size_t n = strlen(sym);
@@ -125,7 +128,7 @@ static int dynamic_arch(void)
 
 const char *fp_blas_best_available(void)
 {
-    return dynamic_arch() ? fp_blas_best_kernel(fp_cpu_features(), library_has) : NULL;
+    return dynamic_arch() ? fp_blas_best_kernel(fp_cpu_features(), fp_blas_library_has) : NULL;
 }
 
 /* The user's own OPENBLAS_CORETYPE (not one fedpeft set), or NULL. */

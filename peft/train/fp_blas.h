@@ -24,7 +24,8 @@ enum {
     FP_CPU_AMX = 1 << 5       /* AMX tiles and BF16, with OS support for the tile state */
 };
 
-/* This CPU's features (0 on other architectures). */
+/* This CPU's features (0 on other architectures). FEDPEFT_CPU_SIMULATE_AMX (tests) adds AMX
+ * on a CPU with AVX512-BF16, to run the kernel choice an AMX CPU gets. */
 unsigned fp_cpu_features(void);
 
 /* The best OpenBLAS kernel for features, among the kernels `known` accepts (NULL: all), or
@@ -36,6 +37,10 @@ const char *fp_blas_best_kernel(unsigned features, int (*known)(const char *kern
  * Cooperlake on an AMX CPU); NULL when the library is built for one CPU type only (it cannot
  * switch) or no x86-64 kernel applies. */
 const char *fp_blas_best_available(void);
+
+/* Whether the loaded OpenBLAS carries kernel (a DYNAMIC_ARCH build exports
+ * gotoblas_<NAME>). */
+int fp_blas_library_has(const char *kernel);
 
 /* How fast a kernel is, by instruction set generation (0: unknown or SSE-era). */
 int fp_blas_kernel_level(const char *kernel);
