@@ -183,26 +183,10 @@ static int load_pending(fp_agent_t *a, fp_err_t *err)
     if (rc == 0 && json_unpack(j, "{s:I,s:I,s:o}", "task_id", &task, "round", &round,
                                "tensors", &tensors) != 0)
         rc = fp_err_set(err, -EBADMSG, "%s: corrupt", a->update_json);
-    char *text = rc == 0 ? json_dumps(tensors, JSON_COMPACT) : NULL;
     fp_stream_tensor_t *t = NULL;
     int n = 0;
-    if (rc == 0) {
-        /* names must outlive the JSON: keep the document */
-        size_t cnt = json_array_size(tensors);
-        t = calloc(cnt ? cnt : 1, sizeof *t);
-        for (size_t i = 0; t && i < cnt; i++) {
-            json_t *e = json_array_get(tensors, i);
-            json_int_t r, c, o, b;
-            const char *nm;
-            if (json_unpack(e, "[sIIII]", &nm, &r, &c, &o, &b) != 0) {
-                rc = fp_err_set(err, -EBADMSG, "%s: corrupt tensor list", a->update_json);
-                break;
-            }
-            t[i] = (fp_stream_tensor_t){nm, (uint64_t)r, (uint64_t)c, (uint64_t)o, (uint64_t)b};
-        }
-        n = (int)cnt;
-    }
-    free(text);
+    if (rc == 0)
+        rc = fp_tensor_list_from_json(tensors, &t, &n, err);
     if (rc) {
         free(t);
         free(data);
@@ -862,11 +846,7 @@ static int save_update(fp_agent_t *a, const fp_site_task_t *t, fp_adapter_t *ad,
         rc = fp_fs_write_file(a->update_bin, buf, len, 0600, err);
     }
     if (rc == 0) {
-        json_t *tj = json_array();
-        for (int i = 0; i < n; i++)
-            json_array_append_new(tj, json_pack("[sIIII]", tl[i].name, (json_int_t)tl[i].rows,
-                                                 (json_int_t)tl[i].cols, (json_int_t)tl[i].offset,
-                                                 (json_int_t)tl[i].nbytes));
+        json_t *tj = fp_tensor_list_json(tl, n);
         json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:f,s:o,s:b,s:f,s:b}",
                               "task_id", (json_int_t)t->task_id, "round", (json_int_t)t->round,
                               "samples", (json_int_t)samples, "rank", t->rank, "train_loss",
@@ -1114,9 +1094,10 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     a->logged_privacy = -1;
     a->logged_secure = -1;
     int rc;
-    char *colon = strrchr(cfg->coordinator, ':');
-    snprintf(a->host, sizeof a->host, "%.*s", (int)(colon - cfg->coordinator), cfg->coordinator);
-    a->port = atoi(colon + 1);
+    if ((rc = fp_split_hostport(cfg->coordinator, a->host, sizeof a->host, &a->port, err)) != 0) {
+        fp_err_prefix(err, rc, "client.coordinator: ");
+        goto fail;
+    }
     if (cfg->name)
         snprintf(a->name, sizeof a->name, "%s", cfg->name);
     else if ((rc = fp_cert_cn(cfg->cert, a->name, sizeof a->name, err)) != 0)

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "fp_conn.h"
 #include "fp_dp.h"
 #include "fp_extrain.h"
 #include "fp_fs.h"
@@ -100,9 +101,10 @@ int fp_agent_config_check(const fp_agent_config_t *c, fp_err_t *err)
             return fp_err_set(err, -EINVAL, "%s is required", req[i][0]);
     if ((rc = fp_fs_dir_usable(c->state_dir, err)) != 0)
         return fp_err_prefix(err, rc, "client.state_dir: ");
-    if (!strchr(c->coordinator, ':'))
-        return fp_err_set(err, -EINVAL, "client.coordinator: '%s' is not host:port",
-                          c->coordinator);
+    char host[256];
+    int port;
+    if ((rc = fp_split_hostport(c->coordinator, host, sizeof host, &port, err)) != 0)
+        return fp_err_prefix(err, rc, "client.coordinator: ");
     if (c->backoff_max_s < c->backoff_initial_s)
         return fp_err_set(err, -EINVAL, "network.backoff_max_s is below backoff_initial_s");
     fp_base_dtype_t bd;
@@ -129,11 +131,13 @@ int fp_agent_config_check(const fp_agent_config_t *c, fp_err_t *err)
 int fp_agent_config_probe(const fp_agent_config_t *c, fp_err_t *err)
 {
     char host[256];
-    const char *colon = strrchr(c->coordinator, ':');
-    snprintf(host, sizeof host, "%.*s", (int)(colon - c->coordinator), c->coordinator);
+    int port;
+    int rc = fp_split_hostport(c->coordinator, host, sizeof host, &port, err);
+    if (rc)
+        return fp_err_prefix(err, rc, "client.coordinator: ");
     fp_tls_cfg_t tc = {0, c->cert, c->key, c->ca, NULL, c->server_name ? c->server_name : host};
     fp_tls_ctx_t *tls = NULL;
-    int rc = fp_tls_ctx_new(&tls, &tc, err);
+    rc = fp_tls_ctx_new(&tls, &tc, err);
     fp_tls_ctx_free(tls);
     return rc;
 }

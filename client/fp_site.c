@@ -34,15 +34,9 @@ struct fp_site {
 
 static int send_env(fp_site_t *s, Fedpeft__Envelope *e)
 {
-    unsigned char *f;
     size_t n;
-    int rc = fp_msg_frame(e, &f, &n, NULL);
-    if (rc == 0) {
-        rc = fp_conn_send(s->conn, f, n);
-        if (rc == 0)
-            s->sent += n;
-        free(f);
-    }
+    int rc = fp_msg_send(e, fp_conn_send_frame, s->conn, &n);
+    s->sent += n;
     return rc;
 }
 

@@ -1,30 +1,104 @@
-/* The coordinator's loop glue: the round machine's actions (records, jobs, timers, status)
- * and the coordinator's life (start, resume, reload, stop). The sites' sessions are in
- * fp_coord_sites.c. Disk-heavy work goes to the thread pool (fp_fed.c); small database
- * writes happen here, each its own durable transaction. */
+/* The coordinator (fp_coord.h): the one owner of its state. It carries out what the round's
+ * machine (fp_round.h) and the secure round's (fp_sa_round.h) decide — records, jobs, timers,
+ * messages — and hands them what the sites' sessions (fp_sites.h) report. Disk-heavy work
+ * goes to the thread pool (fp_fed.h); small database writes happen here, each its own durable
+ * transaction.
+ *
+ *   fp_coord ──▶ fp_round, fp_sa_round (decisions, no I/O)
+ *       │  └───▶ fp_sites (sessions, the directory) ──▶ fp_srv_link, fp_srv_sess
+ *       └──────▶ fp_fed (files, jobs), fp_federation (the record), fp_sa_wire (messages) */
 #include "fp_coord.h"
 
 #include <math.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include "fp_clock.h"
-#include "fp_conn.h"
-#include "fp_coord_priv.h"
+#include "fp_db.h"
 #include "fp_failpoint.h"
+#include "fp_fed.h"
+#include "fp_federation.h"
 #include "fp_fs.h"
 #include "fp_log.h"
 #include "fp_model.h"
+#include "fp_round.h"
+#include "fp_sa_round.h"
+#include "fp_sa_wire.h"
 #include "fp_sha256.h"
+#include "fp_sites.h"
+
+/* The coordinator's one round-level job at a time, on the thread pool. */
+typedef enum job_kind { JOB_NONE, JOB_PREPARE, JOB_AGGREGATE } job_kind_t;
+
+struct fp_coord {
+    uv_loop_t *loop;
+    fp_srv_config_t *cfg;
+    fp_fed_t fed;
+    fp_db_t *db;
+    fp_round_t *round;
+    fp_sites_t *sites;
+    uint8_t model_sha[32];
+    unsigned targets;
+    /* the round's resources (the machine decides, these are what its actions made) */
+    char global_sha[65];      /* the global adapter the round starts from */
+    int global_rank;
+    fp_blob_t **blobs;        /* one stream per distinct rank of the round */
+    int nblobs;
+    int64_t sent_bytes;       /* adapter bytes sent to sites this round (bytes_out at close;
+                                 a restarted coordinator counts from its restart) */
+    uv_timer_t timer;         /* the machine's timer (the round's deadline) */
+    int64_t timer_early_ms;   /* tests: arm the timer this much early, as a timer armed from
+                                 a stale loop time fires (FEDPEFT_TEST_TIMER_EARLY_MS) */
+    uv_timer_t tick;          /* watchdog, status */
+    /* the job */
+    uv_work_t work;
+    job_kind_t job;
+    int64_t job_round;
+    int *job_ranks;
+    int job_nranks;
+    fp_blob_t **job_blobs;
+    fp_agg_in_t agg;
+    fp_agg_out_t agg_out;
+    int job_rc;
+    fp_err_t job_err;
+    int lock_fd;              /* STATE/lock, held while the coordinator lives */
+    /* differential privacy */
+    double dp_clip;           /* C: the bound of the round open (or the next) */
+    double dp_z_update;       /* z_Δ: the update's own noise multiplier (z without adaptive
+                                 clipping's share) */
+    fp_noise_t *draw_rng;     /* the loop's: Poisson draws */
+    fp_noise_t *job_rng;      /* the jobs': the aggregate's noise */
+    /* secure aggregation: the open round's machine, its timer, an exact merge's second
+     * stream (Q) */
+    fp_sa_round_t *sa;
+    uv_timer_t sa_timer;
+    fp_blob_t *qblob;
+    /* stopping */
+    int stopping, done_called, handles_open;
+    int started;              /* the first tick has poked the round machine */
+    void (*on_done)(void *ctx, int rc);
+    void *done_ctx;
+    int exit_rc;
+    /* counters */
+    _Atomic uint64_t c_closed, c_expired;
+    _Atomic int64_t c_round;
+    _Atomic uint64_t c_epsilon_bits; /* ε spent, a double's bits */
+    double agg_total, agg_last;
+    int64_t st_round, st_ms;  /* the last STATUS sent */
+    int st_phase;
+};
+
+static void finish_stop(fp_coord_t *co);
 
 /* ---- helpers ---- */
 
-fp_blob_t *fp__coord_blob(fp_coord_t *co, int rank)
+/* The stream of the round at rank (restart strategies: the one stream). */
+static fp_blob_t *blob_of(fp_coord_t *co, int rank)
 {
     for (int i = 0; i < co->nblobs; i++)
         if (co->fed.restart || co->blobs[i]->rank == rank)
@@ -32,7 +106,8 @@ fp_blob_t *fp__coord_blob(fp_coord_t *co, int rank)
     return NULL;
 }
 
-double fp__coord_dp_share(const fp_coord_t *co)
+/* Distributed DP: a site's noise share per coordinate, z_Δ·C/√min_updates (0 otherwise). */
+static double dp_share(const fp_coord_t *co)
 {
     if (co->fed.dp != FP_DP_DISTRIBUTED)
         return 0;
@@ -49,18 +124,16 @@ static void free_blobs(fp_coord_t *co)
     co->nblobs = 0;
 }
 
-static void refresh_counters(fp_coord_t *co)
+/* The secure round is over (closed, expired, or never begun). */
+static void end_secure(fp_coord_t *co)
 {
-    if (co->lis) {
-        const fp_listener_stats_t *ls = fp_listener_stats(co->lis);
-        atomic_store(&co->c_bytes_in, ls->bytes_in);
-        atomic_store(&co->c_hs_refused, ls->refused);
-        atomic_store(&co->c_revoked, ls->revoked_dropped);
-        atomic_store(&co->c_reloads, ls->reloads);
-        atomic_store(&co->c_limited, ls->limited);
-        atomic_store(&co->c_conns, ls->conns);
-        atomic_store(&co->c_startups, ls->startups);
-    }
+    if (co->sa && !uv_is_closing((uv_handle_t *)&co->sa_timer))
+        uv_timer_stop(&co->sa_timer);
+    fp_sa_round_free(co->sa);
+    co->sa = NULL;
+    fp_blob_unref(co->qblob);
+    co->qblob = NULL;
+    co->agg.sa = NULL;
 }
 
 static void set_epsilon(fp_coord_t *co, double eps)
@@ -70,23 +143,24 @@ static void set_epsilon(fp_coord_t *co, double eps)
     atomic_store(&co->c_epsilon_bits, bits);
 }
 
-void fp__coord_status(fp_coord_t *co)
+/* Tells the service manager: every change of round or state at once, progress within a round
+ * at most once a second. */
+static void status(fp_coord_t *co)
 {
-    refresh_counters(co);
     int n, phase = (int)fp_round_phase(co->round);
     int64_t round = fp_round_number(co->round);
     fp_round_tasks(co->round, &n);
-    /* the service manager hears of every change of round or state at once, of progress
-     * within a round at most once a second */
     int64_t now = fp_mono_ms();
     if (round == co->st_round && phase == co->st_phase && now - co->st_ms < 1000)
         return;
     co->st_round = round;
     co->st_phase = phase;
     co->st_ms = now;
+    fp_sites_counts_t sc;
+    fp_sites_counts(co->sites, &sc);
     fp_notify("STATUS=round %lld %s, %d/%d updates, %llu sites connected", (long long)round,
               fp_round_phase_name((fp_round_phase_t)phase), fp_round_uploads(co->round), n,
-              (unsigned long long)atomic_load(&co->c_connected));
+              (unsigned long long)sc.connected);
 }
 
 static void tick_cb(uv_timer_t *t)
@@ -96,7 +170,52 @@ static void tick_cb(uv_timer_t *t)
         co->started = 1;
         fp_round_poke(co->round);
     }
-    fp__coord_status(co); /* counters, and progress the rate limit held back */
+    status(co); /* progress the rate limit held back */
+}
+
+/* What a site joins, or is sent with a task: the mechanism, its budget and what is spent. */
+static void privacy_msg(const fp_coord_t *co, Fedpeft__Privacy *p)
+{
+    const fp_srv_config_t *c = co->cfg;
+    *p = (Fedpeft__Privacy)FEDPEFT__PRIVACY__INIT;
+    p->mode = co->fed.dp == FP_DP_CENTRAL ? FEDPEFT__PRIVACY__MODE__CENTRAL
+                                          : FEDPEFT__PRIVACY__MODE__DISTRIBUTED;
+    p->noise_multiplier = c->dp_noise;
+    p->sample_rate = c->fraction;
+    p->delta = c->dp_delta;
+    p->epsilon_max = c->dp_epsilon_max;
+    p->epsilon_spent = fp_round_epsilon(co->round);
+}
+
+/* Sends task t to its site: the round's stream at its rank (an exact merge's second sum: Q),
+ * its privacy and its secure part. */
+static void send_task(fp_coord_t *co, const fp_round_task_t *t)
+{
+    const fp_srv_config_t *c = co->cfg;
+    fp_sa_task_info_t ti;
+    int secure = co->sa && fp_sa_round_task_info(co->sa, t->id, &ti) == 0;
+    fp_blob_t *b = secure && ti.pass == 2 ? co->qblob : blob_of(co, t->rank);
+    Fedpeft__Privacy pv;
+    if (co->fed.dp) {
+        privacy_msg(co, &pv);
+        pv.clip = co->dp_clip;
+        pv.global_rank = (uint32_t)co->fed.r_max;
+        pv.adaptive = c->dp_adaptive;
+        if (co->fed.dp == FP_DP_DISTRIBUTED) {
+            pv.noise_stddev = dp_share(co);
+            pv.count_stddev = c->dp_adaptive ? c->dp_count_stddev / sqrt((double)c->min_updates)
+                                             : 0;
+        }
+    }
+    fp_task_out_t o = {fp_round_number(co->round), t->id, t->rank, t->seed,
+                       fp_round_deadline_wall(co->round), b, co->fed.dp ? &pv : NULL,
+                       secure ? &ti : NULL};
+    uint64_t bytes = 0;
+    if (b && fp_sites_send_task(co->sites, t->site, &o, &bytes) == 0) {
+        co->sent_bytes += (int64_t)bytes;
+        if (secure)
+            fp_sa_round_sent(co->sa); /* the keys phase's time runs from the first */
+    }
 }
 
 /* ---- jobs (one at a time: preparing a round's streams, or aggregating it) ---- */
@@ -117,9 +236,9 @@ static void fail_stop(fp_coord_t *co)
     fp_coord_stop(co);
 }
 
-static void job_after(uv_work_t *w, int status)
+static void job_after(uv_work_t *w, int st)
 {
-    (void)status;
+    (void)st;
     fp_coord_t *co = w->data;
     job_kind_t kind = co->job;
     co->job = JOB_NONE;
@@ -133,16 +252,10 @@ static void job_after(uv_work_t *w, int status)
         co->nblobs = co->job_nranks;
         co->job_blobs = NULL;
         fp_round_prepared(co->round);
-        fp__coord_status(co);
-    } else if (co->agg.sa && (co->job_rc || (co->agg.sa->sketch && co->agg.sa->pass == 1 &&
-                                              fp__coord_sa_second(co, &co->job_err) != 0))) {
-        /* a secure round that cannot be unmasked, or whose second sum cannot start */
-        char why[600];
-        snprintf(why, sizeof why, "secure aggregation failed: %s", fp_err_msg(&co->job_err));
-        fp_db_event(co->db, co->job_round, NULL, "secagg_failed", "%s", fp_err_msg(&co->job_err));
-        fp_round_aggregation_failed(co->round, why);
-    } else if (co->agg.sa && co->agg.sa->sketch && co->agg.sa->pass == 1) {
-        fp__coord_status(co); /* the first of two sums is in: the second runs */
+        status(co);
+    } else if (co->agg.sa) { /* a secure round: done, failed, or its second sum starts */
+        fp_sa_round_job_done(co->sa, co->job_rc, co->job_rc ? fp_err_msg(&co->job_err) : NULL);
+        status(co);
     } else if (co->job_rc) { /* the updates stay durable: a restart aggregates them again */
         fp_log(FP_LOG_ERR, "round %lld: aggregation failed: %s", (long long)co->job_round,
                fp_err_msg(&co->job_err));
@@ -151,10 +264,10 @@ static void job_after(uv_work_t *w, int status)
         fail_stop(co);
     } else {
         fp_round_aggregated(co->round);
-        fp__coord_status(co);
+        status(co);
     }
     if (co->stopping)
-        fp__coord_finish_stop(co);
+        finish_stop(co);
 }
 
 static void start_job(fp_coord_t *co, job_kind_t kind, int64_t round)
@@ -168,6 +281,157 @@ static void start_job(fp_coord_t *co, job_kind_t kind, int64_t round)
         return;
     job_work(&co->work); /* no thread pool: do it here rather than lose it */
     job_after(&co->work, 0);
+}
+
+/* ---- the secure round's actions ---- */
+
+static int sa_random(void *ctx, void *buf, size_t n)
+{
+    (void)ctx;
+    return RAND_bytes(buf, (int)n) == 1 ? 0 : -EIO;
+}
+
+static void sa_timer_cb(uv_timer_t *t)
+{
+    fp_coord_t *co = t->data;
+    if (co->sa)
+        fp_sa_round_timer(co->sa);
+}
+
+static void sa_arm(void *ctx, int64_t ms)
+{
+    fp_coord_t *co = ctx;
+    if (!uv_is_closing((uv_handle_t *)&co->sa_timer))
+        uv_timer_start(&co->sa_timer, sa_timer_cb, ms > 0 ? (uint64_t)ms : 0, 0);
+}
+
+static void sa_disarm(void *ctx)
+{
+    fp_coord_t *co = ctx;
+    uv_timer_stop(&co->sa_timer);
+}
+
+static int sa_send(void *ctx, const char *site, Fedpeft__Envelope *e)
+{
+    fp_coord_t *co = ctx;
+    return fp_sites_send(co->sites, site, e);
+}
+
+static int sa_roster(void *ctx, int pass, const char *site, const fp_sa_peer_t *p, int n)
+{
+    fp_coord_t *co = ctx;
+    return fp_sa_wire_roster(sa_send, co, site, fp_round_number(co->round), pass, p, n);
+}
+
+static int sa_relay(void *ctx, int pass, const char *site, const fp_sa_sealed_t *s, int ns,
+                    const uint32_t *in, int nin)
+{
+    fp_coord_t *co = ctx;
+    return fp_sa_wire_relay(sa_send, co, site, fp_round_number(co->round), pass, s, ns, in, nin);
+}
+
+static int sa_unmask(void *ctx, int pass, const char *site, const fp_sa_ask_t *a, int na)
+{
+    fp_coord_t *co = ctx;
+    return fp_sa_wire_unmask(sa_send, co, site, fp_round_number(co->round), pass, a, na);
+}
+
+static void sa_excluded(void *ctx, int64_t task)
+{
+    fp_coord_t *co = ctx;
+    fp_round_refused(co->round, task);
+}
+
+static int sa_present(void *ctx, const char *site)
+{
+    fp_coord_t *co = ctx;
+    return fp_sites_live(co->sites, site);
+}
+
+/* Q (the first sum's bases) as the stream of the second Tasks: one float32 tensor
+ * "secagg.q", little-endian words as every stream. */
+static int sa_second(void *ctx, const float *q, size_t nq)
+{
+    fp_coord_t *co = ctx;
+    fp_blob_t *b = calloc(1, sizeof *b);
+    float *data = malloc((nq ? nq : 1) * sizeof *data);
+    if (!b || !data || !(b->t = calloc(1, sizeof *b->t))) {
+        free(data);
+        free(b);
+        return -ENOMEM;
+    }
+    memcpy(data, q, nq * sizeof *q);
+    b->data = (unsigned char *)data;
+    b->len = 4 * (uint64_t)nq;
+    b->n = 1;
+    b->t[0] = (fp_stream_tensor_t){"secagg.q", 1, nq, 0, 4 * (uint64_t)nq};
+    fp_sha256(b->data, b->len, b->sha);
+    b->refs = 1;
+    fp_blob_unref(co->qblob);
+    co->qblob = b;
+    return 0;
+}
+
+static void sa_resend(void *ctx, int64_t task)
+{
+    fp_coord_t *co = ctx;
+    const fp_round_task_t *t = fp_round_task(co->round, task);
+    if (t)
+        send_task(co, t);
+}
+
+static void sa_start_job(void *ctx, fp_sa_job_t *job)
+{
+    fp_coord_t *co = ctx;
+    co->agg.sa = job;
+    start_job(co, JOB_AGGREGATE, co->agg.round);
+}
+
+static void sa_failed(void *ctx, const char *why)
+{
+    fp_coord_t *co = ctx;
+    fp_db_event(co->db, fp_round_number(co->round), NULL, "secagg_failed", "%s", why);
+    fp_round_aggregation_failed(co->round, why);
+}
+
+static void sa_done(void *ctx)
+{
+    fp_coord_t *co = ctx;
+    fp_round_aggregated(co->round);
+}
+
+static void sa_say(void *ctx, int level, const char *msg)
+{
+    (void)ctx;
+    fp_log(level, "%s", msg);
+}
+
+static const fp_sa_round_ops_t sa_ops = {
+    .random = sa_random, .arm = sa_arm, .disarm = sa_disarm, .roster = sa_roster,
+    .relay = sa_relay, .unmask = sa_unmask, .excluded = sa_excluded, .present = sa_present,
+    .second = sa_second, .send = sa_resend, .start_job = sa_start_job, .failed = sa_failed,
+    .done = sa_done, .say = sa_say,
+};
+
+/* A secure round for the nt sites of tasks t (before they are recorded). */
+static int begin_secure(fp_coord_t *co, int64_t n, const fp_round_task_t *t, int nt,
+                        fp_err_t *err)
+{
+    end_secure(co);
+    const fp_srv_config_t *c = co->cfg;
+    fp_sa_cfg_t sc = {(int)c->sa_degree, (int)c->sa_threshold, c->sa_bound,
+                      (int)c->sa_scale_bits, (int64_t)(c->sa_phase_s * 1000 + 0.5),
+                      FP_SA_MAX_SITES};
+    fp_sa_merge_t m = {co->fed.strategy, co->fed.layout, co->fed.n_layout, co->fed.r_max,
+                       c->florist_energy, co->fed.dp != FP_DP_OFF};
+    uint64_t *samples = calloc((size_t)(nt ? nt : 1), sizeof *samples);
+    if (!samples)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int i = 0; i < nt; i++)
+        samples[i] = fp_sites_samples(co->sites, t[i].site);
+    int rc = fp_sa_round_new(&co->sa, n, &sc, &m, t, samples, nt, &sa_ops, co, err);
+    free(samples);
+    return rc;
 }
 
 /* ---- the round machine's actions ---- */
@@ -201,7 +465,7 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
         a[i] = (fp_db_assign_t){t[i].site, t[i].rank, t[i].seed, 0};
     fp_db_draw_t dp = {o->dp_steps, o->dp_epsilon, co->dp_clip};
     /* a secure round is set up before anything is recorded: it opens secure or not at all */
-    if (rc == 0 && co->cfg->sa_enabled && (rc = fp__coord_sa_begin(co, n, t, nt, &err)) != 0)
+    if (rc == 0 && co->cfg->sa_enabled && (rc = begin_secure(co, n, t, nt, &err)) != 0)
         fp_err_prefix(&err, rc, "a secure round of %d sites: ", nt);
     if (rc == 0)
         rc = fp_db_round_open(co->db, n, o->opened_wall_ms, o->deadline_wall_ms, co->global_sha,
@@ -211,11 +475,11 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
     free(a);
     if (rc) {
         fp_log(FP_LOG_ERR, "cannot open round %lld: %s", (long long)n, fp_err_msg(&err));
-        fp__coord_sa_end(co);
+        end_secure(co);
         return rc;
     }
     if (co->sa)
-        fp__coord_sa_bind(co, t, nt);
+        fp_sa_round_bind(co->sa, t, nt);
     fp_failpoint("round-opened"); /* committed, no task sent */
     co->sent_bytes = 0;
     atomic_store(&co->c_round, n);
@@ -246,10 +510,7 @@ static void act_prepare(void *ctx, int64_t n, const int *ranks, int nr)
 
 static void act_send(void *ctx, const fp_round_task_t *t)
 {
-    fp_coord_t *co = ctx;
-    site_t *s = fp__coord_live_site(co, t->site);
-    if (s)
-        fp__coord_send_task(co, s, t);
+    send_task(ctx, t);
 }
 
 static void timer_cb(uv_timer_t *t)
@@ -308,19 +569,13 @@ static int act_aggregate(void *ctx, int64_t n, int resumed)
     fp_log(FP_LOG_INFO, "round %lld: aggregating %d updates (%s)", (long long)n, a->n,
            fp_strategy_name(co->fed.strategy));
     if (co->sa) { /* the masks come off first: the job starts once the shares are in */
-        a->sa = &co->sa_job;
         co->job_round = n;
-        if ((rc = fp__coord_sa_unmask(co, &err)) != 0)
+        if ((rc = fp_sa_round_aggregate(co->sa, &err)) != 0)
             fp_log(FP_LOG_ERR, "round %lld: %s", (long long)n, fp_err_msg(&err));
         return rc;
     }
     start_job(co, JOB_AGGREGATE, n);
     return 0;
-}
-
-void fp__coord_start_aggregate(fp_coord_t *co)
-{
-    start_job(co, JOB_AGGREGATE, co->agg.round);
 }
 
 static int act_expire(void *ctx, int64_t n, const char *why)
@@ -335,9 +590,7 @@ static int act_expire(void *ctx, int64_t n, const char *why)
     fp_log(FP_LOG_WARNING, "round %lld expired: %s", (long long)n, why);
     atomic_fetch_add(&co->c_expired, 1);
     free_blobs(co);
-    fp__coord_sa_end(co);
-    fp__coord_sa_job_free(&co->sa_job);
-    co->agg.sa = NULL;
+    end_secure(co);
     return 0;
 }
 
@@ -367,7 +620,7 @@ static int act_close(void *ctx, int64_t n)
     }
     if (co->sa) {
         char sec[320];
-        fp__coord_sa_counts(co, sec, sizeof sec);
+        fp_sa_round_counts(co->sa, sec, sizeof sec);
         snprintf(priv + strlen(priv), sizeof priv - strlen(priv), "; secure");
         fp_db_event(co->db, n, NULL, "secagg", "%s", sec);
         fp_log(FP_LOG_INFO, "round %lld: %s", (long long)n, sec);
@@ -376,9 +629,7 @@ static int act_close(void *ctx, int64_t n)
            "(rank %d)%s", (long long)n, co->agg.n, r->seconds, co->global_sha, co->global_rank,
            priv);
     free_blobs(co);
-    fp__coord_sa_end(co);
-    fp__coord_sa_job_free(&co->sa_job);
-    co->agg.sa = NULL;
+    end_secure(co);
     return 0;
 }
 
@@ -466,104 +717,126 @@ static void round_cfg(const fp_coord_t *co, fp_round_cfg_t *o)
                                              ? (int64_t)(c->round_deadline_s * 1000) : 5000};
 }
 
-/* ---- start ---- */
+/* ---- what the sites report ---- */
 
-/* The privacy mechanism the configuration asks for, as recorded. */
-static void privacy_record(const fp_coord_t *co, fp_db_privacy_t *p)
+static int ev_up(void *ctx, const char *site, int budget)
 {
-    const fp_srv_config_t *c = co->cfg;
-    memset(p, 0, sizeof *p);
-    snprintf(p->mode, sizeof p->mode, "%s", fp_dp_mode_name(co->fed.dp));
-    p->noise_multiplier = c->dp_noise;
-    p->sample_rate = c->fraction;
-    p->delta = c->dp_delta;
-    p->epsilon_max = c->dp_epsilon_max;
-    p->adaptive = c->dp_adaptive;
-    p->count_stddev = c->dp_adaptive ? c->dp_count_stddev : 0;
-    p->clip = c->dp_clip;
-    p->min_updates = c->min_updates;
+    fp_coord_t *co = ctx;
+    return fp_round_site_up(co->round, site, budget);
 }
 
-/* A federation's privacy is fixed at creation: the mechanism, its sampling rate and its
- * budget (a restart never resets what was spent). */
-static int check_privacy_record(fp_coord_t *co, fp_err_t *err)
+static void ev_down(void *ctx, const char *site)
 {
-    fp_db_privacy_t had, want;
-    int rc = fp_db_privacy_get(co->db, &had, err);
-    if (rc < 0)
-        return rc;
-    privacy_record(co, &want);
-    if (!rc && !co->fed.dp)
-        return 0;
-    if (!rc || !co->fed.dp)
-        return fp_err_set(err, -EINVAL, "privacy.mode is '%s' in the configuration but '%s' for "
-                          "this federation: differential privacy is fixed when a federation is "
-                          "created (use a new state directory)", fp_dp_mode_name(co->fed.dp),
-                          rc ? had.mode : "off");
-    if (strcmp(had.mode, want.mode) || had.noise_multiplier != want.noise_multiplier ||
-        had.sample_rate != want.sample_rate || had.delta != want.delta ||
-        had.epsilon_max != want.epsilon_max || had.adaptive != want.adaptive ||
-        had.count_stddev != want.count_stddev ||
-        (had.min_updates && had.min_updates != want.min_updates))
-        return fp_err_set(err, -EINVAL, "privacy settings differ from this federation's (mode "
-                          "%s, noise_multiplier %g, fraction %g, delta %g, epsilon_max %g, "
-                          "adaptive %d, min_updates %lld): the mechanism and its budget are fixed "
-                          "once the federation exists", had.mode, had.noise_multiplier,
-                          had.sample_rate, had.delta, had.epsilon_max, had.adaptive,
-                          (long long)had.min_updates);
-    return 0;
+    fp_coord_t *co = ctx;
+    if (co->sa)
+        fp_sa_round_site_down(co->sa, site);
+    fp_round_site_down(co->round, site);
 }
 
-/* Creates the federation on first start; afterwards, checks that what cannot change did not. */
-static int open_federation(fp_coord_t *co, fp_err_t *err)
+static void ev_welcome(void *ctx, Fedpeft__Welcome *w, Fedpeft__Privacy *pv)
 {
-    fp_srv_config_t *c = co->cfg;
-    fp_db_federation_t f;
-    int rc = fp_db_federation_get(co->db, &f, err);
-    if (rc < 0)
-        return rc;
-    if (rc == 1) {
-        const char *names[] = {"name", "strategy", "base_model_sha256", "target_modules"};
-        const char *had[] = {f.name, f.strategy, f.base_model_sha256, f.targets};
-        const char *now[] = {c->name, c->strategy, c->base_model_sha256, c->target_modules};
-        for (int i = 0; i < 4; i++)
-            if (strcmp(had[i], now[i]) != 0)
-                return fp_err_set(err, -EINVAL, "federation.%s is '%s' in the database but '%s' "
-                                  "in the configuration: these cannot change once a federation "
-                                  "exists (use a new state directory)", names[i], had[i], now[i]);
-        if (f.r_max != c->r_max || f.alpha != c->alpha || f.rslora != c->rslora)
-            return fp_err_set(err, -EINVAL, "federation.r_max, alpha or rslora differ from the "
-                              "database's: these cannot change once a federation exists (use a "
-                              "new state directory)");
-        return check_privacy_record(co, err);
+    fp_coord_t *co = ctx;
+    w->current_round = (uint64_t)fp_round_number(co->round);
+    if (co->fed.dp) {
+        privacy_msg(co, pv);
+        w->privacy = pv;
     }
-    char sha[65];
-    int rank;
-    if ((rc = fp_fed_initial(&co->fed, sha, &rank, err)) != 0)
-        return rc;
-    memset(&f, 0, sizeof f);
-    snprintf(f.name, sizeof f.name, "%s", c->name);
-    snprintf(f.strategy, sizeof f.strategy, "%s", c->strategy);
-    snprintf(f.base_model_sha256, sizeof f.base_model_sha256, "%s", c->base_model_sha256);
-    snprintf(f.targets, sizeof f.targets, "%s", c->target_modules);
-    f.r_max = c->r_max;
-    f.alpha = c->alpha;
-    f.rslora = c->rslora;
-    f.seed = c->seed;
-    /* where the base model lives, for `fedpeft export --merged-model` */
-    snprintf(f.base_model_config, sizeof f.base_model_config, "%s", c->base_model_config);
-    if (c->base_model && *c->base_model)
-        snprintf(f.base_model, sizeof f.base_model, "%s", c->base_model);
-    else
-        fp_model_dir_of(c->base_model_config, f.base_model, sizeof f.base_model);
-    fp_db_privacy_t p;
-    privacy_record(co, &p);
-    if ((rc = fp_db_federation_create(co->db, &f, sha, rank, co->fed.dp ? &p : NULL, err)) != 0)
-        return rc;
-    fp_log(FP_LOG_NOTICE, "federation '%s' created (%s, r_max %lld)", c->name, c->strategy,
-           c->r_max);
-    return 0;
 }
+
+static void ev_gate(void *ctx, const char *site, int64_t task, fp_upload_gate_t *g)
+{
+    fp_coord_t *co = ctx;
+    *g = (fp_upload_gate_t){.open_round = fp_round_phase(co->round) == FP_ROUND_OPEN
+                                              ? fp_round_number(co->round) : -1,
+                            .second_rank = -1, .dp_clip = co->dp_clip, .dp_share = dp_share(co)};
+    if (!co->sa || !fp_sa_round_member(co->sa, task, &g->dim))
+        return;
+    g->secure = 1;
+    g->pass = fp_sa_round_pass(co->sa);
+    g->accepts = fp_sa_round_accepts(co->sa, task);
+    g->second = g->pass == 2;
+    const fp_round_task_t *t = fp_round_task(co->round, task);
+    if (g->second && t && !strcmp(t->site, site))
+        g->second_rank = t->rank;
+}
+
+static fp_blob_t *ev_start(void *ctx, int rank)
+{
+    return blob_of(ctx, rank);
+}
+
+static void ev_stored(void *ctx, int64_t task, int pass)
+{
+    fp_coord_t *co = ctx;
+    if (co->sa)
+        fp_sa_round_uploaded(co->sa, task);
+    if (pass == 2) /* the second sum's: the round machine counted the task already */
+        return;
+    fp_round_uploaded(co->round, task);
+    status(co);
+}
+
+static void ev_refused(void *ctx, int64_t task)
+{
+    fp_coord_t *co = ctx;
+    if (!co->stopping)
+        fp_round_refused(co->round, task);
+}
+
+static int ev_task_failed(void *ctx, const char *site, int64_t task)
+{
+    fp_coord_t *co = ctx;
+    const fp_round_task_t *t = fp_round_task(co->round, task);
+    return t && !strcmp(t->site, site) && fp_round_phase(co->round) == FP_ROUND_OPEN &&
+           !t->uploaded;
+}
+
+static int ev_secagg(void *ctx, const char *site, const Fedpeft__Envelope *e, char *reason,
+                     size_t n)
+{
+    fp_coord_t *co = ctx;
+    if (!co->sa) { /* its round is over: nothing it says matters any more */
+        fp_log(FP_LOG_INFO, "site %s: %s after its secure round: ignored", site, fp_msg_name(e));
+        return 0;
+    }
+    unsigned char *der = NULL;
+    size_t dl = 0;
+    if (e->body_case == FEDPEFT__ENVELOPE__BODY_SA_KEYS &&
+        fp_sites_cert(co->sites, site, &der, &dl) != 0) {
+        snprintf(reason, n, "cannot keep the site's certificate");
+        return FEDPEFT__ERROR__CODE__INTERNAL;
+    }
+    int code = fp_sa_wire_message(co->sa, site, e, der, dl, reason, n);
+    free(der);
+    return code;
+}
+
+static void ev_stream_out(void *ctx, const char *site, int64_t next)
+{
+    fp_coord_t *co = ctx;
+    const fp_round_task_t *t = fp_round_task(co->round, next);
+    int second = co->sa && co->qblob && fp_sa_round_member(co->sa, next, NULL);
+    if (t && !strcmp(t->site, site) && (fp_round_wants(co->round, next) || second))
+        send_task(co, t);
+}
+
+static void ev_changed(void *ctx)
+{
+    status(ctx);
+}
+
+static void ev_empty(void *ctx)
+{
+    finish_stop(ctx);
+}
+
+static const fp_sites_events_t sites_events = {
+    .up = ev_up, .down = ev_down, .welcome = ev_welcome, .gate = ev_gate, .start = ev_start,
+    .stored = ev_stored, .refused = ev_refused, .task_failed = ev_task_failed,
+    .secagg = ev_secagg, .stream_out = ev_stream_out, .changed = ev_changed, .empty = ev_empty,
+};
+
+/* ---- start ---- */
 
 /* Picks up where the last run stopped: the global adapter, and a round left open or
  * aggregating. */
@@ -684,42 +957,7 @@ static int open_state(fp_coord_t *co, fp_err_t *err)
         (rc = fp_db_open(&co->db, cfg->state_dir, 0, err)) != 0)
         return rc;
     f->db = co->db;
-    return open_federation(co, err);
-}
-
-/* The listener, with the connection limits. */
-static int listen_for_sites(fp_coord_t *co, char *host, size_t hn, fp_err_t *err)
-{
-    fp_srv_config_t *cfg = co->cfg;
-    fp_tls_cfg_t tc = {1, cfg->cert, cfg->key, cfg->ca, cfg->crl, NULL};
-    int rc, port;
-    if ((rc = fp_tls_ctx_new(&co->tls, &tc, err)) != 0)
-        return rc;
-    co->link.ops = fp__coord_sess_ops;
-    co->link.app = co;
-    co->link.spool_dir = co->fed.spool_dir;
-    co->link.ack_every = (uint64_t)cfg->ack_every;
-    co->link.peer_open = fp__coord_peer_open;
-    co->link.peer_close = fp__coord_peer_close;
-    co->link.peer_free = fp__coord_peer_free;
-    co->link.peer_drain = fp__coord_peer_drain;
-    if ((rc = fp_split_hostport(cfg->listen, host, hn, &port, err)) != 0)
-        return rc;
-    fp_conn_cfg_t cc = {.handshake_ms = (uint64_t)cfg->handshake_ms,
-                        .idle_ms = (uint64_t)cfg->idle_ms,
-                        .max_startups = (unsigned)cfg->max_startups,
-                        .max_startups_per_addr = (unsigned)cfg->max_startups_per_address,
-                        .max_conns = (unsigned)cfg->max_connections,
-                        .max_per_identity = (unsigned)cfg->max_sessions_per_site};
-    struct rlimit nofile;
-    if (!cc.max_conns && getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur > 128 &&
-        nofile.rlim_cur != RLIM_INFINITY) /* a descriptor per connection, 64 kept for files */
-        cc.max_conns = nofile.rlim_cur - 64 > 10000000 ? 10000000 : (unsigned)(nofile.rlim_cur - 64);
-    if ((rc = fp_listen(&co->lis, co->loop, host, port, co->tls, &cc, fp_srv_link_ops(),
-                        &co->link, err)) != 0)
-        return rc;
-    fp_listener_on_refused(co->lis, fp__coord_on_refused, co);
-    return 0;
+    return fp_federation_open(co->db, cfg, &co->fed, err);
 }
 
 int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
@@ -750,20 +988,19 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     uv_timer_init(loop, &co->sa_timer);
     co->timer.data = co->tick.data = co->sa_timer.data = co;
     co->handles_open = 3;
-    if ((rc = listen_for_sites(co, host, sizeof host, err)) != 0 ||
+    if ((rc = fp_sites_start(&co->sites, loop, cfg, &co->fed, co->db, co->model_sha, co->targets,
+                             &sites_events, co, host, sizeof host, err)) != 0 ||
         (rc = resume_state(co, err)) != 0)
         goto fail;
     uv_timer_start(&co->tick, tick_cb, 0, 1000);
     fp_db_event(co->db, fp_round_number(co->round), NULL, "start", "listening on %s:%d", host,
-                fp_listener_port(co->lis));
+                fp_sites_port(co->sites));
     *out = co;
     return 0;
 fail:
     co->stopping = 1;
-    if (co->lis) {
-        fp_listener_close(co->lis);
-        co->lis = NULL;
-    }
+    if (co->sites)
+        fp_sites_stop(co->sites);
     if (co->job != JOB_NONE) /* a resumed round's job: let it finish before freeing */
         while (co->job != JOB_NONE && uv_run(loop, UV_RUN_ONCE))
             ;
@@ -781,7 +1018,7 @@ fail:
 
 int fp_coord_port(const fp_coord_t *co)
 {
-    return fp_listener_port(co->lis);
+    return fp_sites_port(co->sites);
 }
 
 /* ---- stop ---- */
@@ -790,12 +1027,12 @@ static void timer_closed(uv_handle_t *h)
 {
     fp_coord_t *co = h->data;
     if (--co->handles_open == 0)
-        fp__coord_finish_stop(co);
+        finish_stop(co);
 }
 
-void fp__coord_finish_stop(fp_coord_t *co)
+static void finish_stop(fp_coord_t *co)
 {
-    if (!co->stopping || co->done_called || co->job != JOB_NONE || co->sites)
+    if (!co->stopping || co->done_called || co->job != JOB_NONE || !fp_sites_empty(co->sites))
         return;
     if (co->handles_open) {
         if (!uv_is_closing((uv_handle_t *)&co->timer)) {
@@ -819,24 +1056,15 @@ void fp_coord_stop(fp_coord_t *co)
     fp_notify("STOPPING=1");
     fp_round_stop(co->round);
     uv_timer_stop(&co->sa_timer);
-    if (co->lis) {
-        fp_listener_close(co->lis);
-        co->lis = NULL;
-    }
-    for (site_t *s = co->sites; s; s = s->next)
-        if (!s->closed && s->peer->conn) {
-            fp_srv_sess_end(&s->peer->sess, FEDPEFT__ERROR__CODE__SHUTTING_DOWN,
-                            "the coordinator is shutting down");
-            fp_conn_close(s->peer->conn, "shutting down");
-        }
-    fp__coord_finish_stop(co);
+    fp_sites_stop(co->sites);
+    finish_stop(co);
 }
 
 void fp_coord_reload(fp_coord_t *co, fp_srv_config_t *fresh)
 {
     unsigned dropped = 0;
     fp_err_t err = {0};
-    if (co->lis && fp_listener_reload(co->lis, &dropped, &err) != 0)
+    if (fp_sites_reload(co->sites, &dropped, &err) != 0)
         fp_log(FP_LOG_ERR, "reload: certificates unchanged: %s", fp_err_msg(&err));
     else
         fp_log(FP_LOG_NOTICE, "reload: certificates and CRL re-read; %u revoked session(s) "
@@ -868,20 +1096,21 @@ void fp_coord_reload(fp_coord_t *co, fp_srv_config_t *fresh)
 void fp_coord_stats(fp_coord_t *co, fp_coord_stats_t *o)
 {
     memset(o, 0, sizeof *o);
+    fp_sites_counts_t sc;
+    fp_sites_counts(co->sites, &sc);
     o->rounds_closed = atomic_load(&co->c_closed);
     o->rounds_expired = atomic_load(&co->c_expired);
-    o->sites_connected = atomic_load(&co->c_connected);
-    o->updates_accepted = atomic_load(&co->c_accepted);
-    for (int i = 0; i < 16; i++)
-        o->refused[i] = atomic_load(&co->c_refused[i]);
-    o->bytes_out = atomic_load(&co->c_bytes_out);
-    o->bytes_in = atomic_load(&co->c_bytes_in);
-    o->handshakes_refused = atomic_load(&co->c_hs_refused);
-    o->revoked_dropped = atomic_load(&co->c_revoked);
-    o->reloads = atomic_load(&co->c_reloads);
-    o->connections_limited = atomic_load(&co->c_limited);
-    o->connections = atomic_load(&co->c_conns);
-    o->startups = atomic_load(&co->c_startups);
+    o->sites_connected = sc.connected;
+    o->updates_accepted = sc.accepted;
+    memcpy(o->refused, sc.refused, sizeof o->refused);
+    o->bytes_out = sc.bytes_out;
+    o->bytes_in = sc.bytes_in;
+    o->handshakes_refused = sc.handshakes_refused;
+    o->revoked_dropped = sc.revoked_dropped;
+    o->reloads = sc.reloads;
+    o->connections_limited = sc.limited;
+    o->connections = sc.connections;
+    o->startups = sc.startups;
     o->round = atomic_load(&co->c_round);
     o->agg_seconds_total = co->agg_total;
     o->agg_seconds_last = co->agg_last;
@@ -900,12 +1129,11 @@ void fp_coord_free(fp_coord_t *co)
     fp_round_free(co->round);
     free(co->job_ranks);
     free(co->agg.ups);
-    fp__coord_sa_end(co); /* (its timer is closed with the others) */
-    fp__coord_sa_job_free(&co->sa_job);
+    end_secure(co); /* (its timer is closed with the others) */
     fp_noise_free(co->draw_rng);
     fp_noise_free(co->job_rng);
     fp_db_close(co->db);
-    fp_tls_ctx_free(co->tls);
+    fp_sites_free(co->sites);
     free(co->fed.adapters_dir);
     free(co->fed.updates_dir);
     free(co->fed.spool_dir);

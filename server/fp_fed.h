@@ -10,7 +10,7 @@
 
 #include "fp_adapter.h"
 #include "fp_adapter_stream.h"
-#include "fp_coord_sa.h"
+#include "fp_sa_job.h"
 #include "fp_db.h"
 #include "fp_dp.h"
 #include "fp_merge.h"
@@ -122,10 +122,5 @@ typedef struct fp_agg_out {
 } fp_agg_out_t;
 int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out,
                      fp_err_t *err);
-
-/* Tensor list <-> JSON text (kept in the task row so that a resumed upload after a restart
- * knows its layout). */
-char *fp_tensors_to_json(const fp_stream_tensor_t *t, int n);
-int fp_tensors_from_json(const char *text, fp_stream_tensor_t **out, int *n, fp_err_t *err);
 
 #endif

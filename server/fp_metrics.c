@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fp_conn.h"
 #include "fp_msg.h"
 #include "fp_srv_config.h"
 

@@ -22,6 +22,7 @@ struct fp_round {
     int stopping;
     int64_t n;                /* the current round, or the last one */
     int64_t deadline_mono, deadline_wall;
+    int agg_retry;            /* aggregate failed: 1 tried again on the timer (2: resumed) */
     fp_round_task_t *tasks;
     int ntasks;
     site_t *sites;            /* connected, sorted by name */
@@ -132,14 +133,17 @@ static void to_idle(fp_round_t *r)
     r->phase = FP_ROUND_IDLE;
 }
 
+/* The phase changes before the action: a merge that finished inside ops.aggregate (or a
+ * round that failed there) finds the round aggregating. */
 static void aggregate(fp_round_t *r, int resumed)
 {
-    if (r->ops.aggregate(r->ctx, r->n, resumed) != 0) {
-        r->ops.arm(r->ctx, 1000); /* could not record it: try again */
-        return;
-    }
-    r->ops.disarm(r->ctx);
     r->phase = FP_ROUND_AGGREGATING;
+    r->agg_retry = 0;
+    r->ops.disarm(r->ctx);
+    if (r->ops.aggregate(r->ctx, r->n, resumed) != 0) {
+        r->agg_retry = 1 + resumed; /* could not record it: try again on the timer */
+        r->ops.arm(r->ctx, 1000);
+    }
 }
 
 /* Decides an open round: aggregate, expire, or wait (the timer covers the rest). */
@@ -420,7 +424,9 @@ void fp_round_refused(fp_round_t *r, int64_t id)
 
 void fp_round_timer(fp_round_t *r)
 {
-    if (r->phase == FP_ROUND_IDLE)
+    if (r->phase == FP_ROUND_AGGREGATING && r->agg_retry && !r->stopping)
+        aggregate(r, r->agg_retry - 1);
+    else if (r->phase == FP_ROUND_IDLE)
         maybe_open(r); /* a draw again, after one of too few sites */
     else
         check(r);

@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "fp_conn.h"
 #include "fp_dp.h"
 #include "fp_fs.h"
 #include "fp_merge.h"
@@ -154,29 +155,6 @@ const fp_setting_t fp_srv_settings[] = {
 void fp_srv_config_free(fp_srv_config_t *c)
 {
     fp_settings_free(fp_srv_settings, c);
-}
-
-int fp_split_hostport(const char *s, char *host, size_t n, int *port, fp_err_t *err)
-{
-    const char *colon = s ? strrchr(s, ':') : NULL;
-    if (!colon || colon == s)
-        return fp_err_set(err, -EINVAL, "'%s': expected host:port", s ? s : "");
-    const char *h = s;
-    size_t hl = (size_t)(colon - s);
-    if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']') {
-        h++;
-        hl -= 2;
-    }
-    if (hl + 1 > n)
-        return fp_err_set(err, -EINVAL, "'%s': host name too long", s);
-    char *end;
-    long p = strtol(colon + 1, &end, 10);
-    if (!colon[1] || *end || p < 0 || p > 65535)
-        return fp_err_set(err, -EINVAL, "'%s': bad port", s);
-    memcpy(host, h, hl);
-    host[hl] = '\0';
-    *port = (int)p;
-    return 0;
 }
 
 /* Parses "name:rank,name:rank"; with want set, the cap of that site (0 if none). */

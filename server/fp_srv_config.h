@@ -77,7 +77,5 @@ void fp_srv_config_free(fp_srv_config_t *c);
 /* The rank cap configured for a site name, or 0 when none. */
 int fp_srv_config_rank_cap(const fp_srv_config_t *c, const char *site);
 
-/* Splits "host:port" (IPv4, a name, or [IPv6]:port). */
-int fp_split_hostport(const char *s, char *host, size_t n, int *port, fp_err_t *err);
 
 #endif

@@ -62,14 +62,7 @@ void fp_srv_sess_free(fp_srv_sess_t *s)
 
 static int send_env(fp_srv_sess_t *s, Fedpeft__Envelope *env)
 {
-    unsigned char *f;
-    size_t n;
-    int rc = fp_msg_frame(env, &f, &n, NULL);
-    if (rc == 0) {
-        rc = s->ops.send(s->ctx, f, n);
-        free(f);
-    }
-    return rc;
+    return fp_msg_send(env, s->ops.send, s->ctx, NULL);
 }
 
 /* Ends the session with an Error to the peer. Returns 1 (over) or a send failure. A partial
@@ -377,6 +370,8 @@ int fp_srv_sess_job_end(fp_srv_sess_t *s)
         rc = send_ack(s, s->rx.id, s->rx.durable, 0);
     if (rc == 0 && j.finish) {
         s->committing = 0;
+        if (j.vcode && s->ops.rejected)
+            s->ops.rejected(s->ctx, s->stream_id, j.vcode);
         if (j.vcode)
             return refuse(s, j.vcode, "%s", j.vreason);
         char reason[FP_REASON_MAX] = "";

@@ -57,6 +57,8 @@ typedef struct fp_srv_sess_ops {
      * heavy work). 0, or an Error code and a reason, which refuses the upload. */
     int (*verify)(void *ctx, uint64_t id, const char *path, const uint8_t sha256[32],
                   char *reason, size_t n);
+    /* Optional, on the loop: verify refused stream id with code (the session ends next). */
+    void (*rejected)(void *ctx, uint64_t id, int code);
     /* Optional: the Welcome has been queued (what the application sends now follows it). */
     void (*welcomed)(void *ctx);
     /* Optional: the site reports that it could not train a task. */

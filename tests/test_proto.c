@@ -147,8 +147,9 @@ static int sent_cb(void *ctx, const unsigned char *frame, size_t len)
     return 0;
 }
 
-static const fp_srv_sess_ops_t ops = {hello_cb, update_cb, resume_cb, committed_cb, NULL,
-                                      sent_cb, NULL, NULL, NULL, NULL};
+static const fp_srv_sess_ops_t ops = {.hello = hello_cb, .update = update_cb,
+                                      .resume = resume_cb, .committed = committed_cb,
+                                      .send = sent_cb};
 
 static int disk_inline = 1; /* 0: frames only, jobs left for the test to run */
 

@@ -15,6 +15,7 @@ typedef struct world {
     int64_t mono, wall;
     char log[4096];
     int fail_open, fail_aggregate, fail_expire, fail_close;
+    int inline_agg;            /* the merge finishes inside ops.aggregate */
     int64_t next_id;
     const char *caps;          /* "site:cap,..." */
     const double *draws;       /* DP: the uniform draws, 0-terminated */
@@ -111,6 +112,8 @@ static int w_aggregate(void *ctx, int64_t n, int resumed)
     world_t *w = ctx;
     say(w, "aggregate %lld%s%s", (long long)n, resumed ? " resumed" : "",
         w->fail_aggregate ? " failed" : "");
+    if (w->inline_agg && !w->fail_aggregate)
+        fp_round_aggregated(w->r);
     return w->fail_aggregate ? -EIO : 0;
 }
 
@@ -159,6 +162,7 @@ static const fp_round_ops_t ops = {w_mono,    w_wall,   w_cap,      w_open,     
 
 enum op {
     END, UP, DOWN, PREPARED, UPLOADED, REFUSED, TIMER, ADVANCE, AGGREGATED, POKE, STOP,
+    AGG_FAILED, INLINE_AGG,
     FAIL_OPEN, FAIL_AGGREGATE, FAIL_EXPIRE, FAIL_CLOSE, HEAL, RECOVER_OPEN, RECOVER_AGG,
     EXPECT_PHASE, EXPECT_ROUND, EXPECT_ACCEPTS, EXPECT_WANTS
 };
@@ -258,6 +262,8 @@ static void run_case(const round_case_t *c)
         case TIMER: fp_round_timer(w.r); break;
         case ADVANCE: w.mono += s->arg; w.wall += s->arg; break;
         case AGGREGATED: fp_round_aggregated(w.r); break;
+        case AGG_FAILED: fp_round_aggregation_failed(w.r, "below the threshold"); break;
+        case INLINE_AGG: w.inline_agg = 1; break;
         case POKE: fp_round_poke(w.r); break;
         case STOP: fp_round_stop(w.r); break;
         case FAIL_OPEN: w.fail_open = 1; break;
@@ -308,7 +314,7 @@ static const round_case_t cases[] = {
       {EXPECT_ACCEPTS, NULL, 1, ""},
       {ADVANCE, NULL, 1500, ""},
       {UPLOADED, "a", 0, "arm 58500"},
-      {UPLOADED, "b", 0, "aggregate 1; disarm"},
+      {UPLOADED, "b", 0, "disarm; aggregate 1"},
       {EXPECT_PHASE, NULL, FP_ROUND_AGGREGATING, ""},
       {EXPECT_ACCEPTS, NULL, 0, ""},
       {AGGREGATED, NULL, 0, "close 1; disarm; open 2 in 60s a:4 b:8; prepare 2 4 8"},
@@ -351,7 +357,7 @@ static const round_case_t cases[] = {
       {UPLOADED, "a", 0, "arm 60000"},
       {UPLOADED, "c", 0, "arm 60000"},
       {ADVANCE, NULL, 60001, ""},
-      {TIMER, NULL, 0, "aggregate 2; disarm"},
+      {TIMER, NULL, 0, "disarm; aggregate 2"},
       {END, NULL, 0, NULL}}},
 
     {"no one left to wait for: a refused task, a site gone → aggregate at once",
@@ -360,7 +366,7 @@ static const round_case_t cases[] = {
       {UPLOADED, "a", 0, "arm 60000"},
       {REFUSED, "b", 0, "arm 60000"},
       {EXPECT_WANTS, "b", 0, ""},
-      {DOWN, "c", 0, "aggregate 1; disarm"},
+      {DOWN, "c", 0, "disarm; aggregate 1"},
       {END, NULL, 0, NULL}}},
 
     {"a site that leaves and comes back gets its task again and is waited for",
@@ -371,7 +377,7 @@ static const round_case_t cases[] = {
       {UP, "b", 8, "send b"},
       {ADVANCE, NULL, 10, ""},
       {DOWN, "c", 0, "arm 59990"},           /* b is back: still waited for */
-      {DOWN, "b", 0, "aggregate 1; disarm"},
+      {DOWN, "b", 0, "disarm; aggregate 1"},
       {END, NULL, 0, NULL}}},
 
     {"late and duplicate updates change nothing",
@@ -382,7 +388,7 @@ static const round_case_t cases[] = {
       {UPLOADED, NULL, 999, "arm 60000"}, /* a task of no round here */
       {REFUSED, "a", 0, "arm 60000"},    /* stored already: never un-stored */
       {UPLOADED, "b", 0, "arm 60000"},
-      {UPLOADED, "c", 0, "aggregate 1; disarm"},
+      {UPLOADED, "c", 0, "disarm; aggregate 1"},
       {UPLOADED, "c", 0, ""},            /* aggregating: nothing to decide */
       {END, NULL, 0, NULL}}},
 
@@ -402,13 +408,40 @@ static const round_case_t cases[] = {
       {POKE, NULL, 0, "open 1 in 60s a:8; prepare 1 8"},
       {PREPARED, NULL, 0, "send a; arm 60000"},
       {FAIL_AGGREGATE, NULL, 0, ""},
-      {UPLOADED, "a", 0, "aggregate 1 failed; arm 1000"},
-      {EXPECT_PHASE, NULL, FP_ROUND_OPEN, ""},
+      {UPLOADED, "a", 0, "disarm; aggregate 1 failed; arm 1000"},
+      {EXPECT_PHASE, NULL, FP_ROUND_AGGREGATING, ""},
+      {EXPECT_ACCEPTS, NULL, 0, ""},
+      {UPLOADED, "a", 0, ""}, /* aggregating: nothing to decide */
       {HEAL, NULL, 0, ""},
-      {TIMER, NULL, 0, "aggregate 1; disarm"},
+      {TIMER, NULL, 0, "disarm; aggregate 1"},
       {FAIL_CLOSE, NULL, 0, ""},
       {AGGREGATED, NULL, 0, "close 1 failed"},
       {EXPECT_PHASE, NULL, FP_ROUND_AGGREGATING, ""},
+      {END, NULL, 0, NULL}}},
+
+    {"a merge that finishes inside the aggregate action closes the round",
+     CFG(FP_STRAT_FLEXLORA, 8, 1, 1, 1.0, 0, 2), NULL,
+     {{INLINE_AGG, NULL, 0, ""},
+      {UP, "a", 8, "open 1 in 60s a:8; prepare 1 8"},
+      {PREPARED, NULL, 0, "send a; arm 60000"},
+      {UPLOADED, "a", 0, "disarm; aggregate 1; close 1; disarm; open 2 in 60s a:8; prepare 2 8"},
+      {EXPECT_PHASE, NULL, FP_ROUND_PREPARING, ""},
+      {EXPECT_ROUND, NULL, 2, ""},
+      {END, NULL, 0, NULL}}},
+
+    {"a merge that cannot be done expires the round; only while aggregating",
+     CFG(FP_STRAT_FLEXLORA, 8, 1, 1, 1.0, 0, 0), NULL,
+     {{UP, "a", 8, NULL}, {PREPARED, NULL, 0, NULL},
+      {AGG_FAILED, NULL, 0, ""}, /* open: not the merge's to decide */
+      {EXPECT_PHASE, NULL, FP_ROUND_OPEN, ""},
+      {UPLOADED, "a", 0, "disarm; aggregate 1"},
+      {FAIL_EXPIRE, NULL, 0, ""},
+      {AGG_FAILED, NULL, 0, "expire 1 (below the threshold) failed"},
+      {EXPECT_PHASE, NULL, FP_ROUND_AGGREGATING, ""},
+      {HEAL, NULL, 0, ""},
+      {AGG_FAILED, NULL, 0, "expire 1 (below the threshold); disarm; open 2 in 60s a:8; "
+                            "prepare 2 8"},
+      {EXPECT_ROUND, NULL, 2, ""},
       {END, NULL, 0, NULL}}},
 
     {"an expiry that cannot be recorded is tried again",
@@ -424,7 +457,7 @@ static const round_case_t cases[] = {
     {"the last round: finished, and no more",
      CFG(FP_STRAT_FLEXLORA, 8, 1, 1, 1.0, 0, 1), NULL,
      {{UP, "a", 8, NULL}, {PREPARED, NULL, 0, NULL},
-      {UPLOADED, "a", 0, "aggregate 1; disarm"},
+      {UPLOADED, "a", 0, "disarm; aggregate 1"},
       {AGGREGATED, NULL, 0, "close 1; disarm; finished"},
       {UP, "b", 8, "finished"},
       {EXPECT_PHASE, NULL, FP_ROUND_IDLE, ""},
@@ -451,7 +484,7 @@ static const round_case_t cases[] = {
       {ADVANCE, NULL, 4000, ""},
       {UP, "c", 8, "send c"},
       {UPLOADED, "b", 0, "arm 6000"},        /* 2 of 3 stored; c still waited for */
-      {DOWN, "c", 0, "aggregate 5; disarm"},
+      {DOWN, "c", 0, "disarm; aggregate 5"},
       {AGGREGATED, NULL, 0, "close 5; disarm"}, /* one site left: below min_sites */
       {UP, "a", 8, "open 6 in 60s a:8 b:8; prepare 6 8"},
       {END, NULL, 0, NULL}}},
@@ -459,19 +492,19 @@ static const round_case_t cases[] = {
     {"recovery: every update was stored before the crash → aggregate once prepared",
      CFG(FP_STRAT_FLEXLORA, 8, 2, 2, 1.0, 0, 0), NULL,
      {{RECOVER_OPEN, "a+,b+", 3, "prepare 3 4"},
-      {PREPARED, NULL, 0, "aggregate 3; disarm"},
+      {PREPARED, NULL, 0, "disarm; aggregate 3"},
       {END, NULL, 0, NULL}}},
 
     {"recovery: past its deadline while down → decided once prepared",
      CFG(FP_STRAT_FLEXLORA, 8, 2, 1, 1.0, 0, 0), NULL,
      {{RECOVER_OPEN, "a+,b", 3, "prepare 3 4"},
       {ADVANCE, NULL, 10000, ""},
-      {PREPARED, NULL, 0, "aggregate 3; disarm"},
+      {PREPARED, NULL, 0, "disarm; aggregate 3"},
       {END, NULL, 0, NULL}}},
 
     {"recovery of an aggregating round: aggregated again, then closed",
      CFG(FP_STRAT_FLEXLORA, 8, 1, 1, 1.0, 0, 0), NULL,
-     {{RECOVER_AGG, "a+,b+", 9, "aggregate 9 resumed; disarm"},
+     {{RECOVER_AGG, "a+,b+", 9, "disarm; aggregate 9 resumed"},
       {EXPECT_PHASE, NULL, FP_ROUND_AGGREGATING, ""},
       {UP, "a", 8, ""},
       {AGGREGATED, NULL, 0, "close 9; disarm; open 10 in 60s a:8; prepare 10 8"},

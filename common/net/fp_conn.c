@@ -222,6 +222,34 @@ static void flush(fp_conn_t *c)
     }
 }
 
+int fp_split_hostport(const char *s, char *host, size_t n, int *port, fp_err_t *err)
+{
+    const char *colon = s ? strrchr(s, ':') : NULL;
+    if (!colon || colon == s)
+        return fp_err_set(err, -EINVAL, "'%s': expected host:port", s ? s : "");
+    const char *h = s;
+    size_t hl = (size_t)(colon - s);
+    if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']') {
+        h++;
+        hl -= 2;
+    }
+    if (hl + 1 > n)
+        return fp_err_set(err, -EINVAL, "'%s': host name too long", s);
+    char *end;
+    long p = strtol(colon + 1, &end, 10);
+    if (!colon[1] || *end || p < 0 || p > 65535)
+        return fp_err_set(err, -EINVAL, "'%s': bad port", s);
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port = (int)p;
+    return 0;
+}
+
+int fp_conn_send_frame(void *conn, const unsigned char *frame, size_t len)
+{
+    return fp_conn_send(conn, frame, len);
+}
+
 int fp_conn_send(fp_conn_t *c, const unsigned char *frame, size_t len)
 {
     if (c->closing || !c->open)

@@ -104,8 +104,13 @@ void fp_listener_close(fp_listener_t *l);
 int fp_connect(fp_conn_t **out, uv_loop_t *loop, const char *host, int port, fp_tls_ctx_t *tls,
                const fp_conn_cfg_t *cfg, const fp_conn_ops_t *ops, void *data, fp_err_t *err);
 
+/* Splits "host:port" (IPv4, a name, or [IPv6]:port): the daemons' one parser. */
+int fp_split_hostport(const char *s, char *host, size_t n, int *port, fp_err_t *err);
+
 /* Queues a whole frame (header included) for the peer. -EPIPE once closing. */
 int fp_conn_send(fp_conn_t *c, const unsigned char *frame, size_t len);
+/* The same, as an fp_msg_send_fn (ctx: the connection). */
+int fp_conn_send_frame(void *conn, const unsigned char *frame, size_t len);
 
 /* Bytes queued for the peer and not yet written. */
 size_t fp_conn_queued(const fp_conn_t *c);

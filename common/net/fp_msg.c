@@ -27,6 +27,20 @@ int fp_msg_frame(fp_env_t *env, unsigned char **out, size_t *len, fp_err_t *err)
     return 0;
 }
 
+int fp_msg_send(fp_env_t *env, fp_msg_send_fn send, void *ctx, size_t *len)
+{
+    unsigned char *f;
+    size_t n;
+    int rc = fp_msg_frame(env, &f, &n, NULL);
+    if (rc == 0) {
+        rc = send(ctx, f, n);
+        free(f);
+    }
+    if (len)
+        *len = rc == 0 ? n : 0;
+    return rc;
+}
+
 static int varint(const unsigned char *p, size_t n, size_t *i, uint64_t *v)
 {
     *v = 0;

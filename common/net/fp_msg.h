@@ -28,6 +28,12 @@ typedef Fedpeft__Envelope fp_env_t;
 /* A frame ([u32 length][envelope]) of env in a malloc'd buffer. version is set here. */
 int fp_msg_frame(fp_env_t *env, unsigned char **out, size_t *len, fp_err_t *err);
 
+/* Frames env and hands the frame to send(ctx, frame, len) — a connection's or a session's
+ * send — then frees it: 0, or the framing's or send's error. *len (optional): the frame's
+ * bytes. The one way every daemon puts a message on the wire. */
+typedef int (*fp_msg_send_fn)(void *ctx, const unsigned char *frame, size_t len);
+int fp_msg_send(fp_env_t *env, fp_msg_send_fn send, void *ctx, size_t *len);
+
 /* Decodes one frame payload; NULL (with err) for malformed protobuf. */
 fp_env_t *fp_msg_decode(const unsigned char *p, size_t n, fp_err_t *err);
 void fp_msg_free(fp_env_t *e);

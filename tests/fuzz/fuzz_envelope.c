@@ -99,8 +99,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         atexit(remove_spool);
     }
     size_t out = 0;
-    static const fp_srv_sess_ops_t ops = {hello, update, resume, committed, NULL, sent, NULL, NULL,
-                                          NULL, NULL};
+    static const fp_srv_sess_ops_t ops = {.hello = hello, .update = update, .resume = resume,
+                                          .committed = committed, .send = sent};
     run_t r;
     fp_srv_sess_init(&r.sess, &ops, &out, spool, 4096);
     fp_frame_dec_t d;

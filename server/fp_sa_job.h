@@ -1,7 +1,7 @@
-/* fp_coord_sa.h — what the aggregation job needs of a secure round (fp_coord_sa.c fills it
- * on the loop, fp_fed_aggregate reads it on a worker). */
-#ifndef FP_COORD_SA_H
-#define FP_COORD_SA_H
+/* fp_sa_job.h — what the aggregation job needs of a secure round: the secure round's machine
+ * (fp_sa_round.c) fills it on the loop, fp_fed_aggregate reads it on a worker. */
+#ifndef FP_SA_JOB_H
+#define FP_SA_JOB_H
 
 #include <stddef.h>
 #include <stdint.h>
