@@ -16,6 +16,8 @@
 
 #include "fp_adapter_stream.h"
 #include "fp_agent_sa.h"
+#include "fp_agent_state.h"
+#include "fp_agent_train.h"
 #include "fp_ca.h"
 #include "fp_corpus.h"
 #include "fp_data.h"
@@ -88,18 +90,9 @@ struct fp_agent {
     uv_work_t work;
     job_t *job;
     job_t *queued;             /* a task that came while another was being trained */
-    _Atomic int step, total;
-    _Atomic double loss;
-    atomic_int stop;
+    fp_agent_progress_t pr;    /* the job's progress, and the loop's request to stop */
     uint64_t task_round, task_id;
-    /* the update waiting to be stored */
-    int pending;
-    uint64_t pend_task, pend_round;
-    unsigned char *pend_data;
-    size_t pend_len;
-    fp_stream_tensor_t *pend_t;
-    int pend_n;
-    json_t *pend_meta;
+    fp_pending_t pend;         /* the update waiting to be stored */
     /* the secure round this site is in (its keys live only here: lost with the process) */
     fp_asa_t *sa;
     int up_second;             /* the upload in flight is an exact merge's second sum */
@@ -123,129 +116,21 @@ static void set_state(fp_agent_t *a, int st, const char *detail)
     }
 }
 
-/* ---- local state ---- */
+/* ---- local state (fp_agent_state.c) ---- */
 
 static int save_state(fp_agent_t *a, fp_err_t *err)
 {
-    json_t *j = json_pack("{s:s,s:I}", "site", a->name, "last_acked_round",
-                          (json_int_t)a->last_acked_round);
-    int rc = j ? fp_json_write_file(a->state_path, j, err) : -ENOMEM;
-    json_decref(j);
-    return rc;
+    return fp_agent_state_save(a->state_path, a->name, a->last_acked_round, err);
 }
 
-static int load_state(fp_agent_t *a, fp_err_t *err)
-{
-    if (!fp_fs_exists(a->state_path))
-        return 0;
-    json_t *j = fp_json_load_file(a->state_path, 1 << 20, err);
-    if (!j)
-        return fp_err_prefix(err, -EBADMSG, "state file is corrupt (move it aside to start "
-                             "afresh; the coordinator keeps the federation's state): ");
-    json_t *r = json_object_get(j, "last_acked_round");
-    const char *site = json_string_value(json_object_get(j, "site"));
-    int rc = 0;
-    if (!json_is_integer(r) || json_integer_value(r) < 0 || !site)
-        rc = fp_err_set(err, -EBADMSG, "%s: state file is corrupt (no last_acked_round or "
-                        "site; move it aside to start afresh)", a->state_path);
-    else if (strcmp(site, a->name) != 0)
-        rc = fp_err_set(err, -EINVAL, "%s: this state belongs to site '%s', not '%s'",
-                        a->state_path, site, a->name);
-    else
-        a->last_acked_round = (uint64_t)json_integer_value(r);
-    json_decref(j);
-    return rc;
-}
-
-static void drop_pending(fp_agent_t *a)
-{
-    free(a->pend_data);
-    free(a->pend_t);
-    json_decref(a->pend_meta);
-    a->pend_data = NULL;
-    a->pend_t = NULL;
-    a->pend_meta = NULL;
-    a->pending = 0;
-}
-
-/* A trained update not yet stored by the coordinator: update.json (task, metrics, tensors)
- * and update.bin (the stream). */
 static int load_pending(fp_agent_t *a, fp_err_t *err)
 {
-    if (!fp_fs_exists(a->update_json))
-        return 0;
-    json_t *j = fp_json_load_file(a->update_json, 64 << 20, err);
-    char *data = NULL;
-    size_t len = 0;
-    int rc = j ? fp_fs_read_file(a->update_bin, (size_t)1 << 40, &data, &len, err) : -EBADMSG;
-    json_int_t task = 0, round = 0;
-    json_t *tensors = NULL;
-    if (rc == 0 && json_unpack(j, "{s:I,s:I,s:o}", "task_id", &task, "round", &round,
-                               "tensors", &tensors) != 0)
-        rc = fp_err_set(err, -EBADMSG, "%s: corrupt", a->update_json);
-    fp_stream_tensor_t *t = NULL;
-    int n = 0;
-    if (rc == 0)
-        rc = fp_tensor_list_from_json(tensors, &t, &n, err);
-    if (rc) {
-        free(t);
-        free(data);
-        json_decref(j);
-        return fp_err_prefix(err, rc, "pending update (remove %s and %s to drop it): ",
-                             a->update_json, a->update_bin);
-    }
-    a->pending = 1;
-    a->pend_task = (uint64_t)task;
-    a->pend_round = (uint64_t)round;
-    a->pend_data = (unsigned char *)data;
-    a->pend_len = len;
-    a->pend_t = t;
-    a->pend_n = n;
-    a->pend_meta = j;
-    return 0;
+    return fp_pending_load(&a->pend, a->update_json, a->update_bin, err);
 }
 
 static void remove_pending(fp_agent_t *a)
 {
-    unlink(a->update_json);
-    unlink(a->update_bin);
-    drop_pending(a);
-}
-
-/* The base weights' identity (fp_model_weights_id), cached against the files' total size and
- * newest modification time: a 14 GB model is hashed once. */
-static int model_hash(fp_agent_t *a, fp_err_t *err)
-{
-    char *cache = fp_path_join(a->cfg->state_dir, "model-sha256.json");
-    uint64_t size = 0;
-    int64_t mt = 0;
-    int rc = cache ? fp_model_weights_id(a->cfg->model_dir, NULL, &size, &mt, err)
-                   : fp_err_set(err, -ENOMEM, "out of memory");
-    if (rc)
-        goto out;
-    json_t *c = fp_fs_exists(cache) ? fp_json_load_file(cache, 1 << 16, NULL) : NULL;
-    json_int_t csize = -1, cmtime = -1;
-    const char *hex = NULL;
-    if (c && json_unpack(c, "{s:I,s:I,s:s}", "size", &csize, "mtime_ns", &cmtime, "sha256", &hex) == 0 &&
-        csize == (json_int_t)size && cmtime == mt && fp_sha256_parse(hex, a->model_sha) == 0) {
-        json_decref(c);
-        goto out;
-    }
-    json_decref(c);
-    fp_log(FP_LOG_INFO, "hashing the base model's weights (%llu bytes), once",
-           (unsigned long long)size);
-    if ((rc = fp_model_weights_id(a->cfg->model_dir, a->model_sha, NULL, NULL, err)) != 0)
-        goto out;
-    char h[65];
-    fp_sha256_hex(a->model_sha, h);
-    json_t *j = json_pack("{s:I,s:I,s:s}", "size", (json_int_t)size, "mtime_ns", (json_int_t)mt,
-                          "sha256", h);
-    if (j)
-        fp_json_write_file(cache, j, NULL); /* only a cache: a failure costs a re-hash */
-    json_decref(j);
-out:
-    free(cache);
-    return rc;
+    fp_pending_remove(&a->pend, a->update_json, a->update_bin);
 }
 
 /* ---- the session ---- */
@@ -276,22 +161,22 @@ static void schedule_retry(fp_agent_t *a, double at_least_s)
  * without its round's keys (the daemon restarted) it is dropped. 1: not to be sent now. */
 static int mask_pending(fp_agent_t *a, unsigned char **data, size_t *len, fp_stream_tensor_t *t)
 {
-    json_t *m = a->pend_meta;
+    json_t *m = a->pend.meta;
     if (!json_is_true(json_object_get(m, "secagg")))
         return 0;
     fp_err_t err = {0};
-    if (!a->sa || fp_asa_task(a->sa) != a->pend_task) {
+    if (!a->sa || fp_asa_task(a->sa) != a->pend.task) {
         fp_log(FP_LOG_ERR, "round %llu: the secure round's keys are gone (the daemon "
                "restarted?): the update is dropped, never sent in the clear",
-               (unsigned long long)a->pend_round);
-        fp_site_task_failed(a->site, a->pend_task, "the secure round's keys were lost");
+               (unsigned long long)a->pend.round);
+        fp_site_task_failed(a->site, a->pend.task, "the secure round's keys were lost");
         remove_pending(a);
         return 1;
     }
     if (!fp_asa_ready(a->sa))
         return 1; /* the shares are not in yet: sent when they are */
     fp_adapter_t *u = NULL;
-    int rc = fp_adapter_stream_read(a->pend_data, a->pend_len, a->pend_t, a->pend_n,
+    int rc = fp_adapter_stream_read(a->pend.data, a->pend.len, a->pend.t, a->pend.n,
                                     json_number_value(json_object_get(m, "alpha")),
                                     json_is_true(json_object_get(m, "rslora")), &u, &err);
     if (rc == 0)
@@ -300,8 +185,8 @@ static int mask_pending(fp_agent_t *a, unsigned char **data, size_t *len, fp_str
     fp_adapter_free(u);
     if (rc) {
         fp_log(FP_LOG_ERR, "round %llu: cannot mask the update: %s",
-               (unsigned long long)a->pend_round, fp_err_msg(&err));
-        fp_site_task_failed(a->site, a->pend_task, fp_err_msg(&err));
+               (unsigned long long)a->pend.round, fp_err_msg(&err));
+        fp_site_task_failed(a->site, a->pend.task, fp_err_msg(&err));
         remove_pending(a);
         return 1;
     }
@@ -311,37 +196,37 @@ static int mask_pending(fp_agent_t *a, unsigned char **data, size_t *len, fp_str
 
 static void upload_pending(fp_agent_t *a)
 {
-    if (!a->pending || !a->site || a->state == S_UPLOADING)
+    if (!a->pend.present || !a->site || a->state == S_UPLOADING)
         return;
     unsigned char *masked = NULL;
     size_t mlen = 0;
     fp_stream_tensor_t mt;
     if (mask_pending(a, &masked, &mlen, &mt) != 0)
         return;
-    json_t *m = a->pend_meta;
-    fp_site_update_t u = {a->pend_task,
+    json_t *m = a->pend.meta;
+    fp_site_update_t u = {a->pend.task,
                           (uint64_t)json_integer_value(json_object_get(m, "samples")),
                           (int)json_integer_value(json_object_get(m, "rank")),
                           json_number_value(json_object_get(m, "train_loss")),
                           json_number_value(json_object_get(m, "eval_loss_before")),
                           json_number_value(json_object_get(m, "eval_loss_after")),
                           json_number_value(json_object_get(m, "seconds")),
-                          a->pend_data, a->pend_len, a->pend_t, a->pend_n, NULL,
+                          a->pend.data, a->pend.len, a->pend.t, a->pend.n, NULL,
                           json_number_value(json_object_get(m, "clip_indicator"))};
     if (masked) { /* the masked vector takes the plaintext's place, kept until stored */
-        free(a->pend_data);
-        free(a->pend_t);
-        a->pend_data = masked;
-        a->pend_len = mlen;
-        a->pend_t = malloc(sizeof mt);
-        if (a->pend_t)
-            *a->pend_t = mt;
-        a->pend_n = 1;
+        free(a->pend.data);
+        free(a->pend.t);
+        a->pend.data = masked;
+        a->pend.len = mlen;
+        a->pend.t = malloc(sizeof mt);
+        if (a->pend.t)
+            *a->pend.t = mt;
+        a->pend.n = 1;
         json_object_set_new(m, "secagg", json_string("masked"));
-        u.data = a->pend_data;
-        u.len = a->pend_len;
-        u.t = a->pend_t;
-        u.n = a->pend_t ? 1 : 0;
+        u.data = a->pend.data;
+        u.len = a->pend.len;
+        u.t = a->pend.t;
+        u.n = a->pend.t ? 1 : 0;
     }
     /* an Update for a task the coordinator holds part of continues from its durable prefix */
     if (fp_site_upload(a->site, &u, 0) == 0)
@@ -444,7 +329,7 @@ static void on_welcome(void *ctx, fp_site_t *s, uint64_t round)
     set_state(a, a->job ? S_TRAINING : S_CONNECTED, a->job ? NULL : d);
     upload_pending(a);
     upload_second(a);
-    if (!a->pending && !a->job && a->state != S_UPLOADING)
+    if (!a->pend.present && !a->job && a->state != S_UPLOADING)
         set_state(a, S_WAITING, NULL);
 }
 
@@ -497,13 +382,13 @@ static job_t *copy_task(const fp_site_task_t *t)
 static void start_job(fp_agent_t *a, job_t *j)
 {
     const fp_site_task_t *t = &j->task;
-    if (a->pending) /* an update for an older task the coordinator no longer wants */
+    if (a->pend.present) /* an update for an older task the coordinator no longer wants */
         remove_pending(a);
     a->job = j;
     a->task_round = t->round;
     a->task_id = t->task_id;
-    atomic_store(&a->step, 0);
-    atomic_store(&a->total, 0);
+    atomic_store(&a->pr.step, 0);
+    atomic_store(&a->pr.total, 0);
     a->work.data = a;
     char d[64];
     snprintf(d, sizeof d, "round %llu, rank %d, %d steps", (unsigned long long)t->round, t->rank,
@@ -578,7 +463,7 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
                (unsigned long long)t->round, (unsigned long long)a->last_acked_round);
         return;
     }
-    if (a->pending && a->pend_task == t->task_id) { /* trained already: just send it */
+    if (a->pend.present && a->pend.task == t->task_id) { /* trained already: just send it */
         upload_pending(a);
         return;
     }
@@ -604,9 +489,9 @@ static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
     if (a->up_second)
         fp_asa_stored(a->sa, id);
     a->up_second = 0;
-    if (a->pending && a->pend_task == id) {
-        if (a->pend_round > a->last_acked_round) {
-            a->last_acked_round = a->pend_round;
+    if (a->pend.present && a->pend.task == id) {
+        if (a->pend.round > a->last_acked_round) {
+            a->last_acked_round = a->pend.round;
             fp_err_t err = {0};
             if (save_state(a, &err) != 0)
                 fp_log(FP_LOG_ERR, "%s", fp_err_msg(&err));
@@ -614,11 +499,11 @@ static void on_stored(void *ctx, fp_site_t *s, uint64_t id)
         uint64_t from = fp_site_started_at(s);
         if (from > 0)
             fp_log(FP_LOG_NOTICE, "round %llu: update stored by the coordinator (resumed at "
-                   "byte %llu of %zu)", (unsigned long long)a->pend_round,
-                   (unsigned long long)from, a->pend_len);
+                   "byte %llu of %zu)", (unsigned long long)a->pend.round,
+                   (unsigned long long)from, a->pend.len);
         else
             fp_log(FP_LOG_NOTICE, "round %llu: update stored by the coordinator",
-                   (unsigned long long)a->pend_round);
+                   (unsigned long long)a->pend.round);
         remove_pending(a);
     }
     set_state(a, S_WAITING, NULL);
@@ -688,8 +573,8 @@ static void on_secagg(void *ctx, fp_site_t *s, const Fedpeft__Envelope *e)
             fp_failpoint("secagg-shared"); /* tests: a site that leaves after sharing */
         break;
     case FEDPEFT__ENVELOPE__BODY_SA_RELAY:
-        if ((rc = fp_asa_on_relay(a->sa, e->sa_relay, &err)) == 0 && a->pending &&
-            a->pend_task == fp_asa_task(a->sa))
+        if ((rc = fp_asa_on_relay(a->sa, e->sa_relay, &err)) == 0 && a->pend.present &&
+            a->pend.task == fp_asa_task(a->sa))
             upload_pending(a); /* trained already */
         else if (rc == 0)
             upload_second(a);
@@ -726,255 +611,15 @@ static void connect_now(fp_agent_t *a)
     }
 }
 
-/* ---- training (off the loop) ---- */
-
-static int train_progress(void *ctx, const fp_train_stats_t *s)
-{
-    fp_agent_t *a = ctx;
-    atomic_store(&a->step, s->step);
-    atomic_store(&a->total, s->steps);
-    atomic_store(&a->loss, s->loss);
-    uv_async_send(&a->progress);
-    return atomic_load(&a->stop); /* a safe point: stop here when asked */
-}
-
-static unsigned targets_of(const fp_adapter_t *ad)
-{
-    unsigned mask = 0;
-    for (int i = 0; i < ad->n; i++)
-        for (int t = 0; t < FP_T_COUNT; t++) {
-            size_t nl = strlen(ad->mods[i].name), tl = strlen(fp_target_names[t]);
-            if (nl > tl && !strcmp(ad->mods[i].name + nl - tl, fp_target_names[t]))
-                mask |= 1u << t;
-        }
-    return mask;
-}
-
-/* Sites sharing a machine take turns: one of train.slots lock files in train.slot_dir is held
- * while training (flock: a killed site frees its slot). 1 when asked to stop while waiting. */
-static int take_slot(fp_agent_t *a, int *fd, fp_err_t *err)
-{
-    *fd = -1;
-    if (!a->cfg->slot_dir)
-        return 0;
-    int rc = fp_fs_mkdirs(a->cfg->slot_dir, 0700, err);
-    if (rc)
-        return rc;
-    int n = (int)a->cfg->slots, first = (int)(getpid() % n), said = 0;
-    while (!atomic_load(&a->stop)) {
-        for (int k = 0; k < n; k++) {
-            char p[4096];
-            snprintf(p, sizeof p, "%s/slot-%d", a->cfg->slot_dir, (first + k) % n);
-            int f = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-            if (f < 0)
-                return fp_err_set(err, -errno, "%s: %s", p, strerror(errno));
-            if (flock(f, LOCK_EX | LOCK_NB) == 0) {
-                *fd = f;
-                return 0;
-            }
-            close(f);
-        }
-        if (!said++)
-            fp_log(FP_LOG_INFO, "waiting for a training turn (%d at once, %s)", n,
-                   a->cfg->slot_dir);
-        usleep(20000);
-    }
-    return 1;
-}
-
-/* Comma-separated names as a JSON array (NULL: empty). */
-static json_t *csv_array(const char *csv)
-{
-    json_t *arr = json_array();
-    char *list = csv ? strdup(csv) : NULL, *save = NULL;
-    for (char *f = list ? strtok_r(list, ",", &save) : NULL; f; f = strtok_r(NULL, ",", &save))
-        json_array_append_new(arr, json_string(f));
-    free(list);
-    return arr;
-}
-
-/* The trained update goes to disk before anything is sent: a restart uploads it again. */
-/* Distributed DP (fp_dp.h): the site clips its update vector to the round's C and adds its
- * share of the noise before the update leaves it; with adaptive clipping it reports whether its
- * norm was within C, noised with its share. The noise is keyed from OpenSSL's generator. */
-static int apply_privacy(const fp_site_task_t *t, fp_adapter_t *ad, const fp_adapter_t *start,
-                         double *indicator, fp_err_t *err)
-{
-    const fp_site_privacy_t *p = &t->privacy;
-    *indicator = 0;
-    if (p->mode != FP_DP_DISTRIBUTED)
-        return 0;
-    if (t->restart || !start)
-        return fp_err_set(err, -ENOTSUP, "distributed DP needs a continue strategy");
-    uint8_t key[FP_NOISE_KEY];
-    fp_noise_t *rng = NULL;
-    if (RAND_bytes(key, sizeof key) != 1)
-        return fp_err_set(err, -EIO, "OpenSSL's random generator failed");
-    int rc = fp_noise_new(&rng, key, err);
-    OPENSSL_cleanse(key, sizeof key);
-    if (rc)
-        return rc;
-    double norm;
-    int clipped;
-    fp_dp_clip(ad, start, p->global_rank, t->freeze_a, p->clip, &norm, &clipped);
-    fp_dp_add_noise(ad, p->global_rank, t->freeze_a, p->noise_stddev, rng);
-    if (p->adaptive)
-        *indicator = (norm <= p->clip ? 0.5 : -0.5) + fp_noise_gaussian(rng, p->count_stddev);
-    fp_noise_free(rng);
-    fp_log(FP_LOG_INFO, "round %llu: privacy: update norm %.4g%s %.4g; noise share σ = %.3g per "
-           "coordinate", (unsigned long long)t->round, norm, clipped ? ", clipped to" : " within",
-           p->clip, p->noise_stddev);
-    return fp_adapter_check_finite(ad, err);
-}
-
-static int save_update(fp_agent_t *a, const fp_site_task_t *t, fp_adapter_t *ad,
-                       const fp_adapter_t *start, uint64_t samples, double train_loss,
-                       double before, double after, double seconds, fp_err_t *err)
-{
-    fp_stream_tensor_t *tl = NULL;
-    int n = 0;
-    uint64_t len = 0;
-    unsigned char *buf = NULL;
-    double indicator;
-    int rc = apply_privacy(t, ad, start, &indicator, err);
-    if (rc == 0)
-        rc = fp_adapter_stream_layout(ad, &tl, &n, &len, err);
-    if (rc == 0 && !(buf = malloc(len ? len : 1)))
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-    if (rc == 0) {
-        fp_adapter_stream_write(ad, buf);
-        rc = fp_fs_write_file(a->update_bin, buf, len, 0600, err);
-    }
-    if (rc == 0) {
-        json_t *tj = fp_tensor_list_json(tl, n);
-        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:f,s:o,s:b,s:f,s:b}",
-                              "task_id", (json_int_t)t->task_id, "round", (json_int_t)t->round,
-                              "samples", (json_int_t)samples, "rank", t->rank, "train_loss",
-                              isfinite(train_loss) ? train_loss : 0.0, "eval_loss_before",
-                              isfinite(before) ? before : 0.0, "eval_loss_after",
-                              isfinite(after) ? after : 0.0, "seconds",
-                              isfinite(seconds) ? seconds : 0.0, "clip_indicator", indicator,
-                              "tensors", tj, "secagg", t->secagg.present, "alpha", t->alpha,
-                              "rslora", t->rslora);
-        rc = m ? fp_json_write_file(a->update_json, m, err) : -ENOMEM;
-        json_decref(m);
-    }
-    free(buf);
-    free(tl);
-    return rc;
-}
-
-/* The built-in trainer: the base weights (with the global update folded in, for restart
- * strategies), held-out loss before and after. */
-static int train_builtin(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t *err)
-{
-    const fp_site_task_t *t = &j->task;
-    fp_adapter_t *ad = NULL;
-    fp_model_restore(a->model, a->base); /* pristine weights */
-    int rc = fp_local_start(a->model, start, t->restart, t->rank, t->seed, &ad, err);
-    if (rc)
-        return rc;
-    int seq = t->seq_len > 0 ? t->seq_len : 128;
-    if (seq > a->model->cfg.max_seq)
-        seq = a->model->cfg.max_seq;
-    fp_train_cfg_t tc = {t->batch > 0 ? t->batch : 8, seq,
-                         t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps,
-                         1, t->seed, fp_optim_defaults(), 0, t->freeze_a};
-    if (tc.steps < 1)
-        tc.steps = 1;
-    tc.opt.lr = t->lr > 0 ? t->lr : 1e-3;
-    tc.opt.weight_decay = t->weight_decay;
-    fp_local_result_t res;
-    rc = fp_local_round(a->model, ad, a->data.train, a->data.held, &tc, train_progress, a, 0, &res, err);
-    j->stopped = rc == 0 && res.train.stopped;
-    if (rc == 0 && !j->stopped)
-        rc = save_update(a, t, ad, start, a->data.train->ndocs, res.train.final_loss,
-                         res.eval_before, res.eval_after, res.train.seconds, err);
-    fp_adapter_free(ad);
-    return rc;
-}
-
-static void ext_progress(void *ctx, int step, int steps, double loss)
-{
-    fp_agent_t *a = ctx;
-    atomic_store(&a->step, step);
-    atomic_store(&a->total, steps);
-    atomic_store(&a->loss, loss);
-}
-
-/* An external trainer (fp_extrain.h): the task as a directory, the command, its result
- * checked as the coordinator would check it. */
-static int train_external(fp_agent_t *a, job_t *j, fp_adapter_t *start, fp_err_t *err)
-{
-    const fp_site_task_t *t = &j->task;
-    fp_adapter_t *fresh = NULL, *ad = NULL;
-    int rc = 0;
-    /* restart: afresh at this site's rank (A from the task's seed, B = 0); the stream is the
-     * global update, to fold in */
-    if (t->restart && (rc = fp_strategy_local_start(1, start, t->rank, t->seed, &fresh, err)) != 0)
-        return rc;
-    const fp_adapter_t *begin = t->restart ? fresh : start;
-    const char *targets[FP_T_COUNT];
-    int nt = 0;
-    unsigned mask = targets_of(start);
-    for (int i = 0; i < FP_T_COUNT; i++)
-        if (mask & (1u << i))
-            targets[nt++] = fp_target_names[i];
-    json_t *site = json_pack("{s:s,s:s,s:o,s:o,s:f,s:I,s:I}", "model_dir", a->cfg->model_dir,
-                             "tokenizer", a->cfg->tokenizer ? a->cfg->tokenizer : "",
-                             "data_files", csv_array(a->cfg->data), "eval_files",
-                             csv_array(a->cfg->eval_files), "eval_fraction",
-                             a->cfg->eval_fraction, "split_seed",
-                             (json_int_t)a->cfg->split_seed, "max_steps",
-                             (json_int_t)a->cfg->max_steps);
-    rc = fp_extrain_prepare(a->task_dir, t, targets, nt, begin, t->restart ? start : NULL, site,
-                            err);
-    json_decref(site);
-    if (rc == 0) {
-        fp_log(FP_LOG_INFO, "round %llu: running the external trainer in %s",
-               (unsigned long long)t->round, a->task_dir);
-        fp_extrain_run_t r = {a->tr_argv, a->task_dir, t->deadline_unix_ms,
-                              a->cfg->trainer_grace_s, &a->stop, ext_progress, a};
-        rc = fp_extrain_exec(&r, err);
-        if (rc == 1) {
-            j->stopped = 1;
-            rc = 0;
-        }
-    }
-    fp_extrain_result_t res = {0};
-    if (rc == 0 && !j->stopped)
-        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->data.train->ndocs, &ad, &res, err);
-    if (rc == 0 && !j->stopped)
-        rc = save_update(a, t, ad, t->restart ? NULL : start, res.samples, res.train_loss,
-                         res.eval_loss_before, res.eval_loss_after, res.seconds, err);
-    fp_adapter_free(fresh);
-    fp_adapter_free(ad);
-    return rc;
-}
+/* ---- training (off the loop: fp_agent_train.c) ---- */
 
 static void train_work(uv_work_t *w)
 {
     fp_agent_t *a = w->data;
     job_t *j = a->job;
-    const fp_site_task_t *t = &j->task;
-    fp_adapter_t *start = NULL;
-    fp_err_t *err = &j->err;
-    int slot = -1, rc = take_slot(a, &slot, err);
-    if (rc == 1) {
-        j->stopped = 1;
-        return;
-    }
-    if (rc) {
-        j->rc = rc;
-        return;
-    }
-    rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
-    if (rc == 0)
-        rc = a->external ? train_external(a, j, start, err) : train_builtin(a, j, start, err);
-    fp_adapter_free(start);
-    if (slot >= 0)
-        close(slot); /* the turn passes */
-    j->rc = rc;
+    fp_agent_trainer_t tr = {a->cfg, a->model, a->base, a->external, a->tr_argv, a->task_dir,
+                             &a->data, a->update_bin, a->update_json, &a->pr};
+    j->rc = fp_agent_train(&tr, &j->task, &j->stopped, &j->err);
 }
 
 static void train_after(uv_work_t *w, int status)
@@ -994,13 +639,13 @@ static void train_after(uv_work_t *w, int status)
                    (unsigned long long)j->task.round);
     } else if (j->stopped) {
         fp_log(FP_LOG_NOTICE, "round %llu: training stopped at step %d of %d",
-               (unsigned long long)j->task.round, atomic_load(&a->step), atomic_load(&a->total));
+               (unsigned long long)j->task.round, atomic_load(&a->pr.step), atomic_load(&a->pr.total));
     } else {
         fp_err_t err = {0};
         if (load_pending(a, &err) != 0)
             fp_log(FP_LOG_ERR, "%s", fp_err_msg(&err));
         fp_log(FP_LOG_INFO, "round %llu: trained %d steps, loss %.4f", (unsigned long long)j->task.round,
-               atomic_load(&a->total), atomic_load(&a->loss));
+               atomic_load(&a->pr.total), atomic_load(&a->pr.loss));
     }
     free_job(j);
     if (a->state == S_STOPPING) {
@@ -1010,12 +655,12 @@ static void train_after(uv_work_t *w, int status)
     job_t *q = a->queued;
     a->queued = NULL;
     if (q && a->site && q->task.round > a->last_acked_round &&
-        !(a->pending && a->pend_task == q->task.task_id)) {
+        !(a->pend.present && a->pend.task == q->task.task_id)) {
         start_job(a, q);
         return;
     }
     free_job(q);
-    if (a->site && a->pending)
+    if (a->site && a->pend.present)
         upload_pending(a);
     else
         set_state(a, a->site ? S_WAITING : S_CONNECTING, NULL);
@@ -1025,8 +670,8 @@ static void beat_cb(uv_timer_t *t)
 {
     fp_agent_t *a = t->data;
     if (a->site && a->job)
-        fp_site_heartbeat(a->site, a->task_id, atomic_load(&a->step), atomic_load(&a->total),
-                          atomic_load(&a->loss));
+        fp_site_heartbeat(a->site, a->task_id, atomic_load(&a->pr.step), atomic_load(&a->pr.total),
+                          atomic_load(&a->pr.loss));
 }
 
 static void progress_cb(uv_async_t *h)
@@ -1112,7 +757,8 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
-    if ((rc = load_state(a, err)) != 0 || (rc = load_pending(a, err)) != 0)
+    if ((rc = fp_agent_state_load(a->state_path, a->name, &a->last_acked_round, err)) != 0 ||
+        (rc = load_pending(a, err)) != 0)
         goto fail;
     fp_set_threads((int)cfg->threads);
     a->external = !strcmp(cfg->trainer, "external");
@@ -1123,12 +769,12 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
                                : fp_err_set(err, -ENOMEM, "out of memory");
         free(cp);
         if (rc || (rc = fp_extrain_argv(cfg->trainer_command, &a->tr_argv, err)) != 0 ||
-            (rc = model_hash(a, err)) != 0)
+            (rc = fp_agent_model_hash(cfg->model_dir, cfg->state_dir, a->model_sha, err)) != 0)
             goto fail;
     } else {
         fp_base_dtype_t bd = FP_BASE_F32;
         if ((rc = fp_base_dtype_parse(cfg->base_dtype, &bd, err)) != 0 ||
-            (rc = model_hash(a, err)) != 0 ||
+            (rc = fp_agent_model_hash(cfg->model_dir, cfg->state_dir, a->model_sha, err)) != 0 ||
             (rc = fp_model_load_base(cfg->model_dir, bd, &a->model, err)) != 0)
             goto fail;
         a->mcfg = a->model->cfg;
@@ -1156,6 +802,7 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     uv_timer_init(loop, &a->beat);
     uv_timer_init(loop, &a->watchdog);
     uv_async_init(loop, &a->progress, progress_cb);
+    a->pr.async = &a->progress;
     a->retry.data = a->beat.data = a->watchdog.data = a->progress.data = a;
     a->handles = 4;
     srand((unsigned)getpid() ^ (unsigned)uv_hrtime());
@@ -1163,7 +810,7 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     fp_sha256_hex(a->model_sha, hx);
     fp_log(FP_LOG_NOTICE, "site %s: %zu training and %zu held-out documents, base model %.12s…, "
            "last stored round %llu%s%s", a->name, a->data.train->ndocs, a->data.held->ndocs, hx,
-           (unsigned long long)a->last_acked_round, a->pending ? ", an update to upload" : "",
+           (unsigned long long)a->last_acked_round, a->pend.present ? ", an update to upload" : "",
            a->external ? ", external trainer" : "");
     *out = a;
     return 0;
@@ -1211,7 +858,7 @@ void fp_agent_stop(fp_agent_t *a, void (*on_done)(void *ctx), void *ctx)
     fp_notify("STOPPING=1");
     fp_log(FP_LOG_NOTICE, "stopping%s", a->job ? " (training stops at the next step)" : "");
     a->state = S_STOPPING;
-    atomic_store(&a->stop, 1); /* the trainer's callback stops at the next step */
+    atomic_store(&a->pr.stop, 1); /* the trainer's callback stops at the next step */
     uv_timer_stop(&a->retry);
     a->stop_cb = on_done;      /* when every handle is closed */
     a->done_ctx = ctx;
@@ -1222,7 +869,7 @@ void fp_agent_free(fp_agent_t *a)
 {
     if (!a)
         return;
-    drop_pending(a);
+    fp_pending_drop(&a->pend);
     fp_asa_free(a->sa);
     fp_sa_signer_free(a->signer);
     fp_sa_verifier_free(a->verifier);

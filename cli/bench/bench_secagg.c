@@ -47,6 +47,45 @@ typedef struct sa_bench {
     double bytes_plain, bytes_secure;
 } sa_bench_t;
 
+/* The same survivors' sum in the clear, timed; the unmasked sum checked against it; the bytes a
+ * site sends and receives beside its plaintext upload. */
+static int plain_and_bytes(sa_bench_t *b, const float *x, const uint32_t *sum, double *plain,
+                           fp_err_t *err)
+{
+    int n = b->p.n, rc = 0;
+    size_t dim = b->dim;
+    double t0;
+    /* the same survivors in the clear: Σ w·x over their vectors (each site's own, in memory:
+     * x plus a site's offset, so that no pass hits the cache the last one filled) */
+    float *all = malloc((size_t)(n - b->drop) * dim * sizeof *all);
+    if (!all)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int i = 0; i < n - b->drop; i++)
+        memcpy(all + (size_t)i * dim, x, dim * sizeof *x);
+    t0 = now_s();
+    for (int i = 0; i < n - b->drop; i++) {
+        const double w = 1.0;
+        const float *xi = all + (size_t)i * dim;
+        for (size_t d = 0; d < dim; d++)
+            plain[d] += w * (double)xi[d];
+    }
+    b->t_plain = now_s() - t0;
+    free(all);
+    double worst = 0;
+    for (size_t d = 0; d < dim; d++)
+        worst = fmax(worst, fabs((double)(int32_t)sum[d] / b->p.scale - plain[d]));
+    if (!(worst <= n * 0.5 / b->p.scale + 1e-9))
+        rc = fp_err_set(err, -EDOM, "the unmasked sum is off by %g", worst);
+    /* bytes a site sends and receives, beside its plaintext upload */
+    int k = b->p.k >= n - 1 ? n - 1 : b->p.k;
+    b->bytes_plain = 4.0 * (double)dim;
+    b->bytes_secure = 4.0 * (double)dim + 2.0 * FP_SA_KEY + 64 /* signature */ +
+                      (double)k * (2.0 * FP_SA_KEY + 64) /* neighbours' keys */ +
+                      2.0 * k * FP_SA_SEALED /* out and in */ +
+                      (double)(k + 1) * (8 + 8 * FP_SHAMIR_WORDS) /* unmask answers */;
+    return rc;
+}
+
 /* The round, in one process: sites made and masked one at a time (their vectors summed as
  * they come), the coordinator's sum and unmasking timed apart. */
 static int run(sa_bench_t *b, fp_err_t *err)
@@ -144,36 +183,7 @@ static int run(sa_bench_t *b, fp_err_t *err)
     b->t_unmask = now_s() - t0;
     if (rc)
         goto out;
-    /* the same survivors in the clear: Σ w·x over their vectors (each site's own, in memory:
-     * x plus a site's offset, so that no pass hits the cache the last one filled) */
-    float *all = malloc((size_t)(n - b->drop) * dim * sizeof *all);
-    if (!all) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
-    }
-    for (int i = 0; i < n - b->drop; i++)
-        memcpy(all + (size_t)i * dim, x, dim * sizeof *x);
-    t0 = now_s();
-    for (int i = 0; i < n - b->drop; i++) {
-        const double w = 1.0;
-        const float *xi = all + (size_t)i * dim;
-        for (size_t d = 0; d < dim; d++)
-            plain[d] += w * (double)xi[d];
-    }
-    b->t_plain = now_s() - t0;
-    free(all);
-    double worst = 0;
-    for (size_t d = 0; d < dim; d++)
-        worst = fmax(worst, fabs((double)(int32_t)sum[d] / b->p.scale - plain[d]));
-    if (!(worst <= n * 0.5 / b->p.scale + 1e-9))
-        rc = fp_err_set(err, -EDOM, "the unmasked sum is off by %g", worst);
-    /* bytes a site sends and receives, beside its plaintext upload */
-    int k = b->p.k >= n - 1 ? n - 1 : b->p.k;
-    b->bytes_plain = 4.0 * (double)dim;
-    b->bytes_secure = 4.0 * (double)dim + 2.0 * FP_SA_KEY + 64 /* signature */ +
-                      (double)k * (2.0 * FP_SA_KEY + 64) /* neighbours' keys */ +
-                      2.0 * k * FP_SA_SEALED /* out and in */ +
-                      (double)(k + 1) * (8 + 8 * FP_SHAMIR_WORDS) /* unmask answers */;
+    rc = plain_and_bytes(b, x, sum, plain, err);
 out:
     for (int i = 0; s && i < n; i++)
         fp_sa_site_free(s[i]);

@@ -281,6 +281,68 @@ static void torch_runs(const char *script, const bconf_t *b, int threads, double
     }
 }
 
+/* One configuration: PyTorch's runs, fedpeft's at each base dtype, the ceiling. 1 if a run
+ * failed. */
+static int bench_config(const bconf_t *b, const char *script, int torch, int threads,
+                        const fp_base_dtype_t *want, int nwant, double peak, double bpeak)
+{
+    int failed = 0;
+    char shape[64];
+    snprintf(shape, sizeof shape, "d%d L%d h%d/%d ff%d V%d T%d B%d r%d", b->dim, b->layers,
+             b->heads, b->kv, b->ff, b->vocab, b->seq, b->batch, b->rank);
+    double ttps[3] = {0, 0, 0};
+    long trss[3] = {0, 0, 0};
+    if (torch)
+        torch_runs(script, b, threads, ttps, trss);
+    size_t f32_bytes = 0;
+    for (int w = 0; w < nwant; w++) {
+        fprintf(stderr, "  %s, base %s ...\n", b->name, fp_base_dtype_name(want[w]));
+        bresult_t r = {0};
+        if (run_child(b, want[w], threads, &r) != 0) {
+            printf("%-7s %-5s %-34s FAILED\n", b->name, fp_base_dtype_name(want[w]), shape);
+            failed = 1;
+            continue;
+        }
+        if (want[w] == FP_BASE_F32)
+            f32_bytes = r.weight_bytes;
+        double pk = want[w] == FP_BASE_F32 ? peak : bpeak;
+        char wb[32], vs[96] = "";
+        if (f32_bytes && want[w] != FP_BASE_F32)
+            snprintf(wb, sizeof wb, "%.0f MB %.2fx", r.weight_bytes / 1e6,
+                     (double)r.weight_bytes / (double)f32_bytes);
+        else
+            snprintf(wb, sizeof wb, "%.0f MB", r.weight_bytes / 1e6);
+        if (torch) {
+            vs[0] = '\0';
+            for (int t = 0; t < 3; t++) {
+                char one[32] = "-";
+                if (ttps[t] > 0)
+                    snprintf(one, sizeof one, "%.2fx", r.tokens_per_s / ttps[t]);
+                snprintf(vs + strlen(vs), sizeof vs - strlen(vs), "%s%s", t ? ", " : "", one);
+            }
+        }
+        printf("%-7s %-5s %-34s %9.0f %8.1f %6.0f%% %13s %5.0f MiB  %s\n", b->name,
+               fp_base_dtype_name(want[w]), shape, r.tokens_per_s, r.gflops,
+               100.0 * r.gflops / pk, wb, r.peak_rss / 1048576.0, vs);
+    }
+    if (bpeak > 0) {
+        /* the bound no bf16 trainer of this step passes on this machine */
+        fp_model_config_t c = bench_model_config(b);
+        double cap = (double)b->batch * b->seq /
+                     (step_flops(&c, b->batch, b->seq, b->rank, 1) / (bpeak * 1e9));
+        printf("%-7s %-5s %-34s ceiling: the base's products alone at the bf16 peak allow "
+               "%.0f tokens/s", "", "", "", cap);
+        if (ttps[2] > 0)
+            printf(" = %.2fx PyTorch bf16 autocast", cap / ttps[2]);
+        printf("\n");
+    }
+    if (torch)
+        printf("%-7s %-5s %-34s PyTorch tokens/s: %.0f as shipped, %.0f tuned, %.0f bf16 "
+               "autocast (peak RSS %.0f/%.0f/%.0f MiB)\n", "", "", "", ttps[0], ttps[1],
+               ttps[2], trss[0] / 1048576.0, trss[1] / 1048576.0, trss[2] / 1048576.0);
+    return failed;
+}
+
 int fp_bench_train(int argc, char **argv)
 {
     int threads = 0, torch = 1;
@@ -344,64 +406,9 @@ int fp_bench_train(int argc, char **argv)
            "GFLOP/s", "of peak", "weights", "peak RSS", "vs PyTorch: as shipped, tuned, "
            "bf16 autocast");
     int failed = 0;
-    for (size_t k = 0; k < sizeof configs / sizeof configs[0]; k++) {
-        const bconf_t *b = &configs[k];
-        if (strcmp(only, "all") && strcmp(only, b->name))
-            continue;
-        char shape[64];
-        snprintf(shape, sizeof shape, "d%d L%d h%d/%d ff%d V%d T%d B%d r%d", b->dim, b->layers,
-                 b->heads, b->kv, b->ff, b->vocab, b->seq, b->batch, b->rank);
-        double ttps[3] = {0, 0, 0};
-        long trss[3] = {0, 0, 0};
-        if (torch)
-            torch_runs(script, b, threads, ttps, trss);
-        size_t f32_bytes = 0;
-        for (int w = 0; w < nwant; w++) {
-            fprintf(stderr, "  %s, base %s ...\n", b->name, fp_base_dtype_name(want[w]));
-            bresult_t r = {0};
-            if (run_child(b, want[w], threads, &r) != 0) {
-                printf("%-7s %-5s %-34s FAILED\n", b->name, fp_base_dtype_name(want[w]), shape);
-                failed = 1;
-                continue;
-            }
-            if (want[w] == FP_BASE_F32)
-                f32_bytes = r.weight_bytes;
-            double pk = want[w] == FP_BASE_F32 ? peak : bpeak;
-            char wb[32], vs[96] = "";
-            if (f32_bytes && want[w] != FP_BASE_F32)
-                snprintf(wb, sizeof wb, "%.0f MB %.2fx", r.weight_bytes / 1e6,
-                         (double)r.weight_bytes / (double)f32_bytes);
-            else
-                snprintf(wb, sizeof wb, "%.0f MB", r.weight_bytes / 1e6);
-            if (torch) {
-                vs[0] = '\0';
-                for (int t = 0; t < 3; t++) {
-                    char one[32] = "-";
-                    if (ttps[t] > 0)
-                        snprintf(one, sizeof one, "%.2fx", r.tokens_per_s / ttps[t]);
-                    snprintf(vs + strlen(vs), sizeof vs - strlen(vs), "%s%s", t ? ", " : "", one);
-                }
-            }
-            printf("%-7s %-5s %-34s %9.0f %8.1f %6.0f%% %13s %5.0f MiB  %s\n", b->name,
-                   fp_base_dtype_name(want[w]), shape, r.tokens_per_s, r.gflops,
-                   100.0 * r.gflops / pk, wb, r.peak_rss / 1048576.0, vs);
-        }
-        if (bpeak > 0) {
-            /* the bound no bf16 trainer of this step passes on this machine */
-            fp_model_config_t c = bench_model_config(b);
-            double cap = (double)b->batch * b->seq /
-                         (step_flops(&c, b->batch, b->seq, b->rank, 1) / (bpeak * 1e9));
-            printf("%-7s %-5s %-34s ceiling: the base's products alone at the bf16 peak allow "
-                   "%.0f tokens/s", "", "", "", cap);
-            if (ttps[2] > 0)
-                printf(" = %.2fx PyTorch bf16 autocast", cap / ttps[2]);
-            printf("\n");
-        }
-        if (torch)
-            printf("%-7s %-5s %-34s PyTorch tokens/s: %.0f as shipped, %.0f tuned, %.0f bf16 "
-                   "autocast (peak RSS %.0f/%.0f/%.0f MiB)\n", "", "", "", ttps[0], ttps[1],
-                   ttps[2], trss[0] / 1048576.0, trss[1] / 1048576.0, trss[2] / 1048576.0);
-    }
+    for (size_t k = 0; k < sizeof configs / sizeof configs[0]; k++)
+        if (!strcmp(only, "all") || !strcmp(only, configs[k].name))
+            failed |= bench_config(&configs[k], script, torch, threads, want, nwant, peak, bpeak);
     printf("\nRatios are fedpeft's tokens/s over PyTorch's (same configuration and threads).\n"
            "PyTorch runs as shipped, 'tuned' with the OpenBLAS kernel, OPENBLAS_THREAD_TIMEOUT=8\n"
            "and OMP_WAIT_POLICY=passive that fedpeft sets for itself, and as shipped with its\n"

@@ -155,8 +155,8 @@ static int coordinator(const char *dir, const char *pki, uint64_t ack_every, int
     uv_loop_t loop;
     uv_loop_init(&loop);
     coord_t c = {.loop = &loop, .dir = dir};
-    fp_srv_link_t link = {.ops = {c_hello, c_update, c_resume, c_committed, NULL, NULL, NULL, NULL,
-                                  NULL, NULL},
+    fp_srv_link_t link = {.ops = {.hello = c_hello, .update = c_update, .resume = c_resume,
+                                  .committed = c_committed},
                           .app = &c, .spool_dir = spool, .ack_every = ack_every};
     fp_tls_cfg_t cfg = {.server = 1, .cert = crt, .key = key, .ca = ca, .crl = crl};
     int32_t port = -1;
