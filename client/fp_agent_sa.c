@@ -7,7 +7,6 @@
 #include <string.h>
 
 #include <openssl/crypto.h>
-#include <openssl/rand.h>
 
 #include "fp_adapter_stream.h"
 #include "fp_log.h"
@@ -117,14 +116,10 @@ static int asa_init(fp_asa_t **out, const fp_site_task_t *t, const char *site, f
     a->cpks = calloc(n, FP_SA_KEY);
     a->in_roster = calloc(n, 1);
     a->in_round = calloc(n, 1);
-    uint8_t key[FP_NOISE_KEY];
     int rc = !a->pks || !a->cpks || !a->in_roster || !a->in_round
                  ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
-    if (rc == 0 && RAND_bytes(key, sizeof key) != 1)
-        rc = fp_err_set(err, -EIO, "OpenSSL's random generator failed");
     if (rc == 0)
-        rc = fp_noise_new(&a->rng, key, err);
-    OPENSSL_cleanse(key, sizeof key);
+        rc = fp_noise_new_random(&a->rng, err);
     if (rc == 0)
         rc = fp_strategy_parse(sa->strategy, &a->strategy, err);
     if (rc == 0 && a->strategy != FP_STRAT_FEDAVG && a->strategy != FP_STRAT_FFA &&

@@ -4,8 +4,6 @@
 #include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
-#include <openssl/crypto.h>
-#include <openssl/rand.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -111,12 +109,8 @@ static int apply_privacy(const fp_site_task_t *t, fp_adapter_t *ad, const fp_ada
         return 0;
     if (t->restart || !start)
         return fp_err_set(err, -ENOTSUP, "distributed DP needs a continue strategy");
-    uint8_t key[FP_NOISE_KEY];
     fp_noise_t *rng = NULL;
-    if (RAND_bytes(key, sizeof key) != 1)
-        return fp_err_set(err, -EIO, "OpenSSL's random generator failed");
-    int rc = fp_noise_new(&rng, key, err);
-    OPENSSL_cleanse(key, sizeof key);
+    int rc = fp_noise_new_random(&rng, err);
     if (rc)
         return rc;
     double norm;

@@ -10,8 +10,6 @@
 #include "fp_coord.h"
 
 #include <math.h>
-#include <openssl/crypto.h>
-#include <openssl/rand.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,13 +21,10 @@
 #include "fp_failpoint.h"
 #include "fp_fed.h"
 #include "fp_federation.h"
-#include "fp_fs.h"
 #include "fp_log.h"
-#include "fp_model.h"
 #include "fp_round.h"
+#include "fp_sa_loop.h"
 #include "fp_sa_round.h"
-#include "fp_sa_wire.h"
-#include "fp_sha256.h"
 #include "fp_sites.h"
 
 /* The coordinator's one round-level job at a time, on the thread pool. */
@@ -73,11 +68,7 @@ struct fp_coord {
                                  clipping's share) */
     fp_noise_t *draw_rng;     /* the loop's: Poisson draws */
     fp_noise_t *job_rng;      /* the jobs': the aggregate's noise */
-    /* secure aggregation: the open round's machine, its timer, an exact merge's second
-     * stream (Q) */
-    fp_sa_round_t *sa;
-    uv_timer_t sa_timer;
-    fp_blob_t *qblob;
+    fp_sa_loop_t *secure;     /* secure aggregation: the open round's machine and its I/O */
     /* stopping */
     int stopping, done_called, handles_open;
     int started;              /* the first tick has poked the round machine */
@@ -124,15 +115,17 @@ static void free_blobs(fp_coord_t *co)
     co->nblobs = 0;
 }
 
+/* The open secure round's machine, or NULL. */
+static fp_sa_round_t *sa_of(const fp_coord_t *co)
+{
+    return fp_sa_loop_round(co->secure);
+}
+
 /* The secure round is over (closed, expired, or never begun). */
 static void end_secure(fp_coord_t *co)
 {
-    if (co->sa && !uv_is_closing((uv_handle_t *)&co->sa_timer))
-        uv_timer_stop(&co->sa_timer);
-    fp_sa_round_free(co->sa);
-    co->sa = NULL;
-    fp_blob_unref(co->qblob);
-    co->qblob = NULL;
+    if (co->secure)
+        fp_sa_loop_end(co->secure);
     co->agg.sa = NULL;
 }
 
@@ -193,8 +186,9 @@ static void send_task(fp_coord_t *co, const fp_round_task_t *t)
 {
     const fp_srv_config_t *c = co->cfg;
     fp_sa_task_info_t ti;
-    int secure = co->sa && fp_sa_round_task_info(co->sa, t->id, &ti) == 0;
-    fp_blob_t *b = secure && ti.pass == 2 ? co->qblob : blob_of(co, t->rank);
+    fp_sa_round_t *sa = fp_sa_loop_round(co->secure);
+    int secure = sa && fp_sa_round_task_info(sa, t->id, &ti) == 0;
+    fp_blob_t *b = secure && ti.pass == 2 ? fp_sa_loop_q(co->secure) : blob_of(co, t->rank);
     Fedpeft__Privacy pv;
     if (co->fed.dp) {
         privacy_msg(co, &pv);
@@ -214,7 +208,7 @@ static void send_task(fp_coord_t *co, const fp_round_task_t *t)
     if (b && fp_sites_send_task(co->sites, t->site, &o, &bytes) == 0) {
         co->sent_bytes += (int64_t)bytes;
         if (secure)
-            fp_sa_round_sent(co->sa); /* the keys phase's time runs from the first */
+            fp_sa_round_sent(sa); /* the keys phase's time runs from the first */
     }
 }
 
@@ -254,7 +248,8 @@ static void job_after(uv_work_t *w, int st)
         fp_round_prepared(co->round);
         status(co);
     } else if (co->agg.sa) { /* a secure round: done, failed, or its second sum starts */
-        fp_sa_round_job_done(co->sa, co->job_rc, co->job_rc ? fp_err_msg(&co->job_err) : NULL);
+        fp_sa_round_job_done(fp_sa_loop_round(co->secure), co->job_rc,
+                             co->job_rc ? fp_err_msg(&co->job_err) : NULL);
         status(co);
     } else if (co->job_rc) { /* the updates stay durable: a restart aggregates them again */
         fp_log(FP_LOG_ERR, "round %lld: aggregation failed: %s", (long long)co->job_round,
@@ -283,94 +278,7 @@ static void start_job(fp_coord_t *co, job_kind_t kind, int64_t round)
     job_after(&co->work, 0);
 }
 
-/* ---- the secure round's actions ---- */
-
-static int sa_random(void *ctx, void *buf, size_t n)
-{
-    (void)ctx;
-    return RAND_bytes(buf, (int)n) == 1 ? 0 : -EIO;
-}
-
-static void sa_timer_cb(uv_timer_t *t)
-{
-    fp_coord_t *co = t->data;
-    if (co->sa)
-        fp_sa_round_timer(co->sa);
-}
-
-static void sa_arm(void *ctx, int64_t ms)
-{
-    fp_coord_t *co = ctx;
-    if (!uv_is_closing((uv_handle_t *)&co->sa_timer))
-        uv_timer_start(&co->sa_timer, sa_timer_cb, ms > 0 ? (uint64_t)ms : 0, 0);
-}
-
-static void sa_disarm(void *ctx)
-{
-    fp_coord_t *co = ctx;
-    uv_timer_stop(&co->sa_timer);
-}
-
-static int sa_send(void *ctx, const char *site, Fedpeft__Envelope *e)
-{
-    fp_coord_t *co = ctx;
-    return fp_sites_send(co->sites, site, e);
-}
-
-static int sa_roster(void *ctx, int pass, const char *site, const fp_sa_peer_t *p, int n)
-{
-    fp_coord_t *co = ctx;
-    return fp_sa_wire_roster(sa_send, co, site, fp_round_number(co->round), pass, p, n);
-}
-
-static int sa_relay(void *ctx, int pass, const char *site, const fp_sa_sealed_t *s, int ns,
-                    const uint32_t *in, int nin)
-{
-    fp_coord_t *co = ctx;
-    return fp_sa_wire_relay(sa_send, co, site, fp_round_number(co->round), pass, s, ns, in, nin);
-}
-
-static int sa_unmask(void *ctx, int pass, const char *site, const fp_sa_ask_t *a, int na)
-{
-    fp_coord_t *co = ctx;
-    return fp_sa_wire_unmask(sa_send, co, site, fp_round_number(co->round), pass, a, na);
-}
-
-static void sa_excluded(void *ctx, int64_t task)
-{
-    fp_coord_t *co = ctx;
-    fp_round_refused(co->round, task);
-}
-
-static int sa_present(void *ctx, const char *site)
-{
-    fp_coord_t *co = ctx;
-    return fp_sites_live(co->sites, site);
-}
-
-/* Q (the first sum's bases) as the stream of the second Tasks: one float32 tensor
- * "secagg.q", little-endian words as every stream. */
-static int sa_second(void *ctx, const float *q, size_t nq)
-{
-    fp_coord_t *co = ctx;
-    fp_blob_t *b = calloc(1, sizeof *b);
-    float *data = malloc((nq ? nq : 1) * sizeof *data);
-    if (!b || !data || !(b->t = calloc(1, sizeof *b->t))) {
-        free(data);
-        free(b);
-        return -ENOMEM;
-    }
-    memcpy(data, q, nq * sizeof *q);
-    b->data = (unsigned char *)data;
-    b->len = 4 * (uint64_t)nq;
-    b->n = 1;
-    b->t[0] = (fp_stream_tensor_t){"secagg.q", 1, nq, 0, 4 * (uint64_t)nq};
-    fp_sha256(b->data, b->len, b->sha);
-    b->refs = 1;
-    fp_blob_unref(co->qblob);
-    co->qblob = b;
-    return 0;
-}
+/* ---- the secure round's host ---- */
 
 static void sa_resend(void *ctx, int64_t task)
 {
@@ -387,51 +295,29 @@ static void sa_start_job(void *ctx, fp_sa_job_t *job)
     start_job(co, JOB_AGGREGATE, co->agg.round);
 }
 
-static void sa_failed(void *ctx, const char *why)
+static void timer_closed(fp_coord_t *co);
+
+static void sa_closed(void *ctx)
 {
-    fp_coord_t *co = ctx;
-    fp_db_event(co->db, fp_round_number(co->round), NULL, "secagg_failed", "%s", why);
-    fp_round_aggregation_failed(co->round, why);
+    timer_closed(ctx);
 }
 
-static void sa_done(void *ctx)
-{
-    fp_coord_t *co = ctx;
-    fp_round_aggregated(co->round);
-}
-
-static void sa_say(void *ctx, int level, const char *msg)
-{
-    (void)ctx;
-    fp_log(level, "%s", msg);
-}
-
-static const fp_sa_round_ops_t sa_ops = {
-    .random = sa_random, .arm = sa_arm, .disarm = sa_disarm, .roster = sa_roster,
-    .relay = sa_relay, .unmask = sa_unmask, .excluded = sa_excluded, .present = sa_present,
-    .second = sa_second, .send = sa_resend, .start_job = sa_start_job, .failed = sa_failed,
-    .done = sa_done, .say = sa_say,
+static const fp_sa_loop_host_t sa_host = {
+    .resend = sa_resend, .start_job = sa_start_job, .closed = sa_closed,
 };
 
 /* A secure round for the nt sites of tasks t (before they are recorded). */
 static int begin_secure(fp_coord_t *co, int64_t n, const fp_round_task_t *t, int nt,
                         fp_err_t *err)
 {
-    end_secure(co);
     const fp_srv_config_t *c = co->cfg;
     fp_sa_cfg_t sc = {(int)c->sa_degree, (int)c->sa_threshold, c->sa_bound,
                       (int)c->sa_scale_bits, (int64_t)(c->sa_phase_s * 1000 + 0.5),
                       FP_SA_MAX_SITES};
     fp_sa_merge_t m = {co->fed.strategy, co->fed.layout, co->fed.n_layout, co->fed.r_max,
                        c->florist_energy, co->fed.dp != FP_DP_OFF};
-    uint64_t *samples = calloc((size_t)(nt ? nt : 1), sizeof *samples);
-    if (!samples)
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    for (int i = 0; i < nt; i++)
-        samples[i] = fp_sites_samples(co->sites, t[i].site);
-    int rc = fp_sa_round_new(&co->sa, n, &sc, &m, t, samples, nt, &sa_ops, co, err);
-    free(samples);
-    return rc;
+    co->agg.sa = NULL;
+    return fp_sa_loop_begin(co->secure, n, &sc, &m, t, nt, err);
 }
 
 /* ---- the round machine's actions ---- */
@@ -469,7 +355,7 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
         fp_err_prefix(&err, rc, "a secure round of %d sites: ", nt);
     if (rc == 0)
         rc = fp_db_round_open(co->db, n, o->opened_wall_ms, o->deadline_wall_ms, co->global_sha,
-                              a, nt, co->fed.dp ? &dp : NULL, co->sa != NULL, &err);
+                              a, nt, co->fed.dp ? &dp : NULL, sa_of(co) != NULL, &err);
     for (int i = 0; rc == 0 && i < nt; i++)
         t[i].id = a[i].id;
     free(a);
@@ -478,8 +364,8 @@ static int act_open(void *ctx, const fp_round_open_t *o, fp_round_task_t *t, int
         end_secure(co);
         return rc;
     }
-    if (co->sa)
-        fp_sa_round_bind(co->sa, t, nt);
+    if (sa_of(co))
+        fp_sa_round_bind(sa_of(co), t, nt);
     fp_failpoint("round-opened"); /* committed, no task sent */
     co->sent_bytes = 0;
     atomic_store(&co->c_round, n);
@@ -568,9 +454,9 @@ static int act_aggregate(void *ctx, int64_t n, int resumed)
     }
     fp_log(FP_LOG_INFO, "round %lld: aggregating %d updates (%s)", (long long)n, a->n,
            fp_strategy_name(co->fed.strategy));
-    if (co->sa) { /* the masks come off first: the job starts once the shares are in */
+    if (sa_of(co)) { /* the masks come off first: the job starts once the shares are in */
         co->job_round = n;
-        if ((rc = fp_sa_round_aggregate(co->sa, &err)) != 0)
+        if ((rc = fp_sa_round_aggregate(sa_of(co), &err)) != 0)
             fp_log(FP_LOG_ERR, "round %lld: %s", (long long)n, fp_err_msg(&err));
         return rc;
     }
@@ -618,9 +504,9 @@ static int act_close(void *ctx, int64_t n)
         snprintf(priv, sizeof priv, "; clip %.4g → %.4g", co->dp_clip, r->clip_next);
         co->dp_clip = r->clip_next;
     }
-    if (co->sa) {
+    if (sa_of(co)) {
         char sec[320];
-        fp_sa_round_counts(co->sa, sec, sizeof sec);
+        fp_sa_round_counts(sa_of(co), sec, sizeof sec);
         snprintf(priv + strlen(priv), sizeof priv - strlen(priv), "; secure");
         fp_db_event(co->db, n, NULL, "secagg", "%s", sec);
         fp_log(FP_LOG_INFO, "round %lld: %s", (long long)n, sec);
@@ -651,30 +537,16 @@ static double act_uniform(void *ctx)
 static int act_draw_charged(void *ctx, int drawn, int64_t steps, double epsilon)
 {
     fp_coord_t *co = ctx;
-    fp_err_t err = {0};
-    if (fp_db_privacy_draw(co->db, steps, epsilon, &err) != 0) {
-        fp_log(FP_LOG_ERR, "privacy: cannot record a draw: %s", fp_err_msg(&err));
-        return -EIO;
-    }
-    set_epsilon(co, epsilon);
-    fp_db_event(co->db, -1, NULL, "draw", "%d sites drawn, fewer than min_updates (%lld): no "
-                "round; step %lld charged, ε = %.6g", drawn, co->cfg->min_updates,
-                (long long)steps, epsilon);
-    fp_log(FP_LOG_INFO, "privacy: %d sites drawn, too few for a round (min_updates %lld); the "
-           "draw is charged all the same: ε = %.4g", drawn, co->cfg->min_updates, epsilon);
-    return 0;
+    int rc = fp_federation_draw_charged(co->db, co->cfg, drawn, steps, epsilon);
+    if (rc == 0)
+        set_epsilon(co, epsilon);
+    return rc;
 }
 
 static void act_exhausted(void *ctx, int64_t steps, double spent, double next)
 {
     fp_coord_t *co = ctx;
-    fp_db_privacy_exhausted(co->db, NULL);
-    fp_db_event(co->db, -1, NULL, "budget", "ε = %.6g spent in %lld steps of the budget %g; "
-                "the next draw would reach %.6g: no more rounds", spent, (long long)steps,
-                co->cfg->dp_epsilon_max, next);
-    fp_log(FP_LOG_NOTICE, "privacy budget: ε = %.4g spent of %g (δ = %g); the next round's draw "
-           "would reach %.4g, so no more rounds open", spent, co->cfg->dp_epsilon_max,
-           co->cfg->dp_delta, next);
+    fp_federation_exhausted(co->db, co->cfg, steps, spent, next);
     if (co->cfg->exit_when_done && !co->stopping)
         fp_coord_stop(co);
 }
@@ -697,26 +569,6 @@ static const fp_round_ops_t round_ops = {
     .exhausted = act_exhausted,
 };
 
-static void round_cfg(const fp_coord_t *co, fp_round_cfg_t *o)
-{
-    const fp_srv_config_t *c = co->cfg;
-    *o = (fp_round_cfg_t){.rounds = c->rounds,
-                          .min_sites = (int)c->min_sites,
-                          .min_updates = (int)c->min_updates,
-                          .max_sites = (int)c->max_sites,
-                          .fraction = c->fraction,
-                          .deadline_ms = (int64_t)(c->round_deadline_s * 1000),
-                          .seed = (uint64_t)c->seed,
-                          .strategy = co->fed.strategy,
-                          .r_max = co->fed.r_max,
-                          .dp = co->fed.dp != FP_DP_OFF,
-                          .dp_noise = c->dp_noise,
-                          .dp_delta = c->dp_delta,
-                          .dp_epsilon_max = c->dp_epsilon_max,
-                          .dp_retry_ms = (int64_t)(c->round_deadline_s * 1000) < 5000
-                                             ? (int64_t)(c->round_deadline_s * 1000) : 5000};
-}
-
 /* ---- what the sites report ---- */
 
 static int ev_up(void *ctx, const char *site, int budget)
@@ -728,8 +580,8 @@ static int ev_up(void *ctx, const char *site, int budget)
 static void ev_down(void *ctx, const char *site)
 {
     fp_coord_t *co = ctx;
-    if (co->sa)
-        fp_sa_round_site_down(co->sa, site);
+    if (sa_of(co))
+        fp_sa_round_site_down(sa_of(co), site);
     fp_round_site_down(co->round, site);
 }
 
@@ -749,11 +601,11 @@ static void ev_gate(void *ctx, const char *site, int64_t task, fp_upload_gate_t 
     *g = (fp_upload_gate_t){.open_round = fp_round_phase(co->round) == FP_ROUND_OPEN
                                               ? fp_round_number(co->round) : -1,
                             .second_rank = -1, .dp_clip = co->dp_clip, .dp_share = dp_share(co)};
-    if (!co->sa || !fp_sa_round_member(co->sa, task, &g->dim))
+    if (!sa_of(co) || !fp_sa_round_member(sa_of(co), task, &g->dim))
         return;
     g->secure = 1;
-    g->pass = fp_sa_round_pass(co->sa);
-    g->accepts = fp_sa_round_accepts(co->sa, task);
+    g->pass = fp_sa_round_pass(sa_of(co));
+    g->accepts = fp_sa_round_accepts(sa_of(co), task);
     g->second = g->pass == 2;
     const fp_round_task_t *t = fp_round_task(co->round, task);
     if (g->second && t && !strcmp(t->site, site))
@@ -768,8 +620,8 @@ static fp_blob_t *ev_start(void *ctx, int rank)
 static void ev_stored(void *ctx, int64_t task, int pass)
 {
     fp_coord_t *co = ctx;
-    if (co->sa)
-        fp_sa_round_uploaded(co->sa, task);
+    if (sa_of(co))
+        fp_sa_round_uploaded(sa_of(co), task);
     if (pass == 2) /* the second sum's: the round machine counted the task already */
         return;
     fp_round_uploaded(co->round, task);
@@ -795,27 +647,14 @@ static int ev_secagg(void *ctx, const char *site, const Fedpeft__Envelope *e, ch
                      size_t n)
 {
     fp_coord_t *co = ctx;
-    if (!co->sa) { /* its round is over: nothing it says matters any more */
-        fp_log(FP_LOG_INFO, "site %s: %s after its secure round: ignored", site, fp_msg_name(e));
-        return 0;
-    }
-    unsigned char *der = NULL;
-    size_t dl = 0;
-    if (e->body_case == FEDPEFT__ENVELOPE__BODY_SA_KEYS &&
-        fp_sites_cert(co->sites, site, &der, &dl) != 0) {
-        snprintf(reason, n, "cannot keep the site's certificate");
-        return FEDPEFT__ERROR__CODE__INTERNAL;
-    }
-    int code = fp_sa_wire_message(co->sa, site, e, der, dl, reason, n);
-    free(der);
-    return code;
+    return fp_sa_loop_message(co->secure, site, e, reason, n);
 }
 
 static void ev_stream_out(void *ctx, const char *site, int64_t next)
 {
     fp_coord_t *co = ctx;
     const fp_round_task_t *t = fp_round_task(co->round, next);
-    int second = co->sa && co->qblob && fp_sa_round_member(co->sa, next, NULL);
+    int second = fp_sa_loop_q(co->secure) && fp_sa_round_member(sa_of(co), next, NULL);
     if (t && !strcmp(t->site, site) && (fp_round_wants(co->round, next) || second))
         send_task(co, t);
 }
@@ -838,126 +677,39 @@ static const fp_sites_events_t sites_events = {
 
 /* ---- start ---- */
 
-/* Picks up where the last run stopped: the global adapter, and a round left open or
- * aggregating. */
+/* Picks up where the last run stopped. */
 static int resume_state(fp_coord_t *co, fp_err_t *err)
 {
-    fp_db_round_t last, closed;
-    int rc = fp_db_round_last(co->db, &last, err);
-    if (rc >= 0)
-        rc = fp_db_round_last_closed(co->db, &closed, err);
-    if (rc < 0)
+    fp_federation_resume_t r;
+    int rc = fp_federation_resume(co->db, co->cfg, &co->fed, &r, err);
+    if (rc)
         return rc;
-    snprintf(co->global_sha, sizeof co->global_sha, "%s", closed.global_adapter);
-    co->global_rank = closed.global_rank;
-    if (co->fed.dp) { /* what was spent stays spent */
-        fp_db_privacy_t p;
-        if ((rc = fp_db_privacy_get(co->db, &p, err)) < 0)
-            return rc;
-        co->dp_clip = last.state == FP_DB_ROUND_OPEN || last.state == FP_DB_ROUND_AGGREGATING
-                          ? last.clip : p.clip;
-        fp_round_set_spent(co->round, p.steps, p.epsilon);
-        set_epsilon(co, p.epsilon);
-        if (p.steps)
-            fp_log(FP_LOG_NOTICE, "privacy: ε = %.4g spent of %g in %lld draws", p.epsilon,
-                   p.epsilon_max, (long long)p.steps);
+    snprintf(co->global_sha, sizeof co->global_sha, "%s", r.global_sha);
+    co->global_rank = r.global_rank;
+    co->dp_clip = r.clip;
+    if (co->fed.dp) {
+        fp_round_set_spent(co->round, r.dp_steps, r.dp_epsilon);
+        set_epsilon(co, r.dp_epsilon);
     }
-    atomic_store(&co->c_round, last.n);
-    fp_round_phase_t phase = last.state == FP_DB_ROUND_OPEN ? FP_ROUND_OPEN :
-                             last.state == FP_DB_ROUND_AGGREGATING ? FP_ROUND_AGGREGATING :
-                             FP_ROUND_IDLE;
-    if ((last.secure || co->cfg->sa_enabled) && phase != FP_ROUND_IDLE) {
-        /* its keys and shares lived in the coordinator's memory and the sites' (and its
-         * masked uploads are no adapters: secure aggregation turned off since cannot merge
-         * them in the clear) */
-        const char *why = "a secure round cannot resume after a restart";
-        if ((rc = fp_db_round_expire(co->db, last.n, why, err)) != 0)
-            return rc;
-        fp_log(FP_LOG_WARNING, "round %lld expired: %s", (long long)last.n, why);
-        phase = FP_ROUND_IDLE;
-    }
-    fp_db_task_t *rows = NULL;
-    int nrows = 0;
-    if (phase != FP_ROUND_IDLE && (rc = fp_db_round_tasks(co->db, last.n, &rows, &nrows, err)) != 0)
-        return rc;
-    fp_round_task_t *t = calloc((size_t)(nrows ? nrows : 1), sizeof *t);
-    if (!t) {
-        free(rows);
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    }
-    int up = 0;
-    for (int i = 0; i < nrows; i++) {
-        t[i] = (fp_round_task_t){.id = rows[i].id, .rank = rows[i].rank, .seed = rows[i].seed,
-                                 .uploaded = rows[i].state == FP_DB_TASK_UPLOADED};
-        snprintf(t[i].site, sizeof t[i].site, "%s", rows[i].site);
-        up += t[i].uploaded;
-    }
-    free(rows);
-    if (phase == FP_ROUND_OPEN)
-        fp_log(FP_LOG_NOTICE, "round %lld resumes: %d of %d updates already stored",
-               (long long)last.n, up, nrows);
-    rc = fp_round_recover(co->round, last.n, phase, last.deadline_ms, t, nrows, err);
-    free(t);
+    atomic_store(&co->c_round, r.round);
+    rc = fp_round_recover(co->round, r.round, r.phase, r.deadline_ms, r.tasks, r.ntasks, err);
+    free(r.tasks);
     return rc;
 }
 
-static const char *const subdirs[] = {"adapters", "updates", "spool"};
-
-/* A noise generator keyed from OpenSSL's cryptographic generator. */
-static int new_rng(fp_noise_t **out, fp_err_t *err)
-{
-    uint8_t key[FP_NOISE_KEY];
-    if (RAND_bytes(key, sizeof key) != 1)
-        return fp_err_set(err, -EIO, "OpenSSL's random generator failed");
-    int rc = fp_noise_new(out, key, err);
-    OPENSSL_cleanse(key, sizeof key);
-    return rc;
-}
-
-/* The state directory (0700, locked), the federation's layout and the database. */
+/* The federation's state, the noise generators and the privacy mechanism's constants. */
 static int open_state(fp_coord_t *co, fp_err_t *err)
 {
-    fp_srv_config_t *cfg = co->cfg;
-    fp_fed_t *f = &co->fed;
-    char **dirs[] = {&f->adapters_dir, &f->updates_dir, &f->spool_dir};
-    f->state_dir = cfg->state_dir;
-    for (int i = 0; i < 3; i++)
-        if (!(*dirs[i] = fp_path_join(cfg->state_dir, subdirs[i])))
-            return fp_err_set(err, -ENOMEM, "out of memory");
-    /* site updates are the most sensitive thing here: the directories are the daemon's alone
-     * (0700), and so are the files (0600: the daemon's umask is 077) */
-    int rc;
-    if ((rc = fp_fs_mkdirs(cfg->state_dir, 0700, err)) != 0 ||
-        (rc = fp_fs_lock_dir(cfg->state_dir, "fedpeft-server", &co->lock_fd, err)) != 0)
+    const fp_srv_config_t *c = co->cfg;
+    int rc = fp_federation_setup(c, &co->fed, &co->targets, co->model_sha, &co->lock_fd,
+                                 &co->db, err);
+    if (rc || (rc = fp_noise_new_random(&co->draw_rng, err)) != 0 ||
+        (rc = fp_noise_new_random(&co->job_rng, err)) != 0)
         return rc;
-    for (int i = 0; i < 3; i++)
-        if ((rc = fp_fs_mkdirs(*dirs[i], 0700, err)) != 0)
-            return rc;
-    if ((rc = fp_strategy_parse(cfg->strategy, &f->strategy, err)) != 0 ||
-        (rc = fp_targets_parse(cfg->target_modules, &co->targets, err)) != 0)
-        return rc;
-    fp_sha256_parse(cfg->base_model_sha256, co->model_sha);
-    f->restart = fp_strategy_restarts(f->strategy);
-    f->frozen_a = f->strategy == FP_STRAT_FFA;
-    if ((rc = fp_dp_mode_parse(cfg->dp_mode, &f->dp, err)) != 0 ||
-        (rc = new_rng(&co->draw_rng, err)) != 0 || (rc = new_rng(&co->job_rng, err)) != 0)
-        return rc;
-    co->dp_clip = cfg->dp_clip;
-    co->dp_z_update = cfg->dp_adaptive ? fp_dp_update_multiplier(cfg->dp_noise,
-                                                                 cfg->dp_count_stddev)
-                                       : cfg->dp_noise;
-    f->alpha = cfg->alpha;
-    f->rslora = cfg->rslora;
-    f->r_max = (int)cfg->r_max;
-    f->seed = (uint64_t)cfg->seed;
-    fp_model_config_t mc;
-    if ((rc = fp_model_config_load(cfg->base_model_config, &mc, err)) != 0 ||
-        (rc = fp_lora_descs(&mc, co->targets, f->r_max, f->alpha, f->rslora, &f->layout,
-                            &f->n_layout, err)) != 0 ||
-        (rc = fp_db_open(&co->db, cfg->state_dir, 0, err)) != 0)
-        return rc;
-    f->db = co->db;
-    return fp_federation_open(co->db, cfg, &co->fed, err);
+    co->dp_clip = c->dp_clip;
+    co->dp_z_update = c->dp_adaptive ? fp_dp_update_multiplier(c->dp_noise, c->dp_count_stddev)
+                                     : c->dp_noise;
+    return 0;
 }
 
 int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
@@ -980,17 +732,20 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     fp_round_cfg_t rcfg;
     if ((rc = open_state(co, err)) != 0)
         goto fail;
-    round_cfg(co, &rcfg);
+    fp_federation_round_cfg(cfg, &co->fed, &rcfg);
     if ((rc = fp_round_new(&co->round, &rcfg, &round_ops, co, err)) != 0)
         goto fail;
     uv_timer_init(loop, &co->timer);
     uv_timer_init(loop, &co->tick);
-    uv_timer_init(loop, &co->sa_timer);
-    co->timer.data = co->tick.data = co->sa_timer.data = co;
-    co->handles_open = 3;
+    co->timer.data = co->tick.data = co;
+    co->handles_open = 2;
     if ((rc = fp_sites_start(&co->sites, loop, cfg, &co->fed, co->db, co->model_sha, co->targets,
                              &sites_events, co, host, sizeof host, err)) != 0 ||
-        (rc = resume_state(co, err)) != 0)
+        (rc = fp_sa_loop_new(&co->secure, loop, co->sites, co->round, co->db, &sa_host, co,
+                             err)) != 0)
+        goto fail;
+    co->handles_open++;
+    if ((rc = resume_state(co, err)) != 0)
         goto fail;
     uv_timer_start(&co->tick, tick_cb, 0, 1000);
     fp_db_event(co->db, fp_round_number(co->round), NULL, "start", "listening on %s:%d", host,
@@ -999,6 +754,7 @@ int fp_coord_start(fp_coord_t **out, uv_loop_t *loop, fp_srv_config_t *cfg,
     return 0;
 fail:
     co->stopping = 1;
+    co->done_called = 1; /* nothing to tell: the start failed */
     if (co->sites)
         fp_sites_stop(co->sites);
     if (co->job != JOB_NONE) /* a resumed round's job: let it finish before freeing */
@@ -1008,7 +764,8 @@ fail:
         /* the timer handles must be closed on the loop; run it once more */
         uv_close((uv_handle_t *)&co->timer, NULL);
         uv_close((uv_handle_t *)&co->tick, NULL);
-        uv_close((uv_handle_t *)&co->sa_timer, NULL);
+        if (co->secure)
+            fp_sa_loop_close(co->secure);
         uv_run(loop, UV_RUN_NOWAIT);
     }
     co->handles_open = 0;
@@ -1023,11 +780,15 @@ int fp_coord_port(const fp_coord_t *co)
 
 /* ---- stop ---- */
 
-static void timer_closed(uv_handle_t *h)
+static void timer_closed(fp_coord_t *co)
 {
-    fp_coord_t *co = h->data;
     if (--co->handles_open == 0)
         finish_stop(co);
+}
+
+static void handle_closed(uv_handle_t *h)
+{
+    timer_closed(h->data);
 }
 
 static void finish_stop(fp_coord_t *co)
@@ -1036,9 +797,8 @@ static void finish_stop(fp_coord_t *co)
         return;
     if (co->handles_open) {
         if (!uv_is_closing((uv_handle_t *)&co->timer)) {
-            uv_close((uv_handle_t *)&co->timer, timer_closed);
-            uv_close((uv_handle_t *)&co->tick, timer_closed);
-            uv_close((uv_handle_t *)&co->sa_timer, timer_closed);
+            uv_close((uv_handle_t *)&co->timer, handle_closed);
+            uv_close((uv_handle_t *)&co->tick, handle_closed);
         }
         return;
     }
@@ -1055,7 +815,7 @@ void fp_coord_stop(fp_coord_t *co)
     co->stopping = 1;
     fp_notify("STOPPING=1");
     fp_round_stop(co->round);
-    uv_timer_stop(&co->sa_timer);
+    fp_sa_loop_close(co->secure); /* (a secure job running finishes first) */
     fp_sites_stop(co->sites);
     finish_stop(co);
 }
@@ -1071,21 +831,13 @@ void fp_coord_reload(fp_coord_t *co, fp_srv_config_t *fresh)
                "closed", dropped);
     if (fresh) {
         char ignored[512];
-        double fraction = co->cfg->fraction;
-        long long min_updates = co->cfg->min_updates;
+        fp_srv_config_t was = *co->cfg;
         int n = fp_settings_apply_reload(fp_srv_settings, co->cfg, fresh, ignored, sizeof ignored);
-        if (co->fed.dp && (co->cfg->fraction != fraction || co->cfg->min_updates != min_updates)) {
-            /* the accountant's q and the noise shares' size are the mechanism's */
-            co->cfg->fraction = fraction;
-            co->cfg->min_updates = min_updates;
-            fp_log(FP_LOG_WARNING, "reload: federation.fraction and min_updates are fixed under "
-                   "differential privacy (the accountant's sampling rate, the noise shares' "
-                   "size); kept %g and %lld", fraction, min_updates);
-        }
+        fp_federation_keep_fixed(co->cfg, &co->fed, &was);
         fp_log(FP_LOG_NOTICE, "reload: %d setting(s) changed%s%s", n,
                ignored[0] ? "; needs a restart to change: " : "", ignored);
         fp_round_cfg_t rc;
-        round_cfg(co, &rc);
+        fp_federation_round_cfg(co->cfg, &co->fed, &rc);
         fp_round_set_cfg(co->round, &rc);
     }
     fp_db_event(co->db, fp_round_number(co->round), NULL, "reload", "%u sessions revoked",
@@ -1129,15 +881,12 @@ void fp_coord_free(fp_coord_t *co)
     fp_round_free(co->round);
     free(co->job_ranks);
     free(co->agg.ups);
-    end_secure(co); /* (its timer is closed with the others) */
+    fp_sa_loop_free(co->secure); /* (its timer is closed with the others) */
     fp_noise_free(co->draw_rng);
     fp_noise_free(co->job_rng);
     fp_db_close(co->db);
     fp_sites_free(co->sites);
-    free(co->fed.adapters_dir);
-    free(co->fed.updates_dir);
-    free(co->fed.spool_dir);
-    free(co->fed.layout);
+    fp_federation_release(&co->fed);
     if (co->lock_fd >= 0)
         close(co->lock_fd); /* another coordinator may have the directory now */
     free(co);

@@ -1,9 +1,11 @@
 #include "fp_noise.h"
 
+#include <errno.h>
 #include <math.h>
 #include <nettle/chacha.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 typedef unsigned __int128 u128;
 
@@ -31,6 +33,22 @@ int fp_noise_new(fp_noise_t **out, const uint8_t key[FP_NOISE_KEY], fp_err_t *er
     refill(n);
     *out = n;
     return 0;
+}
+
+int fp_noise_new_random(fp_noise_t **out, fp_err_t *err)
+{
+    uint8_t key[FP_NOISE_KEY];
+    size_t got = 0;
+    while (got < sizeof key) { /* blocks only until the kernel's generator is seeded */
+        ssize_t r = getrandom(key + got, sizeof key - got, 0);
+        if (r < 0 && errno != EINTR)
+            return fp_err_set(err, -errno, "the kernel's random generator: %s",
+                              strerror(errno));
+        got += r > 0 ? (size_t)r : 0;
+    }
+    int rc = fp_noise_new(out, key, err);
+    explicit_bzero(key, sizeof key);
+    return rc;
 }
 
 void fp_noise_free(fp_noise_t *n)

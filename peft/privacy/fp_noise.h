@@ -1,6 +1,6 @@
-/* fp_noise.h — noise for differential privacy: a ChaCha20 keystream (nettle) keyed by the
- * caller with 32 bytes from a cryptographic source (the daemons draw them from OpenSSL's
- * RAND_bytes; peft itself links no OpenSSL), and Gaussian noise sampled without floating point.
+/* fp_noise.h — noise for differential privacy: a ChaCha20 keystream (nettle) keyed with 32
+ * bytes from a cryptographic source (the kernel's, getrandom(2); or the caller's, for tests
+ * and the sum's shared seeds), and Gaussian noise sampled without floating point.
  *
  * Naive floating-point Gaussian samplers leak (Mironov, CCS 2012): the values x + noise can
  * reach depend on x through the uneven spacing of doubles. fedpeft draws an integer Z from the
@@ -22,6 +22,8 @@
 typedef struct fp_noise fp_noise_t;
 
 int fp_noise_new(fp_noise_t **out, const uint8_t key[FP_NOISE_KEY], fp_err_t *err);
+/* Keyed from the kernel's cryptographic generator (getrandom(2)). */
+int fp_noise_new_random(fp_noise_t **out, fp_err_t *err);
 void fp_noise_free(fp_noise_t *n);
 
 uint64_t fp_noise_u64(fp_noise_t *n);
