@@ -2,11 +2,13 @@
 #include "fp_fed.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -43,18 +45,6 @@ char *fp_fed_update_path(const fp_fed_t *f, int64_t task, const char *ext)
     return fp_path_join(f->updates_dir, name);
 }
 
-static int sha_file(const char *path, uint8_t sha[32], fp_err_t *err)
-{
-    char *buf;
-    size_t len;
-    int rc = fp_fs_read_file(path, (size_t)1 << 40, &buf, &len, err);
-    if (rc)
-        return rc;
-    fp_sha256(buf, len, sha);
-    free(buf);
-    return 0;
-}
-
 int fp_fed_store_adapter(const fp_fed_t *f, const fp_adapter_t *ad, char sha_hex[65],
                          fp_err_t *err)
 {
@@ -64,9 +54,7 @@ int fp_fed_store_adapter(const fp_fed_t *f, const fp_adapter_t *ad, char sha_hex
     uint8_t sha[32];
     int rc = tmp ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
     if (rc == 0)
-        rc = fp_hfpeft_write_factors(ad, tmp, err);
-    if (rc == 0)
-        rc = sha_file(tmp, sha, err);
+        rc = fp_hfpeft_write_factors(ad, tmp, sha, err); /* hashed as it is written */
     if (rc == 0) {
         fp_sha256_hex(sha, sha_hex);
         dst = fp_fed_adapter_path(f, sha_hex);
@@ -220,44 +208,92 @@ static int dp_verify(const fp_fed_t *f, const fp_verify_in_t *in, fp_adapter_t *
     return 0;
 }
 
+/* The spooled update at path, mapped: its safetensors header (written before the stream
+ * came) and the stream after it. */
+static int map_update(const char *path, void **map, size_t *maplen, const unsigned char **data,
+                      uint64_t *len, fp_err_t *err)
+{
+    *map = NULL;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        int e = errno;
+        if (fd >= 0)
+            close(fd);
+        return fp_err_set(err, -e, "%s: %s", path, strerror(e));
+    }
+    uint64_t hl = 0, size = (uint64_t)st.st_size;
+    if (size < 8 || pread(fd, &hl, 8, 0) != 8 || hl > size - 8) {
+        close(fd);
+        return fp_err_set(err, -EBADMSG, "%s: no spooled update header", path);
+    }
+    void *m = size > 8 + hl ? mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0) : NULL;
+    close(fd);
+    if (m == MAP_FAILED)
+        return fp_err_set(err, -errno, "%s: mmap: %s", path, strerror(errno));
+    *map = m;
+    *maplen = (size_t)size;
+    *data = m ? (const unsigned char *)m + 8 + hl : NULL;
+    *len = size - 8 - hl;
+    return 0;
+}
+
+/* The verified update into place: the spooled file itself (a rename), or, when the checks
+ * changed it (a clip), u written anew. */
+static int store_update(const fp_fed_t *f, const char *raw_path, const char *final,
+                        const fp_adapter_t *u, int changed, fp_err_t *err)
+{
+    if (changed) {
+        int rc = fp_hfpeft_write_factors(u, final, NULL, err);
+        unlink(raw_path);
+        return rc;
+    }
+    if (rename(raw_path, final) != 0)
+        return fp_err_set(err, -errno, "%s: %s", final, strerror(errno));
+    return fp_fs_sync_dir(f->updates_dir, err);
+}
+
 int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
                   char *reason, size_t rn)
 {
     fp_err_t err = {0};
-    char *raw = NULL, *final = NULL;
-    size_t len = 0;
+    char *final = NULL;
+    void *map = NULL;
+    size_t maplen = 0;
+    const unsigned char *data = NULL;
+    uint64_t len = 0;
     fp_adapter_t *u = NULL, *s = NULL;
     int code = FEDPEFT__ERROR__CODE__INTERNAL, rc, clipped = 0;
     double norm = 0;
     char shahex[65];
     fp_sha256_hex(in->sha, shahex);
-    if ((rc = fp_fs_read_file(raw_path, (size_t)1 << 40, &raw, &len, &err)) != 0)
+    if ((rc = map_update(raw_path, &map, &maplen, &data, &len, &err)) != 0)
         goto fail;
     if (!f->restart && (rc = rebuild_start(in->start, f, &s, &err)) != 0)
         goto fail;
     code = FEDPEFT__ERROR__CODE__INVALID_UPDATE;
     double bit = NAN, vnorm = 0;
     int dp_clipped = 0;
-    if ((rc = fp_adapter_stream_read(raw, len, in->t, in->n, f->alpha, f->rslora, &u, &err)) != 0 ||
+    if ((rc = fp_adapter_stream_read(data, len, in->t, in->n, f->alpha, f->rslora, &u, &err)) != 0 ||
         (rc = fp_strategy_check_update(f->strategy, f->layout, f->n_layout, in->rank, u, s,
                                        &err)) != 0 ||
         (rc = dp_verify(f, in, u, s, &bit, &vnorm, &dp_clipped, &err)) != 0 ||
         (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, &err)) != 0)
         goto fail;
+    int changed = clipped || (f->dp == FP_DP_CENTRAL && dp_clipped);
     if (f->dp != FP_DP_OFF) { /* the recorded norm: the update vector's, before any clip */
         norm = vnorm;
         clipped |= dp_clipped;
     }
-    free(raw);
-    raw = NULL;
+    munmap(map, maplen);
+    map = NULL;
     code = FEDPEFT__ERROR__CODE__INTERNAL;
     if (!(final = fp_fed_update_path(f, in->task, "safetensors"))) {
         rc = fp_err_set(&err, -ENOMEM, "out of memory");
         goto fail;
     }
-    if ((rc = fp_hfpeft_write_factors(u, final, &err)) != 0)
+    if ((rc = store_update(f, raw_path, final, u, changed, &err)) != 0)
         goto fail;
-    unlink(raw_path);
     if ((rc = fp_db_task_uploaded(f->db, in->task, shahex, norm, clipped, bit, &err)) < 0)
         goto fail;
     if (rc == 0) {
@@ -277,10 +313,11 @@ fail:
         fp_db_task_end(f->db, in->task, FP_DB_TASK_REFUSED, reason, NULL);
         fp_db_event(f->db, -1, NULL, "refused", "task %lld: %s", (long long)in->task, reason);
     }
+    if (map)
+        munmap(map, maplen);
     unlink(raw_path);
     if (final)
         unlink(final);
-    free(raw);
     free(final);
     fp_adapter_free(u);
     fp_adapter_free(s);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/resource.h>
 
+#include "fp_adapter_stream.h"
 #include "fp_clock.h"
 #include "fp_conn.h"
 #include "fp_escape.h"
@@ -535,6 +536,21 @@ static int on_resume(void *ctx, uint64_t id, uint64_t *total, char *final_path, 
     return 0;
 }
 
+/* An update's spool starts with its safetensors header: once the stream is in, the file is the
+ * update as stored (a masked vector is no adapter: none). */
+static int on_prefix(void *ctx, uint64_t id, char **out, size_t *len, char *reason, size_t n)
+{
+    site_t *s = site_of(ctx);
+    fp_err_t err = {0};
+    *len = 0;
+    if ((int64_t)id != s->up_task || s->up_secure)
+        return 0;
+    if (fp_adapter_stream_header(s->up_t, s->up_n, FP_STREAM_ALIGN, out, len, &err) == 0)
+        return 0;
+    snprintf(reason, n, "%s", fp_err_msg(&err));
+    return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+}
+
 /* On a worker: the heavy checks, the update file, the durable row. */
 static int on_verify(void *ctx, uint64_t id, const char *path, const uint8_t sha[32],
                      char *reason, size_t n)
@@ -609,6 +625,7 @@ static const fp_srv_sess_ops_t sess_ops = {
     .hello = on_hello,
     .update = on_update,
     .resume = on_resume,
+    .prefix = on_prefix,
     .committed = on_committed,
     .heartbeat = on_heartbeat,
     .verify = on_verify,

@@ -34,6 +34,7 @@
 #include "fp_model.h"
 #include "fp_rdp.h"
 #include "fp_rng.h"
+#include "fp_sha256.h"
 #include "fp_site.h"
 #include "fp_stream.h"
 #include "fp_test.h"
@@ -495,6 +496,8 @@ static fp_adapter_t *load_global(env_t *e, fpt_sql_t *db, int round)
     return ad;
 }
 
+static int stored_as_sent; /* updates checked byte for byte against their stream */
+
 /* Updates merged in round n: adapters and their sample counts. */
 static int load_updates(env_t *e, fpt_sql_t *db, int round, fp_adapter_t **ad, double *w)
 {
@@ -510,6 +513,25 @@ static int load_updates(env_t *e, fpt_sql_t *db, int round, fp_adapter_t **ad, d
         fp_err_t err = {0};
         assert_int_equal(fp_hfpeft_load_factors(p, 8, 0, FP_LOAD_COPY, &ad[i], &err), 0);
         w[i] = (double)count[i];
+        /* an update not clipped is stored as it came: its spool file, the site's stream
+         * after the header (the stream's hash is the one recorded) */
+        snprintf(sql, sizeof sql, "SELECT update_sha256 FROM task WHERE id = %lld AND "
+                 "clipped = 0", (long long)id[i]);
+        char *want = fpt_sql_text(db, sql), *data, hex[65];
+        size_t len;
+        uint64_t hl;
+        assert_int_equal(fp_fs_read_file(p, 1 << 30, &data, &len, &err), 0);
+        memcpy(&hl, data, 8);
+        uint8_t sha[32];
+        fp_sha256(data + 8 + hl, len - 8 - hl, sha);
+        fp_sha256_hex(sha, hex);
+        if (want && *want) {
+            assert_int_equal((8 + hl) % 4096, 0);
+            assert_string_equal(hex, want);
+            stored_as_sent++;
+        }
+        free(want);
+        free(data);
         free(p);
     }
     return n;
@@ -529,6 +551,7 @@ static void check_rounds(env_t *e, const char *strategy, int rounds)
     assert_int_equal(q_int(db, sql), rounds);
     fp_strategy_t st;
     assert_int_equal(fp_strategy_parse(strategy, &st, NULL), 0);
+    stored_as_sent = 0;
     for (int r = 1; r <= rounds; r++) {
         fp_adapter_t *before = load_global(e, db, r - 1), *after = load_global(e, db, r);
         fp_adapter_t *up[NSITES];
@@ -593,6 +616,7 @@ static void check_rounds(env_t *e, const char *strategy, int rounds)
         fp_adapter_free(before);
         fp_adapter_free(after);
     }
+    assert_true(stored_as_sent >= 1);
     fpt_sql_close(db);
 }
 

@@ -10,6 +10,7 @@
 #include "fp_dtype.h"
 #include "fp_fs.h"
 #include "fp_safetensors.h"
+#include "fp_sha256.h"
 
 
 
@@ -107,6 +108,51 @@ static void test_write_read_every_float_dtype(void **state)
     fp_st_release(st, t);
     assert_memory_equal(view, v, sizeof v);
     fp_st_close(st);
+    free(p);
+}
+
+/* A header made alone (fp_st_header, data aligned to 4096) with the tensors' bytes written
+ * after it is a file the reader takes, its data at the alignment; fp_st_write_sha's hash is
+ * the file's. */
+static void test_header_then_bytes_and_hashed_write(void **state)
+{
+    (void)state;
+    float a[6] = {1, 2, 3, 4, 5, 6}, b[4] = {-1, -2, -3, -4};
+    fp_st_entry_t e[2] = {
+        {.name = "x.lora_A.weight", .dtype = FP_DT_F32, .ndim = 2, .shape = {2, 3}},
+        {.name = "x.lora_B.weight", .dtype = FP_DT_F32, .ndim = 2, .shape = {2, 2}},
+    };
+    char *hdr = NULL;
+    size_t hl = 0;
+    fp_err_t err = {0};
+    assert_int_equal(fp_st_header(e, 2, NULL, 4096, &hdr, &hl, &err), 0);
+    assert_int_equal(hl, 4096);
+    char *p = fp_path_join(fpt_dir, "spooled.safetensors");
+    FILE *f = fopen(p, "wb");
+    assert_int_equal(fwrite(hdr, 1, hl, f), hl);
+    assert_int_equal(fwrite(a, sizeof a, 1, f), 1);
+    assert_int_equal(fwrite(b, sizeof b, 1, f), 1);
+    fclose(f);
+    fp_st_file_t *st;
+    assert_int_equal(fp_st_open(&st, p, &err), 0);
+    float got[6];
+    assert_int_equal(fp_st_read_f32(st, fp_st_find(st, "x.lora_A.weight"), got, &err), 0);
+    assert_memory_equal(got, a, sizeof a);
+    assert_int_equal(fp_st_read_f32(st, fp_st_find(st, "x.lora_B.weight"), got, &err), 0);
+    assert_memory_equal(got, b, sizeof b);
+    fp_st_close(st);
+
+    e[0].f32 = a;
+    e[1].f32 = b;
+    uint8_t sha[32], want[32];
+    assert_int_equal(fp_st_write_sha(p, e, 2, NULL, sha, &err), 0);
+    char *data;
+    size_t len;
+    assert_int_equal(fp_fs_read_file(p, 1 << 20, &data, &len, &err), 0);
+    fp_sha256(data, len, want);
+    assert_memory_equal(sha, want, 32);
+    free(data);
+    free(hdr);
     free(p);
 }
 
@@ -342,6 +388,7 @@ int main(void)
         cmocka_unit_test(test_f16_every_value_round_trips),
         cmocka_unit_test(test_bf16_rounds_to_nearest_even),
         cmocka_unit_test(test_write_read_every_float_dtype),
+        cmocka_unit_test(test_header_then_bytes_and_hashed_write),
         cmocka_unit_test(test_empty_scalar_and_zero_size_tensors),
         cmocka_unit_test(test_writer_leaves_nothing_on_failure),
         cmocka_unit_test(test_unaligned_f32_is_copied_not_viewed),

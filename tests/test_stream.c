@@ -1,6 +1,8 @@
 /* A 256 MiB tensor stream from a site to the coordinator over mutual TLS on 127.0.0.1:
  * stored and verified by hash; then the same stream cut midway and resumed — the second
- * connection carries only what was not yet durable. */
+ * connection carries only what was not yet durable. The spool file starts with a prefix of
+ * the application's (as the coordinator's starts with the update's safetensors header): the
+ * stored file is that prefix, then the stream, whatever the cut. */
 #include "fp_test.h"
 
 #include <openssl/evp.h>
@@ -60,6 +62,26 @@ static int resume(void *ctx, uint64_t id, uint64_t *total, char *path, size_t pn
     return 0;
 }
 
+#define PREFIX 8192u
+
+static void fill_prefix(char *p, uint64_t id)
+{
+    for (size_t i = 0; i < PREFIX; i++)
+        p[i] = (char)('a' + (i * 7 + id) % 26);
+}
+
+static int prefix(void *ctx, uint64_t id, char **out, size_t *len, char *reason, size_t n)
+{
+    (void)ctx;
+    (void)reason;
+    (void)n;
+    if (!(*out = malloc(PREFIX)))
+        return FEDPEFT__ERROR__CODE__INTERNAL;
+    fill_prefix(*out, id);
+    *len = PREFIX;
+    return 0;
+}
+
 static int committed(void *ctx, uint64_t id, const char *path, char *reason, size_t n)
 {
     fp_srv_peer_t *p = ctx;
@@ -87,13 +109,16 @@ static void done_cb(void *ctx, int ok, uint64_t acked, const char *reason)
     snprintf(r->reason, sizeof r->reason, "%s", reason);
 }
 
-static void file_sha(const char *path, uint8_t out[32])
+/* The stored file: the prefix of stream id, then the stream (its hash in out). */
+static void file_sha(const char *path, uint64_t id, uint8_t out[32])
 {
-    char *data;
+    char *data, want[PREFIX];
     size_t len;
-    assert_int_equal(fp_fs_read_file(path, TOTAL + 1, &data, &len, NULL), 0);
-    assert_int_equal(len, TOTAL);
-    fp_sha256(data, len, out);
+    assert_int_equal(fp_fs_read_file(path, PREFIX + TOTAL + 1, &data, &len, NULL), 0);
+    assert_int_equal(len, PREFIX + TOTAL);
+    fill_prefix(want, id);
+    assert_memory_equal(data, want, PREFIX);
+    fp_sha256(data + PREFIX, TOTAL, out);
     free(data);
 }
 
@@ -137,7 +162,7 @@ static void test_256mib_and_resume(void **state)
     uv_loop_init(&loop);
     app_t app = {0};
     fp_srv_link_t link = {.ops = {.hello = hello, .update = update, .resume = resume,
-                                  .committed = committed},
+                                  .prefix = prefix, .committed = committed},
                           .app = &app, .spool_dir = spool, .ack_every = 16u << 20};
     fp_listener_t *l;
     assert_int_equal(fp_listen(&l, &loop, "127.0.0.1", 0, stls, NULL, fp_srv_link_ops(), &link,
@@ -175,7 +200,7 @@ static void test_256mib_and_resume(void **state)
     assert_int_equal(r.acked, TOTAL);
     assert_int_equal(app.commits, 1);
     uint8_t got[32];
-    file_sha(app.stored, got);
+    file_sha(app.stored, 1, got);
     assert_memory_equal(got, blob_sha, 32);
     fp_upload_free(u);
 
@@ -215,7 +240,7 @@ static void test_256mib_and_resume(void **state)
     assert_true(start < TOTAL);
     assert_true(resent >= TOTAL - start);
     assert_true(resent < TOTAL - start + (1u << 20));
-    file_sha(app.stored, got);
+    file_sha(app.stored, 2, got);
     assert_memory_equal(got, blob_sha, 32);
     assert_int_equal(app.commits, 2);
     fp_upload_free(u);

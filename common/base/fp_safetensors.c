@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "fp_fs.h"
+#include "fp_sha256.h"
 
 struct fp_st_file {
     char *path;               /* path or label, for messages */
@@ -444,18 +445,17 @@ static int entry_bytes(const fp_st_entry_t *e, uint64_t *nelem, uint64_t *nbytes
     return 0;
 }
 
-int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
-                const char *const *meta, fp_err_t *err)
+int fp_st_header(const fp_st_entry_t *entries, size_t n, const char *const *meta, size_t align,
+                 char **out, size_t *len, fp_err_t *err)
 {
+    *out = NULL;
     int rc = 0;
-    char *hdr = NULL;
-    float *stage = NULL;
     json_t *root = json_object();
     json_t *jm = json_object();
     if (!root || !jm) {
         json_decref(root);
         json_decref(jm);
-        return fp_err_set(err, -ENOMEM, "%s: out of memory", path);
+        return fp_err_set(err, -ENOMEM, "out of memory");
     }
     json_object_set_new(jm, "format", json_string("pt"));
     for (size_t i = 0; meta && meta[i] && meta[i + 1]; i += 2)
@@ -469,8 +469,7 @@ int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
         if ((rc = entry_bytes(e, &nelem, &nbytes, err)) != 0)
             goto out;
         if (!strcmp(e->name, "__metadata__") || json_object_get(root, e->name)) {
-            rc = fp_err_set(err, -EINVAL, "%s: duplicate or reserved tensor name '%s'", path,
-                            e->name);
+            rc = fp_err_set(err, -EINVAL, "duplicate or reserved tensor name '%s'", e->name);
             goto out;
         }
         json_t *t = json_object();
@@ -484,35 +483,66 @@ int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
         json_array_append_new(offs, json_integer((json_int_t)(off + nbytes)));
         json_object_set_new(t, "data_offsets", offs);
         if (json_object_set_new(root, e->name, t) != 0) {
-            rc = fp_err_set(err, -EINVAL, "%s: tensor name '%s' is not valid UTF-8", path,
-                            e->name);
+            rc = fp_err_set(err, -EINVAL, "tensor name '%s' is not valid UTF-8", e->name);
             goto out;
         }
         off += nbytes;
     }
     char *text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
     if (!text) {
-        rc = fp_err_set(err, -ENOMEM, "%s: cannot serialise header", path);
+        rc = fp_err_set(err, -ENOMEM, "cannot serialise the header");
         goto out;
     }
-    size_t tl = strlen(text);
-    size_t hl = (tl + 7) & ~(size_t)7; /* 8 + hl stays a multiple of 8 */
-    hdr = malloc(8 + hl);
+    size_t tl = strlen(text), a = align < 8 ? 8 : align;
+    size_t total = (8 + tl + a - 1) / a * a; /* the data starts aligned */
+    char *hdr = malloc(total);
     if (!hdr) {
         free(text);
-        rc = fp_err_set(err, -ENOMEM, "%s: out of memory", path);
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
     }
-    uint64_t hl64 = hl;
+    uint64_t hl64 = total - 8;
     memcpy(hdr, &hl64, 8);
     memcpy(hdr + 8, text, tl);
-    memset(hdr + 8 + tl, ' ', hl - tl);
+    memset(hdr + 8 + tl, ' ', total - 8 - tl);
     free(text);
+    *out = hdr;
+    *len = total;
+out:
+    json_decref(root);
+    return rc;
+}
 
+int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
+                const char *const *meta, fp_err_t *err)
+{
+    return fp_st_write_sha(path, entries, n, meta, NULL, err);
+}
+
+/* Appends to af, hashing what is written when sha is set. */
+static int put(fp_afile_t *af, fp_sha256_ctx_t *sha, const void *buf, size_t len, fp_err_t *err)
+{
+    if (sha)
+        fp_sha256_update(sha, buf, len);
+    return fp_afile_write(af, buf, len, err);
+}
+
+int fp_st_write_sha(const char *path, const fp_st_entry_t *entries, size_t n,
+                    const char *const *meta, uint8_t sha_out[32], fp_err_t *err)
+{
+    char *hdr = NULL;
+    float *stage = NULL;
+    size_t hlen = 0;
+    fp_sha256_ctx_t ctx, *sha = sha_out ? &ctx : NULL;
+    if (sha)
+        fp_sha256_init(sha);
+    int rc = fp_st_header(entries, n, meta, 8, &hdr, &hlen, err);
+    if (rc)
+        return fp_err_prefix(err, rc, "%s: ", path);
     fp_afile_t af;
     if ((rc = fp_afile_open(&af, path, 0644, err)) != 0)
         goto out;
-    rc = fp_afile_write(&af, hdr, 8 + hl, err);
+    rc = put(&af, sha, hdr, hlen, err);
     enum { STAGE = 1 << 16 }; /* elements converted per write */
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const fp_st_entry_t *e = &entries[i];
@@ -524,7 +554,7 @@ int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
                 rc = fp_err_set(err, -EINVAL, "tensor '%s': no data", e->name);
                 break;
             }
-            rc = fp_afile_write(&af, src, (size_t)nbytes, err);
+            rc = put(&af, sha, src, (size_t)nbytes, err);
             continue;
         }
         if (!stage && !(stage = malloc(STAGE * sizeof(double)))) {
@@ -535,7 +565,7 @@ int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
         for (uint64_t j = 0; rc == 0 && j < nelem; j += STAGE) {
             size_t m = (size_t)(nelem - j < STAGE ? nelem - j : STAGE);
             fp_convert_from_f32(stage, e->f32 + j, e->dtype, m);
-            rc = fp_afile_write(&af, stage, m * esz, err);
+            rc = put(&af, sha, stage, m * esz, err);
         }
     }
     if (rc) {
@@ -543,9 +573,10 @@ int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
         goto out;
     }
     rc = fp_afile_commit(&af, err);
+    if (rc == 0 && sha)
+        fp_sha256_final(sha, sha_out);
 out:
     free(stage);
     free(hdr);
-    json_decref(root);
     return rc;
 }

@@ -95,5 +95,15 @@ typedef struct fp_st_entry {
  * path on failure. */
 int fp_st_write(const char *path, const fp_st_entry_t *entries, size_t n,
                 const char *const *meta, fp_err_t *err);
+/* The same, with the SHA-256 of the file written in sha_out (hashed as it is written). */
+int fp_st_write_sha(const char *path, const fp_st_entry_t *entries, size_t n,
+                    const char *const *meta, uint8_t sha_out[32], fp_err_t *err);
+
+/* The file's first bytes for these tensors, packed back to back in this order: the length,
+ * the JSON header, spaces up to a multiple of align (≥ 8) so that the data starts aligned.
+ * *out is malloc'd, *len its size. (A stream of the tensors' bytes written after it is a
+ * safetensors file: how the coordinator spools an upload.) */
+int fp_st_header(const fp_st_entry_t *entries, size_t n, const char *const *meta, size_t align,
+                 char **out, size_t *len, fp_err_t *err);
 
 #endif

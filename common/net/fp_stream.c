@@ -61,7 +61,8 @@ static int leave_direct(fp_stream_rx_t *rx)
     if (fl < 0 || fcntl(rx->fd, F_SETFL, fl & ~O_DIRECT) != 0)
         return -errno;
     rx->direct = 0;
-    int rc = write_all(rx->fd, rx->stage, (size_t)(rx->received - rx->flushed), rx->flushed);
+    int rc = write_all(rx->fd, rx->stage, (size_t)(rx->received - rx->flushed),
+                       rx->base + rx->flushed);
     free(rx->stage);
     rx->stage = NULL;
     return rc;
@@ -76,7 +77,7 @@ static int flush_stage(fp_stream_rx_t *rx, int keep_tail)
     if (padded == 0)
         return 0;
     memset(rx->stage + len, 0, padded - len);
-    int rc = write_all(rx->fd, rx->stage, padded, rx->flushed);
+    int rc = write_all(rx->fd, rx->stage, padded, rx->base + rx->flushed);
     if (rc == -EINVAL)
         return leave_direct(rx);
     if (rc != 0)
@@ -102,13 +103,27 @@ static uint64_t read_acked(const char *path, uint64_t id, uint64_t total)
     return v;
 }
 
+/* The prefix at the file's start (rewritten on a resume: the same bytes). */
+static int write_prefix(const char *path, const void *prefix, size_t n)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    int rc = fd < 0 ? -errno : write_all(fd, prefix, n, 0);
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
 int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t total,
-                      fp_err_t *err)
+                      const void *prefix, size_t prefix_len, fp_err_t *err)
 {
     memset(rx, 0, sizeof *rx);
     rx->fd = -1;
+    if (prefix_len % FP_STREAM_ALIGN)
+        return fp_err_set(err, -EINVAL, "a spool prefix of %zu bytes is not a multiple of %u",
+                          prefix_len, FP_STREAM_ALIGN);
     rx->id = id;
     rx->total = total;
+    rx->base = prefix_len;
     char name[64];
     snprintf(name, sizeof name, "%" PRIu64 ".part", id);
     rx->part = fp_path_join(dir, name);
@@ -134,13 +149,14 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
         return fp_err_set(err, -e, "%s/%s: %s", dir, name, strerror(e));
     }
     struct stat st;
-    if (fstat(rx->fd, &st) != 0 || (uint64_t)st.st_size < resume)
+    if (fstat(rx->fd, &st) != 0 || (uint64_t)st.st_size < rx->base + resume)
         resume = 0; /* the record promises more than the file holds: distrust both */
     /* bytes beyond the acknowledged prefix may be torn: cut them off */
-    if (ftruncate(rx->fd, (off_t)resume) != 0) {
-        int e = errno;
+    int prc = ftruncate(rx->fd, (off_t)(rx->base + resume)) != 0 ? -errno
+            : prefix_len ? write_prefix(rx->part, prefix, prefix_len) : 0;
+    if (prc) {
         reset(rx);
-        return fp_err_set(err, -e, "%s: truncate: %s", dir, strerror(e));
+        return fp_err_set(err, prc, "%s: %s", dir, strerror(-prc));
     }
     /* re-hash the prefix kept (through the page cache: a one-off read) */
     int rfd = open(rx->part, O_RDONLY | O_CLOEXEC);
@@ -148,7 +164,7 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
     uint64_t done = 0;
     while (rfd >= 0 && buf && done < resume) {
         size_t want = resume - done < (1u << 20) ? (size_t)(resume - done) : (1u << 20);
-        ssize_t r = pread(rfd, buf, want, (off_t)done);
+        ssize_t r = pread(rfd, buf, want, (off_t)(rx->base + done));
         if (r <= 0)
             break;
         fp_sha256_update(rx->sha, buf, (size_t)r);
@@ -166,7 +182,8 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
         /* the partial last block goes back into the stage, to be rewritten longer */
         rx->flushed = resume & ~(uint64_t)(FP_STREAM_ALIGN - 1);
         if (posix_memalign((void **)&rx->stage, FP_STREAM_ALIGN, FP_STREAM_STAGE) != 0 ||
-            pread(rfd, rx->stage, (size_t)(resume - rx->flushed), (off_t)rx->flushed) !=
+            pread(rfd, rx->stage, (size_t)(resume - rx->flushed),
+                  (off_t)(rx->base + rx->flushed)) !=
                 (ssize_t)(resume - rx->flushed)) {
             free(buf);
             close(rfd);
@@ -200,7 +217,7 @@ int fp_stream_rx_write(fp_stream_rx_t *rx, uint64_t offset, const void *data, si
             piece = piece < room ? piece : room;
             memcpy(rx->stage + (rx->received - rx->flushed), p, piece);
         } else {
-            rc = write_all(rx->fd, p, piece, rx->received);
+            rc = write_all(rx->fd, p, piece, rx->base + rx->received);
         }
         if (rc != 0)
             return fp_err_set(err, rc, "%s: write: %s", rx->part, strerror(-rc));
@@ -251,7 +268,7 @@ int fp_stream_rx_finish(fp_stream_rx_t *rx, const uint8_t sha256[32], const char
         return rc;
     }
     int frc = rx->direct ? flush_stage(rx, 0) : 0;
-    if (frc == 0 && ftruncate(rx->fd, (off_t)rx->total) != 0) /* drop the padding */
+    if (frc == 0 && ftruncate(rx->fd, (off_t)(rx->base + rx->total)) != 0) /* the padding */
         frc = -errno;
     if (frc != 0)
         return fp_err_set(err, frc, "%s: write: %s", rx->part, strerror(-frc));

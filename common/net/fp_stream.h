@@ -27,6 +27,7 @@
 typedef struct fp_stream_rx {
     uint64_t id;
     uint64_t total;     /* bytes announced */
+    uint64_t base;      /* where the stream starts in the file (after the prefix) */
     uint64_t received;  /* bytes written, in order */
     uint64_t durable;   /* bytes fsynced and recorded: what may be acknowledged */
     int fd;
@@ -40,10 +41,11 @@ typedef struct fp_stream_rx {
 #define FP_STREAM_ALIGN 4096u
 #define FP_STREAM_STAGE (4u << 20)
 
-/* Opens (or resumes) stream id of total bytes in dir. rx->received tells where the sender
- * must continue. */
+/* Opens (or resumes) stream id of total bytes in dir, after prefix[0..prefix_len) (a multiple
+ * of FP_STREAM_ALIGN; not hashed, not counted in offsets: a file header the stream's bytes
+ * complete). rx->received tells where the sender must continue. */
 int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t total,
-                      fp_err_t *err);
+                      const void *prefix, size_t prefix_len, fp_err_t *err);
 
 /* Appends a chunk: offset must equal rx->received and the chunk must fit in total. */
 int fp_stream_rx_write(fp_stream_rx_t *rx, uint64_t offset, const void *data, size_t n,

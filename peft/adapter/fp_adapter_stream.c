@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "fp_hfpeft.h"
+#include "fp_safetensors.h"
 
 #define SUF_A ".lora_A.weight"
 #define SUF_B ".lora_B.weight"
@@ -135,5 +136,19 @@ out:
     free(mods);
     free(ta);
     free(tb);
+    return rc;
+}
+
+int fp_adapter_stream_header(const fp_stream_tensor_t *t, int n, size_t align, char **out,
+                             size_t *len, fp_err_t *err)
+{
+    fp_st_entry_t *e = calloc((size_t)(n > 0 ? n : 1), sizeof *e);
+    if (!e)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int i = 0; i < n; i++)
+        e[i] = (fp_st_entry_t){.name = t[i].name, .dtype = FP_DT_F32, .ndim = 2,
+                               .shape = {t[i].rows, t[i].cols}};
+    int rc = fp_st_header(e, (size_t)(n > 0 ? n : 0), NULL, align, out, len, err);
+    free(e);
     return rc;
 }

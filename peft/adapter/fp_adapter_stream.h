@@ -24,4 +24,10 @@ void fp_adapter_stream_write(const fp_adapter_t *ad, void *dst);
 int fp_adapter_stream_read(const void *data, uint64_t len, const fp_stream_tensor_t *t, int n,
                            double alpha, int rslora, fp_adapter_t **out, fp_err_t *err);
 
+/* The safetensors file's first bytes for the stream t[0..n) (F32, in the list's order): the
+ * stream written after them completes a file fp_hfpeft_load_factors reads. Its length is a
+ * multiple of align (≥ 8). *out is malloc'd. */
+int fp_adapter_stream_header(const fp_stream_tensor_t *t, int n, size_t align, char **out,
+                             size_t *len, fp_err_t *err);
+
 #endif

@@ -607,7 +607,8 @@ out:
     return j;
 }
 
-int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, fp_err_t *err)
+int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, uint8_t sha[32],
+                            fp_err_t *err)
 {
     /* the same names, shapes and order as the adapter's tensor stream */
     fp_stream_tensor_t *t;
@@ -626,7 +627,7 @@ int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, fp_err_
         e[i] = (fp_st_entry_t){.name = t[i].name, .dtype = FP_DT_F32, .ndim = 2,
                                .shape = {t[i].rows, t[i].cols}, .f32 = i % 2 ? m->B : m->A};
     }
-    rc = fp_st_write(st_path, e, (size_t)n, NULL, err);
+    rc = fp_st_write_sha(st_path, e, (size_t)n, NULL, sha, err);
     free(e);
     free(t);
     return rc;
@@ -639,7 +640,7 @@ static int write_files(const fp_adapter_t *ad, const char *dir, json_t *cfg, fp_
     char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
     if (!st_path || !cfg_path)
         rc = fp_err_set(err, -ENOMEM, "out of memory");
-    else if ((rc = fp_hfpeft_write_factors(ad, st_path, err)) == 0)
+    else if ((rc = fp_hfpeft_write_factors(ad, st_path, NULL, err)) == 0)
         rc = fp_json_write_file(cfg_path, cfg, err);
     free(cfg_path);
     free(st_path);

@@ -43,8 +43,10 @@ int fp_hfpeft_save(const fp_adapter_t *ad, const char *dir, fp_err_t *err);
  * is its tensors'; alpha and rslora, the federation's, apply to every module. */
 int fp_hfpeft_load_factors(const char *path, double alpha, int rslora, int flags,
                            fp_adapter_t **out, fp_err_t *err);
-/* Writes ad's factors (F32) to path durably, as fp_hfpeft_load_factors reads them. */
-int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *path, fp_err_t *err);
+/* Writes ad's factors (F32) to path durably, as fp_hfpeft_load_factors reads them; the file's
+ * SHA-256 in sha when it is not NULL. */
+int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *path, uint8_t sha[32],
+                            fp_err_t *err);
 
 /* "base_model.model.<module>.lora_<A|B>.weight" into buf; -ENAMETOOLONG if it does not fit. */
 int fp_hfpeft_key(char *buf, size_t n, const char *module, char which);
