@@ -51,6 +51,8 @@ struct site {
     int up_secure;            /* a masked vector of up_dim floats' words (secure round) */
     size_t up_dim;
     int up_pass;              /* which of the round's sums it is in (exact merges: 1 or 2) */
+    fp_db_upload_t up_row;    /* an announced upload's record, written as its spool opens
+                                 (up_row.tensors: malloc'd, NULL once written or resumed) */
     Fedpeft__Privacy welcome_privacy;
     site_t *next, *prev;
 };
@@ -345,6 +347,8 @@ static void set_upload(site_t *s, int64_t task, int rank, fp_stream_tensor_t *t,
 {
     fp_sites_t *ss = s->ss;
     free(s->up_t);
+    free((char *)s->up_row.tensors);
+    s->up_row.tensors = NULL;
     fp_blob_unref(s->up_start);
     s->up_task = task;
     s->up_rank = rank;
@@ -487,21 +491,17 @@ static int on_update(void *ctx, const Fedpeft__Update *u, char *final_path, size
     /* the list is kept with the task (a resumed upload after a restart knows its layout) */
     fp_stream_tensor_t *t = owned_tensors(u);
     char *json = t ? fp_tensor_list_dumps(t, (int)u->n_tensors) : NULL;
-    fp_err_t err = {0};
-    const Fedpeft__Metrics *m = u->metrics;
-    fp_db_upload_t up = {(int64_t)u->stream_bytes, (int64_t)u->samples,
-                         m ? m->train_loss : NAN, m ? m->eval_loss_before : NAN,
-                         m ? m->eval_loss_after : NAN, m ? m->seconds : NAN, json,
-                         ss->fed->dp == FP_DP_DISTRIBUTED && m ? m->clip_indicator : NAN};
-    int rc = json ? fp_db_task_uploading(ss->db, id, &up, &err)
-                  : fp_err_set(&err, -ENOMEM, "out of memory");
-    free(json);
-    if (rc < 0) {
+    if (!json) {
         free(t);
-        snprintf(reason, n, "%s", fp_err_msg(&err));
+        snprintf(reason, n, "out of memory");
         return FEDPEFT__ERROR__CODE__INTERNAL;
     }
     set_upload(s, id, row.rank, t, (int)u->n_tensors, &g);
+    const Fedpeft__Metrics *m = u->metrics;
+    s->up_row = (fp_db_upload_t){(int64_t)u->stream_bytes, (int64_t)u->samples,
+                                 m ? m->train_loss : NAN, m ? m->eval_loss_before : NAN,
+                                 m ? m->eval_loss_after : NAN, m ? m->seconds : NAN, json,
+                                 ss->fed->dp == FP_DP_DISTRIBUTED && m ? m->clip_indicator : NAN};
     raw_path(ss, id, final_path, path_n);
     return 0;
 }
@@ -536,16 +536,27 @@ static int on_resume(void *ctx, uint64_t id, uint64_t *total, char *final_path, 
     return 0;
 }
 
-/* An update's spool starts with its safetensors header: once the stream is in, the file is the
- * update as stored (a masked vector is no adapter: none). */
-static int on_prefix(void *ctx, uint64_t id, char **out, size_t *len, char *reason, size_t n)
+/* On a worker, as an upload's spool opens: an announced upload's record, durable before the
+ * first Ack; and the spool's first bytes, the update's safetensors header — once the stream is
+ * in, the file is the update as stored (a masked vector is no adapter: none). */
+static int on_opening(void *ctx, uint64_t id, char **out, size_t *len, char *reason, size_t n)
 {
     site_t *s = site_of(ctx);
     fp_err_t err = {0};
     *len = 0;
-    if ((int64_t)id != s->up_task || s->up_secure)
+    if ((int64_t)id != s->up_task)
         return 0;
-    if (fp_adapter_stream_header(s->up_t, s->up_n, FP_STREAM_ALIGN, out, len, &err) == 0)
+    if (s->up_row.tensors) {
+        int rc = fp_db_task_uploading(s->ss->db, s->up_task, &s->up_row, &err);
+        free((char *)s->up_row.tensors);
+        s->up_row.tensors = NULL;
+        if (rc < 0) {
+            snprintf(reason, n, "%s", fp_err_msg(&err));
+            return FEDPEFT__ERROR__CODE__INTERNAL;
+        }
+    }
+    if (s->up_secure ||
+        fp_adapter_stream_header(s->up_t, s->up_n, FP_STREAM_ALIGN, out, len, &err) == 0)
         return 0;
     snprintf(reason, n, "%s", fp_err_msg(&err));
     return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
@@ -625,7 +636,7 @@ static const fp_srv_sess_ops_t sess_ops = {
     .hello = on_hello,
     .update = on_update,
     .resume = on_resume,
-    .prefix = on_prefix,
+    .opening = on_opening,
     .committed = on_committed,
     .heartbeat = on_heartbeat,
     .verify = on_verify,
@@ -718,6 +729,7 @@ static void peer_free(fp_srv_peer_t *p)
     if (s->next)
         s->next->prev = s->prev;
     free(s->up_t);
+    free((char *)s->up_row.tensors);
     fp_blob_unref(s->up_start);
     free(s);
     p->user = NULL;

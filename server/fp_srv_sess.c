@@ -53,8 +53,6 @@ void fp_srv_sess_free(fp_srv_sess_t *s)
     items_free(s->next.chunks);
     items_free(s->run.chunks);
     items_free(s->waiting);
-    free(s->next.prefix);
-    free(s->run.prefix);
     job_reset(&s->next);
     job_reset(&s->run);
     s->waiting = NULL;
@@ -121,18 +119,9 @@ static int on_hello(fp_srv_sess_t *s, const Fedpeft__Hello *h)
     return rc;
 }
 
-/* Queues opening the spool (after the file's prefix, when the application has one); the first
- * Ack (where to start) goes out when it is open. */
+/* Queues opening the spool; the first Ack (where to start) goes out when it is open. */
 static int start_stream(fp_srv_sess_t *s, uint64_t id, uint64_t total)
 {
-    free(s->next.prefix);
-    s->next.prefix = NULL;
-    s->next.prefix_len = 0;
-    char reason[FP_REASON_MAX] = "";
-    int code = s->ops.prefix ? s->ops.prefix(s->ctx, id, &s->next.prefix, &s->next.prefix_len,
-                                             reason, sizeof reason) : 0;
-    if (code)
-        return refuse(s, code, "%s", reason);
     s->next.open = 1;
     s->next.id = s->stream_id = id;
     s->next.total = s->total = total;
@@ -319,8 +308,14 @@ void fp_srv_sess_job_run(fp_srv_sess_t *s)
     int rc = 0;
     if (j->open) {
         fp_stream_rx_close(&s->rx);
-        rc = fp_stream_rx_open(&s->rx, s->spool_dir, j->id, j->total, j->prefix, j->prefix_len,
-                               &j->err);
+        char *prefix = NULL;
+        size_t plen = 0;
+        if (s->ops.opening)
+            j->vcode = s->ops.opening(s->ctx, j->id, &prefix, &plen, j->vreason,
+                                      sizeof j->vreason);
+        rc = j->vcode ? -EPERM : fp_stream_rx_open(&s->rx, s->spool_dir, j->id, j->total,
+                                                   prefix, plen, &j->err);
+        free(prefix);
         j->rc = rc ? STAGE_OPEN : 0;
     }
     for (fp_sess_item_t *it = j->chunks; it && rc == 0; it = it->next) {
@@ -348,6 +343,8 @@ static int job_failed(fp_srv_sess_t *s, const fp_sess_job_t *j)
     const char *msg = fp_err_msg(&j->err);
     switch (j->rc) {
     case STAGE_OPEN:
+        if (j->vcode)
+            return refuse(s, j->vcode, "%s", j->vreason);
         return refuse(s, FEDPEFT__ERROR__CODE__INTERNAL, "cannot spool the upload: %s", msg);
     case STAGE_FINISH:
         return refuse(s, e == -EBADMSG || e == -EPROTO ? FEDPEFT__ERROR__CODE__INVALID_UPDATE
@@ -366,7 +363,6 @@ int fp_srv_sess_job_end(fp_srv_sess_t *s)
     job_reset(&s->run);
     s->busy = 0;
     items_free(j.chunks);
-    free(j.prefix);
     j.chunks = NULL;
     if (s->over)
         return 1;

@@ -45,10 +45,12 @@ typedef struct fp_srv_sess_ops {
     /* A Resume of stream id: return 0 with its total size and final path, or an Error code. */
     int (*resume)(void *ctx, uint64_t id, uint64_t *total, char *final_path, size_t path_n,
                   char *reason, size_t n);
-    /* Optional, when an upload is announced or resumed: the bytes its spool file starts with
-     * (*out malloc'd, *len a multiple of FP_STREAM_ALIGN; none: *len 0), so that the stream
-     * completes a file (fp_stream_rx_open); 0 or an Error code with a reason. */
-    int (*prefix)(void *ctx, uint64_t id, char **out, size_t *len, char *reason, size_t n);
+    /* Optional, on the job's thread (off the event loop) as the spool of an announced or
+     * resumed upload opens, before the first Ack: record what must be durable first, and give
+     * the bytes the spool file starts with (*out malloc'd, *len a multiple of FP_STREAM_ALIGN;
+     * none: *len 0) so that the stream completes a file (fp_stream_rx_open). 0, or an Error
+     * code and a reason, which refuses the upload. */
+    int (*opening)(void *ctx, uint64_t id, char **out, size_t *len, char *reason, size_t n);
     /* The stream is verified and at its path: record it (durably) and return 0 to
      * acknowledge it, or an Error code. */
     int (*committed)(void *ctx, uint64_t id, const char *path, char *reason, size_t n);
@@ -78,15 +80,13 @@ typedef struct fp_sess_item fp_sess_item_t; /* a queued chunk or a waiting frame
 typedef struct fp_sess_job {
     int open;                /* open (or resume) stream id of total bytes */
     uint64_t id, total;
-    char *prefix;            /* the spool file's first bytes (ops.prefix), prefix_len of them */
-    size_t prefix_len;
     fp_sess_item_t *chunks, **tail;
     size_t bytes;            /* of chunks */
     int sync;                /* make what was written durable */
     int finish;              /* verify sha256 and move into final_path */
     uint8_t sha256[32];
     int rc;                  /* outcome (job_run) */
-    int vcode;               /* verify's Error code (0: accepted) */
+    int vcode;               /* opening's or verify's Error code (0: accepted) */
     char vreason[FP_REASON_MAX];
     fp_err_t err;
 } fp_sess_job_t;

@@ -162,7 +162,7 @@ static void test_256mib_and_resume(void **state)
     uv_loop_init(&loop);
     app_t app = {0};
     fp_srv_link_t link = {.ops = {.hello = hello, .update = update, .resume = resume,
-                                  .prefix = prefix, .committed = committed},
+                                  .opening = prefix, .committed = committed},
                           .app = &app, .spool_dir = spool, .ack_every = 16u << 20};
     fp_listener_t *l;
     assert_int_equal(fp_listen(&l, &loop, "127.0.0.1", 0, stls, NULL, fp_srv_link_ops(), &link,

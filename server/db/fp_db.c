@@ -203,6 +203,18 @@ int fp__db_commit(fp_db_t *db, fp_err_t *err)
     return rc;
 }
 
+void fp__db_light_begin(fp_db_t *db)
+{
+    pthread_mutex_lock(&db->mu);
+    sqlite3_exec(db->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL);
+}
+
+void fp__db_light_end(fp_db_t *db)
+{
+    sqlite3_exec(db->db, "PRAGMA synchronous = FULL", NULL, NULL, NULL);
+    pthread_mutex_unlock(&db->mu);
+}
+
 void fp__db_rollback(fp_db_t *db)
 {
     sqlite3_exec(db->db, "ROLLBACK", NULL, NULL, NULL);

@@ -192,12 +192,14 @@ int fp_db_task_end(fp_db_t *db, int64_t id, fp_db_task_state_t state, const char
 
 /* ---- sites and events ---- */
 
-/* A site said Hello: recorded (first time) or updated, its connections counted. */
+/* A site said Hello: recorded (first time) or updated, its connections counted. Bookkeeping:
+ * committed without a flush of its own (durable with the next durable commit). */
 int fp_db_site_seen(fp_db_t *db, const char *name, const char *fingerprint, int64_t budget,
                     int64_t samples, fp_err_t *err);
 
 /* Appends an event to the audit trail (round < 0: the latest round). Best effort: a failure
- * is not reported (the trail must never stop the coordinator). */
+ * is not reported (the trail must never stop the coordinator), and committed without a flush
+ * of its own (durable with the next durable commit: a machine's crash may lose the last). */
 void fp_db_event(fp_db_t *db, int64_t round, const char *site, const char *kind,
                  const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 

@@ -20,6 +20,14 @@ int fp__db_begin(fp_db_t *db, fp_err_t *err);
 int fp__db_commit(fp_db_t *db, fp_err_t *err);
 void fp__db_rollback(fp_db_t *db);
 
+/* Bookkeeping nothing decides on (the event log, when a site was last seen): written between
+ * these without a flush of its own — atomic all the same, and durable with the next durable
+ * commit (the log's frames reach the disk in order) or checkpoint. A crash of the machine may
+ * lose the last of them; never a round's, a task's or the privacy budget's record. Holds the
+ * lock from begin to end. */
+void fp__db_light_begin(fp_db_t *db);
+void fp__db_light_end(fp_db_t *db);
+
 /* Runs one statement with arguments bound by `types`: 'i' int64_t, 'd' double, 't' const
  * char * (NULL binds NULL). Returns the rows changed (≥ 0) or a negative code. */
 int fp__db_exec(fp_db_t *db, fp_err_t *err, const char *sql, const char *types, ...);

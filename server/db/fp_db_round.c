@@ -484,11 +484,13 @@ int fp_db_task_end(fp_db_t *db, int64_t id, fp_db_task_state_t state, const char
 int fp_db_site_seen(fp_db_t *db, const char *name, const char *fingerprint, int64_t budget,
                     int64_t samples, fp_err_t *err)
 {
+    fp__db_light_begin(db);
     int rc = fp__db_exec(db, err, "INSERT INTO site(name, fingerprint, rank_budget, samples, "
                          "first_seen_ms, last_seen_ms, connections) VALUES (?1, ?2, ?3, ?4, ?5, "
                          "?5, 1) ON CONFLICT(name) DO UPDATE SET fingerprint = ?2, rank_budget = "
                          "?3, samples = ?4, last_seen_ms = ?5, connections = connections + 1",
                          "ttiii", name, fingerprint, budget, samples, fp_now_ms());
+    fp__db_light_end(db);
     return rc < 0 ? rc : 0;
 }
 
@@ -500,8 +502,10 @@ void fp_db_event(fp_db_t *db, int64_t round, const char *site, const char *kind,
     va_start(ap, fmt);
     vsnprintf(detail, sizeof detail, fmt, ap);
     va_end(ap);
+    fp__db_light_begin(db);
     if (round < 0)
         fp__db_int(db, NULL, &round, 0, "SELECT max(n) FROM round", NULL);
     fp__db_exec(db, NULL, "INSERT INTO event(ms, round, site, kind, detail) VALUES (?, ?, ?, ?, "
                 "?)", "iittt", fp_now_ms(), round, site, kind, detail);
+    fp__db_light_end(db);
 }
