@@ -17,7 +17,6 @@
 #include "fp_failpoint.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
-#include "fp_msg.h"
 #include "fp_sa_merge.h"
 #include "fp_sha256.h"
 #include "fp_strategy.h"
@@ -254,31 +253,30 @@ static int store_update(const fp_fed_t *f, const char *raw_path, const char *fin
 }
 
 int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
-                  char *reason, size_t rn)
+                  fp_err_t *err)
 {
-    fp_err_t err = {0};
     char *final = NULL;
     void *map = NULL;
     size_t maplen = 0;
     const unsigned char *data = NULL;
     uint64_t len = 0;
     fp_adapter_t *u = NULL, *s = NULL;
-    int code = FEDPEFT__ERROR__CODE__INTERNAL, rc, clipped = 0;
+    int invalid = 0, rc, clipped = 0;
     double norm = 0;
     char shahex[65];
     fp_sha256_hex(in->sha, shahex);
-    if ((rc = map_update(raw_path, &map, &maplen, &data, &len, &err)) != 0)
+    if ((rc = map_update(raw_path, &map, &maplen, &data, &len, err)) != 0)
         goto fail;
-    if (!f->restart && (rc = rebuild_start(in->start, f, &s, &err)) != 0)
+    if (!f->restart && (rc = rebuild_start(in->start, f, &s, err)) != 0)
         goto fail;
-    code = FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+    invalid = 1;
     double bit = NAN, vnorm = 0;
     int dp_clipped = 0;
-    if ((rc = fp_adapter_stream_read(data, len, in->t, in->n, f->alpha, f->rslora, &u, &err)) != 0 ||
+    if ((rc = fp_adapter_stream_read(data, len, in->t, in->n, f->alpha, f->rslora, &u, err)) != 0 ||
         (rc = fp_strategy_check_update(f->strategy, f->layout, f->n_layout, in->rank, u, s,
-                                       &err)) != 0 ||
-        (rc = dp_verify(f, in, u, s, &bit, &vnorm, &dp_clipped, &err)) != 0 ||
-        (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, &err)) != 0)
+                                       err)) != 0 ||
+        (rc = dp_verify(f, in, u, s, &bit, &vnorm, &dp_clipped, err)) != 0 ||
+        (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, err)) != 0)
         goto fail;
     int changed = clipped || (f->dp == FP_DP_CENTRAL && dp_clipped);
     if (f->dp != FP_DP_OFF) { /* the recorded norm: the update vector's, before any clip */
@@ -287,18 +285,17 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     }
     munmap(map, maplen);
     map = NULL;
-    code = FEDPEFT__ERROR__CODE__INTERNAL;
+    invalid = 0;
     if (!(final = fp_fed_update_path(f, in->task, "safetensors"))) {
-        rc = fp_err_set(&err, -ENOMEM, "out of memory");
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
-    if ((rc = store_update(f, raw_path, final, u, changed, &err)) != 0)
+    if ((rc = store_update(f, raw_path, final, u, changed, err)) != 0)
         goto fail;
-    if ((rc = fp_db_task_uploaded(f->db, in->task, shahex, norm, clipped, bit, &err)) < 0)
+    if ((rc = fp_db_task_uploaded(f->db, in->task, shahex, norm, clipped, bit, err)) < 0)
         goto fail;
     if (rc == 0) {
-        code = FEDPEFT__ERROR__CODE__LATE;
-        rc = fp_err_set(&err, -ESTALE, "task %lld: its round closed before the update was "
+        rc = fp_err_set(err, -ESTALE, "task %lld: its round closed before the update was "
                         "stored", (long long)in->task);
         goto fail;
     }
@@ -308,10 +305,11 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     free(final);
     return 0;
 fail:
-    snprintf(reason, rn, "%s", fp_err_msg(&err));
-    if (code == FEDPEFT__ERROR__CODE__INVALID_UPDATE) { /* recorded, never merged */
-        fp_db_task_end(f->db, in->task, FP_DB_TASK_REFUSED, reason, NULL);
-        fp_db_event(f->db, -1, NULL, "refused", "task %lld: %s", (long long)in->task, reason);
+    if (invalid) { /* recorded, never merged */
+        fp_db_task_end(f->db, in->task, FP_DB_TASK_REFUSED, fp_err_msg(err), NULL);
+        fp_db_event(f->db, -1, NULL, "refused", "task %lld: %s", (long long)in->task,
+                    fp_err_msg(err));
+        rc = -EBADMSG;
     }
     if (map)
         munmap(map, maplen);
@@ -321,7 +319,7 @@ fail:
     free(final);
     fp_adapter_free(u);
     fp_adapter_free(s);
-    return code;
+    return rc;
 }
 
 /* Under DP: the aggregate's noise (central) and the next clip bound (adaptive). */
@@ -361,34 +359,27 @@ static int dp_after_merge(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t
 }
 
 int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, size_t dim,
-                        int pass, const uint8_t sha[32], char *reason, size_t rn)
+                        int pass, const uint8_t sha[32], fp_err_t *err)
 {
-    fp_err_t err = {0};
     char shahex[65];
     fp_sha256_hex(sha, shahex);
     char *final = fp_fed_update_path(f, task, pass == 2 ? "masked2" : "masked");
     struct stat st;
-    int rc = !final ? fp_err_set(&err, -ENOMEM, "out of memory")
-             : stat(raw_path, &st) != 0 ? fp_err_set(&err, -errno, "%s: %s", raw_path, strerror(errno))
+    int rc = !final ? fp_err_set(err, -ENOMEM, "out of memory")
+             : stat(raw_path, &st) != 0 ? fp_err_set(err, -errno, "%s: %s", raw_path, strerror(errno))
              : (uint64_t)st.st_size != 4 * (uint64_t)dim
-                 ? fp_err_set(&err, -EBADMSG, "a masked vector of %zu words is %llu bytes, not "
+                 ? fp_err_set(err, -EBADMSG, "a masked vector of %zu words is %llu bytes, not "
                               "%llu", dim, (unsigned long long)(4 * (uint64_t)dim),
                               (unsigned long long)st.st_size)
                  : 0;
-    if (rc == -EBADMSG) {
-        unlink(raw_path);
-        free(final);
-        snprintf(reason, rn, "%s", fp_err_msg(&err));
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
     if (rc == 0 && rename(raw_path, final) != 0)
-        rc = fp_err_set(&err, -errno, "%s: %s", final, strerror(errno));
+        rc = fp_err_set(err, -errno, "%s: %s", final, strerror(errno));
     if (rc == 0)
-        rc = fp_fs_sync_dir(f->updates_dir, &err);
+        rc = fp_fs_sync_dir(f->updates_dir, err);
     if (rc == 0 && pass == 2) /* the task's upload is recorded: this is its second sum's */
         goto out;
-    if (rc == 0 && (rc = fp_db_task_uploaded(f->db, task, shahex, NAN, 0, NAN, &err)) == 0)
-        rc = fp_err_set(&err, -ESTALE, "task %lld: its round closed before the update was "
+    if (rc == 0 && (rc = fp_db_task_uploaded(f->db, task, shahex, NAN, 0, NAN, err)) == 0)
+        rc = fp_err_set(err, -ESTALE, "task %lld: its round closed before the update was "
                         "stored", (long long)task);
     if (rc == -ESTALE)
         unlink(final); /* too late: nothing will read it */
@@ -396,11 +387,7 @@ int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, s
         unlink(raw_path);
 out:
     free(final);
-    if (rc < 0) {
-        snprintf(reason, rn, "%s", fp_err_msg(&err));
-        return rc == -ESTALE ? FEDPEFT__ERROR__CODE__LATE : FEDPEFT__ERROR__CODE__INTERNAL;
-    }
-    return 0;
+    return rc < 0 ? rc : 0;
 }
 
 /* A secure round: Σ of the survivors' masked vectors, unmasked, decoded into the global

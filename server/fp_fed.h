@@ -67,11 +67,15 @@ int fp_fed_initial(const fp_fed_t *f, char sha_hex[65], int *rank, fp_err_t *err
 int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int *ranks, int n,
                    fp_blob_t ***out, fp_err_t *err);
 
-/* Verifies one upload (raw stream at raw_path, described by t[0..n)): rebuilds the adapter,
- * checks it (fp_strategy_check_update) and the norm bound of its contribution against
- * `start` (fp_strategy_bound: clip or refuse), writes updates/<task>.safetensors and records
- * the task as uploaded if its round is still open. Returns 0 or an Error code with reason; an
- * invalid update is recorded as refused. */
+/* The workers' functions return 0 or a negative errno with err set; an upload's verdict is
+ * one of them: -EBADMSG, the update is invalid (recorded as refused, never merged); -ESTALE,
+ * its round closed before it was stored; anything else, the coordinator's own failure.
+ *
+ * Verifies one upload (spooled at raw_path: its safetensors header, then the stream t[0..n)
+ * describes): rebuilds the adapter from a mapping, checks it (fp_strategy_check_update) and
+ * the norm bound of its contribution against `start` (fp_strategy_bound: clip or refuse),
+ * moves the file to updates/<task>.safetensors (written anew only if a clip changed it) and
+ * records the task as uploaded if its round is still open. */
 typedef struct fp_verify_in {
     int64_t task;
     int rank;
@@ -87,12 +91,12 @@ typedef struct fp_verify_in {
     double dp_clip, dp_share_stddev, dp_indicator;
 } fp_verify_in_t;
 int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t *in,
-                  char *reason, size_t rn);
+                  fp_err_t *err);
 /* A secure round's upload: a masked vector of dim 32-bit words, nothing to check but its
  * size; moved to updates/<task>.masked and recorded as uploaded — or, the second sum of an
  * exact merge (pass 2), to updates/<task>.masked2 (the task's upload is recorded already). */
 int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, size_t dim,
-                        int pass, const uint8_t sha[32], char *reason, size_t rn);
+                        int pass, const uint8_t sha[32], fp_err_t *err);
 
 /* Aggregates the uploaded updates of round n into a new global adapter (from start_sha):
  * writes it and returns its name, rank and the seconds the merge took. Under DP the weights

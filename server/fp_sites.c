@@ -571,12 +571,17 @@ static int on_verify(void *ctx, uint64_t id, const char *path, const uint8_t sha
         snprintf(reason, n, "stream %llu is not the announced upload", (unsigned long long)id);
         return FEDPEFT__ERROR__CODE__BAD_MESSAGE;
     }
-    if (s->up_secure)
-        return fp_fed_store_masked(s->ss->fed, path, s->up_task, s->up_dim, s->up_pass, sha,
-                                   reason, n);
+    fp_err_t err = {0};
     fp_verify_in_t in = {s->up_task, s->up_rank, s->up_t, s->up_n, s->up_start, s->up_bound,
                          s->up_clip, sha, s->up_dp_clip, s->up_dp_share, NAN};
-    return fp_fed_verify(s->ss->fed, path, &in, reason, n);
+    int rc = s->up_secure ? fp_fed_store_masked(s->ss->fed, path, s->up_task, s->up_dim,
+                                                s->up_pass, sha, &err)
+                          : fp_fed_verify(s->ss->fed, path, &in, &err);
+    if (rc == 0)
+        return 0;
+    snprintf(reason, n, "%s", fp_err_msg(&err));
+    return rc == -EBADMSG ? FEDPEFT__ERROR__CODE__INVALID_UPDATE
+         : rc == -ESTALE ? FEDPEFT__ERROR__CODE__LATE : FEDPEFT__ERROR__CODE__INTERNAL;
 }
 
 /* Verified and refused (recorded so by fp_fed_verify): never merged; the round hears it now. */

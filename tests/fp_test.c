@@ -260,3 +260,22 @@ void fpt_need_lowp(void)
         skip();
     }
 }
+
+void fpt_say(char *log, size_t cap, const char *fmt, ...)
+{
+    size_t n = strlen(log);
+    if (n && n < cap)
+        n += (size_t)snprintf(log + n, cap - n, "; ");
+    if (n >= cap)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(log + n, cap - n, fmt, ap);
+    va_end(ap);
+}
+
+void fpt_expect_actions(const char *name, int step, const char *got, const char *want)
+{
+    if (want && strcmp(got, want) != 0)
+        fail_msg("%s, step %d:\n  actions   \"%s\"\n  expected  \"%s\"", name, step, got, want);
+}

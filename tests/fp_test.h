@@ -37,6 +37,12 @@ char *fpt_write_st(const char *dir, const char *name, const char *header, size_t
  * exit status. */
 int fpt_runv(const char *bin, const char *const *args, char **out, char **err);
 
+/* Table tests of state machines (test_round, test_sa_round): an action appended to the step's
+ * log ("a; b; c"), and the step's log checked against what the table expects (NULL: not
+ * checked). */
+void fpt_say(char *log, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void fpt_expect_actions(const char *name, int step, const char *got, const char *want);
+
 /* Asserts that text contains needle, printing text if not. */
 #define assert_contains(text, needle) fpt_assert_text((text), (needle), __FILE__, __LINE__)
 void fpt_assert_text(const char *text, const char *needle, const char *file, int line);

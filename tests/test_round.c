@@ -23,17 +23,7 @@ typedef struct world {
     fp_round_t *r;
 } world_t;
 
-static void say(world_t *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void say(world_t *w, const char *fmt, ...)
-{
-    size_t n = strlen(w->log);
-    if (n)
-        n += (size_t)snprintf(w->log + n, sizeof w->log - n, "; ");
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(w->log + n, sizeof w->log - n, fmt, ap);
-    va_end(ap);
-}
+#define say(w, ...) fpt_say(((world_t *)(w))->log, sizeof ((world_t *)(w))->log, __VA_ARGS__)
 
 static int64_t w_mono(void *ctx) { return ((world_t *)ctx)->mono; }
 static int64_t w_wall(void *ctx) { return ((world_t *)ctx)->wall; }
@@ -295,9 +285,7 @@ static void run_case(const round_case_t *c)
         case END: break;
         }
         sort_sends(w.log);
-        if (s->log && strcmp(w.log, s->log) != 0)
-            fail_msg("%s, step %d:\n  actions   \"%s\"\n  expected  \"%s\"", c->name, i, w.log,
-                     s->log);
+        fpt_expect_actions(c->name, i, w.log, s->log);
     }
     fp_round_free(w.r);
 }

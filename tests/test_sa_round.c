@@ -29,17 +29,7 @@ typedef struct world {
     fp_sa_round_t *sa;
 } world_t;
 
-static void say(world_t *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void say(world_t *w, const char *fmt, ...)
-{
-    size_t n = strlen(w->log);
-    if (n)
-        n += (size_t)snprintf(w->log + n, sizeof w->log - n, "; ");
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(w->log + n, sizeof w->log - n, fmt, ap);
-    va_end(ap);
-}
+#define say(w, ...) fpt_say(((world_t *)(w))->log, sizeof ((world_t *)(w))->log, __VA_ARGS__)
 
 static int site_ix(const char *site)
 {
@@ -318,9 +308,7 @@ static void run_case(const sa_case_t *c)
         if (msg && rc != s->arg)
             fail_msg("%s, step %d: the message gave %d (%s), expected %d", c->name, i, rc, why,
                      s->arg);
-        if (s->log && strcmp(w.log, s->log) != 0)
-            fail_msg("%s, step %d:\n  actions   \"%s\"\n  expected  \"%s\"", c->name, i, w.log,
-                     s->log);
+        fpt_expect_actions(c->name, i, w.log, s->log);
         if (w.failed || w.done) { /* the machine's last action: the coordinator frees it */
             assert_int_equal(c->steps[i + 1].op, END);
             break;
