@@ -831,9 +831,10 @@ void fp_coord_reload(fp_coord_t *co, fp_srv_config_t *fresh)
                "closed", dropped);
     if (fresh) {
         char ignored[512];
-        fp_srv_config_t was = *co->cfg;
+        double fraction = co->cfg->fraction;
+        long long min_updates = co->cfg->min_updates;
         int n = fp_settings_apply_reload(fp_srv_settings, co->cfg, fresh, ignored, sizeof ignored);
-        fp_federation_keep_fixed(co->cfg, &co->fed, &was);
+        fp_federation_keep_fixed(co->cfg, &co->fed, fraction, min_updates);
         fp_log(FP_LOG_NOTICE, "reload: %d setting(s) changed%s%s", n,
                ignored[0] ? "; needs a restart to change: " : "", ignored);
         fp_round_cfg_t rc;

@@ -224,12 +224,13 @@ static int map_update(const char *path, void **map, size_t *maplen, const unsign
     uint64_t hl = 0, size = (uint64_t)st.st_size;
     if (size < 8 || pread(fd, &hl, 8, 0) != 8 || hl > size - 8) {
         close(fd);
-        return fp_err_set(err, -EBADMSG, "%s: no spooled update header", path);
+        return fp_err_set(err, -EIO, "%s: no spooled update header", path); /* ours */
     }
     void *m = size > 8 + hl ? mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0) : NULL;
+    int e = errno;
     close(fd);
     if (m == MAP_FAILED)
-        return fp_err_set(err, -errno, "%s: mmap: %s", path, strerror(errno));
+        return fp_err_set(err, -e, "%s: mmap: %s", path, strerror(e));
     *map = m;
     *maplen = (size_t)size;
     *data = m ? (const unsigned char *)m + 8 + hl : NULL;
@@ -261,7 +262,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     const unsigned char *data = NULL;
     uint64_t len = 0;
     fp_adapter_t *u = NULL, *s = NULL;
-    int invalid = 0, rc, clipped = 0;
+    int invalid = 0, late = 0, rc, clipped = 0, changed = 0;
     double norm = 0;
     char shahex[65];
     fp_sha256_hex(in->sha, shahex);
@@ -278,12 +279,13 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
         (rc = dp_verify(f, in, u, s, &bit, &vnorm, &dp_clipped, err)) != 0 ||
         (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, err)) != 0)
         goto fail;
-    int changed = clipped || (f->dp == FP_DP_CENTRAL && dp_clipped);
+    changed = clipped || (f->dp == FP_DP_CENTRAL && dp_clipped);
     if (f->dp != FP_DP_OFF) { /* the recorded norm: the update vector's, before any clip */
         norm = vnorm;
         clipped |= dp_clipped;
     }
-    munmap(map, maplen);
+    if (map)
+        munmap(map, maplen);
     map = NULL;
     invalid = 0;
     if (!(final = fp_fed_update_path(f, in->task, "safetensors"))) {
@@ -295,6 +297,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     if ((rc = fp_db_task_uploaded(f->db, in->task, shahex, norm, clipped, bit, err)) < 0)
         goto fail;
     if (rc == 0) {
+        late = 1;
         rc = fp_err_set(err, -ESTALE, "task %lld: its round closed before the update was "
                         "stored", (long long)in->task);
         goto fail;
@@ -305,6 +308,10 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     free(final);
     return 0;
 fail:
+    if (invalid && rc == -ENOMEM) /* the coordinator's failure, not the update's */
+        invalid = 0;
+    if (!invalid && !late && (rc == -EBADMSG || rc == -ESTALE)) /* only verdicts say so */
+        rc = -EIO;
     if (invalid) { /* recorded, never merged */
         fp_db_task_end(f->db, in->task, FP_DB_TASK_REFUSED, fp_err_msg(err), NULL);
         fp_db_event(f->db, -1, NULL, "refused", "task %lld: %s", (long long)in->task,
@@ -372,19 +379,33 @@ int fp_fed_store_masked(const fp_fed_t *f, const char *raw_path, int64_t task, s
                               "%llu", dim, (unsigned long long)(4 * (uint64_t)dim),
                               (unsigned long long)st.st_size)
                  : 0;
+    if (rc == -EBADMSG) { /* the verdict: recorded, never merged */
+        unlink(raw_path);
+        free(final);
+        if (pass != 2)
+            fp_db_task_end(f->db, task, FP_DB_TASK_REFUSED, fp_err_msg(err), NULL);
+        fp_db_event(f->db, -1, NULL, "refused", "task %lld: %s", (long long)task,
+                    fp_err_msg(err));
+        return rc;
+    }
     if (rc == 0 && rename(raw_path, final) != 0)
         rc = fp_err_set(err, -errno, "%s: %s", final, strerror(errno));
     if (rc == 0)
         rc = fp_fs_sync_dir(f->updates_dir, err);
     if (rc == 0 && pass == 2) /* the task's upload is recorded: this is its second sum's */
         goto out;
-    if (rc == 0 && (rc = fp_db_task_uploaded(f->db, task, shahex, NAN, 0, NAN, err)) == 0)
+    int late = 0;
+    if (rc == 0 && (rc = fp_db_task_uploaded(f->db, task, shahex, NAN, 0, NAN, err)) == 0) {
+        late = 1;
         rc = fp_err_set(err, -ESTALE, "task %lld: its round closed before the update was "
                         "stored", (long long)task);
-    if (rc == -ESTALE)
-        unlink(final); /* too late: nothing will read it */
-    if (rc < 0 && rc != -ESTALE)
+    }
+    if (rc < 0 && final)
+        unlink(final); /* too late, or not recorded: nothing will read it */
+    if (rc < 0)
         unlink(raw_path);
+    if (rc < 0 && !late && (rc == -EBADMSG || rc == -ESTALE)) /* only verdicts say so */
+        rc = -EIO;
 out:
     free(final);
     return rc < 0 ? rc : 0;

@@ -68,8 +68,9 @@ int fp_fed_prepare(const fp_fed_t *f, int64_t round, const char *sha, const int 
                    fp_blob_t ***out, fp_err_t *err);
 
 /* The workers' functions return 0 or a negative errno with err set; an upload's verdict is
- * one of them: -EBADMSG, the update is invalid (recorded as refused, never merged); -ESTALE,
- * its round closed before it was stored; anything else, the coordinator's own failure.
+ * one of them, and only a verdict uses these two: -EBADMSG, the update is invalid (recorded as
+ * refused — a second sum's masked vector: as an event — never merged); -ESTALE, its round
+ * closed before it was stored. Anything else is the coordinator's own failure.
  *
  * Verifies one upload (spooled at raw_path: its safetensors header, then the stream t[0..n)
  * describes): rebuilds the adapter from a mapping, checks it (fp_strategy_check_update) and

@@ -225,15 +225,16 @@ int fp_federation_resume(fp_db_t *db, const fp_srv_config_t *c, const fp_fed_t *
     return o->phase == FP_ROUND_IDLE ? 0 : resume_tasks(db, last.n, o, err);
 }
 
-void fp_federation_keep_fixed(fp_srv_config_t *c, const fp_fed_t *f, const fp_srv_config_t *was)
+void fp_federation_keep_fixed(fp_srv_config_t *c, const fp_fed_t *f, double fraction,
+                              long long min_updates)
 {
-    if (!f->dp || (c->fraction == was->fraction && c->min_updates == was->min_updates))
+    if (!f->dp || (c->fraction == fraction && c->min_updates == min_updates))
         return;
-    c->fraction = was->fraction;
-    c->min_updates = was->min_updates;
+    c->fraction = fraction;
+    c->min_updates = min_updates;
     fp_log(FP_LOG_WARNING, "reload: federation.fraction and min_updates are fixed under "
            "differential privacy (the accountant's sampling rate, the noise shares' size); kept "
-           "%g and %lld", was->fraction, was->min_updates);
+           "%g and %lld", fraction, min_updates);
 }
 
 void fp_federation_round_cfg(const fp_srv_config_t *c, const fp_fed_t *f, fp_round_cfg_t *o)
@@ -261,9 +262,10 @@ int fp_federation_draw_charged(fp_db_t *db, const fp_srv_config_t *c, int drawn,
                                double epsilon)
 {
     fp_err_t err = {0};
-    if (fp_db_privacy_draw(db, steps, epsilon, &err) != 0) {
+    int rc = fp_db_privacy_draw(db, steps, epsilon, &err);
+    if (rc != 0) {
         fp_log(FP_LOG_ERR, "privacy: cannot record a draw: %s", fp_err_msg(&err));
-        return -EIO;
+        return rc;
     }
     fp_db_event(db, -1, NULL, "draw", "%d sites drawn, fewer than min_updates (%lld): no "
                 "round; step %lld charged, ε = %.6g", drawn, c->min_updates, (long long)steps,

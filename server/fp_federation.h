@@ -41,10 +41,11 @@ typedef struct fp_federation_resume {
 int fp_federation_resume(fp_db_t *db, const fp_srv_config_t *c, const fp_fed_t *f,
                          fp_federation_resume_t *o, fp_err_t *err);
 
-/* After a reload (c: the settings now, was: before): what the federation's privacy
- * mechanism fixed — the accountant's sampling rate, the noise shares' size — put back, with a
- * warning. */
-void fp_federation_keep_fixed(fp_srv_config_t *c, const fp_fed_t *f, const fp_srv_config_t *was);
+/* After a reload (c: the settings now): what the federation's privacy mechanism fixed — the
+ * accountant's sampling rate and the noise shares' size, fraction and min_updates before the
+ * reload — put back, with a warning. */
+void fp_federation_keep_fixed(fp_srv_config_t *c, const fp_fed_t *f, double fraction,
+                              long long min_updates);
 
 /* The round machine's settings. */
 void fp_federation_round_cfg(const fp_srv_config_t *c, const fp_fed_t *f, fp_round_cfg_t *o);

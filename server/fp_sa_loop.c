@@ -171,7 +171,7 @@ static void timer_closed(uv_handle_t *h)
 
 void fp_sa_loop_close(fp_sa_loop_t *s)
 {
-    if (!uv_is_closing((uv_handle_t *)&s->timer))
+    if (s && !uv_is_closing((uv_handle_t *)&s->timer))
         uv_close((uv_handle_t *)&s->timer, timer_closed);
 }
 
@@ -216,13 +216,13 @@ fp_sa_round_t *fp_sa_loop_round(const fp_sa_loop_t *s)
 
 fp_blob_t *fp_sa_loop_q(const fp_sa_loop_t *s)
 {
-    return s->q;
+    return s ? s->q : NULL;
 }
 
 int fp_sa_loop_message(fp_sa_loop_t *s, const char *site, const Fedpeft__Envelope *e,
                        char *reason, size_t n)
 {
-    if (!s->sa) { /* its round is over: nothing it says matters any more */
+    if (!s || !s->sa) { /* its round is over: nothing it says matters any more */
         fp_log(FP_LOG_INFO, "site %s: %s after its secure round: ignored", site, fp_msg_name(e));
         return 0;
     }

@@ -38,7 +38,8 @@ int fp_sa_loop_begin(fp_sa_loop_t *s, int64_t n, const fp_sa_cfg_t *cfg, const f
                      const fp_round_task_t *t, int nt, fp_err_t *err);
 /* The round is over (closed, expired, or never begun). */
 void fp_sa_loop_end(fp_sa_loop_t *s);
-/* The open secure round's machine, or NULL. */
+/* The open secure round's machine, or NULL (these three, and fp_sa_loop_close, take a NULL
+ * s: no secure round). */
 fp_sa_round_t *fp_sa_loop_round(const fp_sa_loop_t *s);
 /* The stream of the second sum's Tasks (Q), or NULL. */
 fp_blob_t *fp_sa_loop_q(const fp_sa_loop_t *s);

@@ -11,6 +11,7 @@
 #include <sys/resource.h>
 
 #include "fp_adapter_stream.h"
+#include "fp_announce.h"
 #include "fp_clock.h"
 #include "fp_conn.h"
 #include "fp_escape.h"
@@ -53,6 +54,8 @@ struct site {
     int up_pass;              /* which of the round's sums it is in (exact merges: 1 or 2) */
     fp_db_upload_t up_row;    /* an announced upload's record, written as its spool opens
                                  (up_row.tensors: malloc'd, NULL once written or resumed) */
+    char *up_prefix;          /* its spool's first bytes, the safetensors header (malloc'd; */
+    size_t up_prefix_len;     /* handed to the spool as it opens) */
     Fedpeft__Privacy welcome_privacy;
     site_t *next, *prev;
 };
@@ -349,6 +352,9 @@ static void set_upload(site_t *s, int64_t task, int rank, fp_stream_tensor_t *t,
     free(s->up_t);
     free((char *)s->up_row.tensors);
     s->up_row.tensors = NULL;
+    free(s->up_prefix);
+    s->up_prefix = NULL;
+    s->up_prefix_len = 0;
     fp_blob_unref(s->up_start);
     s->up_task = task;
     s->up_rank = rank;
@@ -374,68 +380,15 @@ static void raw_path(const fp_sites_t *ss, int64_t task, char *out, size_t n)
     free(p);
 }
 
-/* What a secure round's Update announces: one masked vector, nothing else. */
-static int check_masked(const fp_sites_t *ss, const Fedpeft__Update *u, const fp_upload_gate_t *g,
-                        char *reason, size_t n)
+/* The spool's first bytes for the upload just set: its safetensors header (a masked vector is
+ * no adapter: none). On the loop, where a list the header cannot describe (a name twice) is
+ * refused with the announcement. -EINVAL: such a list. */
+static int make_prefix(site_t *s, fp_err_t *err)
 {
-    if (!g->accepts) {
-        snprintf(reason, n, "a masked update before its round's shares went out, or from a "
-                 "site that did not share its secrets");
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    if (u->n_tensors != 1 || strcmp(u->tensors[0]->name, "secagg.masked") ||
-        u->tensors[0]->shape[0] != 1 || u->tensors[0]->shape[1] != g->dim ||
-        u->stream_bytes != 4 * (uint64_t)g->dim) {
-        snprintf(reason, n, "a secure round takes one masked vector 'secagg.masked' of "
-                 "[1, %zu] words, nothing in the clear", g->dim);
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    if (u->samples < 1 || u->samples > (uint64_t)ss->cfg->max_samples) {
-        snprintf(reason, n, "sample count %llu is out of range", (unsigned long long)u->samples);
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    return 0;
-}
-
-/* What an Update announces, checked before a byte of it is taken. 0 or an Error code. */
-static int check_announce(const fp_sites_t *ss, const site_t *s, const Fedpeft__Update *u,
-                          int rank, const fp_upload_gate_t *g, char *reason, size_t n)
-{
-    const fp_srv_config_t *c = ss->cfg;
-    if (c->sa_enabled && !g->secure) { /* never an update in the clear */
-        snprintf(reason, n, "this federation aggregates securely and task %llu is not in a "
-                 "secure round", (unsigned long long)u->task_id);
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    if (g->secure)
-        return check_masked(ss, u, g, reason, n);
-    if (u->rank > (uint32_t)rank) {
-        snprintf(reason, n, "rank %u is above the assigned %d", u->rank, rank);
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    uint64_t most = s->samples && s->samples < (uint64_t)c->max_samples ? s->samples
-                                                                        : (uint64_t)c->max_samples;
-    if (u->samples < 1 || u->samples > most) {
-        snprintf(reason, n, "sample count %llu is not within 1..%llu",
-                 (unsigned long long)u->samples, (unsigned long long)most);
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    uint64_t expect = 0; /* bytes of the federation's adapter at the announced rank */
-    for (int i = 0; i < ss->fed->n_layout; i++)
-        expect += (uint64_t)u->rank *
-                  (uint64_t)(ss->fed->layout[i].d_in + ss->fed->layout[i].d_out) * 4;
-    if (u->stream_bytes != expect) {
-        snprintf(reason, n, "a rank-%u update of this federation's adapter is %llu bytes, not "
-                 "%llu", u->rank, (unsigned long long)expect,
-                 (unsigned long long)u->stream_bytes);
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    if (u->n_tensors != 2 * (size_t)ss->fed->n_layout) {
-        snprintf(reason, n, "%zu tensors; the federation's adapter has %d", u->n_tensors,
-                 2 * ss->fed->n_layout);
-        return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
-    }
-    return 0;
+    if (s->up_secure)
+        return 0;
+    return fp_adapter_stream_header(s->up_t, s->up_n, FP_STREAM_ALIGN, &s->up_prefix,
+                                    &s->up_prefix_len, err);
 }
 
 /* The tensors an Update lists, owned (names copied out of the message). */
@@ -455,7 +408,8 @@ static int on_second_update(site_t *s, const Fedpeft__Update *u, const fp_upload
 {
     int64_t id = (int64_t)u->task_id;
     int code = g->second_rank < 0 ? FEDPEFT__ERROR__CODE__INVALID_UPDATE
-             : check_announce(s->ss, s, u, g->second_rank, g, reason, n);
+             : fp_announce_check(s->ss->cfg, s->ss->fed, s->samples, u, g->second_rank, g,
+                                       reason, n);
     if (code) {
         if (g->second_rank < 0)
             snprintf(reason, n, "task %lld was not assigned to site %s", (long long)id, s->name);
@@ -486,7 +440,7 @@ static int on_update(void *ctx, const Fedpeft__Update *u, char *final_path, size
     free(row.tensors);
     if (code)
         return code;
-    if ((code = check_announce(ss, s, u, row.rank, &g, reason, n)) != 0)
+    if ((code = fp_announce_check(ss->cfg, ss->fed, s->samples, u, row.rank, &g, reason, n)) != 0)
         return refuse_task(s, id, code, 1, FP_DB_TASK_REFUSED, reason);
     /* the list is kept with the task (a resumed upload after a restart knows its layout) */
     fp_stream_tensor_t *t = owned_tensors(u);
@@ -497,6 +451,16 @@ static int on_update(void *ctx, const Fedpeft__Update *u, char *final_path, size
         return FEDPEFT__ERROR__CODE__INTERNAL;
     }
     set_upload(s, id, row.rank, t, (int)u->n_tensors, &g);
+    fp_err_t err = {0};
+    int rc = make_prefix(s, &err);
+    if (rc) {
+        free(json);
+        snprintf(reason, n, "%s", fp_err_msg(&err));
+        if (rc != -EINVAL)
+            return FEDPEFT__ERROR__CODE__INTERNAL;
+        return refuse_task(s, id, FEDPEFT__ERROR__CODE__INVALID_UPDATE, 1, FP_DB_TASK_REFUSED,
+                           reason);
+    }
     const Fedpeft__Metrics *m = u->metrics;
     s->up_row = (fp_db_upload_t){(int64_t)u->stream_bytes, (int64_t)u->samples,
                                  m ? m->train_loss : NAN, m ? m->eval_loss_before : NAN,
@@ -531,14 +495,18 @@ static int on_resume(void *ctx, uint64_t id, uint64_t *total, char *final_path, 
     if (code)
         return code;
     set_upload(s, (int64_t)id, row.rank, t, nt, &g);
+    if (make_prefix(s, &err) != 0) { /* the list was announced and checked */
+        snprintf(reason, n, "%s", fp_err_msg(&err));
+        return FEDPEFT__ERROR__CODE__INTERNAL;
+    }
     *total = (uint64_t)row.stream_bytes;
     raw_path(ss, (int64_t)id, final_path, path_n);
     return 0;
 }
 
 /* On a worker, as an upload's spool opens: an announced upload's record, durable before the
- * first Ack; and the spool's first bytes, the update's safetensors header — once the stream is
- * in, the file is the update as stored (a masked vector is no adapter: none). */
+ * first Ack (unless the task ended or its round closed since it was checked); and the spool's
+ * first bytes — once the stream is in, the file is the update as stored. */
 static int on_opening(void *ctx, uint64_t id, char **out, size_t *len, char *reason, size_t n)
 {
     site_t *s = site_of(ctx);
@@ -550,16 +518,17 @@ static int on_opening(void *ctx, uint64_t id, char **out, size_t *len, char *rea
         int rc = fp_db_task_uploading(s->ss->db, s->up_task, &s->up_row, &err);
         free((char *)s->up_row.tensors);
         s->up_row.tensors = NULL;
-        if (rc < 0) {
-            snprintf(reason, n, "%s", fp_err_msg(&err));
-            return FEDPEFT__ERROR__CODE__INTERNAL;
+        if (rc <= 0) {
+            snprintf(reason, n, "%s", rc < 0 ? fp_err_msg(&err) : "the task ended, or its round "
+                     "closed, before the upload began");
+            return rc < 0 ? FEDPEFT__ERROR__CODE__INTERNAL : FEDPEFT__ERROR__CODE__LATE;
         }
     }
-    if (s->up_secure ||
-        fp_adapter_stream_header(s->up_t, s->up_n, FP_STREAM_ALIGN, out, len, &err) == 0)
-        return 0;
-    snprintf(reason, n, "%s", fp_err_msg(&err));
-    return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
+    *out = s->up_prefix;
+    *len = s->up_prefix_len;
+    s->up_prefix = NULL;
+    s->up_prefix_len = 0;
+    return 0;
 }
 
 /* On a worker: the heavy checks, the update file, the durable row. */
@@ -735,6 +704,7 @@ static void peer_free(fp_srv_peer_t *p)
         s->next->prev = s->prev;
     free(s->up_t);
     free((char *)s->up_row.tensors);
+    free(s->up_prefix);
     fp_blob_unref(s->up_start);
     free(s);
     p->user = NULL;

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "fp_announce.h"
 #include "fp_db.h"
 #include "fp_fed.h"
 #include "fp_msg.h"
@@ -19,18 +20,6 @@
 #include "fp_srv_config.h"
 
 typedef struct fp_sites fp_sites_t;
-
-/* What the coordinator says of an upload for a task, now. */
-typedef struct fp_upload_gate {
-    int64_t open_round;       /* the round taking uploads (-1: none) */
-    int second;               /* an exact merge's second sum: the task's masked Z; */
-    int second_rank;          /*   the task's rank if it is this site's task (else -1) */
-    int secure;               /* the task is in the secure round: */
-    size_t dim;               /*   its masked vector's floats, */
-    int pass;                 /*   the sum running, */
-    int accepts;              /*   and a masked upload is welcome now */
-    double dp_clip, dp_share; /* differential privacy: the round's clip, a site's noise share */
-} fp_upload_gate_t;
 
 typedef struct fp_sites_events {
     /* A site was welcomed (with its rank budget), or its last session ended. */

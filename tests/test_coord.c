@@ -1258,6 +1258,52 @@ static void test_norm_bound(void **state)
     norm_case("zeropad", "refuse", 0.01, B_SAMPLES);
 }
 
+/* An upload's record is written on a worker, after the checks on the loop: it takes only a
+ * task still assigned (or uploading) in an open round — one refused or dropped meanwhile, or
+ * whose round closed, stays as it is. And a verification that fails for the coordinator's own
+ * reason (its spool has no header) is no verdict on the update: not -EBADMSG, not refused. */
+static void test_upload_record_and_verdicts(void **state)
+{
+    (void)state;
+    char *dir = fpt_mkdtemp();
+    fp_fed_t f = {.state_dir = dir, .restart = 1};
+    f.updates_dir = fp_path_join(dir, "updates");
+    fp_fs_mkdirs(f.updates_dir, 0700, NULL);
+    fp_err_t err = {0};
+    assert_int_equal(fp_db_open(&f.db, dir, 0, &err), 0);
+    fpt_sql_t *raw = fpt_sql_open_rw(dir);
+    fpt_sql_exec(raw, "INSERT INTO site(name, fingerprint) VALUES ('a', 'x'), ('b', 'y'), "
+                      "('c', 'z'), ('d', 'w');"
+                      "INSERT INTO round(n, state) VALUES (1, 'closed'), (2, 'open');"
+                      "INSERT INTO task(id, round, site, rank, seed, state) VALUES "
+                      "(10, 2, 'a', 4, 1, 'assigned'), (11, 2, 'b', 4, 1, 'refused'), "
+                      "(12, 1, 'a', 4, 1, 'assigned'), (13, 2, 'c', 4, 1, 'dropped'), "
+                      "(14, 2, 'd', 4, 1, 'uploading')");
+    fp_db_upload_t up = {64, 5, NAN, NAN, NAN, NAN, "[]", NAN};
+    int64_t ids[] = {10, 11, 12, 13, 14};
+    int want[] = {1, 0, 0, 0, 1};
+    for (int i = 0; i < 5; i++)
+        if (fp_db_task_uploading(f.db, ids[i], &up, &err) != want[i])
+            fail_msg("task %lld: recorded %d", (long long)ids[i], !want[i]);
+    assert_int_equal(fpt_sql_int(raw, "SELECT count(*) FROM task WHERE state = 'uploading'"), 2);
+    assert_int_equal(fpt_sql_int(raw, "SELECT state = 'refused' FROM task WHERE id = 11"), 1);
+
+    char *spool = fpt_write(dir, "10.raw", "abc", 3); /* no header: the coordinator's fault */
+    uint8_t sha[32] = {0};
+    fp_verify_in_t in = {.task = 10, .rank = 4, .sha = sha};
+    int rc = fp_fed_verify(&f, spool, &in, &err);
+    assert_true(rc < 0);
+    assert_int_not_equal(rc, -EBADMSG);
+    assert_int_not_equal(rc, -ESTALE);
+    assert_int_equal(fpt_sql_int(raw, "SELECT state = 'uploading' FROM task WHERE id = 10"), 1);
+    fpt_sql_close(raw);
+    fp_db_close(f.db);
+    fpt_rmtree(dir);
+    free(dir);
+    free(spool);
+    free(f.updates_dir);
+}
+
 /* Preparing round N removes what dropped or refused uploads of round N − 1 left in the spool
  * and updates/ (nothing can resume them), and nothing else. */
 static void test_spool_leftovers(void **state)
@@ -1758,6 +1804,7 @@ int main(void)
         cmocka_unit_test_teardown(test_check_config, kill_live_server),
         cmocka_unit_test_teardown(test_norm_bound, kill_live_server),
         cmocka_unit_test(test_spool_leftovers),
+        cmocka_unit_test(test_upload_record_and_verdicts),
         cmocka_unit_test_teardown(test_sampling, kill_live_server),
         cmocka_unit_test_teardown(test_state_dir_lock_and_modes, kill_live_server),
         cmocka_unit_test_teardown(test_deadline_timer_early, kill_live_server),

@@ -255,11 +255,56 @@ static void test_256mib_and_resume(void **state)
     free(blob);
 }
 
+/* A spool resumed behind a prefix of another length (another announcement's header, or a spool
+ * left by a build that wrote none) starts over: its bytes would sit at the wrong offsets.
+ * Behind one of the same length (rewritten: the announcement's) it resumes from its durable
+ * length, re-hashed from after the prefix. */
+static void test_resume_needs_the_same_prefix(void **state)
+{
+    (void)state;
+    char *spool = fp_path_join(dir, "spool-prefix");
+    fp_fs_mkdirs(spool, 0700, NULL);
+    static char a[FP_STREAM_ALIGN], b[2 * FP_STREAM_ALIGN], data[10000];
+    memset(a, 'a', sizeof a);
+    memset(b, 'b', sizeof b);
+    for (size_t i = 0; i < sizeof data; i++)
+        data[i] = (char)(i * 31);
+    fp_stream_rx_t rx;
+    fp_err_t err = {0};
+    assert_int_equal(fp_stream_rx_open(&rx, spool, 5, sizeof data, a, sizeof a, &err), 0);
+    assert_int_equal(fp_stream_rx_write(&rx, 0, data, 6000, &err), 0);
+    assert_int_equal(fp_stream_rx_sync(&rx, &err), 0);
+    fp_stream_rx_close(&rx);
+    assert_int_equal(fp_stream_rx_open(&rx, spool, 5, sizeof data, b, sizeof b, &err), 0);
+    assert_int_equal(rx.received, 0); /* another prefix: from the start */
+    assert_int_equal(fp_stream_rx_write(&rx, 0, data, 6000, &err), 0);
+    assert_int_equal(fp_stream_rx_sync(&rx, &err), 0);
+    fp_stream_rx_close(&rx);
+    assert_int_equal(fp_stream_rx_open(&rx, spool, 5, sizeof data, b, sizeof b, &err), 0);
+    assert_int_equal(rx.received, 6000); /* the same: where it stopped */
+    assert_int_equal(fp_stream_rx_write(&rx, 6000, data + 6000, sizeof data - 6000, &err), 0);
+    uint8_t sha[32];
+    fp_sha256(data, sizeof data, sha);
+    char *out = fp_path_join(dir, "prefixed"), *got;
+    size_t len;
+    assert_int_equal(fp_stream_rx_finish(&rx, sha, out, &err), 0);
+    assert_int_equal(fp_fs_read_file(out, 1 << 20, &got, &len, &err), 0);
+    assert_int_equal(len, sizeof b + sizeof data);
+    assert_memory_equal(got, b, sizeof b);
+    assert_memory_equal(got + sizeof b, data, sizeof data);
+    /* a prefix that would misalign the stream is refused */
+    assert_int_equal(fp_stream_rx_open(&rx, spool, 6, sizeof data, a, 100, &err), -EINVAL);
+    free(got);
+    free(out);
+    free(spool);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* a daemon does the same: a closed peer is an error, not a death */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_256mib_and_resume),
+        cmocka_unit_test(test_resume_needs_the_same_prefix),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }

@@ -89,16 +89,18 @@ static int flush_stage(fp_stream_rx_t *rx, int keep_tail)
     return 0;
 }
 
-/* Reads the recorded durable offset (0 when absent or unreadable). */
-static uint64_t read_acked(const char *path, uint64_t id, uint64_t total)
+/* Reads the recorded durable offset (0 when absent or unreadable). A record of another
+ * stream, or of the same behind another prefix (an older record has none), starts over. */
+static uint64_t read_acked(const char *path, uint64_t id, uint64_t total, uint64_t base)
 {
     char *buf = NULL;
     size_t len;
-    uint64_t v = 0, rid = 0, rtotal = 0;
-    if (fp_fs_read_file(path, 128, &buf, &len, NULL) == 0 &&
-        sscanf(buf, "%" SCNu64 " %" SCNu64 " %" SCNu64, &rid, &rtotal, &v) == 3 &&
-        (rid != id || rtotal != total || v > total))
-        v = 0; /* another stream's record: start over */
+    uint64_t v = 0, rid = 0, rtotal = 0, rbase = 0;
+    int got = fp_fs_read_file(path, 128, &buf, &len, NULL) == 0
+                  ? sscanf(buf, "%" SCNu64 " %" SCNu64 " %" SCNu64 " %" SCNu64, &rid, &rtotal,
+                           &v, &rbase) : 0;
+    if (got < 3 || rid != id || rtotal != total || v > total || (got == 4 ? rbase : 0) != base)
+        v = 0;
     free(buf);
     return v;
 }
@@ -136,7 +138,7 @@ int fp_stream_rx_open(fp_stream_rx_t *rx, const char *dir, uint64_t id, uint64_t
         reset(rx);
         return fp_err_set(err, -ENOMEM, "out of memory");
     }
-    uint64_t resume = read_acked(rx->acked, id, total);
+    uint64_t resume = read_acked(rx->acked, id, total, rx->base);
     const char *env = getenv("FEDPEFT_SPOOL_DIRECT");
     int want_direct = !(env && !strcmp(env, "0"));
     rx->fd = want_direct ? open(rx->part, O_RDWR | O_CREAT | O_CLOEXEC | O_DIRECT, 0600) : -1;
@@ -241,9 +243,9 @@ int fp_stream_rx_sync(fp_stream_rx_t *rx, fp_err_t *err)
         return fp_err_set(err, frc, "%s: write: %s", rx->part, strerror(-frc));
     if (fdatasync(rx->fd) != 0)
         return fp_err_set(err, -errno, "%s: fsync: %s", rx->part, strerror(errno));
-    char rec[96];
-    int n = snprintf(rec, sizeof rec, "%" PRIu64 " %" PRIu64 " %" PRIu64 "\n", rx->id, rx->total,
-                     rx->received);
+    char rec[128];
+    int n = snprintf(rec, sizeof rec, "%" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", rx->id,
+                     rx->total, rx->received, rx->base);
     int rc = fp_fs_write_file(rx->acked, rec, (size_t)n, 0600, err);
     if (rc == 0)
         rx->durable = rx->received;

@@ -39,14 +39,17 @@ int fp_noise_new_random(fp_noise_t **out, fp_err_t *err)
 {
     uint8_t key[FP_NOISE_KEY];
     size_t got = 0;
+    int rc = 0;
     while (got < sizeof key) { /* blocks only until the kernel's generator is seeded */
         ssize_t r = getrandom(key + got, sizeof key - got, 0);
-        if (r < 0 && errno != EINTR)
-            return fp_err_set(err, -errno, "the kernel's random generator: %s",
-                              strerror(errno));
+        if (r < 0 && errno != EINTR) {
+            rc = fp_err_set(err, -errno, "the kernel's random generator: %s", strerror(errno));
+            goto out;
+        }
         got += r > 0 ? (size_t)r : 0;
     }
-    int rc = fp_noise_new(out, key, err);
+    rc = fp_noise_new(out, key, err);
+out:
     explicit_bzero(key, sizeof key);
     return rc;
 }

@@ -178,6 +178,8 @@ typedef struct fp_db_upload {
     const char *tensors;      /* tensor list as JSON */
     double clip_bit;          /* distributed adaptive DP: the site's noised clip indicator */
 } fp_db_upload_t;
+/* Task id's upload announced: 1 recorded; 0 not — the task ended (refused, dropped) or its round
+ * is no longer open since it was checked; or < 0. */
 int fp_db_task_uploading(fp_db_t *db, int64_t id, const fp_db_upload_t *u, fp_err_t *err);
 
 /* The update of task id is durable: recorded as uploaded, if it is uploading and its round

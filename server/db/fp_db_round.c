@@ -453,10 +453,12 @@ int fp_db_task_uploading(fp_db_t *db, int64_t id, const fp_db_upload_t *u, fp_er
 {
     int rc = fp__db_exec(db, err, "UPDATE task SET state = 'uploading', stream_bytes = ?, "
                          "samples = ?, train_loss = ?, eval_loss_before = ?, eval_loss_after = ?, "
-                         "train_seconds = ?, tensors = ?, clip_bit = ? WHERE id = ?", "iiddddtdi",
-                         u->stream_bytes, u->samples, u->train_loss, u->eval_loss_before,
-                         u->eval_loss_after, u->train_seconds, u->tensors, u->clip_bit, id);
-    return rc < 0 ? rc : 0;
+                         "train_seconds = ?, tensors = ?, clip_bit = ? WHERE id = ? AND state IN "
+                         "('assigned','uploading') AND round IN (SELECT n FROM round WHERE state "
+                         "= 'open')", "iiddddtdi", u->stream_bytes, u->samples, u->train_loss,
+                         u->eval_loss_before, u->eval_loss_after, u->train_seconds, u->tensors,
+                         u->clip_bit, id);
+    return rc < 0 ? rc : rc > 0;
 }
 
 int fp_db_task_uploaded(fp_db_t *db, int64_t id, const char *sha_hex, double norm, int clipped,
