@@ -61,11 +61,6 @@ uint64_t fp_asa_task(const fp_asa_t *a) { return a->task; }
 int fp_asa_ready(const fp_asa_t *a) { return a->ready; }
 int fp_asa_pass(const fp_asa_t *a) { return a->pass; }
 
-static int is_exact(fp_strategy_t st)
-{
-    return st == FP_STRAT_FLEXLORA || st == FP_STRAT_FLORA || st == FP_STRAT_FLORIST;
-}
-
 /* The layout from the task's stream: its modules, at the global rank. */
 static int layout_of(fp_asa_t *a, const fp_site_task_t *t, fp_err_t *err)
 {
@@ -123,7 +118,7 @@ static int asa_init(fp_asa_t **out, const fp_site_task_t *t, const char *site, f
     if (rc == 0)
         rc = fp_strategy_parse(sa->strategy, &a->strategy, err);
     if (rc == 0 && a->strategy != FP_STRAT_FEDAVG && a->strategy != FP_STRAT_FFA &&
-        a->strategy != FP_STRAT_ZEROPAD && !is_exact(a->strategy))
+        a->strategy != FP_STRAT_ZEROPAD && !fp_strategy_merges_products(a->strategy))
         rc = fp_err_set(err, -ENOTSUP, "secure aggregation of %s is not built", sa->strategy);
     if (rc == 0)
         rc = fp_sa_site_new(&a->me, &a->p, sa->index, a->rng, err);
@@ -146,7 +141,7 @@ int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err
     if (rc == 0)
         rc = layout_of(a, t, err);
     size_t want = 0;
-    if (rc == 0 && is_exact(a->strategy)) { /* the first sum: Y through Ω from the seed */
+    if (rc == 0 && fp_strategy_merges_products(a->strategy)) { /* the first sum: Y through Ω from the seed */
         if (sa->sketch_k < 1)
             rc = fp_err_set(err, -EBADMSG, "an exact merge's secure round without a sketch");
         else if ((rc = fp_sa_sketch_new(&a->sketch, a->layout, a->nmod, sa->sketch_k,

@@ -499,9 +499,13 @@ static int act_close(void *ctx, int64_t n)
     co->agg_last = r->seconds;
     co->agg_total += r->seconds;
     atomic_fetch_add(&co->c_closed, 1);
-    char priv[96] = "";
+    char priv[192] = "";
+    if (co->fed.sopt.kind != FP_SOPT_SGD || co->fed.sopt.lr != 1) /* (truncation: exact ones) */
+        snprintf(priv, sizeof priv, "; server %s, lr %g, truncation %.3g",
+                 fp_sopt_name(co->fed.sopt.kind), co->fed.sopt.lr, r->opt_trunc);
     if (!isnan(r->clip_next)) {
-        snprintf(priv, sizeof priv, "; clip %.4g → %.4g", co->dp_clip, r->clip_next);
+        snprintf(priv + strlen(priv), sizeof priv - strlen(priv), "; clip %.4g → %.4g",
+                 co->dp_clip, r->clip_next);
         co->dp_clip = r->clip_next;
     }
     if (sa_of(co)) {

@@ -15,6 +15,7 @@
 
 #include "fp_clock.h"
 #include "fp_failpoint.h"
+#include "fp_fed_opt.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_sa_merge.h"
@@ -483,8 +484,10 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out
     char (*labels)[32] = calloc((size_t)(n ? n : 1), sizeof *labels);
     const char **lp = calloc((size_t)(n ? n : 1), sizeof *lp);
     double *w = calloc((size_t)(n ? n : 1), sizeof *w);
-    fp_adapter_t *merged = NULL, *global = NULL, *sum = NULL;
+    fp_adapter_t *merged = NULL, *global = NULL, *sum = NULL, *start = NULL;
     fp_merger_t *mg = NULL;
+    fp_opt_state_t *ost = NULL;
+    out->opt_trunc = 0;
     if (!src || !labels || !lp || !w) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
@@ -528,13 +531,19 @@ int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out
     }
     if (f->dp != FP_DP_OFF && (rc = dp_after_merge(f, in, global, &out->clip_next, err)) != 0)
         goto out;
-store:
+store: /* the server optimizer moves the start by the merge (post-processing under DP) */
+    if (fp_fed_opt_active(&f->sopt) &&
+        ((rc = fp_fed_load_adapter(f, in->start_sha, &start, err)) != 0 ||
+         (rc = fp_fed_opt_step(&f->sopt, f->strategy, f->opt_dir, in->start_sha, start, global,
+                               &ost, &out->opt_trunc, err)) != 0))
+        goto out;
     fp_failpoint("aggregated"); /* merged in memory, nothing written */
     out->rank = 0;
     for (int i = 0; i < global->n; i++)
         out->rank = global->mods[i].rank > out->rank ? global->mods[i].rank : out->rank;
     if ((rc = fp_adapter_check_finite(global, err)) != 0 ||
-        (rc = fp_fed_store_adapter(f, global, out->sha, err)) != 0)
+        (rc = fp_fed_store_adapter(f, global, out->sha, err)) != 0 ||
+        (rc = fp_fed_opt_store(f->opt_dir, out->sha, ost, err)) != 0)
         goto out;
     fp_failpoint("global-written"); /* the file is in place, the round not yet closed */
 out:
@@ -549,5 +558,7 @@ out:
     fp_adapter_free(merged);
     fp_adapter_free(global);
     fp_adapter_free(sum);
+    fp_adapter_free(start);
+    fp_fed_opt_free(ost);
     return rc;
 }

@@ -15,6 +15,7 @@
 #include "fp_dp.h"
 #include "fp_merge.h"
 #include "fp_noise.h"
+#include "fp_server_opt.h"
 
 /* A tensor stream ready to send: the global adapter at one rank. Reference-counted on the
  * loop (the round, each site receiving it, each upload measured against it). */
@@ -46,6 +47,9 @@ typedef struct fp_fed {
     /* differential privacy (fp_dp.h) */
     fp_dp_mode_t dp;
     int frozen_a;             /* ffa: the update vector is lora_B's change alone */
+    /* the server optimizer (fp_server_opt.h) and where its state lives between rounds */
+    fp_sopt_cfg_t sopt;
+    char *opt_dir;
 } fp_fed_t;
 
 /* Paths under the state directory (malloc'd). */
@@ -124,6 +128,7 @@ typedef struct fp_agg_out {
     int rank;
     double seconds;
     double clip_next;         /* NAN unless adaptive clipping */
+    double opt_trunc;         /* an exact strategy's server step: relative truncation error */
 } fp_agg_out_t;
 int fp_fed_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_agg_out_t *out,
                      fp_err_t *err);

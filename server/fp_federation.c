@@ -111,10 +111,10 @@ int fp_federation_open(fp_db_t *db, const fp_srv_config_t *c, const fp_fed_t *fe
 int fp_federation_setup(const fp_srv_config_t *c, fp_fed_t *f, unsigned *targets,
                         uint8_t model_sha[32], int *lock_fd, fp_db_t **db, fp_err_t *err)
 {
-    static const char *const subdirs[] = {"adapters", "updates", "spool"};
-    char **dirs[] = {&f->adapters_dir, &f->updates_dir, &f->spool_dir};
+    static const char *const subdirs[] = {"adapters", "updates", "spool", "optimizer"};
+    char **dirs[] = {&f->adapters_dir, &f->updates_dir, &f->spool_dir, &f->opt_dir};
     f->state_dir = c->state_dir;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if (!(*dirs[i] = fp_path_join(c->state_dir, subdirs[i])))
             return fp_err_set(err, -ENOMEM, "out of memory");
     /* site updates are the most sensitive thing here: the directories are the daemon's alone
@@ -123,7 +123,7 @@ int fp_federation_setup(const fp_srv_config_t *c, fp_fed_t *f, unsigned *targets
     if ((rc = fp_fs_mkdirs(c->state_dir, 0700, err)) != 0 ||
         (rc = fp_fs_lock_dir(c->state_dir, "fedpeft-server", lock_fd, err)) != 0)
         return rc;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if ((rc = fp_fs_mkdirs(*dirs[i], 0700, err)) != 0)
             return rc;
     if ((rc = fp_strategy_parse(c->strategy, &f->strategy, err)) != 0 ||
@@ -137,6 +137,10 @@ int fp_federation_setup(const fp_srv_config_t *c, fp_fed_t *f, unsigned *targets
     f->rslora = c->rslora;
     f->r_max = (int)c->r_max;
     f->seed = (uint64_t)c->seed;
+    f->sopt = (fp_sopt_cfg_t){FP_SOPT_SGD, c->server_lr, c->server_beta1, c->server_beta2,
+                              c->server_tau};
+    if ((rc = fp_sopt_parse(c->server_optimizer, &f->sopt.kind, err)) != 0)
+        return rc;
     fp_model_config_t mc;
     if ((rc = fp_model_config_load(c->base_model_config, &mc, err)) != 0 ||
         (rc = fp_lora_descs(&mc, *targets, f->r_max, f->alpha, f->rslora, &f->layout,
@@ -152,8 +156,9 @@ void fp_federation_release(fp_fed_t *f)
     free(f->adapters_dir);
     free(f->updates_dir);
     free(f->spool_dir);
+    free(f->opt_dir);
     free(f->layout);
-    f->adapters_dir = f->updates_dir = f->spool_dir = NULL;
+    f->adapters_dir = f->updates_dir = f->spool_dir = f->opt_dir = NULL;
     f->layout = NULL;
 }
 

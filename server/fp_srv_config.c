@@ -15,6 +15,7 @@
 #include "fp_fs.h"
 #include "fp_merge.h"
 #include "fp_model.h"
+#include "fp_server_opt.h"
 #include "fp_sha256.h"
 #include "fp_tls.h"
 
@@ -82,6 +83,18 @@ const fp_setting_t fp_srv_settings[] = {
      1, "zeropad: also weight sites by the norm of their update"},
     {"federation", "restart_rank_cap", FP_SET_INT, O(restart_rank_cap), "64", 1, 65536, 1,
      "flora/florist: the accumulated global update is re-compressed (exact SVD) above this rank"},
+    {"federation", "server_optimizer", FP_SET_STR, O(server_optimizer), "sgd", 0, 0, 0,
+     "how the coordinator moves the global adapter by a round's merged update Δ: sgd (x + lr·Δ; "
+     "lr 1 is the merge itself), avgm (momentum), adagrad, adam or yogi (Reddi et al. 2021; "
+     "linear strategies only: the exact ones merge ΔW, whose momentum is kept low-rank)"},
+    {"federation", "server_lr", FP_SET_DOUBLE, O(server_lr), "1", 1e-6, 100, 0,
+     "the server optimizer's learning rate"},
+    {"federation", "server_beta1", FP_SET_DOUBLE, O(server_beta1), "0.9", 0, 0.999999, 0,
+     "avgm's momentum; adagrad, adam and yogi's first-moment decay"},
+    {"federation", "server_beta2", FP_SET_DOUBLE, O(server_beta2), "0.99", 0, 0.999999, 0,
+     "adam and yogi's second-moment decay"},
+    {"federation", "server_tau", FP_SET_DOUBLE, O(server_tau), "0.001", 1e-12, 10, 0,
+     "adagrad, adam and yogi's adaptivity (the denominator's floor)"},
     {"federation", "rounds", FP_SET_INT, O(rounds), "0", 0, BIG, 1, "rounds to run; 0: forever"},
     {"federation", "min_sites", FP_SET_INT, O(min_sites), "2", 1, 1000000, 1,
      "connected sites needed to open a round"},
@@ -254,6 +267,14 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
                           "(%lld): no round could close", c->max_sites, c->min_updates);
     if (c->restart_rank_cap < c->r_max)
         return fp_err_set(err, -EINVAL, "federation.restart_rank_cap must be at least r_max");
+    fp_sopt_kind_t so;
+    if ((rc = fp_sopt_parse(c->server_optimizer, &so, err)) != 0)
+        return fp_err_prefix(err, rc, "federation.server_optimizer: ");
+    if (fp_sopt_has_v(so) && fp_strategy_merges_products(st))
+        return fp_err_set(err, -ENOTSUP, "federation.server_optimizer = %s with %s: an exact "
+                          "strategy merges ΔW, whose element-wise second moment has no low-rank "
+                          "form; use sgd or avgm (momentum kept low-rank), or a linear strategy",
+                          c->server_optimizer, c->strategy);
     if ((rc = check_privacy(c, st, err)) != 0)
         return rc;
     if (c->sa_enabled) {

@@ -28,6 +28,8 @@ typedef struct fp_srv_config {
     double florist_energy;
     int zeropad_norm_weighted;
     long long restart_rank_cap; /* flora/florist: rank of the accumulated global update */
+    char *server_optimizer;   /* sgd, avgm, adagrad, adam, yogi (fp_server_opt.h) */
+    double server_lr, server_beta1, server_beta2, server_tau;
     long long rounds;         /* 0: run forever */
     long long min_sites;
     double fraction;

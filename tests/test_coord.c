@@ -222,6 +222,7 @@ typedef struct world {
     char notes[65536];
     size_t notes_len;
     double timeout_s;       /* > 0: the server is killed and the test fails after this long */
+    int wipe_opt;           /* a killed server restarts without its optimizer's state */
     double started;
     int timed_out;
 } world_t;
@@ -398,6 +399,12 @@ static void poll_cb(uv_timer_t *t)
         w->killed = 3; /* not restarted */
     if (w->killed == 1 || (WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL && !w->killed)) {
         w->killed = 2; /* killed (by the test or at a failpoint): restart where it stopped */
+        if (w->wipe_opt) {
+            char *d = fp_path_join(w->e->state, "optimizer");
+            fpt_rmtree(d);
+            fp_fs_mkdirs(d, 0700, NULL);
+            free(d);
+        }
         start_server(w->e);
         return;
     }
@@ -799,6 +806,60 @@ static void kill_after(int k, const char *failpoint)
     check_rounds(e, "flora", 3);
     free(w);
     env_free(e);
+}
+
+/* The last closed round's global adapter of a federation of strategy under a server
+ * optimizer: run whole, or killed right after round 1 closed and restarted (with its
+ * optimizer's state, or, wipe, without). malloc'd. */
+static char *opt_run(const char *strategy, const char *opt, int kill, int wipe)
+{
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", strategy, 1);
+    budgets[0] = 8; /* fedavg: every site at r_max */
+    write_config(e, strategy, 3, opt);
+    e->failpoint = kill ? "round-closed:1" : NULL;
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    w->wipe_opt = wipe;
+    run_world(w);
+    assert_int_equal(w->killed, kill ? 2 : 0);
+    fpt_sql_t *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
+    char *sha = fpt_sql_text(db, "SELECT global_adapter FROM round WHERE state = 'closed' "
+                                 "ORDER BY n DESC LIMIT 1");
+    char *kept = fp_path_join(e->state, "optimizer");
+    assert_true(fpt_count_prefix(kept, "") >= 1); /* the state is kept beside the globals */
+    free(kept);
+    fpt_sql_close(db);
+    free(w);
+    env_free(e);
+    budgets[0] = 4;
+    return sha;
+}
+
+/* A server optimizer's state survives a kill -9: the federation killed after round 1 and
+ * restarted ends where the one never killed does — and one restarted without the state does
+ * not (the state is what carries it). Linear (fedavg, adam: m and v) and exact (flexlora,
+ * avgm: the low-rank momentum). */
+static void test_server_opt_restart(void **s)
+{
+    (void)s;
+    const char *cases[][2] = {{"fedavg", "server_optimizer = adam\nserver_lr = 0.3"},
+                              {"flexlora", "server_optimizer = avgm\nserver_lr = 0.7"}};
+    for (int i = 0; i < 2; i++) {
+        char *whole = opt_run(cases[i][0], cases[i][1], 0, 0);
+        char *killed = opt_run(cases[i][0], cases[i][1], 1, 0);
+        char *wiped = opt_run(cases[i][0], cases[i][1], 1, 1);
+        if (strcmp(whole, killed) != 0)
+            fail_msg("%s: the restarted federation ends at %.12s, the whole one at %.12s",
+                     cases[i][0], killed, whole);
+        if (strcmp(whole, wiped) == 0)
+            fail_msg("%s: without its optimizer's state the federation ends the same", cases[i][0]);
+        free(whole);
+        free(killed);
+        free(wiped);
+    }
 }
 
 static void test_kill9(void **s)
@@ -1805,6 +1866,7 @@ int main(void)
         cmocka_unit_test_teardown(test_norm_bound, kill_live_server),
         cmocka_unit_test(test_spool_leftovers),
         cmocka_unit_test(test_upload_record_and_verdicts),
+        cmocka_unit_test(test_server_opt_restart),
         cmocka_unit_test_teardown(test_sampling, kill_live_server),
         cmocka_unit_test_teardown(test_state_dir_lock_and_modes, kill_live_server),
         cmocka_unit_test_teardown(test_deadline_timer_early, kill_live_server),

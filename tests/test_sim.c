@@ -771,6 +771,47 @@ static void test_sim_secure(void **state)
     free(e);
 }
 
+/* A server optimizer acts on the unmasked sum: flexlora with avgm (its momentum kept low-rank)
+ * securely ends where it does in the clear (held-out losses to 1e-3), and both kept the
+ * optimizer's state beside their globals. */
+static void test_sim_secure_server_opt(void **state)
+{
+    (void)state;
+    char *out = path2(fpt_dir, "sim-sa-opt"), *o = NULL, *e = NULL;
+    const char *args[] = {"sim", "--task", "lm", "--secure-aggregation", "--ranks", "2,4,8",
+                          "--partition", "iid", "--rounds", "2", "--steps", "3", "--batch", "2",
+                          "--seq", "32", "--data", FORTUNES "/medicine," FORTUNES "/pets",
+                          "--server-opt", "avgm", "--server-lr", "0.8",
+                          "--model", FP_SOURCE_DIR "/models/demo", "--out", out, NULL};
+    int rc = run(args, &o, &e);
+    if (rc != 0)
+        fail_msg("fedpeft sim --server-opt avgm failed (%d):\n%s\n%s", rc, o, e);
+    char *cmd = NULL;
+    assert_true(asprintf(&cmd, "test $(ls %s/flexlora/state/optimizer | wc -l) -eq 2 && "
+                         "test $(ls %s/flexlora-secure/state/optimizer | wc -l) -eq 2", out,
+                         out) > 0);
+    assert_int_equal(system(cmd), 0);
+    free(cmd);
+    char *res = path2(out, "results.json");
+    json_t *doc = json_load_file(res, 0, NULL);
+    assert_non_null(doc);
+    json_t *table = json_object_get(doc, "table");
+    double clear = table_pooled(table, "global: flexlora");
+    double secure = table_pooled(table, "global: flexlora (secure)");
+    print_message("held-out loss, avgm: flexlora %.6f in the clear, %.6f securely\n", clear,
+                  secure);
+    if (!(fabs(clear - secure) <= 1e-3 * clear))
+        fail_msg("secure flexlora+avgm's held-out loss %g, in the clear %g", secure, clear);
+    json_decref(doc);
+    free(res);
+    const char *bad[] = {"sim", "--server-opt", "adam", NULL}; /* flexlora, the default */
+    assert_int_equal(run(bad, &o, &e), 2);
+    assert_contains(e, "for the linear strategies");
+    free(out);
+    free(o);
+    free(e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -781,6 +822,7 @@ int main(void)
         cmocka_unit_test(test_sim_classify),
         cmocka_unit_test(test_sim_dp),
         cmocka_unit_test(test_sim_secure),
+        cmocka_unit_test(test_sim_secure_server_opt),
     };
     if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_sim_dp */
         cmocka_set_test_filter(getenv("FP_TEST_FILTER"));

@@ -84,6 +84,8 @@ typedef struct sim {
     double dp_clip;      /* their clip bound C */
     int secure;          /* --secure-aggregation: each run also (with --dp: only) securely */
     const char *base_dtype; /* the frozen base's precision everywhere: f32, bf16, nf4 (auto resolved) */
+    const char *server_opt; /* the coordinator's server optimizer (fp_server_opt.h) */
+    double server_lr;
     /* made */
     sim_site_t *sites;
     char *pki, *slot_dir;

@@ -18,6 +18,7 @@
 #include "fp_merge.h"
 #include "fp_model.h"
 #include "fp_rdp.h"
+#include "fp_server_opt.h"
 #include "fp_sha256.h"
 #include "sim.h"
 
@@ -104,6 +105,11 @@ static const char sim_help[] =
     "                     merges take two sums), to show it changes nothing but what the\n"
     "                     coordinator sees; with --dp every run is secure (distributed DP\n"
     "                     only); needs 3 sites or more\n"
+    "  --server-opt O     how the coordinator moves the global by a round's merged update:\n"
+    "                     sgd (lr 1: the merge itself), avgm (momentum; exact strategies\n"
+    "                     keep it low-rank), adagrad, adam or yogi (linear strategies only)\n"
+    "                     (default sgd)\n"
+    "  --server-lr LR     the server optimizer's learning rate (default 1)\n"
     "  --targets LIST     adapted projections (default all)\n"
     "  --base-dtype D     the frozen base's precision at every site and in the baselines: f32,\n"
     "                     bf16 (oneDNN's bf16 products, fp32 accumulation), nf4 (4-bit\n"
@@ -424,7 +430,7 @@ static void print_verdict(const sim_t *sim, json_t *table)
         double g = pooled(table, name, key), sh = pooled(table, name, sk);
         fp_strategy_t st;
         int exact = fp_strategy_parse(sim->runs[k].strategy, &st, NULL) == 0 &&
-                    (st == FP_STRAT_FLEXLORA || st == FP_STRAT_FLORA || st == FP_STRAT_FLORIST);
+                    fp_strategy_merges_products(st);
         printf("%s%s: pooled %s %.*f%s (base %.*f%s, each site alone %.*f%s, centralised "
                "%.*f%s): %.0f %% of the centralised gain; a site alone recovers %.0f %%.\n",
                sim->runs[k].label, exact ? " (exact)" : "", acc ? "accuracy" : "loss",
@@ -533,6 +539,15 @@ static int plan_runs(sim_t *sim, const sim_args_t *a)
     if (strcmp(strategy, "all") && !known_strategy(strategy))
         return fp_cli_usage_error("sim", "--strategy: one of fedavg, ffa, zeropad, flexlora, "
                                   "flora, florist or all, not '%s'", strategy);
+    fp_sopt_kind_t so;
+    fp_strategy_t sst;
+    fp_sopt_parse(sim->server_opt, &so, NULL);
+    if (fp_sopt_has_v(so) && (!strcmp(strategy, "all") ||
+                              (fp_strategy_parse(strategy, &sst, NULL) == 0 &&
+                               fp_strategy_merges_products(sst))))
+        return fp_cli_usage_error("sim", "--server-opt %s is for the linear strategies "
+                                  "(fedavg, ffa, zeropad): name one with --strategy",
+                                  sim->server_opt);
     if (a->epsilons && !sim->dp_mode)
         return fp_cli_usage_error("sim", "--epsilons sets the budgets of --dp, which is not "
                                   "given");
@@ -599,6 +614,21 @@ static int plan_runs(sim_t *sim, const sim_args_t *a)
     return 0;
 }
 
+/* --server-opt (c 'O') and --server-lr ('L'): 0, or the usage error said. */
+static int server_opt_option(sim_t *sim, int c, const char *arg)
+{
+    fp_sopt_kind_t kind;
+    if (c == 'O' && fp_sopt_parse(arg, &kind, NULL) != 0)
+        return fp_cli_usage_error("sim", "--server-opt is sgd, avgm, adagrad, adam or yogi, "
+                                  "not '%s'", arg);
+    if (c == 'O')
+        sim->server_opt = fp_sopt_name(kind);
+    else if (fp_parse_double(arg, &sim->server_lr) || !(sim->server_lr > 0) ||
+             sim->server_lr > 100)
+        return fp_cli_usage_error("sim", "--server-lr takes a number in (0, 100]");
+    return 0;
+}
+
 /* Options into sim and a; 0, -1 after --help, or an exit code. */
 static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
 {
@@ -617,6 +647,8 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
         {"dp-clip", required_argument, NULL, 'C'},
         {"secure-aggregation", no_argument, NULL, 'A'},
         {"base-dtype", required_argument, NULL, 'B'},
+        {"server-opt", required_argument, NULL, 'O'},
+        {"server-lr", required_argument, NULL, 'L'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     static const struct {
         int opt;
@@ -659,6 +691,10 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
             break;
         case 'E': a->epsilons = optarg; break;
         case 'A': sim->secure = 1; break;
+        case 'O': case 'L':
+            if (server_opt_option(sim, c, optarg) != 0)
+                return 2;
+            break;
         case 'B': {
             fp_base_dtype_t d;
             if (fp_base_dtype_parse(optarg, &d, NULL) != 0)
@@ -865,7 +901,8 @@ int fp_cmd_sim(int argc, char **argv)
                  .seq = D_SEQ, .slots = cores > 0 ? (int)cores : 1, .lr = D_LR, .alpha = 16,
                  .partition = SIM_BY_CATEGORY, .task = SIM_TASK_CLASSIFY,
                  .prompt_bytes = D_PROMPT, .max_docs = D_MAX_DOCS, .cue = "Category: ",
-                 .out = "out/sim", .targets = "all", .seed = 1, .dp_clip = D_DP_CLIP};
+                 .out = "out/sim", .targets = "all", .seed = 1, .dp_clip = D_DP_CLIP,
+                 .server_opt = "sgd", .server_lr = 1};
     sim.base_dtype = fp_base_dtype_name(fp_base_dtype_default());
     sim_args_t a = {.strategy = "flexlora"};
     char mbuf[4096];

@@ -42,6 +42,11 @@ int fp_strategy_exact(fp_strategy_t s)
     return s == FP_STRAT_FFA || s == FP_STRAT_FLORA;
 }
 
+int fp_strategy_merges_products(fp_strategy_t s)
+{
+    return s == FP_STRAT_FLEXLORA || s == FP_STRAT_FLORA || s == FP_STRAT_FLORIST;
+}
+
 int fp_strategy_equal_ranks(fp_strategy_t s)
 {
     return s == FP_STRAT_FEDAVG || s == FP_STRAT_FFA;

@@ -39,6 +39,9 @@ int fp_strategy_streams(fp_strategy_t s);
 int fp_strategy_restarts(fp_strategy_t s);
 /* 1 when the merged ΔW equals ΔW* (ffa, flora; florist at τ = 1; flexlora at full rank). */
 int fp_strategy_exact(fp_strategy_t s);
+/* 1 for flexlora, flora and florist: they merge the products ΔW = s·B·A, not the factors
+ * (the linear strategies fedavg, ffa and zeropad average factors). */
+int fp_strategy_merges_products(fp_strategy_t s);
 /* 1 for fedavg and ffa: every site trains at r_max (a smaller budget cannot take part). */
 int fp_strategy_equal_ranks(fp_strategy_t s);
 

@@ -1,0 +1,319 @@
+/* The server optimizer's round (fp_fed_opt.h). */
+#include "fp_fed_opt.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_fs.h"
+#include "fp_lowrank.h"
+#include "fp_safetensors.h"
+
+#define META_KEY "fedpeft.server_optimizer"
+
+/* Linear: m and v over the factors, flat (module by module, A then B). Exact: each module's
+ * momentum MB·MA. One allocation each. */
+struct fp_opt_state {
+    fp_sopt_kind_t kind;
+    size_t n;                 /* linear: parameters */
+    float *m, *v;
+    int nmod;                 /* exact: modules, in the global's order */
+    char **names;
+    int *d_out, *d_in, *rank;
+    float **mb, **ma;
+};
+
+void fp_fed_opt_free(fp_opt_state_t *s)
+{
+    if (!s)
+        return;
+    free(s->m);
+    for (int i = 0; s->names && i < s->nmod; i++) {
+        free(s->names[i]);
+        free(s->mb[i]);
+        free(s->ma[i]);
+    }
+    free(s->names);
+    free(s->d_out);
+    free(s->mb);
+    free(s);
+}
+
+static char *state_path(const char *opt_dir, const char *sha)
+{
+    char name[96];
+    snprintf(name, sizeof name, "%s.safetensors", sha);
+    return fp_path_join(opt_dir, name);
+}
+
+/* The kept state of start_sha's global, if it is this optimizer's (NULL: none, or another's). */
+static fp_st_file_t *open_state(const fp_sopt_cfg_t *c, const char *opt_dir, const char *sha)
+{
+    char *p = state_path(opt_dir, sha);
+    fp_st_file_t *st = NULL;
+    if (p && fp_fs_exists(p) && fp_st_open(&st, p, NULL) == 0) {
+        const char *kind = fp_st_meta(st, META_KEY);
+        if (!kind || strcmp(kind, fp_sopt_name(c->kind)) != 0) {
+            fp_st_close(st);
+            st = NULL;
+        }
+    }
+    free(p);
+    return st;
+}
+
+/* Reads tensor name of exactly n floats into dst; 0, or -ENOENT (absent or another shape). */
+static int read_exact(const fp_st_file_t *st, const char *name, float *dst, uint64_t n)
+{
+    const fp_st_tensor_t *t = st ? fp_st_find(st, name) : NULL;
+    if (!t || t->nelem != n || fp_st_read_f32(st, t, dst, NULL) != 0)
+        return -ENOENT;
+    return 0;
+}
+
+/* ---- linear strategies: the factors, element-wise ---- */
+
+static float *factor(const fp_lora_module_t *m, int b)
+{
+    return b ? m->B : m->A;
+}
+
+static int linear_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
+                       const fp_adapter_t *start, fp_adapter_t *g, fp_opt_state_t *s,
+                       fp_err_t *err)
+{
+    size_t n = 0;
+    for (int i = 0; i < g->n; i++) {
+        const fp_lora_module_t *m = &g->mods[i];
+        int k = fp_adapter_find(start, m->name);
+        if (k < 0 || start->mods[k].rank != m->rank)
+            return fp_err_set(err, -EINVAL, "server optimizer: module '%s' changed shape "
+                              "between the round's start and its merge", m->name);
+        n += (size_t)m->rank * (size_t)(m->d_in + m->d_out);
+    }
+    /* x, Δ (scratch), then m and v (the state, kept) */
+    float *x = malloc(2 * (n ? n : 1) * sizeof *x);
+    s->m = malloc(2 * (n ? n : 1) * sizeof *s->m);
+    if (!x || !s->m) {
+        free(x);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    float *d = x + n;
+    s->v = s->m + n;
+    s->n = n;
+    fp_sopt_init(c, s->m, s->v, n);
+    if (read_exact(st, "m", s->m, n) != 0 ||
+        (fp_sopt_has_v(s->kind) && read_exact(st, "v", s->v, n) != 0))
+        fp_sopt_init(c, s->m, s->v, n); /* none kept (the first round), or not these */
+    size_t off = 0;
+    for (int pass = 0; pass < 2; pass++) { /* gather x and Δ; then scatter x into g */
+        off = 0;
+        for (int i = 0; i < g->n; i++) {
+            fp_lora_module_t *m = &g->mods[i];
+            const fp_lora_module_t *o = &start->mods[fp_adapter_find(start, m->name)];
+            for (int b = 0; b < 2; b++) {
+                size_t len = (size_t)m->rank * (size_t)(b ? m->d_out : m->d_in);
+                float *gx = factor(m, b);
+                const float *ox = factor(o, b);
+                for (size_t j = 0; j < len; j++) {
+                    if (pass == 0) {
+                        x[off + j] = ox[j];
+                        d[off + j] = gx[j] - ox[j];
+                    } else {
+                        gx[j] = x[off + j];
+                    }
+                }
+                off += len;
+            }
+        }
+        if (pass == 0)
+            fp_sopt_step(c, x, d, s->m, s->v, n);
+    }
+    free(x);
+    return 0;
+}
+
+/* ---- exact strategies: ΔW in factored form ---- */
+
+/* The rank-r truncation of the terms into B (d_out × r) and A (r × d_in) at scale; its
+ * relative error in *cut. */
+static int truncate_into(int d_out, int d_in, const fp_lr_term_t *t, int nt, int r,
+                         double scale, float *B, float *A, double *cut, fp_err_t *err)
+{
+    fp_lr_svd_t sv;
+    int rc = fp_lowrank_svd(d_out, d_in, t, nt, &sv, err);
+    if (rc)
+        return rc;
+    double all = 0, kept = 0;
+    for (int i = 0; i < sv.k; i++) {
+        all += sv.S[i] * sv.S[i];
+        kept += i < r ? sv.S[i] * sv.S[i] : 0;
+    }
+    *cut = all > kept && all > 0 ? sqrt((all - kept) / all) : 0;
+    fp_lr_svd_factors(&sv, r, scale, B, A);
+    fp_lr_svd_free(&sv);
+    return 0;
+}
+
+static int exact_module(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
+                        const fp_lora_module_t *o, fp_lora_module_t *m, fp_opt_state_t *s, int i,
+                        double *trunc, fp_err_t *err)
+{
+    const double lr = c->lr, so = fp_module_scale(o), sg = fp_module_scale(m);
+    int r = m->rank, rc = 0;
+    double cut = 0;
+    float *nb = malloc((size_t)m->d_out * (size_t)r * sizeof *nb);
+    float *na = malloc((size_t)r * (size_t)m->d_in * sizeof *na);
+    if (!nb || !na) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (c->kind == FP_SOPT_SGD) { /* W + η·(W̄ − W) */
+        fp_lr_term_t t[2] = {{o->B, o->A, o->rank, (1 - lr) * so}, {m->B, m->A, r, lr * sg}};
+        rc = truncate_into(m->d_out, m->d_in, t, 2, r, sg, nb, na, &cut, err);
+    } else { /* avgm: M ← β·M + (W̄ − W), then W + η·M */
+        char key[600];
+        s->names[i] = strdup(m->name);
+        s->d_out[i] = m->d_out;
+        s->d_in[i] = m->d_in;
+        s->rank[i] = r;
+        s->mb[i] = calloc((size_t)m->d_out * (size_t)r, sizeof **s->mb);
+        s->ma[i] = calloc((size_t)r * (size_t)m->d_in, sizeof **s->ma);
+        if (!s->names[i] || !s->mb[i] || !s->ma[i]) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        /* the kept momentum, at the rank it was kept (its shape says which) */
+        snprintf(key, sizeof key, "%s.momentum_B", m->name);
+        const fp_st_tensor_t *kb = st ? fp_st_find(st, key) : NULL;
+        snprintf(key, sizeof key, "%s.momentum_A", m->name);
+        const fp_st_tensor_t *ka = st ? fp_st_find(st, key) : NULL;
+        int kr = kb && ka && kb->ndim == 2 && ka->ndim == 2 && kb->shape[0] == (uint64_t)m->d_out &&
+                         ka->shape[1] == (uint64_t)m->d_in && kb->shape[1] == ka->shape[0]
+                     ? (int)kb->shape[1] : 0;
+        float *ob = kr ? malloc(kb->nelem * sizeof *ob) : NULL;
+        float *oa = kr ? malloc(ka->nelem * sizeof *oa) : NULL;
+        if (kr && (!ob || !oa || fp_st_read_f32(st, kb, ob, NULL) || fp_st_read_f32(st, ka, oa, NULL)))
+            kr = 0;
+        fp_lr_term_t t[3] = {{ob, oa, kr, c->beta1}, {m->B, m->A, r, sg},
+                             {o->B, o->A, o->rank, -so}};
+        double mcut = 0;
+        rc = truncate_into(m->d_out, m->d_in, t, 3, r, 1.0, s->mb[i], s->ma[i], &mcut, err);
+        free(ob);
+        free(oa);
+        if (rc == 0) {
+            fp_lr_term_t w[2] = {{o->B, o->A, o->rank, so}, {s->mb[i], s->ma[i], r, lr}};
+            rc = truncate_into(m->d_out, m->d_in, w, 2, r, sg, nb, na, &cut, err);
+        }
+        cut = cut > mcut ? cut : mcut;
+    }
+    if (rc == 0) {
+        memcpy(m->B, nb, (size_t)m->d_out * (size_t)r * sizeof *nb);
+        memcpy(m->A, na, (size_t)r * (size_t)m->d_in * sizeof *na);
+        *trunc = cut > *trunc ? cut : *trunc;
+    }
+out:
+    free(nb);
+    free(na);
+    return rc;
+}
+
+static int exact_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
+                      const fp_adapter_t *start, fp_adapter_t *g, fp_opt_state_t *s,
+                      double *trunc, fp_err_t *err)
+{
+    if (c->kind == FP_SOPT_AVGM) {
+        s->nmod = g->n;
+        s->names = calloc((size_t)(g->n ? g->n : 1), sizeof *s->names);
+        s->d_out = calloc(3 * (size_t)(g->n ? g->n : 1), sizeof *s->d_out);
+        s->mb = calloc(2 * (size_t)(g->n ? g->n : 1), sizeof *s->mb);
+        if (!s->names || !s->d_out || !s->mb)
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        s->d_in = s->d_out + g->n;
+        s->rank = s->d_in + g->n;
+        s->ma = s->mb + g->n;
+    }
+    for (int i = 0; i < g->n; i++) {
+        int k = fp_adapter_find(start, g->mods[i].name);
+        if (k < 0)
+            return fp_err_set(err, -EINVAL, "server optimizer: module '%s' is not in the "
+                              "round's start", g->mods[i].name);
+        int rc = exact_module(c, st, &start->mods[k], &g->mods[i], s, i, trunc, err);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int fp_fed_opt_active(const fp_sopt_cfg_t *c)
+{
+    return c->kind != FP_SOPT_SGD || c->lr != 1.0;
+}
+
+int fp_fed_opt_step(const fp_sopt_cfg_t *c, fp_strategy_t st, const char *opt_dir,
+                    const char *start_sha, const fp_adapter_t *start, fp_adapter_t *global,
+                    fp_opt_state_t **state, double *trunc, fp_err_t *err)
+{
+    *state = NULL;
+    *trunc = 0;
+    if (!fp_fed_opt_active(c))
+        return 0;
+    fp_st_file_t *kept = c->kind == FP_SOPT_SGD ? NULL : open_state(c, opt_dir, start_sha);
+    fp_opt_state_t *s = calloc(1, sizeof *s);
+    int rc = s ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc == 0) {
+        s->kind = c->kind;
+        rc = fp_strategy_merges_products(st) ? exact_step(c, kept, start, global, s, trunc, err)
+                                             : linear_step(c, kept, start, global, s, err);
+    }
+    fp_st_close(kept);
+    if (rc == 0 && c->kind != FP_SOPT_SGD)
+        *state = s;
+    else
+        fp_fed_opt_free(s);
+    return rc;
+}
+
+int fp_fed_opt_store(const char *opt_dir, const char *sha, const fp_opt_state_t *s,
+                     fp_err_t *err)
+{
+    if (!s)
+        return 0;
+    int n = s->m ? 2 : 2 * s->nmod, rc = 0;
+    fp_st_entry_t *e = calloc((size_t)(n ? n : 1), sizeof *e);
+    char (*keys)[600] = calloc((size_t)(n ? n : 1), sizeof *keys);
+    char *p = state_path(opt_dir, sha);
+    if (!e || !keys || !p) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (s->m) {
+        e[0] = (fp_st_entry_t){.name = "m", .dtype = FP_DT_F32, .ndim = 1, .shape = {s->n},
+                               .f32 = s->m};
+        e[1] = (fp_st_entry_t){.name = "v", .dtype = FP_DT_F32, .ndim = 1, .shape = {s->n},
+                               .f32 = s->v};
+        if (!fp_sopt_has_v(s->kind))
+            n = 1;
+    } else {
+        for (int i = 0; i < s->nmod; i++) {
+            snprintf(keys[2 * i], sizeof keys[0], "%s.momentum_B", s->names[i]);
+            snprintf(keys[2 * i + 1], sizeof keys[0], "%s.momentum_A", s->names[i]);
+            e[2 * i] = (fp_st_entry_t){.name = keys[2 * i], .dtype = FP_DT_F32, .ndim = 2,
+                                       .shape = {(uint64_t)s->d_out[i], (uint64_t)s->rank[i]},
+                                       .f32 = s->mb[i]};
+            e[2 * i + 1] = (fp_st_entry_t){.name = keys[2 * i + 1], .dtype = FP_DT_F32,
+                                           .ndim = 2,
+                                           .shape = {(uint64_t)s->rank[i], (uint64_t)s->d_in[i]},
+                                           .f32 = s->ma[i]};
+        }
+    }
+    const char *meta[] = {META_KEY, fp_sopt_name(s->kind), NULL};
+    rc = fp_st_write(p, e, (size_t)n, meta, err);
+out:
+    free(e);
+    free(keys);
+    free(p);
+    return rc;
+}
