@@ -410,7 +410,7 @@ static int run_training(int argc, char **argv, int pretrain)
             l.data.train->ndocs, l.data.held->n,
             pretrain ? "training every weight" : "training LoRA, base frozen", cmd,
             fp_blas_describe(blas, sizeof blas), cmd, base_describe(l.model, base, sizeof base));
-    fp_train_cfg_t tc = {o.batch, o.seq, o.steps, o.accum, o.seed, o.opt, o.log_every, 0};
+    fp_train_cfg_t tc = {o.batch, o.seq, o.steps, o.accum, o.seed, o.opt, o.log_every, 0, 0};
     if (tc.log_every < 0)
         tc.log_every = o.steps >= 20 ? o.steps / 20 : 1;
     progress_t pr = {cmd};

@@ -178,7 +178,7 @@ static int train_builtin(const fp_agent_trainer_t *a, const fp_site_task_t *t, i
         seq = a->model->cfg.max_seq;
     fp_train_cfg_t tc = {t->batch > 0 ? t->batch : 8, seq,
                          t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps,
-                         1, t->seed, fp_optim_defaults(), 0, t->freeze_a};
+                         1, t->seed, fp_optim_defaults(), 0, t->freeze_a, t->prox_mu};
     if (tc.steps < 1)
         tc.steps = 1;
     tc.opt.lr = t->lr > 0 ? t->lr : 1e-3;

@@ -84,13 +84,14 @@ int fp_extrain_prepare(const char *dir, const fp_site_task_t *t, const char *con
     if (rc)
         goto out;
     tj = json_pack("{s:I,s:I,s:i,s:f,s:b,s:O,s:s,s:b,s:I,s:I,"
-                   "s:{s:f,s:i,s:i,s:i,s:f},s:s,s:o,s:s,s:s,s:s}",
+                   "s:{s:f,s:i,s:i,s:i,s:f,s:f},s:s,s:o,s:s,s:s,s:s}",
                    "round", (json_int_t)t->round, "task_id", (json_int_t)t->task_id, "rank",
                    t->rank, "lora_alpha", t->alpha, "use_rslora", t->rslora, "target_modules", tg,
                    "init", t->restart ? "restart" : "continue", "freeze_a", t->freeze_a,
                    "seed", (json_int_t)(t->seed & 0x7fffffffffffffffull), "deadline_unix_ms",
                    (json_int_t)t->deadline_unix_ms, "hyper", "lr", t->lr, "steps", t->steps,
                    "batch", t->batch, "seq_len", t->seq_len, "weight_decay", t->weight_decay,
+                   "prox_mu", t->prox_mu,
                    "start", "start", "fold", fold ? json_string("fold") : json_null(),
                    "output", "out", "result", "result.json", "progress", "progress.json");
     if (!tj) {

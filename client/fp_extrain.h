@@ -5,7 +5,8 @@
  * $FEDPEFT_TASK_DIR) holds, written by the site daemon:
  *   task.json   {"round", "task_id", "rank", "lora_alpha", "use_rslora", "target_modules",
  *                "init": "continue"|"restart", "freeze_a", "seed", "deadline_unix_ms",
- *                "hyper": {"lr", "steps", "batch", "seq_len", "weight_decay"},
+ *                "hyper": {"lr", "steps", "batch", "seq_len", "weight_decay",
+ *                          "prox_mu" (FedProx's μ: add μ/2·‖θ − θ₀‖², θ₀ the start; 0: off)},
  *                "model_dir", "tokenizer", "data_files", "eval_files", "eval_fraction",
  *                "split_seed", "start": "start", "fold": "fold"|null,
  *                "output": "out", "result": "result.json", "progress": "progress.json"}

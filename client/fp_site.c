@@ -137,7 +137,7 @@ static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
         return fail(s, "out of memory");
     fp_site_task_t st = {k->round, k->task_id, (int)k->rank, k->alpha, k->rslora,
                          k->init == FEDPEFT__TASK__INIT_MODE__RESTART, k->freeze_a, 0, 0, 0, 0,
-                         0, 0,
+                         0, 0, 0,
                          k->deadline_unix_ms, s->rx, s->rx_len, t, (int)k->n_tensors, {0}, {0}};
     privacy_of(k->privacy, &st.privacy);
     if (k->secagg) {
@@ -153,6 +153,7 @@ static void task_done(fp_site_t *s, const Fedpeft__Commit *c)
     if (k->hyper) {
         st.lr = k->hyper->lr;
         st.weight_decay = k->hyper->weight_decay;
+        st.prox_mu = k->hyper->prox_mu;
         st.steps = (int)k->hyper->steps;
         st.batch = (int)k->hyper->batch;
         st.seq_len = (int)k->hyper->seq_len;

@@ -62,7 +62,7 @@ typedef struct fp_site_task {
     int rslora;
     int restart;               /* 1: fold the stream (the global update) in, train afresh */
     int freeze_a;              /* 1: train lora_B only (ffa) */
-    double lr, weight_decay;
+    double lr, weight_decay, prox_mu;
     int steps, batch, seq_len;
     uint64_t seed;
     int64_t deadline_unix_ms;

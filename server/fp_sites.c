@@ -179,6 +179,7 @@ int fp_sites_send_task(fp_sites_t *ss, const char *site, const fp_task_out_t *t,
     h.seq_len = (uint32_t)c->seq_len;
     h.seed = t->seed;
     h.weight_decay = c->weight_decay;
+    h.prox_mu = c->prox_mu;
     k.round = (uint64_t)t->round;
     k.task_id = (uint64_t)t->id;
     k.rank = (uint32_t)t->rank;

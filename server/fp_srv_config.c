@@ -111,6 +111,10 @@ const fp_setting_t fp_srv_settings[] = {
 
     {"train", "lr", FP_SET_DOUBLE, O(lr), "0.001", 0, 10, 1, "local learning rate"},
     {"train", "weight_decay", FP_SET_DOUBLE, O(weight_decay), "0", 0, 10, 1, "AdamW decay"},
+    {"train", "prox_mu", FP_SET_DOUBLE, O(prox_mu), "0", 0, 1000, 1,
+     "FedProx (Li et al. 2020): sites train with μ/2·‖θ − θ₀‖² added, θ₀ the factors they "
+     "started the round from, which holds a site near the global on data unlike the others' "
+     "(0: off)"},
     {"train", "steps", FP_SET_INT, O(steps), "50", 1, 10000000, 1, "local steps per round"},
     {"train", "batch", FP_SET_INT, O(batch), "8", 1, 65536, 1, "sequences per step"},
     {"train", "seq_len", FP_SET_INT, O(seq_len), "128", 1, 1048576, 1, "tokens per sequence"},

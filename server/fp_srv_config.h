@@ -30,6 +30,7 @@ typedef struct fp_srv_config {
     long long restart_rank_cap; /* flora/florist: rank of the accumulated global update */
     char *server_optimizer;   /* sgd, avgm, adagrad, adam, yogi (fp_server_opt.h) */
     double server_lr, server_beta1, server_beta2, server_tau;
+    double prox_mu;           /* [train] FedProx's μ, sent to the sites */
     long long rounds;         /* 0: run forever */
     long long min_sites;
     double fraction;

@@ -222,6 +222,52 @@ static void test_accumulation_equals_a_bigger_batch(void **state)
     fp_model_free(m);
 }
 
+/* FedProx: μ/2·‖θ − θ₀‖² holds the factors near where they started — the further the larger μ
+ * (a wrong sign would push them away) — and μ = 0 is plain training, bit for bit. */
+static void test_prox_holds_near_the_start(void **state)
+{
+    (void)state;
+    fp_model_t *m = tiny();
+    fp_dataset_t *d = pattern(7, 64, 32, 5);
+    fp_err_t err = {0};
+    const double mus[] = {-1, 0, 3, 300}; /* -1: the field left out */
+    double drift[4];
+    fp_adapter_t *first = NULL;
+    for (int k = 0; k < 4; k++) {
+        fp_adapter_t *ad, *start;
+        assert_int_equal(fp_lora_init(m, (1u << FP_T_COUNT) - 1, 4, 8, 0, 13, &ad, &err), 0);
+        fp_adapter_randomize(ad, 13, 13, 0.05); /* a start away from zero, as a round's */
+        assert_int_equal(fp_adapter_clone(ad, &start, &err), 0);
+        fp_train_cfg_t tc = {.batch = 8, .seq = 16, .steps = 40, .accum = 1, .seed = 3,
+                             .opt = fp_optim_defaults()};
+        tc.opt.lr = 1e-2;
+        if (mus[k] >= 0)
+            tc.prox_mu = mus[k];
+        fp_train_result_t r;
+        assert_int_equal(fp_train(m, ad, d, &tc, NULL, NULL, &r, &err), 0);
+        size_t n = fp_adapter_params(ad);
+        double s2 = 0;
+        for (size_t i = 0; i < n; i++)
+            s2 += ((double)ad->data[i] - start->data[i]) * ((double)ad->data[i] - start->data[i]);
+        drift[k] = sqrt(s2);
+        if (k == 0)
+            first = ad;
+        else if (k == 1) {
+            assert_memory_equal(ad->data, first->data, n * sizeof *ad->data);
+            fp_adapter_free(ad);
+        } else
+            fp_adapter_free(ad);
+        fp_adapter_free(start);
+    }
+    print_message("drift from the start: μ 0 %.4g, μ 3 %.4g, μ 300 %.4g\n", drift[1], drift[2],
+                  drift[3]);
+    assert_true(drift[2] < 0.9 * drift[1]);
+    assert_true(drift[3] < 0.5 * drift[2]);
+    fp_adapter_free(first);
+    fp_dataset_free(d);
+    fp_model_free(m);
+}
+
 /* freeze_a (FFA-LoRA): every lora_A stays bit for bit as it was, the B factors learn, and
  * the loss goes down all the same. */
 static void test_freeze_a(void **state)
@@ -265,6 +311,7 @@ int main(void)
         cmocka_unit_test(test_learning_full_then_lora),
         cmocka_unit_test(test_accumulation_equals_a_bigger_batch),
         cmocka_unit_test(test_freeze_a),
+        cmocka_unit_test(test_prox_holds_near_the_start),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

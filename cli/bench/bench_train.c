@@ -143,7 +143,7 @@ static int run_config(const bconf_t *b, fp_base_dtype_t dt, bresult_t *r)
         /* one run: the first step (first touch of every buffer) is the warm-up, the time of
          * the others is measured through the progress callback */
         fp_optim_cfg_t oc = fp_optim_defaults();
-        fp_train_cfg_t tc = {b->batch, b->seq, 1 + b->steps, 1, 1, oc, 1, 0};
+        fp_train_cfg_t tc = {b->batch, b->seq, 1 + b->steps, 1, 1, oc, 1, 0, 0};
         fp_train_result_t res;
         double at_first = 0;
         rc = fp_train(m, ad, &d, &tc, note_first_step, &at_first, &res, &err);

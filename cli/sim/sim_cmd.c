@@ -110,6 +110,8 @@ static const char sim_help[] =
     "                     keep it low-rank), adagrad, adam or yogi (linear strategies only)\n"
     "                     (default sgd)\n"
     "  --server-lr LR     the server optimizer's learning rate (default 1)\n"
+    "  --prox-mu MU       FedProx at the sites: μ/2·‖θ − θ₀‖² added to their objective, θ₀\n"
+    "                     the factors they start a round from (default 0: off)\n"
     "  --targets LIST     adapted projections (default all)\n"
     "  --base-dtype D     the frozen base's precision at every site and in the baselines: f32,\n"
     "                     bf16 (oneDNN's bf16 products, fp32 accumulation), nf4 (4-bit\n"
@@ -614,7 +616,7 @@ static int plan_runs(sim_t *sim, const sim_args_t *a)
     return 0;
 }
 
-/* --server-opt (c 'O') and --server-lr ('L'): 0, or the usage error said. */
+/* --server-opt (c 'O'), --server-lr ('L') and --prox-mu ('U'): 0, or the usage error said. */
 static int server_opt_option(sim_t *sim, int c, const char *arg)
 {
     fp_sopt_kind_t kind;
@@ -623,7 +625,10 @@ static int server_opt_option(sim_t *sim, int c, const char *arg)
                                   "not '%s'", arg);
     if (c == 'O')
         sim->server_opt = fp_sopt_name(kind);
-    else if (fp_parse_double(arg, &sim->server_lr) || !(sim->server_lr > 0) ||
+    else if (c == 'U') {
+        if (fp_parse_double(arg, &sim->prox_mu) || !(sim->prox_mu >= 0) || sim->prox_mu > 1000)
+            return fp_cli_usage_error("sim", "--prox-mu takes a number in [0, 1000]");
+    } else if (fp_parse_double(arg, &sim->server_lr) || !(sim->server_lr > 0) ||
              sim->server_lr > 100)
         return fp_cli_usage_error("sim", "--server-lr takes a number in (0, 100]");
     return 0;
@@ -649,6 +654,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
         {"base-dtype", required_argument, NULL, 'B'},
         {"server-opt", required_argument, NULL, 'O'},
         {"server-lr", required_argument, NULL, 'L'},
+        {"prox-mu", required_argument, NULL, 'U'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     static const struct {
         int opt;
@@ -691,7 +697,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
             break;
         case 'E': a->epsilons = optarg; break;
         case 'A': sim->secure = 1; break;
-        case 'O': case 'L':
+        case 'O': case 'L': case 'U':
             if (server_opt_option(sim, c, optarg) != 0)
                 return 2;
             break;

@@ -450,6 +450,8 @@ def main():
                             betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    mu = float(h.get("prox_mu") or 0.0)  # FedProx: + mu/2 ||theta - theta_0||^2
+    anchors = [p.detach().clone() for p in params] if mu > 0 else []
     span = max(1, tok.numel() - T)
     starts = [0] + ends[:-1]  # prompted data: windows start where documents start
     loss_v = float("nan")
@@ -460,8 +462,11 @@ def main():
         logits = model.forward(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                ignore_index=-1)
+        objective = loss
+        if mu > 0:
+            objective = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         opt.zero_grad()
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

@@ -92,7 +92,7 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
         return fp_err_set(err, -EINVAL, "the adapter to train must own its factors");
     int B = cfg->batch, T = cfg->seq, rc;
     fp_tf_t *tf = NULL;
-    fp_adapter_t *glora = NULL;
+    fp_adapter_t *glora = NULL, *anchor = NULL;
     fp_model_t *gm = NULL;
     fp_pgroup_t *groups = NULL;
     fp_adamw_t *opt = NULL;
@@ -110,6 +110,8 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
         rc = fp_adapter_clone(lora, &glora, err);
     else
         rc = fp_model_new(&gm, &m->cfg, err);
+    if (rc == 0 && lora && cfg->prox_mu > 0) /* θ₀: where the factors start */
+        rc = fp_adapter_clone(lora, &anchor, err);
     if (rc)
         goto out;
     if ((rc = make_groups(m, gm, lora, glora, cfg->freeze_a, &groups, &ngroups, err)) != 0)
@@ -140,6 +142,12 @@ int fp_train(fp_model_t *m, fp_adapter_t *lora, const fp_dataset_t *data,
             fp_tf_status_error(rc, err);
             goto out;
         }
+        if (anchor) /* FedProx: ∇ μ/2·‖θ − θ₀‖² = μ·(θ − θ₀) */
+            for (int i = 0; i < ngroups; i++) {
+                const float *p = groups[i].p, *p0 = anchor->data + (p - lora->data);
+                for (size_t k = 0; k < groups[i].n; k++)
+                    groups[i].g[k] += (float)(cfg->prox_mu * ((double)p[k] - p0[k]));
+            }
         double norm;
         double lr = fp_adamw_step(opt, &norm);
         if (!isfinite(loss) || !isfinite(norm)) {
@@ -171,6 +179,7 @@ out:
     fp_adamw_free(opt);
     free(groups);
     fp_adapter_free(glora);
+    fp_adapter_free(anchor);
     fp_model_free(gm);
     fp_tf_free(tf);
     free(tokens);

@@ -23,6 +23,9 @@ typedef struct fp_train_cfg {
     fp_optim_cfg_t opt; /* opt.total is set to steps */
     int log_every;      /* mark every N-th step (and the last) for reporting; 0: the last only */
     int freeze_a;       /* LoRA: train B only, every lora_A stays as it is (FFA-LoRA) */
+    double prox_mu;     /* LoRA: FedProx (Li et al. 2020), the objective plus μ/2·‖θ − θ₀‖² over
+                           the factors trained, θ₀ where they started (0: none); the loss
+                           reported is the data's alone */
 } fp_train_cfg_t;
 
 typedef struct fp_train_stats {
