@@ -316,6 +316,7 @@ static void test_sim_flexlora(void **state)
     int rc = run(args, &o, &e);
     if (rc != 0)
         fail_msg("fedpeft sim failed (%d):\n%s\n%s", rc, o, e);
+    assert_contains(o, "first round that reached 50 % and 80 %");
     /* progress per round, the scoreboard */
     assert_contains(o, "round   1/2  closed  3/3 sites");
     assert_contains(o, "round   2/2  closed  3/3 sites");
@@ -382,6 +383,19 @@ static void test_sim_flexlora(void **state)
     assert_true(fabs(row_num(table, "centralised", "pooled_share_loss") - 1) < 1e-12);
     double want = (base - global) / (base - central);
     assert_true(fabs(row_num(table, "global: flexlora", "pooled_share_loss") - want) < 1e-9);
+    /* its curve: the global after each round, scored the same; the last point is the final */
+    json_t *rows = json_object_get(table, "rows"), *rw, *curve = NULL;
+    size_t ri;
+    json_array_foreach(rows, ri, rw)
+        if (!strcmp(json_string_value(json_object_get(rw, "model")), "global: flexlora"))
+            curve = json_object_get(rw, "curve");
+    assert_int_equal(json_array_size(curve), 2);
+    json_t *p1 = json_array_get(curve, 0), *p2 = json_array_get(curve, 1);
+    assert_int_equal(json_integer_value(json_object_get(p1, "round")), 1);
+    assert_true(fabs(json_number_value(json_object_get(p2, "pooled")) - global) < 1e-12);
+    assert_true(fabs(json_number_value(json_object_get(p2, "share")) - want) < 1e-9);
+    double s1 = json_number_value(json_object_get(p1, "share"));
+    assert_true(s1 > 0 && s1 != want); /* round 1's global: part of the way */
     json_decref(res);
     /* PEFT finds the base model where the global adapter says it is: the model's directory */
     char *acfg = path2(gdir, "adapter_config.json");
@@ -400,8 +414,9 @@ static void test_sim_flexlora(void **state)
 
     /* the report, and the same report of the state directory by `fedpeft report` */
     char *html = path2(out, "report.html");
-    /* share and loss bar charts, global by round, 2 per strategy, ranks, bytes, durations */
-    assert_int_equal(charts_drawn(html), 2 + 1 + 2 + 3);
+    /* share and loss bar charts, global by round, the share by round, 2 per strategy, ranks,
+     * bytes, durations */
+    assert_int_equal(charts_drawn(html), 2 + 1 + 1 + 2 + 3);
     char *state_dir = path2(out, "flexlora/state"), *r2 = path2(fpt_dir, "deployment.html");
     const char *rargs[] = {"report", "--state-dir", state_dir, "--out", r2, NULL};
     assert_int_equal(run(rargs, &o, &e), 0);
@@ -410,7 +425,7 @@ static void test_sim_flexlora(void **state)
     char *resj = path2(out, "results.json"), *r3 = path2(fpt_dir, "again.html");
     const char *r3args[] = {"report", "--results", resj, "--out", r3, NULL};
     assert_int_equal(run(r3args, &o, &e), 0);
-    assert_int_equal(charts_drawn(r3), 2 + 1 + 2 + 3);
+    assert_int_equal(charts_drawn(r3), 2 + 1 + 1 + 2 + 3);
     free(resj);
     free(r3);
     char *page = slurp(r2);
@@ -468,8 +483,9 @@ static void test_sim_all(void **state)
     }
     assert_contains(o, "(exact)");
     char *html = path2(out, "report.html");
-    /* share and loss bars, global by round, 2 × 6 per strategy, ranks, bytes, durations */
-    assert_int_equal(charts_drawn(html), 2 + 1 + 12 + 3);
+    /* share and loss bars, global by round, the share by round, 2 × 6 per strategy, ranks,
+     * bytes, durations */
+    assert_int_equal(charts_drawn(html), 2 + 1 + 1 + 12 + 3);
     free(html);
     free(out);
     free(o);
@@ -583,8 +599,9 @@ static void test_sim_classify(void **state)
     fp_adapter_free(ad);
     /* the report leads with the share of the centralised gain */
     char *html = path2(out, "report.html");
-    /* share, accuracy and loss bars, global by round, 2 per strategy, ranks, bytes, durations */
-    assert_int_equal(charts_drawn(html), 3 + 1 + 2 + 3);
+    /* share, accuracy and loss bars, global by round, the share by round, 2 per strategy,
+     * ranks, bytes, durations */
+    assert_int_equal(charts_drawn(html), 3 + 1 + 1 + 2 + 3);
     char *page = slurp(html);
     assert_contains(page, "What federating recovers");
     free(page);

@@ -363,6 +363,41 @@ static void print_rows(const sim_t *sim, json_t *table, const char *key, const c
     }
 }
 
+/* Each run's share of the centralised gain round by round (its curve), and the first round at
+ * which it reached 50 % and 80 % of it. */
+static void print_curves(json_t *table)
+{
+    json_t *rows = json_object_get(table, "rows"), *r, *p;
+    size_t i, j;
+    int any = 0;
+    json_array_foreach(rows, i, r) {
+        json_t *curve = json_object_get(r, "curve");
+        if (!json_array_size(curve))
+            continue;
+        if (!any++)
+            printf("\nThe share of the centralised gain by round, and the first round that "
+                   "reached 50 %% and 80 %%:\n\n");
+        const char *name = json_string_value(json_object_get(r, "model"));
+        int at50 = 0, at80 = 0;
+        printf("%-26s", strncmp(name, "global: ", 8) ? name : name + 8);
+        json_array_foreach(curve, j, p) {
+            double sh = json_number_value(json_object_get(p, "share"));
+            int n = (int)json_integer_value(json_object_get(p, "round"));
+            printf(" %4.0f%%", 100 * sh);
+            if (!at50 && sh >= 0.5)
+                at50 = n;
+            if (!at80 && sh >= 0.8)
+                at80 = n;
+        }
+        char a[16] = "-", b[16] = "-";
+        if (at50)
+            snprintf(a, sizeof a, "%d", at50);
+        if (at80)
+            snprintf(b, sizeof b, "%d", at80);
+        printf("   50 %%: %s, 80 %%: %s\n", a, b);
+    }
+}
+
 static void print_table(const sim_t *sim, json_t *table)
 {
     int acc = !strcmp(json_string_value(json_object_get(table, "metric")), "accuracy");
@@ -380,6 +415,7 @@ static void print_table(const sim_t *sim, json_t *table)
     printf("\n%s (nats per token, lower is better):\n\n",
            acc ? "Loss of the true label" : "Held-out loss");
     print_rows(sim, table, "loss", "pooled", 1, 4, " ");
+    print_curves(table);
     printf("\n(local-only: each site's own adapter on its own held-out data — the only categories\n"
            "it knows, where it may beat everyone; its pooled value is the mean over sites of one\n"
            "site's adapter on all the held-out data. centralised: one adapter on every site's\n"

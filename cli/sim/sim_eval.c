@@ -1,7 +1,8 @@
 /* sim_eval.c — the simulation's scoreboard: the base model, each site's local-only adapter, the
  * centralised adapter and each strategy's final global adapter, on each site's held-out
  * documents and pooled; loss always, accuracy for the classification task, and for each the
- * share of the centralised gain, (X − base) / (centralised − base). */
+ * share of the centralised gain, (X − base) / (centralised − base) — for each run also round
+ * by round (its curve: the global after every closed round, pooled). */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -10,6 +11,7 @@
 
 #include "fp_choice.h"
 #include "fp_corpus.h"
+#include "fp_db.h"
 #include "fp_data.h"
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
@@ -34,16 +36,14 @@ typedef struct scores {
     double pooled_loss, pooled_acc;
 } scores_t;
 
-/* Scores adapter dir (NULL: the base model) on every site's held-out data. Pooled: loss over
+/* Scores adapter ad (NULL: the base model) on every site's held-out data. Pooled: loss over
  * all held-out tokens, accuracy over all held-out examples. */
-static int eval_on_all(ev_t *e, const char *dir, scores_t *s, fp_err_t *err)
+static int eval_adapter(ev_t *e, const fp_adapter_t *ad, scores_t *s, fp_err_t *err)
 {
-    fp_adapter_t *ad = NULL;
     int rc = 0, N = e->sim->nsites;
-    if (dir && ((rc = fp_hfpeft_load(dir, FP_LOAD_COPY, &ad, err)) != 0 ||
-                (rc = fp_lora_check(e->m, ad, err)) != 0 ||
-                (rc = fp_adapter_check_finite(ad, err)) != 0))
-        goto out;
+    if (ad && ((rc = fp_lora_check(e->m, ad, err)) != 0 ||
+               (rc = fp_adapter_check_finite(ad, err)) != 0))
+        return rc;
     double lsum = 0, ltok = 0, right = 0, total = 0;
     for (int i = 0; i < N; i++) {
         if (e->choices) {
@@ -71,6 +71,16 @@ static int eval_on_all(ev_t *e, const char *dir, scores_t *s, fp_err_t *err)
     s->pooled_loss = ltok > 0 ? lsum / ltok : NAN;
     s->pooled_acc = total > 0 ? right / total : NAN;
 out:
+    return rc;
+}
+
+/* The same for the HF PEFT adapter in dir (NULL: the base model). */
+static int eval_on_all(ev_t *e, const char *dir, scores_t *s, fp_err_t *err)
+{
+    fp_adapter_t *ad = NULL;
+    int rc = dir ? fp_hfpeft_load(dir, FP_LOAD_COPY, &ad, err) : 0;
+    if (rc == 0)
+        rc = eval_adapter(e, ad, s, err);
     fp_adapter_free(ad);
     return dir && rc ? fp_err_prefix(err, rc, "%s: ", dir) : rc;
 }
@@ -156,6 +166,73 @@ static int make_choices(ev_t *e, const fp_tokenizer_t *tok, fp_err_t *err)
     return rc ? fp_err_prefix(err, rc, "the categories as labels: ") : 0;
 }
 
+/* A curve point: round n's global, pooled (loss, and accuracy when scored). */
+static json_t *point(int64_t n, const scores_t *s)
+{
+    json_t *p = json_pack("{s:I,s:o}", "round", (json_int_t)n, "pooled", num(s->pooled_loss));
+    if (isfinite(s->pooled_acc))
+        json_object_set_new(p, "pooled_accuracy", num(s->pooled_acc));
+    return p;
+}
+
+/* Run r's global after each closed round before its last (from its coordinator's database and
+ * adapters), scored as the final one: the curve, with the final point last (fin). */
+static int run_curve(ev_t *e, const sim_run_t *r, const scores_t *fin, scores_t *s,
+                     json_t **out, fp_err_t *err)
+{
+    char state[4096], path[4200];
+    sim_path(state, "%s/%s/state", e->sim->out, r->name);
+    fp_db_t *db = NULL;
+    json_t *h = NULL, *curve = json_array(), *round;
+    int rc = fp_db_open(&db, state, 1, err);
+    if (rc == 0)
+        rc = fp_db_history(db, &h, err);
+    fp_db_close(db);
+    json_t *rounds = json_object_get(h, "rounds");
+    size_t i, last = 0;
+    json_array_foreach(rounds, i, round)
+        if (!strcmp(json_string_value(json_object_get(round, "state")), "closed"))
+            last = i + 1;
+    json_array_foreach(rounds, i, round) {
+        const char *sha = json_string_value(json_object_get(round, "global_adapter"));
+        if (rc || i + 1 >= last || !sha ||
+            strcmp(json_string_value(json_object_get(round, "state")), "closed"))
+            continue;
+        fp_adapter_t *ad = NULL;
+        snprintf(path, sizeof path, "%s/adapters/%s.safetensors", state, sha);
+        if ((rc = fp_hfpeft_load_factors(path, e->sim->alpha, 0, FP_LOAD_COPY, &ad, err)) == 0 &&
+            (rc = eval_adapter(e, ad, s, err)) == 0)
+            json_array_append_new(curve, point(json_integer_value(json_object_get(round, "n")), s));
+        fp_adapter_free(ad);
+    }
+    if (rc == 0 && last)
+        json_array_append_new(curve, point(json_integer_value(json_object_get(
+                                               json_array_get(rounds, last - 1), "n")), fin));
+    json_decref(h);
+    if (rc)
+        json_decref(curve);
+    *out = rc ? NULL : curve;
+    return rc;
+}
+
+/* Each curve point's share of the centralised gain, in the table's metric. */
+static void curve_shares(json_t *rows, const char *metric)
+{
+    json_t *base = json_array_get(rows, 0), *central = NULL, *r, *p;
+    size_t i, j;
+    json_array_foreach(rows, i, r)
+        if (!strcmp(json_string_value(json_object_get(r, "model")), "centralised"))
+            central = r;
+    if (!central)
+        return;
+    double b = json_number_value(json_object_get(base, metric));
+    double c = json_number_value(json_object_get(central, metric));
+    json_array_foreach(rows, i, r)
+        json_array_foreach(json_object_get(r, "curve"), j, p)
+            json_object_set_new(p, "share",
+                                num(share(json_number_value(json_object_get(p, metric)), b, c)));
+}
+
 int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
 {
     int N = sim->nsites, rc = 0;
@@ -234,10 +311,16 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
         if (r->secure)
             snprintf(desc + strlen(desc), sizeof desc - strlen(desc), "; secure aggregation: "
                      "the coordinator saw only sums of masked updates");
-        json_array_append_new(rows, row(name, desc, &s, N));
+        json_t *rw = row(name, desc, &s, N), *curve = NULL;
+        json_array_append_new(rows, rw);
+        scores_t at = own; /* the rounds are scored in own's room (its row is written) */
+        if ((rc = run_curve(&e, r, &s, &at, &curve, err)) != 0)
+            goto out;
+        json_object_set_new(rw, "curve", curve);
     }
     printf("\n");
     add_shares(rows, N);
+    curve_shares(rows, e.choices ? "pooled_accuracy" : "pooled");
     json_t *sites = json_array(), *toks = json_array(), *exs = json_array();
     for (int i = 0; i < N; i++) {
         json_array_append_new(sites, json_string(sim->sites[i].name));

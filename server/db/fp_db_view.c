@@ -89,7 +89,8 @@ int fp_db_history(fp_db_t *db, json_t **out, fp_err_t *err)
         "('secagg', 'secagg_failed') ORDER BY id", NULL, 0);
     put(&d, db, err, "sites", 0, "SELECT name, rank_budget, samples, first_seen_ms, "
         "last_seen_ms, connections FROM site ORDER BY name", NULL, 0);
-    put(&d, db, err, "rounds", 0, "SELECT n, state, opened_ms, closed_ms, global_rank, updates, "
+    put(&d, db, err, "rounds", 0, "SELECT n, state, opened_ms, closed_ms, global_adapter, "
+        "global_rank, updates, "
         "samples, train_loss, eval_loss_before, eval_loss_after, agg_seconds, bytes_in, "
         "bytes_out, clip, epsilon FROM round WHERE n >= 1 ORDER BY n", NULL, 0);
     put(&d, db, err, "tasks", 0, "SELECT round, site, rank, state, samples, train_loss, "

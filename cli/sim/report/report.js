@@ -295,6 +295,24 @@
     chart(s, "Held-out loss of the global adapter", series,
           {x: "rounds aggregated", y: "loss", integerX: true});
   }
+  const curved = doc.table ? doc.table.rows.filter(r => r.curve && r.curve.length) : [];
+  if (curved.length) {
+    const metric = doc.table.metric === "accuracy" ? "accuracy" : "held-out loss";
+    const s = section("Share of the centralised gain by round",
+                      "Each run's global adapter after every round, scored as the final one " +
+                      `(${metric}, pooled over every site's held-out documents): ` +
+                      "(X − base) / (centralised − base). 100 % is as good as pooling all the " +
+                      "data; the table says when each run first reached 50 % and 80 %.");
+    chart(s, "Share of the centralised gain", curved.map(r => ({
+            name: r.model.replace("global: ", ""),
+            points: r.curve.filter(p => p.share !== null).map(p => [p.round, 100 * p.share])})),
+          {x: "rounds", y: "% of the centralised gain", integerX: true, zero: true});
+    const first = (r, t) => { const p = r.curve.find(q => q.share !== null && q.share >= t);
+                              return p ? String(p.round) : "not reached"; };
+    table(s, ["run", "rounds to 50 %", "rounds to 80 %", "after the last round"],
+          curved.map(r => [r.model.replace("global: ", ""), first(r, 0.5), first(r, 0.8),
+                           fmt(100 * r.curve[r.curve.length - 1].share) + " %"]));
+  }
   for (const run of runs) {
     const s = section(`Per site: ${runName(run)}`,
                       "Held-out loss of each site: the global adapter it received each round " +
