@@ -1120,6 +1120,19 @@ static void test_check_config(void **state)
                            "federation.strategy=fedprox", NULL};
     assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, strat, &out, &errs), 1);
     fpt_assert_text(errs, "flexlora", __FILE__, __LINE__);
+    /* server optimizers: refused by name; adaptive ones with a strategy that merges ΔW */
+    const char *so1[] = {"--check-config", "--config", e->cfg, "--set",
+                         "federation.server_optimizer=fedadam", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, so1, &out, &errs), 1);
+    fpt_assert_text(errs, "unknown server optimizer 'fedadam'", __FILE__, __LINE__);
+    const char *so2[] = {"--check-config", "--config", e->cfg, "--set",
+                         "federation.server_optimizer=yogi", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, so2, &out, &errs), 1);
+    fpt_assert_text(errs, "use sgd or avgm", __FILE__, __LINE__);
+    const char *so3[] = {"--check-config", "--config", e->cfg, "--set",
+                         "federation.server_optimizer=yogi", "--set", "federation.strategy=zeropad",
+                         "--set", "train.prox_mu=0.1", NULL};
+    assert_int_equal(fpt_runv(FEDPEFT_SERVER_BIN, so3, &out, &errs), 0);
     /* an unknown key on line 3 of a file */
     char *bad = fp_path_join(e->dir, "bad.ini");
     const char *text = "[server]\nlisten = 127.0.0.1:1\nlisten_port = 5\n";
