@@ -729,6 +729,23 @@ static void test_sim_dp(void **state)
     free(e);
 }
 
+/* A --secure-aggregation run's results (out/results.json, returned): flexlora's global
+ * securely ends where it does in the clear, to the fixed point (held-out losses to 1e-3). */
+static json_t *clear_equals_secure(const char *out, const char *what)
+{
+    char *res = path2(out, "results.json");
+    json_t *doc = json_load_file(res, 0, NULL);
+    assert_non_null(doc);
+    json_t *table = json_object_get(doc, "table");
+    double clear = table_pooled(table, "global: flexlora");
+    double secure = table_pooled(table, "global: flexlora (secure)");
+    print_message("held-out loss: %s %.6f in the clear, %.6f securely\n", what, clear, secure);
+    if (!(fabs(clear - secure) <= 1e-3 * clear))
+        fail_msg("secure %s's held-out loss %g, in the clear %g", what, secure, clear);
+    free(res);
+    return doc;
+}
+
 /* --secure-aggregation: flexlora in the clear and with secure aggregation (two secure sums a
  * round) on the same partitions and seeds; the secure global is the clear one to the fixed
  * point (their held-out losses agree to 1e-3), the secure coordinator recorded secure rounds
@@ -758,12 +775,7 @@ static void test_sim_secure(void **state)
     assert_int_equal(system(cmd), 0);
     free(cmd);
     assert_contains(o, "global: flexlora (secure)");
-    char *res = path2(out, "results.json");
-    json_t *doc = json_load_file(res, 0, NULL);
-    assert_non_null(doc);
-    json_t *table = json_object_get(doc, "table");
-    double clear = table_pooled(table, "global: flexlora");
-    double secure = table_pooled(table, "global: flexlora (secure)");
+    json_t *doc = clear_equals_secure(out, "flexlora");
     /* on defaults the base is the fastest exact one here, and the results say which */
     const char *bd = fp_base_dtype_name(fp_base_dtype_default());
     assert_string_equal(json_string_value(json_object_get(doc, "base_dtype")), bd);
@@ -772,11 +784,7 @@ static void test_sim_secure(void **state)
     assert_contains(json_string_value(json_object_get(doc, "summary")), said);
     snprintf(said, sizeof said, "(base %s)", bd);
     assert_contains(o, said);
-    print_message("held-out loss: flexlora %.6f in the clear, %.6f securely\n", clear, secure);
-    if (!(fabs(clear - secure) <= 1e-3 * clear))
-        fail_msg("secure flexlora's held-out loss %g, in the clear %g", secure, clear);
     json_decref(doc);
-    free(res);
     const char *bad[] = {"sim", "--secure-aggregation", "--sites", "2", NULL};
     assert_int_equal(run(bad, &o, &e), 2);
     assert_contains(e, "needs 3 sites or more");
@@ -809,18 +817,7 @@ static void test_sim_secure_server_opt(void **state)
                          out) > 0);
     assert_int_equal(system(cmd), 0);
     free(cmd);
-    char *res = path2(out, "results.json");
-    json_t *doc = json_load_file(res, 0, NULL);
-    assert_non_null(doc);
-    json_t *table = json_object_get(doc, "table");
-    double clear = table_pooled(table, "global: flexlora");
-    double secure = table_pooled(table, "global: flexlora (secure)");
-    print_message("held-out loss, avgm: flexlora %.6f in the clear, %.6f securely\n", clear,
-                  secure);
-    if (!(fabs(clear - secure) <= 1e-3 * clear))
-        fail_msg("secure flexlora+avgm's held-out loss %g, in the clear %g", secure, clear);
-    json_decref(doc);
-    free(res);
+    json_decref(clear_equals_secure(out, "flexlora+avgm"));
     const char *bad[] = {"sim", "--server-opt", "adam", NULL}; /* flexlora, the default */
     assert_int_equal(run(bad, &o, &e), 2);
     assert_contains(e, "for the linear strategies");
