@@ -1742,6 +1742,62 @@ static void dp_metrics_hook(world_t *w)
     http_get(w->e->metrics_port, "/metrics", w->metrics, sizeof w->metrics);
 }
 
+/* Central DP's noise as the globals of an ffa federation show it, under a server optimizer
+ * of rate eta and momentum beta (plain FedAvg: 1 and 0): round r moves the global by
+ * eta·m_r, m_r = beta·m_{r−1} + (mean of the stored, clipped updates + noise − the previous
+ * global). Read back from the globals and the updates, pooled over rounds and ΔB entries: the
+ * noise's std. On the way: every stored ΔB was clipped to clip, and no A moved. */
+static double dp_noise_sd(env_t *e, fpt_sql_t *db, int rounds, double eta, double beta,
+                          double clip)
+{
+    double ss = 0;
+    size_t cnt = 0;
+    fp_adapter_t *g0 = load_global(e, db, 0);
+    for (int r = 1; r <= rounds; r++) {
+        fp_adapter_t *older = load_global(e, db, r > 1 ? r - 2 : 0);
+        fp_adapter_t *before = load_global(e, db, r - 1), *after = load_global(e, db, r);
+        fp_adapter_t *up[NSITES];
+        double wt[NSITES];
+        int n = load_updates(e, db, r, up, wt);
+        assert_int_equal(n, NSITES);
+        for (int k = 0; k < n; k++) {
+            double nb = 0;
+            for (int i = 0; i < up[k]->n; i++) {
+                const fp_lora_module_t *m = &up[k]->mods[i];
+                const fp_lora_module_t *b = &before->mods[fp_adapter_find(before, m->name)];
+                for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
+                    nb += ((double)m->B[j] - b->B[j]) * ((double)m->B[j] - b->B[j]);
+            }
+            if (!(sqrt(nb) <= clip * (1 + 1e-4) && sqrt(nb) >= clip * 0.999))
+                fail_msg("round %d: stored ΔB norm %g, clip %g", r, sqrt(nb), clip);
+        }
+        for (int i = 0; i < after->n; i++) {
+            const fp_lora_module_t *m = &after->mods[i];
+            const fp_lora_module_t *a0 = &g0->mods[fp_adapter_find(g0, m->name)];
+            const fp_lora_module_t *p = &before->mods[fp_adapter_find(before, m->name)];
+            const fp_lora_module_t *pp = &older->mods[fp_adapter_find(older, m->name)];
+            assert_memory_equal(m->A, a0->A, (size_t)m->rank * (size_t)m->d_in * sizeof(float));
+            for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++) {
+                double mean = 0;
+                for (int k = 0; k < n; k++)
+                    mean += up[k]->mods[fp_adapter_find(up[k], m->name)].B[j] / (double)n;
+                double step = ((double)m->B[j] - p->B[j]) / eta;
+                double last = ((double)p->B[j] - pp->B[j]) / eta; /* m_{r−1}; 0 in round 1 */
+                double noise = step - beta * last - (mean - p->B[j]);
+                ss += noise * noise;
+                cnt++;
+            }
+        }
+        for (int k = 0; k < n; k++)
+            fp_adapter_free(up[k]);
+        fp_adapter_free(older);
+        fp_adapter_free(before);
+        fp_adapter_free(after);
+    }
+    fp_adapter_free(g0);
+    return sqrt(ss / (double)cnt);
+}
+
 /* Central DP on ffa: the coordinator clips each site's ΔB to C exactly, adds N(0, z²C²) to the
  * sum (std z·C/k on the average of k), charges every round to the accountant and opens no round
  * that would pass epsilon_max — not after a restart either. */
@@ -1784,49 +1840,9 @@ static void test_dp_central_budget(void **state)
             fail_msg("round %d: ε %g recorded, %g accounted", r, got, want);
     }
     assert_true(fabs(fpt_sql_real(db, "SELECT epsilon FROM privacy") - e3) <= 1e-6 * e3);
-    /* the noise: global − previous − mean clipped ΔB, pooled over rounds and entries */
-    double ss = 0;
-    size_t cnt = 0;
-    fp_adapter_t *g0 = load_global(e, db, 0);
-    for (int r = 1; r <= 3; r++) {
-        fp_adapter_t *before = load_global(e, db, r - 1), *after = load_global(e, db, r);
-        fp_adapter_t *up[NSITES];
-        double wt[NSITES];
-        int n = load_updates(e, db, r, up, wt);
-        assert_int_equal(n, NSITES);
-        for (int k = 0; k < n; k++) {
-            double nb = 0;
-            for (int i = 0; i < up[k]->n; i++) {
-                const fp_lora_module_t *m = &up[k]->mods[i];
-                const fp_lora_module_t *b = &before->mods[fp_adapter_find(before, m->name)];
-                for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
-                    nb += ((double)m->B[j] - b->B[j]) * ((double)m->B[j] - b->B[j]);
-            }
-            if (!(sqrt(nb) <= clip * (1 + 1e-4) && sqrt(nb) >= clip * 0.999))
-                fail_msg("round %d: stored ΔB norm %g, clip %g", r, sqrt(nb), clip);
-        }
-        for (int i = 0; i < after->n; i++) {
-            const fp_lora_module_t *m = &after->mods[i];
-            const fp_lora_module_t *a0 = &g0->mods[fp_adapter_find(g0, m->name)];
-            assert_memory_equal(m->A, a0->A, (size_t)m->rank * (size_t)m->d_in * sizeof(float));
-            for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++) {
-                double mean = 0;
-                for (int k = 0; k < n; k++)
-                    mean += up[k]->mods[fp_adapter_find(up[k], m->name)].B[j] / (double)n;
-                double noise = (double)m->B[j] - mean;
-                ss += noise * noise;
-                cnt++;
-            }
-        }
-        for (int k = 0; k < n; k++)
-            fp_adapter_free(up[k]);
-        fp_adapter_free(before);
-        fp_adapter_free(after);
-    }
-    fp_adapter_free(g0);
-    double sd = sqrt(ss / (double)cnt), want = z * clip / NSITES;
+    double sd = dp_noise_sd(e, db, 3, 1, 0, clip), want = z * clip / NSITES;
     if (!(fabs(sd - want) <= 0.08 * want))
-        fail_msg("noise std %g over %zu entries, z·C/k = %g", sd, cnt, want);
+        fail_msg("noise std %g, z·C/k = %g", sd, want);
     fpt_sql_close(db);
     /* a restart opens nothing and keeps what was spent */
     start_server(e);
@@ -1864,6 +1880,45 @@ static void test_dp_central_budget(void **state)
     env_free(e);
 }
 
+/* Central DP composes with a server optimizer as post-processing: under avgm the globals move
+ * by the optimizer's formula applied to the clear merge plus noise of exactly DP's scale
+ * (std z·C/k, read back through the momentum), and the accountant charges what it charges
+ * without one. */
+static void test_dp_server_opt(void **state)
+{
+    (void)state;
+    const double z = 2, clip = 0.05, eta = 0.5, beta = 0.8;
+    env_t *e = env_new();
+    setenv("FPT_STRATEGY", "ffa", 1);
+    budgets[0] = 8;
+    char extra[512];
+    snprintf(extra, sizeof extra, "server_optimizer = avgm\nserver_lr = %g\nserver_beta1 = %g\n"
+             "[privacy]\nmode = central\nclip = %g\nnoise_multiplier = %g\n"
+             "epsilon_max = 100\ndelta = 1e-5\n", eta, beta, clip, z);
+    write_config(e, "ffa", 3, extra);
+    start_server(e);
+    world_t *w = calloc(1, sizeof *w);
+    w->e = e;
+    run_world(w);
+    fpt_sql_t *db = open_db(e);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'"), 3);
+    double e3 = fp_rdp_epsilon(1, z, 3, 1e-5, 0, NULL);
+    assert_true(fabs(fpt_sql_real(db, "SELECT epsilon FROM privacy") - e3) <= 1e-6 * e3);
+    double sd = dp_noise_sd(e, db, 3, eta, beta, clip), want = z * clip / NSITES;
+    print_message("noise std under avgm %g, z·C/k %g\n", sd, want);
+    if (!(fabs(sd - want) <= 0.08 * want))
+        fail_msg("noise std under avgm %g, z·C/k = %g", sd, want);
+    /* read back with the wrong formula (plain FedAvg's), the steps are not DP's noise */
+    double sgd = dp_noise_sd(e, db, 3, 1, 0, clip);
+    if (!(fabs(sgd - want) > 0.2 * want))
+        fail_msg("read as FedAvg the noise std is %g, z·C/k %g: the optimizer did nothing", sgd,
+                 want);
+    fpt_sql_close(db);
+    free(w);
+    env_free(e);
+    budgets[0] = 4;
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -1886,6 +1941,7 @@ int main(void)
         cmocka_unit_test_teardown(test_crl_reload_and_refused_handshakes, kill_live_server),
         cmocka_unit_test_teardown(test_flood_sites_served, kill_live_server),
         cmocka_unit_test_teardown(test_dp_central_budget, kill_live_server),
+        cmocka_unit_test_teardown(test_dp_server_opt, kill_live_server),
     };
     if (getenv("FP_TEST_FILTER")) /* one test by name, e.g. FP_TEST_FILTER=test_ffa */
         cmocka_set_test_filter(getenv("FP_TEST_FILTER"));

@@ -644,6 +644,9 @@ static void test_bad_input(void **state)
     const char *a8[] = {"sim", "--task", "regression", NULL};
     assert_int_equal(run(a8, &o, &e), 2);
     assert_contains(e, "--task is classify or lm");
+    const char *a10[] = {"sim", "--server-beta1", "1", NULL};
+    assert_int_equal(run(a10, &o, &e), 2);
+    assert_contains(e, "--server-beta1 takes a number in [0, 1)");
     const char *a9[] = {"sim", "--data", "X=" FORTUNES "/pets,Y=" FORTUNES "/kids",
                         "--print-data", NULL};
     assert_int_equal(run(a9, &o, &e), 0);

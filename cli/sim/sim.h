@@ -85,7 +85,7 @@ typedef struct sim {
     int secure;          /* --secure-aggregation: each run also (with --dp: only) securely */
     const char *base_dtype; /* the frozen base's precision everywhere: f32, bf16, nf4 (auto resolved) */
     const char *server_opt; /* the coordinator's server optimizer (fp_server_opt.h) */
-    double server_lr;
+    double server_lr, server_beta1;
     double prox_mu;      /* FedProx's μ at the sites (0: off) */
     /* made */
     sim_site_t *sites;

@@ -110,6 +110,7 @@ static const char sim_help[] =
     "                     keep it low-rank), adagrad, adam or yogi (linear strategies only)\n"
     "                     (default sgd)\n"
     "  --server-lr LR     the server optimizer's learning rate (default 1)\n"
+    "  --server-beta1 B   avgm's momentum, adam's and yogi's β1 (default 0.9)\n"
     "  --prox-mu MU       FedProx at the sites: μ/2·‖θ − θ₀‖² added to their objective, θ₀\n"
     "                     the factors they start a round from (default 0: off)\n"
     "  --targets LIST     adapted projections (default all)\n"
@@ -652,7 +653,8 @@ static int plan_runs(sim_t *sim, const sim_args_t *a)
     return 0;
 }
 
-/* --server-opt (c 'O'), --server-lr ('L') and --prox-mu ('U'): 0, or the usage error said. */
+/* --server-opt (c 'O'), --server-lr ('L'), --server-beta1 ('W') and --prox-mu ('U'): 0, or
+ * the usage error said. */
 static int server_opt_option(sim_t *sim, int c, const char *arg)
 {
     fp_sopt_kind_t kind;
@@ -664,6 +666,10 @@ static int server_opt_option(sim_t *sim, int c, const char *arg)
     else if (c == 'U') {
         if (fp_parse_double(arg, &sim->prox_mu) || !(sim->prox_mu >= 0) || sim->prox_mu > 1000)
             return fp_cli_usage_error("sim", "--prox-mu takes a number in [0, 1000]");
+    } else if (c == 'W') {
+        if (fp_parse_double(arg, &sim->server_beta1) || !(sim->server_beta1 >= 0) ||
+            sim->server_beta1 >= 1)
+            return fp_cli_usage_error("sim", "--server-beta1 takes a number in [0, 1)");
     } else if (fp_parse_double(arg, &sim->server_lr) || !(sim->server_lr > 0) ||
              sim->server_lr > 100)
         return fp_cli_usage_error("sim", "--server-lr takes a number in (0, 100]");
@@ -690,6 +696,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
         {"base-dtype", required_argument, NULL, 'B'},
         {"server-opt", required_argument, NULL, 'O'},
         {"server-lr", required_argument, NULL, 'L'},
+        {"server-beta1", required_argument, NULL, 'W'},
         {"prox-mu", required_argument, NULL, 'U'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     static const struct {
@@ -733,7 +740,7 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
             break;
         case 'E': a->epsilons = optarg; break;
         case 'A': sim->secure = 1; break;
-        case 'O': case 'L': case 'U':
+        case 'O': case 'L': case 'W': case 'U':
             if (server_opt_option(sim, c, optarg) != 0)
                 return 2;
             break;
@@ -944,7 +951,7 @@ int fp_cmd_sim(int argc, char **argv)
                  .partition = SIM_BY_CATEGORY, .task = SIM_TASK_CLASSIFY,
                  .prompt_bytes = D_PROMPT, .max_docs = D_MAX_DOCS, .cue = "Category: ",
                  .out = "out/sim", .targets = "all", .seed = 1, .dp_clip = D_DP_CLIP,
-                 .server_opt = "sgd", .server_lr = 1};
+                 .server_opt = "sgd", .server_lr = 1, .server_beta1 = 0.9};
     sim.base_dtype = fp_base_dtype_name(fp_base_dtype_default());
     sim_args_t a = {.strategy = "flexlora"};
     char mbuf[4096];

@@ -147,12 +147,13 @@ static int write_configs(const sim_t *sim, const sim_run_t *run, const char *dir
                      "base_model_sha256 = %s\ntarget_modules = %s\nalpha = %g\nr_max = %d\n"
                      "strategy = %s\nrounds = %d\nmin_sites = %d\nmin_updates = %d\n"
                      "fraction = 1\nround_deadline_s = 3600\nseed = %llu\n"
-                     "server_optimizer = %s\nserver_lr = %.17g\n"
+                     "server_optimizer = %s\nserver_lr = %.17g\nserver_beta1 = %.17g\n"
                      "[train]\nlr = %g\nsteps = %d\nbatch = %d\nseq_len = %d\n"
                      "prox_mu = %.17g\n%s",
                      p, p, p, p, dir, sim->model, sim->model_sha, sim->targets, sim->alpha,
                      equal ? rmin : rmax, strategy, sim->rounds, sim->nsites, sim->nsites,
-                     (unsigned long long)sim->seed, sim->server_opt, sim->server_lr, sim->lr,
+                     (unsigned long long)sim->seed, sim->server_opt, sim->server_lr,
+                     sim->server_beta1, sim->lr,
                      sim->steps, sim->batch, sim->seq, sim->prox_mu, privacy);
     if (n < 0)
         return fp_err_set(err, -ENOMEM, "out of memory");
