@@ -307,7 +307,8 @@ static void test_sim_flexlora(void **state)
 {
     (void)state;
     char *out = path2(fpt_dir, "sim"), *o = NULL, *e = NULL;
-    const char *args[] = {"sim", "--task", "lm", "--sites", "3", "--ranks", "2,4,8", "--rounds",
+    const char *args[] = {"sim", "--task", "lm", "--strategy", "flexlora", "--sites", "3",
+                          "--ranks", "2,4,8", "--rounds",
                           "2", "--steps", "10", "--batch", "4", "--seq", "64", "--lr", "0.004",
                           "--data", FORTUNES "/medicine," FORTUNES "/drugs," FORTUNES "/food,"
                           FORTUNES "/love," FORTUNES "/kids," FORTUNES "/pets",
@@ -505,7 +506,8 @@ static void test_sim_classify(void **state)
     const char *data = "German=" FORTUNES "/de/witze,Italian=" FORTUNES "/it/norm,"
                        "Spanish=" FORTUNES "/es/sabiduria.fortunes,Polish=" FORTUNES
                        "/pl/dowcipy,Russian=" FORTUNES "/ru/fomenko,Chinese=" FORTUNES "/chinese";
-    const char *args[] = {"sim", "--sites", "3", "--ranks", "4,8,8", "--rounds", "2", "--steps",
+    const char *args[] = {"sim", "--strategy", "flexlora", "--sites", "3", "--ranks", "4,8,8",
+                          "--rounds", "2", "--steps",
                           "6", "--batch", "8", "--prompt-bytes", "48", "--max-docs", "80",
                           "--data", data, "--model", FP_SOURCE_DIR "/models/demo", "--out", out,
                           NULL};
@@ -757,7 +759,8 @@ static void test_sim_secure(void **state)
 {
     (void)state;
     char *out = path2(fpt_dir, "sim-sa"), *o = NULL, *e = NULL;
-    const char *args[] = {"sim", "--task", "lm", "--secure-aggregation", "--ranks", "2,4,8",
+    const char *args[] = {"sim", "--task", "lm", "--strategy", "flexlora", "--secure-aggregation",
+                          "--ranks", "2,4,8",
                           "--partition", "iid", "--rounds", "2", "--steps", "3", "--batch", "2",
                           "--seq", "32", "--data", FORTUNES "/medicine," FORTUNES "/pets",
                           "--model", FP_SOURCE_DIR "/models/demo", "--out", out, NULL};
@@ -806,7 +809,8 @@ static void test_sim_secure_server_opt(void **state)
 {
     (void)state;
     char *out = path2(fpt_dir, "sim-sa-opt"), *o = NULL, *e = NULL;
-    const char *args[] = {"sim", "--task", "lm", "--secure-aggregation", "--ranks", "2,4,8",
+    const char *args[] = {"sim", "--task", "lm", "--strategy", "flexlora", "--secure-aggregation",
+                          "--ranks", "2,4,8",
                           "--partition", "iid", "--rounds", "2", "--steps", "3", "--batch", "2",
                           "--seq", "32", "--data", FORTUNES "/medicine," FORTUNES "/pets",
                           "--server-opt", "avgm", "--server-lr", "0.8",
@@ -821,7 +825,7 @@ static void test_sim_secure_server_opt(void **state)
     assert_int_equal(system(cmd), 0);
     free(cmd);
     json_decref(clear_equals_secure(out, "flexlora+avgm"));
-    const char *bad[] = {"sim", "--server-opt", "adam", NULL}; /* flexlora, the default */
+    const char *bad[] = {"sim", "--server-opt", "adam", NULL}; /* flora, the default */
     assert_int_equal(run(bad, &o, &e), 2);
     assert_contains(e, "for the linear strategies");
     free(out);
