@@ -404,11 +404,14 @@ static void start_job(fp_agent_t *a, job_t *j)
 }
 
 /* A task's privacy is the Welcome's (no quieter mode slipped into one task) and, under
- * distributed DP, one the site can apply; else the site refuses the task and says why. */
-static int task_privacy_ok(fp_site_t *s, const fp_site_task_t *t, char *why, size_t n)
+ * distributed DP, one the site can apply; its FedProx μ within the coordinator's bounds; else
+ * the site refuses the task and says why. */
+static int task_acceptable(fp_site_t *s, const fp_site_task_t *t, char *why, size_t n)
 {
     const fp_site_privacy_t *w = fp_site_privacy(s), *p = &t->privacy;
-    if (p->mode != w->mode)
+    if (!(t->prox_mu >= 0 && t->prox_mu <= 1000))
+        snprintf(why, n, "the task's FedProx μ %g is not in [0, 1000]", t->prox_mu);
+    else if (p->mode != w->mode)
         snprintf(why, n, "the task's differential privacy (%s) is not the federation's (%s)",
                  fp_dp_mode_name((fp_dp_mode_t)p->mode), fp_dp_mode_name((fp_dp_mode_t)w->mode));
     else if (p->mode == FP_DP_DISTRIBUTED &&
@@ -425,7 +428,7 @@ static void on_task(void *ctx, fp_site_t *s, const fp_site_task_t *t)
 {
     fp_agent_t *a = ctx;
     char why[256];
-    if (!task_privacy_ok(s, t, why, sizeof why)) {
+    if (!task_acceptable(s, t, why, sizeof why)) {
         fp_log(FP_LOG_ERR, "round %llu: task refused: %s", (unsigned long long)t->round, why);
         fp_site_task_failed(s, t->task_id, why);
         return;

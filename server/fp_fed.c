@@ -543,7 +543,7 @@ store: /* the server optimizer moves the start by the merge (post-processing und
         out->rank = global->mods[i].rank > out->rank ? global->mods[i].rank : out->rank;
     if ((rc = fp_adapter_check_finite(global, err)) != 0 ||
         (rc = fp_fed_store_adapter(f, global, out->sha, err)) != 0 ||
-        (rc = fp_fed_opt_store(f->opt_dir, out->sha, ost, err)) != 0)
+        (rc = fp_fed_opt_store(f->opt_dir, out->sha, in->start_sha, ost, err)) != 0)
         goto out;
     fp_failpoint("global-written"); /* the file is in place, the round not yet closed */
 out:

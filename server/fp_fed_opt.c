@@ -1,11 +1,13 @@
 /* The server optimizer's round (fp_fed_opt.h). */
 #include "fp_fed_opt.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "fp_fs.h"
 #include "fp_lowrank.h"
@@ -30,7 +32,7 @@ void fp_fed_opt_free(fp_opt_state_t *s)
     if (!s)
         return;
     free(s->m);
-    for (int i = 0; s->names && i < s->nmod; i++) {
+    for (int i = 0; s->names && s->mb && i < s->nmod; i++) {
         free(s->names[i]);
         free(s->mb[i]);
         free(s->ma[i]);
@@ -48,20 +50,48 @@ static char *state_path(const char *opt_dir, const char *sha)
     return fp_path_join(opt_dir, name);
 }
 
-/* The kept state of start_sha's global, if it is this optimizer's (NULL: none, or another's). */
-static fp_st_file_t *open_state(const fp_sopt_cfg_t *c, const char *opt_dir, const char *sha)
+/* The kept state of start_sha's global into *out, if it is this optimizer's (NULL: none — the
+ * first round — or another kind's, after the configuration changed). A state file that is
+ * there but cannot be read is an error: starting afresh would change the federation silently. */
+static int open_state(const fp_sopt_cfg_t *c, const char *opt_dir, const char *sha,
+                      fp_st_file_t **out, fp_err_t *err)
 {
+    *out = NULL;
     char *p = state_path(opt_dir, sha);
-    fp_st_file_t *st = NULL;
-    if (p && fp_fs_exists(p) && fp_st_open(&st, p, NULL) == 0) {
-        const char *kind = fp_st_meta(st, META_KEY);
-        if (!kind || strcmp(kind, fp_sopt_name(c->kind)) != 0) {
-            fp_st_close(st);
-            st = NULL;
+    if (!p)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int rc = 0;
+    if (fp_fs_exists(p)) {
+        fp_st_file_t *st = NULL;
+        fp_err_t e = {0};
+        if (fp_st_open(&st, p, &e) != 0) { /* −EIO: not an update's verdict (fp_fed.h) */
+            rc = fp_err_set(err, -EIO, "the server optimizer's state: %s", fp_err_msg(&e));
+        } else {
+            const char *kind = fp_st_meta(st, META_KEY);
+            if (kind && strcmp(kind, fp_sopt_name(c->kind)) == 0)
+                *out = st;
+            else
+                fp_st_close(st);
         }
     }
     free(p);
-    return st;
+    return rc;
+}
+
+/* Every value of the state finite (an overflowed v would freeze its parameter for good). */
+static int state_finite(const fp_opt_state_t *s, fp_err_t *err)
+{
+    size_t bad = 0;
+    for (size_t i = 0; s->m && i < 2 * s->n; i++)
+        bad += !isfinite(s->m[i]);
+    for (int i = 0; s->mb && i < s->nmod; i++) {
+        for (size_t j = 0; s->mb[i] && j < (size_t)s->d_out[i] * (size_t)s->rank[i]; j++)
+            bad += !isfinite(s->mb[i][j]);
+        for (size_t j = 0; s->ma[i] && j < (size_t)s->rank[i] * (size_t)s->d_in[i]; j++)
+            bad += !isfinite(s->ma[i][j]);
+    }
+    return bad ? fp_err_set(err, -EDOM, "server optimizer: %zu values of its state are not "
+                            "finite (an update too large for it)", bad) : 0;
 }
 
 /* Reads tensor name of exactly n floats into dst; 0, or -ENOENT (absent or another shape). */
@@ -139,23 +169,6 @@ static int linear_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
 
 /* The rank-r truncation of the terms into B (d_out × r) and A (r × d_in) at scale; its
  * relative error in *cut. */
-static int truncate_into(int d_out, int d_in, const fp_lr_term_t *t, int nt, int r,
-                         double scale, float *B, float *A, double *cut, fp_err_t *err)
-{
-    fp_lr_svd_t sv;
-    int rc = fp_lowrank_svd(d_out, d_in, t, nt, &sv, err);
-    if (rc)
-        return rc;
-    double all = 0, kept = 0;
-    for (int i = 0; i < sv.k; i++) {
-        all += sv.S[i] * sv.S[i];
-        kept += i < r ? sv.S[i] * sv.S[i] : 0;
-    }
-    *cut = all > kept && all > 0 ? sqrt((all - kept) / all) : 0;
-    fp_lr_svd_factors(&sv, r, scale, B, A);
-    fp_lr_svd_free(&sv);
-    return 0;
-}
 
 static int exact_module(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
                         const fp_lora_module_t *o, fp_lora_module_t *m, fp_opt_state_t *s, int i,
@@ -172,7 +185,7 @@ static int exact_module(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
     }
     if (c->kind == FP_SOPT_SGD) { /* W + η·(W̄ − W) */
         fp_lr_term_t t[2] = {{o->B, o->A, o->rank, (1 - lr) * so}, {m->B, m->A, r, lr * sg}};
-        rc = truncate_into(m->d_out, m->d_in, t, 2, r, sg, nb, na, &cut, err);
+        rc = fp_sopt_lowrank_sum(m->d_out, m->d_in, t, 2, r, sg, nb, na, &cut, err);
     } else { /* avgm: M ← β·M + (W̄ − W), then W + η·M */
         char key[600];
         s->names[i] = strdup(m->name);
@@ -200,12 +213,12 @@ static int exact_module(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
         fp_lr_term_t t[3] = {{ob, oa, kr, c->beta1}, {m->B, m->A, r, sg},
                              {o->B, o->A, o->rank, -so}};
         double mcut = 0;
-        rc = truncate_into(m->d_out, m->d_in, t, 3, r, 1.0, s->mb[i], s->ma[i], &mcut, err);
+        rc = fp_sopt_lowrank_sum(m->d_out, m->d_in, t, 3, r, 1.0, s->mb[i], s->ma[i], &mcut, err);
         free(ob);
         free(oa);
         if (rc == 0) {
             fp_lr_term_t w[2] = {{o->B, o->A, o->rank, so}, {s->mb[i], s->ma[i], r, lr}};
-            rc = truncate_into(m->d_out, m->d_in, w, 2, r, sg, nb, na, &cut, err);
+            rc = fp_sopt_lowrank_sum(m->d_out, m->d_in, w, 2, r, sg, nb, na, &cut, err);
         }
         cut = cut > mcut ? cut : mcut;
     }
@@ -225,12 +238,12 @@ static int exact_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
                       double *trunc, fp_err_t *err)
 {
     if (c->kind == FP_SOPT_AVGM) {
-        s->nmod = g->n;
         s->names = calloc((size_t)(g->n ? g->n : 1), sizeof *s->names);
         s->d_out = calloc(3 * (size_t)(g->n ? g->n : 1), sizeof *s->d_out);
         s->mb = calloc(2 * (size_t)(g->n ? g->n : 1), sizeof *s->mb);
         if (!s->names || !s->d_out || !s->mb)
             return fp_err_set(err, -ENOMEM, "out of memory");
+        s->nmod = g->n;
         s->d_in = s->d_out + g->n;
         s->rank = s->d_in + g->n;
         s->ma = s->mb + g->n;
@@ -260,14 +273,22 @@ int fp_fed_opt_step(const fp_sopt_cfg_t *c, fp_strategy_t st, const char *opt_di
     *trunc = 0;
     if (!fp_fed_opt_active(c))
         return 0;
-    fp_st_file_t *kept = c->kind == FP_SOPT_SGD ? NULL : open_state(c, opt_dir, start_sha);
+    if (fp_strategy_merges_products(st) && c->kind != FP_SOPT_SGD && c->kind != FP_SOPT_AVGM)
+        return fp_err_set(err, -ENOTSUP, "server optimizer %s: the strategies that merge "
+                          "products take sgd or avgm", fp_sopt_name(c->kind));
+    fp_st_file_t *kept = NULL;
+    int rc = c->kind == FP_SOPT_SGD ? 0 : open_state(c, opt_dir, start_sha, &kept, err);
+    if (rc)
+        return rc;
     fp_opt_state_t *s = calloc(1, sizeof *s);
-    int rc = s ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
+    rc = s ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
     if (rc == 0) {
         s->kind = c->kind;
         rc = fp_strategy_merges_products(st) ? exact_step(c, kept, start, global, s, trunc, err)
                                              : linear_step(c, kept, start, global, s, err);
     }
+    if (rc == 0)
+        rc = state_finite(s, err);
     fp_st_close(kept);
     if (rc == 0 && c->kind != FP_SOPT_SGD)
         *state = s;
@@ -276,8 +297,26 @@ int fp_fed_opt_step(const fp_sopt_cfg_t *c, fp_strategy_t st, const char *opt_di
     return rc;
 }
 
-int fp_fed_opt_store(const char *opt_dir, const char *sha, const fp_opt_state_t *s,
-                     fp_err_t *err)
+/* Removes opt_dir's states other than those of a and b (best effort: a file left is only
+ * disk). */
+static void prune(const char *opt_dir, const char *a, const char *b)
+{
+    DIR *d = opendir(opt_dir);
+    struct dirent *e;
+    while (d && (e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        if (n < 12 || strcmp(e->d_name + n - 12, ".safetensors") != 0 ||
+            (strncmp(e->d_name, a, n - 12) == 0 && a[n - 12] == 0) ||
+            (b && strncmp(e->d_name, b, n - 12) == 0 && b[n - 12] == 0))
+            continue;
+        unlinkat(dirfd(d), e->d_name, 0);
+    }
+    if (d)
+        closedir(d);
+}
+
+int fp_fed_opt_store(const char *opt_dir, const char *sha, const char *start_sha,
+                     const fp_opt_state_t *s, fp_err_t *err)
 {
     if (!s)
         return 0;
@@ -311,6 +350,8 @@ int fp_fed_opt_store(const char *opt_dir, const char *sha, const fp_opt_state_t 
     }
     const char *meta[] = {META_KEY, fp_sopt_name(s->kind), NULL};
     rc = fp_st_write(p, e, (size_t)n, meta, err);
+    if (rc == 0)
+        prune(opt_dir, sha, start_sha);
 out:
     free(e);
     free(keys);

@@ -27,9 +27,11 @@ int fp_fed_opt_active(const fp_sopt_cfg_t *c);
 int fp_fed_opt_step(const fp_sopt_cfg_t *c, fp_strategy_t st, const char *opt_dir,
                     const char *start_sha, const fp_adapter_t *start, fp_adapter_t *global,
                     fp_opt_state_t **state, double *trunc, fp_err_t *err);
-/* Writes s durably as the state of global sha in opt_dir (accepts NULL: nothing). */
-int fp_fed_opt_store(const char *opt_dir, const char *sha, const fp_opt_state_t *s,
-                     fp_err_t *err);
+/* Writes s durably as the state of global sha in opt_dir (accepts NULL: nothing), and removes
+ * the states of older globals: only sha's and start_sha's (which a redone round reads again
+ * if the coordinator stops before this round closes) are ever read. */
+int fp_fed_opt_store(const char *opt_dir, const char *sha, const char *start_sha,
+                     const fp_opt_state_t *s, fp_err_t *err);
 void fp_fed_opt_free(fp_opt_state_t *s);
 
 #endif

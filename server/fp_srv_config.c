@@ -88,7 +88,8 @@ const fp_setting_t fp_srv_settings[] = {
      "lr 1 is the merge itself), avgm (momentum), adagrad, adam or yogi (Reddi et al. 2021; "
      "linear strategies only: the exact ones merge ΔW, whose momentum is kept low-rank)"},
     {"federation", "server_lr", FP_SET_DOUBLE, O(server_lr), "1", 1e-6, 100, 0,
-     "the server optimizer's learning rate"},
+     "the server optimizer's learning rate; adagrad, adam and yogi move every factor by about "
+     "±lr in their first rounds (no bias correction), so they want 0.001–0.1"},
     {"federation", "server_beta1", FP_SET_DOUBLE, O(server_beta1), "0.9", 0, 0.999999, 0,
      "avgm's momentum; adagrad, adam and yogi's first-moment decay"},
     {"federation", "server_beta2", FP_SET_DOUBLE, O(server_beta2), "0.99", 0, 0.999999, 0,

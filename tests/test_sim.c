@@ -648,7 +648,16 @@ static void test_bad_input(void **state)
     assert_contains(e, "--task is classify or lm");
     const char *a10[] = {"sim", "--server-beta1", "1", NULL};
     assert_int_equal(run(a10, &o, &e), 2);
-    assert_contains(e, "--server-beta1 takes a number in [0, 1)");
+    assert_contains(e, "--server-beta1 takes a number in [0, 0.999999]");
+    const char *a11[] = {"sim", "--server-opt", "fedadam", NULL};
+    assert_int_equal(run(a11, &o, &e), 2);
+    assert_contains(e, "--server-opt is sgd, avgm, adagrad, adam or yogi, not 'fedadam'");
+    const char *a12[] = {"sim", "--server-lr", "0", NULL};
+    assert_int_equal(run(a12, &o, &e), 2);
+    assert_contains(e, "--server-lr takes a number in [1e-6, 100]");
+    const char *a13[] = {"sim", "--server-opt", "sgd", "--server-beta1", "0.5", NULL};
+    assert_int_equal(run(a13, &o, &e), 2);
+    assert_contains(e, "--server-beta1 has no effect with --server-opt sgd");
     const char *a9[] = {"sim", "--data", "X=" FORTUNES "/pets,Y=" FORTUNES "/kids",
                         "--print-data", NULL};
     assert_int_equal(run(a9, &o, &e), 0);
@@ -760,7 +769,7 @@ static void test_sim_secure(void **state)
     (void)state;
     char *out = path2(fpt_dir, "sim-sa"), *o = NULL, *e = NULL;
     const char *args[] = {"sim", "--task", "lm", "--strategy", "flexlora", "--secure-aggregation",
-                          "--ranks", "2,4,8",
+                          "--server-opt", "sgd", "--ranks", "2,4,8",
                           "--partition", "iid", "--rounds", "2", "--steps", "3", "--batch", "2",
                           "--seq", "32", "--data", FORTUNES "/medicine," FORTUNES "/pets",
                           "--model", FP_SOURCE_DIR "/models/demo", "--out", out, NULL};

@@ -109,8 +109,10 @@ static const char sim_help[] =
     "                     sgd (lr 1: the merge itself), avgm (momentum; exact strategies\n"
     "                     keep it low-rank), adagrad, adam or yogi (linear strategies only)\n"
     "                     (default avgm)\n"
-    "  --server-lr LR     the server optimizer's learning rate (default 1)\n"
-    "  --server-beta1 B   avgm's momentum (default %g), adam's and yogi's β1 (default %g)\n"
+    "  --server-lr LR     the server optimizer's learning rate (default 1; %g for adagrad,\n"
+    "                     adam and yogi, which move every factor by about ±LR a round)\n"
+    "  --server-beta1 B   avgm's momentum (default %g); adagrad's, adam's and yogi's β1\n"
+    "                     (default %g)\n"
     "  --prox-mu MU       FedProx at the sites: μ/2·‖θ − θ₀‖² added to their objective, θ₀\n"
     "                     the factors they start a round from (default 0: off)\n"
     "  --targets LIST     adapted projections (default all)\n"
@@ -142,6 +144,7 @@ enum { D_ROUNDS = 15, D_STEPS = 6, D_BATCH = 16, D_SEQ = 80, D_SEQ_LM = 128, D_P
  * demo (docs/DESIGN.md, "Closer to pooled data"); Reddi et al.'s for adam and yogi. */
 #define D_BETA1_AVGM 0.7
 #define D_BETA1_ADAPTIVE 0.9
+#define D_LR_ADAPTIVE 0.01
 #define D_DP_CLIP 1.0
 
 static int cat_add_file(sim_cat_t *c, const char *path)
@@ -386,9 +389,13 @@ static void print_curves(json_t *table)
         int at50 = 0, at80 = 0;
         printf("%-26s", strncmp(name, "global: ", 8) ? name : name + 8);
         json_array_foreach(curve, j, p) {
-            double sh = json_number_value(json_object_get(p, "share"));
+            json_t *js = json_object_get(p, "share"); /* null: no gain to share */
+            double sh = json_is_number(js) ? json_number_value(js) : NAN;
             int n = (int)json_integer_value(json_object_get(p, "round"));
-            printf(" %4.0f%%", 100 * sh);
+            if (json_is_number(js))
+                printf(" %4.0f%%", 100 * sh);
+            else
+                printf("     -");
             if (!at50 && sh >= 0.5)
                 at50 = n;
             if (!at80 && sh >= 0.8)
@@ -572,7 +579,7 @@ typedef struct sim_args {
 static void print_help(const sim_t *sim)
 {
     printf(sim_help, demo_measured, D_ROUNDS, D_PROMPT, D_MAX_DOCS, D_STEPS, D_LR, D_BATCH, D_SEQ,
-           D_SEQ_LM, D_DP_CLIP, D_BETA1_AVGM, D_BETA1_ADAPTIVE, fp_base_dtype_name(fp_base_dtype_default()), sim->slots);
+           D_SEQ_LM, D_DP_CLIP, D_LR_ADAPTIVE, D_BETA1_AVGM, D_BETA1_ADAPTIVE, fp_base_dtype_name(fp_base_dtype_default()), sim->slots);
 }
 
 /* One run per strategy; with --dp, the strategy without DP and at each budget. */
@@ -672,11 +679,11 @@ static int server_opt_option(sim_t *sim, int c, const char *arg)
             return fp_cli_usage_error("sim", "--prox-mu takes a number in [0, 1000]");
     } else if (c == 'W') {
         if (fp_parse_double(arg, &sim->server_beta1) || !(sim->server_beta1 >= 0) ||
-            sim->server_beta1 >= 1)
-            return fp_cli_usage_error("sim", "--server-beta1 takes a number in [0, 1)");
-    } else if (fp_parse_double(arg, &sim->server_lr) || !(sim->server_lr > 0) ||
+            sim->server_beta1 > 0.999999)
+            return fp_cli_usage_error("sim", "--server-beta1 takes a number in [0, 0.999999]");
+    } else if (fp_parse_double(arg, &sim->server_lr) || !(sim->server_lr >= 1e-6) ||
              sim->server_lr > 100)
-        return fp_cli_usage_error("sim", "--server-lr takes a number in (0, 100]");
+        return fp_cli_usage_error("sim", "--server-lr takes a number in [1e-6, 100]");
     return 0;
 }
 
@@ -970,7 +977,7 @@ int fp_cmd_sim(int argc, char **argv)
                  .partition = SIM_BY_CATEGORY, .task = SIM_TASK_CLASSIFY,
                  .prompt_bytes = D_PROMPT, .max_docs = D_MAX_DOCS, .cue = "Category: ",
                  .out = "out/sim", .targets = "all", .seed = 1, .dp_clip = D_DP_CLIP,
-                 .server_opt = "avgm", .server_lr = 1, .server_beta1 = -1};
+                 .server_opt = "avgm", .server_lr = -1, .server_beta1 = -1};
     sim.base_dtype = fp_base_dtype_name(fp_base_dtype_default());
     sim_args_t a = {.strategy = "flora"};
     char mbuf[4096];
@@ -979,6 +986,13 @@ int fp_cmd_sim(int argc, char **argv)
     int rc = parse_options(argc, argv, &sim, &a);
     if (rc)
         return rc < 0 ? FP_EXIT_OK : rc;
+    int plain = !strcmp(sim.server_opt, "sgd") || !strcmp(sim.server_opt, "avgm");
+    if (sim.server_beta1 >= 0 && !strcmp(sim.server_opt, "sgd")) {
+        rc = fp_cli_usage_error("sim", "--server-beta1 has no effect with --server-opt sgd");
+        goto out;
+    }
+    if (sim.server_lr < 0)
+        sim.server_lr = plain ? 1 : D_LR_ADAPTIVE;
     if (sim.server_beta1 < 0)
         sim.server_beta1 = strcmp(sim.server_opt, "avgm") == 0 ? D_BETA1_AVGM : D_BETA1_ADAPTIVE;
     if ((rc = prepare(&sim, &a, mbuf, sizeof mbuf)) != 0 || a.print_data) {

@@ -90,23 +90,20 @@ void fp_sopt_step(const fp_sopt_cfg_t *c, float *x, const float *delta, float *m
     }
 }
 
-int fp_sopt_lowrank_momentum(int d_out, int d_in, double beta, float *MB, float *MA, int r,
-                             const float *DB, const float *DA, int rd, double *trunc_rel,
-                             fp_err_t *err)
+int fp_sopt_lowrank_sum(int d_out, int d_in, const fp_lr_term_t *t, int nt, int r,
+                        double scale, float *B, float *A, double *trunc_rel, fp_err_t *err)
 {
-    fp_lr_term_t t[2] = {{MB, MA, r, beta}, {DB, DA, rd, 1.0}};
-    fp_lr_svd_t s;
-    int rc = fp_lowrank_svd(d_out, d_in, t, 2, &s, err);
+    fp_lr_svd_t sv;
+    int rc = fp_lowrank_svd(d_out, d_in, t, nt, &sv, err);
     if (rc)
         return rc;
     double all = 0, kept = 0;
-    for (int i = 0; i < s.k; i++) {
-        all += s.S[i] * s.S[i];
-        if (i < r)
-            kept += s.S[i] * s.S[i];
+    for (int i = 0; i < sv.k; i++) {
+        all += sv.S[i] * sv.S[i];
+        kept += i < r ? sv.S[i] * sv.S[i] : 0;
     }
-    *trunc_rel = all > 0 && all > kept ? sqrt((all - kept) / all) : 0;
-    fp_lr_svd_factors(&s, r, 1.0, MB, MA); /* after the SVD read MB and MA: now replaced */
-    fp_lr_svd_free(&s);
+    *trunc_rel = all > kept && all > 0 ? sqrt((all - kept) / all) : 0;
+    fp_lr_svd_factors(&sv, r, scale, B, A); /* the terms were read by the SVD: B, A may be theirs */
+    fp_lr_svd_free(&sv);
     return 0;
 }

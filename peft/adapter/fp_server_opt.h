@@ -14,13 +14,14 @@
  *
  * Linear strategies (fedavg, ffa, zeropad) step their factors this way. Exact ones (flexlora,
  * flora, florist) merge ΔW, not factors; their momentum is a low-rank sum kept in factored form
- * (fp_sopt_lowrank_momentum). */
+ * (fp_sopt_lowrank_sum; the coordinator's step: server/fp_fed_opt.c). */
 #ifndef FP_SERVER_OPT_H
 #define FP_SERVER_OPT_H
 
 #include <stddef.h>
 
 #include "fp_error.h"
+#include "fp_lowrank.h"
 
 typedef enum fp_sopt_kind {
     FP_SOPT_SGD,
@@ -52,12 +53,13 @@ void fp_sopt_init(const fp_sopt_cfg_t *c, float *m, float *v, size_t n);
 void fp_sopt_step(const fp_sopt_cfg_t *c, float *x, const float *delta, float *m, float *v,
                   size_t n);
 
-/* An exact strategy's momentum M (d_out × d_in, never formed) as MB·MA (MB: d_out × r, MA:
- * r × d_in, row-major): M ← β·M + DB·DA (DB: d_out × rd, DA: rd × d_in), re-truncated to rank
- * r by the exact SVD of the stacked sum (Eckart–Young: the best rank r). *trunc_rel receives
- * ‖M_exact − M_r‖_F / ‖M_exact‖_F (0 when nothing was cut). */
-int fp_sopt_lowrank_momentum(int d_out, int d_in, double beta, float *MB, float *MA, int r,
-                             const float *DB, const float *DA, int rd, double *trunc_rel,
-                             fp_err_t *err);
+/* A sum of low-rank products Σ c_i·B_i·A_i (d_out × d_in, never formed; fp_lowrank.h's terms)
+ * cut to its best rank r (Eckart–Young, by the exact SVD of the stacked factors) and written as
+ * scale·B·A (B: d_out × r, A: r × d_in, row-major; they may be a term's own factors: the terms
+ * are read first). *trunc_rel receives ‖exact − cut‖_F / ‖exact‖_F (0 when nothing was cut).
+ * An exact strategy's server step is such a sum: W + η·(W̄ − W), or the momentum
+ * β·M + (W̄ − W) and then W + η·M (server/fp_fed_opt.c). */
+int fp_sopt_lowrank_sum(int d_out, int d_in, const fp_lr_term_t *t, int nt, int r,
+                        double scale, float *B, float *A, double *trunc_rel, fp_err_t *err);
 
 #endif

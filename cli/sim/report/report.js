@@ -311,7 +311,8 @@
                               return p ? String(p.round) : "not reached"; };
     table(s, ["run", "rounds to 50 %", "rounds to 80 %", "after the last round"],
           curved.map(r => [r.model.replace("global: ", ""), first(r, 0.5), first(r, 0.8),
-                           fmt(100 * r.curve[r.curve.length - 1].share) + " %"]));
+                           (r.curve[r.curve.length - 1].share === null ? "—"
+                            : fmt(100 * r.curve[r.curve.length - 1].share) + " %")]));
   }
   for (const run of runs) {
     const s = section(`Per site: ${runName(run)}`,
