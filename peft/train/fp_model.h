@@ -143,6 +143,11 @@ void fp_lora_module_name(char *buf, size_t n, int layer, fp_target_t t);
 int fp_lora_descs(const fp_model_config_t *c, unsigned targets, int rank, double alpha,
                   int rslora, fp_module_desc_t **out, int *n, fp_err_t *err);
 
+/* Whether a config.json key names, describes or configures generation only (PretrainedConfig's
+ * own and the hub's bookkeeping: never the forward pass or the loss) — for every family's
+ * reader, the vision models' too. */
+int fp_config_key_inert(const char *key);
+
 /* Checks a configuration (positive sizes, H % KV == 0, even head_dim, ...). */
 int fp_model_config_check(const fp_model_config_t *c, fp_err_t *err);
 

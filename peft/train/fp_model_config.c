@@ -137,6 +137,11 @@ static int in_list(const char *k, const char *const *list, size_t n)
 }
 #define IN(k, list) in_list(k, list, sizeof list / sizeof *list)
 
+int fp_config_key_inert(const char *key)
+{
+    return IN(key, inert_keys);
+}
+
 static int known_key(fp_model_family_t fam, const char *k)
 {
     return IN(k, inert_keys) || IN(k, common_keys) ||

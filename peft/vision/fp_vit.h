@@ -1,0 +1,123 @@
+/* fp_vit.h — a vision transformer (Hugging Face's ViTForImageClassification) with LoRA on
+ * its linears and a classifier head trained in full.
+ *
+ * Sizes: B images, C channels, S × S pixels, P × P patches, Np = (S/P)² patches, T = Np + 1
+ * tokens (a CLS token first), N = B·T, D hidden, H heads of hd = D/H, F intermediate, K
+ * labels, r LoRA rank. Pixels are B × C × S × S float32 (channels first, as the
+ * preprocessing leaves them: fp_imgproc.h).
+ *
+ * The model, as HF's: patch embedding (a convolution of stride P, here a product over the
+ * patches), CLS token, position embeddings; L pre-LayerNorm blocks (LayerNorm with bias,
+ * bidirectional multi-head attention with biases, output projection, LayerNorm, intermediate
+ * dense, exact (erf) GELU, output dense, both residual); a final LayerNorm; the classifier on
+ * the CLS token. The loss is the cross-entropy of the labels.
+ *
+ * LoRA may adapt any of a layer's six linears, named as PEFT names them under the model:
+ * vit.encoder.layer.<i>.attention.attention.{query,key,value}, .attention.output.dense,
+ * .intermediate.dense and .output.dense. The head (classifier.weight K × D, classifier.bias K)
+ * is a separate trained parameter, as PEFT's modules_to_save.
+ *
+ * The same code is compiled for float (fp_vit.c: training, evaluation) and double
+ * (fp_vit64.c: the reference of the gradient checks).
+ */
+#ifndef FP_VIT_H
+#define FP_VIT_H
+
+#include <stddef.h>
+
+#include "fp_adapter.h"
+#include "fp_error.h"
+
+enum { FP_VT_QUERY, FP_VT_KEY, FP_VT_VALUE, FP_VT_ATTN_OUT, FP_VT_FC1, FP_VT_FC2, FP_VT_COUNT };
+
+typedef struct fp_vit_config {
+    int D, L, H, F;  /* hidden_size, num_hidden_layers, num_attention_heads, intermediate_size */
+    int S, P, C;     /* image_size, patch_size, num_channels */
+    int K;           /* labels (id2label, or num_labels) */
+    double eps;      /* layer_norm_eps */
+    int qkv_bias;    /* query/key/value have biases */
+    char **labels;   /* K names (id2label), or NULL; owned */
+} fp_vit_config_t;
+
+/* Reads a ViT config.json. Every key is understood or refused by name (dropout above 0, an
+ * activation other than exact gelu, a model_type other than vit, ...). */
+int fp_vit_config_load(const char *path, fp_vit_config_t *c, fp_err_t *err);
+/* Checks the sizes of c (positive, D divisible by H, S by P, bounded). */
+int fp_vit_config_check(const fp_vit_config_t *c, fp_err_t *err);
+void fp_vit_config_free(fp_vit_config_t *c);
+
+/* The frozen model, float32, one allocation. Layer l's linear t: w[t] out × in, b[t] out (NULL
+ * where the config has no bias: query/key/value without qkv_bias). */
+typedef struct fp_vit_layer {
+    float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    float *w[FP_VT_COUNT], *b[FP_VT_COUNT];
+} fp_vit_layer_t;
+
+typedef struct fp_vit {
+    fp_vit_config_t c;
+    float *patch_w, *patch_b; /* D × (C·P·P), D */
+    float *cls, *pos;         /* D, T × D */
+    float *lnf_w, *lnf_b;     /* D, D */
+    float *head_w, *head_b;   /* K × D, K: the checkpoint's classifier (may be untrained) */
+    fp_vit_layer_t *layers;
+    int head_fresh;           /* the checkpoint had no classifier: head_* are zeros */
+    float *mem;
+    size_t nparams;
+} fp_vit_t;
+
+/* A model of config c (copied) with every weight zero, to be filled. */
+int fp_vit_alloc(const fp_vit_config_t *c, fp_vit_t **out, fp_err_t *err);
+void fp_vit_free(fp_vit_t *m);
+
+/* Reads an HF ViTForImageClassification directory (config.json, model.safetensors in f32, f16
+ * or bf16). A checkpoint without a classifier (a backbone) loads with head_fresh set. */
+int fp_vit_load(const char *dir, fp_vit_t **out, fp_err_t *err);
+/* Writes m as such a directory (float32), loadable by transformers as well. */
+int fp_vit_save(const fp_vit_t *m, const char *dir, fp_err_t *err);
+
+/* The shape of linear t: out × in. */
+void fp_vit_target_shape(const fp_vit_config_t *c, int t, int *out, int *in);
+/* PEFT's short name of linear t ("query", ..., "attention.output.dense"); its module path in
+ * layer l into buf ("vit.encoder.layer.<l>.<...>"). */
+const char *fp_vit_target_name(int t);
+void fp_vit_module_name(int l, int t, char *buf, size_t n);
+
+/* Checks that every module of lora is one of m's linears with its shape. */
+int fp_vit_lora_check(const fp_vit_config_t *c, const fp_adapter_t *lora, fp_err_t *err);
+
+typedef struct fp_vit_ws fp_vit_ws_t;
+
+/* A workspace for batches of B images over m with the adapter lora (may be NULL) and the head
+ * (K × D and K floats); all borrowed, they may change between calls. train: keep what the
+ * backward needs. */
+int fp_vit_new(fp_vit_ws_t **out, const fp_vit_t *m, const fp_adapter_t *lora,
+               const float *head_w, const float *head_b, int B, int train, fp_err_t *err);
+void fp_vit_free_ws(fp_vit_ws_t *ws);
+
+/* Forward of b ≤ B images; labels (b, or NULL) give *loss_sum (nats, summed) and *correct
+ * (argmax right). */
+void fp_vit_forward(fp_vit_ws_t *ws, const float *pixels, int b, const int *labels,
+                    double *loss_sum, int *correct);
+/* The last forward's logits, b × K. */
+const float *fp_vit_logits(const fp_vit_ws_t *ws);
+
+/* Backward of loss_scale × Σ losses of the last forward (train workspace, with labels):
+ * gradients added into lora_grad (the adapter's modules and shapes) and head_wg (K × D),
+ * head_bg (K); any may be NULL. */
+void fp_vit_backward(fp_vit_ws_t *ws, double loss_scale, fp_adapter_t *lora_grad,
+                     float *head_wg, float *head_bg);
+
+/* ---- the float64 reference (fp_vit64.c) over one flat parameter vector θ: every LoRA
+ * module's A then B (the adapter's order), then the head's weight and bias ---- */
+
+/* Parameters in θ for lora and a K-label head. */
+size_t fp_vit64_nparams(const fp_vit_config_t *c, const fp_adapter_t *lora);
+/* θ from lora and the head (as float, widened). */
+void fp_vit64_pack(const fp_vit_config_t *c, const fp_adapter_t *lora, const float *head_w,
+                   const float *head_b, double *theta);
+/* The mean loss over b images at θ (the frozen weights widened from m; lora gives the
+ * modules' shapes and scales), and, when grad is not NULL, its gradient into grad. */
+double fp_vit64_loss(const fp_vit_t *m, const fp_adapter_t *lora, const double *theta,
+                     const double *pixels, int b, const int *labels, double *grad);
+
+#endif

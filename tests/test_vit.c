@@ -1,0 +1,338 @@
+/* test_vit.c — the ViT with LoRA and a trained head (fp_vit.h): its float64 gradient against
+ * central finite differences at every parameter; float32 against float64 (loss, every
+ * gradient); its logits against an independent PyTorch ViT on the same checkpoint and adapter
+ * (tests/vision/torch_vit.py, the adapter merged there); config.json read or refused by name;
+ * a checkpoint written and read back.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_fs.h"
+#include "fp_hfpeft.h"
+#include "fp_rng.h"
+#include "fp_test.h"
+#include "fp_vit.h"
+
+enum { NB = 3 };
+
+static void fill(fp_rng_t *rng, float *x, size_t n, double mean, double sd)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)(mean + sd * fp_rng_normal(rng));
+}
+
+static fp_vit_t *make_vit(fp_rng_t *rng, int qkv_bias)
+{
+    fp_vit_config_t c = {.D = 16, .L = 2, .H = 4, .F = 24, .S = 8, .P = 4, .C = 3, .K = 5,
+                         .eps = 1e-6, .qkv_bias = qkv_bias};
+    fp_vit_t *m = NULL;
+    assert_int_equal(fp_vit_alloc(&c, &m, NULL), 0);
+    size_t D = 16, T = 5;
+    fill(rng, m->patch_w, D * 48, 0, 0.15);
+    fill(rng, m->patch_b, D, 0, 0.1);
+    fill(rng, m->cls, D, 0, 0.5);
+    fill(rng, m->pos, T * D, 0, 0.3);
+    fill(rng, m->lnf_w, D, 1, 0.2);
+    fill(rng, m->lnf_b, D, 0, 0.1);
+    fill(rng, m->head_w, 5 * D, 0, 0.3);
+    fill(rng, m->head_b, 5, 0, 0.1);
+    for (int l = 0; l < c.L; l++) {
+        fp_vit_layer_t *y = &m->layers[l];
+        fill(rng, y->ln1_w, D, 1, 0.2);
+        fill(rng, y->ln1_b, D, 0, 0.1);
+        fill(rng, y->ln2_w, D, 1, 0.2);
+        fill(rng, y->ln2_b, D, 0, 0.1);
+        for (int t = 0; t < FP_VT_COUNT; t++) {
+            int o, in;
+            fp_vit_target_shape(&c, t, &o, &in);
+            fill(rng, y->w[t], (size_t)o * in, 0, 1 / sqrt(in));
+            if (y->b[t])
+                fill(rng, y->b[t], (size_t)o, 0, 0.1);
+        }
+    }
+    return m;
+}
+
+/* LoRA on every linear of layer 0 (rank 2) and on query, value and output.dense of layer 1
+ * (rank 3), A and B both non-zero so every factor has a gradient. */
+static fp_adapter_t *make_lora(fp_rng_t *rng, const fp_vit_config_t *c)
+{
+    char names[9][128];
+    fp_module_desc_t d[9];
+    int n = 0;
+    for (int t = 0; t < FP_VT_COUNT; t++, n++) {
+        fp_vit_module_name(0, t, names[n], sizeof names[n]);
+        d[n] = (fp_module_desc_t){names[n], 0, 0, 2, 4, 0};
+        fp_vit_target_shape(c, t, &d[n].d_out, &d[n].d_in);
+    }
+    const int l1[] = {FP_VT_QUERY, FP_VT_VALUE, FP_VT_FC2};
+    for (int k = 0; k < 3; k++, n++) {
+        fp_vit_module_name(1, l1[k], names[n], sizeof names[n]);
+        d[n] = (fp_module_desc_t){names[n], 0, 0, 3, 6, 0};
+        fp_vit_target_shape(c, l1[k], &d[n].d_out, &d[n].d_in);
+    }
+    fp_adapter_t *ad = NULL;
+    assert_int_equal(fp_adapter_new(&ad, d, n, NULL), 0);
+    for (int i = 0; i < ad->n; i++) {
+        fp_lora_module_t *m = &ad->mods[i];
+        fill(rng, m->A, (size_t)m->rank * m->d_in, 0, 0.4);
+        fill(rng, m->B, (size_t)m->d_out * m->rank, 0, 0.2);
+    }
+    return ad;
+}
+
+typedef struct world {
+    fp_vit_t *m;
+    fp_adapter_t *lora;
+    float px[NB * 3 * 8 * 8];
+    double pxd[NB * 3 * 8 * 8];
+    int labels[NB];
+} world_t;
+
+static world_t *make_world(int qkv_bias)
+{
+    world_t *w = calloc(1, sizeof *w);
+    fp_rng_t rng;
+    fp_rng_seed(&rng, 2026120629);
+    w->m = make_vit(&rng, qkv_bias);
+    w->lora = make_lora(&rng, &w->m->c);
+    fill(&rng, w->px, sizeof w->px / sizeof *w->px, 0, 1);
+    for (size_t i = 0; i < sizeof w->px / sizeof *w->px; i++)
+        w->pxd[i] = w->px[i];
+    for (int i = 0; i < NB; i++)
+        w->labels[i] = (i * 2 + 1) % 5;
+    return w;
+}
+
+static void free_world(world_t *w)
+{
+    fp_adapter_free(w->lora);
+    fp_vit_free(w->m);
+    free(w);
+}
+
+/* float64: the analytic gradient is the central difference at every parameter (LoRA factors
+ * of every adapted linear, the head's weight and bias), with and without qkv biases. */
+static void test_gradient_against_finite_differences(void **state)
+{
+    (void)state;
+    for (int qb = 0; qb < 2; qb++) {
+        world_t *w = make_world(qb);
+        size_t n = fp_vit64_nparams(&w->m->c, w->lora);
+        double *th = malloc(n * sizeof *th), *g = malloc(n * sizeof *g);
+        fp_vit64_pack(&w->m->c, w->lora, w->m->head_w, w->m->head_b, th);
+        fp_vit64_loss(w->m, w->lora, th, w->pxd, NB, w->labels, g);
+        double worst = 0, gmax = 0;
+        size_t at = 0;
+        const double h = 1e-6;
+        for (size_t i = 0; i < n; i++) {
+            double keep = th[i];
+            th[i] = keep + h;
+            double up = fp_vit64_loss(w->m, w->lora, th, w->pxd, NB, w->labels, NULL);
+            th[i] = keep - h;
+            double down = fp_vit64_loss(w->m, w->lora, th, w->pxd, NB, w->labels, NULL);
+            th[i] = keep;
+            double fd = (up - down) / (2 * h), e = fabs(fd - g[i]);
+            gmax = fabs(g[i]) > gmax ? fabs(g[i]) : gmax;
+            if (e > worst) {
+                worst = e;
+                at = i;
+            }
+        }
+        print_message("qkv_bias %d: %zu parameters, largest |fd − analytic| %.3g (at %zu), "
+                      "largest gradient %.3g\n", qb, n, worst, at, gmax);
+        if (!(worst < 1e-8 + 1e-7 * gmax))
+            fail_msg("parameter %zu: finite difference and gradient differ by %g", at, worst);
+        assert_true(gmax > 1e-3); /* something is learnt */
+        free(th);
+        free(g);
+        free_world(w);
+    }
+}
+
+/* float32 against float64: the loss, and every gradient, to float32's precision; an
+ * evaluation workspace gives the training one's logits. */
+static void test_f32_against_f64(void **state)
+{
+    (void)state;
+    world_t *w = make_world(1);
+    size_t n = fp_vit64_nparams(&w->m->c, w->lora);
+    double *th = malloc(n * sizeof *th), *g = malloc(n * sizeof *g), *g32 = malloc(n * sizeof *g32);
+    fp_vit64_pack(&w->m->c, w->lora, w->m->head_w, w->m->head_b, th);
+    double l64 = fp_vit64_loss(w->m, w->lora, th, w->pxd, NB, w->labels, g);
+    fp_vit_ws_t *ws = NULL, *ev = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_vit_new(&ws, w->m, w->lora, w->m->head_w, w->m->head_b, NB, 1, &err), 0);
+    assert_int_equal(fp_vit_new(&ev, w->m, w->lora, w->m->head_w, w->m->head_b, NB, 0, &err), 0);
+    double sum, sum2;
+    int right;
+    fp_vit_forward(ws, w->px, NB, w->labels, &sum, &right);
+    if (!(fabs(sum / NB - l64) <= 1e-5 * l64))
+        fail_msg("loss %.9g in float32, %.9g in float64", sum / NB, l64);
+    fp_vit_forward(ev, w->px, NB, w->labels, &sum2, NULL);
+    assert_memory_equal(fp_vit_logits(ws), fp_vit_logits(ev), NB * 5 * sizeof(float));
+    fp_adapter_t *lg = NULL;
+    assert_int_equal(fp_adapter_clone(w->lora, &lg, &err), 0);
+    for (int i = 0; i < lg->n; i++) {
+        memset(lg->mods[i].A, 0, (size_t)lg->mods[i].rank * lg->mods[i].d_in * sizeof(float));
+        memset(lg->mods[i].B, 0, (size_t)lg->mods[i].d_out * lg->mods[i].rank * sizeof(float));
+    }
+    float hw[5 * 16] = {0}, hb[5] = {0};
+    fp_vit_backward(ws, 1.0 / NB, lg, hw, hb);
+    fp_vit64_pack(&w->m->c, lg, hw, hb, g32);
+    double gmax = 0, worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        gmax = fabs(g[i]) > gmax ? fabs(g[i]) : gmax;
+        worst = fabs(g[i] - g32[i]) > worst ? fabs(g[i] - g32[i]) : worst;
+    }
+    print_message("float32: loss %.9g (float64 %.9g), gradients within %.3g of %.3g\n", sum / NB,
+                  l64, worst, gmax);
+    if (!(worst <= 1e-4 * gmax))
+        fail_msg("float32 gradients differ from float64 by %g (largest %g)", worst, gmax);
+    fp_adapter_free(lg);
+    fp_vit_free_ws(ws);
+    fp_vit_free_ws(ev);
+    free(th);
+    free(g);
+    free(g32);
+    free_world(w);
+}
+
+/* The logits against an independent PyTorch ViT (float32) on the checkpoint and the PEFT
+ * adapter fedpeft writes: ≤ 1e-5 relative. */
+static void test_torch_parity(void **state)
+{
+    (void)state;
+    if (system("/usr/bin/python3 -c 'import torch' 2>/dev/null") != 0)
+        fail_msg("python3-torch is needed (deploy/setup.sh deps --test installs it)");
+    world_t *w = make_world(1);
+    fp_err_t err = {0};
+    char *mdir = fp_path_join(fpt_dir, "vit"), *adir = fp_path_join(fpt_dir, "vit-lora");
+    char *pxp = fp_path_join(fpt_dir, "pixels.raw");
+    if (fp_vit_save(w->m, mdir, &err) != 0 || fp_hfpeft_save(w->lora, adir, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_int_equal(fp_fs_write_file(pxp, w->px, sizeof w->px, 0644, NULL), 0);
+    const char *args[] = {FP_SOURCE_DIR "/tests/vision/torch_vit.py", mdir, adir, pxp, "3", NULL};
+    char *out = NULL, *errs = NULL;
+    int rc = fpt_runv("/usr/bin/python3", args, &out, &errs);
+    if (rc)
+        fail_msg("torch_vit.py: %s", errs);
+    fp_vit_ws_t *ws = NULL;
+    assert_int_equal(fp_vit_new(&ws, w->m, w->lora, w->m->head_w, w->m->head_b, NB, 0, &err), 0);
+    fp_vit_forward(ws, w->px, NB, NULL, NULL, NULL);
+    const float *z = fp_vit_logits(ws);
+    double worst = 0, zmax = 0;
+    const char *p = out;
+    for (int i = 0; i < NB * 5; i++) {
+        while (*p && !(*p == '-' || (*p >= '0' && *p <= '9')))
+            p++;
+        char *end;
+        double t = strtod(p, &end);
+        assert_true(end != p);
+        p = end;
+        worst = fabs(t - z[i]) > worst ? fabs(t - z[i]) : worst;
+        zmax = fabs(t) > zmax ? fabs(t) : zmax;
+    }
+    print_message("logits within %.3g of PyTorch's (largest %.3g)\n", worst, zmax);
+    if (!(worst <= 1e-5 * zmax))
+        fail_msg("logits differ from PyTorch's by %g (largest %g)", worst, zmax);
+    fp_vit_free_ws(ws);
+    free(out);
+    free(errs);
+    free(mdir);
+    free(adir);
+    free(pxp);
+    free_world(w);
+}
+
+static char *write_json(const char *name, const char *text)
+{
+    char *p = fp_path_join(fpt_dir, name);
+    assert_int_equal(fp_fs_write_file(p, text, strlen(text), 0644, NULL), 0);
+    return p;
+}
+
+/* config.json: understood or refused by name; a checkpoint reads back as written. */
+static void test_config_and_checkpoint(void **state)
+{
+    (void)state;
+    const char *ok = "\"model_type\": \"vit\", \"hidden_size\": 16, \"num_hidden_layers\": 2, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 24, \"image_size\": 8, "
+                     "\"patch_size\": 4, \"num_channels\": 3, \"layer_norm_eps\": 1e-6";
+    struct {
+        const char *extra, *said;
+    } bad[] = {
+        {", \"use_mask_token\": true", "key \"use_mask_token\" is not understood"},
+        {", \"hidden_act\": \"gelu_new\"", "hidden_act \"gelu_new\""},
+        {", \"hidden_dropout_prob\": 0.1", "fedpeft trains without dropout"},
+        {", \"problem_type\": \"multi_label_classification\"", "single-label"},
+        {", \"num_labels\": 3, \"id2label\": {\"0\": \"a\", \"1\": \"b\"}", "num_labels 3"},
+    };
+    fp_vit_config_t c;
+    fp_err_t err = {0};
+    char text[1024];
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        snprintf(text, sizeof text, "{%s%s}", ok, bad[i].extra);
+        char *p = write_json("config.json", text);
+        if (fp_vit_config_load(p, &c, &err) == 0)
+            fail_msg("accepted: %s", text);
+        assert_contains(fp_err_msg(&err), bad[i].said);
+        free(p);
+    }
+    char *p = write_json("deit.json", "{\"model_type\": \"deit\"}");
+    assert_int_equal(fp_vit_config_load(p, &c, &err), -ENOTSUP);
+    assert_contains(fp_err_msg(&err), "model_type \"deit\"");
+    free(p);
+    snprintf(text, sizeof text, "{%s}", ok);
+    memcpy(strstr(text, "\"hidden_size\": 16"), "\"hidden_size\": 18", 17); /* heads of 4.5 */
+    p = write_json("odd.json", text);
+    assert_int_equal(fp_vit_config_load(p, &c, &err), -EINVAL);
+    assert_contains(fp_err_msg(&err), "not a multiple of num_attention_heads");
+    free(p);
+    /* written and read back: every weight, the labels; without a classifier, a fresh head */
+    world_t *w = make_world(0);
+    char *dir = fp_path_join(fpt_dir, "ckpt");
+    assert_int_equal(fp_vit_save(w->m, dir, &err), 0);
+    fp_vit_t *back = NULL;
+    if (fp_vit_load(dir, &back, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_int_equal(back->c.qkv_bias, 0);
+    assert_int_equal(back->c.K, 5);
+    assert_string_equal(back->c.labels[4], "LABEL_4");
+    assert_int_equal(back->nparams, w->m->nparams);
+    assert_memory_equal(back->mem, w->m->mem, w->m->nparams * sizeof(float));
+    assert_int_equal(back->head_fresh, 0);
+    fp_vit_free(back);
+    /* the LoRA check: a module the model does not have, or of the wrong shape */
+    fp_module_desc_t d1 = {"vit.encoder.layer.0.attention.attention.query_proj", 16, 16, 2, 4, 0};
+    fp_module_desc_t d2 = {"vit.encoder.layer.1.intermediate.dense", 16, 16, 2, 4, 0};
+    fp_adapter_t *ad = NULL;
+    assert_int_equal(fp_adapter_new(&ad, &d1, 1, NULL), 0);
+    assert_int_equal(fp_vit_lora_check(&w->m->c, ad, &err), -EINVAL);
+    assert_contains(fp_err_msg(&err), "is not one of the ViT's linears");
+    fp_adapter_free(ad);
+    assert_int_equal(fp_adapter_new(&ad, &d2, 1, NULL), 0);
+    assert_int_equal(fp_vit_lora_check(&w->m->c, ad, &err), -EINVAL);
+    assert_contains(fp_err_msg(&err), "the model's weight is 24 × 16");
+    fp_adapter_free(ad);
+    free(dir);
+    free_world(w);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gradient_against_finite_differences),
+        cmocka_unit_test(test_f32_against_f64),
+        cmocka_unit_test(test_torch_parity),
+        cmocka_unit_test(test_config_and_checkpoint),
+    };
+    return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
+}
