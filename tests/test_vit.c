@@ -19,6 +19,7 @@
 #include "fp_rng.h"
 #include "fp_test.h"
 #include "fp_vit.h"
+#include "fp_vit_train.h"
 
 enum { NB = 3 };
 
@@ -185,7 +186,7 @@ static void test_f32_against_f64(void **state)
         memset(lg->mods[i].B, 0, (size_t)lg->mods[i].d_out * lg->mods[i].rank * sizeof(float));
     }
     float hw[5 * 16] = {0}, hb[5] = {0};
-    fp_vit_backward(ws, 1.0 / NB, lg, hw, hb);
+    fp_vit_backward(ws, 1.0 / NB, lg, hw, hb, NULL);
     fp_vit64_pack(&w->m->c, lg, hw, hb, g32);
     double gmax = 0, worst = 0;
     for (size_t i = 0; i < n; i++) {
@@ -203,6 +204,139 @@ static void test_f32_against_f64(void **state)
     free(g);
     free(g32);
     free_world(w);
+}
+
+/* Full training (the demo's pretraining): every frozen weight's float64 gradient against
+ * central differences too — patch embedding, CLS, positions, LayerNorms, every linear and
+ * bias — and the float32 one against it. */
+static void test_full_gradient(void **state)
+{
+    (void)state;
+    world_t *w = make_world(1);
+    size_t nw = w->m->nparams, n = fp_vit64_nparams(&w->m->c, w->lora);
+    double *wd = malloc(nw * sizeof *wd), *gw = malloc(nw * sizeof *gw);
+    double *th = malloc(n * sizeof *th), *g = malloc(n * sizeof *g);
+    for (size_t i = 0; i < nw; i++)
+        wd[i] = w->m->mem[i];
+    fp_vit64_pack(&w->m->c, w->lora, w->m->head_w, w->m->head_b, th);
+    fp_vit64_loss_full(w->m, w->lora, wd, th, w->pxd, NB, w->labels, gw, g);
+    const double h = 1e-6;
+    double worst = 0, gmax = 0;
+    size_t worst_at = 0, head0 = (size_t)(w->m->head_w - w->m->mem);
+    for (size_t i = 0; i < nw; i++) {
+        double keep = wd[i];
+        wd[i] = keep + h;
+        double up = fp_vit64_loss_full(w->m, w->lora, wd, th, w->pxd, NB, w->labels, NULL, NULL);
+        wd[i] = keep - h;
+        double down = fp_vit64_loss_full(w->m, w->lora, wd, th, w->pxd, NB, w->labels, NULL,
+                                         NULL);
+        wd[i] = keep;
+        double fd = (up - down) / (2 * h), e = fabs(fd - gw[i]);
+        if (i >= head0 && i < head0 + 5 * 17)
+            assert_true(gw[i] == 0 && fd == 0); /* the checkpoint's own head: unused */
+        gmax = fabs(gw[i]) > gmax ? fabs(gw[i]) : gmax;
+        if (e > worst) {
+            worst = e;
+            worst_at = i;
+        }
+    }
+    print_message("full: %zu weights, largest |fd − analytic| %.3g (at %zu), largest gradient "
+                  "%.3g\n", nw, worst, worst_at, gmax);
+    if (!(worst < 1e-8 + 1e-7 * gmax))
+        fail_msg("weight %zu: finite difference and gradient differ by %g", worst_at, worst);
+    /* float32 */
+    fp_vit_t *gm = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_vit_alloc(&w->m->c, &gm, &err), 0);
+    fp_vit_ws_t *ws = NULL;
+    assert_int_equal(fp_vit_new(&ws, w->m, w->lora, w->m->head_w, w->m->head_b, NB, 1, &err), 0);
+    double sum;
+    fp_vit_forward(ws, w->px, NB, w->labels, &sum, NULL);
+    fp_vit_backward(ws, 1.0 / NB, NULL, NULL, NULL, gm);
+    double d32 = 0;
+    for (size_t i = 0; i < nw; i++)
+        d32 = fabs(gm->mem[i] - gw[i]) > d32 ? fabs(gm->mem[i] - gw[i]) : d32;
+    print_message("full, float32: within %.3g of %.3g\n", d32, gmax);
+    if (!(d32 <= 1e-4 * gmax))
+        fail_msg("float32 full gradients differ from float64 by %g (largest %g)", d32, gmax);
+    fp_vit_free_ws(ws);
+    fp_vit_free(gm);
+    free(wd);
+    free(gw);
+    free(th);
+    free(g);
+    free_world(w);
+}
+
+/* n images of 5 classes, each its class's fixed pattern plus noise (learnable, not trivially) */
+static void toy_set(fp_rng_t *rng, const float *patterns, int n, fp_image_set_t *d)
+{
+    *d = (fp_image_set_t){.n = n, .C = 3, .S = 8, .px = malloc((size_t)n * 192 * sizeof(float)),
+                          .labels = malloc((size_t)n * sizeof(int))};
+    for (int i = 0; i < n; i++) {
+        d->labels[i] = (int)fp_rng_below(rng, 5);
+        for (int j = 0; j < 192; j++)
+            d->px[i * 192 + j] = patterns[d->labels[i] * 192 + j] + (float)(0.8 * fp_rng_normal(rng));
+    }
+}
+
+/* Training learns: LoRA and the head (a site's round) and every weight (pretraining) each take
+ * a toy task from chance to ≥ 90 % on images they never saw; IDX files become image sets. */
+static void test_training(void **state)
+{
+    (void)state;
+    fp_rng_t rng;
+    fp_rng_seed(&rng, 77);
+    float patterns[5 * 192];
+    fill(&rng, patterns, 5 * 192, 0, 1);
+    fp_image_set_t tr, te;
+    toy_set(&rng, patterns, 400, &tr);
+    toy_set(&rng, patterns, 200, &te);
+    for (int full = 0; full < 2; full++) {
+        world_t *w = make_world(1);
+        fp_vit_train_cfg_t c = {.opt = fp_optim_defaults(), .steps = 80, .batch = 16, .seed = 5,
+                                .full = full};
+        c.opt.lr = full ? 3e-3 : 1e-2;
+        float hw[5 * 16], hb[5] = {0};
+        fill(&rng, hw, 5 * 16, 0, 0.02); /* a fresh head */
+        fp_err_t err = {0};
+        double l0, a0, first, last, l1, a1;
+        const float *ehw = full ? w->m->head_w : hw, *ehb = full ? w->m->head_b : hb;
+        assert_int_equal(fp_vit_eval(w->m, full ? NULL : w->lora, ehw, ehb, &te, &l0, &a0, &err), 0);
+        if (fp_vit_train(w->m, w->lora, hw, hb, &tr, &c, &first, &last, &err) != 0)
+            fail_msg("%s", fp_err_msg(&err));
+        assert_int_equal(fp_vit_eval(w->m, full ? NULL : w->lora, ehw, ehb, &te, &l1, &a1, &err), 0);
+        print_message("%s: held-out loss %.3f → %.3f, accuracy %.1f %% → %.1f %% (training loss "
+                      "%.3f → %.3f)\n", full ? "every weight" : "LoRA + head", l0, l1, 100 * a0,
+                      100 * a1, first, last);
+        assert_true(l1 < 0.5 * l0);
+        assert_true(a1 >= 0.9);
+        free_world(w);
+    }
+    fp_image_set_free(&tr);
+    fp_image_set_free(&te);
+    /* IDX: 3 images of 2 × 2 with labels, rescaled and normalised as the preprocessor says */
+    char *ip = fp_path_join(fpt_dir, "img.idx"), *lp = fp_path_join(fpt_dir, "lab.idx");
+    const uint8_t im[] = {0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 2,
+                          0, 51, 102, 255, 1, 2, 3, 4, 200, 100, 50, 0};
+    const uint8_t lb[] = {0, 0, 8, 1, 0, 0, 0, 3, 2, 0, 1};
+    assert_int_equal(fp_fs_write_file(ip, im, sizeof im, 0644, NULL), 0);
+    assert_int_equal(fp_fs_write_file(lp, lb, sizeof lb, 0644, NULL), 0);
+    fp_imgproc_t pp;
+    fp_imgproc_defaults(&pp, 2);
+    pp.nmean = 1;
+    fp_image_set_t s;
+    fp_err_t err = {0};
+    if (fp_image_set_idx(ip, lp, 1, 2, &pp, 2, &s, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_true(s.n == 2 && s.C == 1 && s.labels[0] == 0 && s.labels[1] == 1);
+    assert_true(fabsf(s.px[0] - ((1.0f / 255) - 0.5f) / 0.5f) < 1e-6f);
+    assert_true(fabsf(s.px[4] - ((200.0f / 255) - 0.5f) / 0.5f) < 1e-6f);
+    fp_image_set_free(&s);
+    assert_int_equal(fp_image_set_idx(ip, lp, 2, 5, &pp, 2, &s, &err), -EINVAL);
+    assert_contains(fp_err_msg(&err), "img.idx: images 2 to 7 of 3");
+    free(ip);
+    free(lp);
 }
 
 /* The logits against an independent PyTorch ViT (float32) on the checkpoint and the PEFT
@@ -331,6 +465,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gradient_against_finite_differences),
         cmocka_unit_test(test_f32_against_f64),
+        cmocka_unit_test(test_full_gradient),
+        cmocka_unit_test(test_training),
         cmocka_unit_test(test_torch_parity),
         cmocka_unit_test(test_config_and_checkpoint),
     };

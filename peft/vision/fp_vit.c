@@ -101,10 +101,29 @@ const float *fp_vit_logits(const fp_vit_ws_t *ws)
 }
 
 void fp_vit_backward(fp_vit_ws_t *ws, double loss_scale, fp_adapter_t *lora_grad,
-                     float *head_wg, float *head_bg)
+                     float *head_wg, float *head_bg, fp_vit_t *full_grad)
 {
     net_t_f32 *n = &ws->n;
     FP_ASSERT(n->train && n->labels);
+    const fp_vit_t *g = full_grad;
+    n->g_patch_w = g ? g->patch_w : NULL;
+    n->g_patch_b = g ? g->patch_b : NULL;
+    n->g_cls = g ? g->cls : NULL;
+    n->g_pos = g ? g->pos : NULL;
+    n->g_lnf_w = g ? g->lnf_w : NULL;
+    n->g_lnf_b = g ? g->lnf_b : NULL;
+    for (int l = 0; l < n->c.L; l++) {
+        const fp_vit_layer_t *y = g ? &g->layers[l] : NULL;
+        lw_t_f32 *lw = &n->L[l];
+        lw->gln1_w = y ? y->ln1_w : NULL;
+        lw->gln1_b = y ? y->ln1_b : NULL;
+        lw->gln2_w = y ? y->ln2_w : NULL;
+        lw->gln2_b = y ? y->ln2_b : NULL;
+        for (int t = 0; t < FP_VT_COUNT; t++) {
+            lw->gw[t] = y ? y->w[t] : NULL;
+            lw->gb[t] = y ? y->b[t] : NULL;
+        }
+    }
     for (int l = 0; l < n->c.L; l++)
         for (int t = 0; t < FP_VT_COUNT; t++) {
             int i = n->L[l].la[t] ? find_module(lora_grad, l, t) : -1;

@@ -103,9 +103,10 @@ const float *fp_vit_logits(const fp_vit_ws_t *ws);
 
 /* Backward of loss_scale × Σ losses of the last forward (train workspace, with labels):
  * gradients added into lora_grad (the adapter's modules and shapes) and head_wg (K × D),
- * head_bg (K); any may be NULL. */
+ * head_bg (K); any may be NULL. full_grad (a model of the same configuration, or NULL): every
+ * frozen weight's gradient added into it too (pretraining; its own classifier untouched). */
 void fp_vit_backward(fp_vit_ws_t *ws, double loss_scale, fp_adapter_t *lora_grad,
-                     float *head_wg, float *head_bg);
+                     float *head_wg, float *head_bg, fp_vit_t *full_grad);
 
 /* ---- the float64 reference (fp_vit64.c) over one flat parameter vector θ: every LoRA
  * module's A then B (the adapter's order), then the head's weight and bias ---- */
@@ -119,5 +120,11 @@ void fp_vit64_pack(const fp_vit_config_t *c, const fp_adapter_t *lora, const flo
  * modules' shapes and scales), and, when grad is not NULL, its gradient into grad. */
 double fp_vit64_loss(const fp_vit_t *m, const fp_adapter_t *lora, const double *theta,
                      const double *pixels, int b, const int *labels, double *grad);
+/* The same with the frozen weights as parameters too: w in m->mem's layout (m->nparams
+ * values; the model's own classifier there is unused, the head being θ's), their gradient
+ * into gw when it is not NULL. */
+double fp_vit64_loss_full(const fp_vit_t *m, const fp_adapter_t *lora, const double *w,
+                          const double *theta, const double *pixels, int b, const int *labels,
+                          double *gw, double *grad);
 
 #endif

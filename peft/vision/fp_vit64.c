@@ -39,48 +39,67 @@ void fp_vit64_pack(const fp_vit_config_t *c, const fp_adapter_t *lora, const flo
         theta[o++] = head_b[j];
 }
 
-static double *widen(const float *x, size_t n, double **mem)
+/* Where x lies in m's allocation (the offsets of full training's θ). */
+static size_t at(const fp_vit_t *m, const float *x)
 {
-    if (!x)
-        return NULL;
-    double *d = *mem;
-    for (size_t i = 0; i < n; i++)
-        d[i] = x[i];
-    *mem += n;
-    return d;
+    return (size_t)(x - m->mem);
 }
 
-double fp_vit64_loss(const fp_vit_t *m, const fp_adapter_t *lora, const double *theta,
-                     const double *pixels, int b, const int *labels, double *grad)
+/* The loss at θ (lora and the head), the frozen weights w (m's layout; NULL: m's own, widened)
+ * and their gradient gw when not NULL (the same layout), θ's in grad when not NULL. */
+static double run(const fp_vit_t *m, const fp_adapter_t *lora, const double *w,
+                  const double *theta, const double *pixels, int b, const int *labels,
+                  double *gw, double *grad)
 {
     const fp_vit_config_t *c = &m->c;
     net_t_f64 n = {.c = *c};
-    double *wmem = malloc(m->nparams * sizeof *wmem), *w = wmem;
+    double *own = NULL;
+    if (!w) {
+        own = malloc(m->nparams * sizeof *own);
+        FP_ASSERT(own);
+        for (size_t i = 0; i < m->nparams; i++)
+            own[i] = m->mem[i];
+        w = own;
+    }
     n.L = calloc((size_t)c->L, sizeof *n.L);
-    FP_ASSERT(wmem && n.L);
-    size_t D = (size_t)c->D, T = (size_t)(c->S / c->P) * (c->S / c->P) + 1;
-    size_t cpp = (size_t)c->C * c->P * c->P;
-    n.patch_w = widen(m->patch_w, D * cpp, &w);
-    n.patch_b = widen(m->patch_b, D, &w);
-    n.cls = widen(m->cls, D, &w);
-    n.pos = widen(m->pos, T * D, &w);
-    n.lnf_w = widen(m->lnf_w, D, &w);
-    n.lnf_b = widen(m->lnf_b, D, &w);
+    FP_ASSERT(n.L);
+    if (gw)
+        memset(gw, 0, m->nparams * sizeof *gw);
+#define W(x) ((x) ? w + at(m, (x)) : NULL)
+#define G(x) (gw && (x) ? gw + at(m, (x)) : NULL)
+    n.patch_w = W(m->patch_w);
+    n.patch_b = W(m->patch_b);
+    n.cls = W(m->cls);
+    n.pos = W(m->pos);
+    n.lnf_w = W(m->lnf_w);
+    n.lnf_b = W(m->lnf_b);
+    n.g_patch_w = G(m->patch_w);
+    n.g_patch_b = G(m->patch_b);
+    n.g_cls = G(m->cls);
+    n.g_pos = G(m->pos);
+    n.g_lnf_w = G(m->lnf_w);
+    n.g_lnf_b = G(m->lnf_b);
     for (int l = 0; l < c->L; l++) {
         const fp_vit_layer_t *y = &m->layers[l];
         lw_t_f64 *lw = &n.L[l];
-        lw->ln1_w = widen(y->ln1_w, D, &w);
-        lw->ln1_b = widen(y->ln1_b, D, &w);
-        lw->ln2_w = widen(y->ln2_w, D, &w);
-        lw->ln2_b = widen(y->ln2_b, D, &w);
+        lw->ln1_w = W(y->ln1_w);
+        lw->ln1_b = W(y->ln1_b);
+        lw->ln2_w = W(y->ln2_w);
+        lw->ln2_b = W(y->ln2_b);
+        lw->gln1_w = G(y->ln1_w);
+        lw->gln1_b = G(y->ln1_b);
+        lw->gln2_w = G(y->ln2_w);
+        lw->gln2_b = G(y->ln2_b);
         for (int t = 0; t < FP_VT_COUNT; t++) {
-            int o, in;
-            fp_vit_target_shape(c, t, &o, &in);
-            lw->w[t] = widen(y->w[t], (size_t)o * in, &w);
-            lw->b[t] = widen(y->b[t], (size_t)o, &w);
+            lw->w[t] = W(y->w[t]);
+            lw->b[t] = W(y->b[t]);
+            lw->gw[t] = G(y->w[t]);
+            lw->gb[t] = G(y->b[t]);
         }
     }
-    size_t off = 0;
+#undef W
+#undef G
+    size_t D = (size_t)c->D, off = 0;
     for (int i = 0; lora && i < lora->n; i++) {
         const fp_lora_module_t *md = &lora->mods[i];
         for (int l = 0; l < c->L; l++)
@@ -106,13 +125,27 @@ double fp_vit64_loss(const fp_vit_t *m, const fp_adapter_t *lora, const double *
         n.g_head_w = grad + off;
         n.g_head_b = grad + off + (size_t)c->K * D;
     }
-    FP_ASSERT(alloc_f64(&n, b, grad != NULL) == 0);
+    int train = grad || gw;
+    FP_ASSERT(alloc_f64(&n, b, train) == 0);
     double loss;
     forward_f64(&n, pixels, b, labels, &loss, NULL);
-    if (grad)
+    if (train)
         backward_f64(&n, 1.0 / b);
     release_f64(&n);
     free(n.L);
-    free(wmem);
+    free(own);
     return loss / b;
+}
+
+double fp_vit64_loss(const fp_vit_t *m, const fp_adapter_t *lora, const double *theta,
+                     const double *pixels, int b, const int *labels, double *grad)
+{
+    return run(m, lora, NULL, theta, pixels, b, labels, NULL, grad);
+}
+
+double fp_vit64_loss_full(const fp_vit_t *m, const fp_adapter_t *lora, const double *w,
+                          const double *theta, const double *pixels, int b, const int *labels,
+                          double *gw, double *grad)
+{
+    return run(m, lora, w, theta, pixels, b, labels, gw, grad);
 }

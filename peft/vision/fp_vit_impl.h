@@ -18,6 +18,8 @@ typedef struct VT(lw) {
     int lr[FP_VT_COUNT];
     REAL ls[FP_VT_COUNT];
     REAL *gla[FP_VT_COUNT], *glb[FP_VT_COUNT];     /* their gradients (NULL: not wanted) */
+    /* full training: the frozen weights' gradients (NULL: not wanted) */
+    REAL *gln1_w, *gln1_b, *gln2_w, *gln2_b, *gw[FP_VT_COUNT], *gb[FP_VT_COUNT];
 } VT(lw_t);
 
 typedef struct VT(acts) {
@@ -31,6 +33,7 @@ typedef struct VT(net) {
     const REAL *patch_w, *patch_b, *cls, *pos, *lnf_w, *lnf_b, *head_w, *head_b;
     VT(lw_t) *L;
     REAL *g_head_w, *g_head_b;
+    REAL *g_patch_w, *g_patch_b, *g_cls, *g_pos, *g_lnf_w, *g_lnf_b; /* full training */
     /* activations: per layer when training, one set reused otherwise */
     REAL *X;        /* B·Np × cpp patches */
     REAL **R;       /* L + 1 residual streams, N × D */
@@ -69,7 +72,7 @@ static void VT(ln)(int n, int d, REAL eps, const REAL *x, const REAL *w, const R
 /* dx (+)= LayerNorm's backward of dy at x (μ, rstd kept): rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)),
  * dx̂ = dy·w. */
 static void VT(ln_back)(int n, int d, const REAL *x, const REAL *w, const REAL *mu,
-                        const REAL *rs, const REAL *dy, REAL *dx, int add)
+                        const REAL *rs, const REAL *dy, REAL *dx, int add, REAL *gw, REAL *gb)
 {
     for (int i = 0; i < n; i++) {
         const REAL *xi = x + (size_t)i * d, *gi = dy + (size_t)i * d;
@@ -78,6 +81,10 @@ static void VT(ln_back)(int n, int d, const REAL *x, const REAL *w, const REAL *
             REAL xh = (xi[j] - mu[i]) * rs[i], g = gi[j] * w[j];
             s1 += g;
             s2 += g * xh;
+            if (gw)
+                gw[j] += gi[j] * xh;
+            if (gb)
+                gb[j] += gi[j];
         }
         s1 /= d;
         s2 /= d;
@@ -113,6 +120,13 @@ static void VT(linear_back)(const VT(lw_t) *lw, int t, int n, int out, int in, c
 {
     GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1, dy, out, lw->w[t], in,
          add ? 1 : 0, dx, in);
+    if (lw->gw[t]) /* full training: dW += dyᵀ·x, db += Σ dy */
+        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1, dy, out, x, in, 1,
+             lw->gw[t], in);
+    if (lw->gb[t] && lw->b[t])
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < out; j++)
+                lw->gb[t][j] += dy[(size_t)i * out + j];
     if (!lw->la[t])
         return;
     int r = lw->lr[t];
@@ -386,7 +400,7 @@ static void VT(backward)(VT(net_t) *n, REAL loss_scale)
     memset(dR, 0, (size_t)N * D * sizeof *dR);
     for (int i = 0; i < b; i++)
         VT(ln_back)(1, D, n->R[c->L] + (size_t)i * T * D, n->lnf_w, n->muf + i, n->rsf + i,
-                    dzf + (size_t)i * D, dR + (size_t)i * T * D, 0);
+                    dzf + (size_t)i * D, dR + (size_t)i * T * D, 0, n->g_lnf_w, n->g_lnf_b);
     for (int l = c->L - 1; l >= 0; l--) {
         const VT(lw_t) *lw = &n->L[l];
         const VT(acts_t) *a = &n->A[l];
@@ -397,7 +411,7 @@ static void VT(backward)(VT(net_t) *n, REAL loss_scale)
             dg[j] *= VT(gelu_d)(a->u[j]);
         VT(linear_back)(lw, FP_VT_FC1, N, F, D, a->a2, a->lu[FP_VT_FC1], dg, da, 0, n->dl);
         memcpy(dM, dR, (size_t)N * D * sizeof *dM);
-        VT(ln_back)(N, D, a->M, lw->ln2_w, a->mu2, a->rs2, da, dM, 1);
+        VT(ln_back)(N, D, a->M, lw->ln2_w, a->mu2, a->rs2, da, dM, 1, lw->gln2_w, lw->gln2_b);
         /* M = x + O(attention(LN1(x))) */
         /* dq in dx (da is spent), dv in dR (copied into dM above; rebuilt below) */
         REAL *dctx = n->dy, *dq = n->dx, *dk = n->dk, *dv = n->dR;
@@ -410,6 +424,20 @@ static void VT(backward)(VT(net_t) *n, REAL loss_scale)
         VT(linear_back)(lw, FP_VT_KEY, N, D, D, a->a1, a->lu[FP_VT_KEY], dk, da1, 1, n->dl);
         VT(linear_back)(lw, FP_VT_VALUE, N, D, D, a->a1, a->lu[FP_VT_VALUE], dv, da1, 1, n->dl);
         memcpy(dR, dM, (size_t)N * D * sizeof *dR);
-        VT(ln_back)(N, D, n->R[l], lw->ln1_w, a->mu1, a->rs1, da1, dR, 1);
+        VT(ln_back)(N, D, n->R[l], lw->ln1_w, a->mu1, a->rs1, da1, dR, 1, lw->gln1_w, lw->gln1_b);
+    }
+    /* the embeddings (full training): R0 = [cls; patches·Wᵀ + b] + pos */
+    for (int i = 0; i < b; i++) {
+        const REAL *d = dR + (size_t)i * T * D;
+        for (int j = 0; n->g_cls && j < D; j++)
+            n->g_cls[j] += d[j];
+        for (size_t j = 0; n->g_pos && j < (size_t)T * D; j++)
+            n->g_pos[j] += d[j];
+        for (int t = 1; n->g_patch_b && t < T; t++)
+            for (int j = 0; j < D; j++)
+                n->g_patch_b[j] += d[(size_t)t * D + j];
+        if (n->g_patch_w)
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, D, n->cpp, n->Np, 1, d + D, D,
+                 n->X + (size_t)i * n->Np * n->cpp, n->cpp, 1, n->g_patch_w, n->cpp);
     }
 }

@@ -1,0 +1,197 @@
+/* Training and evaluating a ViT on labelled images (fp_vit_train.h). */
+#include "fp_vit_train.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_idx.h"
+#include "fp_rng.h"
+
+void fp_image_set_free(fp_image_set_t *s)
+{
+    if (!s)
+        return;
+    free(s->px);
+    free(s->labels);
+    *s = (fp_image_set_t){0};
+}
+
+int fp_image_set_idx(const char *images, const char *labels, size_t first, size_t count,
+                     const fp_imgproc_t *pp, int S, fp_image_set_t *out, fp_err_t *err)
+{
+    *out = (fp_image_set_t){0};
+    fp_idx_t im = {0}, lb = {0};
+    int rc = fp_idx_load(images, &im, err);
+    if (rc == 0)
+        rc = fp_idx_load(labels, &lb, err);
+    if (rc)
+        goto out;
+    if (im.ndim != 3 || lb.ndim != 1 || im.dims[0] != lb.dims[0]) {
+        rc = fp_err_set(err, -EINVAL, "%s and %s: not a pair of images [n][rows][cols] and "
+                        "labels [n] of the same n", images, labels);
+        goto out;
+    }
+    size_t n = im.dims[0];
+    if (first >= n || (count && count > n - first)) {
+        rc = fp_err_set(err, -EINVAL, "%s: images %zu to %zu of %zu", images, first,
+                        first + count, n);
+        goto out;
+    }
+    count = count ? count : n - first;
+    size_t px = (size_t)S * S;
+    out->n = (int)count;
+    out->C = 1;
+    out->S = S;
+    out->px = malloc(count * px * sizeof *out->px);
+    out->labels = malloc(count * sizeof *out->labels);
+    if (!out->px || !out->labels) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory for %zu images", count);
+        goto out;
+    }
+    for (size_t i = 0; i < count && rc == 0; i++) {
+        size_t k = first + i;
+        fp_image_t one = {.h = (int)im.dims[1], .w = (int)im.dims[2], .c = 1,
+                          .px = im.data + k * im.dims[1] * im.dims[2]};
+        out->labels[i] = lb.data[k];
+        rc = fp_imgproc_apply(pp, &one, 1, S, images, out->px + i * px, err);
+    }
+out:
+    fp_idx_free(&im);
+    fp_idx_free(&lb);
+    if (rc)
+        fp_image_set_free(out);
+    return rc;
+}
+
+static int check_set(const fp_vit_t *m, const fp_image_set_t *d, fp_err_t *err)
+{
+    if (d->n < 1 || d->C != m->c.C || d->S != m->c.S)
+        return fp_err_set(err, -EINVAL, "%d images of %d × %d × %d; the model takes %d × %d × %d",
+                          d->n, d->C, d->S, d->S, m->c.C, m->c.S, m->c.S);
+    for (int i = 0; i < d->n; i++)
+        if (d->labels[i] < 0 || d->labels[i] >= m->c.K)
+            return fp_err_set(err, -EINVAL, "image %d has label %d; the model has %d", i,
+                              d->labels[i], m->c.K);
+    return 0;
+}
+
+int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
+                 const fp_image_set_t *d, const fp_vit_train_cfg_t *c, double *first_loss,
+                 double *last_loss, fp_err_t *err)
+{
+    int rc = check_set(m, d, err);
+    if (rc)
+        return rc;
+    if (c->steps < 1 || c->batch < 1)
+        return fp_err_set(err, -EINVAL, "%d steps of %d images", c->steps, c->batch);
+    const fp_adapter_t *use = c->full ? NULL : lora;
+    float *hw = c->full ? m->head_w : head_w, *hb = c->full ? m->head_b : head_b;
+    size_t img = (size_t)d->C * d->S * d->S, K = (size_t)m->c.K, D = (size_t)m->c.D;
+    fp_vit_t *gm = NULL;
+    fp_adapter_t *lg = NULL;
+    fp_vit_ws_t *ws = NULL;
+    fp_adamw_t *opt = NULL;
+    fp_pgroup_t *groups = NULL;
+    float *batch = malloc((size_t)c->batch * img * sizeof *batch), *hg = NULL;
+    int *labels = malloc((size_t)c->batch * sizeof *labels), ng = 0;
+    if (!batch || !labels) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = fp_vit_new(&ws, m, use, hw, hb, c->batch, 1, err)) != 0)
+        goto out;
+    if (c->full) {
+        if ((rc = fp_vit_alloc(&m->c, &gm, err)) != 0)
+            goto out;
+        groups = calloc(1, sizeof *groups);
+        if (!groups) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        groups[ng++] = (fp_pgroup_t){m->mem, gm->mem, m->nparams, 1};
+    } else {
+        if ((rc = fp_adapter_clone(lora, &lg, err)) != 0)
+            goto out;
+        groups = calloc(2 * (size_t)lora->n + 2, sizeof *groups);
+        hg = calloc(K * D + K, sizeof *hg);
+        if (!groups || !hg) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            goto out;
+        }
+        for (int i = 0; i < lora->n; i++) {
+            fp_lora_module_t *p = &lora->mods[i], *g = &lg->mods[i];
+            groups[ng++] = (fp_pgroup_t){p->A, g->A, (size_t)p->rank * p->d_in, 1};
+            groups[ng++] = (fp_pgroup_t){p->B, g->B, (size_t)p->d_out * p->rank, 1};
+        }
+        groups[ng++] = (fp_pgroup_t){head_w, hg, K * D, 1};
+        groups[ng++] = (fp_pgroup_t){head_b, hg + K * D, K, 0};
+    }
+    fp_optim_cfg_t oc = c->opt;
+    oc.total = c->steps;
+    if ((rc = fp_adamw_new(&opt, groups, ng, &oc, err)) != 0)
+        goto out;
+    fp_rng_t rng;
+    fp_rng_seed(&rng, c->seed);
+    for (int s = 0; s < c->steps; s++) {
+        for (int i = 0; i < c->batch; i++) {
+            size_t k = fp_rng_below(&rng, (uint64_t)d->n);
+            memcpy(batch + i * img, d->px + k * img, img * sizeof *batch);
+            labels[i] = d->labels[k];
+        }
+        double sum;
+        fp_zero_grads(groups, ng);
+        fp_vit_forward(ws, batch, c->batch, labels, &sum, NULL);
+        if (!isfinite(sum)) {
+            rc = fp_err_set(err, -EDOM, "step %d: the loss is not finite (training diverged)",
+                            s + 1);
+            goto out;
+        }
+        if (s == 0 && first_loss)
+            *first_loss = sum / c->batch;
+        if (last_loss)
+            *last_loss = sum / c->batch;
+        fp_vit_backward(ws, 1.0 / c->batch, lg, c->full ? gm->head_w : hg,
+                        c->full ? gm->head_b : hg + K * D, gm);
+        fp_adamw_step(opt, NULL);
+    }
+out:
+    fp_adamw_free(opt);
+    fp_vit_free_ws(ws);
+    fp_vit_free(gm);
+    fp_adapter_free(lg);
+    free(groups);
+    free(hg);
+    free(batch);
+    free(labels);
+    return rc;
+}
+
+int fp_vit_eval(const fp_vit_t *m, const fp_adapter_t *lora, const float *head_w,
+                const float *head_b, const fp_image_set_t *d, double *loss, double *accuracy,
+                fp_err_t *err)
+{
+    int rc = check_set(m, d, err);
+    if (rc)
+        return rc;
+    enum { EB = 64 };
+    fp_vit_ws_t *ws = NULL;
+    int bsz = d->n < EB ? d->n : EB;
+    if ((rc = fp_vit_new(&ws, m, lora, head_w, head_b, bsz, 0, err)) != 0)
+        return rc;
+    size_t img = (size_t)d->C * d->S * d->S;
+    double total = 0;
+    long right = 0;
+    for (int i = 0; i < d->n; i += bsz) {
+        int b = d->n - i < bsz ? d->n - i : bsz, ok;
+        double sum;
+        fp_vit_forward(ws, d->px + (size_t)i * img, b, d->labels + i, &sum, &ok);
+        total += sum;
+        right += ok;
+    }
+    fp_vit_free_ws(ws);
+    *loss = total / d->n;
+    *accuracy = (double)right / d->n;
+    return 0;
+}

@@ -1,0 +1,47 @@
+/* fp_vit_train.h — training and evaluating a ViT on a set of labelled images: the LoRA factors
+ * and the head (a site's round), or every weight (pretraining the demo's base).
+ */
+#ifndef FP_VIT_TRAIN_H
+#define FP_VIT_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fp_imgproc.h"
+#include "fp_optim.h"
+#include "fp_vit.h"
+
+typedef struct fp_image_set {
+    int n, C, S;  /* n images of C × S × S */
+    float *px;    /* n × C × S × S, preprocessed; owned */
+    int *labels;  /* n; owned */
+} fp_image_set_t;
+
+/* Images count from first of an IDX pair (images [n][rows][cols] bytes, labels [n]), one
+ * channel, through pp (rescale, normalise; a resize if pp has one) to S × S; count 0: all from
+ * first. Errors name the file. */
+int fp_image_set_idx(const char *images, const char *labels, size_t first, size_t count,
+                     const fp_imgproc_t *pp, int S, fp_image_set_t *out, fp_err_t *err);
+void fp_image_set_free(fp_image_set_t *s);
+
+typedef struct fp_vit_train_cfg {
+    fp_optim_cfg_t opt;  /* AdamW, its schedule over steps */
+    int steps, batch;
+    uint64_t seed;       /* which images each step draws */
+    int full;            /* every weight and m's own classifier (pretraining); else the
+                            adapter's factors and the given head */
+} fp_vit_train_cfg_t;
+
+/* steps of AdamW on random batches of d. Full: m (and its classifier) change, lora and the
+ * head arguments are ignored. Otherwise lora's factors and head_w (K × D), head_b (K) change.
+ * *first_loss and *last_loss (may be NULL): the mean loss of the first and the last step. */
+int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
+                 const fp_image_set_t *d, const fp_vit_train_cfg_t *c, double *first_loss,
+                 double *last_loss, fp_err_t *err);
+
+/* Mean loss and accuracy of (m, lora, head) over every image of d. */
+int fp_vit_eval(const fp_vit_t *m, const fp_adapter_t *lora, const float *head_w,
+                const float *head_b, const fp_image_set_t *d, double *loss, double *accuracy,
+                fp_err_t *err);
+
+#endif
