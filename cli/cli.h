@@ -31,6 +31,7 @@ int fp_cmd_export(int argc, char **argv);
 int fp_cmd_privacy(int argc, char **argv);
 int fp_cmd_sim(int argc, char **argv);
 int fp_cmd_report(int argc, char **argv);
+int fp_cmd_vision(int argc, char **argv);
 
 /* "fedpeft <cmd>: error: <msg>" on stderr; returns FP_EXIT_FAIL. */
 int fp_cli_fail(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -28,6 +28,7 @@ static const struct {
     {"status", fp_cmd_status, "a coordinator's federation, rounds and sites (read-only)"},
     {"export", fp_cmd_export, "a round's global adapter as HF PEFT, optionally merged"},
     {"privacy", fp_cmd_privacy, "plan differential privacy: the ε of a mechanism, or its noise"},
+    {"vision", fp_cmd_vision, "vision transformers (ViT): init, pretrain, eval on images"},
     {"bench", fp_cmd_bench, "measure speed against the machine's own ceilings"},
 };
 

@@ -24,6 +24,7 @@
 #define FP_VIT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "fp_adapter.h"
 #include "fp_error.h"
@@ -68,6 +69,9 @@ typedef struct fp_vit {
 /* A model of config c (copied) with every weight zero, to be filled. */
 int fp_vit_alloc(const fp_vit_config_t *c, fp_vit_t **out, fp_err_t *err);
 void fp_vit_free(fp_vit_t *m);
+/* HF's initialisation (initializer_range 0.02): linears, patches, CLS, positions and the head
+ * from N(0, 0.02²), biases 0, LayerNorms 1 and 0; from seed. */
+void fp_vit_init_random(fp_vit_t *m, uint64_t seed);
 
 /* Reads an HF ViTForImageClassification directory (config.json, model.safetensors in f32, f16
  * or bf16). A checkpoint without a classifier (a backbone) loads with head_fresh set. */

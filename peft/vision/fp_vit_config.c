@@ -6,6 +6,7 @@
 
 #include "fp_json.h"
 #include "fp_model.h"
+#include "fp_rng.h"
 #include "fp_vit.h"
 
 static const char *const vit_keys[] = {
@@ -271,4 +272,29 @@ int fp_vit_lora_check(const fp_vit_config_t *c, const fp_adapter_t *lora, fp_err
                               m->name);
     }
     return 0;
+}
+
+void fp_vit_init_random(fp_vit_t *m, uint64_t seed)
+{
+    const fp_vit_config_t *c = &m->c;
+    fp_rng_t rng;
+    fp_rng_seed(&rng, seed);
+    memset(m->mem, 0, m->nparams * sizeof *m->mem);
+    size_t D = (size_t)c->D, T = (size_t)(c->S / c->P) * (c->S / c->P) + 1;
+    fp_rng_fill_normal(&rng, m->patch_w, D * (size_t)c->C * c->P * c->P, 0.02);
+    fp_rng_fill_normal(&rng, m->cls, D, 0.02);
+    fp_rng_fill_normal(&rng, m->pos, T * D, 0.02);
+    fp_rng_fill_normal(&rng, m->head_w, (size_t)c->K * D, 0.02);
+    for (size_t j = 0; j < D; j++)
+        m->lnf_w[j] = 1;
+    for (int l = 0; l < c->L; l++) {
+        fp_vit_layer_t *y = &m->layers[l];
+        for (size_t j = 0; j < D; j++)
+            y->ln1_w[j] = y->ln2_w[j] = 1;
+        for (int t = 0; t < FP_VT_COUNT; t++) {
+            int o, in;
+            fp_vit_target_shape(c, t, &o, &in);
+            fp_rng_fill_normal(&rng, y->w[t], (size_t)o * in, 0.02);
+        }
+    }
 }
