@@ -386,6 +386,102 @@ static void test_torch_parity(void **state)
     free_world(w);
 }
 
+/* torch_vit.py's logits (NB × 5) for the model and adapter directories; extra: its options */
+static void torch_logits(const char *mdir, const char *adir, const char *pxp, const char *extra,
+                         double *z)
+{
+    const char *args[] = {FP_SOURCE_DIR "/tests/vision/torch_vit.py", mdir, adir, pxp, "3", extra,
+                          NULL};
+    char *out = NULL, *errs = NULL;
+    if (fpt_runv("/usr/bin/python3", args, &out, &errs) != 0)
+        fail_msg("torch_vit.py: %s", errs);
+    const char *p = out;
+    for (int i = 0; i < NB * 5; i++) {
+        while (*p && !(*p == '-' || (*p >= '0' && *p <= '9')))
+            p++;
+        char *end;
+        z[i] = strtod(p, &end);
+        assert_true(end != p);
+        p = end;
+    }
+    free(out);
+    free(errs);
+}
+
+static void same_logits(const char *what, const float *z, const double *t)
+{
+    double worst = 0, zmax = 0;
+    for (int i = 0; i < NB * 5; i++) {
+        worst = fabs(t[i] - z[i]) > worst ? fabs(t[i] - z[i]) : worst;
+        zmax = fabs(t[i]) > zmax ? fabs(t[i]) : zmax;
+    }
+    print_message("%s: logits within %.3g of PyTorch's (largest %.3g)\n", what, worst, zmax);
+    if (!(worst <= 1e-5 * zmax))
+        fail_msg("%s: logits differ from PyTorch's by %g (largest %g)", what, worst, zmax);
+}
+
+/* The head as PEFT's modules_to_save, both ways: an adapter and head fedpeft writes give
+ * PyTorch (the head replacing the checkpoint's, as PEFT's wrapper does) fedpeft's logits; one
+ * written the PEFT way (LoRA on query and value, modules_to_save=["classifier"]) loads in
+ * fedpeft and gives PyTorch's. A LoRA-only reader refuses such an adapter rather than drop
+ * its head. */
+static void test_head_as_peft_saves_it(void **state)
+{
+    (void)state;
+    world_t *w = make_world(1);
+    fp_err_t err = {0};
+    char *mdir = fp_path_join(fpt_dir, "vit-h"), *adir = fp_path_join(fpt_dir, "vit-h-lora");
+    char *pdir = fp_path_join(fpt_dir, "vit-h-peft"), *pxp = fp_path_join(fpt_dir, "px-h.raw");
+    assert_int_equal(fp_vit_save(w->m, mdir, &err), 0);
+    assert_int_equal(fp_fs_write_file(pxp, w->px, sizeof w->px, 0644, NULL), 0);
+    fp_rng_t rng;
+    fp_rng_seed(&rng, 99);
+    float head[5 * 16 + 5];
+    fill(&rng, head, 5 * 16 + 5, 0, 0.4); /* a head of its own, not the checkpoint's */
+    if (fp_vit_adapter_save(w->lora, &w->m->c, head, head + 80, adir, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    double t[NB * 5];
+    torch_logits(mdir, adir, pxp, NULL, t);
+    fp_vit_ws_t *ws = NULL;
+    assert_int_equal(fp_vit_new(&ws, w->m, w->lora, head, head + 80, NB, 0, &err), 0);
+    fp_vit_forward(ws, w->px, NB, NULL, NULL, NULL);
+    same_logits("fedpeft's adapter and head in PyTorch", fp_vit_logits(ws), t);
+    fp_vit_free_ws(ws);
+    /* read back by fedpeft: the same factors and head */
+    fp_adapter_t *back = NULL;
+    float *hb = NULL;
+    if (fp_vit_adapter_load(adir, &w->m->c, &back, &hb, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_memory_equal(hb, head, sizeof head);
+    assert_int_equal(back->n, w->lora->n);
+    fp_adapter_free(back);
+    free(hb);
+    /* a reader of LoRA factors only refuses it */
+    assert_int_equal(fp_hfpeft_load(adir, 0, &back, &err), -ENOTSUP);
+    assert_contains(fp_err_msg(&err), "modules_to_save");
+    /* written the PEFT way, by PyTorch */
+    torch_logits(mdir, pdir, pxp, "--write-peft", t);
+    if (fp_vit_adapter_load(pdir, &w->m->c, &back, &hb, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_int_equal(back->n, 2 * 2); /* query and value of both layers */
+    assert_int_equal(fp_vit_new(&ws, w->m, back, hb, hb + 80, NB, 0, &err), 0);
+    fp_vit_forward(ws, w->px, NB, NULL, NULL, NULL);
+    same_logits("PEFT's adapter and head in fedpeft", fp_vit_logits(ws), t);
+    fp_vit_free_ws(ws);
+    fp_adapter_free(back);
+    free(hb);
+    /* a head of the wrong shape is refused by name */
+    fp_vit_config_t other = w->m->c;
+    other.K = 4;
+    assert_int_equal(fp_vit_adapter_load(pdir, &other, &back, &hb, &err), -EBADMSG);
+    assert_contains(fp_err_msg(&err), "saved whole is not this ViT's classifier (4 × 16 and 4)");
+    free(mdir);
+    free(adir);
+    free(pdir);
+    free(pxp);
+    free_world(w);
+}
+
 static char *write_json(const char *name, const char *text)
 {
     char *p = fp_path_join(fpt_dir, name);
@@ -468,6 +564,7 @@ int main(void)
         cmocka_unit_test(test_full_gradient),
         cmocka_unit_test(test_training),
         cmocka_unit_test(test_torch_parity),
+        cmocka_unit_test(test_head_as_peft_saves_it),
         cmocka_unit_test(test_config_and_checkpoint),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);

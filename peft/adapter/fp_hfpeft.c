@@ -37,7 +37,25 @@ typedef struct peft_config {
     json_t *rank_pattern;  /* object or NULL */
     json_t *alpha_pattern; /* object or NULL */
     json_t *targets;       /* array, string (regex) or NULL */
+    int allow_full;        /* modules_to_save accepted (fp_hfpeft_load_full) */
+    json_t *mts;           /* modules_to_save: array of strings, or NULL */
 } peft_config_t;
+
+/* Whether tensor name lies under one of c's modules_to_save ("<prefix><module>."). */
+static int under_saved(const peft_config_t *c, const char *name)
+{
+    size_t pl = strlen(FP_PEFT_PREFIX), i;
+    json_t *m;
+    if (!c->mts || strncmp(name, FP_PEFT_PREFIX, pl) != 0)
+        return 0;
+    json_array_foreach(c->mts, i, m) {
+        const char *s = json_string_value(m);
+        size_t l = strlen(s);
+        if (!strncmp(name + pl, s, l) && name[pl + l] == '.')
+            return 1;
+    }
+    return 0;
+}
 
 static int config_parse(peft_config_t *c, fp_err_t *err)
 {
@@ -82,9 +100,19 @@ static int config_parse(peft_config_t *c, fp_err_t *err)
         return fp_err_set(err, -ENOTSUP, "%s: bias \"%s\" is not supported (only \"none\")", p,
                           s);
     json_t *mts = json_object_get(j, "modules_to_save");
-    if (mts && !json_is_null(mts) && !(json_is_array(mts) && json_array_size(mts) == 0))
-        return fp_err_set(err, -ENOTSUP, "%s: modules_to_save is not supported: fedpeft "
-                          "federates LoRA factors only", p);
+    if (mts && !json_is_null(mts) && !(json_is_array(mts) && json_array_size(mts) == 0)) {
+        if (!c->allow_full)
+            return fp_err_set(err, -ENOTSUP, "%s: modules_to_save is not supported here: "
+                              "fedpeft federates the LoRA factors of this family only", p);
+        size_t i;
+        json_t *m;
+        if (!json_is_array(mts))
+            return fp_err_set(err, -EBADMSG, "%s: modules_to_save must be a list", p);
+        json_array_foreach(mts, i, m)
+            if (!json_is_string(m) || !json_string_length(m))
+                return fp_err_set(err, -EBADMSG, "%s: modules_to_save must name modules", p);
+        c->mts = mts;
+    }
     c->rank_pattern = json_object_get(j, "rank_pattern");
     c->alpha_pattern = json_object_get(j, "alpha_pattern");
     if (c->rank_pattern && json_is_null(c->rank_pattern))
@@ -253,8 +281,11 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
     }
     char *pp = paths;
     size_t plen_prefix = strlen(FP_PEFT_PREFIX);
+    size_t nk = 0;
     for (size_t i = 0; i < nt; i++) {
         const char *name = fp_st_get(st, i)->name;
+        if (under_saved(&cfg, name))
+            continue; /* a module saved in full: fp_hfpeft_load_full reads it */
         size_t l = strlen(name);
         char which = ends_with(name, l, SUFFIX_A) ? 'A' : ends_with(name, l, SUFFIX_B) ? 'B' : 0;
         size_t sl = strlen(SUFFIX_A);
@@ -268,9 +299,10 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
         size_t ml = l - plen_prefix - sl;
         memcpy(pp, name + plen_prefix, ml);
         pp[ml] = '\0';
-        keys[i] = (key_ref_t){pp, ml, which, (int)i};
+        keys[nk++] = (key_ref_t){pp, ml, which, (int)i};
         pp += ml + 1;
     }
+    nt = nk;
     qsort(keys, nt, sizeof *keys, cmp_key_ref);
     if (nt == 0) {
         rc = fp_err_set(err, -EBADMSG, "%s: holds no tensors", st_path);
@@ -410,13 +442,88 @@ out:
 }
 
 
+/* The modules saved whole of st_path (cfg's modules_to_save) into *full. */
+static int read_full(const char *st_path, const peft_config_t *cfg, fp_hfpeft_full_t **full,
+                     int *nfull, fp_err_t *err)
+{
+    fp_st_file_t *st = NULL;
+    int rc = fp_st_open(&st, st_path, err), n = 0;
+    if (rc)
+        return rc;
+    size_t nt = fp_st_count(st), pl = strlen(FP_PEFT_PREFIX);
+    *full = calloc(nt ? nt : 1, sizeof **full);
+    if (!*full) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < nt && rc == 0; i++) {
+        const fp_st_tensor_t *t = fp_st_get(st, i);
+        if (!under_saved(cfg, t->name))
+            continue;
+        fp_hfpeft_full_t *f = &(*full)[n];
+        if (t->ndim < 1 || t->ndim > 4 || !fp_dtype_is_float(t->dtype)) {
+            rc = fp_err_set(err, -EBADMSG, "%s: '%s' (saved whole) is not a float tensor of 1 "
+                            "to 4 dimensions", st_path, t->name);
+            break;
+        }
+        f->name = strdup(t->name + pl);
+        f->ndim = t->ndim;
+        memcpy(f->shape, t->shape, (size_t)t->ndim * sizeof *t->shape);
+        f->data = malloc(t->nelem * sizeof *f->data);
+        n++;
+        if (!f->name || !f->data)
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+        else
+            rc = fp_st_read_f32(st, t, f->data, err);
+    }
+    size_t k;
+    json_t *m;
+    json_array_foreach(cfg->mts, k, m) { /* every module declared is there */
+        int found = 0;
+        for (int i = 0; i < n && !found; i++)
+            found = !strncmp((*full)[i].name, json_string_value(m), json_string_length(m)) &&
+                    (*full)[i].name[json_string_length(m)] == '.';
+        if (!found && rc == 0)
+            rc = fp_err_set(err, -EBADMSG, "%s: modules_to_save names '%s', which it does not "
+                            "hold", st_path, json_string_value(m));
+    }
+out:
+    fp_st_close(st);
+    if (rc) {
+        fp_hfpeft_full_free(*full, n);
+        *full = NULL;
+        n = 0;
+    }
+    *nfull = n;
+    return rc;
+}
+
+void fp_hfpeft_full_free(fp_hfpeft_full_t *full, int nfull)
+{
+    for (int i = 0; full && i < nfull; i++) {
+        free(full[i].name);
+        free(full[i].data);
+    }
+    free(full);
+}
+
 int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err)
 {
+    return fp_hfpeft_load_full(dir, flags, out, NULL, NULL, err);
+}
+
+int fp_hfpeft_load_full(const char *dir, int flags, fp_adapter_t **out,
+                        fp_hfpeft_full_t **full, int *nfull, fp_err_t *err)
+{
     *out = NULL;
+    if (full) {
+        *full = NULL;
+        *nfull = 0;
+    }
     int rc = 0;
     char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
     char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
-    peft_config_t cfg = {0};
+    peft_config_t cfg = {.allow_full = full != NULL};
     if (!cfg_path || !st_path) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
@@ -450,6 +557,10 @@ int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err
     if ((rc = config_parse(&cfg, err)) != 0)
         goto out;
     rc = load_weights(st_path, &cfg, flags, out, err);
+    if (rc == 0 && full && cfg.mts && (rc = read_full(st_path, &cfg, full, nfull, err)) != 0) {
+        fp_adapter_free(*out);
+        *out = NULL;
+    }
 out:
     json_decref(cfg.root);
     free(cfg_path);
@@ -633,31 +744,106 @@ int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, uint8_t
     return rc;
 }
 
-static int write_files(const fp_adapter_t *ad, const char *dir, json_t *cfg, fp_err_t *err)
+/* The factors and, after them, the modules saved whole, into one safetensors file. */
+static int write_with_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
+                           const char *st_path, fp_err_t *err)
+{
+    fp_stream_tensor_t *t;
+    int n;
+    uint64_t total;
+    int rc = fp_adapter_stream_layout(ad, &t, &n, &total, err);
+    if (rc)
+        return rc;
+    fp_st_entry_t *e = calloc((size_t)(n + nfull), sizeof *e);
+    char (*keys)[512] = calloc((size_t)nfull, sizeof *keys);
+    if (!e || !keys) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        const fp_lora_module_t *m = &ad->mods[i / 2];
+        e[i] = (fp_st_entry_t){.name = t[i].name, .dtype = FP_DT_F32, .ndim = 2,
+                               .shape = {t[i].rows, t[i].cols}, .f32 = i % 2 ? m->B : m->A};
+    }
+    for (int i = 0; i < nfull; i++) {
+        snprintf(keys[i], sizeof keys[i], "%s%s", FP_PEFT_PREFIX, full[i].name);
+        e[n + i] = (fp_st_entry_t){.name = keys[i], .dtype = FP_DT_F32, .ndim = full[i].ndim,
+                                   .f32 = full[i].data};
+        memcpy(e[n + i].shape, full[i].shape, sizeof full[i].shape);
+    }
+    rc = fp_st_write_sha(st_path, e, (size_t)(n + nfull), NULL, NULL, err);
+out:
+    free(keys);
+    free(e);
+    free(t);
+    return rc;
+}
+
+static int write_files(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
+                       const char *dir, json_t *cfg, fp_err_t *err)
 {
     int rc;
     char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
     char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
     if (!st_path || !cfg_path)
         rc = fp_err_set(err, -ENOMEM, "out of memory");
-    else if ((rc = fp_hfpeft_write_factors(ad, st_path, NULL, err)) == 0)
+    else if ((rc = nfull ? write_with_full(ad, full, nfull, st_path, err)
+                         : fp_hfpeft_write_factors(ad, st_path, NULL, err)) == 0)
         rc = fp_json_write_file(cfg_path, cfg, err);
     free(cfg_path);
     free(st_path);
     return rc;
 }
 
+/* modules_to_save: each full tensor's module (its name less the last component), once. */
+static int set_modules_to_save(json_t *cfg, const fp_hfpeft_full_t *full, int nfull,
+                               fp_err_t *err)
+{
+    json_t *a = json_array();
+    for (int i = 0; a && i < nfull; i++) {
+        const char *dot = strrchr(full[i].name, '.');
+        if (!dot || dot == full[i].name || full[i].ndim < 1 || full[i].ndim > 4) {
+            json_decref(a);
+            return fp_err_set(err, -EINVAL, "'%s': a tensor saved whole is <module>.<param>, "
+                              "of 1 to 4 dimensions", full[i].name);
+        }
+        json_t *m = json_stringn(full[i].name, (size_t)(dot - full[i].name));
+        size_t k;
+        json_t *x;
+        int seen = 0;
+        json_array_foreach(a, k, x) seen |= json_equal(x, m);
+        if (seen)
+            json_decref(m);
+        else
+            json_array_append_new(a, m);
+    }
+    if (!a)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    json_object_set_new(cfg, "modules_to_save", a);
+    return 0;
+}
+
 int fp_hfpeft_save(const fp_adapter_t *ad, const char *dir, fp_err_t *err)
+{
+    return fp_hfpeft_save_full(ad, NULL, 0, dir, err);
+}
+
+int fp_hfpeft_save_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
+                        const char *dir, fp_err_t *err)
 {
     if (ad->n == 0)
         return fp_err_set(err, -EINVAL, "%s: refusing to write an adapter with no modules", dir);
     json_t *cfg = build_config(ad, err);
     if (!cfg)
         return err && err->code ? err->code : -ENOMEM;
+    if (nfull && set_modules_to_save(cfg, full, nfull, err) != 0) {
+        json_decref(cfg);
+        return err && err->code ? err->code : -EINVAL;
+    }
     int rc = 0;
     char *tmp = NULL;
     if (fp_fs_is_dir(dir)) {
-        rc = write_files(ad, dir, cfg, err);
+        rc = write_files(ad, full, nfull, dir, cfg, err);
         goto out;
     }
     if (fp_fs_exists(dir)) {
@@ -688,7 +874,7 @@ int fp_hfpeft_save(const fp_adapter_t *ad, const char *dir, fp_err_t *err)
         goto out;
     }
     chmod(tmp, 0755);
-    if ((rc = write_files(ad, tmp, cfg, err)) != 0)
+    if ((rc = write_files(ad, full, nfull, tmp, cfg, err)) != 0)
         goto out;
     if (rename(tmp, dir) != 0) {
         rc = fp_err_set(err, -errno, "%s: rename: %s", dir, strerror(errno));

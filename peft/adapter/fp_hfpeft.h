@@ -38,6 +38,26 @@ int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err
  * file is replaced atomically. Fails if modules disagree on rsLoRA (PEFT has one flag). */
 int fp_hfpeft_save(const fp_adapter_t *ad, const char *dir, fp_err_t *err);
 
+/* A module PEFT saves whole beside the factors (its modules_to_save: a classifier head):
+ * each of its tensors, as "base_model.model.<name>" in adapter_model.safetensors. */
+typedef struct fp_hfpeft_full {
+    char *name;        /* "<module>.<param>", e.g. "classifier.weight" */
+    int ndim;
+    uint64_t shape[4];
+    float *data;       /* owned by fp_hfpeft_load_full's array; the caller's in a save */
+} fp_hfpeft_full_t;
+
+/* fp_hfpeft_save with modules saved whole too (modules_to_save in the config: each tensor's
+ * name less its last component). */
+int fp_hfpeft_save_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
+                        const char *dir, fp_err_t *err);
+/* fp_hfpeft_load that accepts modules_to_save: their tensors into *full (NULL, 0 if none),
+ * every module the config names required. fp_hfpeft_load refuses such adapters: a caller that
+ * does not take the modules must not drop them silently. */
+int fp_hfpeft_load_full(const char *dir, int flags, fp_adapter_t **out,
+                        fp_hfpeft_full_t **full, int *nfull, fp_err_t *err);
+void fp_hfpeft_full_free(fp_hfpeft_full_t *full, int nfull);
+
 /* The factors alone: a safetensors file with the keys above and no adapter_config.json (what
  * travels between coordinator and sites, and what the coordinator stores). Each module's rank
  * is its tensors'; alpha and rslora, the federation's, apply to every module. */

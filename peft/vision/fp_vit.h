@@ -79,6 +79,14 @@ int fp_vit_load(const char *dir, fp_vit_t **out, fp_err_t *err);
 /* Writes m as such a directory (float32), loadable by transformers as well. */
 int fp_vit_save(const fp_vit_t *m, const char *dir, fp_err_t *err);
 
+/* A fine-tuned ViT's result as PEFT saves it with modules_to_save=["classifier"]: the LoRA
+ * factors and the head (base_model.model.classifier.weight K × D and .bias K) in one adapter
+ * directory; loaded back with the head as K × D + K floats (*head malloc'd). */
+int fp_vit_adapter_save(const fp_adapter_t *lora, const fp_vit_config_t *c, const float *head_w,
+                        const float *head_b, const char *dir, fp_err_t *err);
+int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t **lora,
+                        float **head, fp_err_t *err);
+
 /* The shape of linear t: out × in. */
 void fp_vit_target_shape(const fp_vit_config_t *c, int t, int *out, int *in);
 /* PEFT's short name of linear t ("query", ..., "attention.output.dense"); its module path in

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "fp_fs.h"
+#include "fp_hfpeft.h"
 #include "fp_json.h"
 #include "fp_safetensors.h"
 #include "fp_vit.h"
@@ -173,5 +174,63 @@ out:
     free(t);
     free(cp);
     free(sp);
+    return rc;
+}
+
+int fp_vit_adapter_save(const fp_adapter_t *lora, const fp_vit_config_t *c, const float *head_w,
+                        const float *head_b, const char *dir, fp_err_t *err)
+{
+    fp_hfpeft_full_t full[2] = {
+        {"classifier.weight", 2, {(uint64_t)c->K, (uint64_t)c->D}, (float *)head_w},
+        {"classifier.bias", 1, {(uint64_t)c->K}, (float *)head_b}};
+    int rc = fp_vit_lora_check(c, lora, err);
+    return rc ? rc : fp_hfpeft_save_full(lora, full, 2, dir, err);
+}
+
+int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t **lora,
+                        float **head, fp_err_t *err)
+{
+    *lora = NULL;
+    *head = NULL;
+    fp_hfpeft_full_t *full = NULL;
+    int nfull = 0, rc = fp_hfpeft_load_full(dir, 0, lora, &full, &nfull, err);
+    if (rc)
+        return rc;
+    if ((rc = fp_vit_lora_check(c, *lora, err)) != 0)
+        goto out;
+    size_t K = (size_t)c->K, D = (size_t)c->D;
+    float *h = calloc(K * D + K, sizeof *h);
+    int got = 0;
+    if (!h) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < nfull && rc == 0; i++) {
+        const fp_hfpeft_full_t *f = &full[i];
+        if (!strcmp(f->name, "classifier.weight") && f->ndim == 2 && f->shape[0] == K &&
+            f->shape[1] == D) {
+            memcpy(h, f->data, K * D * sizeof *h);
+            got |= 1;
+        } else if (!strcmp(f->name, "classifier.bias") && f->ndim == 1 && f->shape[0] == K) {
+            memcpy(h + K * D, f->data, K * sizeof *h);
+            got |= 2;
+        } else {
+            rc = fp_err_set(err, -EBADMSG, "%s: '%s' saved whole is not this ViT's classifier "
+                            "(%zu × %zu and %zu)", dir, f->name, K, D, K);
+        }
+    }
+    if (rc == 0 && got != 3)
+        rc = fp_err_set(err, -EBADMSG, "%s: no classifier (modules_to_save: [\"classifier\"]) "
+                        "beside the LoRA factors", dir);
+    if (rc == 0)
+        *head = h;
+    else
+        free(h);
+out:
+    fp_hfpeft_full_free(full, nfull);
+    if (rc) {
+        fp_adapter_free(*lora);
+        *lora = NULL;
+    }
     return rc;
 }

@@ -6,8 +6,13 @@ classifier on the final LayerNorm's CLS token) — independent of fedpeft's C co
 compares the two. The adapter is merged into the weights (W + s·B·A), not applied as fedpeft
 applies it.
 
-usage: torch_vit.py MODEL_DIR ADAPTER_DIR PIXELS_RAW B — PIXELS_RAW: B × C × S × S float32;
-prints the B × K logits as JSON."""
+A classifier in the adapter (PEFT's modules_to_save: base_model.model.classifier.weight and
+.bias) replaces the checkpoint's, as PEFT's ModulesToSaveWrapper does.
+
+usage: torch_vit.py MODEL_DIR ADAPTER_DIR PIXELS_RAW B [--write-peft] — PIXELS_RAW: B × C × S
+× S float32; prints the B × K logits as JSON. --write-peft first writes ADAPTER_DIR the way
+PEFT saves a LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+modules_to_save=["classifier"]) model: random factors and a random head."""
 import json
 import math
 import os
@@ -22,14 +27,42 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch_trainer  # noqa: E402  (its safetensors reader)
 
 
+def write_peft(model_dir, adapter_dir, cfg):
+    g = torch.Generator().manual_seed(11)
+    D, K = cfg["hidden_size"], len(cfg["id2label"])
+    t = {}
+    for l in range(cfg["num_hidden_layers"]):
+        for n in ("query", "value"):
+            k = f"base_model.model.vit.encoder.layer.{l}.attention.attention.{n}"
+            t[k + ".lora_A.weight"] = 0.3 * torch.randn(4, D, generator=g)
+            t[k + ".lora_B.weight"] = 0.2 * torch.randn(D, 4, generator=g)
+    t["base_model.model.classifier.weight"] = 0.3 * torch.randn(K, D, generator=g)
+    t["base_model.model.classifier.bias"] = 0.1 * torch.randn(K, generator=g)
+    os.makedirs(adapter_dir, exist_ok=True)
+    torch_trainer.write_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"), t)
+    conf = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+            "modules_to_save": ["classifier"], "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "task_type": None,
+            "inference_mode": True, "base_model_name_or_path": model_dir,
+            "rank_pattern": {}, "alpha_pattern": {}}
+    with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+
+
 def main():
     model_dir, adapter_dir, pixels_path, b = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
+    if "--write-peft" in sys.argv[5:]:
+        write_peft(model_dir, adapter_dir, cfg)
     w = torch_trainer.read_safetensors(os.path.join(model_dir, "model.safetensors"))
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         acfg = json.load(f)
     ad = torch_trainer.read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    for module in acfg.get("modules_to_save") or []:  # the trained copy replaces the module
+        for key, v in ad.items():
+            if key.startswith(f"base_model.model.{module}."):
+                w[key[len("base_model.model."):]] = v
     for key, a in ad.items():
         if not key.endswith(".lora_A.weight"):
             continue
