@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include "fp_fs.h"
@@ -20,6 +21,7 @@
 #include "fp_image.h"
 #include "fp_imgproc.h"
 #include "fp_test.h"
+#include "fp_vit_train.h"
 
 static char *pil_dir;
 
@@ -349,6 +351,55 @@ static void test_idx(void **state)
     }
 }
 
+/* An ImageFolder tree (a folder per class, PNG and JPEG, a sub-folder, a stray file at the
+ * top): classes by name, files by path, each image exactly as HF's processor makes it; a file
+ * in a class folder that is not an image, and a class folder without images, are errors
+ * naming them. */
+static void test_image_folder(void **state)
+{
+    (void)state;
+    char *tree = at("tree");
+    fp_imgproc_t pp;
+    fp_imgproc_defaults(&pp, 8);
+    fp_image_set_t set;
+    char **cls = NULL;
+    int ncls = 0;
+    fp_err_t err = {0};
+    if (fp_image_set_folder(tree, &pp, 3, 8, &set, &cls, &ncls, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_int_equal(ncls, 2);
+    assert_string_equal(cls[0], "boot");
+    assert_string_equal(cls[1], "coat");
+    assert_int_equal(set.n, 5);
+    const int want[] = {0, 0, 0, 1, 1};
+    assert_memory_equal(set.labels, want, sizeof want);
+    size_t len;
+    char *raw = slurp("tree.raw", &len);
+    assert_int_equal(len, 5 * 3 * 8 * 8 * sizeof(float));
+    assert_memory_equal(set.px, raw, len); /* to the bit */
+    free(raw);
+    fp_image_set_free(&set);
+    for (int k = 0; k < ncls; k++)
+        free(cls[k]);
+    free(cls);
+    char *stray = fp_path_join(tree, "coat/more/notes.txt");
+    assert_int_equal(fp_fs_write_file(stray, "hello", 5, 0644, NULL), 0);
+    assert_int_equal(fp_image_set_folder(tree, &pp, 3, 8, &set, &cls, &ncls, &err), -EBADMSG);
+    fpt_assert_text(fp_err_msg(&err), "coat/more/notes.txt: not a PNG or JPEG", __FILE__,
+                    __LINE__);
+    assert_null(cls);
+    unlink(stray);
+    char *empty = fp_path_join(tree, "dress");
+    assert_int_equal(fp_fs_mkdirs(empty, 0755, NULL), 0);
+    assert_int_equal(fp_image_set_folder(tree, &pp, 3, 8, &set, &cls, &ncls, &err), -EINVAL);
+    fpt_assert_text(fp_err_msg(&err), "dress: a class folder without images", __FILE__,
+                    __LINE__);
+    rmdir(empty);
+    free(empty);
+    free(stray);
+    free(tree);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -358,6 +409,7 @@ int main(void)
         cmocka_unit_test(test_preprocess_as_hf),
         cmocka_unit_test(test_preprocessor_config),
         cmocka_unit_test(test_idx),
+        cmocka_unit_test(test_image_folder),
     };
     return cmocka_run_group_tests(tests, oracle, oracle_done);
 }

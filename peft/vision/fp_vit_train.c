@@ -1,11 +1,14 @@
 /* Training and evaluating a ViT on labelled images (fp_vit_train.h). */
 #include "fp_vit_train.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
+#include "fp_fs.h"
 #include "fp_idx.h"
 #include "fp_rng.h"
 
@@ -62,6 +65,157 @@ out:
     fp_idx_free(&lb);
     if (rc)
         fp_image_set_free(out);
+    return rc;
+}
+
+/* ---- ImageFolder trees ---- */
+
+typedef struct paths {
+    char **p;
+    size_t n, cap;
+} paths_t;
+
+static int push(paths_t *ps, char *path, fp_err_t *err)
+{
+    if (ps->n == ps->cap) {
+        size_t cap = ps->cap ? 2 * ps->cap : 64;
+        char **np = realloc(ps->p, cap * sizeof *np);
+        if (!np) {
+            free(path);
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        }
+        ps->p = np;
+        ps->cap = cap;
+    }
+    ps->p[ps->n++] = path;
+    return 0;
+}
+
+static void paths_free(paths_t *ps)
+{
+    for (size_t i = 0; i < ps->n; i++)
+        free(ps->p[i]);
+    free(ps->p);
+    *ps = (paths_t){0};
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Entries of dir (not '.'-named): sub-directories into dirs, files into files (either may be
+ * NULL: then such entries are skipped), recursing into sub-directories when files is given
+ * and depth allows. */
+static int list_dir(const char *dir, paths_t *dirs, paths_t *files, int depth, fp_err_t *err)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return fp_err_set(err, -errno, "%s: %s", dir, strerror(errno));
+    struct dirent *e;
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char *p = fp_path_join(dir, e->d_name);
+        if (!p) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+            break;
+        }
+        struct stat st;
+        if (stat(p, &st) != 0) {
+            rc = fp_err_set(err, -errno, "%s: %s", p, strerror(errno));
+            free(p);
+        } else if (S_ISDIR(st.st_mode) && files) {
+            rc = depth < 16 ? list_dir(p, NULL, files, depth + 1, err)
+                            : fp_err_set(err, -ELOOP, "%s: folders nested too deep", p);
+            free(p);
+        } else if (S_ISDIR(st.st_mode) && dirs) {
+            rc = push(dirs, p, err);
+        } else if (S_ISREG(st.st_mode) && files) {
+            rc = push(files, p, err);
+        } else {
+            free(p);
+        }
+    }
+    closedir(d);
+    return rc;
+}
+
+int fp_image_set_folder(const char *dir, const fp_imgproc_t *pp, int C, int S,
+                        fp_image_set_t *out, char ***classes, int *nclasses, fp_err_t *err)
+{
+    *out = (fp_image_set_t){0};
+    *classes = NULL;
+    *nclasses = 0;
+    paths_t cls = {0}, files = {0};
+    size_t *first = NULL;
+    int rc = list_dir(dir, &cls, NULL, 0, err);
+    if (rc == 0 && cls.n == 0)
+        rc = fp_err_set(err, -EINVAL, "%s: no class folders (an ImageFolder tree has a folder "
+                        "of images per class)", dir);
+    if (rc)
+        goto out;
+    qsort(cls.p, cls.n, sizeof *cls.p, cmp_str);
+    first = calloc(cls.n + 1, sizeof *first);
+    if (!first) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t k = 0; k < cls.n && rc == 0; k++) {
+        size_t before = files.n;
+        rc = list_dir(cls.p[k], NULL, &files, 1, err);
+        if (rc == 0 && files.n == before)
+            rc = fp_err_set(err, -EINVAL, "%s: a class folder without images", cls.p[k]);
+        if (rc == 0)
+            qsort(files.p + before, files.n - before, sizeof *files.p, cmp_str);
+        first[k + 1] = files.n;
+    }
+    size_t img = (size_t)C * S * S;
+    if (rc == 0 && files.n > (size_t)1 << 24)
+        rc = fp_err_set(err, -EFBIG, "%s: %zu images (at most 16 M)", dir, files.n);
+    if (rc == 0) {
+        out->px = malloc(files.n * img * sizeof *out->px);
+        out->labels = malloc(files.n * sizeof *out->labels);
+        if (!out->px || !out->labels)
+            rc = fp_err_set(err, -ENOMEM, "out of memory for %zu images", files.n);
+        out->n = (int)files.n;
+        out->C = C;
+        out->S = S;
+    }
+    for (size_t k = 0; k < cls.n && rc == 0; k++)
+        for (size_t i = first[k]; i < first[k + 1] && rc == 0; i++) {
+            fp_image_t im;
+            out->labels[i] = (int)k;
+            if ((rc = fp_image_load(files.p[i], &im, err)) == 0)
+                rc = fp_imgproc_apply(pp, &im, C, S, files.p[i], out->px + i * img, err);
+            fp_image_free(&im);
+        }
+    if (rc == 0) {
+        *classes = calloc(cls.n, sizeof **classes);
+        if (!*classes) {
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+        } else {
+            for (size_t k = 0; k < cls.n; k++) { /* the folder's own name */
+                const char *slash = strrchr(cls.p[k], '/');
+                (*classes)[k] = strdup(slash ? slash + 1 : cls.p[k]);
+                rc = (*classes)[k] ? rc : fp_err_set(err, -ENOMEM, "out of memory");
+            }
+            *nclasses = (int)cls.n;
+        }
+    }
+out:
+    if (rc) {
+        fp_image_set_free(out);
+        for (int k = 0; *classes && k < *nclasses; k++)
+            free((*classes)[k]);
+        free(*classes);
+        *classes = NULL;
+        *nclasses = 0;
+    }
+    free(first);
+    paths_free(&cls);
+    paths_free(&files);
     return rc;
 }
 

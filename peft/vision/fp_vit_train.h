@@ -22,6 +22,12 @@ typedef struct fp_image_set {
  * first. Errors name the file. */
 int fp_image_set_idx(const char *images, const char *labels, size_t first, size_t count,
                      const fp_imgproc_t *pp, int S, fp_image_set_t *out, fp_err_t *err);
+/* An ImageFolder tree: each sub-directory of dir is a class (sorted by name: label 0, 1, …),
+ * every file under it (any depth, sorted by path; names starting with '.' skipped) a PNG or
+ * JPEG image, decoded and preprocessed by pp to C × S × S. *classes (malloc'd, *nclasses
+ * names) receives the class names. A file that is not a readable image is an error naming it. */
+int fp_image_set_folder(const char *dir, const fp_imgproc_t *pp, int C, int S,
+                        fp_image_set_t *out, char ***classes, int *nclasses, fp_err_t *err);
 void fp_image_set_free(fp_image_set_t *s);
 
 typedef struct fp_vit_train_cfg {

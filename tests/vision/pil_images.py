@@ -101,3 +101,32 @@ std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 y = ((x - mean) / std).transpose(2, 0, 1).astype(np.float32)
 with open(f"{out}/pp.raw", "wb") as f:
     f.write(y.tobytes())
+
+# an ImageFolder tree: a folder per class, PNG and JPEG mixed, in a sub-folder too; and what
+# ViTImageProcessor (resize 8 × 8 bilinear, rescale, normalise 0.5/0.5) makes of each, in the
+# order fedpeft reads them (classes by name, files by path within a class)
+import os  # noqa: E402
+tree = f"{out}/tree"
+for cls, n in (("boot", 3), ("coat", 2)):
+    os.makedirs(f"{tree}/{cls}/more", exist_ok=True)
+    for i in range(n):
+        a = noise(12 + i, 10, 3)
+        ext = "png" if i % 2 == 0 else "jpg"
+        sub = "more/" if i == 2 else ""
+        from_arr(a).save(f"{tree}/{cls}/{sub}{i}.{ext}")
+with open(f"{tree}/README.txt", "w") as f:
+    f.write("not a class\n")
+rows = []
+for cls in sorted(os.listdir(tree)):
+    if not os.path.isdir(f"{tree}/{cls}"):
+        continue
+    files = []
+    for root, _, names in os.walk(f"{tree}/{cls}"):
+        files += [os.path.join(root, n) for n in names]
+    for path in sorted(files):
+        im = Image.open(path).convert("RGB")
+        r = np.array(im.resize((8, 8), resample=2, reducing_gap=None))
+        x = (r.astype(np.float64) * (1 / 255)).astype(np.float32)
+        rows.append(((x - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1))
+with open(f"{out}/tree.raw", "wb") as f:
+    f.write(np.stack(rows).astype(np.float32).tobytes())
