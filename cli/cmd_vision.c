@@ -10,6 +10,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_json.h"
+#include "fp_rng.h"
 #include "fp_vit_train.h"
 
 static const char vision_help[] =
@@ -19,8 +20,12 @@ static const char vision_help[] =
     "       fedpeft vision pretrain --model DIR --images IDX --labels IDX --out DIR\n"
     "                               [--first N] [--count N] [--steps N] [--batch B]\n"
     "                               [--lr LR] [--weight-decay W] [--warmup N] [--seed N]\n"
-    "       fedpeft vision eval     --model DIR [--adapter DIR] --images IDX --labels IDX\n"
-    "                               [--first N] [--count N] [--json]\n"
+    "       fedpeft vision train    --model DIR (--images IDX --labels IDX | --folder DIR)\n"
+    "                               --out DIR [--rank R] [--alpha A] [--targets LIST]\n"
+    "                               [--first N] [--count N] [--steps N] [--batch B] [--lr LR]\n"
+    "                               [--seed N]\n"
+    "       fedpeft vision eval     --model DIR [--adapter DIR] (--images IDX --labels IDX |\n"
+    "                               --folder DIR) [--first N] [--count N] [--json]\n"
     "\n"
     "Vision transformers in Hugging Face's ViTForImageClassification layout (config.json,\n"
     "model.safetensors), on images in IDX files (MNIST's format, plain or gzip'd: Debian's\n"
@@ -34,10 +39,20 @@ static const char vision_help[] =
     "            unless the model has a preprocessor_config.json; writes the model and its\n"
     "            preprocessor_config.json to --out. Defaults: 1000 steps of 64 images,\n"
     "            lr 1e-3 with 50 warm-up steps and a cosine decay, weight decay 0.05\n"
-    "  eval      loss and accuracy of the model (and a PEFT adapter's LoRA) on those images\n";
+    "  train     fine-tunes LoRA factors of rank R (default 8, alpha 2R) on the TARGETS of\n"
+    "            every layer (default query,value: PEFT's names) and the classifier in full,\n"
+    "            the base frozen; writes a PEFT adapter with modules_to_save=[\"classifier\"].\n"
+    "            Defaults: 300 steps of 32 images, lr 2e-3\n"
+    "  eval      loss and accuracy of the model (and a PEFT adapter: its LoRA, and its head if\n"
+    "            it saved one) on those images\n"
+    "\n"
+    "--folder reads an ImageFolder tree: a folder per class named as the model's labels\n"
+    "(config.json's id2label), of PNG or JPEG images at any depth.\n";
 
 typedef struct vopts {
-    const char *out, *model, *adapter, *images, *labels;
+    const char *out, *model, *adapter, *images, *labels, *folder, *targets;
+    long long rank;
+    double alpha;
     long long first, count, steps, batch, warmup, seed;
     double lr, wd;
     int json;
@@ -58,7 +73,9 @@ static int parse(int argc, char **argv, const char *sub, vopts_t *o)
         {"dim", required_argument, 0, 15},    {"layers", required_argument, 0, 16},
         {"heads", required_argument, 0, 17},  {"ff", required_argument, 0, 18},
         {"image", required_argument, 0, 19},  {"patch", required_argument, 0, 20},
-        {"channels", required_argument, 0, 21}, {"help", no_argument, 0, 'h'},
+        {"channels", required_argument, 0, 21}, {"folder", required_argument, 0, 22},
+        {"rank", required_argument, 0, 23},   {"alpha", required_argument, 0, 24},
+        {"targets", required_argument, 0, 25}, {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     int ch, li = -1;
@@ -88,6 +105,10 @@ static int parse(int argc, char **argv, const char *sub, vopts_t *o)
         case 19: bad = fp_parse_int(optarg, 1, 4096, &v); o->c.S = (int)v; break;
         case 20: bad = fp_parse_int(optarg, 1, 4096, &v); o->c.P = (int)v; break;
         case 21: bad = fp_parse_int(optarg, 1, 3, &v); o->c.C = (int)v; break;
+        case 22: o->folder = optarg; break;
+        case 23: bad = fp_parse_int(optarg, 1, 4096, &o->rank); break;
+        case 24: bad = fp_parse_double(optarg, &o->alpha) || !(o->alpha > 0); break;
+        case 25: o->targets = optarg; break;
         case 'h': fputs(vision_help, stdout); return -1;
         default: return fp_cli_usage_error("vision", "bad option");
         }
@@ -171,52 +192,152 @@ static int write_preprocessing(const char *dir, const fp_imgproc_t *pp, int C, f
     return rc;
 }
 
-static int cmd_pretrain_eval(vopts_t *o, int train)
+/* The images the options name: an IDX pair or an ImageFolder tree whose classes are the
+ * model's labels (in any order: mapped by name). */
+static int load_images(const vopts_t *o, const fp_vit_t *m, const fp_imgproc_t *pp,
+                       fp_image_set_t *d, fp_err_t *err)
 {
-    const char *cmd = train ? "vision pretrain" : "vision eval";
-    if (!o->model || !o->images || !o->labels || (train && !o->out))
-        return fp_cli_usage_error("vision", "%s needs --model, --images, --labels%s", cmd + 7,
-                                  train ? " and --out" : "");
+    if (!o->folder)
+        return fp_image_set_idx(o->images, o->labels, (size_t)o->first, (size_t)o->count, pp,
+                                m->c.S, d, err);
+    char **cls = NULL;
+    int ncls = 0, rc = fp_image_set_folder(o->folder, pp, m->c.C, m->c.S, d, &cls, &ncls, err);
+    for (int k = 0; rc == 0 && k < ncls; k++) {
+        int at = -1;
+        for (int j = 0; m->c.labels && j < m->c.K; j++)
+            at = at < 0 && !strcmp(m->c.labels[j], cls[k]) ? j : at;
+        if (at < 0)
+            rc = fp_err_set(err, -EINVAL, "%s: class folder '%s' is none of the model's labels",
+                            o->folder, cls[k]);
+        for (int i = 0; rc == 0 && i < d->n; i++)
+            if (d->labels[i] == k)
+                d->labels[i] = -1 - at; /* mapped; marked so that no later k matches */
+    }
+    for (int i = 0; rc == 0 && i < d->n; i++)
+        d->labels[i] = -1 - d->labels[i];
+    for (int k = 0; k < ncls; k++)
+        free(cls[k]);
+    free(cls);
+    if (rc)
+        fp_image_set_free(d);
+    return rc;
+}
+
+/* The adapter a train writes: rank r on each target of every layer, PEFT's init. */
+static int new_adapter(const vopts_t *o, const fp_vit_t *m, fp_adapter_t **ad, fp_err_t *err)
+{
+    char *list = strdup(o->targets ? o->targets : "query,value"), *save = NULL, *tok;
+    int ts[FP_VT_COUNT], nt = 0, rc = list ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
+    for (tok = list ? strtok_r(list, ",", &save) : NULL; tok && rc == 0;
+         tok = strtok_r(NULL, ",", &save)) {
+        int t = -1;
+        for (int k = 0; k < FP_VT_COUNT; k++) { /* PEFT's short names, or the full suffix */
+            const char *full = fp_vit_target_name(k), *dot = strrchr(full, '.');
+            if (!strcmp(tok, full) || (k < FP_VT_ATTN_OUT && !strcmp(tok, dot + 1)))
+                t = k;
+        }
+        if (t < 0 || nt == FP_VT_COUNT)
+            rc = fp_err_set(err, -EINVAL, "--targets: '%s' is not one of query, key, value, "
+                            "attention.output.dense, intermediate.dense, output.dense", tok);
+        else
+            ts[nt++] = t;
+    }
+    free(list);
+    if (rc)
+        return rc;
+    int n = m->c.L * nt, r = o->rank ? (int)o->rank : 8;
+    fp_module_desc_t *d = calloc((size_t)n, sizeof *d);
+    char (*names)[128] = calloc((size_t)n, sizeof *names);
+    if (!d || !names) {
+        free(d);
+        free(names);
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    for (int l = 0, i = 0; l < m->c.L; l++)
+        for (int k = 0; k < nt; k++, i++) {
+            fp_vit_module_name(l, ts[k], names[i], sizeof names[i]);
+            d[i] = (fp_module_desc_t){names[i], 0, 0, r, o->alpha > 0 ? o->alpha : 2.0 * r, 0};
+            fp_vit_target_shape(&m->c, ts[k], &d[i].d_out, &d[i].d_in);
+        }
+    rc = fp_adapter_new(ad, d, n, err);
+    if (rc == 0)
+        fp_adapter_randomize(*ad, (uint64_t)o->seed, 0, 0.0); /* A Kaiming-uniform, B zero */
+    free(d);
+    free(names);
+    return rc;
+}
+
+static int cmd_run(vopts_t *o, const char *sub)
+{
+    int pretrain = !strcmp(sub, "pretrain"), train = !strcmp(sub, "train");
+    char cmd[32];
+    snprintf(cmd, sizeof cmd, "vision %s", sub);
+    if (!o->model || (!o->folder && (!o->images || !o->labels)) || ((pretrain || train) && !o->out))
+        return fp_cli_usage_error("vision", "%s needs --model, --images and --labels (or "
+                                  "--folder)%s", sub, pretrain || train ? ", and --out" : "");
     fp_err_t err = {0};
     fp_vit_t *m = NULL;
     fp_adapter_t *ad = NULL;
+    float *head = NULL;
     fp_image_set_t d = {0};
     fp_imgproc_t pp;
+    size_t K = 0, D = 0;
     int rc = fp_vit_load(o->model, &m, &err);
-    if (rc == 0 && o->adapter)
-        rc = fp_hfpeft_load(o->adapter, 0, &ad, &err);
-    if (rc == 0)
+    if (rc == 0) {
+        K = (size_t)m->c.K;
+        D = (size_t)m->c.D;
         rc = preprocessing(o->model, m, &pp, &err);
+    }
+    if (rc == 0 && o->adapter && !train)
+        rc = fp_vit_adapter_load(o->adapter, &m->c, &ad, &head, &err);
     if (rc == 0)
-        rc = fp_image_set_idx(o->images, o->labels, (size_t)o->first, (size_t)o->count, &pp,
-                              m->c.S, &d, &err);
+        rc = load_images(o, m, &pp, &d, &err);
     double t0 = fp_now(), first = 0, last = 0, loss = 0, acc = 0;
-    if (rc == 0 && train) {
-        fp_vit_train_cfg_t c = {.opt = fp_optim_defaults(), .steps = o->steps ? (int)o->steps : 1000,
-                                .batch = o->batch ? (int)o->batch : 64, .seed = (uint64_t)o->seed,
-                                .full = 1};
-        c.opt.lr = o->lr > 0 ? o->lr : 1e-3;
-        c.opt.weight_decay = o->wd;
+    if (rc == 0 && (pretrain || train)) {
+        fp_vit_train_cfg_t c = {.opt = fp_optim_defaults(), .seed = (uint64_t)o->seed,
+                                .full = pretrain};
+        c.steps = o->steps ? (int)o->steps : pretrain ? 1000 : 300;
+        c.batch = o->batch ? (int)o->batch : pretrain ? 64 : 32;
+        c.opt.lr = o->lr > 0 ? o->lr : pretrain ? 1e-3 : 2e-3;
+        c.opt.weight_decay = pretrain ? o->wd : 0;
         c.opt.warmup = o->warmup;
-        rc = fp_vit_train(m, NULL, NULL, NULL, &d, &c, &first, &last, &err);
+        if (train && (rc = new_adapter(o, m, &ad, &err)) == 0) {
+            head = malloc((K * D + K) * sizeof *head);
+            if (!head)
+                rc = fp_err_set(&err, -ENOMEM, "out of memory");
+            else if (m->head_fresh) { /* HF's init of a new classifier */
+                fp_rng_t rng;
+                fp_rng_seed(&rng, (uint64_t)o->seed + 1);
+                fp_rng_fill_normal(&rng, head, K * D, 0.02);
+                memset(head + K * D, 0, K * sizeof *head);
+            } else {
+                memcpy(head, m->head_w, K * D * sizeof *head);
+                memcpy(head + K * D, m->head_b, K * sizeof *head);
+            }
+        }
         if (rc == 0)
-            rc = fp_vit_save(m, o->out, &err);
-        if (rc == 0)
+            rc = fp_vit_train(m, ad, head, head ? head + K * D : NULL, &d, &c, &first, &last,
+                              &err);
+        if (rc == 0 && pretrain && (rc = fp_vit_save(m, o->out, &err)) == 0)
             rc = write_preprocessing(o->out, &pp, m->c.C, &err);
+        if (rc == 0 && train)
+            rc = fp_vit_adapter_save(ad, &m->c, head, head + K * D, o->out, &err);
     }
     if (rc == 0)
-        rc = fp_vit_eval(m, ad, m->head_w, m->head_b, &d, &loss, &acc, &err);
+        rc = fp_vit_eval(m, ad, head ? head : m->head_w, head ? head + K * D : m->head_b, &d,
+                         &loss, &acc, &err);
     if (rc == 0 && o->json)
         printf("{\"images\": %d, \"loss\": %.6f, \"accuracy\": %.6f%s", d.n, loss, acc,
-               train ? "" : "}\n");
-    if (rc == 0 && o->json && train)
+               pretrain || train ? "" : "}\n");
+    if (rc == 0 && o->json && (pretrain || train))
         printf(", \"first_step_loss\": %.6f, \"last_step_loss\": %.6f, \"seconds\": %.1f}\n",
                first, last, fp_now() - t0);
     if (rc == 0 && !o->json)
-        printf("%s%d images: loss %.4f, accuracy %.2f %%%s\n", train ? "trained; on its " : "",
-               d.n, loss, 100 * acc, train ? "" : "");
+        printf("%s%d images: loss %.4f, accuracy %.2f %%\n",
+               pretrain || train ? "trained; on its " : "", d.n, loss, 100 * acc);
     fp_image_set_free(&d);
     fp_adapter_free(ad);
+    free(head);
     fp_vit_free(m);
     return rc ? fp_cli_fail(cmd, "%s", fp_err_msg(&err)) : FP_EXIT_OK;
 }
@@ -229,12 +350,14 @@ int fp_cmd_vision(int argc, char **argv)
     }
     vopts_t o = {.wd = 0.05, .warmup = 50, .seed = 1};
     const char *sub = argv[1];
-    if (strcmp(sub, "init") && strcmp(sub, "pretrain") && strcmp(sub, "eval"))
-        return fp_cli_usage_error("vision", "unknown subcommand '%s' (init, pretrain, eval)", sub);
+    if (strcmp(sub, "init") && strcmp(sub, "pretrain") && strcmp(sub, "train") &&
+        strcmp(sub, "eval"))
+        return fp_cli_usage_error("vision", "unknown subcommand '%s' (init, pretrain, train, "
+                                  "eval)", sub);
     int rc = parse(argc, argv, sub, &o);
     if (rc)
         return rc < 0 ? FP_EXIT_OK : rc;
     if (!strcmp(sub, "init"))
         return cmd_init(&o);
-    return cmd_pretrain_eval(&o, !strcmp(sub, "pretrain"));
+    return cmd_run(&o, sub);
 }

@@ -102,11 +102,66 @@ static void test_init_pretrain_eval(void **state)
     double after = json_num(out_text, "accuracy");
     print_message("held-out accuracy %.1f %% → %.1f %%\n", 100 * before, 100 * after);
     assert_true(after >= 0.9 && before < 0.6);
+    /* fine-tuning: LoRA and the head on the untrained model, then read back for eval */
+    char *ad = at("adapter");
+    if (run("vision", "train", "--model", init, "--images", ti, "--labels", tl, "--rank", "4",
+            "--targets", "query,value,output.dense", "--steps", "150", "--lr", "1e-2", "--out",
+            ad, "--json", NULL) != 0)
+        fail_msg("train: %s", err_text);
+    assert_true(json_num(out_text, "last_step_loss") < json_num(out_text, "first_step_loss"));
+    char *cfgp = fp_path_join(ad, "adapter_config.json"), *cfg = NULL;
+    size_t len;
+    assert_int_equal(fp_fs_read_file(cfgp, 1 << 20, &cfg, &len, NULL), 0);
+    assert_contains(cfg, "\"modules_to_save\": [\n    \"classifier\"\n  ]");
+    free(cfg);
+    free(cfgp);
+    assert_int_equal(run("vision", "eval", "--model", init, "--adapter", ad, "--images", ei,
+                         "--labels", el, "--json", NULL), 0);
+    double tuned = json_num(out_text, "accuracy");
+    print_message("LoRA + head on the untrained ViT: held-out accuracy %.1f %%\n", 100 * tuned);
+    assert_true(tuned >= 0.8);
+    assert_int_equal(run("vision", "train", "--model", init, "--images", ti, "--labels", tl,
+                         "--targets", "query,lm_head", "--out", ad, NULL), 1);
+    assert_contains(err_text, "--targets: 'lm_head' is not one of");
+    /* an ImageFolder tree whose folders are the model's labels, in another order */
+    char *tree = at("tree");
+    const char *py[] = {"-c",
+        "import sys, os, random\n"
+        "from PIL import Image\n"
+        "r = random.Random(4)\n"
+        "for k, name in enumerate(['top', 'middle', 'bottom']):\n"
+        "    os.makedirs(f'{sys.argv[1]}/{name}')\n"
+        "    for i in range(20):\n"
+        "        px = [min(255, max(0, int(60 + 40 * r.gauss(0, 1) + (120 if y * 3 // 8 == k else 0))))"
+        " for y in range(8) for x in range(8)]\n"
+        "        im = Image.new('L', (8, 8)); im.putdata(px); im.save(f'{sys.argv[1]}/{name}/{i}.png')\n",
+        tree, NULL};
+    char *o2 = NULL, *e2 = NULL;
+    if (fpt_runv("/usr/bin/python3", py, &o2, &e2) != 0)
+        fail_msg("python3-pil: %s", e2);
+    free(o2);
+    free(e2);
+    assert_int_equal(run("vision", "eval", "--model", done, "--folder", tree, "--json", NULL), 0);
+    assert_true(json_num(out_text, "images") == 60);
+    assert_true(json_num(out_text, "accuracy") >= 0.9);
+    char *odd = fp_path_join(tree, "left");
+    assert_int_equal(fp_fs_mkdirs(odd, 0755, NULL), 0);
+    char *png = fp_path_join(tree, "top/0.png"), *png2 = fp_path_join(odd, "0.png"), *data;
+    assert_int_equal(fp_fs_read_file(png, 1 << 20, &data, &len, NULL), 0);
+    assert_int_equal(fp_fs_write_file(png2, data, len, 0644, NULL), 0);
+    free(data);
+    assert_int_equal(run("vision", "eval", "--model", done, "--folder", tree, NULL), 1);
+    assert_contains(err_text, "class folder 'left' is none of the model's labels");
+    free(png);
+    free(png2);
+    free(odd);
+    free(tree);
+    free(ad);
     /* refusals: usage (2), and files that do not fit (1) naming the file */
     assert_int_equal(run("vision", "fly", NULL), 2);
     assert_contains(err_text, "unknown subcommand 'fly'");
     assert_int_equal(run("vision", "pretrain", "--model", init, NULL), 2);
-    assert_contains(err_text, "needs --model, --images, --labels and --out");
+    assert_contains(err_text, "needs --model, --images and --labels (or --folder), and --out");
     assert_int_equal(run("vision", "init", "--out", init, "--dim", "16", "--layers", "1",
                          "--heads", "3", "--ff", "8", "--image", "8", "--patch", "4", "--labels",
                          "a,b", NULL), 1);

@@ -81,7 +81,8 @@ int fp_vit_save(const fp_vit_t *m, const char *dir, fp_err_t *err);
 
 /* A fine-tuned ViT's result as PEFT saves it with modules_to_save=["classifier"]: the LoRA
  * factors and the head (base_model.model.classifier.weight K × D and .bias K) in one adapter
- * directory; loaded back with the head as K × D + K floats (*head malloc'd). */
+ * directory; loaded back with the head as K × D + K floats (*head malloc'd; NULL for an
+ * adapter of LoRA factors only, which keeps the model's classifier). */
 int fp_vit_adapter_save(const fp_adapter_t *lora, const fp_vit_config_t *c, const float *head_w,
                         const float *head_b, const char *dir, fp_err_t *err);
 int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t **lora,

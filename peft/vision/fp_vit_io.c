@@ -219,10 +219,10 @@ int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t 
                             "(%zu × %zu and %zu)", dir, f->name, K, D, K);
         }
     }
-    if (rc == 0 && got != 3)
-        rc = fp_err_set(err, -EBADMSG, "%s: no classifier (modules_to_save: [\"classifier\"]) "
-                        "beside the LoRA factors", dir);
-    if (rc == 0)
+    if (rc == 0 && got != 3 && nfull > 0)
+        rc = fp_err_set(err, -EBADMSG, "%s: no whole classifier (weight and bias) beside the "
+                        "LoRA factors", dir);
+    if (rc == 0 && nfull > 0)
         *head = h;
     else
         free(h);
