@@ -130,11 +130,23 @@ static int cmd_init(vopts_t *o)
                                   "--image, --patch and --labels");
     o->names = strdup(o->labels);
     char *save = NULL, *tok;
-    int k = 0;
+    int k = 0, dup = 0;
     o->c.labels = calloc(strlen(o->labels) + 1, sizeof *o->c.labels);
-    for (tok = strtok_r(o->names, ",", &save); tok && o->c.labels;
-         tok = strtok_r(NULL, ",", &save))
+    if (!o->names || !o->c.labels) {
+        free(o->names);
+        free(o->c.labels);
+        return fp_cli_fail("vision init", "out of memory");
+    }
+    for (tok = strtok_r(o->names, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        for (int j = 0; j < k; j++)
+            dup |= !strcmp(o->c.labels[j], tok);
         o->c.labels[k++] = tok;
+    }
+    if (dup) {
+        free(o->names);
+        free(o->c.labels);
+        return fp_cli_usage_error("vision", "--labels names a label twice");
+    }
     o->c.K = k;
     o->c.eps = 1e-12;
     o->c.qkv_bias = 1;
@@ -179,8 +191,9 @@ static int write_preprocessing(const char *dir, const fp_imgproc_t *pp, int C, f
         json_array_append_new(mean, json_real(pp->mean[pp->nmean == 1 ? 0 : i]));
         json_array_append_new(std, json_real(pp->std[pp->nmean == 1 ? 0 : i]));
     }
-    json_t *j = json_pack("{s:s,s:b,s:{s:i,s:i},s:i,s:b,s:f,s:b,s:o,s:o}",
-                          "image_processor_type", "ViTImageProcessor", "do_resize",
+    json_t *j = json_pack("{s:s,s:b,s:b,s:{s:i,s:i},s:i,s:b,s:f,s:b,s:o,s:o}",
+                          "image_processor_type", "ViTImageProcessor", "do_convert_rgb",
+                          pp->do_convert_rgb, "do_resize",
                           pp->do_resize, "size", "height", pp->height, "width", pp->width,
                           "resample", pp->resample, "do_rescale", pp->do_rescale,
                           "rescale_factor", pp->rescale_factor, "do_normalize",
@@ -275,6 +288,15 @@ static int cmd_run(vopts_t *o, const char *sub)
     if (!o->model || (!o->folder && (!o->images || !o->labels)) || ((pretrain || train) && !o->out))
         return fp_cli_usage_error("vision", "%s needs --model, --images and --labels (or "
                                   "--folder)%s", sub, pretrain || train ? ", and --out" : "");
+    if (o->folder && (o->images || o->labels || o->first || o->count))
+        return fp_cli_usage_error("vision", "--folder reads a tree: not with --images, --labels, "
+                                  "--first or --count");
+    if (o->adapter && (pretrain || train))
+        return fp_cli_usage_error("vision", "--adapter is eval's: %s starts from the model", sub);
+    if (!train && (o->rank || o->alpha > 0 || o->targets))
+        return fp_cli_usage_error("vision", "--rank, --alpha and --targets are train's");
+    if (!pretrain && !train && o->out)
+        return fp_cli_usage_error("vision", "eval writes nothing: no --out");
     fp_err_t err = {0};
     fp_vit_t *m = NULL;
     fp_adapter_t *ad = NULL;
@@ -323,6 +345,9 @@ static int cmd_run(vopts_t *o, const char *sub)
         if (rc == 0 && train)
             rc = fp_vit_adapter_save(ad, &m->c, head, head + K * D, o->out, &err);
     }
+    if (rc == 0 && !head && m->head_fresh && !pretrain)
+        rc = fp_err_set(&err, -EINVAL, "%s has no classifier (a backbone) and %s", o->model,
+                        o->adapter ? "the adapter saved none" : "no --adapter gives one");
     if (rc == 0)
         rc = fp_vit_eval(m, ad, head ? head : m->head_w, head ? head + K * D : m->head_b, &d,
                          &loss, &acc, &err);

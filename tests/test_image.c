@@ -138,6 +138,24 @@ static void test_bad_files(void **state)
     p = damaged("rgb.jpg", "cut.jpg", len * 2 / 3, -1);
     expect_error(p, "not a readable JPEG");
     free(p);
+    /* extraneous bytes before a marker (as some cameras write): warned, the same pixels */
+    char *jpg = slurp("rgb.jpg", &len);
+    size_t at0 = 4 + (((size_t)(uint8_t)jpg[4] << 8) | (uint8_t)jpg[5]); /* after APP0 */
+    char *extra = malloc(len + 3);
+    memcpy(extra, jpg, at0);
+    memcpy(extra + at0, "abc", 3);
+    memcpy(extra + at0 + 3, jpg + at0, len - at0);
+    fp_image_t a, b;
+    fp_err_t e2 = {0};
+    assert_int_equal(fp_image_decode((uint8_t *)jpg, len, "rgb.jpg", &a, &e2), 0);
+    if (fp_image_decode((uint8_t *)extra, len + 3, "extra.jpg", &b, &e2) != 0)
+        fail_msg("%s", fp_err_msg(&e2));
+    assert_true(a.h == b.h && a.w == b.w && a.c == b.c);
+    assert_memory_equal(a.px, b.px, (size_t)a.h * a.w * a.c);
+    fp_image_free(&a);
+    fp_image_free(&b);
+    free(extra);
+    free(jpg);
     p = damaged("rgb.raw", "text.png", 64, -1);
     expect_error(p, "not a PNG or JPEG");
     free(p);

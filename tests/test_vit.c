@@ -17,6 +17,7 @@
 #include "fp_fs.h"
 #include "fp_hfpeft.h"
 #include "fp_rng.h"
+#include "fp_safetensors.h"
 #include "fp_test.h"
 #include "fp_vit.h"
 #include "fp_vit_train.h"
@@ -339,6 +340,50 @@ static void test_training(void **state)
     free(lp);
 }
 
+/* Many labels on a small model (K far above T·max(D, F)): the head's gradient has room of its
+ * own — float32 equals float64 there too (an overrun of a shared buffer would not). */
+static void test_many_labels(void **state)
+{
+    (void)state;
+    fp_vit_config_t c = {.D = 8, .L = 1, .H = 1, .F = 8, .S = 4, .P = 4, .C = 1, .K = 300,
+                         .eps = 1e-6, .qkv_bias = 1};
+    fp_vit_t *m = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_vit_alloc(&c, &m, &err), 0);
+    fp_vit_init_random(m, 5);
+    fp_rng_t rng;
+    fp_rng_seed(&rng, 6);
+    enum { B = 8 };
+    float px[B * 16];
+    double pxd[B * 16];
+    int labels[B];
+    fill(&rng, px, B * 16, 0, 1);
+    for (int i = 0; i < B * 16; i++)
+        pxd[i] = px[i];
+    for (int i = 0; i < B; i++)
+        labels[i] = (int)fp_rng_below(&rng, 300);
+    size_t n = fp_vit64_nparams(&c, NULL);
+    double *th = malloc(n * sizeof *th), *g = malloc(n * sizeof *g);
+    fp_vit64_pack(&c, NULL, m->head_w, m->head_b, th);
+    fp_vit64_loss(m, NULL, th, pxd, B, labels, g);
+    fp_vit_ws_t *ws = NULL;
+    assert_int_equal(fp_vit_new(&ws, m, NULL, m->head_w, m->head_b, B, 1, &err), 0);
+    float *hw = calloc(300 * 8 + 300, sizeof *hw);
+    double sum, worst = 0, gmax = 0;
+    fp_vit_forward(ws, px, B, labels, &sum, NULL);
+    fp_vit_backward(ws, 1.0 / B, NULL, hw, hw + 300 * 8, NULL);
+    for (size_t i = 0; i < n; i++) {
+        worst = fabs(hw[i] - g[i]) > worst ? fabs(hw[i] - g[i]) : worst;
+        gmax = fabs(g[i]) > gmax ? fabs(g[i]) : gmax;
+    }
+    assert_true(worst <= 1e-4 * gmax && gmax > 0);
+    fp_vit_free_ws(ws);
+    free(hw);
+    free(th);
+    free(g);
+    fp_vit_free(m);
+}
+
 /* The logits against an independent PyTorch ViT (float32) on the checkpoint and the PEFT
  * adapter fedpeft writes: ≤ 1e-5 relative. */
 static void test_torch_parity(void **state)
@@ -540,6 +585,47 @@ static void test_config_and_checkpoint(void **state)
     assert_memory_equal(back->mem, w->m->mem, w->m->nparams * sizeof(float));
     assert_int_equal(back->head_fresh, 0);
     fp_vit_free(back);
+    /* a tensor the model would not compute is refused; without a classifier, a fresh head */
+    char *sp = fp_path_join(dir, "model.safetensors");
+    fp_st_file_t *st = NULL;
+    assert_int_equal(fp_st_open(&st, sp, &err), 0);
+    size_t nt = fp_st_count(st);
+    fp_st_entry_t *e = calloc(nt + 1, sizeof *e);
+    float **vals = calloc(nt, sizeof *vals), extra[3] = {1, 2, 3};
+    for (size_t i = 0; i < nt; i++) {
+        const fp_st_tensor_t *x = fp_st_get(st, i);
+        vals[i] = malloc(x->nelem * sizeof(float));
+        assert_int_equal(fp_st_read_f32(st, x, vals[i], &err), 0);
+        e[i] = (fp_st_entry_t){.name = x->name, .dtype = FP_DT_F32, .ndim = x->ndim,
+                               .f32 = vals[i]};
+        memcpy(e[i].shape, x->shape, sizeof x->shape);
+    }
+    e[nt] = (fp_st_entry_t){.name = "vit.encoder.layer.0.attention.attention.rel_pos",
+                            .dtype = FP_DT_F32, .ndim = 1, .shape = {3}, .f32 = extra};
+    assert_int_equal(fp_st_write(sp, e, nt + 1, NULL, &err), 0);
+    assert_int_equal(fp_vit_load(dir, &back, &err), -ENOTSUP);
+    assert_contains(fp_err_msg(&err), "tensor vit.encoder.layer.0.attention.attention.rel_pos is "
+                                      "not part of");
+    size_t kept = 0;
+    for (size_t i = 0; i < nt; i++)
+        if (strncmp(e[i].name, "classifier.", 11) != 0)
+            e[kept++] = e[i];
+    assert_int_equal(fp_st_write(sp, e, kept, NULL, &err), 0);
+    if (fp_vit_load(dir, &back, &err) != 0)
+        fail_msg("%s", fp_err_msg(&err));
+    assert_int_equal(back->head_fresh, 1);
+    fp_vit_free(back);
+    fp_st_close(st);
+    for (size_t i = 0; i < nt; i++)
+        free(vals[i]);
+    free(vals);
+    free(e);
+    free(sp);
+    snprintf(text, sizeof text, "{%s, \"num_labels\": 1}", ok);
+    p = write_json("one.json", text);
+    assert_int_equal(fp_vit_config_load(p, &c, &err), -ENOTSUP);
+    assert_contains(fp_err_msg(&err), "regresses");
+    free(p);
     /* the LoRA check: a module the model does not have, or of the wrong shape */
     fp_module_desc_t d1 = {"vit.encoder.layer.0.attention.attention.query_proj", 16, 16, 2, 4, 0};
     fp_module_desc_t d2 = {"vit.encoder.layer.1.intermediate.dense", 16, 16, 2, 4, 0};
@@ -563,6 +649,7 @@ int main(void)
         cmocka_unit_test(test_f32_against_f64),
         cmocka_unit_test(test_full_gradient),
         cmocka_unit_test(test_training),
+        cmocka_unit_test(test_many_labels),
         cmocka_unit_test(test_torch_parity),
         cmocka_unit_test(test_head_as_peft_saves_it),
         cmocka_unit_test(test_config_and_checkpoint),

@@ -469,7 +469,7 @@ static int read_full(const char *st_path, const peft_config_t *cfg, fp_hfpeft_fu
         f->name = strdup(t->name + pl);
         f->ndim = t->ndim;
         memcpy(f->shape, t->shape, (size_t)t->ndim * sizeof *t->shape);
-        f->data = malloc(t->nelem * sizeof *f->data);
+        f->data = malloc((t->nelem ? t->nelem : 1) * sizeof *f->data);
         n++;
         if (!f->name || !f->data)
             rc = fp_err_set(err, -ENOMEM, "out of memory");
@@ -478,7 +478,7 @@ static int read_full(const char *st_path, const peft_config_t *cfg, fp_hfpeft_fu
     }
     size_t k;
     json_t *m;
-    json_array_foreach(cfg->mts, k, m) { /* every module declared is there */
+    json_array_foreach(rc ? NULL : cfg->mts, k, m) { /* every module declared is there */
         int found = 0;
         for (int i = 0; i < n && !found; i++)
             found = !strncmp((*full)[i].name, json_string_value(m), json_string_length(m)) &&

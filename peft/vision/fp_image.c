@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include <jpeglib.h>
+#include <jerror.h>
 #include <png.h>
 
 #include "fp_fs.h"
@@ -135,6 +136,8 @@ typedef struct jpg_ctx {
     jmp_buf jb;
     char msg[JMSG_LENGTH_MAX];
     uint8_t *px;
+    struct jpeg_decompress_struct cinfo; /* here, not on the stack: a longjmp keeps it */
+    int created;
 } jpg_ctx_t;
 
 static void jpg_fail(j_common_ptr cinfo)
@@ -144,29 +147,31 @@ static void jpg_fail(j_common_ptr cinfo)
     longjmp(c->jb, 1);
 }
 
-/* A warning (corrupt data, a premature end) means libjpeg made pixels up: an error here. */
+/* A warning (corrupt data, a premature end) means libjpeg made pixels up: an error here —
+ * except extraneous bytes before a marker, common in cameras' files, which change no pixel. */
 static void jpg_message(j_common_ptr cinfo, int level)
 {
-    if (level < 0)
+    if (level < 0 && cinfo->err->msg_code != JWRN_EXTRANEOUS_DATA)
         jpg_fail(cinfo);
 }
 
 static int decode_jpeg(const uint8_t *data, size_t len, const char *name, fp_image_t *out,
                        fp_err_t *err)
 {
-    struct jpeg_decompress_struct cinfo;
     jpg_ctx_t *c = calloc(1, sizeof *c);
     if (!c)
         return fp_err_set(err, -ENOMEM, "out of memory");
     int rc = 0;
-    cinfo.err = jpeg_std_error(&c->jerr);
+    c->cinfo.err = jpeg_std_error(&c->jerr);
     c->jerr.error_exit = jpg_fail;
     c->jerr.emit_message = jpg_message;
-    jpeg_create_decompress(&cinfo);
     if (setjmp(c->jb)) {
         rc = fp_err_set(err, -EBADMSG, "%s: not a readable JPEG: %s", name, c->msg);
         goto out;
     }
+    jpeg_create_decompress(&c->cinfo);
+    c->created = 1;
+#define cinfo (c->cinfo)
     jpeg_mem_src(&cinfo, data, (unsigned long)len);
     jpeg_read_header(&cinfo, TRUE);
     if ((rc = check_size(name, cinfo.image_width, cinfo.image_height, err)) != 0)
@@ -194,7 +199,9 @@ static int decode_jpeg(const uint8_t *data, size_t len, const char *name, fp_ima
                         .px = c->px};
     c->px = NULL;
 out:
-    jpeg_destroy_decompress(&cinfo);
+    if (c->created)
+        jpeg_destroy_decompress(&cinfo);
+#undef cinfo
     free(c->px);
     free(c);
     return rc;

@@ -110,6 +110,8 @@ int fp_image_resize(const fp_image_t *src, int h, int w, int resample, fp_image_
                     fp_err_t *err)
 {
     *dst = (fp_image_t){0};
+    if (src->h < 1 || src->w < 1 || src->c < 1)
+        return fp_err_set(err, -EINVAL, "resize of an empty image (%dx%d)", src->w, src->h);
     if (h < 1 || w < 1 || h > FP_IMAGE_MAX_SIDE || w > FP_IMAGE_MAX_SIDE ||
         (resample != 2 && resample != 3))
         return fp_err_set(err, -EINVAL, "resize to %dx%d with resample %d: sides 1 to %d, "
@@ -200,7 +202,8 @@ static int read_size(const json_t *j, fp_imgproc_t *p, const char *path, fp_err_
     if (!s || json_is_null(s))
         return 0;
     if (json_is_integer(s)) {
-        p->height = p->width = (int)json_integer_value(s);
+        long long v = json_integer_value(s);
+        p->height = p->width = v > 0 && v <= FP_IMAGE_MAX_SIDE ? (int)v : -1;
     } else if (json_is_object(s)) {
         const char *k;
         const json_t *v;

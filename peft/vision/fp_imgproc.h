@@ -34,8 +34,8 @@ void fp_imgproc_defaults(fp_imgproc_t *p, int image_size);
 /* Reads a preprocessor_config.json; keys it lacks keep defaults(image_size). */
 int fp_imgproc_load(const char *path, int image_size, fp_imgproc_t *p, fp_err_t *err);
 
-/* Resizes src (any channels) to h × w as Pillow's Image.resize with resample 2 or 3 does on
- * 8-bit bands. *dst is allocated; on failure left empty. */
+/* Resizes src to h × w as Pillow's Image.resize with resample 2 or 3 does on 8-bit bands
+ * without alpha (Pillow premultiplies an alpha band first; fp_imgproc_apply never resizes one). *dst is allocated; on failure left empty. */
 int fp_image_resize(const fp_image_t *src, int h, int w, int resample, fp_image_t *dst,
                     fp_err_t *err);
 

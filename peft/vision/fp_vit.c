@@ -34,8 +34,9 @@ int fp_vit_new(fp_vit_ws_t **out, const fp_vit_t *m, const fp_adapter_t *lora,
     int rc = fp_vit_lora_check(&m->c, lora, err);
     if (rc)
         return rc;
-    if (B < 1 || B > 1 << 16)
-        return fp_err_set(err, -EINVAL, "a batch of %d images", B);
+    long long T = (long long)(m->c.S / m->c.P) * (m->c.S / m->c.P) + 1;
+    if (B < 1 || B > 1 << 16 || (long long)B * T > (1LL << 30))
+        return fp_err_set(err, -EINVAL, "a batch of %d images of %lld tokens", B, T);
     fp_vit_ws_t *ws = calloc(1, sizeof *ws);
     net_t_f32 *n = ws ? &ws->n : NULL;
     if (!ws || !(n->L = calloc((size_t)m->c.L, sizeof *n->L))) {

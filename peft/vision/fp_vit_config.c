@@ -58,6 +58,13 @@ int fp_vit_config_check(const fp_vit_config_t *c, fp_err_t *err)
     if (c->S % c->P)
         return fp_err_set(err, -EINVAL, "ViT config: image_size %d is not a multiple of "
                           "patch_size %d", c->S, c->P);
+    if ((c->S / c->P) * (c->S / c->P) > 65536)
+        return fp_err_set(err, -EINVAL, "ViT config: %d patches (at most 65536)",
+                          (c->S / c->P) * (c->S / c->P));
+    if (c->K < 2)
+        return fp_err_set(err, -ENOTSUP, "ViT config: %d label: with one label HF's classifier "
+                          "regresses (MSE); fedpeft trains classification of 2 labels or more",
+                          c->K);
     if (c->C != 1 && c->C != 3)
         return fp_err_set(err, -ENOTSUP, "ViT config: num_channels %d (1 or 3)", c->C);
     if (!(c->eps > 0))

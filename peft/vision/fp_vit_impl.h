@@ -42,7 +42,7 @@ typedef struct VT(net) {
     const int *labels;
     int b;          /* images in the last forward */
     /* backward scratch */
-    REAL *dR, *dM, *dk, *dx, *dy, *dF, *dl, *dP;
+    REAL *dR, *dM, *dk, *dx, *dy, *dF, *dl, *dP, *dz; /* dz: B × K */
     REAL *mem;
     size_t bytes;
 } VT(net_t);
@@ -178,8 +178,8 @@ static int VT(alloc)(VT(net_t) *n, int B, int train)
     size_t per = 7 * N * D + 2 * N * F + 4 * N + (size_t)B * c->H * n->T * n->T;
     size_t total = (size_t)B * n->Np * n->cpp + (L + 1) * N * D + sets * per + N * rsum +
                    (size_t)B * (D + 2 + 2 * (size_t)c->K) +
-                   /* scratch: dR, dM, dk, dx, dy (N × max(D, F)), dF, dl, dP */
-                   3 * N * D + 2 * N * (D > F ? D : F) + N * F + N * (size_t)rmax +
+                   /* scratch: dR, dM, dk, dx, dy (N × max(D, F)), dF, dl, dP, dz */
+                   (size_t)B * c->K + 3 * N * D + 2 * N * (D > F ? D : F) + N * F + N * (size_t)rmax +
                    (size_t)c->H * n->T * n->T;
     n->mem = calloc(total, sizeof(REAL));
     n->R = calloc(L + 1, sizeof *n->R);
@@ -230,6 +230,7 @@ static int VT(alloc)(VT(net_t) *n, int B, int train)
     TAKE(n->dF, N * F);
     TAKE(n->dl, N * (size_t)rmax);
     TAKE(n->dP, (size_t)c->H * n->T * n->T);
+    TAKE(n->dz, (size_t)B * c->K);
 #undef TAKE
     return 0;
 }
@@ -382,7 +383,7 @@ static void VT(backward)(VT(net_t) *n, REAL loss_scale)
 {
     const fp_vit_config_t *c = &n->c;
     const int T = n->T, D = c->D, F = c->F, b = n->b, N = b * T, K = c->K;
-    REAL *dz = n->dy; /* b × K, then b × D */
+    REAL *dz = n->dz; /* b × K */
     for (int i = 0; i < b; i++)
         for (int k = 0; k < K; k++)
             dz[(size_t)i * K + k] =

@@ -158,13 +158,28 @@ int fp_vit_load(const char *dir, fp_vit_t **out, fp_err_t *err)
             rc = fp_err_set(err, -EINVAL, "%s: no tensor %s", sp, t[i].name);
             goto out;
         }
-        if (x->nelem != want) {
-            rc = fp_err_set(err, -EINVAL, "%s: %s has %llu values; the config says %llu", sp,
-                            t[i].name, (unsigned long long)x->nelem, (unsigned long long)want);
+        int same = x->ndim == t[i].ndim && x->nelem == want;
+        for (int d = 0; same && d < t[i].ndim; d++)
+            same = x->shape[d] == t[i].shape[d];
+        if (!same) {
+            rc = fp_err_set(err, -EINVAL, "%s: %s is not of the shape the config gives it "
+                            "(%llu values expected)", sp, t[i].name, (unsigned long long)want);
             goto out;
         }
         if ((rc = fp_st_read_f32(st, x, t[i].data, err)) != 0)
             goto out;
+    }
+    for (size_t i = 0; i < fp_st_count(st); i++) { /* nothing the model would not compute */
+        const char *name = fp_st_get(st, i)->name;
+        int known = !strncmp(name, "vit.pooler.", 11); /* ViTModel's pooler: not a classifier's */
+        for (size_t k = 0; k < n && !known; k++)
+            known = !strcmp(name, t[k].name);
+        if (!known) {
+            rc = fp_err_set(err, -ENOTSUP, "%s: tensor %s is not part of a "
+                            "ViTForImageClassification; refusing rather than ignoring it", sp,
+                            name);
+            goto out;
+        }
     }
     *out = m;
     m = NULL;
@@ -196,8 +211,10 @@ int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t 
     int nfull = 0, rc = fp_hfpeft_load_full(dir, 0, lora, &full, &nfull, err);
     if (rc)
         return rc;
-    if ((rc = fp_vit_lora_check(c, *lora, err)) != 0)
+    if ((rc = fp_vit_lora_check(c, *lora, err)) != 0) {
+        fp_err_prefix(err, rc, "%s: ", dir);
         goto out;
+    }
     size_t K = (size_t)c->K, D = (size_t)c->D;
     float *h = calloc(K * D + K, sizeof *h);
     int got = 0;

@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -37,6 +38,12 @@ int fp_image_set_idx(const char *images, const char *labels, size_t first, size_
         goto out;
     }
     size_t n = im.dims[0];
+    if (im.dims[1] < 1 || im.dims[2] < 1 || im.dims[1] > FP_IMAGE_MAX_SIDE ||
+        im.dims[2] > FP_IMAGE_MAX_SIDE) {
+        rc = fp_err_set(err, -EINVAL, "%s: images of %u × %u pixels", images, im.dims[1],
+                        im.dims[2]);
+        goto out;
+    }
     if (first >= n || (count && count > n - first)) {
         rc = fp_err_set(err, -EINVAL, "%s: images %zu to %zu of %zu", images, first,
                         first + count, n);
@@ -47,6 +54,7 @@ int fp_image_set_idx(const char *images, const char *labels, size_t first, size_
     out->n = (int)count;
     out->C = 1;
     out->S = S;
+    snprintf(out->source, sizeof out->source, "%s", labels);
     out->px = malloc(count * px * sizeof *out->px);
     out->labels = malloc(count * sizeof *out->labels);
     if (!out->px || !out->labels) {
@@ -182,6 +190,7 @@ int fp_image_set_folder(const char *dir, const fp_imgproc_t *pp, int C, int S,
         out->n = (int)files.n;
         out->C = C;
         out->S = S;
+        snprintf(out->source, sizeof out->source, "%s", dir);
     }
     for (size_t k = 0; k < cls.n && rc == 0; k++)
         for (size_t i = first[k]; i < first[k + 1] && rc == 0; i++) {
@@ -222,12 +231,12 @@ out:
 static int check_set(const fp_vit_t *m, const fp_image_set_t *d, fp_err_t *err)
 {
     if (d->n < 1 || d->C != m->c.C || d->S != m->c.S)
-        return fp_err_set(err, -EINVAL, "%d images of %d × %d × %d; the model takes %d × %d × %d",
-                          d->n, d->C, d->S, d->S, m->c.C, m->c.S, m->c.S);
+        return fp_err_set(err, -EINVAL, "%s: %d images of %d × %d × %d; the model takes %d × %d "
+                          "× %d", d->source, d->n, d->C, d->S, d->S, m->c.C, m->c.S, m->c.S);
     for (int i = 0; i < d->n; i++)
         if (d->labels[i] < 0 || d->labels[i] >= m->c.K)
-            return fp_err_set(err, -EINVAL, "image %d has label %d; the model has %d", i,
-                              d->labels[i], m->c.K);
+            return fp_err_set(err, -EINVAL, "%s: image %d has label %d; the model has %d labels",
+                              d->source, i, d->labels[i], m->c.K);
     return 0;
 }
 

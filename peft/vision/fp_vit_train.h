@@ -15,6 +15,7 @@ typedef struct fp_image_set {
     int n, C, S;  /* n images of C × S × S */
     float *px;    /* n × C × S × S, preprocessed; owned */
     int *labels;  /* n; owned */
+    char source[512]; /* where they came from (errors name it) */
 } fp_image_set_t;
 
 /* Images count from first of an IDX pair (images [n][rows][cols] bytes, labels [n]), one
