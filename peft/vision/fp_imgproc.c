@@ -327,6 +327,11 @@ int fp_imgproc_apply(const fp_imgproc_t *p, const fp_image_t *im, int channels, 
                         "has %d channel%s", name, p->nmean, channels, channels == 1 ? "" : "s");
         goto out;
     }
+    if (p->do_resize && (p->height != size || p->width != size)) { /* before any work */
+        rc = fp_err_set(err, -EINVAL, "%s: the preprocessor resizes to %dx%d; the model takes "
+                        "%dx%d", name, p->width, p->height, size, size);
+        goto out;
+    }
     if (p->do_resize && (cur->h != p->height || cur->w != p->width)) {
         if ((rc = fp_image_resize(cur, p->height, p->width, p->resample, &sized, err)) != 0)
             goto out;
