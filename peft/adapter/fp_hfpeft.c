@@ -718,35 +718,10 @@ out:
     return j;
 }
 
-int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, uint8_t sha[32],
-                            fp_err_t *err)
-{
-    /* the same names, shapes and order as the adapter's tensor stream */
-    fp_stream_tensor_t *t;
-    int n;
-    uint64_t total;
-    int rc = fp_adapter_stream_layout(ad, &t, &n, &total, err);
-    if (rc)
-        return rc;
-    fp_st_entry_t *e = calloc(n ? (size_t)n : 1, sizeof *e);
-    if (!e) {
-        free(t);
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    }
-    for (int i = 0; i < n; i++) {
-        const fp_lora_module_t *m = &ad->mods[i / 2];
-        e[i] = (fp_st_entry_t){.name = t[i].name, .dtype = FP_DT_F32, .ndim = 2,
-                               .shape = {t[i].rows, t[i].cols}, .f32 = i % 2 ? m->B : m->A};
-    }
-    rc = fp_st_write_sha(st_path, e, (size_t)n, NULL, sha, err);
-    free(e);
-    free(t);
-    return rc;
-}
-
-/* The factors and, after them, the modules saved whole, into one safetensors file. */
+/* The factors (the same names, shapes and order as the adapter's tensor stream) and, after
+ * them, the modules saved whole, into one safetensors file; its SHA-256 into sha if not NULL. */
 static int write_with_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
-                           const char *st_path, fp_err_t *err)
+                           const char *st_path, uint8_t sha[32], fp_err_t *err)
 {
     fp_stream_tensor_t *t;
     int n;
@@ -754,8 +729,8 @@ static int write_with_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full,
     int rc = fp_adapter_stream_layout(ad, &t, &n, &total, err);
     if (rc)
         return rc;
-    fp_st_entry_t *e = calloc((size_t)(n + nfull), sizeof *e);
-    char (*keys)[512] = calloc((size_t)nfull, sizeof *keys);
+    fp_st_entry_t *e = calloc((size_t)(n + nfull) + 1, sizeof *e);
+    char (*keys)[512] = calloc((size_t)nfull + 1, sizeof *keys);
     if (!e || !keys) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
@@ -771,12 +746,18 @@ static int write_with_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full,
                                    .f32 = full[i].data};
         memcpy(e[n + i].shape, full[i].shape, sizeof full[i].shape);
     }
-    rc = fp_st_write_sha(st_path, e, (size_t)(n + nfull), NULL, NULL, err);
+    rc = fp_st_write_sha(st_path, e, (size_t)(n + nfull), NULL, sha, err);
 out:
     free(keys);
     free(e);
     free(t);
     return rc;
+}
+
+int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, uint8_t sha[32],
+                            fp_err_t *err)
+{
+    return write_with_full(ad, NULL, 0, st_path, sha, err);
 }
 
 static int write_files(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
@@ -787,8 +768,7 @@ static int write_files(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int
     char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
     if (!st_path || !cfg_path)
         rc = fp_err_set(err, -ENOMEM, "out of memory");
-    else if ((rc = nfull ? write_with_full(ad, full, nfull, st_path, err)
-                         : fp_hfpeft_write_factors(ad, st_path, NULL, err)) == 0)
+    else if ((rc = write_with_full(ad, full, nfull, st_path, NULL, err)) == 0)
         rc = fp_json_write_file(cfg_path, cfg, err);
     free(cfg_path);
     free(st_path);
