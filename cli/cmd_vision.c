@@ -169,21 +169,6 @@ static int cmd_init(vopts_t *o)
     return rc ? fp_cli_fail("vision init", "%s", fp_err_msg(&err)) : FP_EXIT_OK;
 }
 
-/* The model's preprocessing (its preprocessor_config.json, or 0.5/0.5 normalisation). */
-static int preprocessing(const char *dir, const fp_vit_t *m, fp_imgproc_t *pp, fp_err_t *err)
-{
-    char *p = fp_path_join(dir, "preprocessor_config.json");
-    int rc = 0;
-    if (p && fp_fs_exists(p)) {
-        rc = fp_imgproc_load(p, m->c.S, pp, err);
-    } else {
-        fp_imgproc_defaults(pp, m->c.S);
-        pp->nmean = m->c.C == 1 ? 1 : 3;
-    }
-    free(p);
-    return rc;
-}
-
 static int write_preprocessing(const char *dir, const fp_imgproc_t *pp, int C, fp_err_t *err)
 {
     json_t *mean = json_array(), *std = json_array();
@@ -205,78 +190,31 @@ static int write_preprocessing(const char *dir, const fp_imgproc_t *pp, int C, f
     return rc;
 }
 
-/* The images the options name: an IDX pair or an ImageFolder tree whose classes are the
- * model's labels (in any order: mapped by name). */
+/* The images the options name: an IDX pair (a range of it) or an ImageFolder tree whose
+ * classes are the model's labels. */
 static int load_images(const vopts_t *o, const fp_vit_t *m, const fp_imgproc_t *pp,
                        fp_image_set_t *d, fp_err_t *err)
 {
     if (!o->folder)
         return fp_image_set_idx(o->images, o->labels, (size_t)o->first, (size_t)o->count, pp,
                                 m->c.S, d, err);
-    char **cls = NULL;
-    int ncls = 0, rc = fp_image_set_folder(o->folder, pp, m->c.C, m->c.S, d, &cls, &ncls, err);
-    for (int k = 0; rc == 0 && k < ncls; k++) {
-        int at = -1;
-        for (int j = 0; m->c.labels && j < m->c.K; j++)
-            at = at < 0 && !strcmp(m->c.labels[j], cls[k]) ? j : at;
-        if (at < 0)
-            rc = fp_err_set(err, -EINVAL, "%s: class folder '%s' is none of the model's labels",
-                            o->folder, cls[k]);
-        for (int i = 0; rc == 0 && i < d->n; i++)
-            if (d->labels[i] == k)
-                d->labels[i] = -1 - at; /* mapped; marked so that no later k matches */
-    }
-    for (int i = 0; rc == 0 && i < d->n; i++)
-        d->labels[i] = -1 - d->labels[i];
-    for (int k = 0; k < ncls; k++)
-        free(cls[k]);
-    free(cls);
-    if (rc)
-        fp_image_set_free(d);
-    return rc;
+    return fp_image_set_labelled(o->folder, &m->c, pp, d, err);
 }
 
 /* The adapter a train writes: rank r on each target of every layer, PEFT's init. */
 static int new_adapter(const vopts_t *o, const fp_vit_t *m, fp_adapter_t **ad, fp_err_t *err)
 {
-    char *list = strdup(o->targets ? o->targets : "query,value"), *save = NULL, *tok;
-    int ts[FP_VT_COUNT], nt = 0, rc = list ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
-    for (tok = list ? strtok_r(list, ",", &save) : NULL; tok && rc == 0;
-         tok = strtok_r(NULL, ",", &save)) {
-        int t = -1;
-        for (int k = 0; k < FP_VT_COUNT; k++) { /* PEFT's short names, or the full suffix */
-            const char *full = fp_vit_target_name(k), *dot = strrchr(full, '.');
-            if (!strcmp(tok, full) || (k < FP_VT_ATTN_OUT && !strcmp(tok, dot + 1)))
-                t = k;
-        }
-        if (t < 0 || nt == FP_VT_COUNT)
-            rc = fp_err_set(err, -EINVAL, "--targets: '%s' is not one of query, key, value, "
-                            "attention.output.dense, intermediate.dense, output.dense", tok);
-        else
-            ts[nt++] = t;
-    }
-    free(list);
+    unsigned mask;
+    fp_module_desc_t *d = NULL;
+    int n = 0, r = o->rank ? (int)o->rank : 8;
+    int rc = fp_vit_targets_parse(o->targets ? o->targets : "query,value", &mask, err);
     if (rc)
-        return rc;
-    int n = m->c.L * nt, r = o->rank ? (int)o->rank : 8;
-    fp_module_desc_t *d = calloc((size_t)n, sizeof *d);
-    char (*names)[128] = calloc((size_t)n, sizeof *names);
-    if (!d || !names) {
-        free(d);
-        free(names);
-        return fp_err_set(err, -ENOMEM, "out of memory");
-    }
-    for (int l = 0, i = 0; l < m->c.L; l++)
-        for (int k = 0; k < nt; k++, i++) {
-            fp_vit_module_name(l, ts[k], names[i], sizeof names[i]);
-            d[i] = (fp_module_desc_t){names[i], 0, 0, r, o->alpha > 0 ? o->alpha : 2.0 * r, 0};
-            fp_vit_target_shape(&m->c, ts[k], &d[i].d_out, &d[i].d_in);
-        }
-    rc = fp_adapter_new(ad, d, n, err);
-    if (rc == 0)
+        return fp_err_prefix(err, rc, "--targets: ");
+    if ((rc = fp_vit_lora_descs(&m->c, mask, r, o->alpha > 0 ? o->alpha : 2.0 * r, 0, &d, &n,
+                                err)) == 0 &&
+        (rc = fp_adapter_new(ad, d, n, err)) == 0)
         fp_adapter_randomize(*ad, (uint64_t)o->seed, 0, 0.0); /* A Kaiming-uniform, B zero */
     free(d);
-    free(names);
     return rc;
 }
 
@@ -308,7 +246,7 @@ static int cmd_run(vopts_t *o, const char *sub)
     if (rc == 0) {
         K = (size_t)m->c.K;
         D = (size_t)m->c.D;
-        rc = preprocessing(o->model, m, &pp, &err);
+        rc = fp_vit_preprocessing(o->model, &m->c, &pp, &err);
     }
     if (rc == 0 && o->adapter && !train)
         rc = fp_vit_adapter_load(o->adapter, &m->c, &ad, &head, &err);

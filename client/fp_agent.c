@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "fp_adapter_stream.h"
+#include "fp_agent_data.h"
 #include "fp_agent_sa.h"
 #include "fp_agent_state.h"
 #include "fp_agent_train.h"
@@ -70,7 +71,7 @@ struct fp_agent {
     int external;              /* train.trainer = external */
     char **tr_argv;            /* its command */
     char *task_dir;            /* STATE/task: the external trainer's task directory */
-    fp_corpus_t data;         /* tokenizer, training and held-out documents */
+    fp_agent_data_t data;     /* documents or images: training and held out */
     fp_tls_ctx_t *tls;
     fp_site_t *site;
     int state, logged_state;
@@ -602,7 +603,7 @@ static void connect_now(fp_agent_t *a)
     if (a->site || a->state == S_STOPPING)
         return;
     fp_site_hello_t h = {a->name, {0}, (uint32_t)a->cfg->rank_budget,
-                         (uint64_t)a->data.train->ndocs, (size_t)a->cfg->upload_chunk, 1, 1};
+                         (uint64_t)fp_agent_data_train_n(&a->data), (size_t)a->cfg->upload_chunk, 1, 1};
     memcpy(h.model_sha256, a->model_sha, 32);
     fp_err_t err = {0};
     if (fp_site_connect(&a->site, a->loop, a->host, a->port, a->tls, NULL, &h, &agent_ops, a,
@@ -694,41 +695,6 @@ static void watchdog_cb(uv_timer_t *t)
 
 /* ---- life ---- */
 
-/* Splits a comma-separated list in place: up to max names. */
-static int split_csv(char *list, const char **out, int max, const char *what, fp_err_t *err)
-{
-    int n = 0;
-    char *save = NULL;
-    for (char *f = strtok_r(list, ",", &save); f; f = strtok_r(NULL, ",", &save)) {
-        if (n == max)
-            return fp_err_set(err, -EINVAL, "%s: more than %d files", what, max);
-        out[n++] = f;
-    }
-    return n;
-}
-
-/* The site's documents (data.files, data.eval_files or a split), tokenized for the model. */
-static int load_corpus(fp_agent_t *a, fp_err_t *err)
-{
-    const fp_agent_config_t *cfg = a->cfg;
-    char *files = strdup(cfg->data), *evals = cfg->eval_files ? strdup(cfg->eval_files) : NULL;
-    const char *f[256], *e[256];
-    int rc = !files || (cfg->eval_files && !evals) ? fp_err_set(err, -ENOMEM, "out of memory")
-                                                   : 0;
-    int nf = rc ? rc : split_csv(files, f, 256, "data.files", err);
-    int ne = evals && nf >= 0 ? split_csv(evals, e, 256, "data.eval_files", err) : 0;
-    if (nf < 0 || ne < 0) {
-        rc = nf < 0 ? nf : ne;
-    } else {
-        fp_corpus_spec_t spec = {cfg->tokenizer, cfg->model_dir, f, nf, evals ? e : NULL, ne,
-                                 cfg->eval_fraction, (uint64_t)cfg->split_seed};
-        rc = fp_corpus_load(&spec, &a->mcfg, &a->data, err);
-    }
-    free(files);
-    free(evals);
-    return rc;
-}
-
 int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_err_t *err)
 {
     *out = NULL;
@@ -765,7 +731,16 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
         goto fail;
     fp_set_threads((int)cfg->threads);
     a->external = !strcmp(cfg->trainer, "external");
-    if (a->external) { /* the weights stay on disk: the external trainer reads them */
+    int vision = fp_agent_data_is_vision(cfg, err);
+    if (vision < 0 || (vision && a->external)) {
+        rc = vision < 0 ? vision : fp_err_set(err, -ENOTSUP, "train.trainer external: a ViT "
+                                             "site trains with the built-in trainer");
+        goto fail;
+    }
+    if (vision) {
+        if ((rc = fp_agent_model_hash(cfg->model_dir, cfg->state_dir, a->model_sha, err)) != 0)
+            goto fail;
+    } else if (a->external) { /* the weights stay on disk: the external trainer reads them */
         char *cp = fp_path_join(cfg->model_dir, "config.json");
         a->task_dir = fp_path_join(cfg->state_dir, "task");
         rc = cp && a->task_dir ? fp_model_config_load(cp, &a->mcfg, err)
@@ -789,10 +764,11 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
                fp_base_dtype_name(a->model->base), (double)fp_model_weight_bytes(a->model) / 1e6,
                a->model->base == FP_BASE_F32 ? "OpenBLAS" : "oneDNN bf16");
     }
-    if ((rc = load_corpus(a, err)) != 0)
+    if ((rc = fp_agent_data_load(cfg, &a->mcfg, &a->data, err)) != 0)
         goto fail;
-    if (a->data.train->ndocs == 0) {
-        rc = fp_err_set(err, -EINVAL, "data.files: no training documents");
+    if (fp_agent_data_train_n(&a->data) == 0) {
+        rc = fp_err_set(err, -EINVAL, "data.files: no training %s", vision ? "images"
+                                                                           : "documents");
         goto fail;
     }
     fp_tls_cfg_t tc = {0, cfg->cert, cfg->key, cfg->ca, NULL,
@@ -811,8 +787,9 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     srand((unsigned)getpid() ^ (unsigned)uv_hrtime());
     char hx[65];
     fp_sha256_hex(a->model_sha, hx);
-    fp_log(FP_LOG_NOTICE, "site %s: %zu training and %zu held-out documents, base model %.12s…, "
-           "last stored round %llu%s%s", a->name, a->data.train->ndocs, a->data.held->ndocs, hx,
+    fp_log(FP_LOG_NOTICE, "site %s: %zu training and %zu held-out %s, base model %.12s…, "
+           "last stored round %llu%s%s", a->name, fp_agent_data_train_n(&a->data),
+           fp_agent_data_held_n(&a->data), vision ? "images" : "documents", hx,
            (unsigned long long)a->last_acked_round, a->pend.present ? ", an update to upload" : "",
            a->external ? ", external trainer" : "");
     *out = a;
@@ -879,7 +856,7 @@ void fp_agent_free(fp_agent_t *a)
     fp_tls_ctx_free(a->tls);
     fp_model_free(a->model);
     free(a->base);
-    fp_corpus_free(&a->data);
+    fp_agent_data_free(&a->data);
     free(a->state_path);
     free(a->update_bin);
     free(a->update_json);

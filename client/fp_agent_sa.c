@@ -23,6 +23,8 @@ struct fp_asa {
     fp_noise_t *rng;
     fp_module_desc_t *layout;  /* the federation's modules at the global rank */
     int nmod;
+    fp_whole_desc_t *whole;    /* and its tensors trained in full (a head), if any */
+    int nwhole;
     char *names;               /* the layout's module names */
     uint8_t *pks, *cpks;       /* n × 32: the roster's keys (zero: not in it) */
     uint8_t *in_roster, *in_round;
@@ -49,6 +51,7 @@ void fp_asa_free(fp_asa_t *a)
     fp_adapter_free(a->kept);
     free(a->z);
     free(a->layout);
+    free(a->whole);
     free(a->names);
     free(a->pks);
     free(a->cpks);
@@ -72,9 +75,12 @@ static int layout_of(fp_asa_t *a, const fp_site_task_t *t, fp_err_t *err)
     size_t names = 0;
     for (int i = 0; i < start->n; i++)
         names += strlen(start->mods[i].name) + 1;
+    for (int i = 0; i < start->nwhole; i++)
+        names += strlen(start->whole[i].name) + 1;
     a->layout = calloc((size_t)start->n, sizeof *a->layout);
+    a->whole = calloc((size_t)start->nwhole + 1, sizeof *a->whole);
     a->names = malloc(names ? names : 1);
-    if (!a->layout || !a->names) {
+    if (!a->layout || !a->whole || !a->names) {
         fp_adapter_free(start);
         return fp_err_set(err, -ENOMEM, "out of memory");
     }
@@ -87,6 +93,13 @@ static int layout_of(fp_asa_t *a, const fp_site_task_t *t, fp_err_t *err)
         at += strlen(at) + 1;
     }
     a->nmod = start->n;
+    for (int i = 0; i < start->nwhole; i++) { /* a head trained in full */
+        const fp_whole_t *w = &start->whole[i];
+        strcpy(at, w->name);
+        a->whole[i] = (fp_whole_desc_t){at, w->rows, w->cols};
+        at += strlen(at) + 1;
+    }
+    a->nwhole = start->nwhole;
     fp_adapter_free(start);
     return 0;
 }
@@ -148,7 +161,7 @@ int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err
                                         sa->sketch_seed, err)) == 0)
             want = fp_sa_sketch_dim_y(a->sketch);
     } else if (rc == 0) {
-        want = fp_sa_linear_dim(a->strategy, a->layout, a->nmod);
+        want = fp_sa_linear_dim(a->strategy, a->layout, a->nmod, a->whole, a->nwhole);
     }
     if (rc == 0 && want != sa->dim)
         rc = fp_err_set(err, -EINVAL, "the secure round's vector has %llu floats; this "
@@ -212,12 +225,15 @@ int fp_asa_second(fp_asa_t **out, fp_asa_t *first, const fp_site_task_t *t, cons
         return rc;
     /* the layout, the sketch and the kept adapter move on; the first sum's keys do not */
     a->layout = first->layout;
+    a->whole = first->whole;
+    a->nwhole = first->nwhole;
     a->names = first->names;
     a->nmod = first->nmod;
     a->sketch = first->sketch;
     a->kept = first->kept;
     a->samples = first->samples;
     first->layout = NULL;
+    first->whole = NULL;
     first->names = NULL;
     first->sketch = NULL;
     first->kept = NULL;
@@ -368,7 +384,7 @@ int fp_asa_mask(fp_asa_t *a, const fp_adapter_t *u, uint64_t samples, unsigned c
     else if (rc == 0 && a->sketch) /* the first sum; the adapter waits for the second */
         rc = fp_sa_sketch_encode_y(a->sketch, u, a->sa.weight, x, err);
     else if (rc == 0)
-        rc = fp_sa_linear_encode(a->strategy, a->layout, a->nmod, u, a->sa.weight, x, err);
+        rc = fp_sa_linear_encode(a->strategy, a->layout, a->nmod, a->whole, a->nwhole, u, a->sa.weight, x, err);
     if (rc == 0 && a->sketch && a->pass == 1 && !a->kept) {
         rc = fp_adapter_clone(u, &a->kept, err);
         a->samples = samples;

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "fp_adapter_stream.h"
+#include "fp_clock.h"
 #include "fp_corpus.h"
 #include "fp_data.h"
 #include "fp_dp.h"
@@ -30,6 +31,8 @@
 #include "fp_tokenizer.h"
 #include "fp_trainer.h"
 #include "fp_transformer.h"
+#include "fp_vit.h"
+#include "fp_vit_train.h"
 
 static int train_progress(void *ctx, const fp_train_stats_t *s)
 {
@@ -184,11 +187,11 @@ static int train_builtin(const fp_agent_trainer_t *a, const fp_site_task_t *t, i
     tc.opt.lr = t->lr > 0 ? t->lr : 1e-3;
     tc.opt.weight_decay = t->weight_decay;
     fp_local_result_t res;
-    rc = fp_local_round(a->model, ad, a->data->train, a->data->held, &tc, train_progress,
+    rc = fp_local_round(a->model, ad, a->data->text.train, a->data->text.held, &tc, train_progress,
                         (void *)a, 0, &res, err);
     *stopped = rc == 0 && res.train.stopped;
     if (rc == 0 && !*stopped)
-        rc = save_update(a, t, ad, start, a->data->train->ndocs, res.train.final_loss,
+        rc = save_update(a, t, ad, start, a->data->text.train->ndocs, res.train.final_loss,
                          res.eval_before, res.eval_after, res.train.seconds, err);
     fp_adapter_free(ad);
     return rc;
@@ -243,11 +246,68 @@ static int train_external(const fp_agent_trainer_t *a, const fp_site_task_t *t, 
     }
     fp_extrain_result_t res = {0};
     if (rc == 0 && !*stopped)
-        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->data->train->ndocs, &ad, &res, err);
+        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->data->text.train->ndocs, &ad, &res,
+                               err);
     if (rc == 0 && !*stopped)
         rc = save_update(a, t, ad, t->restart ? NULL : start, res.samples, res.train_loss,
                          res.eval_loss_before, res.eval_loss_after, res.seconds, err);
     fp_adapter_free(fresh);
+    fp_adapter_free(ad);
+    return rc;
+}
+
+static int vit_progress(void *ctx, int step, int steps, double loss)
+{
+    const fp_agent_trainer_t *a = ctx;
+    atomic_store(&a->pr->step, step);
+    atomic_store(&a->pr->total, steps);
+    atomic_store(&a->pr->loss, loss);
+    uv_async_send(a->pr->async);
+    return atomic_load(&a->pr->stop); /* a safe point: stop here when asked */
+}
+
+/* A ViT site's round: the pristine weights (a restart strategy's global update folded in),
+ * the LoRA factors and the head trained on the site's images, held-out loss before and
+ * after. */
+static int train_vision(const fp_agent_trainer_t *a, const fp_site_task_t *t, int *stopped,
+                        fp_adapter_t *start, fp_err_t *err)
+{
+    const fp_agent_data_t *d = a->data;
+    fp_vit_t *m = d->vit;
+    fp_adapter_t *ad = NULL;
+    float *hw = NULL, *hb = NULL;
+    double before = NAN, after = NAN, acc, first = NAN, last = NAN, t0 = fp_now();
+    memcpy(m->mem, d->vit_base, m->nparams * sizeof *m->mem);
+    int rc = fp_vit_head_of(&m->c, start, &hw, &hb, err);
+    if (rc == 0 && !hw)
+        rc = fp_err_set(err, -EBADMSG, "the task carries no classifier head for this ViT");
+    if (rc == 0 && t->restart)
+        rc = fp_vit_fold(m, start, err); /* the global update becomes part of the base */
+    if (rc == 0)
+        rc = fp_strategy_local_start(t->restart, start, t->rank, t->seed, &ad, err);
+    if (rc == 0 && (rc = fp_vit_lora_check(&m->c, ad, err)) == 0)
+        rc = fp_vit_head_of(&m->c, ad, &hw, &hb, err);
+    if (rc == 0 && d->held.n)
+        rc = fp_vit_eval(m, ad, hw, hb, &d->held, &before, &acc, err);
+    int steps = t->steps < a->cfg->max_steps ? t->steps : (int)a->cfg->max_steps;
+    fp_vit_train_cfg_t tc = {fp_optim_defaults(), steps < 1 ? 1 : steps,
+                             t->batch > 0 ? t->batch : 16, t->seed, 0, t->freeze_a, t->prox_mu,
+                             vit_progress, (void *)a};
+    tc.opt.lr = t->lr > 0 ? t->lr : 1e-3;
+    tc.opt.weight_decay = t->weight_decay;
+    if (rc == 0 && (rc = fp_vit_train(m, ad, hw, hb, &d->train, &tc, &first, &last, err)) == 1) {
+        *stopped = 1;
+        rc = 0;
+    }
+    if (rc == 0 && !*stopped && d->held.n)
+        rc = fp_vit_eval(m, ad, hw, hb, &d->held, &after, &acc, err);
+    if (rc == 0 && !*stopped) {
+        fp_log(FP_LOG_INFO, "round %llu: %d steps, loss %.4f → %.4f; held-out %.4f → %.4f "
+               "(accuracy %.1f %%)", (unsigned long long)t->round, steps, first, last, before,
+               after, 100 * acc);
+        rc = save_update(a, t, ad, start, (uint64_t)d->train.n, last, before, after,
+                         fp_now() - t0, err);
+    }
     fp_adapter_free(ad);
     return rc;
 }
@@ -266,8 +326,9 @@ int fp_agent_train(const fp_agent_trainer_t *a, const fp_site_task_t *t, int *st
         return rc;
     rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
     if (rc == 0)
-        rc = a->external ? train_external(a, t, stopped, start, err)
-                         : train_builtin(a, t, stopped, start, err);
+        rc = a->data->vision ? train_vision(a, t, stopped, start, err)
+             : a->external   ? train_external(a, t, stopped, start, err)
+                             : train_builtin(a, t, stopped, start, err);
     fp_adapter_free(start);
     if (slot >= 0)
         close(slot); /* the turn passes */

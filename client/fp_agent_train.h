@@ -9,6 +9,7 @@
 #include <uv.h>
 
 #include "fp_agent_config.h"
+#include "fp_agent_data.h"
 #include "fp_corpus.h"
 #include "fp_site.h"
 #include "fp_transformer.h"
@@ -27,7 +28,8 @@ typedef struct fp_agent_trainer {
     int external;             /* train.trainer = external: its command and task directory */
     char **tr_argv;
     const char *task_dir;
-    const fp_corpus_t *data;  /* tokenizer, training and held-out documents */
+    const fp_agent_data_t *data; /* documents (tokenizer) or images, training and held out;
+                                    a ViT's working weights, this job's alone */
     const char *update_bin, *update_json;
     fp_agent_progress_t *pr;
 } fp_agent_trainer_t;

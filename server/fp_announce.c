@@ -53,15 +53,17 @@ int fp_announce_check(const fp_srv_config_t *c, const fp_fed_t *fed, uint64_t si
     for (int i = 0; i < fed->n_layout; i++)
         expect += (uint64_t)u->rank *
                   (uint64_t)(fed->layout[i].d_in + fed->layout[i].d_out) * 4;
+    for (int i = 0; i < fed->n_whole; i++) /* a head, trained in full */
+        expect += (uint64_t)fed->whole[i].rows * (uint64_t)fed->whole[i].cols * 4;
     if (u->stream_bytes != expect) {
         snprintf(reason, n, "a rank-%u update of this federation's adapter is %llu bytes, not "
                  "%llu", u->rank, (unsigned long long)expect,
                  (unsigned long long)u->stream_bytes);
         return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
     }
-    if (u->n_tensors != 2 * (size_t)fed->n_layout) {
+    if (u->n_tensors != 2 * (size_t)fed->n_layout + (size_t)fed->n_whole) {
         snprintf(reason, n, "%zu tensors; the federation's adapter has %d", u->n_tensors,
-                 2 * fed->n_layout);
+                 2 * fed->n_layout + fed->n_whole);
         return FEDPEFT__ERROR__CODE__INVALID_UPDATE;
     }
     return 0;

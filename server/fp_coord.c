@@ -315,7 +315,8 @@ static int begin_secure(fp_coord_t *co, int64_t n, const fp_round_task_t *t, int
                       (int)c->sa_scale_bits, (int64_t)(c->sa_phase_s * 1000 + 0.5),
                       FP_SA_MAX_SITES};
     fp_sa_merge_t m = {co->fed.strategy, co->fed.layout, co->fed.n_layout, co->fed.r_max,
-                       c->florist_energy, co->fed.dp != FP_DP_OFF};
+                       c->florist_energy, co->fed.dp != FP_DP_OFF, co->fed.whole,
+                       co->fed.n_whole};
     co->agg.sa = NULL;
     return fp_sa_loop_begin(co->secure, n, &sc, &m, t, nt, err);
 }

@@ -1,5 +1,6 @@
 /* The federation's files and heavy work (fp_fed.h). */
 #include "fp_fed.h"
+#include "fp_rng.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -87,6 +88,15 @@ int fp_fed_initial(const fp_fed_t *f, char sha_hex[65], int *rank, fp_err_t *err
 {
     fp_adapter_t *init = NULL;
     int rc = fp_strategy_initial(f->strategy, f->layout, f->n_layout, f->seed, &init, err);
+    if (rc == 0 && f->n_whole && (rc = fp_adapter_set_whole(init, f->whole, f->n_whole, err)) == 0) {
+        /* a new head, as HF initialises one: weights N(0, 0.02²), biases 0 */
+        fp_rng_t rng;
+        fp_rng_seed(&rng, f->seed ^ 0x68656164ull);
+        for (int i = 0; i < init->nwhole; i++)
+            if (init->whole[i].cols > 1)
+                fp_rng_fill_normal(&rng, init->whole[i].v,
+                                   (size_t)init->whole[i].rows * (size_t)init->whole[i].cols, 0.02);
+    }
     if (rc == 0)
         rc = fp_fed_store_adapter(f, init, sha_hex, err);
     *rank = 0;
@@ -277,6 +287,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     if ((rc = fp_adapter_stream_read(data, len, in->t, in->n, f->alpha, f->rslora, &u, err)) != 0 ||
         (rc = fp_strategy_check_update(f->strategy, f->layout, f->n_layout, in->rank, u, s,
                                        err)) != 0 ||
+        (rc = fp_adapter_validate_whole(u, f->whole, f->n_whole, "update", err)) != 0 ||
         (rc = dp_verify(f, in, u, s, &bit, &vnorm, &dp_clipped, err)) != 0 ||
         (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, err)) != 0)
         goto fail;
@@ -465,7 +476,8 @@ static int sa_aggregate(const fp_fed_t *f, const fp_agg_in_t *in, fp_adapter_t *
         else if (f->strategy == FP_STRAT_FFA)
             rc = fp_fed_load_adapter(f, in->start_sha, &start, err);
         if (rc == 0 && !j->sketch)
-            rc = fp_sa_linear_decode(f->strategy, f->layout, f->n_layout, start, dec, global, err);
+            rc = fp_sa_linear_decode(f->strategy, f->layout, f->n_layout, f->whole, f->n_whole,
+                                     start, dec, global, err);
     }
     fp_adapter_free(merged);
     fp_adapter_free(start);

@@ -42,6 +42,10 @@ typedef struct fp_fed {
     int r_max;
     fp_module_desc_t *layout; /* at r_max */
     int n_layout;
+    /* a vision model (ViT): its head travels and merges as tensors trained in full */
+    int vision;
+    fp_whole_desc_t whole[2];
+    int n_whole;
     uint64_t seed;
     fp_db_t *db;
     /* differential privacy (fp_dp.h) */

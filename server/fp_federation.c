@@ -1,5 +1,6 @@
 /* The federation's record (fp_federation.h). */
 #include "fp_federation.h"
+#include "fp_vit.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -126,8 +127,12 @@ int fp_federation_setup(const fp_srv_config_t *c, fp_fed_t *f, unsigned *targets
     for (int i = 0; i < 4; i++)
         if ((rc = fp_fs_mkdirs(*dirs[i], 0700, err)) != 0)
             return rc;
+    if ((rc = fp_config_is_vit(c->base_model_config, err)) < 0)
+        return rc;
+    f->vision = rc;
     if ((rc = fp_strategy_parse(c->strategy, &f->strategy, err)) != 0 ||
-        (rc = fp_targets_parse(c->target_modules, targets, err)) != 0 ||
+        (rc = f->vision ? fp_vit_targets_parse(c->target_modules, targets, err)
+                        : fp_targets_parse(c->target_modules, targets, err)) != 0 ||
         (rc = fp_dp_mode_parse(c->dp_mode, &f->dp, err)) != 0)
         return rc;
     fp_sha256_parse(c->base_model_sha256, model_sha);
@@ -141,11 +146,22 @@ int fp_federation_setup(const fp_srv_config_t *c, fp_fed_t *f, unsigned *targets
                               c->server_tau};
     if ((rc = fp_sopt_parse(c->server_optimizer, &f->sopt.kind, err)) != 0)
         return rc;
-    fp_model_config_t mc;
-    if ((rc = fp_model_config_load(c->base_model_config, &mc, err)) != 0 ||
-        (rc = fp_lora_descs(&mc, *targets, f->r_max, f->alpha, f->rslora, &f->layout,
-                            &f->n_layout, err)) != 0 ||
-        (rc = fp_db_open(db, c->state_dir, 0, err)) != 0)
+    if (f->vision) {
+        fp_vit_config_t vc = {0};
+        if ((rc = fp_vit_config_load(c->base_model_config, &vc, err)) == 0 &&
+            (rc = fp_vit_lora_descs(&vc, *targets, f->r_max, f->alpha, f->rslora, &f->layout,
+                                    &f->n_layout, err)) == 0) {
+            fp_vit_head_descs(&vc, f->whole);
+            f->n_whole = 2;
+        }
+        fp_vit_config_free(&vc);
+    } else {
+        fp_model_config_t mc;
+        if ((rc = fp_model_config_load(c->base_model_config, &mc, err)) == 0)
+            rc = fp_lora_descs(&mc, *targets, f->r_max, f->alpha, f->rslora, &f->layout,
+                               &f->n_layout, err);
+    }
+    if (rc || (rc = fp_db_open(db, c->state_dir, 0, err)) != 0)
         return rc;
     f->db = *db;
     return fp_federation_open(*db, c, f, err);

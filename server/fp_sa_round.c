@@ -190,7 +190,7 @@ int fp_sa_round_new(fp_sa_round_t **out, int64_t n, const fp_sa_cfg_t *cfg,
         fp_sa_round_free(sa);
         return fp_err_prefix(err, rc, "round %lld: %d sites: ", (long long)n, nt);
     }
-    sa->dim = fp_sa_linear_dim(m->strategy, m->layout, m->n_layout);
+    sa->dim = fp_sa_linear_dim(m->strategy, m->layout, m->n_layout, m->whole, m->n_whole);
     if (!sa->dim && (rc = sketch_for(sa, t, nt, err)) != 0) {
         fp_sa_round_free(sa);
         return rc;

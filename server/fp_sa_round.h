@@ -58,6 +58,8 @@ typedef struct fp_sa_merge {
     int r_max;
     double florist_energy;
     int dp;                   /* differential privacy: every participant weighs the same */
+    const fp_whole_desc_t *whole; /* the adapter's tensors trained in full (a head), if any */
+    int n_whole;
 } fp_sa_merge_t;
 
 /* ---- what goes out (the coordinator puts it on the wire) ---- */

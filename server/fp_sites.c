@@ -2,6 +2,7 @@
  * streams out, uploads in — and the directory. What depends on the round is asked of the
  * coordinator through the events table. */
 #include "fp_sites.h"
+#include "fp_vit.h"
 
 #include <math.h>
 #include <stdatomic.h>
@@ -196,11 +197,11 @@ int fp_sites_send_task(fp_sites_t *ss, const char *site, const fp_task_out_t *t,
         k.secagg = &sa;
     }
     Fedpeft__TensorInfo **tp;
-    char *targets[FP_T_COUNT];
+    char *targets[(int)FP_T_COUNT + (int)FP_VT_COUNT];
     size_t nt = 0;
-    for (int i = 0; i < FP_T_COUNT; i++)
+    for (int i = 0; i < (f->vision ? FP_VT_COUNT : FP_T_COUNT); i++)
         if (ss->targets & (1u << i))
-            targets[nt++] = (char *)fp_target_names[i];
+            targets[nt++] = (char *)(f->vision ? fp_vit_target_name(i) : fp_target_names[i]);
     if (fp_msg_tensors_pack(b->t, b->n, &tp) != 0) {
         fp_conn_close(s->peer->conn, "out of memory");
         return -ENOMEM;

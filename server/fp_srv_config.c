@@ -1,4 +1,5 @@
 #include "fp_srv_config.h"
+#include "fp_vit.h"
 
 #include <errno.h>
 #include <math.h>
@@ -258,8 +259,20 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
         return fp_err_set(err, -EINVAL, "federation.base_model_sha256: not hexadecimal");
     if ((rc = fp_strategy_parse(c->strategy ? c->strategy : "", &st, err)) != 0)
         return fp_err_prefix(err, rc, "federation.strategy: ");
-    if ((rc = fp_targets_parse(c->target_modules ? c->target_modules : "", &mask, err)) != 0)
+    int vit = fp_config_is_vit(c->base_model_config ? c->base_model_config : "", err);
+    if (vit < 0)
+        return fp_err_prefix(err, vit, "federation.base_model_config: ");
+    if ((rc = vit ? fp_vit_targets_parse(c->target_modules, &mask, err)
+                  : fp_targets_parse(c->target_modules ? c->target_modules : "", &mask, err)) != 0)
         return fp_err_prefix(err, rc, "federation.target_modules: ");
+    if (vit && c->server_optimizer && strcmp(c->server_optimizer, "sgd") != 0)
+        return fp_err_set(err, -ENOTSUP, "federation.server_optimizer %s: a vision model's head "
+                          "has no optimizer state yet; use sgd (the merge itself)",
+                          c->server_optimizer);
+    if (vit && c->sa_enabled && fp_strategy_merges_products(st))
+        return fp_err_set(err, -ENOTSUP, "secure_aggregation with %s: a vision model's head is "
+                          "not in the exact merge's sketch yet; use fedavg, ffa or zeropad",
+                          c->strategy);
     if ((rc = parse_caps(c->rank_caps, NULL, &cap, err)) != 0)
         return rc;
     if (!c->norm_action || (strcmp(c->norm_action, "clip") && strcmp(c->norm_action, "refuse")))
@@ -303,8 +316,11 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
             return fp_err_set(err, -EINVAL, "secure_aggregation.degree must be even (or 0)");
     }
     fp_model_config_t mc;
-    if ((rc = fp_model_config_load(c->base_model_config, &mc, err)) != 0)
+    fp_vit_config_t vc = {0};
+    if ((rc = vit ? fp_vit_config_load(c->base_model_config, &vc, err)
+                  : fp_model_config_load(c->base_model_config, &mc, err)) != 0)
         return fp_err_prefix(err, rc, "federation.base_model_config: ");
+    fp_vit_config_free(&vc);
     return 0;
 }
 

@@ -292,8 +292,9 @@ static void test_reject_bad_config(void **state)
     expect_load_error("dora", "{\"r\":8,\"use_dora\":true}", pair8, 2, -ENOTSUP, "DoRA");
     expect_load_error("fifo", "{\"r\":8,\"fan_in_fan_out\":true}", pair8, 2, -ENOTSUP,
                       "fan_in_fan_out");
-    expect_load_error("mts", "{\"r\":8,\"modules_to_save\":[\"lm_head\"]}", pair8, 2, -ENOTSUP,
-                      "modules_to_save");
+    /* a module saved whole must be there */
+    expect_load_error("mts", "{\"r\":8,\"modules_to_save\":[\"lm_head\"]}", pair8, 2, -EBADMSG,
+                      "modules_to_save names 'lm_head', which it does not hold");
     expect_load_error("biasall", "{\"r\":8,\"bias\":\"all\"}", pair8, 2, -ENOTSUP, "bias");
     expect_load_error("rtype", "{\"r\":\"eight\"}", pair8, 2, -EBADMSG, "must be an integer");
     expect_load_error("rzero", "{\"r\":0}", pair8, 2, -EBADMSG, "positive integer");

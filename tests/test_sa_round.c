@@ -240,7 +240,7 @@ static void run_case(const sa_case_t *c)
         samples[i] = 10 * (uint64_t)(i + 1);
     }
     fp_sa_cfg_t cfg = {c->degree, 0, 1.0, 20, 30000, 4096};
-    fp_sa_merge_t m = {c->strategy, layout, 2, 4, 0.9, 0};
+    fp_sa_merge_t m = {c->strategy, layout, 2, 4, 0.9, 0, NULL, 0};
     fp_err_t err = {0};
     if (fp_sa_round_new(&w.sa, 7, &cfg, &m, t, samples, c->nsites, &ops, &w, &err) != 0)
         fail_msg("%s: %s", c->name, fp_err_msg(&err));
@@ -549,7 +549,7 @@ static void test_task_info(void **state)
         snprintf(t[i].site, sizeof t[i].site, "%c", 'a' + i);
     }
     fp_sa_cfg_t cfg = {0, 0, 1.0, 30, 1000, 4096};
-    fp_sa_merge_t m = {FP_STRAT_FEDAVG, layout, 2, 4, 0.9, 0};
+    fp_sa_merge_t m = {FP_STRAT_FEDAVG, layout, 2, 4, 0.9, 0, NULL, 0};
     assert_int_equal(fp_sa_round_new(&w.sa, 3, &cfg, &m, t, samples, 3, &ops, &w, NULL), 0);
     fp_sa_task_info_t ti;
     assert_int_equal(fp_sa_round_task_info(w.sa, 102, &ti), 0);
@@ -558,7 +558,7 @@ static void test_task_info(void **state)
     assert_int_equal(ti.degree, 2);
     assert_int_equal(ti.threshold, 2);
     assert_true(ti.weight > 30.0 / 41 - 1e-12 && ti.weight < 30.0 / 41 + 1e-12);
-    assert_int_equal(ti.dim, fp_sa_linear_dim(FP_STRAT_FEDAVG, layout, 2));
+    assert_int_equal(ti.dim, fp_sa_linear_dim(FP_STRAT_FEDAVG, layout, 2, NULL, 0));
     /* 3 sites × (bound 1 · 2^bits + ½) must stay below 2^31: 2^29 at most */
     assert_true(ti.scale == 536870912.0);
     assert_int_equal(fp_sa_round_task_info(w.sa, 999, &ti), -ENOENT);

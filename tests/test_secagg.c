@@ -637,19 +637,19 @@ static void test_linear_strategies(void **state)
         for (int i = 0; i < 3; i++)
             u[i] = site_adapter(sts[k] == FP_STRAT_ZEROPAD ? 2 << i : 8, 10 + (uint64_t)i,
                                 sts[k] == FP_STRAT_FFA ? start : NULL);
-        size_t dim = fp_sa_linear_dim(sts[k], layout2, 2);
+        size_t dim = fp_sa_linear_dim(sts[k], layout2, 2, NULL, 0);
         assert_true(dim > 0);
         float *x = malloc(3 * dim * sizeof *x);
         for (int i = 0; i < 3; i++)
             /* the sites list the modules the other way round: the vector's order is by name */
-            assert_int_equal(fp_sa_linear_encode(sts[k], layout2_rev, 2, u[i], w[i], x + i * dim,
+            assert_int_equal(fp_sa_linear_encode(sts[k], layout2_rev, 2, NULL, 0, u[i], w[i], x + i * dim,
                                                  NULL), 0);
         int leave[3] = {0, 0, 3};
         round_out_t o = {0};
         run_round(&p, x, dim, leave, &o);
         assert_int_equal(o.rc, 0);
         fp_adapter_t *got = NULL, *ref = NULL;
-        assert_int_equal(fp_sa_linear_decode(sts[k], layout2, 2, start, o.sum, &got, NULL), 0);
+        assert_int_equal(fp_sa_linear_decode(sts[k], layout2, 2, NULL, 0, start, o.sum, &got, NULL), 0);
         fp_merge_opts_t mo = {sts[k], 8, 0, 0};
         const fp_adapter_t *srcs[2] = {u[0], u[1]};
         assert_int_equal(fp_merge(&mo, srcs, w, 2, NULL, &ref, NULL), 0);
@@ -667,8 +667,8 @@ static void test_linear_strategies(void **state)
         fp_adapter_free(start);
     }
     fp_err_t err = {0};
-    assert_int_equal(fp_sa_linear_dim(FP_STRAT_FLEXLORA, layout2, 2), 0);
-    assert_int_equal(fp_sa_linear_encode(FP_STRAT_FLEXLORA, layout2, 2, NULL, 1, NULL, &err),
+    assert_int_equal(fp_sa_linear_dim(FP_STRAT_FLEXLORA, layout2, 2, NULL, 0), 0);
+    assert_int_equal(fp_sa_linear_encode(FP_STRAT_FLEXLORA, layout2, 2, NULL, 0, NULL, 1, NULL, &err),
                      -ENOTSUP);
 }
 

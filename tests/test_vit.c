@@ -501,9 +501,13 @@ static void test_head_as_peft_saves_it(void **state)
     assert_int_equal(back->n, w->lora->n);
     fp_adapter_free(back);
     free(hb);
-    /* a reader of LoRA factors only refuses it */
-    assert_int_equal(fp_hfpeft_load(adir, 0, &back, &err), -ENOTSUP);
-    assert_contains(fp_err_msg(&err), "modules_to_save");
+    /* any reader of adapters takes the head as the adapter's tensors trained in full */
+    assert_int_equal(fp_hfpeft_load(adir, 0, &back, &err), 0);
+    assert_int_equal(back->nwhole, 2);
+    assert_string_equal(back->whole[1].name, "classifier.weight");
+    assert_memory_equal(back->whole[1].v, head, 80 * sizeof *head);
+    assert_memory_equal(back->whole[0].v, head + 80, 5 * sizeof *head);
+    fp_adapter_free(back);
     /* written the PEFT way, by PyTorch */
     torch_logits(mdir, pdir, pxp, "--write-peft", t);
     if (fp_vit_adapter_load(pdir, &w->m->c, &back, &hb, &err) != 0)
@@ -519,7 +523,7 @@ static void test_head_as_peft_saves_it(void **state)
     fp_vit_config_t other = w->m->c;
     other.K = 4;
     assert_int_equal(fp_vit_adapter_load(pdir, &other, &back, &hb, &err), -EBADMSG);
-    assert_contains(fp_err_msg(&err), "saved whole is not this ViT's classifier (4 × 16 and 4)");
+    assert_contains(fp_err_msg(&err), "not this ViT's classifier (classifier.weight 4 × 16 and classifier.bias 4)");
     free(mdir);
     free(adir);
     free(pdir);

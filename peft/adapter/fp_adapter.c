@@ -35,7 +35,129 @@ void fp_adapter_free(fp_adapter_t *ad)
     free(ad->names);
     free(ad->base_model);
     free(ad->task_type);
+    free(ad->whole);
+    free(ad->wmem);
     free(ad);
+}
+
+static int cmp_whole_desc(const void *a, const void *b)
+{
+    return strcmp(((const fp_whole_desc_t *)a)->name, ((const fp_whole_desc_t *)b)->name);
+}
+
+int fp_adapter_set_whole(fp_adapter_t *ad, const fp_whole_desc_t *d, int n, fp_err_t *err)
+{
+    if (n < 0 || n > 1 << 16)
+        return fp_err_set(err, -EINVAL, "%d tensors trained in full", n);
+    fp_whole_desc_t *s = malloc((size_t)(n ? n : 1) * sizeof *s);
+    if (!s)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    memcpy(s, d, (size_t)n * sizeof *s);
+    qsort(s, (size_t)n, sizeof *s, cmp_whole_desc);
+    uint64_t floats = 0;
+    size_t names = 0;
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
+        if (!s[i].name || !s[i].name[0])
+            rc = fp_err_set(err, -EINVAL, "a tensor trained in full has no name");
+        else if (s[i].rows <= 0 || s[i].cols <= 0)
+            rc = fp_err_set(err, -EINVAL, "tensor '%s': sizes must be positive (%d × %d)",
+                            s[i].name, s[i].rows, s[i].cols);
+        else if (i > 0 && !strcmp(s[i].name, s[i - 1].name))
+            rc = fp_err_set(err, -EINVAL, "tensor '%s' appears twice", s[i].name);
+        else {
+            floats += (uint64_t)s[i].rows * (uint64_t)s[i].cols;
+            names += strlen(s[i].name) + 1;
+        }
+    }
+    if (rc == 0 && floats > (1ull << 34))
+        rc = fp_err_set(err, -EFBIG, "tensors trained in full too large (%llu values)",
+                        (unsigned long long)floats);
+    fp_whole_t *w = NULL;
+    void *mem = NULL;
+    if (rc == 0 && (!(w = calloc((size_t)(n ? n : 1), sizeof *w)) ||
+                    !(mem = calloc(1, (size_t)floats * sizeof(float) + names + 1))))
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc) {
+        free(s);
+        free(w);
+        free(mem);
+        return rc;
+    }
+    float *v = mem;
+    char *np = (char *)(v + floats);
+    for (int i = 0; i < n; i++) {
+        size_t l = strlen(s[i].name) + 1;
+        memcpy(np, s[i].name, l);
+        w[i] = (fp_whole_t){np, s[i].rows, s[i].cols, v};
+        np += l;
+        v += (size_t)s[i].rows * (size_t)s[i].cols;
+    }
+    free(s);
+    free(ad->whole);
+    free(ad->wmem);
+    ad->whole = w;
+    ad->wmem = mem;
+    ad->nwhole = n;
+    return 0;
+}
+
+int fp_adapter_whole_descs(const fp_adapter_t *ad, fp_whole_desc_t **out, fp_err_t *err)
+{
+    *out = malloc((size_t)(ad->nwhole ? ad->nwhole : 1) * sizeof **out);
+    if (!*out)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    for (int i = 0; i < ad->nwhole; i++)
+        (*out)[i] = (fp_whole_desc_t){ad->whole[i].name, ad->whole[i].rows, ad->whole[i].cols};
+    return 0;
+}
+
+int fp_adapter_copy_whole(fp_adapter_t *dst, const fp_adapter_t *src, fp_err_t *err)
+{
+    if (dst == src)
+        return 0;
+    fp_whole_desc_t *d;
+    int rc = fp_adapter_whole_descs(src, &d, err);
+    if (rc)
+        return rc;
+    rc = fp_adapter_set_whole(dst, d, src->nwhole, err);
+    free(d);
+    for (int i = 0; rc == 0 && i < src->nwhole; i++)
+        memcpy(dst->whole[i].v, src->whole[i].v,
+               (size_t)src->whole[i].rows * (size_t)src->whole[i].cols * sizeof(float));
+    return rc;
+}
+
+int fp_adapter_whole_find(const fp_adapter_t *ad, const char *name)
+{
+    for (int i = 0; i < ad->nwhole; i++)
+        if (!strcmp(ad->whole[i].name, name))
+            return i;
+    return -1;
+}
+
+int fp_adapter_validate_whole(const fp_adapter_t *ad, const fp_whole_desc_t *spec, int n,
+                              const char *what, fp_err_t *err)
+{
+    for (int i = 0; i < n; i++) {
+        int j = fp_adapter_whole_find(ad, spec[i].name);
+        if (j < 0)
+            return fp_err_set(err, -EINVAL, "%s: the tensor trained in full '%s' is missing",
+                              what, spec[i].name);
+        if (ad->whole[j].rows != spec[i].rows || ad->whole[j].cols != spec[i].cols)
+            return fp_err_set(err, -EINVAL, "%s: tensor '%s' is %d × %d, expected %d × %d",
+                              what, spec[i].name, ad->whole[j].rows, ad->whole[j].cols,
+                              spec[i].rows, spec[i].cols);
+    }
+    for (int j = 0; j < ad->nwhole; j++) {
+        int found = 0;
+        for (int i = 0; i < n && !found; i++)
+            found = !strcmp(spec[i].name, ad->whole[j].name);
+        if (!found)
+            return fp_err_set(err, -EINVAL, "%s: unexpected tensor trained in full '%s'", what,
+                              ad->whole[j].name);
+    }
+    return 0;
 }
 
 typedef struct desc_ref {
@@ -178,6 +300,8 @@ uint64_t fp_adapter_params(const fp_adapter_t *ad)
         const fp_lora_module_t *m = &ad->mods[i];
         p += (uint64_t)m->rank * ((uint64_t)m->d_in + (uint64_t)m->d_out);
     }
+    for (int i = 0; i < ad->nwhole; i++)
+        p += (uint64_t)ad->whole[i].rows * (uint64_t)ad->whole[i].cols;
     return p;
 }
 
@@ -211,6 +335,14 @@ int fp_adapter_check_finite(const fp_adapter_t *ad, fp_err_t *err)
             return fp_err_set(err, -EDOM, "module '%s': lora_B holds a non-finite value (%g at "
                               "row %ld, column %ld)", m->name, (double)m->B[bad],
                               bad / m->rank, bad % m->rank);
+    }
+    for (int i = 0; i < ad->nwhole; i++) {
+        const fp_whole_t *w = &ad->whole[i];
+        long bad = first_non_finite(w->v, (size_t)w->rows * (size_t)w->cols);
+        if (bad >= 0)
+            return fp_err_set(err, -EDOM, "tensor '%s' holds a non-finite value (%g at row %ld, "
+                              "column %ld)", w->name, (double)w->v[bad], bad / w->cols,
+                              bad % w->cols);
     }
     return 0;
 }
@@ -265,7 +397,13 @@ int fp_adapter_check_compatible(const fp_adapter_t *ref, const fp_adapter_t *ad,
         i++;
         j++;
     }
-    return 0;
+    fp_whole_desc_t *d;
+    int rc = fp_adapter_whole_descs(ref, &d, err);
+    if (rc == 0) {
+        rc = fp_adapter_validate_whole(ad, d, ref->nwhole, what, err);
+        free(d);
+    }
+    return rc;
 }
 
 /* Module i of src at ranks[i] (ranks NULL: the same ranks, a plain copy): first components
@@ -302,6 +440,10 @@ static int resize(const fp_adapter_t *src, const int *ranks, fp_adapter_t **out,
             for (int c = 0; c < keep; c++)
                 d->B[(size_t)row * (size_t)rank + (size_t)c] =
                     (float)(s->B[(size_t)row * (size_t)s->rank + (size_t)c] * ratio);
+    }
+    if ((rc = fp_adapter_copy_whole(ad, src, err)) != 0) {
+        fp_adapter_free(ad);
+        return rc;
     }
     if (copy_strings(ad, src) != 0) {
         fp_adapter_free(ad);

@@ -37,6 +37,20 @@ typedef struct fp_lora_module {
     int src_a, src_b; /* tensor indices in the mapped file, -1 when copied */
 } fp_lora_module_t;
 
+/* A tensor trained in full beside the factors (PEFT's modules_to_save: a classifier head).
+ * Its value travels and merges as it is — the weighted average of the sites' — not as a
+ * change. A vector (a bias) is rows × 1; in PEFT files a ".bias" is one-dimensional. */
+typedef struct fp_whole_desc {
+    const char *name; /* "<module>.<parameter>" under the model, e.g. "classifier.weight" */
+    int rows, cols;
+} fp_whole_desc_t;
+
+typedef struct fp_whole {
+    char *name;      /* owned by the adapter */
+    int rows, cols;
+    float *v;        /* rows × cols row-major */
+} fp_whole_t;
+
 typedef struct fp_adapter {
     int n;                  /* number of modules */
     fp_lora_module_t *mods; /* n modules sorted by name (strcmp) */
@@ -45,6 +59,9 @@ typedef struct fp_adapter {
     fp_st_file_t *st;       /* mapping that some factors point into, or NULL */
     char *base_model;       /* base_model_name_or_path, or NULL */
     char *task_type;        /* PEFT task_type, or NULL */
+    int nwhole;             /* tensors trained in full, sorted by name (usually none) */
+    fp_whole_t *whole;
+    void *wmem;             /* the one allocation holding their values and names */
 } fp_adapter_t;
 
 /* s = alpha / r, or alpha / sqrt(r) under rsLoRA. */
@@ -61,10 +78,24 @@ void fp_adapter_free(fp_adapter_t *ad);
 /* A deep copy whose factors are all owned (no mapping). */
 int fp_adapter_clone(const fp_adapter_t *src, fp_adapter_t **out, fp_err_t *err);
 
+/* Gives ad the tensors trained in full d[0..n) (any order; sorted here), zeroed, replacing any
+ * it had. -EINVAL on a duplicate or empty name or a non-positive size. */
+int fp_adapter_set_whole(fp_adapter_t *ad, const fp_whole_desc_t *d, int n, fp_err_t *err);
+/* dst's tensors trained in full become a copy of src's (names, shapes, values). */
+int fp_adapter_copy_whole(fp_adapter_t *dst, const fp_adapter_t *src, fp_err_t *err);
+/* Index of the tensor trained in full called name, or -1. */
+int fp_adapter_whole_find(const fp_adapter_t *ad, const char *name);
+/* Checks that ad holds exactly the tensors trained in full of spec, with their shapes (values
+ * are checked by fp_adapter_check_finite). `what` names ad in errors. */
+int fp_adapter_validate_whole(const fp_adapter_t *ad, const fp_whole_desc_t *spec, int n,
+                              const char *what, fp_err_t *err);
+/* The tensors trained in full of ad as descs (*out malloc'd, names pointing into ad). */
+int fp_adapter_whole_descs(const fp_adapter_t *ad, fp_whole_desc_t **out, fp_err_t *err);
+
 /* Index of the module called name, or -1. O(log n). */
 int fp_adapter_find(const fp_adapter_t *ad, const char *name);
 
-/* Total number of factor parameters (Σ r·(d_in + d_out)). */
+/* Total number of parameters (Σ r·(d_in + d_out), and the tensors trained in full). */
 uint64_t fp_adapter_params(const fp_adapter_t *ad);
 
 /* Describes module i as a desc (name points into the adapter). */
@@ -74,19 +105,22 @@ fp_module_desc_t fp_module_desc(const fp_lora_module_t *m);
 int fp_adapter_check_finite(const fp_adapter_t *ad, fp_err_t *err);
 
 /* Checks that ad holds exactly the modules of spec (any order), each with the spec's d_out and
- * d_in and a rank of at most spec's rank, and that every value is finite. On failure err names
- * the first problem: a missing or unexpected module, a shape, a rank, a non-finite value. */
+ * d_in and a rank of at most spec's rank (tensors trained in full are fp_adapter_validate_whole's
+ * to check), and that every value is finite. On failure err names the first problem: a
+ * missing or unexpected module, a shape, a rank, a non-finite value. */
 int fp_adapter_validate(const fp_adapter_t *ad, const fp_module_desc_t *spec, int n,
                         fp_err_t *err);
 
-/* Same modules and shapes (d_out, d_in) as ref; ranks may differ. `what` names ad in errors. */
+/* Same modules and shapes (d_out, d_in) as ref, and the same tensors trained in full; ranks
+ * may differ. `what` names ad in errors. */
 int fp_adapter_check_compatible(const fp_adapter_t *ref, const fp_adapter_t *ad,
                                 const char *what, fp_err_t *err);
 
 /* The adapter at another rank: every module keeps its first `rank` components (rows of A,
  * columns of the scale-folded B) or is padded with zeros, and is re-expressed at the scale of
  * the new rank (same alpha and rsLoRA flag). For a merge output whose components are ordered
- * by importance (flexlora, florist), this hands a site the best rank-`rank` approximation. */
+ * by importance (flexlora, florist), this hands a site the best rank-`rank` approximation.
+ * Tensors trained in full are copied (so are they by fp_adapter_clone and _at_ranks_of). */
 int fp_adapter_at_rank(const fp_adapter_t *src, int rank, fp_adapter_t **out, fp_err_t *err);
 
 /* fp_adapter_at_rank with each module's rank taken from the same module of `like` (which must

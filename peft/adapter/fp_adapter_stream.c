@@ -1,5 +1,6 @@
 #include "fp_adapter_stream.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,13 +14,15 @@ int fp_adapter_stream_layout(const fp_adapter_t *ad, fp_stream_tensor_t **out, i
                              uint64_t *total, fp_err_t *err)
 {
     *out = NULL;
-    size_t names = 0;
+    size_t names = 0, nt = 2 * (size_t)ad->n + (size_t)ad->nwhole;
     for (int i = 0; i < ad->n; i++)
         names += 2 * (strlen(ad->mods[i].name) + 40);
-    fp_stream_tensor_t *t = malloc(2 * (size_t)ad->n * sizeof *t + names + 1);
+    for (int i = 0; i < ad->nwhole; i++)
+        names += strlen(FP_PEFT_PREFIX) + strlen(ad->whole[i].name) + 1;
+    fp_stream_tensor_t *t = malloc(nt * sizeof *t + names + 1);
     if (!t)
         return fp_err_set(err, -ENOMEM, "out of memory");
-    char *p = (char *)(t + 2 * ad->n);
+    char *p = (char *)(t + nt);
     uint64_t off = 0;
     for (int i = 0; i < ad->n; i++) {
         const fp_lora_module_t *m = &ad->mods[i];
@@ -36,8 +39,21 @@ int fp_adapter_stream_layout(const fp_adapter_t *ad, fp_stream_tensor_t **out, i
             off += x->nbytes;
         }
     }
+    for (int i = 0; i < ad->nwhole; i++) { /* the tensors trained in full, after the factors */
+        const fp_whole_t *w = &ad->whole[i];
+        fp_stream_tensor_t *x = &t[2 * ad->n + i];
+        size_t room = strlen(FP_PEFT_PREFIX) + strlen(w->name) + 1;
+        snprintf(p, room, "%s%s", FP_PEFT_PREFIX, w->name);
+        x->name = p;
+        p += room;
+        x->rows = (uint64_t)w->rows;
+        x->cols = (uint64_t)w->cols;
+        x->offset = off;
+        x->nbytes = x->rows * x->cols * 4;
+        off += x->nbytes;
+    }
     *out = t;
-    *n = 2 * ad->n;
+    *n = (int)nt;
     *total = off;
     return 0;
 }
@@ -51,6 +67,11 @@ void fp_adapter_stream_write(const fp_adapter_t *ad, void *dst)
         memcpy(d, m->A, a);
         memcpy(d + a, m->B, b);
         d += a + b;
+    }
+    for (int i = 0; i < ad->nwhole; i++) {
+        size_t b = (size_t)ad->whole[i].rows * (size_t)ad->whole[i].cols * 4;
+        memcpy(d, ad->whole[i].v, b);
+        d += b;
     }
 }
 
@@ -78,14 +99,23 @@ int fp_adapter_stream_read(const void *data, uint64_t len, const fp_stream_tenso
                            double alpha, int rslora, fp_adapter_t **out, fp_err_t *err)
 {
     *out = NULL;
-    if (n <= 0 || n % 2)
+    /* pairs of factors, then the tensors trained in full (keys that are no LoRA factor's) */
+    int nf = n, rc = 0;
+    char which;
+    char mb0[512];
+    while (nf > 0 && module_of(t[nf - 1].name, mb0, sizeof mb0, &which) != 0)
+        nf--;
+    int nw = n - nf;
+    if (n <= 0 || nf % 2)
         return fp_err_set(err, -EBADMSG, "an adapter stream lists pairs of factors (got %d "
-                          "tensors)", n);
-    int nm = n / 2, rc = 0;
-    fp_module_desc_t *d = calloc((size_t)nm, sizeof *d);
-    char (*mods)[512] = calloc((size_t)nm, sizeof *mods);
-    const fp_stream_tensor_t **ta = calloc((size_t)nm, sizeof *ta), **tb = calloc((size_t)nm, sizeof *tb);
-    if (!d || !mods || !ta || !tb) {
+                          "tensors)", nf);
+    int nm = nf / 2;
+    fp_module_desc_t *d = calloc((size_t)(nm ? nm : 1), sizeof *d);
+    fp_whole_desc_t *wd = calloc((size_t)(nw ? nw : 1), sizeof *wd);
+    char (*mods)[512] = calloc((size_t)(nm ? nm : 1), sizeof *mods);
+    const fp_stream_tensor_t **ta = calloc((size_t)(nm ? nm : 1), sizeof *ta),
+                             **tb = calloc((size_t)(nm ? nm : 1), sizeof *tb);
+    if (!d || !wd || !mods || !ta || !tb) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
     }
@@ -122,17 +152,39 @@ int fp_adapter_stream_read(const void *data, uint64_t len, const fp_stream_tenso
         ta[i] = a;
         tb[i] = b;
     }
+    size_t pl = strlen(FP_PEFT_PREFIX);
+    for (int i = 0; i < nw; i++) {
+        const fp_stream_tensor_t *x = &t[nf + i];
+        if (strncmp(x->name, FP_PEFT_PREFIX, pl) != 0 || !x->name[pl] || x->rows == 0 ||
+            x->cols == 0 || x->rows > INT32_MAX || x->cols > INT32_MAX) {
+            rc = fp_err_set(err, -EBADMSG, "tensor '%s' (%llu×%llu) is neither a LoRA factor "
+                            "nor a tensor trained in full under %s", x->name,
+                            (unsigned long long)x->rows, (unsigned long long)x->cols,
+                            FP_PEFT_PREFIX);
+            goto out;
+        }
+        wd[i] = (fp_whole_desc_t){x->name + pl, (int)x->rows, (int)x->cols};
+    }
     fp_adapter_t *ad;
     if ((rc = fp_adapter_new(&ad, d, nm, err)) != 0)
         goto out;
+    if (nw && (rc = fp_adapter_set_whole(ad, wd, nw, err)) != 0) {
+        fp_adapter_free(ad);
+        goto out;
+    }
     for (int i = 0; i < nm; i++) {
         int k = fp_adapter_find(ad, d[i].name);
         memcpy(ad->mods[k].A, (const unsigned char *)data + ta[i]->offset, ta[i]->nbytes);
         memcpy(ad->mods[k].B, (const unsigned char *)data + tb[i]->offset, tb[i]->nbytes);
     }
+    for (int i = 0; i < nw; i++) {
+        int k = fp_adapter_whole_find(ad, wd[i].name);
+        memcpy(ad->whole[k].v, (const unsigned char *)data + t[nf + i].offset, t[nf + i].nbytes);
+    }
     *out = ad;
 out:
     free(d);
+    free(wd);
     free(mods);
     free(ta);
     free(tb);

@@ -37,7 +37,7 @@ typedef struct peft_config {
     json_t *rank_pattern;  /* object or NULL */
     json_t *alpha_pattern; /* object or NULL */
     json_t *targets;       /* array, string (regex) or NULL */
-    int allow_full;        /* modules_to_save accepted (fp_hfpeft_load_full) */
+    int any_whole;         /* a factors file: any other tensor under the prefix is whole */
     json_t *mts;           /* modules_to_save: array of strings, or NULL */
 } peft_config_t;
 
@@ -101,9 +101,6 @@ static int config_parse(peft_config_t *c, fp_err_t *err)
                           s);
     json_t *mts = json_object_get(j, "modules_to_save");
     if (mts && !json_is_null(mts) && !(json_is_array(mts) && json_array_size(mts) == 0)) {
-        if (!c->allow_full)
-            return fp_err_set(err, -ENOTSUP, "%s: modules_to_save is not supported here: "
-                              "fedpeft federates the LoRA factors of this family only", p);
         size_t i;
         json_t *m;
         if (!json_is_array(mts))
@@ -265,6 +262,9 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
     unsigned char *owned = NULL;
     const fp_st_tensor_t **ta = NULL, **tb = NULL;
     fp_adapter_t *ad = NULL;
+    fp_whole_desc_t *wd = NULL;
+    const fp_st_tensor_t **wt = NULL;
+    int nw = 0;
     if ((rc = fp_st_open(&st, st_path, err)) != 0)
         goto out;
 
@@ -275,7 +275,9 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
         paths_len += strlen(fp_st_get(st, i)->name) + 1;
     keys = calloc(nt ? nt : 1, sizeof *keys);
     paths = malloc(paths_len ? paths_len : 1);
-    if (!keys || !paths) {
+    wd = calloc(nt ? nt : 1, sizeof *wd);
+    wt = calloc(nt ? nt : 1, sizeof *wt);
+    if (!keys || !paths || !wd || !wt) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
     }
@@ -284,11 +286,24 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
     size_t nk = 0;
     for (size_t i = 0; i < nt; i++) {
         const char *name = fp_st_get(st, i)->name;
-        if (under_saved(&cfg, name))
-            continue; /* a module saved in full: fp_hfpeft_load_full reads it */
         size_t l = strlen(name);
         char which = ends_with(name, l, SUFFIX_A) ? 'A' : ends_with(name, l, SUFFIX_B) ? 'B' : 0;
         size_t sl = strlen(SUFFIX_A);
+        if (under_saved(&cfg, name) || (cfg.any_whole && !which && l > plen_prefix &&
+                                        !strncmp(name, FP_PEFT_PREFIX, plen_prefix))) {
+            /* a tensor trained in full (modules_to_save) */
+            const fp_st_tensor_t *t = fp_st_get(st, i);
+            if (t->ndim < 1 || t->ndim > 2 || !fp_dtype_is_float(t->dtype) || !t->nelem ||
+                t->shape[0] > INT32_MAX || (t->ndim == 2 && t->shape[1] > INT32_MAX)) {
+                rc = fp_err_set(err, -ENOTSUP, "%s: '%s' (saved whole) is not a float matrix "
+                                "or vector", st_path, name);
+                goto out;
+            }
+            wd[nw] = (fp_whole_desc_t){name + plen_prefix, (int)t->shape[0],
+                                       t->ndim == 2 ? (int)t->shape[1] : 1};
+            wt[nw++] = t;
+            continue;
+        }
         if (!which || strncmp(name, FP_PEFT_PREFIX, plen_prefix) != 0 ||
             l <= plen_prefix + sl) {
             rc = fp_err_set(err, -EBADMSG, "%s: tensor '%s' is not a LoRA factor (expected "
@@ -392,8 +407,24 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
         nm++;
         i += 2;
     }
-    if ((rc = fp__adapter_alloc(&ad, descs, nm, owned, err)) != 0)
+    if ((rc = fp__adapter_alloc(&ad, descs, nm, owned, err)) != 0 ||
+        (nw && (rc = fp_adapter_set_whole(ad, wd, nw, err)) != 0))
         goto out;
+    for (int i = 0; i < nw; i++)
+        fp_st_read_f32(st, wt[i], ad->whole[fp_adapter_whole_find(ad, wd[i].name)].v, NULL);
+    size_t k;
+    json_t *mj;
+    json_array_foreach(cfg.mts, k, mj) { /* every module saved whole is there */
+        int found = 0;
+        size_t ml = json_string_length(mj);
+        for (int i = 0; i < nw && !found; i++)
+            found = !strncmp(wd[i].name, json_string_value(mj), ml) && wd[i].name[ml] == '.';
+        if (!found) {
+            rc = fp_err_set(err, -EBADMSG, "%s: modules_to_save names '%s', which it does not "
+                            "hold", st_path, json_string_value(mj));
+            goto out;
+        }
+    }
     /* descs were in name order already, so module i of ad is descs[i]. */
     for (int i = 0; i < nm; i++) {
         fp_lora_module_t *m = &ad->mods[i];
@@ -432,6 +463,8 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
 out:
     fp_adapter_free(ad);
     fp_st_close(st);
+    free(wd);
+    free(wt);
     free(ta);
     free(tb);
     free(owned);
@@ -442,88 +475,13 @@ out:
 }
 
 
-/* The modules saved whole of st_path (cfg's modules_to_save) into *full. */
-static int read_full(const char *st_path, const peft_config_t *cfg, fp_hfpeft_full_t **full,
-                     int *nfull, fp_err_t *err)
-{
-    fp_st_file_t *st = NULL;
-    int rc = fp_st_open(&st, st_path, err), n = 0;
-    if (rc)
-        return rc;
-    size_t nt = fp_st_count(st), pl = strlen(FP_PEFT_PREFIX);
-    *full = calloc(nt ? nt : 1, sizeof **full);
-    if (!*full) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
-    }
-    for (size_t i = 0; i < nt && rc == 0; i++) {
-        const fp_st_tensor_t *t = fp_st_get(st, i);
-        if (!under_saved(cfg, t->name))
-            continue;
-        fp_hfpeft_full_t *f = &(*full)[n];
-        if (t->ndim < 1 || t->ndim > 4 || !fp_dtype_is_float(t->dtype)) {
-            rc = fp_err_set(err, -EBADMSG, "%s: '%s' (saved whole) is not a float tensor of 1 "
-                            "to 4 dimensions", st_path, t->name);
-            break;
-        }
-        f->name = strdup(t->name + pl);
-        f->ndim = t->ndim;
-        memcpy(f->shape, t->shape, (size_t)t->ndim * sizeof *t->shape);
-        f->data = malloc((t->nelem ? t->nelem : 1) * sizeof *f->data);
-        n++;
-        if (!f->name || !f->data)
-            rc = fp_err_set(err, -ENOMEM, "out of memory");
-        else
-            rc = fp_st_read_f32(st, t, f->data, err);
-    }
-    size_t k;
-    json_t *m;
-    json_array_foreach(rc ? NULL : cfg->mts, k, m) { /* every module declared is there */
-        int found = 0;
-        for (int i = 0; i < n && !found; i++)
-            found = !strncmp((*full)[i].name, json_string_value(m), json_string_length(m)) &&
-                    (*full)[i].name[json_string_length(m)] == '.';
-        if (!found && rc == 0)
-            rc = fp_err_set(err, -EBADMSG, "%s: modules_to_save names '%s', which it does not "
-                            "hold", st_path, json_string_value(m));
-    }
-out:
-    fp_st_close(st);
-    if (rc) {
-        fp_hfpeft_full_free(*full, n);
-        *full = NULL;
-        n = 0;
-    }
-    *nfull = n;
-    return rc;
-}
-
-void fp_hfpeft_full_free(fp_hfpeft_full_t *full, int nfull)
-{
-    for (int i = 0; full && i < nfull; i++) {
-        free(full[i].name);
-        free(full[i].data);
-    }
-    free(full);
-}
-
 int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err)
 {
-    return fp_hfpeft_load_full(dir, flags, out, NULL, NULL, err);
-}
-
-int fp_hfpeft_load_full(const char *dir, int flags, fp_adapter_t **out,
-                        fp_hfpeft_full_t **full, int *nfull, fp_err_t *err)
-{
     *out = NULL;
-    if (full) {
-        *full = NULL;
-        *nfull = 0;
-    }
     int rc = 0;
     char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
     char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
-    peft_config_t cfg = {.allow_full = full != NULL};
+    peft_config_t cfg = {0};
     if (!cfg_path || !st_path) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
         goto out;
@@ -557,10 +515,6 @@ int fp_hfpeft_load_full(const char *dir, int flags, fp_adapter_t **out,
     if ((rc = config_parse(&cfg, err)) != 0)
         goto out;
     rc = load_weights(st_path, &cfg, flags, out, err);
-    if (rc == 0 && full && cfg.mts && (rc = read_full(st_path, &cfg, full, nfull, err)) != 0) {
-        fp_adapter_free(*out);
-        *out = NULL;
-    }
 out:
     json_decref(cfg.root);
     free(cfg_path);
@@ -579,6 +533,7 @@ int fp_hfpeft_load_factors(const char *path, double alpha, int rslora, int flags
     cfg.r = -1; /* each module's rank is its tensors' */
     cfg.alpha = alpha;
     cfg.rslora = rslora;
+    cfg.any_whole = 1;
     return load_weights(path, &cfg, flags, out, err);
 }
 
@@ -718,10 +673,12 @@ out:
     return j;
 }
 
-/* The factors (the same names, shapes and order as the adapter's tensor stream) and, after
- * them, the modules saved whole, into one safetensors file; its SHA-256 into sha if not NULL. */
-static int write_with_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
-                           const char *st_path, uint8_t sha[32], fp_err_t *err)
+/* The factors (the same names, shapes and order as the adapter's tensor stream, the tensors
+ * trained in full after them) into one safetensors file; its SHA-256 into sha if not NULL.
+ * peft: a PEFT directory's file, where a bias is one-dimensional as PyTorch has it (the
+ * stream's files keep every tensor two-dimensional). */
+static int write_tensors(const fp_adapter_t *ad, int peft, const char *st_path, uint8_t sha[32],
+                         fp_err_t *err)
 {
     fp_stream_tensor_t *t;
     int n;
@@ -729,26 +686,25 @@ static int write_with_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full,
     int rc = fp_adapter_stream_layout(ad, &t, &n, &total, err);
     if (rc)
         return rc;
-    fp_st_entry_t *e = calloc((size_t)(n + nfull) + 1, sizeof *e);
-    char (*keys)[512] = calloc((size_t)nfull + 1, sizeof *keys);
-    if (!e || !keys) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
+    fp_st_entry_t *e = calloc((size_t)n + 1, sizeof *e);
+    if (!e) {
+        free(t);
+        return fp_err_set(err, -ENOMEM, "out of memory");
     }
     for (int i = 0; i < n; i++) {
-        const fp_lora_module_t *m = &ad->mods[i / 2];
         e[i] = (fp_st_entry_t){.name = t[i].name, .dtype = FP_DT_F32, .ndim = 2,
-                               .shape = {t[i].rows, t[i].cols}, .f32 = i % 2 ? m->B : m->A};
+                               .shape = {t[i].rows, t[i].cols}};
+        if (i < 2 * ad->n) {
+            e[i].f32 = i % 2 ? ad->mods[i / 2].B : ad->mods[i / 2].A;
+            continue;
+        }
+        const fp_whole_t *w = &ad->whole[i - 2 * ad->n];
+        size_t l = strlen(w->name);
+        e[i].f32 = w->v;
+        if (peft && w->cols == 1 && l > 5 && !strcmp(w->name + l - 5, ".bias"))
+            e[i].ndim = 1;
     }
-    for (int i = 0; i < nfull; i++) {
-        snprintf(keys[i], sizeof keys[i], "%s%s", FP_PEFT_PREFIX, full[i].name);
-        e[n + i] = (fp_st_entry_t){.name = keys[i], .dtype = FP_DT_F32, .ndim = full[i].ndim,
-                                   .f32 = full[i].data};
-        memcpy(e[n + i].shape, full[i].shape, sizeof full[i].shape);
-    }
-    rc = fp_st_write_sha(st_path, e, (size_t)(n + nfull), NULL, sha, err);
-out:
-    free(keys);
+    rc = fp_st_write_sha(st_path, e, (size_t)n, NULL, sha, err);
     free(e);
     free(t);
     return rc;
@@ -757,37 +713,35 @@ out:
 int fp_hfpeft_write_factors(const fp_adapter_t *ad, const char *st_path, uint8_t sha[32],
                             fp_err_t *err)
 {
-    return write_with_full(ad, NULL, 0, st_path, sha, err);
+    return write_tensors(ad, 0, st_path, sha, err);
 }
 
-static int write_files(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
-                       const char *dir, json_t *cfg, fp_err_t *err)
+static int write_files(const fp_adapter_t *ad, const char *dir, json_t *cfg, fp_err_t *err)
 {
     int rc;
     char *st_path = fp_path_join(dir, FP_PEFT_WEIGHTS);
     char *cfg_path = fp_path_join(dir, FP_PEFT_CONFIG);
     if (!st_path || !cfg_path)
         rc = fp_err_set(err, -ENOMEM, "out of memory");
-    else if ((rc = write_with_full(ad, full, nfull, st_path, NULL, err)) == 0)
+    else if ((rc = write_tensors(ad, 1, st_path, NULL, err)) == 0)
         rc = fp_json_write_file(cfg_path, cfg, err);
     free(cfg_path);
     free(st_path);
     return rc;
 }
 
-/* modules_to_save: each full tensor's module (its name less the last component), once. */
-static int set_modules_to_save(json_t *cfg, const fp_hfpeft_full_t *full, int nfull,
-                               fp_err_t *err)
+/* modules_to_save: each whole tensor's module (its name less the last component), once. */
+static int set_modules_to_save(json_t *cfg, const fp_adapter_t *ad, fp_err_t *err)
 {
     json_t *a = json_array();
-    for (int i = 0; a && i < nfull; i++) {
-        const char *dot = strrchr(full[i].name, '.');
-        if (!dot || dot == full[i].name || full[i].ndim < 1 || full[i].ndim > 4) {
+    for (int i = 0; a && i < ad->nwhole; i++) {
+        const char *name = ad->whole[i].name, *dot = strrchr(name, '.');
+        if (!dot || dot == name) {
             json_decref(a);
-            return fp_err_set(err, -EINVAL, "'%s': a tensor saved whole is <module>.<param>, "
-                              "of 1 to 4 dimensions", full[i].name);
+            return fp_err_set(err, -EINVAL, "'%s': a tensor trained in full is named "
+                              "<module>.<parameter>", name);
         }
-        json_t *m = json_stringn(full[i].name, (size_t)(dot - full[i].name));
+        json_t *m = json_stringn(name, (size_t)(dot - name));
         size_t k;
         json_t *x;
         int seen = 0;
@@ -805,25 +759,19 @@ static int set_modules_to_save(json_t *cfg, const fp_hfpeft_full_t *full, int nf
 
 int fp_hfpeft_save(const fp_adapter_t *ad, const char *dir, fp_err_t *err)
 {
-    return fp_hfpeft_save_full(ad, NULL, 0, dir, err);
-}
-
-int fp_hfpeft_save_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
-                        const char *dir, fp_err_t *err)
-{
     if (ad->n == 0)
         return fp_err_set(err, -EINVAL, "%s: refusing to write an adapter with no modules", dir);
     json_t *cfg = build_config(ad, err);
     if (!cfg)
         return err && err->code ? err->code : -ENOMEM;
-    if (nfull && set_modules_to_save(cfg, full, nfull, err) != 0) {
+    if (ad->nwhole && set_modules_to_save(cfg, ad, err) != 0) {
         json_decref(cfg);
         return err && err->code ? err->code : -EINVAL;
     }
     int rc = 0;
     char *tmp = NULL;
     if (fp_fs_is_dir(dir)) {
-        rc = write_files(ad, full, nfull, dir, cfg, err);
+        rc = write_files(ad, dir, cfg, err);
         goto out;
     }
     if (fp_fs_exists(dir)) {
@@ -854,7 +802,7 @@ int fp_hfpeft_save_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, in
         goto out;
     }
     chmod(tmp, 0755);
-    if ((rc = write_files(ad, full, nfull, tmp, cfg, err)) != 0)
+    if ((rc = write_files(ad, tmp, cfg, err)) != 0)
         goto out;
     if (rename(tmp, dir) != 0) {
         rc = fp_err_set(err, -errno, "%s: rename: %s", dir, strerror(errno));

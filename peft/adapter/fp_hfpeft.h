@@ -29,38 +29,22 @@ enum {
 /* Loads the adapter in dir. Every inconsistency is an error naming the file and the problem:
  * missing files, bad JSON, a tensor that is not a LoRA factor, a module with only one factor,
  * factors whose ranks disagree with each other or with the config, unsupported options (DoRA,
- * fan_in_fan_out, modules_to_save, biases). Values are not checked for finiteness here. */
+ * fan_in_fan_out, biases). The modules of modules_to_save (a classifier head) become the
+ * adapter's tensors trained in full (fp_whole_t; each module named must be there, matrices and
+ * vectors only). Values are not checked for finiteness here. */
 int fp_hfpeft_load(const char *dir, int flags, fp_adapter_t **out, fp_err_t *err);
 
 /* Writes ad as an HF PEFT directory (created if missing). r and lora_alpha are the most common
  * rank and alpha; modules that differ go into rank_pattern / alpha_pattern under their full
- * path. A new directory appears whole (written aside, then renamed); in an existing one each
+ * path. Tensors trained in full are saved as PEFT's modules_to_save (each module once in the
+ * config; "base_model.model.<name>" in the file, a bias one-dimensional). A new directory appears whole (written aside, then renamed); in an existing one each
  * file is replaced atomically. Fails if modules disagree on rsLoRA (PEFT has one flag). */
 int fp_hfpeft_save(const fp_adapter_t *ad, const char *dir, fp_err_t *err);
 
-/* A module PEFT saves whole beside the factors (its modules_to_save: a classifier head):
- * each of its tensors, as "base_model.model.<name>" in adapter_model.safetensors. */
-typedef struct fp_hfpeft_full {
-    char *name;        /* "<module>.<param>", e.g. "classifier.weight" */
-    int ndim;
-    uint64_t shape[4];
-    float *data;       /* owned by fp_hfpeft_load_full's array; the caller's in a save */
-} fp_hfpeft_full_t;
-
-/* fp_hfpeft_save with modules saved whole too (modules_to_save in the config: each tensor's
- * name less its last component). */
-int fp_hfpeft_save_full(const fp_adapter_t *ad, const fp_hfpeft_full_t *full, int nfull,
-                        const char *dir, fp_err_t *err);
-/* fp_hfpeft_load that accepts modules_to_save: their tensors into *full (NULL, 0 if none),
- * every module the config names required. fp_hfpeft_load refuses such adapters: a caller that
- * does not take the modules must not drop them silently. */
-int fp_hfpeft_load_full(const char *dir, int flags, fp_adapter_t **out,
-                        fp_hfpeft_full_t **full, int *nfull, fp_err_t *err);
-void fp_hfpeft_full_free(fp_hfpeft_full_t *full, int nfull);
-
 /* The factors alone: a safetensors file with the keys above and no adapter_config.json (what
  * travels between coordinator and sites, and what the coordinator stores). Each module's rank
- * is its tensors'; alpha and rslora, the federation's, apply to every module. */
+ * is its tensors'; alpha and rslora, the federation's, apply to every module. Any other tensor
+ * under base_model.model. is a tensor trained in full. */
 int fp_hfpeft_load_factors(const char *path, double alpha, int rslora, int flags,
                            fp_adapter_t **out, fp_err_t *err);
 /* Writes ad's factors (F32) to path durably, as fp_hfpeft_load_factors reads them; the file's

@@ -40,6 +40,9 @@ struct fp_merger {
     int ncopies, cap_copies;
     size_t copy_bytes;
     int spent;       /* an add failed */
+    /* tensors trained in full: the first source's set, and Σ w_k·v_k over their values */
+    fp_adapter_t *wref;  /* no modules; its tensors trained in full give names and shapes */
+    double *wacc;
 };
 
 /* Large accumulators are written once, front to back: transparent huge pages save most of the
@@ -65,6 +68,8 @@ void fp_merger_free(fp_merger_t *m)
     for (int i = 0; i < m->ncopies; i++)
         fp_adapter_free(m->copies[i].ad);
     free(m->copies);
+    fp_adapter_free(m->wref);
+    free(m->wacc);
     free(m->acc_mem);
     free(m->w_mem);
     free(m->mods);
@@ -400,6 +405,47 @@ static int ffa_check_a(fp_merger_t *m, const fp_adapter_t *ad, const char *what,
     return 0;
 }
 
+/* The tensors trained in full (a classifier head) merge the same way under every strategy:
+ * their weighted average Σ p_k·v_k, accumulated in double. The first source sets which there
+ * are; every other must hold the same, each non-finite value refused. */
+static int add_whole(fp_merger_t *m, const fp_adapter_t *ad, double w, const char *what,
+                     fp_err_t *err)
+{
+    int rc;
+    if (!m->wref) {
+        size_t n = 0;
+        if ((rc = fp_adapter_new(&m->wref, NULL, 0, err)) != 0 ||
+            (rc = fp_adapter_copy_whole(m->wref, ad, err)) != 0)
+            return rc;
+        for (int i = 0; i < ad->nwhole; i++)
+            n += (size_t)ad->whole[i].rows * (size_t)ad->whole[i].cols;
+        if (!(m->wacc = calloc(n ? n : 1, sizeof *m->wacc)))
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        m->acc_bytes += n * sizeof *m->wacc;
+    } else {
+        fp_whole_desc_t *d;
+        if ((rc = fp_adapter_whole_descs(m->wref, &d, err)) != 0)
+            return rc;
+        rc = fp_adapter_validate_whole(ad, d, m->wref->nwhole, what, err);
+        free(d);
+        if (rc)
+            return rc;
+    }
+    double *acc = m->wacc;
+    for (int i = 0; i < ad->nwhole; i++) { /* both sorted by name: the same order */
+        const fp_whole_t *x = &ad->whole[i];
+        size_t n = (size_t)x->rows * (size_t)x->cols;
+        for (size_t e = 0; e < n; e++) {
+            if (!isfinite(x->v[e]))
+                return fp_err_set(err, -EDOM, "%s: tensor '%s' holds a non-finite value (%g "
+                                  "at %zu)", what, x->name, (double)x->v[e], e);
+            acc[e] += w * (double)x->v[e];
+        }
+        acc += n;
+    }
+    return 0;
+}
+
 int fp_merger_add(fp_merger_t *m, const fp_adapter_t *const *srcs, const double *w, int k,
                   const char *const *labels, fp_err_t *err)
 {
@@ -418,6 +464,8 @@ int fp_merger_add(fp_merger_t *m, const fp_adapter_t *const *srcs, const double 
                                err)) != 0)
             goto fail;
         if (m->opts.strategy == FP_STRAT_FFA && (rc = ffa_check_a(m, srcs[i], what, err)) != 0)
+            goto fail;
+        if ((rc = add_whole(m, srcs[i], w[i], what, err)) != 0)
             goto fail;
     }
     if (fp_strategy_streams(m->opts.strategy)) {
@@ -606,6 +654,21 @@ int fp_merger_finish(fp_merger_t *m, fp_adapter_t **out, fp_err_t *err)
             break;
         default:
             break;
+        }
+    }
+    if (m->wref && m->wref->nwhole) { /* the average of the tensors trained in full */
+        if ((rc = fp_adapter_copy_whole(ad, m->wref, err)) != 0) {
+            fp_adapter_free(ad);
+            goto out;
+        }
+        const double *acc = m->wacc;
+        for (int i = 0; i < ad->nwhole; i++) {
+            size_t n = (size_t)ad->whole[i].rows * (size_t)ad->whole[i].cols;
+            for (size_t e = 0; e < n; e++) {
+                ad->whole[i].v[e] = (float)(acc[e] / m->total_w);
+                bad |= !isfinite(ad->whole[i].v[e]);
+            }
+            acc += n;
         }
     }
     rc = streams ? (bad ? -EDOM : 0) : fp_adapter_check_finite(ad, err);

@@ -111,6 +111,11 @@ int fp_strategy_local_start(int restart, const fp_adapter_t *received, int rank,
     free(d);
     if (rc == 0)
         fp_adapter_randomize(*out, seed, 0, 0.0); /* B ~ N(0, 0) = 0 */
+    /* tensors trained in full (a head) are no update to restart: they go on from the global */
+    if (rc == 0 && (rc = fp_adapter_copy_whole(*out, received, err)) != 0) {
+        fp_adapter_free(*out);
+        *out = NULL;
+    }
     return rc;
 }
 
@@ -323,6 +328,11 @@ int fp_strategy_accumulate(const fp_adapter_t *total, const fp_adapter_t *delta,
         cut = NULL;
     }
 out:
+    /* tensors trained in full are values, not changes: the round's replace the total's */
+    if (rc == 0 && (rc = fp_adapter_copy_whole(*out, delta, err)) != 0) {
+        fp_adapter_free(*out);
+        *out = NULL;
+    }
     fp_adapter_free(sum);
     fp_adapter_free(cut);
     free(d);

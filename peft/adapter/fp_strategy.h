@@ -57,7 +57,8 @@ int fp_strategy_initial(fp_strategy_t s, const fp_module_desc_t *layout, int n, 
 
 /* Where a site's local training starts from the adapter it received: continue — the adapter
  * itself (a copy); restart — a fresh adapter of the same modules at `rank`, A from seed and
- * B = 0 (the received ΔW is folded into the base weights by the trainer, fp_local.h). */
+ * B = 0 (the received ΔW is folded into the base weights by the trainer, fp_local.h). Either
+ * way the received tensors trained in full (a head) are where training goes on from. */
 int fp_strategy_local_start(int restart, const fp_adapter_t *received, int rank, uint64_t seed,
                             fp_adapter_t **out, fp_err_t *err);
 

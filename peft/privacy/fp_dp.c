@@ -55,6 +55,8 @@ size_t fp_dp_dims(const fp_adapter_t *u, int frozen_a)
         const fp_lora_module_t *m = &u->mods[i];
         d += (size_t)m->d_out * (size_t)m->rank + (frozen_a ? 0 : (size_t)m->rank * (size_t)m->d_in);
     }
+    for (int i = 0; i < u->nwhole; i++)
+        d += (size_t)u->whole[i].rows * (size_t)u->whole[i].cols;
     return d;
 }
 
@@ -80,6 +82,13 @@ double fp_dp_norm(const fp_adapter_t *u, const fp_adapter_t *start, int r_global
         }
         sum += a2 + rb * rb * b2;
     }
+    for (int i = 0; i < u->nwhole; i++) { /* a head trained in full: its change, as it is */
+        const fp_whole_t *w = &u->whole[i], *s = &start->whole[i];
+        for (size_t j = 0; j < (size_t)w->rows * (size_t)w->cols; j++) {
+            double d = (double)w->v[j] - s->v[j];
+            sum += d * d;
+        }
+    }
     return sqrt(sum);
 }
 
@@ -100,6 +109,12 @@ void fp_dp_clip(fp_adapter_t *u, const fp_adapter_t *start, int r_global, int fr
         for (size_t j = 0; j < nb; j++)
             m->B[j] = (float)(s->B[j] + f * ((double)m->B[j] - s->B[j]));
     }
+    for (int i = 0; i < u->nwhole; i++) {
+        fp_whole_t *w = &u->whole[i];
+        const fp_whole_t *s = &start->whole[i];
+        for (size_t j = 0; j < (size_t)w->rows * (size_t)w->cols; j++)
+            w->v[j] = (float)(s->v[j] + f * ((double)w->v[j] - s->v[j]));
+    }
 }
 
 void fp_dp_add_noise(fp_adapter_t *u, int r_global, int frozen_a, double stddev,
@@ -112,6 +127,9 @@ void fp_dp_add_noise(fp_adapter_t *u, int r_global, int frozen_a, double stddev,
         /* ΔB in global coordinates is ratio·(B − B_s): its noise, back in u's, is /ratio */
         fp_noise_add(rng, m->B, (size_t)m->d_out * (size_t)m->rank, stddev / ratio(m, r_global));
     }
+    for (int i = 0; i < u->nwhole; i++)
+        fp_noise_add(rng, u->whole[i].v, (size_t)u->whole[i].rows * (size_t)u->whole[i].cols,
+                     stddev);
 }
 
 void fp_dp_noise_average(fp_adapter_t *merged, const int *ranks, int k, int frozen_a,
@@ -132,6 +150,9 @@ void fp_dp_noise_average(fp_adapter_t *merged, const int *ranks, int k, int froz
                 fp_noise_add(rng, m->B + (size_t)o * (size_t)m->rank + (size_t)r, 1, sd);
         }
     }
+    for (int i = 0; k > 0 && i < merged->nwhole; i++) /* every update covers them */
+        fp_noise_add(rng, merged->whole[i].v,
+                     (size_t)merged->whole[i].rows * (size_t)merged->whole[i].cols, sigma_sum / k);
 }
 
 double fp_dp_noised_bound(double c, double share_stddev, size_t dims)

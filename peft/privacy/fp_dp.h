@@ -11,7 +11,10 @@
  * influence on the sum by C, and Gaussian noise of standard deviation z·C on the sum (divided
  * like the sum) gives the sampled Gaussian mechanism the accountant (fp_rdp.h) prices.
  * flexlora, flora and florist merge products nonlinearly (an SVD; stacked factors whose product
- * is the update): clipping factors bounds no sum the merge releases, so they are refused. */
+ * is the update): clipping factors bounds no sum the merge releases, so they are refused.
+ * Tensors trained in full (a classifier head) are part of the vector as their change
+ * W_u − W_s, averaged by every strategy: they are clipped, noised and counted with the
+ * factors (u and start hold the same ones, in the same order). */
 #ifndef FP_DP_H
 #define FP_DP_H
 

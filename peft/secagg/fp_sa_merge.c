@@ -40,14 +40,24 @@ static size_t part(fp_strategy_t st, const fp_module_desc_t *m)
     return st == FP_STRAT_FFA ? b : st == FP_STRAT_ZEROPAD ? a + b + R : a + b;
 }
 
-size_t fp_sa_linear_dim(fp_strategy_t st, const fp_module_desc_t *layout, int n)
+static size_t whole_floats(const fp_whole_desc_t *whole, int nw)
+{
+    size_t d = 0;
+    for (int i = 0; i < nw; i++)
+        d += (size_t)whole[i].rows * (size_t)whole[i].cols;
+    return d;
+}
+
+size_t fp_sa_linear_dim(fp_strategy_t st, const fp_module_desc_t *layout, int n,
+                        const fp_whole_desc_t *whole, int nw)
 {
     if (!linear(st))
         return 0;
     size_t d = 0;
     for (int i = 0; i < n; i++)
         d += part(st, &layout[i]);
-    return st == FP_STRAT_ZEROPAD ? d : d + 1; /* the weight, once */
+    d += whole_floats(whole, nw);
+    return st == FP_STRAT_ZEROPAD && nw == 0 ? d : d + 1; /* the weight, once */
 }
 
 /* The site's module matching layout entry m, checked. */
@@ -65,7 +75,8 @@ static const fp_lora_module_t *site_module(const fp_adapter_t *u, const fp_modul
 }
 
 int fp_sa_linear_encode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
-                        const fp_adapter_t *u, double w, float *x, fp_err_t *err)
+                        const fp_whole_desc_t *whole, int nw, const fp_adapter_t *u, double w,
+                        float *x, fp_err_t *err)
 {
     if (!linear(st))
         return fp_err_set(err, -ENOTSUP, "secure aggregation: %s is not a linear merge",
@@ -94,24 +105,34 @@ int fp_sa_linear_encode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
                 x[at++] = c < r ? (float)w : 0.0f;
     }
     free(idx);
-    if (rc == 0 && st != FP_STRAT_ZEROPAD)
+    if (rc == 0)
+        rc = fp_adapter_validate_whole(u, whole, nw, "secure aggregation", err);
+    for (int i = 0; rc == 0 && i < u->nwhole; i++) /* sorted by name: the spec's order */
+        for (size_t e = 0; e < (size_t)u->whole[i].rows * (size_t)u->whole[i].cols; e++)
+            x[at++] = (float)(w * u->whole[i].v[e]);
+    if (rc == 0 && (st != FP_STRAT_ZEROPAD || nw > 0))
         x[at++] = (float)w;
     return rc;
 }
 
 int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
-                        const fp_adapter_t *start, const double *sum, fp_adapter_t **out,
-                        fp_err_t *err)
+                        const fp_whole_desc_t *whole, int nw, const fp_adapter_t *start,
+                        const double *sum, fp_adapter_t **out, fp_err_t *err)
 {
     if (!linear(st))
         return fp_err_set(err, -ENOTSUP, "secure aggregation: %s is not a linear merge",
                           fp_strategy_name(st));
-    size_t dim = fp_sa_linear_dim(st, layout, n);
-    double wsum = st == FP_STRAT_ZEROPAD ? 1 : sum[dim - 1];
-    if (!(wsum > 0))
-        return fp_err_set(err, -EDOM, "secure aggregation: the weights sum to %g", wsum);
+    size_t dim = fp_sa_linear_dim(st, layout, n, whole, nw);
+    double wtot = st == FP_STRAT_ZEROPAD && nw == 0 ? 1 : sum[dim - 1];
+    double wsum = st == FP_STRAT_ZEROPAD ? 1 : wtot;
+    if (!(wtot > 0))
+        return fp_err_set(err, -EDOM, "secure aggregation: the weights sum to %g", wtot);
     fp_adapter_t *ad = NULL;
     int *idx = NULL, rc = fp_adapter_new(&ad, layout, n, err);
+    if (rc == 0 && (rc = fp_adapter_set_whole(ad, whole, nw, err)) != 0)
+        fp_adapter_free(ad);
+    if (rc)
+        return rc;
     if (rc == 0 && (rc = order_by_name(layout, n, &idx, err)) != 0)
         fp_adapter_free(ad);
     if (rc)
@@ -144,6 +165,9 @@ int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
         }
     }
     free(idx);
+    for (int i = 0; rc == 0 && i < ad->nwhole; i++) /* Σ w·v / Σ w */
+        for (size_t e = 0; e < (size_t)ad->whole[i].rows * (size_t)ad->whole[i].cols; e++)
+            ad->whole[i].v[e] = (float)(sum[at++] / wtot);
     if (rc == 0)
         rc = fp_adapter_check_finite(ad, err);
     if (rc) {

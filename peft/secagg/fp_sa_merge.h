@@ -35,15 +35,19 @@
 
 /* ---- linear strategies (fedavg, ffa, zeropad) ---- */
 
-/* Floats in a site's vector; 0 for a strategy that is not linear. */
-size_t fp_sa_linear_dim(fp_strategy_t st, const fp_module_desc_t *layout, int n);
+/* Floats in a site's vector; 0 for a strategy that is not linear. The tensors trained in
+ * full whole[0..nw) (a head: in name order, as an adapter keeps them) follow the factors as
+ * w·v, their weight w after them (zeropad: a slot of its own; the others share theirs). */
+size_t fp_sa_linear_dim(fp_strategy_t st, const fp_module_desc_t *layout, int n,
+                        const fp_whole_desc_t *whole, int nw);
 int fp_sa_linear_encode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
-                        const fp_adapter_t *u, double w, float *x, fp_err_t *err);
+                        const fp_whole_desc_t *whole, int nw, const fp_adapter_t *u, double w,
+                        float *x, fp_err_t *err);
 /* The global adapter from the sum of the vectors (double, dim values); ffa takes A from
  * start. -EDOM if the weights sum to nothing (no input, or a row nobody covered). */
 int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
-                        const fp_adapter_t *start, const double *sum, fp_adapter_t **out,
-                        fp_err_t *err);
+                        const fp_whole_desc_t *whole, int nw, const fp_adapter_t *start,
+                        const double *sum, fp_adapter_t **out, fp_err_t *err);
 
 /* ---- exact merges through the double sketch ---- */
 

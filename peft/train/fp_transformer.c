@@ -37,6 +37,10 @@ int fp_lora_check(const fp_model_t *m, const fp_adapter_t *lora, fp_err_t *err)
 int fp__lora_map(const fp_model_config_t *c, const fp_adapter_t *lora, int **out, fp_err_t *err)
 {
     *out = NULL;
+    if (lora && lora->nwhole > 0) /* a decoder has no module PEFT would save whole */
+        return fp_err_set(err, -ENOTSUP, "the adapter saves '%s' whole (modules_to_save), "
+                          "which this %s model does not have", lora->whole[0].name,
+                          fp_model_family_names[c->family]);
     int n = c->n_layers * FP_T_COUNT;
     int *idx = malloc((size_t)n * sizeof *idx);
     if (!idx)

@@ -82,11 +82,38 @@ int fp_vit_save(const fp_vit_t *m, const char *dir, fp_err_t *err);
 /* A fine-tuned ViT's result as PEFT saves it with modules_to_save=["classifier"]: the LoRA
  * factors and the head (base_model.model.classifier.weight K × D and .bias K) in one adapter
  * directory; loaded back with the head as K × D + K floats (*head malloc'd; NULL for an
- * adapter of LoRA factors only, which keeps the model's classifier). */
+ * adapter of LoRA factors only, which keeps the model's classifier; *lora keeps it too, as its
+ * tensors trained in full). */
 int fp_vit_adapter_save(const fp_adapter_t *lora, const fp_vit_config_t *c, const float *head_w,
                         const float *head_b, const char *dir, fp_err_t *err);
 int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t **lora,
                         float **head, fp_err_t *err);
+
+/* The head carried by an adapter as its tensors trained in full — "classifier.weight" K × D
+ * and "classifier.bias" K × 1, PEFT's modules_to_save — as pointers into ad's values (both
+ * NULL when it carries none). Any other tensor trained in full, or another shape, is refused:
+ * what the model would not use must not be dropped silently. */
+int fp_vit_head_of(const fp_vit_config_t *c, const fp_adapter_t *ad, float **w, float **b,
+                   fp_err_t *err);
+/* Gives ad the head as its tensors trained in full: copies of w and b (NULL: zeros). */
+int fp_vit_head_set(const fp_vit_config_t *c, fp_adapter_t *ad, const float *w, const float *b,
+                    fp_err_t *err);
+
+/* A comma list of linears (PEFT's short names query/key/value or the suffixes
+ * attention.output.dense, intermediate.dense, output.dense) as a mask of 1 << FP_VT_*. */
+int fp_vit_targets_parse(const char *list, unsigned *mask, fp_err_t *err);
+/* The LoRA modules of every layer's linears in mask at rank, alpha, rslora: *out is one
+ * allocation holding the names too (free it), *n entries, layer by layer. */
+int fp_vit_lora_descs(const fp_vit_config_t *c, unsigned mask, int rank, double alpha,
+                      int rslora, fp_module_desc_t **out, int *n, fp_err_t *err);
+/* The head as tensors trained in full: classifier.bias K × 1, classifier.weight K × D. */
+void fp_vit_head_descs(const fp_vit_config_t *c, fp_whole_desc_t d[2]);
+/* 1 when the config.json at path is a ViT's (model_type "vit"), 0 for another model, or < 0
+ * when it cannot be read. */
+int fp_config_is_vit(const char *path, fp_err_t *err);
+/* Folds ad's factors into m's weights: W += s·B·A for each module (a restart strategy's
+ * global update, made part of the base). */
+int fp_vit_fold(fp_vit_t *m, const fp_adapter_t *ad, fp_err_t *err);
 
 /* The shape of linear t: out × in. */
 void fp_vit_target_shape(const fp_vit_config_t *c, int t, int *out, int *in);

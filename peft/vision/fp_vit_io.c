@@ -192,14 +192,52 @@ out:
     return rc;
 }
 
+int fp_vit_head_of(const fp_vit_config_t *c, const fp_adapter_t *ad, float **w, float **b,
+                   fp_err_t *err)
+{
+    *w = *b = NULL;
+    if (ad->nwhole == 0)
+        return 0;
+    int iw = fp_adapter_whole_find(ad, "classifier.weight");
+    int ib = fp_adapter_whole_find(ad, "classifier.bias");
+    if (ad->nwhole != 2 || iw < 0 || ib < 0 || ad->whole[iw].rows != c->K ||
+        ad->whole[iw].cols != c->D || ad->whole[ib].rows != c->K || ad->whole[ib].cols != 1)
+        return fp_err_set(err, -EBADMSG, "the tensors trained in full are not this ViT's "
+                          "classifier (classifier.weight %d × %d and classifier.bias %d)", c->K,
+                          c->D, c->K);
+    *w = ad->whole[iw].v;
+    *b = ad->whole[ib].v;
+    return 0;
+}
+
+int fp_vit_head_set(const fp_vit_config_t *c, fp_adapter_t *ad, const float *w, const float *b,
+                    fp_err_t *err)
+{
+    fp_whole_desc_t d[2] = {{"classifier.weight", c->K, c->D}, {"classifier.bias", c->K, 1}};
+    int rc = fp_adapter_set_whole(ad, d, 2, err);
+    float *hw, *hb;
+    if (rc == 0 && (rc = fp_vit_head_of(c, ad, &hw, &hb, err)) == 0) {
+        if (w)
+            memcpy(hw, w, (size_t)c->K * (size_t)c->D * sizeof *hw);
+        if (b)
+            memcpy(hb, b, (size_t)c->K * sizeof *hb);
+    }
+    return rc;
+}
+
 int fp_vit_adapter_save(const fp_adapter_t *lora, const fp_vit_config_t *c, const float *head_w,
                         const float *head_b, const char *dir, fp_err_t *err)
 {
-    fp_hfpeft_full_t full[2] = {
-        {"classifier.weight", 2, {(uint64_t)c->K, (uint64_t)c->D}, (float *)head_w},
-        {"classifier.bias", 1, {(uint64_t)c->K}, (float *)head_b}};
+    fp_adapter_t *ad = NULL;
     int rc = fp_vit_lora_check(c, lora, err);
-    return rc ? rc : fp_hfpeft_save_full(lora, full, 2, dir, err);
+    if (rc == 0)
+        rc = fp_adapter_clone(lora, &ad, err);
+    if (rc == 0)
+        rc = fp_vit_head_set(c, ad, head_w, head_b, err);
+    if (rc == 0)
+        rc = fp_hfpeft_save(ad, dir, err);
+    fp_adapter_free(ad);
+    return rc;
 }
 
 int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t **lora,
@@ -207,47 +245,26 @@ int fp_vit_adapter_load(const char *dir, const fp_vit_config_t *c, fp_adapter_t 
 {
     *lora = NULL;
     *head = NULL;
-    fp_hfpeft_full_t *full = NULL;
-    int nfull = 0, rc = fp_hfpeft_load_full(dir, 0, lora, &full, &nfull, err);
+    float *w, *b;
+    int rc = fp_hfpeft_load(dir, 0, lora, err);
     if (rc)
         return rc;
-    if ((rc = fp_vit_lora_check(c, *lora, err)) != 0) {
+    if ((rc = fp_vit_lora_check(c, *lora, err)) != 0 ||
+        (rc = fp_vit_head_of(c, *lora, &w, &b, err)) != 0) {
         fp_err_prefix(err, rc, "%s: ", dir);
-        goto out;
-    }
-    size_t K = (size_t)c->K, D = (size_t)c->D;
-    float *h = calloc(K * D + K, sizeof *h);
-    int got = 0;
-    if (!h) {
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-        goto out;
-    }
-    for (int i = 0; i < nfull && rc == 0; i++) {
-        const fp_hfpeft_full_t *f = &full[i];
-        if (!strcmp(f->name, "classifier.weight") && f->ndim == 2 && f->shape[0] == K &&
-            f->shape[1] == D) {
-            memcpy(h, f->data, K * D * sizeof *h);
-            got |= 1;
-        } else if (!strcmp(f->name, "classifier.bias") && f->ndim == 1 && f->shape[0] == K) {
-            memcpy(h + K * D, f->data, K * sizeof *h);
-            got |= 2;
-        } else {
-            rc = fp_err_set(err, -EBADMSG, "%s: '%s' saved whole is not this ViT's classifier "
-                            "(%zu × %zu and %zu)", dir, f->name, K, D, K);
-        }
-    }
-    if (rc == 0 && got != 3 && nfull > 0)
-        rc = fp_err_set(err, -EBADMSG, "%s: no whole classifier (weight and bias) beside the "
-                        "LoRA factors", dir);
-    if (rc == 0 && nfull > 0)
-        *head = h;
-    else
-        free(h);
-out:
-    fp_hfpeft_full_free(full, nfull);
-    if (rc) {
         fp_adapter_free(*lora);
         *lora = NULL;
+        return rc;
     }
-    return rc;
+    if (!w)
+        return 0;
+    size_t K = (size_t)c->K, D = (size_t)c->D;
+    if (!(*head = malloc((K * D + K) * sizeof **head))) {
+        fp_adapter_free(*lora);
+        *lora = NULL;
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    }
+    memcpy(*head, w, K * D * sizeof **head);
+    memcpy(*head + K * D, b, K * sizeof **head);
+    return 0;
 }

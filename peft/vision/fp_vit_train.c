@@ -257,7 +257,7 @@ int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
     fp_vit_ws_t *ws = NULL;
     fp_adamw_t *opt = NULL;
     fp_pgroup_t *groups = NULL;
-    float *batch = malloc((size_t)c->batch * img * sizeof *batch), *hg = NULL;
+    float *batch = malloc((size_t)c->batch * img * sizeof *batch), *hg = NULL, *prox = NULL;
     int *labels = malloc((size_t)c->batch * sizeof *labels), ng = 0;
     if (!batch || !labels) {
         rc = fp_err_set(err, -ENOMEM, "out of memory");
@@ -285,7 +285,8 @@ int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
         }
         for (int i = 0; i < lora->n; i++) {
             fp_lora_module_t *p = &lora->mods[i], *g = &lg->mods[i];
-            groups[ng++] = (fp_pgroup_t){p->A, g->A, (size_t)p->rank * p->d_in, 1};
+            if (!c->freeze_a)
+                groups[ng++] = (fp_pgroup_t){p->A, g->A, (size_t)p->rank * p->d_in, 1};
             groups[ng++] = (fp_pgroup_t){p->B, g->B, (size_t)p->d_out * p->rank, 1};
         }
         groups[ng++] = (fp_pgroup_t){head_w, hg, K * D, 1};
@@ -295,6 +296,15 @@ int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
     oc.total = c->steps;
     if ((rc = fp_adamw_new(&opt, groups, ng, &oc, err)) != 0)
         goto out;
+    size_t np = 0;
+    for (int i = 0; i < ng; i++)
+        np += groups[i].n;
+    if (c->prox_mu > 0 && !(prox = malloc(np * sizeof *prox))) {
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0, at = 0; prox && i < (size_t)ng; at += groups[i].n, i++)
+        memcpy(prox + at, groups[i].p, groups[i].n * sizeof *prox); /* θ_start */
     fp_rng_t rng;
     fp_rng_seed(&rng, c->seed);
     for (int s = 0; s < c->steps; s++) {
@@ -317,9 +327,17 @@ int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
             *last_loss = sum / c->batch;
         fp_vit_backward(ws, 1.0 / c->batch, lg, c->full ? gm->head_w : hg,
                         c->full ? gm->head_b : hg + K * D, gm);
+        for (size_t i = 0, at = 0; prox && i < (size_t)ng; at += groups[i].n, i++)
+            for (size_t e = 0; e < groups[i].n; e++) /* ∇ μ/2·‖θ − θ_start‖² */
+                groups[i].g[e] += (float)(c->prox_mu * (groups[i].p[e] - prox[at + e]));
         fp_adamw_step(opt, NULL);
+        if (c->progress && c->progress(c->ctx, s + 1, c->steps, sum / c->batch)) {
+            rc = 1;
+            break;
+        }
     }
 out:
+    free(prox);
     fp_adamw_free(opt);
     fp_vit_free_ws(ws);
     fp_vit_free(gm);

@@ -31,17 +31,39 @@ int fp_image_set_folder(const char *dir, const fp_imgproc_t *pp, int C, int S,
                         fp_image_set_t *out, char ***classes, int *nclasses, fp_err_t *err);
 void fp_image_set_free(fp_image_set_t *s);
 
+/* The model's preprocessing: dir's preprocessor_config.json, or HF's defaults for c (resize to
+ * its size, 0.5/0.5 normalisation). */
+int fp_vit_preprocessing(const char *dir, const fp_vit_config_t *c, fp_imgproc_t *pp,
+                         fp_err_t *err);
+/* An ImageFolder tree whose class folders are c's labels (any order: mapped by name; a folder
+ * that is no label is an error naming it). */
+int fp_image_set_labelled(const char *dir, const fp_vit_config_t *c, const fp_imgproc_t *pp,
+                          fp_image_set_t *d, fp_err_t *err);
+/* An image set as a user names it: "DIR" (an ImageFolder tree, as above) or "IMAGES,LABELS"
+ * (an IDX pair, every image; each label one of c's). */
+int fp_image_set_named(const char *spec, const fp_vit_config_t *c, const fp_imgproc_t *pp,
+                       fp_image_set_t *d, fp_err_t *err);
+/* Moves a fraction of all's images (a shuffle from seed) into *held; all keeps the rest. */
+int fp_image_set_split(fp_image_set_t *all, double fraction, uint64_t seed, fp_image_set_t *held,
+                       fp_err_t *err);
+
 typedef struct fp_vit_train_cfg {
     fp_optim_cfg_t opt;  /* AdamW, its schedule over steps */
     int steps, batch;
     uint64_t seed;       /* which images each step draws */
     int full;            /* every weight and m's own classifier (pretraining); else the
                             adapter's factors and the given head */
+    int freeze_a;        /* lora_A stays as it is (ffa) */
+    double prox_mu;      /* FedProx: + μ/2·‖θ − θ_start‖² over what trains (0: none) */
+    /* called after each step (may be NULL); non-zero stops the training there */
+    int (*progress)(void *ctx, int step, int steps, double loss);
+    void *ctx;
 } fp_vit_train_cfg_t;
 
 /* steps of AdamW on random batches of d. Full: m (and its classifier) change, lora and the
  * head arguments are ignored. Otherwise lora's factors and head_w (K × D), head_b (K) change.
- * *first_loss and *last_loss (may be NULL): the mean loss of the first and the last step. */
+ * *first_loss and *last_loss (may be NULL): the mean loss of the first and the last step.
+ * 1 when progress asked to stop (what trained so far is kept), else 0 or < 0. */
 int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
                  const fp_image_set_t *d, const fp_vit_train_cfg_t *c, double *first_loss,
                  double *last_loss, fp_err_t *err);

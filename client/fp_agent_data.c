@@ -1,0 +1,113 @@
+/* The site's data (fp_agent_data.h). */
+#include "fp_agent_data.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "fp_fs.h"
+#include "fp_log.h"
+
+/* Splits a comma-separated list in place: up to max names. */
+static int split_csv(char *list, const char **out, int max, const char *what, fp_err_t *err)
+{
+    int n = 0;
+    char *save = NULL;
+    for (char *f = strtok_r(list, ",", &save); f; f = strtok_r(NULL, ",", &save)) {
+        if (n == max)
+            return fp_err_set(err, -EINVAL, "%s: more than %d files", what, max);
+        out[n++] = f;
+    }
+    return n;
+}
+
+/* The site's documents (data.files, data.eval_files or a split), tokenized for the model. */
+static int load_corpus(const fp_agent_config_t *cfg, const fp_model_config_t *mcfg,
+                       fp_corpus_t *out, fp_err_t *err)
+{
+    char *files = strdup(cfg->data), *evals = cfg->eval_files ? strdup(cfg->eval_files) : NULL;
+    const char *f[256], *e[256];
+    int rc = !files || (cfg->eval_files && !evals) ? fp_err_set(err, -ENOMEM, "out of memory")
+                                                   : 0;
+    int nf = rc ? rc : split_csv(files, f, 256, "data.files", err);
+    int ne = evals && nf >= 0 ? split_csv(evals, e, 256, "data.eval_files", err) : 0;
+    if (nf < 0 || ne < 0) {
+        rc = nf < 0 ? nf : ne;
+    } else {
+        fp_corpus_spec_t spec = {cfg->tokenizer, cfg->model_dir, f, nf, evals ? e : NULL, ne,
+                                 cfg->eval_fraction, (uint64_t)cfg->split_seed};
+        rc = fp_corpus_load(&spec, mcfg, out, err);
+    }
+    free(files);
+    free(evals);
+    return rc;
+}
+
+int fp_agent_data_is_vision(const fp_agent_config_t *cfg, fp_err_t *err)
+{
+    char *cp = fp_path_join(cfg->model_dir, "config.json");
+    int rc = cp ? fp_config_is_vit(cp, err) : fp_err_set(err, -ENOMEM, "out of memory");
+    free(cp);
+    return rc;
+}
+
+/* The ViT, its preprocessing and its images. */
+static int load_vision(const fp_agent_config_t *cfg, fp_agent_data_t *d, fp_err_t *err)
+{
+    fp_imgproc_t pp;
+    int rc = fp_vit_load(cfg->model_dir, &d->vit, err);
+    if (rc == 0 && d->vit->head_fresh)
+        fp_log(FP_LOG_INFO, "%s has no classifier: the federation's head replaces it anyway",
+               cfg->model_dir);
+    if (rc == 0 && !(d->vit_base = malloc(d->vit->nparams * sizeof *d->vit_base)))
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc == 0) {
+        memcpy(d->vit_base, d->vit->mem, d->vit->nparams * sizeof *d->vit_base);
+        rc = fp_vit_preprocessing(cfg->model_dir, &d->vit->c, &pp, err);
+    }
+    if (rc == 0 && (rc = fp_image_set_named(cfg->data, &d->vit->c, &pp, &d->train, err)) != 0)
+        fp_err_prefix(err, rc, "data.files: ");
+    if (rc == 0 && cfg->eval_files &&
+        (rc = fp_image_set_named(cfg->eval_files, &d->vit->c, &pp, &d->held, err)) != 0)
+        fp_err_prefix(err, rc, "data.eval_files: ");
+    if (rc == 0 && !cfg->eval_files)
+        rc = fp_image_set_split(&d->train, cfg->eval_fraction, (uint64_t)cfg->split_seed,
+                                &d->held, err);
+    return rc;
+}
+
+int fp_agent_data_load(const fp_agent_config_t *cfg, const fp_model_config_t *mcfg,
+                       fp_agent_data_t *d, fp_err_t *err)
+{
+    *d = (fp_agent_data_t){0};
+    int rc = fp_agent_data_is_vision(cfg, err);
+    if (rc < 0)
+        return rc;
+    d->vision = rc;
+    rc = d->vision ? load_vision(cfg, d, err) : load_corpus(cfg, mcfg, &d->text, err);
+    if (rc)
+        fp_agent_data_free(d);
+    return rc;
+}
+
+size_t fp_agent_data_train_n(const fp_agent_data_t *d)
+{
+    return d->vision ? (size_t)d->train.n : d->text.train ? d->text.train->ndocs : 0;
+}
+
+size_t fp_agent_data_held_n(const fp_agent_data_t *d)
+{
+    return d->vision ? (size_t)d->held.n : d->text.held ? d->text.held->ndocs : 0;
+}
+
+void fp_agent_data_free(fp_agent_data_t *d)
+{
+    if (d->vision) {
+        fp_vit_free(d->vit);
+        free(d->vit_base);
+        fp_image_set_free(&d->train);
+        fp_image_set_free(&d->held);
+    } else {
+        fp_corpus_free(&d->text);
+    }
+    *d = (fp_agent_data_t){0};
+}
