@@ -18,14 +18,16 @@ static const char vision_help[] =
     "                               --image S --patch P [--channels C] --labels A,B,...\n"
     "                               [--seed N]\n"
     "       fedpeft vision pretrain --model DIR --images IDX --labels IDX --out DIR\n"
-    "                               [--first N] [--count N] [--steps N] [--batch B]\n"
-    "                               [--lr LR] [--weight-decay W] [--warmup N] [--seed N]\n"
+    "                               [--first N] [--count N] [--classes LIST] [--backbone]\n"
+    "                               [--steps N] [--batch B] [--lr LR] [--weight-decay W]\n"
+    "                               [--warmup N] [--seed N]\n"
     "       fedpeft vision train    --model DIR (--images IDX --labels IDX | --folder DIR)\n"
     "                               --out DIR [--rank R] [--alpha A] [--targets LIST]\n"
-    "                               [--first N] [--count N] [--steps N] [--batch B] [--lr LR]\n"
-    "                               [--seed N]\n"
+    "                               [--first N] [--count N] [--classes LIST] [--steps N]\n"
+    "                               [--batch B] [--lr LR] [--seed N]\n"
     "       fedpeft vision eval     --model DIR [--adapter DIR] (--images IDX --labels IDX |\n"
-    "                               --folder DIR) [--first N] [--count N] [--json]\n"
+    "                               --folder DIR) [--first N] [--count N] [--classes LIST]\n"
+    "                               [--json]\n"
     "\n"
     "Vision transformers in Hugging Face's ViTForImageClassification layout (config.json,\n"
     "model.safetensors), on images in IDX files (MNIST's format, plain or gzip'd: Debian's\n"
@@ -38,19 +40,24 @@ static const char vision_help[] =
     "            pair (default: all), rescaled to [0, 1] and normalised by 0.5 and 0.5\n"
     "            unless the model has a preprocessor_config.json; writes the model and its\n"
     "            preprocessor_config.json to --out. Defaults: 1000 steps of 64 images,\n"
-    "            lr 1e-3 with 50 warm-up steps and a cosine decay, weight decay 0.05\n"
+    "            lr 1e-3 with 50 warm-up steps and a cosine decay, weight decay 0.05.\n"
+    "            --backbone writes it without its classifier: its users train their own\n"
     "  train     fine-tunes LoRA factors of rank R (default 8, alpha 2R) on the TARGETS of\n"
     "            every layer (default query,value: PEFT's names) and the classifier in full,\n"
-    "            the base frozen; writes a PEFT adapter with modules_to_save=[\"classifier\"].\n"
+    "            the base frozen, from the checkpoint's classifier or, for a backbone, a new\n"
+    "            one (HF's init from --seed); writes a PEFT adapter with\n"
+    "            modules_to_save=[\"classifier\"].\n"
     "            Defaults: 300 steps of 32 images, lr 2e-3\n"
     "  eval      loss and accuracy of the model (and a PEFT adapter: its LoRA, and its head if\n"
     "            it saved one) on those images\n"
     "\n"
     "--folder reads an ImageFolder tree: a folder per class named as the model's labels\n"
-    "(config.json's id2label), of PNG or JPEG images at any depth.\n";
+    "(config.json's id2label), of PNG or JPEG images at any depth. --classes keeps the\n"
+    "images of those label numbers only (\"0-4\", \"5,7,9\").\n";
 
 typedef struct vopts {
-    const char *out, *model, *adapter, *images, *labels, *folder, *targets;
+    const char *out, *model, *adapter, *images, *labels, *folder, *targets, *classes;
+    int backbone;
     long long rank;
     double alpha;
     long long first, count, steps, batch, warmup, seed;
@@ -75,7 +82,8 @@ static int parse(int argc, char **argv, const char *sub, vopts_t *o)
         {"image", required_argument, 0, 19},  {"patch", required_argument, 0, 20},
         {"channels", required_argument, 0, 21}, {"folder", required_argument, 0, 22},
         {"rank", required_argument, 0, 23},   {"alpha", required_argument, 0, 24},
-        {"targets", required_argument, 0, 25}, {"help", no_argument, 0, 'h'},
+        {"targets", required_argument, 0, 25}, {"classes", required_argument, 0, 26},
+        {"backbone", no_argument, 0, 27},     {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     int ch, li = -1;
@@ -109,6 +117,8 @@ static int parse(int argc, char **argv, const char *sub, vopts_t *o)
         case 23: bad = fp_parse_int(optarg, 1, 4096, &o->rank); break;
         case 24: bad = fp_parse_double(optarg, &o->alpha) || !(o->alpha > 0); break;
         case 25: o->targets = optarg; break;
+        case 26: o->classes = optarg; break;
+        case 27: o->backbone = 1; break;
         case 'h': fputs(vision_help, stdout); return -1;
         default: return fp_cli_usage_error("vision", "bad option");
         }
@@ -195,10 +205,12 @@ static int write_preprocessing(const char *dir, const fp_imgproc_t *pp, int C, f
 static int load_images(const vopts_t *o, const fp_vit_t *m, const fp_imgproc_t *pp,
                        fp_image_set_t *d, fp_err_t *err)
 {
-    if (!o->folder)
-        return fp_image_set_idx(o->images, o->labels, (size_t)o->first, (size_t)o->count, pp,
-                                m->c.S, d, err);
-    return fp_image_set_labelled(o->folder, &m->c, pp, d, err);
+    int rc = !o->folder ? fp_image_set_idx(o->images, o->labels, (size_t)o->first,
+                                           (size_t)o->count, pp, m->c.S, d, err)
+                        : fp_image_set_labelled(o->folder, &m->c, pp, d, err);
+    if (rc == 0 && o->classes && (rc = fp_image_set_classes(d, o->classes, m->c.K, err)) != 0)
+        fp_image_set_free(d);
+    return rc;
 }
 
 /* The adapter a train writes: rank r on each target of every layer, PEFT's init. */
@@ -233,6 +245,8 @@ static int cmd_run(vopts_t *o, const char *sub)
         return fp_cli_usage_error("vision", "--adapter is eval's: %s starts from the model", sub);
     if (!train && (o->rank || o->alpha > 0 || o->targets))
         return fp_cli_usage_error("vision", "--rank, --alpha and --targets are train's");
+    if (!pretrain && o->backbone)
+        return fp_cli_usage_error("vision", "--backbone is pretrain's");
     if (!pretrain && !train && o->out)
         return fp_cli_usage_error("vision", "eval writes nothing: no --out");
     fp_err_t err = {0};
@@ -266,10 +280,12 @@ static int cmd_run(vopts_t *o, const char *sub)
             if (!head)
                 rc = fp_err_set(&err, -ENOMEM, "out of memory");
             else if (m->head_fresh) { /* HF's init of a new classifier */
-                fp_rng_t rng;
-                fp_rng_seed(&rng, (uint64_t)o->seed + 1);
-                fp_rng_fill_normal(&rng, head, K * D, 0.02);
-                memset(head + K * D, 0, K * sizeof *head);
+                float *hw, *hb;
+                if ((rc = fp_vit_head_init(&m->c, ad, (uint64_t)o->seed, &err)) == 0 &&
+                    (rc = fp_vit_head_of(&m->c, ad, &hw, &hb, &err)) == 0) {
+                    memcpy(head, hw, K * D * sizeof *head);
+                    memcpy(head + K * D, hb, K * sizeof *head);
+                }
             } else {
                 memcpy(head, m->head_w, K * D * sizeof *head);
                 memcpy(head + K * D, m->head_b, K * sizeof *head);
@@ -278,6 +294,7 @@ static int cmd_run(vopts_t *o, const char *sub)
         if (rc == 0)
             rc = fp_vit_train(m, ad, head, head ? head + K * D : NULL, &d, &c, &first, &last,
                               &err);
+        m->head_fresh |= pretrain && o->backbone; /* saved without its classifier */
         if (rc == 0 && pretrain && (rc = fp_vit_save(m, o->out, &err)) == 0)
             rc = write_preprocessing(o->out, &pp, m->c.C, &err);
         if (rc == 0 && train)

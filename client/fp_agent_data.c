@@ -44,10 +44,7 @@ static int load_corpus(const fp_agent_config_t *cfg, const fp_model_config_t *mc
 
 int fp_agent_data_is_vision(const fp_agent_config_t *cfg, fp_err_t *err)
 {
-    char *cp = fp_path_join(cfg->model_dir, "config.json");
-    int rc = cp ? fp_config_is_vit(cp, err) : fp_err_set(err, -ENOMEM, "out of memory");
-    free(cp);
-    return rc;
+    return fp_config_is_vit(cfg->model_dir, err);
 }
 
 /* The ViT, its preprocessing and its images. */

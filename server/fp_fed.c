@@ -1,6 +1,6 @@
 /* The federation's files and heavy work (fp_fed.h). */
 #include "fp_fed.h"
-#include "fp_rng.h"
+#include "fp_vit.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -88,14 +88,9 @@ int fp_fed_initial(const fp_fed_t *f, char sha_hex[65], int *rank, fp_err_t *err
 {
     fp_adapter_t *init = NULL;
     int rc = fp_strategy_initial(f->strategy, f->layout, f->n_layout, f->seed, &init, err);
-    if (rc == 0 && f->n_whole && (rc = fp_adapter_set_whole(init, f->whole, f->n_whole, err)) == 0) {
-        /* a new head, as HF initialises one: weights N(0, 0.02²), biases 0 */
-        fp_rng_t rng;
-        fp_rng_seed(&rng, f->seed ^ 0x68656164ull);
-        for (int i = 0; i < init->nwhole; i++)
-            if (init->whole[i].cols > 1)
-                fp_rng_fill_normal(&rng, init->whole[i].v,
-                                   (size_t)init->whole[i].rows * (size_t)init->whole[i].cols, 0.02);
+    if (rc == 0 && f->vision) { /* a new head, as HF initialises one */
+        fp_vit_config_t vc = {.K = f->whole[1].rows, .D = f->whole[1].cols};
+        rc = fp_vit_head_init(&vc, init, f->seed, err);
     }
     if (rc == 0)
         rc = fp_fed_store_adapter(f, init, sha_hex, err);

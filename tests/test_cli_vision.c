@@ -122,7 +122,7 @@ static void test_init_pretrain_eval(void **state)
     assert_true(tuned >= 0.8);
     assert_int_equal(run("vision", "train", "--model", init, "--images", ti, "--labels", tl,
                          "--targets", "query,lm_head", "--out", ad, NULL), 1);
-    assert_contains(err_text, "--targets: 'lm_head' is not one of");
+    assert_contains(err_text, "--targets: 'lm_head' is not a ViT linear");
     /* an ImageFolder tree whose folders are the model's labels, in another order */
     char *tree = at("tree");
     const char *py[] = {"-c",

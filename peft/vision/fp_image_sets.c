@@ -115,3 +115,40 @@ int fp_image_set_split(fp_image_set_t *all, double fraction, uint64_t seed, fp_i
     all->n = nt; /* the training part keeps its allocation */
     return 0;
 }
+
+int fp_image_set_classes(fp_image_set_t *d, const char *list, int K, fp_err_t *err)
+{
+    unsigned char *keep = calloc((size_t)K, 1);
+    char *copy = strdup(list), *save = NULL;
+    int rc = keep && copy ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
+    for (char *tok = copy ? strtok_r(copy, ",", &save) : NULL; tok && rc == 0;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *end;
+        long a = strtol(tok, &end, 10), b = a;
+        if (*end == '-')
+            b = strtol(end + 1, &end, 10);
+        if (*end || end == tok || a < 0 || b < a || b >= K)
+            rc = fp_err_set(err, -EINVAL, "classes: '%s' is not a label number or range "
+                            "within 0..%d", tok, K - 1);
+        for (long k = a; rc == 0 && k <= b; k++)
+            keep[k] = 1;
+    }
+    size_t per = (size_t)d->C * (size_t)d->S * (size_t)d->S;
+    int n = 0;
+    for (int i = 0; rc == 0 && i < d->n; i++) {
+        if (!keep[d->labels[i]])
+            continue;
+        if (n != i) {
+            memmove(d->px + (size_t)n * per, d->px + (size_t)i * per, per * sizeof *d->px);
+            d->labels[n] = d->labels[i];
+        }
+        n++;
+    }
+    if (rc == 0 && n == 0)
+        rc = fp_err_set(err, -EINVAL, "%s: no image of classes %s", d->source, list);
+    if (rc == 0)
+        d->n = n;
+    free(keep);
+    free(copy);
+    return rc;
+}

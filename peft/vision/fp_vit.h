@@ -40,7 +40,7 @@ typedef struct fp_vit_config {
     char **labels;   /* K names (id2label), or NULL; owned */
 } fp_vit_config_t;
 
-/* Reads a ViT config.json. Every key is understood or refused by name (dropout above 0, an
+/* Reads a ViT config.json (path, or a directory holding it). Every key is understood or refused by name (dropout above 0, an
  * activation other than exact gelu, a model_type other than vit, ...). */
 int fp_vit_config_load(const char *path, fp_vit_config_t *c, fp_err_t *err);
 /* Checks the sizes of c (positive, D divisible by H, S by P, bounded). */
@@ -76,7 +76,8 @@ void fp_vit_init_random(fp_vit_t *m, uint64_t seed);
 /* Reads an HF ViTForImageClassification directory (config.json, model.safetensors in f32, f16
  * or bf16). A checkpoint without a classifier (a backbone) loads with head_fresh set. */
 int fp_vit_load(const char *dir, fp_vit_t **out, fp_err_t *err);
-/* Writes m as such a directory (float32), loadable by transformers as well. */
+/* Writes m as such a directory (float32), loadable by transformers as well; with head_fresh
+ * set, without a classifier (a backbone, whose users train their own head). */
 int fp_vit_save(const fp_vit_t *m, const char *dir, fp_err_t *err);
 
 /* A fine-tuned ViT's result as PEFT saves it with modules_to_save=["classifier"]: the LoRA
@@ -108,8 +109,12 @@ int fp_vit_lora_descs(const fp_vit_config_t *c, unsigned mask, int rank, double 
                       int rslora, fp_module_desc_t **out, int *n, fp_err_t *err);
 /* The head as tensors trained in full: classifier.bias K × 1, classifier.weight K × D. */
 void fp_vit_head_descs(const fp_vit_config_t *c, fp_whole_desc_t d[2]);
-/* 1 when the config.json at path is a ViT's (model_type "vit"), 0 for another model, or < 0
- * when it cannot be read. */
+/* Gives ad a new head as HF initialises one (weights N(0, 0.02²), biases 0) from seed: the
+ * same values wherever the same seed is used (the coordinator's first global, a site alone,
+ * the simulation's base row). */
+int fp_vit_head_init(const fp_vit_config_t *c, fp_adapter_t *ad, uint64_t seed, fp_err_t *err);
+/* 1 when the config.json at path (or in the directory path) is a ViT's (model_type "vit"),
+ * 0 for another model, or < 0 when it cannot be read. */
 int fp_config_is_vit(const char *path, fp_err_t *err);
 /* Folds ad's factors into m's weights: W += s·B·A for each module (a restart strategy's
  * global update, made part of the base). */

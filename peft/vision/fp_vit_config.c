@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_fs.h"
 #include "fp_json.h"
 #include "fp_model.h"
 #include "fp_rng.h"
@@ -115,9 +116,21 @@ static int read_labels(json_t *j, fp_vit_config_t *c, const char *path, fp_err_t
     return 0;
 }
 
-int fp_vit_config_load(const char *path, fp_vit_config_t *c, fp_err_t *err)
+static int vit_config_file(const char *path, fp_vit_config_t *c, fp_err_t *err);
+
+int fp_vit_config_load(const char *where, fp_vit_config_t *c, fp_err_t *err)
 {
     *c = (fp_vit_config_t){.eps = 1e-12, .qkv_bias = 1, .C = 3};
+    char *file = fp_fs_is_dir(where) ? fp_path_join(where, "config.json") : strdup(where);
+    if (!file)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    int rc = vit_config_file(file, c, err);
+    free(file);
+    return rc;
+}
+
+static int vit_config_file(const char *path, fp_vit_config_t *c, fp_err_t *err)
+{
     json_t *j = fp_json_load_file(path, 1 << 22, err);
     if (!j)
         return err && err->code ? err->code : -EINVAL;

@@ -65,8 +65,10 @@ static size_t tensors(const fp_vit_t *m, vt_tensor_t *t)
     }
     ADD("vit.layernorm.weight", m->lnf_w, 1, D);
     ADD("vit.layernorm.bias", m->lnf_b, 1, D);
-    ADD("classifier.weight", m->head_w, 2, (uint64_t)c->K, D);
-    ADD("classifier.bias", m->head_b, 1, (uint64_t)c->K);
+    if (!m->head_fresh) { /* a backbone is saved without a classifier */
+        ADD("classifier.weight", m->head_w, 2, (uint64_t)c->K, D);
+        ADD("classifier.bias", m->head_b, 1, (uint64_t)c->K);
+    }
 #undef ADD
     return n;
 }

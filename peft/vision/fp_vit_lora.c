@@ -5,7 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fp_fs.h"
 #include "fp_json.h"
+#include "fp_rng.h"
 #include "fp_vit.h"
 
 int fp_vit_targets_parse(const char *list, unsigned *mask, fp_err_t *err)
@@ -89,14 +91,28 @@ int fp_vit_fold(fp_vit_t *m, const fp_adapter_t *ad, fp_err_t *err)
     return 0;
 }
 
-int fp_config_is_vit(const char *path, fp_err_t *err)
+int fp_config_is_vit(const char *where, fp_err_t *err)
 {
-    json_t *j = fp_json_load_file(path, 16u << 20, err);
-    if (!j)
-        return err && err->code ? err->code : -EBADMSG;
+    char *path = fp_fs_is_dir(where) ? fp_path_join(where, "config.json") : strdup(where);
+    json_t *j = path ? fp_json_load_file(path, 16u << 20, err) : NULL;
     const char *type = NULL;
-    int rc = fp_json_opt_string(j, "model_type", &type, path, err);
+    int rc = !path ? fp_err_set(err, -ENOMEM, "out of memory")
+             : !j  ? (err && err->code ? err->code : -EBADMSG)
+                   : fp_json_opt_string(j, "model_type", &type, path, err);
     int vit = rc == 1 && !strcmp(type, "vit");
     json_decref(j);
+    free(path);
     return rc < 0 ? rc : vit;
+}
+
+int fp_vit_head_init(const fp_vit_config_t *c, fp_adapter_t *ad, uint64_t seed, fp_err_t *err)
+{
+    float *w, *b;
+    int rc = fp_vit_head_set(c, ad, NULL, NULL, err);
+    if (rc == 0 && (rc = fp_vit_head_of(c, ad, &w, &b, err)) == 0) {
+        fp_rng_t rng;
+        fp_rng_seed(&rng, seed ^ 0x68656164ull); /* "head" */
+        fp_rng_fill_normal(&rng, w, (size_t)c->K * (size_t)c->D, 0.02);
+    }
+    return rc;
 }

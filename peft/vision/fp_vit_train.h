@@ -43,6 +43,9 @@ int fp_image_set_labelled(const char *dir, const fp_vit_config_t *c, const fp_im
  * (an IDX pair, every image; each label one of c's). */
 int fp_image_set_named(const char *spec, const fp_vit_config_t *c, const fp_imgproc_t *pp,
                        fp_image_set_t *d, fp_err_t *err);
+/* Keeps the images of d whose label is in list ("0-4", "5,7,9": numbers of a model of K
+ * labels), in order. */
+int fp_image_set_classes(fp_image_set_t *d, const char *list, int K, fp_err_t *err);
 /* Moves a fraction of all's images (a shuffle from seed) into *held; all keeps the rest. */
 int fp_image_set_split(fp_image_set_t *all, double fraction, uint64_t seed, fp_image_set_t *held,
                        fp_err_t *err);
