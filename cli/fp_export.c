@@ -9,6 +9,7 @@
 #include "fp_hfpeft.h"
 #include "fp_model.h"
 #include "fp_trainer.h"
+#include "fp_vit.h"
 
 /* The federation and the closed round to export (its global adapter's name). */
 static int find_round(const fp_export_t *x, fp_db_federation_t *f, fp_db_round_t *r,
@@ -49,6 +50,31 @@ static int write_merged(const fp_export_t *x, const fp_db_federation_t *f,
     fp_model_t *m = NULL;
     char *mout = fp_path_join(x->out, "merged-model");
     int rc = mout ? 0 : fp_err_set(err, -ENOMEM, "out of memory");
+    if (rc == 0 && ad->nwhole) { /* a ViT: W + s·B·A, and the federation's head */
+        fp_vit_t *v = NULL;
+        float *hw, *hb;
+        if ((rc = fp_vit_load(mdir, &v, err)) == 0 &&
+            (rc = fp_vit_fold(v, ad, err)) == 0 &&
+            (rc = fp_vit_head_of(&v->c, ad, &hw, &hb, err)) == 0) {
+            memcpy(v->head_w, hw, (size_t)v->c.K * (size_t)v->c.D * sizeof *hw);
+            memcpy(v->head_b, hb, (size_t)v->c.K * sizeof *hb);
+            v->head_fresh = 0;
+            rc = fp_vit_save(v, mout, err);
+        }
+        char *pp = fp_path_join(mdir, "preprocessor_config.json"), *text = NULL, *dst = NULL;
+        size_t len = 0; /* the model's preprocessing goes with it */
+        if (rc == 0 && pp && fp_fs_exists(pp) &&
+            (rc = fp_fs_read_file(pp, 1 << 20, &text, &len, err)) == 0)
+            rc = (dst = fp_path_join(mout, "preprocessor_config.json"))
+                     ? fp_fs_write_file(dst, text, len, 0644, err)
+                     : fp_err_set(err, -ENOMEM, "out of memory");
+        free(pp);
+        free(text);
+        free(dst);
+        fp_vit_free(v);
+        free(mout);
+        return rc;
+    }
     if (rc == 0 && (rc = fp_model_load(mdir, &m, err)) == 0 &&
         (rc = fp_lora_merge_into(m, ad, err)) == 0)
         rc = fp_model_save(m, mout, FP_DT_F32, err);
@@ -79,7 +105,8 @@ int fp_export_global(const fp_export_t *x, int64_t *round, fp_err_t *err)
     if (rc)
         return rc;
     ad->base_model = strdup(base[0] ? base : f.name);
-    ad->task_type = strdup("CAUSAL_LM");
+    if (!ad->nwhole) /* a decoder's; a ViT's adapter with its head has none */
+        ad->task_type = strdup("CAUSAL_LM");
     rc = fp_hfpeft_save(ad, x->out, err);
     if (rc == 0 && x->merged_model)
         rc = write_merged(x, &f, ad, err);

@@ -16,9 +16,9 @@ BUILD_PKGS="gcc cmake ninja-build pkg-config libuv1-dev libprotobuf-c-dev protob
 libssl-dev libopenblas-dev liblapacke-dev libsqlite3-dev libjansson-dev libinih-dev
 libpcre2-dev libutf8proc-dev libsystemd-dev libmicrohttpd-dev nettle-dev libdnnl-dev
 libpng-dev libjpeg62-turbo-dev zlib1g-dev"
-# the demo's data (fedpeft sim's 12 languages) and the tests' texts:
+# the demos' data (fedpeft sim's 12 languages; --task image's Fashion-MNIST) and the tests':
 DEMO_PKGS="fortunes fortunes-min fortunes-de fortunes-it fortunes-es fortunes-br fortunes-eo
-fortunes-pl fortunes-cs fortunes-bg fortunes-ru fortunes-ga fortunes-zh"
+fortunes-pl fortunes-cs fortunes-bg fortunes-ru fortunes-ga fortunes-zh dataset-fashion-mnist"
 # to build and run the tests (cmocka, sanitizers, a browser for the report, PyTorch peers):
 TEST_PKGS="clang libclang-rt-14-dev libcmocka-dev openssl chromium procps python3-torch
 python3-pil"

@@ -36,7 +36,7 @@
 #include "fp_error.h"
 
 enum { SIM_BY_CATEGORY, SIM_DIRICHLET, SIM_IID };
-enum { SIM_TASK_CLASSIFY, SIM_TASK_LM };
+enum { SIM_TASK_CLASSIFY, SIM_TASK_LM, SIM_TASK_IMAGE };
 
 /* A category: its label and the files of its documents. */
 typedef struct sim_cat {
@@ -90,6 +90,7 @@ typedef struct sim {
     /* made */
     sim_site_t *sites;
     char *pki, *slot_dir;
+    char *pooled_train;  /* --task image: every site's training images ("IMAGES,LABELS") */
     char server_bin[4096], client_bin[4096], self_bin[4096];
     char model_sha[65];
 } sim_t;
@@ -114,6 +115,17 @@ int sim_train_baselines(sim_t *sim, fp_err_t *err);
  * site's held-out data and pooled — loss, accuracy (classify) and the share of the
  * centralised gain: the "table" object of the report. */
 int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err);
+
+/* --task image (sim_image.c): the sites' Fashion-MNIST images of classes 5-9 with label skew
+ * (two classes a site, sim->max_docs images of each, a fifth held out), as IDX pairs under
+ * out/data/, and every site's training images pooled. */
+int sim_make_images(sim_t *sim, fp_err_t *err);
+/* The argv of `fedpeft vision train` for a baseline (job < nsites: that site alone; nsites:
+ * centralised) writing to out; num holds its numbers (6 × 32 bytes). Returns argc. */
+int sim_image_baseline_argv(const sim_t *sim, int job, const char *out, const char **argv,
+                            char (*num)[32]);
+/* "images" or "documents". */
+const char *sim_units(const sim_t *sim);
 
 /* Frees what sim_make_data and the option parsing allocated in sim. */
 void sim_free(sim_t *sim);

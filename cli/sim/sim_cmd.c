@@ -80,7 +80,12 @@ static const char sim_help[] =
     "  --task T           classify: each document's beginning is a prompt and its category's\n"
     "                     name the answer, scored by accuracy (the name the model writes) and\n"
     "                     the answer's loss; lm: the documents as text, scored by held-out\n"
-    "                     loss (default classify)\n"
+    "                     loss; image: imaging sites — a ViT (models/vit-demo, pretrained on\n"
+    "                     Fashion-MNIST's classes 0-4) learns classes 5-9 with LoRA on query\n"
+    "                     and value and a new head, five sites of two classes each, --max-docs\n"
+    "                     images of a class at a site (default 400, a fifth held out); its\n"
+    "                     defaults: 5 sites, 10 rounds of 20 steps of 32 images, lr 2e-3,\n"
+    "                     server sgd (default classify)\n"
     "  --prompt-bytes N   classify: the prompt is a document's first N bytes (default %d)\n"
     "  --max-docs N       documents per category at most, chosen by the seed; 0: all\n"
     "                     (default %d)\n"
@@ -146,6 +151,9 @@ enum { D_ROUNDS = 15, D_STEPS = 6, D_BATCH = 16, D_SEQ = 80, D_SEQ_LM = 128, D_P
 #define D_BETA1_ADAPTIVE 0.9
 #define D_LR_ADAPTIVE 0.01
 #define D_DP_CLIP 1.0
+/* Defaults of --task image (imaging sites on Fashion-MNIST, sim_image.c) */
+enum { D_IMG_SITES = 5, D_IMG_ROUNDS = 10, D_IMG_STEPS = 20, D_IMG_BATCH = 32, D_IMG_PER = 400 };
+#define D_IMG_LR 2e-3
 
 static int cat_add_file(sim_cat_t *c, const char *path)
 {
@@ -293,9 +301,12 @@ static int known_strategy(const char *s)
     return 0;
 }
 
-static const char *default_model(char *buf, size_t n)
+static const char *default_model(char *buf, size_t n, int image)
 {
-    const char *cands[] = {"models/demo", FP_SOURCE_DIR "/models/demo", "/usr/share/fedpeft/demo"};
+    const char *text[] = {"models/demo", FP_SOURCE_DIR "/models/demo", "/usr/share/fedpeft/demo"};
+    const char *img[] = {"models/vit-demo", FP_SOURCE_DIR "/models/vit-demo",
+                         "/usr/share/fedpeft/vit-demo"};
+    const char *const *cands = image ? img : text;
     for (size_t i = 0; i < 3; i++) {
         snprintf(buf, n, "%s/config.json", cands[i]);
         if (access(buf, R_OK) == 0) {
@@ -414,18 +425,20 @@ static void print_table(const sim_t *sim, json_t *table)
 {
     int acc = !strcmp(json_string_value(json_object_get(table, "metric")), "accuracy");
     printf("\nThe share of the centralised gain each approach recovers, (X - base) / (centralised "
-           "- base),\nin %s on every site's held-out documents (100 %% = as good as pooling "
-           "all the data):\n\n", acc ? "accuracy" : "held-out loss");
+           "- base),\nin %s on every site's held-out %s (100 %% = as good as pooling "
+           "all the data):\n\n", acc ? "accuracy" : "held-out loss", sim_units(sim));
     print_rows(sim, table, acc ? "share" : "share_loss", acc ? "pooled_share" : "pooled_share_loss",
                100, 0, "%");
     if (acc) {
-        printf("\nAccuracy: the label the model writes (%zu labels, chance %.1f %%):\n\n",
+        printf("\nAccuracy: the label the model %s (%zu labels, chance %.1f %%):\n\n",
+               sim->task == SIM_TASK_IMAGE ? "picks" : "writes",
                json_array_size(json_object_get(table, "labels")),
                100 * json_number_value(json_object_get(table, "chance")));
         print_rows(sim, table, "accuracy", "pooled_accuracy", 100, 1, "%");
     }
-    printf("\n%s (nats per token, lower is better):\n\n",
-           acc ? "Loss of the true label" : "Held-out loss");
+    printf("\n%s (nats per %s, lower is better):\n\n",
+           acc ? "Loss of the true label" : "Held-out loss",
+           sim->task == SIM_TASK_IMAGE ? "image" : "token");
     print_rows(sim, table, "loss", "pooled", 1, 4, " ");
     print_curves(table);
     printf("\n(local-only: each site's own adapter on its own held-out data — the only categories\n"
@@ -568,6 +581,7 @@ void sim_free(sim_t *sim)
     free(sim->cats);
     free(sim->pki);
     free(sim->slot_dir);
+    free(sim->pooled_train);
     memset(sim, 0, sizeof *sim);
 }
 
@@ -780,9 +794,11 @@ static int parse_options(int argc, char **argv, sim_t *sim, sim_args_t *a)
                                           "dirichlet:ALPHA (ALPHA > 0), not '%s'", optarg);
             break;
         case 'K':
-            if (strcmp(optarg, "classify") && strcmp(optarg, "lm"))
-                return fp_cli_usage_error("sim", "--task is classify or lm, not '%s'", optarg);
-            sim->task = !strcmp(optarg, "lm") ? SIM_TASK_LM : SIM_TASK_CLASSIFY;
+            if (strcmp(optarg, "classify") && strcmp(optarg, "lm") && strcmp(optarg, "image"))
+                return fp_cli_usage_error("sim", "--task is classify, lm or image, not '%s'",
+                                          optarg);
+            sim->task = !strcmp(optarg, "lm")      ? SIM_TASK_LM
+                        : !strcmp(optarg, "image") ? SIM_TASK_IMAGE : SIM_TASK_CLASSIFY;
             break;
         case 'S':
             if (fp_parse_int(optarg, 0, INT64_MAX, &v))
@@ -831,12 +847,17 @@ static int prepare(sim_t *sim, const sim_args_t *a, char *mbuf, size_t mlen)
         snprintf(sim->sites[i].name, sizeof sim->sites[i].name, "site-%d", i + 1);
     }
     free(ranks);
-    if (a->data ? parse_data(sim, a->data) != 0 : demo_data(sim) != 0)
+    int image = sim->task == SIM_TASK_IMAGE;
+    if (image && (a->data || a->print_data))
+        return fp_cli_usage_error("sim", "--task image takes Fashion-MNIST's images (Debian's "
+                                  "dataset-fashion-mnist): no --data or --print-data");
+    if (!image && (a->data ? parse_data(sim, a->data) != 0 : demo_data(sim) != 0))
         return FP_EXIT_FAIL;
     if (a->print_data)
         return 0;
-    if (!sim->model && !(sim->model = default_model(mbuf, mlen)))
-        return fp_cli_fail("sim", "the demo model (models/demo) is not here; pass --model DIR");
+    if (!sim->model && !(sim->model = default_model(mbuf, mlen, image)))
+        return fp_cli_fail("sim", "the demo model (models/%s) is not here; pass --model DIR",
+                           image ? "vit-demo" : "demo");
     if (fp_find_program(sim->server_bin, sizeof sim->server_bin, "fedpeft-server", "server",
                         NULL) ||
         fp_find_program(sim->client_bin, sizeof sim->client_bin, "fedpeft-client", "client",
@@ -867,16 +888,26 @@ static void opt_desc(const sim_t *sim, char *buf, size_t n)
         snprintf(buf + k, n - (size_t)k, ", FedProx μ %g", sim->prox_mu);
 }
 
+static const char *task_name(const sim_t *sim)
+{
+    return sim->task == SIM_TASK_LM ? "lm" : sim->task == SIM_TASK_IMAGE ? "image" : "classify";
+}
+
 static void print_plan(const sim_t *sim)
 {
     char opt[128];
     opt_desc(sim, opt, sizeof opt);
     const char *pname = sim->partition == SIM_BY_CATEGORY ? "by category"
                         : sim->partition == SIM_IID      ? "iid" : "dirichlet";
-    printf("fedpeft sim: %d sites, %d rounds of %d local steps (batch %d × %d tokens), %s, "
-           "%s, partition %s", sim->nsites, sim->rounds, sim->steps, sim->batch, sim->seq,
+    char batch[64];
+    if (sim->task == SIM_TASK_IMAGE)
+        snprintf(batch, sizeof batch, "batch %d images", sim->batch);
+    else
+        snprintf(batch, sizeof batch, "batch %d × %d tokens", sim->batch, sim->seq);
+    printf("fedpeft sim: %d sites, %d rounds of %d local steps (%s), %s, %s, partition %s",
+           sim->nsites, sim->rounds, sim->steps, batch,
            sim->nruns > 1 && !sim->dp_mode ? "every strategy" : sim->runs[0].strategy, opt,
-           pname);
+           sim->task == SIM_TASK_IMAGE ? "label skew (two classes a site)" : pname);
     if (sim->dp_mode) {
         printf(", %s DP at", sim->dp_mode);
         for (int k = 1; k < sim->nruns; k++)
@@ -886,11 +917,11 @@ static void print_plan(const sim_t *sim)
     }
     if (sim->partition == SIM_DIRICHLET)
         printf(" (alpha %g)", sim->dir_alpha);
-    printf(", task %s, model %s (base %s), %d training at once\n",
-           sim->task == SIM_TASK_LM ? "lm" : "classify", sim->model, sim->base_dtype, sim->slots);
+    printf(", task %s, model %s (base %s), %d training at once\n", task_name(sim), sim->model,
+           sim->base_dtype, sim->slots);
     for (int i = 0; i < sim->nsites; i++)
-        printf("  %-8s rank %-3d %5zu training + %3zu held-out documents: %s\n",
-               sim->sites[i].name, sim->ranks[i], sim->sites[i].ntrain, sim->sites[i].nheld,
+        printf("  %-8s rank %-3d %5zu training + %3zu held-out %s: %s\n", sim->sites[i].name,
+               sim->ranks[i], sim->sites[i].ntrain, sim->sites[i].nheld, sim_units(sim),
                sim->sites[i].cats);
 }
 
@@ -938,8 +969,9 @@ static int write_outputs(const sim_t *sim, json_t *runs, json_t *table, json_t *
              "(batch %d × %d tokens, lr %g), %s, partition %s, task %s, seed %llu, base model %s "
              "(its frozen weights in %s).",
              sim->nsites, sim->rounds, sim->steps, sim->batch, sim->seq, sim->lr, opt, pname,
-             sim->task == SIM_TASK_LM ? "lm (held-out loss)"
-                                      : "classify (the label the model writes)",
+             sim->task == SIM_TASK_LM      ? "lm (held-out loss)"
+             : sim->task == SIM_TASK_IMAGE ? "image (Fashion-MNIST, the label the ViT picks)"
+                                           : "classify (the label the model writes)",
              (unsigned long long)sim->seed, sim->model, sim->base_dtype);
     json_t *doc = json_pack("{s:s,s:s,s:o,s:O,s:O,s:O,s:s}", "title", "fedpeft simulation",
                             "summary", summary, "sites", sites, "runs", runs, "table", table,
@@ -969,6 +1001,16 @@ static int print_data(const sim_t *sim)
     return FP_EXIT_OK;
 }
 
+/* Whether the command line asks for --task image (its defaults differ). */
+static int task_is_image(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--task=image") ||
+            (!strcmp(argv[i], "--task") && i + 1 < argc && !strcmp(argv[i + 1], "image")))
+            return 1;
+    return 0;
+}
+
 int fp_cmd_sim(int argc, char **argv)
 {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -979,6 +1021,17 @@ int fp_cmd_sim(int argc, char **argv)
                  .out = "out/sim", .targets = "all", .seed = 1, .dp_clip = D_DP_CLIP,
                  .server_opt = "avgm", .server_lr = -1, .server_beta1 = -1};
     sim.base_dtype = fp_base_dtype_name(fp_base_dtype_default());
+    if (task_is_image(argc, argv)) { /* the imaging demo's defaults; options override them */
+        sim.nsites = D_IMG_SITES;
+        sim.rounds = D_IMG_ROUNDS;
+        sim.steps = D_IMG_STEPS;
+        sim.batch = D_IMG_BATCH;
+        sim.lr = D_IMG_LR;
+        sim.max_docs = D_IMG_PER;
+        sim.targets = "query,value";
+        sim.server_opt = "sgd";
+        sim.base_dtype = "f32"; /* the ViT trains in float32 */
+    }
     sim_args_t a = {.strategy = "flora"};
     char mbuf[4096];
     fp_err_t err = {0};
@@ -990,6 +1043,23 @@ int fp_cmd_sim(int argc, char **argv)
     if (sim.server_beta1 >= 0 && !strcmp(sim.server_opt, "sgd")) {
         rc = fp_cli_usage_error("sim", "--server-beta1 has no effect with --server-opt sgd");
         goto out;
+    }
+    if (sim.task == SIM_TASK_IMAGE && strcmp(sim.server_opt, "sgd") != 0) {
+        rc = fp_cli_usage_error("sim", "--task image: a ViT's head has no server optimizer state "
+                                "yet; use --server-opt sgd");
+        goto out;
+    }
+    if (sim.task == SIM_TASK_IMAGE && sim.secure) {
+        for (int k = 0; k < sim.nruns; k++) {
+            fp_strategy_t st;
+            if (fp_strategy_parse(sim.runs[k].strategy, &st, NULL) == 0 &&
+                fp_strategy_merges_products(st)) {
+                rc = fp_cli_usage_error("sim", "--task image --secure-aggregation: a ViT's head "
+                                        "is not in the exact merges' sketch yet; use --strategy "
+                                        "fedavg, ffa or zeropad");
+                goto out;
+            }
+        }
     }
     if (sim.server_lr < 0)
         sim.server_lr = plain ? 1 : D_LR_ADAPTIVE;
@@ -1004,7 +1074,8 @@ int fp_cmd_sim(int argc, char **argv)
     sim.pki = fp_path_join(sim.out, ".pki");
     sim.slot_dir = fp_path_join(sim.out, ".slots");
     if (fp_fs_mkdirs(sim.out, 0755, &err) != 0 || !sim.pki || !sim.slot_dir ||
-        sim_make_data(&sim, &err) != 0 || sim_make_pki(&sim, &err) != 0)
+        (sim.task == SIM_TASK_IMAGE ? sim_make_images(&sim, &err) : sim_make_data(&sim, &err)) ||
+        sim_make_pki(&sim, &err) != 0)
         goto fail;
     print_plan(&sim);
     runs = json_array();

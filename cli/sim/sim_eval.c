@@ -20,15 +20,9 @@
 #include "fp_tokenizer.h"
 #include "fp_trainer.h"
 #include "fp_transformer.h"
+#include "fp_vit.h"
+#include "fp_vit_train.h"
 #include "sim.h"
-
-typedef struct ev {
-    const sim_t *sim;
-    fp_model_t *m;
-    fp_dataset_t **held;     /* per site */
-    fp_choices_t *choices;   /* classify: the categories' names */
-    long *tokens, *examples; /* per site */
-} ev_t;
 
 /* One model's scores: per site and pooled. */
 typedef struct scores {
@@ -36,11 +30,50 @@ typedef struct scores {
     double pooled_loss, pooled_acc;
 } scores_t;
 
+typedef struct ev {
+    const sim_t *sim;
+    fp_model_t *m;
+    fp_dataset_t **held;     /* per site */
+    fp_choices_t *choices;   /* classify: the categories' names */
+    long *tokens, *examples; /* per site */
+    /* --task image */
+    fp_vit_t *vit;
+    fp_image_set_t *imgs;    /* per site: its held-out images */
+    fp_adapter_t *base;      /* the base row: no LoRA, the federation's first head */
+} ev_t;
+
+/* The ViT's scores of ad (NULL: the base) on every site's held-out images: mean loss and
+ * accuracy per site; pooled over all images. */
+static int eval_vit(ev_t *e, const fp_adapter_t *ad, scores_t *s, fp_err_t *err)
+{
+    const fp_adapter_t *use = ad ? ad : e->base;
+    float *hw, *hb;
+    int rc = fp_vit_lora_check(&e->vit->c, use, err);
+    if (rc == 0 && (rc = fp_vit_head_of(&e->vit->c, use, &hw, &hb, err)) == 0 && !hw)
+        rc = fp_err_set(err, -EINVAL, "the adapter carries no classifier head");
+    double lsum = 0, right = 0, total = 0;
+    for (int i = 0; rc == 0 && i < e->sim->nsites; i++) {
+        if ((rc = fp_vit_eval(e->vit, use, hw, hb, &e->imgs[i], &s->loss[i], &s->acc[i],
+                              err)) != 0)
+            break;
+        e->tokens[i] = e->examples[i] = e->imgs[i].n;
+        lsum += s->loss[i] * e->imgs[i].n;
+        right += s->acc[i] * e->imgs[i].n;
+        total += e->imgs[i].n;
+    }
+    s->pooled_loss = total > 0 ? lsum / total : NAN;
+    s->pooled_acc = total > 0 ? right / total : NAN;
+    return rc;
+}
+
+
 /* Scores adapter ad (NULL: the base model) on every site's held-out data. Pooled: loss over
  * all held-out tokens, accuracy over all held-out examples. */
 static int eval_adapter(ev_t *e, const fp_adapter_t *ad, scores_t *s, fp_err_t *err)
 {
     int rc = 0, N = e->sim->nsites;
+    if (e->vit)
+        return eval_vit(e, ad, s, err);
     if (ad && ((rc = fp_lora_check(e->m, ad, err)) != 0 ||
                (rc = fp_adapter_check_finite(ad, err)) != 0))
         return rc;
@@ -233,11 +266,30 @@ static void curve_shares(json_t *rows, const char *metric)
                                 num(share(json_number_value(json_object_get(p, metric)), b, c)));
 }
 
+/* --task image: the ViT, every site's held-out images, and the base row's head — the one the
+ * coordinator starts every federation from (the same seed). */
+static int image_setup(ev_t *e, fp_err_t *err)
+{
+    const sim_t *sim = e->sim;
+    fp_imgproc_t pp;
+    int rc = fp_vit_load(sim->model, &e->vit, err);
+    if (rc == 0)
+        rc = fp_vit_preprocessing(sim->model, &e->vit->c, &pp, err);
+    if (rc == 0 && !(e->imgs = calloc((size_t)sim->nsites, sizeof *e->imgs)))
+        rc = fp_err_set(err, -ENOMEM, "out of memory");
+    for (int i = 0; rc == 0 && i < sim->nsites; i++)
+        rc = fp_image_set_named(sim->sites[i].held, &e->vit->c, &pp, &e->imgs[i], err);
+    if (rc == 0 && (rc = fp_adapter_new(&e->base, NULL, 0, err)) == 0)
+        rc = fp_vit_head_init(&e->vit->c, e->base, sim->seed, err);
+    return rc;
+}
+
 int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
 {
     int N = sim->nsites, rc = 0;
     ev_t e = {sim, NULL, calloc((size_t)N, sizeof(fp_dataset_t *)), NULL,
-              calloc((size_t)N, sizeof(long)), calloc((size_t)N, sizeof(long))};
+              calloc((size_t)N, sizeof(long)), calloc((size_t)N, sizeof(long)), NULL, NULL,
+              NULL};
     fp_tokenizer_t *tok = NULL;
     double *buf = malloc((size_t)N * 4 * sizeof *buf);
     scores_t s = {buf, buf ? buf + N : NULL, 0, 0}, own = {buf ? buf + 2 * N : NULL,
@@ -249,6 +301,11 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
         goto out;
     }
     fp_set_threads(sim->slots);
+    if (sim->task == SIM_TASK_IMAGE) {
+        if ((rc = image_setup(&e, err)) != 0)
+            goto out;
+        goto score;
+    }
     fp_base_dtype_t bd = FP_BASE_F32; /* evaluated in the precision it was trained in */
     if ((rc = fp_tokenizer_open(NULL, sim->model, &tok, err)) != 0 ||
         (rc = fp_base_dtype_parse(sim->base_dtype, &bd, err)) != 0 ||
@@ -262,11 +319,14 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
                                   &e.held[i], err)) != 0)
             goto out;
     }
-    printf("  evaluating on every site's held-out documents: base model");
+score:
+    printf("  evaluating on every site's held-out %s: base model", sim_units(sim));
     fflush(stdout);
     if ((rc = eval_on_all(&e, NULL, &s, err)) != 0)
         goto out;
-    json_array_append_new(rows, row("base model", "no adapter", &s, N));
+    json_array_append_new(rows, row("base model", e.vit ? "no LoRA; the federation's first "
+                                    "head (a new one, as HF initialises it)" : "no adapter",
+                                    &s, N));
     /* local-only: each site's own adapter on its own data; pooled: the mean over sites of
      * each site's adapter on all held-out data (what a site alone offers everyone) */
     printf(", local-only");
@@ -320,7 +380,7 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
     }
     printf("\n");
     add_shares(rows, N);
-    curve_shares(rows, e.choices ? "pooled_accuracy" : "pooled");
+    curve_shares(rows, e.choices || e.vit ? "pooled_accuracy" : "pooled");
     json_t *sites = json_array(), *toks = json_array(), *exs = json_array();
     for (int i = 0; i < N; i++) {
         json_array_append_new(sites, json_string(sim->sites[i].name));
@@ -328,9 +388,17 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
         json_array_append_new(exs, json_integer(e.examples[i]));
     }
     *table = json_pack("{s:o,s:o,s:o,s:s}", "sites", sites, "tokens", toks, "rows", rows,
-                       "metric", e.choices ? "accuracy" : "loss");
+                       "metric", e.choices || e.vit ? "accuracy" : "loss");
     rows = NULL;
-    if (e.choices) {
+    if (e.vit) {
+        json_t *labels = json_array();
+        for (int k = 0; k < e.vit->c.K; k++)
+            json_array_append_new(labels, json_string(e.vit->c.labels ? e.vit->c.labels[k]
+                                                                      : "?"));
+        json_object_set_new(*table, "examples", exs);
+        json_object_set_new(*table, "labels", labels);
+        json_object_set_new(*table, "chance", json_real(1.0 / e.vit->c.K));
+    } else if (e.choices) {
         json_t *labels = json_array();
         for (int k = 0; k < e.choices->n; k++)
             json_array_append_new(labels, json_string(e.choices->names[k]));
@@ -350,6 +418,11 @@ out:
     free(buf);
     fp_choices_free(e.choices);
     fp_model_free(e.m);
+    for (int i = 0; e.imgs && i < N; i++)
+        fp_image_set_free(&e.imgs[i]);
+    free(e.imgs);
+    fp_vit_free(e.vit);
+    fp_adapter_free(e.base);
     fp_tokenizer_free(tok);
     return rc;
 }

@@ -644,7 +644,10 @@ static json_t *build_config(const fp_adapter_t *ad, fp_err_t *err)
             json_array_append_new(tm, json_string(tails[i]));
     }
     json_object_set_new(j, "peft_type", json_string("LORA"));
-    json_object_set_new(j, "task_type", json_string(ad->task_type ? ad->task_type : "CAUSAL_LM"));
+    /* a decoder's adapter is a causal LM's; one with a head trained in full (a classifier's)
+     * has none, as PEFT's image-classification recipes leave it */
+    json_object_set_new(j, "task_type", ad->task_type ? json_string(ad->task_type)
+                                        : ad->nwhole ? json_null() : json_string("CAUSAL_LM"));
     json_object_set_new(j, "base_model_name_or_path",
                         ad->base_model ? json_string(ad->base_model) : json_null());
     json_object_set_new(j, "r", json_integer((json_int_t)r));
