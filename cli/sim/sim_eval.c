@@ -284,6 +284,57 @@ static int image_setup(ev_t *e, fp_err_t *err)
     return rc;
 }
 
+/* The decoder (in the precision it was trained in), its tokenizer, the labels of the
+ * classification task and every site's held-out documents. */
+static int text_setup(ev_t *e, fp_tokenizer_t **tok, fp_err_t *err)
+{
+    const sim_t *sim = e->sim;
+    fp_base_dtype_t bd = FP_BASE_F32;
+    int rc;
+    if ((rc = fp_tokenizer_open(NULL, sim->model, tok, err)) != 0 ||
+        (rc = fp_base_dtype_parse(sim->base_dtype, &bd, err)) != 0 ||
+        (rc = fp_model_load_base(sim->model, bd, &e->m, err)) != 0)
+        return rc;
+    if (sim->task == SIM_TASK_CLASSIFY && (rc = make_choices(e, *tok, err)) != 0)
+        return rc;
+    for (int i = 0; i < sim->nsites; i++) {
+        const char *f = sim->sites[i].held;
+        if ((rc = fp_dataset_load(&f, 1, *tok, e->m->cfg.bos_id, e->m->cfg.eos_id,
+                                  e->m->cfg.vocab, &e->held[i], err)) != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* The table of the scored rows (taken): sites, their tokens, the metric, and for an
+ * accuracy the labels, the examples and chance. */
+static json_t *make_table(const ev_t *e, json_t *rows)
+{
+    int N = e->sim->nsites, acc = e->choices || e->vit;
+    json_t *sites = json_array(), *toks = json_array(), *exs = json_array();
+    for (int i = 0; i < N; i++) {
+        json_array_append_new(sites, json_string(e->sim->sites[i].name));
+        json_array_append_new(toks, json_integer(e->tokens[i]));
+        json_array_append_new(exs, json_integer(e->examples[i]));
+    }
+    json_t *t = json_pack("{s:o,s:o,s:o,s:s}", "sites", sites, "tokens", toks, "rows", rows,
+                          "metric", acc ? "accuracy" : "loss");
+    if (!acc) {
+        json_decref(exs);
+        return t;
+    }
+    int K = e->vit ? e->vit->c.K : e->choices->n;
+    json_t *labels = json_array();
+    for (int k = 0; k < K; k++)
+        json_array_append_new(labels, json_string(!e->vit ? e->choices->names[k]
+                                                  : e->vit->c.labels ? e->vit->c.labels[k]
+                                                                     : "?"));
+    json_object_set_new(t, "examples", exs);
+    json_object_set_new(t, "labels", labels);
+    json_object_set_new(t, "chance", json_real(1.0 / K));
+    return t;
+}
+
 int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
 {
     int N = sim->nsites, rc = 0;
@@ -301,25 +352,8 @@ int sim_evaluate(sim_t *sim, json_t **table, fp_err_t *err)
         goto out;
     }
     fp_set_threads(sim->slots);
-    if (sim->task == SIM_TASK_IMAGE) {
-        if ((rc = image_setup(&e, err)) != 0)
-            goto out;
-        goto score;
-    }
-    fp_base_dtype_t bd = FP_BASE_F32; /* evaluated in the precision it was trained in */
-    if ((rc = fp_tokenizer_open(NULL, sim->model, &tok, err)) != 0 ||
-        (rc = fp_base_dtype_parse(sim->base_dtype, &bd, err)) != 0 ||
-        (rc = fp_model_load_base(sim->model, bd, &e.m, err)) != 0)
+    if ((rc = sim->task == SIM_TASK_IMAGE ? image_setup(&e, err) : text_setup(&e, &tok, err)) != 0)
         goto out;
-    if (sim->task == SIM_TASK_CLASSIFY && (rc = make_choices(&e, tok, err)) != 0)
-        goto out;
-    for (int i = 0; i < N; i++) {
-        const char *f = sim->sites[i].held;
-        if ((rc = fp_dataset_load(&f, 1, tok, e.m->cfg.bos_id, e.m->cfg.eos_id, e.m->cfg.vocab,
-                                  &e.held[i], err)) != 0)
-            goto out;
-    }
-score:
     printf("  evaluating on every site's held-out %s: base model", sim_units(sim));
     fflush(stdout);
     if ((rc = eval_on_all(&e, NULL, &s, err)) != 0)
@@ -381,33 +415,8 @@ score:
     printf("\n");
     add_shares(rows, N);
     curve_shares(rows, e.choices || e.vit ? "pooled_accuracy" : "pooled");
-    json_t *sites = json_array(), *toks = json_array(), *exs = json_array();
-    for (int i = 0; i < N; i++) {
-        json_array_append_new(sites, json_string(sim->sites[i].name));
-        json_array_append_new(toks, json_integer(e.tokens[i]));
-        json_array_append_new(exs, json_integer(e.examples[i]));
-    }
-    *table = json_pack("{s:o,s:o,s:o,s:s}", "sites", sites, "tokens", toks, "rows", rows,
-                       "metric", e.choices || e.vit ? "accuracy" : "loss");
+    *table = make_table(&e, rows);
     rows = NULL;
-    if (e.vit) {
-        json_t *labels = json_array();
-        for (int k = 0; k < e.vit->c.K; k++)
-            json_array_append_new(labels, json_string(e.vit->c.labels ? e.vit->c.labels[k]
-                                                                      : "?"));
-        json_object_set_new(*table, "examples", exs);
-        json_object_set_new(*table, "labels", labels);
-        json_object_set_new(*table, "chance", json_real(1.0 / e.vit->c.K));
-    } else if (e.choices) {
-        json_t *labels = json_array();
-        for (int k = 0; k < e.choices->n; k++)
-            json_array_append_new(labels, json_string(e.choices->names[k]));
-        json_object_set_new(*table, "examples", exs);
-        json_object_set_new(*table, "labels", labels);
-        json_object_set_new(*table, "chance", json_real(1.0 / e.choices->n));
-    } else {
-        json_decref(exs);
-    }
 out:
     json_decref(rows);
     for (int i = 0; e.held && i < N; i++)
