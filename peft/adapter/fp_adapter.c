@@ -52,8 +52,10 @@ int fp_adapter_set_whole(fp_adapter_t *ad, const fp_whole_desc_t *d, int n, fp_e
     fp_whole_desc_t *s = malloc((size_t)(n ? n : 1) * sizeof *s);
     if (!s)
         return fp_err_set(err, -ENOMEM, "out of memory");
-    memcpy(s, d, (size_t)n * sizeof *s);
-    qsort(s, (size_t)n, sizeof *s, cmp_whole_desc);
+    if (n > 0) {
+        memcpy(s, d, (size_t)n * sizeof *s);
+        qsort(s, (size_t)n, sizeof *s, cmp_whole_desc);
+    }
     uint64_t floats = 0;
     size_t names = 0;
     int rc = 0;
