@@ -2,7 +2,8 @@
  * the same run (the machine's streaming bandwidth, its BLAS peak, a dense LAPACK SVD, a
  * PyTorch run of the same training), never against a number fixed in advance.
  *   merge        fedavg bandwidth, streaming-merge memory, factored against dense SVD
- *   train        the trainer's tokens/s and its share of the BLAS peak, beside PyTorch
+ *   train        the trainer's tokens/s (a ViT's images/s) and its share of the BLAS peak,
+ *                beside PyTorch
  *   transport    uploads through mutual TLS against the raw loopback and disk
  *   coordinator  a coordinator process with many sites: round latency, memory, CPU
  *   flood        connection floods: the coordinator keeps serving its sites
@@ -23,6 +24,8 @@ int fp_bench_transport(int argc, char **argv);
 int fp_bench_coord(int argc, char **argv);
 int fp_bench_flood(int argc, char **argv);
 int fp_bench_secagg(int argc, char **argv);
+/* bench train's vit-small (bench_vit.c): images/s beside peak (sgemm GFLOP/s) and PyTorch. */
+int fp_bench_vit(int threads, int torch, double peak);
 
 /* A working directory: given (created), or a new prefix-XXXXXX in $TMPDIR or /tmp (malloc'd;
  * NULL on failure). */
