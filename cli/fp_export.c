@@ -63,7 +63,9 @@ static int write_merged(const fp_export_t *x, const fp_db_federation_t *f,
         }
         char *pp = fp_path_join(mdir, "preprocessor_config.json"), *text = NULL, *dst = NULL;
         size_t len = 0; /* the model's preprocessing goes with it */
-        if (rc == 0 && pp && fp_fs_exists(pp) &&
+        if (rc == 0 && !pp)
+            rc = fp_err_set(err, -ENOMEM, "out of memory");
+        if (rc == 0 && fp_fs_exists(pp) &&
             (rc = fp_fs_read_file(pp, 1 << 20, &text, &len, err)) == 0)
             rc = (dst = fp_path_join(mout, "preprocessor_config.json"))
                      ? fp_fs_write_file(dst, text, len, 0644, err)

@@ -313,6 +313,14 @@ int fp_extrain_result(const char *dir, const fp_adapter_t *start, int freeze_a,
                         ad->n, start->n);
         goto out;
     }
+    fp_whole_desc_t *wd = NULL; /* modules_to_save: exactly the task's, or none */
+    if ((rc = fp_adapter_whole_descs(start, &wd, err)) == 0)
+        rc = fp_adapter_validate_whole(ad, wd, start->nwhole, "the trainer's adapter", err);
+    free(wd);
+    if (rc) {
+        rc = -EBADMSG;
+        goto out;
+    }
     for (int i = 0; i < ad->n; i++) { /* both sorted by name */
         const fp_lora_module_t *m = &ad->mods[i], *w = &start->mods[i];
         const char *what = NULL;

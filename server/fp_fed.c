@@ -274,7 +274,9 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     fp_sha256_hex(in->sha, shahex);
     if ((rc = map_update(raw_path, &map, &maplen, &data, &len, err)) != 0)
         goto fail;
-    if (!f->restart && (rc = rebuild_start(in->start, f, &s, err)) != 0)
+    if (!f->restart && ((rc = rebuild_start(in->start, f, &s, err)) != 0 ||
+                        (rc = fp_adapter_validate_whole(s, f->whole, f->n_whole, "the round's "
+                                                        "start", err)) != 0))
         goto fail;
     invalid = 1;
     double bit = NAN, vnorm = 0;

@@ -265,6 +265,14 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
     if ((rc = vit ? fp_vit_targets_parse(c->target_modules, &mask, err)
                   : fp_targets_parse(c->target_modules ? c->target_modules : "", &mask, err)) != 0)
         return fp_err_prefix(err, rc, "federation.target_modules: ");
+    if (vit && c->norm_bound > 0 && fp_strategy_restarts(st))
+        return fp_err_set(err, -ENOTSUP, "validation.norm_bound with %s on a vision model: "
+                          "bounding a restarted update's head is not built; use fedavg, ffa, "
+                          "zeropad or flexlora, or norm_bound = 0", c->strategy);
+    if (vit && c->server_lr != 1)
+        return fp_err_set(err, -ENOTSUP, "federation.server_lr %g on a vision model: the head "
+                          "takes the merge itself (lr 1) until it has optimizer state",
+                          c->server_lr);
     if (vit && c->server_optimizer && strcmp(c->server_optimizer, "sgd") != 0)
         return fp_err_set(err, -ENOTSUP, "federation.server_optimizer %s: a vision model's head "
                           "has no optimizer state yet; use sgd (the merge itself)",

@@ -301,6 +301,19 @@ static void test_restart_and_refusals(void **state)
     assert_int_equal(acc->mods[0].rank, 6);
     assert_memory_equal(acc->whole[1].v, r->whole[1].v, 24 * sizeof(float));
     assert_memory_equal(acc->whole[0].v, r->whole[0].v, 4 * sizeof(float));
+    /* the norm bound of a continue strategy counts the head's change and clips it too */
+    fp_adapter_t *u = NULL;
+    assert_int_equal(fp_adapter_clone(g, &u, &err), 0);
+    u->whole[1].v[3] += 100.0f; /* only the head moved */
+    double norm;
+    int clipped;
+    assert_int_equal(fp_strategy_bound(u, g, 1.0, 0, &norm, &clipped, &err), -EDOM);
+    assert_true(fabs(norm - 100.0) < 1e-3);
+    assert_int_equal(fp_strategy_bound(u, g, 1.0, 1, &norm, &clipped, &err), 0);
+    assert_true(clipped);
+    assert_true(fabs(u->whole[1].v[3] - g->whole[1].v[3] - 1.0f) < 1e-3);
+    assert_int_equal(fp_strategy_bound(u, NULL, 1.0, 1, &norm, &clipped, &err), -ENOTSUP);
+    fp_adapter_free(u);
     /* validation names what is wrong */
     fp_whole_desc_t want[1] = {{"classifier.weight", 4, 6}};
     assert_int_equal(fp_adapter_validate_whole(g, want, 1, "update", &err), -EINVAL);

@@ -73,7 +73,8 @@ static int vit_run(const vconf_t *b, vresult_t *r, fp_err_t *err)
     fp_image_set_t set = {.n = 4 * b->batch, .C = b->C, .S = b->S, .source = "random images"};
     set.px = malloc((size_t)set.n * img * sizeof *set.px);
     set.labels = malloc((size_t)set.n * sizeof *set.labels);
-    int rc = set.px && set.labels ? fp_vit_alloc(&c, &m, err) : -ENOMEM;
+    int rc = set.px && set.labels ? fp_vit_alloc(&c, &m, err)
+                                  : fp_err_set(err, -ENOMEM, "out of memory");
     if (rc == 0) {
         fp_vit_init_random(m, 1);
         fp_rng_t rng;
@@ -113,8 +114,12 @@ static int vit_child(const vconf_t *b, int threads, vresult_t *r)
     if (pipe(fd) != 0)
         return -errno;
     pid_t pid = fork();
-    if (pid < 0)
-        return -errno;
+    if (pid < 0) {
+        int e = -errno;
+        close(fd[0]);
+        close(fd[1]);
+        return e;
+    }
     if (pid == 0) {
         close(fd[0]);
         fp_set_threads(threads);

@@ -1044,9 +1044,10 @@ int fp_cmd_sim(int argc, char **argv)
         rc = fp_cli_usage_error("sim", "--server-beta1 has no effect with --server-opt sgd");
         goto out;
     }
-    if (sim.task == SIM_TASK_IMAGE && strcmp(sim.server_opt, "sgd") != 0) {
+    if (sim.task == SIM_TASK_IMAGE &&
+        (strcmp(sim.server_opt, "sgd") != 0 || (sim.server_lr >= 0 && sim.server_lr != 1))) {
         rc = fp_cli_usage_error("sim", "--task image: a ViT's head has no server optimizer state "
-                                "yet; use --server-opt sgd");
+                                "yet; use --server-opt sgd at lr 1");
         goto out;
     }
     if (sim.task == SIM_TASK_IMAGE && sim.secure) {

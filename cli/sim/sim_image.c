@@ -84,6 +84,11 @@ int sim_make_images(sim_t *sim, fp_err_t *err)
         goto out;
     }
     uint32_t n = im.dims[0];
+    if (per < 5) {
+        rc = fp_err_set(err, -EINVAL, "--task image takes --max-docs of 5 or more images of a "
+                        "class at a site (a fifth held out)");
+        goto out;
+    }
     for (int c = 0; c < NCLASSES; c++)
         if (!(pool[c] = malloc((size_t)n * sizeof *pool[c]))) {
             rc = fp_err_set(err, -ENOMEM, "out of memory");
@@ -97,7 +102,7 @@ int sim_make_images(sim_t *sim, fp_err_t *err)
     fp_rng_t rng;
     fp_rng_seed(&rng, sim->seed * 0x9E3779B97F4A7C15ull + 29);
     for (int c = 0; c < NCLASSES; c++) /* the seed picks which images each site gets */
-        for (uint32_t i = npool[c] - 1; i > 0; i--) {
+        for (uint32_t i = npool[c] ? npool[c] - 1 : 0; i > 0; i--) {
             uint32_t j = (uint32_t)fp_rng_below(&rng, (uint64_t)i + 1), t = pool[c][i];
             pool[c][i] = pool[c][j];
             pool[c][j] = t;

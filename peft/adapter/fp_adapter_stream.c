@@ -108,7 +108,7 @@ int fp_adapter_stream_read(const void *data, uint64_t len, const fp_stream_tenso
     int nw = n - nf;
     if (n <= 0 || nf % 2)
         return fp_err_set(err, -EBADMSG, "an adapter stream lists pairs of factors (got %d "
-                          "tensors)", nf);
+                          "tensors)", n);
     int nm = nf / 2;
     fp_module_desc_t *d = calloc((size_t)(nm ? nm : 1), sizeof *d);
     fp_whole_desc_t *wd = calloc((size_t)(nw ? nw : 1), sizeof *wd);

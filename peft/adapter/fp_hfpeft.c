@@ -410,8 +410,10 @@ static int load_weights(const char *st_path, peft_config_t *cfg_in, int flags,
     if ((rc = fp__adapter_alloc(&ad, descs, nm, owned, err)) != 0 ||
         (nw && (rc = fp_adapter_set_whole(ad, wd, nw, err)) != 0))
         goto out;
-    for (int i = 0; i < nw; i++)
-        fp_st_read_f32(st, wt[i], ad->whole[fp_adapter_whole_find(ad, wd[i].name)].v, NULL);
+    for (int i = 0; i < nw && rc == 0; i++)
+        rc = fp_st_read_f32(st, wt[i], ad->whole[fp_adapter_whole_find(ad, wd[i].name)].v, err);
+    if (rc)
+        goto out;
     size_t k;
     json_t *mj;
     json_array_foreach(cfg.mts, k, mj) { /* every module saved whole is there */

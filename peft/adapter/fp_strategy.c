@@ -196,6 +196,18 @@ static int norm_at(const fp_adapter_t *u, const fp_adapter_t *start, double c, d
             return rc;
         sum += n2;
     }
+    /* a head trained in full: its change, c of the way from the start's */
+    for (int i = 0; start && i < u->nwhole; i++) {
+        int k = fp_adapter_whole_find(start, u->whole[i].name);
+        const fp_whole_t *w = &u->whole[i], *sw = k < 0 ? NULL : &start->whole[k];
+        if (!sw || sw->rows != w->rows || sw->cols != w->cols)
+            return fp_err_set(err, -EINVAL, "tensor '%s' does not match the start adapter's",
+                              w->name);
+        for (size_t j = 0; j < (size_t)w->rows * (size_t)w->cols; j++) {
+            double d = c * ((double)w->v[j] - sw->v[j]);
+            sum += d * d;
+        }
+    }
     *out = sqrt(sum);
     return 0;
 }
@@ -216,6 +228,9 @@ int fp_strategy_bound(fp_adapter_t *u, const fp_adapter_t *start, double bound, 
     if (!clip)
         return fp_err_set(err, -EDOM, "the update's contribution has norm %.6g, above the "
                           "bound %.6g", *norm, bound);
+    if (!start && u->nwhole)
+        return fp_err_set(err, -ENOTSUP, "a norm bound on a restart strategy's update with a "
+                          "head trained in full: not built");
     if (!start) { /* restart: the contribution scales exactly */
         double c = bound / *norm;
         for (int i = 0; i < u->n; i++) {
@@ -242,6 +257,12 @@ int fp_strategy_bound(fp_adapter_t *u, const fp_adapter_t *start, double bound, 
                 m->A[j] = (float)(s->A[j] + lo * ((double)m->A[j] - s->A[j]));
             for (size_t j = 0; j < nb; j++)
                 m->B[j] = (float)(s->B[j] + lo * ((double)m->B[j] - s->B[j]));
+        }
+        for (int i = 0; i < u->nwhole; i++) { /* norm_at checked them against the start */
+            fp_whole_t *w = &u->whole[i];
+            const fp_whole_t *sw = &start->whole[fp_adapter_whole_find(start, w->name)];
+            for (size_t j = 0; j < (size_t)w->rows * (size_t)w->cols; j++)
+                w->v[j] = (float)(sw->v[j] + lo * ((double)w->v[j] - sw->v[j]));
         }
     }
     *clipped = 1;
