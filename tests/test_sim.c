@@ -645,7 +645,7 @@ static void test_bad_input(void **state)
     assert_int_equal(run(a7, &o, &e), 2);
     const char *a8[] = {"sim", "--task", "regression", NULL};
     assert_int_equal(run(a8, &o, &e), 2);
-    assert_contains(e, "--task is classify or lm");
+    assert_contains(e, "--task is classify, lm or image");
     const char *a10[] = {"sim", "--server-beta1", "1", NULL};
     assert_int_equal(run(a10, &o, &e), 2);
     assert_contains(e, "--server-beta1 takes a number in [0, 0.999999]");
