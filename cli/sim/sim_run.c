@@ -352,29 +352,23 @@ int sim_run_federation(sim_t *sim, const sim_run_t *run, fp_err_t *err)
 static int spawn_baseline(const sim_t *sim, int job, const char *logs, int *pid, fp_err_t *err)
 {
     int N = sim->nsites, central = job == N, rmax = 0;
-    if (sim->task == SIM_TASK_IMAGE) {
-        char out[4096], log[4096], num[6][32];
-        const char *argv[40];
-        const char *name = central ? "central" : sim->sites[job].name;
-        if (central)
-            sim_path(out, "%s/central", sim->out);
-        else
-            sim_path(out, "%s/local/%s", sim->out, name);
-        sim_path(log, "%s/%s.log", logs, name);
-        sim_image_baseline_argv(sim, job, out, argv, num);
-        fp_fs_remove_tree(out, NULL);
-        return sim_spawn(argv, log, pid, err);
-    }
-    for (int i = 0; i < N; i++)
-        rmax = sim->ranks[i] > rmax ? sim->ranks[i] : rmax;
-    char out[4096], log[4096], rank[16], steps[32], batch[16], seq[16], lr[32], seed[32],
-        alpha[32];
+    char out[4096], log[4096];
     const char *name = central ? "central" : sim->sites[job].name;
     if (central)
         sim_path(out, "%s/central", sim->out);
     else
         sim_path(out, "%s/local/%s", sim->out, name);
     sim_path(log, "%s/%s.log", logs, name);
+    if (sim->task == SIM_TASK_IMAGE) {
+        char num[6][32];
+        const char *argv[40];
+        sim_image_baseline_argv(sim, job, out, argv, num);
+        fp_fs_remove_tree(out, NULL);
+        return sim_spawn(argv, log, pid, err);
+    }
+    for (int i = 0; i < N; i++)
+        rmax = sim->ranks[i] > rmax ? sim->ranks[i] : rmax;
+    char rank[16], steps[32], batch[16], seq[16], lr[32], seed[32], alpha[32];
     snprintf(rank, sizeof rank, "%d", central ? rmax : sim->ranks[job]);
     snprintf(steps, sizeof steps, "%lld", (long long)sim->rounds * sim->steps * (central ? N : 1));
     snprintf(batch, sizeof batch, "%d", sim->batch);
