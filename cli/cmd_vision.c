@@ -24,10 +24,10 @@ static const char vision_help[] =
     "       fedpeft vision train    --model DIR (--images IDX --labels IDX | --folder DIR)\n"
     "                               --out DIR [--rank R] [--alpha A] [--targets LIST]\n"
     "                               [--first N] [--count N] [--classes LIST] [--steps N]\n"
-    "                               [--batch B] [--lr LR] [--seed N]\n"
+    "                               [--batch B] [--lr LR] [--seed N] [--base-dtype D]\n"
     "       fedpeft vision eval     --model DIR [--adapter DIR] (--images IDX --labels IDX |\n"
     "                               --folder DIR) [--first N] [--count N] [--classes LIST]\n"
-    "                               [--json]\n"
+    "                               [--base-dtype D] [--json]\n"
     "\n"
     "Vision transformers in Hugging Face's ViTForImageClassification layout (config.json,\n"
     "model.safetensors), on images in IDX files (MNIST's format, plain or gzip'd: Debian's\n"
@@ -53,10 +53,15 @@ static const char vision_help[] =
     "\n"
     "--folder reads an ImageFolder tree: a folder per class named as the model's labels\n"
     "(config.json's id2label), of PNG or JPEG images at any depth. --classes keeps the\n"
-    "images of those label numbers only (\"0-4\", \"5,7,9\").\n";
+    "images of those label numbers only (\"0-4\", \"5,7,9\").\n"
+    "--base-dtype keeps the frozen linears in f32 (the default: exact products), bf16\n"
+    "(oneDNN's bf16 products, fp32 accumulation) or nf4 (4-bit NormalFloat, bf16 products);\n"
+    "auto: bf16 where the CPU has bf16 instructions, else f32. LoRA, the head, LayerNorms,\n"
+    "embeddings and attention stay f32.\n";
 
 typedef struct vopts {
     const char *out, *model, *adapter, *images, *labels, *folder, *targets, *classes;
+    const char *base_dtype;
     int backbone;
     long long rank;
     double alpha;
@@ -83,7 +88,8 @@ static int parse(int argc, char **argv, const char *sub, vopts_t *o)
         {"channels", required_argument, 0, 21}, {"folder", required_argument, 0, 22},
         {"rank", required_argument, 0, 23},   {"alpha", required_argument, 0, 24},
         {"targets", required_argument, 0, 25}, {"classes", required_argument, 0, 26},
-        {"backbone", no_argument, 0, 27},     {"help", no_argument, 0, 'h'},
+        {"backbone", no_argument, 0, 27},     {"base-dtype", required_argument, 0, 28},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     int ch, li = -1;
@@ -119,6 +125,7 @@ static int parse(int argc, char **argv, const char *sub, vopts_t *o)
         case 25: o->targets = optarg; break;
         case 26: o->classes = optarg; break;
         case 27: o->backbone = 1; break;
+        case 28: o->base_dtype = optarg; break;
         case 'h': fputs(vision_help, stdout); return -1;
         default: return fp_cli_usage_error("vision", "bad option");
         }
@@ -138,6 +145,8 @@ static int cmd_init(vopts_t *o)
     if (!o->out || !o->c.D || !o->c.L || !o->c.H || !o->c.F || !o->c.S || !o->c.P || !o->labels)
         return fp_cli_usage_error("vision", "init needs --out, --dim, --layers, --heads, --ff, "
                                   "--image, --patch and --labels");
+    if (o->base_dtype)
+        return fp_cli_usage_error("vision", "--base-dtype is train's and eval's");
     o->names = strdup(o->labels);
     char *save = NULL, *tok;
     int k = 0, dup = 0;
@@ -249,14 +258,20 @@ static int cmd_run(vopts_t *o, const char *sub)
         return fp_cli_usage_error("vision", "--backbone is pretrain's");
     if (!pretrain && !train && o->out)
         return fp_cli_usage_error("vision", "eval writes nothing: no --out");
+    fp_base_dtype_t bd = FP_BASE_F32;
     fp_err_t err = {0};
+    if (pretrain && o->base_dtype && strcmp(o->base_dtype, "f32"))
+        return fp_cli_usage_error("vision", "--base-dtype: pretraining trains every weight in "
+                                  "f32");
+    if (o->base_dtype && fp_base_dtype_parse(o->base_dtype, &bd, &err) != 0)
+        return fp_cli_usage_error("vision", "--base-dtype: %s", fp_err_msg(&err));
     fp_vit_t *m = NULL;
     fp_adapter_t *ad = NULL;
     float *head = NULL;
     fp_image_set_t d = {0};
     fp_imgproc_t pp;
     size_t K = 0, D = 0;
-    int rc = fp_vit_load(o->model, &m, &err);
+    int rc = fp_vit_load_base(o->model, bd, &m, &err);
     if (rc == 0) {
         K = (size_t)m->c.K;
         D = (size_t)m->c.D;

@@ -51,16 +51,21 @@ int fp_agent_data_is_vision(const fp_agent_config_t *cfg, fp_err_t *err)
 static int load_vision(const fp_agent_config_t *cfg, fp_agent_data_t *d, fp_err_t *err)
 {
     fp_imgproc_t pp;
-    int rc = fp_vit_load(cfg->model_dir, &d->vit, err);
-    if (rc == 0 && d->vit->head_fresh)
+    fp_base_dtype_t bd = FP_BASE_F32;
+    int rc = fp_base_dtype_parse(cfg->base_dtype, &bd, err);
+    if (rc)
+        return fp_err_prefix(err, rc, "train.base_dtype: ");
+    if ((rc = fp_vit_load_base(cfg->model_dir, bd, &d->vit, err)) != 0)
+        return rc;
+    if (d->vit->head_fresh)
         fp_log(FP_LOG_INFO, "%s has no classifier: the federation's head replaces it anyway",
                cfg->model_dir);
-    if (rc == 0 && !(d->vit_base = malloc(d->vit->nparams * sizeof *d->vit_base)))
-        rc = fp_err_set(err, -ENOMEM, "out of memory");
-    if (rc == 0) {
-        memcpy(d->vit_base, d->vit->mem, d->vit->nparams * sizeof *d->vit_base);
-        rc = fp_vit_preprocessing(cfg->model_dir, &d->vit->c, &pp, err);
-    }
+    fp_log(FP_LOG_NOTICE, "base model: a ViT, %s weights (%.1f MB, %s products)",
+           fp_base_dtype_name(d->vit->base), (double)fp_vit_weight_bytes(d->vit) / 1e6,
+           d->vit->base == FP_BASE_F32 ? "OpenBLAS" : "oneDNN bf16");
+    if (!(d->vit_base = fp_vit_snapshot(d->vit)))
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    rc = fp_vit_preprocessing(cfg->model_dir, &d->vit->c, &pp, err);
     if (rc == 0 && (rc = fp_image_set_named(cfg->data, &d->vit->c, &pp, &d->train, err)) != 0)
         fp_err_prefix(err, rc, "data.files: ");
     if (rc == 0 && cfg->eval_files &&

@@ -14,7 +14,7 @@ typedef struct fp_agent_data {
     int vision;               /* the model is a ViT */
     fp_corpus_t text;         /* decoder: tokenizer, training and held-out documents */
     fp_vit_t *vit;            /* ViT: the weights a task trains over (a restart's fold) */
-    float *vit_base;          /* its pristine weights (vit->nparams), restored each task */
+    void *vit_base;           /* its pristine weights (fp_vit_snapshot), restored each task */
     fp_image_set_t train, held;
 } fp_agent_data_t;
 

@@ -277,7 +277,7 @@ static int train_vision(const fp_agent_trainer_t *a, const fp_site_task_t *t, in
     fp_adapter_t *ad = NULL;
     float *hw = NULL, *hb = NULL;
     double before = NAN, after = NAN, acc = NAN, first = NAN, last = NAN, t0 = fp_now();
-    memcpy(m->mem, d->vit_base, m->nparams * sizeof *m->mem);
+    fp_vit_restore(m, d->vit_base);
     int rc = fp_vit_head_of(&m->c, start, &hw, &hb, err);
     if (rc == 0 && !hw)
         rc = fp_err_set(err, -EBADMSG, "the task carries no classifier head for this ViT");

@@ -2,7 +2,8 @@
  * central finite differences at every parameter; float32 against float64 (loss, every
  * gradient); its logits against an independent PyTorch ViT on the same checkpoint and adapter
  * (tests/vision/torch_vit.py, the adapter merged there); config.json read or refused by name;
- * a checkpoint written and read back.
+ * a checkpoint written and read back; the frozen linears in bf16 and NF4 against float32 over
+ * the same weights (where oneDNN multiplies bf16; refused by name elsewhere).
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -204,6 +205,172 @@ static void test_f32_against_f64(void **state)
     free(th);
     free(g);
     free(g32);
+    free_world(w);
+}
+
+/* A float32 copy of m (a float32 model). */
+static fp_vit_t *copy_vit(const fp_vit_t *m)
+{
+    fp_vit_t *c = NULL;
+    assert_int_equal(fp_vit_alloc(&m->c, &c, NULL), 0);
+    memcpy(c->mem, m->mem, m->nparams * sizeof *m->mem);
+    return c;
+}
+
+/* m's linears rounded as a dt base stores them and its products read them (NF4: dequantised
+ * to bf16). */
+static void round_linears(fp_vit_t *m, fp_base_dtype_t dt)
+{
+    for (int l = 0; l < m->c.L; l++)
+        for (int t = 0; t < FP_VT_COUNT; t++) {
+            int o, in;
+            fp_vit_target_shape(&m->c, t, &o, &in);
+            size_t n = (size_t)o * in;
+            uint16_t *h = malloc(n * sizeof *h);
+            uint8_t *q = malloc(n / 2);
+            float *am = malloc(n / FP_NF4_BLOCK * sizeof *am);
+            if (dt == FP_BASE_BF16) {
+                fp_bf16_pack(h, m->layers[l].w[t], n);
+            } else {
+                fp_nf4_quantize(m->layers[l].w[t], n, q, am);
+                fp_nf4_dequantize_bf16(q, am, n, h);
+            }
+            fp_bf16_unpack(m->layers[l].w[t], h, n);
+            free(h);
+            free(q);
+            free(am);
+        }
+}
+
+/* The LoRA and head gradients of one batch at (m, lora), flattened (fp_vit64_pack's order);
+ * the loss and the logits too. */
+static double grads(const fp_vit_t *m, const world_t *w, double *g, float *logits)
+{
+    fp_vit_ws_t *ws = NULL;
+    fp_adapter_t *lg = NULL;
+    fp_err_t err = {0};
+    assert_int_equal(fp_vit_new(&ws, m, w->lora, w->m->head_w, w->m->head_b, NB, 1, &err), 0);
+    assert_int_equal(fp_adapter_clone(w->lora, &lg, &err), 0);
+    for (int i = 0; i < lg->n; i++) {
+        memset(lg->mods[i].A, 0, (size_t)lg->mods[i].rank * lg->mods[i].d_in * sizeof(float));
+        memset(lg->mods[i].B, 0, (size_t)lg->mods[i].d_out * lg->mods[i].rank * sizeof(float));
+    }
+    float hw[5 * 16] = {0}, hb[5] = {0};
+    double sum;
+    fp_vit_forward(ws, w->px, NB, w->labels, &sum, NULL);
+    memcpy(logits, fp_vit_logits(ws), NB * 5 * sizeof *logits);
+    fp_vit_backward(ws, 1.0 / NB, lg, hw, hb, NULL);
+    assert_int_equal(fp_vit_status(ws), 0);
+    fp_vit64_pack(&m->c, lg, hw, hb, g);
+    fp_adapter_free(lg);
+    fp_vit_free_ws(ws);
+    return sum / NB;
+}
+
+/* The frozen linears in bf16 and in NF4 (fp_vit_lowp): loss, logits and every LoRA and head
+ * gradient against float32 over the very weights the base holds (what remains is the
+ * activations' rounding to bf16 before those products); a restart's fold in the base's
+ * precision; snapshot and restore; the refusals, on any CPU. */
+static void test_low_precision_base(void **state)
+{
+    (void)state;
+    world_t *w = make_world(1);
+    fp_err_t err = {0}, probe = {0};
+    /* NF4 needs whole blocks of 64 weights: 12 × 12 is none (refused before the CPU is asked) */
+    fp_vit_config_t oc = w->m->c;
+    oc.D = 12;
+    oc.H = 3;
+    fp_vit_t *odd = NULL;
+    assert_int_equal(fp_vit_alloc(&oc, &odd, NULL), 0);
+    assert_int_equal(fp_vit_lowp(odd, FP_BASE_NF4, &err), -EINVAL);
+    assert_contains(fp_err_msg(&err), "query's 12 × 12 are not a whole number of them");
+    assert_int_equal(fp_vit_lowp(odd, FP_BASE_F32, &err), 0);
+    assert_true(odd->base == FP_BASE_F32 && odd->layers[0].w[0] && !odd->lowp_mem);
+    fp_vit_free(odd);
+    if (fp_lowp_probe(&probe) != 0) { /* this CPU: refused, saying why, the model unchanged */
+        fp_vit_t *m = copy_vit(w->m);
+        assert_true(fp_vit_lowp(m, FP_BASE_BF16, &err) < 0);
+        assert_contains(fp_err_msg(&err), "cannot multiply bf16 on this CPU");
+        assert_true(m->base == FP_BASE_F32 && m->layers[1].w[FP_VT_FC2] != NULL);
+        assert_memory_equal(m->mem, w->m->mem, m->nparams * sizeof *m->mem);
+        fp_vit_free(m);
+        free_world(w);
+        skip();
+    }
+    size_t n = fp_vit64_nparams(&w->m->c, w->lora);
+    double *g = malloc(n * sizeof *g), *gr = malloc(n * sizeof *gr);
+    float z[NB * 5], zr[NB * 5];
+    for (int pass = 0; pass < 2; pass++) {
+        fp_base_dtype_t dt = pass ? FP_BASE_NF4 : FP_BASE_BF16;
+        fp_vit_t *lp = copy_vit(w->m), *ref = copy_vit(w->m);
+        assert_int_equal(fp_vit_lowp(lp, dt, &err), 0);
+        round_linears(ref, dt);
+        assert_true(lp->base == dt && !lp->layers[1].w[FP_VT_FC1] && lp->layers[1].b[FP_VT_FC1]);
+        assert_true(fp_vit_weight_bytes(lp) < fp_vit_weight_bytes(w->m));
+        assert_memory_equal(lp->layers[1].b[FP_VT_FC1], w->m->layers[1].b[FP_VT_FC1],
+                            24 * sizeof(float));
+        double l = grads(lp, w, g, z), lr = grads(ref, w, gr, zr);
+        double dg = 0, ng = 0, dz = 0, nz = 0;
+        for (size_t i = 0; i < n; i++) {
+            dg += (g[i] - gr[i]) * (g[i] - gr[i]);
+            ng += gr[i] * gr[i];
+        }
+        for (int i = 0; i < NB * 5; i++) {
+            dz = fabs(z[i] - zr[i]) > dz ? fabs(z[i] - zr[i]) : dz;
+            nz = fabs(zr[i]) > nz ? fabs(zr[i]) : nz;
+        }
+        print_message("%s base: loss %.6f (float32 over its weights %.6f), logits within %.2g "
+                      "of %.2g, gradients within %.2g relative\n", fp_base_dtype_name(dt), l, lr,
+                      dz, nz, sqrt(dg / ng));
+        if (!(fabs(l - lr) <= 1e-2 * lr && dz <= 2e-2 * nz && sqrt(dg / ng) <= 3e-2))
+            fail_msg("%s base differs from float32 over the same weights beyond bf16's "
+                     "rounding of activations", fp_base_dtype_name(dt));
+        /* a restart's fold, in the base's precision; the snapshot puts the base back */
+        void *snap = fp_vit_snapshot(lp), *again = NULL;
+        assert_non_null(snap);
+        assert_int_equal(fp_vit_fold(lp, w->lora, &err), 0);
+        assert_int_equal(fp_vit_fold(ref, w->lora, &err), 0);
+        int o, in;
+        fp_vit_target_shape(&lp->c, FP_VT_FC2, &o, &in);
+        const fp_lowp_mat_t *W = &lp->layers[1].lp[FP_VT_FC2];
+        const float *R = ref->layers[1].w[FP_VT_FC2];
+        size_t cnt = (size_t)o * in;
+        float *got = malloc(cnt * sizeof *got);
+        if (dt == FP_BASE_BF16)
+            fp_bf16_unpack(got, W->h, cnt);
+        else
+            fp_nf4_dequantize(W->q, W->absmax, cnt, got);
+        for (size_t b = 0; b < cnt; b += FP_NF4_BLOCK) {
+            double amax = 0;
+            for (size_t i = b; i < b + FP_NF4_BLOCK; i++)
+                amax = fabs(R[i]) > amax ? fabs(R[i]) : amax;
+            for (size_t i = b; i < b + FP_NF4_BLOCK; i++) {
+                double tol = dt == FP_BASE_BF16 ? fabs(R[i]) / 256 + 1e-7
+                                                : FP_NF4_MAX_ERR * amax * 1.01 + 1e-6;
+                if (!(fabs(got[i] - R[i]) <= tol))
+                    fail_msg("%s fold: weight %zu is %.6g, float32's %.6g", fp_base_dtype_name(dt),
+                             i, got[i], R[i]);
+            }
+        }
+        free(got);
+        fp_vit_restore(lp, snap);
+        assert_non_null(again = fp_vit_snapshot(lp));
+        assert_memory_equal(again, snap, lp->nparams * sizeof(float) + lp->lowp_bytes);
+        free(again);
+        free(snap);
+        /* what needs float32 weights says so */
+        assert_int_equal(fp_vit_save(lp, fpt_dir, &err), -EINVAL);
+        assert_contains(fp_err_msg(&err), "base cannot be saved in float32");
+        assert_true(fp_vit_lowp(lp, FP_BASE_BF16, &err) < 0);
+        fp_image_set_t d = {1, 3, 8, w->px, w->labels, "toy"};
+        fp_vit_train_cfg_t tc = {.opt = fp_optim_defaults(), .steps = 1, .batch = 1, .full = 1};
+        assert_int_equal(fp_vit_train(lp, NULL, NULL, NULL, &d, &tc, NULL, NULL, &err), -EINVAL);
+        assert_contains(fp_err_msg(&err), "needs a float32 base");
+        fp_vit_free(lp);
+        fp_vit_free(ref);
+    }
+    free(g);
+    free(gr);
     free_world(w);
 }
 
@@ -651,6 +818,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gradient_against_finite_differences),
         cmocka_unit_test(test_f32_against_f64),
+        cmocka_unit_test(test_low_precision_base),
         cmocka_unit_test(test_full_gradient),
         cmocka_unit_test(test_training),
         cmocka_unit_test(test_many_labels),

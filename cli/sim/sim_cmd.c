@@ -124,7 +124,7 @@ static const char sim_help[] =
     "  --base-dtype D     the frozen base's precision at every site and in the baselines: f32,\n"
     "                     bf16 (oneDNN's bf16 products, fp32 accumulation), nf4 (4-bit\n"
     "                     NormalFloat) or auto: bf16 where the CPU has bf16 instructions, else\n"
-    "                     f32 (default auto; %s here)\n"
+    "                     f32 (default auto, %s here; --task image: f32)\n"
     "  --jobs N           sites training at once (default: the cores, %d here)\n"
     "  --print-data       list the categories and their files, and exit\n"
     "  -h, --help         this help\n"
@@ -1030,7 +1030,7 @@ int fp_cmd_sim(int argc, char **argv)
         sim.max_docs = D_IMG_PER;
         sim.targets = "query,value";
         sim.server_opt = "sgd";
-        sim.base_dtype = "f32"; /* the ViT trains in float32 */
+        sim.base_dtype = "f32"; /* exact products: the demo's ViT is small */
     }
     sim_args_t a = {.strategy = "flora"};
     char mbuf[4096];

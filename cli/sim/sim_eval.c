@@ -267,12 +267,15 @@ static void curve_shares(json_t *rows, const char *metric)
 }
 
 /* --task image: the ViT, every site's held-out images, and the base row's head — the one the
- * coordinator starts every federation from (the same seed). */
+ * coordinator starts every federation from (the same seed); in the sites' precision. */
 static int image_setup(ev_t *e, fp_err_t *err)
 {
     const sim_t *sim = e->sim;
     fp_imgproc_t pp;
-    int rc = fp_vit_load(sim->model, &e->vit, err);
+    fp_base_dtype_t bd = FP_BASE_F32;
+    int rc = fp_base_dtype_parse(sim->base_dtype, &bd, err);
+    if (rc == 0)
+        rc = fp_vit_load_base(sim->model, bd, &e->vit, err);
     if (rc == 0)
         rc = fp_vit_preprocessing(sim->model, &e->vit->c, &pp, err);
     if (rc == 0 && !(e->imgs = calloc((size_t)sim->nsites, sizeof *e->imgs)))

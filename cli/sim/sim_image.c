@@ -184,7 +184,8 @@ int sim_image_baseline_argv(const sim_t *sim, int job, const char *out, const ch
     const char *a[] = {sim->self_bin, "vision", "train", "--model", sim->model, "--images",
                        images, "--labels", labels, "--rank", num[0], "--alpha", num[4],
                        "--targets", sim->targets, "--steps", num[1], "--batch", num[2], "--lr",
-                       num[3], "--seed", num[5], "--warmup", "0", "--out", out, NULL};
+                       num[3], "--seed", num[5], "--warmup", "0", "--base-dtype",
+                       sim->base_dtype, "--out", out, NULL};
     for (size_t i = 0; i < sizeof a / sizeof *a; i++)
         argv[n++] = a[i];
     return n - 1;

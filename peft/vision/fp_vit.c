@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "fp_vit.h"
 
@@ -13,10 +14,12 @@
 #define EXP expf
 #define SQRT sqrtf
 #define ERF erff
+#define VT_LOWP
 #include "fp_vit_impl.h"
 
 struct fp_vit_ws {
     net_t_f32 n;
+    fp_base_dtype_t base;
 };
 
 /* Points layer l's LoRA of linear t at module i of ad (-1: none). */
@@ -44,6 +47,7 @@ int fp_vit_new(fp_vit_ws_t **out, const fp_vit_t *m, const fp_adapter_t *lora,
         return fp_err_set(err, -ENOMEM, "out of memory");
     }
     n->c = m->c;
+    ws->base = m->base;
     n->patch_w = m->patch_w;
     n->patch_b = m->patch_b;
     n->cls = m->cls;
@@ -61,6 +65,7 @@ int fp_vit_new(fp_vit_ws_t **out, const fp_vit_t *m, const fp_adapter_t *lora,
         lw->ln2_b = y->ln2_b;
         for (int t = 0; t < FP_VT_COUNT; t++) {
             lw->w[t] = y->w[t];
+            lw->lp[t] = m->base != FP_BASE_F32 ? &y->lp[t] : NULL;
             lw->b[t] = y->b[t];
             int i = find_module(lora, l, t);
             if (i >= 0) {
@@ -101,11 +106,24 @@ const float *fp_vit_logits(const fp_vit_ws_t *ws)
     return ws->n.logits;
 }
 
+int fp_vit_status(const fp_vit_ws_t *ws)
+{
+    return ws->n.err;
+}
+
+int fp_vit_status_error(int rc, fp_err_t *err)
+{
+    return fp_err_set(err, rc, "a bf16 product through oneDNN %d.%d failed (%s): run with "
+                      "base dtype f32", fp_lowp_version() / 100, fp_lowp_version() % 100,
+                      strerror(-rc));
+}
+
 void fp_vit_backward(fp_vit_ws_t *ws, double loss_scale, fp_adapter_t *lora_grad,
                      float *head_wg, float *head_bg, fp_vit_t *full_grad)
 {
     net_t_f32 *n = &ws->n;
     FP_ASSERT(n->train && n->labels);
+    FP_ASSERT(!full_grad || ws->base == FP_BASE_F32); /* fp_vit_train refuses it */
     const fp_vit_t *g = full_grad;
     n->g_patch_w = g ? g->patch_w : NULL;
     n->g_patch_b = g ? g->patch_b : NULL;

@@ -28,6 +28,7 @@
 
 #include "fp_adapter.h"
 #include "fp_error.h"
+#include "fp_lowp.h"
 
 enum { FP_VT_QUERY, FP_VT_KEY, FP_VT_VALUE, FP_VT_ATTN_OUT, FP_VT_FC1, FP_VT_FC2, FP_VT_COUNT };
 
@@ -48,10 +49,13 @@ int fp_vit_config_check(const fp_vit_config_t *c, fp_err_t *err);
 void fp_vit_config_free(fp_vit_config_t *c);
 
 /* The frozen model, float32, one allocation. Layer l's linear t: w[t] out × in, b[t] out (NULL
- * where the config has no bias: query/key/value without qkv_bias). */
+ * where the config has no bias: query/key/value without qkv_bias). On a low-precision base
+ * (fp_vit_lowp) the linears' weights are lp[t] instead (w[t] NULL), in a second allocation;
+ * biases, LayerNorms, embeddings and the head stay float32. */
 typedef struct fp_vit_layer {
     float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     float *w[FP_VT_COUNT], *b[FP_VT_COUNT];
+    fp_lowp_mat_t lp[FP_VT_COUNT];
 } fp_vit_layer_t;
 
 typedef struct fp_vit {
@@ -63,7 +67,10 @@ typedef struct fp_vit {
     fp_vit_layer_t *layers;
     int head_fresh;           /* the checkpoint had no classifier: head_* are zeros */
     float *mem;
-    size_t nparams;
+    size_t nparams;           /* floats in mem */
+    fp_base_dtype_t base;     /* the linears' precision: FP_BASE_F32, _BF16 or _NF4 */
+    void *lowp_mem;           /* the linears' weights on a low-precision base */
+    size_t lowp_bytes;
 } fp_vit_t;
 
 /* A model of config c (copied) with every weight zero, to be filled. */
@@ -77,8 +84,23 @@ void fp_vit_init_random(fp_vit_t *m, uint64_t seed);
  * or bf16). A checkpoint without a classifier (a backbone) loads with head_fresh set. */
 int fp_vit_load(const char *dir, fp_vit_t **out, fp_err_t *err);
 /* Writes m as such a directory (float32), loadable by transformers as well; with head_fresh
- * set, without a classifier (a backbone, whose users train their own head). */
+ * set, without a classifier (a backbone, whose users train their own head). A model on a
+ * low-precision base is refused (its float32 weights are gone). */
 int fp_vit_save(const fp_vit_t *m, const char *dir, fp_err_t *err);
+
+/* Moves m's linears to a low-precision base (fp_lowp.h: bf16, or NF4 blocks of 64 weights;
+ * FP_BASE_F32 changes nothing): products with them run through oneDNN's bf16 matmul, an
+ * activation rounded to bf16 as their left operand, accumulated in float32. Refused where
+ * oneDNN cannot multiply bf16 on this CPU (the error says so), for NF4 when a linear's size is
+ * not a multiple of 64, and on a model already moved. */
+int fp_vit_lowp(fp_vit_t *m, fp_base_dtype_t dt, fp_err_t *err);
+/* fp_vit_load, then fp_vit_lowp(dt). */
+int fp_vit_load_base(const char *dir, fp_base_dtype_t dt, fp_vit_t **out, fp_err_t *err);
+/* Bytes of m's weights (float32 and low-precision). */
+size_t fp_vit_weight_bytes(const fp_vit_t *m);
+/* A copy of every weight of m (malloc'd; free it), and m's weights set back from one. */
+void *fp_vit_snapshot(const fp_vit_t *m);
+void fp_vit_restore(fp_vit_t *m, const void *snap);
 
 /* A fine-tuned ViT's result as PEFT saves it with modules_to_save=["classifier"]: the LoRA
  * factors and the head (base_model.model.classifier.weight K × D and .bias K) in one adapter
@@ -117,7 +139,7 @@ int fp_vit_head_init(const fp_vit_config_t *c, fp_adapter_t *ad, uint64_t seed, 
  * 0 for another model, or < 0 when it cannot be read. */
 int fp_config_is_vit(const char *path, fp_err_t *err);
 /* Folds ad's factors into m's weights: W += s·B·A for each module (a restart strategy's
- * global update, made part of the base). */
+ * global update, made part of the base), in the base's precision. */
 int fp_vit_fold(fp_vit_t *m, const fp_adapter_t *ad, fp_err_t *err);
 
 /* The shape of linear t: out × in. */
@@ -145,6 +167,10 @@ void fp_vit_forward(fp_vit_ws_t *ws, const float *pixels, int b, const int *labe
                     double *loss_sum, int *correct);
 /* The last forward's logits, b × K. */
 const float *fp_vit_logits(const fp_vit_ws_t *ws);
+/* 0, or the first error of a low-precision product since the workspace was made (oneDNN's
+ * status; the results are then NaN): fp_vit_status_error words it. */
+int fp_vit_status(const fp_vit_ws_t *ws);
+int fp_vit_status_error(int rc, fp_err_t *err);
 
 /* Backward of loss_scale × Σ losses of the last forward (train workspace, with labels):
  * gradients added into lora_grad (the adapter's modules and shapes) and head_wg (K × D),

@@ -54,6 +54,7 @@ static double run(const fp_vit_t *m, const fp_adapter_t *lora, const double *w,
     const fp_vit_config_t *c = &m->c;
     net_t_f64 n = {.c = *c};
     double *own = NULL;
+    FP_ASSERT(m->base == FP_BASE_F32); /* the reference of a float32 model */
     if (!w) {
         own = malloc(m->nparams * sizeof *own);
         FP_ASSERT(own);

@@ -263,6 +263,7 @@ void fp_vit_free(fp_vit_t *m)
         return;
     fp_vit_config_free(&m->c);
     free(m->mem);
+    free(m->lowp_mem);
     free(m->layers);
     free(m);
 }

@@ -1,7 +1,8 @@
 /* fp_vit_impl.h — the ViT's forward and backward, written once for any real type.
  *
  * Included by fp_vit.c (REAL float) and fp_vit64.c (REAL double) after defining REAL,
- * VT(name) (a suffixed name), GEMM (cblas_sgemm or cblas_dgemm), EXP, SQRT, ERF. Not a public
+ * VT(name) (a suffixed name), GEMM (cblas_sgemm or cblas_dgemm), EXP, SQRT, ERF, and for float
+ * VT_LOWP (products with a low-precision base's weights through fp_lowp.h). Not a public
  * header; no include guard on purpose. Layouts (row-major): tokens N × width, image b's T
  * tokens consecutive (CLS first); attention probabilities B × H × T × T.
  */
@@ -14,6 +15,7 @@
 typedef struct VT(lw) {
     const REAL *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     const REAL *w[FP_VT_COUNT], *b[FP_VT_COUNT];
+    const fp_lowp_mat_t *lp[FP_VT_COUNT];          /* the weight on a low-precision base */
     const REAL *la[FP_VT_COUNT], *lb[FP_VT_COUNT]; /* LoRA A: r × in, B: out × r; NULL = none */
     int lr[FP_VT_COUNT];
     REAL ls[FP_VT_COUNT];
@@ -45,6 +47,7 @@ typedef struct VT(net) {
     REAL *dR, *dM, *dk, *dx, *dy, *dF, *dl, *dP, *dz; /* dz: B × K */
     REAL *mem;
     size_t bytes;
+    int err; /* the first failed low-precision product (0: none) */
 } VT(net_t);
 
 /* ---- building blocks ---- */
@@ -96,11 +99,46 @@ static void VT(ln_back)(int n, int d, const REAL *x, const REAL *w, const REAL *
     }
 }
 
+/* y (n × out) = x (n × in)·Wᵀ (+ beta·y): W float or on a low-precision base; a failed
+ * low-precision product's status kept in *err. */
+static void VT(mm_wt)(const VT(lw_t) *lw, int t, int n, int out, int in, const REAL *x, REAL *y,
+                      REAL beta, int *err)
+{
+#ifdef VT_LOWP
+    if (lw->lp[t]) {
+        int rc = fp_lowp_mm_wt(n, x, in, lw->lp[t], y, out, beta);
+        *err = *err ? *err : rc;
+        return;
+    }
+#else
+    (void)err;
+#endif
+    GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1, x, in, lw->w[t], in, beta, y,
+         out);
+}
+
+/* dx (n × in) = dy (n × out)·W + beta·dx, as mm_wt. */
+static void VT(mm)(const VT(lw_t) *lw, int t, int n, int out, int in, const REAL *dy, REAL *dx,
+                   REAL beta, int *err)
+{
+#ifdef VT_LOWP
+    if (lw->lp[t]) {
+        int rc = fp_lowp_mm(n, dy, out, lw->lp[t], dx, in, beta);
+        *err = *err ? *err : rc;
+        return;
+    }
+#else
+    (void)err;
+#endif
+    GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1, dy, out, lw->w[t], in, beta,
+         dx, in);
+}
+
 /* y (n × out) = x (n × in)·Wᵀ + b + s·(x·Aᵀ)·Bᵀ; x·Aᵀ kept in lu */
 static void VT(linear)(const VT(lw_t) *lw, int t, int n, int out, int in, const REAL *x,
-                       REAL *y, REAL *lu)
+                       REAL *y, REAL *lu, int *err)
 {
-    GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1, x, in, lw->w[t], in, 0, y, out);
+    VT(mm_wt)(lw, t, n, out, in, x, y, 0, err);
     if (lw->b[t])
         for (int i = 0; i < n; i++)
             for (int j = 0; j < out; j++)
@@ -116,10 +154,10 @@ static void VT(linear)(const VT(lw_t) *lw, int t, int n, int out, int in, const 
 /* dx (+)= dy·W + s·(dy·B)·A; the LoRA factors' gradients added: dB += s·dyᵀ·lu,
  * dA += s·(dy·B)ᵀ·x. dl: n × r scratch. */
 static void VT(linear_back)(const VT(lw_t) *lw, int t, int n, int out, int in, const REAL *x,
-                            const REAL *lu, const REAL *dy, REAL *dx, int add, REAL *dl)
+                            const REAL *lu, const REAL *dy, REAL *dx, int add, REAL *dl,
+                            int *err)
 {
-    GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1, dy, out, lw->w[t], in,
-         add ? 1 : 0, dx, in);
+    VT(mm)(lw, t, n, out, in, dy, dx, add ? 1 : 0, err);
     if (lw->gw[t]) /* full training: dW += dyᵀ·x, db += Σ dy */
         GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1, dy, out, x, in, 1,
              lw->gw[t], in);
@@ -298,19 +336,19 @@ static void VT(forward)(VT(net_t) *n, const REAL *px, int b, const int *labels,
         VT(acts_t) *a = &n->A[l];
         REAL *x = n->R[l], *y = n->R[l + 1];
         VT(ln)(N, D, (REAL)c->eps, x, lw->ln1_w, lw->ln1_b, a->a1, a->mu1, a->rs1);
-        VT(linear)(lw, FP_VT_QUERY, N, D, D, a->a1, a->q, a->lu[FP_VT_QUERY]);
-        VT(linear)(lw, FP_VT_KEY, N, D, D, a->a1, a->k, a->lu[FP_VT_KEY]);
-        VT(linear)(lw, FP_VT_VALUE, N, D, D, a->a1, a->v, a->lu[FP_VT_VALUE]);
+        VT(linear)(lw, FP_VT_QUERY, N, D, D, a->a1, a->q, a->lu[FP_VT_QUERY], &n->err);
+        VT(linear)(lw, FP_VT_KEY, N, D, D, a->a1, a->k, a->lu[FP_VT_KEY], &n->err);
+        VT(linear)(lw, FP_VT_VALUE, N, D, D, a->a1, a->v, a->lu[FP_VT_VALUE], &n->err);
         for (int i = 0; i < b; i++)
             VT(attention)(n, a, i);
-        VT(linear)(lw, FP_VT_ATTN_OUT, N, D, D, a->ctx, a->M, a->lu[FP_VT_ATTN_OUT]);
+        VT(linear)(lw, FP_VT_ATTN_OUT, N, D, D, a->ctx, a->M, a->lu[FP_VT_ATTN_OUT], &n->err);
         for (size_t j = 0; j < (size_t)N * D; j++)
             a->M[j] += x[j];
         VT(ln)(N, D, (REAL)c->eps, a->M, lw->ln2_w, lw->ln2_b, a->a2, a->mu2, a->rs2);
-        VT(linear)(lw, FP_VT_FC1, N, F, D, a->a2, a->u, a->lu[FP_VT_FC1]);
+        VT(linear)(lw, FP_VT_FC1, N, F, D, a->a2, a->u, a->lu[FP_VT_FC1], &n->err);
         for (size_t j = 0; j < (size_t)N * F; j++)
             a->g[j] = VT(gelu)(a->u[j]);
-        VT(linear)(lw, FP_VT_FC2, N, D, F, a->g, y, a->lu[FP_VT_FC2]);
+        VT(linear)(lw, FP_VT_FC2, N, D, F, a->g, y, a->lu[FP_VT_FC2], &n->err);
         for (size_t j = 0; j < (size_t)N * D; j++)
             y[j] += a->M[j];
     }
@@ -407,23 +445,23 @@ static void VT(backward)(VT(net_t) *n, REAL loss_scale)
         const VT(acts_t) *a = &n->A[l];
         REAL *dM = n->dM, *dg = n->dF, *da = n->dx;
         /* y = M + FC2(gelu(FC1(LN2(M)))) */
-        VT(linear_back)(lw, FP_VT_FC2, N, D, F, a->g, a->lu[FP_VT_FC2], dR, dg, 0, n->dl);
+        VT(linear_back)(lw, FP_VT_FC2, N, D, F, a->g, a->lu[FP_VT_FC2], dR, dg, 0, n->dl, &n->err);
         for (size_t j = 0; j < (size_t)N * F; j++)
             dg[j] *= VT(gelu_d)(a->u[j]);
-        VT(linear_back)(lw, FP_VT_FC1, N, F, D, a->a2, a->lu[FP_VT_FC1], dg, da, 0, n->dl);
+        VT(linear_back)(lw, FP_VT_FC1, N, F, D, a->a2, a->lu[FP_VT_FC1], dg, da, 0, n->dl, &n->err);
         memcpy(dM, dR, (size_t)N * D * sizeof *dM);
         VT(ln_back)(N, D, a->M, lw->ln2_w, a->mu2, a->rs2, da, dM, 1, lw->gln2_w, lw->gln2_b);
         /* M = x + O(attention(LN1(x))) */
         /* dq in dx (da is spent), dv in dR (copied into dM above; rebuilt below) */
         REAL *dctx = n->dy, *dq = n->dx, *dk = n->dk, *dv = n->dR;
         VT(linear_back)(lw, FP_VT_ATTN_OUT, N, D, D, a->ctx, a->lu[FP_VT_ATTN_OUT], dM, dctx, 0,
-                        n->dl);
+                        n->dl, &n->err);
         for (int i = 0; i < b; i++)
             VT(attention_back)(n, a, i, dctx, dq, dk, dv);
         REAL *da1 = n->dy; /* dctx is spent */
-        VT(linear_back)(lw, FP_VT_QUERY, N, D, D, a->a1, a->lu[FP_VT_QUERY], dq, da1, 0, n->dl);
-        VT(linear_back)(lw, FP_VT_KEY, N, D, D, a->a1, a->lu[FP_VT_KEY], dk, da1, 1, n->dl);
-        VT(linear_back)(lw, FP_VT_VALUE, N, D, D, a->a1, a->lu[FP_VT_VALUE], dv, da1, 1, n->dl);
+        VT(linear_back)(lw, FP_VT_QUERY, N, D, D, a->a1, a->lu[FP_VT_QUERY], dq, da1, 0, n->dl, &n->err);
+        VT(linear_back)(lw, FP_VT_KEY, N, D, D, a->a1, a->lu[FP_VT_KEY], dk, da1, 1, n->dl, &n->err);
+        VT(linear_back)(lw, FP_VT_VALUE, N, D, D, a->a1, a->lu[FP_VT_VALUE], dv, da1, 1, n->dl, &n->err);
         memcpy(dR, dM, (size_t)N * D * sizeof *dR);
         VT(ln_back)(N, D, n->R[l], lw->ln1_w, a->mu1, a->rs1, da1, dR, 1, lw->gln1_w, lw->gln1_b);
     }

@@ -76,6 +76,9 @@ static size_t tensors(const fp_vit_t *m, vt_tensor_t *t)
 int fp_vit_save(const fp_vit_t *m, const char *dir, fp_err_t *err)
 {
     const fp_vit_config_t *c = &m->c;
+    if (m->base != FP_BASE_F32)
+        return fp_err_set(err, -EINVAL, "a ViT on a %s base cannot be saved in float32",
+                          fp_base_dtype_name(m->base));
     int rc = fp_fs_mkdirs(dir, 0755, err);
     if (rc)
         return rc;

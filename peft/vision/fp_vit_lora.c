@@ -83,6 +83,13 @@ int fp_vit_fold(fp_vit_t *m, const fp_adapter_t *ad, fp_err_t *err)
             if (j < 0)
                 continue;
             const fp_lora_module_t *x = &ad->mods[j];
+            if (m->base != FP_BASE_F32) { /* in the base's precision */
+                rc = fp_lowp_add_product(&m->layers[l].lp[t], (float)fp_module_scale(x), x->B,
+                                         x->A, x->rank, err);
+                if (rc)
+                    return rc;
+                continue;
+            }
             /* W (out × in) += s · B (out × r) · A (r × in) */
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, x->d_out, x->d_in, x->rank,
                         (float)fp_module_scale(x), x->B, x->rank, x->A, x->d_in, 1.0f,

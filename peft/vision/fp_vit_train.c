@@ -249,6 +249,9 @@ int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
         return rc;
     if (c->steps < 1 || c->batch < 1)
         return fp_err_set(err, -EINVAL, "%d steps of %d images", c->steps, c->batch);
+    if (c->full && m->base != FP_BASE_F32)
+        return fp_err_set(err, -EINVAL, "training every weight needs a float32 base, not %s",
+                          fp_base_dtype_name(m->base));
     const fp_adapter_t *use = c->full ? NULL : lora;
     float *hw = c->full ? m->head_w : head_w, *hb = c->full ? m->head_b : head_b;
     size_t img = (size_t)d->C * d->S * d->S, K = (size_t)m->c.K, D = (size_t)m->c.D;
@@ -316,6 +319,10 @@ int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
         double sum;
         fp_zero_grads(groups, ng);
         fp_vit_forward(ws, batch, c->batch, labels, &sum, NULL);
+        if (fp_vit_status(ws)) {
+            rc = fp_vit_status_error(fp_vit_status(ws), err);
+            goto out;
+        }
         if (!isfinite(sum)) {
             rc = fp_err_set(err, -EDOM, "step %d: the loss is not finite (training diverged)",
                             s + 1);
@@ -327,6 +334,10 @@ int fp_vit_train(fp_vit_t *m, fp_adapter_t *lora, float *head_w, float *head_b,
             *last_loss = sum / c->batch;
         fp_vit_backward(ws, 1.0 / c->batch, lg, c->full ? gm->head_w : hg,
                         c->full ? gm->head_b : hg + K * D, gm);
+        if (fp_vit_status(ws)) {
+            rc = fp_vit_status_error(fp_vit_status(ws), err);
+            goto out;
+        }
         for (size_t i = 0, at = 0; prox && i < (size_t)ng; at += groups[i].n, i++)
             for (size_t e = 0; e < groups[i].n; e++) /* ∇ μ/2·‖θ − θ_start‖² */
                 groups[i].g[e] += (float)(c->prox_mu * (groups[i].p[e] - prox[at + e]));
@@ -371,7 +382,11 @@ int fp_vit_eval(const fp_vit_t *m, const fp_adapter_t *lora, const float *head_w
         total += sum;
         right += ok;
     }
+    if (fp_vit_status(ws))
+        rc = fp_vit_status_error(fp_vit_status(ws), err);
     fp_vit_free_ws(ws);
+    if (rc)
+        return rc;
     *loss = total / d->n;
     *accuracy = (double)right / d->n;
     return 0;
