@@ -157,8 +157,8 @@ int fp_asa_new(fp_asa_t **out, const fp_site_task_t *t, const char *site, fp_err
     if (rc == 0 && fp_strategy_merges_products(a->strategy)) { /* the first sum: Y through Ω from the seed */
         if (sa->sketch_k < 1)
             rc = fp_err_set(err, -EBADMSG, "an exact merge's secure round without a sketch");
-        else if ((rc = fp_sa_sketch_new(&a->sketch, a->layout, a->nmod, sa->sketch_k,
-                                        sa->sketch_seed, err)) == 0)
+        else if ((rc = fp_sa_sketch_new(&a->sketch, a->layout, a->nmod, a->whole,
+                                        a->nwhole, sa->sketch_k, sa->sketch_seed, err)) == 0)
             want = fp_sa_sketch_dim_y(a->sketch);
     } else if (rc == 0) {
         want = fp_sa_linear_dim(a->strategy, a->layout, a->nmod, a->whole, a->nwhole);

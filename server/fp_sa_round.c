@@ -162,7 +162,7 @@ static int sketch_for(fp_sa_round_t *sa, const fp_round_task_t *t, int nt, fp_er
     int rc = fresh_seed(sa, &sa->sketch_seed, sizeof sa->sketch_seed, err);
     if (rc == 0)
         rc = fp_sa_sketch_new_sums(&sa->sketch, sa->merge.layout, sa->merge.n_layout,
-                                   sa->sketch_k, err);
+                                   sa->merge.whole, sa->merge.n_whole, sa->sketch_k, err);
     if (rc == 0)
         sa->dim = fp_sa_sketch_dim_y(sa->sketch);
     return rc;

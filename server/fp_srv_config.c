@@ -277,10 +277,6 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
         return fp_err_set(err, -ENOTSUP, "federation.server_optimizer %s: a vision model's head "
                           "has no optimizer state yet; use sgd (the merge itself)",
                           c->server_optimizer);
-    if (vit && c->sa_enabled && fp_strategy_merges_products(st))
-        return fp_err_set(err, -ENOTSUP, "secure_aggregation with %s: a vision model's head is "
-                          "not in the exact merge's sketch yet; use fedavg, ffa or zeropad",
-                          c->strategy);
     if ((rc = parse_caps(c->rank_caps, NULL, &cap, err)) != 0)
         return rc;
     if (!c->norm_action || (strcmp(c->norm_action, "clip") && strcmp(c->norm_action, "refuse")))

@@ -681,8 +681,8 @@ static fp_adapter_t *two_sums(const fp_module_desc_t *layout, const fp_module_de
                               fp_sa_params_t p, const fp_sa_sketch_out_t *o)
 {
     fp_sa_sketch_t *sk = NULL, *site_sk = NULL;
-    assert_int_equal(fp_sa_sketch_new(&sk, layout, 2, k, seed, NULL), 0);
-    assert_int_equal(fp_sa_sketch_new(&site_sk, site_layout, 2, k, seed, NULL), 0);
+    assert_int_equal(fp_sa_sketch_new(&sk, layout, 2, NULL, 0, k, seed, NULL), 0);
+    assert_int_equal(fp_sa_sketch_new(&site_sk, site_layout, 2, NULL, 0, k, seed, NULL), 0);
     size_t dy = fp_sa_sketch_dim_y(sk), dz = fp_sa_sketch_dim_z(sk);
     float *x = malloc(3 * (dy > dz ? dy : dz) * sizeof *x);
     for (int i = 0; i < 3; i++)

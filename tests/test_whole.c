@@ -2,8 +2,8 @@
  * head) through everything an adapter goes through: every merge strategy (their weighted
  * average against float64, and the factors' merge unchanged by them), the tensor stream, PEFT
  * directories and the coordinator's factor files, differential privacy's update vector,
- * secure aggregation's linear vector, a restart strategy's accumulation and a site's start;
- * and the readers that cannot take them refuse them by name. */
+ * secure aggregation's linear vector and exact merges' two sums, a restart strategy's
+ * accumulation and a site's start; and the readers that cannot take them refuse them by name. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -287,6 +287,102 @@ static void test_privacy_and_secure(void **state)
     }
 }
 
+/* The exact merges' two sums (the double sketch) carry the head in the second after the
+ * modules' Z: decoded, it is the weighted average, and the factors are what the same sums make
+ * without a head. The sums are taken in the clear here (test_secagg masks them). */
+static double *sketch_sum(fp_sa_sketch_t *site_sk, fp_adapter_t *const *src, const double *w,
+                          int second, size_t dim)
+{
+    float *x = malloc(dim * sizeof *x);
+    double *sum = calloc(dim, sizeof *sum);
+    for (int k = 0; k < K; k++) {
+        int rc = second ? fp_sa_sketch_encode_z(site_sk, src[k], w[k], x, NULL)
+                        : fp_sa_sketch_encode_y(site_sk, src[k], w[k], x, NULL);
+        assert_int_equal(rc, 0);
+        for (size_t d = 0; d < dim; d++)
+            sum[d] += x[d];
+    }
+    free(x);
+    return sum;
+}
+
+static fp_adapter_t *two_sums(const fp_module_desc_t *layout, const fp_whole_desc_t *wh, int nw,
+                              fp_adapter_t *const *src, const double *w,
+                              const fp_sa_sketch_out_t *o)
+{
+    fp_sa_sketch_t *sk = NULL, *site_sk = NULL;
+    const int k = 3 * 4 + 8;
+    assert_int_equal(fp_sa_sketch_new_sums(&sk, layout, 2, wh, nw, k, NULL), 0);
+    assert_int_equal(fp_sa_sketch_new(&site_sk, layout, 2, wh, nw, k, 99, NULL), 0);
+    double *y = sketch_sum(site_sk, src, w, 0, fp_sa_sketch_dim_y(sk));
+    assert_int_equal(fp_sa_sketch_basis(sk, y, NULL), 0);
+    size_t nq;
+    const double *Q = fp_sa_sketch_q(sk, &nq);
+    assert_int_equal(fp_sa_sketch_set_q(site_sk, Q, nq, NULL), 0);
+    double *z = sketch_sum(site_sk, src, w, 1, fp_sa_sketch_dim_z(sk));
+    fp_adapter_t *got = NULL;
+    fp_err_t err = {0};
+    if (fp_sa_sketch_decode(sk, z, o, &got, &err) != 0)
+        fail_msg("sketch decode: %s", fp_err_msg(&err));
+    free(y);
+    free(z);
+    fp_sa_sketch_free(sk);
+    fp_sa_sketch_free(site_sk);
+    return got;
+}
+
+static void test_secure_sketch(void **state)
+{
+    (void)state;
+    const double w[K] = {5, 2, 1};
+    const fp_strategy_t ex[3] = {FP_STRAT_FLEXLORA, FP_STRAT_FLORA, FP_STRAT_FLORIST};
+    fp_adapter_t *src[K], *bare[K];
+    for (int k = 0; k < K; k++) {
+        src[k] = site(4, 40 + k, 0);
+        bare[k] = factors_only(src[k]);
+    }
+    fp_module_desc_t layout[2] = {fp_module_desc(&src[0]->mods[0]),
+                                  fp_module_desc(&src[0]->mods[1])};
+    fp_sa_sketch_t *sk = NULL, *nohead = NULL;
+    assert_int_equal(fp_sa_sketch_new_sums(&sk, layout, 2, head, 2, 20, NULL), 0);
+    assert_int_equal(fp_sa_sketch_new_sums(&nohead, layout, 2, NULL, 0, 20, NULL), 0);
+    assert_int_equal(fp_sa_sketch_dim_z(sk), fp_sa_sketch_dim_z(nohead) + 28);
+    assert_int_equal(fp_sa_sketch_dim_y(sk), fp_sa_sketch_dim_y(nohead));
+    fp_sa_sketch_free(nohead);
+    for (int j = 0; j < 3; j++) {
+        fp_sa_sketch_out_t o = {ex[j], ex[j] == FP_STRAT_FLORA ? 12 : 4, 0.9, 0};
+        fp_adapter_t *got = two_sums(layout, head, 2, src, w, &o);
+        fp_adapter_t *ref = two_sums(layout, NULL, 0, bare, w, &o);
+        double e = whole_err(got, src, w, K);
+        if (!(e < 1e-6))
+            fail_msg("%s secure: the head is not the weighted average (%g)",
+                     fp_strategy_name(ex[j]), e);
+        assert_int_equal(ref->nwhole, 0);
+        for (int i = 0; i < got->n; i++)
+            assert_int_equal(got->mods[i].rank, ref->mods[fp_adapter_find(ref,
+                                                                          got->mods[i].name)].rank);
+        if (!(fpt_product_rel(got, ref) < 1e-6))
+            fail_msg("%s secure: the head changes the factors (%g)", fp_strategy_name(ex[j]),
+                     fpt_product_rel(got, ref));
+        fp_adapter_free(got);
+        fp_adapter_free(ref);
+    }
+    /* a site whose head does not fit the federation's is refused in the second sum */
+    fp_whole_desc_t other[2] = {{"classifier.weight", 4, 6}, {"classifier.bias", 5, 1}};
+    fp_sa_sketch_t *site_sk = NULL;
+    assert_int_equal(fp_sa_sketch_new(&site_sk, layout, 2, other, 2, 20, 3, NULL), 0);
+    float *x = malloc(fp_sa_sketch_dim_z(site_sk) * sizeof *x);
+    fp_err_t err = {0};
+    assert_int_equal(fp_sa_sketch_encode_z(site_sk, src[0], 1, x, &err), -EINVAL);
+    assert_err_contains(&err, "classifier.bias' is 4 × 1, expected 5 × 1");
+    free(x);
+    fp_sa_sketch_free(site_sk);
+    for (int k = 0; k < K; k++) {
+        fp_adapter_free(src[k]);
+        fp_adapter_free(bare[k]);
+    }
+}
+
 /* Restart strategies: the head is a value, not a change — a site goes on from the global's,
  * the accumulated global takes the round's. A decoder refuses an adapter with a head. */
 static void test_restart_and_refusals(void **state)
@@ -353,6 +449,7 @@ int main(void)
         cmocka_unit_test(test_every_strategy),
         cmocka_unit_test(test_stream_and_files),
         cmocka_unit_test(test_privacy_and_secure),
+        cmocka_unit_test(test_secure_sketch),
         cmocka_unit_test(test_restart_and_refusals),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

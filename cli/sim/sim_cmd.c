@@ -1050,18 +1050,6 @@ int fp_cmd_sim(int argc, char **argv)
                                 "yet; use --server-opt sgd at lr 1");
         goto out;
     }
-    if (sim.task == SIM_TASK_IMAGE && sim.secure) {
-        for (int k = 0; k < sim.nruns; k++) {
-            fp_strategy_t st;
-            if (fp_strategy_parse(sim.runs[k].strategy, &st, NULL) == 0 &&
-                fp_strategy_merges_products(st)) {
-                rc = fp_cli_usage_error("sim", "--task image --secure-aggregation: a ViT's head "
-                                        "is not in the exact merges' sketch yet; use --strategy "
-                                        "fedavg, ffa or zeropad");
-                goto out;
-            }
-        }
-    }
     if (sim.server_lr < 0)
         sim.server_lr = plain ? 1 : D_LR_ADAPTIVE;
     if (sim.server_beta1 < 0)

@@ -183,6 +183,9 @@ int fp_sa_linear_decode(fp_strategy_t st, const fp_module_desc_t *layout, int n,
 struct fp_sa_sketch {
     fp_module_desc_t *layout;
     int n, k;
+    fp_whole_desc_t *whole; /* tensors trained in full: w·v in Z after the modules */
+    int nw;
+    size_t whole_at;
     double **omega;        /* per module: d_in × k */
     int *q;                /* per module: the basis' columns, k_m = min(k, d_in, d_out) */
     int *km;
@@ -207,13 +210,15 @@ void fp_sa_sketch_free(fp_sa_sketch_t *s)
     free(s->q_at);
     free(s->Q);
     free(s->layout);
+    free(s->whole);
     free(s);
 }
 
-static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
-                      uint64_t seed, int with_omega, fp_err_t *err)
+static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n,
+                      const fp_whole_desc_t *whole, int nw, int k, uint64_t seed,
+                      int with_omega, fp_err_t *err)
 {
-    if (n < 1 || k < 1)
+    if (n < 1 || k < 1 || nw < 0)
         return fp_err_set(err, -EINVAL, "sketch: %d modules, %d columns", n, k);
     fp_sa_sketch_t *s = calloc(1, sizeof *s);
     if (!s)
@@ -227,9 +232,14 @@ static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int 
     s->y_at = calloc((size_t)n, sizeof *s->y_at);
     s->z_at = calloc((size_t)n, sizeof *s->z_at);
     s->q_at = calloc((size_t)n, sizeof *s->q_at);
+    s->whole = calloc((size_t)nw + 1, sizeof *s->whole);
     int *idx = NULL, rc = !s->layout || !s->omega || !s->q || !s->km || !s->y_at || !s->z_at ||
-                                   !s->q_at
+                                   !s->q_at || !s->whole
                              ? fp_err_set(err, -ENOMEM, "out of memory") : 0;
+    if (rc == 0 && nw > 0) {
+        memcpy(s->whole, whole, (size_t)nw * sizeof *whole);
+        s->nw = nw;
+    }
     if (rc == 0)
         rc = order_by_name(layout, n, &idx, err);
     size_t qsz = 0;
@@ -255,6 +265,8 @@ static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int 
     }
     free(idx);
     s->nq = qsz;
+    s->whole_at = s->dim_z;
+    s->dim_z += whole_floats(whole, nw);
     s->dim_z += 1; /* the weight */
     if (rc == 0 && !(s->Q = calloc(qsz ? qsz : 1, sizeof *s->Q)))
         rc = fp_err_set(err, -ENOMEM, "out of memory");
@@ -266,16 +278,16 @@ static int sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int 
     return 0;
 }
 
-int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
-                     uint64_t seed, fp_err_t *err)
+int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n,
+                     const fp_whole_desc_t *whole, int nw, int k, uint64_t seed, fp_err_t *err)
 {
-    return sketch_new(out, layout, n, k, seed, 1, err);
+    return sketch_new(out, layout, n, whole, nw, k, seed, 1, err);
 }
 
-int fp_sa_sketch_new_sums(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
-                          fp_err_t *err)
+int fp_sa_sketch_new_sums(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n,
+                          const fp_whole_desc_t *whole, int nw, int k, fp_err_t *err)
 {
-    return sketch_new(out, layout, n, k, 0, 0, err);
+    return sketch_new(out, layout, n, whole, nw, k, 0, 0, err);
 }
 
 size_t fp_sa_sketch_dim_y(const fp_sa_sketch_t *s) { return s->dim_y; }
@@ -323,8 +335,14 @@ static int encode(const fp_sa_sketch_t *s, const fp_adapter_t *u, double w, int 
             x[at + e] = (float)v[e];
         free(v);
     }
-    if (rc == 0 && second)
+    if (rc == 0 && second) { /* the head as w·v (in name order, as an adapter keeps it), w */
+        size_t at = s->whole_at;
+        rc = fp_adapter_validate_whole(u, s->whole, s->nw, "secure aggregation", err);
+        for (int i = 0; rc == 0 && i < u->nwhole; i++)
+            for (size_t e = 0; e < (size_t)u->whole[i].rows * (size_t)u->whole[i].cols; e++)
+                x[at++] = (float)(w * u->whole[i].v[e]);
         x[s->dim_z - 1] = (float)w;
+    }
     return rc;
 }
 
@@ -424,6 +442,12 @@ int fp_sa_sketch_decode(const fp_sa_sketch_t *s, const double *zsum,
     fp_adapter_t *ad = NULL;
     if (rc == 0)
         rc = fp_adapter_new(&ad, descs, s->n, err);
+    if (rc == 0 && (rc = fp_adapter_set_whole(ad, s->whole, s->nw, err)) == 0) {
+        size_t at = s->whole_at; /* Σ w·v / Σ w */
+        for (int i = 0; i < ad->nwhole; i++)
+            for (size_t e = 0; e < (size_t)ad->whole[i].rows * (size_t)ad->whole[i].cols; e++)
+                ad->whole[i].v[e] = (float)(zsum[at++] / wsum);
+    }
     for (int i = 0; i < s->n && rc == 0; i++) {
         const fp_module_desc_t *m = &descs[i];
         fp_lora_module_t *mo = &ad->mods[fp_adapter_find(ad, m->name)];

@@ -17,7 +17,7 @@
  * (fp_sketch.h), module by module, Ω_m drawn from the round's seed and the module's index:
  *
  *   Y: w·s_u·B·(A·Ω_m)/√d_in (d_out × k), the sum's column space is ΔW*'s;
- *   Z: w·Q_mᵀ·s_u·B·A (q × d_in), then w; the coordinator's Q_m Z_m / Σw is ΔW* = Σ p·s·B·A
+ *   Z: w·Q_mᵀ·s_u·B·A (q × d_in), then w·v of a head, then w; the coordinator's Q_m Z_m / Σw is ΔW* = Σ p·s·B·A
  *      exactly (k ≥ Σ r: the caller chooses k), truncated to rank r_out by the SVD of Z_m.
  *      Sites leaving between the sums keep it exact only while Σ r ≤ min(d_in, d_out).
  *      Each sum is its own secure round (fresh keys).
@@ -58,13 +58,15 @@ typedef struct fp_sa_sketch fp_sa_sketch_t;
 #define FP_SA_OVERSAMPLE 8
 
 /* The sketch of a round: k columns (≥ Σ of the sites' ranks; clamped per module to d_out),
- * Ω_m from seed. */
-int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
-                     uint64_t seed, fp_err_t *err);
+ * Ω_m from seed. The tensors trained in full whole[0..nw) (a head) ride in the second sum as
+ * w·v after the modules' Z, before w: the global's is their weighted average, as the linear
+ * strategies'. layout and whole (their names) must outlive the sketch. */
+int fp_sa_sketch_new(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n,
+                     const fp_whole_desc_t *whole, int nw, int k, uint64_t seed, fp_err_t *err);
 /* The coordinator's: sizes, bases and decoding, without the Ω only sites multiply by (no
  * encode_y on it). */
-int fp_sa_sketch_new_sums(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n, int k,
-                          fp_err_t *err);
+int fp_sa_sketch_new_sums(fp_sa_sketch_t **out, const fp_module_desc_t *layout, int n,
+                          const fp_whole_desc_t *whole, int nw, int k, fp_err_t *err);
 void fp_sa_sketch_free(fp_sa_sketch_t *s);
 size_t fp_sa_sketch_dim_y(const fp_sa_sketch_t *s);
 size_t fp_sa_sketch_dim_z(const fp_sa_sketch_t *s); /* after fp_sa_sketch_basis */
