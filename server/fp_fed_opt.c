@@ -15,8 +15,9 @@
 
 #define META_KEY "fedpeft.server_optimizer"
 
-/* Linear: m and v over the factors, flat (module by module, A then B). Exact: each module's
- * momentum MB·MA. One allocation each. */
+/* Linear: m and v over the factors, flat (module by module, A then B), then the tensors trained
+ * in full (a head). Exact: each module's momentum MB·MA, and the head's, flat (hm). One
+ * allocation each. */
 struct fp_opt_state {
     fp_sopt_kind_t kind;
     size_t n;                 /* linear: parameters */
@@ -25,7 +26,11 @@ struct fp_opt_state {
     char **names;
     int *d_out, *d_in, *rank;
     float **mb, **ma;
+    size_t nh;                /* exact: the head's values, its momentum */
+    float *hm;
 };
+
+#define HEAD_KEY "modules_to_save.momentum"
 
 void fp_fed_opt_free(fp_opt_state_t *s)
 {
@@ -40,6 +45,7 @@ void fp_fed_opt_free(fp_opt_state_t *s)
     free(s->names);
     free(s->d_out);
     free(s->mb);
+    free(s->hm);
     free(s);
 }
 
@@ -82,8 +88,12 @@ static int open_state(const fp_sopt_cfg_t *c, const char *opt_dir, const char *s
 static int state_finite(const fp_opt_state_t *s, fp_err_t *err)
 {
     size_t bad = 0;
-    for (size_t i = 0; s->m && i < 2 * s->n; i++)
+    /* v only where the kind keeps it: avgm's is never written (uninitialised) */
+    size_t nm = s->m ? (fp_sopt_has_v(s->kind) ? 2 * s->n : s->n) : 0;
+    for (size_t i = 0; i < nm; i++)
         bad += !isfinite(s->m[i]);
+    for (size_t i = 0; s->hm && i < s->nh; i++)
+        bad += !isfinite(s->hm[i]);
     for (int i = 0; s->mb && i < s->nmod; i++) {
         for (size_t j = 0; s->mb[i] && j < (size_t)s->d_out[i] * (size_t)s->rank[i]; j++)
             bad += !isfinite(s->mb[i][j]);
@@ -110,11 +120,57 @@ static float *factor(const fp_lora_module_t *m, int b)
     return b ? m->B : m->A;
 }
 
+/* The start's tensor trained in full matching w (same name and shape), or NULL. */
+static const fp_whole_t *start_whole(const fp_adapter_t *start, const fp_whole_t *w)
+{
+    int k = fp_adapter_whole_find(start, w->name);
+    const fp_whole_t *o = k < 0 ? NULL : &start->whole[k];
+    return o && o->rows == w->rows && o->cols == w->cols ? o : NULL;
+}
+
+/* Values of g's tensors trained in full, each checked against the start's. */
+static int whole_count(const fp_adapter_t *start, const fp_adapter_t *g, size_t *n,
+                       fp_err_t *err)
+{
+    *n = 0;
+    if (g->nwhole != start->nwhole)
+        return fp_err_set(err, -EINVAL, "server optimizer: the merge holds %d tensors trained "
+                          "in full, the round's start %d", g->nwhole, start->nwhole);
+    for (int i = 0; i < g->nwhole; i++) {
+        if (!start_whole(start, &g->whole[i]))
+            return fp_err_set(err, -EINVAL, "server optimizer: '%s' changed shape between the "
+                              "round's start and its merge", g->whole[i].name);
+        *n += (size_t)g->whole[i].rows * (size_t)g->whole[i].cols;
+    }
+    return 0;
+}
+
+/* A head's values into x and their change into d (gather), or x back into the head. */
+static void head_move(const fp_adapter_t *start, fp_adapter_t *g, float *x, float *d,
+                      int scatter)
+{
+    size_t off = 0;
+    for (int i = 0; i < g->nwhole; i++) {
+        fp_whole_t *w = &g->whole[i];
+        const fp_whole_t *o = start_whole(start, w);
+        size_t len = (size_t)w->rows * (size_t)w->cols;
+        for (size_t j = 0; j < len; j++) {
+            if (scatter) {
+                w->v[j] = x[off + j];
+            } else {
+                x[off + j] = o->v[j];
+                d[off + j] = w->v[j] - o->v[j];
+            }
+        }
+        off += len;
+    }
+}
+
 static int linear_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
                        const fp_adapter_t *start, fp_adapter_t *g, fp_opt_state_t *s,
                        fp_err_t *err)
 {
-    size_t n = 0;
+    size_t n = 0, nh = 0;
     for (int i = 0; i < g->n; i++) {
         const fp_lora_module_t *m = &g->mods[i];
         int k = fp_adapter_find(start, m->name);
@@ -123,6 +179,10 @@ static int linear_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
                               "between the round's start and its merge", m->name);
         n += (size_t)m->rank * (size_t)(m->d_in + m->d_out);
     }
+    int rc = whole_count(start, g, &nh, err);
+    if (rc)
+        return rc;
+    n += nh; /* the head's values follow the factors */
     /* x, Δ (scratch), then m and v (the state, kept) */
     float *x = malloc(2 * (n ? n : 1) * sizeof *x);
     s->m = malloc(2 * (n ? n : 1) * sizeof *s->m);
@@ -158,6 +218,7 @@ static int linear_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
                 off += len;
             }
         }
+        head_move(start, g, x + off, d + off, pass); /* a head: a value, moved as a factor */
         if (pass == 0)
             fp_sopt_step(c, x, d, s->m, s->v, n);
     }
@@ -233,6 +294,34 @@ out:
     return rc;
 }
 
+/* A head (tensors trained in full) under an exact strategy: a value, stepped element-wise as
+ * the linear strategies step it — sgd x + η·(x̄ − x); avgm's momentum kept flat (HEAD_KEY). */
+static int exact_head(const fp_sopt_cfg_t *c, const fp_st_file_t *st, const fp_adapter_t *start,
+                      fp_adapter_t *g, fp_opt_state_t *s, fp_err_t *err)
+{
+    size_t n = 0;
+    int rc = whole_count(start, g, &n, err);
+    if (rc || n == 0)
+        return rc;
+    float *x = malloc(2 * n * sizeof *x);
+    if (!x)
+        return fp_err_set(err, -ENOMEM, "out of memory");
+    if (fp_sopt_has_m(c->kind)) {
+        if (!(s->hm = malloc(n * sizeof *s->hm))) {
+            free(x);
+            return fp_err_set(err, -ENOMEM, "out of memory");
+        }
+        s->nh = n;
+        if (read_exact(st, HEAD_KEY, s->hm, n) != 0)
+            fp_sopt_init(c, s->hm, NULL, n); /* none kept (the first round), or not this head's */
+    }
+    head_move(start, g, x, x + n, 0);
+    fp_sopt_step(c, x, x + n, s->hm, NULL, n);
+    head_move(start, g, x, NULL, 1);
+    free(x);
+    return 0;
+}
+
 static int exact_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
                       const fp_adapter_t *start, fp_adapter_t *g, fp_opt_state_t *s,
                       double *trunc, fp_err_t *err)
@@ -257,7 +346,7 @@ static int exact_step(const fp_sopt_cfg_t *c, const fp_st_file_t *st,
         if (rc)
             return rc;
     }
-    return 0;
+    return exact_head(c, st, start, g, s, err);
 }
 
 int fp_fed_opt_active(const fp_sopt_cfg_t *c)
@@ -320,7 +409,7 @@ int fp_fed_opt_store(const char *opt_dir, const char *sha, const char *start_sha
 {
     if (!s)
         return 0;
-    int n = s->m ? 2 : 2 * s->nmod, rc = 0;
+    int n = s->m ? 2 : 2 * s->nmod + (s->hm != NULL), rc = 0;
     fp_st_entry_t *e = calloc((size_t)(n ? n : 1), sizeof *e);
     char (*keys)[600] = calloc((size_t)(n ? n : 1), sizeof *keys);
     char *p = state_path(opt_dir, sha);
@@ -347,6 +436,9 @@ int fp_fed_opt_store(const char *opt_dir, const char *sha, const char *start_sha
                                            .shape = {(uint64_t)s->rank[i], (uint64_t)s->d_in[i]},
                                            .f32 = s->ma[i]};
         }
+        if (s->hm)
+            e[2 * s->nmod] = (fp_st_entry_t){.name = HEAD_KEY, .dtype = FP_DT_F32, .ndim = 1,
+                                             .shape = {s->nh}, .f32 = s->hm};
     }
     const char *meta[] = {META_KEY, fp_sopt_name(s->kind), NULL};
     rc = fp_st_write(p, e, (size_t)n, meta, err);

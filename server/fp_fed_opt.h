@@ -7,7 +7,9 @@
  * Linear strategies (fedavg, ffa, zeropad) step their factors element-wise (every kind). Exact
  * ones (flexlora, flora, florist) step ΔW in factored form: sgd, W + η·(W̄ − W), and avgm,
  * M ← β·M + (W̄ − W), W + η·M, each re-truncated to the merge's rank by the exact SVD
- * (fp_lowrank.h); the momentum at the same rank, its truncation error reported. */
+ * (fp_lowrank.h); the momentum at the same rank, its truncation error reported. A head (tensors
+ * trained in full, a value) is stepped element-wise by every strategy: after the factors in a
+ * linear strategy's m and v, in its own momentum under an exact one. */
 #ifndef FP_FED_OPT_H
 #define FP_FED_OPT_H
 

@@ -269,14 +269,6 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
         return fp_err_set(err, -ENOTSUP, "validation.norm_bound with %s on a vision model: "
                           "bounding a restarted update's head is not built; use fedavg, ffa, "
                           "zeropad or flexlora, or norm_bound = 0", c->strategy);
-    if (vit && c->server_lr != 1)
-        return fp_err_set(err, -ENOTSUP, "federation.server_lr %g on a vision model: the head "
-                          "takes the merge itself (lr 1) until it has optimizer state",
-                          c->server_lr);
-    if (vit && c->server_optimizer && strcmp(c->server_optimizer, "sgd") != 0)
-        return fp_err_set(err, -ENOTSUP, "federation.server_optimizer %s: a vision model's head "
-                          "has no optimizer state yet; use sgd (the merge itself)",
-                          c->server_optimizer);
     if ((rc = parse_caps(c->rank_caps, NULL, &cap, err)) != 0)
         return rc;
     if (!c->norm_action || (strcmp(c->norm_action, "clip") && strcmp(c->norm_action, "refuse")))

@@ -5,6 +5,7 @@
 #include "fp_test.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -327,6 +328,126 @@ static void test_fed_opt_exact_against_dense(void **state)
     free(dir);
 }
 
+/* A head (tensors trained in full: values, not factors) under the server optimizer, two rounds
+ * as the coordinator runs them (state stored and read back): adam beside a linear strategy's
+ * factors (the factors moved as without a head), avgm beside an exact strategy's; each head
+ * value against the formula written out in float64. */
+static const fp_whole_desc_t head[2] = {{"classifier.bias", 3, 1}, {"classifier.weight", 3, 4}};
+
+static fp_adapter_t *with_head(fp_rng_t *rng, int r)
+{
+    fp_adapter_t *ad = random_adapter(rng, 6, 5, r);
+    assert_int_equal(fp_adapter_set_whole(ad, head, 2, NULL), 0);
+    for (int i = 0; i < 2; i++)
+        for (int e = 0; e < head[i].rows * head[i].cols; e++)
+            ad->whole[i].v[e] = (float)fp_rng_normal(rng);
+    return ad;
+}
+
+static void test_fed_opt_head(void **state)
+{
+    (void)state;
+    enum { NH = 15 };
+    fp_rng_t rng;
+    fp_rng_seed(&rng, 77);
+    char *dir = fp_path_join(fpt_dir, "optimizer-head");
+    assert_int_equal(fp_fs_mkdirs(dir, 0755, NULL), 0);
+    const fp_sopt_cfg_t cfg[2] = {{FP_SOPT_ADAM, 0.05, 0.9, 0.99, 1e-3},
+                                  {FP_SOPT_AVGM, 0.8, 0.6, 0.99, 1e-3}};
+    const fp_strategy_t strat[2] = {FP_STRAT_FEDAVG, FP_STRAT_FLORA};
+    fp_err_t err = {0};
+    for (int k = 0; k < 2; k++) {
+        const fp_sopt_cfg_t *c = &cfg[k];
+        fp_adapter_t *w = with_head(&rng, 2);
+        double x[NH], m[NH] = {0}, v[NH];
+        for (int e = 0; e < NH; e++) {
+            x[e] = e < 3 ? w->whole[0].v[e] : w->whole[1].v[e - 3];
+            v[e] = c->tau * c->tau;
+        }
+        char prev[8] = "h0", cur[8];
+        for (int round = 1; round <= 2; round++) {
+            fp_adapter_t *g = with_head(&rng, 2), *bare = NULL, *wbare = NULL;
+            assert_int_equal(fp_adapter_clone(g, &bare, NULL), 0);
+            assert_int_equal(fp_adapter_set_whole(bare, NULL, 0, NULL), 0);
+            assert_int_equal(fp_adapter_clone(w, &wbare, NULL), 0);
+            assert_int_equal(fp_adapter_set_whole(wbare, NULL, 0, NULL), 0);
+            fp_opt_state_t *st = NULL, *st2 = NULL;
+            double trunc;
+            snprintf(cur, sizeof cur, "h%d", round);
+            for (int e = 0; e < NH; e++) { /* the formula, float64 */
+                double d = (e < 3 ? g->whole[0].v[e] : g->whole[1].v[e - 3]) - x[e], step;
+                if (c->kind == FP_SOPT_AVGM) {
+                    step = m[e] = c->beta1 * m[e] + d;
+                } else {
+                    m[e] = c->beta1 * m[e] + (1 - c->beta1) * d;
+                    v[e] = c->beta2 * v[e] + (1 - c->beta2) * d * d;
+                    step = m[e] / (sqrt(v[e]) + c->tau);
+                }
+                x[e] += c->lr * step;
+            }
+            if (fp_fed_opt_step(c, strat[k], dir, prev, w, g, &st, &trunc, &err) != 0)
+                fail_msg("%s: %s", fp_sopt_name(c->kind), fp_err_msg(&err));
+            assert_int_equal(fp_fed_opt_store(dir, cur, prev, st, &err), 0);
+            for (int e = 0; e < NH; e++) {
+                double got = e < 3 ? g->whole[0].v[e] : g->whole[1].v[e - 3];
+                if (fabs(got - x[e]) > 2e-6 * (1 + fabs(x[e])))
+                    fail_msg("%s round %d: head value %d is %.9g, the formula %.9g",
+                             fp_sopt_name(c->kind), round, e, got, x[e]);
+            }
+            /* the factors move as they do without a head (a linear kind's state has its own
+             * directory: it is read by the start's sha) */
+            char *bdir = fp_path_join(dir, "bare");
+            assert_int_equal(fp_fs_mkdirs(bdir, 0755, NULL), 0);
+            assert_int_equal(fp_fed_opt_step(c, strat[k], bdir, prev, wbare, bare, &st2, &trunc,
+                                             &err), 0);
+            assert_int_equal(fp_fed_opt_store(bdir, cur, prev, st2, &err), 0);
+            const fp_lora_module_t *a = &g->mods[0], *b = &bare->mods[0];
+            assert_int_equal(a->rank, b->rank);
+            assert_memory_equal(a->A, b->A, (size_t)a->rank * a->d_in * sizeof *a->A);
+            assert_memory_equal(a->B, b->B, (size_t)a->d_out * a->rank * sizeof *a->B);
+            free(bdir);
+            fp_fed_opt_free(st);
+            fp_fed_opt_free(st2);
+            fp_adapter_free(bare);
+            fp_adapter_free(wbare);
+            fp_adapter_free(w);
+            w = g;
+            memcpy(prev, cur, sizeof prev);
+        }
+        /* a merge whose head is not the start's shape is refused by name */
+        fp_adapter_t *g = with_head(&rng, 2);
+        fp_whole_desc_t other[2] = {{"classifier.bias", 4, 1}, {"classifier.weight", 4, 4}};
+        assert_int_equal(fp_adapter_set_whole(g, other, 2, NULL), 0);
+        fp_opt_state_t *st = NULL;
+        double trunc;
+        assert_int_equal(fp_fed_opt_step(c, strat[k], dir, prev, w, g, &st, &trunc, &err),
+                         -EINVAL);
+        assert_err_contains(&err, "'classifier.bias' changed shape");
+        fp_adapter_free(g);
+        fp_adapter_free(w);
+    }
+    /* avgm over a linear strategy keeps m only: whatever memory its state lands in (freed
+     * NaNs here, as a coordinator's heap holds after many rounds), a finite step passes */
+    fp_adapter_t *w = with_head(&rng, 2), *g = with_head(&rng, 2);
+    size_t bytes = 2 * (2 * (6 + 5) + NH) * sizeof(float);
+    float *poison[2];
+    for (int i = 0; i < 2; i++) {
+        poison[i] = malloc(bytes);
+        for (size_t e = 0; e < bytes / sizeof(float); e++)
+            poison[i][e] = NAN;
+    }
+    free(poison[1]);
+    free(poison[0]);
+    fp_opt_state_t *st = NULL;
+    double trunc;
+    if (fp_fed_opt_step(&cfg[1], FP_STRAT_FEDAVG, dir, "none", w, g, &st, &trunc, &err) != 0)
+        fail_msg("avgm on fedavg: %s", fp_err_msg(&err));
+    fp_fed_opt_free(st);
+    fp_adapter_free(w);
+    fp_adapter_free(g);
+    free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -334,6 +455,7 @@ int main(void)
         cmocka_unit_test(test_names_and_bounds),
         cmocka_unit_test(test_lowrank_momentum_against_dense),
         cmocka_unit_test(test_fed_opt_exact_against_dense),
+        cmocka_unit_test(test_fed_opt_head),
     };
     return cmocka_run_group_tests(tests, fpt_setup_dir, fpt_teardown_dir);
 }

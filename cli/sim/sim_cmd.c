@@ -1029,7 +1029,6 @@ int fp_cmd_sim(int argc, char **argv)
         sim.lr = D_IMG_LR;
         sim.max_docs = D_IMG_PER;
         sim.targets = "query,value";
-        sim.server_opt = "sgd";
         sim.base_dtype = "f32"; /* exact products: the demo's ViT is small */
     }
     sim_args_t a = {.strategy = "flora"};
@@ -1042,12 +1041,6 @@ int fp_cmd_sim(int argc, char **argv)
     int plain = !strcmp(sim.server_opt, "sgd") || !strcmp(sim.server_opt, "avgm");
     if (sim.server_beta1 >= 0 && !strcmp(sim.server_opt, "sgd")) {
         rc = fp_cli_usage_error("sim", "--server-beta1 has no effect with --server-opt sgd");
-        goto out;
-    }
-    if (sim.task == SIM_TASK_IMAGE &&
-        (strcmp(sim.server_opt, "sgd") != 0 || (sim.server_lr >= 0 && sim.server_lr != 1))) {
-        rc = fp_cli_usage_error("sim", "--task image: a ViT's head has no server optimizer state "
-                                "yet; use --server-opt sgd at lr 1");
         goto out;
     }
     if (sim.server_lr < 0)
