@@ -732,14 +732,19 @@ int fp_agent_new(fp_agent_t **out, uv_loop_t *loop, fp_agent_config_t *cfg, fp_e
     fp_set_threads((int)cfg->threads);
     a->external = !strcmp(cfg->trainer, "external");
     int vision = fp_agent_data_is_vision(cfg, err);
-    if (vision < 0 || (vision && a->external)) {
-        rc = vision < 0 ? vision : fp_err_set(err, -ENOTSUP, "train.trainer external: a ViT "
-                                             "site trains with the built-in trainer");
+    if (vision < 0) {
+        rc = vision;
         goto fail;
     }
-    if (vision) {
+    if (vision) { /* the ViT loads with the images (fp_agent_data_load): their preprocessing */
         if ((rc = fp_agent_model_hash(cfg->model_dir, cfg->state_dir, a->model_sha, err)) != 0)
             goto fail;
+        if (a->external &&
+            (!(a->task_dir = fp_path_join(cfg->state_dir, "task")) ||
+             (rc = fp_extrain_argv(cfg->trainer_command, &a->tr_argv, err)) != 0)) {
+            rc = rc ? rc : fp_err_set(err, -ENOMEM, "out of memory");
+            goto fail;
+        }
     } else if (a->external) { /* the weights stay on disk: the external trainer reads them */
         char *cp = fp_path_join(cfg->model_dir, "config.json");
         a->task_dir = fp_path_join(cfg->state_dir, "task");

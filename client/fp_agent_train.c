@@ -56,6 +56,25 @@ static unsigned targets_of(const fp_adapter_t *ad)
     return mask;
 }
 
+/* A ViT adapter's linears (1 << FP_VT_*): the module path after "vit.encoder.layer.<l>." is
+ * the linear's whole suffix ("output.dense" alone is not "attention.output.dense"). */
+static unsigned vit_targets_of(const fp_adapter_t *ad)
+{
+    unsigned mask = 0;
+    for (int i = 0; i < ad->n; i++) {
+        const char *p = ad->mods[i].name;
+        if (strncmp(p, "vit.encoder.layer.", 18) != 0)
+            continue;
+        p += 18;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        for (int t = 0; *p == '.' && t < FP_VT_COUNT; t++)
+            if (!strcmp(p + 1, fp_vit_target_name(t)))
+                mask |= 1u << t;
+    }
+    return mask;
+}
+
 /* Sites sharing a machine take turns: one of train.slots lock files in train.slot_dir is held
  * while training (flock: a killed site frees its slot). 1 when asked to stop while waiting. */
 static int take_slot(const fp_agent_trainer_t *a, int *fd, fp_err_t *err)
@@ -217,14 +236,18 @@ static int train_external(const fp_agent_trainer_t *a, const fp_site_task_t *t, 
     if (t->restart && (rc = fp_strategy_local_start(1, start, t->rank, t->seed, &fresh, err)) != 0)
         return rc;
     const fp_adapter_t *begin = t->restart ? fresh : start;
-    const char *targets[FP_T_COUNT];
-    int nt = 0;
-    unsigned mask = targets_of(start);
-    for (int i = 0; i < FP_T_COUNT; i++)
+    const char *targets[FP_T_COUNT + FP_VT_COUNT];
+    int nt = 0, vision = a->data->vision;
+    unsigned mask = vision ? vit_targets_of(start) : targets_of(start);
+    for (int i = 0; i < (vision ? FP_VT_COUNT : FP_T_COUNT); i++)
         if (mask & (1u << i))
-            targets[nt++] = fp_target_names[i];
-    json_t *site = json_pack("{s:s,s:s,s:o,s:o,s:f,s:I,s:I}", "model_dir", a->cfg->model_dir,
-                             "tokenizer", a->cfg->tokenizer ? a->cfg->tokenizer : "",
+            targets[nt++] = vision ? fp_vit_target_name(i) : fp_target_names[i];
+    /* "task": what the model does — "causal-lm" (a decoder: tokenizer, documents) or
+     * "image-classification" (a ViT: images, its head in start/ as modules_to_save) */
+    json_t *site = json_pack("{s:s,s:s,s:s,s:o,s:o,s:f,s:I,s:I}", "task",
+                             vision ? "image-classification" : "causal-lm", "model_dir",
+                             a->cfg->model_dir, "tokenizer",
+                             a->cfg->tokenizer && !vision ? a->cfg->tokenizer : "",
                              "data_files", csv_array(a->cfg->data), "eval_files",
                              csv_array(a->cfg->eval_files), "eval_fraction",
                              a->cfg->eval_fraction, "split_seed",
@@ -246,8 +269,8 @@ static int train_external(const fp_agent_trainer_t *a, const fp_site_task_t *t, 
     }
     fp_extrain_result_t res = {0};
     if (rc == 0 && !*stopped)
-        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, a->data->text.train->ndocs, &ad, &res,
-                               err);
+        rc = fp_extrain_result(a->task_dir, begin, t->freeze_a, fp_agent_data_train_n(a->data),
+                               &ad, &res, err);
     if (rc == 0 && !*stopped)
         rc = save_update(a, t, ad, t->restart ? NULL : start, res.samples, res.train_loss,
                          res.eval_loss_before, res.eval_loss_after, res.seconds, err);
@@ -326,9 +349,9 @@ int fp_agent_train(const fp_agent_trainer_t *a, const fp_site_task_t *t, int *st
         return rc;
     rc = fp_adapter_stream_read(t->data, t->len, t->t, t->n, t->alpha, t->rslora, &start, err);
     if (rc == 0)
-        rc = a->data->vision ? train_vision(a, t, stopped, start, err)
-             : a->external   ? train_external(a, t, stopped, start, err)
-                             : train_builtin(a, t, stopped, start, err);
+        rc = a->external       ? train_external(a, t, stopped, start, err)
+             : a->data->vision ? train_vision(a, t, stopped, start, err)
+                               : train_builtin(a, t, stopped, start, err);
     fp_adapter_free(start);
     if (slot >= 0)
         close(slot); /* the turn passes */

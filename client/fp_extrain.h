@@ -7,17 +7,22 @@
  *                "init": "continue"|"restart", "freeze_a", "seed", "deadline_unix_ms",
  *                "hyper": {"lr", "steps", "batch", "seq_len", "weight_decay",
  *                          "prox_mu" (FedProx's μ: add μ/2·‖θ − θ₀‖², θ₀ the start; 0: off)},
+ *                "task": "causal-lm"|"image-classification",
  *                "model_dir", "tokenizer", "data_files", "eval_files", "eval_fraction",
  *                "split_seed", "start": "start", "fold": "fold"|null,
  *                "output": "out", "result": "result.json", "progress": "progress.json"}
  *   start/      HF PEFT adapter to train: the global adapter at this site's rank (continue),
- *               or a fresh one (restart: A from the task's seed, B = 0)
+ *               or a fresh one (restart: A from the task's seed, B = 0); an imaging task's
+ *               holds the classifier head too (modules_to_save: the global's, to train in
+ *               full); its data_files and eval_files are an IDX pair or ImageFolder trees
  *   fold/       restart only: the global update, HF PEFT, to add to the base weights
- *               (W += s·B·A for every module) before training start/
+ *               (W += s·B·A for every module; a head in it is not a change: ignore it)
+ *               before training start/
  * and written by the command:
  *   out/        the trained adapter, HF PEFT: the modules, shapes, rank, lora_alpha and
- *               use_rslora of start/ (with freeze_a, lora_A unchanged), finite values
- *   result.json {"samples": N ≥ 1 (documents trained on), optional "train_loss",
+ *               use_rslora of start/ (with freeze_a, lora_A unchanged) and its head, if
+ *               any, trained; finite values
+ *   result.json {"samples": N ≥ 1 (documents or images trained on), optional "train_loss",
  *                "eval_loss_before", "eval_loss_after", "seconds"}
  *   progress.json (optional, rewritten as it goes) {"step", "steps", "loss"}: heartbeats
  * The command runs in its own process group; its standard output and error go to the site's

@@ -122,11 +122,11 @@ static void vision_data(fed_t *f)
     m->c.labels = NULL;
     fp_vit_free(m);
     uint64_t x = 77;
-    enum { N = 48 };
-    for (int i = 0; i < NS; i++) {
+    for (int i = 0; i <= NS; i++) { /* each site's; then "held", every class */
+        enum { N = 48 };
         uint8_t px[N * 64], lb[N];
         for (int k = 0; k < N; k++) {
-            int cl = (i + k % 2) % 4;
+            int cl = i < NS ? (i + k % 2) % 4 : k % 4;
             lb[k] = (uint8_t)cl;
             for (int p = 0; p < 64; p++) {
                 int r = p / 8, col = p % 8;
@@ -138,10 +138,10 @@ static void vision_data(fed_t *f)
             }
         }
         char name[64];
-        snprintf(name, sizeof name, "%s-images.idx", names[i]);
+        snprintf(name, sizeof name, "%s-images.idx", i < NS ? names[i] : "held");
         char *pi = path2(f->dir, name);
         write_idx(pi, px, N, 1);
-        snprintf(name, sizeof name, "%s-labels.idx", names[i]);
+        snprintf(name, sizeof name, "%s-labels.idx", i < NS ? names[i] : "held");
         char *pl = path2(f->dir, name);
         write_idx(pl, lb, N, 0);
         free(pi);
@@ -1478,6 +1478,67 @@ static void test_secure_exact(void **state)
     fed_free(f);
 }
 
+/* An imaging site with the PyTorch ViT example (deploy/examples/torch_vit_trainer.py) beside
+ * two built-in ones, flora (a restart strategy: the global update folded into the base each
+ * round, the global head carried on): on the same held-out images the PyTorch site's loss
+ * before training is the built-in sites' in both rounds (the same ViT, preprocessing, fold
+ * and head), it trained, and its update — factors and head — merged. */
+static void test_external_vision(void **state)
+{
+    (void)state;
+    if (system("/usr/bin/python3 -c 'import torch' 2>/dev/null") != 0)
+        fail_msg("python3-torch is needed (deploy/setup.sh deps --test installs it)");
+    budgets[0] = 8;
+    vision = 1;
+    task_steps = 40;
+    fed_t *f = fed_new();
+    char extra[8192];
+    write_server_config(f, "flora", 2, NS);
+    start_server(f);
+    for (int i = 0; i < NS; i++) {
+        int n = snprintf(extra, sizeof extra, "[data]\neval_files = %s/held-images.idx,"
+                         "%s/held-labels.idx\n[train]\n", f->dir, f->dir);
+        if (i == 1)
+            snprintf(extra + n, sizeof extra - (size_t)n, "trainer = external\ntrainer_command"
+                     " = /usr/bin/python3 '%s/deploy/examples/torch_vit_trainer.py'\n",
+                     FP_SOURCE_DIR);
+        else
+            snprintf(extra + n, sizeof extra - (size_t)n, "base_dtype = f32\n");
+        start_site(f, i, NULL, extra);
+    }
+    expect_server_done(f, 2);
+    for (int r = 1; r <= 2; r++) {
+        double lb_a = 0, lb_b = 0, lb_c = 0;
+        task_num(f, "site-a", r, "eval_loss_before", &lb_a);
+        task_num(f, "site-b", r, "eval_loss_before", &lb_b);
+        task_num(f, "site-c", r, "eval_loss_before", &lb_c);
+        assert_true(lb_a > 0);
+        assert_true(fabs(lb_a - lb_c) < 1e-9 * lb_a);
+        if (!(fabs(lb_a - lb_b) < 1e-4 * lb_a))
+            fail_msg("round %d: PyTorch's held-out loss %.8f differs from fedpeft's %.8f", r,
+                     lb_b, lb_a);
+    }
+    /* it trained: on its two classes its last batch's loss is far below the untrained ViT's
+     * on them all (the held-out images hold classes it never sees: their loss may rise) */
+    double lb = 0, tl = 0;
+    task_num(f, "site-b", 1, "eval_loss_before", &lb);
+    task_num(f, "site-b", 1, "train_loss", &tl);
+    print_message("PyTorch site, round 1: held-out loss before %.4f, last batch %.4f\n", lb, tl);
+    if (!(tl < 0.5 * lb))
+        fail_msg("the PyTorch site's last batch loss %.6f, held-out before %.6f", tl, lb);
+    assert_int_equal(task_num(f, "site-b", 1, "samples", NULL), 48);
+    wait_log(f, "site-b", "running the external trainer");
+    wait_log(f, "site-b", "trainer: step 40/40 loss");
+    wait_log(f, "site-b", "round 2: update stored by the coordinator");
+    fp_adapter_t *g = global_of(f, 2);
+    assert_int_equal(g->nwhole, 2);
+    fp_adapter_free(g);
+    stop_sites(f, 2);
+    fed_free(f);
+    vision = 0;
+    task_steps = 30;
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -1491,6 +1552,7 @@ int main(void)
         cmocka_unit_test_teardown(test_turns, kill_spawned),
         cmocka_unit_test_teardown(test_external_torch, kill_spawned),
         cmocka_unit_test_teardown(test_external_torch_restart, kill_spawned),
+        cmocka_unit_test_teardown(test_external_vision, kill_spawned),
         cmocka_unit_test_teardown(test_external_failures, kill_spawned),
         cmocka_unit_test_teardown(test_external_hang, kill_spawned),
         cmocka_unit_test(test_check_config),

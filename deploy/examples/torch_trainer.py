@@ -362,6 +362,8 @@ def adapter_factors(path, cfg):
         ac = json.load(f)
     mods = {}
     for key, v in t.items():
+        if ".lora_" not in key:  # a tensor trained in full (a ViT's head): not a factor
+            continue
         mod = key[len("base_model.model."):].rsplit(".lora_", 1)[0]
         which = "A" if ".lora_A." in key else "B"
         mods.setdefault(mod, {})[which] = v
@@ -406,6 +408,9 @@ def main():
     os.chdir(tdir)
     with open("task.json") as f:
         task = json.load(f)
+    if task.get("task", "causal-lm") != "causal-lm":
+        sys.exit(f"task {task['task']!r}: this trainer takes causal-lm tasks (an imaging "
+                 "site's is torch_vit_trainer.py's)")
     h = task["hyper"]
     torch.manual_seed(task["seed"] & 0x7fffffff)
     rng = random.Random(task["seed"])
