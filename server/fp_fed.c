@@ -267,7 +267,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     size_t maplen = 0;
     const unsigned char *data = NULL;
     uint64_t len = 0;
-    fp_adapter_t *u = NULL, *s = NULL;
+    fp_adapter_t *u = NULL, *s = NULL, *g = NULL; /* g: restart, the round's global (head) */
     int invalid = 0, late = 0, rc, clipped = 0, changed = 0;
     double norm = 0;
     char shahex[65];
@@ -278,6 +278,12 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
                         (rc = fp_adapter_validate_whole(s, f->whole, f->n_whole, "the round's "
                                                         "start", err)) != 0))
         goto fail;
+    /* restart: a head's change is measured from the round's global head, which the site
+     * went on from (the norm bound counts it) */
+    if (f->restart && f->n_whole && in->norm_bound > 0 && in->start &&
+        ((rc = rebuild_start(in->start, f, &g, err)) != 0 ||
+         (rc = fp_adapter_validate_whole(g, f->whole, f->n_whole, "the round's global", err)) != 0))
+        goto fail;
     invalid = 1;
     double bit = NAN, vnorm = 0;
     int dp_clipped = 0;
@@ -286,7 +292,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
                                        err)) != 0 ||
         (rc = fp_adapter_validate_whole(u, f->whole, f->n_whole, "update", err)) != 0 ||
         (rc = dp_verify(f, in, u, s, &bit, &vnorm, &dp_clipped, err)) != 0 ||
-        (rc = fp_strategy_bound(u, s, in->norm_bound, in->clip, &norm, &clipped, err)) != 0)
+        (rc = fp_strategy_bound(u, s, g, in->norm_bound, in->clip, &norm, &clipped, err)) != 0)
         goto fail;
     changed = clipped || (f->dp == FP_DP_CENTRAL && dp_clipped);
     if (f->dp != FP_DP_OFF) { /* the recorded norm: the update vector's, before any clip */
@@ -314,6 +320,7 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
     fp_failpoint("update-recorded"); /* durable, not yet acknowledged */
     fp_adapter_free(u);
     fp_adapter_free(s);
+    fp_adapter_free(g);
     free(final);
     return 0;
 fail:
@@ -335,6 +342,7 @@ fail:
     free(final);
     fp_adapter_free(u);
     fp_adapter_free(s);
+    fp_adapter_free(g);
     return rc;
 }
 

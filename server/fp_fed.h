@@ -90,7 +90,8 @@ typedef struct fp_verify_in {
     int rank;
     const fp_stream_tensor_t *t;
     int n;
-    const fp_blob_t *start;   /* what the site started from (continue strategies) */
+    const fp_blob_t *start;   /* what the site started from (continue strategies); restart:
+                               * the round's global (its head: a norm bound measures from it) */
     double norm_bound;
     int clip;
     const uint8_t *sha;

@@ -265,10 +265,6 @@ int fp_srv_config_check(const fp_srv_config_t *c, fp_err_t *err)
     if ((rc = vit ? fp_vit_targets_parse(c->target_modules, &mask, err)
                   : fp_targets_parse(c->target_modules ? c->target_modules : "", &mask, err)) != 0)
         return fp_err_prefix(err, rc, "federation.target_modules: ");
-    if (vit && c->norm_bound > 0 && fp_strategy_restarts(st))
-        return fp_err_set(err, -ENOTSUP, "validation.norm_bound with %s on a vision model: "
-                          "bounding a restarted update's head is not built; use fedavg, ffa, "
-                          "zeropad or flexlora, or norm_bound = 0", c->strategy);
     if ((rc = parse_caps(c->rank_caps, NULL, &cap, err)) != 0)
         return rc;
     if (!c->norm_action || (strcmp(c->norm_action, "clip") && strcmp(c->norm_action, "refuse")))

@@ -22,6 +22,7 @@
 #include "fp_model.h"
 #include "fp_rdp.h"
 #include "fp_stream.h"
+#include "fp_strategy.h"
 #include "fp_test.h"
 #include "fp_test_sql.h"
 #include "fp_vit.h"
@@ -1249,6 +1250,54 @@ static void test_vision_sites(void **state)
     vision_sites("flora", "server_optimizer = avgm\nserver_beta1 = 0.7\n");
 }
 
+/* A norm bound on a restart strategy's (flora) imaging updates: the contribution is s·B·A
+ * and the head's change from the round's global head; every update is clipped onto the bound,
+ * both together — the stored update of round 2, measured from round 1's global, has the
+ * bound's norm. */
+static void test_vision_norm_bound(void **state)
+{
+    (void)state;
+    const double bound = 0.05;
+    budgets[0] = 8;
+    vision = 1;
+    task_steps = 40;
+    fed_t *f = fed_new();
+    server_extra = "[validation]\nnorm_bound = 0.05\nnorm_action = clip\n";
+    write_server_config(f, "flora", 2, NS);
+    server_extra = "";
+    start_server(f);
+    for (int i = 0; i < NS; i++)
+        start_site(f, i, NULL, NULL);
+    expect_server_done(f, 2);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE clipped = 1 AND norm > 0.05"),
+                     2 * NS);
+    fp_adapter_t *g1 = global_of(f, 1);
+    for (int i = 0; i < NS; i++) {
+        char sql[128], rel[64];
+        snprintf(sql, sizeof sql, "SELECT id FROM task WHERE round = 2 AND site = '%s'",
+                 names[i]);
+        snprintf(rel, sizeof rel, "updates/%lld.safetensors", (long long)db_int(f, sql));
+        char *p = path2(f->state, rel);
+        fp_adapter_t *u = NULL;
+        fp_err_t err = {0};
+        if (fp_hfpeft_load_factors(p, 8, 0, FP_LOAD_COPY, &u, &err) != 0)
+            fail_msg("%s: %s", p, fp_err_msg(&err));
+        assert_int_equal(u->nwhole, 2);
+        double norm = 0;
+        assert_int_equal(fp_strategy_update_norm(u, NULL, g1, &norm, &err), 0);
+        if (!(fabs(norm - bound) < 1e-3 * bound))
+            fail_msg("%s's stored round-2 update has norm %.6g from round 1's global, not the "
+                     "bound %g", names[i], norm, bound);
+        fp_adapter_free(u);
+        free(p);
+    }
+    fp_adapter_free(g1);
+    stop_sites(f, 2);
+    fed_free(f);
+    vision = 0;
+    task_steps = 30;
+}
+
 static void test_secure_aggregation(void **state)
 {
     (void)state;
@@ -1559,6 +1608,7 @@ int main(void)
         cmocka_unit_test_teardown(test_privacy, kill_spawned),
         cmocka_unit_test_teardown(test_secure_aggregation, kill_spawned),
         cmocka_unit_test_teardown(test_vision_sites, kill_spawned),
+        cmocka_unit_test_teardown(test_vision_norm_bound, kill_spawned),
         cmocka_unit_test_teardown(test_secure_exact, kill_spawned),
         cmocka_unit_test_teardown(test_restarts, kill_spawned),  cmocka_unit_test_teardown(test_revoked, kill_spawned),
     };

@@ -403,13 +403,40 @@ static void test_restart_and_refusals(void **state)
     u->whole[1].v[3] += 100.0f; /* only the head moved */
     double norm;
     int clipped;
-    assert_int_equal(fp_strategy_bound(u, g, 1.0, 0, &norm, &clipped, &err), -EDOM);
+    assert_int_equal(fp_strategy_bound(u, g, NULL, 1.0, 0, &norm, &clipped, &err), -EDOM);
     assert_true(fabs(norm - 100.0) < 1e-3);
-    assert_int_equal(fp_strategy_bound(u, g, 1.0, 1, &norm, &clipped, &err), 0);
+    assert_int_equal(fp_strategy_bound(u, g, NULL, 1.0, 1, &norm, &clipped, &err), 0);
     assert_true(clipped);
     assert_true(fabs(u->whole[1].v[3] - g->whole[1].v[3] - 1.0f) < 1e-3);
-    assert_int_equal(fp_strategy_bound(u, NULL, 1.0, 1, &norm, &clipped, &err), -ENOTSUP);
     fp_adapter_free(u);
+    /* a restart strategy's: ‖s·B·A‖ of the upload and the head's change from the round's
+     * global head, scaled together onto the bound */
+    fp_adapter_t *ru = NULL, *bare = factors_only(r);
+    assert_int_equal(fp_adapter_clone(r, &ru, &err), 0);
+    double nf, nh2 = 0, full;
+    assert_int_equal(fp_strategy_update_norm(bare, NULL, NULL, &nf, &err), 0);
+    for (int i = 0; i < ru->nwhole; i++) {
+        const fp_whole_t *gw = &g->whole[fp_adapter_whole_find(g, ru->whole[i].name)];
+        for (int e = 0; e < ru->whole[i].rows * ru->whole[i].cols; e++)
+            nh2 += pow((double)ru->whole[i].v[e] - gw->v[e], 2);
+    }
+    full = sqrt(nf * nf + nh2);
+    assert_int_equal(fp_strategy_update_norm(ru, NULL, g, &norm, &err), 0);
+    if (!(fabs(norm - full) < 1e-5 * full))
+        fail_msg("restart norm with a head %.8g, factors and head apart %.8g", norm, full);
+    assert_int_equal(fp_strategy_bound(ru, NULL, g, full / 2, 1, &norm, &clipped, &err), 0);
+    assert_true(clipped);
+    assert_int_equal(fp_strategy_update_norm(ru, NULL, g, &norm, &err), 0);
+    assert_true(fabs(norm - full / 2) < 1e-5 * full);
+    for (int e = 0; e < 24; e++) { /* the head's change halved, from the global's */
+        double was = (double)r->whole[1].v[e] - g->whole[1].v[e];
+        assert_true(fabs((ru->whole[1].v[e] - g->whole[1].v[e]) - 0.5 * was) < 1e-5);
+    }
+    /* without the round's global its head cannot be measured: refused, never skipped */
+    assert_int_equal(fp_strategy_bound(ru, NULL, NULL, 1.0, 1, &norm, &clipped, &err), -EINVAL);
+    assert_err_contains(&err, "the round's global head: none given");
+    fp_adapter_free(ru);
+    fp_adapter_free(bare);
     /* validation names what is wrong */
     fp_whole_desc_t want[1] = {{"classifier.weight", 4, 6}};
     assert_int_equal(fp_adapter_validate_whole(g, want, 1, "update", &err), -EINVAL);

@@ -181,8 +181,20 @@ static int module_norm2(const fp_lora_module_t *m, const fp_lora_module_t *sm, d
     return rc;
 }
 
-static int norm_at(const fp_adapter_t *u, const fp_adapter_t *start, double c, double *out,
-                   fp_err_t *err)
+/* The head u's is measured against: the start's (continue), else the round's global's. */
+static const fp_adapter_t *head_from(const fp_adapter_t *u, const fp_adapter_t *start,
+                                     const fp_adapter_t *head, fp_err_t *err, int *rc)
+{
+    *rc = 0;
+    const fp_adapter_t *h = start ? start : head;
+    if (u->nwhole && !h)
+        *rc = fp_err_set(err, -EINVAL, "a restart update's head is measured against the "
+                         "round's global head: none given");
+    return h;
+}
+
+static int norm_at(const fp_adapter_t *u, const fp_adapter_t *start, const fp_adapter_t *head,
+                   double c, double *out, fp_err_t *err)
 {
     double sum = 0;
     for (int i = 0; i < u->n; i++) {
@@ -196,53 +208,66 @@ static int norm_at(const fp_adapter_t *u, const fp_adapter_t *start, double c, d
             return rc;
         sum += n2;
     }
-    /* a head trained in full: its change, c of the way from the start's */
-    for (int i = 0; start && i < u->nwhole; i++) {
-        int k = fp_adapter_whole_find(start, u->whole[i].name);
-        const fp_whole_t *w = &u->whole[i], *sw = k < 0 ? NULL : &start->whole[k];
+    /* a head trained in full: its change, c of the way from the start's (restart: the
+     * round's global head, which the site went on from) */
+    int rc = 0;
+    const fp_adapter_t *hs = head_from(u, start, head, err, &rc);
+    for (int i = 0; rc == 0 && i < u->nwhole; i++) {
+        int k = fp_adapter_whole_find(hs, u->whole[i].name);
+        const fp_whole_t *w = &u->whole[i], *sw = k < 0 ? NULL : &hs->whole[k];
         if (!sw || sw->rows != w->rows || sw->cols != w->cols)
-            return fp_err_set(err, -EINVAL, "tensor '%s' does not match the start adapter's",
-                              w->name);
+            return fp_err_set(err, -EINVAL, "tensor '%s' does not match the %s adapter's",
+                              w->name, start ? "start" : "round's global");
         for (size_t j = 0; j < (size_t)w->rows * (size_t)w->cols; j++) {
             double d = c * ((double)w->v[j] - sw->v[j]);
             sum += d * d;
         }
     }
     *out = sqrt(sum);
-    return 0;
+    return rc;
 }
 
-int fp_strategy_update_norm(const fp_adapter_t *u, const fp_adapter_t *start, double *norm,
-                            fp_err_t *err)
+int fp_strategy_update_norm(const fp_adapter_t *u, const fp_adapter_t *start,
+                            const fp_adapter_t *head, double *norm, fp_err_t *err)
 {
-    return norm_at(u, start, 1.0, norm, err);
+    return norm_at(u, start, head, 1.0, norm, err);
 }
 
-int fp_strategy_bound(fp_adapter_t *u, const fp_adapter_t *start, double bound, int clip,
-                      double *norm, int *clipped, fp_err_t *err)
+/* u's head moved back a fraction c of its change toward hs's (c = 0: hs's). */
+static void head_toward(fp_adapter_t *u, const fp_adapter_t *hs, double c)
+{
+    for (int i = 0; i < u->nwhole; i++) { /* norm_at checked them against hs */
+        fp_whole_t *w = &u->whole[i];
+        const fp_whole_t *sw = &hs->whole[fp_adapter_whole_find(hs, w->name)];
+        for (size_t j = 0; j < (size_t)w->rows * (size_t)w->cols; j++)
+            w->v[j] = (float)(sw->v[j] + c * ((double)w->v[j] - sw->v[j]));
+    }
+}
+
+int fp_strategy_bound(fp_adapter_t *u, const fp_adapter_t *start, const fp_adapter_t *head,
+                      double bound, int clip, double *norm, int *clipped, fp_err_t *err)
 {
     *clipped = 0;
-    int rc = norm_at(u, start, 1.0, norm, err);
+    int rc = norm_at(u, start, head, 1.0, norm, err);
     if (rc || bound <= 0 || *norm <= bound)
         return rc;
     if (!clip)
         return fp_err_set(err, -EDOM, "the update's contribution has norm %.6g, above the "
                           "bound %.6g", *norm, bound);
-    if (!start && u->nwhole)
-        return fp_err_set(err, -ENOTSUP, "a norm bound on a restart strategy's update with a "
-                          "head trained in full: not built");
-    if (!start) { /* restart: the contribution scales exactly */
+    if (!start) { /* restart: s·B·A and the head's change scale exactly, together */
         double c = bound / *norm;
         for (int i = 0; i < u->n; i++) {
             fp_lora_module_t *m = &u->mods[i];
             for (size_t j = 0; j < (size_t)m->d_out * (size_t)m->rank; j++)
                 m->B[j] = (float)(m->B[j] * c);
         }
+        if (u->nwhole)
+            head_toward(u, head, c);
     } else { /* continue: bisect the interpolation toward the start */
         double lo = 0, hi = 1;
         for (int it = 0; it < 40; it++) {
             double mid = 0.5 * (lo + hi), nm;
-            if ((rc = norm_at(u, start, mid, &nm, err)) != 0)
+            if ((rc = norm_at(u, start, NULL, mid, &nm, err)) != 0)
                 return rc;
             if (nm <= bound)
                 lo = mid;
@@ -258,12 +283,7 @@ int fp_strategy_bound(fp_adapter_t *u, const fp_adapter_t *start, double bound, 
             for (size_t j = 0; j < nb; j++)
                 m->B[j] = (float)(s->B[j] + lo * ((double)m->B[j] - s->B[j]));
         }
-        for (int i = 0; i < u->nwhole; i++) { /* norm_at checked them against the start */
-            fp_whole_t *w = &u->whole[i];
-            const fp_whole_t *sw = &start->whole[fp_adapter_whole_find(start, w->name)];
-            for (size_t j = 0; j < (size_t)w->rows * (size_t)w->cols; j++)
-                w->v[j] = (float)(sw->v[j] + lo * ((double)w->v[j] - sw->v[j]));
-        }
+        head_toward(u, start, lo);
     }
     *clipped = 1;
     return 0;

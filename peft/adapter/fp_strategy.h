@@ -69,17 +69,20 @@ int fp_strategy_check_update(fp_strategy_t s, const fp_module_desc_t *layout, in
                              const fp_adapter_t *u, const fp_adapter_t *start, fp_err_t *err);
 
 /* ‖contribution‖_F of an update over all modules: restart — ‖s·B·A‖ of the upload itself;
- * continue — ‖s·(B'A' − B_sA_s)‖ against its start. Exact (fp_lowrank). */
-int fp_strategy_update_norm(const fp_adapter_t *u, const fp_adapter_t *start, double *norm,
-                            fp_err_t *err);
+ * continue — ‖s·(B'A' − B_sA_s)‖ against its start. Exact (fp_lowrank). A head (tensors
+ * trained in full) counts its change: from start's (continue), or — restart, start NULL — from
+ * head's (the round's global, which the site went on from; required when u has one). */
+int fp_strategy_update_norm(const fp_adapter_t *u, const fp_adapter_t *start,
+                            const fp_adapter_t *head, double *norm, fp_err_t *err);
 
 /* Enforces a norm bound (≤ 0: none) on an update's contribution. Within the bound nothing
  * changes. Above it: -EDOM unless clip; with clip, restart updates are scaled exactly onto
  * the bound, continue updates are moved back toward their start along the straight line
- * between the two (factors interpolated), to the largest step within the bound. *norm is
- * the contribution's norm before clipping; *clipped says whether u changed. */
-int fp_strategy_bound(fp_adapter_t *u, const fp_adapter_t *start, double bound, int clip,
-                      double *norm, int *clipped, fp_err_t *err);
+ * between the two (factors interpolated), to the largest step within the bound; a head's
+ * change scales with them (restart: from head's, as fp_strategy_update_norm). *norm is the
+ * contribution's norm before clipping; *clipped says whether u changed. */
+int fp_strategy_bound(fp_adapter_t *u, const fp_adapter_t *start, const fp_adapter_t *head,
+                      double bound, int clip, double *norm, int *clipped, fp_err_t *err);
 
 /* Restart strategies' running total: total + delta as one adapter, module by module, by
  * stacking (A = [A_t; A_d], B = [s_t/s·B_t, s_d/s·B_d], s the scale at the summed rank):
