@@ -104,6 +104,12 @@ struct fp_agent {
     int handles, closing;
 };
 
+/* A metric of update.json: a number, or NaN for null (not measured). */
+static double num_or_nan(const json_t *v)
+{
+    return json_is_number(v) ? json_number_value(v) : NAN;
+}
+
 static void set_state(fp_agent_t *a, int st, const char *detail)
 {
     a->state = st;
@@ -208,9 +214,9 @@ static void upload_pending(fp_agent_t *a)
     fp_site_update_t u = {a->pend.task,
                           (uint64_t)json_integer_value(json_object_get(m, "samples")),
                           (int)json_integer_value(json_object_get(m, "rank")),
-                          json_number_value(json_object_get(m, "train_loss")),
-                          json_number_value(json_object_get(m, "eval_loss_before")),
-                          json_number_value(json_object_get(m, "eval_loss_after")),
+                          num_or_nan(json_object_get(m, "train_loss")),
+                          num_or_nan(json_object_get(m, "eval_loss_before")),
+                          num_or_nan(json_object_get(m, "eval_loss_after")),
                           json_number_value(json_object_get(m, "seconds")),
                           a->pend.data, a->pend.len, a->pend.t, a->pend.n, NULL,
                           json_number_value(json_object_get(m, "clip_indicator"))};

@@ -71,7 +71,7 @@ static int load_vision(const fp_agent_config_t *cfg, fp_agent_data_t *d, fp_err_
     if (rc == 0 && cfg->eval_files &&
         (rc = fp_image_set_named(cfg->eval_files, &d->vit->c, &pp, &d->held, err)) != 0)
         fp_err_prefix(err, rc, "data.eval_files: ");
-    if (rc == 0 && !cfg->eval_files)
+    if (rc == 0 && !cfg->eval_files && cfg->eval_fraction > 0) /* 0: no held-out images */
         rc = fp_image_set_split(&d->train, cfg->eval_fraction, (uint64_t)cfg->split_seed,
                                 &d->held, err);
     return rc;

@@ -108,6 +108,11 @@ static int take_slot(const fp_agent_trainer_t *a, int *fd, fp_err_t *err)
 }
 
 /* Comma-separated names as a JSON array (NULL: empty). */
+static json_t *num_or_null(double v)
+{
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
 static json_t *csv_array(const char *csv)
 {
     json_t *arr = json_array();
@@ -168,12 +173,13 @@ static int save_update(const fp_agent_trainer_t *a, const fp_site_task_t *t, fp_
     }
     if (rc == 0) {
         json_t *tj = fp_tensor_list_json(tl, n);
-        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:f,s:f,s:f,s:f,s:f,s:o,s:b,s:f,s:b}",
+        /* a loss not measured (no held-out data) is null here and NaN on the wire: the
+         * coordinator records NULL, never a loss of 0 */
+        json_t *m = json_pack("{s:I,s:I,s:I,s:i,s:o,s:o,s:o,s:f,s:f,s:o,s:b,s:f,s:b}",
                               "task_id", (json_int_t)t->task_id, "round", (json_int_t)t->round,
                               "samples", (json_int_t)samples, "rank", t->rank, "train_loss",
-                              isfinite(train_loss) ? train_loss : 0.0, "eval_loss_before",
-                              isfinite(before) ? before : 0.0, "eval_loss_after",
-                              isfinite(after) ? after : 0.0, "seconds",
+                              num_or_null(train_loss), "eval_loss_before", num_or_null(before),
+                              "eval_loss_after", num_or_null(after), "seconds",
                               isfinite(seconds) ? seconds : 0.0, "clip_indicator", indicator,
                               "tensors", tj, "secagg", t->secagg.present, "alpha", t->alpha,
                               "rslora", t->rslora);

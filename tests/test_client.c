@@ -1253,7 +1253,7 @@ static void test_vision_sites(void **state)
 /* A norm bound on a restart strategy's (flora) imaging updates: the contribution is s·B·A
  * and the head's change from the round's global head; every update is clipped onto the bound,
  * both together — the stored update of round 2, measured from round 1's global, has the
- * bound's norm. */
+ * bound's norm. One site holds no images out (eval_fraction 0): it trains on all of them. */
 static void test_vision_norm_bound(void **state)
 {
     (void)state;
@@ -1266,11 +1266,13 @@ static void test_vision_norm_bound(void **state)
     write_server_config(f, "flora", 2, NS);
     server_extra = "";
     start_server(f);
-    for (int i = 0; i < NS; i++)
-        start_site(f, i, NULL, NULL);
+    for (int i = 0; i < NS; i++) /* site-c holds nothing out: it trains on every image */
+        start_site(f, i, NULL, i == 2 ? "[data]\neval_fraction = 0\n" : NULL);
     expect_server_done(f, 2);
     assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE clipped = 1 AND norm > 0.05"),
                      2 * NS);
+    assert_int_equal(db_int(f, "SELECT count(*) FROM task WHERE site = 'site-c' AND samples = 48 "
+                               "AND eval_loss_before IS NULL AND state = 'merged'"), 2);
     fp_adapter_t *g1 = global_of(f, 1);
     for (int i = 0; i < NS; i++) {
         char sql[128], rel[64];

@@ -252,20 +252,22 @@ int fp_db_round_close(fp_db_t *db, int64_t n, const char *global_sha, int rank,
     int rc = fp__db_begin(db, err);
     if (rc)
         return rc;
-    /* the round's totals: over its stored updates, losses weighted by samples */
+    /* the round's totals: over its stored updates, losses weighted by samples — over the
+     * updates that measured them (a site without held-out data reports none: NULL) */
 #define UPLOADED "FROM task WHERE round = ?5 AND state = 'uploaded'"
+#define MEAN(x) "(SELECT sum(" x " * samples) / sum(CASE WHEN " x " IS NOT NULL THEN samples " \
+                "END) " UPLOADED ")"
     rc = fp__db_exec(db, err, "UPDATE round SET state = 'closed', closed_ms = ?1, "
                      "global_adapter = ?2, global_rank = ?3, agg_seconds = ?4, "
                      "updates = (SELECT count(*) " UPLOADED "), "
                      "samples = (SELECT sum(samples) " UPLOADED "), "
-                     "train_loss = (SELECT sum(train_loss * samples) / sum(samples) " UPLOADED "), "
-                     "eval_loss_before = (SELECT sum(eval_loss_before * samples) / sum(samples) "
-                     UPLOADED "), "
-                     "eval_loss_after = (SELECT sum(eval_loss_after * samples) / sum(samples) "
-                     UPLOADED "), "
+                     "train_loss = " MEAN("train_loss") ", "
+                     "eval_loss_before = " MEAN("eval_loss_before") ", "
+                     "eval_loss_after = " MEAN("eval_loss_after") ", "
                      "bytes_in = (SELECT coalesce(sum(stream_bytes), 0) " UPLOADED "), "
                      "bytes_out = bytes_out + ?6 WHERE n = ?5", "itidii", fp_now_ms(),
                      global_sha, (int64_t)rank, agg_seconds, n, bytes_out);
+#undef MEAN
 #undef UPLOADED
     if (rc >= 0)
         rc = fp__db_exec(db, err, "UPDATE task SET state = 'merged' WHERE round = ? AND "
