@@ -362,9 +362,8 @@ static void set_upload(site_t *s, int64_t task, int rank, fp_stream_tensor_t *t,
     s->up_rank = rank;
     s->up_t = t;
     s->up_n = n;
-    /* restart: the round's global only where a head's change is bounded (fp_fed_verify) */
-    s->up_start = ss->fed->restart && !(ss->fed->n_whole && ss->cfg->norm_bound > 0)
-                      ? NULL : ss->ev.start(ss->ctx, rank);
+    /* restart: the round's global only where a head's change is measured (fp_fed_verify) */
+    s->up_start = ss->fed->restart && !ss->fed->n_whole ? NULL : ss->ev.start(ss->ctx, rank);
     if (s->up_start)
         s->up_start->refs++;
     s->up_bound = ss->cfg->norm_bound;

@@ -401,7 +401,10 @@ static void expect_server_done_n(fed_t *f, int rounds, int merged)
     f->server = 0;
     char sql[160];
     snprintf(sql, sizeof sql, "SELECT count(*) FROM round WHERE n > 0 AND state = 'closed'");
-    assert_int_equal(db_int(f, sql), rounds);
+    if (db_int(f, sql) != rounds) {
+        char *log = read_log(f, "server");
+        fail_msg("%lld of %d rounds closed:\n%s", (long long)db_int(f, sql), rounds, log);
+    }
     snprintf(sql, sizeof sql, "SELECT count(*) FROM task WHERE state = 'merged'");
     assert_int_equal(db_int(f, sql), merged);
 }

@@ -3,6 +3,7 @@
  * durable, a bad hash refused, a cut upload resumed from its durable prefix. */
 #include "fp_test.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -231,6 +232,44 @@ static int commit(fp_srv_sess_t *s, uint64_t id, const unsigned char *data, size
 
 static unsigned char blob[10000];
 
+/* An Update's losses: NaN says "not measured" (a site without held-out data) and passes;
+ * an infinite one, or a non-finite DP clip indicator, is refused. */
+static void test_update_metrics(void **state)
+{
+    (void)state;
+    Fedpeft__Envelope e = FEDPEFT__ENVELOPE__INIT;
+    Fedpeft__Update u = FEDPEFT__UPDATE__INIT;
+    Fedpeft__Metrics m = FEDPEFT__METRICS__INIT;
+    Fedpeft__TensorInfo t = FEDPEFT__TENSOR_INFO__INIT, *tp = &t;
+    uint64_t shape[2] = {1, 4};
+    t.name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    t.n_shape = 2;
+    t.shape = shape;
+    t.dtype = "F32";
+    t.nbytes = 16;
+    u.task_id = 1;
+    u.rank = 1;
+    u.n_tensors = 1;
+    u.tensors = &tp;
+    u.stream_bytes = 16;
+    u.metrics = &m;
+    e.version = FP_PROTOCOL_VERSION;
+    e.body_case = FEDPEFT__ENVELOPE__BODY_UPDATE;
+    e.update = &u;
+    char reason[256];
+    m.train_loss = 0.5;
+    m.eval_loss_before = NAN;
+    m.eval_loss_after = NAN;
+    if (fp_msg_check(&e, reason, sizeof reason) != 0)
+        fail_msg("an Update with losses not measured: %s", reason);
+    m.eval_loss_after = INFINITY;
+    assert_int_equal(fp_msg_check(&e, reason, sizeof reason), FEDPEFT__ERROR__CODE__BAD_MESSAGE);
+    assert_contains(reason, "metrics must be finite");
+    m.eval_loss_after = 0.4;
+    m.clip_indicator = NAN;
+    assert_int_equal(fp_msg_check(&e, reason, sizeof reason), FEDPEFT__ERROR__CODE__BAD_MESSAGE);
+}
+
 static void test_session_upload_and_refusals(void **state)
 {
     (void)state;
@@ -424,6 +463,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_frames_split_every_way),
         cmocka_unit_test(test_session_upload_and_refusals),
+        cmocka_unit_test(test_update_metrics),
         cmocka_unit_test(test_resume_from_the_durable_prefix),
         cmocka_unit_test(test_resume_buffered),
         cmocka_unit_test(test_resume_on_tmpfs),

@@ -358,12 +358,13 @@ Fedpeft__Error__Code fp_msg_check(const fp_env_t *e, char *reason, size_t n)
         const Fedpeft__Update *u = e->update;
         if (u->rank == 0 || u->rank > 65536)
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s", "Update: bad rank");
-        if (u->metrics && (!isfinite(u->metrics->train_loss) ||
-                           !isfinite(u->metrics->eval_loss_before) ||
-                           !isfinite(u->metrics->eval_loss_after) ||
+        /* a loss may be NaN: not measured (a site without held-out data); never infinite */
+        if (u->metrics && (isinf(u->metrics->train_loss) ||
+                           isinf(u->metrics->eval_loss_before) ||
+                           isinf(u->metrics->eval_loss_after) ||
                            !isfinite(u->metrics->clip_indicator)))
             return bad(reason, n, FEDPEFT__ERROR__CODE__BAD_MESSAGE, "%s",
-                       "Update: metrics must be finite");
+                       "Update: metrics must be finite (a loss not measured: NaN)");
         return check_tensors(u->tensors, u->n_tensors, u->stream_bytes, reason, n);
     }
     case FEDPEFT__ENVELOPE__BODY_COMMIT:
