@@ -393,6 +393,33 @@ def evaluate(model, data, T, batch):
     return total / count if count else float("nan")
 
 
+def fit(params, h, steps, batch_loss):
+    """AdamW (task.json's lr and weight decay) under a cosine schedule, gradients clipped to
+    norm 1, FedProx's mu/2 ||theta - theta_0||^2 when prox_mu > 0; batch_loss() is one random
+    batch's loss. progress.json and a line of output each step. The last batch's loss."""
+    opt = torch.optim.AdamW(params, lr=h["lr"] or 1e-3, weight_decay=h["weight_decay"],
+                            betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    mu = float(h.get("prox_mu") or 0.0)
+    anchors = [p.detach().clone() for p in params] if mu > 0 else []
+    loss_v = float("nan")
+    for step in range(1, steps + 1):
+        loss = batch_loss()
+        objective = loss
+        if mu > 0:
+            objective = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+        opt.zero_grad()
+        objective.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_v = loss.item()
+        write_json("progress.json", {"step": step, "steps": steps, "loss": loss_v})
+        print(f"step {step}/{steps} loss {loss_v:.4f}", flush=True)
+    return loss_v
+
+
 def write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -451,33 +478,18 @@ def main():
     steps = max(1, min(h["steps"], task.get("max_steps", h["steps"])))
     before = evaluate(model, held, T, Bsz) if held is not None else float("nan")
 
-    opt = torch.optim.AdamW(params, lr=h["lr"] or 1e-3, weight_decay=h["weight_decay"],
-                            betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    mu = float(h.get("prox_mu") or 0.0)  # FedProx: + mu/2 ||theta - theta_0||^2
-    anchors = [p.detach().clone() for p in params] if mu > 0 else []
     span = max(1, tok.numel() - T)
     starts = [0] + ends[:-1]  # prompted data: windows start where documents start
-    loss_v = float("nan")
-    for step in range(1, steps + 1):
+
+    def batch_loss():
         xs, ys = zip(*(window(tok, tgt, starts[rng.randrange(len(starts))] if prompted
                               else rng.randrange(span), T) for _ in range(Bsz)))
         x, y = torch.stack(xs).to(DEVICE), torch.stack(ys).to(DEVICE)
         logits = model.forward(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                ignore_index=-1)
-        objective = loss
-        if mu > 0:
-            objective = loss + 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-        opt.zero_grad()
-        objective.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_v = loss.item()
-        write_json("progress.json", {"step": step, "steps": steps, "loss": loss_v})
-        print(f"step {step}/{steps} loss {loss_v:.4f}", flush=True)
+
+    loss_v = fit(params, h, steps, batch_loss)
     after = evaluate(model, held, T, Bsz) if held is not None else float("nan")
 
     os.makedirs("out", exist_ok=True)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 import struct
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_trainer import (DEVICE, adapter_factors, read_safetensors,  # noqa: E402
+from torch_trainer import (DEVICE, adapter_factors, fit, read_safetensors,  # noqa: E402
                            write_json, write_safetensors)
 
 HEAD = ("classifier.weight", "classifier.bias")
@@ -283,27 +282,11 @@ def main():
     steps = max(1, min(h["steps"], task.get("max_steps", h["steps"])))
     before, acc0 = evaluate(model, hx, hy, Bsz)
 
-    opt = torch.optim.AdamW(params, lr=h["lr"] or 1e-3, weight_decay=h["weight_decay"],
-                            betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    mu = float(h.get("prox_mu") or 0.0)  # FedProx: + mu/2 ||theta - theta_0||^2
-    anchors = [q.detach().clone() for q in params] if mu > 0 else []
-    loss_v = float("nan")
-    for step in range(1, steps + 1):
+    def batch_loss():
         pick = torch.tensor([rng.randrange(x.shape[0]) for _ in range(Bsz)])
-        loss = F.cross_entropy(model.forward(x[pick].to(DEVICE)), y[pick].to(DEVICE))
-        objective = loss
-        if mu > 0:
-            objective = loss + 0.5 * mu * sum(((q - a) ** 2).sum() for q, a in zip(params, anchors))
-        opt.zero_grad()
-        objective.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_v = loss.item()
-        write_json("progress.json", {"step": step, "steps": steps, "loss": loss_v})
-        print(f"step {step}/{steps} loss {loss_v:.4f}", flush=True)
+        return F.cross_entropy(model.forward(x[pick].to(DEVICE)), y[pick].to(DEVICE))
+
+    loss_v = fit(params, h, steps, batch_loss)  # AdamW, cosine, clip 1, FedProx
     after, acc = evaluate(model, hx, hy, Bsz)
 
     os.makedirs("out", exist_ok=True)

@@ -553,3 +553,21 @@ int fp_lowp_probe(fp_err_t *err)
                           fp_lowp_cpu_bf16() ? "it has bf16 instructions" : "no bf16 instructions");
     return 0;
 }
+
+void *fp_lowp_snapshot(const void *f32, size_t fbytes, const void *lowp, size_t lbytes)
+{
+    unsigned char *s = malloc(fbytes + lbytes + 1);
+    if (s) {
+        memcpy(s, f32, fbytes);
+        if (lbytes)
+            memcpy(s + fbytes, lowp, lbytes);
+    }
+    return s;
+}
+
+void fp_lowp_restore(void *f32, size_t fbytes, void *lowp, size_t lbytes, const void *snap)
+{
+    memcpy(f32, snap, fbytes);
+    if (lbytes)
+        memcpy(lowp, (const unsigned char *)snap + fbytes, lbytes);
+}

@@ -64,6 +64,12 @@ fp_lowp_mat_t fp_lowp_rows(const fp_lowp_mat_t *w, int rows);
 /* Bytes the weight holds. */
 size_t fp_lowp_bytes(const fp_base_dtype_t dt, size_t rows, size_t cols);
 
+/* A model's weights kept aside and put back (a site's pristine base between tasks): its
+ * float32 block (fbytes) then its bf16/NF4 block (lbytes, 0: none), in one allocation (free
+ * it); NULL when out of memory. */
+void *fp_lowp_snapshot(const void *f32, size_t fbytes, const void *lowp, size_t lbytes);
+void fp_lowp_restore(void *f32, size_t fbytes, void *lowp, size_t lbytes, const void *snap);
+
 /* oneDNN's threads (its OpenMP runtime) follow fedpeft's thread count. */
 void fp_lowp_set_threads(int n);
 

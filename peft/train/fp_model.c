@@ -261,22 +261,12 @@ static void lowp_store(const fp_lowp_mat_t *w, size_t off, const float *x, size_
 
 void *fp_model_snapshot(const fp_model_t *m)
 {
-    size_t fb = m->n_floats * sizeof(float);
-    unsigned char *s = malloc(fb + m->lowp_bytes + 1);
-    if (s) {
-        memcpy(s, m->mem, fb);
-        if (m->lowp_bytes)
-            memcpy(s + fb, m->lowp_mem, m->lowp_bytes);
-    }
-    return s;
+    return fp_lowp_snapshot(m->mem, m->n_floats * sizeof(float), m->lowp_mem, m->lowp_bytes);
 }
 
 void fp_model_restore(fp_model_t *m, const void *snap)
 {
-    size_t fb = m->n_floats * sizeof(float);
-    memcpy(m->mem, snap, fb);
-    if (m->lowp_bytes)
-        memcpy(m->lowp_mem, (const unsigned char *)snap + fb, m->lowp_bytes);
+    fp_lowp_restore(m->mem, m->n_floats * sizeof(float), m->lowp_mem, m->lowp_bytes, snap);
 }
 
 void fp_model_init(fp_model_t *m, uint64_t seed)

@@ -117,20 +117,10 @@ size_t fp_vit_weight_bytes(const fp_vit_t *m)
 
 void *fp_vit_snapshot(const fp_vit_t *m)
 {
-    size_t fb = m->nparams * sizeof *m->mem;
-    unsigned char *s = malloc(fb + m->lowp_bytes + 1);
-    if (s) {
-        memcpy(s, m->mem, fb);
-        if (m->lowp_bytes)
-            memcpy(s + fb, m->lowp_mem, m->lowp_bytes);
-    }
-    return s;
+    return fp_lowp_snapshot(m->mem, m->nparams * sizeof *m->mem, m->lowp_mem, m->lowp_bytes);
 }
 
 void fp_vit_restore(fp_vit_t *m, const void *snap)
 {
-    size_t fb = m->nparams * sizeof *m->mem;
-    memcpy(m->mem, snap, fb);
-    if (m->lowp_bytes)
-        memcpy(m->lowp_mem, (const unsigned char *)snap + fb, m->lowp_bytes);
+    fp_lowp_restore(m->mem, m->nparams * sizeof *m->mem, m->lowp_mem, m->lowp_bytes, snap);
 }
