@@ -51,8 +51,9 @@ int fp_agent_data_is_vision(const fp_agent_config_t *cfg, fp_err_t *err)
 static int load_vision(const fp_agent_config_t *cfg, fp_agent_data_t *d, fp_err_t *err)
 {
     fp_imgproc_t pp;
-    fp_base_dtype_t bd = FP_BASE_F32;
-    int rc = fp_base_dtype_parse(cfg->base_dtype, &bd, err);
+    fp_base_dtype_t bd = FP_BASE_F32; /* an external trainer's site: only preprocessing */
+    int rc = strcmp(cfg->trainer, "external") ? fp_base_dtype_parse(cfg->base_dtype, &bd, err)
+                                              : 0;
     if (rc)
         return fp_err_prefix(err, rc, "train.base_dtype: ");
     if ((rc = fp_vit_load_base(cfg->model_dir, bd, &d->vit, err)) != 0)

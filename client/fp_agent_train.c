@@ -107,12 +107,13 @@ static int take_slot(const fp_agent_trainer_t *a, int *fd, fp_err_t *err)
     return 1;
 }
 
-/* Comma-separated names as a JSON array (NULL: empty). */
+/* A metric for update.json: null when not measured (NaN). */
 static json_t *num_or_null(double v)
 {
     return isfinite(v) ? json_real(v) : json_null();
 }
 
+/* Comma-separated names as a JSON array (NULL: empty). */
 static json_t *csv_array(const char *csv)
 {
     json_t *arr = json_array();

@@ -279,8 +279,14 @@ int fp_fed_verify(const fp_fed_t *f, const char *raw_path, const fp_verify_in_t 
                                                         "start", err)) != 0))
         goto fail;
     /* restart: a head's change is measured from the round's global head, which the site
-     * went on from (the recorded norm and the norm bound count it) */
-    if (f->restart && f->n_whole && in->start &&
+     * went on from (the recorded norm and the norm bound count it); its absence is the
+     * coordinator's fault, never the update's */
+    if (f->restart && f->n_whole && !in->start) {
+        rc = fp_err_set(err, -EIO, "task %lld: no round's global to measure a head from",
+                        (long long)in->task);
+        goto fail;
+    }
+    if (f->restart && f->n_whole &&
         ((rc = rebuild_start(in->start, f, &g, err)) != 0 ||
          (rc = fp_adapter_validate_whole(g, f->whole, f->n_whole, "the round's global", err)) != 0))
         goto fail;

@@ -88,8 +88,9 @@ static int open_state(const fp_sopt_cfg_t *c, const char *opt_dir, const char *s
 static int state_finite(const fp_opt_state_t *s, fp_err_t *err)
 {
     size_t bad = 0;
-    /* v only where the kind keeps it: avgm's is never written (uninitialised) */
-    size_t nm = s->m ? (fp_sopt_has_v(s->kind) ? 2 * s->n : s->n) : 0;
+    /* m and v only where the kind keeps them: sgd's m and avgm's v are never written */
+    size_t nm = s->m && fp_sopt_has_m(s->kind) ? (fp_sopt_has_v(s->kind) ? 2 * s->n : s->n)
+                                               : 0;
     for (size_t i = 0; i < nm; i++)
         bad += !isfinite(s->m[i]);
     for (size_t i = 0; s->hm && i < s->nh; i++)

@@ -426,8 +426,9 @@ static void test_fed_opt_head(void **state)
         fp_adapter_free(g);
         fp_adapter_free(w);
     }
-    /* avgm over a linear strategy keeps m only: whatever memory its state lands in (freed
-     * NaNs here, as a coordinator's heap holds after many rounds), a finite step passes */
+    /* avgm over a linear strategy keeps m only, sgd neither: whatever memory their state
+     * lands in (freed NaNs here, as a coordinator's heap holds after many rounds), a finite
+     * step passes */
     fp_adapter_t *w = with_head(&rng, 2), *g = with_head(&rng, 2);
     size_t bytes = 2 * (2 * (6 + 5) + NH) * sizeof(float);
     float *poison[2];
@@ -442,6 +443,17 @@ static void test_fed_opt_head(void **state)
     double trunc;
     if (fp_fed_opt_step(&cfg[1], FP_STRAT_FEDAVG, dir, "none", w, g, &st, &trunc, &err) != 0)
         fail_msg("avgm on fedavg: %s", fp_err_msg(&err));
+    fp_fed_opt_free(st);
+    for (int i = 0; i < 2; i++) { /* sgd at lr ≠ 1 keeps neither m nor v */
+        poison[i] = malloc(bytes);
+        for (size_t e = 0; e < bytes / sizeof(float); e++)
+            poison[i][e] = NAN;
+    }
+    free(poison[1]);
+    free(poison[0]);
+    const fp_sopt_cfg_t sgd = {FP_SOPT_SGD, 0.5, 0.9, 0.99, 1e-3};
+    if (fp_fed_opt_step(&sgd, FP_STRAT_FEDAVG, dir, "none", w, g, &st, &trunc, &err) != 0)
+        fail_msg("sgd at lr 0.5 on fedavg: %s", fp_err_msg(&err));
     fp_fed_opt_free(st);
     fp_adapter_free(w);
     fp_adapter_free(g);

@@ -467,7 +467,10 @@ def main():
         r = random.Random(task.get("split_seed", 1))
         order = list(range(len(docs)))
         r.shuffle(order)
-        k = int(len(docs) * task.get("eval_fraction", 0.1))
+        # as many as fedpeft holds out (its rounding: at least one, never all), so the
+        # documents trained on never exceed the count the daemon checks "samples" against
+        n, frac = len(docs), task.get("eval_fraction", 0.1)
+        k = min(max(int(frac * n + 0.5), 1 if frac > 0 and n >= 2 else 0), max(n - 1, 0))
         held_docs = [docs[i] for i in order[:k]]
         docs = [docs[i] for i in order[k:]]
     train = stream(docs, bos, eos)

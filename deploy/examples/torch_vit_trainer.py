@@ -273,8 +273,13 @@ def main():
     else:  # hold out a fraction of the images (this trainer's own split)
         order = list(range(x.shape[0]))
         random.Random(task.get("split_seed", 1)).shuffle(order)
-        k = int(len(order) * task.get("eval_fraction", 0.1))
-        idx = torch.tensor(order)
+        # as many as fedpeft holds out (its rounding), so the images trained on never
+        # exceed the count the daemon checks "samples" against; 0: none held out
+        n, frac = len(order), task.get("eval_fraction", 0.1)
+        k = int(frac * n + 0.5) if frac > 0 else 0
+        if frac > 0 and not 1 <= k < n:
+            sys.exit(f"data_files: holding out {frac} of {n} images leaves none on one side")
+        idx = torch.tensor(order, dtype=torch.long)
         hx, hy, x, y = x[idx[:k]], y[idx[:k]], x[idx[k:]], y[idx[k:]]
     if x.shape[0] == 0:
         sys.exit("data_files: no training images")
