@@ -393,6 +393,30 @@ def evaluate(model, data, T, batch):
     return total / count if count else float("nan")
 
 
+def open_task(kind, other):
+    """The task directory (the last argument) becomes the working directory: task.json,
+    refused unless its "task" is kind (other: the example that takes the rest), the model's
+    config.json, a random generator seeded by the task, and the start time."""
+    os.chdir(sys.argv[-1])
+    with open("task.json") as f:
+        task = json.load(f)
+    if task.get("task", "causal-lm") != kind:
+        sys.exit(f"task {task['task']!r}: this trainer takes {kind} tasks ({other} takes the "
+                 "others)")
+    torch.manual_seed(task["seed"] & 0x7fffffff)
+    with open(os.path.join(task["model_dir"], "config.json")) as f:
+        cfg = json.load(f)
+    return task, cfg, random.Random(task["seed"]), time.time()
+
+
+def fold_in(weights, task, cfg):
+    """Restart strategies: the global update (fold/) joins the base weights, W += s·B·A."""
+    if task.get("fold"):
+        fold, _ = adapter_factors(task["fold"], cfg)
+        for mod, (A, B, s) in fold.items():
+            weights[mod + ".weight"] += s * (B @ A)
+
+
 def fit(params, h, steps, batch_loss):
     """AdamW (task.json's lr and weight decay) under a cosine schedule, gradients clipped to
     norm 1, FedProx's mu/2 ||theta - theta_0||^2 when prox_mu > 0; batch_loss() is one random
@@ -431,24 +455,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main():
-    tdir = sys.argv[-1]
-    os.chdir(tdir)
-    with open("task.json") as f:
-        task = json.load(f)
-    if task.get("task", "causal-lm") != "causal-lm":
-        sys.exit(f"task {task['task']!r}: this trainer takes causal-lm tasks (an imaging "
-                 "site's is torch_vit_trainer.py's)")
+    task, cfg, rng, t0 = open_task("causal-lm", "torch_vit_trainer.py")
     h = task["hyper"]
-    torch.manual_seed(task["seed"] & 0x7fffffff)
-    rng = random.Random(task["seed"])
-    t0 = time.time()
-    with open(os.path.join(task["model_dir"], "config.json")) as f:
-        cfg = json.load(f)
     weights = load_model_weights(task["model_dir"])
-    if task.get("fold"):  # restart strategies: the global update joins the base weights
-        fold, _ = adapter_factors(task["fold"], cfg)
-        for mod, (A, B, s) in fold.items():
-            weights[mod + ".weight"] += s * (B @ A)
+    fold_in(weights, task, cfg)
     model = Llama(cfg, weights, DEVICE)
     start, adapter_config = adapter_factors(task["start"], cfg)
     params = []

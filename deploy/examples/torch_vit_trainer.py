@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_trainer import (DEVICE, adapter_factors, fit, read_safetensors,  # noqa: E402
-                           write_json, write_safetensors)
+from torch_trainer import (DEVICE, adapter_factors, fit, fold_in, open_task,  # noqa: E402
+                           read_safetensors, write_json, write_safetensors)
 
 HEAD = ("classifier.weight", "classifier.bias")
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
@@ -232,24 +232,10 @@ def evaluate(model, x, y, batch):
 
 
 def main():
-    tdir = sys.argv[-1]
-    os.chdir(tdir)
-    with open("task.json") as f:
-        task = json.load(f)
-    if task.get("task") != "image-classification":
-        sys.exit(f"task {task.get('task')!r}: this trainer takes image-classification tasks "
-                 "(torch_trainer.py takes causal-lm ones)")
+    task, cfg, rng, t0 = open_task("image-classification", "torch_trainer.py")
     h = task["hyper"]
-    torch.manual_seed(task["seed"] & 0x7fffffff)
-    rng = random.Random(task["seed"])
-    t0 = time.time()
-    with open(os.path.join(task["model_dir"], "config.json")) as f:
-        cfg = json.load(f)
     weights = read_safetensors(os.path.join(task["model_dir"], "model.safetensors"))
-    if task.get("fold"):  # restart strategies: the global update joins the base weights
-        fold, _ = adapter_factors(task["fold"], cfg)
-        for mod, (A, B, s) in fold.items():
-            weights[mod + ".weight"] += s * (B @ A)
+    fold_in(weights, task, cfg)
     model = ViT(cfg, weights, DEVICE)
     start_t = read_safetensors(os.path.join(task["start"], "adapter_model.safetensors"))
     head = [start_t.pop("base_model.model." + k, None) for k in HEAD]
