@@ -349,6 +349,7 @@ static void test_secure_sketch(void **state)
     assert_int_equal(fp_sa_sketch_dim_z(sk), fp_sa_sketch_dim_z(nohead) + 28);
     assert_int_equal(fp_sa_sketch_dim_y(sk), fp_sa_sketch_dim_y(nohead));
     fp_sa_sketch_free(nohead);
+    fp_sa_sketch_free(sk);
     for (int j = 0; j < 3; j++) {
         fp_sa_sketch_out_t o = {ex[j], ex[j] == FP_STRAT_FLORA ? 12 : 4, 0.9, 0};
         fp_adapter_t *got = two_sums(layout, head, 2, src, w, &o);
