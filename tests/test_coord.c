@@ -770,6 +770,19 @@ static void test_invalid_and_dropped(void **state)
                                "AND state = 'dropped'"), 1);
     assert_int_equal(q_int(db, "SELECT updates FROM round WHERE n = 2"), 1);
     fpt_sql_close(db);
+    /* what the simulation reads to fail fast when a round's every update is refused */
+    fp_db_t *fd = NULL;
+    int64_t refused = -1;
+    char why[1200];
+    assert_int_equal(fp_db_open(&fd, e->state, 1, NULL), 0);
+    assert_int_equal(fp_db_round_refused(fd, 2, &refused, why, sizeof why, NULL), 0);
+    assert_int_equal(refused, 1);
+    if (strncmp(why, "site-a: ", 8) != 0 || !strstr(why, "non-finite"))
+        fail_msg("the refusal: %s", why);
+    assert_int_equal(fp_db_round_refused(fd, 1, &refused, why, sizeof why, NULL), 0);
+    assert_int_equal(refused, 0);
+    assert_string_equal(why, "");
+    fp_db_close(fd);
     check_rounds(e, "flexlora", 3);
     free(w);
     env_free(e);

@@ -266,6 +266,19 @@ static int check_sites(run_t *r, fp_err_t *err)
     return 0;
 }
 
+/* Every task of open round n refused (each site's update invalid, its trainer failed): the
+ * coordinator would wait out the round's deadline for nothing — a failure, with a reason. */
+static int every_update_refused(run_t *r, fp_db_t *db, int64_t n, fp_err_t *err)
+{
+    int64_t done = 0, all = 0, refused = 0;
+    char why[1200];
+    if (fp_db_round_progress(db, n, &done, &all, NULL) != 0 || all == 0 ||
+        fp_db_round_refused(db, n, &refused, why, sizeof why, NULL) != 0 || refused < all)
+        return 0;
+    return fp_err_set(err, -EIO, "round %lld: the coordinator refused every site's update "
+                      "(%s); see %s", (long long)n, why, r->log);
+}
+
 /* Follows the run in the coordinator's database until the coordinator exits: a line per
  * round closed and, on a terminal, the open round's sites as they finish. */
 static int watch(run_t *r, fp_db_t *db, fp_err_t *err)
@@ -306,7 +319,8 @@ static int watch(run_t *r, fp_db_t *db, fp_err_t *err)
         }
         if (r->spid < 0)
             break;
-        if ((rc = check_sites(r, err)) != 0)
+        if ((rc = check_sites(r, err)) != 0 || (rc = every_update_refused(r, db, printed + 1,
+                                                                          err)) != 0)
             return rc;
         sleep_ms(100);
     }

@@ -23,6 +23,7 @@
 #ifndef FP_DB_H
 #define FP_DB_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "fp_error.h"
@@ -170,6 +171,9 @@ int fp_db_round_unfinished(fp_db_t *db, int64_t n, int64_t **ids, int *count, fp
 
 /* Progress of round n: tasks with a stored update, and all its tasks. */
 int fp_db_round_progress(fp_db_t *db, int64_t n, int64_t *done, int64_t *all, fp_err_t *err);
+/* Round n's refused tasks: *count, and the first one's site and reason in why ("" if none). */
+int fp_db_round_refused(fp_db_t *db, int64_t n, int64_t *count, char *why, size_t why_n,
+                        fp_err_t *err);
 
 /* An upload is announced: the task becomes uploading with what the site reported. */
 typedef struct fp_db_upload {

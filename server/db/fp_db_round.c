@@ -451,6 +451,34 @@ int fp_db_round_progress(fp_db_t *db, int64_t n, int64_t *done, int64_t *all, fp
     return rc;
 }
 
+typedef struct why_ctx {
+    char *buf;
+    size_t n;
+} why_ctx_t;
+
+static int why_row(void *ctx, sqlite3_stmt *r)
+{
+    why_ctx_t *w = ctx;
+    char site[FP_DB_NAME_MAX + 1], error[1024];
+    fp__db_text(r, 0, site, sizeof site);
+    fp__db_text(r, 1, error, sizeof error);
+    snprintf(w->buf, w->n, "%s: %s", site, error);
+    return 1;
+}
+
+int fp_db_round_refused(fp_db_t *db, int64_t n, int64_t *count, char *why, size_t why_n,
+                        fp_err_t *err)
+{
+    why[0] = 0;
+    int rc = fp__db_int(db, err, count, 0, "SELECT count(*) FROM task WHERE round = ? AND "
+                        "state = 'refused'", "i", n);
+    why_ctx_t w = {why, why_n};
+    if (rc == 0 && *count > 0)
+        rc = fp__db_query(db, err, why_row, &w, "SELECT site, error FROM task WHERE round = ? "
+                          "AND state = 'refused' ORDER BY id LIMIT 1", "i", n);
+    return rc < 0 ? rc : 0;
+}
+
 int fp_db_task_uploading(fp_db_t *db, int64_t id, const fp_db_upload_t *u, fp_err_t *err)
 {
     int rc = fp__db_exec(db, err, "UPDATE task SET state = 'uploading', stream_bytes = ?, "
