@@ -444,6 +444,19 @@ def fit(params, h, steps, batch_loss):
     return loss_v
 
 
+def write_output(lora, adapter_config, result, whole=None):
+    """out/ as HF PEFT (the factors of lora {module: (A, B, s)}, and whole {name: tensor}
+    trained in full, keyed under base_model.model.) and result.json."""
+    os.makedirs("out", exist_ok=True)
+    tensors = {f"base_model.model.{k}": v for k, v in (whole or {}).items()}
+    for mod, (A, B, s) in lora.items():
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = A
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = B
+    write_safetensors(os.path.join("out", "adapter_model.safetensors"), tensors)
+    write_json(os.path.join("out", "adapter_config.json"), adapter_config)
+    write_json("result.json", result)
+
+
 def write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -505,17 +518,10 @@ def main():
     loss_v = fit(params, h, steps, batch_loss)
     after = evaluate(model, held, T, Bsz) if held is not None else float("nan")
 
-    os.makedirs("out", exist_ok=True)
-    tensors = {}
-    for mod, (A, B, s) in model.lora.items():
-        tensors[f"base_model.model.{mod}.lora_A.weight"] = A
-        tensors[f"base_model.model.{mod}.lora_B.weight"] = B
-    write_safetensors(os.path.join("out", "adapter_model.safetensors"), tensors)
-    write_json(os.path.join("out", "adapter_config.json"), adapter_config)
     result = {"samples": len(docs), "train_loss": loss_v, "seconds": time.time() - t0}
     if held is not None:
         result.update(eval_loss_before=before, eval_loss_after=after)
-    write_json("result.json", result)
+    write_output(model.lora, adapter_config, result)
     print(f"trained {steps} steps on {len(docs)} documents: held-out loss "
           f"{before:.4f} -> {after:.4f}", flush=True)
 

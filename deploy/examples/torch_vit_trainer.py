@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_trainer import (DEVICE, adapter_factors, fit, fold_in, open_task,  # noqa: E402
-                           read_safetensors, write_json, write_safetensors)
+                           read_safetensors, write_output)
 
 HEAD = ("classifier.weight", "classifier.bias")
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
@@ -280,18 +280,11 @@ def main():
     loss_v = fit(params, h, steps, batch_loss)  # AdamW, cosine, clip 1, FedProx
     after, acc = evaluate(model, hx, hy, Bsz)
 
-    os.makedirs("out", exist_ok=True)
-    tensors = {"base_model.model." + HEAD[0]: head_w,
-               "base_model.model." + HEAD[1]: head_b.view(bias_shape)}
-    for mod, (A, B, s) in model.lora.items():
-        tensors[f"base_model.model.{mod}.lora_A.weight"] = A
-        tensors[f"base_model.model.{mod}.lora_B.weight"] = B
-    write_safetensors(os.path.join("out", "adapter_model.safetensors"), tensors)
-    write_json(os.path.join("out", "adapter_config.json"), adapter_config)
     result = {"samples": int(x.shape[0]), "train_loss": loss_v, "seconds": time.time() - t0}
     if hx.shape[0]:
         result.update(eval_loss_before=before, eval_loss_after=after)
-    write_json("result.json", result)
+    write_output(model.lora, adapter_config, result,
+                 {HEAD[0]: head_w, HEAD[1]: head_b.view(bias_shape)})
     print(f"trained {steps} steps on {x.shape[0]} images: held-out loss {before:.4f} -> "
           f"{after:.4f}, accuracy {100 * acc0:.1f} % -> {100 * acc:.1f} %", flush=True)
 
